@@ -5,6 +5,7 @@ Length contract: `grid(n, ...)` has n + 1 entries for n sampler steps; entry 0 i
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,21 +46,26 @@ def karras(n: int, process: EDM, sigma_min: float = 0.002, rho: float = 7.0) -> 
 
 
 def sd_timesteps(n: int, spacing: str = "leading", num_train_timesteps: int = 1000, steps_offset: int = 0) -> Tensor:
-    """The integer timesteps diffusers' DDIM/DPM-Solver schedulers visit for n steps (no final 0 -> clean step).
+    """The integer timesteps diffusers' schedulers visit for n steps (no final 0 -> clean step).
 
-    spacing: "leading" (DDIM default), "trailing" (starts at T-1; Lin et al. 2024), "linspace" (DPM-Solver default).
+    spacing: "leading" and "trailing" as DDIMScheduler defines them ("trailing" starts at T-1; Lin et al. 2024),
+    "linspace" as DPMSolverMultistepScheduler defines it (DDIMScheduler's own "linspace" differs).
     """
     _check_n(n)
     T = num_train_timesteps
+    if n > T:
+        raise ValueError(f"{n} steps cannot be placed on {T} discrete timesteps")
+    # numpy, exactly as diffusers computes them: torch's arange/linspace differ in the last bit, which flips
+    # the rounding of values that land on x.5
     if spacing == "leading":
-        ts = (torch.arange(n, dtype=torch.float64) * (T // n)).round().flip(0) + steps_offset
+        ts = (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
     elif spacing == "trailing":
-        ts = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
+        ts = np.round(np.arange(T, 0, -T / n)) - 1
     elif spacing == "linspace":
-        ts = torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
+        ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
     else:
         raise ValueError(f"unknown spacing {spacing!r}; valid: leading, trailing, linspace")
-    return ts
+    return torch.from_numpy(ts.astype(np.float64).copy())
 
 
 def sd_grid(n: int, process: SDDiscrete, spacing: str = "leading", steps_offset: int = 0) -> Tensor:
@@ -69,11 +75,12 @@ def sd_grid(n: int, process: SDDiscrete, spacing: str = "leading", steps_offset:
 
 
 def flow_match_grid(n: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> Tensor:
-    """diffusers' FlowMatchEulerDiscreteScheduler grid: n times from 1 to 1/T evenly, shifted as
-    t' = shift t / (1 + (shift - 1) t) (SD3's resolution shift), then the final 0."""
+    """diffusers' FlowMatchEulerDiscreteScheduler grid: n times evenly from 1 to shift(1/T), passed through
+    shift(t) = shift t / (1 + (shift - 1) t) (SD3's resolution shift), then the final 0."""
     _check_n(n)
-    t = torch.linspace(1.0, 1.0 / num_train_timesteps, n, dtype=torch.float64)
-    t = shift * t / (1 + (shift - 1) * t)
+    shifted = lambda t: shift * t / (1 + (shift - 1) * t)
+    t_min = shifted(1.0 / num_train_timesteps)  # diffusers spaces down to the already shifted smallest sigma...
+    t = shifted(torch.linspace(1.0, t_min, n, dtype=torch.float64))  # ...then shifts again
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 

@@ -54,7 +54,7 @@ class MLP2D(nn.Module):
                 "emb_dim": self.emb_dim}
 
     def embed(self, timestep: Tensor, class_labels: Tensor | None) -> Tensor:
-        e = self.time_mlp(timestep_embedding(timestep, self.emb_dim))
+        e = self.time_mlp(timestep_embedding(timestep, self.emb_dim).to(self.inp.weight.dtype))
         if self.class_emb is not None:
             if class_labels is None:  # unconditional call of a conditional net: use the null label
                 class_labels = torch.full((len(timestep),), self.num_classes, device=timestep.device)

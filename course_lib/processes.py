@@ -82,7 +82,10 @@ class AffineProcess:
 def _elementwise_grad(f: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
     with torch.enable_grad():
         tt = t.detach().clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(f(tt).sum(), tt)
+        y = f(tt)
+        if not y.requires_grad:  # f does not depend on t
+            return torch.zeros_like(t)
+        (g,) = torch.autograd.grad(y.sum(), tt)
     return g.to(t.dtype)
 
 
@@ -167,8 +170,9 @@ class EDM(AffineProcess):
 
 
 class SDDiscrete(AffineProcess):
-    """Stable Diffusion's discrete DDPM schedule ("scaled_linear": sqrt(beta) linear from sqrt(0.00085) to
-    sqrt(0.012), 1000 steps; abar_i = prod_{j<=i} (1 - beta_j)).
+    """A discrete DDPM schedule; by default Stable Diffusion's ("scaled_linear": sqrt(beta) linear from
+    sqrt(0.00085) to sqrt(0.012), 1000 steps; abar_i = prod_{j<=i} (1 - beta_j)). beta_schedule="linear" with
+    beta_start=1e-4, beta_end=0.02 is DDPM's own (Ho et al. 2020), used by google/ddpm-cifar10-32.
 
     Discrete timestep i in {0..999} sits at t = (i + 1) / 1000; t = 0 is the clean image (abar = 1).
     Between grid points, log abar is interpolated linearly, so continuous-time samplers also work.
@@ -177,9 +181,15 @@ class SDDiscrete(AffineProcess):
 
     name = "sd"
 
-    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000):
-        self.beta_start, self.beta_end, self.T = beta_start, beta_end, num_train_timesteps
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
+                 beta_schedule: str = "scaled_linear"):
+        self.beta_start, self.beta_end, self.T, self.beta_schedule = beta_start, beta_end, num_train_timesteps, beta_schedule
+        if beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        elif beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        else:
+            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; valid: scaled_linear, linear")
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # abar_i, i = 0..T-1 (float64)
         # log abar at tau = -1, 0, ..., T-1 (tau = -1 is the clean image)
         self._log_abar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(self.alphas_cumprod)])
@@ -207,7 +217,7 @@ class SDDiscrete(AffineProcess):
 
     def config(self) -> dict:
         return {"name": self.name, "beta_start": self.beta_start, "beta_end": self.beta_end,
-                "num_train_timesteps": self.T}
+                "num_train_timesteps": self.T, "beta_schedule": self.beta_schedule}
 
 
 PROCESSES: dict[str, type[AffineProcess]] = {

@@ -97,10 +97,11 @@ def dpm_solver_pp_2m(model: Model, x: Tensor, ts: Tensor, process: AffineProcess
     n = len(ts) - 1
     for i in range(n):
         t, s = as_times(ts[i], x), as_times(ts[i + 1], x)
-        x0 = model(x, t).x0
+        pred = model(x, t)
+        x0 = pred.x0
         a_s, s_t, s_s = _coef(process.alpha, s, x), _coef(process.sigma, t, x), _coef(process.sigma, s, x)
         if float(ts[i + 1]) == 0.0:
-            x = a_s * x0                                  # sigma_s = 0: the step lands on the denoised estimate
+            x = a_s * x0 + s_s * pred.eps                 # last step: first order (DDIM); = x0 where sigma(0) = 0
         else:
             lam_t = 0.5 * _coef(process.log_snr, t, x)
             lam_s = 0.5 * _coef(process.log_snr, s, x)
@@ -139,3 +140,20 @@ def steps_for_nfe(sampler: str, budget: int) -> int:
     if budget < 1:
         raise ValueError(f"NFE budget must be >= 1, got {budget}")
     return (budget + 1) // 2 if sampler == "heun" else budget
+
+
+@torch.no_grad()
+def generate(model: Callable[..., Pred], process: AffineProcess, shape: tuple[int, ...], sampler: str = "dpmpp2m",
+             steps: int = 32, generator: torch.Generator | None = None, y: Tensor | None = None,
+             ts: Tensor | None = None, device: torch.device | str = "cpu", return_path: bool = False) -> Tensor:
+    """Draw x_1 from the prior and solve to t = 0: `generate(teacher, teacher.process, (1000, 2), "ddim", 8)`.
+
+    model(x, t[, y]) -> Pred; y (B,) fixes class labels for a conditional model. ts defaults to
+    grids.default_grid(steps, process).
+    """
+    from .grids import default_grid
+
+    run = get_sampler(sampler)
+    x1 = process.prior(shape, generator=generator, device=device)
+    m = model if y is None else (lambda x, t: model(x, t, y))
+    return run(m, x1, default_grid(steps, process) if ts is None else ts, process, return_path=return_path)

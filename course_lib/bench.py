@@ -1,0 +1,148 @@
+"""Benchmarks: quality and speed measured the same way for every method, printed as a table and saved as JSON.
+
+    python -m course_lib.bench teacher --mode laptop --out runs/bench_teacher.json
+
+Output format (shared by every method's benchmark):
+    {"name": ..., "mode": ..., "meta": {...},
+     "rows": [{"dataset", "model", "nfe", "metric", "value", "seconds", ...extra fields}, ...]}
+`seconds` is the wall time of producing that row's samples (not the metric). Model "data" rows give the
+metric between two independent data batches of the same size: the floor no model can beat.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import MODES, course_mode, pick
+from .plotting import table
+
+BENCHMARKS: dict[str, Callable[[str, int], tuple[list[dict], dict]]] = {}
+NFES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def register(name: str):
+    def wrap(fn):
+        BENCHMARKS[name] = fn
+        return fn
+    return wrap
+
+
+def row(dataset: str, model: str, nfe: int | None, metric: str, value: float, seconds: float, **extra) -> dict:
+    return {"dataset": dataset, "model": model, "nfe": nfe, "metric": metric, "value": float(value),
+            "seconds": round(float(seconds), 4), **extra}
+
+
+def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def sweep_2d(model, process, dataset: str, model_name: str, sampler: str, ref: torch.Tensor, nfes, seed: int,
+             metric: Callable[[torch.Tensor, torch.Tensor], float]) -> list[dict]:
+    """Sample `model` at every NFE budget (same noise for all) and score each against `ref` (N, 2)."""
+    from .samplers import generate, nfe as count, steps_for_nfe
+
+    rows, seen = [], set()
+    for budget in nfes:
+        steps = steps_for_nfe(sampler, budget)
+        used = count(sampler, steps)
+        if used in seen:
+            continue
+        seen.add(used)
+        x, sec = timed(lambda: generate(model, process, tuple(ref.shape), sampler, steps,
+                                        generator=torch.Generator().manual_seed(seed)))
+        rows.append(row(dataset, model_name, used, "swd", metric(x, ref), sec, sampler=sampler, n=len(ref)))
+    return rows
+
+
+@register("teacher")
+def bench_teacher(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
+    """Shipped teachers (diffusion: vp-cosine + v-prediction; flow matching: rf + velocity) and, for the
+    Gaussian mixture, the exact denoiser, sampled with each training-free solver at NFE 1..128."""
+    from .data2d import exact_denoiser, sample_2d
+    from .metrics import sliced_wasserstein
+    from .processes import VPCosine
+    from .teachers import load_teacher
+
+    n = pick(mode, smoke=500, laptop=10_000, full=50_000)
+    nfes = pick(mode, smoke=(1, 2, 4), laptop=NFES, full=NFES + (256,))
+    swd = lambda a, b: sliced_wasserstein(a, b, n_proj=256, seed=0)
+    rows: list[dict] = []
+    for ds in ("checkerboard", "gmm"):
+        ref, _ = sample_2d(ds, n, torch.Generator().manual_seed(seed + 1))
+        other, sec = timed(lambda: sample_2d(ds, n, torch.Generator().manual_seed(seed + 2))[0])
+        rows.append(row(ds, "data", None, "swd", swd(other, ref), sec, n=n))
+        vp = load_teacher(f"{ds}-vp")
+        for sampler, name in (("dpmpp2m", "teacher"), ("ddim", "teacher-ddim"), ("heun", "teacher-heun"),
+                              ("euler", "teacher-euler")):
+            rows += sweep_2d(vp, vp.process, ds, name, sampler, ref, nfes, seed + 3, swd)
+        fm = load_teacher(f"{ds}-rf")
+        for sampler in ("euler", "heun"):
+            rows += sweep_2d(fm, fm.process, ds, f"fm-teacher-{sampler}", sampler, ref, nfes, seed + 3, swd)
+        if ds == "gmm":
+            proc = VPCosine()
+            exact = exact_denoiser("gmm", proc)
+            for sampler in ("dpmpp2m", "ddim", "heun"):
+                rows += sweep_2d(exact, proc, ds, f"exact-{sampler}", sampler, ref, nfes, seed + 3, swd)
+    rows += _digits_rows(mode, seed)
+    return rows, {"n_samples_2d": n, "swd_projections": 256}
+
+
+def _digits_rows(mode: str, seed: int) -> list[dict]:
+    """The digits teacher (class-conditional, labels drawn uniformly, no guidance) at NFE 1..64."""
+    from .classifier import digits_frechet_distance
+    from .images import load_digits
+    from .samplers import generate
+    from .teachers import load_teacher
+
+    n = pick(mode, smoke=64, laptop=1000, full=2000)
+    nfes = pick(mode, smoke=(1, 2), laptop=(1, 2, 4, 8, 16, 32, 64), full=(1, 2, 4, 8, 16, 32, 64, 128))
+    teacher = load_teacher("digits")
+    real, _ = load_digits(16, "all")
+    perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
+    half = len(real) // 2
+    rows = [row("digits", "data", None, "digits_fd",
+                digits_frechet_distance(real[perm[:half]], reference=real[perm[half:]]), 0.0, n=half)]
+    y = torch.randint(10, (n,), generator=torch.Generator().manual_seed(seed + 5))
+    for sampler, name in (("dpmpp2m", "teacher"), ("ddim", "teacher-ddim")):
+        for steps in nfes:
+            x, sec = timed(lambda: generate(teacher, teacher.process, (n, 1, 16, 16), sampler, steps,
+                                            generator=torch.Generator().manual_seed(seed + 6), y=y))
+            rows.append(row("digits", name, steps, "digits_fd", digits_frechet_distance(x), sec, sampler=sampler, n=n))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", help=f"benchmark to run: {', '.join(BENCHMARKS)}")
+    ap.add_argument("--mode", default=None, help=f"one of {', '.join(MODES)} (default: $COURSE_MODE or by hardware)")
+    ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.name not in BENCHMARKS:
+        ap.error(f"unknown benchmark {args.name!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
+    mode = course_mode(args.mode)
+    t0 = time.perf_counter()
+    rows, meta = BENCHMARKS[args.name](mode, args.seed)
+    meta.update({"seed": args.seed, "total_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+                 "device": "cpu", "threads": torch.get_num_threads(), "machine": platform.machine()})
+    result = {"name": args.name, "mode": mode, "meta": meta, "rows": rows}
+    print(table(rows, ["dataset", "model", "nfe", "metric", "value", "seconds"]))
+    print(f"\n{args.name} benchmark, mode {mode}: {len(rows)} rows in {meta['total_seconds']} s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

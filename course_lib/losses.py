@@ -1,0 +1,43 @@
+"""Teacher training losses. Each returns per-sample values of shape (B,); the training loop reduces them.
+
+Diffusion and flow matching are one loss here: draw t, noise x0 into x_t = alpha x0 + sigma eps, and
+regress the network's native output onto the same quantity computed from the true (x0, eps):
+
+    L(theta) = E_{t, x0, eps} || F_theta(x_t, t) - target_kind(x0, eps, t) ||^2          (Ho et al. 2020, Eq. 14)
+
+kind "eps" is DDPM's loss, "v" Salimans & Ho (2022), "velocity" with the rf process is flow matching /
+1-rectified flow (Lipman et al. 2023; Liu et al. 2022): target eps - x0 in the course's time direction.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .models import Denoiser
+from .predictions import Pred, from_pred
+
+
+def drop_labels(y: Tensor | None, p_uncond: float, null_label: int | None, generator: torch.Generator) -> Tensor | None:
+    """Classifier-free guidance training (Ho & Salimans 2022): replace each label by the null label with prob. p."""
+    if y is None or p_uncond <= 0:
+        return y
+    if null_label is None:
+        raise ValueError("label dropout needs the null label (the model's num_classes)")
+    drop = torch.rand(y.shape, generator=generator, device=generator.device).to(y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+def denoising_loss(model: Denoiser, x0: Tensor, generator: torch.Generator, y: Tensor | None = None,
+                   t_min: float = 1e-3, p_uncond: float = 0.0) -> Tensor:
+    """Per-sample denoising / flow-matching loss in the model's own parameterization.
+
+    x0 (B, ...) data; y (B,) labels or None. t ~ U(t_min, 1), eps ~ N(0, I).
+    """
+    B = x0.shape[0]
+    t = t_min + (1 - t_min) * torch.rand(B, generator=generator, device=generator.device).to(x0)
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+    x_t = model.process.marginal(x0, t, eps)
+    target = from_pred(Pred(x0, eps), t, model.process, model.parameterization)
+    y = drop_labels(y, p_uncond, getattr(model.net, "num_classes", None), generator)
+    out = model.raw(x_t, t, y)
+    return (out - target).pow(2).flatten(1).mean(1)

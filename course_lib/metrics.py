@@ -1,0 +1,256 @@
+"""Metrics: sample distances, likelihood under the exact data density, distance to the teacher, straightness, FID.
+
+    sliced_wasserstein(x, y)       SW_2 between two equal-size sample sets (N, ...)        2D and images
+    mmd(x, y)                      unbiased squared MMD, sum of RBF kernels                 2D and images
+    gmm_nll(x, gmm)                mean -log p_0(x) under a GaussianMixture (nats)          2D
+    gmm_class_accuracy(x, y, gmm)  fraction of points whose Bayes-optimal class is y        2D
+    flow_map_error(x, x_ref)       RMS distance to the teacher's ODE solution from the same noise
+    straightness(path, ts)         Liu et al. 2022's S(Z) of a sampled trajectory
+    frechet_distance(fa, fb)       Frechet distance between Gaussians fitted to two feature sets
+    cifar10_fid(samples)           clean-fid's FID against CIFAR-10 train statistics (needs a download once)
+
+Every function returns a Python float. Sample-based distances are biased by the sample count: two samples of the
+*same* distribution give SW > 0 and Frechet distance > 0, both shrinking as N grows, so the course always
+compares methods at one stated N (and one seed for the projections).
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # imported lazily at run time: metrics sits below data2d in the layering
+    from .data2d import GaussianMixture
+
+DEFAULT_BANDWIDTHS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # RBF widths in data units (2D toy data has std ~1)
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric needs something that cannot be had here (e.g. Inception weights offline); the message says what
+    to use instead."""
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    """float64 for accumulations, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _as_rows(x: Tensor, name: str) -> Tensor:
+    """(N, ...) -> (N, D) in the working dtype; images are flattened."""
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"{name} must be a tensor of shape (N, D) or (N, C, H, W); got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    return x.detach().flatten(1).to(_work_dtype(x.device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sample distances
+# ----------------------------------------------------------------------------------------------------------------
+
+def projections(dim: int, n_proj: int = 256, seed: int = 0) -> Tensor:
+    """Fixed random unit directions theta_p, uniform on the sphere S^{dim-1}: (n_proj, dim) float32 on the CPU.
+
+    Drawn from a generator seeded with `seed` (normalised standard Gaussians), so every call with the same
+    arguments returns the same directions and SW values are comparable across runs.
+    """
+    if dim < 1 or n_proj < 1:
+        raise ValueError(f"dim and n_proj must be >= 1; got dim={dim}, n_proj={n_proj}")
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(n_proj, dim, generator=g, dtype=torch.float64)
+    return (theta / theta.norm(dim=1, keepdim=True)).float()
+
+
+def sliced_wasserstein(x: Tensor, y: Tensor, n_proj: int = 256, seed: int = 0,
+                       directions: Tensor | None = None) -> float:
+    """Sliced 2-Wasserstein distance (Bonneel et al. 2015) between the empirical measures of x and y.
+
+        SW_2(x, y) = sqrt( mean_p  mean_i ( sort(x . theta_p)_i - sort(y . theta_p)_i )^2 )
+
+    In 1D the optimal transport between two N-point empirical measures matches sorted values, so each slice is
+    exact; the only approximation is the Monte-Carlo average over the n_proj directions theta_p
+    (`projections(D, n_proj, seed)`, or `directions` (P, D) to pass your own).
+
+    x, y: (N, D) or (N, C, H, W) (flattened), with the *same* N. The value depends on N: two independent samples
+    of the same distribution give SW ~ N^{-1/2} > 0, so the course compares methods at a stated N.
+    """
+    a, b = _as_rows(x, "x"), _as_rows(y, "y").to(x.device)
+    if a.shape != b.shape:
+        raise ValueError(f"sliced_wasserstein needs x and y of the same shape (N, D); got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}. Draw the same number of samples from both (e.g. y[:len(x)]).")
+    theta = projections(a.shape[1], n_proj, seed) if directions is None else directions
+    if theta.dim() != 2 or theta.shape[1] != a.shape[1]:
+        raise ValueError(f"directions must have shape (P, {a.shape[1]}); got {tuple(theta.shape)}")
+    theta = theta.to(a)
+    pa = torch.sort(theta @ a.T, dim=1).values                                     # (P, N), sorted per direction
+    pb = torch.sort(theta @ b.T, dim=1).values                                     # (P, N) (rows contiguous: fast)
+    return float((pa - pb).pow(2).mean().sqrt())
+
+
+def _rbf_sum(a: Tensor, b: Tensor, bandwidths: Sequence[float], exclude_diagonal: bool,
+             block: int = 1024) -> Tensor:
+    """sum_{i,j} sum_h exp(-|a_i - b_j|^2 / (2 h^2)), rows of a taken `block` at a time (memory O(block * M))."""
+    total = torch.zeros((), dtype=a.dtype, device=a.device)
+    inv = [1.0 / (2.0 * h * h) for h in bandwidths]
+    for start in range(0, len(a), block):
+        d2 = torch.cdist(a[start:start + block], b).pow(2)                         # (block, M)
+        k = sum(torch.exp(-c * d2) for c in inv)
+        if exclude_diagonal:  # a is b: drop the i == j terms
+            idx = torch.arange(start, start + len(d2), device=a.device)
+            k[idx - start, idx] = 0.0
+        total = total + k.sum()
+    return total
+
+
+def mmd(x: Tensor, y: Tensor, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS) -> float:
+    """Unbiased squared maximum mean discrepancy MMD_u^2 (Gretton et al. 2012, JMLR, Eq. 3 / Lemma 6):
+
+        MMD_u^2 = 1/(m(m-1)) sum_{i!=j} k(x_i, x_j) + 1/(n(n-1)) sum_{i!=j} k(y_i, y_j) - 2/(mn) sum_{i,j} k(x_i, y_j)
+
+    with the characteristic kernel k(a, b) = sum_h exp(-|a - b|^2 / (2 h^2)) over `bandwidths` h (data units;
+    the default suits the 2D toys, whose std is ~1). x (m, ...), y (n, ...), m, n >= 2, flattened to rows.
+    Unbiased means E[MMD_u^2] = 0 for equal distributions, so a single value can be slightly negative.
+    Cost O((m + n)^2); the course uses a few thousand samples.
+    """
+    a, b = _as_rows(x, "x"), _as_rows(y, "y").to(x.device)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"x and y must have the same dimension; got {a.shape[1]} and {b.shape[1]}")
+    m, n = len(a), len(b)
+    if m < 2 or n < 2:
+        raise ValueError(f"the unbiased MMD needs at least 2 samples in each set; got {m} and {n}")
+    kxx = _rbf_sum(a, a, bandwidths, exclude_diagonal=True) / (m * (m - 1))
+    kyy = _rbf_sum(b, b, bandwidths, exclude_diagonal=True) / (n * (n - 1))
+    kxy = _rbf_sum(a, b, bandwidths, exclude_diagonal=False) / (m * n)
+    return float(kxx + kyy - 2.0 * kxy)
+
+
+def gmm_nll(x: Tensor, gmm: "GaussianMixture") -> float:
+    """Mean negative log-likelihood -1/N sum_i log p_0(x_i) of samples x (N, D) under the data density (nats).
+
+    Samples drawn from p_0 itself score the entropy H(p_0) = -E_p0[log p_0] on average. Lower is not always
+    better: samples collapsed onto the modes score *below* the entropy, so read it beside SW or MMD.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"gmm_nll needs points of shape (N, D); got {tuple(x.shape)}")
+    return float(-gmm.log_prob(x.detach().to(_work_dtype(x.device))).mean())
+
+
+def gmm_class_accuracy(x: Tensor, labels: Tensor, gmm: "GaussianMixture") -> float:
+    """Fraction of points x (N, D) whose Bayes-optimal class argmax_c p(c | x) under the mixture equals labels
+    (N,): how often a class-conditional sampler lands in the right class."""
+    if x.dim() != 2 or labels.shape != (len(x),):
+        raise ValueError(f"need x (N, D) and labels (N,); got {tuple(x.shape)} and {tuple(labels.shape)}")
+    pred = gmm.posterior_class_probs(x.detach().to(_work_dtype(x.device))).argmax(dim=1)
+    return float((pred.cpu() == labels.cpu()).double().mean())
+
+
+def flow_map_error(x: Tensor, x_ref: Tensor) -> float:
+    """Root-mean-square distance sqrt( 1/N sum_i |x_i - x_ref_i|^2 ) between a student's outputs x (N, ...) and a
+    reference solve x_ref (N, ...) of the teacher's ODE *from the same noise* (|.| is the L2 norm over all
+    non-batch dimensions). It measures how well the student learned the teacher's flow map, separately from how
+    good the teacher is."""
+    if x.shape != x_ref.shape:
+        raise ValueError(f"x and x_ref must have the same shape (one reference per sample, from the same noise); "
+                         f"got {tuple(x.shape)} and {tuple(x_ref.shape)}")
+    d = _as_rows(x, "x") - _as_rows(x_ref, "x_ref").to(x.device)
+    return float(d.pow(2).sum(dim=1).mean().sqrt())
+
+
+def straightness(path: Tensor, ts: Tensor) -> float:
+    """Straightness S(Z) of trajectories (Liu et al. 2022, "Flow straight and fast", the measure S(Z) of reflow):
+
+        S(Z) = 1/T int E | (Z_end - Z_start)/T' - dZ_t/dt |^2 dt,    T' = t_end - t_start (signed), T = |T'|
+
+    path: (n+1, B, ...) the states Z_{t_i} of B trajectories at the times ts: (n+1,), monotone (course
+    convention: decreasing from 1 (noise) to 0 (data)). dZ/dt on segment i is the finite difference
+    v_i = (Z_{i+1} - Z_i) / (t_{i+1} - t_i), constant on the segment, so the integral is the sum over segments
+    weighted by |t_{i+1} - t_i|. Normalisation: |.|^2 is summed over the data dimensions (not averaged) and E
+    averages over the B trajectories; dividing by the duration T makes S a time average, in squared velocity
+    units, equal to Liu et al.'s definition for T = 1. Since sum_i v_i (t_{i+1} - t_i) = Z_end - Z_start,
+    S = (time-average of E|v|^2) - E|(Z_end - Z_start)/T'|^2 >= 0, with equality iff every trajectory is a
+    straight line traversed at constant speed (then one Euler step is exact).
+    """
+    if path.dim() < 2 or ts.dim() != 1 or len(ts) != len(path) or len(ts) < 2:
+        raise ValueError(f"straightness needs path (n+1, B, ...) and ts (n+1,) with n >= 1; got "
+                         f"{tuple(path.shape)} and {tuple(ts.shape)}")
+    wd = _work_dtype(path.device)
+    z = path.detach().to(wd).flatten(2)                                             # (n+1, B, D)
+    t = ts.detach().to(device=path.device, dtype=wd)
+    dt = t[1:] - t[:-1]                                                             # (n,)
+    if not ((dt > 0).all() or (dt < 0).all()):
+        raise ValueError("ts must be strictly monotone (e.g. decreasing from 1 to 0)")
+    v = (z[1:] - z[:-1]) / dt[:, None, None]                                        # (n, B, D) segment velocities
+    v_bar = (z[-1] - z[0]) / (t[-1] - t[0])                                         # (B, D) straight-line velocity
+    dev = (v - v_bar[None]).pow(2).sum(dim=2).mean(dim=1)                           # (n,)  E|v_bar - v_i|^2
+    return float((dev * dt.abs()).sum() / (t[-1] - t[0]).abs())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frechet distances
+# ----------------------------------------------------------------------------------------------------------------
+
+def frechet_distance(feat_a: Tensor, feat_b: Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N_a, D) and (N_b, D) (Heusel et al. 2017):
+
+        d^2 = |mu_a - mu_b|^2 + tr( S_a + S_b - 2 (S_a S_b)^{1/2} )
+
+    computed by clean-fid's `fid.frechet_distance` on the sample means and (unbiased) covariances. This is FID
+    only when the features are Inception's pool3 features of images processed as clean-fid does (see
+    `cifar10_fid`). It is biased upward at small N: compare at a stated N.
+    """
+    from cleanfid import fid  # lazy: clean-fid pulls in scipy and PIL
+
+    fa, fb = _as_rows(feat_a, "feat_a").cpu().numpy(), _as_rows(feat_b, "feat_b").cpu().numpy()
+    if fa.shape[1] != fb.shape[1]:
+        raise ValueError(f"feature sets must have the same dimension; got {fa.shape[1]} and {fb.shape[1]}")
+    if len(fa) < 2 or len(fb) < 2:
+        raise ValueError(f"need at least 2 feature vectors per set; got {len(fa)} and {len(fb)}")
+    import numpy as np
+
+    mu_a, mu_b = fa.mean(axis=0), fb.mean(axis=0)
+    sa, sb = np.atleast_2d(np.cov(fa, rowvar=False)), np.atleast_2d(np.cov(fb, rowvar=False))
+    with warnings.catch_warnings():  # clean-fid 0.1.35 passes scipy's deprecated `disp` argument
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return float(fid.frechet_distance(mu_a, sa, mu_b, sb))
+
+
+def cifar10_fid(samples: Tensor, device: str | torch.device = "cpu", batch_size: int = 100,
+                split: str = "train") -> float:
+    """FID of samples (N, 3, 32, 32) in [-1, 1] against clean-fid's CIFAR-10 reference statistics
+    (Parmar et al. 2022, mode "clean": images quantised to uint8 values, bicubic resize to 299, Inception-v3).
+
+    The first call downloads Inception's weights (~100 MB, to /tmp) and the statistics (into clean-fid's
+    package folder). Offline this raises `MetricUnavailable`; use `classifier.digits_frechet_distance` (a
+    Frechet distance in a small digits classifier's feature space) instead. Published CIFAR-10 FIDs use
+    N = 50,000 samples; fewer samples give a higher value.
+    """
+    import urllib.error
+
+    from cleanfid import fid
+
+    if samples.dim() != 4 or tuple(samples.shape[1:]) != (3, 32, 32):
+        raise ValueError(f"cifar10_fid needs samples of shape (N, 3, 32, 32) in [-1, 1]; got {tuple(samples.shape)}")
+    n = len(samples)
+    images = ((samples.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()     # (N, 3, 32, 32) in 0..255
+
+    def gen(z: Tensor) -> Tensor:
+        """clean-fid calls gen(z) ceil(N / batch_size) times with z (batch_size, z_dim); we hand out the samples
+        in order (wrapping around in the last batch, which clean-fid truncates to N)."""
+        i = next(batches)
+        return images[torch.arange(i * len(z), (i + 1) * len(z)) % n]
+
+    batches = itertools.count()
+    try:
+        with warnings.catch_warnings():  # clean-fid 0.1.35 passes scipy's deprecated `disp` argument
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return float(fid.compute_fid(gen=gen, dataset_name="cifar10", dataset_res=32, dataset_split=split,
+                                         mode="clean", num_gen=n, batch_size=batch_size,
+                                         device=torch.device(device), num_workers=0, use_dataparallel=False,
+                                         verbose=False))
+    except (urllib.error.URLError, OSError) as e:
+        raise MetricUnavailable(
+            f"CIFAR-10 FID needs clean-fid's Inception weights and CIFAR-10 statistics, which could not be "
+            f"downloaded (offline? {e}). Offline, use course_lib.classifier.digits_frechet_distance on the digits "
+            f"dataset (a Frechet distance in a small digits classifier's feature space, not FID).") from e

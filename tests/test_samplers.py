@@ -1,0 +1,462 @@
+"""Time grids (course_lib.grids), samplers (course_lib.samplers) and guidance (course_lib.guidance).
+
+Analytic truth first: data concentrated at one point (every sampler that follows the ODE exactly lands on it),
+straight rectified-flow paths (Euler is exact), Gaussian data (closed-form flow map, measured convergence
+order). Reference second: SD timesteps and the flow-matching grid against diffusers' schedulers.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_lib import grids, guidance, samplers
+from course_lib.models import Denoiser, MLP2D
+from course_lib.predictions import Pred
+from course_lib.processes import EDM, RectifiedFlow, SDDiscrete, VPCosine, bcast
+
+F64 = torch.float64
+SD_KW = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+ALL_PROCESSES = [VPCosine(), SDDiscrete(), RectifiedFlow(), EDM()]
+PROC_IDS = [p.name for p in ALL_PROCESSES]
+SAMPLER_NAMES = list(samplers.SAMPLERS)
+
+
+# ================================================================================================================
+# grids
+# ================================================================================================================
+
+def _all_grids(n: int) -> dict[str, torch.Tensor]:
+    vp, sd, edm = VPCosine(), SDDiscrete(), EDM()
+    return {
+        "uniform": grids.uniform(n),
+        "uniform(0.9, 0.05)": grids.uniform(n, 0.9, 0.05),
+        "karras": grids.karras(n, edm),
+        "sd-leading": grids.sd_grid(n, sd, "leading"),
+        "sd-leading-offset1": grids.sd_grid(n, sd, "leading", steps_offset=1),
+        "sd-trailing": grids.sd_grid(n, sd, "trailing"),
+        "sd-linspace": grids.sd_grid(n, sd, "linspace"),
+        "flow-match": grids.flow_match_grid(n),
+        "flow-match-shift3": grids.flow_match_grid(n, shift=3.0),
+        "log-snr": grids.log_snr_uniform(n, vp),
+        "log-snr(0.9, 0.05)": grids.log_snr_uniform(n, vp, 0.9, 0.05),
+        "default-vp": grids.default_grid(n, vp),
+        "default-sd": grids.default_grid(n, sd),
+        "default-edm": grids.default_grid(n, edm),
+    }
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 13, 50, 999])
+def test_grid_length_contract(n):
+    for name, ts in _all_grids(n).items():
+        assert ts.dtype == F64, name
+        assert ts.shape == (n + 1,), name
+        assert (ts.diff() < 0).all(), f"{name} is not strictly decreasing: {ts}"
+        expected_end = 0.05 if "0.05" in name else 0.0
+        assert float(ts[-1]) == expected_end, name
+        assert float(ts[0]) <= 1.0 and float(ts[-1]) >= 0.0, name
+
+
+@pytest.mark.parametrize("n", [1, 4, 10])
+def test_grid_start_times(n):
+    g = _all_grids(n)
+    for name in ["uniform", "karras", "sd-trailing", "sd-linspace", "flow-match", "flow-match-shift3", "log-snr"]:
+        assert float(g[name][0]) == pytest.approx(1.0, abs=1e-12), name
+    assert float(g["uniform(0.9, 0.05)"][0]) == 0.9
+    assert float(g["log-snr(0.9, 0.05)"][0]) == 0.9
+    # leading spacing starts below 1: its first timestep is (n - 1) * (1000 // n)
+    assert float(g["sd-leading"][0]) == pytest.approx(((n - 1) * (1000 // n) + 1) / 1000)
+
+
+def test_uniform_grid_has_equal_steps():
+    ts = grids.uniform(8, 0.9, 0.1)
+    torch.testing.assert_close(ts.diff(), torch.full((8,), -0.1, dtype=F64))
+
+
+def test_log_snr_grid_is_equally_spaced_in_log_snr():
+    vp = VPCosine()
+    ts = grids.log_snr_uniform(10, vp, 0.9, 0.05)
+    lam = vp.log_snr(ts)
+    torch.testing.assert_close(lam.diff(), torch.full((10,), float(lam[1] - lam[0]), dtype=F64))
+    # ending at t = 0 (log-SNR = +20): all steps but the last one (to the clipped end) stay equal in log-SNR
+    ts = grids.log_snr_uniform(10, vp)
+    d = vp.log_snr(ts[:-1]).diff()
+    torch.testing.assert_close(d, torch.full_like(d, float(d[0])))
+
+
+def test_karras_grid_is_equation_5():
+    # Karras et al. (2022), Eq. 5: sigma^(1/rho) is linear in i, from sigma_max to sigma_min, then 0
+    edm, rho = EDM(), 7.0
+    ts = grids.karras(12, edm, sigma_min=0.002, rho=rho)
+    sig = ts[:-1] * edm.sigma_max
+    torch.testing.assert_close(sig[[0, -1]], torch.tensor([80.0, 0.002], dtype=F64))
+    r = sig ** (1 / rho)
+    torch.testing.assert_close(r.diff(), torch.full((11,), float(r[1] - r[0]), dtype=F64))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 10, 13, 20, 25, 50, 100])
+def test_sd_timesteps_match_diffusers(scheduler, n):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    # diffusers' two schedulers define "leading" and "linspace" differently; the course follows DDIM for
+    # "leading" (DDIM's default) and DPM-Solver for "linspace" (DPM-Solver's default); "trailing" agrees in both
+    cls, spacings = {"ddim": (DDIMScheduler, ["leading", "trailing"]),
+                     "dpm": (DPMSolverMultistepScheduler, ["linspace", "trailing"])}[scheduler]
+    for spacing in spacings:
+        s = cls(**SD_KW, timestep_spacing=spacing)
+        s.set_timesteps(n)
+        assert torch.equal(grids.sd_timesteps(n, spacing), s.timesteps.to(F64)), (spacing, n)
+    s = DDIMScheduler(**SD_KW, timestep_spacing="leading", steps_offset=1)
+    s.set_timesteps(n)
+    assert torch.equal(grids.sd_timesteps(n, "leading", steps_offset=1), s.timesteps.to(F64))
+
+
+@pytest.mark.parametrize("scheduler, spacing, n", [("ddim", "trailing", 48), ("dpm", "linspace", 30),
+                                                   ("dpm", "linspace", 26)])
+def test_sd_timesteps_match_diffusers_where_rounding_is_delicate(scheduler, spacing, n):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    s = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}[scheduler](**SD_KW, timestep_spacing=spacing)
+    s.set_timesteps(n)
+    assert torch.equal(grids.sd_timesteps(n, spacing), s.timesteps.to(F64))
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 50])
+def test_flow_match_grid_matches_diffusers(n):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler()
+    s.set_timesteps(n)
+    torch.testing.assert_close(grids.flow_match_grid(n), s.sigmas.to(F64), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [3, 8])
+def test_flow_match_grid_with_shift_matches_diffusers(n):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    s.set_timesteps(n)
+    torch.testing.assert_close(grids.flow_match_grid(n, shift=3.0), s.sigmas.to(F64), rtol=0, atol=1e-6)
+
+
+def test_flow_match_shift_pushes_times_towards_noise():
+    plain, shifted = grids.flow_match_grid(6), grids.flow_match_grid(6, shift=3.0)
+    assert (shifted[1:-1] > plain[1:-1]).all()
+    # SD3's shift t' = s t / (1 + (s - 1) t) is applied to equally spaced times: undone, they are equally spaced
+    u = shifted[:-1] / (3.0 - 2.0 * shifted[:-1])
+    torch.testing.assert_close(u.diff(), torch.full((5,), float(u[1] - u[0]), dtype=F64))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0])
+def test_grids_reject_n_below_one_or_not_int(bad):
+    vp, sd, edm = VPCosine(), SDDiscrete(), EDM()
+    fns = [lambda: grids.uniform(bad), lambda: grids.karras(bad, edm), lambda: grids.sd_timesteps(bad),
+           lambda: grids.sd_grid(bad, sd), lambda: grids.flow_match_grid(bad),
+           lambda: grids.log_snr_uniform(bad, vp), lambda: grids.default_grid(bad, vp)]
+    for fn in fns:
+        with pytest.raises(ValueError, match="n >= 1"):
+            fn()
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_sd_grid_with_more_steps_than_training_timesteps_is_rejected_or_keeps_the_contract(spacing):
+    # diffusers raises for num_inference_steps > num_train_timesteps; repeated times would break the contract
+    try:
+        ts = grids.sd_grid(1001, SDDiscrete(), spacing)
+    except ValueError:
+        return
+    assert (ts.diff() < 0).all(), "sd_grid(1001) repeats timesteps"
+
+
+def test_sd_timesteps_unknown_spacing():
+    with pytest.raises(ValueError, match="leading, trailing, linspace"):
+        grids.sd_timesteps(4, "uniform")
+
+
+# ================================================================================================================
+# models with known answers
+# ================================================================================================================
+
+def point_mass_model(c: torch.Tensor, proc):
+    """The exact denoiser when the data is the single point c: x0_hat = c, eps_hat = (x - alpha c) / sigma."""
+
+    def model(x, t):
+        a, s = bcast(proc.alpha(t), x), bcast(proc.sigma(t), x)
+        x0 = c.expand_as(x)
+        return Pred(x0, (x - a * x0) / s)
+
+    return model
+
+
+def gaussian_model(mu: float, s: float, proc):
+    """The exact denoiser for data N(mu, s^2 I): x0_hat = mu + alpha s^2 (x - alpha mu) / (alpha^2 s^2 + sigma^2)."""
+
+    def model(x, t):
+        a, sg = bcast(proc.alpha(t), x), bcast(proc.sigma(t), x)
+        x0 = mu + a * s**2 * (x - a * mu) / (a * a * s * s + sg * sg)
+        return Pred(x0, (x - a * x0) / sg)
+
+    return model
+
+
+def gaussian_flow_map(x, t0: float, t1: float, mu: float, s: float, proc):
+    """Exact probability-flow ODE solution from t0 to t1 for N(mu, s^2 I) data:
+    x_t1 = alpha_1 mu + (std_1 / std_0) (x_t0 - alpha_0 mu), std_t = sqrt(alpha_t^2 s^2 + sigma_t^2)."""
+    t0, t1 = torch.tensor(t0, dtype=F64), torch.tensor(t1, dtype=F64)
+    std = lambda t: torch.sqrt(proc.alpha(t) ** 2 * s**2 + proc.sigma(t) ** 2)  # noqa: E731
+    return proc.alpha(t1) * mu + std(t1) / std(t0) * (x - proc.alpha(t0) * mu)
+
+
+class Counting:
+    """Wraps a model and counts its calls (network function evaluations)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return self.model(x, t)
+
+
+def _x1(proc, shape=(8, 2), seed=0):
+    return proc.prior(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+# ================================================================================================================
+# NFE accounting
+# ================================================================================================================
+
+def test_nfe_table():
+    for n in [1, 2, 5, 10]:
+        assert samplers.nfe("euler", n) == n
+        assert samplers.nfe("ddim", n) == n
+        assert samplers.nfe("dpmpp2m", n) == n
+        assert samplers.nfe("heun", n) == 2 * n - 1
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_steps_for_nfe_is_the_largest_step_count_within_budget(name):
+    for budget in range(1, 25):
+        n = samplers.steps_for_nfe(name, budget)
+        assert n >= 1
+        assert samplers.nfe(name, n) <= budget < samplers.nfe(name, n + 1)
+    with pytest.raises(ValueError):
+        samplers.steps_for_nfe(name, 0)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_samplers_call_the_model_exactly_nfe_times(name, n):
+    proc = VPCosine()
+    model = Counting(gaussian_model(0.3, 0.5, proc))
+    samplers.get_sampler(name)(model, _x1(proc), grids.uniform(n), proc)
+    assert model.calls == samplers.nfe(name, n)
+
+
+def test_heun_corrects_every_step_when_the_grid_does_not_end_at_zero():
+    proc = VPCosine()
+    model = Counting(gaussian_model(0.3, 0.5, proc))
+    samplers.heun(model, _x1(proc), grids.uniform(4, 1.0, 0.05), proc)
+    assert model.calls == 8
+
+
+def test_unknown_sampler_lists_valid_ones():
+    for fn in [lambda: samplers.get_sampler("lms"), lambda: samplers.nfe("lms", 3),
+               lambda: samplers.steps_for_nfe("lms", 3)]:
+        with pytest.raises(ValueError) as e:
+            fn()
+        for name in SAMPLER_NAMES:
+            assert name in str(e.value)
+
+
+# ================================================================================================================
+# exactness
+# ================================================================================================================
+
+@pytest.mark.parametrize("proc", ALL_PROCESSES, ids=PROC_IDS)
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("n", [1, 7])
+def test_point_mass_data_is_reached_exactly(proc, name, n, request):
+    """With data at the single point c the ODE solution is x_t = alpha_t c + sigma_t z, z = (x_1 - alpha_1 c) / sigma_1.
+    DDIM and DPM-Solver++ are exact on it for every process (eps_hat and x0_hat are constant along it); Euler
+    and Heun are exact when alpha and sigma are linear in t (rf, edm), where the velocity is constant."""
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn(1, 2, generator=g, dtype=F64) * 2
+    x1 = _x1(proc)
+    ts = grids.default_grid(n, proc)
+    out = samplers.get_sampler(name)(point_mass_model(c, proc), x1, ts, proc)
+    t0, t1 = ts[-1:], ts[:1]
+    z = (x1 - proc.alpha(t1) * c) / proc.sigma(t1)
+    exact = proc.alpha(t0) * c + proc.sigma(t0) * z  # = c, except VP-cosine's sigma(0) = e^-10
+    linear_in_t = isinstance(proc, (RectifiedFlow, EDM))
+    err = float((out - exact).abs().max())
+    if name in ("ddim", "dpmpp2m") or linear_in_t:
+        assert err < 1e-10 * float(proc.sigma(t1)), err
+        if not isinstance(proc, VPCosine):
+            torch.testing.assert_close(out, c.expand_as(out), rtol=0, atol=1e-9 * float(proc.sigma(t1)))
+    else:
+        # curved schedules: Euler and Heun are not exact (this checks the exactness above is not vacuous)
+        assert err > 1e-3
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_straight_rectified_flow_paths_are_integrated_exactly(name, n):
+    """A deterministic coupling x0 = m * x1 + b (m > 0) with straight paths x_t = (1 - t) x0 + t x1: the exact
+    model inverts x_t for x1 and its velocity x1 - x0 is constant along each path, so Euler is exact in one step."""
+    proc = RectifiedFlow()
+    g = torch.Generator().manual_seed(4)
+    m, b = 0.2 + torch.rand(1, 3, generator=g, dtype=F64), torch.randn(1, 3, generator=g, dtype=F64)
+
+    def model(x, t):
+        tt = bcast(t, x)
+        z = (x - (1 - tt) * b) / ((1 - tt) * m + tt)
+        return Pred(m * z + b, z)
+
+    x1 = _x1(proc, (16, 3))
+    out = samplers.get_sampler(name)(model, x1, grids.uniform(n), proc)
+    torch.testing.assert_close(out, m * x1 + b, rtol=0, atol=1e-12)
+
+
+def test_dpm_solver_first_step_is_ddim():
+    """Lu et al. (2022b): first-order DPM-Solver++ is DDIM; the first 2M step is first order, for any model."""
+    torch.manual_seed(0)
+    proc = VPCosine()
+    net = Denoiser(MLP2D(hidden=32, depth=2), proc, "eps")  # float32: MLP2D's time embedding is float32
+    x1 = _x1(proc, (8, 2)).float()
+    for ts in [torch.tensor([0.9, 0.4], dtype=F64), torch.tensor([1.0, 0.7], dtype=F64)]:
+        ddim = samplers.ddim(net, x1, ts, proc)
+        assert (ddim - x1).abs().max() > 0.1  # the step does something
+        torch.testing.assert_close(samplers.dpm_solver_pp_2m(net, x1, ts, proc), ddim, rtol=1e-5, atol=1e-5)
+
+
+# ================================================================================================================
+# convergence order on Gaussian data
+# ================================================================================================================
+
+MU, S = 0.7, 0.5
+
+# Grids where the asymptotic regime is clean at n = 16, 32, 64. DPM-Solver++(2M) works in log-SNR, and on grids
+# that reach log-SNR = -20 / +20 its error changes sign as n grows (ratios jump around); away from the clipped
+# ends (t in [0.9, 0.05]) it shows its order. Heun's last step to t = 0 is an Euler step, which keeps order 2.
+ORDER_CASES = [
+    ("euler", "uniform", 1),
+    ("ddim", "uniform", 1),
+    ("heun", "uniform", 2),
+    ("euler", "log-snr(0.9, 0.05)", 1),
+    ("heun", "log-snr(0.9, 0.05)", 2),
+    ("dpmpp2m", "log-snr(0.9, 0.05)", 2),
+    ("dpmpp2m", "uniform(0.9, 0.05)", 2),
+]
+
+
+@pytest.mark.parametrize("name, grid, order", ORDER_CASES)
+def test_convergence_order_on_gaussian_data(name, grid, order):
+    proc = VPCosine()
+    model = gaussian_model(MU, S, proc)
+    x1 = _x1(proc, (64, 2))
+    errors = []
+    for n in [16, 32, 64]:
+        ts = _all_grids(n)[grid]
+        out = samplers.get_sampler(name)(model, x1, ts, proc)
+        exact = gaussian_flow_map(x1, float(ts[0]), float(ts[-1]), MU, S, proc)
+        errors.append(float((out - exact).abs().max()))
+    ratios = [errors[i] / errors[i + 1] for i in range(len(errors) - 1)]
+    if order == 2:
+        assert all(r > 3.0 for r in ratios), (errors, ratios)
+    else:
+        assert all(1.5 < r < 2.7 for r in ratios), (errors, ratios)
+    assert errors[-1] < 0.05
+
+
+# ================================================================================================================
+# interface
+# ================================================================================================================
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("shape", [(4, 2), (2, 3, 4, 4)])
+def test_return_path_shape_and_ends(name, shape):
+    proc = VPCosine()
+    model = gaussian_model(MU, S, proc)
+    x1 = _x1(proc, shape)
+    ts = grids.uniform(3)
+    sampler = samplers.get_sampler(name)
+    path = sampler(model, x1, ts, proc, return_path=True)
+    assert path.shape == (4, *shape)
+    assert torch.equal(path[0], x1)
+    assert torch.equal(path[-1], sampler(model, x1, ts, proc))
+    # intermediate states sit between noise and data: each differs from its neighbours
+    assert all(not torch.equal(path[i], path[i + 1]) for i in range(3))
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_samplers_are_pure(name):
+    proc = VPCosine()
+    model = gaussian_model(MU, S, proc)
+    x1 = _x1(proc)
+    x1_copy = x1.clone()
+    sampler = samplers.get_sampler(name)
+    a = sampler(model, x1, grids.uniform(5), proc)
+    b = sampler(model, x1, grids.uniform(5), proc)
+    assert torch.equal(x1, x1_copy), "the sampler changed its input"
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_samplers_keep_the_input_dtype(name):
+    proc = SDDiscrete()
+    x1 = _x1(proc).float()
+    out = samplers.get_sampler(name)(point_mass_model(torch.ones(1, 2), proc), x1, grids.sd_grid(4, proc), proc)
+    assert out.dtype == torch.float32
+
+
+# ================================================================================================================
+# classifier-free guidance
+# ================================================================================================================
+
+@pytest.fixture(scope="module")
+def class_model():
+    torch.manual_seed(0)
+    return Denoiser(MLP2D(hidden=32, depth=2, num_classes=3), VPCosine(), "eps").eval()
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 2, generator=g)
+    t = torch.rand(6, generator=g) * 0.9 + 0.05
+    y = torch.randint(0, 3, (6,), generator=g)
+    return x, t, y
+
+
+def test_cfg_with_w_zero_is_the_conditional_model(class_model):
+    x, t, y = _inputs()
+    with torch.no_grad():
+        got = guidance.cfg(class_model, 0.0, null_label=3)(x, t, y)
+        cond, uncond = class_model(x, t, y), class_model(x, t, torch.full_like(y, 3))
+    assert torch.equal(got.x0, cond.x0) and torch.equal(got.eps, cond.eps)
+    assert not torch.allclose(cond.x0, uncond.x0, atol=1e-4)  # the labels matter, so the check above has teeth
+
+
+@pytest.mark.parametrize("w", [0.5, 3.0])
+def test_cfg_equals_separate_conditional_and_unconditional_calls(class_model, w):
+    x, t, y = _inputs(1)
+    proc = class_model.process
+    with torch.no_grad():
+        got = guidance.cfg(class_model, w, null_label=3)(x, t, y)
+        cond, uncond = class_model(x, t, y), class_model(x, t, torch.full_like(y, 3))
+    torch.testing.assert_close(got.x0, (1 + w) * cond.x0 - w * uncond.x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.eps, (1 + w) * cond.eps - w * uncond.eps, rtol=1e-5, atol=1e-5)
+    # weights sum to one, so the guided Pred is still consistent with x_t
+    torch.testing.assert_close(proc.marginal(got.x0, t, got.eps), x, rtol=1e-4, atol=1e-4)
+
+
+def test_condition_fixes_labels_for_samplers(class_model):
+    x, t, y = _inputs(2)
+    proc = class_model.process
+    with torch.no_grad():
+        m = guidance.condition(guidance.cfg(class_model, 1.0, null_label=3), y)
+        direct = guidance.cfg(class_model, 1.0, null_label=3)(x, t, y)
+        got = m(x, t)
+        assert torch.equal(got.x0, direct.x0)
+        out = samplers.ddim(m, x, grids.uniform(3), proc)
+    assert out.shape == x.shape and torch.isfinite(out).all()
