@@ -71,8 +71,8 @@ BUILD_HINT = "python -m course_lib.exercises build"
 STRIP_HINT = "python -m course_lib.exercises strip"
 
 
-class ExerciseMarkerError(ValueError):
-    """A solution notebook whose markers or tags cannot be turned into a student notebook."""
+class NotebookBuildError(ValueError):
+    """A solution notebook that cannot be turned into a student notebook (markers, tags, file)."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,14 @@ class Exercise:
 # Cells and notebooks
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (shorter messages)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _where(notebook: str, cell_index: int, line_no: int | None = None) -> str:
     loc = f"{notebook}: cell {cell_index} (0-based)"
     return loc if line_no is None else f"{loc}, line {line_no}"
@@ -103,7 +111,7 @@ def replace_solution_regions(
 ) -> tuple[str, list[Exercise]]:
     """Replace each marked region of one code cell's source by a `raise NotImplementedError(...)`.
 
-    Returns the new source and the exercises found, in order. Raises ExerciseMarkerError (naming
+    Returns the new source and the exercises found, in order. Raises NotebookBuildError (naming
     the notebook, cell and line) on a malformed, unbalanced or nested marker.
     """
     out: list[str] = []
@@ -113,13 +121,13 @@ def replace_solution_regions(
     for line_no, line in enumerate(lines, start=1):
         begin, end = BEGIN_RE.match(line), END_RE.match(line)
         if begin is None and end is None and LOOSE_MARKER_RE.search(line):
-            raise ExerciseMarkerError(
+            raise NotebookBuildError(
                 f"{_where(notebook, cell_index, line_no)}: malformed solution marker {line.strip()!r}; "
                 "write '# BEGIN SOLUTION 3.2: title' and '# END SOLUTION' exactly"
             )
         if begin is not None:
             if open_begin is not None:
-                raise ExerciseMarkerError(
+                raise NotebookBuildError(
                     f"{_where(notebook, cell_index, line_no)}: nested '# BEGIN SOLUTION' inside the region "
                     f"opened on line {open_begin[0]} ({open_begin[1].strip()!r}); close it with "
                     "'# END SOLUTION' first"
@@ -131,7 +139,7 @@ def replace_solution_regions(
             out.append(begin["indent"] + stub)
         elif end is not None:
             if open_begin is None:
-                raise ExerciseMarkerError(
+                raise NotebookBuildError(
                     f"{_where(notebook, cell_index, line_no)}: '# END SOLUTION' without a matching "
                     "'# BEGIN SOLUTION <number>: <title>'"
                 )
@@ -139,7 +147,7 @@ def replace_solution_regions(
         elif open_begin is None:
             out.append(line)
     if open_begin is not None:
-        raise ExerciseMarkerError(
+        raise NotebookBuildError(
             f"{_where(notebook, cell_index, open_begin[0])}: {open_begin[1].strip()!r} is never closed; "
             "add '# END SOLUTION' at the end of the region"
         )
@@ -195,7 +203,7 @@ def normalise(nb: NotebookNode, notebook: str) -> NotebookNode:
                 cell_meta["raw_mimetype"] = cell.metadata["raw_mimetype"]
             new_cell = nbformat.v4.new_raw_cell(source=cell.source, metadata=cell_meta)
         else:
-            raise ExerciseMarkerError(f"{_where(notebook, index)}: unknown cell type {cell.cell_type!r}")
+            raise NotebookBuildError(f"{_where(notebook, index)}: unknown cell type {cell.cell_type!r}")
         new_cell["id"] = cell_id
         new.cells.append(new_cell)
     nbformat.validate(new)
@@ -214,14 +222,14 @@ def student_version(nb: NotebookNode, notebook: str) -> tuple[NotebookNode, list
     for index, cell in enumerate(clean.cells):
         tags = _tags(cell)
         if SOLUTION_ONLY in tags and STUDENT_ONLY in tags:
-            raise ExerciseMarkerError(
+            raise NotebookBuildError(
                 f"{_where(notebook, index)}: tagged both {SOLUTION_ONLY!r} and {STUDENT_ONLY!r}; keep one"
             )
         if cell.cell_type == "code":
             cell.source, found = replace_solution_regions(cell.source, notebook=notebook, cell_index=index)
             exercises.extend(found)
         elif LOOSE_MARKER_RE.search(cell.source):
-            raise ExerciseMarkerError(
+            raise NotebookBuildError(
                 f"{_where(notebook, index)}: solution markers only work in code cells; to hide a "
                 f"{cell.cell_type} cell from students, tag it {SOLUTION_ONLY!r}"
             )
@@ -249,7 +257,7 @@ def read_notebook(path: Path) -> NotebookNode:
     try:
         return nbformat.read(path, as_version=4)
     except Exception as exc:  # nbformat raises several unrelated types for bad JSON
-        raise ExerciseMarkerError(f"{path}: cannot be read as a Jupyter notebook ({exc})") from exc
+        raise NotebookBuildError(f"{path}: cannot be read as a Jupyter notebook ({exc})") from exc
 
 
 def student_text(solution_path: Path) -> str:
@@ -288,7 +296,7 @@ def solution_paths(solutions_dir: Path, names: Sequence[str] = ()) -> list[Path]
         stem = Path(name).name.removesuffix(".ipynb")
         if stem not in by_stem:
             known = ", ".join(sorted(by_stem)) or "none"
-            raise ExerciseMarkerError(f"no solution notebook {name!r} in {solutions_dir} (available: {known})")
+            raise NotebookBuildError(f"no solution notebook {name!r} in {solutions_dir} (available: {known})")
         chosen.append(by_stem[stem])
     return chosen
 
@@ -302,9 +310,9 @@ def build(solutions_dir: Path, notebooks_dir: Path, names: Sequence[str] = ()) -
     notebooks_dir = Path(notebooks_dir)
     changed = []
     sources = solution_paths(solutions_dir, names)
-    for source in sources:
-        text = student_text(source)
-        target = notebooks_dir / source.name
+    texts = {source.name: student_text(source) for source in sources}  # any marker error before any write
+    for name, text in texts.items():
+        target = notebooks_dir / name
         if not target.exists() or target.read_text(encoding="utf-8") != text:
             notebooks_dir.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8", newline="\n")
@@ -327,16 +335,18 @@ def stale(solutions_dir: Path, notebooks_dir: Path) -> list[str]:
         target = notebooks_dir / source.name
         cells = output_cells(read_notebook(source))
         if cells:
-            problems.append(f"{source}: holds outputs in cells {cells}; run `{STRIP_HINT}`")
+            problems.append(f"{_shown(source)}: holds outputs in cells {cells}; run `{STRIP_HINT}`")
         if not target.exists():
-            problems.append(f"{target}: missing; run `{BUILD_HINT}`")
+            problems.append(f"{_shown(target)}: missing; run `{BUILD_HINT}`")
         elif target.read_text(encoding="utf-8") != student_text(source):
-            problems.append(f"{target}: differs from what {source} builds; run `{BUILD_HINT}`")
+            problems.append(f"{_shown(target)}: differs from what {_shown(source)} builds; run `{BUILD_HINT}`")
     wanted = {s.name for s in sources}
     if notebooks_dir.is_dir():
         for orphan in sorted(notebooks_dir.glob("*.ipynb")):
             if orphan.name not in wanted:
-                problems.append(f"{orphan}: has no source in {solutions_dir}; run `{BUILD_HINT}` to delete it")
+                problems.append(
+                    f"{_shown(orphan)}: has no source in {_shown(solutions_dir)}; run `{BUILD_HINT}` to delete it"
+                )
     return problems
 
 
@@ -384,7 +394,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             sources = solution_paths(solutions_dir, args.names)
             changed = build(solutions_dir, notebooks_dir, args.names)
             for path in changed:
-                print(f"{'wrote' if path.exists() else 'deleted'} {path}")
+                print(f"{'wrote' if path.exists() else 'deleted'} {_shown(path)}")
             print(f"{len(sources)} solution notebook(s), {len(changed)} student file(s) changed")
         elif args.command == "check":
             problems = stale(solutions_dir, notebooks_dir)
@@ -398,9 +408,9 @@ def main(argv: Iterable[str] | None = None) -> int:
             sources = solution_paths(solutions_dir, args.names)
             for source in sources:
                 if strip_outputs(source):
-                    print(f"stripped {source}")
+                    print(f"stripped {_shown(source)}")
             print(f"{len(sources)} solution notebook(s) checked")
-    except ExerciseMarkerError as exc:
+    except NotebookBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -24,7 +24,13 @@ from jupyter_client.manager import KernelManager
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import CellExecutionError, ExecutePreprocessor
 
-from course_lib.exercises import DEFAULT_ROOT, ExerciseMarkerError, read_notebook, solution_paths, without_student_only
+from course_lib.exercises import (
+    DEFAULT_ROOT,
+    NotebookBuildError,
+    read_notebook,
+    solution_paths,
+    without_student_only,
+)
 
 MODES = ("smoke", "laptop", "full")  # the same three as course_lib.config.MODES (which imports torch)
 CURRENT_ENV_KERNEL = "course-current-env"
@@ -86,7 +92,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="HTML folder (default: <root>/html)")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT,
                         help="course repository holding solutions/ (default: %(default)s)")
-    parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per cell (default: %(default)s)")
+    parser.add_argument("--timeout", type=int, default=3600,
+                        help="seconds allowed per cell (default: %(default)s)")
     args = parser.parse_args(None if argv is None else list(argv))
 
     solutions_dir = (args.root / "solutions").resolve()
@@ -96,7 +103,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         return 2
     try:
         sources = solution_paths(solutions_dir, args.names)
-    except ExerciseMarkerError as exc:
+    except NotebookBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not sources:
