@@ -63,7 +63,7 @@ class Recipe:
 
 
 MLP_2D = {"dim": 2, "hidden": 256, "depth": 4}
-CFG_2D = TrainConfig(steps=20_000, batch_size=2048, lr=1e-3, warmup=200, lr_schedule="cosine", ema_decay=0.999,
+CFG_2D = TrainConfig(steps=6000, batch_size=1024, lr=1e-3, warmup=200, lr_schedule="cosine", ema_decay=0.999,
                      ckpt_every=2000, seed=0)
 RECIPES: dict[str, Recipe] = {}
 for _ds in ("checkerboard", "gmm"):

@@ -142,8 +142,10 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any, torch.Generator],
     model.train()
     bar = tqdm(total=cfg.steps, initial=state.step, desc=cfg.desc, disable=not progress, mininterval=0.5)
     smooth = None
+    rng_at_step_start, stepped = gen.get_state(), False
     try:
         while state.step < cfg.steps:
+            rng_at_step_start, stepped = gen.get_state(), False
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(state.step)
             loss = loss_fn(model, sample_batch(cfg.batch_size, gen), gen).mean()
@@ -152,6 +154,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any, torch.Generator],
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            stepped = True
             if ema is not None:
                 with torch.no_grad():
                     for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -168,6 +171,11 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any, torch.Generator],
             if cfg.ckpt_every and state.step % cfg.ckpt_every == 0:
                 checkpoint()
     except KeyboardInterrupt:
+        # Nearly all time is spent before opt.step(): such an interrupted step has not touched the weights, so
+        # rewinding the generator lets the resumed run redo it exactly. An interrupt that lands inside the
+        # optimizer/EMA update is saved as it is (resuming then is not bit-exact).
+        if not stepped:
+            gen.set_state(rng_at_step_start)
         checkpoint()
         bar.close()
         if folder is not None:
