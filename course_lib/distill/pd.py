@@ -1,0 +1,114 @@
+"""Progressive distillation (Salimans & Ho, ICLR 2022, arXiv 2202.00512), Algorithm 2.
+
+A student learns to take ONE deterministic DDIM step that lands where TWO DDIM steps of its teacher land.
+Once trained, the student becomes the teacher and the number of steps is halved again: N -> N/2 -> ... -> 1.
+
+On the student's grid of N steps, u = (i + 1)/N for i ~ U{0..N-1} (course time: t = 0 data, t = 1 noise):
+
+    z_t   = alpha_t x + sigma_t eps                                             t = u
+    z_t'  = DDIM_teacher(z_t,  t -> t'),   t'  = u - 0.5/N                      two teacher steps
+    z_t'' = DDIM_teacher(z_t', t' -> t''), t'' = u - 1/N
+    x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)     (Eq. 8 / Alg. 2)
+    x_tilde = x_hat_teacher(z_t', t')  when t'' = 0 (the last step predicts the data directly)
+    L = max(alpha_t^2 / sigma_t^2, 1) || x_hat_student(z_t, t) - x_tilde ||^2    ("truncated SNR" weighting)
+
+x_tilde is the one x-prediction that makes a student DDIM step t -> t'' hit z_t'' exactly. The weighting
+max(SNR, 1) equals max(||x - x_tilde||^2, ||eps - eps_tilde||^2) for VP processes: it keeps the loss finite
+at t -> 1, where an eps-prediction would be divided by alpha -> 0. That is why the paper (and the course)
+parameterizes students with v (or x0), never eps.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..models import Denoiser
+from ..processes import AffineProcess, bcast
+from ..samplers import ddim_step
+from ..train import TrainConfig, TrainState, train
+
+
+def check_halving(n_start: int, n_end: int) -> int:
+    """Number of rounds from n_start to n_end steps by halving; a clear error when n_end is not reachable."""
+    if n_start < 1 or n_end < 1 or n_end > n_start:
+        raise ValueError(f"progressive distillation goes from more steps to fewer: got {n_start} -> {n_end}")
+    rounds = math.log2(n_start / n_end)
+    if abs(rounds - round(rounds)) > 1e-9 or n_start % n_end:
+        reachable = [n_start // 2**k for k in range(int(math.log2(n_start)) + 1) if n_start % 2**k == 0]
+        raise ValueError(f"{n_end} steps cannot be reached from {n_start} by halving; reachable: {reachable}")
+    return int(round(rounds))
+
+
+@torch.no_grad()
+def pd_target(teacher: Callable, z_t: Tensor, t: Tensor, N: int, process: AffineProcess,
+              y: Tensor | None = None) -> Tensor:
+    """The student's x-target x_tilde (B, ...) at z_t (B, ...), t = (i+1)/N (B,), from two teacher DDIM steps."""
+    t1, t2 = t - 0.5 / N, t - 1.0 / N
+    t2 = t2.clamp_min(0.0)
+    call = (lambda x, s: teacher(x, s)) if y is None else (lambda x, s: teacher(x, s, y))
+    p = call(z_t, t)
+    z1 = ddim_step(p, t, t1, process)                              # first teacher step t -> t'
+    p1 = call(z1, t1)
+    z2 = ddim_step(p1, t1, t2, process)                            # second teacher step t' -> t''
+    a, s = bcast(process.alpha(t), z_t), bcast(process.sigma(t), z_t)
+    a2, s2 = bcast(process.alpha(t2), z_t), bcast(process.sigma(t2), z_t)
+    ratio = s2 / s
+    x_tilde = (z2 - ratio * z_t) / (a2 - ratio * a)                # invert one student DDIM step t -> t''
+    last = bcast(t2 == 0, z_t)
+    return torch.where(last, p1.x0, x_tilde)                       # final step: the teacher's x-prediction
+
+
+def pd_loss(student: Denoiser, teacher: Callable, x0: Tensor, N: int, generator: torch.Generator,
+            y: Tensor | None = None) -> Tensor:
+    """Per-sample PD loss (B,) with truncated-SNR weighting; student grid of N steps."""
+    proc = student.process
+    B = x0.shape[0]
+    i = torch.randint(N, (B,), generator=generator, device=generator.device).to(x0.device)
+    t = ((i + 1).to(x0.dtype)) / N
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+    z_t = proc.marginal(x0, t, eps)
+    x_tilde = pd_target(teacher, z_t, t, N, proc, y)
+    x_hat = student(z_t, t, y).x0
+    w = (proc.alpha(t) ** 2 / proc.sigma(t) ** 2).clamp_min(1.0)   # max(SNR, 1)
+    return w * (x_hat - x_tilde).pow(2).flatten(1).mean(1)
+
+
+def distill_round(teacher: Denoiser, N: int, sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
+                  ckpt_dir=None, progress: bool = True) -> TrainState:
+    """One round: a student initialised from the teacher learns N steps from the teacher's 2N."""
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
+
+    def loss(model, batch, g):
+        x0, y = batch if isinstance(batch, tuple) else (batch, None)
+        return pd_loss(model, frozen, x0, N, g, y)
+
+    return train(student, loss, sample_batch, cfg, ckpt_dir=ckpt_dir, progress=progress,
+                 extra_config={"method": "progressive-distillation", "student_steps": N})
+
+
+def progressive_distillation(teacher: Denoiser, sample_batch: Callable, n_start: int, n_end: int,
+                             cfg: TrainConfig | Callable[[int], TrainConfig], ckpt_dir=None,
+                             progress: bool = True) -> dict[int, Denoiser]:
+    """Rounds n_start/2, n_start/4, ..., n_end student steps (the teacher samples with n_start steps).
+
+    cfg is one TrainConfig for every round, or a function of the round's student step count. Returns
+    {student steps: student} (the trained weights of each round, or its EMA when cfg.ema_decay > 0).
+    """
+    check_halving(n_start, n_end)
+    students: dict[int, Denoiser] = {}
+    current, N = teacher, n_start // 2
+    while N >= n_end:
+        round_cfg = cfg(N) if callable(cfg) else cfg
+        round_cfg = dataclasses.replace(round_cfg, desc=f"PD {2 * N}->{N}")
+        state = distill_round(current, N, sample_batch, round_cfg,
+                              None if ckpt_dir is None else f"{ckpt_dir}/steps{N}", progress)
+        current = state.best.eval().requires_grad_(False)
+        students[N] = current
+        N //= 2
+    return students

@@ -1,0 +1,47 @@
+"""The benchmark command: its output format, its data-floor rows and its errors."""
+import json
+
+import pytest
+
+from course_lib import bench
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "teacher.json"
+    res = bench.main(["teacher", "--mode", "smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    return res
+
+
+def test_format(result):
+    assert result["name"] == "teacher" and result["mode"] == "smoke"
+    for row in result["rows"]:
+        assert {"dataset", "model", "nfe", "metric", "value", "seconds"} <= row.keys()
+        assert row["value"] >= 0 or row["metric"] == "mmd"
+        assert row["seconds"] >= 0
+
+
+def test_rows_cover_the_teacher_at_every_nfe_and_the_floor(result):
+    rows = result["rows"]
+    for ds in ("checkerboard", "gmm"):
+        assert any(r["dataset"] == ds and r["model"] == "data" and r["metric"] == "swd" for r in rows)
+        nfes = {r["nfe"] for r in rows if r["dataset"] == ds and r["model"] == "teacher"}
+        assert nfes == {1, 2, 4}
+    assert any(r["dataset"] == "digits" and r["metric"] == "digits_fd" and r["model"] == "data" for r in rows)
+    assert {r["nfe"] for r in rows if r["dataset"] == "digits" and r["model"] == "teacher"} == {1, 2}
+
+
+def test_one_step_is_worse_than_four(result):
+    # a real property of every teacher: one solver step returns a blurred mean, four steps do much better
+    for ds in ("checkerboard", "gmm"):
+        v = {r["nfe"]: r["value"] for r in result["rows"] if r["dataset"] == ds and r["model"] == "teacher"}
+        assert v[1] > 1.5 * v[4]
+
+
+def test_unknown_benchmark_and_mode(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["nope", "--mode", "smoke"])
+    assert "valid benchmarks: teacher" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="smoke, laptop, full"):
+        bench.main(["teacher", "--mode", "huge"])
