@@ -62,11 +62,21 @@ def sweep_2d(model, process, dataset: str, model_name: str, sampler: str, ref: t
     return rows
 
 
+def reference_2d(dataset: str, n: int, seed: int, metric: Callable[[torch.Tensor, torch.Tensor], float]
+                 ) -> tuple[torch.Tensor, dict]:
+    """n reference samples of a 2D dataset, and the "data" row: the metric against n independent ones."""
+    from .data2d import sample_2d
+
+    ref, _ = sample_2d(dataset, n, torch.Generator().manual_seed(seed + 1))
+    other, sec = timed(lambda: sample_2d(dataset, n, torch.Generator().manual_seed(seed + 2))[0])
+    return ref, row(dataset, "data", None, "swd", metric(other, ref), sec, n=n)
+
+
 @register("teacher")
 def bench_teacher(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
     """Shipped teachers (diffusion: vp-cosine + v-prediction; flow matching: rf + velocity) and, for the
     Gaussian mixture, the exact denoiser, sampled with each training-free solver at NFE 1..128."""
-    from .data2d import exact_denoiser, sample_2d
+    from .data2d import exact_denoiser
     from .metrics import sliced_wasserstein
     from .processes import VPCosine
     from .teachers import load_teacher
@@ -76,9 +86,8 @@ def bench_teacher(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
     swd = lambda a, b: sliced_wasserstein(a, b, n_proj=256, seed=0)
     rows: list[dict] = []
     for ds in ("checkerboard", "gmm"):
-        ref, _ = sample_2d(ds, n, torch.Generator().manual_seed(seed + 1))
-        other, sec = timed(lambda: sample_2d(ds, n, torch.Generator().manual_seed(seed + 2))[0])
-        rows.append(row(ds, "data", None, "swd", swd(other, ref), sec, n=n))
+        ref, floor_row = reference_2d(ds, n, seed, swd)
+        rows.append(floor_row)
         vp = load_teacher(f"{ds}-vp")
         for sampler, name in (("dpmpp2m", "teacher"), ("ddim", "teacher-ddim"), ("heun", "teacher-heun"),
                               ("euler", "teacher-euler")):
@@ -93,6 +102,43 @@ def bench_teacher(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
                 rows += sweep_2d(exact, proc, ds, f"exact-{sampler}", sampler, ref, nfes, seed + 3, swd)
     rows += _digits_rows(mode, seed)
     return rows, {"n_samples_2d": n, "swd_projections": 256}
+
+
+@register("pd")
+def bench_pd(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
+    """Progressive distillation of the shipped 2D diffusion teachers, n_start DDIM steps -> 1, a row per round
+    (model "pd", nfe = the student's steps), beside the teacher's DDIM and DPM-Solver++ rows at every NFE."""
+    from .data2d import sample_2d
+    from .distill.pd import progressive_distillation
+    from .metrics import sliced_wasserstein
+    from .teachers import load_teacher
+    from .train import TrainConfig
+    from .grids import uniform
+    from .samplers import ddim
+
+    n = pick(mode, smoke=500, laptop=10_000, full=50_000)
+    n_start = pick(mode, smoke=4, laptop=64, full=256)
+    cfg = TrainConfig(steps=pick(mode, smoke=20, laptop=800, full=6000), batch_size=pick(mode, smoke=128, laptop=1024,
+                      full=2048), lr=pick(mode, smoke=1e-4, laptop=2e-4, full=1e-4), lr_schedule="linear", ema_decay=0.0,
+                      seed=seed)
+    swd = lambda a, b: sliced_wasserstein(a, b, n_proj=256, seed=0)
+    nfes = [k for k in NFES if k <= n_start]
+    rows: list[dict] = []
+    for ds in ("checkerboard", "gmm"):
+        ref, floor_row = reference_2d(ds, n, seed, swd)
+        rows.append(floor_row)
+        teacher = load_teacher(f"{ds}-vp")
+        rows += sweep_2d(teacher, teacher.process, ds, "teacher", "dpmpp2m", ref, NFES, seed + 3, swd)
+        rows += sweep_2d(teacher, teacher.process, ds, "teacher-ddim", "ddim", ref, nfes, seed + 3, swd)
+        t0 = time.perf_counter()
+        students = progressive_distillation(teacher, lambda b, g: sample_2d(ds, b, g)[0], n_start, 1, cfg,
+                                            progress=mode != "smoke")
+        train_sec = time.perf_counter() - t0
+        x1 = teacher.process.prior((n, 2), torch.Generator().manual_seed(seed + 3))
+        for N, student in sorted(students.items(), reverse=True):
+            x, sec = timed(lambda: ddim(student, x1, uniform(N), student.process))
+            rows.append(row(ds, "pd", N, "swd", swd(x, ref), sec, n=n, train_seconds=round(train_sec, 1)))
+    return rows, {"n_samples_2d": n, "n_start": n_start, "steps_per_round": cfg.steps, "batch": cfg.batch_size}
 
 
 def _digits_rows(mode: str, seed: int) -> list[dict]:

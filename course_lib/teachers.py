@@ -96,11 +96,19 @@ def teacher_recipe(dataset: str, kind: str = "vp", steps: int | None = None, **o
     return replace(base, cfg=cfg)
 
 
-def fit(recipe: Recipe, ckpt_dir: str | os.PathLike | None = None, progress: bool = True) -> TrainState:
-    """Train a recipe from scratch (or resume from ckpt_dir). Returns the TrainState; `.best` is the EMA model."""
+def fit(recipe: Recipe, ckpt_dir: str | os.PathLike | None = None, progress: bool = True,
+        device: str | torch.device = "cpu") -> TrainState:
+    """Train a recipe from scratch (or resume from ckpt_dir) on `device`. Returns the TrainState; `.best` is the
+    EMA model. Data and noise are drawn on the CPU from the run's generator, so results do not depend on device."""
     torch.manual_seed(recipe.cfg.seed)  # initialisation
-    return train(recipe.build(), recipe.loss, recipe.sampler(), recipe.cfg, ckpt_dir=ckpt_dir, progress=progress,
-                 extra_config={"recipe": recipe.name})
+    draw = recipe.sampler()
+
+    def sample_batch(n: int, g: torch.Generator):
+        x, y = draw(n, g)
+        return x.to(device), (y.to(device) if y is not None else None)
+
+    return train(recipe.build().to(device), recipe.loss, sample_batch, recipe.cfg, ckpt_dir=ckpt_dir,
+                 progress=progress, extra_config={"recipe": recipe.name})
 
 
 def load_teacher(name: str, device: str | torch.device = "cpu") -> Denoiser:
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     tr = sub.add_parser("train")
     tr.add_argument("names", nargs="+", help=f"teachers to train, or 'all': {', '.join(RECIPES)}")
     tr.add_argument("--runs", default="runs/teachers", help="checkpoint folder (a rerun resumes from it)")
+    tr.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for r in RECIPES.values():
@@ -164,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     names = list(RECIPES) if args.names == ["all"] else args.names
     for name in names:
         recipe = get_recipe(name)
-        state = fit(recipe, Path(args.runs) / name)
+        from .config import default_device
+
+        state = fit(recipe, Path(args.runs) / name, device=args.device or default_device())
         export(state, recipe, TEACHER_DIR / name, state.step)
         print(f"wrote {TEACHER_DIR / name}")
 
