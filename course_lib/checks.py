@@ -146,3 +146,44 @@ def check_sliced_wasserstein(student: Callable[[Tensor, Tensor, Tensor], Tensor 
                     hint="Project both sets on each direction, sort each projection, average the squared "
                          "differences over points and directions, then take the square root.")
     return student if use is student_scalar else (lambda x, y, directions: float(reference(x, y, directions)))
+
+
+def _pd_cases(g: torch.Generator, with_student: bool = False):
+    from .data2d import exact_denoiser, sample_2d
+    from .models import Denoiser, MLP2D
+
+    proc = VPCosine()
+    teacher = exact_denoiser("gmm", proc)
+    for N in (1, 2, 4, 8):
+        B = 4 * N
+        i = torch.arange(N).repeat(4)                         # every grid position, the last step (i = 0) included
+        t = ((i + 1) / N).double()
+        x0 = sample_2d("gmm", B, g)[0].double()
+        eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        if with_student:
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+            student = Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
+            yield (student, teacher, x0, t, eps, N, proc), f"for N = {N} student steps"
+        else:
+            yield (teacher, proc.marginal(x0, t, eps), t, N, proc), f"for N = {N} student steps"
+
+
+def check_pd_target(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 1.1: student(teacher, z_t, t, N, process) -> x_tilde (B, D), the progressive-distillation target."""
+    from .distill.pd import pd_target
+
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    return run_check("1.1", student, pd_target, _pd_cases(g), atol=1e-6, rtol=1e-5,
+                     hint="Take two teacher DDIM steps t -> t - 1/(2N) -> t - 1/N, then solve the one-step DDIM "
+                          "equation for the x-prediction that lands on the same point; where t - 1/N = 0 the target "
+                          "is the teacher's x-prediction at t - 1/(2N).")
+
+
+def check_pd_loss(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 1.2: student(student_model, teacher, x0, t, eps, N, process) -> per-sample loss (B,)."""
+    from .distill.pd import pd_loss_at
+
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    return run_check("1.2", student, pd_loss_at, _pd_cases(g, with_student=True), atol=1e-6, rtol=1e-5,
+                     hint="Noise x0 to z_t, compute the target with pd_target, compare with the student's x0 "
+                          "prediction, weight each sample by max(alpha^2/sigma^2, 1) and average over dimensions.")

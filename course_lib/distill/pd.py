@@ -63,19 +63,24 @@ def pd_target(teacher: Callable, z_t: Tensor, t: Tensor, N: int, process: Affine
     return torch.where(last, p1.x0, x_tilde)                       # final step: the teacher's x-prediction
 
 
+def pd_loss_at(student: Callable, teacher: Callable, x0: Tensor, t: Tensor, eps: Tensor, N: int,
+               process: AffineProcess, y: Tensor | None = None) -> Tensor:
+    """Per-sample PD loss (B,) at given grid times t = (i+1)/N (B,) and noise eps (B, ...)."""
+    z_t = process.marginal(x0, t, eps)
+    x_tilde = pd_target(teacher, z_t, t, N, process, y)
+    x_hat = (student(z_t, t) if y is None else student(z_t, t, y)).x0
+    w = (process.alpha(t) ** 2 / process.sigma(t) ** 2).clamp_min(1.0)   # max(SNR, 1)
+    return w * (x_hat - x_tilde).pow(2).flatten(1).mean(1)
+
+
 def pd_loss(student: Denoiser, teacher: Callable, x0: Tensor, N: int, generator: torch.Generator,
             y: Tensor | None = None) -> Tensor:
-    """Per-sample PD loss (B,) with truncated-SNR weighting; student grid of N steps."""
-    proc = student.process
+    """Per-sample PD loss (B,) with truncated-SNR weighting; i ~ U{0..N-1}, t = (i+1)/N, eps ~ N(0, I)."""
     B = x0.shape[0]
     i = torch.randint(N, (B,), generator=generator, device=generator.device).to(x0.device)
     t = ((i + 1).to(x0.dtype)) / N
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
-    z_t = proc.marginal(x0, t, eps)
-    x_tilde = pd_target(teacher, z_t, t, N, proc, y)
-    x_hat = student(z_t, t, y).x0
-    w = (proc.alpha(t) ** 2 / proc.sigma(t) ** 2).clamp_min(1.0)   # max(SNR, 1)
-    return w * (x_hat - x_tilde).pow(2).flatten(1).mean(1)
+    return pd_loss_at(student, teacher, x0, t, eps, N, student.process, y)
 
 
 def distill_round(teacher: Denoiser, N: int, sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
