@@ -6,7 +6,9 @@ Output format (shared by every method's benchmark):
     {"name": ..., "mode": ..., "meta": {...},
      "rows": [{"dataset", "model", "nfe", "metric", "value", "seconds", ...extra fields}, ...]}
 `seconds` is the wall time of producing that row's samples (not the metric). Model "data" rows give the
-metric between two independent data batches of the same size: the floor no model can beat.
+metric between two independent data batches of the same size: for the 2D data (exact samplers, SWD) the floor
+no model can beat. For digits it is real-vs-real, two halves of the 1797 digits, and not a floor: the digits
+teacher partly memorises its 1500 training digits and scores below it; compare digits models with each other.
 """
 from __future__ import annotations
 
