@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -46,11 +46,14 @@ def check_halving(n_start: int, n_end: int) -> int:
 
 @torch.no_grad()
 def pd_target(teacher: Callable, z_t: Tensor, t: Tensor, N: int, process: AffineProcess,
-              y: Tensor | None = None) -> Tensor:
-    """The student's x-target x_tilde (B, ...) at z_t (B, ...), t = (i+1)/N (B,), from two teacher DDIM steps."""
+              cond: Mapping[str, Tensor] | None = None) -> Tensor:
+    """The student's x-target x_tilde (B, ...) at z_t (B, ...), t = (i+1)/N (B,), from two teacher DDIM steps.
+
+    cond: keyword inputs of a conditional model, e.g. {"y": labels (B,)} or {"y": labels, "w": weights (B,)}
+    for a guided student (notebook 02); teacher and student see the same ones."""
     t1, t2 = t - 0.5 / N, t - 1.0 / N
     t2 = t2.clamp_min(0.0)
-    call = (lambda x, s: teacher(x, s)) if y is None else (lambda x, s: teacher(x, s, y))
+    call = lambda x, s: teacher(x, s, **(cond or {}))
     p = call(z_t, t)
     z1 = ddim_step(p, t, t1, process)                              # first teacher step t -> t'
     p1 = call(z1, t1)
@@ -64,34 +67,46 @@ def pd_target(teacher: Callable, z_t: Tensor, t: Tensor, N: int, process: Affine
 
 
 def pd_loss_at(student: Callable, teacher: Callable, x0: Tensor, t: Tensor, eps: Tensor, N: int,
-               process: AffineProcess, y: Tensor | None = None) -> Tensor:
+               process: AffineProcess, cond: Mapping[str, Tensor] | None = None) -> Tensor:
     """Per-sample PD loss (B,) at given grid times t = (i+1)/N (B,) and noise eps (B, ...)."""
     z_t = process.marginal(x0, t, eps)
-    x_tilde = pd_target(teacher, z_t, t, N, process, y)
-    x_hat = (student(z_t, t) if y is None else student(z_t, t, y)).x0
+    x_tilde = pd_target(teacher, z_t, t, N, process, cond)
+    x_hat = student(z_t, t, **(cond or {})).x0
     w = (process.alpha(t) ** 2 / process.sigma(t) ** 2).clamp_min(1.0)   # max(SNR, 1)
     return w * (x_hat - x_tilde).pow(2).flatten(1).mean(1)
 
 
 def pd_loss(student: Denoiser, teacher: Callable, x0: Tensor, N: int, generator: torch.Generator,
-            y: Tensor | None = None) -> Tensor:
+            cond: Mapping[str, Tensor] | None = None) -> Tensor:
     """Per-sample PD loss (B,) with truncated-SNR weighting; i ~ U{0..N-1}, t = (i+1)/N, eps ~ N(0, I)."""
     B = x0.shape[0]
     i = torch.randint(N, (B,), generator=generator, device=generator.device).to(x0.device)
     t = ((i + 1).to(x0.dtype)) / N
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
-    return pd_loss_at(student, teacher, x0, t, eps, N, student.process, y)
+    return pd_loss_at(student, teacher, x0, t, eps, N, student.process, cond)
+
+
+def split_batch(batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """A batch is x0, (x0, y) with y labels or None, or (x0, cond) with cond a dict of model inputs."""
+    if not isinstance(batch, tuple):
+        return batch, {}
+    x0, c = batch
+    if c is None:
+        return x0, {}
+    return x0, (dict(c) if isinstance(c, Mapping) else {"y": c})
 
 
 def distill_round(teacher: Denoiser, N: int, sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
                   ckpt_dir=None, progress: bool = True) -> TrainState:
-    """One round: a student initialised from the teacher learns N steps from the teacher's 2N."""
+    """One round: a student initialised from the teacher learns N steps from the teacher's 2N.
+
+    sample_batch(n, g) returns x0, (x0, y) or (x0, cond dict); see `split_batch`."""
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
 
     def loss(model, batch, g):
-        x0, y = batch if isinstance(batch, tuple) else (batch, None)
-        return pd_loss(model, frozen, x0, N, g, y)
+        x0, cond = split_batch(batch)
+        return pd_loss(model, frozen, x0, N, g, cond)
 
     return train(student, loss, sample_batch, cfg, ckpt_dir=ckpt_dir, progress=progress,
                  extra_config={"method": "progressive-distillation", "student_steps": N})
