@@ -120,7 +120,7 @@ def bench_pd(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
 
     n = pick(mode, smoke=500, laptop=10_000, full=50_000)
     n_start = pick(mode, smoke=4, laptop=64, full=256)
-    cfg = TrainConfig(steps=pick(mode, smoke=20, laptop=800, full=6000), batch_size=pick(mode, smoke=128, laptop=1024,
+    cfg = TrainConfig(steps=pick(mode, smoke=20, laptop=400, full=6000), batch_size=pick(mode, smoke=128, laptop=1024,
                       full=2048), lr=pick(mode, smoke=1e-4, laptop=2e-4, full=1e-4), lr_schedule="linear", ema_decay=0.0,
                       seed=seed)
     swd = lambda a, b: sliced_wasserstein(a, b, n_proj=256, seed=0)

@@ -45,3 +45,10 @@ def test_unknown_benchmark_and_mode(capsys):
     assert "valid benchmarks: teacher" in capsys.readouterr().err
     with pytest.raises(ValueError, match="smoke, laptop, full"):
         bench.main(["teacher", "--mode", "huge"])
+
+
+def test_pd_benchmark_has_a_row_per_round(tmp_path):
+    res = bench.main(["pd", "--mode", "smoke", "--out", str(tmp_path / "pd.json")])
+    for ds in ("checkerboard", "gmm"):
+        assert {r["nfe"] for r in res["rows"] if r["dataset"] == ds and r["model"] == "pd"} == {2, 1}
+        assert any(r["dataset"] == ds and r["model"] == "data" for r in res["rows"])
