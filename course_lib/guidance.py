@@ -15,19 +15,23 @@ import torch
 from torch import Tensor
 
 from .predictions import Pred
+from .processes import bcast
 
 
-def cfg(model: Callable[..., Pred], w: float, null_label: int) -> Callable[..., Pred]:
-    """Return model_w(x, t, y) = (1 + w) model(x, t, y) - w model(x, t, null), in one batched call."""
+def cfg(model: Callable[..., Pred], w: float | Tensor, null_label: int) -> Callable[..., Pred]:
+    """Return model_w(x, t, y) = (1 + w) model(x, t, y) - w model(x, t, null), in one batched call.
+
+    w: one float, or a (B,) tensor of per-sample weights (guided distillation draws one w per sample)."""
 
     def guided(x: Tensor, t: Tensor, y: Tensor) -> Pred:
-        if w == 0:
+        if not isinstance(w, Tensor) and w == 0:
             return model(x, t, y)
         null = torch.full_like(y, null_label)
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         cond = Pred(*(f[: len(x)] for f in out))
         uncond = Pred(*(f[len(x):] for f in out))
-        return cond.mix(uncond, w)
+        weight = bcast(w.to(device=x.device, dtype=x.dtype), x) if isinstance(w, Tensor) and w.ndim else w
+        return cond.mix(uncond, weight)
 
     return guided
 

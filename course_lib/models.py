@@ -5,6 +5,10 @@ noise process or the parameterization. `Denoiser(net, process, parameterization)
 
     model(x, t, y=None) -> Pred(x0, eps)          x (B, ...), t (B,) in [0, 1], y (B,) int class labels
 
+A guided student (Meng et al. 2023, notebook 02) also takes the guidance weight w as an input: its backbone is
+built with `guidance_range=(w_min, w_max)` and called `net(x, timestep, class_labels, guidance=w)`, and the
+course model becomes `model(x, t, y, w)`. `with_guidance_input(teacher, w_range)` builds one from a teacher.
+
 It feeds the backbone `process.timestep(t)` and converts its native output with `predictions.to_pred`.
 Checkpoints store the backbone's constructor arguments under a registered architecture name (never a
 class path), the process and the parameterization; `load_denoiser` rebuilds the model from them.
@@ -31,59 +35,141 @@ def timestep_embedding(timestep: Tensor, dim: int, max_period: float = 10000.0) 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+class GuidanceEmbedding(nn.Module):
+    """Embedding of the guidance weight w (Meng et al. 2023, Sec. 3.1: a Fourier embedding of w added to the
+    time embedding): sinusoidal features -> MLP -> (B, hidden).
+
+    w in [w_min, w_max] is mapped linearly to [0, 1000], the range the time embedding sees, before the
+    sinusoidal features. The last layer starts at zero, so a student copied from a teacher starts as the
+    conditional teacher (its output ignores w) and learns what w changes. A student is only trained on its
+    range: calling it with w outside [w_min, w_max] is an error, never a silent extrapolation.
+    """
+
+    def __init__(self, hidden: int, w_range: tuple[float, float], emb_dim: int = 128):
+        super().__init__()
+        w_min, w_max = (float(v) for v in w_range)
+        if not w_max > w_min:
+            raise ValueError(f"guidance range must be (w_min, w_max) with w_min < w_max; got {tuple(w_range)}")
+        self.w_min, self.w_max, self.emb_dim = w_min, w_max, emb_dim
+        self.mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def check(self, w: Tensor) -> None:
+        tol = 1e-6 * max(1.0, self.w_max - self.w_min)
+        bad = w[(w < self.w_min - tol) | (w > self.w_max + tol)]
+        if bad.numel():
+            raise ValueError(f"this student was distilled for guidance weights in [{self.w_min:g}, {self.w_max:g}]; "
+                             f"got {float(bad[0]):g}. Distill a student for a wider range (w_range=...) instead.")
+
+    def forward(self, w: Tensor) -> Tensor:
+        """w (B,) -> (B, hidden)."""
+        self.check(w)
+        u = 1000.0 * (w.float() - self.w_min) / (self.w_max - self.w_min)          # (B,) in [0, 1000]
+        return self.mlp(timestep_embedding(u, self.emb_dim).to(self.mlp[0].weight.dtype))
+
+
+def _no_guidance(guidance: Tensor | None, name: str) -> None:
+    if guidance is not None:
+        raise ValueError(f"this {name} has no guidance input (it was built without guidance_range); build a guided "
+                         "student with models.with_guidance_input(teacher, w_range)")
+
+
+def _need_guidance(guidance: Tensor | None, emb: GuidanceEmbedding, n: int, device) -> Tensor:
+    if guidance is None:
+        raise ValueError(f"this student takes a guidance weight w in [{emb.w_min:g}, {emb.w_max:g}]: "
+                         "call model(x, t, y, w)")
+    return torch.as_tensor(guidance, device=device).float().reshape(-1).expand(n)
+
+
 class MLP2D(nn.Module):
     """Time-conditioned MLP for low-dimensional data: `depth` hidden layers of width `hidden`, SiLU.
 
     The time embedding (plus a class embedding when num_classes is set, with index num_classes reserved for
-    the null label of classifier-free guidance) is added to every hidden layer's pre-activation.
+    the null label of classifier-free guidance, plus a `GuidanceEmbedding` of w when guidance_range is set) is
+    added to every hidden layer's pre-activation.
     """
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, num_classes: int | None = None,
-                 emb_dim: int = 128):
+                 emb_dim: int = 128, guidance_range: tuple[float, float] | None = None):
         super().__init__()
         self.dim, self.hidden, self.depth, self.num_classes, self.emb_dim = dim, hidden, depth, num_classes, emb_dim
+        self.guidance_range = None if guidance_range is None else tuple(float(v) for v in guidance_range)
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_emb = nn.Embedding(num_classes + 1, hidden) if num_classes else None
+        self.guidance_emb = GuidanceEmbedding(hidden, guidance_range, emb_dim) if guidance_range else None
         self.inp = nn.Linear(dim, hidden)
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.emb_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
         self.out = nn.Linear(hidden, dim)
 
     def config(self) -> dict:
-        return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "num_classes": self.num_classes,
-                "emb_dim": self.emb_dim}
+        cfg = {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "num_classes": self.num_classes,
+               "emb_dim": self.emb_dim}
+        if self.guidance_range is not None:
+            cfg["guidance_range"] = list(self.guidance_range)
+        return cfg
 
-    def embed(self, timestep: Tensor, class_labels: Tensor | None) -> Tensor:
+    def embed(self, timestep: Tensor, class_labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
         e = self.time_mlp(timestep_embedding(timestep, self.emb_dim).to(self.inp.weight.dtype))
         if self.class_emb is not None:
             if class_labels is None:  # unconditional call of a conditional net: use the null label
                 class_labels = torch.full((len(timestep),), self.num_classes, device=timestep.device)
             e = e + self.class_emb(class_labels)
+        if self.guidance_emb is None:
+            _no_guidance(guidance, "MLP2D")
+        else:
+            e = e + self.guidance_emb(_need_guidance(guidance, self.guidance_emb, len(timestep), timestep.device))
         return torch.nn.functional.silu(e)
 
-    def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        e = self.embed(timestep, class_labels)                                     # (B, hidden)
+    def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None,
+                guidance: Tensor | None = None) -> Tensor:
+        e = self.embed(timestep, class_labels, guidance)                           # (B, hidden)
         h = torch.nn.functional.silu(self.inp(x) + self.emb_proj[0](e))          # (B, hidden)
         for layer, proj in zip(self.layers, self.emb_proj[1:]):
             h = torch.nn.functional.silu(layer(h) + proj(e))
         return self.out(h)                                                         # (B, dim)
 
 
+class GuidedClassEmbedding(nn.Embedding):
+    """diffusers' class embedding (an nn.Embedding, same `weight` key, so teacher weights load) that also owns a
+    `GuidanceEmbedding`. UNet2DModel computes emb = time_embedding(t) + class_embedding(class_labels) and hands
+    class_labels over untouched, so the course's UNet packs labels and w into one float tensor (B, 2) =
+    [y, w]; this module unpacks it and returns class_emb(y) + guidance_emb(w)."""
+
+    def __init__(self, num_embeddings: int, dim: int, w_range: tuple[float, float]):
+        super().__init__(num_embeddings, dim)
+        self.guidance = GuidanceEmbedding(dim, w_range)
+
+    def forward(self, packed: Tensor) -> Tensor:
+        if packed.ndim != 2 or packed.shape[1] != 2:
+            raise ValueError("a guided UNet's class embedding takes packed (B, 2) [label, w]; call the course's "
+                             "UNet with class_labels and guidance=w")
+        y, w = packed[:, 0].round().long(), packed[:, 1]
+        return super().forward(y) + self.guidance(w)
+
+
 class UNet(nn.Module):
     """diffusers' UNet2DModel behind the course's backbone signature (it returns a tensor, not an output object).
 
-    Class-conditional when num_classes is set; index num_classes is the null label for guidance.
+    Class-conditional when num_classes is set; index num_classes is the null label for guidance. With
+    guidance_range (needs num_classes) the class embedding becomes a `GuidedClassEmbedding` and the net takes
+    `guidance=w` (B,): a guided student (Meng et al. 2023).
     """
 
     def __init__(self, sample_size: int = 16, in_channels: int = 1, block_out_channels: tuple[int, ...] = (32, 64, 64),
                  layers_per_block: int = 1, num_classes: int | None = None, attention: bool = False,
-                 norm_num_groups: int = 8):
+                 norm_num_groups: int = 8, guidance_range: tuple[float, float] | None = None):
         super().__init__()
         from diffusers import UNet2DModel
 
         self.kwargs = dict(sample_size=sample_size, in_channels=in_channels, block_out_channels=list(block_out_channels),
                            layers_per_block=layers_per_block, num_classes=num_classes, attention=attention,
                            norm_num_groups=norm_num_groups)
+        if guidance_range is not None:
+            if not num_classes:
+                raise ValueError("a guided UNet needs num_classes (guidance mixes conditional and unconditional)")
+            self.kwargs["guidance_range"] = [float(v) for v in guidance_range]
         n = len(block_out_channels)
         down = ["DownBlock2D"] * n
         up = ["UpBlock2D"] * n
@@ -96,13 +182,23 @@ class UNet(nn.Module):
             down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=norm_num_groups,
             num_class_embeds=(num_classes + 1) if num_classes else None,
         )
+        self.guided = guidance_range is not None
+        if self.guided:
+            emb = self.unet.class_embedding
+            self.unet.class_embedding = GuidedClassEmbedding(emb.num_embeddings, emb.embedding_dim, guidance_range)
 
     def config(self) -> dict:
         return dict(self.kwargs)
 
-    def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None,
+                guidance: Tensor | None = None) -> Tensor:
         if self.num_classes and class_labels is None:
             class_labels = torch.full((len(x),), self.num_classes, device=x.device, dtype=torch.long)
+        if self.guided:
+            w = _need_guidance(guidance, self.unet.class_embedding.guidance, len(x), x.device)
+            class_labels = torch.stack([class_labels.float(), w], dim=1)            # (B, 2): [y, w]
+        else:
+            _no_guidance(guidance, "UNet")
         return self.unet(x, timestep, class_labels=class_labels).sample
 
 
@@ -127,18 +223,25 @@ def build_net(arch: str, **kwargs: Any) -> nn.Module:
 
 
 class Denoiser(nn.Module):
-    """The course's model interface around a backbone: (x, t, y) -> Pred(x0, eps)."""
+    """The course's model interface around a backbone: (x, t, y[, w]) -> Pred(x0, eps).
+
+    w (a float or (B,)) is the guidance weight of a guided student; it reaches the backbone as `guidance=w`
+    only when given, so backbones without a guidance input are called exactly as before."""
 
     def __init__(self, net: nn.Module, process: AffineProcess, parameterization: str):
         super().__init__()
         self.net, self.process, self.parameterization = net, process, parameterization
 
-    def raw(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def raw(self, x: Tensor, t: Tensor, y: Tensor | None = None, w: float | Tensor | None = None) -> Tensor:
         """The backbone's native output (what a training loss in this parameterization compares)."""
-        return self.net(x, self.process.timestep(t).to(x.dtype), class_labels=y)
+        timestep = self.process.timestep(t).to(x.dtype)
+        if w is None:
+            return self.net(x, timestep, class_labels=y)
+        w = torch.as_tensor(w, dtype=torch.float32, device=x.device).reshape(-1).expand(len(x))    # (B,)
+        return self.net(x, timestep, class_labels=y, guidance=w)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Pred:
-        return to_pred(self.raw(x, t, y), x, t.to(x.dtype), self.process, self.parameterization)
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, w: float | Tensor | None = None) -> Pred:
+        return to_pred(self.raw(x, t, y, w), x, t.to(x.dtype), self.process, self.parameterization)
 
     def config(self) -> dict:
         arch = next((k for k, v in ARCHITECTURES.items() if isinstance(self.net, v)), None)
@@ -153,6 +256,33 @@ def build_denoiser(config: dict) -> Denoiser:
     proc = dict(config["process"])
     return Denoiser(build_net(config["arch"], **config["net"]), make_process(proc.pop("name"), **proc),
                     config["parameterization"])
+
+
+def guidance_range(model: Denoiser) -> tuple[float, float] | None:
+    """(w_min, w_max) a guided student was distilled for; None for a model without a guidance input."""
+    r = model.config()["net"].get("guidance_range")
+    return None if r is None else (float(r[0]), float(r[1]))
+
+
+def with_guidance_input(teacher: Denoiser, w_range: tuple[float, float]) -> Denoiser:
+    """A guided student (Meng et al. 2023, Sec. 3.1): the teacher's architecture plus a `GuidanceEmbedding` of w
+    for w in w_range, with every teacher weight copied. The embedding's last layer is zero, so at first the
+    student is exactly the conditional teacher, whatever w. Same device as the teacher, float32, train mode."""
+    config = teacher.config()
+    if config["net"].get("guidance_range") is not None:
+        raise ValueError("this model already takes a guidance weight (guidance_range is set)")
+    if not config["net"].get("num_classes"):
+        raise ValueError("guided distillation needs a class-conditional teacher (num_classes set, trained with "
+                         "label dropout) so that classifier-free guidance exists")
+    config["net"] = {**config["net"], "guidance_range": [float(v) for v in w_range]}
+    student = build_denoiser(config)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    new = [k for k in missing if "guidance" not in k]
+    if new or unexpected:
+        raise RuntimeError(f"copying the teacher into the guided student left keys unmatched: missing {new}, "
+                           f"unexpected {unexpected}")
+    device = next(teacher.parameters()).device
+    return student.to(device).train().requires_grad_(True)
 
 
 def save_denoiser(folder: str | os.PathLike, model: Denoiser, extra: dict | None = None) -> None:

@@ -69,6 +69,9 @@ RECIPES: dict[str, Recipe] = {}
 for _ds in ("checkerboard", "gmm"):
     RECIPES[f"{_ds}-vp"] = Recipe(f"{_ds}-vp", _ds, "vp-cosine", "v", MLP_2D, replace(CFG_2D, desc=f"{_ds}-vp"))
     RECIPES[f"{_ds}-rf"] = Recipe(f"{_ds}-rf", _ds, "rf", "velocity", MLP_2D, replace(CFG_2D, desc=f"{_ds}-rf"))
+# Class-conditional teacher for guided distillation (notebook 02): overlapping classes, label dropout 0.15 (CFG).
+RECIPES["gmm-overlap-vp"] = Recipe("gmm-overlap-vp", "gmm-overlap", "vp-cosine", "v", {**MLP_2D, "num_classes": 8},
+                                   replace(CFG_2D, desc="gmm-overlap-vp"), conditional=True, p_uncond=0.15)
 RECIPES["digits"] = Recipe(
     "digits", "digits", "vp-cosine", "v",
     {"sample_size": 16, "in_channels": 1, "block_out_channels": (32, 64, 64), "layers_per_block": 1,

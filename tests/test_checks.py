@@ -69,3 +69,86 @@ def test_crash_and_wrong_shape_are_explained(capsys):
     assert "raised RuntimeError" in capsys.readouterr().out
     checks.check_ddim_step(flat, seed=0)
     assert "has shape" in capsys.readouterr().out
+
+
+def test_pd_round_checker_accepts_a_round_and_rejects_wrong_ones(capsys):
+    import copy
+
+    from course_lib.distill.pd import distill_round
+
+    def right(teacher, N, sample_data, cfg):
+        return distill_round(teacher, N, sample_data, cfg, progress=False).model.eval()
+
+    def no_training(teacher, N, sample_data, cfg):  # returns an untrained copy: no closer to 2N teacher steps
+        return copy.deepcopy(teacher)
+
+    def trains_the_teacher(teacher, N, sample_data, cfg):  # updates the teacher in place instead of a copy
+        with torch.no_grad():
+            next(teacher.parameters()).add_(0.1)
+        return copy.deepcopy(teacher)
+
+    def unsolved(teacher, N, sample_data, cfg):
+        raise NotImplementedError("Exercise 1.3")
+
+    assert checks.check_pd_round(right, seed=0) is right
+    assert "Later cells use your function" in capsys.readouterr().out
+    assert checks.check_pd_round(no_training, seed=0) is not no_training
+    assert "did not learn to replace two teacher steps" in capsys.readouterr().out
+    assert checks.check_pd_round(trains_the_teacher, seed=0) is not trains_the_teacher
+    assert "changed the teacher's weights" in capsys.readouterr().out
+    assert checks.check_pd_round(unsolved, seed=0) is not unsolved
+    assert "not solved yet" in capsys.readouterr().out
+
+
+# --- notebook 02: guided distillation --------------------------------------------------------------------------
+
+def right_guided_target(teacher, z_t, t, y, w, null_label):
+    from course_lib.distill.guided import guided_target
+    return guided_target(teacher, z_t, t, y, w, null_label)
+
+
+def imagen_guided_target(teacher, z_t, t, y, w, null_label):  # Imagen's convention: the weight is off by one
+    cond, uncond = teacher(z_t, t, y).x0, teacher(z_t, t, torch.full_like(y, null_label)).x0
+    return uncond + w[:, None] * (cond - uncond)
+
+
+def right_guided_loss(student, teacher, x0, y, t, eps, w, null_label, process):
+    from course_lib.distill.guided import guided_loss_at
+    return guided_loss_at(student, teacher, x0, y, t, eps, w, null_label, process)
+
+
+def unweighted_guided_loss(student, teacher, x0, y, t, eps, w, null_label, process):  # forgets max(SNR, 1)
+    z_t = process.marginal(x0, t, eps)
+    return (student(z_t, t, y, w).x0 - right_guided_target(teacher, z_t, t, y, w, null_label)).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("check, right, wrong", [
+    (checks.check_guided_target, right_guided_target, imagen_guided_target),
+    (checks.check_guided_loss, right_guided_loss, unweighted_guided_loss),
+])
+def test_guided_checker_verdicts(check, right, wrong, capsys):
+    assert check(right, seed=0) is right
+    assert "correct on" in capsys.readouterr().out
+    assert check(wrong, seed=0) is not wrong
+    out = capsys.readouterr().out
+    assert "differs from the reference" in out and "reference implementation" in out
+    assert check(unsolved, seed=0) is not unsolved
+    assert "not solved yet" in capsys.readouterr().out
+
+
+def test_guided_batches_checker(capsys):
+    from course_lib.distill.guided import guided_batches
+
+    def one_w_per_batch(sample_data, w_range):  # one w for the whole batch: not what stage 2 needs
+        def sample_batch(n, g):
+            x0, y = sample_data(n, g)
+            w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand((), generator=g)
+            return x0, {"y": y, "w": w.expand(n)}
+        return sample_batch
+
+    assert checks.check_guided_batches(guided_batches, seed=0) is guided_batches
+    assert "correct" in capsys.readouterr().out
+    assert checks.check_guided_batches(one_w_per_batch, seed=0) is guided_batches
+    assert "uniform" in capsys.readouterr().out
+    assert checks.check_guided_batches(unsolved, seed=0) is guided_batches
+    assert "not solved yet" in capsys.readouterr().out

@@ -1,0 +1,152 @@
+"""Guided distillation (Meng et al. 2023): the guided target, the w embedding, stage 1 and stage 2."""
+import pytest
+import torch
+
+from course_lib import data2d
+from course_lib.distill import guided, pd
+from course_lib.models import Denoiser, MLP2D, UNet, load_denoiser, save_denoiser, with_guidance_input
+from course_lib.processes import VPCosine
+from course_lib.train import TrainConfig
+
+PROC = VPCosine()
+MIX = data2d.get_mixture("gmm-overlap")
+NULL = MIX.num_classes
+
+
+def _inputs(B=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0, y = data2d.sample_2d("gmm-overlap", B, g)
+    t = 0.05 + 0.9 * torch.rand(B, generator=g)
+    z = PROC.marginal(x0.double(), t.double(), torch.randn(B, 2, generator=g, dtype=torch.float64))
+    return z, t.double(), y, 4 * torch.rand(B, generator=g, dtype=torch.float64)
+
+
+def _teacher(hidden=32, seed=0):
+    torch.manual_seed(seed)
+    return Denoiser(MLP2D(hidden=hidden, depth=2, num_classes=NULL), PROC, "v")
+
+
+def test_guided_target_at_w0_is_the_conditional_teacher():
+    z, t, y, _ = _inputs()
+    teacher = MIX.denoiser(PROC)
+    got = guided.guided_target(teacher, z, t, y, torch.zeros(len(z), dtype=z.dtype), NULL)
+    assert torch.allclose(got, teacher(z, t, y).x0, atol=1e-12)
+
+
+def test_guided_target_is_one_plus_w_cond_minus_w_uncond():
+    z, t, y, w = _inputs()
+    cond = MIX.posterior_mean(z, t, PROC, y).x0                              # exact p(x0 | z_t, y)
+    uncond = MIX.posterior_mean(z, t, PROC).x0                               # exact p(x0 | z_t)
+    want = (1 + w)[:, None] * cond - w[:, None] * uncond
+    assert torch.allclose(guided.guided_target(MIX.denoiser(PROC), z, t, y, w, NULL), want, atol=1e-10)
+    # a scalar w means the same weight for every sample
+    want2 = 3 * cond - 2 * uncond
+    assert torch.allclose(guided.guided_target(MIX.denoiser(PROC), z, t, y, 2.0, NULL), want2, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_fresh_student_is_exactly_the_conditional_teacher(kind, tmp_path):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        teacher = _teacher()
+        x, y = torch.randn(16, 2), torch.randint(NULL, (16,))
+    else:
+        net = UNet(sample_size=8, block_out_channels=(8, 16), num_classes=10, norm_num_groups=4)
+        teacher = Denoiser(net, PROC, "v")
+        x, y = torch.randn(4, 1, 8, 8), torch.randint(10, (4,))
+    t = torch.rand(len(x))
+    student = with_guidance_input(teacher, (0.0, 4.0))
+    with torch.no_grad():
+        for w in (0.0, 1.5, 4.0):
+            assert torch.equal(student(x, t, y, w).x0, teacher(x, t, y).x0)
+        # train the embedding a little so w matters, then check the checkpoint round trip
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        w = torch.linspace(0, 4, len(x))
+        save_denoiser(tmp_path, student)
+        loaded, config = load_denoiser(tmp_path)
+        assert config["denoiser"]["net"]["guidance_range"] == [0.0, 4.0]
+        assert torch.equal(loaded(x, t, y, w).x0, student(x, t, y, w).x0)
+        assert not torch.equal(student(x, t, y, w).x0, student(x, t, y, w.flip(0)).x0)  # w is an input now
+
+
+def test_w_outside_the_range_and_missing_w_are_clear_errors():
+    student = with_guidance_input(_teacher(), (0.0, 4.0))
+    x, t, y = torch.randn(3, 2), torch.rand(3), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"distilled for guidance weights in \[0, 4\]; got 6"):
+        student(x, t, y, 6.0)
+    with pytest.raises(ValueError, match=r"got -1"):
+        student(x, t, y, torch.tensor([0.0, -1.0, 2.0]))
+    with pytest.raises(ValueError, match="takes a guidance weight"):
+        student(x, t, y)
+    with pytest.raises(ValueError, match="no guidance input"):
+        _teacher()(x, t, y, 1.0)
+    with pytest.raises(ValueError, match="class-conditional"):
+        with_guidance_input(Denoiser(MLP2D(hidden=8, depth=2), PROC, "v"), (0, 4))
+    with pytest.raises(ValueError, match="cannot be reached"):
+        guided.distill_steps(student, lambda n, g: data2d.sample_2d("gmm-overlap", n, g), 8, 3,
+                             TrainConfig(steps=1, batch_size=4))
+
+
+def _exact_teacher_denoiser():
+    """A small MLP teacher fitted quickly would do too, but the exact mixture makes stage 1's target exact."""
+    return MIX.denoiser(PROC)
+
+
+def test_stage1_lowers_the_loss_on_the_overlap_mixture():
+    torch.manual_seed(0)
+    teacher = _teacher(hidden=64)
+    # the loss only needs teacher(x, t, y) -> Pred: give the stage-1 loop the exact mixture as the teacher
+    student = with_guidance_input(teacher, (0.0, 4.0))
+    sample = lambda n, g: data2d.sample_2d("gmm-overlap", n, g)
+    exact = _exact_teacher_denoiser()
+
+    def loss(model, batch, g):
+        x0, y = batch
+        return guided.guided_loss(model, lambda x, t, yy: exact(x, t, yy), x0, y, (0.0, 4.0), NULL, g)
+
+    from course_lib.train import train
+
+    state = train(student, loss, sample, TrainConfig(steps=300, batch_size=256, lr=2e-3, ema_decay=0.0),
+                  progress=False)
+    first, last = sum(state.losses[:20]) / 20, sum(state.losses[-20:]) / 20
+    assert last < 0.5 * first, (first, last)
+
+
+def test_distill_guidance_runs_and_resumes(tmp_path):
+    teacher = _teacher()
+    sample = lambda n, g: data2d.sample_2d("gmm-overlap", n, g)
+    cfg = TrainConfig(steps=4, batch_size=32, ema_decay=0.0)
+    state = guided.distill_guidance(teacher, sample, (0.0, 4.0), cfg, ckpt_dir=tmp_path, progress=False)
+    assert state.step == 4 and len(state.losses) == 4
+    again = guided.distill_guidance(teacher, sample, (0.0, 4.0), cfg, ckpt_dir=tmp_path, progress=False)
+    assert again.step == 4  # resumed, nothing left to do
+
+
+def test_stage2_runs_a_pd_round_with_w_inputs():
+    student = with_guidance_input(_teacher(), (1.0, 3.0))
+    sample = lambda n, g: data2d.sample_2d("gmm-overlap", n, g)
+    batch = guided.guided_batches(sample, (1.0, 3.0))(500, torch.Generator().manual_seed(0))
+    x0, cond = pd.split_batch(batch)
+    assert set(cond) == {"y", "w"} and cond["w"].shape == (500,) and 1 <= cond["w"].min() <= cond["w"].max() <= 3
+    students = guided.distill_steps(student, sample, 4, 2, TrainConfig(steps=3, batch_size=16, ema_decay=0.0),
+                                    progress=False)
+    assert list(students) == [2]
+    x = torch.randn(5, 2)
+    out = students[2](x, torch.ones(5), torch.zeros(5, dtype=torch.long), 2.0).x0
+    assert out.shape == (5, 2) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="no guidance input"):
+        guided.distill_steps(_teacher(), sample, 4, 2, TrainConfig(steps=1, batch_size=4))
+
+
+def test_pd_target_of_a_w0_student_equals_the_conditional_teachers():
+    # the fresh student at any w is the conditional teacher, so its PD target with w inputs is the teacher's
+    teacher = _teacher()
+    student = with_guidance_input(teacher, (0.0, 4.0)).eval()
+    z, t, y, w = _inputs(16)
+    t = torch.full_like(t, 0.5).float()
+    z = z.float()
+    with torch.no_grad():
+        a = pd.pd_target(student, z, t, 4, PROC, {"y": y, "w": w.float()})
+        b = pd.pd_target(teacher, z, t, 4, PROC, {"y": y})
+    assert torch.equal(a, b)
