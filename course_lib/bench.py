@@ -163,6 +163,132 @@ def _digits_rows(mode: str, seed: int) -> list[dict]:
     return rows
 
 
+GUIDANCE_WEIGHTS = (0.0, 1.0, 2.0, 4.0)
+
+
+def _guided_2d_budget(mode: str) -> dict:
+    """Budgets of the 2D guided distillation (shared by the benchmark and notebook 02)."""
+    return pick(mode,
+                smoke=dict(n=400, teacher_steps=8, stage1_steps=20, stage1_lr=1e-3, n_start=8, pd_steps=10,
+                           pd_lr=3e-4, batch=128),
+                laptop=dict(n=8000, teacher_steps=64, stage1_steps=2000, stage1_lr=1e-3, n_start=64, pd_steps=300,
+                            pd_lr=3e-4, batch=1024),
+                full=dict(n=50_000, teacher_steps=64, stage1_steps=10_000, stage1_lr=1e-3, n_start=64, pd_steps=4000,
+                          pd_lr=1e-4, batch=2048))
+
+
+def guided_2d_students(teacher, budget: dict, w_range=(0.0, 4.0), seed: int = 0, progress: bool = True):
+    """Meng et al.'s two stages on the gmm-overlap teacher: stage 1 (w-conditioned student), then PD from
+    budget["n_start"] DDIM steps to 1 with w as an input. Returns (stage-1 student, {steps: student}, seconds)."""
+    from .data2d import sample_2d
+    from .distill import guided
+    from .train import TrainConfig
+
+    sample = lambda n, g: sample_2d("gmm-overlap", n, g)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    cfg1 = TrainConfig(steps=budget["stage1_steps"], batch_size=budget["batch"], lr=budget["stage1_lr"],
+                       lr_schedule="linear",
+                       ema_decay=0.0, seed=seed, desc="guided stage 1")
+    stage1 = guided.distill_guidance(teacher, sample, w_range, cfg1, progress=progress).best.eval().requires_grad_(False)
+    cfg2 = TrainConfig(steps=budget["pd_steps"], batch_size=budget["batch"], lr=budget["pd_lr"], lr_schedule="linear",
+                       ema_decay=0.0, seed=seed + 1)
+    students = guided.distill_steps(stage1, sample, budget["n_start"], 1, cfg2, progress=progress)
+    return stage1, students, time.perf_counter() - t0
+
+
+@register("guided")
+def bench_guided(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
+    """Guided distillation (Meng et al. 2023) of the shipped gmm-overlap teacher, w in {0, 1, 2, 4}.
+
+    Rows per (model, nfe, w), extra fields "w" and "sampler": "swd" against exact samples of the requested
+    classes (labels balanced over the 8 classes) and "class_acc", the fraction of samples the exact mixture's
+    Bayes classifier assigns to the requested class. Models: "data" (exact class-conditional samples: the SWD
+    floor and the Bayes accuracy of the data itself), "teacher" (classifier-free guidance, DPM-Solver++(2M);
+    nfe counts solver steps, each costs TWO network evaluations, cond + uncond, batched), "guided-student-stage1"
+    (stage 1 sampled with n_start DDIM steps, one evaluation per step) and "guided-student" at 4 and 1 steps.
+    Digits: the shipped digits teacher with guidance (class_acc from the digits classifier)."""
+    from .data2d import get_mixture, sample_conditional
+    from .grids import uniform
+    from .guidance import cfg as guide
+    from .metrics import gmm_class_accuracy, sliced_wasserstein
+    from .samplers import ddim, dpm_solver_pp_2m
+    from .teachers import load_teacher
+
+    b = _guided_2d_budget(mode)
+    n, ds = b["n"], "gmm-overlap"
+    mix = get_mixture(ds)
+    y = torch.arange(n) % mix.num_classes                                       # balanced labels
+    ref = sample_conditional(mix, y, torch.Generator().manual_seed(seed + 1))
+    swd = lambda a: sliced_wasserstein(a, ref, n_proj=256, seed=0)
+    acc = lambda a: gmm_class_accuracy(a, y, mix)
+    rows: list[dict] = []
+    other, sec = timed(lambda: sample_conditional(mix, y, torch.Generator().manual_seed(seed + 2)))
+    rows += [row(ds, "data", None, "swd", swd(other), sec, n=n), row(ds, "data", None, "class_acc", acc(other), sec, n=n)]
+
+    teacher = load_teacher(f"{ds}-vp")
+    stage1, students, train_sec = guided_2d_students(teacher, b, seed=seed, progress=mode != "smoke")
+    x1 = teacher.process.prior((n, 2), torch.Generator().manual_seed(seed + 3))
+    for w in GUIDANCE_WEIGHTS:
+        runs = [("teacher", b["teacher_steps"], "dpmpp2m",
+                 lambda: dpm_solver_pp_2m(lambda x, t: guide(teacher, w, mix.num_classes)(x, t, y), x1,
+                                          uniform(b["teacher_steps"]), teacher.process)),
+                ("guided-student-stage1", b["n_start"], "ddim",
+                 lambda: ddim(lambda x, t: stage1(x, t, y, w), x1, uniform(b["n_start"]), teacher.process))]
+        for N in (4, 1):
+            if N in students:
+                runs.append(("guided-student", N, "ddim", lambda N=N: ddim(lambda x, t: students[N](x, t, y, w), x1,
+                                                                        uniform(N), teacher.process)))
+        for name, steps, sampler, fn in runs:
+            x, sec = timed(fn)
+            for metric, value in (("swd", swd(x)), ("class_acc", acc(x))):
+                rows.append(row(ds, name, steps, metric, value, sec, w=w, sampler=sampler, n=n,
+                                **({"train_seconds": round(train_sec, 1)} if name != "teacher" else {})))
+    rows += _guided_digits_rows(mode, seed)
+    print(guided_summary(rows))
+    return rows, {**b, "w_range": [0.0, 4.0], "swd_projections": 256}
+
+
+def guided_summary(rows: list[dict]) -> str:
+    """One line per (dataset, model, nfe, w) with both metrics side by side, and the student-to-teacher ratios."""
+    lines: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["dataset"], r["model"], r["nfe"], r.get("w"))
+        lines.setdefault(key, {"dataset": r["dataset"], "model": r["model"], "nfe": r["nfe"], "w": r.get("w")})
+        lines[key][r["metric"]] = r["value"]
+    out = list(lines.values())
+    teach = {(d["dataset"], d["w"]): d for d in out if d["model"] == "teacher"}
+    for d in out:
+        t = teach.get((d["dataset"], d["w"]))
+        if t is not None and d["model"].startswith("guided-student"):
+            d["swd / teacher"] = d["swd"] / t["swd"]
+            d["acc - teacher (points)"] = 100 * (d["class_acc"] - t["class_acc"])
+    return table(out, ["dataset", "model", "nfe", "w", "class_acc", "swd", "digits_fd", "swd / teacher",
+                       "acc - teacher (points)"])
+
+
+def _guided_digits_rows(mode: str, seed: int) -> list[dict]:
+    """The shipped digits teacher with classifier-free guidance at each w (DPM-Solver++(2M)), balanced labels:
+    class accuracy under the digits classifier and the digits Fréchet distance."""
+    from .classifier import DIGITS_FD_N, balanced_labels, class_accuracy, digits_frechet_distance
+    from .guidance import cfg as guide
+    from .samplers import generate
+    from .teachers import load_teacher
+
+    n = pick(mode, smoke=40, laptop=DIGITS_FD_N, full=DIGITS_FD_N)
+    steps = pick(mode, smoke=2, laptop=16, full=64)
+    teacher = load_teacher("digits")
+    y = balanced_labels(n)
+    rows = []
+    for w in GUIDANCE_WEIGHTS:
+        x, sec = timed(lambda: generate(guide(teacher, w, 10), teacher.process, (n, 1, 16, 16), "dpmpp2m", steps,
+                                        generator=torch.Generator().manual_seed(seed + 6), y=y))
+        rows.append(row("digits", "teacher", steps, "class_acc", class_accuracy(x, y), sec, w=w, sampler="dpmpp2m", n=n))
+        rows.append(row("digits", "teacher", steps, "digits_fd", digits_frechet_distance(x), sec, w=w,
+                        sampler="dpmpp2m", n=n))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

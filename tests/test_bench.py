@@ -52,3 +52,18 @@ def test_pd_benchmark_has_a_row_per_round(tmp_path):
     for ds in ("checkerboard", "gmm"):
         assert {r["nfe"] for r in res["rows"] if r["dataset"] == ds and r["model"] == "pd"} == {2, 1}
         assert any(r["dataset"] == ds and r["model"] == "data" for r in res["rows"])
+
+
+def test_guided_benchmark_rows(tmp_path):
+    res = bench.main(["guided", "--mode", "smoke", "--out", str(tmp_path / "guided.json")])
+    rows = [r for r in res["rows"] if r["dataset"] == "gmm-overlap"]
+    for model, nfes in (("teacher", {8}), ("guided-student", {4, 1})):
+        for w in bench.GUIDANCE_WEIGHTS:
+            got = {(r["nfe"], r["metric"]) for r in rows if r["model"] == model and r.get("w") == w}
+            assert got == {(k, m) for k in nfes for m in ("swd", "class_acc")}, (model, w, got)
+    assert all("sampler" in r for r in rows if r["model"] != "data")
+    assert all(0 <= r["value"] <= 1 for r in res["rows"] if r["metric"] == "class_acc")
+    data_acc = next(r["value"] for r in rows if r["model"] == "data" and r["metric"] == "class_acc")
+    assert 0.8 < data_acc < 0.95  # overlapping classes: the Bayes classifier is often wrong on exact samples
+    digits = {(r["w"], r["metric"]) for r in res["rows"] if r["dataset"] == "digits" and r["model"] == "teacher"}
+    assert digits == {(w, m) for w in bench.GUIDANCE_WEIGHTS for m in ("class_acc", "digits_fd")}
