@@ -152,3 +152,60 @@ def test_guided_batches_checker(capsys):
     assert "uniform" in capsys.readouterr().out
     assert checks.check_guided_batches(unsolved, seed=0) is guided_batches
     assert "not solved yet" in capsys.readouterr().out
+
+
+def right_rf_loss(model, x0, eps, t):
+    x_t = (1 - t)[:, None] * x0 + t[:, None] * eps
+    p = model(x_t, t)
+    return ((p.eps - p.x0) - (eps - x0)).pow(2).mean(1)
+
+
+def paper_direction_rf_loss(model, x0, eps, t):  # the paper's target X_1 - X_0 = x0 - eps, without flipping time
+    x_t = (1 - t)[:, None] * x0 + t[:, None] * eps
+    p = model(x_t, t)
+    return ((p.eps - p.x0) - (x0 - eps)).pow(2).mean(1)
+
+
+def right_pairs(flow, eps, steps):
+    x = eps
+    for i in range(steps):
+        t = torch.full((len(x),), 1 - i / steps, dtype=x.dtype)
+        p = flow(x, t)
+        x = x - (p.eps - p.x0) / steps
+    return eps, x
+
+
+def forward_euler_pairs(flow, eps, steps):  # steps towards the noise (t increasing): the wrong direction
+    x = eps
+    for i in range(steps):
+        t = torch.full((len(x),), 1 - i / steps, dtype=x.dtype)
+        p = flow(x, t)
+        x = x + (p.eps - p.x0) / steps
+    return eps, x
+
+
+def right_straightness(path, ts):
+    from course_lib.metrics import straightness
+    return straightness(path, ts)
+
+
+def unweighted_straightness(path, ts):  # ignores uneven segment durations
+    dt = ts[1:] - ts[:-1]
+    v = (path[1:] - path[:-1]) / dt[:, None, None]
+    line = (path[-1] - path[0]) / (ts[-1] - ts[0])
+    return float((v - line).pow(2).sum(2).mean())
+
+
+@pytest.mark.parametrize("check, right, wrong", [
+    (checks.check_rf_loss, right_rf_loss, paper_direction_rf_loss),
+    (checks.check_make_pairs, right_pairs, forward_euler_pairs),
+    (checks.check_straightness, right_straightness, unweighted_straightness),
+])
+def test_reflow_checker_verdicts(check, right, wrong, capsys):
+    assert check(right, seed=0) is right
+    assert "correct on" in capsys.readouterr().out
+    fallback = check(wrong, seed=0)
+    out = capsys.readouterr().out
+    assert fallback is not wrong and "differs from the reference" in out and "reference implementation" in out
+    assert check(unsolved, seed=0) is not unsolved
+    assert "not solved yet" in capsys.readouterr().out

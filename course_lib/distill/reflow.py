@@ -1,0 +1,412 @@
+"""Rectified flow and reflow (Liu, Gong & Liu, "Flow Straight and Fast", ICLR 2023, arXiv 2209.03003).
+
+Time direction. The paper runs time from noise to data: X_0 ~ N(0, I) at t = 0, data X_1 at t = 1, and
+X_t = t X_1 + (1 - t) X_0 with velocity X_1 - X_0. The course runs it the other way (t = 0 data, t = 1 noise):
+
+    x_t = (1 - t) x0 + t eps,      velocity u = dx_t/dt = eps - x0,      paper t  <->  course 1 - t
+
+so the paper's X_0 is our eps, its X_1 our x0, and its v = X_1 - X_0 is minus our u. Samplers integrate from
+t = 1 down to t = 0 (`samplers.euler` with `grids.uniform(n)`).
+
+    rf_loss_at(model, x0, eps, t)       || u_theta(x_t, t) - (eps - x0) ||^2 per sample       Eq. (1)
+    rf_loss(model, x0, g, eps=None)     1-RF (independent eps, Eq. 1) or reflow (the coupled eps, Alg. 1)
+    generate_pairs(flow, x1, ...)       (eps, x0 = ODE solution from eps): the flow's coupling Z = (Z_0, Z_1)
+    cached_pairs(flow, name, ...)       the same, stored as safetensors + JSON, refused if made by another flow
+    reflow(flow, pairs, cfg)            (k+1)-rectified flow, initialised from the k-rectified flow (Alg. 1)
+    straightness(model, x1, steps)      S(Z) = int_0^1 E || (Z_1 - Z_0) - dZ_t/dt ||^2 dt     Eq. (5) (metrics)
+    distill_loss_at / distill(...)      k-step distillation of a flow into k Euler steps (Sec. 2.3)
+
+    python -m course_lib.distill.reflow train-digits     # the shipped digits 2-RF and its 1-step distillation
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import CheckpointError
+from ..grids import uniform
+from ..models import Denoiser, build_denoiser
+from ..predictions import velocity
+from ..processes import AffineProcess, RectifiedFlow, bcast
+from ..samplers import get_sampler
+from ..train import TrainConfig, TrainState, train
+
+
+CACHE_DIR = Path(__file__).resolve().parents[2] / "data" / "cache" / "reflow"   # git-ignored
+
+
+class PairCacheError(RuntimeError):
+    """A cache of reflow pairs does not belong to the flow asking for it; the message names the file."""
+
+
+def _call(model: Callable, x: Tensor, t: Tensor, cond: Mapping[str, Tensor] | None):
+    return model(x, t, **(cond or {}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The rectified-flow loss (Liu et al. 2022, Eq. 1; Algorithm 1)
+# ----------------------------------------------------------------------------------------------------------------
+
+def rf_loss_at(model: Callable, x0: Tensor, eps: Tensor, t: Tensor, cond: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Per-sample rectified-flow loss (B,) on a coupling (x0, eps) at times t (B,):
+
+        x_t = (1 - t) x0 + t eps,      L = || u_theta(x_t, t) - (eps - x0) ||^2    (mean over dimensions)
+
+    The paper's Eq. (1), min_v int_0^1 E || (X_1 - X_0) - v(X_t, t) ||^2 dt, in the course's time direction.
+    model(x, t[, **cond]) -> Pred; its velocity is read with `predictions.velocity` under the rf process, so any
+    course model works (a velocity-parameterized Denoiser gives back its raw output)."""
+    process = RectifiedFlow()
+    x_t = process.marginal(x0, t, eps)
+    u = velocity(_call(model, x_t, t, cond), t, process)
+    return (u - (eps - x0)).pow(2).flatten(1).mean(1)
+
+
+def rf_loss(model: Callable, x0: Tensor, generator: torch.Generator, eps: Tensor | None = None,
+            cond: Mapping[str, Tensor] | None = None, t_min: float = 1e-3) -> Tensor:
+    """t ~ U(t_min, 1). eps None: fresh noise, independent of x0 (1-rectified flow from the independent coupling);
+    eps given: the paired noise of a reflow coupling (x0 = ODE(eps)), which makes this the reflow loss."""
+    B = x0.shape[0]
+    t = t_min + (1 - t_min) * torch.rand(B, generator=generator, device=generator.device).to(x0)
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+    return rf_loss_at(model, x0, eps, t, cond)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Pairs: the coupling a flow induces, Z_1 = ODE(Z_0) (Algorithm 1, step 2)
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_pairs(flow: Callable, x1: Tensor, steps: int = 64, sampler: str = "euler",
+                   process: AffineProcess | None = None, cond: Mapping[str, Tensor] | None = None,
+                   batch_size: int = 4096, progress: bool = False, ts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Solve the flow's ODE from each noise x1 (N, ...) at t = 1 to t = 0, in batches: returns (eps, x0).
+
+    process: the flow's process (default flow.process); the sampler ("euler", "heun", "dpmpp2m", "ddim") runs on
+    grid ts (default uniform(steps)). cond: per-sample model inputs (each (N, ...)), sliced with the batch."""
+    process = process if process is not None else flow.process
+    run = get_sampler(sampler)
+    grid = uniform(steps) if ts is None else ts
+    out = []
+    starts = range(0, len(x1), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=f"pairs ({sampler}, {steps} steps)", mininterval=0.5)
+    for i in starts:
+        c = {k: v[i:i + batch_size] for k, v in (cond or {}).items()}
+        model = (lambda x, t, c=c: flow(x, t, **c)) if c else flow
+        out.append(run(model, x1[i:i + batch_size], grid, process))
+    return x1, torch.cat(out)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's config and the bytes of every tensor of its state_dict (names included)."""
+    h = hashlib.sha256()
+    if hasattr(model, "config"):
+        h.update(json.dumps(model.config(), sort_keys=True).encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def cached_pairs(flow: nn.Module, name: str, n: int, steps: int = 64, sampler: str = "euler", seed: int = 0,
+                 cache_dir: str | os.PathLike = CACHE_DIR, cond: Mapping[str, Tensor] | None = None,
+                 noise_shape: tuple[int, ...] | None = None, on_mismatch: str = "error",
+                 progress: bool = True, verbose: bool = True) -> tuple[Tensor, Tensor]:
+    """Reflow pairs (eps (n, ...), x0 (n, ...)) of `flow`, generated once and cached on disk.
+
+    File: <cache_dir (default data/cache/reflow)>/<name>-<sampler><steps>-n<n>-seed<seed>.safetensors (+ .json). The JSON records the flow's
+    `fingerprint`, the solver, the steps, the seed and n; a cache is reused only if all of them match. A file with
+    the same settings made by ANOTHER flow is never reused: on_mismatch="error" raises PairCacheError naming the
+    file and how to regenerate it; "regenerate" says so and overwrites it. eps = N(0, I) draws from
+    torch.Generator().manual_seed(seed), shape (n, *noise_shape) (default: the flow's data shape (2,))."""
+    from safetensors.torch import load_file, save_file
+
+    if on_mismatch not in ("error", "regenerate"):
+        raise ValueError(f"on_mismatch must be 'error' or 'regenerate'; got {on_mismatch!r}")
+    folder = Path(cache_dir)
+    stem = folder / f"{name}-{sampler}{steps}-n{n}-seed{seed}"
+    wpath, jpath = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    meta = {"fingerprint": fingerprint(flow), "sampler": sampler, "steps": steps, "seed": seed, "n": n,
+            "cond": sorted(cond or {})}
+    if wpath.exists() and jpath.exists():
+        try:
+            stored = json.loads(jpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            stored = {}
+        diff = [k for k in meta if stored.get(k) != meta[k]]
+        if not diff:
+            t = load_file(str(wpath))
+            if verbose:
+                print(f"reflow pairs: loaded {n} cached pairs from {wpath}")
+            return t["eps"], t["x0"]
+        what = ("was generated by another flow (its weights or config differ from this one's)" if diff == ["fingerprint"]
+                else f"was generated with other settings ({', '.join(f'{k}: {stored.get(k)!r} != {meta[k]!r}' for k in diff if k != 'fingerprint')})")
+        msg = (f"reflow pair cache {wpath} {what}; it is never reused for another flow. To regenerate it, delete "
+               f"{wpath} and {jpath.name} (or pass on_mismatch='regenerate', or another name).")
+        if on_mismatch == "error":
+            raise PairCacheError(msg)
+        print(f"{msg}\nRegenerating.")
+    shape = tuple(noise_shape) if noise_shape is not None else (2,)
+    x1 = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    eps, x0 = generate_pairs(flow, x1, steps, sampler, cond=cond, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"eps": eps.contiguous(), "x0": x0.contiguous(), **{f"cond.{k}": v.contiguous() for k, v in (cond or {}).items()}},
+              str(wpath))
+    jpath.write_text(json.dumps({**meta, "seconds": round(time.perf_counter() - t0, 2)}, indent=1))
+    if verbose:
+        print(f"reflow pairs: generated {n} pairs in {time.perf_counter() - t0:.1f} s, cached in {wpath}")
+    return eps, x0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Reflow: train the (k+1)-rectified flow on the k-th flow's pairs, starting from its weights (Algorithm 1)
+# ----------------------------------------------------------------------------------------------------------------
+
+def pair_batches(eps: Tensor, x0: Tensor, cond: Mapping[str, Tensor] | None = None
+                 ) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor, dict]]:
+    """sample_batch(n, g) for the training loop: n random rows (with replacement) of the pairs, drawn with g."""
+    if eps.shape != x0.shape:
+        raise ValueError(f"pairs must have the same shape; got eps {tuple(eps.shape)} and x0 {tuple(x0.shape)}")
+
+    def sample(n: int, g: torch.Generator):
+        i = torch.randint(len(x0), (n,), generator=g, device=g.device).cpu()
+        return eps[i], x0[i], {k: v[i] for k, v in (cond or {}).items()}
+
+    return sample
+
+
+def load_flow_weights(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Load the weights saved in `folder` (models.save_denoiser / teachers) into `model`, in place.
+
+    A checkpoint written for another architecture raises CheckpointError naming the folder, never a half load."""
+    from ..checkpoint import load_tensors
+
+    tensors, config = load_tensors(folder)
+    if "denoiser" in config and hasattr(model, "config") and config["denoiser"]["net"] != model.config()["net"]:
+        raise CheckpointError(f"checkpoint {folder} holds a {config['denoiser']['arch']} with {config['denoiser']['net']}, "
+                              f"but the flow to reflow is {model.config()['arch']} with {model.config()['net']}. "
+                              "Reflow starts from the previous flow's own weights: pass that flow's folder.")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights in {folder} do not match the flow to reflow ({str(e).splitlines()[0]}). "
+                              "Reflow starts from the previous flow's own weights: pass that flow's folder.") from e
+    return model
+
+
+def as_flow(model: Denoiser) -> Denoiser:
+    """A copy of `model` relabelled as a rectified flow (process "rf", parameterization "velocity"), same weights.
+
+    For a flow this is a plain copy. For a diffusion model (InstaFlow's initialisation, Liu et al. 2023) the
+    backbone's output is re-purposed as the velocity: a starting point for reflow training, not yet a flow."""
+    cfg = model.config()
+    cfg.update(process={"name": "rf"}, parameterization="velocity")
+    flow = build_denoiser(cfg)
+    flow.load_state_dict(model.state_dict())
+    return flow.to(next(model.parameters()).device)
+
+
+def reflow(flow: Denoiser | str | os.PathLike, pairs: tuple[Tensor, Tensor], cfg: TrainConfig,
+           init: Denoiser | None = None, cond: Mapping[str, Tensor] | None = None, ckpt_dir=None,
+           progress: bool = True) -> TrainState:
+    """Train the next rectified flow on `pairs` = (eps, x0) of the previous flow, initialised from it (Alg. 1).
+
+    flow: the previous flow (a Denoiser, copied; never modified) or the folder of its checkpoint, in which case
+    `init` gives the architecture to load it into (a mismatch is a CheckpointError). cond: per-pair model inputs
+    (e.g. {"y": labels}). Returns the TrainState; `.best` is the new flow (the EMA when cfg.ema_decay > 0)."""
+    if not isinstance(flow, nn.Module):
+        if init is None:
+            raise ValueError("reflow from a checkpoint folder needs init=<a model of the same architecture>")
+        flow = load_flow_weights(copy.deepcopy(init), flow)
+    student = as_flow(flow).train().requires_grad_(True)
+    eps, x0 = pairs
+
+    def loss(model, batch, g):
+        e, x, c = batch
+        return rf_loss(model, x, g, eps=e, cond=c)
+
+    return train(student, loss, pair_batches(eps, x0, cond), cfg, ckpt_dir=ckpt_dir, progress=progress,
+                 extra_config={"method": "reflow"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Straightness S(Z) (Liu et al. 2022, Eq. 5 / Definition 2.2 ... the measure of Sec. 2.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def straightness(flow: Callable, x1: Tensor, steps: int = 64, cond: Mapping[str, Tensor] | None = None,
+                 process: AffineProcess | None = None) -> float:
+    """S(Z) = int_0^1 E || (Z_1 - Z_0) - dZ_t/dt ||^2 dt of the flow's ODE from noise x1 (B, ...), measured on its
+    Euler path with `steps` steps (metrics.straightness; zero iff every path is a straight line at constant
+    speed, then one Euler step is exact)."""
+    from ..metrics import straightness as s_of_path
+    from ..samplers import euler
+
+    process = process if process is not None else getattr(flow, "process", RectifiedFlow())
+    ts = uniform(steps)
+    model = (lambda x, t: flow(x, t, **cond)) if cond else flow
+    return s_of_path(euler(model, x1, ts, process, return_path=True), ts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. k-step distillation (Sec. 2.3; the repository's reflow_t_schedule = "t0" for k = 1, integer k otherwise)
+# ----------------------------------------------------------------------------------------------------------------
+
+def distill_times(k: int, B: int, generator: torch.Generator, device=None) -> Tensor:
+    """The start times of k Euler steps from t = 1, one drawn per sample: t in {1, (k-1)/k, ..., 1/k}."""
+    i = torch.randint(k, (B,), generator=generator, device=generator.device)
+    return (1.0 - i.double() / k).float().to(device if device is not None else generator.device)
+
+
+def distill_loss_at(student: Callable, x0: Tensor, eps: Tensor, t: Tensor, cond: Mapping[str, Tensor] | None = None
+                    ) -> Tensor:
+    """k-step distillation at grid times t (B,): the reflow loss restricted to the k Euler start times.
+
+    For k = 1 (t = 1, x_t = eps) this is the paper's one-step distillation with the L2 distance,
+        min || x0_hat - x0 ||^2,   x0_hat = eps - u_theta(eps, 1)     (paper: || Z_1 - (Z_0 + v(Z_0, 0)) ||^2).
+    For general k the student is trained at t = 1, (k-1)/k, ..., 1/k on the straight line between each pair, so
+    k Euler steps from eps land exactly on x0 when the regression is exact."""
+    return rf_loss_at(student, x0, eps, t, cond)
+
+
+def distill(flow: Denoiser, pairs: tuple[Tensor, Tensor], k: int, cfg: TrainConfig,
+            cond: Mapping[str, Tensor] | None = None, ckpt_dir=None, progress: bool = True) -> TrainState:
+    """Distil `flow` into a k-step Euler sampler on its own pairs (eps, x0 = ODE_flow(eps)), starting from it."""
+    if k < 1:
+        raise ValueError(f"k-step distillation needs k >= 1; got {k}")
+    student = as_flow(flow).train().requires_grad_(True)
+    eps, x0 = pairs
+
+    def loss(model, batch, g):
+        e, x, c = batch
+        return distill_loss_at(model, x, e, distill_times(k, len(x), g, x.device), c)
+
+    return train(student, loss, pair_batches(eps, x0, cond), cfg, ckpt_dir=ckpt_dir, progress=progress,
+                 extra_config={"method": "reflow-distill", "k": k})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Diffusion models seen as flows, and the shipped digits models
+# ----------------------------------------------------------------------------------------------------------------
+
+class RFView(nn.Module):
+    """A diffusion model `model` (any affine process with alpha, sigma > 0) re-read in rectified-flow time.
+
+    x_t^rf = (1 - t) x0 + t eps and x_tau = alpha(tau) x0 + sigma(tau) eps describe the same (x0, eps) when
+    sigma(tau) / alpha(tau) = t / (1 - t); then, the process being variance preserving (alpha^2 + sigma^2 = 1),
+    x_tau = x_t^rf / sqrt((1 - t)^2 + t^2). So
+        rf_model(x, t) = model(x / sqrt((1 - t)^2 + t^2), tau)
+    returns exactly the model's Pred(x0, eps): its probability-flow ODE in rf time. Euler on this view is DDIM
+    of the diffusion model on the matching grid. Only for VPCosine (closed-form inverse of the log-SNR)."""
+
+    def __init__(self, model: Denoiser):
+        super().__init__()
+        from ..processes import VPCosine
+
+        if not isinstance(model.process, VPCosine):
+            raise ValueError(f"RFView needs a vp-cosine diffusion model; got process {model.process.name!r}")
+        self.model, self.process = model, RectifiedFlow()
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None):
+        vp = self.model.process
+        tt = t.to(torch.float64).clamp(1e-6, 1 - 1e-6)
+        tau = vp.t_from_log_snr(2.0 * torch.log((1 - tt) / tt)).clamp(0.0, 1.0)          # same SNR
+        scale = ((1 - tt) ** 2 + tt**2).rsqrt().to(x.dtype)
+        return self.model(x * bcast(scale, x), tau.to(x.dtype), y)
+
+
+DIGITS_DIR = Path(__file__).resolve().parents[2] / "data" / "reflow"
+DIGITS_RECIPE = dict(
+    n_pairs=4000,            # noise -> image pairs of the diffusion teacher (balanced labels)
+    pair_sampler="dpmpp2m",  # the teacher's ODE solved with DPM-Solver++(2M)...
+    pair_steps=16,           # ...in 16 steps
+    reflow=TrainConfig(steps=1500, batch_size=64, lr=1e-4, warmup=100, ema_decay=0.999, ckpt_every=100, seed=0,
+                       desc="digits 2-RF"),
+    distill_pairs_steps=16,  # the 2-RF's own pairs, Euler 16 steps
+    distill=TrainConfig(steps=1000, batch_size=64, lr=1e-4, warmup=50, ema_decay=0.999, ckpt_every=100, seed=1,
+                        desc="digits 2-RF -> 1 step"),
+)
+
+
+def _export(model: Denoiser, folder: Path, extra: dict) -> None:
+    from ..checkpoint import save_tensors
+
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_tensors(folder, half, {"denoiser": model.config(), **extra})
+
+
+def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIGITS_DIR, steps_scale: float = 1.0,
+                 device: str | torch.device = "cpu") -> None:
+    """Reflow of the shipped digits diffusion teacher (InstaFlow's recipe at toy scale) and its 1-step distillation:
+    pairs from the teacher's ODE -> 2-RF initialised from the teacher's weights -> 1-step student. Resumable."""
+    import dataclasses
+
+    from ..classifier import balanced_labels
+    from ..models import load_denoiser
+    from ..teachers import load_teacher
+
+    r = DIGITS_RECIPE
+    teacher = load_teacher("digits", device=device)
+    n = r["n_pairs"]
+    y = balanced_labels(n).to(device)
+    eps, x0 = cached_pairs(teacher, "digits-teacher", n, r["pair_steps"], r["pair_sampler"], seed=0,
+                           cache_dir=Path(runs) / "pairs", cond={"y": y}, noise_shape=(1, 16, 16))
+    scale = lambda c: dataclasses.replace(c, steps=max(1, int(c.steps * steps_scale)))
+    cfg = scale(r["reflow"])
+    t0 = time.perf_counter()
+    flow2 = reflow(teacher, (eps, x0), cfg, cond={"y": y}, ckpt_dir=Path(runs) / "2rf").best.eval()
+    meta = {"method": "2-rectified flow of the digits teacher (pairs: teacher ODE, DPM-Solver++ "
+                      f"{r['pair_steps']} steps; init: teacher weights as velocity)", "n_pairs": n,
+            "steps": cfg.steps, "batch_size": cfg.batch_size, "train_seconds": round(time.perf_counter() - t0, 1),
+            "command": "python -m course_lib.distill.reflow train-digits"}
+    _export(flow2, out / "digits-2rf", meta)
+    flow2, _ = load_denoiser(out / "digits-2rf")              # the shipped (fp16-rounded) weights
+    eps2, x02 = cached_pairs(flow2, "digits-2rf", n, r["distill_pairs_steps"], "euler", seed=1,
+                             cache_dir=Path(runs) / "pairs", cond={"y": y}, noise_shape=(1, 16, 16))
+    cfg = scale(r["distill"])
+    t0 = time.perf_counter()
+    student = distill(flow2, (eps2, x02), 1, cfg, cond={"y": y}, ckpt_dir=Path(runs) / "2rf-distill1").best.eval()
+    _export(student, out / "digits-2rf-distill1",
+            {**meta, "method": "2-RF distilled to 1 Euler step (L2)", "steps": cfg.steps,
+             "train_seconds": round(time.perf_counter() - t0, 1)})
+    print(f"wrote {out / 'digits-2rf'} and {out / 'digits-2rf-distill1'}")
+
+
+def load_digits_flow(name: str = "digits-2rf", device: str | torch.device = "cpu") -> Denoiser:
+    """A shipped digits flow: "digits-2rf" or "digits-2rf-distill1" (eval mode, gradients off)."""
+    from ..models import load_denoiser
+
+    if name not in ("digits-2rf", "digits-2rf-distill1"):
+        raise ValueError(f"unknown digits flow {name!r}; valid: digits-2rf, digits-2rf-distill1")
+    model, _ = load_denoiser(DIGITS_DIR / name, "python -m course_lib.distill.reflow train-digits", device=device)
+    return model.requires_grad_(False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m course_lib.distill.reflow", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train-digits", help="train the shipped digits 2-RF and its 1-step distillation")
+    tr.add_argument("--runs", default="runs/reflow-digits", help="checkpoints and pair caches (a rerun resumes)")
+    tr.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training budget (tests: 0.01)")
+    tr.add_argument("--out", default=str(DIGITS_DIR))
+    tr.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    train_digits(args.runs, Path(args.out), args.steps_scale, args.device)
+
+
+if __name__ == "__main__":
+    main()
