@@ -52,6 +52,10 @@ def test_pd_benchmark_has_a_row_per_round(tmp_path):
     for ds in ("checkerboard", "gmm"):
         assert {r["nfe"] for r in res["rows"] if r["dataset"] == ds and r["model"] == "pd"} == {2, 1}
         assert any(r["dataset"] == ds and r["model"] == "data" for r in res["rows"])
+    digits = [r for r in res["rows"] if r["dataset"] == "digits"]
+    assert {r["nfe"] for r in digits if r["model"] == "pd"} == {1}  # smoke: 2 -> 1 steps
+    assert {r["model"] for r in digits} == {"data", "teacher", "teacher-ddim", "pd"}
+    assert all(r["metric"] == "digits_fd" and r["value"] > 0 for r in digits)
 
 
 def test_guided_benchmark_rows(tmp_path):
@@ -67,3 +71,20 @@ def test_guided_benchmark_rows(tmp_path):
     assert 0.8 < data_acc < 0.95  # overlapping classes: the Bayes classifier is often wrong on exact samples
     digits = {(r["w"], r["metric"]) for r in res["rows"] if r["dataset"] == "digits" and r["model"] == "teacher"}
     assert digits == {(w, m) for w in bench.GUIDANCE_WEIGHTS for m in ("class_acc", "digits_fd")}
+
+
+def test_reflow_benchmark_rows(tmp_path):
+    out = tmp_path / "reflow.json"
+    res = bench.main(["reflow", "--mode", "smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["name"] == "reflow"
+    rows = res["rows"]
+    for ds in ("checkerboard", "gmm"):
+        mine = [r for r in rows if r["dataset"] == ds]
+        assert any(r["model"] == "data" and r["metric"] == "swd" for r in mine)
+        for m in ("1-rf", "2-rf", "3-rf"):
+            assert {r["nfe"] for r in mine if r["model"] == m and r["metric"] == "swd"} == {1, 2, 4, 64}
+            assert [r["nfe"] for r in mine if r["model"] == m and r["metric"] == "straightness"] == [64]
+        for m in ("1-rf-distill", "2-rf-distill"):
+            assert [r["nfe"] for r in mine if r["model"] == m] == [1]
+        s = {r["model"]: r["value"] for r in mine if r["metric"] == "straightness"}
+        assert s["2-rf"] < s["1-rf"]        # even 20 smoke steps of reflow straighten the flow
