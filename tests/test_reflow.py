@@ -194,3 +194,11 @@ def test_distill_times_are_the_euler_start_times():
     t = reflow.distill_times(4, 1000, torch.Generator().manual_seed(0))
     assert set(torch.unique(t).tolist()) == {1.0, 0.75, 0.5, 0.25}
     assert set(reflow.distill_times(1, 10, torch.Generator()).tolist()) == {1.0}
+
+
+def test_pair_cache_records_the_conditioning(tmp_path):
+    flow = tiny_flow()
+    y = torch.arange(10)
+    reflow.cached_pairs(flow, "c", 10, steps=2, cache_dir=tmp_path, cond={}, progress=False)
+    with pytest.raises(reflow.PairCacheError, match="other settings.*cond"):
+        reflow.cached_pairs(flow, "c", 10, steps=2, cache_dir=tmp_path, cond={"y": y}, progress=False)
