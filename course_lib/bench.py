@@ -358,5 +358,147 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+REFLOW_NFES = (1, 2, 4, 64)
+
+
+def reflow_2d_budget(mode: str) -> dict:
+    """Budgets of the 2D reflow experiments (shared by the benchmark and notebook 03).
+
+    n: evaluation samples; n_pairs: pairs per round; pair_steps: Heun steps solving the 1-RF's ODE for its pairs
+    (later rounds are nearly straight: pair_steps_later); steps/batch/lr: every reflow and distillation run."""
+    return pick(mode,
+                smoke=dict(n=500, n_pairs=1000, pair_steps=4, pair_steps_later=2, steps=20, batch=128, lr=5e-4),
+                laptop=dict(n=10_000, n_pairs=10_000, pair_steps=16, pair_steps_later=8, steps=300, batch=512, lr=5e-4),
+                full=dict(n=50_000, n_pairs=100_000, pair_steps=64, pair_steps_later=32, steps=4000, batch=2048,
+                          lr=3e-4))
+
+
+def reflow_2d_models(dataset: str, budget: dict, seed: int = 0, cache_dir: str | None = None,
+                     progress: bool = True) -> tuple[dict, dict]:
+    """1-RF (the shipped flow-matching teacher) -> 2-RF -> 3-RF, and the 1-step distillations of 1-RF and 2-RF
+    (Liu et al. 2022, Algorithm 1). Pairs are cached (data/cache/reflow). Returns ({name: model}, {name: seconds})."""
+    from dataclasses import replace
+
+    from .distill import reflow
+    from .teachers import load_teacher
+    from .train import TrainConfig
+
+    cfg = TrainConfig(steps=budget["steps"], batch_size=budget["batch"], lr=budget["lr"], lr_schedule="linear",
+                      ema_decay=0.0, seed=seed)
+    models = {"1-rf": load_teacher(f"{dataset}-rf")}
+    seconds: dict[str, float] = {}
+    pairs = {}
+    for k in (1, 2):
+        steps = budget["pair_steps"] if k == 1 else budget["pair_steps_later"]
+        t0 = time.perf_counter()
+        pairs[k] = reflow.cached_pairs(models[f"{k}-rf"], f"{dataset}-{k}rf-{seed}", budget["n_pairs"], steps, "heun",
+                                       seed=seed + k, cache_dir=cache_dir or reflow.CACHE_DIR, on_mismatch="regenerate",
+                                       progress=progress, verbose=progress)
+        seconds[f"pairs-{k}-rf"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        models[f"{k + 1}-rf"] = reflow.reflow(models[f"{k}-rf"], pairs[k], replace(cfg, desc=f"{dataset} {k + 1}-RF"),
+                                              progress=progress).best.eval().requires_grad_(False)
+        seconds[f"{k + 1}-rf"] = time.perf_counter() - t0
+    for k in (1, 2):
+        t0 = time.perf_counter()
+        models[f"{k}-rf-distill"] = reflow.distill(models[f"{k}-rf"], pairs[k], 1,
+                                                   replace(cfg, desc=f"{dataset} {k}-RF -> 1 step"),
+                                                   progress=progress).best.eval().requires_grad_(False)
+        seconds[f"{k}-rf-distill"] = time.perf_counter() - t0
+    return models, seconds
+
+
+@register("reflow")
+def bench_reflow(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
+    """Rectified flow and reflow (Liu et al. 2022) on the shipped 2D flow-matching teachers: "1-rf" (the teacher),
+    "2-rf", "3-rf" sampled with Euler at NFE 1, 2, 4, 64 ("swd"), their straightness S(Z) measured on 64-step Euler
+    paths ("straightness", nfe = 64), and the 1-step distillations "1-rf-distill", "2-rf-distill" (nfe 1). Teacher
+    rows: the data floor and the teacher with Euler and Heun at NFE 1..128 (its best SWD is the target). Digits:
+    the shipped digits 2-RF and its 1-step distillation (data/reflow), when present."""
+    from .distill import reflow
+    from .grids import uniform
+    from .metrics import sliced_wasserstein
+    from .samplers import euler
+
+    b = reflow_2d_budget(mode)
+    n = b["n"]
+    swd = lambda a, r: sliced_wasserstein(a, r, n_proj=256, seed=0)
+    rows: list[dict] = []
+    for ds in ("checkerboard", "gmm"):
+        ref, floor_row = reference_2d(ds, n, seed, swd)
+        rows.append(floor_row)
+        models, secs = reflow_2d_models(ds, b, seed, progress=mode != "smoke")
+        teacher = models["1-rf"]
+        for sampler in ("euler", "heun"):
+            rows += sweep_2d(teacher, teacher.process, ds, f"fm-teacher-{sampler}", sampler, ref,
+                             pick(mode, smoke=(1, 2, 4), laptop=NFES, full=NFES), seed + 3, swd)
+        x1 = teacher.process.prior((n, 2), torch.Generator().manual_seed(seed + 3))
+        for name in ("1-rf", "2-rf", "3-rf"):
+            m = models[name]
+            extra = {} if name == "1-rf" else {"train_seconds": round(secs[name], 1)}
+            for k in REFLOW_NFES:
+                x, sec = timed(lambda: euler(m, x1, uniform(k), m.process))
+                rows.append(row(ds, name, k, "swd", swd(x, ref), sec, sampler="euler", n=n, **extra))
+            s, sec = timed(lambda: reflow.straightness(m, x1[:2000], 64))
+            rows.append(row(ds, name, 64, "straightness", s, sec, sampler="euler", n=2000, **extra))
+        for name in ("1-rf-distill", "2-rf-distill"):
+            m = models[name]
+            x, sec = timed(lambda: euler(m, x1, uniform(1), m.process))
+            rows.append(row(ds, name, 1, "swd", swd(x, ref), sec, sampler="euler", n=n,
+                            train_seconds=round(secs[name], 1)))
+    rows += _reflow_digits_rows(mode, seed)
+    print(reflow_summary(rows))
+    return rows, {**b, "swd_projections": 256, "pair_solver": "heun"}
+
+
+def reflow_summary(rows: list[dict]) -> str:
+    """Per dataset: each model's SWD at its NFE over the teacher's best SWD, and straightness over 1-RF's."""
+    out = []
+    for ds in dict.fromkeys(r["dataset"] for r in rows if r["metric"] == "swd"):
+        mine = [r for r in rows if r["dataset"] == ds]
+        best = min((r["value"] for r in mine if r["model"].startswith("fm-teacher") and r["metric"] == "swd"),
+                   default=None)
+        s1 = next((r["value"] for r in mine if r["model"] == "1-rf" and r["metric"] == "straightness"), None)
+        for r in mine:
+            if r["model"] in ("1-rf", "2-rf", "3-rf", "1-rf-distill", "2-rf-distill"):
+                d = {"dataset": ds, "model": r["model"], "nfe": r["nfe"], "metric": r["metric"], "value": r["value"]}
+                if r["metric"] == "swd" and best:
+                    d["/ teacher best"] = r["value"] / best
+                if r["metric"] == "straightness" and s1:
+                    d["/ 1-rf"] = r["value"] / s1
+                out.append(d)
+    return table(out, ["dataset", "model", "nfe", "metric", "value", "/ teacher best", "/ 1-rf"])
+
+
+def _reflow_digits_rows(mode: str, seed: int) -> list[dict]:
+    """Digits: the diffusion teacher (DPM-Solver++ 16 steps: the solver that made the pairs; and read as a flow,
+    "1-rf", with Euler), the shipped 2-RF (Euler 1, 4) and its 1-step distillation, digits Fréchet distance."""
+    from .classifier import DIGITS_FD_N, balanced_labels, digits_fd_floor, digits_frechet_distance
+    from .distill import reflow
+    from .grids import uniform
+    from .guidance import condition
+    from .samplers import dpm_solver_pp_2m, euler
+    from .teachers import load_teacher
+
+    if not (reflow.DIGITS_DIR / "digits-2rf").is_dir():
+        return []
+    n = pick(mode, smoke=64, laptop=DIGITS_FD_N, full=DIGITS_FD_N)
+    teacher = load_teacher("digits")
+    y = balanced_labels(n)
+    x1 = torch.randn((n, 1, 16, 16), generator=torch.Generator().manual_seed(seed + 6))
+    fd = digits_frechet_distance
+    rows = [row("digits", "data", None, "digits_fd", digits_fd_floor(), 0.0, n=898)]
+    x, sec = timed(lambda: dpm_solver_pp_2m(condition(teacher, y), x1, uniform(16), teacher.process))
+    rows.append(row("digits", "teacher", 16, "digits_fd", fd(x), sec, sampler="dpmpp2m", n=n))
+    models = [("1-rf", reflow.RFView(teacher), (1, 4)), ("2-rf", reflow.load_digits_flow("digits-2rf"), (1, 4))]
+    if (reflow.DIGITS_DIR / "digits-2rf-distill1").is_dir():
+        models.append(("2-rf-distill", reflow.load_digits_flow("digits-2rf-distill1"), (1,)))
+    for name, m, ks in models:
+        for k in ks:
+            x, sec = timed(lambda: euler(condition(m, y), x1, uniform(k), m.process))
+            rows.append(row("digits", name, k, "digits_fd", fd(x), sec, sampler="euler", n=n))
+    return rows
+
+
 if __name__ == "__main__":
     main()
