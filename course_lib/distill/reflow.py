@@ -335,14 +335,14 @@ class RFView(nn.Module):
 
 
 DIGITS_DIR = Path(__file__).resolve().parents[2] / "data" / "reflow"
-DIGITS_RECIPE = dict(
+DIGITS_RECIPE = dict(  # budgets of the shipped models (data/reflow); on a shared 2-core CPU, 1 thread: ~12 + ~8 min
     n_pairs=4000,            # noise -> image pairs of the diffusion teacher (balanced labels)
     pair_sampler="dpmpp2m",  # the teacher's ODE solved with DPM-Solver++(2M)...
     pair_steps=16,           # ...in 16 steps
-    reflow=TrainConfig(steps=1500, batch_size=64, lr=1e-4, warmup=100, ema_decay=0.999, ckpt_every=100, seed=0,
+    reflow=TrainConfig(steps=1005, batch_size=64, lr=1e-4, warmup=100, ema_decay=0.999, ckpt_every=100, seed=0,
                        desc="digits 2-RF"),
     distill_pairs_steps=16,  # the 2-RF's own pairs, Euler 16 steps
-    distill=TrainConfig(steps=1000, batch_size=64, lr=1e-4, warmup=50, ema_decay=0.999, ckpt_every=100, seed=1,
+    distill=TrainConfig(steps=670, batch_size=64, lr=1e-4, warmup=50, ema_decay=0.999, ckpt_every=100, seed=1,
                         desc="digits 2-RF -> 1 step"),
 )
 
