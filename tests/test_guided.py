@@ -88,18 +88,13 @@ def test_w_outside_the_range_and_missing_w_are_clear_errors():
                              TrainConfig(steps=1, batch_size=4))
 
 
-def _exact_teacher_denoiser():
-    """A small MLP teacher fitted quickly would do too, but the exact mixture makes stage 1's target exact."""
-    return MIX.denoiser(PROC)
-
-
 def test_stage1_lowers_the_loss_on_the_overlap_mixture():
     torch.manual_seed(0)
     teacher = _teacher(hidden=64)
-    # the loss only needs teacher(x, t, y) -> Pred: give the stage-1 loop the exact mixture as the teacher
+    # the loss only needs teacher(x, t, y) -> Pred: the exact mixture makes stage 1's target exact
     student = with_guidance_input(teacher, (0.0, 4.0))
     sample = lambda n, g: data2d.sample_2d("gmm-overlap", n, g)
-    exact = _exact_teacher_denoiser()
+    exact = MIX.denoiser(PROC)
 
     def loss(model, batch, g):
         x0, y = batch

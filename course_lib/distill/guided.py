@@ -24,7 +24,7 @@ a w outside [w_min, w_max] by the student's guidance embedding.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -117,7 +117,3 @@ def distill_steps(student: Denoiser, sample_data: Callable[[int, torch.Generator
     return pd.progressive_distillation(student, guided_batches(sample_data, w_range), n_start, n_end, cfg_train,
                                        ckpt_dir=ckpt_dir, progress=progress)
 
-
-def guided_sampler_model(model: Callable, y: Tensor, w: float | Tensor) -> Callable[[Tensor, Tensor], Any]:
-    """Fix labels y (B,) and guidance weight w of a guided student so samplers, which call model(x, t), can use it."""
-    return lambda x, t: model(x, t, y, w)
