@@ -210,20 +210,27 @@ def _digits_rows(mode: str, seed: int) -> list[dict]:
 GUIDANCE_WEIGHTS = (0.0, 1.0, 2.0, 4.0)
 
 
+P_W_MIN = 0.25   # guided distillation: probability of training exactly at w = w_min (course_lib.distill.guided)
+
+
 def _guided_2d_budget(mode: str) -> dict:
-    """Budgets of the 2D guided distillation (shared by the benchmark and notebook 02)."""
+    """Budgets of the 2D guided distillation (shared by the benchmark and notebook 02).
+
+    p_w_min: the probability that a training w is exactly w_min (course choice beside Meng et al.'s plain
+    U[w_min, w_max]; see course_lib.distill.guided), in stage 1 and in every PD round."""
     return pick(mode,
                 smoke=dict(n=400, teacher_steps=8, stage1_steps=20, stage1_lr=1e-3, n_start=8, pd_steps=10,
-                           pd_lr=3e-4, batch=128),
+                           pd_lr=3e-4, batch=128, p_w_min=P_W_MIN),
                 laptop=dict(n=8000, teacher_steps=64, stage1_steps=2000, stage1_lr=1e-3, n_start=64, pd_steps=300,
-                            pd_lr=3e-4, batch=1024),
+                            pd_lr=3e-4, batch=1024, p_w_min=P_W_MIN),
                 full=dict(n=50_000, teacher_steps=64, stage1_steps=10_000, stage1_lr=1e-3, n_start=64, pd_steps=4000,
-                          pd_lr=1e-4, batch=2048))
+                          pd_lr=1e-4, batch=2048, p_w_min=P_W_MIN))
 
 
 def guided_2d_students(teacher, budget: dict, w_range=(0.0, 4.0), seed: int = 0, progress: bool = True):
     """Meng et al.'s two stages on the gmm-overlap teacher: stage 1 (w-conditioned student), then PD from
-    budget["n_start"] DDIM steps to 1 with w as an input. Returns (stage-1 student, {steps: student}, seconds)."""
+    budget["n_start"] DDIM steps to 1 with w as an input; w = w_min with probability budget["p_w_min"] (default 0,
+    the paper's plain uniform). Returns (stage-1 student, {steps: student}, seconds)."""
     from .data2d import sample_2d
     from .distill import guided
     from .train import TrainConfig
@@ -234,10 +241,12 @@ def guided_2d_students(teacher, budget: dict, w_range=(0.0, 4.0), seed: int = 0,
     cfg1 = TrainConfig(steps=budget["stage1_steps"], batch_size=budget["batch"], lr=budget["stage1_lr"],
                        lr_schedule="linear",
                        ema_decay=0.0, seed=seed, desc="guided stage 1")
-    stage1 = guided.distill_guidance(teacher, sample, w_range, cfg1, progress=progress).best.eval().requires_grad_(False)
+    p_w_min = budget.get("p_w_min", 0.0)
+    stage1 = guided.distill_guidance(teacher, sample, w_range, cfg1, progress=progress,
+                                     p_w_min=p_w_min).best.eval().requires_grad_(False)
     cfg2 = TrainConfig(steps=budget["pd_steps"], batch_size=budget["batch"], lr=budget["pd_lr"], lr_schedule="linear",
                        ema_decay=0.0, seed=seed + 1)
-    students = guided.distill_steps(stage1, sample, budget["n_start"], 1, cfg2, progress=progress)
+    students = guided.distill_steps(stage1, sample, budget["n_start"], 1, cfg2, progress=progress, p_w_min=p_w_min)
     return stage1, students, time.perf_counter() - t0
 
 

@@ -145,3 +145,25 @@ def test_pd_target_of_a_w0_student_equals_the_conditional_teachers():
         a = pd.pd_target(student, z, t, 4, PROC, {"y": y, "w": w.float()})
         b = pd.pd_target(teacher, z, t, 4, PROC, {"y": y})
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("w_range", [(0.0, 4.0), (1.0, 3.0)])
+def test_draw_w_puts_p_w_min_of_the_mass_at_w_min(w_range):
+    lo, hi = w_range
+    n, p = 20_000, 0.25
+    w = guided.draw_w(n, w_range, torch.Generator().manual_seed(0), p_w_min=p)
+    assert w.shape == (n,) and lo <= float(w.min()) and float(w.max()) <= hi          # nothing outside the range
+    at_min = float((w == lo).float().mean())
+    assert abs(at_min - p) < 0.015, at_min                                             # ~p exactly at w_min
+    rest = w[w != lo]
+    assert abs(float(rest.mean()) - (lo + hi) / 2) < 0.03 * (hi - lo)                  # the rest still uniform
+    # p_w_min = 0 (default) is the paper's plain U[w_min, w_max], the same draws as before
+    plain = guided.draw_w(n, w_range, torch.Generator().manual_seed(0))
+    assert float((plain == lo).float().mean()) == 0.0
+    assert torch.equal(plain, guided.draw_w(n, w_range, torch.Generator().manual_seed(0), p_w_min=0.0))
+    # stage 2's batches carry the same draw
+    batch = guided.guided_batches(lambda m, g: data2d.sample_2d("gmm-overlap", m, g), w_range, p_w_min=p)(
+        4000, torch.Generator().manual_seed(1))
+    assert abs(float((batch[1]["w"] == lo).float().mean()) - p) < 0.03
+    with pytest.raises(ValueError, match="probability"):
+        guided.draw_w(4, w_range, torch.Generator(), p_w_min=1.5)
