@@ -74,6 +74,11 @@ def run_check(exercise: str, student: Callable, reference: Callable, cases: Iter
     return student
 
 
+def _fresh_generator(seed: int | None) -> torch.Generator:
+    """The generator a checker draws its cases from: `seed` when given (tests), else fresh randomness each call."""
+    return torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+
+
 def _processes() -> list[AffineProcess]:
     return [VPCosine(), RectifiedFlow(), SDDiscrete()]
 
@@ -81,7 +86,7 @@ def _processes() -> list[AffineProcess]:
 def check_v_to_pred(student: Callable[[Tensor, Tensor, Tensor, AffineProcess], Pred], seed: int | None = None
                     ) -> Callable:
     """Exercise 0.1: student(v, x, t, process) -> Pred(x0, eps) for a v-prediction network."""
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
 
     def reference(v, x, t, process):
         return to_pred(v, x, t, process, "v")
@@ -102,7 +107,7 @@ def check_v_to_pred(student: Callable[[Tensor, Tensor, Tensor, AffineProcess], P
 def check_ddim_step(student: Callable[[Pred, Tensor, Tensor, AffineProcess], Tensor], seed: int | None = None
                     ) -> Callable:
     """Exercise 0.2: student(pred, t, s, process) -> x_s, one deterministic DDIM step from t to s < t."""
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
 
     def cases():
         for process in _processes():
@@ -125,7 +130,7 @@ def check_sliced_wasserstein(student: Callable[[Tensor, Tensor, Tensor], Tensor 
     """Exercise 0.3: student(x, y, directions) -> SW_2 between point sets x, y (N, D) along unit directions (K, D)."""
     from .metrics import sliced_wasserstein
 
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
 
     def reference(x, y, directions):
         return torch.tensor(sliced_wasserstein(x, y, directions=directions), dtype=torch.float64)
@@ -172,7 +177,7 @@ def check_pd_target(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 1.1: student(teacher, z_t, t, N, process) -> x_tilde (B, D), the progressive-distillation target."""
     from .distill.pd import pd_target
 
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
     return run_check("1.1", student, pd_target, _pd_cases(g), atol=1e-6, rtol=1e-5,
                      hint="Take two teacher DDIM steps t -> t - 1/(2N) -> t - 1/N, then solve the one-step DDIM "
                           "equation for the x-prediction that lands on the same point; where t - 1/N = 0 the target "
@@ -183,7 +188,7 @@ def check_pd_loss(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 1.2: student(student_model, teacher, x0, t, eps, N, process) -> per-sample loss (B,)."""
     from .distill.pd import pd_loss_at
 
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
     return run_check("1.2", student, pd_loss_at, _pd_cases(g, with_student=True), atol=1e-6, rtol=1e-5,
                      hint="Noise x0 to z_t, compute the target with pd_target, compare with the student's x0 "
                           "prediction, weight each sample by max(alpha^2/sigma^2, 1) and average over dimensions.")
@@ -211,7 +216,7 @@ def check_pd_round(student: Callable, seed: int | None = None) -> Callable:
         return distill_round(teacher, N, sample_data, cfg, progress=False).best.eval().requires_grad_(False)
 
     fallback = "Later cells use course_lib's reference implementation instead."
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
     teacher = load_teacher("gmm-vp")
     before = copy.deepcopy(teacher.state_dict())
     N, cfg = 2, TrainConfig(steps=150, batch_size=256, lr=2e-4, lr_schedule="linear", ema_decay=0.0,
@@ -279,7 +284,7 @@ def check_guided_target(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 2.1: student(teacher, z_t, t, y, w, null_label) -> x0_w (B, D), the guided teacher's x-prediction."""
     from .distill.guided import guided_target
 
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
     return run_check("2.1", student, guided_target, _guided_cases(g), atol=1e-6, rtol=1e-5,
                      hint="The course's convention is x0_w = (1 + w) x0(z_t | y) - w x0(z_t | null), with w of shape "
                           "(B,) (reshape it to (B, 1) to broadcast); w = 0 is the plain conditional teacher. Imagen's "
@@ -290,7 +295,7 @@ def check_guided_loss(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 2.2: student(student_model, teacher, x0, y, t, eps, w, null_label, process) -> stage-1 loss (B,)."""
     from .distill.guided import guided_loss_at
 
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
     return run_check("2.2", student, guided_loss_at, _guided_cases(g, with_student=True), atol=1e-6, rtol=1e-5,
                      hint="Noise x0 to z_t, compute x0_w with guided_target, call the student with the same labels "
                           "AND the same w (student(z_t, t, y, w)), weight each sample by max(alpha^2/sigma^2, 1) and "
@@ -303,7 +308,7 @@ def check_guided_batches(student: Callable, seed: int | None = None) -> Callable
     from .data2d import sample_2d
     from .distill.guided import guided_batches
 
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
     sample_data = lambda n, gen: sample_2d("gmm-overlap", n, gen)
     fallback = "Later cells use course_lib's reference implementation instead."
     problem = None
@@ -362,7 +367,7 @@ def check_rf_loss(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 3.1: student(model, x0, eps, t) -> per-sample rectified-flow loss (B,)."""
     from .distill.reflow import rf_loss_at
 
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
 
     def cases():
         for model, name in _rf_models(g):
@@ -383,7 +388,7 @@ def check_make_pairs(student: Callable, seed: int | None = None) -> Callable:
     equal steps."""
     from .distill.reflow import generate_pairs
 
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
 
     def cases():
         for (model, name), steps in zip(_rf_models(g), (1, 3, 8)):
@@ -400,7 +405,7 @@ def check_straightness(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 3.3: student(path, ts) -> S(Z) (a float) of trajectories path (n+1, B, D) at decreasing times ts."""
     from .metrics import straightness
 
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = _fresh_generator(seed)
 
     def reference(path, ts):
         return torch.tensor(straightness(path, ts), dtype=torch.float64)
