@@ -342,31 +342,6 @@ def _guided_digits_rows(mode: str, seed: int) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", help=f"benchmark to run: {', '.join(BENCHMARKS)}")
-    ap.add_argument("--mode", default=None, help=f"one of {', '.join(MODES)} (default: $COURSE_MODE or by hardware)")
-    ap.add_argument("--out", default=None, help="write the JSON result here")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.name not in BENCHMARKS:
-        ap.error(f"unknown benchmark {args.name!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
-    mode = course_mode(args.mode)
-    t0 = time.perf_counter()
-    rows, meta = BENCHMARKS[args.name](mode, args.seed)
-    meta.update({"seed": args.seed, "total_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-                 "device": "cpu", "threads": torch.get_num_threads(), "machine": platform.machine()})
-    result = {"name": args.name, "mode": mode, "meta": meta, "rows": rows}
-    print(table(rows, ["dataset", "model", "nfe", "metric", "value", "seconds"]))
-    print(f"\n{args.name} benchmark, mode {mode}: {len(rows)} rows in {meta['total_seconds']} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
-    return result
-
-
 REFLOW_NFES = (1, 2, 4, 64)
 
 
@@ -507,6 +482,31 @@ def _reflow_digits_rows(mode: str, seed: int) -> list[dict]:
             x, sec = timed(lambda: euler(condition(m, y), x1, uniform(k), m.process))
             rows.append(row("digits", name, k, "digits_fd", fd(x), sec, sampler="euler", n=n))
     return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", help=f"benchmark to run: {', '.join(BENCHMARKS)}")
+    ap.add_argument("--mode", default=None, help=f"one of {', '.join(MODES)} (default: $COURSE_MODE or by hardware)")
+    ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.name not in BENCHMARKS:
+        ap.error(f"unknown benchmark {args.name!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
+    mode = course_mode(args.mode)
+    t0 = time.perf_counter()
+    rows, meta = BENCHMARKS[args.name](mode, args.seed)
+    meta.update({"seed": args.seed, "total_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+                 "device": "cpu", "threads": torch.get_num_threads(), "machine": platform.machine()})
+    result = {"name": args.name, "mode": mode, "meta": meta, "rows": rows}
+    print(table(rows, ["dataset", "model", "nfe", "metric", "value", "seconds"]))
+    print(f"\n{args.name} benchmark, mode {mode}: {len(rows)} rows in {meta['total_seconds']} s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":
