@@ -163,9 +163,14 @@ class GaussianMixture:
         _check_n(n)
         k = (torch.multinomial(self.weights, n, replacement=True, generator=generator) if n > 0
              else torch.zeros(0, dtype=torch.long))                                          # (n,) components
-        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)              # (n, D)
+        return self.sample_components(k, generator, dtype), self.component_classes[k]
+
+    def sample_components(self, k: Tensor, generator: torch.Generator | None = None,
+                          dtype: torch.dtype = torch.float32) -> Tensor:
+        """One exact draw x0 = mu_k + U_k diag(sqrt(lambda_k)) z, z ~ N(0, I), from each component k (n,): (n, D)."""
+        z = torch.randn(len(k), self.dim, generator=generator, dtype=torch.float64)         # (n, D)
         x = self.means[k] + torch.einsum("nij,nj->ni", self._U[k], self._lam[k].sqrt() * z)
-        return x.to(dtype), self.component_classes[k]
+        return x.to(dtype)
 
     # -- the exact formulas --------------------------------------------------------------------------------------
 
@@ -386,9 +391,7 @@ def sample_conditional(mixture: GaussianMixture, y: Tensor, generator: torch.Gen
         raise ValueError(f"labels must be in 0..{mixture.num_classes - 1}; got {sorted(set(y.tolist()))}")
     w = torch.where(mixture.component_classes[None, :] == y[:, None], mixture.weights[None, :], 0.0)  # (n, K)
     k = (torch.multinomial(w, 1, generator=generator)[:, 0] if len(y) else torch.zeros(0, dtype=torch.long))
-    z = torch.randn(len(y), mixture.dim, generator=generator, dtype=torch.float64)
-    x = mixture.means[k] + torch.einsum("nij,nj->ni", mixture._U[k], mixture._lam[k].sqrt() * z)
-    return x.to(dtype)
+    return mixture.sample_components(k, generator, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
