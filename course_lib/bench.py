@@ -48,6 +48,13 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     return out, time.perf_counter() - t0
 
 
+def digits_floor_row() -> dict:
+    """The digits "data" row: the held-out real half (898 digits) against the reference half, digits FD."""
+    from .classifier import digits_fd_floor, digits_halves
+
+    return row("digits", "data", None, "digits_fd", digits_fd_floor(), 0.0, n=len(digits_halves()[0]))
+
+
 def sweep_2d(model, process, dataset: str, model_name: str, sampler: str, ref: torch.Tensor, nfes, seed: int,
              metric: Callable[[torch.Tensor, torch.Tensor], float]) -> list[dict]:
     """Sample `model` at every NFE budget (same noise for all) and score each against `ref` (N, 2)."""
@@ -151,7 +158,7 @@ def _digits_pd_rows(mode: str, seed: int) -> tuple[list[dict], dict]:
     """PD of the shipped digits teacher from its n_start-step DDIM sampler down to 1 step (labels balanced, no
     guidance), scored with the digits Fréchet distance; teacher rows: DPM-Solver++ at 64 NFE, DDIM at every
     student's step count and at n_start."""
-    from .classifier import DIGITS_FD_N, balanced_labels, digits_fd_floor, digits_frechet_distance
+    from .classifier import DIGITS_FD_N, balanced_labels, digits_frechet_distance
     from .distill.pd import progressive_distillation
     from .grids import uniform
     from .guidance import condition
@@ -169,7 +176,7 @@ def _digits_pd_rows(mode: str, seed: int) -> tuple[list[dict], dict]:
     y = balanced_labels(n)
     x1 = teacher.process.prior((n, 1, 16, 16), torch.Generator().manual_seed(seed + 6))
     fd = digits_frechet_distance
-    rows = [row("digits", "data", None, "digits_fd", digits_fd_floor(), 0.0, n=898)]
+    rows = [digits_floor_row()]
     x, sec = timed(lambda: dpm_solver_pp_2m(condition(teacher, y), x1, uniform(64), teacher.process))
     rows.append(row("digits", "teacher", 64, "digits_fd", fd(x), sec, sampler="dpmpp2m", n=n))
     for k in sorted({n_start, *[2**j for j in range(n_start.bit_length()) if 2**j < n_start]}):
@@ -190,14 +197,14 @@ def _digits_pd_rows(mode: str, seed: int) -> tuple[list[dict], dict]:
 def _digits_rows(mode: str, seed: int) -> list[dict]:
     """The digits teacher (class-conditional, balanced labels, no guidance) at NFE 1..32, scored with the
     digits Fréchet distance: DIGITS_FD_N samples against the reference half of the real digits."""
-    from .classifier import DIGITS_FD_N, balanced_labels, digits_fd_floor, digits_frechet_distance
+    from .classifier import DIGITS_FD_N, balanced_labels, digits_frechet_distance
     from .samplers import generate
     from .teachers import load_teacher
 
     n = pick(mode, smoke=64, laptop=DIGITS_FD_N, full=DIGITS_FD_N)
     nfes = pick(mode, smoke=(1, 2), laptop=(1, 2, 4, 8, 16, 32), full=(1, 2, 4, 8, 16, 32, 64, 128))
     teacher = load_teacher("digits")
-    rows = [row("digits", "data", None, "digits_fd", digits_fd_floor(), 0.0, n=898)]
+    rows = [digits_floor_row()]
     y = balanced_labels(n)
     for sampler, name in (("dpmpp2m", "teacher"), ("ddim", "teacher-ddim")):
         for steps in nfes:
@@ -457,7 +464,7 @@ def reflow_summary(rows: list[dict]) -> str:
 def _reflow_digits_rows(mode: str, seed: int) -> list[dict]:
     """Digits: the diffusion teacher (DPM-Solver++ 16 steps: the solver that made the pairs; and read as a flow,
     "1-rf", with Euler), the shipped 2-RF (Euler 1, 4) and its 1-step distillation, digits Fréchet distance."""
-    from .classifier import DIGITS_FD_N, balanced_labels, digits_fd_floor, digits_frechet_distance
+    from .classifier import DIGITS_FD_N, balanced_labels, digits_frechet_distance
     from .distill import reflow
     from .grids import uniform
     from .guidance import condition
@@ -471,7 +478,7 @@ def _reflow_digits_rows(mode: str, seed: int) -> list[dict]:
     y = balanced_labels(n)
     x1 = torch.randn((n, 1, 16, 16), generator=torch.Generator().manual_seed(seed + 6))
     fd = digits_frechet_distance
-    rows = [row("digits", "data", None, "digits_fd", digits_fd_floor(), 0.0, n=898)]
+    rows = [digits_floor_row()]
     x, sec = timed(lambda: dpm_solver_pp_2m(condition(teacher, y), x1, uniform(16), teacher.process))
     rows.append(row("digits", "teacher", 16, "digits_fd", fd(x), sec, sampler="dpmpp2m", n=n))
     models = [("1-rf", reflow.RFView(teacher), (1, 4)), ("2-rf", reflow.load_digits_flow("digits-2rf"), (1, 4))]
