@@ -1,0 +1,347 @@
+"""InstaFlow (Liu, Zhang, Ma, Peng & Liu, "InstaFlow: One Step is Enough for High-Quality Diffusion-Based
+Text-to-Image Generation", ICLR 2024, arXiv 2309.06380), built from the reflow pieces of `distill.reflow`.
+
+The paper's pipeline, with class labels y standing in for text prompts (course time: t = 0 data, t = 1 noise;
+see distill.reflow for the flip against the paper's t = 0 noise):
+
+    (0) teacher: a conditional diffusion model with classifier-free guidance (course convention, guidance.cfg)
+            x0_w(x, t | y) = (1 + w) x0(x, t | y) - w x0(x, t | null)
+    (1) triplets (eps, x0, y): eps ~ N(0, I), y a label, x0 = ODE of the GUIDED teacher from eps  -> `triplets`
+    (2) conditional reflow (2-rectified flow), initialised from the teacher's own weights, its output re-read
+        as a velocity (reflow.as_flow):
+            L = E || (eps - x0) - u_theta(x_t, t | y) ||^2,   x_t = (1 - t) x0 + t eps    -> reflow.reflow(p_uncond=...)
+        labels are dropped to null with probability p_uncond so the 2-RF keeps an unconditional velocity and
+        can be guided at use time on the velocity:  u_w = (1 + w) u(x, t | y) - w u(x, t | null)   -> `guided`
+    (3) one-step distillation of the (guided) 2-RF on its own pairs (eps, x0' = ODE_2RF(eps | y)), initialised
+        from the 2-RF, time input fixed at t = 1 (the paper's t = 0):
+            L = D( eps - u_theta(eps, 1 | y), x0' ),   D = L2 first, then a perceptual distance  -> `distill_onestep`
+        The paper's second stage uses LPIPS; it needs pretrained network weights downloaded from the internet.
+        The course runs offline, so `distances` offers LPIPS when the `lpips` package and its weights can be
+        loaded, and otherwise a documented substitute: the Laplacian-pyramid L1 distance ("Lap1", Ling & Okada
+        2006; the GLO loss of Bojanowski et al. 2018), which compares band-pass detail at every scale.
+
+The paper's central ablation: "direct distillation" trains the same one-step student on the TEACHER's triplets
+(its curved, hard-to-learn coupling) with the same budget (`direct_distill`); InstaFlow's claim is that reflow
+first makes the coupling learnable (MS COCO 2017-5k FID 37.2 for direct distillation by progressive
+distillation, 23.3 for reflow + distillation). `regression_error` measures how well a one-step student
+reproduces the endpoints of the coupling it was trained on, on held-out noise.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..guidance import cfg
+from ..models import Denoiser
+from ..train import TrainConfig, TrainState, train
+from . import reflow as rf
+
+
+def null_label(model: nn.Module) -> int:
+    """The null label of a class-conditional course model (its net's num_classes); ValueError otherwise."""
+    inner = getattr(model, "model", model)                    # a Guided wrapper or a Denoiser
+    n = getattr(getattr(inner, "net", None), "num_classes", None)
+    if not n:
+        raise ValueError("InstaFlow needs a class-conditional model (its net's num_classes is the null label of "
+                         "classifier-free guidance); this one has none")
+    return int(n)
+
+
+class Guided(nn.Module):
+    """A conditional model with classifier-free guidance weight w baked in: forward(x, t, y) -> guided Pred.
+
+    Works for diffusion models (mixes x0 and eps) and flows alike: Pred mixes linearly, so the velocity
+    eps - x0 of the mix is the mix of the velocities, u_w = (1 + w) u(. | y) - w u(. | null). Its `config`
+    records w, so reflow pair caches (reflow.cached_pairs fingerprints config and weights) made with one
+    guidance weight are never reused for another."""
+
+    def __init__(self, model: Denoiser, w: float):
+        super().__init__()
+        self.model, self.w, self.null = model, float(w), null_label(model)
+        self.process = model.process
+
+    def config(self) -> dict:
+        return {**self.model.config(), "guidance_w": self.w}
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor):
+        return cfg(self.model, self.w, self.null)(x, t, y)
+
+
+def guided(model: Denoiser, w: float) -> Guided:
+    """`model` with classifier-free guidance weight w (course convention; diffusers' guidance_scale = 1 + w)."""
+    return Guided(model, w)
+
+
+def triplets(teacher: Denoiser, w: float, y: Tensor, name: str, steps: int = 16, sampler: str = "dpmpp2m",
+             seed: int = 0, noise_shape: tuple[int, ...] = (2,), cache_dir: str | os.PathLike = rf.CACHE_DIR,
+             on_mismatch: str = "error", progress: bool = True, verbose: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Stage 1: (eps (n, ...), x0 (n, ...), y (n,)) with x0 the guided teacher's ODE solution from eps given y.
+
+    Cached like reflow pairs (data/cache/reflow/<name>-...): the cache is keyed by the teacher's weights, w,
+    the solver, the steps, the seed and the labels, and a cache made by another teacher raises PairCacheError."""
+    eps, x0 = rf.cached_pairs(guided(teacher, w), name, len(y), steps, sampler, seed=seed, cache_dir=cache_dir,
+                              cond={"y": y}, noise_shape=noise_shape, on_mismatch=on_mismatch, progress=progress,
+                              verbose=verbose)
+    return eps, x0, y
+
+
+def conditional_reflow(teacher: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_train: TrainConfig,
+                       p_uncond: float = 0.1, ckpt_dir=None, progress: bool = True) -> Denoiser:
+    """Stage 2: the 2-rectified flow trained on the teacher's triplets, initialised from the teacher's weights
+    (the diffusion output re-purposed as a velocity), labels dropped w.p. p_uncond. Returns the flow (eval)."""
+    eps, x0, y = data
+    state = rf.reflow(teacher, (eps, x0), cfg_train, cond={"y": y}, p_uncond=p_uncond, ckpt_dir=ckpt_dir,
+                      progress=progress)
+    return state.best.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distances for the one-step distillation: L2, LPIPS when it can be loaded, the Laplacian-pyramid L1 otherwise
+# ----------------------------------------------------------------------------------------------------------------
+
+def l2(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared difference per sample (B,): the paper's first distillation stage."""
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+def laplacian_pyramid_l1(a: Tensor, b: Tensor, levels: int = 3) -> Tensor:
+    """Lap1 (B,) of images (B, C, H, W): sum over pyramid levels j of 2^(-j) * mean |L_j(a) - L_j(b)|, with L_j the
+    band-pass (Laplacian) levels from 2x2 average pooling and nearest upsampling, and the low-pass residual last.
+
+    An offline stand-in for LPIPS: it compares edges and strokes at each scale rather than raw pixels, and its
+    L1 prefers a sharp median to the blurred mean that L2 regression favours where the target is uncertain."""
+    import torch.nn.functional as F
+
+    if a.ndim != 4 or a.shape != b.shape:
+        raise ValueError(f"laplacian_pyramid_l1 takes two image batches (B, C, H, W) of one shape; got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    total = a.new_zeros(a.shape[0])
+    for j in range(levels):
+        if min(a.shape[-2:]) < 2:
+            break
+        a_low, b_low = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
+        band_a = a - F.interpolate(a_low, size=a.shape[-2:], mode="nearest")
+        band_b = b - F.interpolate(b_low, size=b.shape[-2:], mode="nearest")
+        total = total + 2.0 ** (-j) * (band_a - band_b).abs().flatten(1).mean(1)
+        a, b = a_low, b_low
+    return total + 2.0 ** (-levels) * (a - b).abs().flatten(1).mean(1)
+
+
+def lpips_distance(net: str = "alex") -> Callable[[Tensor, Tensor], Tensor]:
+    """LPIPS (Zhang et al. 2018) from the `lpips` package, for images in [-1, 1] (grey images are repeated to RGB).
+
+    Raises RuntimeError saying what is missing when the package or its pretrained weights cannot be loaded (they
+    are downloaded on first use: not possible offline)."""
+    try:
+        import lpips  # type: ignore[import-not-found]
+        model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+    except Exception as e:  # ImportError, or a failed download of the backbone's weights
+        raise RuntimeError(f"LPIPS is not available here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                           "It needs `pip install lpips` and its pretrained weights, downloaded on first use. "
+                           "Offline, use distance='lap1' (instaflow.laplacian_pyramid_l1).") from e
+
+    def d(a: Tensor, b: Tensor) -> Tensor:
+        rgb = lambda x: x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+        return model.to(a.device)(rgb(a), rgb(b)).flatten()
+
+    return d
+
+
+def get_distance(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """"l2", "lap1" (offline perceptual substitute) or "lpips" (needs the package and downloaded weights)."""
+    if name == "l2":
+        return l2
+    if name == "lap1":
+        return laplacian_pyramid_l1
+    if name == "lpips":
+        return lpips_distance()
+    raise ValueError(f"unknown distance {name!r}; valid: l2, lap1, lpips")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 3: one-step distillation, and the ablation's direct distillation
+# ----------------------------------------------------------------------------------------------------------------
+
+def one_step(model: Callable, eps: Tensor, y: Tensor | None = None) -> Tensor:
+    """The one-step generator x0_hat = eps - u(eps, 1 | y): one Euler step of the flow from t = 1 to 0 (B, ...)."""
+    t = torch.ones(eps.shape[0], dtype=eps.dtype, device=eps.device)
+    pred = model(eps, t, y) if y is not None else model(eps, t)
+    return eps - (pred.eps - pred.x0)
+
+
+def onestep_loss(student: Callable, eps: Tensor, x0: Tensor, y: Tensor | None,
+                 distance: Callable[[Tensor, Tensor], Tensor] = l2) -> Tensor:
+    """Per-sample distillation loss (B,): D(eps - u_theta(eps, 1 | y), x0), x0 the endpoint of the coupling.
+    With D = l2 it equals reflow.distill_loss_at at t = 1 (the paper's || Z_1 - (Z_0 + v(Z_0, 0)) ||^2)."""
+    return distance(one_step(student, eps, y), x0)
+
+
+def distill_onestep(init: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_train: TrainConfig,
+                    distance: str | Callable[[Tensor, Tensor], Tensor] = "l2", ckpt_dir=None,
+                    progress: bool = True) -> Denoiser:
+    """Train a one-step student, initialised from `init` (copied, relabelled as a flow), on (eps, x0, y) (y None:
+    unconditional) with distance D (a name for get_distance, or a function (B, ...) x (B, ...) -> (B,)). Returns it (eval)."""
+    d = get_distance(distance) if isinstance(distance, str) else distance
+    student = rf.as_flow(init).train().requires_grad_(True)
+    eps, x0, y = data
+
+    def loss(model, batch, g):
+        e, x, c = batch
+        return onestep_loss(model, e, x, c.get("y"), d)
+
+    state = train(student, loss, rf.pair_batches(eps, x0, None if y is None else {"y": y}), cfg_train, ckpt_dir=ckpt_dir, progress=progress,
+                  extra_config={"method": "instaflow-distill",
+                                "distance": distance if isinstance(distance, str) else getattr(d, "__name__", "custom")})
+    return state.best.eval().requires_grad_(False)
+
+
+def direct_distill(teacher: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_train: TrainConfig,
+                   distance: str | Callable[[Tensor, Tensor], Tensor] = "l2", ckpt_dir=None,
+                   progress: bool = True) -> Denoiser:
+    """The ablation's baseline: the same one-step student, initialised from the teacher, trained directly on the
+    teacher's triplets (eps, x0 = guided teacher ODE(eps | y)), with no reflow in between."""
+    return distill_onestep(teacher, data, cfg_train, distance, ckpt_dir=ckpt_dir, progress=progress)
+
+
+@torch.no_grad()
+def regression_error(student: Callable, eps: Tensor, x0: Tensor, y: Tensor | None = None,
+                     batch_size: int = 4096) -> float:
+    """Held-out one-step regression error: mean over samples and dimensions of (one_step(student, eps | y) - x0)^2,
+    x0 the endpoints of the coupling the student learns (the teacher's for direct distillation, the 2-RF's for
+    InstaFlow), on noise it was not trained on."""
+    total = 0.0
+    for i in range(0, len(eps), batch_size):
+        yy = None if y is None else y[i:i + batch_size]
+        total += float(l2(one_step(student, eps[i:i + batch_size], yy), x0[i:i + batch_size]).sum())
+    return total / len(eps)
+
+
+def fresh_student(like: Denoiser, hidden: int, depth: int | None = None, seed: int = 0) -> Denoiser:
+    """A randomly initialised velocity MLP of width `hidden` with `like`'s classes: the capacity sweep's student
+    (trained from scratch with distill_onestep on a coupling, so the coupling alone decides how hard it is to
+    learn)."""
+    from ..models import build_denoiser
+
+    c = copy.deepcopy(like.config())
+    c["net"].update(hidden=hidden, **({"depth": depth} if depth else {}))
+    c["net"].pop("guidance_range", None)
+    c.update(process={"name": "rf"}, parameterization="velocity")
+    torch.manual_seed(seed)
+    return build_denoiser(c)
+
+
+__all__ = ["Guided", "guided", "triplets", "conditional_reflow", "l2", "laplacian_pyramid_l1", "lpips_distance",
+           "get_distance", "one_step", "onestep_loss", "distill_onestep", "direct_distill", "regression_error",
+           "fresh_student", "null_label"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped digits models (data/instaflow): the recipe end to end on the digits teacher, and its ablation
+# ----------------------------------------------------------------------------------------------------------------
+
+DIGITS_DIR = rf.DIGITS_DIR.parent / "instaflow"
+DIGITS_MODELS = ("digits-if-2rf", "digits-instaflow-l2", "digits-instaflow", "digits-direct-l2", "digits-direct")
+DIGITS_RECIPE = dict(  # trained on one GPU (see each model's config.json for the measured seconds)
+    w=0.5,                   # guidance of the teacher's triplets (diffusers' guidance_scale 1.5)
+    n_pairs=20_000,          # (noise, digit, label) triplets, balanced labels
+    pair_sampler="dpmpp2m",  # the guided teacher's ODE solved with DPM-Solver++(2M)...
+    pair_steps=16,           # ...in 16 steps
+    p_uncond=0.1,            # conditional reflow keeps an unconditional velocity
+    reflow=TrainConfig(steps=6000, batch_size=256, lr=2e-4, warmup=200, ema_decay=0.999, ckpt_every=500, seed=0,
+                       desc="digits InstaFlow 2-RF"),
+    distill_pairs_steps=16,  # the 2-RF's own pairs (unguided velocity: the triplets already carry w), Euler
+    distill_l2=TrainConfig(steps=3000, batch_size=256, lr=1e-4, warmup=100, ema_decay=0.999, ckpt_every=500, seed=1,
+                           desc="digits InstaFlow distill (L2)"),
+    distill_lap1=TrainConfig(steps=2000, batch_size=256, lr=5e-5, warmup=100, ema_decay=0.999, ckpt_every=500,
+                             seed=2, desc="digits InstaFlow distill (Lap1)"),
+)
+
+
+def train_digits(runs: str | os.PathLike = "runs/instaflow-digits", out: Path = DIGITS_DIR, steps_scale: float = 1.0,
+                 device: str | torch.device = "cpu", n_pairs: int | None = None,
+                 parts: tuple[str, ...] = ("instaflow", "direct")) -> None:
+    """InstaFlow on the shipped digits teacher, and direct distillation with the same budget. Resumable (ckpts).
+
+    triplets (guided teacher, w) -> 2-RF (init: teacher) -> 2-RF pairs -> one step, L2 then Lap1;
+    direct: one step from the teacher's triplets, L2 for (reflow + L2 updates) then Lap1 for as many updates."""
+    import dataclasses
+    import time
+
+    from ..classifier import balanced_labels
+    from ..models import load_denoiser
+    from ..teachers import load_teacher
+
+    r = DIGITS_RECIPE
+    runs = Path(runs)
+    scale = lambda c, extra=0: dataclasses.replace(c, steps=max(1, int((c.steps + extra) * steps_scale)))
+    teacher = load_teacher("digits", device=device)
+    n_pairs = n_pairs or r["n_pairs"]
+    y = balanced_labels(n_pairs).to(device)
+    data = triplets(teacher, r["w"], y, "digits-teacher-guided", r["pair_steps"], r["pair_sampler"], seed=0,
+                    noise_shape=(1, 16, 16), cache_dir=runs / "pairs")
+    base = {"w_pairs": r["w"], "n_pairs": n_pairs, "pairs": f"{r['pair_sampler']} {r['pair_steps']} steps",
+            "command": "python -m course_lib.distill.instaflow train-digits", "device": str(device)}
+
+    def timed_export(name: str, fn, meta: dict) -> Denoiser:
+        t0 = time.perf_counter()
+        model = fn()
+        rf._export(model, out / name, {**base, **meta, "train_seconds": round(time.perf_counter() - t0, 1)})
+        return load_denoiser(out / name, device=device)[0].requires_grad_(False)      # the shipped fp16 weights
+
+    l2_cfg, lap_cfg = scale(r["distill_l2"]), scale(r["distill_lap1"])
+    if "instaflow" in parts:
+        flow2 = timed_export("digits-if-2rf", lambda: conditional_reflow(teacher, data, scale(r["reflow"]),
+                                                                          r["p_uncond"], ckpt_dir=runs / "2rf"),
+                             {"method": "InstaFlow stage 2: conditional 2-rectified flow, init teacher weights",
+                              "steps": scale(r["reflow"]).steps, "p_uncond": r["p_uncond"]})
+        data2 = triplets(flow2, 0.0, y, "digits-if-2rf", r["distill_pairs_steps"], "euler", seed=1,
+                         noise_shape=(1, 16, 16), cache_dir=runs / "pairs")
+        st = timed_export("digits-instaflow-l2", lambda: distill_onestep(flow2, data2, l2_cfg, "l2", runs / "if-l2"),
+                          {"method": "InstaFlow stage 3a: 2-RF distilled to one step, L2", "steps": l2_cfg.steps})
+        timed_export("digits-instaflow", lambda: distill_onestep(st, data2, lap_cfg, "lap1", runs / "if-lap1"),
+                     {"method": "InstaFlow stage 3b: then Lap1 (offline stand-in for LPIPS)", "steps": lap_cfg.steps})
+    if "direct" in parts:
+        d_cfg = scale(r["distill_l2"], extra=r["reflow"].steps)
+        dd = timed_export("digits-direct-l2", lambda: direct_distill(teacher, data, d_cfg, "l2", runs / "direct-l2"),
+                          {"method": "direct distillation of the guided teacher's triplets to one step, L2",
+                           "steps": d_cfg.steps})
+        timed_export("digits-direct", lambda: distill_onestep(dd, data, lap_cfg, "lap1", runs / "direct-lap1"),
+                     {"method": "direct distillation, then Lap1 (same budget as InstaFlow)", "steps": lap_cfg.steps})
+    print(f"wrote {', '.join(DIGITS_MODELS)} under {out}")
+
+
+def load_digits_model(name: str, device: str | torch.device = "cpu") -> Denoiser:
+    """A shipped digits InstaFlow model (eval, gradients off): one of DIGITS_MODELS."""
+    from ..models import load_denoiser
+
+    if name not in DIGITS_MODELS:
+        raise ValueError(f"unknown digits InstaFlow model {name!r}; valid: {', '.join(DIGITS_MODELS)}")
+    model, _ = load_denoiser(DIGITS_DIR / name, "python -m course_lib.distill.instaflow train-digits", device=device)
+    return model.requires_grad_(False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m course_lib.distill.instaflow", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train-digits", help="train the shipped digits InstaFlow models and the direct baseline")
+    tr.add_argument("--runs", default="runs/instaflow-digits", help="checkpoints and triplet caches (a rerun resumes)")
+    tr.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training budget (tests: 0.01)")
+    tr.add_argument("--out", default=str(DIGITS_DIR))
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--n-pairs", type=int, default=None, help=f"triplets (default {DIGITS_RECIPE['n_pairs']})")
+    tr.add_argument("--parts", default="instaflow,direct", help="which models: instaflow, direct or both")
+    args = ap.parse_args(argv)
+    train_digits(args.runs, Path(args.out), args.steps_scale, args.device, args.n_pairs,
+                 tuple(p.strip() for p in args.parts.split(",")))
+
+
+if __name__ == "__main__":
+    main()
