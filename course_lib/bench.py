@@ -491,6 +491,275 @@ def _reflow_digits_rows(mode: str, seed: int) -> list[dict]:
     return rows
 
 
+def instaflow_2d_budget(mode: str) -> dict:
+    """Budgets of the 2D InstaFlow recipe and its ablation on gmm-overlap (shared by the benchmark and notebook 04).
+
+    w: guidance of the teacher's triplets; pair_steps: DPM-Solver++ steps of the guided teacher; flow_pair_steps:
+    Euler steps of the 2-RF for the distillation pairs; reflow_steps / distill_steps: updates of each stage (direct
+    distillation gets their sum: the same budget); sweep: fresh one-step students of each width, trained on each
+    coupling with n_pairs of its pairs for `steps` updates (the capacity sweep)."""
+    return pick(mode,
+                smoke=dict(n=400, n_pairs=800, w=0.5, pair_steps=4, flow_pair_steps=2, reflow_steps=20,
+                           distill_steps=20, batch=128, lr=5e-4, p_uncond=0.1,
+                           sweep=dict(widths=(8, 32), n_pairs=(200, 800), steps=(10,))),
+                laptop=dict(n=10_000, n_pairs=10_000, w=0.5, pair_steps=16, flow_pair_steps=8, reflow_steps=300,
+                            distill_steps=300, batch=512, lr=5e-4, p_uncond=0.1,
+                            sweep=dict(widths=(8, 32, 256), n_pairs=(1000, 10_000), steps=(300, 2000))),
+                full=dict(n=50_000, n_pairs=100_000, w=0.5, pair_steps=64, flow_pair_steps=32, reflow_steps=4000,
+                          distill_steps=4000, batch=2048, lr=3e-4, p_uncond=0.1,
+                          sweep=dict(widths=(8, 16, 32, 64, 256), n_pairs=(1000, 10_000, 100_000),
+                                     steps=(300, 2000, 10_000))))
+
+
+def instaflow_2d_models(budget: dict, seed: int = 0, cache_dir: str | None = None, progress: bool = True
+                        ) -> tuple[dict, dict, dict]:
+    """InstaFlow on the shipped gmm-overlap teacher, and direct distillation with the same budget.
+
+    Returns ({"teacher", "2-rf", "instaflow", "direct-distill": model}, {"teacher", "2-rf": triplets (eps, x0, y)},
+    {name: train seconds}). The teacher's triplets use guidance w; the 2-RF's pairs its plain velocity (w = 0)."""
+    from dataclasses import replace
+
+    from .distill import instaflow, reflow
+    from .teachers import load_teacher
+    from .train import TrainConfig
+
+    b = budget
+    cache = cache_dir or reflow.CACHE_DIR
+    teacher = load_teacher("gmm-overlap-vp")
+    y = torch.arange(b["n_pairs"]) % 8
+    cfg = TrainConfig(steps=b["reflow_steps"], batch_size=b["batch"], lr=b["lr"], lr_schedule="linear", ema_decay=0.0,
+                      seed=seed)
+    data = {"teacher": instaflow.triplets(teacher, b["w"], y, f"gmm-overlap-w{b['w']}-{seed}", b["pair_steps"],
+                                          seed=seed + 10, cache_dir=cache, on_mismatch="regenerate",
+                                          progress=progress, verbose=progress)}
+    secs, t0 = {}, time.perf_counter()
+    flow2 = instaflow.conditional_reflow(teacher, data["teacher"], replace(cfg, desc="gmm-overlap 2-RF"),
+                                         b["p_uncond"], progress=progress)
+    secs["2-rf"] = time.perf_counter() - t0
+    data["2-rf"] = instaflow.triplets(flow2, 0.0, y, f"gmm-overlap-2rf-w{b['w']}-{seed}", b["flow_pair_steps"],
+                                      "euler", seed=seed + 11, cache_dir=cache, on_mismatch="regenerate",
+                                      progress=progress, verbose=progress)
+    t0 = time.perf_counter()
+    student = instaflow.distill_onestep(flow2, data["2-rf"], replace(cfg, steps=b["distill_steps"],
+                                                                     desc="2-RF -> 1 step"), progress=progress)
+    secs["instaflow"] = time.perf_counter() - t0 + secs["2-rf"]
+    t0 = time.perf_counter()
+    direct = instaflow.direct_distill(teacher, data["teacher"],
+                                      replace(cfg, steps=b["reflow_steps"] + b["distill_steps"],
+                                              desc="teacher -> 1 step (direct)"), progress=progress)
+    secs["direct-distill"] = time.perf_counter() - t0
+    return {"teacher": teacher, "2-rf": flow2, "instaflow": student, "direct-distill": direct}, data, secs
+
+
+def instaflow_sweep(data: dict, targets: dict, x1: torch.Tensor, y: torch.Tensor | None, sweep: dict, budget: dict,
+                    swd: Callable, like, dataset: str = "gmm-overlap", seed: int = 0, progress: bool = True) -> list[dict]:
+    """The capacity sweep: a fresh one-step student of each width (shaped like `like`: same classes), trained (L2)
+    on the first n_pairs triplets of each coupling, data["direct"] (the teacher's) and data["reflow"] (the 2-RF's),
+    for `steps` updates; scored by SWD and by held-out regression error against that coupling's endpoints
+    targets[coupling] from noise x1 (labels y, or None for unconditional data)."""
+    from dataclasses import replace
+    from itertools import product
+
+    from .distill import instaflow
+    from .train import TrainConfig
+
+    rows = []
+    grid = list(product(sweep["widths"], sweep["n_pairs"], sweep["steps"]))
+    if progress:
+        from tqdm.auto import tqdm
+        grid = tqdm(grid, desc=f"capacity sweep ({dataset})", mininterval=0.5)
+    for width, n_pairs, steps in grid:
+        cfg = TrainConfig(steps=steps, batch_size=budget["batch"], lr=2e-3 if width <= 32 else 1e-3,
+                          lr_schedule="linear", ema_decay=0.0, seed=seed)
+        for coupling in ("direct", "reflow"):
+            part = tuple(None if v is None else v[:n_pairs] for v in data[coupling])
+            (student, sec) = timed(lambda: instaflow.distill_onestep(instaflow.fresh_student(like, width, seed=seed),
+                                                                     part, replace(cfg, desc=f"w{width}"),
+                                                                     progress=False))
+            x = instaflow.one_step(student, x1, y)
+            extra = dict(coupling=coupling, width=width, n_pairs=n_pairs, train_steps=steps,
+                         train_seconds=round(sec, 1), n=len(x1))
+            rows.append(row(dataset, f"sweep-{coupling}", 1, "swd", swd(x), 0.0, **extra))
+            rows.append(row(dataset, f"sweep-{coupling}", 1, "heldout_err",
+                            instaflow.regression_error(student, x1, targets[coupling], y), 0.0, **extra))
+    return rows
+
+
+def instaflow_unconditional(dataset: str, budget: dict, x1: torch.Tensor, seed: int = 0, progress: bool = True
+                            ) -> tuple[dict, dict, object]:
+    """The two couplings of an unconditional diffusion teacher (shipped "<dataset>-vp"): its own ODE pairs
+    (DPM-Solver++, pair_steps) and the pairs of its 2-RF (reflow initialised from its weights, Euler
+    flow_pair_steps). Returns ({"direct", "reflow": (eps, x0, None)}, {"direct", "reflow": endpoints from the
+    evaluation noise x1 (N, 2)}, teacher)."""
+    from .distill import reflow
+    from .teachers import load_teacher
+    from .train import TrainConfig
+
+    b = budget
+    teacher = load_teacher(f"{dataset}-vp")
+    cfg = TrainConfig(steps=b["reflow_steps"], batch_size=b["batch"], lr=b["lr"], lr_schedule="linear", ema_decay=0.0,
+                      seed=seed, desc=f"{dataset} 2-RF")
+    pairs = reflow.cached_pairs(teacher, f"{dataset}-vp-{seed}", b["n_pairs"], b["pair_steps"], "dpmpp2m",
+                                seed=seed + 10, on_mismatch="regenerate", progress=progress, verbose=progress)
+    flow2 = reflow.reflow(teacher, pairs, cfg, progress=progress).best.eval().requires_grad_(False)
+    pairs2 = reflow.cached_pairs(flow2, f"{dataset}-vp-2rf-{seed}", b["n_pairs"], b["flow_pair_steps"], "euler",
+                                 seed=seed + 11, on_mismatch="regenerate", progress=progress, verbose=progress)
+    targets = {"direct": reflow.generate_pairs(teacher, x1, b["pair_steps"], "dpmpp2m")[1],
+               "reflow": reflow.generate_pairs(flow2, x1, b["flow_pair_steps"], "euler")[1]}
+    return {"direct": (*pairs, None), "reflow": (*pairs2, None)}, targets, teacher
+
+
+@register("instaflow")
+def bench_instaflow(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
+    """InstaFlow (Liu et al. 2024) on the conditional gmm-overlap teacher, and the paper's ablation.
+
+    Models: "teacher" (guided with w, DPM-Solver++ 64 steps; nfe counts solver steps, each two network
+    evaluations), "2-rf" (conditional reflow from the teacher's weights, Euler 1 and 4 steps, no guidance at use),
+    "instaflow" (2-RF distilled to 1 step) and "direct-distill" (the teacher's triplets distilled to 1 step with the
+    same number of updates as reflow + distillation). Metrics "swd" (against exact class-conditional samples),
+    "class_acc" (Bayes classifier of the mixture), "heldout_err" (one-step students: mean squared error against
+    their own coupling's endpoints on noise they never saw), "straightness" (teacher read as a flow; 2-RF).
+    Capacity sweep rows: "sweep-direct" / "sweep-reflow" (fields width, n_pairs, train_steps), on gmm-overlap and
+    on the unconditional 8-mode "gmm" (its shipped diffusion teacher, its 2-RF; teacher and 2-RF rows give the SWD of
+    each coupling's endpoints, which the students imitate). Digits: the shipped
+    data/instaflow models (trained on a GPU by `python -m course_lib.distill.instaflow train-digits`)."""
+    from .data2d import get_mixture, sample_conditional
+    from .distill import instaflow, reflow
+    from .grids import uniform
+    from .metrics import gmm_class_accuracy, sliced_wasserstein
+    from .samplers import dpm_solver_pp_2m, euler
+
+    b = instaflow_2d_budget(mode)
+    n, ds = b["n"], "gmm-overlap"
+    progress = mode != "smoke"
+    mix = get_mixture(ds)
+    y = torch.arange(n) % mix.num_classes
+    ref = sample_conditional(mix, y, torch.Generator().manual_seed(seed + 1))
+    swd = lambda a: sliced_wasserstein(a, ref, n_proj=256, seed=0)
+    acc = lambda a: gmm_class_accuracy(a, y, mix)
+    rows: list[dict] = []
+    other, sec = timed(lambda: sample_conditional(mix, y, torch.Generator().manual_seed(seed + 2)))
+    rows += [row(ds, "data", None, "swd", swd(other), sec, n=n), row(ds, "data", None, "class_acc", acc(other), sec, n=n)]
+    models, data, secs = instaflow_2d_models(b, seed, progress=progress)
+    teacher, flow2 = models["teacher"], models["2-rf"]
+    gt = instaflow.guided(teacher, b["w"])
+    x1 = teacher.process.prior((n, 2), torch.Generator().manual_seed(seed + 3))
+    runs = [("teacher", 64, "dpmpp2m", lambda: dpm_solver_pp_2m(lambda x, t: gt(x, t, y), x1, uniform(64), teacher.process))]
+    runs += [("2-rf", k, "euler", lambda k=k: euler(lambda x, t: flow2(x, t, y), x1, uniform(k), flow2.process))
+             for k in (1, 4)]
+    runs += [(name, 1, "one-step", lambda name=name: instaflow.one_step(models[name], x1, y))
+             for name in ("instaflow", "direct-distill")]
+    for name, k, sampler, fn in runs:
+        x, sec = timed(fn)
+        extra = {"w": b["w"], "sampler": sampler, "n": n, **({"train_seconds": round(secs[name], 1)} if name in secs else {})}
+        rows += [row(ds, name, k, "swd", swd(x), sec, **extra), row(ds, name, k, "class_acc", acc(x), sec, **extra)]
+    # held-out endpoints of each coupling from the evaluation noise (never used in training)
+    _, xt = reflow.generate_pairs(gt, x1, b["pair_steps"], "dpmpp2m", cond={"y": y})
+    _, x2 = reflow.generate_pairs(flow2, x1, b["flow_pair_steps"], "euler", cond={"y": y})
+    targets = {"teacher": xt, "2-rf": x2}
+    for name, key in (("instaflow", "2-rf"), ("direct-distill", "teacher")):
+        rows.append(row(ds, name, 1, "heldout_err", instaflow.regression_error(models[name], x1, targets[key], y), 0.0,
+                        w=b["w"], n=n, coupling=key))
+    m = min(n, 2000)
+    for name, flow in (("teacher", reflow.RFView(gt)), ("2-rf", flow2)):
+        s, sec = timed(lambda: reflow.straightness(flow, x1[:m], 64, cond={"y": y[:m]}))
+        rows.append(row(ds, name, 64, "straightness", s, sec, w=b["w"], sampler="euler", n=m))
+    rows += instaflow_sweep({"direct": data["teacher"], "reflow": data["2-rf"]},
+                            {"direct": targets["teacher"], "reflow": targets["2-rf"]}, x1, y, b["sweep"], b, swd,
+                            teacher, ds, seed, progress)
+    # the same sweep where the map is multimodal: the unconditional 8-mode mixture (no labels to split it)
+    from .data2d import sample_2d
+
+    u_data, u_targets, u_teacher = instaflow_unconditional("gmm", b, x1, seed, progress)
+    u_ref = sample_2d("gmm", n, torch.Generator().manual_seed(seed + 1))[0]
+    u_swd = lambda a: sliced_wasserstein(a, u_ref, n_proj=256, seed=0)
+    rows.append(row("gmm", "teacher", b["pair_steps"], "swd", u_swd(u_targets["direct"]), 0.0, sampler="dpmpp2m", n=n))
+    rows.append(row("gmm", "2-rf", b["flow_pair_steps"], "swd", u_swd(u_targets["reflow"]), 0.0, sampler="euler", n=n))
+    rows += instaflow_sweep(u_data, u_targets, x1, None, b["sweep"], b, u_swd, u_teacher, "gmm", seed, progress)
+    rows += _instaflow_digits_rows(mode, seed)
+    print(instaflow_summary(rows))
+    return rows, {k: v for k, v in b.items()} | {"swd_projections": 256}
+
+
+def instaflow_summary(rows: list[dict]) -> str:
+    """The headline (student vs teacher: SWD ratio, class accuracy in points) and the ablation's sweep side by side."""
+    lines: dict[tuple, dict] = {}
+    for r in rows:
+        if r["model"].startswith("sweep-"):
+            key = (r["dataset"], "sweep", r["width"], r["n_pairs"], r["train_steps"])
+            d = lines.setdefault(key, {"dataset": r["dataset"], "model": "sweep", "width": r["width"],
+                                       "n_pairs": r["n_pairs"], "train_steps": r["train_steps"]})
+            d[f"{r['coupling']} {r['metric']}"] = r["value"]
+            continue
+        key = (r["dataset"], r["model"], r["nfe"])
+        lines.setdefault(key, {"dataset": r["dataset"], "model": r["model"], "nfe": r["nfe"]})[r["metric"]] = r["value"]
+    out = list(lines.values())
+    teach = {d["dataset"]: d for d in out if d["model"] == "teacher" and ("swd" in d or "digits_fd" in d)}
+    for d in out:
+        t = teach.get(d["dataset"])
+        if t is None or d["model"] in ("teacher", "data", "sweep"):
+            continue
+        if "swd" in d and "swd" in t:
+            d["swd / teacher"] = d["swd"] / t["swd"]
+        if "digits_fd" in d and "digits_fd" in t:
+            d["fd / teacher"] = d["digits_fd"] / t["digits_fd"]
+        if "class_acc" in d and "class_acc" in t:
+            d["acc - teacher (points)"] = 100 * (d["class_acc"] - t["class_acc"])
+    head = [d for d in out if d["model"] != "sweep"]
+    sweep = [d for d in out if d["model"] == "sweep"]
+    return (table(head, ["dataset", "model", "nfe", "class_acc", "swd", "digits_fd", "heldout_err", "straightness",
+                         "swd / teacher", "fd / teacher", "acc - teacher (points)"])
+            + "\n\ncapacity sweep (fresh one-step students; direct = the teacher's coupling, reflow = the 2-RF's)\n"
+            + table(sweep, ["dataset", "width", "n_pairs", "train_steps", "direct swd", "reflow swd",
+                            "direct heldout_err", "reflow heldout_err"]))
+
+
+def _instaflow_digits_rows(mode: str, seed: int) -> list[dict]:
+    """Digits: the guided teacher (w of the recipe, DPM-Solver++ 16 steps, the solver of the triplets), the shipped
+    conditional 2-RF (Euler 1, 4, 16), InstaFlow (L2, then Lap1) and direct distillation (L2, then Lap1) at one
+    step: class accuracy, digits Fréchet distance, and the one-step students' held-out regression error."""
+    from .classifier import DIGITS_FD_N, balanced_labels, class_accuracy, digits_frechet_distance
+    from .distill import instaflow, reflow
+    from .grids import uniform
+    from .samplers import dpm_solver_pp_2m, euler
+    from .teachers import load_teacher
+
+    if not all((instaflow.DIGITS_DIR / m).is_dir() for m in instaflow.DIGITS_MODELS):
+        return []
+    w = instaflow.DIGITS_RECIPE["w"]
+    n = pick(mode, smoke=64, laptop=DIGITS_FD_N, full=DIGITS_FD_N)
+    y = balanced_labels(n)
+    x1 = torch.randn((n, 1, 16, 16), generator=torch.Generator().manual_seed(seed + 6))
+    gt = instaflow.guided(load_teacher("digits"), w)
+    flow2 = instaflow.load_digits_model("digits-if-2rf")
+    rows = [digits_floor_row()]
+
+    def score(name, k, sampler, x, sec, **extra):
+        rows.extend([row("digits", name, k, "class_acc", class_accuracy(x, y), sec, w=w, sampler=sampler, n=n, **extra),
+                     row("digits", name, k, "digits_fd", digits_frechet_distance(x), sec, w=w, sampler=sampler, n=n,
+                         **extra)])
+
+    xt, sec = timed(lambda: dpm_solver_pp_2m(lambda x, t: gt(x, t, y), x1, uniform(16), gt.process))
+    score("teacher", 16, "dpmpp2m", xt, sec)
+    x2 = None
+    for k in (1, 4, 16):
+        x, sec = timed(lambda: euler(lambda x, t: flow2(x, t, y), x1, uniform(k), flow2.process))
+        score("2-rf", k, "euler", x, sec)
+        x2 = x if k == instaflow.DIGITS_RECIPE["distill_pairs_steps"] else x2
+    m = min(n, 300)
+    for name, flow in (("teacher", reflow.RFView(gt)), ("2-rf", flow2)):
+        s, sec = timed(lambda: reflow.straightness(flow, x1[:m], 32, cond={"y": y[:m]}))
+        rows.append(row("digits", name, 32, "straightness", s, sec, w=w, sampler="euler", n=m))
+    for name, shipped, target in (("instaflow-l2", "digits-instaflow-l2", x2), ("instaflow", "digits-instaflow", x2),
+                                  ("direct-distill-l2", "digits-direct-l2", xt), ("direct-distill", "digits-direct", xt)):
+        model = instaflow.load_digits_model(shipped)
+        x, sec = timed(lambda: instaflow.one_step(model, x1, y))
+        score(name, 1, "one-step", x, sec)
+        rows.append(row("digits", name, 1, "heldout_err", instaflow.regression_error(model, x1, target, y), 0.0, w=w,
+                        n=n, coupling="2-rf" if "instaflow" in name else "teacher"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
