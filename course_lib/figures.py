@@ -75,9 +75,10 @@ def instaflow_sweep(result: dict, out: Path, n_pairs: int = 10_000, steps: int =
                 pts = sorted((r["width"], r["value"]) for r in rows
                              if r["dataset"] == ds and r["coupling"] == coupling and r["metric"] == metric)
                 ax.plot(*zip(*pts), style, label=coupling)
-        for ax, what in ((ax_e, "held-out regression error"), (ax_s, "SWD")):
-            ax.set_xscale("log", base=2), ax.set_yscale("log"), ax.set_xlabel("student width")
+        for ax, what in ((ax_e, "held-out regression error (log)"), (ax_s, "SWD (linear, from 0)")):
+            ax.set_xscale("log", base=2), ax.set_xlabel("student width")
             ax.set_title(f"{ds}: {what}", fontsize=9), ax.legend(fontsize=8)
+        ax_e.set_yscale("log"), ax_s.set_ylim(bottom=0), ax_s.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"fresh one-step students, {n_pairs} pairs, {steps} updates (bench instaflow, {result['mode']})",
                  fontsize=9)
     fig.tight_layout()
