@@ -12,11 +12,13 @@ see distill.reflow for the flip against the paper's t = 0 noise):
             L = E || (eps - x0) - u_theta(x_t, t | y) ||^2,   x_t = (1 - t) x0 + t eps    -> reflow.reflow(p_uncond=...)
         labels are dropped to null with probability p_uncond so the 2-RF keeps an unconditional velocity and
         can be guided at use time on the velocity:  u_w = (1 + w) u(x, t | y) - w u(x, t | null)   -> `guided`
-    (3) one-step distillation of the (guided) 2-RF on its own pairs (eps, x0' = ODE_2RF(eps | y)), initialised
-        from the 2-RF, time input fixed at t = 1 (the paper's t = 0):
+    (3) one-step distillation of the 2-RF on its own pairs (eps, x0' = ODE_2RF(eps | y)), initialised from the
+        2-RF, time input fixed at t = 1 (the paper's t = 0). The paper guides the 2-RF (scale 1.5) to make these
+        pairs; the course's triplets already carry the guidance, so its 2-RF pairs use w = 0 (notebook 04 shows
+        that guidance on top of guided triplets over-guides):
             L = D( eps - u_theta(eps, 1 | y), x0' ),   D = L2 first, then a perceptual distance  -> `distill_onestep`
         The paper's second stage uses LPIPS; it needs pretrained network weights downloaded from the internet.
-        The course runs offline, so `distances` offers LPIPS when the `lpips` package and its weights can be
+        The course runs offline, so `get_distance` offers LPIPS when the `lpips` package and its weights can be
         loaded, and otherwise a documented substitute: the Laplacian-pyramid L1 distance ("Lap1", Ling & Okada
         2006; the GLO loss of Bojanowski et al. 2018), which compares band-pass detail at every scale.
 
@@ -31,14 +33,14 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..guidance import cfg
 from ..models import Denoiser
-from ..train import TrainConfig, TrainState, train
+from ..train import TrainConfig, train
 from . import reflow as rf
 
 
@@ -185,7 +187,8 @@ def distill_onestep(init: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_tra
                     distance: str | Callable[[Tensor, Tensor], Tensor] = "l2", ckpt_dir=None,
                     progress: bool = True) -> Denoiser:
     """Train a one-step student, initialised from `init` (copied, relabelled as a flow), on (eps, x0, y) (y None:
-    unconditional) with distance D (a name for get_distance, or a function (B, ...) x (B, ...) -> (B,)). Returns it (eval)."""
+    unconditional) with distance D (a name for get_distance, or a function (B, ...) x (B, ...) -> (B,)).
+    Returns it (eval)."""
     d = get_distance(distance) if isinstance(distance, str) else distance
     student = rf.as_flow(init).train().requires_grad_(True)
     eps, x0, y = data
@@ -194,7 +197,8 @@ def distill_onestep(init: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_tra
         e, x, c = batch
         return onestep_loss(model, e, x, c.get("y"), d)
 
-    state = train(student, loss, rf.pair_batches(eps, x0, None if y is None else {"y": y}), cfg_train, ckpt_dir=ckpt_dir, progress=progress,
+    batches = rf.pair_batches(eps, x0, None if y is None else {"y": y})
+    state = train(student, loss, batches, cfg_train, ckpt_dir=ckpt_dir, progress=progress,
                   extra_config={"method": "instaflow-distill",
                                 "distance": distance if isinstance(distance, str) else getattr(d, "__name__", "custom")})
     return state.best.eval().requires_grad_(False)
@@ -233,11 +237,6 @@ def fresh_student(like: Denoiser, hidden: int, depth: int | None = None, seed: i
     c.update(process={"name": "rf"}, parameterization="velocity")
     torch.manual_seed(seed)
     return build_denoiser(c)
-
-
-__all__ = ["Guided", "guided", "triplets", "conditional_reflow", "l2", "laplacian_pyramid_l1", "lpips_distance",
-           "get_distance", "one_step", "onestep_loss", "distill_onestep", "direct_distill", "regression_error",
-           "fresh_student", "null_label"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
