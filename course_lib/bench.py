@@ -359,7 +359,7 @@ def reflow_2d_budget(mode: str) -> dict:
     (later rounds are nearly straight: pair_steps_later); steps/batch/lr: every reflow and distillation run."""
     return pick(mode,
                 smoke=dict(n=500, n_pairs=1000, pair_steps=4, pair_steps_later=2, steps=20, batch=128, lr=5e-4),
-                laptop=dict(n=10_000, n_pairs=10_000, pair_steps=16, pair_steps_later=8, steps=300, batch=512, lr=5e-4),
+                laptop=dict(n=10_000, n_pairs=10_000, pair_steps=16, pair_steps_later=8, steps=300, batch=512, lr=1e-3),
                 full=dict(n=50_000, n_pairs=100_000, pair_steps=64, pair_steps_later=32, steps=4000, batch=2048,
                           lr=3e-4))
 
