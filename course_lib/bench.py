@@ -507,8 +507,7 @@ def instaflow_2d_budget(mode: str) -> dict:
                             sweep=dict(widths=(8, 32, 256), n_pairs=(1000, 10_000), steps=(300, 2000))),
                 full=dict(n=50_000, n_pairs=100_000, w=0.5, pair_steps=64, flow_pair_steps=32, reflow_steps=4000,
                           distill_steps=4000, batch=2048, lr=3e-4, p_uncond=0.1,
-                          sweep=dict(widths=(8, 16, 32, 64, 256), n_pairs=(1000, 10_000, 100_000),
-                                     steps=(300, 2000, 10_000))))
+                          sweep=dict(widths=(8, 16, 32, 64, 256), n_pairs=(10_000, 100_000), steps=(2000,))))
 
 
 def instaflow_2d_models(budget: dict, seed: int = 0, cache_dir: str | None = None, progress: bool = True
