@@ -525,7 +525,7 @@ def instaflow_2d_models(budget: dict, seed: int = 0, cache_dir: str | None = Non
     b = budget
     cache = cache_dir or reflow.CACHE_DIR
     teacher = load_teacher("gmm-overlap-vp")
-    y = torch.arange(b["n_pairs"]) % 8
+    y = torch.arange(b["n_pairs"]) % instaflow.null_label(teacher)           # balanced labels (null = classes)
     cfg = TrainConfig(steps=b["reflow_steps"], batch_size=b["batch"], lr=b["lr"], lr_schedule="linear", ema_decay=0.0,
                       seed=seed)
     data = {"teacher": instaflow.triplets(teacher, b["w"], y, f"gmm-overlap-w{b['w']}-{seed}", b["pair_steps"],
@@ -677,7 +677,7 @@ def bench_instaflow(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
     rows += instaflow_sweep(u_data, u_targets, x1, None, b["sweep"], b, u_swd, u_teacher, "gmm", seed, progress)
     rows += _instaflow_digits_rows(mode, seed)
     print(instaflow_summary(rows))
-    return rows, {k: v for k, v in b.items()} | {"swd_projections": 256}
+    return rows, {**b, "swd_projections": 256}
 
 
 def instaflow_summary(rows: list[dict]) -> str:
