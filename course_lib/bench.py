@@ -83,6 +83,24 @@ def reference_2d(dataset: str, n: int, seed: int, metric: Callable[[torch.Tensor
     return ref, row(dataset, "data", None, "swd", metric(other, ref), sec, n=n)
 
 
+def conditional_reference(dataset: str, n: int, seed: int):
+    """For a class-conditional 2D mixture: balanced labels y (n,), the SWD against exact samples of those classes,
+    the Bayes class accuracy, and the two "data" rows (an independent exact batch scored by both).
+    Returns (mixture, y, swd(x) -> float, acc(x) -> float, rows)."""
+    from .data2d import get_mixture, sample_conditional
+    from .metrics import gmm_class_accuracy, sliced_wasserstein
+
+    mix = get_mixture(dataset)
+    y = torch.arange(n) % mix.num_classes                                       # balanced labels
+    ref = sample_conditional(mix, y, torch.Generator().manual_seed(seed + 1))
+    swd = lambda a: sliced_wasserstein(a, ref, n_proj=256, seed=0)
+    acc = lambda a: gmm_class_accuracy(a, y, mix)
+    other, sec = timed(lambda: sample_conditional(mix, y, torch.Generator().manual_seed(seed + 2)))
+    rows = [row(dataset, "data", None, "swd", swd(other), sec, n=n),
+            row(dataset, "data", None, "class_acc", acc(other), sec, n=n)]
+    return mix, y, swd, acc, rows
+
+
 @register("teacher")
 def bench_teacher(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
     """Shipped teachers (diffusion: vp-cosine + v-prediction; flow matching: rf + velocity) and, for the
@@ -268,23 +286,14 @@ def bench_guided(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
     nfe counts solver steps, each costs TWO network evaluations, cond + uncond, batched), "guided-student-stage1"
     (stage 1 sampled with n_start DDIM steps, one evaluation per step) and "guided-student" at 4 and 1 steps.
     Digits: the shipped digits teacher with guidance (class_acc from the digits classifier)."""
-    from .data2d import get_mixture, sample_conditional
     from .grids import uniform
     from .guidance import cfg as guide
-    from .metrics import gmm_class_accuracy, sliced_wasserstein
     from .samplers import ddim, dpm_solver_pp_2m
     from .teachers import load_teacher
 
     b = _guided_2d_budget(mode)
     n, ds = b["n"], "gmm-overlap"
-    mix = get_mixture(ds)
-    y = torch.arange(n) % mix.num_classes                                       # balanced labels
-    ref = sample_conditional(mix, y, torch.Generator().manual_seed(seed + 1))
-    swd = lambda a: sliced_wasserstein(a, ref, n_proj=256, seed=0)
-    acc = lambda a: gmm_class_accuracy(a, y, mix)
-    rows: list[dict] = []
-    other, sec = timed(lambda: sample_conditional(mix, y, torch.Generator().manual_seed(seed + 2)))
-    rows += [row(ds, "data", None, "swd", swd(other), sec, n=n), row(ds, "data", None, "class_acc", acc(other), sec, n=n)]
+    mix, y, swd, acc, rows = conditional_reference(ds, n, seed)
 
     teacher = load_teacher(f"{ds}-vp")
     stage1, students, train_sec = guided_2d_students(teacher, b, seed=seed, progress=mode != "smoke")
@@ -622,23 +631,16 @@ def bench_instaflow(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
     on the unconditional 8-mode "gmm" (its shipped diffusion teacher, its 2-RF; teacher and 2-RF rows give the SWD of
     each coupling's endpoints, which the students imitate). Digits: the shipped
     data/instaflow models (trained on a GPU by `python -m course_lib.distill.instaflow train-digits`)."""
-    from .data2d import get_mixture, sample_conditional
+    from .data2d import sample_2d
     from .distill import instaflow, reflow
     from .grids import uniform
-    from .metrics import gmm_class_accuracy, sliced_wasserstein
+    from .metrics import sliced_wasserstein
     from .samplers import dpm_solver_pp_2m, euler
 
     b = instaflow_2d_budget(mode)
     n, ds = b["n"], "gmm-overlap"
     progress = mode != "smoke"
-    mix = get_mixture(ds)
-    y = torch.arange(n) % mix.num_classes
-    ref = sample_conditional(mix, y, torch.Generator().manual_seed(seed + 1))
-    swd = lambda a: sliced_wasserstein(a, ref, n_proj=256, seed=0)
-    acc = lambda a: gmm_class_accuracy(a, y, mix)
-    rows: list[dict] = []
-    other, sec = timed(lambda: sample_conditional(mix, y, torch.Generator().manual_seed(seed + 2)))
-    rows += [row(ds, "data", None, "swd", swd(other), sec, n=n), row(ds, "data", None, "class_acc", acc(other), sec, n=n)]
+    mix, y, swd, acc, rows = conditional_reference(ds, n, seed)
     models, data, secs = instaflow_2d_models(b, seed, progress=progress)
     teacher, flow2 = models["teacher"], models["2-rf"]
     gt = instaflow.guided(teacher, b["w"])
@@ -667,8 +669,6 @@ def bench_instaflow(mode: str, seed: int = 0) -> tuple[list[dict], dict]:
                             {"direct": targets["teacher"], "reflow": targets["2-rf"]}, x1, y, b["sweep"], b, swd,
                             teacher, ds, seed, progress)
     # the same sweep where the map is multimodal: the unconditional 8-mode mixture (no labels to split it)
-    from .data2d import sample_2d
-
     u_data, u_targets, u_teacher = instaflow_unconditional("gmm", b, x1, seed, progress)
     u_ref = sample_2d("gmm", n, torch.Generator().manual_seed(seed + 1))[0]
     u_swd = lambda a: sliced_wasserstein(a, u_ref, n_proj=256, seed=0)

@@ -120,7 +120,7 @@ def test_laplacian_pyramid_l1_properties():
 
 def test_lpips_unavailable_is_a_clear_error_and_unknown_distance_is_refused():
     try:
-        import lpips  # noqa: F401
+        import lpips  # noqa: F401  (only whether it imports)
     except ImportError:
         with pytest.raises(RuntimeError, match="lap1"):
             instaflow.get_distance("lpips")
