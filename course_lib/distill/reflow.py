@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError
 from ..grids import uniform
+from ..losses import drop_labels
 from ..models import Denoiser, build_denoiser
 from ..predictions import velocity
 from ..processes import AffineProcess, RectifiedFlow, bcast
@@ -252,8 +253,7 @@ def reflow(flow: Denoiser | str | os.PathLike, pairs: tuple[Tensor, Tensor], cfg
     def loss(model, batch, g):
         e, x, c = batch
         if p_uncond > 0:
-            drop = torch.rand(len(x), generator=g, device=g.device).to(x.device) < p_uncond
-            c = {**c, "y": torch.where(drop, torch.full_like(c["y"], null), c["y"])}
+            c = {**c, "y": drop_labels(c["y"], p_uncond, null, g)}
         return rf_loss(model, x, g, eps=e, cond=c)
 
     return train(student, loss, pair_batches(eps, x0, cond), cfg, ckpt_dir=ckpt_dir, progress=progress,
