@@ -6,9 +6,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import torch
 
@@ -48,6 +49,16 @@ def seed_everything(seed: int) -> torch.Generator:
     """Seed torch's global RNG (for layer initialisation) and return a CPU generator for explicit use."""
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's global RNG seeded to `seed` (for layer initialisation), then restore the caller's
+    global RNG state: library code uses this instead of reseeding the global generator, so calling a checker or a
+    benchmark never changes the random draws of the notebook around it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 _ANNOUNCED: set[str] = set()
