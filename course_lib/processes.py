@@ -27,9 +27,16 @@ def bcast(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def time_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype times are kept in for data of `dtype`: never below float32 (bf16 has 8 bits of mantissa, so
+    timestep 749 would reach the network as 748)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def as_times(t: float | Tensor, x: Tensor) -> Tensor:
-    """A float or 0-d tensor becomes a (B,) tensor on x's device and dtype."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    """A float or 0-d tensor becomes a (B,) tensor on x's device, in x's dtype or float32 if x is narrower
+    (bf16 / fp16 data keeps float32 times)."""
+    t = torch.as_tensor(t, dtype=time_dtype(x.dtype), device=x.device)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     return t
@@ -67,9 +74,13 @@ class AffineProcess:
 
     def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-        """A sample of x_1 ~ N(0, sigma(1)^2 I), where every sampler starts (alpha(1) x0 is neglected)."""
+        """A sample of x_1 ~ N(0, sigma(1)^2 I), where every sampler starts (alpha(1) x0 is neglected).
+
+        The noise is drawn on the generator's device (CPU without one) and then moved to `device`, so one seed
+        gives the same x_1 on every device."""
         s1 = float(self.sigma(torch.ones((), dtype=torch.float64)))
-        return s1 * torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        g_device = generator.device if generator is not None else "cpu"
+        return s1 * torch.randn(shape, generator=generator, dtype=dtype, device=g_device).to(device)
 
     def config(self) -> dict:
         """JSON-serialisable description, stored beside checkpoints; `make_process(**config)` rebuilds it."""

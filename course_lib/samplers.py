@@ -1,14 +1,20 @@
-"""Training-free ODE samplers as pure functions `sampler(model, x, ts, process) -> x_0`.
+"""Samplers as pure functions `sampler(model, x, ts, process, return_path=False, generator=None) -> x_0`.
 
 `model(x, t) -> Pred(x0, eps)` with t of shape (B,); `ts` is a grid from `course_lib.grids` (n + 1 times,
 decreasing). No sampler keeps state between calls. With `return_path=True` a sampler returns the states
-at every grid time, shape (n + 1, B, ...), for trajectory figures and straightness.
+at every grid time, shape (n + 1, B, ...), for trajectory figures and straightness. `generator` drives the
+fresh noise of the stochastic samplers (deterministic ones ignore it); noise is drawn on the generator's device
+(the CPU without one) and moved to x's device, so a seed gives the same samples on every device.
 
-    sampler     order   NFE for n steps   reads like
-    euler       1       n                 x_s = x_t + (s - t) u(x_t, t)
-    ddim        1       n                 Song et al. 2021, Eq. 12 with eta = 0
-    heun        2       2n - 1            Karras et al. 2022, Algorithm 1 (no correction on the last step to 0)
-    dpmpp2m     2       n                 Lu et al. 2022b, DPM-Solver++(2M), Algorithm 2
+    sampler      order   NFE for n steps   reads like
+    euler        1       n                 x_s = x_t + (s - t) u(x_t, t)                      (steps.euler)
+    ddim         1       n                 Song et al. 2021, Eq. 12 with eta = 0              (steps.ddim)
+    heun         2       2n - 1            Karras et al. 2022, Algorithm 1 (no correction on the last step to 0)
+    dpmpp2m      2       n                 Lu et al. 2022b, DPM-Solver++(2M), Algorithm 2
+    tcd          -       n                 Zheng et al. 2024, strategic stochastic sampling (gamma = 0.3)
+    consistency  -       n                 Song et al. 2023, Algorithm 1 (multistep consistency sampling)
+
+With classifier-free guidance (`guidance.cfg`) every evaluation is a conditional/unconditional pair: twice the NFE.
 """
 from __future__ import annotations
 
@@ -17,8 +23,10 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from .predictions import Pred, velocity
+from . import steps
+from .predictions import Pred
 from .processes import AffineProcess, as_times, bcast
+from .steps import ddim_step  # noqa: F401  (re-exported: exercise checkers and distill.pd use samplers.ddim_step)
 
 
 class Model(Protocol):
@@ -33,56 +41,41 @@ def _coef(f: Callable[[Tensor], Tensor], t: Tensor, x: Tensor) -> Tensor:
     return bcast(f(t), x)
 
 
-def ddim_step(pred: Pred, t: Tensor, s: Tensor, process: AffineProcess) -> Tensor:
-    """One deterministic DDIM step t -> s (Song et al. 2021, Eq. 12, eta = 0):
-    x_s = alpha_s x0_hat + sigma_s eps_hat. Shapes: pred fields (B, ...), t and s (B,)."""
-    x0, eps = pred
-    return _coef(process.alpha, s, x0) * x0 + _coef(process.sigma, s, x0) * eps
-
-
-@torch.no_grad()
-def ddim(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False) -> Tensor:
+def _run(step: Callable[..., Tensor], model: Model, x: Tensor, ts: Tensor, process: AffineProcess,
+         return_path: bool) -> Tensor:
+    """Apply a per-sample step (course_lib.steps) along the grid ts."""
     path = [x]
     for i in range(len(ts) - 1):
-        t, s = as_times(ts[i], x), as_times(ts[i + 1], x)
-        x = ddim_step(model(x, t), t, s, process)
+        x = step(model, x, as_times(ts[i], x), as_times(ts[i + 1], x), process)
         path.append(x)
     return _finish(path, return_path)
 
 
 @torch.no_grad()
-def euler(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False) -> Tensor:
+def ddim(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
+         generator: torch.Generator | None = None) -> Tensor:
+    """Deterministic DDIM (Song et al. 2021, Eq. 12, eta = 0) on the grid ts: `steps.ddim` at every step."""
+    return _run(steps.ddim, model, x, ts, process, return_path)
+
+
+@torch.no_grad()
+def euler(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
+          generator: torch.Generator | None = None) -> Tensor:
     """Euler on the probability-flow ODE dx/dt = u(x, t); exact in one step when paths are straight lines."""
-    path = [x]
-    for i in range(len(ts) - 1):
-        t, s = as_times(ts[i], x), as_times(ts[i + 1], x)
-        x = x + bcast(s - t, x) * velocity(model(x, t), t, process)
-        path.append(x)
-    return _finish(path, return_path)
+    return _run(steps.euler, model, x, ts, process, return_path)
 
 
 @torch.no_grad()
-def heun(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False) -> Tensor:
-    """Heun's second-order method, Karras et al. (2022) Algorithm 1 with t in place of sigma."""
-    path = [x]
-    n = len(ts) - 1
-    for i in range(n):
-        t, s = as_times(ts[i], x), as_times(ts[i + 1], x)
-        h = bcast(s - t, x)
-        d = velocity(model(x, t), t, process)           # 1. slope at the start
-        x_euler = x + h * d                              # 2. Euler predictor
-        if float(ts[i + 1]) == 0.0 and i == n - 1:
-            x = x_euler                                  # 3. last step to t = 0: no correction (Alg. 1, line 8)
-        else:
-            d_next = velocity(model(x_euler, s), s, process)
-            x = x + h * 0.5 * (d + d_next)               # 3. trapezoidal corrector
-        path.append(x)
-    return _finish(path, return_path)
+def heun(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
+         generator: torch.Generator | None = None) -> Tensor:
+    """Heun's second-order method, Karras et al. (2022) Algorithm 1 with t in place of sigma (`steps.heun`:
+    no correction on a step into t = 0)."""
+    return _run(steps.heun, model, x, ts, process, return_path)
 
 
 @torch.no_grad()
 def dpm_solver_pp_2m(model: Model, x: Tensor, ts: Tensor, process: AffineProcess,
-                     return_path: bool = False) -> Tensor:
+                     return_path: bool = False, generator: torch.Generator | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), data-prediction form with lambda = log(alpha / sigma):
 
         h_i = lambda_s - lambda_t
@@ -101,7 +94,7 @@ def dpm_solver_pp_2m(model: Model, x: Tensor, ts: Tensor, process: AffineProcess
         x0 = pred.x0
         a_s, s_t, s_s = _coef(process.alpha, s, x), _coef(process.sigma, t, x), _coef(process.sigma, s, x)
         if float(ts[i + 1]) == 0.0:
-            x = a_s * x0 + s_s * pred.eps                 # last step: first order (DDIM); = x0 where sigma(0) = 0
+            x = (a_s * x0 + s_s * pred.eps).to(x.dtype)  # last step: first order (DDIM); = x0 where sigma(0) = 0
         else:
             lam_t = 0.5 * _coef(process.log_snr, t, x)
             lam_s = 0.5 * _coef(process.log_snr, s, x)
@@ -110,16 +103,79 @@ def dpm_solver_pp_2m(model: Model, x: Tensor, ts: Tensor, process: AffineProcess
             if x0_prev is not None:
                 r = h_prev / h
                 D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-            x = (s_s / s_t) * x - a_s * torch.expm1(-h) * D
+            x = ((s_s / s_t) * x - a_s * torch.expm1(-h) * D).to(x.dtype)
             h_prev = h
         x0_prev = x0
         path.append(x)
     return _finish(path, return_path)
 
 
+def renoise(x: Tensor, s_from: Tensor, s_to: Tensor, process: AffineProcess, noise: Tensor) -> Tensor:
+    """Noise x forward from s_from to s_to >= s_from with the process's own transition kernel:
+
+        x_to = (alpha_to / alpha_from) x_from + sqrt(sigma_to^2 - (alpha_to / alpha_from)^2 sigma_from^2) z
+
+    which maps x_from = alpha_from x0 + sigma_from eps to a sample of x_to = alpha_to x0 + sigma_to eps'. For the
+    discrete SD schedule this is DDPM's q(x_to | x_from), variance 1 - abar_to / abar_from. Shapes: x, noise (B, ...),
+    s_from, s_to (B,)."""
+    r = process.alpha(s_to) / process.alpha(s_from)
+    var = (process.sigma(s_to) ** 2 - (r * process.sigma(s_from)) ** 2).clamp_min(0)
+    return (bcast(r, x) * x + bcast(var.sqrt(), x) * noise).to(x.dtype)
+
+
+def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, I) of x's shape drawn on the generator's device (CPU without one) in float32 or wider, then moved."""
+    device = generator.device if generator is not None else "cpu"
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.randn(x.shape, generator=generator, device=device, dtype=dtype).to(device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def tcd(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
+        generator: torch.Generator | None = None, gamma: float = 0.3) -> Tensor:
+    """TCD's strategic stochastic sampling (Zheng et al. 2024, Sec. 4.3; diffusers' TCDScheduler with eta = gamma).
+    Each step t -> s of the grid:
+
+        x0_hat, eps_hat = model(x_t, t)
+        s'   = (1 - gamma) s                                             a time at or below s
+        x_s' = alpha_s' x0_hat + sigma_s' eps_hat                        deterministic DDIM jump t -> s'
+        x_s  = (alpha_s / alpha_s') x_s' + sqrt(sigma_s^2 - (alpha_s / alpha_s')^2 sigma_s'^2) z,   z ~ N(0, I)
+
+    The last line is the forward process from s' to s with fresh noise (`renoise`; for the SD schedule its variance
+    is 1 - abar_s / abar_s'). gamma = 0 is DDIM; gamma = 1 jumps to t = 0 and re-noises: multistep consistency
+    sampling. No noise is drawn on the last step of the grid nor when gamma = 0, as in diffusers.
+
+    Differences from diffusers' TCDScheduler: it floors the integer timestep, floor((1 - gamma) i), where the course
+    uses (1 - gamma) s (equal when (1 - gamma)(i + 1) is an integer), and its last step lands on timestep 0
+    (abar_0 = 0.99915) where the course grid ends at t = 0, the clean sample.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"TCD's gamma must be in [0, 1] (0: DDIM, 1: multistep consistency sampling); got {gamma}")
+    path = [x]
+    n = len(ts) - 1
+    for i in range(n):
+        t, s = as_times(ts[i], x), as_times(ts[i + 1], x)
+        s_mid = (1.0 - gamma) * s
+        x = steps.ddim(model, x, t, s_mid, process)
+        if gamma > 0 and i < n - 1:
+            x = renoise(x, s_mid, s, process, _noise_like(x, generator))
+        path.append(x)
+    return _finish(path, return_path)
+
+
+@torch.no_grad()
+def consistency(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): at each grid time t, x0 = f(x_t, t) (the
+    model's x0, e.g. a `models.ConsistencyModel`), then x_s = alpha_s x0 + sigma_s z with fresh z, and the last
+    step returns x0. This is `tcd` with gamma = 1."""
+    return tcd(model, x, ts, process, return_path=return_path, generator=generator, gamma=1.0)
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "euler": euler, "ddim": ddim, "heun": heun, "dpmpp2m": dpm_solver_pp_2m,
+    "euler": euler, "ddim": ddim, "heun": heun, "dpmpp2m": dpm_solver_pp_2m, "tcd": tcd, "consistency": consistency,
 }
+STOCHASTIC = ("tcd", "consistency")
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:
@@ -128,32 +184,77 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
     return SAMPLERS[name]
 
 
-def nfe(sampler: str, steps: int) -> int:
-    """Network evaluations for `steps` steps (on a grid that ends at t = 0)."""
+def nfe(sampler: str, steps: int, guided: bool = False) -> int:
+    """Network evaluations per sample for `steps` steps (on a grid that ends at t = 0). guided: every evaluation is
+    a classifier-free-guided pair (conditional and unconditional), which counts 2."""
     get_sampler(sampler)
-    return 2 * steps - 1 if sampler == "heun" else steps
+    n = 2 * steps - 1 if sampler == "heun" else steps
+    return 2 * n if guided else n
 
 
-def steps_for_nfe(sampler: str, budget: int) -> int:
-    """The most steps whose NFE fits in `budget` (>= 1)."""
+def steps_for_nfe(sampler: str, budget: int, guided: bool = False) -> int:
+    """The most steps whose NFE fits in `budget` (>= 1 step; a guided budget counts each pair as 2)."""
     get_sampler(sampler)
-    if budget < 1:
-        raise ValueError(f"NFE budget must be >= 1, got {budget}")
+    per = 2 if guided else 1
+    if budget < per:
+        raise ValueError(f"NFE budget must be >= {per}{' (guided)' if guided else ''}, got {budget}")
+    budget //= per
     return (budget + 1) // 2 if sampler == "heun" else budget
+
+
+class CountingModel:
+    """Wrap a model and count its network evaluations: `nfe` = rows evaluated / batch_size.
+
+    Wrap the network itself, inside any guidance wrapper: `cfg(CountingModel(model, B), w, null)` sees 2B rows per
+    guided call, which counts 2. batch_size is the sampler's batch; without it, the batch of the first call is used
+    (right for an unguided model, wrong inside cfg). Heun's per-sample correction counts fractionally."""
+
+    def __init__(self, model: Callable[..., Pred], batch_size: int | None = None):
+        self.model, self.batch_size, self.rows, self.calls = model, batch_size, 0, 0
+
+    def __call__(self, x: Tensor, t: Tensor, *args, **kwargs) -> Pred:
+        if self.batch_size is None:
+            self.batch_size = len(x)
+        self.rows += len(x)
+        self.calls += 1
+        return self.model(x, t, *args, **kwargs)
+
+    @property
+    def nfe(self) -> float:
+        return self.rows / self.batch_size if self.batch_size else 0.0
+
+    def reset(self) -> None:
+        self.rows, self.calls = 0, 0
+
+
+def model_device(model: object) -> torch.device:
+    """The device of a model's first parameter; the CPU for a model without parameters (a function)."""
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        p = next(iter(params()), None)
+        if p is not None:
+            return p.device
+    return torch.device("cpu")
 
 
 @torch.no_grad()
 def generate(model: Callable[..., Pred], process: AffineProcess, shape: tuple[int, ...], sampler: str = "dpmpp2m",
              steps: int = 32, generator: torch.Generator | None = None, y: Tensor | None = None,
-             ts: Tensor | None = None, device: torch.device | str = "cpu", return_path: bool = False) -> Tensor:
+             ts: Tensor | None = None, device: torch.device | str | None = None, return_path: bool = False) -> Tensor:
     """Draw x_1 from the prior and solve to t = 0: `generate(teacher, teacher.process, (1000, 2), "ddim", 8)`.
 
     model(x, t[, y]) -> Pred; y (B,) fixes class labels for a conditional model. ts defaults to
-    grids.default_grid(steps, process).
+    grids.default_grid(steps, process). device defaults to the model's (`model_device`). The prior noise is drawn
+    with `generator` on its device (the CPU by default) and moved, so one seed gives the same samples on every
+    device; the generator also drives the fresh noise of stochastic samplers (tcd, consistency).
     """
     from .grids import default_grid
 
     run = get_sampler(sampler)
+    device = model_device(model) if device is None else device
     x1 = process.prior(shape, generator=generator, device=device)
+    if y is not None:
+        y = y.to(device)
     m = model if y is None else (lambda x, t: model(x, t, y))
-    return run(m, x1, default_grid(steps, process) if ts is None else ts, process, return_path=return_path)
+    return run(m, x1, default_grid(steps, process) if ts is None else ts, process, return_path=return_path,
+               generator=generator)
