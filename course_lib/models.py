@@ -12,6 +12,8 @@ course model becomes `model(x, t, y, w)`. `with_guidance_input(teacher, w_range)
 It feeds the backbone `process.timestep(t)` and converts its native output with `predictions.to_pred`.
 Checkpoints store the backbone's constructor arguments under a registered architecture name (never a
 class path), the process and the parameterization; `load_denoiser` rebuilds the model from them.
+Preconditioned and wrapped models (`EDMPrecond`, `ConsistencyModel`) save and load with `save_model` / `load_model`,
+which rebuild the whole stack from its config (`build_model`).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_tensors, save_tensors, CheckpointError
-from .predictions import Pred, to_pred
-from .processes import AffineProcess, make_process
+from .predictions import Pred, edm_scalings, to_pred
+from .processes import AffineProcess, EDM, bcast, make_process, time_dtype
 
 
 def timestep_embedding(timestep: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -230,18 +232,20 @@ class Denoiser(nn.Module):
 
     def __init__(self, net: nn.Module, process: AffineProcess, parameterization: str):
         super().__init__()
+        if parameterization == "edm" and not isinstance(self, EDMPrecond):
+            raise ValueError("the 'edm' parameterization also scales the input: build models.EDMPrecond(net, process)")
         self.net, self.process, self.parameterization = net, process, parameterization
 
     def raw(self, x: Tensor, t: Tensor, y: Tensor | None = None, w: float | Tensor | None = None) -> Tensor:
         """The backbone's native output (what a training loss in this parameterization compares)."""
-        timestep = self.process.timestep(t).to(x.dtype)
+        timestep = self.process.timestep(t.to(time_dtype(t.dtype))).to(time_dtype(x.dtype))   # float32+, as x may be bf16
         if w is None:
             return self.net(x, timestep, class_labels=y)
         w = torch.as_tensor(w, dtype=torch.float32, device=x.device).reshape(-1).expand(len(x))    # (B,)
         return self.net(x, timestep, class_labels=y, guidance=w)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, w: float | Tensor | None = None) -> Pred:
-        return to_pred(self.raw(x, t, y, w), x, t.to(x.dtype), self.process, self.parameterization)
+        return to_pred(self.raw(x, t, y, w), x, t.to(time_dtype(x.dtype)), self.process, self.parameterization)
 
     def config(self) -> dict:
         arch = next((k for k, v in ARCHITECTURES.items() if isinstance(self.net, v)), None)
@@ -251,11 +255,88 @@ class Denoiser(nn.Module):
                 "parameterization": self.parameterization}
 
 
+class EDMPrecond(Denoiser):
+    """EDM's preconditioned denoiser around a backbone F (Karras et al. 2022, Eq. 7 and Table 1), edm process only:
+
+        D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma))
+        c_skip = sd^2 / (sigma^2 + sd^2),  c_out = sigma sd / sqrt(sigma^2 + sd^2),  c_in = 1 / sqrt(sigma^2 + sd^2),
+        c_noise = log(sigma) / 4                                              (sd = the process's sigma_data)
+
+    and returns Pred(x0 = D, eps = (x - D) / sigma). It is a Denoiser with parameterization "edm": `raw` returns F,
+    whose training target `from_pred(..., "edm")` is (x0 - c_skip x) / c_out, so the course's denoising loss
+    ||F - target||^2 equals (1 / c_out^2) ||D - x0||^2, EDM's loss weighting lambda(sigma) = (sigma^2 + sd^2) /
+    (sigma sd)^2 (Eq. 8; the noise levels are drawn from the course's t ~ U, not EDM's log-normal p(sigma)).
+    The config is a Denoiser config with parameterization "edm"; `build_denoiser` rebuilds this class from it.
+    """
+
+    def __init__(self, net: nn.Module, process: AffineProcess, parameterization: str = "edm"):
+        if not isinstance(process, EDM) or parameterization != "edm":
+            raise ValueError(f"EDMPrecond needs the edm process and parameterization 'edm'; got {process!r}, "
+                             f"{parameterization!r}")
+        super().__init__(net, process, "edm")
+
+    def raw(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """F(c_in x; c_noise), the backbone's output (c_noise is the edm process's `timestep`)."""
+        c_in = edm_scalings(self.process.sigma(t.to(time_dtype(x.dtype))), self.process.sigma_data)[2]
+        return super().raw((bcast(c_in, x) * x).to(x.dtype), t, *args, **kwargs)
+
+
 def build_denoiser(config: dict) -> Denoiser:
-    """Rebuild a Denoiser (random weights) from `Denoiser.config()`."""
+    """Rebuild a Denoiser (random weights) from `Denoiser.config()` (an EDMPrecond for parameterization "edm")."""
     proc = dict(config["process"])
-    return Denoiser(build_net(config["arch"], **config["net"]), make_process(proc.pop("name"), **proc),
-                    config["parameterization"])
+    cls = EDMPrecond if config["parameterization"] == "edm" else Denoiser
+    return cls(build_net(config["arch"], **config["net"]), make_process(proc.pop("name"), **proc),
+               config["parameterization"])
+
+
+class ConsistencyModel(nn.Module):
+    """The consistency parameterisation (Song et al. 2023, Eq. 3 and Appendix C) around any course model:
+
+        f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)
+        c_skip  = sd^2 / ((sigma(t) - sigma(t_min))^2 + sd^2),   c_out = sd (sigma(t) - sigma(t_min)) / sqrt(sd^2 + sigma(t)^2)
+
+    with sigma from the wrapped model's process and x0_hat its prediction. At t = t_min, c_skip = 1 and c_out = 0
+    exactly, so f(x, t_min) = x bitwise: the boundary condition holds by construction, not by training.
+    Returns Pred(x0 = f, eps = (x - alpha f) / sigma), consistent with x_t = alpha x0 + sigma eps. Extra arguments
+    (labels y, a guidance weight w, a Cond) go to the wrapped model unchanged. With the edm process and sigma_data
+    0.5 this is the paper's f; Song et al. use sigma_min = 0.002, i.e. t_min = 0.002 / sigma_max.
+    """
+
+    def __init__(self, model: nn.Module, t_min: float, sigma_data: float = 0.5):
+        super().__init__()
+        self.model, self.t_min, self.sigma_data = model, float(t_min), float(sigma_data)
+
+    @property
+    def process(self) -> AffineProcess:
+        return self.model.process
+
+    def scalings(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(c_skip(t), c_out(t)), each (B,), in t's dtype."""
+        sd, sig = self.sigma_data, self.process.sigma(t)
+        d = sig - self.process.sigma(torch.full_like(t, self.t_min))
+        return sd**2 / (d * d + sd**2), sd * d / torch.sqrt(sd**2 + sig * sig)
+
+    def forward(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Pred:
+        t = t.to(time_dtype(x.dtype))
+        c_skip, c_out = (bcast(c, x) for c in self.scalings(t))
+        f = (c_skip * x + c_out * self.model(x, t, *args, **kwargs).x0).to(x.dtype)
+        a, s = bcast(self.process.alpha(t), x), bcast(self.process.sigma(t), x)
+        return Pred(f, ((x - a * f) / s).to(x.dtype))
+
+    def config(self) -> dict:
+        return {"kind": "consistency", "t_min": self.t_min, "sigma_data": self.sigma_data,
+                "model": self.model.config()}
+
+
+def build_model(config: dict) -> nn.Module:
+    """Rebuild any course model stack (random weights) from its `config()`: a Denoiser (an EDMPrecond for
+    parameterization "edm"), or a ConsistencyModel around any of them."""
+    kind = config.get("kind", "denoiser")
+    if kind == "consistency":
+        return ConsistencyModel(build_model(config["model"]), config["t_min"], config["sigma_data"])
+    if kind == "denoiser":
+        return build_denoiser(config)
+    raise ValueError(f"unknown model kind {kind!r} in the config; valid: denoiser, consistency")
 
 
 def guidance_range(model: Denoiser) -> tuple[float, float] | None:
@@ -283,6 +364,27 @@ def with_guidance_input(teacher: Denoiser, w_range: tuple[float, float]) -> Deno
                            f"unexpected {unexpected}")
     device = next(teacher.parameters()).device
     return student.to(device).train().requires_grad_(True)
+
+
+def save_model(folder: str | os.PathLike, model: nn.Module, extra: dict | None = None) -> None:
+    """Save any course model stack (Denoiser, EDMPrecond, ConsistencyModel): weights as safetensors, its config
+    under "model" in config.json (plus `extra`); `load_model` rebuilds it."""
+    save_tensors(folder, model.state_dict(), {"model": model.config(), **(extra or {})})
+
+
+def load_model(folder: str | os.PathLike, how_to_recreate: str = "", device: str | torch.device = "cpu"
+               ) -> tuple[nn.Module, dict]:
+    """Load a model saved by `save_model` (or `save_denoiser`); returns (model in eval mode, the whole config)."""
+    tensors, config = load_tensors(folder, how_to_recreate)
+    key = "model" if "model" in config else "denoiser"
+    if key not in config:
+        raise CheckpointError(f"{folder}/config.json does not describe a model (no 'model' or 'denoiser' key).")
+    try:
+        model = build_model(config[key])
+        model.load_state_dict(tensors)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"weights in {folder} do not match the model its config.json describes: {e}") from e
+    return model.to(device).eval(), config
 
 
 def save_denoiser(folder: str | os.PathLike, model: Denoiser, extra: dict | None = None) -> None:

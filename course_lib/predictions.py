@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .processes import EDM, AffineProcess, bcast
 
-PARAMETERIZATIONS = ("eps", "x0", "v", "velocity", "edm")
+PARAMETERIZATIONS = ("eps", "x0", "v", "velocity")   # for any process
+PRECONDITIONED = ("edm",)                            # tied to one process (and an input scaling: models.EDMPrecond)
 
 
 class Pred(NamedTuple):
@@ -39,8 +40,8 @@ class Pred(NamedTuple):
 
 
 def _check(kind: str) -> None:
-    if kind not in PARAMETERIZATIONS:
-        raise ValueError(f"unknown parameterization {kind!r}; valid ones: {', '.join(PARAMETERIZATIONS)}")
+    if kind not in PARAMETERIZATIONS + PRECONDITIONED:
+        raise ValueError(f"unknown parameterization {kind!r}; valid ones: {', '.join(PARAMETERIZATIONS + PRECONDITIONED)}")
 
 
 def edm_scalings(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor]:
