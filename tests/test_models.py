@@ -287,3 +287,55 @@ def test_build_denoiser_from_config_has_the_same_structure():
     again = build_denoiser(model.config())
     assert again.config() == model.config()
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# time inputs stay float32 (issue 9)
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_as_times_never_casts_times_below_float32():
+    from course_lib.processes import as_times
+
+    for dtype, expected in [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                            (torch.float32, torch.float32), (torch.float64, torch.float64)]:
+        t = as_times(torch.tensor(0.749, dtype=torch.float64), torch.zeros(3, 2, dtype=dtype))
+        assert t.dtype == expected and t.shape == (3,)
+
+
+class _SpyList(torch.nn.Module):
+    """A backbone that records every timestep tensor it receives and returns zeros (an eps net: x0 = x / alpha)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, timestep, class_labels=None):
+        self.seen.append(timestep)
+        return torch.zeros_like(x)
+
+
+def test_bf16_ddim_on_the_sd_schedule_feeds_exact_integer_timesteps():
+    from course_lib import grids, samplers
+
+    spy, proc = _SpyList(), SDDiscrete()
+    model = Denoiser(spy, proc, "eps")
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    out = samplers.ddim(model, x, grids.sd_grid(4, proc, "trailing"), proc)
+    assert out.dtype == torch.bfloat16
+    assert all(ts.dtype in (torch.float32, torch.float64) for ts in spy.seen)
+    assert [ts.tolist() for ts in spy.seen] == [[999.0] * 2, [749.0] * 2, [499.0] * 2, [249.0] * 2]
+    # what bf16 times would have given: 749 is not a bf16 number
+    assert float(torch.tensor(749.0).bfloat16()) != 749.0
+
+
+def test_to_pred_receives_float32_times_with_bf16_data():
+    seen = []
+
+    class Proc(SDDiscrete):
+        def alpha(self, t):
+            seen.append(t.dtype)
+            return super().alpha(t)
+
+    model = Denoiser(_SpyList(), Proc(), "eps")
+    model(torch.zeros(2, 2).bfloat16(), torch.full((2,), 0.75).bfloat16())
+    assert seen and all(d == torch.float32 for d in seen)

@@ -469,3 +469,194 @@ def test_condition_fixes_labels_for_samplers(class_model):
         assert torch.equal(got.x0, direct.x0)
         out = samplers.ddim(m, x, grids.uniform(3), proc)
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+# ================================================================================================================
+# stochastic samplers: TCD (Zheng et al. 2024) and multistep consistency sampling (Song et al. 2023)
+# ================================================================================================================
+
+@pytest.mark.parametrize("proc", ALL_PROCESSES, ids=PROC_IDS)
+def test_tcd_with_gamma_zero_is_ddim(proc):
+    model = gaussian_model(MU, S, proc)
+    x1, ts = _x1(proc), grids.default_grid(5, proc)
+    torch.testing.assert_close(samplers.tcd(model, x1, ts, proc, gamma=0.0, generator=_gen()),
+                               samplers.ddim(model, x1, ts, proc), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("proc", ALL_PROCESSES, ids=PROC_IDS)
+def test_tcd_with_gamma_one_is_consistency_sampling(proc):
+    model = gaussian_model(MU, S, proc)
+    x1, ts = _x1(proc), grids.default_grid(5, proc)
+    a = samplers.tcd(model, x1, ts, proc, gamma=1.0, generator=_gen(7), return_path=True)
+    b = samplers.consistency(model, x1, ts, proc, generator=_gen(7), return_path=True)
+    assert torch.equal(a, b)
+    # and it is Song et al.'s Algorithm 1 where sigma(0) = 0: x_s = alpha_s x0_hat + sigma_s z with fresh z
+    if float(proc.sigma(torch.zeros((), dtype=F64))) == 0.0:
+        g, x = _gen(7), x1
+        for i in range(len(ts) - 2):
+            t, s = torch.full((len(x),), float(ts[i]), dtype=F64), torch.full((len(x),), float(ts[i + 1]), dtype=F64)
+            z = torch.randn(x.shape, generator=g, dtype=F64)
+            x = bcast(proc.alpha(s), x) * model(x, t).x0 + bcast(proc.sigma(s), x) * z
+            torch.testing.assert_close(a[i + 1], x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", samplers.STOCHASTIC)
+def test_stochastic_samplers_follow_their_generator(name):
+    proc = RectifiedFlow()
+    model = gaussian_model(MU, S, proc)
+    x1, ts = _x1(proc), grids.uniform(4)
+    run = samplers.get_sampler(name)
+    a, b, c = (run(model, x1, ts, proc, generator=_gen(seed)) for seed in (1, 1, 2))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    # one step draws no noise: the generator is untouched and the result is DDIM's
+    g = _gen(3)
+    one = run(model, x1, grids.uniform(1), proc, generator=g)
+    assert torch.equal(g.get_state(), _gen(3).get_state())
+    torch.testing.assert_close(one, samplers.ddim(model, x1, grids.uniform(1), proc), rtol=0, atol=0)
+
+
+def test_tcd_rejects_gamma_outside_the_unit_interval():
+    proc = RectifiedFlow()
+    with pytest.raises(ValueError, match="gamma"):
+        samplers.tcd(gaussian_model(MU, S, proc), _x1(proc), grids.uniform(2), proc, gamma=1.5)
+
+
+def _exact_consistency_function(mixture, proc):
+    """The exact consistency function of Gaussian data: the probability-flow map to t = 0 (data2d.gaussian_flow_map)."""
+    from course_lib.data2d import gaussian_flow_map
+
+    def f(x, t):
+        x0 = gaussian_flow_map(mixture, x, t, torch.zeros_like(t), proc)
+        return Pred(x0, (x - bcast(proc.alpha(t), x) * x0) / bcast(proc.sigma(t), x))
+
+    return f
+
+
+@pytest.mark.parametrize("proc", [RectifiedFlow(), EDM(), SDDiscrete()], ids=["rf", "edm", "sd"])
+def test_multistep_consistency_samples_have_the_data_mean_and_variance(proc):
+    """1D Gaussian data N(mu, s^2). With the exact consistency function (the flow map to 0) every step maps an exact
+    x_t to an exact data sample, and re-noising gives an exact x_s: the samples are N(mu, s^2) after any number of
+    steps. With the exact *denoiser* E[x0 | x_t] instead, each step shrinks: Var(out) = k^2 (alpha^2 v + sigma^2) with
+    k = alpha s^2 / (alpha^2 s^2 + sigma^2), v the previous output variance (Var(x_1) = sigma_1^2 for the prior)."""
+    from course_lib.data2d import GaussianMixture
+
+    mu, s, n = 0.7, 0.5, 200_000
+    mixture = GaussianMixture.isotropic(torch.tensor([[mu]], dtype=F64), s)
+    x1 = proc.prior((n, 1), generator=_gen(11), dtype=F64)
+    ts = grids.default_grid(4, proc)
+    se_mean, se_var = s / n**0.5, s**2 * (2 / n) ** 0.5
+    # exact consistency function: the data distribution
+    out = samplers.consistency(_exact_consistency_function(mixture, proc), x1, ts, proc, generator=_gen(12))
+    assert abs(float(out.mean()) - mu) < 5 * se_mean
+    assert abs(float(out.var()) - s**2) < 5 * se_var
+    # exact denoiser: the variance recursion above (checks the re-noising variance alpha_s^2 v + sigma_s^2)
+    out = samplers.consistency(mixture.denoiser(proc), x1, ts, proc, generator=_gen(12))
+    v, m = float(proc.sigma(ts[:1])) ** 2, None        # Var and mean of the sampler's outputs, step by step
+    for i in range(len(ts) - 1):
+        t = ts[i: i + 1]
+        a, sg = float(proc.alpha(t)), float(proc.sigma(t))
+        var_x, mean_x = (v, 0.0) if i == 0 else (a * a * v + sg * sg, a * m)   # x_1 ~ N(0, sigma_1^2): the prior
+        k = a * s**2 / (a * a * s**2 + sg * sg)
+        v, m = k * k * var_x, mu + k * (mean_x - a * mu)
+    assert abs(float(out.mean()) - m) < 5 * (v / n) ** 0.5
+    assert abs(float(out.var()) - v) < 5 * v * (2 / n) ** 0.5
+    assert v < 0.9 * s**2                                   # the shrinkage is real, so the two checks differ
+
+
+# ================================================================================================================
+# NFE: counted network evaluations equal samplers.nfe, with and without classifier-free guidance
+# ================================================================================================================
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_counted_nfe_equals_the_nfe_table(class_model, name, guided):
+    proc = class_model.process
+    B = 6
+    x1 = proc.prior((B, 2), generator=_gen(0))
+    y = torch.arange(B) % 3
+    for n in range(1, 6):
+        counter = samplers.CountingModel(class_model, batch_size=B)
+        model = guidance.cfg(counter, 1.5, null_label=3) if guided else counter
+        samplers.get_sampler(name)(guidance.condition(model, y), x1, grids.default_grid(n, proc), proc,
+                                   generator=_gen(n))
+        assert counter.nfe == samplers.nfe(name, n, guided=guided), (name, n)
+        assert counter.rows == B * samplers.nfe(name, n, guided=guided)
+
+
+def test_counting_model_defaults_to_the_first_calls_batch():
+    proc = VPCosine()
+    counter = samplers.CountingModel(gaussian_model(MU, S, proc))
+    samplers.heun(counter, _x1(proc), grids.uniform(3), proc)
+    assert counter.nfe == 5 and counter.calls == 5
+
+
+def test_guided_nfe_and_steps_for_nfe():
+    assert samplers.nfe("heun", 3, guided=True) == 10
+    assert samplers.nfe("ddim", 4, guided=True) == 8
+    for name in SAMPLER_NAMES:
+        for budget in range(2, 20):
+            n = samplers.steps_for_nfe(name, budget, guided=True)
+            assert samplers.nfe(name, n, guided=True) <= budget < samplers.nfe(name, n + 1, guided=True)
+    with pytest.raises(ValueError):
+        samplers.steps_for_nfe("ddim", 1, guided=True)
+
+
+# ================================================================================================================
+# generate: device and generator
+# ================================================================================================================
+
+def test_generate_uses_the_models_device_and_the_generator(class_model):
+    proc = class_model.process
+    assert samplers.model_device(class_model) == torch.device("cpu")
+    assert samplers.model_device(lambda x, t: None) == torch.device("cpu")
+    y = torch.arange(8) % 3
+    a = samplers.generate(class_model, proc, (8, 2), "tcd", 4, generator=_gen(5), y=y)
+    b = samplers.generate(class_model, proc, (8, 2), "tcd", 4, generator=_gen(5), y=y)
+    c = samplers.generate(class_model, proc, (8, 2), "tcd", 4, generator=_gen(6), y=y)
+    assert a.device.type == "cpu" and torch.equal(a, b) and not torch.allclose(a, c)
+    # the prior is x_1 = sigma_1 z with z drawn from the generator on the CPU
+    x1 = samplers.generate(class_model, proc, (8, 2), "ddim", 1, generator=_gen(5), y=y, return_path=True)[0]
+    torch.testing.assert_close(x1, float(proc.sigma(torch.ones((), dtype=F64))) * torch.randn(8, 2, generator=_gen(5)))
+
+
+# ================================================================================================================
+# TCD against diffusers' TCDScheduler, same UNet, same noise
+# ================================================================================================================
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5])
+def test_tcd_matches_diffusers_tcd_scheduler(gamma):
+    """diffusers floors the integer timestep of s' = (1 - gamma) s; on the trailing 4-step grid (timesteps 999, 749,
+    499, 249) (1 - gamma)(i + 1) is an integer for these gamma, so both use the same s'. diffusers' last step lands on
+    timestep 0 (abar_0 < 1) where the course ends at t = 0, so the states are compared up to the last step, and the
+    last step against diffusers' own x0 estimate."""
+    from diffusers import TCDScheduler, UNet2DModel
+
+    from course_lib.models import DiffusersUNet
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       norm_num_groups=8).eval()
+    proc = SDDiscrete()
+    x1 = torch.randn(2, 3, 8, 8, generator=_gen(1))
+    sched = TCDScheduler(**SD_KW, clip_sample=False, set_alpha_to_one=True)
+    sched.set_timesteps(timesteps=[999, 749, 499, 249], original_inference_steps=50)  # any timestep allowed
+    g, x, ref = _gen(9), x1, [x1]
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = unet(x, t).sample
+            x = sched.step(out, t, x, eta=gamma, generator=g).prev_sample
+            ref.append(x)
+    ts = grids.sd_grid(4, proc, "trailing")
+    path = samplers.tcd(Denoiser(DiffusersUNet(unet), proc, "eps"), x1, ts, proc, return_path=True, gamma=gamma,
+                        generator=_gen(9))
+    for i in range(1, 4):
+        scale = max(1.0, float(ref[i].abs().max()))
+        assert float((path[i] - ref[i]).abs().max()) <= 1e-4 * scale, i
+    # last step: the course returns x0_hat at timestep 249; diffusers returns sqrt(abar_0) x0_hat + sqrt(1 - abar_0) eps
+    abar0 = float(sched.alphas_cumprod[0])
+    with torch.no_grad():
+        eps = unet(path[3], sched.timesteps[-1]).sample
+    mixed = abar0**0.5 * path[4] + (1 - abar0) ** 0.5 * eps
+    assert float((mixed - ref[4]).abs().max()) <= 1e-4 * max(1.0, float(ref[4].abs().max()))
