@@ -275,7 +275,7 @@ def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_otherwise()
     _, se = kid(torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g))
     assert abs(mean) < 2 * se                                    # unbiased: averages to 0 (Frechet would not)
     shifted, se2 = kid(torch.randn(400, 8, generator=g) + 0.5, torch.randn(400, 8, generator=g))
-    assert shifted > 10 * se2 > 0
+    assert shifted > 4 * se2 > 0                                # a real difference stands out of its error bar
 
 
 def test_spread():
