@@ -177,6 +177,35 @@ def digits_frechet_distance(samples: Tensor, reference: Tensor | None = None,
     return frechet_distance(_predict(clf, samples, "features"), _predict(clf, ref, "features"))
 
 
+def digits_features(x: Tensor, classifier: nn.Module | None = None) -> Tensor:
+    """The digits classifier's 128-d penultimate features of images (N, 1, 16, 16) in [-1, 1]: (N, 128)."""
+    return _predict(classifier if classifier is not None else load_digits_classifier(), x, "features")
+
+
+def digits_scores(samples: Tensor, classifier: nn.Module | None = None, blocks: int = 5) -> dict[str, float]:
+    """Sample quality of generated digits (N, 1, 16, 16) in the digits classifier's feature space, against real
+    digits that no course model trained on and, beside it, against the training digits:
+
+        kid_heldout, kid_heldout_se   unbiased KID (metrics.kid) against the 297 held-out digits (split "test")
+        kid_train, kid_train_se       the same against the 1500 training digits (the teachers' training set)
+        fd_heldout                    Frechet distance against the held-out digits (biased upward at this size)
+
+    A model that memorised its training digits scores kid_train well below kid_heldout; a model that generalises
+    scores them alike. Use thousands of samples (cheap at 1-4 steps) so that generation noise is small. Features
+    are divided by the training digits' RMS feature value so that the cubic kernel sees values of order one (KID's
+    usual scale with Inception features); values are comparable within the course only."""
+    from .metrics import kid
+
+    clf = classifier if classifier is not None else load_digits_classifier()
+    held, train = (digits_features(load_digits(16, split)[0], clf) for split in ("test", "train"))
+    scale = train.pow(2).mean().sqrt()          # features in units of the training digits' RMS feature: a.b / D ~ 1
+    f, held, train = digits_features(samples, clf) / scale, held / scale, train / scale
+    k_h, se_h = kid(f, held, blocks)
+    k_t, se_t = kid(f, train, blocks)
+    return {"kid_heldout": k_h, "kid_heldout_se": se_h, "kid_train": k_t, "kid_train_se": se_t,
+            "fd_heldout": frechet_distance(f, held)}
+
+
 def digits_fd_floor(classifier: nn.Module | None = None) -> float:
     """The data floor of the digits FD: the held-out real half (898 images) against the reference half."""
     held, ref = digits_halves()
