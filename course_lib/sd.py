@@ -97,6 +97,8 @@ class SDDenoiser(nn.Module):
         if cond.pooled is not None or cond.w is not None:
             raise ValueError("SDDenoiser takes Cond.text and Cond.timestep_cond; pooled embeddings (SDXL) and w as "
                              "an input (use timestep_cond, LCM's w-embedding) are not supported")
+        if cond.y is not None and getattr(self.unet, "class_embedding", None) is None:
+            raise ValueError("this UNet has no class embedding: a Cond for Stable Diffusion holds text, not labels")
         if len(cond) != len(x):
             raise ValueError(f"the Cond has batch size {len(cond)}, the latents {len(x)}")
         timestep = self.process.timestep(t.to(torch.float32))            # 1000 t - 1, kept float32

@@ -203,3 +203,19 @@ def test_importing_course_lib_does_not_import_transformers_or_peft():
             "print(sorted(m for m in ('transformers', 'peft', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "transformers" not in out and "peft" not in out
+
+
+def test_text_dropout_loss_trains_only_the_lora(tiny_folder):
+    """The course's denoising loss runs unchanged on Stable Diffusion: prompts dropped to "" with probability p_uncond
+    (one draw per sample, Cond.drop), gradients reach only the LoRA adapter."""
+    from course_lib.losses import denoising_loss
+
+    student = sd.add_lora(sd.load_sd(tiny_folder).model.train(), r=2)
+    x0, _, text = _inputs(5)
+    null = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(6))
+    loss = denoising_loss(student, x0, torch.Generator().manual_seed(0), Cond(text=text, null_text=null), p_uncond=0.5)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert grads and all("lora" in n for n in grads)
+    assert any(float(g.abs().max()) > 0 for n, g in grads.items() if "lora_B" in n)
