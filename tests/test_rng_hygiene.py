@@ -125,3 +125,36 @@ def test_seeded_initialises_like_manual_seed_and_restores_the_callers_state():
             weight = torch.nn.Linear(4, 3).weight.detach()
         assert torch.equal(weight, reference)
         assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_initialising_library_functions_leave_the_global_rng_alone():
+    """teachers.fit, the classifier's training and instaflow.fresh_student initialise under `seeded`: the caller's
+    global RNG state is unchanged, and the weights are those of torch.manual_seed(seed) as before (so the shipped
+    models retrain to the same weights)."""
+    import dataclasses
+
+    from course_lib import classifier, teachers
+    from course_lib.distill import instaflow
+    from course_lib.models import build_denoiser
+    from course_lib.train import TrainConfig
+
+    like = teachers.load_teacher("gmm-overlap-vp")
+    recipe = teachers.get_recipe("gmm-vp")
+    recipe = dataclasses.replace(recipe, cfg=dataclasses.replace(recipe.cfg, steps=2, batch_size=64, ckpt_every=10**6))
+    calls = {
+        "teachers.fit": lambda: teachers.fit(recipe, progress=False),
+        "classifier": lambda: classifier.train_digits_classifier(TrainConfig(steps=1, batch_size=8), out_dir=None,
+                                                                 progress=False),
+        "instaflow.fresh_student": lambda: instaflow.fresh_student(like, 8, seed=3),
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        for name, call in calls.items():
+            state = torch.get_rng_state()
+            call()
+            assert torch.equal(torch.get_rng_state(), state), f"{name} changed the global RNG state"
+        student = instaflow.fresh_student(like, 8, seed=3)
+        torch.manual_seed(3)
+        before = build_denoiser(student.config())   # what fresh_student did: reseed, then build
+    for (key, a), b in zip(student.state_dict().items(), before.state_dict().values()):
+        assert torch.equal(a, b), f"fresh_student's {key} differs from the reseeded initialisation"
