@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_tensors, save_tensors
-from .images import DATA_DIR, batch_sampler, load_digits
+from . import paths
+from .config import seeded
+from .images import batch_sampler, load_digits
 from .metrics import frechet_distance
 from .train import TrainConfig, train
 
-CLASSIFIER_DIR = DATA_DIR / "digits_classifier"
+CLASSIFIER_DIR = paths.data_dir() / "digits_classifier"   # see course_lib.paths
 RECREATE = "python -m course_lib.classifier train"
 IMAGE_SHAPE = (1, 16, 16)
 
@@ -102,8 +104,7 @@ def train_digits_classifier(cfg: TrainConfig | None = None, out_dir: str | os.Pa
     """
     cfg = cfg or TrainConfig(steps=1500, batch_size=128, lr=2e-3, lr_schedule="cosine", warmup=50,
                              ema_decay=0.995, weight_decay=1e-4, seed=0, desc="digits classifier")
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG state left untouched
-        torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):  # seeded initial weights, global RNG state left untouched
         model = DigitsCNN()
     x, y = load_digits(16, "train")
     state = train(model, _loss, batch_sampler(x, y), cfg, progress=progress)
@@ -121,7 +122,7 @@ def train_digits_classifier(cfg: TrainConfig | None = None, out_dir: str | os.Pa
 def load_digits_classifier(device: str | torch.device = "cpu",
                            folder: str | os.PathLike = CLASSIFIER_DIR) -> DigitsCNN:
     """The shipped classifier, in eval mode with gradients off. CheckpointError when missing or corrupted."""
-    tensors, config = load_tensors(folder, RECREATE)
+    tensors, config = load_tensors(paths.shipped(folder, RECREATE), RECREATE)
     model = DigitsCNN(**config.get("model", {}))
     try:
         model.load_state_dict(tensors)
