@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_tensors, save_tensors
-from .images import DATA_DIR, batch_sampler, load_digits
+from . import paths
+from .config import seeded
+from .images import batch_sampler, load_digits
 from .metrics import frechet_distance
 from .train import TrainConfig, train
 
-CLASSIFIER_DIR = DATA_DIR / "digits_classifier"
+CLASSIFIER_DIR = paths.data_dir() / "digits_classifier"   # see course_lib.paths
 RECREATE = "python -m course_lib.classifier train"
 IMAGE_SHAPE = (1, 16, 16)
 
@@ -102,8 +104,7 @@ def train_digits_classifier(cfg: TrainConfig | None = None, out_dir: str | os.Pa
     """
     cfg = cfg or TrainConfig(steps=1500, batch_size=128, lr=2e-3, lr_schedule="cosine", warmup=50,
                              ema_decay=0.995, weight_decay=1e-4, seed=0, desc="digits classifier")
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG state left untouched
-        torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):  # seeded initial weights, global RNG state left untouched
         model = DigitsCNN()
     x, y = load_digits(16, "train")
     state = train(model, _loss, batch_sampler(x, y), cfg, progress=progress)
@@ -121,7 +122,7 @@ def train_digits_classifier(cfg: TrainConfig | None = None, out_dir: str | os.Pa
 def load_digits_classifier(device: str | torch.device = "cpu",
                            folder: str | os.PathLike = CLASSIFIER_DIR) -> DigitsCNN:
     """The shipped classifier, in eval mode with gradients off. CheckpointError when missing or corrupted."""
-    tensors, config = load_tensors(folder, RECREATE)
+    tensors, config = load_tensors(paths.shipped(folder, RECREATE), RECREATE)
     model = DigitsCNN(**config.get("model", {}))
     try:
         model.load_state_dict(tensors)
@@ -175,6 +176,35 @@ def digits_frechet_distance(samples: Tensor, reference: Tensor | None = None,
     clf = classifier if classifier is not None else load_digits_classifier()
     ref = reference if reference is not None else digits_halves()[1]
     return frechet_distance(_predict(clf, samples, "features"), _predict(clf, ref, "features"))
+
+
+def digits_features(x: Tensor, classifier: nn.Module | None = None) -> Tensor:
+    """The digits classifier's 128-d penultimate features of images (N, 1, 16, 16) in [-1, 1]: (N, 128)."""
+    return _predict(classifier if classifier is not None else load_digits_classifier(), x, "features")
+
+
+def digits_scores(samples: Tensor, classifier: nn.Module | None = None, blocks: int = 5) -> dict[str, float]:
+    """Sample quality of generated digits (N, 1, 16, 16) in the digits classifier's feature space, against real
+    digits that no course model trained on and, beside it, against the training digits:
+
+        kid_heldout, kid_heldout_se   unbiased KID (metrics.kid) against the 297 held-out digits (split "test")
+        kid_train, kid_train_se       the same against the 1500 training digits (the teachers' training set)
+        fd_heldout                    Frechet distance against the held-out digits (biased upward at this size)
+
+    A model that memorised its training digits scores kid_train well below kid_heldout; a model that generalises
+    scores them alike. Use thousands of samples (cheap at 1-4 steps) so that generation noise is small. Features
+    are divided by the training digits' RMS feature value so that the cubic kernel sees values of order one (KID's
+    usual scale with Inception features); values are comparable within the course only."""
+    from .metrics import kid
+
+    clf = classifier if classifier is not None else load_digits_classifier()
+    held, train = (digits_features(load_digits(16, split)[0], clf) for split in ("test", "train"))
+    scale = train.pow(2).mean().sqrt()          # features in units of the training digits' RMS feature: a.b / D ~ 1
+    f, held, train = digits_features(samples, clf) / scale, held / scale, train / scale
+    k_h, se_h = kid(f, held, blocks)
+    k_t, se_t = kid(f, train, blocks)
+    return {"kid_heldout": k_h, "kid_heldout_se": se_h, "kid_train": k_t, "kid_train_se": se_t,
+            "fd_heldout": frechet_distance(f, held)}
 
 
 def digits_fd_floor(classifier: nn.Module | None = None) -> float:

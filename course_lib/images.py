@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import paths
+
 IMAGE_DATASETS = ("digits", "cifar10")
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"   # the course's data/ folder
+DATA_DIR = paths.data_dir()          # the course's data/ folder ($COURSE_DATA, the checkout's, or the installed copy)
+DATASETS_DIR = paths.datasets_dir()  # where CIFAR-10 is read and downloaded (the data folder, or the user cache)
 CIFAR_FOLDER = "cifar-10-batches-py"
 
 
@@ -77,12 +80,13 @@ def load_cifar10(root: str | os.PathLike | None = None, train: bool = True,
                  download: bool = True) -> tuple[Tensor, Tensor]:
     """CIFAR-10 (Krizhevsky 2009) as (x (N, 3, 32, 32) float32 in [-1, 1], y (N,) long), N = 50000 or 10000.
 
-    Reads `root`/cifar-10-batches-py (root defaults to the course's data/ folder, whatever the working directory)
+    Reads `root`/cifar-10-batches-py (root defaults to the course's data/ folder, whatever the working directory,
+    or to the user cache folder for an installed wheel: images.DATASETS_DIR)
     through torchvision's CIFAR10 (the official pickled format; nothing else here unpickles). When the folder is
     absent and download=True, torchvision downloads the 163 MB archive and checks its md5. Raises
     DatasetUnavailable when the data cannot be had: the course never falls back to another dataset silently.
     """
-    root = Path(root) if root is not None else DATA_DIR
+    root = Path(root) if root is not None else DATASETS_DIR
     folder = root / CIFAR_FOLDER
     alternative = (f"Use dataset='digits' (ships with scikit-learn) or put {CIFAR_FOLDER} "
                    f"(from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) in {root}/.")

@@ -13,31 +13,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .conditioning import Cond, as_cond
 from .models import Denoiser
 from .predictions import Pred, from_pred
 
 
 def drop_labels(y: Tensor | None, p_uncond: float, null_label: int | None, generator: torch.Generator) -> Tensor | None:
-    """Classifier-free guidance training (Ho & Salimans 2022): replace each label by the null label with prob. p."""
+    """Classifier-free guidance training (Ho & Salimans 2022): replace each label by the null label with prob. p.
+
+    `Cond(y=y, null_y=null_label).drop(p_uncond, generator)`: one uniform draw per sample from `generator`."""
     if y is None or p_uncond <= 0:
         return y
     if null_label is None:
         raise ValueError("label dropout needs the null label (the model's num_classes)")
-    drop = torch.rand(y.shape, generator=generator, device=generator.device).to(y.device) < p_uncond
-    return torch.where(drop, torch.full_like(y, null_label), y)
+    return Cond(y=y, null_y=int(null_label)).drop(p_uncond, generator).y
 
 
-def denoising_loss(model: Denoiser, x0: Tensor, generator: torch.Generator, y: Tensor | None = None,
+def denoising_loss(model: Denoiser, x0: Tensor, generator: torch.Generator, y: Tensor | Cond | None = None,
                    t_min: float = 1e-3, p_uncond: float = 0.0) -> Tensor:
     """Per-sample denoising / flow-matching loss in the model's own parameterization.
 
-    x0 (B, ...) data; y (B,) labels or None. t ~ U(t_min, 1), eps ~ N(0, I).
+    x0 (B, ...) data; y (B,) labels, a Cond (dropped to its null value w.p. p_uncond), or None.
+    t ~ U(t_min, 1), eps ~ N(0, I).
     """
     B = x0.shape[0]
     t = t_min + (1 - t_min) * torch.rand(B, generator=generator, device=generator.device).to(x0)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
     x_t = model.process.marginal(x0, t, eps)
     target = from_pred(Pred(x0, eps), t, model.process, model.parameterization)
-    y = drop_labels(y, p_uncond, getattr(model.net, "num_classes", None), generator)
+    if isinstance(y, Cond):
+        y = as_cond(y, getattr(getattr(model, "net", None), "num_classes", None)).drop(p_uncond, generator)
+    else:
+        y = drop_labels(y, p_uncond, getattr(model.net, "num_classes", None), generator)
     out = model.raw(x_t, t, y)
     return (out - target).pow(2).flatten(1).mean(1)

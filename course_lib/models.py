@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_tensors, save_tensors, CheckpointError
+from .conditioning import Cond, backbone_inputs
 from .predictions import Pred, edm_scalings, to_pred
 from .processes import AffineProcess, EDM, bcast, make_process, time_dtype
 
@@ -230,21 +231,26 @@ class Denoiser(nn.Module):
     w (a float or (B,)) is the guidance weight of a guided student; it reaches the backbone as `guidance=w`
     only when given, so backbones without a guidance input are called exactly as before."""
 
+    accepts_cond = True  # y may be a conditioning.Cond: its y, w (and text, timestep_cond) reach the backbone
+
     def __init__(self, net: nn.Module, process: AffineProcess, parameterization: str):
         super().__init__()
         if parameterization == "edm" and not isinstance(self, EDMPrecond):
             raise ValueError("the 'edm' parameterization also scales the input: build models.EDMPrecond(net, process)")
         self.net, self.process, self.parameterization = net, process, parameterization
 
-    def raw(self, x: Tensor, t: Tensor, y: Tensor | None = None, w: float | Tensor | None = None) -> Tensor:
+    def raw(self, x: Tensor, t: Tensor, y: Tensor | Cond | None = None, w: float | Tensor | None = None) -> Tensor:
         """The backbone's native output (what a training loss in this parameterization compares)."""
+        extra = {}
+        if isinstance(y, Cond):  # labels, w, and text / timestep_cond for backbones that take them
+            y, w, extra = backbone_inputs(y, w)
         timestep = self.process.timestep(t.to(time_dtype(t.dtype))).to(time_dtype(x.dtype))   # float32+, as x may be bf16
         if w is None:
-            return self.net(x, timestep, class_labels=y)
+            return self.net(x, timestep, class_labels=y, **extra)
         w = torch.as_tensor(w, dtype=torch.float32, device=x.device).reshape(-1).expand(len(x))    # (B,)
-        return self.net(x, timestep, class_labels=y, guidance=w)
+        return self.net(x, timestep, class_labels=y, guidance=w, **extra)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, w: float | Tensor | None = None) -> Pred:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | Cond | None = None, w: float | Tensor | None = None) -> Pred:
         return to_pred(self.raw(x, t, y, w), x, t.to(time_dtype(x.dtype)), self.process, self.parameterization)
 
     def config(self) -> dict:

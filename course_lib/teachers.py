@@ -18,14 +18,16 @@ from typing import Any, Callable
 
 import torch
 
+from . import paths
 from .checkpoint import CheckpointError, load_tensors
+from .config import seeded
 from .images import batch_sampler, load_digits
 from .losses import denoising_loss
 from .models import Denoiser, MLP2D, UNet, load_denoiser, save_denoiser
 from .processes import make_process
 from .train import TrainConfig, TrainState, train
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = paths.data_dir()             # $COURSE_DATA, the checkout's data/, or the copy installed with the wheel
 TEACHER_DIR = DATA_DIR / "teachers"
 
 
@@ -103,21 +105,23 @@ def fit(recipe: Recipe, ckpt_dir: str | os.PathLike | None = None, progress: boo
         device: str | torch.device = "cpu") -> TrainState:
     """Train a recipe from scratch (or resume from ckpt_dir) on `device`. Returns the TrainState; `.best` is the
     EMA model. Data and noise are drawn on the CPU from the run's generator, so results do not depend on device."""
-    torch.manual_seed(recipe.cfg.seed)  # initialisation
+    with seeded(recipe.cfg.seed):  # initialisation; the caller's global RNG is left as it was
+        model = recipe.build()
     draw = recipe.sampler()
 
     def sample_batch(n: int, g: torch.Generator):
         x, y = draw(n, g)
         return x.to(device), (y.to(device) if y is not None else None)
 
-    return train(recipe.build().to(device), recipe.loss, sample_batch, recipe.cfg, ckpt_dir=ckpt_dir,
+    return train(model.to(device), recipe.loss, sample_batch, recipe.cfg, ckpt_dir=ckpt_dir,
                  progress=progress, extra_config={"recipe": recipe.name})
 
 
 def load_teacher(name: str, device: str | torch.device = "cpu") -> Denoiser:
     """A shipped teacher from data/teachers/<name>, in eval mode, gradients off."""
     get_recipe(name)
-    model, _ = load_denoiser(TEACHER_DIR / name, f"python -m course_lib.teachers train {name}", device=device)
+    recreate = f"python -m course_lib.teachers train {name}"
+    model, _ = load_denoiser(paths.shipped(TEACHER_DIR / name, recreate), recreate, device=device)
     return model.requires_grad_(False)
 
 

@@ -142,3 +142,15 @@ def test_augment_shifts_by_at_most_one_pixel():
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
     shifts = torch.stack([padded[:, :, i:i + 16, j:j + 16] for i in range(3) for j in range(3)])  # (9, N, 1, 16, 16)
     assert ((shifts - out[None]).abs().flatten(2).amax(dim=2) == 0).any(dim=0).all()
+
+
+def test_digits_scores_real_digits_near_the_floor_noise_far():
+    from course_lib.classifier import digits_scores
+    from course_lib.images import load_digits
+
+    train, _ = load_digits(16, "train")
+    real = digits_scores(train[:600])                     # real digits the teachers trained on
+    assert abs(real["kid_train"]) < 3 * real["kid_train_se"] + 0.02        # unbiased: ~0 against their own set
+    assert real["kid_heldout"] < 0.3                      # held-out digits (other writers) differ a little
+    noise = digits_scores(torch.rand(600, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert noise["kid_heldout"] > 1.0 and noise["kid_heldout"] > 10 * noise["kid_heldout_se"]

@@ -234,3 +234,54 @@ def test_cifar10_fid_feeds_clean_fid_every_sample_once(monkeypatch):
     feats = images.mean(dim=(2, 3)).double().numpy()
     direct = fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), np.zeros(3), np.eye(3))
     assert value == pytest.approx(float(direct), rel=1e-6)
+
+
+# --- precision/recall, in_squares, KID, spread (measurement rules of the second edition) ---------------------
+
+def test_precision_recall_separates_blur_from_dropped_modes():
+    from course_lib.data2d import sample_2d
+    from course_lib.metrics import precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    ref, y = sample_2d("gmm", 2000, g)
+    same, _ = sample_2d("gmm", 2000, g)
+    p, r = precision_recall(same, ref)
+    assert p > 0.9 and r > 0.9                                   # exact samples: both high
+    blurred = same + 1.0 * torch.randn(same.shape, generator=g)  # off the modes: precision falls, recall stays
+    pb, rb = precision_recall(blurred, ref)
+    assert pb < 0.6 and rb > 0.8
+    half = ref[y < 4]                                            # half the modes dropped: recall falls
+    ph, rh = precision_recall(half[:1000], ref)
+    assert ph > 0.9 and rh < 0.6
+
+
+def test_in_squares_is_one_on_exact_samples_and_half_on_uniform_board():
+    from course_lib.data2d import sample_2d
+    from course_lib.metrics import in_squares
+
+    g = torch.Generator().manual_seed(1)
+    assert in_squares(sample_2d("checkerboard", 5000, g)[0]) == 1.0
+    uniform = torch.rand(20000, 2, generator=g) * 4 - 2
+    assert abs(in_squares(uniform) - 0.5) < 0.02
+    assert in_squares(torch.tensor([[-1.5, -1.5], [-0.5, -1.5], [5.0, 5.0]])) == pytest.approx(1 / 3)
+
+
+def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_otherwise():
+    from course_lib.metrics import kid
+
+    g = torch.Generator().manual_seed(2)
+    values = [kid(torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g))[0] for _ in range(30)]
+    mean = sum(values) / len(values)
+    _, se = kid(torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g))
+    assert abs(mean) < 2 * se                                    # unbiased: averages to 0 (Frechet would not)
+    shifted, se2 = kid(torch.randn(400, 8, generator=g) + 0.5, torch.randn(400, 8, generator=g))
+    assert shifted > 4 * se2 > 0                                # a real difference stands out of its error bar
+
+
+def test_spread():
+    from course_lib.metrics import spread
+
+    assert spread([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert spread([4.0]) == (4.0, 0.0)
+    with pytest.raises(ValueError):
+        spread([])

@@ -660,3 +660,17 @@ def test_tcd_matches_diffusers_tcd_scheduler(gamma):
         eps = unet(path[3], sched.timesteps[-1]).sample
     mixed = abar0**0.5 * path[4] + (1 - abar0) ** 0.5 * eps
     assert float((mixed - ref[4]).abs().max()) <= 1e-4 * max(1.0, float(ref[4].abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["ddim", "tcd", "consistency"])
+def test_one_seed_gives_the_same_samples_on_every_device(class_model, name):
+    import copy
+
+    proc = class_model.process
+    y = torch.arange(16) % 3
+    cpu = samplers.generate(class_model, proc, (16, 2), name, 4, generator=_gen(3), y=y)
+    gpu_model = copy.deepcopy(class_model).cuda()
+    gpu = samplers.generate(gpu_model, proc, (16, 2), name, 4, generator=_gen(3), y=y)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)

@@ -38,6 +38,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import paths
+from ..config import seeded
 from ..guidance import cfg
 from ..models import Denoiser
 from ..train import TrainConfig, train
@@ -235,15 +237,15 @@ def fresh_student(like: Denoiser, hidden: int, depth: int | None = None, seed: i
     c["net"].update(hidden=hidden, **({"depth": depth} if depth else {}))
     c["net"].pop("guidance_range", None)
     c.update(process={"name": "rf"}, parameterization="velocity")
-    torch.manual_seed(seed)
-    return build_denoiser(c)
+    with seeded(seed):  # initialisation; the caller's global RNG is left as it was
+        return build_denoiser(c)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The shipped digits models (data/instaflow): the recipe end to end on the digits teacher, and its ablation
 # ----------------------------------------------------------------------------------------------------------------
 
-DIGITS_DIR = rf.DIGITS_DIR.parent / "instaflow"
+DIGITS_DIR = paths.data_dir() / "instaflow"   # see course_lib.paths
 DIGITS_MODELS = ("digits-if-2rf", "digits-instaflow-l2", "digits-instaflow", "digits-direct-l2", "digits-direct")
 DIGITS_RECIPE = dict(  # trained on one GPU (see each model's config.json for the measured seconds)
     w=0.5,                   # guidance of the teacher's triplets (diffusers' guidance_scale 1.5)
@@ -320,7 +322,8 @@ def load_digits_model(name: str, device: str | torch.device = "cpu") -> Denoiser
 
     if name not in DIGITS_MODELS:
         raise ValueError(f"unknown digits InstaFlow model {name!r}; valid: {', '.join(DIGITS_MODELS)}")
-    model, _ = load_denoiser(DIGITS_DIR / name, "python -m course_lib.distill.instaflow train-digits", device=device)
+    recreate = "python -m course_lib.distill.instaflow train-digits"
+    model, _ = load_denoiser(paths.shipped(DIGITS_DIR / name, recreate), recreate, device=device)
     return model.requires_grad_(False)
 
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .. import paths
 from ..checkpoint import CheckpointError
 from ..grids import uniform
 from ..losses import drop_labels
@@ -42,7 +43,7 @@ from ..samplers import get_sampler
 from ..train import TrainConfig, TrainState, train
 
 
-CACHE_DIR = Path(__file__).resolve().parents[2] / "data" / "cache" / "reflow"   # git-ignored
+CACHE_DIR = paths.cache_dir() / "reflow"   # $COURSE_CACHE, the checkout's data/cache (git-ignored), or ~/.cache
 
 
 class PairCacheError(RuntimeError):
@@ -346,7 +347,7 @@ class RFView(nn.Module):
         return self.model(x * bcast(scale, x), tau.to(x.dtype), y)
 
 
-DIGITS_DIR = Path(__file__).resolve().parents[2] / "data" / "reflow"
+DIGITS_DIR = paths.data_dir() / "reflow"   # see course_lib.paths
 DIGITS_RECIPE = dict(  # budgets of the shipped models (data/reflow); on a shared 2-core CPU, 1 thread: ~12 + ~8 min
     n_pairs=4000,            # noise -> image pairs of the diffusion teacher (balanced labels)
     pair_sampler="dpmpp2m",  # the teacher's ODE solved with DPM-Solver++(2M)...
@@ -409,7 +410,8 @@ def load_digits_flow(name: str = "digits-2rf", device: str | torch.device = "cpu
 
     if name not in ("digits-2rf", "digits-2rf-distill1"):
         raise ValueError(f"unknown digits flow {name!r}; valid: digits-2rf, digits-2rf-distill1")
-    model, _ = load_denoiser(DIGITS_DIR / name, "python -m course_lib.distill.reflow train-digits", device=device)
+    recreate = "python -m course_lib.distill.reflow train-digits"
+    model, _ = load_denoiser(paths.shipped(DIGITS_DIR / name, recreate), recreate, device=device)
     return model.requires_grad_(False)
 
 

@@ -1,0 +1,178 @@
+"""One conditioning value for class labels and text: what a conditional model receives besides (x, t).
+
+    Cond(y=labels, null_y=num_classes)                       a class-conditional model (the 2D and digit teachers)
+    Cond(text=emb, null_text=empty_prompt_emb)               Stable Diffusion (encoder_hidden_states, sd.py)
+    Cond(..., w=w)                                           a guided student's guidance weight input (Meng et al. 2023)
+    Cond(..., timestep_cond=emb)                             LCM's w-embedding (UNet2DConditionModel.time_cond_proj_dim)
+
+Every batched field is batch-first with one batch size B. A Cond knows its null value (what classifier-free
+guidance compares against, Ho & Salimans 2022), so guidance (`guidance.cfg`) and label/prompt dropout during
+training (`Cond.drop`, used by `losses.drop_labels`) are written once for labels and text alike:
+
+    null():  y -> null_y,  text -> null_text,  pooled -> null_pooled  (broadcast to B);  w, timestep_cond unchanged
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+BATCHED = ("y", "text", "pooled", "w", "timestep_cond")      # batch-first fields, sliced and concatenated
+NULLS = {"y": "null_y", "text": "null_text", "pooled": "null_pooled"}   # field -> its null value
+
+
+@dataclass(frozen=True)
+class Cond:
+    """One conditioning value; every field optional, batched fields batch-first with one batch size B."""
+
+    y: Tensor | None = None              # (B,) class labels
+    text: Tensor | None = None           # (B, L, D) text embeddings (encoder_hidden_states)
+    pooled: Tensor | None = None         # (B, D) pooled text embedding
+    w: Tensor | None = None              # (B,) guidance weight as a model input (guided students, LCM)
+    timestep_cond: Tensor | None = None  # (B, D) LCM's w-embedding for UNet2DConditionModel(time_cond_proj_dim)
+    null_y: int | None = None            # the null label (the model's num_classes)
+    null_text: Tensor | None = None      # (1, L, D) empty-prompt embedding
+    null_pooled: Tensor | None = None    # (1, D) pooled embedding of the empty prompt
+
+    def __post_init__(self) -> None:
+        sizes = {name: getattr(self, name).shape[0] for name in BATCHED
+                 if getattr(self, name) is not None and getattr(self, name).ndim > 0}
+        if isinstance(self.w, Tensor) and self.w.ndim == 0:
+            raise ValueError("Cond.w is per sample, shape (B,): pass w.expand(B) (or torch.full((B,), w))")
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the fields of a Cond must share one batch size; got {sizes}")
+        for name in ("y", "w"):
+            v = getattr(self, name)
+            if v is not None and v.ndim != 1:
+                raise ValueError(f"Cond.{name} has shape (B,); got {tuple(v.shape)}")
+        for name, null in (("null_text", self.null_text), ("null_pooled", self.null_pooled)):
+            if null is not None and null.shape[0] != 1:
+                raise ValueError(f"Cond.{name} is one embedding with a leading 1, shape (1, ...); got "
+                                 f"{tuple(null.shape)}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        for name in BATCHED:
+            v = getattr(self, name)
+            if v is not None:
+                return int(v.shape[0])
+        raise ValueError("this Cond holds no batched field (y, text, pooled, w or timestep_cond), so it has no "
+                         "batch size")
+
+    def __getitem__(self, index: int | slice | Tensor) -> "Cond":
+        """The samples `index` selects (a slice, an index tensor or a boolean mask); an int keeps a batch of 1."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return replace(self, **{name: getattr(self, name)[index] for name in BATCHED if getattr(self, name) is not None})
+
+    def null(self) -> "Cond":
+        """The same batch with every label and prompt replaced by its null value (the unconditional input of
+        classifier-free guidance); w and timestep_cond are unchanged."""
+        out = {}
+        for name, null_name in NULLS.items():
+            v, null = getattr(self, name), getattr(self, null_name)
+            if v is None:
+                continue
+            if null is None:
+                raise ValueError(f"this Cond has {name} but no {null_name}: classifier-free guidance and dropout "
+                                 f"need the null value (null_y = the model's num_classes; null_text = the "
+                                 f"embedding of the empty prompt \"\", as sd.TextEncoder returns it)")
+            if name == "y":
+                out[name] = torch.full_like(v, int(null))
+            else:
+                if null.shape[1:] != v.shape[1:]:
+                    raise ValueError(f"Cond.{null_name} has shape {tuple(null.shape)}, but {name} is "
+                                     f"{tuple(v.shape)}: encode both with the same tokenizer and max_length")
+                out[name] = null.to(device=v.device, dtype=v.dtype).expand_as(v)
+        return replace(self, **out)
+
+    def drop(self, p: float, generator: torch.Generator) -> "Cond":
+        """Each sample replaced by its null value with probability p (classifier-free guidance training,
+        Ho & Salimans 2022): ONE uniform draw per sample, torch.rand(B, generator) < p, on the generator's device.
+        p <= 0 returns self without drawing."""
+        if p <= 0:
+            return self
+        n = len(self)
+        drop = torch.rand(n, generator=generator, device=generator.device) < p          # (B,)
+        null = self.null()
+        out = {}
+        for name in NULLS:
+            v = getattr(self, name)
+            if v is not None:
+                mask = drop.to(v.device).reshape(-1, *([1] * (v.ndim - 1)))
+                out[name] = torch.where(mask, getattr(null, name), v)
+        return replace(self, **out)
+
+    @staticmethod
+    def cat(conds: Sequence["Cond"]) -> "Cond":
+        """Concatenate along the batch. All parts must hold the same fields and the same null values."""
+        conds = list(conds)
+        if not conds:
+            raise ValueError("Cond.cat needs at least one Cond")
+        first = conds[0]
+        for c in conds[1:]:
+            have = [n for n in BATCHED if getattr(first, n) is not None]
+            other = [n for n in BATCHED if getattr(c, n) is not None]
+            if have != other:
+                raise ValueError(f"Cond.cat: the parts hold different fields ({have} and {other})")
+            for name in NULLS.values():
+                a, b = getattr(first, name), getattr(c, name)
+                same = (a is b) or (a is not None and b is not None and
+                                    (a == b if isinstance(a, int) else
+                                     a.shape == b.shape and bool(torch.equal(a, b.to(a)))))
+                if not same:
+                    raise ValueError(f"Cond.cat: the parts have different {name}")
+        return replace(first, **{name: torch.cat([getattr(c, name) for c in conds])
+                                 for name in BATCHED if getattr(first, name) is not None})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Cond":
+        """Move every tensor to `device`; cast the floating ones (text, pooled, w, timestep_cond, nulls) to
+        `dtype`. Labels stay integers."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                out[f.name] = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+        return replace(self, **out)
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                parts.append(f"{f.name}={tuple(v.shape)}" if isinstance(v, Tensor) else f"{f.name}={v!r}")
+        return f"Cond({', '.join(parts)})"
+
+
+def as_cond(c: Tensor | Cond | None, null_label: int | None = None) -> Cond | None:
+    """Class labels (B,) -> Cond(y=labels, null_y=null_label); a Cond is returned as is (with null_label filled in
+    where it has labels but no null_y)."""
+    if c is None or isinstance(c, Cond):
+        if c is not None and null_label is not None and c.y is not None and c.null_y is None:
+            c = replace(c, null_y=int(null_label))
+        return c
+    if not isinstance(c, Tensor):
+        raise TypeError(f"conditioning is a label tensor (B,) or a Cond; got {type(c).__name__}")
+    return Cond(y=c, null_y=None if null_label is None else int(null_label))
+
+
+def accepts_cond(model) -> bool:
+    """True when `model(x, t, c)` takes a Cond (its class sets `accepts_cond = True`); plain callables take labels."""
+    return bool(getattr(model, "accepts_cond", False))
+
+
+def backbone_inputs(c: Cond, w: float | Tensor | None = None) -> tuple[Tensor | None, float | Tensor | None, dict]:
+    """(class_labels, w, extra keyword arguments) for a backbone `net(x, timestep, class_labels, ...)`:
+    text -> encoder_hidden_states, timestep_cond -> timestep_cond. Used by models.Denoiser."""
+    if c.w is not None and w is not None:
+        raise ValueError("the guidance weight w was given twice (in the Cond and as an argument): give it once")
+    if c.pooled is not None:
+        raise ValueError("this backbone takes no pooled text embedding (Cond.pooled is for SDXL-type models)")
+    extra = {}
+    if c.text is not None:
+        extra["encoder_hidden_states"] = c.text
+    if c.timestep_cond is not None:
+        extra["timestep_cond"] = c.timestep_cond
+    return c.y, (c.w if w is None else w), extra

@@ -1,0 +1,381 @@
+"""Stable Diffusion as a course model: diffusers' parts behind the course's interfaces (cf. k-diffusion's external.py).
+
+    SDDenoiser(unet, process, parameterization)   model(x, t, cond) -> Pred, like every course model
+        x     (B, 4, h, w) VAE latents (already scaled by the VAE's scaling_factor)
+        t     (B,) course time in [0, 1]; the UNet sees timestep = 1000 t - 1 (processes.SDDiscrete), float32
+        cond  a conditioning.Cond with text (encoder_hidden_states) and, for an LCM student, timestep_cond
+    TextEncoder(tokenizer, text_model)            prompts -> Cond(text=..., null_text=<embedding of "">)
+    LatentCodec(vae)                              images in [-1, 1] <-> scaled latents
+    load_sd(source)                               all three (and the scheduler's config) from a diffusers folder/hub id
+
+The schedule comes from the scheduler's config (scaled_linear betas -> SDDiscrete) and the parameterization from its
+prediction_type ("epsilon" -> "eps", "v_prediction" -> "v"). Guidance is the course's `guidance.cfg(model, w)` with
+diffusers' guidance_scale = 1 + w; the course's DDIM on `grids.sd_grid(n, process, "trailing")` reproduces diffusers'
+StableDiffusionPipeline with DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=True) (tests/test_sd.py).
+
+Pretrained parts are referenced, never copied: a saved course config records the source (hub id or local folder),
+subfolder and revision. Students save in diffusers' formats so diffusers loads them without the course:
+`save_lora` writes only a LoRA adapter (`pipe.load_lora_weights(folder)`), `save_student` a whole pipeline folder
+with the student's UNet (`StableDiffusionPipeline.from_pretrained(folder)`).
+
+transformers, diffusers and peft are imported inside functions: importing course_lib never imports them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .conditioning import Cond
+from .config import seeded
+from .predictions import Pred, to_pred
+from .processes import SDDiscrete
+
+CONFIG = "config.json"                   # the course's reference beside diffusers' files
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}   # diffusers -> course
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")                         # attention projections
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schedule and parameterization of a diffusers scheduler config
+# ----------------------------------------------------------------------------------------------------------------
+
+def process_from_scheduler(config: dict) -> SDDiscrete:
+    """The course process of a diffusers (DDPM-type) scheduler config: betas "scaled_linear" or "linear"."""
+    if config.get("trained_betas") is not None or config.get("rescale_betas_zero_snr"):
+        raise ValueError("this scheduler uses trained or zero-SNR-rescaled betas; the course's SDDiscrete covers "
+                         "the 'scaled_linear' and 'linear' schedules only")
+    return SDDiscrete(beta_start=float(config.get("beta_start", 0.00085)), beta_end=float(config.get("beta_end", 0.012)),
+                      num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                      beta_schedule=config.get("beta_schedule", "scaled_linear"))
+
+
+def parameterization_from_scheduler(config: dict) -> str:
+    kind = config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {kind!r} in the scheduler config; known: {', '.join(PREDICTION_TYPES)}")
+    return PREDICTION_TYPES[kind]
+
+
+def _reference(source: str | os.PathLike, subfolder: str | None, revision: str | None) -> dict:
+    """Where a pretrained part lives: a local folder (stored as an absolute path) or a hub id."""
+    path = Path(source).expanduser()
+    src = str(path.resolve()) if path.exists() else str(source)
+    return {"source": src, "subfolder": subfolder, "revision": revision}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The denoiser
+# ----------------------------------------------------------------------------------------------------------------
+
+class SDDenoiser(nn.Module):
+    """diffusers' UNet2DConditionModel as a course model: forward(x, t, cond) -> Pred(x0, eps)."""
+
+    accepts_cond = True  # guidance.cfg hands it a Cond (text and null text), not label tensors
+
+    def __init__(self, unet: nn.Module, process: SDDiscrete, parameterization: str = "eps",
+                 reference: dict | None = None):
+        super().__init__()
+        if parameterization not in PREDICTION_TYPES.values():
+            raise ValueError(f"SDDenoiser parameterization is one of {sorted(PREDICTION_TYPES.values())}; "
+                             f"got {parameterization!r}")
+        self.unet, self.process, self.parameterization = unet, process, parameterization
+        self.reference = reference        # {"source", "subfolder", "revision"} of the UNet's pretrained weights
+        self.lora: dict | None = None     # LoRA settings once add_lora was called
+
+    def raw(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """The UNet's native output (eps or v) at latents x (B, 4, h, w), course times t (B,)."""
+        if not isinstance(cond, Cond) or cond.text is None:
+            raise ValueError("Stable Diffusion is conditioned on text: pass a Cond with text embeddings "
+                             "(sd.TextEncoder(prompts), or Cond(text=..., null_text=...))")
+        if cond.pooled is not None or cond.w is not None:
+            raise ValueError("SDDenoiser takes Cond.text and Cond.timestep_cond; pooled embeddings (SDXL) and w as "
+                             "an input (use timestep_cond, LCM's w-embedding) are not supported")
+        if cond.y is not None and getattr(self.unet, "class_embedding", None) is None:
+            raise ValueError("this UNet has no class embedding: a Cond for Stable Diffusion holds text, not labels")
+        if len(cond) != len(x):
+            raise ValueError(f"the Cond has batch size {len(cond)}, the latents {len(x)}")
+        timestep = self.process.timestep(t.to(torch.float32))            # 1000 t - 1, kept float32
+        out = self.unet(x, timestep, encoder_hidden_states=cond.text.to(x.dtype), class_labels=cond.y,
+                        timestep_cond=None if cond.timestep_cond is None else cond.timestep_cond.to(x.dtype))
+        return out.sample
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Pred:
+        return to_pred(self.raw(x, t, cond), x, t.to(x.dtype), self.process, self.parameterization)
+
+    def config(self) -> dict:
+        """JSON description: the UNet's reference (not its weights), the process, the parameterization, the LoRA."""
+        return {"arch": "sd-unet", "unet": self.reference, "process": self.process.config(),
+                "parameterization": self.parameterization, "lora": self.lora}
+
+
+def lcm_timestep_cond(w: Tensor, dim: int) -> Tensor:
+    """LCM's embedding of the guidance weight w (B,) -> (B, dim) for a UNet with time_cond_proj_dim = dim: sinusoidal
+    features of 1000 w (Luo et al. 2023; diffusers' get_guidance_scale_embedding, called with guidance_scale - 1 = w)."""
+    half = dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) / (half - 1) * torch.arange(half, dtype=torch.float32))
+    args = (1000.0 * w.float())[:, None] * freqs.to(w.device)[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text encoder and VAE
+# ----------------------------------------------------------------------------------------------------------------
+
+class TextEncoder(nn.Module):
+    """CLIP tokenizer + text model: prompts -> Cond(text (B, L, D), null_text = embedding of "" (1, L, D)), encoded
+    as StableDiffusionPipeline.encode_prompt does (padded to the tokenizer's model_max_length)."""
+
+    def __init__(self, tokenizer: Any, text_model: nn.Module):
+        super().__init__()
+        if len(tokenizer) <= 100:
+            raise ValueError(f"this tokenizer has only {len(tokenizer)} tokens: a tokenizer loaded from the hub while "
+                             "offline comes back broken without raising. Load it from a local folder")
+        self.tokenizer, self.text_model = tokenizer, text_model
+
+    def embed(self, prompts: str | Sequence[str]) -> Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        device = next(self.text_model.parameters()).device
+        mask = tok.attention_mask.to(device) if getattr(self.text_model.config, "use_attention_mask", False) else None
+        return self.text_model(tok.input_ids.to(device), attention_mask=mask)[0]      # (B, L, D)
+
+    def forward(self, prompts: str | Sequence[str]) -> Cond:
+        return Cond(text=self.embed(prompts), null_text=self.embed([""]))
+
+
+class LatentCodec(nn.Module):
+    """The VAE as latent codec: encode images in [-1, 1] (B, 3, H, W) to latents scaled by the VAE's scaling_factor
+    (z = (mean - shift) * scale; a sample of the posterior when a generator is given), decode back (not clamped)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        dist = self.vae.encode(images).latent_dist
+        z = dist.mean if generator is None else dist.sample(generator=generator)
+        return (z - self.shift) * self.scale
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents / self.scale + self.shift).sample
+
+
+@dataclass
+class SD:
+    """A Stable Diffusion model in course pieces; `scheduler` is kept only for diffusers interop (saving students)."""
+
+    model: SDDenoiser
+    text: TextEncoder
+    vae: LatentCodec
+    scheduler: Any
+    reference: dict           # the pipeline's {"source", "subfolder", "revision"}
+
+    def config(self) -> dict:
+        return {"pipeline": self.reference, "model": self.model.config()}
+
+
+def from_pipeline(pipe: Any, reference: dict | None = None) -> SD:
+    """Course pieces sharing the modules of a diffusers StableDiffusionPipeline (nothing is copied)."""
+    sched = dict(pipe.scheduler.config)
+    unet_ref = None if reference is None else {**reference, "subfolder": "unet"}
+    model = SDDenoiser(pipe.unet, process_from_scheduler(sched), parameterization_from_scheduler(sched), unet_ref)
+    return SD(model, TextEncoder(pipe.tokenizer, pipe.text_encoder), LatentCodec(pipe.vae), pipe.scheduler, reference)
+
+
+def load_sd(source: str | os.PathLike, revision: str | None = None, device: str | torch.device = "cpu",
+            dtype: torch.dtype = torch.float32) -> SD:
+    """Stable Diffusion from a diffusers pipeline folder or hub id (offline: a local folder), as course pieces.
+
+    Text encoder and VAE are frozen (eval, no grad); the UNet is returned in eval mode with its parameters
+    trainable (make a LoRA student with add_lora, or train it whole)."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, revision=revision, torch_dtype=dtype,
+                                                       safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        raise OSError(f"could not load a Stable Diffusion pipeline from {source!r} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}). Offline, pass a local diffusers folder (with "
+                      "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)") from e
+    sd = from_pipeline(pipe, _reference(source, None, revision))
+    sd.text.text_model.to(device).eval().requires_grad_(False)
+    sd.vae.vae.to(device).eval().requires_grad_(False)
+    sd.model.to(device).eval()
+    return sd
+
+
+def save_sd_config(folder: str | os.PathLike, model: SDDenoiser, extra: dict | None = None) -> Path:
+    """Write the course's config.json for `model`: the reference to its UNet, process, parameterization (no weights).
+    A LoRA student also needs its adapter weights beside it: use save_lora, which calls this."""
+    if model.reference is None:
+        raise ValueError("this SDDenoiser has no reference to pretrained weights (build it with load_sd); a student "
+                         "with new weights is saved with save_student")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG).write_text(json.dumps({"sd": model.config(), **(extra or {})}, indent=2, sort_keys=True))
+    return folder
+
+
+def load_sd_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple[SDDenoiser, dict]:
+    """Rebuild an SDDenoiser from a course config.json (save_sd_config / save_lora / save_student): the UNet is
+    loaded from its reference, then the LoRA adapter in `folder`, if any. Returns (model in eval mode, config)."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {folder} holds no course SD config (save_sd_config wrote none)")
+    config = json.loads(path.read_text())
+    c = config["sd"]
+    ref = c["unet"]
+    unet = UNet2DConditionModel.from_pretrained(ref["source"], subfolder=ref["subfolder"], revision=ref["revision"],
+                                                torch_dtype=dtype)
+    proc = dict(c["process"])
+    proc.pop("name")
+    model = SDDenoiser(unet, SDDiscrete(**proc), c["parameterization"], ref)
+    if c.get("lora"):
+        load_lora(model, folder)
+    return model.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Students: a LoRA adapter, or a whole UNet, saved in diffusers' formats
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_lora(model: SDDenoiser, r: int = 4, alpha: float | None = None, target_modules: Sequence[str] = LORA_TARGETS,
+             init: str | bool = "gaussian", seed: int = 0) -> SDDenoiser:
+    """A LoRA student (Hu et al. 2022): freeze the UNet, add rank-r adapters to its attention projections.
+    lora_B starts at zero, so the student starts as the teacher; only the adapter's parameters train.
+    Initialised under config.seeded(seed) (the caller's global RNG is left as it was). Returns `model`."""
+    from peft import LoraConfig
+
+    if model.lora is not None:
+        raise ValueError("this model already has a LoRA adapter")
+    alpha = float(r if alpha is None else alpha)
+    model.unet.requires_grad_(False)
+    with seeded(seed):
+        model.unet.add_adapter(LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=init,
+                                          target_modules=list(target_modules)))
+    model.lora = {"r": r, "alpha": alpha, "target_modules": list(target_modules)}
+    return model
+
+
+def lora_state_dict(model_or_unet: nn.Module) -> dict[str, Tensor]:
+    """The LoRA adapter's weights only, with diffusers' key names."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet = getattr(model_or_unet, "unet", model_or_unet)
+    if not getattr(unet, "peft_config", None):
+        raise ValueError("this UNet has no LoRA adapter: add one with sd.add_lora(model)")
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(model_or_unet: nn.Module, folder: str | os.PathLike) -> Path:
+    """Save ONLY the LoRA adapter, in diffusers' format (folder/pytorch_lora_weights.safetensors, with the adapter's
+    rank and alpha as metadata): `StableDiffusionPipeline.load_lora_weights(folder)` loads it onto the teacher.
+    For an SDDenoiser with a reference, config.json records the teacher (load_sd_model rebuilds the student)."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = getattr(model_or_unet, "unet", model_or_unet)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(unet).items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=weights, safe_serialization=True,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    if isinstance(model_or_unet, SDDenoiser) and model_or_unet.reference is not None:
+        save_sd_config(folder, model_or_unet)
+    return folder
+
+
+def load_lora(model: SDDenoiser, folder: str | os.PathLike) -> SDDenoiser:
+    """Load a LoRA adapter saved by save_lora (or any diffusers SD LoRA) into `model`'s UNet."""
+    model.unet.load_lora_adapter(str(folder), weight_name=LORA_WEIGHTS, prefix="unet", adapter_name="default")
+    cfg = model.unet.peft_config["default"]
+    model.lora = {"r": cfg.r, "alpha": float(cfg.lora_alpha), "target_modules": sorted(cfg.target_modules)}
+    return model
+
+
+def save_student(sd: SD, folder: str | os.PathLike, model: SDDenoiser | None = None, scheduler: Any = None) -> Path:
+    """Save a full student (all UNet weights trained) as a diffusers pipeline folder with the teacher's text encoder,
+    tokenizer and VAE (safetensors): `StableDiffusionPipeline.from_pretrained(folder)` and `load_sd(folder)` load it.
+
+    model: the student (default sd.model); scheduler: the one to ship with it (default the teacher's; a consistency
+    student ships e.g. LCMScheduler.from_config(sd.scheduler.config))."""
+    from diffusers import StableDiffusionPipeline
+
+    model = sd.model if model is None else model
+    if model.lora is not None:
+        raise ValueError("this student is a LoRA adapter on the teacher: save it with save_lora (or merge it first "
+                         "with model.unet.fuse_lora(); model.unet.unload_lora() ...)")
+    pipe = StableDiffusionPipeline(unet=model.unet, vae=sd.vae.vae, text_encoder=sd.text.text_model,
+                                   tokenizer=sd.text.tokenizer, scheduler=scheduler or sd.scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    student = SDDenoiser(model.unet, model.process, model.parameterization, _reference(folder, "unet", None))
+    save_sd_config(folder, student)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny pipeline, built offline (tests and smoke runs)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _byte_vocab() -> dict[str, int]:
+    """CLIP's byte-level alphabet (GPT-2's bytes_to_unicode): start/end tokens, 256 bytes, 256 word-final bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:              # unprintable bytes map to code points 256, 257, ...
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in chars:
+            vocab[ch + suffix] = len(vocab)
+    return vocab
+
+
+def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", time_cond_proj_dim: int | None = None) -> Any:
+    """A ~1.7 M-parameter StableDiffusionPipeline built offline from configs (diffusers' own test sizes): UNet (32, 64)
+    with cross-attention on 32-d text, 8x8 latents (16x16 images), CLIP text model (vocab 514, 16 tokens) with a
+    byte-level tokenizer, SD's scaled-linear schedule in a DDIMScheduler. Random weights initialised under
+    config.seeded(seed): deterministic, and the caller's global RNG is left as it was."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with seeded(seed):
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32, time_cond_proj_dim=time_cond_proj_dim)
+        vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                            norm_num_groups=32)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                            num_hidden_layers=2, vocab_size=514, max_position_embeddings=16,
+                                            bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32))
+    tokenizer = CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=16)
+    # SD 1.x's schedule (its scheduler_config), in a DDIMScheduler
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
