@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .conditioning import Cond
 from .config import seeded
 from .predictions import Pred, to_pred
-from .processes import SDDiscrete
+from .processes import SDDiscrete, time_dtype
 
 CONFIG = "config.json"                   # the course's reference beside diffusers' files
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -107,7 +107,7 @@ class SDDenoiser(nn.Module):
         return out.sample
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Pred:
-        return to_pred(self.raw(x, t, cond), x, t.to(x.dtype), self.process, self.parameterization)
+        return to_pred(self.raw(x, t, cond), x, t.to(time_dtype(x.dtype)), self.process, self.parameterization)
 
     def config(self) -> dict:
         """JSON description: the UNet's reference (not its weights), the process, the parameterization, the LoRA."""
