@@ -313,7 +313,9 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
         for m in [*copies.values(), *frozen.values()]:
             m.to(accelerator.device)
     device = next(iter(runs[0].trainable.values())).device
-    gen = torch.Generator(device=generator_device).manual_seed(cfg.seed + (rank << 32))
+    # Process r draws from seed + r * 0x9E3779B9 (the golden-ratio increment): process 0 keeps cfg.seed, so a
+    # single-process run is unchanged, and the low 32 bits (all a CPU mt19937 generator uses) differ by rank.
+    gen = torch.Generator(device=generator_device).manual_seed(cfg.seed + rank * 0x9E3779B9)
     step, logs = 0, {}
     description = _describe(cfg, runs, targets, frozen, world, extra_config)
     folder = Path(ckpt_dir) if ckpt_dir is not None else None
@@ -465,7 +467,9 @@ def _restore(folder: Path, description: dict, runs: list[_Run], copies: dict[str
                                         + PER_NETWORK}} for c in (config, description))
     changes = _changes({k: old.get(k) for k in new}, new)
     if changes and not allow_config_change:
-        kind = "another model" if any(".model." in c or c.startswith("frozen.") for c in changes) else "other settings"
+        paths = [c.split(":")[0].split(".") for c in changes]
+        models = any(p[0] == "frozen" or p[0] == "networks" and p[2:3] == ["model"] for p in paths)
+        kind = "another model" if models else "other settings"
         raise CheckpointError(f"{where} was written for {kind}; changed: {'; '.join(changes)}. Run with the "
                               "checkpoint's settings, pass allow_config_change=True to continue with the new ones, "
                               "or use another ckpt_dir.")
@@ -495,7 +499,7 @@ def _restore(folder: Path, description: dict, runs: list[_Run], copies: dict[str
         frozen_names = {n for n, _ in copies[k].named_parameters()} - set(source.trainable)
         _load(copies[k], {n[len(f"target.{k}."):]: v for n, v in tensors.items() if n.startswith(f"target.{k}.")},
               frozen_names, str(where))
-    gen.set_state(tensors["rng"][rank].contiguous())
+    gen.set_state(tensors["rng"][rank].clone())  # a copy: set_state misreads a row view (storage offset)
     return int(config["step"]), {k: list(v) for k, v in config.get("logs", {}).items()}
 
 
