@@ -215,7 +215,8 @@ def _describe(cfg: TrainConfig, runs: list[_Run], targets: Mapping[str, Target],
 
 def _changes(old: Any, new: Any, path: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
-        return [c for k in sorted(set(old) | set(new)) for c in _changes(old.get(k), new.get(k), f"{path}.{k}".lstrip("."))]
+        keys = sorted(set(old) | set(new))
+        return [c for k in keys for c in _changes(old.get(k), new.get(k), f"{path}.{k}".lstrip("."))]
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
@@ -345,51 +346,27 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
         for p in r.trainable.values():
             p.requires_grad_(False)                                   # switched on during the network's own phase
     views = {**{r.name: r.spec.module for r in runs}, **copies, **frozen}
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" \
-        else contextlib.nullcontext
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.desc, disable=not (progress and main), mininterval=0.5)
-    rng_at_step_start, stepped = gen.get_state(), False
+    rng_at_step_start, updates_at_step_start = gen.get_state(), [r.updates for r in runs]
     try:
         while step < cfg.steps:
-            rng_at_step_start, stepped = gen.get_state(), False
+            rng_at_step_start, updates_at_step_start = gen.get_state(), [r.updates for r in runs]
             for r in runs:
                 if step % r.spec.every:
                     continue
-                # 4a. this phase: only r's trainable parameters take gradients; r is called through DDP
+                # 4a. one phase: only r's trainable parameters take gradients (r is called through DDP)
                 for p in r.trainable.values():
                     p.requires_grad_(True)
                 ctx = StepContext(r.name, step, gen, {**views, r.name: r.wrapped}, pending)
-                for g in r.opt.param_groups:
-                    g["lr"] = r.spec.lr * lr_scale(r.updates, r.total, r.spec.warmup, r.spec.lr_schedule)
-                r.opt.zero_grad(set_to_none=True)
-                # 4b. forward and backward over grad_accum micro-batches (no DDP all-reduce until the last)
-                for micro in range(cfg.grad_accum):
-                    batch = to_device(sample_batch(cfg.batch_size, gen), device)
-                    last = micro == cfg.grad_accum - 1
-                    with contextlib.nullcontext() if last or r.ddp is None else accelerator.no_sync(r.ddp):
-                        with autocast():
-                            loss = step_fn(ctx, batch).float().mean()              # (B,) -> scalar, in fp32
-                        if cfg.grad_accum > 1:
-                            loss = loss / cfg.grad_accum
-                        loss.backward()
-                    loss_sum = loss.detach() if micro == 0 else loss_sum + loss.detach()
-                # 4c. clip, update, then this network's EMA and the targets that follow it
-                if r.spec.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(r.trainable.values(), r.spec.grad_clip)
-                r.opt.step()
-                stepped = True
-                with torch.no_grad():
-                    if r.ema is not None:
-                        for k, p in r.trainable.items():
-                            r.ema[k].lerp_(p, 1.0 - r.spec.ema_decay)
-                    for k, t in targets.items():
-                        if t.source == r.name:
-                            _follow(copies[k], r, t.decay(step) if callable(t.decay) else t.decay)
+                loss = _phase(r, ctx, step_fn, sample_batch, cfg, device, accelerator)
                 for p in r.trainable.values():
                     p.requires_grad_(False)
-                r.updates += 1
-                pending.append(("loss", r.name, loss_sum))
-            # 4d. bookkeeping: losses to the host every log_every iterations, checkpoints every ckpt_every
+                # 4b. the targets that follow r
+                for k, t in targets.items():
+                    if t.source == r.name:
+                        _follow(copies[k], r, t.decay(step) if callable(t.decay) else t.decay)
+                pending.append(("loss", r.name, loss))
+            # 4c. bookkeeping: losses to the host every log_every iterations, checkpoints every ckpt_every
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0:
@@ -402,7 +379,7 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
         # Nearly all time is spent before an optimizer step: if none happened in this iteration, the weights are
         # untouched, and rewinding the generator lets the resumed run redo it exactly. An interrupt after a
         # phase's update is saved as it is (resuming then is not bit-exact).
-        if not stepped:
+        if [r.updates for r in runs] == updates_at_step_start:
             gen.set_state(rng_at_step_start)
         checkpoint()
         bar.close()
@@ -423,6 +400,36 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
                    losses={r.name: r.losses for r in runs}, logs=logs)
 
 
+def _phase(r: _Run, ctx: StepContext, step_fn: Callable, sample_batch: Callable, cfg: TrainConfig,
+           device: torch.device, accelerator) -> Tensor:
+    """One update of network r: grad_accum micro-batches, clipping, the optimizer step, the EMA.
+    Returns the update's mean loss as a detached scalar tensor (left on the device)."""
+    for g in r.opt.param_groups:
+        g["lr"] = r.spec.lr * lr_scale(r.updates, r.total, r.spec.warmup, r.spec.lr_schedule)
+    r.opt.zero_grad(set_to_none=True)
+    bf16 = cfg.precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for micro in range(cfg.grad_accum):
+        batch = to_device(sample_batch(cfg.batch_size, ctx.generator), device)
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if last or r.ddp is None else accelerator.no_sync(r.ddp):  # all-reduce once
+            with autocast:
+                loss = step_fn(ctx, batch).float().mean()                  # per-sample (B,) -> scalar, in fp32
+            if cfg.grad_accum > 1:
+                loss = loss / cfg.grad_accum
+            loss.backward()
+        total = loss.detach() if micro == 0 else total + loss.detach()
+    if r.spec.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(r.trainable.values(), r.spec.grad_clip)
+    r.opt.step()
+    r.updates += 1
+    if r.ema is not None:
+        with torch.no_grad():
+            for k, p in r.trainable.items():
+                r.ema[k].lerp_(p, 1.0 - r.spec.ema_decay)
+    return total
+
+
 @torch.no_grad()
 def _follow(target: nn.Module, source: _Run, mu: float) -> None:
     """target <- mu target + (1 - mu) source over the source's trainable parameters; buffers are copied."""
@@ -437,7 +444,8 @@ def _save(folder: Path, description: dict, runs: list[_Run], copies: dict[str, n
           targets: Mapping[str, Target], rng: Tensor, step: int, logs: dict) -> None:
     tensors: dict[str, Tensor] = {"rng": rng}
     for r in runs:
-        tensors.update({f"net.{r.name}.{k}": v for k, v in _kept(r.spec.module, r.trainable, r.spec.save_frozen).items()})
+        kept = _kept(r.spec.module, r.trainable, r.spec.save_frozen)
+        tensors.update({f"net.{r.name}.{k}": v for k, v in kept.items()})
         tensors.update({f"ema.{r.name}.{k}": v for k, v in (r.ema or {}).items()})
         for idx, st in r.opt.state_dict()["state"].items():
             tensors.update({f"opt.{r.name}.{idx}.{key}": torch.as_tensor(val) for key, val in st.items()})
@@ -473,8 +481,8 @@ def _restore(folder: Path, description: dict, runs: list[_Run], copies: dict[str
         raise CheckpointError(f"{where} was written for {kind}; changed: {'; '.join(changes)}. Run with the "
                               "checkpoint's settings, pass allow_config_change=True to continue with the new ones, "
                               "or use another ckpt_dir.")
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     for r in runs:
-        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         frozen_names = {k for k, _ in r.spec.module.named_parameters()} - set(r.trainable)
         _load(r.spec.module, part(f"net.{r.name}."), set() if r.spec.save_frozen else frozen_names, str(where))
         if r.ema is not None:
@@ -497,8 +505,7 @@ def _restore(folder: Path, description: dict, runs: list[_Run], copies: dict[str
     for k, t in targets.items():
         source = next(r for r in runs if r.name == t.source)
         frozen_names = {n for n, _ in copies[k].named_parameters()} - set(source.trainable)
-        _load(copies[k], {n[len(f"target.{k}."):]: v for n, v in tensors.items() if n.startswith(f"target.{k}.")},
-              frozen_names, str(where))
+        _load(copies[k], part(f"target.{k}."), frozen_names, str(where))
     gen.set_state(tensors["rng"][rank].clone())  # a copy: set_state misreads a row view (storage offset)
     return int(config["step"]), {k: list(v) for k, v in config.get("logs", {}).items()}
 

@@ -71,7 +71,8 @@ def test_phases_see_updated_weights_and_only_their_network_has_grad():
         return (ctx.nets[ctx.phase](x) - teacher(x)).pow(2).squeeze(1)
 
     done = train_networks({"a": Network(a, lr=0.1), "b": Network(b, lr=0.1, every=2)}, step,
-                          lambda n, g: torch.randn(n, 2, generator=g), TrainConfig(steps=4, batch_size=8, log_every=3),
+                          lambda n, g: torch.randn(n, 2, generator=g),
+                          TrainConfig(steps=4, batch_size=8, log_every=3),
                           targets={"a_copy": Target("a")}, frozen={"teacher": teacher}, progress=False)
     assert [(s, p) for s, p, _ in seen] == [(0, "a"), (0, "b"), (1, "a"), (2, "a"), (2, "b"), (3, "a")]
     assert not torch.equal(seen[0][2], seen[1][2])                 # b's phase saw a after a's update
@@ -80,13 +81,13 @@ def test_phases_see_updated_weights_and_only_their_network_has_grad():
     assert all(p.requires_grad for p in [*a.parameters(), *b.parameters()])  # restored at the end
 
 
-def _regression(tmp_path: Path, **changes):
+def _regression(tmp_path: Path, allow: bool = False, **changes):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Linear(16, 1))
     cfg = TrainConfig(**{"steps": 5, "batch_size": 16, "ema_decay": 0.9, **changes})
-    allow = cfg.desc == "allow"
-    return train(model, lambda m, x, g: (m(x).squeeze(1) - x.sum(1)).pow(2), lambda n, g: torch.randn(n, 2, generator=g),
-                 cfg, ckpt_dir=tmp_path / "r", progress=False, allow_config_change=allow)
+    return train(model, lambda m, x, g: (m(x).squeeze(1) - x.sum(1)).pow(2),
+                 lambda n, g: torch.randn(n, 2, generator=g), cfg, ckpt_dir=tmp_path / "r", progress=False,
+                 allow_config_change=allow)
 
 
 def test_resuming_with_changed_settings_names_them(tmp_path):
@@ -100,7 +101,7 @@ def test_resuming_with_changed_settings_names_them(tmp_path):
         _regression(tmp_path, steps=8, grad_accum=2)
     state = _regression(tmp_path, steps=8, log_every=2)                 # longer runs may continue
     assert state.step == 8 and len(state.losses) == 8
-    state = _regression(tmp_path, steps=10, lr=1e-2, desc="allow")
+    state = _regression(tmp_path, allow=True, steps=10, lr=1e-2)
     assert state.step == 10 and len(state.losses) == 10
     assert json.loads((tmp_path / "r" / "config.json").read_text())["train_config"]["lr"] == 1e-2
 
@@ -141,7 +142,8 @@ def test_lora_student_checkpoints_only_its_adapter(tmp_path):
     assert set(done.ema["student"]) == {"A", "B"}
     assert not torch.equal(done.ema["student"]["B"], done.nets["student"].B)
     best = done.best("student")
-    assert torch.equal(best.B, done.ema["student"]["B"]) and torch.equal(best.base.weight, done.nets["student"].base.weight)
+    assert torch.equal(best.B, done.ema["student"]["B"])
+    assert torch.equal(best.base.weight, done.nets["student"].base.weight)
     # resuming a 3-step checkpoint (the base comes from the caller's module) reaches the same adapter
     run(3)
     shutil.copytree(tmp_path / "s3", tmp_path / "s6b")
@@ -230,3 +232,11 @@ def test_two_process_ddp_run(tmp_path):
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert config["world_size"] == 2 and config["step"] == 20
     assert load_file(str(tmp_path / "full" / TRAINER_WEIGHTS))["rng"].shape[0] == 2   # both generators saved
+
+
+def test_a_checkpoint_of_the_old_trainer_says_what_to_do(tmp_path):
+    from course_lib.checkpoint import save_tensors
+    save_tensors(tmp_path / "r", {"model.0.weight": torch.zeros(16, 2), "rng": torch.Generator().get_state()},
+                 {"step": 3, "losses": [1.0, 1.0, 1.0]}, weights_name=TRAINER_WEIGHTS)   # no embedded config
+    with pytest.raises(CheckpointError, match="older version.*delete"):
+        _regression(tmp_path)
