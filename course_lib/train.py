@@ -271,7 +271,7 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
     Resuming with changed settings raises CheckpointError naming them (steps, desc, ckpt_every and log_every may
     change), unless allow_config_change. Ctrl-C (KeyboardInterrupt) writes a checkpoint before it propagates.
     """
-    # 1. check the arguments, build an optimizer (and EMA tensors) per network
+    # 1. check the arguments, build an optimizer per network and the target copies
     targets, frozen = dict(targets or {}), dict(frozen or {})
     names = [*networks, *targets, *frozen]
     if len(set(names)) != len(names) or any("." in n for n in names):
@@ -289,16 +289,13 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
         if not trainable:
             raise ValueError(f"network {name!r} has no parameter with requires_grad; pass it as frozen= instead")
         opt = torch.optim.AdamW(trainable.values(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
-        run = _Run(name, spec, trainable, opt, total=len(range(0, cfg.steps, spec.every)))
-        if spec.ema_decay > 0:
-            run.ema = {k: p.detach().clone() for k, p in trainable.items()}
         if cfg.grad_checkpointing:
             _enable_checkpointing(name, spec.module)
-        runs.append(run)
+        runs.append(_Run(name, spec, trainable, opt, total=len(range(0, cfg.steps, spec.every))))
     by_name = {r.name: r for r in runs}
     copies = {k: copy.deepcopy(by_name[t.source].spec.module).requires_grad_(False).eval() for k, t in targets.items()}
 
-    # 2. accelerate: wrap each network (DDP) and its optimizer; one generator stream per process
+    # 2. accelerate: wrap each network (DDP) and its optimizer; EMA tensors; one generator stream per process
     rank, world, main = 0, 1, True
     for r in runs:
         r.wrapped = r.spec.module
@@ -313,6 +310,8 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
                 r.ddp, r.wrapped = wrapped, _Synced(wrapped, r.spec.module)
         for m in [*copies.values(), *frozen.values()]:
             m.to(accelerator.device)
+    for r in runs:  # EMA tensors beside the weights (after prepare has moved them to the device)
+        r.ema = {k: p.detach().clone() for k, p in r.trainable.items()} if r.spec.ema_decay > 0 else None
     device = next(iter(runs[0].trainable.values())).device
     # Process r draws from seed + r * 0x9E3779B9 (the golden-ratio increment): process 0 keeps cfg.seed, so a
     # single-process run is unchanged, and the low 32 bits (all a CPU mt19937 generator uses) differ by rank.
