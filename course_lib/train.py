@@ -1,23 +1,38 @@
-"""One training loop for every method in the course: progress bar, EMA, checkpoints, resume, explicit seeds.
+"""One training engine for every method in the course: phases, EMA, target networks, checkpoints, explicit seeds.
+
+One network (a teacher, a PD student, a rectified flow):
 
     state = train(model, loss_fn, sample_batch, TrainConfig(steps=4000, batch_size=1024), ckpt_dir="runs/x")
 
-`sample_batch(batch_size, generator) -> batch` draws data; `loss_fn(model, batch, generator) -> (B,)` returns
-per-sample losses (the loop takes the mean). All randomness after initialisation flows through one
-torch.Generator seeded with `TrainConfig.seed`, whose state is checkpointed: a run that is killed and
-resumed from its last checkpoint ends with exactly the weights of an uninterrupted run.
+Several networks, each with its own optimizer (a GAN, DMD2's generator and fake score, a consistency model
+with its target network):
 
-A checkpoint folder holds `trainer.safetensors` (model, EMA, optimizer tensors, RNG state) and
-`config.json` (step, loss history, the TrainConfig, optimizer hyperparameters, the model's config).
+    done = train_networks({"critic": Network(D), "generator": Network(G, every=5)}, step_fn, sample_batch, cfg,
+                          targets={"generator_ema": Target("generator", decay=0.99)}, ckpt_dir="runs/gan")
+
+`sample_batch(batch_size, generator) -> batch` draws data; `step_fn(ctx, batch) -> (B,)` returns per-sample
+losses of the network `ctx.phase` (the engine takes the mean). Iteration `step` updates every network with
+`step % every == 0`, one after another in declaration order (a "phase" each), so later phases see the updated
+weights of earlier ones. All randomness after initialisation flows through one torch.Generator seeded with
+`TrainConfig.seed`, whose state is checkpointed: a run that is killed and resumed from its last checkpoint
+ends with exactly the weights of an uninterrupted run.
+
+A checkpoint folder holds `trainer.safetensors` (every network, EMA, targets, optimizer tensors, RNG states,
+and the run's JSON description in its metadata: one atomic file) and `config.json` (a readable mirror of it).
+
+Under accelerate (`accelerator=`) batch_size is per process: the global batch is
+batch_size x world size x grad_accum samples per update.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -26,34 +41,106 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, load_tensors, save_tensors
 
 TRAINER_WEIGHTS = "trainer.safetensors"
+ALWAYS_CHANGEABLE = ("steps", "desc", "ckpt_every", "log_every")   # a resumed run may change these freely
+PER_NETWORK = ("lr", "ema_decay", "grad_clip", "warmup", "lr_schedule", "weight_decay", "betas")
+
+
+def lr_scale(update: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate factor for update number `update` (0-based) of `total`: linear warm-up, then a schedule."""
+    scale = min(1.0, (update + 1) / warmup) if warmup > 0 else 1.0
+    frac = update / max(1, total)
+    if schedule == "linear":
+        scale *= 1.0 - frac
+    elif schedule == "cosine":
+        scale *= 0.5 * (1.0 + math.cos(math.pi * frac))
+    elif schedule != "constant":
+        raise ValueError(f"unknown lr_schedule {schedule!r}; valid: constant, linear, cosine")
+    return scale
 
 
 @dataclass
 class TrainConfig:
-    steps: int                      # total optimizer updates
-    batch_size: int                 # samples per update
-    lr: float = 1e-3                # Adam learning rate (after warm-up)
-    ema_decay: float = 0.999        # EMA of the weights kept beside the model; 0 disables it
-    grad_clip: float | None = 1.0   # max global grad norm; None disables clipping
-    warmup: int = 0                 # linear learning-rate warm-up steps
+    steps: int                      # total iterations (= optimizer updates for one network)
+    batch_size: int                 # samples per micro-batch (per process under accelerate)
+    lr: float = 1e-3                # Adam learning rate (after warm-up)           } used by train() (one network);
+    ema_decay: float = 0.999        # EMA of the weights; 0 disables it             } train_networks takes these
+    grad_clip: float | None = 1.0   # max global grad norm; None disables clipping  } from each Network
+    warmup: int = 0                 # linear learning-rate warm-up steps            }
     lr_schedule: str = "constant"   # "constant", "linear" (anneal to 0, as PD) or "cosine"
     weight_decay: float = 0.0       # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.999)
-    ckpt_every: int = 0             # checkpoint every k steps (0: only at the end); needs ckpt_dir
+    ckpt_every: int = 0             # checkpoint every k iterations (0: only at the end); needs ckpt_dir
     seed: int = 0                   # seeds the generator that all data and noise draws use
     desc: str = "train"             # progress-bar label
+    precision: str = "fp32"         # "fp32" or "bf16" (torch.autocast around the step function)
+    grad_accum: int = 1             # micro-batches (each batch_size) per optimizer update
+    grad_checkpointing: bool = False  # enable_gradient_checkpointing() on the diffusers submodules
+    log_every: int = 25             # losses are fetched to the host (one sync) every log_every iterations
 
     def lr_at(self, step: int) -> float:
         """Learning rate for update number `step` (0-based)."""
-        scale = min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else 1.0
-        frac = step / max(1, self.steps)
-        if self.lr_schedule == "linear":
-            scale *= 1.0 - frac
-        elif self.lr_schedule == "cosine":
-            scale *= 0.5 * (1.0 + math.cos(math.pi * frac))
-        elif self.lr_schedule != "constant":
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid: constant, linear, cosine")
-        return self.lr * scale
+        return self.lr * lr_scale(step, self.steps, self.warmup, self.lr_schedule)
+
+
+@dataclass
+class Network:
+    """One trained network with its own AdamW optimizer (over its parameters with requires_grad at the start)."""
+    module: nn.Module
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    warmup: int = 0                 # warm-up over this network's first `warmup` updates
+    lr_schedule: str = "constant"   # over this network's updates: constant, linear or cosine
+    ema_decay: float = 0.0          # EMA of the trainable parameters (0: none)
+    every: int = 1                  # updated on iterations where step % every == 0
+    save_frozen: bool = True        # False: checkpoint only trainable params + buffers (a LoRA student)
+
+
+@dataclass
+class Target:
+    """A frozen copy of network `source`, updated after each update of it: target <- mu target + (1 - mu) source
+    with mu = decay or decay(step) (0: a plain copy). Consistency models' theta^-, an EMA teacher."""
+    source: str
+    decay: float | Callable[[int], float] = 0.0
+
+
+@dataclass
+class StepContext:
+    """What a step function sees. nets: every network, target and frozen module by name; only nets[phase] has
+    gradients (the others are plain modules without grad, holding their latest weights)."""
+    phase: str
+    step: int
+    generator: torch.Generator
+    nets: Mapping[str, nn.Module]
+    _pending: list = field(default_factory=list, repr=False)
+
+    def log(self, name: str, value: Tensor | float) -> None:
+        """Record an extra scalar (kept on the device; fetched with the losses every log_every iterations)."""
+        self._pending.append(("log", name, value.detach().float().reshape(()) if isinstance(value, Tensor) else value))
+
+
+@dataclass
+class Trained:
+    """The result of train_networks: trained modules, EMA tensors, targets and histories."""
+    nets: dict[str, nn.Module]
+    ema: dict[str, dict[str, Tensor]]       # network -> {parameter name: EMA tensor} (networks with ema_decay > 0)
+    targets: dict[str, nn.Module]
+    step: int
+    updates: dict[str, int]
+    losses: dict[str, list[float]]          # network -> loss of each of its updates
+    logs: dict[str, list[float]]            # name -> values given to ctx.log
+
+    def best(self, name: str) -> nn.Module:
+        """The weights to sample from: a copy of the network with its EMA weights, or the network itself."""
+        if name not in self.ema:
+            return self.nets[name]
+        model = copy.deepcopy(self.nets[name]).requires_grad_(False).eval()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in self.ema[name].items():
+                params[k].copy_(v)
+        return model
 
 
 @dataclass
@@ -69,121 +156,371 @@ class TrainState:
         return self.ema if self.ema is not None else self.model
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+class _Synced:
+    """A DDP-wrapped network as its step function sees it: calls go through DDP (which averages gradients over
+    the processes), attributes (e.g. a Denoiser's .process) come from the network itself."""
+
+    def __init__(self, wrapped: nn.Module, module: nn.Module):
+        self._wrapped, self._module = wrapped, module
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
 
 
-def _pack(state: TrainState, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict[str, Tensor]:
-    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
-    if state.ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in state.ema.state_dict().items()})
-    for idx, st in opt.state_dict()["state"].items():
-        for key, val in st.items():
-            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(val)
-    tensors["rng"] = gen.get_state()
-    return tensors
+@dataclass
+class _Run:
+    """Runtime state of one Network."""
+    name: str
+    spec: Network
+    trainable: dict[str, nn.Parameter]      # recorded at the start: the only parameters the engine toggles
+    opt: torch.optim.Optimizer
+    total: int                              # updates over cfg.steps iterations
+    ema: dict[str, Tensor] | None = None
+    wrapped: Any = None                     # what the step function calls (the module, or a _Synced DDP view)
+    ddp: nn.Module | None = None            # the DDP wrapper under accelerate with several processes
+    updates: int = 0
+    losses: list[float] = field(default_factory=list)
 
 
-def save_training(folder: str | os.PathLike, state: TrainState, opt: torch.optim.Optimizer, gen: torch.Generator,
-                  cfg: TrainConfig, extra: dict[str, Any] | None = None) -> None:
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
-    config = {"step": state.step, "losses": state.losses, "train_config": asdict(cfg), "param_groups": groups,
-              **(extra or {})}
-    if hasattr(state.model, "config"):
-        config["model"] = state.model.config()
-    save_tensors(folder, _pack(state, opt, gen), config, weights_name=TRAINER_WEIGHTS)
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move a batch (a tensor, tuple, list, dict, or anything with .to) to `device`."""
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if hasattr(batch, "to") else batch
 
 
-def _restore(folder: Path, state: TrainState, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+def _model_config(module: nn.Module) -> dict | None:
+    try:
+        return module.config() if callable(getattr(module, "config", None)) else None
+    except (ValueError, TypeError):
+        return None
+
+
+def _describe(cfg: TrainConfig, runs: list[_Run], targets: Mapping[str, Target], frozen: Mapping[str, nn.Module],
+              world: int, extra: dict | None) -> dict:
+    """The run's settings as JSON; a resume compares them with the checkpoint's."""
+    decay = lambda d: d if not callable(d) else f"{d.__module__}.{d.__qualname__}"
+    nets = {r.name: {**{f.name: getattr(r.spec, f.name) for f in fields(Network) if f.name != "module"},
+                     "model": _model_config(r.spec.module)} for r in runs}
+    desc = {"train_config": asdict(cfg), "networks": nets, "world_size": world, "extra_config": extra or {},
+            "targets": {k: {"source": t.source, "decay": decay(t.decay)} for k, t in targets.items()},
+            "frozen": {k: _model_config(m) for k, m in frozen.items()}}
+    return json.loads(json.dumps(desc))  # tuples -> lists, as they come back from the file
+
+
+def _changes(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [c for k in keys for c in _changes(old.get(k), new.get(k), f"{path}.{k}".lstrip("."))]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+def _enable_checkpointing(name: str, module: nn.Module) -> None:
+    found = [m for m in module.modules() if hasattr(m, "enable_gradient_checkpointing")
+             and getattr(m, "_supports_gradient_checkpointing", True)]
+    if not found:
+        raise ValueError(f"grad_checkpointing: network {name!r} ({type(module).__name__}) has no submodule with "
+                         "enable_gradient_checkpointing() (a diffusers model); set grad_checkpointing=False")
+    for m in found:
+        m.enable_gradient_checkpointing()
+
+
+def _fetch(pending: list, runs: dict[str, _Run], logs: dict[str, list[float]]) -> None:
+    """Move the pending losses and logs to the host: one device sync for all of them."""
+    idx = [i for i, (_, _, v) in enumerate(pending) if isinstance(v, Tensor)]
+    values = [v for _, _, v in pending]
+    if idx:
+        dev = values[idx[0]].device
+        for i, v in zip(idx, torch.stack([values[i].to(dev) for i in idx]).tolist()):
+            values[i] = v
+    for (kind, name, _), v in zip(pending, values):
+        (runs[name].losses if kind == "loss" else logs.setdefault(name, [])).append(float(v))
+    pending.clear()
+
+
+def _kept(module: nn.Module, trainable: Mapping[str, Tensor], save_frozen: bool) -> dict[str, Tensor]:
+    """State-dict entries to checkpoint: all, or only trainable parameters and buffers."""
+    params = dict(module.named_parameters())
+    return {k: v for k, v in module.state_dict().items() if save_frozen or k in trainable or k not in params}
+
+
+def _load(module: nn.Module, tensors: dict[str, Tensor], may_miss: set[str], where: str) -> None:
+    try:
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
+        if unexpected or set(missing) - may_miss:
+            raise RuntimeError(f"missing keys {sorted(set(missing) - may_miss)}, unexpected keys {unexpected}")
+    except RuntimeError as e:
+        raise CheckpointError(f"{where} was written for another model: {e}. "
+                              "Use another ckpt_dir or delete this one.") from e
+
+
+def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepContext, Any], Tensor],
+                   sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig, *,
+                   targets: Mapping[str, Target] | None = None, frozen: Mapping[str, nn.Module] | None = None,
+                   ckpt_dir: str | os.PathLike | None = None, extra_config: dict[str, Any] | None = None,
+                   progress: bool = True, generator_device: str | torch.device = "cpu", accelerator=None,
+                   allow_config_change: bool = False) -> Trained:
+    """Train `networks` for cfg.steps iterations, resuming from `ckpt_dir` when it holds a checkpoint of this run.
+
+    step_fn(ctx, batch) -> per-sample losses (B,) of network ctx.phase; batches are moved to the networks' device.
+    Resuming with changed settings raises CheckpointError naming them (steps, desc, ckpt_every and log_every may
+    change), unless allow_config_change. Ctrl-C (KeyboardInterrupt) writes a checkpoint before it propagates.
+    """
+    # 1. check the arguments, build an optimizer per network and the target copies
+    targets, frozen = dict(targets or {}), dict(frozen or {})
+    names = [*networks, *targets, *frozen]
+    if len(set(names)) != len(names) or any("." in n for n in names):
+        raise ValueError(f"names of networks, targets and frozen modules must be unique and without dots: {names}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {cfg.precision!r}: use 'fp32' or 'bf16' (fp16 would need loss scaling)")
+    if cfg.grad_accum < 1 or cfg.log_every < 1:
+        raise ValueError("grad_accum and log_every must be at least 1")
+    for t in targets.values():
+        if t.source not in networks:
+            raise ValueError(f"Target source {t.source!r} is not one of the networks {list(networks)}")
+    runs: list[_Run] = []
+    for name, spec in networks.items():
+        trainable = {k: p for k, p in spec.module.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise ValueError(f"network {name!r} has no parameter with requires_grad; pass it as frozen= instead")
+        opt = torch.optim.AdamW(trainable.values(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+        if cfg.grad_checkpointing:
+            _enable_checkpointing(name, spec.module)
+        runs.append(_Run(name, spec, trainable, opt, total=len(range(0, cfg.steps, spec.every))))
+    by_name = {r.name: r for r in runs}
+    copies = {k: copy.deepcopy(by_name[t.source].spec.module).requires_grad_(False).eval() for k, t in targets.items()}
+
+    # 2. accelerate: wrap each network (DDP) and its optimizer; EMA tensors; one generator stream per process
+    rank, world, main = 0, 1, True
+    for r in runs:
+        r.wrapped = r.spec.module
+    if accelerator is not None:
+        if accelerator.mixed_precision != "no":
+            raise ValueError("set the precision with TrainConfig.precision and leave the Accelerator's "
+                             f"mixed_precision at 'no' (got {accelerator.mixed_precision!r})")
+        rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+        for r in runs:
+            wrapped, r.opt = accelerator.prepare(r.spec.module, r.opt)
+            if wrapped is not r.spec.module:
+                r.ddp, r.wrapped = wrapped, _Synced(wrapped, r.spec.module)
+        for m in [*copies.values(), *frozen.values()]:
+            m.to(accelerator.device)
+    for r in runs:  # EMA tensors beside the weights (after prepare has moved them to the device)
+        r.ema = {k: p.detach().clone() for k, p in r.trainable.items()} if r.spec.ema_decay > 0 else None
+    device = next(iter(runs[0].trainable.values())).device
+    # Process r draws from seed + r * 0x9E3779B9 (the golden-ratio increment): process 0 keeps cfg.seed, so a
+    # single-process run is unchanged, and the low 32 bits (all a CPU mt19937 generator uses) differ by rank.
+    gen = torch.Generator(device=generator_device).manual_seed(cfg.seed + rank * 0x9E3779B9)
+    step, logs = 0, {}
+    description = _describe(cfg, runs, targets, frozen, world, extra_config)
+    folder = Path(ckpt_dir) if ckpt_dir is not None else None
+
+    # 3. resume: every process reads the checkpoint and restores its own generator
+    if folder is not None and (folder / TRAINER_WEIGHTS).exists():
+        step, logs = _restore(folder, description, runs, copies, targets, gen, rank, world, allow_config_change)
+
+    pending: list = []
+
+    def checkpoint() -> None:
+        if folder is None:
+            return
+        _fetch(pending, by_name, logs)
+        rng = gen.get_state()[None]                                   # (1, n) bytes
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+            rng = accelerator.gather(rng.to(accelerator.device)).cpu()  # (world, n): every process's stream
+        if main:
+            _save(folder, description, runs, copies, targets, rng, step, logs)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+
+    # 4. the loop: each iteration runs the phases of the networks due at this step
+    for r in runs:
+        r.spec.module.train()
+        for p in r.trainable.values():
+            p.requires_grad_(False)                                   # switched on during the network's own phase
+    views = {**{r.name: r.spec.module for r in runs}, **copies, **frozen}
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.desc, disable=not (progress and main), mininterval=0.5)
+    rng_at_step_start, updates_at_step_start = gen.get_state(), [r.updates for r in runs]
+    try:
+        while step < cfg.steps:
+            rng_at_step_start, updates_at_step_start = gen.get_state(), [r.updates for r in runs]
+            for r in runs:
+                if step % r.spec.every:
+                    continue
+                # 4a. one phase: only r's trainable parameters take gradients (r is called through DDP)
+                for p in r.trainable.values():
+                    p.requires_grad_(True)
+                ctx = StepContext(r.name, step, gen, {**views, r.name: r.wrapped}, pending)
+                loss = _phase(r, ctx, step_fn, sample_batch, cfg, device, accelerator)
+                for p in r.trainable.values():
+                    p.requires_grad_(False)
+                # 4b. the targets that follow r
+                for k, t in targets.items():
+                    if t.source == r.name:
+                        _follow(copies[k], r, t.decay(step) if callable(t.decay) else t.decay)
+                pending.append(("loss", r.name, loss))
+            # 4c. bookkeeping: losses to the host every log_every iterations, checkpoints every ckpt_every
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                _fetch(pending, by_name, logs)
+                recent = {("loss" if len(runs) == 1 else r.name): r.losses[-cfg.log_every:] for r in runs if r.losses}
+                bar.set_postfix({k: f"{sum(v) / len(v):.4f}" for k, v in recent.items()})
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:
+        # Nearly all time is spent before an optimizer step: if none happened in this iteration, the weights are
+        # untouched, and rewinding the generator lets the resumed run redo it exactly. An interrupt after a
+        # phase's update is saved as it is (resuming then is not bit-exact).
+        if [r.updates for r in runs] == updates_at_step_start:
+            gen.set_state(rng_at_step_start)
+        checkpoint()
+        bar.close()
+        if folder is not None and main:
+            print(f"interrupted at step {step}; checkpoint saved in {folder}. Run the same call again to resume.")
+        raise
+    finally:
+        for r in runs:
+            for p in r.trainable.values():
+                p.requires_grad_(True)
+    bar.close()
+    checkpoint()
+    _fetch(pending, by_name, logs)
+    for r in runs:
+        r.spec.module.eval()
+    return Trained(nets={r.name: r.spec.module for r in runs}, ema={r.name: r.ema for r in runs if r.ema is not None},
+                   targets=copies, step=step, updates={r.name: r.updates for r in runs},
+                   losses={r.name: r.losses for r in runs}, logs=logs)
+
+
+def _phase(r: _Run, ctx: StepContext, step_fn: Callable, sample_batch: Callable, cfg: TrainConfig,
+           device: torch.device, accelerator) -> Tensor:
+    """One update of network r: grad_accum micro-batches, clipping, the optimizer step, the EMA.
+    Returns the update's mean loss as a detached scalar tensor (left on the device)."""
+    for g in r.opt.param_groups:
+        g["lr"] = r.spec.lr * lr_scale(r.updates, r.total, r.spec.warmup, r.spec.lr_schedule)
+    r.opt.zero_grad(set_to_none=True)
+    bf16 = cfg.precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for micro in range(cfg.grad_accum):
+        batch = to_device(sample_batch(cfg.batch_size, ctx.generator), device)
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if last or r.ddp is None else accelerator.no_sync(r.ddp):  # all-reduce once
+            with autocast:
+                loss = step_fn(ctx, batch).float().mean()                  # per-sample (B,) -> scalar, in fp32
+            if cfg.grad_accum > 1:
+                loss = loss / cfg.grad_accum
+            loss.backward()
+        total = loss.detach() if micro == 0 else total + loss.detach()
+    if r.spec.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(r.trainable.values(), r.spec.grad_clip)
+    r.opt.step()
+    r.updates += 1
+    if r.ema is not None:
+        with torch.no_grad():
+            for k, p in r.trainable.items():
+                r.ema[k].lerp_(p, 1.0 - r.spec.ema_decay)
+    return total
+
+
+@torch.no_grad()
+def _follow(target: nn.Module, source: _Run, mu: float) -> None:
+    """target <- mu target + (1 - mu) source over the source's trainable parameters; buffers are copied."""
+    params = dict(target.named_parameters())
+    for k, p in source.trainable.items():
+        params[k].copy_(p) if mu == 0 else params[k].lerp_(p, 1.0 - mu)
+    for bt, bs in zip(target.buffers(), source.spec.module.buffers()):
+        bt.copy_(bs)
+
+
+def _save(folder: Path, description: dict, runs: list[_Run], copies: dict[str, nn.Module],
+          targets: Mapping[str, Target], rng: Tensor, step: int, logs: dict) -> None:
+    tensors: dict[str, Tensor] = {"rng": rng}
+    for r in runs:
+        kept = _kept(r.spec.module, r.trainable, r.spec.save_frozen)
+        tensors.update({f"net.{r.name}.{k}": v for k, v in kept.items()})
+        tensors.update({f"ema.{r.name}.{k}": v for k, v in (r.ema or {}).items()})
+        for idx, st in r.opt.state_dict()["state"].items():
+            tensors.update({f"opt.{r.name}.{idx}.{key}": torch.as_tensor(val) for key, val in st.items()})
+    for k, t in targets.items():
+        source = next(r for r in runs if r.name == t.source)
+        tensors.update({f"target.{k}.{n}": v for n, v in _kept(copies[k], source.trainable, False).items()})
+    losses = {r.name: r.losses for r in runs}
+    config = {"step": step, "updates": {r.name: r.updates for r in runs}, "logs": logs,
+              "losses": losses[runs[0].name] if len(runs) == 1 else losses, **description}
+    save_tensors(folder, tensors, config, weights_name=TRAINER_WEIGHTS, embed_config=True)
+
+
+def _restore(folder: Path, description: dict, runs: list[_Run], copies: dict[str, nn.Module],
+             targets: Mapping[str, Target], gen: torch.Generator, rank: int, world: int,
+             allow_config_change: bool) -> tuple[int, dict]:
+    where = folder / TRAINER_WEIGHTS
     tensors, config = load_tensors(folder, "delete the folder to start the run from scratch",
                                    weights_name=TRAINER_WEIGHTS)
-    try:
-        state.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if state.ema is not None:
-            state.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    except RuntimeError as e:
-        raise CheckpointError(f"{folder / TRAINER_WEIGHTS} was written for another model: {e}. "
-                              "Use another ckpt_dir or delete this one.") from e
-    opt_state: dict[int, dict[str, Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, key = k.split(".", 2)
+    if "networks" not in config or "rng" not in tensors or tensors["rng"].ndim != 2:
+        raise CheckpointError(f"{where} was written by an older version of course_lib.train; delete {folder} "
+                              "to start the run from scratch.")
+    if tensors["rng"].shape[0] != world:
+        raise CheckpointError(f"{where} was written by a run with {tensors['rng'].shape[0]} processes; this one has "
+                              f"{world}. Resume with the same number of processes, or use another ckpt_dir.")
+    # compare the settings, except those a longer (or differently logged) continuation may change
+    old, new = ({**c, "train_config": {k: v for k, v in c["train_config"].items() if k not in ALWAYS_CHANGEABLE
+                                        + PER_NETWORK}} for c in (config, description))
+    changes = _changes({k: old.get(k) for k in new}, new)
+    if changes and not allow_config_change:
+        paths = [c.split(":")[0].split(".") for c in changes]
+        models = any(p[0] == "frozen" or p[0] == "networks" and p[2:3] == ["model"] for p in paths)
+        kind = "another model" if models else "other settings"
+        raise CheckpointError(f"{where} was written for {kind}; changed: {'; '.join(changes)}. Run with the "
+                              "checkpoint's settings, pass allow_config_change=True to continue with the new ones, "
+                              "or use another ckpt_dir.")
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    for r in runs:
+        frozen_names = {k for k, _ in r.spec.module.named_parameters()} - set(r.trainable)
+        _load(r.spec.module, part(f"net.{r.name}."), set() if r.spec.save_frozen else frozen_names, str(where))
+        if r.ema is not None:
+            ema = part(f"ema.{r.name}.")
+            if set(ema) != set(r.ema):
+                raise CheckpointError(f"{where} has no EMA for network {r.name!r} (ema_decay was 0 when it was "
+                                      "written); set ema_decay=0 or use another ckpt_dir.")
+            for k, v in ema.items():
+                r.ema[k].copy_(v)
+        opt_state: dict[int, dict[str, Tensor]] = {}
+        for k, v in part(f"opt.{r.name}.").items():
+            idx, key = k.split(".", 1)
             opt_state.setdefault(int(idx), {})[key] = v
-    sd = opt.state_dict()
-    sd["state"] = opt_state
-    opt.load_state_dict(sd)
-    gen.set_state(tensors["rng"])
-    state.step, state.losses = int(config["step"]), list(config["losses"])
+        sd = r.opt.state_dict()
+        sd["state"] = opt_state
+        r.opt.load_state_dict(sd)
+        r.updates = int(config["updates"][r.name])
+        losses = config["losses"]
+        r.losses = list(losses if isinstance(losses, list) else losses[r.name])
+    for k, t in targets.items():
+        source = next(r for r in runs if r.name == t.source)
+        frozen_names = {n for n, _ in copies[k].named_parameters()} - set(source.trainable)
+        _load(copies[k], part(f"target.{k}."), frozen_names, str(where))
+    gen.set_state(tensors["rng"][rank].clone())  # a copy: set_state misreads a row view (storage offset)
+    return int(config["step"]), {k: list(v) for k, v in config.get("logs", {}).items()}
 
 
 def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any, torch.Generator], Tensor],
           sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
           ckpt_dir: str | os.PathLike | None = None, extra_config: dict[str, Any] | None = None,
-          progress: bool = True, generator_device: str | torch.device = "cpu") -> TrainState:
-    """Train `model` for cfg.steps updates, resuming from `ckpt_dir` when it holds a checkpoint of this run.
-
-    Ctrl-C (KeyboardInterrupt) writes a checkpoint before it propagates, so nothing is lost.
-    """
-    gen = torch.Generator(device=generator_device).manual_seed(cfg.seed)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    state = TrainState(model=model, ema=ema)
-    opt = _optimizer(model, cfg)
-    folder = Path(ckpt_dir) if ckpt_dir is not None else None
-    if folder is not None and (folder / TRAINER_WEIGHTS).exists():
-        _restore(folder, state, opt, gen)
-        if state.step >= cfg.steps:
-            return state
-
-    def checkpoint() -> None:
-        if folder is not None:
-            save_training(folder, state, opt, gen, cfg, extra_config)
-
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=cfg.desc, disable=not progress, mininterval=0.5)
-    smooth = None
-    rng_at_step_start, stepped = gen.get_state(), False
-    try:
-        while state.step < cfg.steps:
-            rng_at_step_start, stepped = gen.get_state(), False
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr_at(state.step)
-            loss = loss_fn(model, sample_batch(cfg.batch_size, gen), gen).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            stepped = True
-            if ema is not None:
-                with torch.no_grad():
-                    for pe, pm in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(pm, 1.0 - cfg.ema_decay)
-                    for be, bm in zip(ema.buffers(), model.buffers()):
-                        be.copy_(bm)
-            state.step += 1
-            value = float(loss.detach())
-            state.losses.append(value)
-            smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
-            bar.update(1)
-            if state.step % 25 == 0:
-                bar.set_postfix(loss=f"{smooth:.4f}")
-            if cfg.ckpt_every and state.step % cfg.ckpt_every == 0:
-                checkpoint()
-    except KeyboardInterrupt:
-        # Nearly all time is spent before opt.step(): such an interrupted step has not touched the weights, so
-        # rewinding the generator lets the resumed run redo it exactly. An interrupt that lands inside the
-        # optimizer/EMA update is saved as it is (resuming then is not bit-exact).
-        if not stepped:
-            gen.set_state(rng_at_step_start)
-        checkpoint()
-        bar.close()
-        if folder is not None:
-            print(f"interrupted at step {state.step}; checkpoint saved in {folder}. Run the same call again to resume.")
-        raise
-    bar.close()
-    checkpoint()
-    model.eval()
-    if ema is not None:
-        ema.eval()
-    return state
+          progress: bool = True, generator_device: str | torch.device = "cpu", accelerator=None,
+          allow_config_change: bool = False) -> TrainState:
+    """Train one network (`loss_fn(model, batch, generator) -> (B,)`) with the hyperparameters in cfg: a thin
+    wrapper around train_networks. Resumes from `ckpt_dir`; Ctrl-C writes a checkpoint before it propagates."""
+    net = Network(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                  warmup=cfg.warmup, lr_schedule=cfg.lr_schedule, ema_decay=cfg.ema_decay)
+    done = train_networks({"model": net}, lambda ctx, batch: loss_fn(ctx.nets["model"], batch, ctx.generator),
+                          sample_batch, cfg, ckpt_dir=ckpt_dir, extra_config=extra_config, progress=progress,
+                          generator_device=generator_device, accelerator=accelerator,
+                          allow_config_change=allow_config_change)
+    ema = done.best("model") if cfg.ema_decay > 0 else None
+    return TrainState(model=done.nets["model"], ema=ema, step=done.step, losses=done.losses["model"])

@@ -97,7 +97,7 @@ def split_batch(batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
 
 
 def distill_round(teacher: Denoiser, N: int, sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
-                  ckpt_dir=None, progress: bool = True) -> TrainState:
+                  ckpt_dir=None, progress: bool = True, accelerator=None) -> TrainState:
     """One round: a student initialised from the teacher learns N steps from the teacher's 2N.
 
     sample_batch(n, g) returns x0, (x0, y) or (x0, cond dict); see `split_batch`."""
@@ -108,13 +108,13 @@ def distill_round(teacher: Denoiser, N: int, sample_batch: Callable[[int, torch.
         x0, cond = split_batch(batch)
         return pd_loss(model, frozen, x0, N, g, cond)
 
-    return train(student, loss, sample_batch, cfg, ckpt_dir=ckpt_dir, progress=progress,
+    return train(student, loss, sample_batch, cfg, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                  extra_config={"method": "progressive-distillation", "student_steps": N})
 
 
 def progressive_distillation(teacher: Denoiser, sample_batch: Callable, n_start: int, n_end: int,
                              cfg: TrainConfig | Callable[[int], TrainConfig], ckpt_dir=None,
-                             progress: bool = True) -> dict[int, Denoiser]:
+                             progress: bool = True, accelerator=None) -> dict[int, Denoiser]:
     """Rounds n_start/2, n_start/4, ..., n_end student steps (the teacher samples with n_start steps).
 
     cfg is one TrainConfig for every round, or a function of the round's student step count. Returns
@@ -127,7 +127,7 @@ def progressive_distillation(teacher: Denoiser, sample_batch: Callable, n_start:
         round_cfg = cfg(N) if callable(cfg) else cfg
         round_cfg = dataclasses.replace(round_cfg, desc=f"PD {2 * N}->{N}")
         state = distill_round(current, N, sample_batch, round_cfg,
-                              None if ckpt_dir is None else f"{ckpt_dir}/steps{N}", progress)
+                              None if ckpt_dir is None else f"{ckpt_dir}/steps{N}", progress, accelerator=accelerator)
         current = state.best.eval().requires_grad_(False)
         students[N] = current
         N //= 2
