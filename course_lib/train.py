@@ -158,7 +158,11 @@ class TrainState:
 
 class _Synced:
     """A DDP-wrapped network as its step function sees it: calls go through DDP (which averages gradients over
-    the processes), attributes (e.g. a Denoiser's .process) come from the network itself."""
+    the processes), attributes (e.g. a Denoiser's .process) come from the network itself. The methods named in
+    SYNCED_METHODS (a Denoiser's `raw`, which training losses call instead of forward) also run through DDP:
+    for that one call the module's forward is that method."""
+
+    SYNCED_METHODS = ("raw",)
 
     def __init__(self, wrapped: nn.Module, module: nn.Module):
         self._wrapped, self._module = wrapped, module
@@ -167,7 +171,18 @@ class _Synced:
         return self._wrapped(*args, **kwargs)
 
     def __getattr__(self, name: str):
-        return getattr(self._module, name)
+        attr = getattr(self._module, name)
+        if name not in self.SYNCED_METHODS or not callable(attr):
+            return attr
+
+        def through_ddp(*args, **kwargs):
+            self._module.forward = attr                  # an instance attribute shadows the class's forward
+            try:
+                return self._wrapped(*args, **kwargs)
+            finally:
+                del self._module.forward
+
+        return through_ddp
 
 
 @dataclass

@@ -227,6 +227,7 @@ def test_two_process_ddp_run(tmp_path):
     assert r0["full"] == r1["full"]                                                   # gradients were averaged
     assert r0["full"]["net.out.weight"] != r0["initial"]["net.out.weight"]            # and training moved them
     assert r0["resumed"] == r0["full"] and r1["resumed"] == r1["full"]                # 10 + 10 steps == 20 steps
+    assert r0["raw"] == r1["raw"]                                 # a loss through model.raw is synced as well
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "rank0.json", "rank1.json", "resumed"]
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["config.json", TRAINER_WEIGHTS]
     config = json.loads((tmp_path / "full" / "config.json").read_text())
