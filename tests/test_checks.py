@@ -253,3 +253,23 @@ def test_checkers_leave_the_global_rng_alone(exercise, capsys):
     assert checks.CHECKERS[exercise](solution) is solution
     assert torch.equal(torch.get_rng_state(), before)
     assert "correct" in capsys.readouterr().out
+
+
+def test_every_solution_marker_has_a_checker_and_every_checker_an_exercise():
+    from pathlib import Path
+
+    from course_lib import exercises
+
+    found: dict[str, str] = {}      # exercise id -> notebook
+    for path in exercises.solution_paths(Path(__file__).resolve().parents[1] / "solutions"):
+        for ex in exercises.student_version(exercises.read_notebook(path), path.name)[1]:
+            found[ex.number] = path.name
+    assert len(found) >= 15
+    missing = sorted(set(found) - set(checks.CHECKERS))
+    assert not missing, f"# BEGIN SOLUTION without a registered checker: {[(n, found[n]) for n in missing]}"
+    orphans = sorted(set(checks.CHECKERS) - set(found))
+    assert not orphans, f"checkers registered for exercises no solution notebook has: {orphans}"
+    for number, notebook in found.items():      # exercise n.m is checked by checks/nb0n.py, for notebook 0n_*
+        chapter = int(number.split(".")[0])
+        assert notebook.startswith(f"{chapter:02d}_")
+        assert checks.CHECKERS[number].__module__ == f"course_lib.checks.nb{chapter:02d}"
