@@ -4,6 +4,7 @@ import json
 import pytest
 
 from course_lib import bench
+from course_lib.config import default_device
 
 
 @pytest.fixture(scope="module")
@@ -15,11 +16,22 @@ def result(tmp_path_factory):
 
 
 def test_format(result):
-    assert result["name"] == "teacher" and result["mode"] == "smoke"
+    assert result["name"] == "teacher" and result["mode"] == "smoke" and result["schema"] == 2
+    assert result["meta"]["device"] == str(default_device())
     for row in result["rows"]:
-        assert {"dataset", "model", "nfe", "metric", "value", "seconds"} <= row.keys()
+        assert {"schema", "dataset", "model", "nfe", "steps", "metric", "value", "seconds", "device"} <= row.keys()
+        assert row["schema"] == 2
         assert row["value"] >= 0 or row["metric"] == "mmd"
         assert row["seconds"] >= 0
+        assert (row["nfe"] is None) == (row["steps"] is None) == (row["model"] == "data")
+
+
+def test_nfe_counts_network_evaluations(result):
+    # Heun with n steps evaluates the network 2n - 1 times; the other solvers once a step
+    for r in result["rows"]:
+        if r["model"] != "data":
+            assert r["nfe"] == (2 * r["steps"] - 1 if r["sampler"] == "heun" else r["steps"]), r
+    assert {r["nfe"] for r in result["rows"] if r["model"] == "teacher-heun"} == {1, 3}
 
 
 def test_rows_cover_the_teacher_at_every_nfe_and_the_floor(result):
@@ -43,12 +55,38 @@ def test_unknown_benchmark_and_mode(capsys):
     with pytest.raises(SystemExit):
         bench.main(["nope", "--mode", "smoke"])
     assert "valid benchmarks: teacher" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["teacher", "--mode", "smoke", "--device", "nonsense"])
+    assert "--device" in capsys.readouterr().err
     with pytest.raises(ValueError, match="smoke, laptop, full"):
         bench.main(["teacher", "--mode", "huge"])
 
 
+def test_list_names_every_benchmark(capsys):
+    assert bench.main(["list"]) is None
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == list(bench.BENCHMARKS) == ["teacher", "pd", "guided", "reflow",
+                                                                             "instaflow"]
+    assert all(len(line.split()) > 3 for line in out)          # each with a description
+
+
 def test_pd_benchmark_has_a_row_per_round(tmp_path):
-    res = bench.main(["pd", "--mode", "smoke", "--out", str(tmp_path / "pd.json")])
+    out = tmp_path / "pd.json"
+    res = bench.main(["pd", "--mode", "smoke", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["schema"] == 2 and saved["meta"]["device"] == "cpu"
+    for r in saved["rows"]:
+        assert r["device"] == "cpu" and r["schema"] == 2
+        if r["model"] == "data":
+            assert r["nfe"] is None and r["steps"] is None
+        else:
+            assert r["nfe"] == r["steps"] >= 1          # DDIM, DPM-Solver++(2M), unguided: one evaluation a step
+    # a student trained here records the updates of its round and the rounds before (smoke: 2D 4 -> 2 -> 1 steps,
+    # 20 updates a round; digits 2 -> 1, 2 updates)
+    updates = {(r["dataset"], r["steps"]): r["train_updates"] for r in saved["rows"] if r["model"] == "pd"}
+    assert updates == {("checkerboard", 2): 20, ("checkerboard", 1): 40, ("gmm", 2): 20, ("gmm", 1): 40,
+                       ("digits", 1): 2}
+    assert all(r["train_seconds"] >= 0 for r in saved["rows"] if r["model"] == "pd")
     for ds in ("checkerboard", "gmm"):
         assert {r["nfe"] for r in res["rows"] if r["dataset"] == ds and r["model"] == "pd"} == {2, 1}
         assert any(r["dataset"] == ds and r["model"] == "data" for r in res["rows"])
@@ -61,10 +99,14 @@ def test_pd_benchmark_has_a_row_per_round(tmp_path):
 def test_guided_benchmark_rows(tmp_path):
     res = bench.main(["guided", "--mode", "smoke", "--out", str(tmp_path / "guided.json")])
     rows = [r for r in res["rows"] if r["dataset"] == "gmm-overlap"]
-    for model, nfes in (("teacher", {8}), ("guided-student", {4, 1})):
+    for model, steps in (("teacher", {8}), ("guided-student", {4, 1})):
         for w in bench.GUIDANCE_WEIGHTS:
-            got = {(r["nfe"], r["metric"]) for r in rows if r["model"] == model and r.get("w") == w}
-            assert got == {(k, m) for k in nfes for m in ("swd", "class_acc")}, (model, w, got)
+            got = {(r["steps"], r["metric"]) for r in rows if r["model"] == model and r.get("w") == w}
+            assert got == {(k, m) for k in steps for m in ("swd", "class_acc")}, (model, w, got)
+    for r in res["rows"]:                         # classifier-free guidance: two network evaluations a step
+        if r["model"] != "data":
+            assert r["nfe"] == (2 * r["steps"] if r["model"] == "teacher" else r["steps"]), r
+    assert all("train_updates" in r for r in rows if r["model"].startswith("guided-student"))
     assert all("sampler" in r for r in rows if r["model"] != "data")
     assert all(0 <= r["value"] <= 1 for r in res["rows"] if r["metric"] == "class_acc")
     data_acc = next(r["value"] for r in rows if r["model"] == "data" and r["metric"] == "class_acc")
@@ -88,3 +130,28 @@ def test_reflow_benchmark_rows(tmp_path):
             assert [r["nfe"] for r in mine if r["model"] == m] == [1]
         s = {r["model"]: r["value"] for r in mine if r["metric"] == "straightness"}
         assert s["2-rf"] < s["1-rf"]        # even 20 smoke steps of reflow straighten the flow
+
+
+def test_notebooks_never_import_the_benchmarks():
+    # budgets and recipes live in course_lib.distill; the benchmark command is not a library for notebooks
+    import ast
+    from pathlib import Path
+
+    import nbformat
+
+    root = Path(__file__).resolve().parents[1]
+    paths = sorted((root / "solutions").glob("*.ipynb")) + sorted((root / "notebooks").glob("*.ipynb"))
+    assert len(paths) >= 10
+    for path in paths:
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            code = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+            for node in ast.walk(ast.parse(code)):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                assert not any(n == "course_lib.bench" or n.startswith("course_lib.bench.") for n in names), \
+                    f"{path.name} imports course_lib.bench: {ast.unparse(node)}"

@@ -208,3 +208,68 @@ def unweighted_straightness(path, ts):  # ignores uneven segment durations
 ])
 def test_reflow_checker_verdicts(check, right, wrong, capsys):
     assert_verdicts(check, right, wrong, capsys)
+
+
+# --- the registry and RNG hygiene (issue 9) ---------------------------------------------------------------------
+
+def _library_solutions():
+    """The library's own implementation of every exercise: a correct student."""
+    from course_lib.distill import guided, instaflow, pd, reflow
+    from course_lib.metrics import straightness
+    from course_lib.processes import RectifiedFlow
+    from course_lib.samplers import ddim_step
+
+    def guided_velocity(flow, x, t, y, w, null_label):
+        p = instaflow.guided(flow, w)(x, t, y)
+        return p.eps - p.x0
+
+    return {
+        "0.1": right_v, "0.2": ddim_step, "0.3": right_swd,
+        "1.1": pd.pd_target, "1.2": pd.pd_loss_at,
+        "1.3": lambda teacher, N, sample, cfg: pd.distill_round(teacher, N, sample, cfg, progress=False).best.eval(),
+        "2.1": guided.guided_target, "2.2": guided.guided_loss_at, "2.3": guided.guided_batches,
+        "3.1": lambda m, x0, eps, t: reflow.rf_loss_at(m, x0, eps, t),
+        "3.2": lambda m, eps, steps: reflow.generate_pairs(m, eps, steps, "euler", RectifiedFlow()),
+        "3.3": straightness,
+        "4.1": guided_velocity, "4.2": lambda m, eps, x0, y: instaflow.onestep_loss(m, eps, x0, y),
+        "4.3": instaflow.laplacian_pyramid_l1,
+    }
+
+
+def test_every_checker_is_registered_under_its_exercise():
+    for exercise, check in checks.CHECKERS.items():
+        assert check.exercise == exercise and getattr(checks, check.__name__) is check
+        assert f"Exercise {exercise}:" in check.__doc__
+    assert set(_library_solutions()) == set(checks.CHECKERS)
+
+
+@pytest.mark.parametrize("exercise", sorted(_library_solutions()))
+def test_checkers_leave_the_global_rng_alone(exercise, capsys):
+    # a checker cell must not change the notebook's later random draws: its cases come from its own generator
+    # (fresh OS entropy when no seed is given) and networks are initialised inside config.seeded
+    solution = _library_solutions()[exercise]
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    assert checks.CHECKERS[exercise](solution) is solution
+    assert torch.equal(torch.get_rng_state(), before)
+    assert "correct" in capsys.readouterr().out
+
+
+def test_every_solution_marker_has_a_checker_and_every_checker_an_exercise():
+    from pathlib import Path
+
+    from course_lib import exercises
+
+    found: dict[str, str] = {}      # exercise id -> notebook
+    for path in exercises.solution_paths(Path(__file__).resolve().parents[1] / "solutions"):
+        for ex in exercises.student_version(exercises.read_notebook(path), path.name)[1]:
+            found[ex.number] = path.name
+    assert len(found) >= 15
+    missing = sorted(set(found) - set(checks.CHECKERS))
+    assert not missing, f"# BEGIN SOLUTION without a registered checker: {[(n, found[n]) for n in missing]}"
+    orphans = sorted(set(checks.CHECKERS) - set(found))
+    assert not orphans, f"checkers registered for exercises no solution notebook has: {orphans}"
+    for number, notebook in found.items():      # exercise n.m is checked by checks/nb0n.py, for notebook 0n_*
+        chapter = int(number.split(".")[0])
+        assert notebook.startswith(f"{chapter:02d}_")
+        assert checks.CHECKERS[number].__module__ == f"course_lib.checks.nb{chapter:02d}"

@@ -327,6 +327,129 @@ def load_digits_model(name: str, device: str | torch.device = "cpu") -> Denoiser
     return model.requires_grad_(False)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The 2D recipe and its ablation on gmm-overlap, and the capacity sweep (notebook 04, `bench instaflow`)
+# ----------------------------------------------------------------------------------------------------------------
+
+def instaflow_2d_budget(mode: str) -> dict:
+    """Budgets of the 2D InstaFlow recipe and its ablation on gmm-overlap (shared by the benchmark and notebook 04).
+
+    w: guidance of the teacher's triplets; pair_steps: DPM-Solver++ steps of the guided teacher; flow_pair_steps:
+    Euler steps of the 2-RF for the distillation pairs; reflow_steps / distill_steps: updates of each stage (direct
+    distillation gets their sum: the same budget); sweep: fresh one-step students of each width, trained on each
+    coupling with n_pairs of its pairs for `steps` updates (the capacity sweep)."""
+    from ..config import pick
+
+    return pick(mode,
+                smoke=dict(n=400, n_pairs=800, w=0.5, pair_steps=4, flow_pair_steps=2, reflow_steps=20,
+                           distill_steps=20, batch=128, lr=5e-4, p_uncond=0.1,
+                           sweep=dict(widths=(8, 32), n_pairs=(200, 800), steps=(10,))),
+                laptop=dict(n=10_000, n_pairs=10_000, w=0.5, pair_steps=16, flow_pair_steps=8, reflow_steps=300,
+                            distill_steps=300, batch=512, lr=5e-4, p_uncond=0.1,
+                            sweep=dict(widths=(8, 32, 256), n_pairs=(1000, 10_000), steps=(300, 2000))),
+                full=dict(n=50_000, n_pairs=100_000, w=0.5, pair_steps=64, flow_pair_steps=32, reflow_steps=4000,
+                          distill_steps=4000, batch=2048, lr=3e-4, p_uncond=0.1,
+                          sweep=dict(widths=(8, 16, 32, 64, 256), n_pairs=(10_000, 100_000), steps=(2000,))))
+
+
+def instaflow_2d_models(budget: dict, seed: int = 0, cache_dir: str | os.PathLike | None = None,
+                        progress: bool = True, device: str | torch.device = "cpu") -> tuple[dict, dict, dict]:
+    """InstaFlow on the shipped gmm-overlap teacher (loaded on `device`), and direct distillation with the same
+    budget: 2-RF budget["reflow_steps"] updates, InstaFlow those plus budget["distill_steps"], direct distillation
+    their sum.
+
+    Returns ({"teacher", "2-rf", "instaflow", "direct-distill": model}, {"teacher", "2-rf": triplets (eps, x0, y)},
+    {name: train seconds}). The teacher's triplets use guidance w; the 2-RF's pairs its plain velocity (w = 0)."""
+    import dataclasses
+    import time
+
+    from ..teachers import load_teacher
+
+    b = budget
+    cache = cache_dir or rf.CACHE_DIR
+    teacher = load_teacher("gmm-overlap-vp", device=device)
+    y = (torch.arange(b["n_pairs"]) % null_label(teacher)).to(device)     # balanced labels (null = classes)
+    cfg = TrainConfig(steps=b["reflow_steps"], batch_size=b["batch"], lr=b["lr"], lr_schedule="linear", ema_decay=0.0,
+                      seed=seed)
+    data = {"teacher": triplets(teacher, b["w"], y, f"gmm-overlap-w{b['w']}-{seed}", b["pair_steps"],
+                                seed=seed + 10, cache_dir=cache, on_mismatch="regenerate", progress=progress,
+                                verbose=progress)}
+    secs, t0 = {}, time.perf_counter()
+    flow2 = conditional_reflow(teacher, data["teacher"], dataclasses.replace(cfg, desc="gmm-overlap 2-RF"),
+                               b["p_uncond"], progress=progress)
+    secs["2-rf"] = time.perf_counter() - t0
+    data["2-rf"] = triplets(flow2, 0.0, y, f"gmm-overlap-2rf-w{b['w']}-{seed}", b["flow_pair_steps"], "euler",
+                            seed=seed + 11, cache_dir=cache, on_mismatch="regenerate", progress=progress,
+                            verbose=progress)
+    t0 = time.perf_counter()
+    student = distill_onestep(flow2, data["2-rf"], dataclasses.replace(cfg, steps=b["distill_steps"],
+                                                                       desc="2-RF -> 1 step"), progress=progress)
+    secs["instaflow"] = time.perf_counter() - t0 + secs["2-rf"]
+    t0 = time.perf_counter()
+    direct = direct_distill(teacher, data["teacher"],
+                            dataclasses.replace(cfg, steps=b["reflow_steps"] + b["distill_steps"],
+                                                desc="teacher -> 1 step (direct)"), progress=progress)
+    secs["direct-distill"] = time.perf_counter() - t0
+    return {"teacher": teacher, "2-rf": flow2, "instaflow": student, "direct-distill": direct}, data, secs
+
+
+def instaflow_sweep(data: dict, targets: dict, x1: Tensor, y: Tensor | None, sweep: dict, budget: dict,
+                    swd: Callable[[Tensor], float], like: Denoiser, dataset: str = "gmm-overlap", seed: int = 0,
+                    progress: bool = True) -> list[dict]:
+    """The capacity sweep: a fresh one-step student of each width (shaped like `like`: same classes, on its device),
+    trained (L2) on the first n_pairs triplets of each coupling, data["direct"] (the teacher's) and data["reflow"]
+    (the 2-RF's), for `steps` updates; scored by swd(samples) and by held-out regression error against that
+    coupling's endpoints targets[coupling] from noise x1 (labels y, or None for unconditional data).
+
+    Returns one record per trained student: {"coupling", "width", "n_pairs", "train_steps", "train_seconds",
+    "swd", "heldout_err"} (`dataset` only names the progress bar)."""
+    import dataclasses
+    import time
+    from itertools import product
+
+    device = next(like.parameters()).device
+    records = []
+    grid = list(product(sweep["widths"], sweep["n_pairs"], sweep["steps"]))
+    if progress:
+        from tqdm.auto import tqdm
+        grid = tqdm(grid, desc=f"capacity sweep ({dataset})", mininterval=0.5)
+    for width, n_pairs, steps in grid:
+        cfg = TrainConfig(steps=steps, batch_size=budget["batch"], lr=2e-3 if width <= 32 else 1e-3,
+                          lr_schedule="linear", ema_decay=0.0, seed=seed)
+        for coupling in ("direct", "reflow"):
+            part = tuple(None if v is None else v[:n_pairs] for v in data[coupling])
+            t0 = time.perf_counter()
+            student = distill_onestep(fresh_student(like, width, seed=seed).to(device), part,
+                                      dataclasses.replace(cfg, desc=f"w{width}"), progress=False)
+            sec = time.perf_counter() - t0
+            records.append(dict(coupling=coupling, width=width, n_pairs=n_pairs, train_steps=steps,
+                                train_seconds=round(sec, 1), swd=swd(one_step(student, x1, y)),
+                                heldout_err=regression_error(student, x1, targets[coupling], y)))
+    return records
+
+
+def instaflow_unconditional(dataset: str, budget: dict, x1: Tensor, seed: int = 0, progress: bool = True
+                            ) -> tuple[dict, dict, Denoiser]:
+    """The two couplings of an unconditional diffusion teacher (shipped "<dataset>-vp", loaded on x1's device): its
+    own ODE pairs (DPM-Solver++, pair_steps) and the pairs of its 2-RF (reflow initialised from its weights, Euler
+    flow_pair_steps). Returns ({"direct", "reflow": (eps, x0, None)}, {"direct", "reflow": endpoints from the
+    evaluation noise x1 (N, 2)}, teacher)."""
+    from ..teachers import load_teacher
+
+    b = budget
+    teacher = load_teacher(f"{dataset}-vp", device=x1.device)
+    cfg = TrainConfig(steps=b["reflow_steps"], batch_size=b["batch"], lr=b["lr"], lr_schedule="linear", ema_decay=0.0,
+                      seed=seed, desc=f"{dataset} 2-RF")
+    pairs = rf.cached_pairs(teacher, f"{dataset}-vp-{seed}", b["n_pairs"], b["pair_steps"], "dpmpp2m",
+                            seed=seed + 10, on_mismatch="regenerate", progress=progress, verbose=progress)
+    flow2 = rf.reflow(teacher, pairs, cfg, progress=progress).best.eval().requires_grad_(False)
+    pairs2 = rf.cached_pairs(flow2, f"{dataset}-vp-2rf-{seed}", b["n_pairs"], b["flow_pair_steps"], "euler",
+                             seed=seed + 11, on_mismatch="regenerate", progress=progress, verbose=progress)
+    targets = {"direct": rf.generate_pairs(teacher, x1, b["pair_steps"], "dpmpp2m")[1],
+               "reflow": rf.generate_pairs(flow2, x1, b["flow_pair_steps"], "euler")[1]}
+    return {"direct": (*pairs, None), "reflow": (*pairs2, None)}, targets, teacher
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 

@@ -415,6 +415,60 @@ def load_digits_flow(name: str = "digits-2rf", device: str | torch.device = "cpu
     return model.requires_grad_(False)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 7. The 2D recipe: budgets, and 1-RF -> 2-RF -> 3-RF with the 1-step distillations (notebook 03, `bench reflow`)
+# ----------------------------------------------------------------------------------------------------------------
+
+def reflow_2d_budget(mode: str) -> dict:
+    """Budgets of the 2D reflow experiments (shared by the benchmark and notebook 03).
+
+    n: evaluation samples; n_pairs: pairs per round; pair_steps: Heun steps solving the 1-RF's ODE for its pairs
+    (later rounds are nearly straight: pair_steps_later); steps/batch/lr: every reflow and distillation run."""
+    from ..config import pick
+
+    return pick(mode,
+                smoke=dict(n=500, n_pairs=1000, pair_steps=4, pair_steps_later=2, steps=20, batch=128, lr=5e-4),
+                laptop=dict(n=10_000, n_pairs=10_000, pair_steps=16, pair_steps_later=8, steps=300, batch=512, lr=1e-3),
+                full=dict(n=50_000, n_pairs=100_000, pair_steps=64, pair_steps_later=32, steps=4000, batch=2048,
+                          lr=3e-4))
+
+
+def reflow_2d_models(dataset: str, budget: dict, seed: int = 0, cache_dir: str | os.PathLike | None = None,
+                     progress: bool = True, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """1-RF (the shipped flow-matching teacher "<dataset>-rf", loaded on `device`) -> 2-RF -> 3-RF, and the 1-step
+    distillations of 1-RF and 2-RF (Liu et al. 2022, Algorithm 1), each trained for budget["steps"] updates.
+    Pairs are cached (data/cache/reflow); their noise is drawn on the CPU, so they are the same on every device.
+    Returns ({name: model}, {name: seconds}: training seconds of each trained model, "pairs-k-rf" for the pairs)."""
+    import dataclasses
+
+    from ..teachers import load_teacher
+
+    cfg = TrainConfig(steps=budget["steps"], batch_size=budget["batch"], lr=budget["lr"], lr_schedule="linear",
+                      ema_decay=0.0, seed=seed)
+    models = {"1-rf": load_teacher(f"{dataset}-rf", device=device)}
+    seconds: dict[str, float] = {}
+    pairs = {}
+    for k in (1, 2):
+        steps = budget["pair_steps"] if k == 1 else budget["pair_steps_later"]
+        t0 = time.perf_counter()
+        pairs[k] = cached_pairs(models[f"{k}-rf"], f"{dataset}-{k}rf-{seed}", budget["n_pairs"], steps, "heun",
+                                seed=seed + k, cache_dir=cache_dir or CACHE_DIR, on_mismatch="regenerate",
+                                progress=progress, verbose=progress)
+        seconds[f"pairs-{k}-rf"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        models[f"{k + 1}-rf"] = reflow(models[f"{k}-rf"], pairs[k],
+                                       dataclasses.replace(cfg, desc=f"{dataset} {k + 1}-RF"),
+                                       progress=progress).best.eval().requires_grad_(False)
+        seconds[f"{k + 1}-rf"] = time.perf_counter() - t0
+    for k in (1, 2):
+        t0 = time.perf_counter()
+        models[f"{k}-rf-distill"] = distill(models[f"{k}-rf"], pairs[k], 1,
+                                            dataclasses.replace(cfg, desc=f"{dataset} {k}-RF -> 1 step"),
+                                            progress=progress).best.eval().requires_grad_(False)
+        seconds[f"{k}-rf-distill"] = time.perf_counter() - t0
+    return models, seconds
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m course_lib.distill.reflow", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

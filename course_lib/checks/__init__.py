@@ -1,0 +1,27 @@
+"""Exercise checkers. Each tests a student's function on fresh random inputs against the library's reference
+and explains a failure in plain words. Every checker returns the function later cells should use: the
+student's when it is right, otherwise the library's (and it says so), so a notebook always runs to the end.
+
+    ddim_step = checks.check_ddim_step(ddim_step)
+
+Layout: `core` (run_check, the CHECKERS registry, the checkers' own generators) and one module per notebook,
+`nb00` ... `nb04`; each checker is registered under its exercise id (`CHECKERS["1.3"] is check_pd_round`).
+Checkers leave torch's global random state untouched (see `core`).
+"""
+from __future__ import annotations
+
+from .core import CHECKERS, FALLBACK, checker, draw_seed, fresh_generator, run_check
+from .nb00 import check_ddim_step, check_sliced_wasserstein, check_v_to_pred
+from .nb01 import check_pd_loss, check_pd_round, check_pd_target
+from .nb02 import check_guided_batches, check_guided_loss, check_guided_target
+from .nb03 import check_make_pairs, check_rf_loss, check_straightness
+from .nb04 import check_guided_velocity, check_lap1, check_onestep_loss
+
+_fresh_generator = fresh_generator   # the old private name
+
+__all__ = ["CHECKERS", "FALLBACK", "checker", "draw_seed", "fresh_generator", "run_check",
+           "check_v_to_pred", "check_ddim_step", "check_sliced_wasserstein",
+           "check_pd_target", "check_pd_loss", "check_pd_round",
+           "check_guided_target", "check_guided_loss", "check_guided_batches",
+           "check_rf_loss", "check_make_pairs", "check_straightness",
+           "check_guided_velocity", "check_onestep_loss", "check_lap1"]

@@ -1,0 +1,84 @@
+"""Checkers of notebook 04 (InstaFlow): the guided velocity, the one-step loss, the Laplacian-pyramid L1."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..config import seeded
+from ..processes import RectifiedFlow
+from .core import checker, draw_seed, fresh_generator, run_check
+
+
+def _cond_flows(g: torch.Generator):
+    """Conditional velocity MLPs (3 classes + the null label) to check InstaFlow exercises on."""
+    from ..models import Denoiser, MLP2D
+
+    for k in range(2):
+        with seeded(draw_seed(g)):                     # initialisation; the notebook's global RNG is left alone
+            flow = Denoiser(MLP2D(hidden=16, depth=2, num_classes=3), RectifiedFlow(), "velocity").double()
+        yield flow, f"a random conditional velocity MLP ({k + 1})"
+
+
+@checker("4.1")
+def check_guided_velocity(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 4.1: student(flow, x, t, y, w, null_label) -> (B, D) the guided velocity
+    (1 + w) u(x, t | y) - w u(x, t | null)."""
+    from ..distill.instaflow import guided
+
+    g = fresh_generator(seed)
+
+    def reference(flow, x, t, y, w, null_label):
+        pred = guided(flow, w)(x, t, y)
+        return pred.eps - pred.x0
+
+    def cases():
+        for (flow, name), w in zip(_cond_flows(g), (0.0, 1.5)):
+            x = torch.randn(6, 2, generator=g, dtype=torch.float64)
+            t = torch.rand(6, generator=g, dtype=torch.float64)
+            y = torch.randint(3, (6,), generator=g)
+            yield (flow, x, t, y, w, 3), f"for {name} at w = {w}"
+
+    return run_check("4.1", student, reference, cases(), atol=1e-8, rtol=1e-6,
+                     hint="Evaluate the flow twice, with the labels y and with the null label everywhere "
+                          "(torch.full_like(y, null_label)); each velocity is pred.eps - pred.x0; mix them as "
+                          "(1 + w) u_cond - w u_uncond (w = 0 is the plain conditional velocity).")
+
+
+@checker("4.2")
+def check_onestep_loss(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 4.2: student(model, eps, x0, y) -> per-sample L2 one-step distillation loss (B,)."""
+    from ..distill.instaflow import onestep_loss
+
+    g = fresh_generator(seed)
+
+    def cases():
+        for flow, name in _cond_flows(g):
+            eps = torch.randn(7, 2, generator=g, dtype=torch.float64)
+            x0 = 2 * torch.randn(7, 2, generator=g, dtype=torch.float64)
+            y = torch.randint(3, (7,), generator=g)
+            yield (flow, eps, x0, y), f"for {name}"
+
+    return run_check("4.2", student, lambda m, eps, x0, y: onestep_loss(m, eps, x0, y), cases(), atol=1e-8, rtol=1e-6,
+                     hint="One Euler step from t = 1 to 0: x0_hat = eps - u(eps, 1 | y), with t a (B,) tensor of ones "
+                          "and u = pred.eps - pred.x0; return the mean over data dimensions of (x0_hat - x0)^2, one "
+                          "value per sample.")
+
+
+@checker("4.3")
+def check_lap1(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 4.3: student(a, b, levels) -> (B,) Laplacian-pyramid L1 distance of image batches (B, C, H, W)."""
+    from ..distill.instaflow import laplacian_pyramid_l1
+
+    g = fresh_generator(seed)
+
+    def cases():
+        for (B, H), levels in zip(((3, 16), (2, 8), (4, 16)), (3, 2, 1)):
+            a = torch.randn(B, 1, H, H, generator=g, dtype=torch.float64)
+            b = a + 0.3 * torch.randn(B, 1, H, H, generator=g, dtype=torch.float64)
+            yield (a, b, levels), f"for {B} images of {H}x{H} with {levels} level{'s' * (levels > 1)}"
+
+    return run_check("4.3", student, laplacian_pyramid_l1, cases(), atol=1e-8, rtol=1e-6,
+                     hint="Per level j = 0..levels-1: low = F.avg_pool2d(x, 2); band = x - F.interpolate(low, "
+                          "size=x.shape[-2:], mode='nearest'); add 2**-j * mean |band_a - band_b| per sample; go on "
+                          "with x = low. After the loop add 2**-levels * mean |a_low - b_low|.")
