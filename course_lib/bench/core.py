@@ -30,8 +30,7 @@ def nfe(sampler: str, steps: int, guided: bool = False) -> int:
     classifier-free-guided model evaluates twice per call (conditional and unconditional)."""
     from ..samplers import nfe as count
 
-    n = 1 if sampler == "one-step" else count(sampler, steps)
-    return 2 * n if guided else n
+    return (2 if guided else 1) if sampler == "one-step" else count(sampler, steps, guided=guided)
 
 
 def sync(device: str | torch.device) -> None:
