@@ -6,7 +6,7 @@ and then moved (the same numbers on every device); metrics are computed on CPU c
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -23,6 +23,31 @@ def row(dataset: str, model: str, metric: str, value: float, seconds: float, *, 
     train_updates, ...) follow."""
     return {"schema": SCHEMA, "dataset": dataset, "model": model, "nfe": nfe, "steps": steps, "metric": metric,
             "value": float(value), "seconds": round(float(seconds), 4), "device": str(device), **extra}
+
+
+EVAL_SEEDS = 3   # every compared number: mean and spread over this many evaluation seeds (DESIGN.md, Measurements)
+
+
+def eval_seeds(seed: int, n: int = EVAL_SEEDS) -> list[int]:
+    """The evaluation seeds of a benchmark run with base `seed`: each gives fresh noise and fresh reference samples
+    (derive both from it). The first is `seed` itself, so seed 0's draws are those of a single-seed run."""
+    return [seed + 1000 * k for k in range(n)]
+
+
+def spread_row(dataset: str, model: str, metric: str, values: Sequence[float], seconds: float, *, nfe: int | None,
+               steps: int | None, device: str | torch.device, **extra) -> dict:
+    """A row of one measurement repeated over evaluation seeds: value = the mean, `std` the sample standard deviation,
+    `n_seeds` and the per-seed `values` beside it (every other field as in `row`)."""
+    from ..metrics import spread
+
+    mean, std = spread(values)
+    return row(dataset, model, metric, mean, seconds, nfe=nfe, steps=steps, device=device, std=std,
+               n_seeds=len(values), values=[float(v) for v in values], **extra)
+
+
+def pm(mean: float, std: float | None) -> str:
+    """"mean ± std" for tables (4 significant digits)."""
+    return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
 
 
 def nfe(sampler: str, steps: int, guided: bool = False) -> int:
