@@ -318,6 +318,10 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
         if accelerator.mixed_precision != "no":
             raise ValueError("set the precision with TrainConfig.precision and leave the Accelerator's "
                              f"mixed_precision at 'no' (got {accelerator.mixed_precision!r})")
+        if str(accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise NotImplementedError(f"the course's engine runs under accelerate with DDP (or one process); "
+                                      f"{accelerator.distributed_type} shards the parameters, which its EMA, targets "
+                                      "and phase switching do not handle yet. Launch with --multi_gpu (DDP).")
         rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
         for r in runs:
             wrapped, r.opt = accelerator.prepare(r.spec.module, r.opt)

@@ -241,3 +241,14 @@ def test_a_checkpoint_of_the_old_trainer_says_what_to_do(tmp_path):
                  {"step": 3, "losses": [1.0, 1.0, 1.0]}, weights_name=TRAINER_WEIGHTS)   # no embedded config
     with pytest.raises(CheckpointError, match="older version.*delete"):
         _regression(tmp_path)
+
+
+def test_sharded_training_is_refused_clearly():
+    """FSDP / DeepSpeed shard the parameters; the engine says so instead of training the wrong tensors."""
+    class FakeAccelerator:
+        distributed_type = "DistributedType.FSDP"
+        mixed_precision = "no"
+
+    with pytest.raises(NotImplementedError, match="DDP"):
+        train(nn.Linear(2, 2), lambda m, x, g: m(x).sum(1), lambda n, g: torch.randn(n, 2, generator=g),
+              TrainConfig(steps=1, batch_size=2), progress=False, accelerator=FakeAccelerator())
