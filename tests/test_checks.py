@@ -146,15 +146,19 @@ def test_pd_round_checker_accepts_a_round_and_rejects_wrong_ones(capsys):
 
     assert checks.check_pd_round(right, seed=0) is right
     assert "Later cells use your function" in capsys.readouterr().out
-    for wrong in (live_student_target_round, continuous_time_round):   # about 0.25x and 2x, where 4x is asked
-        assert checks.check_pd_round(wrong, seed=0) is not wrong
-        assert "did not learn to replace two teacher steps" in capsys.readouterr().out
     assert checks.check_pd_round(no_training, seed=0) is not no_training
     assert "did not learn to replace two teacher steps" in capsys.readouterr().out
     assert checks.check_pd_round(trains_the_teacher, seed=0) is not trains_the_teacher
     assert "changed the teacher's weights" in capsys.readouterr().out
     assert checks.check_pd_round(unsolved, seed=0) is not unsolved
     assert "not solved yet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong", [live_student_target_round, continuous_time_round], ids=["live-target", "continuous-t"])
+def test_pd_round_checker_rejects_a_live_target_and_continuous_times(wrong, capsys):
+    # measured gains: about 0.25x and 2.2x, where a correct round gets 8-9x and the check asks for 4x
+    assert checks.check_pd_round(wrong, seed=0) is not wrong
+    assert "did not learn to replace two teacher steps" in capsys.readouterr().out
 
 
 # --- notebook 02: guided distillation --------------------------------------------------------------------------
