@@ -1,6 +1,8 @@
 """Exercise checkers. Each tests a student's function on fresh random inputs against the library's reference
 and explains a failure in plain words. Every checker returns the function later cells should use: the
 student's when it is right, otherwise the library's (and it says so), so a notebook always runs to the end.
+The library's version is marked: `checks.is_library(fn)` is True and `checks.library_note(fn)` says
+"(library's version in use)", for later cells that report what they ran.
 
     ddim_step = checks.check_ddim_step(ddim_step)
 
@@ -10,7 +12,8 @@ Checkers leave torch's global random state untouched (see `core`).
 """
 from __future__ import annotations
 
-from .core import CHECKERS, FALLBACK, checker, draw_seed, fresh_generator, run_check
+from .core import (CHECKERS, FALLBACK, LIBRARY_NOTE, accept, advice_for, checker, draw_seed, explain_exception,
+                   fall_back, fresh_generator, is_library, library_note, library_version, run_check)
 from .nb00 import check_ddim_step, check_sliced_wasserstein, check_v_to_pred
 from .nb01 import check_pd_loss, check_pd_round, check_pd_target
 from .nb02 import check_guided_batches, check_guided_loss, check_guided_target
@@ -19,7 +22,9 @@ from .nb04 import check_guided_velocity, check_lap1, check_onestep_loss
 
 _fresh_generator = fresh_generator   # the old private name
 
-__all__ = ["CHECKERS", "FALLBACK", "checker", "draw_seed", "fresh_generator", "run_check",
+__all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "checker", "draw_seed",
+           "explain_exception", "fall_back", "fresh_generator", "is_library", "library_note", "library_version",
+           "run_check",
            "check_v_to_pred", "check_ddim_step", "check_sliced_wasserstein",
            "check_pd_target", "check_pd_loss", "check_pd_round",
            "check_guided_target", "check_guided_loss", "check_guided_batches",

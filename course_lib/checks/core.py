@@ -1,5 +1,9 @@
 """What every checker shares: `run_check` (compare a student's function with the reference on random cases and
-explain the first difference), the registry of checkers by exercise id, and the checkers' own random numbers.
+explain the first difference), the verdicts (`accept`, `fall_back`), the translation of raw errors into advice
+(`explain_exception`), the registry of checkers by exercise id, and the checkers' own random numbers.
+
+After a fallback a checker returns the library's version marked `.is_library = True`, so later cells can say
+so (`library_note(fn)`); checking that marked version again says to re-run the cell defining your function.
 
 RNG hygiene: a checker never draws from or reseeds torch's global generator, so running a checker cell leaves
 the notebook's later random draws unchanged. Its cases come from its own generator (`fresh_generator`: a seed
@@ -8,6 +12,9 @@ from the operating system's entropy unless a test passes one) and networks are i
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 import secrets
 import traceback
 from typing import Any, Callable, Iterable
@@ -16,20 +23,100 @@ import torch
 from torch import Tensor
 
 FALLBACK = "Later cells use course_lib's reference implementation instead."
+ACCEPTED = "Later cells use your function."
+LIBRARY_NOTE = "(library's version in use)"
 CHECKERS: dict[str, Callable] = {}   # exercise id ("1.3") -> its checker
+
+
+# --- verdicts ---------------------------------------------------------------------------------------------------
+
+def is_library(fn: Callable) -> bool:
+    """True for the function a checker returned after a fallback (the library's version, not the student's)."""
+    return bool(getattr(fn, "is_library", False))
+
+
+def library_note(fn: Callable) -> str:
+    """"(library's version in use)" after a fallback, else "": for later cells that report what they ran."""
+    return LIBRARY_NOTE if is_library(fn) else ""
+
+
+def library_version(reference: Callable) -> Callable:
+    """`reference` as a new function marked `.is_library = True` (the library's function itself is not touched)."""
+    @functools.wraps(reference)
+    def library(*args, **kwargs):
+        return reference(*args, **kwargs)
+
+    library.is_library = True
+    return library
+
+
+def fall_back(exercise: str, reference: Callable, problem: str) -> Callable:
+    """Print why the student's function is not used and return the library's version (marked is_library)."""
+    print(f"Exercise {exercise}: {problem.strip()} {FALLBACK}".replace("  ", " "))
+    return library_version(reference)
+
+
+def accept(exercise: str, student: Callable, verdict: str) -> Callable:
+    """Print the verdict on a right answer and return the student's function (unchanged)."""
+    print(f"Exercise {exercise}: {verdict.strip()} {ACCEPTED}")
+    return student
 
 
 def checker(exercise: str):
     """Register the decorated function as the checker of exercise `exercise` (the id of its notebook's
-    `# BEGIN SOLUTION <id>` marker)."""
+    `# BEGIN SOLUTION <id>` marker). A function that is already the library's version (a checker cell run
+    twice) is returned as it is, with a note, instead of being checked as if it were the student's."""
     def wrap(fn: Callable) -> Callable:
         if exercise in CHECKERS:
             raise ValueError(f"exercise {exercise} has two checkers: {CHECKERS[exercise].__name__} and {fn.__name__}")
-        CHECKERS[exercise] = fn
-        fn.exercise = exercise
-        return fn
+
+        @functools.wraps(fn)
+        def check(student: Callable, *args, **kwargs) -> Callable:
+            if is_library(student):
+                print(f"Exercise {exercise}: this is already the library's version (an earlier check fell back to "
+                      "it). Run the cell that defines your function, then this cell again, to check yours.")
+                return student
+            return fn(student, *args, **kwargs)
+
+        check.exercise = exercise
+        CHECKERS[exercise] = check
+        return check
     return wrap
 
+
+# --- raw errors -> advice ---------------------------------------------------------------------------------------
+
+ADVICE: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"empty parameter list|no parameter with requires_grad"),
+     "The model's parameters are frozen (loaded teachers are, and so is a copy.deepcopy of one): call "
+     ".requires_grad_(True) on your copy before training it."),
+    (re.compile(r"does not require grad and does not have a grad_fn"),
+     "The loss has no gradient: the model's parameters are frozen (loaded teachers are; call "
+     ".requires_grad_(True) on your copy) or the student's prediction was computed under torch.no_grad()."),
+    (re.compile(r"size of tensor a \(\d+\) must match the size of tensor b \(\d+\) at non-singleton dimension"
+                r"|doesn't match the broadcast shape"),
+     "A per-sample tensor of shape (B,) (a time t, alpha(t), sigma(t), a weight w) met a (B, D) tensor: use "
+     "processes.bcast(t, x) (or t[:, None]) so it broadcasts over the data dimensions."),
+]
+
+
+def advice_for(e: BaseException) -> str:
+    """Advice for a raw error a student's code commonly raises ("" when there is none)."""
+    text = str(e)
+    return " ".join(advice for pattern, advice in ADVICE if pattern.search(text))
+
+
+def explain_exception(e: BaseException, where: str = "") -> str:
+    """The problem to report when the student's function raised `e`: an unsolved stub, or the error, where it
+    happened and what it usually means."""
+    if isinstance(e, NotImplementedError):
+        return "not solved yet (it raises NotImplementedError)."
+    raised = traceback.format_exception_only(type(e), e)[-1].strip()
+    where = f" {where}" if where else ""
+    return f"your function raised {raised}{where}. {advice_for(e)}"
+
+
+# --- random numbers ---------------------------------------------------------------------------------------------
 
 def fresh_generator(seed: int | None) -> torch.Generator:
     """The generator a checker draws its cases from: `seed` when given (tests), else a fresh seed from the operating
@@ -40,6 +127,42 @@ def fresh_generator(seed: int | None) -> torch.Generator:
 def draw_seed(g: torch.Generator) -> int:
     """A seed for one network's initialisation (used with config.seeded), drawn from the checker's generator."""
     return int(torch.randint(2**31, (1,), generator=g))
+
+
+# --- comparing with the reference -------------------------------------------------------------------------------
+
+def clone_tensors(obj: Any) -> Any:
+    """A copy of obj in which every tensor (also inside tuples, lists, dicts, Pred) is cloned; other objects
+    (models, processes, numbers) are shared."""
+    if isinstance(obj, Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):          # a NamedTuple such as Pred
+        return type(obj)(*(clone_tensors(o) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(clone_tensors(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: clone_tensors(v) for k, v in obj.items()}
+    return obj
+
+
+def _same_tensors(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return all(_same_tensors(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return all(_same_tensors(a[k], b[k]) for k in a)
+    return True
+
+
+def changed_inputs(student: Callable, args: tuple, before: tuple) -> list[str]:
+    """Names of the arguments whose tensors the student's call changed in place (compared with `before`)."""
+    try:
+        names = list(inspect.signature(student).parameters)
+    except (TypeError, ValueError):
+        names = []
+    names += [f"number {k + 1}" for k in range(len(names), len(args))]
+    return [names[k] for k, (a, b) in enumerate(zip(args, before)) if not _same_tensors(a, b)]
 
 
 def _as_tensor_tuple(out: Any) -> tuple[Tensor, ...]:
@@ -56,44 +179,41 @@ def run_check(exercise: str, student: Callable, reference: Callable, cases: Iter
               atol: float = 1e-5, rtol: float = 1e-4, hint: str = "") -> Callable:
     """Compare student(*args) with reference(*args) on each (args, description) case.
 
-    Prints one line of verdict (and, on failure, what differed where) and returns the function to use next.
+    The reference runs first, on cloned tensors, so a student function that changes its inputs in place cannot
+    corrupt it (and is told that it did). Prints one line of verdict (and, on failure, what differed where) and
+    returns the function to use next: the student's, or the library's version marked `.is_library = True`.
     """
-    fallback = FALLBACK
     n = 0
     for args, where in cases:
         n += 1
+        want = reference(*clone_tensors(args))
+        before = clone_tensors(args)
         try:
             got = student(*args)
-        except NotImplementedError:
-            print(f"Exercise {exercise}: not solved yet (it raises NotImplementedError). {fallback}")
-            return reference
-        except Exception as e:  # the student's code crashed: show where, keep the notebook running
-            tb = traceback.format_exception_only(type(e), e)[-1].strip()
-            print(f"Exercise {exercise}: your function raised {tb} {where}. {fallback}")
-            return reference
-        want = reference(*args)
+        except Exception as e:  # unsolved, or the student's code crashed: say why, keep the notebook running
+            return fall_back(exercise, reference, explain_exception(e, where))
+        changed = changed_inputs(student, args, before)
+        if changed:
+            return fall_back(exercise, reference,
+                             f"your function changed its input {', '.join(changed)} in place {where}; the caller "
+                             "still needs it. Work on a copy (x.clone()) or out of place (x = x + ... rather than "
+                             "x += ... or x[...] = ...).")
         try:
             got_t, want_t = _as_tensor_tuple(got), _as_tensor_tuple(want)
         except TypeError as e:
-            print(f"Exercise {exercise}: {e} {where}. {fallback}")
-            return reference
+            return fall_back(exercise, reference, f"{e} {where}.")
         if len(got_t) != len(want_t):
-            print(f"Exercise {exercise}: returned {len(got_t)} values, expected {len(want_t)} {where}. {fallback}")
-            return reference
+            return fall_back(exercise, reference, f"returned {len(got_t)} values, expected {len(want_t)} {where}.")
         for k, (g, w) in enumerate(zip(got_t, want_t)):
             what = f"output {k}" if len(want_t) > 1 else "the output"
             if tuple(g.shape) != tuple(w.shape):
-                print(f"Exercise {exercise}: {what} has shape {tuple(g.shape)}, expected {tuple(w.shape)} {where}. "
-                      f"{fallback}")
-                return reference
+                return fall_back(exercise, reference,
+                                 f"{what} has shape {tuple(g.shape)}, expected {tuple(w.shape)} {where}.")
             g = g.detach().to(w.dtype)
             if not torch.isfinite(g).all():
-                print(f"Exercise {exercise}: {what} contains inf or nan {where}. {hint} {fallback}".replace("  ", " "))
-                return reference
+                return fall_back(exercise, reference, f"{what} contains inf or nan {where}. {hint}")
             if not torch.allclose(g, w, atol=atol, rtol=rtol):
                 err = (g - w).abs().max().item()
-                print(f"Exercise {exercise}: {what} differs from the reference by up to {err:.3g} {where}. "
-                      f"{hint} {fallback}".replace("  ", " "))
-                return reference
-    print(f"Exercise {exercise}: correct on {n} random cases. Later cells use your function.")
-    return student
+                return fall_back(exercise, reference,
+                                 f"{what} differs from the reference by up to {err:.3g} {where}. {hint}")
+    return accept(exercise, student, f"correct on {n} random cases.")

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..predictions import Pred, to_pred
 from ..processes import AffineProcess, RectifiedFlow, SDDiscrete, VPCosine
 from ..samplers import ddim_step as _ref_ddim_step
-from .core import checker, fresh_generator, run_check
+from .core import checker, fresh_generator, library_version, run_check
 
 
 def _processes() -> list[AffineProcess]:
@@ -86,4 +86,5 @@ def check_sliced_wasserstein(student: Callable[[Tensor, Tensor, Tensor], Tensor 
     use = run_check("0.3", student_scalar, reference, cases(), atol=1e-6, rtol=1e-5,
                     hint="Project both sets on each direction, sort each projection, average the squared "
                          "differences over points and directions, then take the square root.")
-    return student if use is student_scalar else (lambda x, y, directions: float(reference(x, y, directions)))
+    return student if use is student_scalar else library_version(
+        lambda x, y, directions: float(reference(x, y, directions)))

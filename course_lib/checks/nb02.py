@@ -1,14 +1,13 @@
 """Checkers of notebook 02 (guided distillation): the guided target, the stage-1 loss, stage 2's batches."""
 from __future__ import annotations
 
-import traceback
 from typing import Callable
 
 import torch
 
 from ..config import seeded
 from ..processes import VPCosine
-from .core import FALLBACK, checker, draw_seed, fresh_generator, run_check
+from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
 
 
 def _guided_cases(g: torch.Generator, with_student: bool = False):
@@ -60,51 +59,65 @@ def check_guided_loss(student: Callable, seed: int | None = None) -> Callable:
                           "average the squared error over dimensions.")
 
 
+def _batch_problem(sample_batch: Callable, n: int, w_range: tuple[float, float], seed: int) -> str | None:
+    """What is wrong with one batch sample_batch(n, Generator(seed)) (None when nothing is)."""
+    out = sample_batch(n, torch.Generator().manual_seed(seed))
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+        return "sample_batch must return a pair (x0, {'y': y, 'w': w})"
+    x0, cond = out
+    if set(cond) != {"y", "w"}:
+        return f"the conditioning dict must have the keys 'y' and 'w' (the model's inputs); got {sorted(cond)}"
+    w = torch.as_tensor(cond["w"])
+    if x0.shape != (n, 2) or cond["y"].shape != (n,) or w.shape != (n,):
+        return (f"for n = {n}: x0 must be ({n}, 2), y and w ({n},); got {tuple(x0.shape)}, "
+                f"{tuple(cond['y'].shape)}, {tuple(w.shape)}. Draw one w per sample")
+    lo, hi = w_range
+    if w.min() < lo or w.max() > hi:
+        return f"w must lie in [{lo:g}, {hi:g}]; got values from {float(w.min()):.3g} to {float(w.max()):.3g}"
+    mean, spread = float(w.mean()), float(w.std())
+    if abs(mean - (lo + hi) / 2) > 0.05 * (hi - lo) or abs(spread - (hi - lo) / 12**0.5) > 0.05 * (hi - lo):
+        return (f"w should be uniform on [{lo:g}, {hi:g}] (mean {(lo + hi) / 2:g}, std {(hi - lo) / 12**0.5:.3g}); "
+                f"got mean {mean:.3g}, std {spread:.3g}")
+    return None
+
+
+def _generator_problem(sample_batch: Callable, seed: int) -> str | None:
+    """Batches must come from the generator g that sample_batch(n, g) receives (the training engine's, seeded for
+    reproducible runs): the same seed twice gives the same batch, another seed another batch."""
+    gen = lambda s: torch.Generator().manual_seed(s)
+    (x_a, c_a), (x_b, c_b), (x_c, c_c) = (sample_batch(64, gen(s)) for s in (seed, seed, seed + 1))
+    same = lambda a, b: torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    for name, a, b, c in (("w", c_a["w"], c_b["w"], c_c["w"]), ("x0", x_a, x_b, x_c), ("y", c_a["y"], c_b["y"], c_c["y"])):
+        if not same(a, b):
+            return (f"two calls with generators seeded alike gave different {name}: draw it with the generator "
+                    "sample_batch receives (e.g. torch.rand(n, generator=g)), not torch's global one, so training "
+                    "runs are reproducible")
+        if same(a, c) and name != "y":
+            return (f"generators seeded differently gave the same {name}: draw it with the generator g that "
+                    "sample_batch(n, g) receives, not a fixed generator of your own")
+    return None
+
+
 @checker("2.3")
 def check_guided_batches(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 2.3: student(sample_data, w_range) -> sample_batch(n, g) returning (x0, {"y": y, "w": w}), with
-    one w ~ U[w_min, w_max] per sample. Checked by its properties (any order of random draws is fine)."""
+    one w ~ U[w_min, w_max] per sample drawn with g. Checked by its properties (any order of random draws is fine)."""
     from ..data2d import sample_2d
     from ..distill.guided import guided_batches
 
     g = fresh_generator(seed)
     sample_data = lambda n, gen: sample_2d("gmm-overlap", n, gen)
-    fallback = FALLBACK
-    problem = None
     try:
-        for w_range in ((0.0, 4.0), (1.0, 2.0)):
-            n = 4000
-            out = student(sample_data, w_range)(n, torch.Generator().manual_seed(draw_seed(g)))
-            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
-                problem = "sample_batch must return a pair (x0, {'y': y, 'w': w})"
-                break
-            x0, cond = out
-            if set(cond) != {"y", "w"}:
-                problem = f"the conditioning dict must have the keys 'y' and 'w' (the model's inputs); got {sorted(cond)}"
-                break
-            w = torch.as_tensor(cond["w"])
-            if x0.shape != (n, 2) or cond["y"].shape != (n,) or w.shape != (n,):
-                problem = (f"for n = {n}: x0 must be ({n}, 2), y and w ({n},); got {tuple(x0.shape)}, "
-                           f"{tuple(cond['y'].shape)}, {tuple(w.shape)}. Draw one w per sample.")
-                break
-            lo, hi = w_range
-            if w.min() < lo or w.max() > hi:
-                problem = f"w must lie in [{lo:g}, {hi:g}]; got values from {float(w.min()):.3g} to {float(w.max()):.3g}"
-                break
-            mean, spread = float(w.mean()), float(w.std())
-            if abs(mean - (lo + hi) / 2) > 0.05 * (hi - lo) or abs(spread - (hi - lo) / 12**0.5) > 0.05 * (hi - lo):
-                problem = (f"w should be uniform on [{lo:g}, {hi:g}] (mean {(lo + hi) / 2:g}, std "
-                           f"{(hi - lo) / 12**0.5:.3g}); got mean {mean:.3g}, std {spread:.3g}")
-                break
-    except NotImplementedError:
-        print(f"Exercise 2.3: not solved yet (it raises NotImplementedError). {fallback}")
-        return guided_batches
+        with torch.random.fork_rng(devices=[]):   # a student drawing from the global RNG must not shift the notebook's
+            for w_range in ((0.0, 4.0), (1.0, 2.0)):
+                problem = _batch_problem(student(sample_data, w_range), 4000, w_range, draw_seed(g))
+                if problem:
+                    break
+            else:
+                problem = _generator_problem(student(sample_data, (0.0, 4.0)), draw_seed(g))
     except Exception as e:
-        tb = traceback.format_exception_only(type(e), e)[-1].strip()
-        print(f"Exercise 2.3: your function raised {tb}. {fallback}")
-        return guided_batches
+        return fall_back("2.3", guided_batches, explain_exception(e))
     if problem:
-        print(f"Exercise 2.3: {problem}. {fallback}")
-        return guided_batches
-    print("Exercise 2.3: correct (shapes, keys and a uniform w per sample in two ranges). Later cells use your function.")
-    return student
+        return fall_back("2.3", guided_batches, f"{problem}.")
+    return accept("2.3", student, "correct (shapes, keys, a uniform w per sample in two ranges, drawn with the "
+                                  "generator it is given).")

@@ -7,7 +7,7 @@ import torch
 
 from ..config import seeded
 from ..processes import RectifiedFlow
-from .core import checker, draw_seed, fresh_generator, run_check
+from .core import checker, draw_seed, fresh_generator, library_version, run_check
 
 
 def _rf_models(g: torch.Generator):
@@ -75,17 +75,18 @@ def check_straightness(student: Callable, seed: int | None = None) -> Callable:
     def student_scalar(path, ts):
         return torch.as_tensor(student(path, ts), dtype=torch.float64).reshape(())
 
-    def cases():
-        for n, B, uneven in ((1, 5, False), (4, 20, False), (16, 50, True)):
-            ts = torch.linspace(1, 0, n + 1, dtype=torch.float64)
-            if uneven:
-                ts = ts**2
+    def cases():   # grids from 1 to 0, and grids that do not span [0, 1] (the total duration T is not 1)
+        for n, B, start, end, uneven in ((1, 5, 1.0, 0.0, False), (4, 20, 1.0, 0.0, False), (16, 50, 1.0, 0.0, True),
+                                         (3, 10, 0.8, 0.3, False), (8, 30, 0.9, 0.2, True)):
+            u = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+            ts = start + (end - start) * (u**0.5 if uneven else u)
             path = torch.randn(n + 1, B, 2, generator=g, dtype=torch.float64).cumsum(0)
-            yield (path, ts), f"for {B} paths of {n} segment{'s' * (n > 1)}{' on an uneven time grid' if uneven else ''}"
+            yield (path, ts), (f"for {B} paths of {n} segment{'s' * (n > 1)} on {'an uneven' if uneven else 'a'} "
+                               f"time grid from t = {start:g} to {end:g}")
 
     use = run_check("3.3", student_scalar, reference, cases(), atol=1e-8, rtol=1e-6,
                     hint="Per segment the velocity is (Z_{i+1} - Z_i) / (t_{i+1} - t_i); the straight-line velocity is "
                          "(Z_n - Z_0) / (t_n - t_0). Sum the squared difference over dimensions, average over paths, "
                          "weight each segment by its duration |t_{i+1} - t_i| (the grid may be uneven), divide by the "
-                         "total duration.")
-    return student if use is student_scalar else (lambda path, ts: float(reference(path, ts)))
+                         "total duration |t_n - t_0| (not always 1: the grid need not span [0, 1]).")
+    return student if use is student_scalar else library_version(lambda path, ts: float(reference(path, ts)))
