@@ -53,7 +53,7 @@ from . import pd  # noqa: E402
 from . import guided  # noqa: E402
 from . import reflow  # noqa: E402
 from . import instaflow  # noqa: E402
-from .core import NFES, SCHEMA, row, timed  # noqa: E402
+from .core import NFES, SCHEMA, Evaluation, row, spread_row, timed  # noqa: E402
 from .guided import GUIDANCE_WEIGHTS, bench_guided, guided_summary  # noqa: E402
 from .instaflow import bench_instaflow, instaflow_summary  # noqa: E402
 from .pd import bench_pd  # noqa: E402
