@@ -16,12 +16,16 @@ def result(tmp_path_factory):
 
 
 def test_format(result):
-    assert result["name"] == "teacher" and result["mode"] == "smoke" and result["schema"] == 2
+    assert result["name"] == "teacher" and result["mode"] == "smoke" and result["schema"] == 3
     assert result["meta"]["device"] == str(default_device())
     for row in result["rows"]:
-        assert {"schema", "dataset", "model", "nfe", "steps", "metric", "value", "seconds", "device"} <= row.keys()
-        assert row["schema"] == 2
-        assert row["value"] >= 0 or row["metric"] == "mmd"
+        assert {"schema", "dataset", "model", "nfe", "steps", "metric", "value", "seconds", "device", "std",
+                "n_seeds", "values"} <= row.keys()
+        assert row["schema"] == 3
+        assert row["value"] >= 0 or row["metric"] in ("mmd", "kid_heldout", "kid_train")   # unbiased: may dip below 0
+        # every number is a mean over >= 3 evaluation seeds, with its spread and the per-seed values
+        assert row["n_seeds"] >= 3 and len(row["values"]) == row["n_seeds"] and row["std"] >= 0
+        assert row["value"] == pytest.approx(sum(row["values"]) / row["n_seeds"])
         assert row["seconds"] >= 0
         assert (row["nfe"] is None) == (row["steps"] is None) == (row["model"] == "data")
 
@@ -40,14 +44,15 @@ def test_rows_cover_the_teacher_at_every_nfe_and_the_floor(result):
         assert any(r["dataset"] == ds and r["model"] == "data" and r["metric"] == "swd" for r in rows)
         nfes = {r["nfe"] for r in rows if r["dataset"] == ds and r["model"] == "teacher"}
         assert nfes == {1, 2, 4}
-    assert any(r["dataset"] == "digits" and r["metric"] == "digits_fd" and r["model"] == "data" for r in rows)
+    assert any(r["dataset"] == "digits" and r["metric"] == "kid_heldout" and r["model"] == "data" for r in rows)
     assert {r["nfe"] for r in rows if r["dataset"] == "digits" and r["model"] == "teacher"} == {1, 2}
 
 
 def test_one_step_is_worse_than_four(result):
     # a real property of every teacher: one solver step returns a blurred mean, four steps do much better
     for ds in ("checkerboard", "gmm"):
-        v = {r["nfe"]: r["value"] for r in result["rows"] if r["dataset"] == ds and r["model"] == "teacher"}
+        v = {r["nfe"]: r["value"] for r in result["rows"]
+             if r["dataset"] == ds and r["model"] == "teacher" and r["metric"] == "swd"}
         assert v[1] > 1.5 * v[4]
 
 
@@ -74,9 +79,9 @@ def test_pd_benchmark_has_a_row_per_round(tmp_path):
     out = tmp_path / "pd.json"
     res = bench.main(["pd", "--mode", "smoke", "--device", "cpu", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["schema"] == 2 and saved["meta"]["device"] == "cpu"
+    assert saved["schema"] == 3 and saved["meta"]["device"] == "cpu"
     for r in saved["rows"]:
-        assert r["device"] == "cpu" and r["schema"] == 2
+        assert r["device"] == "cpu" and r["schema"] == 3 and r["n_seeds"] >= 3
         if r["model"] == "data":
             assert r["nfe"] is None and r["steps"] is None
         else:
@@ -93,16 +98,32 @@ def test_pd_benchmark_has_a_row_per_round(tmp_path):
     digits = [r for r in res["rows"] if r["dataset"] == "digits"]
     assert {r["nfe"] for r in digits if r["model"] == "pd"} == {1}  # smoke: 2 -> 1 steps
     assert {r["model"] for r in digits} == {"data", "teacher", "teacher-ddim", "pd"}
-    assert all(r["metric"] == "digits_fd" and r["value"] > 0 for r in digits)
+    assert {r["metric"] for r in digits} == {"kid_heldout", "kid_train", "fd_heldout"}
+    assert all(r["value"] > 0 for r in digits if r["metric"] == "fd_heldout")
+    assert all(r["se"] > 0 for r in digits if r["metric"].startswith("kid_"))
+    # the gmm students are trajectory students: each has its flow-map error to the exact mixture teacher, which
+    # grows as the student takes fewer steps
+    fm = {r["steps"]: r for r in res["rows"] if r["dataset"] == "gmm" and r["model"] == "pd"
+          and r["metric"] == "flow_map_err_exact"}
+    assert set(fm) == {2, 1} and fm[1]["value"] > fm[2]["value"] > 0
+    # precision / recall on the gmm students, in_squares on the checkerboard's
+    for ds, metrics in (("gmm", {"precision", "recall"}), ("checkerboard", {"in_squares"})):
+        for steps in (2, 1):
+            got = {r["metric"] for r in res["rows"] if r["dataset"] == ds and r["model"] == "pd" and r["steps"] == steps}
+            assert metrics <= got, (ds, steps, got)
 
 
 def test_guided_benchmark_rows(tmp_path):
     res = bench.main(["guided", "--mode", "smoke", "--out", str(tmp_path / "guided.json")])
     rows = [r for r in res["rows"] if r["dataset"] == "gmm-overlap"]
-    for model, steps in (("teacher", {8}), ("guided-student", {4, 1})):
+    # students are measured against the guided teacher at the same w (swd_teacher: the teacher's own row is its
+    # floor; flow_map_err_teacher: same noise); the distance to the unguided data stays as context (swd_data)
+    for model, steps, metrics in (("teacher", {8}, ("swd_data", "class_acc", "swd_teacher")),
+                                  ("guided-student", {4, 1}, ("swd_data", "class_acc", "swd_teacher",
+                                                              "flow_map_err_teacher"))):
         for w in bench.GUIDANCE_WEIGHTS:
             got = {(r["steps"], r["metric"]) for r in rows if r["model"] == model and r.get("w") == w}
-            assert got == {(k, m) for k in steps for m in ("swd", "class_acc")}, (model, w, got)
+            assert got == {(k, m) for k in steps for m in metrics}, (model, w, got)
     for r in res["rows"]:                         # classifier-free guidance: two network evaluations a step
         if r["model"] != "data":
             assert r["nfe"] == (2 * r["steps"] if r["model"] == "teacher" else r["steps"]), r
@@ -112,7 +133,10 @@ def test_guided_benchmark_rows(tmp_path):
     data_acc = next(r["value"] for r in rows if r["model"] == "data" and r["metric"] == "class_acc")
     assert 0.8 < data_acc < 0.95  # overlapping classes: the Bayes classifier is often wrong on exact samples
     digits = {(r["w"], r["metric"]) for r in res["rows"] if r["dataset"] == "digits" and r["model"] == "teacher"}
-    assert digits == {(w, m) for w in bench.GUIDANCE_WEIGHTS for m in ("class_acc", "digits_fd")}
+    assert digits == {(w, m) for w in bench.GUIDANCE_WEIGHTS
+                      for m in ("class_acc", "kid_heldout", "kid_train", "fd_heldout")}
+    floor = {r["metric"]: r for r in res["rows"] if r["dataset"] == "digits" and r["model"] == "data"}
+    assert floor["kid_heldout"]["std"] > 0 and floor["kid_heldout"]["se"] > 0 and floor["kid_train"]["n_seeds"] >= 3
 
 
 def test_reflow_benchmark_rows(tmp_path):
@@ -127,9 +151,58 @@ def test_reflow_benchmark_rows(tmp_path):
             assert {r["nfe"] for r in mine if r["model"] == m and r["metric"] == "swd"} == {1, 2, 4, 64}
             assert [r["nfe"] for r in mine if r["model"] == m and r["metric"] == "straightness"] == [64]
         for m in ("1-rf-distill", "2-rf-distill"):
-            assert [r["nfe"] for r in mine if r["model"] == m] == [1]
+            assert {r["nfe"] for r in mine if r["model"] == m} == {1}
+        floor = [r for r in mine if r["model"] == "data" and r["metric"] == "swd"]
+        assert len(floor) == 1 and floor[0]["std"] > 0 and floor[0]["n_seeds"] >= 3   # the floor has its spread
+        extra = {"gmm": {"precision", "recall", "flow_map_err_exact"}, "checkerboard": {"in_squares"}}[ds]
+        for m in ("1-rf", "2-rf", "3-rf", "1-rf-distill", "2-rf-distill"):
+            assert extra <= {r["metric"] for r in mine if r["model"] == m and r["nfe"] == 1}, (ds, m)
         s = {r["model"]: r["value"] for r in mine if r["metric"] == "straightness"}
         assert s["2-rf"] < s["1-rf"]        # even 20 smoke steps of reflow straighten the flow
+
+
+def test_evaluation_collects_seeds_and_ratios_pair_them():
+    from course_lib.bench.core import Evaluation, per_seed
+
+    ev = Evaluation(7, "cpu")
+    assert ev.seeds[0] == 7 and len(ev.seeds) >= 3
+    for i, s in enumerate(ev.seeds):
+        ev.add("d", "student", "kid_heldout", 2.0 * (i + 1), 1.0, nfe=1, steps=1, se=0.1 * (i + 1), n=10)
+        ev.add("d", "teacher", "kid_heldout", 1.0 * (i + 1), 3.0, nfe=8, steps=8, se=0.1, n=10)
+    student, teacher = ev.rows()
+    assert student["values"] == [2.0, 4.0, 6.0] and student["value"] == 4.0 and student["std"] == 2.0
+    assert student["se"] == pytest.approx(0.2) and student["seconds"] == 1.0 and student["n"] == 10
+    assert per_seed(student, teacher) == (2.0, 0.0)     # the ratio seed by seed: exactly 2 on every seed
+
+
+def test_an_under_guided_sampler_is_flagged_by_fidelity_not_by_the_data_swd():
+    # the failure issue 11 names: a student that under-guides lands *closer* to the unguided data than its guided
+    # teacher, so SWD against the data calls it better; SWD against the teacher's own samples flags it
+    from course_lib.bench.core import Evaluation, conditional_reference, fresh, prior, score_fidelity
+    from course_lib.grids import uniform
+    from course_lib.guidance import cfg as guide
+    from course_lib.samplers import dpm_solver_pp_2m
+    from course_lib.teachers import load_teacher
+
+    teacher = load_teacher("gmm-overlap-vp", device="cpu")
+    ev, samples = Evaluation(0, "cpu"), []
+    for s in ev.seeds:
+        mix, y, swd_data, _ = conditional_reference(ev, "gmm-overlap", 400, s)
+        x1 = prior(teacher.process, (400, 2), s + 3, "cpu")
+        run = {name: dpm_solver_pp_2m(lambda x, t: guide(teacher, w, mix.num_classes)(x, t, y), x1, uniform(8),
+                                      teacher.process) for name, w in (("teacher", 4.0), ("under-guided", 1.0))}
+        for name, x in run.items():
+            ev.add("gmm-overlap", name, "swd_data", swd_data(x), nfe=16, steps=8)
+        samples.append(run)
+    for i, run in enumerate(samples):
+        for name, x in run.items():
+            score_fidelity(ev, "gmm-overlap", name, x, None if name == "teacher" else run["teacher"],
+                           fresh(samples, i)["teacher"], 0.0, nfe=16, steps=8)
+    r = {(row["model"], row["metric"]): row for row in ev.rows()}
+    assert r["under-guided", "swd_data"]["value"] < r["teacher", "swd_data"]["value"]      # looks "better"
+    t, u = r["teacher", "swd_teacher"], r["under-guided", "swd_teacher"]
+    assert u["value"] > 2 * t["value"] and u["value"] - t["value"] > 3 * (u["std"] + t["std"])
+    assert r["under-guided", "flow_map_err_teacher"]["value"] > 0.1
 
 
 def test_notebooks_never_import_the_benchmarks():

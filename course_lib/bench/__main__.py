@@ -16,7 +16,7 @@ import torch
 from ..config import MODES, course_mode, default_device
 from ..plotting import table
 from . import BENCHMARKS, DESCRIPTIONS, __doc__ as BENCH_DOC
-from .core import SCHEMA
+from .core import SCHEMA, pm
 
 
 def listing() -> str:
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                  "device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine(),
                  **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})})
     result = {"schema": SCHEMA, "name": args.name, "mode": mode, "meta": meta, "rows": rows}
-    print(table(rows, ["dataset", "model", "nfe", "steps", "metric", "value", "seconds"]))
+    shown = [{**r, "mean ± std": pm(r["value"], r.get("std"))} for r in rows]
+    print(table(shown, ["dataset", "model", "nfe", "steps", "metric", "mean ± std", "n_seeds", "seconds"]))
     print(f"\n{args.name} benchmark, mode {mode}, device {device}: {len(rows)} rows in {meta['total_seconds']} s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""What every benchmark shares, written once: rows (schema 2), timing, the 2D references and data floors, the
-class-conditional reference, the digits helpers, NFE sweeps and the tables that put rows side by side.
+"""What every benchmark shares, written once: rows (schema 3), evaluation over seeds (`Evaluation`), timing, the
+2D references and data floors, the class-conditional reference, every 2D and digits metric (`score_2d`,
+`score_fidelity`, `score_digits`), the exact mixture teacher, NFE sweeps and the tables that put rows side by side.
 
 Devices: models run on the benchmark's device; every noise tensor is drawn on the CPU from an explicit generator
 and then moved (the same numbers on every device); metrics are computed on CPU copies of the samples."""
@@ -11,7 +12,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-SCHEMA = 2
+SCHEMA = 3
 NFES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -88,12 +89,96 @@ def prior(process, shape: tuple[int, ...], seed: int, device: str | torch.device
     return process.prior(shape, torch.Generator().manual_seed(seed)).to(device)
 
 
-def sweep_2d(model, process, dataset: str, model_name: str, sampler: str, ref: Tensor, nfes: Iterable[int],
-             seed: int, metric: Callable[[Tensor, Tensor], float], device: str | torch.device) -> list[dict]:
-    """Sample `model` (on `device`) at every NFE budget (same noise for all) and score each against `ref` (N, 2)."""
+MIXTURES = ("gmm", "gmm-overlap")  # the 2D data that are Gaussian mixtures (exact teacher, precision/recall)
+PR_N = 2000         # points per precision/recall evaluation (and per exact flow-map reference): "a few thousand"
+EXACT_STEPS = 128   # DPM-Solver++(2M) steps of the exact mixture teacher (RMS change to 1024 steps: ~1e-3)
+
+
+class Evaluation:
+    """Rows measured over evaluation seeds, collected in one place: a benchmark loops over `self.seeds` (fresh noise
+    and fresh reference samples each), calls `add` once per seed for each measured number, and `rows()` turns the
+    per-seed values into one spread_row per measurement (value = mean, std, n_seeds, values; seconds = the mean).
+    A measurement is identified by (dataset, model, metric, nfe, steps) and its extra fields; `se` (a per-seed
+    standard error, e.g. KID's) is averaged over seeds, not part of the identity."""
+
+    def __init__(self, seed: int, device: str | torch.device, n: int = EVAL_SEEDS):
+        self.seeds, self.device = eval_seeds(seed, n), device
+        self._acc: dict[tuple, dict] = {}
+
+    def add(self, dataset: str, model: str, metric: str, value: float, seconds: float = 0.0, *, nfe: int | None,
+            steps: int | None, se: float | None = None, **extra) -> None:
+        key = (dataset, model, metric, nfe, steps, tuple(extra.items()))
+        m = self._acc.setdefault(key, {"values": [], "seconds": [], "se": []})
+        m["values"].append(float(value))
+        m["seconds"].append(float(seconds))
+        if se is not None:
+            m["se"].append(float(se))
+
+    def rows(self) -> list[dict]:
+        out = []
+        for (dataset, model, metric, nfe, steps, extra), m in self._acc.items():
+            se = {"se": sum(m["se"]) / len(m["se"])} if m["se"] else {}
+            out.append(spread_row(dataset, model, metric, m["values"], sum(m["seconds"]) / len(m["seconds"]),
+                                  nfe=nfe, steps=steps, device=self.device, **se, **dict(extra)))
+        return out
+
+
+def per_seed(a: dict, b: dict, op: Callable[[float, float], float] = lambda u, v: u / v) -> tuple[float, float]:
+    """(mean, std) over seeds of op(a's value, b's value) for two rows measured on the same evaluation seeds (same
+    noise and reference): e.g. a student's SWD over its teacher's, seed by seed."""
+    from ..metrics import spread
+
+    if len(a["values"]) != len(b["values"]):
+        raise ValueError(f"rows measured on different seeds: {len(a['values'])} and {len(b['values'])} values")
+    return spread([op(u, v) for u, v in zip(a["values"], b["values"])])
+
+
+def swd(x: Tensor, ref: Tensor) -> float:
+    """The 2D benchmarks' SWD: 256 fixed directions (seed 0), on CPU copies."""
+    from ..metrics import sliced_wasserstein
+
+    return sliced_wasserstein(cpu(x), cpu(ref), n_proj=256, seed=0)
+
+
+def score_2d(ev: Evaluation, dataset: str, model: str, x: Tensor, ref: Tensor, seconds: float, *, nfe: int | None,
+             steps: int | None, compare: bool = False, exact: Tensor | None = None, **extra) -> None:
+    """Every 2D sample metric of samples x against exact data samples ref, added to `ev` for this seed: "swd";
+    "in_squares" on the checkerboard; on the mixtures, where `compare` (rows a reader compares: 1-4 steps and
+    each model's best), "precision" and "recall" (PR_N points); "flow_map_err_exact", the RMS distance of the
+    first len(exact) samples to `exact`, the exact mixture teacher's ODE solution from the same noise."""
+    from ..metrics import flow_map_error, in_squares, precision_recall
+
+    x = cpu(x)
+    common = dict(nfe=nfe, steps=steps, **extra)
+    ev.add(dataset, model, "swd", swd(x, ref), seconds, **common)
+    if dataset == "checkerboard":
+        ev.add(dataset, model, "in_squares", in_squares(x), seconds, **common)
+    if compare and dataset in MIXTURES:
+        p, r = precision_recall(x[:PR_N], ref[:PR_N])
+        ev.add(dataset, model, "precision", p, seconds, **common)
+        ev.add(dataset, model, "recall", r, seconds, **common)
+    if exact is not None:
+        ev.add(dataset, model, "flow_map_err_exact", flow_map_error(x[:len(exact)], exact), seconds, **common)
+
+
+def exact_map(dataset: str, process, x1: Tensor) -> Tensor:
+    """The exact Gaussian-mixture teacher's ODE solution from noise x1 (N, 2) in `process` (the student's:
+    vp-cosine for diffusion students, rf for flows): DPM-Solver++(2M), EXACT_STEPS steps, on the CPU."""
+    from ..data2d import exact_denoiser
+    from ..grids import default_grid
+    from ..samplers import dpm_solver_pp_2m
+
+    return dpm_solver_pp_2m(exact_denoiser(dataset, process), cpu(x1), default_grid(EXACT_STEPS, process), process)
+
+
+def sweep_2d(ev: Evaluation, model, process, dataset: str, model_name: str, sampler: str, ref: Tensor,
+             nfes: Sequence[int], seed: int, device: str | torch.device, exact: Tensor | None = None) -> None:
+    """Sample `model` (on `device`) at every NFE budget (same noise for all, drawn from `seed`) and score each
+    against `ref` (N, 2) with score_2d; precision/recall at 1-4 NFE and at the largest budget (the model's best,
+    or near it); flow-map error to `exact` (the exact teacher from the same noise) where given."""
     from ..samplers import generate, steps_for_nfe
 
-    rows, seen = [], set()
+    seen = set()
     for budget in nfes:
         steps = steps_for_nfe(sampler, budget)
         used = nfe(sampler, steps)
@@ -102,59 +187,117 @@ def sweep_2d(model, process, dataset: str, model_name: str, sampler: str, ref: T
         seen.add(used)
         x, sec = timed(lambda: generate(model, process, tuple(ref.shape), sampler, steps, device=device,
                                         generator=torch.Generator().manual_seed(seed)), device)
-        rows.append(row(dataset, model_name, "swd", metric(cpu(x), ref), sec, nfe=used, steps=steps, device=device,
-                        sampler=sampler, n=len(ref)))
-    return rows
+        score_2d(ev, dataset, model_name, x, ref, sec, nfe=used, steps=steps, exact=exact,
+                 compare=used <= 4 or budget == max(nfes), sampler=sampler, n=len(ref))
 
 
-def reference_2d(dataset: str, n: int, seed: int, metric: Callable[[Tensor, Tensor], float],
-                 device: str | torch.device) -> tuple[Tensor, dict]:
-    """n reference samples of a 2D dataset (CPU), and the "data" row: the metric against n independent ones."""
+def reference_2d(ev: Evaluation, dataset: str, n: int, seed: int) -> Tensor:
+    """n reference samples of a 2D dataset (CPU) for evaluation seed `seed`, and the "data" rows (the floor) added
+    to `ev`: every score_2d metric of n independent exact samples against them."""
     from ..data2d import sample_2d
 
     ref, _ = sample_2d(dataset, n, torch.Generator().manual_seed(seed + 1))
     other, sec = timed(lambda: sample_2d(dataset, n, torch.Generator().manual_seed(seed + 2))[0])
-    return ref, row(dataset, "data", "swd", metric(other, ref), sec, nfe=None, steps=None, device=device, n=n)
+    score_2d(ev, dataset, "data", other, ref, sec, nfe=None, steps=None, compare=True, n=n)
+    return ref
 
 
-def conditional_reference(dataset: str, n: int, seed: int, device: str | torch.device):
-    """For a class-conditional 2D mixture: balanced labels y (n,) (CPU), the SWD against exact samples of those
-    classes, the Bayes class accuracy (both take samples on any device and score a CPU copy), and the two "data"
-    rows (an independent exact batch scored by both). Returns (mixture, y, swd(x) -> float, acc(x) -> float, rows)."""
+def conditional_reference(ev: Evaluation, dataset: str, n: int, seed: int):
+    """For a class-conditional 2D mixture and evaluation seed `seed`: balanced labels y (n,) (CPU), the SWD against
+    exact samples of those classes and the Bayes class accuracy (both take samples on any device and score a CPU
+    copy), with the "data" rows ("swd_data", "class_acc" of an independent exact batch) added to `ev`.
+    Returns (mixture, y, swd_data(x) -> float, acc(x) -> float)."""
     from ..data2d import get_mixture, sample_conditional
-    from ..metrics import gmm_class_accuracy, sliced_wasserstein
+    from ..metrics import gmm_class_accuracy
 
     mix = get_mixture(dataset)
     y = torch.arange(n) % mix.num_classes                                       # balanced labels
     ref = sample_conditional(mix, y, torch.Generator().manual_seed(seed + 1))
-    swd = lambda a: sliced_wasserstein(cpu(a), ref, n_proj=256, seed=0)
+    swd_data = lambda a: swd(a, ref)
     acc = lambda a: gmm_class_accuracy(cpu(a), y, mix)
     other, sec = timed(lambda: sample_conditional(mix, y, torch.Generator().manual_seed(seed + 2)))
-    data = dict(nfe=None, steps=None, device=device, n=n)
-    return mix, y, swd, acc, [row(dataset, "data", "swd", swd(other), sec, **data),
-                              row(dataset, "data", "class_acc", acc(other), sec, **data)]
+    for metric, fn in (("swd_data", swd_data), ("class_acc", acc)):
+        ev.add(dataset, "data", metric, fn(other), sec, nfe=None, steps=None, n=n)
+    return mix, y, swd_data, acc
 
 
-def digits_floor_row(device: str | torch.device) -> dict:
-    """The digits "data" row: the held-out real half (898 digits) against the reference half, digits FD."""
-    from ..classifier import digits_fd_floor, digits_halves
+def score_fidelity(ev: Evaluation, dataset: str, model: str, x: Tensor, teacher_same: Tensor | None,
+                   teacher_fresh: Tensor, seconds: float, *, nfe: int, steps: int, **extra) -> None:
+    """A guided student's fidelity to the guided teacher it distils (same w): "swd_teacher", the SWD against the
+    teacher's samples from fresh noise (independent of x's; for the teacher itself: the metric's floor), and
+    "flow_map_err_teacher", the RMS distance to the teacher's output from the same noise (teacher_same; None for
+    the teacher itself)."""
+    from ..metrics import flow_map_error
 
-    return row("digits", "data", "digits_fd", digits_fd_floor(), 0.0, nfe=None, steps=None, device=device,
-               n=len(digits_halves()[0]))
+    x = cpu(x)
+    ev.add(dataset, model, "swd_teacher", swd(x, teacher_fresh), seconds, nfe=nfe, steps=steps, **extra)
+    if teacher_same is not None:
+        ev.add(dataset, model, "flow_map_err_teacher", flow_map_error(x, cpu(teacher_same)), seconds, nfe=nfe,
+               steps=steps, **extra)
 
 
-def digits_fd(x: Tensor) -> float:
-    """The digits Fréchet distance of samples on any device (computed on a CPU copy)."""
-    from ..classifier import digits_frechet_distance
+def fresh(samples: list, i: int):
+    """The samples of the next evaluation seed (cyclically): independent of seed i's noise, so a teacher's samples
+    from "fresh noise" cost no extra generation."""
+    return samples[(i + 1) % len(samples)]
 
-    return digits_frechet_distance(cpu(x))
+
+def digits_n(mode: str, cheap: bool) -> int:
+    """Generated digits per evaluation seed: thousands for cheap rows (1-4 step students), a few hundred for
+    many-step teacher rows (KID is unbiased at any n; its standard error says how precise)."""
+    from ..config import pick
+
+    return pick(mode, smoke=40, laptop=2000 if cheap else 300, full=5000 if cheap else 1000)
+
+
+def _classifier():
+    from ..classifier import load_digits_classifier
+
+    global _CLF
+    if _CLF is None:
+        _CLF = load_digits_classifier()
+    return _CLF
+
+
+_CLF = None
+
+
+def score_digits(ev: Evaluation, model: str, x: Tensor, seconds: float, *, nfe: int | None, steps: int | None,
+                 y: Tensor | None = None, **extra) -> None:
+    """The digits metrics of images x (classifier.digits_scores) added to `ev`: "kid_heldout" and "kid_train"
+    (unbiased KID against the 297 held-out and the 1500 training digits, each with its standard error `se`) and
+    "fd_heldout" (Frechet distance against the held-out digits); "class_acc" when the requested labels y are given."""
+    from ..classifier import class_accuracy, digits_scores
+
+    x = cpu(x)
+    d = digits_scores(x, _classifier())
+    common = dict(nfe=nfe, steps=steps, n=len(x), **extra)
+    ev.add("digits", model, "kid_heldout", d["kid_heldout"], seconds, se=d["kid_heldout_se"], **common)
+    ev.add("digits", model, "kid_train", d["kid_train"], seconds, se=d["kid_train_se"], **common)
+    ev.add("digits", model, "fd_heldout", d["fd_heldout"], seconds, **common)
+    if y is not None:
+        ev.add("digits", model, "class_acc", class_accuracy(x, cpu(y), _classifier()), seconds, **common)
+
+
+DIGITS_FLOOR_N = 500   # training digits per floor evaluation (a third of them: disjoint-ish subsets over seeds)
+
+
+def digits_floor(ev: Evaluation, seed: int) -> None:
+    """The digits "data" rows for evaluation seed `seed`: DIGITS_FLOOR_N real training digits (a random subset,
+    different per seed) scored like a model: their kid_heldout is what a perfect generator of the training
+    distribution scores; their kid_train (they are in the training set) what pure memorisation scores."""
+    from ..images import load_digits
+
+    train, _ = load_digits(16, "train")
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:DIGITS_FLOOR_N]
+    score_digits(ev, "data", train[idx], 0.0, nfe=None, steps=None)
 
 
 def digits_acc(x: Tensor, y: Tensor) -> float:
     """The digits classifier's accuracy on samples x for the requested labels y (computed on CPU copies)."""
     from ..classifier import class_accuracy
 
-    return class_accuracy(cpu(x), cpu(y))
+    return class_accuracy(cpu(x), cpu(y), _classifier())
 
 
 def train_fields(seconds: float, updates: int) -> dict:
@@ -163,11 +306,14 @@ def train_fields(seconds: float, updates: int) -> dict:
 
 
 def side_by_side(rows: Iterable[dict], key: tuple[str, ...]) -> list[dict]:
-    """One line per distinct `key` (field names) with each row's metric as a column: {**key fields, metric: value}."""
+    """One line per distinct `key` (field names) with each row's metric as a column, "mean ± std":
+    {**key fields, metric: "mean ± std", "rows": {metric: row}} (the rows, for per-seed ratios)."""
     lines: dict[tuple, dict] = {}
     for r in rows:
         k = tuple(r.get(f) for f in key)
-        lines.setdefault(k, {f: r.get(f) for f in key})[r["metric"]] = r["value"]
+        line = lines.setdefault(k, {**{f: r.get(f) for f in key}, "rows": {}})
+        line[r["metric"]] = pm(r["value"], r.get("std"))
+        line["rows"][r["metric"]] = r
     return list(lines.values())
 
 

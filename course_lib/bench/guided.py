@@ -6,7 +6,8 @@ import torch
 from ..config import pick
 from ..plotting import table
 from . import register
-from .core import digits_acc, digits_fd, nfe, prior, row, side_by_side, timed, train_fields, conditional_reference
+from .core import (Evaluation, conditional_reference, digits_floor, digits_n, fresh, nfe, per_seed, pm, prior,
+                   score_digits, score_fidelity, side_by_side, timed, train_fields)
 
 GUIDANCE_WEIGHTS = (0.0, 1.0, 2.0, 4.0)
 
@@ -15,13 +16,18 @@ GUIDANCE_WEIGHTS = (0.0, 1.0, 2.0, 4.0)
 def bench_guided(mode: str, seed: int = 0, device: str | torch.device | None = None) -> tuple[list[dict], dict]:
     """Guided distillation (Meng et al. 2023) of the shipped gmm-overlap teacher, w in {0, 1, 2, 4}.
 
-    Rows per (model, steps, w), extra fields "w" and "sampler": "swd" against exact samples of the requested
-    classes (labels balanced over the 8 classes) and "class_acc", the fraction of samples the exact mixture's
-    Bayes classifier assigns to the requested class. Models: "data" (exact class-conditional samples: the SWD
-    floor and the Bayes accuracy of the data itself), "teacher" (classifier-free guidance, DPM-Solver++(2M);
-    each step costs TWO network evaluations, cond + uncond, batched: nfe = 2 steps), "guided-student-stage1"
-    (stage 1 sampled with n_start DDIM steps, one evaluation per step) and "guided-student" at 4 and 1 steps.
-    Digits: the shipped digits teacher with guidance (class_acc from the digits classifier)."""
+    Rows per (model, steps, w), extra fields "w" and "sampler", each over the evaluation seeds (students trained
+    once). A guided student is measured against what it distils, the guided teacher at the same w:
+    "swd_teacher" (SWD against the teacher's samples from fresh noise; the teacher's own row is that metric's
+    floor) and "flow_map_err_teacher" (RMS distance to the teacher's output from the same noise); "class_acc" is the
+    fraction of samples the exact mixture's Bayes classifier assigns to the requested class (labels balanced over
+    the 8 classes); "swd_data" (context only) is the SWD against exact samples of the requested classes, which the
+    guided teacher moves away from by design as w grows. Models: "data" (exact class-conditional samples: the
+    swd_data floor and the Bayes accuracy of the data itself), "teacher" (classifier-free guidance,
+    DPM-Solver++(2M); each step costs TWO network evaluations, cond + uncond, batched: nfe = 2 steps),
+    "guided-student-stage1" (stage 1 sampled with n_start DDIM steps, one evaluation per step) and
+    "guided-student" at 4 and 1 steps. Digits: the shipped digits teacher with guidance (class_acc from the digits
+    classifier, kid_heldout, kid_train, fd_heldout)."""
     from ..config import default_device
     from ..distill.guided import guided_2d_budget, guided_2d_students
     from ..grids import uniform
@@ -31,67 +37,84 @@ def bench_guided(mode: str, seed: int = 0, device: str | torch.device | None = N
 
     device = torch.device(device) if device is not None else default_device()
     b = guided_2d_budget(mode)
-    n, ds = b["n"], "gmm-overlap"
-    mix, y_cpu, swd, acc, rows = conditional_reference(ds, n, seed, device)
-    y = y_cpu.to(device)
-
+    n, ds = pick(mode, smoke=200, laptop=4000, full=25_000), "gmm-overlap"     # per evaluation seed
     teacher = load_teacher(f"{ds}-vp", device=device)
     stage1, students, secs = guided_2d_students(teacher, b, seed=seed, progress=mode != "smoke")
-    trained = {"guided-student-stage1": train_fields(secs["stage1"], b["stage1_steps"])}
-    x1 = prior(teacher.process, (n, 2), seed + 3, device)
-    for w in GUIDANCE_WEIGHTS:
-        runs = [("teacher", b["teacher_steps"], "dpmpp2m", True,
-                 lambda: dpm_solver_pp_2m(lambda x, t: guide(teacher, w, mix.num_classes)(x, t, y), x1,
-                                          uniform(b["teacher_steps"]), teacher.process)),
-                ("guided-student-stage1", b["n_start"], "ddim", False,
-                 lambda: ddim(lambda x, t: stage1(x, t, y, w), x1, uniform(b["n_start"]), teacher.process))]
-        for N in (4, 1):
-            if N in students:
-                trained[f"guided-student-{N}"] = train_fields(
-                    secs[N], b["stage1_steps"] + b["pd_steps"] * ((b["n_start"] // N).bit_length() - 1))
-                runs.append(("guided-student", N, "ddim", False,
-                             lambda N=N: ddim(lambda x, t: students[N](x, t, y, w), x1, uniform(N), teacher.process)))
-        for name, steps, sampler, guided, fn in runs:
-            x, sec = timed(fn, device)
-            extra = trained.get(name if name != "guided-student" else f"{name}-{steps}", {})
-            for metric, value in (("swd", swd(x)), ("class_acc", acc(x))):
-                rows.append(row(ds, name, metric, value, sec, nfe=nfe(sampler, steps, guided), steps=steps,
-                                device=device, w=w, sampler=sampler, n=n, **extra))
-    rows += guided_digits_rows(mode, seed, device)
+    trained = {("guided-student-stage1", b["n_start"]): train_fields(secs["stage1"], b["stage1_steps"])}
+    trained.update({("guided-student", N): train_fields(secs[N], b["stage1_steps"] + b["pd_steps"]
+                                                        * ((b["n_start"] // N).bit_length() - 1)) for N in students})
+    ev = Evaluation(seed, device)
+    samples = []                                  # per seed: {(w, name, steps): (x, seconds, sampler, guided)}
+    for s in ev.seeds:
+        mix, y_cpu, swd_data, acc = conditional_reference(ev, ds, n, s)
+        y, x1 = y_cpu.to(device), prior(teacher.process, (n, 2), s + 3, device)
+        mine = {}
+        for w in GUIDANCE_WEIGHTS:
+            runs = [("teacher", b["teacher_steps"], "dpmpp2m", True,
+                     lambda: dpm_solver_pp_2m(lambda x, t: guide(teacher, w, mix.num_classes)(x, t, y), x1,
+                                              uniform(b["teacher_steps"]), teacher.process)),
+                    ("guided-student-stage1", b["n_start"], "ddim", False,
+                     lambda: ddim(lambda x, t: stage1(x, t, y, w), x1, uniform(b["n_start"]), teacher.process))]
+            runs += [("guided-student", N, "ddim", False,
+                      lambda N=N: ddim(lambda x, t: students[N](x, t, y, w), x1, uniform(N), teacher.process))
+                     for N in (4, 1) if N in students]
+            for name, steps, sampler, guided, fn in runs:
+                x, sec = timed(fn, device)
+                mine[(w, name, steps)] = (x, sec, sampler, guided)
+                common = dict(nfe=nfe(sampler, steps, guided), steps=steps, w=w, sampler=sampler, n=n,
+                              **trained.get((name, steps), {}))
+                ev.add(ds, name, "class_acc", acc(x), sec, **common)
+                ev.add(ds, name, "swd_data", swd_data(x), sec, **common)
+        samples.append(mine)
+    for i, mine in enumerate(samples):            # fidelity to the guided teacher: needs every seed's teacher samples
+        for (w, name, steps), (x, sec, sampler, guided) in mine.items():
+            teacher_x = mine[(w, "teacher", b["teacher_steps"])][0]
+            score_fidelity(ev, ds, name, x, None if name == "teacher" else teacher_x,
+                           fresh(samples, i)[(w, "teacher", b["teacher_steps"])][0], sec,
+                           nfe=nfe(sampler, steps, guided), steps=steps, w=w, sampler=sampler, n=n,
+                           **trained.get((name, steps), {}))
+    guided_digits_rows(ev, mode, device)
+    rows = ev.rows()
     print(guided_summary(rows))
-    return rows, {**b, "w_range": [0.0, 4.0], "swd_projections": 256}
+    return rows, {**b, "n": n, "w_range": [0.0, 4.0], "swd_projections": 256, "eval_seeds": ev.seeds}
 
 
 def guided_summary(rows: list[dict]) -> str:
-    """One line per (dataset, model, steps, w) with both metrics side by side, and the student-to-teacher ratios."""
+    """One line per (dataset, model, steps, w) with the metrics side by side (mean ± std over seeds), and the
+    students' fidelity to the teacher: swd_teacher over the teacher's own (its floor) and the class accuracy
+    difference in points, both per seed (same noise and reference), then mean ± std."""
     out = side_by_side(rows, ("dataset", "model", "steps", "nfe", "w"))
-    teach = {(d["dataset"], d["w"]): d for d in out if d["model"] == "teacher"}
+    teach = {(d["dataset"], d["w"]): d["rows"] for d in out if d["model"] == "teacher"}
     for d in out:
         t = teach.get((d["dataset"], d["w"]))
-        if t is not None and d["model"].startswith("guided-student"):
-            d["swd / teacher"] = d["swd"] / t["swd"]
-            d["acc - teacher (points)"] = 100 * (d["class_acc"] - t["class_acc"])
-    return table(out, ["dataset", "model", "steps", "nfe", "w", "class_acc", "swd", "digits_fd", "swd / teacher",
-                       "acc - teacher (points)"])
+        if t is None or not d["model"].startswith("guided-student"):
+            continue
+        if "swd_teacher" in d["rows"]:
+            d["swd_teacher / teacher's"] = pm(*per_seed(d["rows"]["swd_teacher"], t["swd_teacher"]))
+        if "class_acc" in d["rows"]:
+            d["acc - teacher (points)"] = pm(*per_seed(d["rows"]["class_acc"], t["class_acc"],
+                                                       lambda u, v: 100 * (u - v)))
+    return table(out, ["dataset", "model", "steps", "nfe", "w", "class_acc", "swd_teacher", "flow_map_err_teacher",
+                       "swd_data", "kid_heldout", "swd_teacher / teacher's", "acc - teacher (points)"])
 
 
-def guided_digits_rows(mode: str, seed: int, device: str | torch.device) -> list[dict]:
+def guided_digits_rows(ev: Evaluation, mode: str, device: str | torch.device) -> None:
     """The shipped digits teacher with classifier-free guidance at each w (DPM-Solver++(2M)), balanced labels:
-    class accuracy under the digits classifier and the digits Fréchet distance."""
-    from ..classifier import DIGITS_FD_N, balanced_labels
+    class accuracy under the digits classifier and classifier.digits_scores, beside the data floor."""
+    from ..classifier import balanced_labels
     from ..guidance import cfg as guide
     from ..samplers import generate
     from ..teachers import load_teacher
 
-    n = pick(mode, smoke=40, laptop=DIGITS_FD_N, full=DIGITS_FD_N)
+    n = digits_n(mode, cheap=False)
     steps = pick(mode, smoke=2, laptop=16, full=64)
     teacher = load_teacher("digits", device=device)
     y = balanced_labels(n).to(device)
-    rows = []
-    for w in GUIDANCE_WEIGHTS:
-        x, sec = timed(lambda: generate(guide(teacher, w, 10), teacher.process, (n, 1, 16, 16), "dpmpp2m", steps,
-                                        generator=torch.Generator().manual_seed(seed + 6), y=y, device=device), device)
-        common = dict(nfe=nfe("dpmpp2m", steps, guided=True), steps=steps, device=device, w=w, sampler="dpmpp2m", n=n)
-        rows.append(row("digits", "teacher", "class_acc", digits_acc(x, y), sec, **common))
-        rows.append(row("digits", "teacher", "digits_fd", digits_fd(x), sec, **common))
-    return rows
+    for s in ev.seeds:
+        digits_floor(ev, s)
+        for w in GUIDANCE_WEIGHTS:
+            x, sec = timed(lambda: generate(guide(teacher, w, 10), teacher.process, (n, 1, 16, 16), "dpmpp2m", steps,
+                                            generator=torch.Generator().manual_seed(s + 6), y=y, device=device),
+                           device)
+            score_digits(ev, "teacher", x, sec, y=y, nfe=nfe("dpmpp2m", steps, guided=True), steps=steps, w=w,
+                         sampler="dpmpp2m")

@@ -395,14 +395,15 @@ def instaflow_2d_models(budget: dict, seed: int = 0, cache_dir: str | os.PathLik
 
 def instaflow_sweep(data: dict, targets: dict, x1: Tensor, y: Tensor | None, sweep: dict, budget: dict,
                     swd: Callable[[Tensor], float], like: Denoiser, dataset: str = "gmm-overlap", seed: int = 0,
-                    progress: bool = True) -> list[dict]:
+                    progress: bool = True, return_students: bool = False) -> list[dict]:
     """The capacity sweep: a fresh one-step student of each width (shaped like `like`: same classes, on its device),
     trained (L2) on the first n_pairs triplets of each coupling, data["direct"] (the teacher's) and data["reflow"]
     (the 2-RF's), for `steps` updates; scored by swd(samples) and by held-out regression error against that
     coupling's endpoints targets[coupling] from noise x1 (labels y, or None for unconditional data).
 
     Returns one record per trained student: {"coupling", "width", "n_pairs", "train_steps", "train_seconds",
-    "swd", "heldout_err"} (`dataset` only names the progress bar)."""
+    "swd", "heldout_err"} (`dataset` only names the progress bar), plus "student" (the trained model) with
+    return_students=True (a benchmark evaluates them again on other noise)."""
     import dataclasses
     import time
     from itertools import product
@@ -424,7 +425,8 @@ def instaflow_sweep(data: dict, targets: dict, x1: Tensor, y: Tensor | None, swe
             sec = time.perf_counter() - t0
             records.append(dict(coupling=coupling, width=width, n_pairs=n_pairs, train_steps=steps,
                                 train_seconds=round(sec, 1), swd=swd(one_step(student, x1, y)),
-                                heldout_err=regression_error(student, x1, targets[coupling], y)))
+                                heldout_err=regression_error(student, x1, targets[coupling], y),
+                                **({"student": student} if return_students else {})))
     return records
 
 
