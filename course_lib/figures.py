@@ -64,17 +64,19 @@ def digits_grid(out: Path, nfes=(1, 2, 4, 8, 16, 32)) -> Path:
 
 def instaflow_sweep(result: dict, out: Path, n_pairs: int = 10_000, steps: int = 2000) -> Path:
     """The InstaFlow benchmark's capacity sweep: held-out error and SWD of fresh one-step students against width,
-    on the teacher's coupling ("direct") and the 2-RF's ("reflow"), one row of panels per 2D dataset."""
+    on the teacher's coupling ("direct") and the 2-RF's ("reflow"), one row of panels per 2D dataset; error bars:
+    the spread over the benchmark's evaluation seeds."""
     rows = [r for r in result["rows"] if r["model"].startswith("sweep-") and r["n_pairs"] == n_pairs
             and r["train_steps"] == steps]
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, axes = plt.subplots(len(datasets), 2, figsize=(8, 2.9 * len(datasets)), squeeze=False)
     for (ax_e, ax_s), ds in zip(axes, datasets):
         for coupling, style in (("direct", "o-"), ("reflow", "s--")):
-            for ax, metric in ((ax_e, "heldout_err"), (ax_s, "swd")):
-                pts = sorted((r["width"], r["value"]) for r in rows
+            for ax, metric in ((ax_e, "heldout_err"), (ax_s, "swd_data")):
+                pts = sorted((r["width"], r["value"], r.get("std", 0.0)) for r in rows
                              if r["dataset"] == ds and r["coupling"] == coupling and r["metric"] == metric)
-                ax.plot(*zip(*pts), style, label=coupling)
+                w, v, e = zip(*pts)
+                ax.errorbar(w, v, yerr=e, fmt=style, capsize=2, label=coupling)   # mean ± std over eval seeds
         for ax, what in ((ax_e, "held-out regression error (log)"), (ax_s, "SWD (linear, from 0)")):
             ax.set_xscale("log", base=2), ax.set_xlabel("student width")
             ax.set_title(f"{ds}: {what}", fontsize=9), ax.legend(fontsize=8)
