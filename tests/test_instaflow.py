@@ -185,11 +185,14 @@ def test_exercise_checkers_accept_the_reference_and_reject_a_wrong_answer(capsys
 def test_bench_instaflow_smoke_rows():
     rows, meta = bench.bench_instaflow("smoke")
     models = {(r["dataset"], r["model"], r["metric"]) for r in rows}
-    for m in ("teacher", "2-rf", "instaflow", "direct-distill"):
-        assert ("gmm-overlap", m, "swd") in models and ("gmm-overlap", m, "class_acc") in models
-    assert {r["nfe"] for r in rows if r["model"] == "2-rf" and r["dataset"] == "gmm-overlap"} >= {1, 4}
+    for m in ("teacher", "2-rf", "instaflow", "direct-distill"):   # fidelity to the guided teacher, data as context
+        for metric in ("swd_teacher", "swd_data", "class_acc"):
+            assert ("gmm-overlap", m, metric) in models, (m, metric)
+    for m in ("2-rf", "instaflow", "direct-distill"):
+        assert ("gmm-overlap", m, "flow_map_err_teacher") in models
+    assert {r["steps"] for r in rows if r["model"] == "2-rf" and r["dataset"] == "gmm-overlap"} >= {1, 4}
     assert ("gmm-overlap", "instaflow", "heldout_err") in models
     assert ("gmm-overlap", "sweep-direct", "heldout_err") in models
-    assert ("gmm", "sweep-reflow", "heldout_err") in models and ("gmm", "2-rf", "swd") in models
+    assert ("gmm", "sweep-reflow", "heldout_err") in models and ("gmm", "2-rf", "swd_data") in models
     assert all(r["value"] == r["value"] for r in rows)                           # no NaN
     assert meta["w"] == 0.5
