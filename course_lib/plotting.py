@@ -51,22 +51,44 @@ def image_grid(x: Tensor, nrow: int = 8, ax=None, title: str = ""):
     return ax
 
 
-def nfe_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], floor: float | None = None,
-               ylabel: str = "sliced Wasserstein distance", title: str = "", ax=None, floor_label: str = "data floor"):
-    """Quality against NFE on log-log axes, one line per label, with an optional horizontal floor."""
+def nfe_curves(curves: dict[str, tuple[Sequence[int], Sequence[float | tuple[float, float]]]],
+               floor: float | tuple[float, float] | None = None, ylabel: str = "sliced Wasserstein distance",
+               title: str = "", ax=None, floor_label: str = "data floor", logy: bool = True):
+    """Quality against NFE (log2 x axis), one line per label, with an optional horizontal floor.
+
+    Values may be plain floats or (mean, std) pairs over evaluation seeds (`metrics.spread`): pairs are drawn with
+    error bars of one std, and a (mean, std) floor as a line with a shaded band of one std. logy=False for
+    metrics in [0, 1] (precision, recall)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.4))
     for label, (nfes, values) in curves.items():
-        ax.plot(nfes, values, marker="o", ms=3, label=label)
+        mean, std = _mean_std(values)
+        if std is None:
+            ax.plot(nfes, mean, marker="o", ms=3, label=label)
+        else:
+            ax.errorbar(nfes, mean, yerr=std, marker="o", ms=3, capsize=2, label=label)
     if floor is not None:
+        if isinstance(floor, tuple):
+            ax.axhspan(floor[0] - floor[1], floor[0] + floor[1], color="k", alpha=0.12, lw=0)
+            floor = floor[0]
         ax.axhline(floor, color="k", ls="--", lw=1, label=floor_label)
-    ax.set_xscale("log", base=2), ax.set_yscale("log")
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel("network evaluations (NFE)"), ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return ax
+
+
+def _mean_std(values: Sequence) -> tuple[list[float], list[float] | None]:
+    """Split a list of floats or of (mean, std) pairs into means and stds (None for plain floats)."""
+    values = list(values)
+    if values and all(isinstance(v, tuple) for v in values):
+        return [float(m) for m, _ in values], [float(s) for _, s in values]
+    return [float(v) for v in values], None
 
 
 def trajectories(ax, path: Tensor, n_show: int = 60, color: str = "C1", lw: float = 0.6, lim: float = LIM_2D):
@@ -82,7 +104,8 @@ def trajectories(ax, path: Tensor, n_show: int = 60, color: str = "C1", lw: floa
 
 
 def table(rows: Iterable[dict], columns: Sequence[str]) -> str:
-    """A plain-text table of dict rows (for notebooks and benchmark output)."""
+    """A plain-text table of dict rows (for notebooks and benchmark output); (mean, std) pairs print as
+    "mean ± std"."""
     rows = list(rows)
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
@@ -92,7 +115,15 @@ def table(rows: Iterable[dict], columns: Sequence[str]) -> str:
     return "\n".join(out)
 
 
+def pm(mean: float, std: float) -> str:
+    """"mean ± std" with the mean to 3 significant digits and the std to 1 or 2: how the course prints a
+    measurement repeated over evaluation seeds (`metrics.spread`)."""
+    return f"{mean:.3g} ± {std:.2g}"
+
+
 def _fmt(v) -> str:
+    if isinstance(v, tuple) and len(v) == 2 and all(isinstance(u, float) for u in v):
+        return pm(*v)           # a (mean, std) pair from metrics.spread
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
