@@ -115,10 +115,10 @@ def table(rows: Iterable[dict], columns: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-def pm(mean: float, std: float) -> str:
-    """"mean ± std" with the mean to 3 significant digits and the std to 1 or 2: how the course prints a
-    measurement repeated over evaluation seeds (`metrics.spread`)."""
-    return f"{mean:.3g} ± {std:.2g}"
+def pm(mean: float, std: float | None, digits: int = 3) -> str:
+    """"mean ± std" with the mean to `digits` significant digits and the std to 1 or 2: how the course prints a
+    measurement repeated over evaluation seeds (`metrics.spread`); the mean alone when std is None."""
+    return f"{mean:.{digits}g}" if std is None else f"{mean:.{digits}g} ± {std:.2g}"
 
 
 def _fmt(v) -> str:

@@ -47,8 +47,10 @@ def spread_row(dataset: str, model: str, metric: str, values: Sequence[float], s
 
 
 def pm(mean: float, std: float | None) -> str:
-    """"mean ± std" for tables (4 significant digits)."""
-    return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
+    """"mean ± std" for benchmark tables (plotting.pm with 4 significant digits)."""
+    from ..plotting import pm as plus_minus
+
+    return plus_minus(mean, std, digits=4)
 
 
 def nfe(sampler: str, steps: int, guided: bool = False) -> int:
