@@ -228,3 +228,32 @@ def test_notebooks_never_import_the_benchmarks():
                     names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
                 assert not any(n == "course_lib.bench" or n.startswith("course_lib.bench.") for n in names), \
                     f"{path.name} imports course_lib.bench: {ast.unparse(node)}"
+
+
+def test_report_tables_from_saved_results(tmp_path, capsys):
+    """`bench report` pivots saved rows into one line per model/steps with metrics as columns, mean ± std."""
+    from course_lib.bench import report
+    rows = [
+        {"schema": 3, "dataset": "gmm", "model": "pd", "nfe": 1, "steps": 1, "metric": "swd", "value": 0.05,
+         "std": 0.002, "n_seeds": 3, "values": [0.048, 0.05, 0.052], "seconds": 0.1, "device": "cpu"},
+        {"schema": 3, "dataset": "gmm", "model": "pd", "nfe": 1, "steps": 1, "metric": "precision", "value": 0.9,
+         "std": 0.01, "n_seeds": 3, "values": [0.89, 0.9, 0.91], "seconds": 0.1, "device": "cpu"},
+        {"schema": 3, "dataset": "gmm", "model": "pd", "nfe": 4, "steps": 4, "metric": "swd", "value": 0.04,
+         "std": 0.001, "n_seeds": 3, "values": [0.039, 0.04, 0.041], "seconds": 0.1, "device": "cpu"},
+        {"schema": 3, "dataset": "gmm", "model": "data", "nfe": None, "steps": None, "metric": "swd", "value": 0.03,
+         "std": 0.004, "n_seeds": 3, "values": [0.026, 0.03, 0.034], "seconds": 0.0, "device": "cpu"},
+    ]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"schema": 3, "name": "pd", "mode": "smoke", "meta": {"eval_seeds": [0, 1, 2]},
+                                "rows": rows}))
+    out = report.report([path], md=True, steps=[1])
+    lines = [l for l in out.splitlines() if l.startswith("| ")]
+    assert lines[0] == "| model | steps | nfe | swd | precision |"
+    assert lines[1].startswith("| data |") and "0.03 ± 0.004" in lines[1]        # floors first, kept by --steps
+    assert lines[2] == "| pd | 1 | 1 | 0.05 ± 0.002 | 0.9 ± 0.01 |"
+    assert len(lines) == 3                                                        # the 4-step row is filtered out
+    report.main([str(path), "--metric", "precision"])
+    assert "0.9 ± 0.01" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "bad.json")])

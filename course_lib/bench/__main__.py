@@ -2,6 +2,7 @@
 
     python -m course_lib.bench list                                   every benchmark, one line each
     python -m course_lib.bench NAME --mode M --device D --out F.json  run one (device: default_device())
+    python -m course_lib.bench report F.json [--markdown] [...]       tables from saved results (bench.report)
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def listing() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from .report import main as report_main
+        report_main(argv[1:])
+        return None
     ap = argparse.ArgumentParser(prog="python -m course_lib.bench", description=BENCH_DOC,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help=f"benchmark to run: {', '.join(BENCHMARKS)}; or `list` to describe them")
