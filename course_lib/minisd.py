@@ -347,8 +347,10 @@ class TextToImage(nn.Module):
         self.text_encoder, self.unet = text_encoder, unet
 
     def config(self) -> dict:
-        return {"text_encoder": self.text_encoder.config.to_dict() if hasattr(self.text_encoder.config, "to_dict")
-                else dict(self.text_encoder.config), "unet": dict(self.unet.config)}
+        """Both configs without private keys (diffusers' "_use_default_values" is a set: its order changes from one
+        process to the next, and a resumed run compares this description with the checkpoint's)."""
+        public = lambda c: {k: v for k, v in sorted(dict(c).items()) if not k.startswith("_")}
+        return {"text_encoder": public(self.text_encoder.config.to_dict()), "unet": public(self.unet.config)}
 
 
 def ldm_loss(net: TextToImage, batch: tuple[Tensor, Tensor], generator: torch.Generator, process: Any) -> Tensor:
@@ -382,7 +384,7 @@ def encode_all(vae: nn.Module, data: Digits, batch: int = 500) -> tuple[Tensor, 
 
 
 def train_mini_sd(out: str | os.PathLike, cfg: MiniSDConfig, ckpt_dir: str | os.PathLike | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, allow_config_change: bool = False) -> dict:
     """Train the VAE, then the text encoder and UNet, and save a StableDiffusionPipeline folder in `out`.
     Both stages checkpoint in ckpt_dir (default: cache_dir()/mini_sd_<seed>) and resume after a kill.
     Returns a summary (parameter counts, losses, times)."""
@@ -408,7 +410,8 @@ def train_mini_sd(out: str | os.PathLike, cfg: MiniSDConfig, ckpt_dir: str | os.
                        lr_schedule="cosine", warmup=min(100, cfg.vae_steps // 10), ckpt_every=cfg.ckpt_every,
                        seed=cfg.seed, desc="mini SD: VAE")
     vstate = train(parts["vae"], lambda m, b, g: vae_loss(m, b, g, cfg.kl_weight), sample_images, vcfg,
-                   ckpt_dir=ckpt / "vae", progress=progress, extra_config={"kl_weight": cfg.kl_weight})
+                   ckpt_dir=ckpt / "vae", progress=progress, extra_config={"kl_weight": cfg.kl_weight},
+                   allow_config_change=allow_config_change)
     vae = vstate.model.eval().requires_grad_(False)
     summary["vae_seconds"], summary["vae_loss"] = time.time() - t0, _tail_mean(vstate.losses)
 
@@ -444,7 +447,8 @@ def train_mini_sd(out: str | os.PathLike, cfg: MiniSDConfig, ckpt_dir: str | os.
                        lr_schedule="constant", weight_decay=0.0, ckpt_every=cfg.ckpt_every, seed=cfg.seed,
                        desc="mini SD: text encoder + UNet")
     state = train(net, lambda m, b, g: ldm_loss(m, b, g, process), sample_batch, ucfg, ckpt_dir=ckpt / "unet",
-                  progress=progress, extra_config={"p_uncond": cfg.p_uncond, "scaling_factor": scale})
+                  progress=progress, extra_config={"p_uncond": cfg.p_uncond, "scaling_factor": scale},
+                  allow_config_change=allow_config_change)
     best = state.best
     summary["unet_seconds"], summary["unet_loss"] = time.time() - t0, _tail_mean(state.losses)
 
@@ -616,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the mode's UNet steps (a finished or "
                    "interrupted run resumes from its checkpoint and continues to this many)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--allow-config-change", action="store_true", help="resume a checkpoint written with other settings")
     q = sub.add_parser("prompts", help="write data/prompts/digits.txt and digits.jsonl")
     q.add_argument("--out", default=str(PROMPTS_DIR))
     e = sub.add_parser("evaluate", help="adherence and KID/FD of DDIM samples")
@@ -637,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(MODES[args.mode], seed=args.seed)
         cfg = cfg if args.steps is None else replace(cfg, steps=args.steps)
         t0 = time.time()
-        summary = train_mini_sd(args.out, cfg, args.ckpt_dir)
+        summary = train_mini_sd(args.out, cfg, args.ckpt_dir, allow_config_change=args.allow_config_change)
         summary["seconds"] = time.time() - t0
         summary["mode"] = args.mode
         Path(args.out, "training.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
