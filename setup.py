@@ -11,7 +11,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-SHIPPED = ("teachers", "reflow", "instaflow", "digits_classifier")   # = course_lib.paths.SHIPPED
+SHIPPED = ("teachers", "reflow", "instaflow", "digits_classifier", "mini_sd", "prompts")   # = course_lib.paths.SHIPPED
 HERE = Path(__file__).resolve().parent
 # data/teachers/gmm-vp -> package course_lib._data.teachers.gmm-vp (files only, never imported)
 DATA = [".".join(("course_lib._data", *folder.relative_to(HERE / "data").parts))
@@ -21,5 +21,5 @@ DATA = [".".join(("course_lib._data", *folder.relative_to(HERE / "data").parts))
 setup(
     packages=find_packages(include=["course_lib", "course_lib.*"]) + ["course_lib._data", *DATA],
     package_dir={"course_lib._data": "data"},
-    package_data={package: ["*.safetensors", "*.json"] for package in DATA},
+    package_data={package: ["*.safetensors", "*.json", "*.txt", "*.jsonl", "*.md"] for package in DATA},
 )

@@ -47,10 +47,11 @@ def source_modules() -> list[str]:
 
 
 def shipped_files() -> list[str]:
-    """The shipped models' files, relative to data/: every safetensors and JSON file under data/<SHIPPED>."""
+    """The shipped files, relative to data/: every safetensors, JSON, text, JSON-lines and README file under
+    data/<SHIPPED> (models, the mini Stable Diffusion's tokenizer, the prompt lists)."""
     data = ROOT / "data"
     return sorted(str(p.relative_to(data)) for name in paths.SHIPPED for p in (data / name).rglob("*")
-                  if p.suffix in (".safetensors", ".json") and p.is_file())
+                  if p.suffix in (".safetensors", ".json", ".txt", ".jsonl", ".md") and p.is_file())
 
 
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
