@@ -78,26 +78,54 @@ def needed(ap: argparse.ArgumentParser, *flags: str, **kwargs) -> None:
     action._required_setting = True
 
 
+VOLATILE_KEYS = ("is_local", "local_files_only", "name_or_path", "cache_dir")   # written by loaders, not content
+
+
+def _hash_bytes(f, start: int, size: int, h) -> None:
+    """Hash bytes [start, start + size) of an open file: all of them, or 16 MiB at the start, middle and end."""
+    if size <= 3 * SAMPLED_HASH_BYTES:
+        f.seek(start)
+        h.update(f.read(size))
+        return
+    for off in (0, size // 2, size - SAMPLED_HASH_BYTES):
+        f.seek(start + off)
+        h.update(f.read(SAMPLED_HASH_BYTES))
+
+
 def _hash_file(path: Path, h) -> None:
+    """Content, not packaging: JSON without the keys loaders add (_name_or_path, _diffusers_version, is_local...),
+    safetensors by their tensor table (without metadata) and data bytes, other files by their bytes."""
+    h.update(path.name.encode())
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = None
+        if isinstance(obj, dict):
+            obj = {k: v for k, v in obj.items() if not k.startswith("_") and k not in VOLATILE_KEYS}
+            h.update(json.dumps(obj, sort_keys=True).encode())
+            return
     size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
     with open(path, "rb") as f:
-        if size <= 3 * SAMPLED_HASH_BYTES:
-            h.update(f.read())
+        if path.suffix == ".safetensors" and size >= 8:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            h.update(json.dumps(header, sort_keys=True).encode())
+            _hash_bytes(f, 8 + n, size - 8 - n, h)
         else:
-            for start in (0, size // 2, size - SAMPLED_HASH_BYTES):
-                f.seek(start)
-                h.update(f.read(SAMPLED_HASH_BYTES))
+            _hash_bytes(f, 0, size, h)
 
 
 def fingerprint_folder(folder: str | os.PathLike) -> str:
-    """sha256 (first 16 hex digits) over a component folder's files (configs, vocab, weights; sorted by name)."""
+    """sha256 (first 16 hex digits) over the content of a component folder's files (sorted by name): the same
+    weights, configs and vocabulary give the same fingerprint however often they were re-saved."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist")
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and not p.name.endswith(".tmp") and p.name != "config.json.lock":
+        if p.is_file() and not p.name.endswith((".tmp", ".lock")) and not p.name.startswith("."):
             _hash_file(p, h)
     return h.hexdigest()[:16]
 

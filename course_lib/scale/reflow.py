@@ -16,7 +16,7 @@ iterations, resume by rerunning the same command, DDP over every process that ac
 
 --lora r: a LoRA student for one GPU. ONE UNet is in memory: the student is the UNet with its adapter (velocity
 reading), the teacher the same UNet with the adapter disabled (eps reading). Without --triplets the teacher makes
-each batch's triplets online (its guided ODE, --online-steps of DPM-Solver++), so no triplet cache is needed.
+each batch's triplets online with --online (its guided ODE, --online-steps of DPM-Solver++): no triplet cache.
 
 Outputs in --out: checkpoint/ (the engine's resumable state), pipeline/ (full student: a diffusers pipeline with the
 flow scheduler, sd.FLOW_SCHEDULER) or lora/ (diffusers adapter + kohya file), stage.json (the settings).
@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     def add(ap):
         needed(ap, "--teacher", help="SD pipeline (hub id or folder): the initialisation and the teacher")
         needed(ap, "--embeddings", help="text-embedding cache of the prompts (python -m course_lib.scale.data)")
-        ap.add_argument("--triplets", default=None, help="triplet cache (python -m course_lib.scale.triplets); "
-                        "none with --lora: online triplets from the teacher")
+        ap.add_argument("--triplets", default=None, help="triplet cache (python -m course_lib.scale.triplets)")
+        ap.add_argument("--online", action="store_true", help="with --lora: no triplet cache, the teacher (the UNet "
+                        "with its adapter disabled) makes each batch's triplets")
         ap.add_argument("--p-uncond", type=float, default=0.1, help="prompt dropout (keeps an unconditional velocity)")
         ap.add_argument("--w", type=float, default=2.0, help="online triplets: the teacher's guidance (course w)")
         ap.add_argument("--online-steps", type=int, default=8, help="online triplets: DPM-Solver++ steps")
@@ -148,10 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         emb = Embeddings(a.embeddings)
         sd, student = build_student(a.teacher, a.lora, a.lora_alpha, a.seed, device)
-        tri = Triplets(a.triplets) if a.triplets else None
-        if tri is None and not a.lora:
-            raise SourceError("the full reflow trains on a triplet cache: pass --triplets (online triplets need the "
-                              "teacher beside the student, which the LoRA variant gets for free: --lora r)")
+        if a.online and not a.lora:
+            raise SourceError("--online needs the teacher beside the student: the LoRA variant has it for free "
+                              "(--lora r); the full reflow trains on a triplet cache (--triplets)")
+        if not a.online and not a.triplets:
+            raise SourceError("pass --triplets (python -m course_lib.scale.triplets), or --lora r --online")
+        tri = None if a.online else Triplets(a.triplets)
         if tri is not None:
             want = teacher_key(a.teacher)
             check_key(tri.key, {k: want[k] for k in ("unet", "scheduler")}, "triplets", tri.folder / "index.json",

@@ -174,13 +174,14 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("--model-dtype", default="float32", help="the teacher's weights (float16 on a GPU)")
         ap.add_argument("--store-dtype", default="float32")
         ap.add_argument("--max-shards", type=int, default=None, help="stop after this many shards (per process)")
+        ap.add_argument("--no-progress", action="store_true")
 
     a = parse("triplets", __doc__, add, argv)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         generate_triplets(a.teacher, a.embeddings, a.out, a.n, a.w, a.steps, a.sampler, a.seed, a.shard_size,
-                          a.batch_size, a.device, a.model_dtype, a.store_dtype, a.max_shards)
+                          a.batch_size, a.device, a.model_dtype, a.store_dtype, a.max_shards, not a.no_progress)
     except (SourceError, CacheMismatch) as e:
         raise SystemExit(f"error: {e}") from None
 
