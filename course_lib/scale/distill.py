@@ -1,7 +1,7 @@
 """InstaFlow stage 2: one-step distillation of the 2-rectified flow (notebook 04's instaflow.onestep_loss).
 
     python -m course_lib.scale.triplets --teacher runs/sd15/2rf/pipeline --embeddings runs/sd15/embeddings \\
-        --out runs/sd15/pairs-2rf --n 100000 --w 0 --sampler euler --steps 25
+        --out runs/sd15/pairs-2rf --count 100000 --w 0 --sampler euler --steps 25
     accelerate launch --multi_gpu --num_processes 8 -m course_lib.scale.distill \\
         --init runs/sd15/2rf/pipeline --embeddings runs/sd15/embeddings --triplets runs/sd15/pairs-2rf \\
         --out runs/sd15/instaflow-l2 --distance l2
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         eps, x0, c = batch
         return instaflow.onestep_loss(ctx.nets["student"], eps, x0, c, distance)
 
-    run_training(a, "distill", student, sd, loss, triplet_batches(tri, emb),
+    return run_training(a, "distill", student, sd, loss, triplet_batches(tri, emb),
                  {"method": "instaflow-distill", "distance": a.distance, "lora": a.lora, "triplets": tri.key})
 
 

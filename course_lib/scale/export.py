@@ -93,15 +93,14 @@ def _rank(state: dict[str, Tensor]) -> int:
 
 
 def _alpha(meta: dict, state: dict[str, Tensor]) -> float:
-    for key in ("lora_adapter_metadata", "unet.lora_adapter_metadata"):
-        if key in meta:
-            cfg = json.loads(meta[key])
-            cfg = cfg.get("unet", cfg) if isinstance(cfg, dict) else cfg
-            if "lora_alpha" in cfg:
-                return float(cfg["lora_alpha"])
-            for v in cfg.values():
-                if isinstance(v, dict) and "lora_alpha" in v:
-                    return float(v["lora_alpha"])
+    """The adapter's lora_alpha from the metadata diffusers writes ({"unet.lora_alpha": ..., ...}); one alpha for
+    every module (per-module alpha_pattern / rank_pattern are refused rather than converted wrongly)."""
+    cfg = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    cfg = {k.split(".", 1)[1] if k.startswith("unet.") else k: v for k, v in cfg.items()}
+    if cfg.get("alpha_pattern") or cfg.get("rank_pattern"):
+        raise ValueError("this LoRA has per-module alpha/rank patterns; the kohya conversion here writes one alpha")
+    if "lora_alpha" in cfg:
+        return float(cfg["lora_alpha"])
     return float(_rank(state))      # peft's default: alpha = r (scale 1)
 
 

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         c = c.drop(a.p_uncond, ctx.generator)
         return rf.rf_loss(ctx.nets["student"], x0, ctx.generator, eps=eps, cond={"cond": c})
 
-    run_training(a, "reflow", student, sd, loss, sample_batch, extra)
+    return run_training(a, "reflow", student, sd, loss, sample_batch, extra)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """InstaFlow's triplets (noise eps, teacher latent x0, prompt index) from a Stable Diffusion teacher, on every process.
 
     torchrun --nproc_per_node 8 -m course_lib.scale.triplets --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --embeddings runs/sd15/embeddings --out runs/sd15/triplets --n 100000 --w 2.0
+        --embeddings runs/sd15/embeddings --out runs/sd15/triplets --count 100000 --w 4.0
 
 x0 = the teacher's probability-flow ODE from eps given the prompt, with classifier-free guidance in the course's
 convention w (diffusers' guidance_scale = 1 + w; guidance.cfg) and the course's DPM-Solver++(2M) (samplers.dpmpp2m,
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         needed(ap, "--teacher", help="SD pipeline (hub id or folder); for stage 2 the 2-RF's exported pipeline")
         needed(ap, "--embeddings", help="the text-embedding cache (python -m course_lib.scale.data)")
         needed(ap, "--out")
-        needed(ap, "--n", type=int, help="number of triplets")
+        needed(ap, "--count", type=int, help="number of triplets")
         ap.add_argument("--w", type=float, default=2.0, help="guidance, course convention (guidance_scale = 1 + w)")
         ap.add_argument("--steps", type=int, default=25)
         ap.add_argument("--sampler", default="dpmpp2m")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("WORLD_SIZE", "1") != "1":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        generate_triplets(a.teacher, a.embeddings, a.out, a.n, a.w, a.steps, a.sampler, a.seed, a.shard_size,
+        generate_triplets(a.teacher, a.embeddings, a.out, a.count, a.w, a.steps, a.sampler, a.seed, a.shard_size,
                           a.batch_size, a.device, a.model_dtype, a.store_dtype, a.max_shards, not a.no_progress)
     except (SourceError, CacheMismatch) as e:
         raise SystemExit(f"error: {e}") from None
