@@ -85,6 +85,9 @@ def test_reflow_killed_and_resumed_equals_uninterrupted_and_exports_a_diffusers_
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
     stage = json.loads((tmp_path / "full" / "stage.json").read_text())
     assert stage["stage"] == "reflow" and stage["settings"]["steps"] == steps
+    from course_lib.scale import export                        # re-export from the checkpoint: the same student
+    again = StableDiffusionPipeline.from_pretrained(export.reexport(tmp_path / "full", tmp_path / "re")).unet
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ema.items())
 
 
 def test_lora_reflow_with_the_adapter_disabled_teacher_then_one_step_distillation(work, tmp_path):
