@@ -83,7 +83,7 @@ def load_pipeline(folder: str | os.PathLike, device: torch.device, dtype: torch.
         pipe = load_lora_checked(folder, lora)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipe = pipe.to(device, dtype)
+    pipe = pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--quiet", action="store_true", help="print nothing (results.json and results.md are written)")
     a = ap.parse_args(argv)
     device = device_of(a.device)
     out = Path(a.out)
@@ -296,9 +297,10 @@ def main(argv: list[str] | None = None) -> dict:
     results["notes"] = notes
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text(table(results) + "\n", encoding="utf-8")
-    print(table(results))
-    for n in notes:
-        print("note:", n)
+    if not a.quiet:
+        print(table(results))
+        for n in notes:
+            print("note:", n)
     return results
 
 
