@@ -281,3 +281,24 @@ def test_lora_exports_load_in_diffusers_in_both_formats_and_refuse_another_base(
     with pytest.raises(SourceError, match="trained on another base model"):
         export.load_lora_checked(work / "other", folder)
     assert _files(folder) == before
+
+
+def test_config_files_give_defaults_flags_win_and_typos_are_errors(tmp_path):
+    from course_lib.scale import common
+
+    def add(ap):
+        common.needed(ap, "--model")
+        ap.add_argument("--shard-size", type=int, default=7)
+
+    (tmp_path / "ok.json").write_text(json.dumps({"model": "m", "shard_size": 3, "_comment": "ignored"}))
+    a = common.parse("data", "", add, ["--config", str(tmp_path / "ok.json")])
+    assert (a.model, a.shard_size) == ("m", 3)
+    assert common.parse("data", "", add, ["--config", str(tmp_path / "ok.json"), "--shard-size", "5"]).shard_size == 5
+    (tmp_path / "typo.json").write_text(json.dumps({"model": "m", "shard_sise": 3}))
+    with pytest.raises(SystemExit, match="unknown settings.*shard_sise"):
+        common.parse("data", "", add, ["--config", str(tmp_path / "typo.json")])
+    (tmp_path / "none.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        common.parse("data", "", add, ["--config", str(tmp_path / "none.json")])       # --model is needed
+    for stage in ("data", "triplets", "reflow", "distill"):                           # the shipped configs parse
+        assert common.load_config(stage)

@@ -5,15 +5,16 @@
     accelerate launch --multi_gpu --num_processes 8 -m course_lib.scale.distill \\
         --init runs/sd15/2rf/pipeline --embeddings runs/sd15/embeddings --triplets runs/sd15/pairs-2rf \\
         --out runs/sd15/instaflow-l2 --distance l2
-    ... then again from runs/sd15/instaflow-l2/pipeline with --distance lpips (or lap1 offline)
+    ... then again from runs/sd15/instaflow-l2/pipeline with --distance perceptual (LPIPS, or Lap1 offline)
 
 The student starts from the 2-RF and is trained at t = 1 only (the paper's t = 0):
 
     L = D( eps - u_theta(eps, 1 | prompt), x0' ),   x0' = ODE_2RF(eps | prompt)     (instaflow.onestep_loss)
 
 D: "l2" on latents (the paper's first stage); "lpips" (the paper's second stage) on images decoded by the frozen
-VAE, when the lpips package and its weights load; "lap1", the course's documented offline substitute
-(instaflow.laplacian_pyramid_l1), also on decoded images. The 2-RF's pairs carry no extra guidance (--w 0): the
+VAE, which needs the lpips package and its weights; "lap1", the course's documented offline substitute
+(instaflow.laplacian_pyramid_l1), also on decoded images; "perceptual": LPIPS when it loads, Lap1 otherwise (the
+run says which, and records it in stage.json and the checkpoint). The 2-RF's pairs carry no extra guidance (--w 0): the
 teacher's triplets already did (see distill.instaflow). The student exports as a pipeline whose stock scheduler
 takes one Euler step (sd.FLOW_SCHEDULER): StableDiffusionPipeline(..., num_inference_steps=1, guidance_scale=1).
 """
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         needed(ap, "--init", help="the 2-RF's exported pipeline (stage 1's --out/pipeline), or stage 2a's")
         needed(ap, "--embeddings")
         needed(ap, "--triplets", help="the 2-RF's own pairs (python -m course_lib.scale.triplets --teacher <2-RF> --w 0)")
-        ap.add_argument("--distance", default="l2", choices=["l2", "lap1", "lpips"])
+        ap.add_argument("--distance", default="l2", choices=["l2", "lap1", "lpips", "perceptual"],
+                        help="perceptual: LPIPS when the lpips package and its weights load, else Lap1 (said so)")
         add_training_args(ap)
 
     a = parse("distill", __doc__, add, argv)
@@ -48,6 +50,13 @@ def main(argv: list[str] | None = None) -> None:
         sd, student = build_student(a.init, a.lora, a.lora_alpha, a.seed, device)
     except (SourceError, CacheMismatch) as e:
         raise SystemExit(f"error: {e}") from None
+    if a.distance == "perceptual":
+        try:
+            instaflow.lpips_distance()
+            a.distance = "lpips"
+        except RuntimeError as e:
+            print(f"note: {e}\nUsing the course's offline substitute, the Laplacian-pyramid L1 (lap1).")
+            a.distance = "lap1"
     if a.distance == "l2":
         distance = instaflow.l2
     else:

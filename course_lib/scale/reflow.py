@@ -18,6 +18,16 @@ iterations, resume by rerunning the same command, DDP over every process that ac
 reading), the teacher the same UNet with the adapter disabled (eps reading). Without --triplets the teacher makes
 each batch's triplets online with --online (its guided ODE, --online-steps of DPM-Solver++): no triplet cache.
 
+Several nodes (DDP over all their GPUs; every node runs the same command with its own --machine_rank):
+
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --main_process_ip node0 \
+        --main_process_port 29500 --num_processes 16 -m course_lib.scale.reflow ...
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 \
+        -m course_lib.scale.reflow ...
+
+FSDP / DeepSpeed are refused by the engine today (its EMA, targets and phase switching assume whole parameters on
+every process): SD 1.5's UNet (0.86 B parameters) trains with DDP on 80 GB GPUs, which is what the configs assume.
+
 Outputs in --out: checkpoint/ (the engine's resumable state), pipeline/ (full student: a diffusers pipeline with the
 flow scheduler, sd.FLOW_SCHEDULER) or lora/ (diffusers adapter + kohya file), stage.json (the settings).
 """
