@@ -104,7 +104,7 @@ def test_parquet_without_pyarrow_and_missing_course_list_are_clear(tmp_path, mon
     with pytest.raises(SourceError, match="does not exist"):
         data.read_source("course")
     with pytest.raises(SourceError, match="real images come from"):
-        data.read_source(tmp_path / "a.parquet".replace("parquet", "txt") if False else _write(tmp_path), images=True)
+        data.read_source(_write(tmp_path), images=True)
 
 
 def _write(tmp_path: Path) -> Path:
