@@ -136,8 +136,11 @@ class SDDenoiser(nn.Module):
         # 1000 t - 1, kept float32: SD's own map (SDDiscrete.timestep), also for the rectified-flow reading, whose
         # t = 1 (pure noise) then reaches the UNet as timestep 999, where SD's weights saw pure noise
         timestep = self.process.timestep(t) if isinstance(self.process, SDDiscrete) else 1000.0 * t - 1.0
-        out = self.unet(x, timestep, encoder_hidden_states=cond.text.to(x.dtype), class_labels=cond.y,
-                        timestep_cond=None if cond.timestep_cond is None else cond.timestep_cond.to(x.dtype))
+        # a half-precision UNet (fp16 weights for sampling) takes its inputs in its dtype; the solver state x may stay
+        # float32, and the course's conversions (to_pred) then run in float32
+        dtype = x.dtype if x.dtype == getattr(self.unet, "dtype", x.dtype) else self.unet.dtype
+        out = self.unet(x.to(dtype), timestep, encoder_hidden_states=cond.text.to(dtype), class_labels=cond.y,
+                        timestep_cond=None if cond.timestep_cond is None else cond.timestep_cond.to(dtype))
         return out.sample
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Pred:
