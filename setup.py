@@ -21,5 +21,6 @@ DATA = [".".join(("course_lib._data", *folder.relative_to(HERE / "data").parts))
 setup(
     packages=find_packages(include=["course_lib", "course_lib.*"]) + ["course_lib._data", *DATA],
     package_dir={"course_lib._data": "data"},
-    package_data={package: ["*.safetensors", "*.json", "*.txt", "*.jsonl", "*.md"] for package in DATA},
+    package_data={**{package: ["*.safetensors", "*.json", "*.txt", "*.jsonl", "*.md"] for package in DATA},
+                  "course_lib.scale": ["configs/*.json"]},          # the SD stages' shipped configs
 )

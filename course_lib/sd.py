@@ -34,20 +34,44 @@ from torch import Tensor, nn
 from .conditioning import Cond
 from .config import seeded
 from .predictions import Pred, to_pred
-from .processes import SDDiscrete, time_dtype
+from .processes import AffineProcess, RectifiedFlow, SDDiscrete, make_process, time_dtype
 
 CONFIG = "config.json"                   # the course's reference beside diffusers' files
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}   # diffusers -> course
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")                         # attention projections
+# A rectified-flow UNet (InstaFlow's 2-RF and one-step student) ships with this stock diffusers scheduler: UniPC on
+# flow sigmas, first order (= Euler on a rectified flow), sigmas from 1 down to 0, velocity output. With
+# num_inference_steps=1 and guidance_scale <= 1, StableDiffusionPipeline then takes ONE Euler step from pure noise:
+# x0 = x1 - s u(x1, timestep 999) with s = 1 - 1e-6 (UniPC nudges the first sigma off 1 and casts the timestep
+# 1000 s to the integer 999): the course's one_step, x1 - u(x1, t = 1) at timestep 1000 t - 1 = 999, to ~1e-6.
+FLOW_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
+                  "prediction_type": "flow_prediction", "flow_shift": 1.0, "final_sigmas_type": "zero",
+                  "solver_order": 1, "lower_order_final": True, "num_train_timesteps": 1000}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The schedule and parameterization of a diffusers scheduler config
 # ----------------------------------------------------------------------------------------------------------------
 
-def process_from_scheduler(config: dict) -> SDDiscrete:
-    """The course process of a diffusers (DDPM-type) scheduler config: betas "scaled_linear" or "linear"."""
+def is_flow_scheduler(config: dict) -> bool:
+    """True for a scheduler config of a rectified-flow UNet (FLOW_SCHEDULER: flow sigmas, flow_prediction)."""
+    return config.get("prediction_type") == "flow_prediction"
+
+
+def flow_scheduler(config: dict | None = None) -> Any:
+    """The stock diffusers scheduler a rectified-flow student ships with (FLOW_SCHEDULER), from a teacher's config."""
+    from diffusers import UniPCMultistepScheduler
+
+    settings = {k: v for k, v in FLOW_SCHEDULER.items() if not k.startswith("_")}
+    return UniPCMultistepScheduler.from_config({**(config or {}), **settings})
+
+
+def process_from_scheduler(config: dict) -> SDDiscrete | RectifiedFlow:
+    """The course process of a diffusers (DDPM-type) scheduler config: betas "scaled_linear" or "linear"; a flow
+    scheduler (is_flow_scheduler) gives the rectified flow."""
+    if is_flow_scheduler(config):
+        return RectifiedFlow()
     if config.get("trained_betas") is not None or config.get("rescale_betas_zero_snr"):
         raise ValueError("this scheduler uses trained or zero-SNR-rescaled betas; the course's SDDiscrete covers "
                          "the 'scaled_linear' and 'linear' schedules only")
@@ -57,6 +81,8 @@ def process_from_scheduler(config: dict) -> SDDiscrete:
 
 
 def parameterization_from_scheduler(config: dict) -> str:
+    if is_flow_scheduler(config):
+        return "velocity"
     kind = config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {kind!r} in the scheduler config; known: {', '.join(PREDICTION_TYPES)}")
@@ -75,16 +101,21 @@ def _reference(source: str | os.PathLike, subfolder: str | None, revision: str |
 # ----------------------------------------------------------------------------------------------------------------
 
 class SDDenoiser(nn.Module):
-    """diffusers' UNet2DConditionModel as a course model: forward(x, t, cond) -> Pred(x0, eps)."""
+    """diffusers' UNet2DConditionModel as a course model: forward(x, t, cond) -> Pred(x0, eps).
+
+    process SDDiscrete with parameterization eps / v / x0 (Stable Diffusion itself), or RectifiedFlow with
+    "velocity": the UNet read as a rectified flow's velocity u = eps - x0 at timestep 1000 t (InstaFlow's reading,
+    with SD's own time map, timestep 1000 t - 1; `as_rectified_flow`)."""
 
     accepts_cond = True  # guidance.cfg hands it a Cond (text and null text), not label tensors
 
-    def __init__(self, unet: nn.Module, process: SDDiscrete, parameterization: str = "eps",
+    def __init__(self, unet: nn.Module, process: AffineProcess, parameterization: str = "eps",
                  reference: dict | None = None):
         super().__init__()
-        if parameterization not in PREDICTION_TYPES.values():
-            raise ValueError(f"SDDenoiser parameterization is one of {sorted(PREDICTION_TYPES.values())}; "
-                             f"got {parameterization!r}")
+        valid = ("velocity",) if isinstance(process, RectifiedFlow) else tuple(PREDICTION_TYPES.values())
+        if parameterization not in valid:
+            raise ValueError(f"SDDenoiser parameterization with the {process.name!r} process is one of "
+                             f"{sorted(valid)}; got {parameterization!r}")
         self.unet, self.process, self.parameterization = unet, process, parameterization
         self.reference = reference        # {"source", "subfolder", "revision"} of the UNet's pretrained weights
         self.lora: dict | None = None     # LoRA settings once add_lora was called
@@ -101,9 +132,15 @@ class SDDenoiser(nn.Module):
             raise ValueError("this UNet has no class embedding: a Cond for Stable Diffusion holds text, not labels")
         if len(cond) != len(x):
             raise ValueError(f"the Cond has batch size {len(cond)}, the latents {len(x)}")
-        timestep = self.process.timestep(t.to(torch.float32))            # 1000 t - 1, kept float32
-        out = self.unet(x, timestep, encoder_hidden_states=cond.text.to(x.dtype), class_labels=cond.y,
-                        timestep_cond=None if cond.timestep_cond is None else cond.timestep_cond.to(x.dtype))
+        t = t.to(torch.float32)
+        # 1000 t - 1, kept float32: SD's own map (SDDiscrete.timestep), also for the rectified-flow reading, whose
+        # t = 1 (pure noise) then reaches the UNet as timestep 999, where SD's weights saw pure noise
+        timestep = self.process.timestep(t) if isinstance(self.process, SDDiscrete) else 1000.0 * t - 1.0
+        # a half-precision UNet (fp16 weights for sampling) takes its inputs in its dtype; the solver state x may stay
+        # float32, and the course's conversions (to_pred) then run in float32
+        dtype = x.dtype if x.dtype == getattr(self.unet, "dtype", x.dtype) else self.unet.dtype
+        out = self.unet(x.to(dtype), timestep, encoder_hidden_states=cond.text.to(dtype), class_labels=cond.y,
+                        timestep_cond=None if cond.timestep_cond is None else cond.timestep_cond.to(dtype))
         return out.sample
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Pred:
@@ -113,6 +150,15 @@ class SDDenoiser(nn.Module):
         """JSON description: the UNet's reference (not its weights), the process, the parameterization, the LoRA."""
         return {"arch": "sd-unet", "unet": self.reference, "process": self.process.config(),
                 "parameterization": self.parameterization, "lora": self.lora}
+
+
+def as_rectified_flow(model: SDDenoiser) -> SDDenoiser:
+    """The same UNet (shared, not copied) read as a rectified flow: process RectifiedFlow, parameterization
+    "velocity", timestep 1000 t - 1 (SD's map: t = 1 is timestep 999). InstaFlow's initialisation of the 2-RF from Stable Diffusion's weights (Liu et al.
+    2023): a starting point for reflow training, not yet a flow (cf. distill.reflow.as_flow for course models)."""
+    flow = SDDenoiser(model.unet, RectifiedFlow(), "velocity", model.reference)
+    flow.lora = model.lora
+    return flow
 
 
 def lcm_timestep_cond(w: Tensor, dim: int) -> Tensor:
@@ -243,8 +289,9 @@ def load_sd_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
     unet = UNet2DConditionModel.from_pretrained(ref["source"], subfolder=ref["subfolder"], revision=ref["revision"],
                                                 torch_dtype=dtype)
     proc = dict(c["process"])
-    proc.pop("name")
-    model = SDDenoiser(unet, SDDiscrete(**proc), c["parameterization"], ref)
+    name = proc.pop("name")
+    model = SDDenoiser(unet, SDDiscrete(**proc) if name == SDDiscrete.name else make_process(name, **proc),
+                       c["parameterization"], ref)
     if c.get("lora"):
         load_lora(model, folder)
     return model.to(device).eval(), config
@@ -320,6 +367,8 @@ def save_student(sd: SD, folder: str | os.PathLike, model: SDDenoiser | None = N
     if model.lora is not None:
         raise ValueError("this student is a LoRA adapter on the teacher: save it with save_lora (or merge it first "
                          "with model.unet.fuse_lora(); model.unet.unload_lora() ...)")
+    if scheduler is None and isinstance(model.process, RectifiedFlow) and not is_flow_scheduler(sd.scheduler.config):
+        scheduler = flow_scheduler(sd.scheduler.config)           # a flow student ships with the flow scheduler
     pipe = StableDiffusionPipeline(unet=model.unet, vae=sd.vae.vae, text_encoder=sd.text.text_model,
                                    tokenizer=sd.text.tokenizer, scheduler=scheduler or sd.scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)

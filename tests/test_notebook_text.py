@@ -41,6 +41,13 @@ ALLOWED: dict[str, list[str]] = {
         "other 297 digits",
         "16×16", "32×32",         # image sizes of the digits and CIFAR-10 teachers
     ],
+    "13_scaling_up.ipynb": [
+        "2-RF",                   # the 2-rectified flow's name (InstaFlow's notation)
+        "SD 1.5", "Stable Diffusion 1.5",   # the model's name
+        "bf16",                   # a number format's name
+        "L1", "L2",               # the distances' names
+        "199 A100-days",          # InstaFlow's published training budget (Liu et al. 2024, model cards)
+    ],
 }
 
 MATH_BLOCK = re.compile(r"\$\$.*?\$\$", re.S)

@@ -1,0 +1,16 @@
+"""The course's Stable Diffusion scale-up: the notebooks' loss functions on SD 1.5 with diffusers + accelerate.
+
+One module per role, each a command line (`python -m course_lib.scale.<module> --help`), each with a shipped config
+(configs/<module>.json; every setting also a flag):
+
+    data       prompt sources (course list, text, COCO captions, webdataset / parquet shards) -> cached embeddings
+    triplets   InstaFlow's (noise, teacher latent, prompt) from the guided teacher, on every process, resumable
+    reflow     stage 1: conditional reflow of the SD UNet read as a velocity (full, or LoRA on one GPU)
+    distill    stage 2: one-step distillation of the 2-RF (L2, then LPIPS / the offline Lap1 substitute)
+    export     diffusers pipeline (one-step via a stock scheduler), LoRA in diffusers and kohya formats
+    evaluate   COCO FID / CLIP score protocol, latency and throughput, sample grid, the digits (mini-SD) path
+    cost       peak memory and step time of a training step of the real SD 1.5 UNet; the paper's budget in GPU-hours
+
+Multi-process stages run under `accelerate launch --multi_gpu` or `torchrun` (DDP; the engine refuses FSDP: SD 1.5's
+UNet fits one GPU, so DDP is enough). Importing this package imports no diffusers/transformers.
+"""

@@ -1,0 +1,203 @@
+"""What every stage script shares: its config file + command line, fingerprints of pretrained parts, atomic files,
+the process group of a multi-process run.
+
+    parse(stage, description, add_args, argv)   JSON config (configs/<stage>.json, or --config FILE) as defaults,
+                                                every setting also a --flag; returns an argparse.Namespace
+    fingerprint_folder(folder)                  sha256 of a diffusers component folder (config + weights)
+    model_key(source, parts)                    {"source", parts...: fingerprint}: what a cache was made from
+    check_key(found, wanted, what, path)        CacheMismatch naming every differing entry
+    save_atomic(path, tensors, metadata)        write to .tmp then rename: a killed run never leaves half a file
+    dist_info()                                 (rank, world) from torchrun / accelerate environment variables
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+SAMPLED_HASH_BYTES = 1 << 24       # larger weight files are fingerprinted by size + 16 MiB from start, middle, end
+
+
+class CacheMismatch(RuntimeError):
+    """A cache (embeddings, triplets) was made from another model or with other settings; nothing was changed."""
+
+
+class SourceError(ValueError):
+    """A data source yields nothing usable; the message says what was expected."""
+
+
+def load_config(stage: str, path: str | os.PathLike | None = None) -> dict:
+    """The stage's settings: the JSON file `path`, or the shipped configs/<stage>.json."""
+    file = Path(path) if path else CONFIG_DIR / f"{stage}.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {file} does not exist (shipped configs: "
+                                f"{', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.json')))})")
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
+        return dict(yaml.safe_load(file.read_text()) or {})
+    return json.loads(file.read_text())
+
+
+def parse(stage: str, description: str, add_args: Callable[[argparse.ArgumentParser], None],
+          argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` with the config file's values as defaults (a flag on the command line wins).
+
+    Every key of the config must be a known flag (dashes or underscores): a typo in a config file is an error."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    ap = argparse.ArgumentParser(prog=f"python -m course_lib.scale.{stage}", description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help=f"JSON/YAML settings (default: the shipped configs/{stage}.json)")
+    add_args(ap)
+    defaults = load_config(stage, known.config) if (known.config or (CONFIG_DIR / f"{stage}.json").is_file()) else {}
+    dests = {a.dest for a in ap._actions}
+    unknown = [k for k in defaults if k.replace("-", "_") not in dests and not k.startswith("_")]
+    if unknown:
+        raise SystemExit(f"{known.config or CONFIG_DIR / (stage + '.json')}: unknown settings {unknown}; "
+                         f"known: {sorted(d for d in dests if d not in ('help', 'config'))}")
+    ap.set_defaults(**{k.replace("-", "_"): v for k, v in defaults.items() if not k.startswith("_")})
+    args = ap.parse_args(argv)
+    missing = [a.option_strings[0] for a in ap._actions if getattr(a, "_required_setting", False)
+               and getattr(args, a.dest) is None]
+    if missing:
+        ap.error(f"these settings are needed (in the config file or on the command line): {', '.join(missing)}")
+    return args
+
+
+def needed(ap: argparse.ArgumentParser, *flags: str, **kwargs) -> None:
+    """A setting that must come from the config file or the command line (argparse's required=True would refuse
+    a value given by the config file)."""
+    action = ap.add_argument(*flags, default=None, **kwargs)
+    action._required_setting = True
+
+
+VOLATILE_KEYS = ("is_local", "local_files_only", "name_or_path", "cache_dir")   # written by loaders, not content
+
+
+def _hash_bytes(f, start: int, size: int, h) -> None:
+    """Hash bytes [start, start + size) of an open file: all of them, or 16 MiB at the start, middle and end."""
+    if size <= 3 * SAMPLED_HASH_BYTES:
+        f.seek(start)
+        h.update(f.read(size))
+        return
+    for off in (0, size // 2, size - SAMPLED_HASH_BYTES):
+        f.seek(start + off)
+        h.update(f.read(SAMPLED_HASH_BYTES))
+
+
+def _hash_file(path: Path, h) -> None:
+    """Content, not packaging: JSON without the keys loaders add (_name_or_path, _diffusers_version, is_local...),
+    safetensors by their tensor table (without metadata) and data bytes, other files by their bytes."""
+    h.update(path.name.encode())
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = None
+        if isinstance(obj, dict):
+            obj = {k: v for k, v in obj.items() if not k.startswith("_") and k not in VOLATILE_KEYS}
+            h.update(json.dumps(obj, sort_keys=True).encode())
+            return
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors" and size >= 8:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            h.update(json.dumps(header, sort_keys=True).encode())
+            _hash_bytes(f, 8 + n, size - 8 - n, h)
+        else:
+            _hash_bytes(f, 0, size, h)
+
+
+def fingerprint_folder(folder: str | os.PathLike) -> str:
+    """sha256 (first 16 hex digits) over the content of a component folder's files (sorted by name): the same
+    weights, configs and vocabulary give the same fingerprint however often they were re-saved."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist")
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.name.endswith((".tmp", ".lock")) and not p.name.startswith("."):
+            _hash_file(p, h)
+    return h.hexdigest()[:16]
+
+
+def resolve_pipeline(source: str | os.PathLike) -> Path:
+    """The local folder of a diffusers pipeline: a folder, or a hub id resolved in the local Hugging Face cache
+    (snapshot_download with local_files_only unless HF_HUB_OFFLINE is unset). Raises with what to do."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
+            raise SourceError(f"{path} is not a diffusers Stable Diffusion pipeline folder (it needs model_index.json, "
+                              "unet/, vae/, text_encoder/, tokenizer/, scheduler/). Pass the pipeline's folder or a "
+                              "hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        return Path(snapshot_download(str(source), local_files_only=offline,
+                                      allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+    except Exception as e:
+        raise SourceError(f"could not find the pipeline {source!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                          "Pass a local diffusers folder, or download it first: "
+                          f"huggingface-cli download {source}") from e
+
+
+def model_key(source: str | os.PathLike, parts: tuple[str, ...]) -> dict:
+    """{"source": resolved folder, part: fingerprint_folder(folder/part)} for the components that made a cache."""
+    folder = resolve_pipeline(source)
+    return {"source": str(source), **{p: fingerprint_folder(folder / p) for p in parts}}
+
+
+def check_key(found: dict, wanted: dict, what: str, path: Path, fix: str) -> None:
+    """CacheMismatch naming the differing entries (the cache's source path itself may differ)."""
+    diff = [f"{k}: {found.get(k)!r} (cache) != {wanted[k]!r} (this run)" for k in wanted
+            if k != "source" and found.get(k) != wanted[k]]
+    if diff:
+        raise CacheMismatch(f"{path} holds {what} made from another model or with other settings ({'; '.join(diff)}); "
+                            f"it was left untouched. {fix}")
+
+
+def save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"config": json.dumps(metadata, sort_keys=True)} if metadata else None)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun / accelerate launch (1 process otherwise)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def dtype_of(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(table)}")
+    return table[name]
+
+
+def device_of(name: str | None) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

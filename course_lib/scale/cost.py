@@ -1,0 +1,144 @@
+"""What a Stable Diffusion distillation costs: peak memory and step time of one training step, measured on the real
+SD 1.5 UNet architecture (configs/sd15_unet.json, random weights: no download), and the paper's budget derived from it.
+
+    python -m course_lib.scale.cost --batch-size 8 --precision bf16 --grad-checkpointing      (on a GPU)
+    python -m course_lib.scale.cost --tiny                                                   (CPU smoke: tiny UNet)
+
+The step is stage 1's (the reflow loss distill.reflow.rf_loss on the UNet read as a velocity, 77 x 768 text
+embeddings, 64 x 64 x 4 latents) through course_lib.train.train_networks (AdamW, grad clipping, EMA if asked), so it
+costs what the stage scripts cost per step; a LoRA step (--lora r) freezes the UNet. Reported: peak GPU memory
+(torch.cuda.max_memory_allocated), median seconds per step after --warmup steps, and from them the wall time and
+GPU-hours of InstaFlow's SD 1.5 schedule (the model cards' iterations x global batch per stage; 199 A100-days in
+the paper, data generation included, which is not measured here) on 1 and 8 GPUs of the kind measured, assuming
+DDP scales linearly. On a CPU it runs at a tiny size and says that a GPU is needed for the real table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .common import CONFIG_DIR, device_of, write_json_atomic
+
+# InstaFlow (SD 1.5): iterations x global batch per stage (model cards of XCLiu/2_rectified_flow_from_sd_1_5 and
+# XCLiu/instaflow_0_9B_from_sd_1_5), and the paper's total in A100-days (data generation included)
+INSTAFLOW_STAGES = {"reflow 1": (70_000, 64), "reflow 2": (25_000, 1024), "distill L2": (21_500, 1024),
+                    "distill LPIPS": (18_000, 1024)}
+INSTAFLOW_A100_DAYS = 199.2
+TINY = dict(block_out_channels=[32, 64], layers_per_block=1, sample_size=8, cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=32, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+
+
+def unet_config(tiny: bool = False) -> dict:
+    cfg = {k: v for k, v in json.loads((CONFIG_DIR / "sd15_unet.json").read_text()).items() if not k.startswith("_")}
+    return {**cfg, **TINY} if tiny else cfg
+
+
+def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bool = True, lora: int = 0,
+            ema_decay: float = 0.0, steps: int = 6, warmup: int = 2, tiny: bool = False,
+            device: str | None = None) -> dict:
+    """Peak memory and step time of stage 1's training step (see the module docstring)."""
+    from diffusers import UNet2DConditionModel
+
+    from .. import sd as sdlib
+    from ..config import seeded
+    from ..conditioning import Cond
+    from ..distill import reflow as rf
+    from ..processes import RectifiedFlow
+    from ..train import Network, TrainConfig, train_networks
+
+    dev = device_of(device)
+    cfg = unet_config(tiny)
+    with seeded(0):
+        unet = UNet2DConditionModel(**cfg)
+    model = sdlib.SDDenoiser(unet, RectifiedFlow(), "velocity").to(dev)
+    if lora:
+        sdlib.add_lora(model, r=lora)
+    n_params = sum(p.numel() for p in unet.parameters())
+    n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    L, D, h = (77, cfg["cross_attention_dim"], cfg["sample_size"])
+    null = torch.zeros(1, L, D)
+    stamps: list[float] = []
+
+    def sample(n, g):
+        x = torch.randn(n, 4, h, h, generator=g)
+        return torch.randn(n, 4, h, h, generator=g), x, Cond(text=torch.randn(n, L, D, generator=g), null_text=null)
+
+    def step(ctx, batch):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        stamps.append(time.perf_counter())
+        eps, x0, c = batch
+        return rf.rf_loss(ctx.nets["unet"], x0, ctx.generator, eps=eps, cond={"cond": c})
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    train_networks({"unet": Network(model, lr=1e-5, ema_decay=ema_decay, save_frozen=not lora)}, step, sample,
+                   TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
+                               grad_checkpointing=grad_checkpointing, ema_decay=ema_decay), progress=False)
+    times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+    sec = statistics.median(times)
+    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "unet": "tiny (CPU smoke)" if tiny else "SD 1.5 (configs/sd15_unet.json)", "params": n_params,
+           "trainable_params": n_train, "batch_size_per_gpu": batch_size, "precision": precision,
+           "grad_checkpointing": grad_checkpointing, "lora_rank": lora, "ema": ema_decay > 0,
+           "latent": [4, h, h], "seconds_per_step": sec,
+           "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+    res["instaflow_budget"] = budget(sec / batch_size)
+    return res
+
+
+def budget(seconds_per_sample: float, gpus: tuple[int, ...] = (1, 8)) -> dict:
+    """InstaFlow's SD 1.5 training schedule at the measured seconds per sample (training only), per GPU count."""
+    samples = sum(it * b for it, b in INSTAFLOW_STAGES.values())
+    gpu_hours = samples * seconds_per_sample / 3600
+    return {"stages": {k: {"iterations": it, "global_batch": b} for k, (it, b) in INSTAFLOW_STAGES.items()},
+            "samples": samples, "gpu_hours": gpu_hours,
+            "wall_hours": {str(n): gpu_hours / n for n in gpus},
+            "paper_a100_days": INSTAFLOW_A100_DAYS, "paper_a100_hours": INSTAFLOW_A100_DAYS * 24,
+            "paper_wall_days_on_8_a100": INSTAFLOW_A100_DAYS / 8}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m course_lib.scale.cost", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--lora", type=int, default=0)
+    ap.add_argument("--ema", action="store_true", help="keep an EMA (stage scripts do with --ema-decay > 0)")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="a tiny UNet (CPU smoke test)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    a = ap.parse_args(argv)
+    dev = device_of(a.device)
+    if dev.type != "cuda" and not a.tiny:
+        raise SystemExit("no GPU here: the real SD 1.5 table needs one (an A100/H100 80GB). Run with --tiny for "
+                         "the CPU smoke test of the measurement itself.")
+    res = measure(a.batch_size, a.precision, a.grad_checkpointing, a.lora, 0.9999 if a.ema else 0.0, a.steps,
+                  a.warmup, a.tiny, a.device)
+    if a.out:
+        write_json_atomic(Path(a.out), res)
+    b = res["instaflow_budget"]
+    mem = "n/a (CPU)" if res["peak_memory_gib"] is None else f"{res['peak_memory_gib']:.1f} GiB"
+    print(f"| device | UNet | batch/GPU | precision | checkpointing | LoRA | s/step | peak memory |\n|---|---|---|---|---|---|---|---|\n"
+          f"| {res['device']} | {res['unet']} | {a.batch_size} | {a.precision} | {a.grad_checkpointing} | {a.lora or '-'} "
+          f"| {res['seconds_per_step']:.3f} | {mem} |")
+    print(f"InstaFlow's schedule ({b['samples']:,} training samples): {b['gpu_hours']:.0f} GPU-hours here; wall "
+          f"{b['wall_hours']['1'] / 24:.1f} days on 1 GPU, {b['wall_hours']['8'] / 24:.1f} days on 8 "
+          f"(paper: {b['paper_a100_days']} A100-days incl. data generation = {b['paper_wall_days_on_8_a100']:.1f} days on 8 A100s)")
+    if a.tiny or dev.type != "cuda":
+        print("note: measured on a tiny UNet on the CPU: these numbers only test the measurement. A GPU is needed "
+              "for the real table (python -m course_lib.scale.cost on an A100/H100).")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""A two-process run of a course_lib.scale stage (torchrun, gloo on the CPU), launched by tests/test_scale_train.py:
+
+    torchrun --standalone --nproc_per_node 2 tests/scale_ddp_run.py OUT_JSON_PREFIX <stage> <args...>
+
+Each rank records digests of the batches it drew and of its student's weights after training: OUT_JSON_PREFIX<r>.json.
+"""
+import hashlib
+import json
+import os
+import sys
+
+import torch
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def main() -> None:
+    prefix, stage, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+    torch.set_num_threads(1)
+    import course_lib.scale.reflow as reflow
+
+    drawn = []
+    original = reflow.triplet_batches
+
+    def recording(tri, emb):
+        sample = original(tri, emb)
+
+        def wrapped(n, g):
+            batch = sample(n, g)
+            drawn.append(digest(batch[0]))
+            return batch
+
+        return wrapped
+
+    reflow.triplet_batches = recording
+    done = reflow.main(argv) if stage == "reflow" else None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    weights = {k: digest(v) for k, v in done.nets["student"].state_dict().items()}
+    with open(f"{prefix}{rank}.json", "w") as f:
+        json.dump({"world": world, "batches": drawn, "weights": weights}, f)
+
+
+if __name__ == "__main__":
+    main()
