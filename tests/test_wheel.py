@@ -104,6 +104,8 @@ def test_wheel_holds_every_subpackage_and_the_shipped_models(installed):
     missing = [p for p in source_packages() if p.replace(".", "/") + "/__init__.py" not in names]
     assert not missing, f"subpackages missing from the wheel: {missing} (setup.py's find_packages should find them)"
     assert "course_lib/teachers.py" in names and "course_lib/paths.py" in names
+    configs = {str(p.relative_to(ROOT)) for p in (PACKAGE / "scale" / "configs").glob("*.json")}
+    assert configs and configs <= names, f"the SD stages' configs missing from the wheel: {sorted(configs - names)}"
     expected = {f"course_lib/_data/{f}" for f in shipped_files()}
     assert any(f.startswith("course_lib/_data/teachers/gmm-vp/") for f in expected), "no shipped teachers in data/"
     data = {n for n in names if n.startswith("course_lib/_data/")}
