@@ -125,6 +125,42 @@ def test_pd_target_checker_tests_several_processes(capsys):
     assert "differs from the reference" in out and "for the rf process" in out   # passed vp-cosine and sd first
 
 
+def test_pd_target_and_loss_checkers_reject_plausible_mistakes(capsys):
+    from course_lib.distill.pd import pd_loss_at, pd_target
+    from course_lib.processes import bcast
+    from course_lib.samplers import ddim_step
+
+    def one_full_step_target(teacher, z_t, t, N, process):   # one teacher step t -> t - 1/N instead of two halves
+        t2 = (t - 1.0 / N).clamp_min(0.0)
+        z2 = ddim_step(teacher(z_t, t), t, t2, process)
+        a, s, a2, s2 = (bcast(f(u), z_t) for f, u in ((process.alpha, t), (process.sigma, t),
+                                                      (process.alpha, t2), (process.sigma, t2)))
+        return torch.where(bcast(t2 == 0, z_t), teacher(z_t, t).x0, (z2 - s2 / s * z_t) / (a2 - s2 / s * a))
+
+    def two_full_steps_target(teacher, z_t, t, N, process):  # half steps of 1/N: lands at t - 2/N
+        return pd_target(teacher, z_t, t, N / 2, process)
+
+    def sum_over_dims_loss(student, teacher, x0, t, eps, N, process):   # a sum over data dimensions, not a mean
+        return pd_loss_at(student, teacher, x0, t, eps, N, process) * x0.shape[1]
+
+    def unweighted_loss(student, teacher, x0, t, eps, N, process):      # forgets max(SNR, 1)
+        z_t = process.marginal(x0, t, eps)
+        return (student(z_t, t).x0 - pd_target(teacher, z_t, t, N, process)).pow(2).mean(1)
+
+    def eps_loss(student, teacher, x0, t, eps, N, process):             # compares eps predictions, unweighted
+        z_t = process.marginal(x0, t, eps)
+        x_tilde = pd_target(teacher, z_t, t, N, process)
+        eps_tilde = (z_t - bcast(process.alpha(t), z_t) * x_tilde) / bcast(process.sigma(t), z_t)
+        return (student(z_t, t).eps - eps_tilde).pow(2).mean(1)
+
+    for check, wrong in ((checks.check_pd_target, one_full_step_target), (checks.check_pd_target, two_full_steps_target),
+                         (checks.check_pd_loss, sum_over_dims_loss), (checks.check_pd_loss, unweighted_loss),
+                         (checks.check_pd_loss, eps_loss)):
+        used = check(wrong, seed=0)
+        assert used is not wrong and checks.is_library(used), wrong.__name__
+        assert "differs from the reference" in capsys.readouterr().out
+
+
 def test_pd_round_checker_accepts_a_round_and_rejects_wrong_ones(capsys):
     import copy
 
@@ -232,6 +268,67 @@ def test_guided_batches_checker(capsys):
         assert torch.equal(torch.get_rng_state(), before)   # the global-RNG student ran inside a fork
 
 
+def stage1_with(mistake=None):
+    """The notebook's solution of 2.3 (stage 1), or one with a planted mistake."""
+    import copy
+
+    from course_lib import models
+    from course_lib.distill.guided import draw_w, guided_target
+    from course_lib.train import train
+
+    def stage1(teacher, sample_data, w_range, null_label, cfg, p_w_min=0.0):
+        frozen = copy.deepcopy(teacher).eval().requires_grad_(False)
+        student = models.with_guidance_input(teacher, w_range)
+
+        def loss(model, batch, g):
+            x0, y = batch
+            w = draw_w(len(x0), w_range, g, p_w_min)
+            t = 1e-3 + (1 - 1e-3) * torch.rand(len(x0), generator=g)
+            z = model.process.marginal(x0, t, torch.randn(x0.shape, generator=g))
+            with torch.no_grad():
+                if mistake == "imagen":          # Imagen's x0_u + w (x0_c - x0_u) with the course's w: off by one
+                    target = guided_target(frozen, z, t, y, w - 1, null_label)
+                elif mistake == "no-guidance":   # the conditional teacher as the target
+                    target = frozen(z, t, y).x0
+                else:
+                    target = guided_target(frozen, z, t, y, w, null_label)
+            w_in = torch.zeros_like(w) if mistake == "w-not-passed" else w   # the student always sees w = 0
+            weight = (model.process.alpha(t) ** 2 / model.process.sigma(t) ** 2).clamp_min(1.0)
+            return weight * (model(z, t, y, w_in).x0 - target).pow(2).mean(1)
+
+        return train(student, loss, sample_data, cfg, progress=False).model.eval().requires_grad_(False)
+    return stage1
+
+
+def test_stage1_checker_accepts_stage1_and_rejects_structural_mistakes(capsys):
+    import copy
+
+    def unguided_copy(teacher, sample_data, w_range, null_label, cfg, p_w_min=0.0):   # forgot with_guidance_input
+        return copy.deepcopy(teacher)
+
+    def trains_the_teacher(teacher, sample_data, w_range, null_label, cfg, p_w_min=0.0):
+        with torch.no_grad():
+            next(teacher.parameters()).add_(0.1)
+        return stage1_with()(teacher, sample_data, w_range, null_label, cfg, p_w_min)
+
+    right = stage1_with()
+    assert checks.check_stage1(right, seed=0) is right
+    assert "Later cells use your function" in capsys.readouterr().out
+    for wrong, says in ((unguided_copy, "without a guidance input"), (trains_the_teacher, "changed the teacher's"),
+                        (unsolved, "not solved yet")):
+        used = checks.check_stage1(wrong, seed=0)
+        assert used is not wrong and checks.is_library(used)
+        assert says in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mistake", ["imagen", "no-guidance", "w-not-passed"])
+def test_stage1_checker_rejects_a_wrong_target_or_a_missing_w(mistake, capsys):
+    # measured (units of guidance, worst w): correct 0.03; imagen about 1; no guidance 16; w not passed about 6
+    wrong = stage1_with(mistake)
+    assert checks.check_stage1(wrong, seed=1) is not wrong
+    assert "units of guidance" in capsys.readouterr().out
+
+
 def right_rf_loss(model, x0, eps, t):
     x_t = (1 - t)[:, None] * x0 + t[:, None] * eps
     p = model(x_t, t)
@@ -316,7 +413,10 @@ def _library_solutions():
         "0.1": right_v, "0.2": ddim_step, "0.3": right_swd,
         "1.1": pd.pd_target, "1.2": pd.pd_loss_at,
         "1.3": lambda teacher, N, sample, cfg: pd.distill_round(teacher, N, sample, cfg, progress=False).best.eval(),
-        "2.1": guided.guided_target, "2.2": guided.guided_loss_at, "2.3": guided.guided_batches,
+        "2.1": guided.guided_target, "2.2": guided.guided_loss_at,
+        "2.3": lambda teacher, sample, w_range, null, cfg, p_w_min=0.0: guided.distill_guidance(
+            teacher, sample, w_range, cfg, progress=False, p_w_min=p_w_min).best.eval(),
+        "2.4": guided.guided_batches,
         "3.1": lambda m, x0, eps, t: reflow.rf_loss_at(m, x0, eps, t),
         "3.2": lambda m, eps, steps: reflow.generate_pairs(m, eps, steps, "euler", RectifiedFlow()),
         "3.3": straightness,

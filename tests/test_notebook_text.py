@@ -41,6 +41,14 @@ ALLOWED: dict[str, list[str]] = {
         "other 297 digits",
         "16×16", "32×32",         # image sizes of the digits and CIFAR-10 teachers
     ],
+    "01_progressive_distillation.ipynb": [
+        "1–4 steps",              # the budgets distillation targets (notebook 00): a goal, not a measurement
+        "1-step", "2-step",       # names of students by their step count (a design choice, not a measurement)
+    ],
+    "02_guided_distillation.ipynb": [
+        "Stage 1", "stage 1", "stage-1", "Stage 2", "stage 2",   # the names of Meng et al.'s two stages
+        "1-step", "4-step",       # names of students by their step count (a design choice, not a measurement)
+    ],
     "13_scaling_up.ipynb": [
         "2-RF",                   # the 2-rectified flow's name (InstaFlow's notation)
         "SD 1.5", "Stable Diffusion 1.5",   # the model's name

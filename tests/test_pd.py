@@ -75,3 +75,22 @@ def test_rounds_return_students_for_each_halving():
     assert all(not any(p.requires_grad for p in s.parameters()) for s in students.values())
     x = torch.randn(5, 2)
     assert not torch.equal(students[4](x, torch.ones(5)).x0, teacher(x, torch.ones(5)).x0)
+
+
+def test_target_geometry_puts_the_target_on_the_line_through_two_teacher_steps():
+    from course_lib.distill.pd import target_geometry
+
+    proc = VPCosine()
+    teacher = exact_denoiser("gmm", proc)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    for N, t0 in ((2, 1.0), (4, 0.5)):
+        t = torch.full((5,), t0, dtype=torch.float64)
+        p = target_geometry(teacher, z, t, N, proc)
+        torch.testing.assert_close(p["x_tilde"], pd_target(teacher, z, t, N, proc))
+        t2 = t - 1.0 / N
+        # one DDIM step t -> t'' with x = x_tilde lands on z_t2; with the teacher's own x_hat on one_step
+        coef = (proc.alpha(t2) - proc.sigma(t2) / proc.sigma(t) * proc.alpha(t))[:, None]
+        torch.testing.assert_close(p["scaled_z"] + coef * p["x_tilde"], p["z_t2"])
+        torch.testing.assert_close(p["scaled_z"] + coef * p["x_hat"], p["one_step"])
+        assert (p["one_step"] - p["z_t2"]).norm(dim=1).min() > 1e-3    # one teacher step is not two

@@ -132,3 +132,27 @@ def progressive_distillation(teacher: Denoiser, sample_batch: Callable, n_start:
         students[N] = current
         N //= 2
     return students
+
+
+@torch.no_grad()
+def target_geometry(teacher: Callable, z_t: Tensor, t: Tensor, N: int, process: AffineProcess,
+                    cond: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The points of one PD target, for drawing it (notebook 01's figure); every value (B, ...):
+
+        z_t          the start, at t = (i+1)/N
+        z_t1         after the teacher's first DDIM half step, at t' = t - 1/(2N)
+        z_t2         after its second, at t'' = t - 1/N: where the student's ONE step must land
+        one_step     where ONE teacher DDIM step t -> t'' lands (what the student does before training)
+        x_hat        the teacher's x-prediction at (z_t, t): the x that one_step uses
+        x_tilde      the PD target (pd_target): the x-prediction that makes one DDIM step t -> t'' land on z_t2
+        scaled_z     (sigma_t''/sigma_t) z_t: one DDIM step lands on scaled_z + (alpha_t'' - ratio alpha_t) x, so
+                     scaled_z, z_t2 and x_tilde lie on one line (as do scaled_z, one_step and x_hat)
+    """
+    t1, t2 = t - 0.5 / N, (t - 1.0 / N).clamp_min(0.0)
+    call = lambda x, s: teacher(x, s, **(cond or {}))
+    p = call(z_t, t)
+    z1 = ddim_step(p, t, t1, process)
+    z2 = ddim_step(call(z1, t1), t1, t2, process)
+    return {"z_t": z_t, "z_t1": z1, "z_t2": z2, "one_step": ddim_step(p, t, t2, process), "x_hat": p.x0,
+            "x_tilde": pd_target(teacher, z_t, t, N, process, cond),
+            "scaled_z": bcast(process.sigma(t2) / process.sigma(t), z_t) * z_t}
