@@ -70,12 +70,12 @@ def report(paths: Sequence[str | Path], md: bool = False, **filters) -> str:
         result = load(p)
         meta = result.get("meta", {})
         seeds = meta.get("eval_seeds")
-        parts.append(f"{result.get('name', p)} benchmark, mode {result.get('mode')}, device {meta.get('device')}, "
+        parts.append(("## " if md else "") + f"{result.get('name', p)} benchmark, mode {result.get('mode')}, device {meta.get('device')}, "
                      f"schema {result.get('schema')}" + (f", evaluation seeds {seeds}" if seeds else "")
                      + f" ({p})")
         for ds, lines in tables(result["rows"], **filters).items():
             cols = columns(lines)
-            parts.append(f"\n{ds}:\n" + (markdown(lines, cols) if md else table(lines, cols)))
+            parts.append(f"\n### {ds}\n\n{markdown(lines, cols)}" if md else f"\n{ds}:\n{table(lines, cols)}")
         parts.append("")
     return "\n".join(parts)
 
