@@ -1,10 +1,12 @@
-"""The figures the README shows, regenerated from benchmark results and the shipped teachers.
+"""Figures: the ones the README shows, regenerated from benchmark results and the shipped teachers, and the
+interactive ones of the notebooks (notebook 03's reflow explorer, the coupling figures of notebooks 03 and 04).
 
     python -m course_lib.figures [--bench runs/bench_teacher.json] [--instaflow runs/bench_instaflow.json]
                                  [--out docs/figures]
 
 Reads the teacher benchmark's JSON (run `python -m course_lib.bench teacher --mode laptop --out ...` first) and,
-when present, the InstaFlow benchmark's (its capacity sweep).
+when present, the InstaFlow benchmark's (its capacity sweep). Importing this module does not change matplotlib's
+backend (notebooks keep their inline figures); the command line switches to Agg.
 """
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+from typing import Callable, Sequence
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor
 
-from .plotting import image_grid, nfe_curves  # noqa: E402
+from .plotting import LIM_2D, image_grid, nfe_curves
 
 
 def teacher_quality(result: dict, out: Path) -> Path:
@@ -117,6 +120,199 @@ def instaflow_digits(out: Path) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Couplings and the reflow explorer (notebooks 03 and 04)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _frame_2d(ax, lim: float = LIM_2D):
+    ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
+    return ax
+
+
+def coupling_lines(ax, eps: Tensor, x0: Tensor, color: str = "C0", title: str = "", n_show: int = 300,
+                   lw: float = 0.4, alpha: float = 0.5, lim: float = LIM_2D):
+    """A coupling drawn as straight lines from each noise eps_i (grey dots) to its sample x0_i (black dots), for the
+    first n_show pairs of eps, x0 (N, 2). Lines that cross are what a flow has to bend around."""
+    from matplotlib.collections import LineCollection
+
+    a, b = eps[:n_show].detach().cpu().numpy(), x0[:n_show].detach().cpu().numpy()
+    ax.add_collection(LineCollection(np.stack([a, b], axis=1), colors=color, linewidths=lw, alpha=alpha))
+    ax.scatter(*a.T, s=3, c="0.6", zorder=2), ax.scatter(*b.T, s=4, c="k", zorder=3)
+    _frame_2d(ax, lim)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def crossing_share(eps: Tensor, x0: Tensor, n_pairs: int = 300) -> float:
+    """The share of pairs of segments [eps_i, x0_i], [eps_j, x0_j] (first n_pairs, all i < j) that cross: a number
+    for how tangled a coupling is (the independent coupling crosses often; a straight flow's hardly ever)."""
+    p, q = eps[:n_pairs].double(), x0[:n_pairs].double()
+    d = q - p                                                                         # (n, 2) directions
+    cross = lambda u, v: u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+    r = p[None] - p[:, None]                                                          # (n, n, 2): p_j - p_i
+    den = cross(d[:, None], d[None])                                                  # d_i x d_j
+    s = cross(r, d[None]) / den                                                       # position along segment i
+    u = cross(r, d[:, None]) / den                                                    # position along segment j
+    hit = (s > 0) & (s < 1) & (u > 0) & (u < 1) & (den.abs() > 1e-12)
+    n = len(p)
+    return float(hit.triu(1).sum()) / (n * (n - 1) / 2)
+
+
+ROUND0 = "0: independent"
+
+
+class ReflowExplorer:
+    """Everything notebook 03's straightening figure shows, precomputed, so that moving a slider only redraws.
+
+    flows[dataset] = {"1-RF": flow, "2-RF": ..., ...}; data[dataset] = (x0_show (n_show, 2), x0_many (n_many, 2)):
+    independent data samples, the partners of round 0 (the independent coupling, straight lines that cross);
+    x_show (n_show, 2) / x_many (n_many, 2): the noise of the drawn paths / of the sample panel. For each dataset,
+    round and number of Euler steps k: the Euler paths (k+1, n_show, 2) and samples; for each flow, its ODE solved
+    accurately (Heun, ode_steps steps: close to exact) from the same noise, drawn as a dashed overlay with its
+    endpoints, so the corners that Euler cuts are visible; and S(Z) on the 64-step Euler paths."""
+
+    def __init__(self, flows: dict[str, dict[str, Callable]], data: dict[str, tuple[Tensor, Tensor]], x_show: Tensor,
+                 x_many: Tensor, steps: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), ode_steps: int = 64,
+                 straightness_fn: Callable[[Tensor, Tensor], float] | None = None):
+        from .grids import uniform
+        from .metrics import straightness
+        from .processes import RectifiedFlow
+        from .samplers import euler, heun
+
+        rf, s_of = RectifiedFlow(), straightness_fn or straightness
+        self.datasets, self.steps = list(flows), tuple(steps)
+        self.rounds = [ROUND0] + list(next(iter(flows.values())))
+        self.paths, self.samples, self.ode, self.s = {}, {}, {}, {}
+        with torch.no_grad():
+            for ds, fl in flows.items():
+                x0_show, x0_many = data[ds]
+                for k in self.steps:                          # round 0: the straight lines of independent pairs
+                    t = uniform(k).to(x_show.dtype)[:, None, None]
+                    self.paths[(ds, ROUND0, k)] = ((1 - t) * x0_show + t * x_show).numpy()
+                    self.samples[(ds, ROUND0, k)] = x0_many.numpy()
+                for r, f in fl.items():
+                    for k in self.steps:
+                        self.paths[(ds, r, k)] = euler(f, x_show, uniform(k), rf, return_path=True).numpy()
+                        self.samples[(ds, r, k)] = euler(f, x_many, uniform(k), rf).numpy()
+                    self.ode[(ds, r)] = heun(f, x_show, uniform(ode_steps), rf, return_path=True).numpy()
+                    self.s[(ds, r)] = s_of(euler(f, x_show, uniform(64), rf, return_path=True), uniform(64))
+        self.fig = None
+
+    @staticmethod
+    def at_time(path: np.ndarray, t: float) -> np.ndarray:
+        """Positions (B, 2) at time t on paths (k+1, B, 2) sampled at t = 1, ..., 0 (linear between grid times)."""
+        k = len(path) - 1
+        u = (1 - t) * k
+        i = min(int(np.floor(u)), k - 1)
+        w = u - i
+        return (1 - w) * path[i] + w * path[i + 1]
+
+    def _build(self):
+        from matplotlib.collections import LineCollection
+
+        fig, (ax_p, ax_s) = plt.subplots(1, 2, figsize=(8.4, 4.2))
+        for ax in (ax_p, ax_s):
+            _frame_2d(ax)
+        self.art = dict(
+            coupling=LineCollection([], colors="0.75", linewidths=0.5),
+            ode=LineCollection([], colors="C0", linewidths=0.8, linestyles="--", alpha=0.7),
+            trajs=LineCollection([], colors="C1", linewidths=0.7, alpha=0.8))
+        for name in ("coupling", "ode", "trajs"):
+            ax_p.add_collection(self.art[name])
+        self.art["ode_end"] = ax_p.scatter([], [], s=10, c="C0", marker="x", linewidths=0.8, zorder=2)
+        self.art["starts"] = ax_p.scatter([], [], s=3, c="0.6", zorder=2)
+        self.art["moving"] = ax_p.scatter([], [], s=7, c="k", zorder=3)
+        self.art["samples"] = ax_s.scatter([], [], s=1.5, c="C0", alpha=0.5, linewidths=0)
+        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, wspace=0.05)
+        plt.close(fig)
+        self.fig, self.ax_p, self.ax_s = fig, ax_p, ax_s
+
+    def draw(self, dataset: str | None = None, rnd: str = "1-RF", steps: int = 1, t: float = 0.0):
+        """Update the figure for (dataset, round, Euler steps, time t) and return it. Grey: each noise point joined
+        to where its path ends (the coupling); orange: the Euler paths; dashed blue with crosses: the flow's ODE
+        solved accurately from the same noise, and where it ends; black dots: the positions at time t."""
+        if self.fig is None:
+            self._build()
+        ds = dataset or self.datasets[0]
+        path = self.paths[(ds, rnd, steps)]
+        a = self.art
+        a["coupling"].set_segments(np.stack([path[0], path[-1]], axis=1))
+        a["trajs"].set_segments(path.transpose(1, 0, 2))
+        ode = self.ode.get((ds, rnd))
+        a["ode"].set_segments([] if ode is None else ode.transpose(1, 0, 2))
+        a["ode_end"].set_offsets(np.zeros((0, 2)) if ode is None else ode[-1])
+        a["starts"].set_offsets(path[0])
+        a["moving"].set_offsets(self.at_time(path, t))
+        a["samples"].set_offsets(self.samples[(ds, rnd, steps)])
+        if rnd == ROUND0:
+            title = f"{ds}, round 0: independent pairs joined by straight lines (they cross), t = {t:.2f}"
+        else:
+            title = (f"{ds}, {rnd}: {steps} Euler step{'s' * (steps > 1)}, t = {t:.2f}, S(Z) = "
+                     f"{self.s[(ds, rnd)]:.3g}\ndashed: its ODE solved accurately (x: where it ends)")
+        self.ax_p.set_title(title, fontsize=8)
+        n = len(self.samples[(ds, rnd, steps)])
+        self.ax_s.set_title(f"{n} samples at t = 0" + (" (data: the coupling's partners)" if rnd == ROUND0 else ""),
+                            fontsize=8)
+        return self.fig
+
+    def widget(self):
+        """ipywidgets controls (dataset, round, Euler steps, time) that redraw the figure; needs a live kernel."""
+        import ipywidgets as widgets
+        from IPython.display import display
+
+        out = widgets.Output()
+
+        def on_change(dataset, rnd, steps, t):
+            with out:
+                out.clear_output(wait=True)
+                display(self.draw(dataset, rnd, steps, t))
+
+        controls = widgets.interactive(
+            on_change,
+            dataset=widgets.ToggleButtons(options=self.datasets, description="data"),
+            rnd=widgets.ToggleButtons(options=self.rounds, value=self.rounds[1], description="round"),
+            steps=widgets.SelectionSlider(options=self.steps, value=self.steps[0], description="Euler steps"),
+            t=widgets.FloatSlider(min=0.0, max=1.0, step=0.05, value=0.0, description="time t", readout_format=".2f"),
+        )
+        return widgets.VBox([controls, out])
+
+    def animation_html(self, frames_per_round: int = 5, n_paths: int = 80, steps: int = 1, dpi: int = 50) -> str:
+        """The static fallback: an HTML + JavaScript animation (frames embedded; plays without a kernel), one panel
+        per dataset, every round in turn with `steps` Euler steps, the dots moving from noise (t = 1) to data
+        (t = 0), the accurate ODE paths dashed beside the Euler paths."""
+        from matplotlib import animation
+        from matplotlib.collections import LineCollection
+
+        frames = [(r, t) for r in self.rounds for t in np.linspace(1, 0, max(2, frames_per_round))]
+        fig, axes = plt.subplots(1, len(self.datasets), figsize=(2.9 * len(self.datasets), 3.1), dpi=dpi, squeeze=False)
+        arts = []
+        for ax, ds in zip(axes[0], self.datasets):
+            _frame_2d(ax)
+            ode, lc = LineCollection([], colors="C0", linewidths=0.6, linestyles="--", alpha=0.7), \
+                LineCollection([], colors="C1", linewidths=0.5, alpha=0.7)
+            ax.add_collection(ode), ax.add_collection(lc)
+            arts.append((ax, ds, lc, ode, ax.scatter([], [], s=4, c="k", zorder=3)))
+        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.86, wspace=0.05)
+
+        def frame(i):
+            rnd, t = frames[i]
+            for ax, ds, lc, ode, dots in arts:
+                path = self.paths[(ds, rnd, steps)][:, :n_paths]
+                lc.set_segments(path.transpose(1, 0, 2))
+                o = self.ode.get((ds, rnd))
+                ode.set_segments([] if o is None else o[:, :n_paths].transpose(1, 0, 2))
+                dots.set_offsets(self.at_time(path, t))
+                what = "independent" if rnd == ROUND0 else f"{rnd}, {steps} Euler step{'s' * (steps > 1)}"
+                ax.set_title(f"{ds}: {what}\nt = {t:.2f}", fontsize=8)
+            return []
+
+        anim = animation.FuncAnimation(fig, frame, frames=len(frames), interval=300)
+        html = anim.to_jshtml(default_mode="loop")
+        plt.close(fig)
+        return html
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m course_lib.figures", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--instaflow", default="runs/bench_instaflow.json")
     ap.add_argument("--out", default="docs/figures")
     args = ap.parse_args(argv)
+    plt.switch_backend("Agg")
     bench = Path(args.bench)
     if not bench.is_file():
         raise SystemExit(f"{bench} not found: run `python -m course_lib.bench teacher --mode laptop --out {bench}` first")

@@ -396,6 +396,81 @@ def test_reflow_checker_verdicts(check, right, wrong, capsys):
     assert_verdicts(check, right, wrong, capsys)
 
 
+def reflow_round_with(independent=False, swapped=False, in_place=False):
+    """The notebook's solution of 3.4 (one reflow round), or one with a planted mistake."""
+    from course_lib.distill import reflow
+    from course_lib.train import train
+
+    def reflow_round(flow, eps, steps, cfg):
+        e, x0 = right_pairs(flow, eps, steps)
+        if independent:                      # fresh noise, independent of x0: the independent coupling (a new 1-RF)
+            e = torch.randn(e.shape, generator=torch.Generator().manual_seed(123), dtype=e.dtype)
+        if swapped:                          # the paper's direction: noise at t = 0, data at t = 1
+            e, x0 = x0, e
+        new = flow if in_place else reflow.as_flow(flow)
+        new.train().requires_grad_(True)
+        loss = lambda m, b, g: right_rf_loss(m, b[1], b[0], 1e-3 + (1 - 1e-3) * torch.rand(len(b[0]), generator=g))
+        return train(new, loss, reflow.pair_batches(e, x0), cfg, progress=False).model.eval().requires_grad_(False)
+    return reflow_round
+
+
+right_reflow_round = reflow_round_with()
+
+
+def test_reflow_round_checker_accepts_a_round_and_rejects_planted_mistakes(capsys):
+    assert checks.check_reflow_round(right_reflow_round, seed=0) is right_reflow_round
+    assert "Later cells use your function" in capsys.readouterr().out
+    for wrong, says in ((reflow_round_with(independent=True), "did not straighten"),
+                        (reflow_round_with(swapped=True), "did not straighten"),
+                        (reflow_round_with(in_place=True), "changed the old flow's weights"),
+                        (lambda flow, eps, steps, cfg: flow, "a new model"),
+                        (unsolved, "not solved yet")):
+        used = checks.check_reflow_round(wrong, seed=0)
+        out = capsys.readouterr().out
+        assert used is not wrong and checks.is_library(used), out
+        assert says in out and "reference implementation" in out, out
+
+
+def right_cond_reflow_loss(flow, eps, x0, y, t, drop, null_label):
+    y_in = torch.where(drop, torch.full_like(y, null_label), y)
+    x_t = (1 - t)[:, None] * x0 + t[:, None] * eps
+    p = flow(x_t, t, y_in)
+    return ((p.eps - p.x0) - (eps - x0)).pow(2).mean(1)
+
+
+def labels_kept_loss(flow, eps, x0, y, t, drop, null_label):            # never drops a label
+    return right_cond_reflow_loss(flow, eps, x0, y, t, torch.zeros_like(drop), null_label)
+
+
+def null_zero_loss(flow, eps, x0, y, t, drop, null_label):              # "no label" written as class 0
+    return right_cond_reflow_loss(flow, eps, x0, y, t, drop, 0)
+
+
+def pair_dropped_loss(flow, eps, x0, y, t, drop, null_label):           # dropout on the pair, not on the label
+    keep = (~drop).to(x0.dtype)[:, None]
+    return right_cond_reflow_loss(flow, eps * keep, x0 * keep, y, t, torch.zeros_like(drop), null_label)
+
+
+def loss_dropped_loss(flow, eps, x0, y, t, drop, null_label):           # drops the samples from the loss instead
+    return right_cond_reflow_loss(flow, eps, x0, y, t, torch.zeros_like(drop), null_label) * (~drop).to(x0.dtype)
+
+
+@pytest.mark.parametrize("wrong", [labels_kept_loss, null_zero_loss, pair_dropped_loss, loss_dropped_loss],
+                         ids=["labels-kept", "null-is-0", "pair-dropped", "loss-dropped"])
+def test_cond_reflow_loss_checker_rejects_planted_mistakes(wrong, capsys):
+    assert checks.check_cond_reflow_loss(right_cond_reflow_loss, seed=0) is right_cond_reflow_loss
+    assert "correct on" in capsys.readouterr().out
+    used = checks.check_cond_reflow_loss(wrong, seed=0)
+    out = capsys.readouterr().out
+    assert used is not wrong and checks.is_library(used)
+    assert "differs from the reference" in out and "labels dropped" in out, out
+
+
+def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
+    used = checks.check_cond_reflow_loss(lambda *a: right_cond_reflow_loss(*a[:-1], -1), seed=0)
+    assert checks.is_library(used) and "raised" in capsys.readouterr().out
+
+
 # --- the registry and RNG hygiene (issue 9) ---------------------------------------------------------------------
 
 def _library_solutions():
@@ -420,8 +495,10 @@ def _library_solutions():
         "3.1": lambda m, x0, eps, t: reflow.rf_loss_at(m, x0, eps, t),
         "3.2": lambda m, eps, steps: reflow.generate_pairs(m, eps, steps, "euler", RectifiedFlow()),
         "3.3": straightness,
-        "4.1": guided_velocity, "4.2": lambda m, eps, x0, y: instaflow.onestep_loss(m, eps, x0, y),
-        "4.3": instaflow.laplacian_pyramid_l1,
+        "3.4": right_reflow_round,
+        "4.1": guided_velocity, "4.2": right_cond_reflow_loss,
+        "4.3": lambda m, eps, x0, y: instaflow.onestep_loss(m, eps, x0, y),
+        "4.4": instaflow.laplacian_pyramid_l1,
     }
 
 

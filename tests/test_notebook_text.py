@@ -49,6 +49,22 @@ ALLOWED: dict[str, list[str]] = {
         "Stage 1", "stage 1", "stage-1", "Stage 2", "stage 2",   # the names of Meng et al.'s two stages
         "1-step", "4-step",       # names of students by their step count (a design choice, not a measurement)
     ],
+    "03_rectified_flow.ipynb": [
+        "1-RF", "2-RF", "3-RF",   # names: the k-rectified flow after k - 1 reflows (Liu et al. 2022)
+        "Theorem 3.3", "Theorem 3.5",  # the paper's theorems
+        "RK45", "L2",             # names of a solver and of a distance
+        "Heun, 64 steps", "64-step", "1, 2, 4 and 64 Euler steps",  # settings of the code, not measurements
+        "1–4 steps", "rounds 1–3",  # step counts and rounds the section is about, not measurements
+        "Round 0", "round 0",     # the name of the independent coupling in the figure
+    ],
+    "04_instaflow.ipynb": [
+        "1-RF", "2-RF",           # names: the k-rectified flow after k - 1 reflows (Liu et al. 2022)
+        "L2", "L1", "Lap1",       # names of distances
+        "Stable Diffusion 1.5",   # the paper's teacher model
+        "Stage 2", "stage 2",     # the recipe's numbered stages (the paper's pipeline)
+        "16×16", "8-mode",        # the digits' image size, the unconditional mixture's number of modes
+        "16-step", "1, 4 and 16 Euler steps", "DPM-Solver++ 16 steps",  # settings of the code, not measurements
+    ],
     "13_scaling_up.ipynb": [
         "2-RF",                   # the 2-rectified flow's name (InstaFlow's notation)
         "SD 1.5", "Stable Diffusion 1.5",   # the model's name

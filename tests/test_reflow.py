@@ -202,3 +202,35 @@ def test_pair_cache_records_the_conditioning(tmp_path):
     reflow.cached_pairs(flow, "c", 10, steps=2, cache_dir=tmp_path, cond={}, progress=False)
     with pytest.raises(reflow.PairCacheError, match="other settings.*cond"):
         reflow.cached_pairs(flow, "c", 10, steps=2, cache_dir=tmp_path, cond={"y": y}, progress=False)
+
+
+# --- the figures of notebooks 03 and 04 (course_lib.figures) ----------------------------------------------------
+
+def test_crossing_share_counts_crossing_segments():
+    from course_lib.figures import crossing_share
+
+    eps = torch.tensor([[0.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    x0 = torch.tensor([[1.0, 1.0], [1.0, 0.0], [6.0, 5.0]])       # the first two cross, the third crosses neither
+    assert crossing_share(eps, x0) == pytest.approx(1 / 3)
+    assert crossing_share(eps, eps + torch.tensor([1.0, 0.0])) == 0.0  # parallel shifts never cross
+
+
+def test_reflow_explorer_draws_every_round_and_its_static_fallback():
+    from course_lib.data2d import exact_denoiser, sample_2d
+    from course_lib.figures import ROUND0, ReflowExplorer
+    from course_lib.processes import RectifiedFlow
+
+    g = torch.Generator().manual_seed(0)
+    flow = exact_denoiser("gmm", RectifiedFlow())
+    x_show, x_many = torch.randn(12, 2, generator=g), torch.randn(30, 2, generator=g)
+    data = {"gmm": (sample_2d("gmm", 12, g)[0], sample_2d("gmm", 30, g)[0])}
+    ex = ReflowExplorer({"gmm": {"1-RF": flow}}, data, x_show, x_many, steps=(1, 4), ode_steps=8)
+    assert ex.rounds == [ROUND0, "1-RF"]
+    path = ex.paths[("gmm", "1-RF", 4)]
+    assert path.shape == (5, 12, 2)
+    assert ex.at_time(path, 1.0) == pytest.approx(x_show.numpy()) and ex.at_time(path, 0.0) == pytest.approx(path[-1])
+    line = ex.paths[("gmm", ROUND0, 4)]                  # round 0: straight lines from the noise to independent data
+    assert line[0] == pytest.approx(x_show.numpy()) and line[-1] == pytest.approx(data["gmm"][0].numpy())
+    for rnd in ex.rounds:
+        assert ex.draw("gmm", rnd, 4, 0.5) is ex.fig
+    assert "<script" in ex.animation_html(frames_per_round=2, n_paths=5)

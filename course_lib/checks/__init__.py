@@ -17,8 +17,8 @@ from .core import (CHECKERS, FALLBACK, LIBRARY_NOTE, accept, advice_for, checker
 from .nb00 import check_ddim_step, check_sliced_wasserstein, check_v_to_pred
 from .nb01 import check_pd_loss, check_pd_round, check_pd_target
 from .nb02 import check_guided_batches, check_guided_loss, check_guided_target, check_stage1
-from .nb03 import check_make_pairs, check_rf_loss, check_straightness
-from .nb04 import check_guided_velocity, check_lap1, check_onestep_loss
+from .nb03 import check_make_pairs, check_reflow_round, check_rf_loss, check_straightness
+from .nb04 import check_cond_reflow_loss, check_guided_velocity, check_lap1, check_onestep_loss
 
 _fresh_generator = fresh_generator   # the old private name
 
@@ -28,5 +28,5 @@ __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "chec
            "check_v_to_pred", "check_ddim_step", "check_sliced_wasserstein",
            "check_pd_target", "check_pd_loss", "check_pd_round",
            "check_guided_target", "check_guided_loss", "check_stage1", "check_guided_batches",
-           "check_rf_loss", "check_make_pairs", "check_straightness",
-           "check_guided_velocity", "check_onestep_loss", "check_lap1"]
+           "check_rf_loss", "check_make_pairs", "check_straightness", "check_reflow_round",
+           "check_guided_velocity", "check_cond_reflow_loss", "check_onestep_loss", "check_lap1"]

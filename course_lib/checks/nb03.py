@@ -1,4 +1,5 @@
-"""Checkers of notebook 03 (rectified flow): the rectified-flow loss, reflow pairs, the straightness S(Z)."""
+"""Checkers of notebook 03 (rectified flow): the rectified-flow loss, reflow pairs, the straightness S(Z), one reflow
+round."""
 from __future__ import annotations
 
 from typing import Callable
@@ -7,7 +8,8 @@ import torch
 
 from ..config import seeded
 from ..processes import RectifiedFlow
-from .core import checker, draw_seed, fresh_generator, library_version, run_check
+from .core import (accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, library_version,
+                   run_check)
 
 
 def _rf_models(g: torch.Generator):
@@ -90,3 +92,72 @@ def check_straightness(student: Callable, seed: int | None = None) -> Callable:
                          "weight each segment by its duration |t_{i+1} - t_i| (the grid may be uneven), divide by the "
                          "total duration |t_n - t_0| (not always 1: the grid need not span [0, 1]).")
     return student if use is student_scalar else library_version(lambda path, ts: float(reference(path, ts)))
+
+
+# 3.4: one reflow round must make the flow's single Euler step land this many times closer to the OLD flow's ODE
+# solution (from the same noise) than the old flow's own single Euler step does. Measured on this check (shipped
+# gmm-rf teacher, 4000 pairs, 120 updates): a correct round 13-15x; pairs re-drawn independently (the independent
+# coupling: a new 1-RF) 0.97-0.99x; pairs with noise and data swapped (the paper's time direction) 1.0-1.1x.
+REFLOW_ROUND_MIN_GAIN = 4.0
+
+
+@checker("3.4")
+def check_reflow_round(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 3.4: student(flow, eps, steps, cfg) -> the next rectified flow (one round of Algorithm 1).
+
+    A round cannot be compared output by output (training is random), so this checks what a round must do, on the
+    shipped Gaussian-mixture flow (gmm-rf) with a short budget: the flow is left untouched, a new model comes back,
+    and one Euler step of the new flow lands at least REFLOW_ROUND_MIN_GAIN times closer to the old flow's ODE
+    solution (16 Euler steps, same noise) than one Euler step of the old flow does.
+    """
+    import copy
+
+    from ..distill.reflow import generate_pairs, pair_batches, reflow
+    from ..grids import uniform
+    from ..metrics import flow_map_error
+    from ..samplers import euler
+    from ..teachers import load_teacher
+    from ..train import TrainConfig
+
+    def reference(flow, eps, steps, cfg):
+        pairs = generate_pairs(flow, eps, steps, "euler", RectifiedFlow())
+        return reflow(flow, pairs, cfg, progress=False).model.eval().requires_grad_(False)
+
+    g = fresh_generator(seed)
+    with torch.random.fork_rng(devices=[]):   # building the model to load into may draw initial weights
+        flow = load_teacher("gmm-rf")
+    before = copy.deepcopy(flow.state_dict())
+    eps = torch.randn(4000, 2, generator=g)
+    steps = 16
+    cfg = TrainConfig(steps=120, batch_size=256, lr=1e-3, lr_schedule="linear", ema_decay=0.0, seed=draw_seed(g),
+                      desc="check 3.4")
+    try:
+        with torch.random.fork_rng(devices=[]):   # a student drawing from the global RNG must not shift the notebook's
+            out = student(flow, eps.clone(), steps, cfg)
+    except Exception as e:
+        return fall_back("3.4", reference, explain_exception(e))
+    changed = [k for k, v in flow.state_dict().items() if not torch.equal(v, before[k])]
+    if changed:
+        return fall_back("3.4", reference, f"the round changed the old flow's weights ({changed[0]}, ...): train a "
+                                           "copy (reflow.as_flow(flow) or copy.deepcopy) and keep the old flow as it is.")
+    if out is flow or not callable(out):
+        return fall_back("3.4", reference, f"return the newly trained flow, a new model (got {type(out).__name__}).")
+    x1 = torch.randn(2000, 2, generator=g)
+    rf = RectifiedFlow()
+    with torch.no_grad():
+        target = euler(flow, x1, uniform(steps), rf)
+        err_old = flow_map_error(euler(flow, x1, uniform(1), rf), target)
+        err_new = flow_map_error(euler(out, x1, uniform(1), rf), target)
+    gain = err_old / err_new
+    if not gain >= REFLOW_ROUND_MIN_GAIN:       # also catches a nan
+        return fall_back("3.4", reference,
+                         f"after the round, one Euler step of the new flow is {err_new:.3f} (RMS) from the old flow's "
+                         f"{steps}-step solution; one step of the old flow is {err_old:.3f} away ({gain:.1f}x; a correct "
+                         f"round gets about 13x here, this check asks for {REFLOW_ROUND_MIN_GAIN:g}x), so the new flow "
+                         "did not straighten. Check that the pairs come from the flow itself, x0 = make_pairs(flow, "
+                         "eps, steps)[1], with the SAME eps that you train on (fresh noise drawn independently of x0 "
+                         "is the independent coupling again: a new 1-RF, as curved as the old one), and that "
+                         "rf_loss gets them in the course's order, rf_loss(model, x0, eps, t): x0 is the data end "
+                         "(t = 0), eps the noise end (t = 1).")
+    return accept("3.4", student, f"correct: one Euler step of the new flow lands {gain:.1f}x closer to the old "
+                                  f"flow's ODE solution than one step of the old flow does.")

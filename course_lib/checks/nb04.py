@@ -1,4 +1,5 @@
-"""Checkers of notebook 04 (InstaFlow): the guided velocity, the one-step loss, the Laplacian-pyramid L1."""
+"""Checkers of notebook 04 (InstaFlow): the guided velocity, the conditional reflow loss with label dropout, the
+one-step loss, and the optional Laplacian-pyramid L1."""
 from __future__ import annotations
 
 from typing import Callable
@@ -46,8 +47,44 @@ def check_guided_velocity(student: Callable, seed: int | None = None) -> Callabl
 
 
 @checker("4.2")
+def check_cond_reflow_loss(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 4.2: student(flow, eps, x0, y, t, drop, null_label) -> per-sample conditional reflow loss (B,):
+    the rectified-flow loss on the pair (x0, eps) at times t, with the labels y replaced by null_label where the
+    boolean mask drop (B,) is True (classifier-free label dropout; the pair itself is kept)."""
+    from ..distill.reflow import rf_loss_at
+
+    g = fresh_generator(seed)
+
+    def reference(flow, eps, x0, y, t, drop, null_label):
+        return rf_loss_at(flow, x0, eps, t, cond={"y": torch.where(drop, torch.full_like(y, null_label), y)})
+
+    def cases():
+        for (flow, name), B in zip(_cond_flows(g), (8, 12)):
+            eps = torch.randn(B, 2, generator=g, dtype=torch.float64)
+            x0 = 2 * torch.randn(B, 2, generator=g, dtype=torch.float64)
+            y = torch.randint(3, (B,), generator=g)
+            t = 0.02 + 0.96 * torch.rand(B, generator=g, dtype=torch.float64)
+            drop = torch.arange(B) % 3 == 0                      # a third of the labels dropped, the rest kept
+            drop = drop[torch.randperm(B, generator=g)]
+            yield (flow, eps, x0, y, t, drop, 3), f"for {name} with {int(drop.sum())} of {B} labels dropped"
+        flow, name = next(_cond_flows(g))
+        B = 6
+        yield ((flow, torch.randn(B, 2, generator=g, dtype=torch.float64),
+                2 * torch.randn(B, 2, generator=g, dtype=torch.float64), torch.randint(3, (B,), generator=g),
+                torch.rand(B, generator=g, dtype=torch.float64), torch.zeros(B, dtype=torch.bool), 3),
+               f"for {name} with no label dropped")
+
+    return run_check("4.2", student, reference, cases(), atol=1e-8, rtol=1e-6,
+                     hint="Replace the LABEL (not the pair) where drop is True: y_in = torch.where(drop, "
+                          "torch.full_like(y, null_label), y), with null_label the extra class the model keeps for "
+                          "'no label' (not 0, which is a real class); keep eps and x0 as they are. Then the loss of "
+                          "notebook 03: x_t = (1 - t) x0 + t eps, u = pred.eps - pred.x0 from flow(x_t, t, y_in), "
+                          "mean over the data dimensions of (u - (eps - x0))^2, one value per sample.")
+
+
+@checker("4.3")
 def check_onestep_loss(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 4.2: student(model, eps, x0, y) -> per-sample L2 one-step distillation loss (B,)."""
+    """Exercise 4.3: student(model, eps, x0, y) -> per-sample L2 one-step distillation loss (B,)."""
     from ..distill.instaflow import onestep_loss
 
     g = fresh_generator(seed)
@@ -59,15 +96,15 @@ def check_onestep_loss(student: Callable, seed: int | None = None) -> Callable:
             y = torch.randint(3, (7,), generator=g)
             yield (flow, eps, x0, y), f"for {name}"
 
-    return run_check("4.2", student, lambda m, eps, x0, y: onestep_loss(m, eps, x0, y), cases(), atol=1e-8, rtol=1e-6,
+    return run_check("4.3", student, lambda m, eps, x0, y: onestep_loss(m, eps, x0, y), cases(), atol=1e-8, rtol=1e-6,
                      hint="One Euler step from t = 1 to 0: x0_hat = eps - u(eps, 1 | y), with t a (B,) tensor of ones "
                           "and u = pred.eps - pred.x0; return the mean over data dimensions of (x0_hat - x0)^2, one "
                           "value per sample.")
 
 
-@checker("4.3")
+@checker("4.4")
 def check_lap1(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 4.3: student(a, b, levels) -> (B,) Laplacian-pyramid L1 distance of image batches (B, C, H, W)."""
+    """Exercise 4.4: (an optional extra) student(a, b, levels) -> (B,) Laplacian-pyramid L1 distance of image batches (B, C, H, W)."""
     from ..distill.instaflow import laplacian_pyramid_l1
 
     g = fresh_generator(seed)
@@ -78,7 +115,7 @@ def check_lap1(student: Callable, seed: int | None = None) -> Callable:
             b = a + 0.3 * torch.randn(B, 1, H, H, generator=g, dtype=torch.float64)
             yield (a, b, levels), f"for {B} images of {H}x{H} with {levels} level{'s' * (levels > 1)}"
 
-    return run_check("4.3", student, laplacian_pyramid_l1, cases(), atol=1e-8, rtol=1e-6,
+    return run_check("4.4", student, laplacian_pyramid_l1, cases(), atol=1e-8, rtol=1e-6,
                      hint="Per level j = 0..levels-1: low = F.avg_pool2d(x, 2); band = x - F.interpolate(low, "
                           "size=x.shape[-2:], mode='nearest'); add 2**-j * mean |band_a - band_b| per sample; go on "
                           "with x = low. After the loop add 2**-levels * mean |a_low - b_low|.")

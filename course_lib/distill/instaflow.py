@@ -430,12 +430,12 @@ def instaflow_sweep(data: dict, targets: dict, x1: Tensor, y: Tensor | None, swe
     return records
 
 
-def instaflow_unconditional(dataset: str, budget: dict, x1: Tensor, seed: int = 0, progress: bool = True
-                            ) -> tuple[dict, dict, Denoiser]:
+def instaflow_unconditional(dataset: str, budget: dict, x1: Tensor, seed: int = 0, progress: bool = True,
+                            return_flow: bool = False) -> tuple:
     """The two couplings of an unconditional diffusion teacher (shipped "<dataset>-vp", loaded on x1's device): its
     own ODE pairs (DPM-Solver++, pair_steps) and the pairs of its 2-RF (reflow initialised from its weights, Euler
     flow_pair_steps). Returns ({"direct", "reflow": (eps, x0, None)}, {"direct", "reflow": endpoints from the
-    evaluation noise x1 (N, 2)}, teacher)."""
+    evaluation noise x1 (N, 2)}, teacher), and the 2-RF as a fourth element with return_flow=True."""
     from ..teachers import load_teacher
 
     b = budget
@@ -449,7 +449,8 @@ def instaflow_unconditional(dataset: str, budget: dict, x1: Tensor, seed: int = 
                              seed=seed + 11, on_mismatch="regenerate", progress=progress, verbose=progress)
     targets = {"direct": rf.generate_pairs(teacher, x1, b["pair_steps"], "dpmpp2m")[1],
                "reflow": rf.generate_pairs(flow2, x1, b["flow_pair_steps"], "euler")[1]}
-    return {"direct": (*pairs, None), "reflow": (*pairs2, None)}, targets, teacher
+    out = ({"direct": (*pairs, None), "reflow": (*pairs2, None)}, targets, teacher)
+    return (*out, flow2) if return_flow else out
 
 
 def main(argv: list[str] | None = None) -> None:
