@@ -227,3 +227,26 @@ def test_short_ct_run_trains_and_follows_its_schedule():
     assert done.logs["N"] == [3.0] if len(done.logs["N"]) == 1 else done.logs["N"][0] == 3.0
     x = cm.multistep_sample(trained, proc.prior((10, 2)), [1.0, 0.5], proc, trained.t_min)
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("method", ["cd", "ct"])
+def test_benchmark_rows(method, tmp_path):
+    import json
+
+    from course_lib import bench
+
+    out = tmp_path / f"{method}.json"
+    res = bench.main([method, "--mode", "smoke", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["name"] == method and res["schema"] == 3
+    rows = res["rows"]
+    for ds in ("checkerboard", "gmm", "digits"):
+        mine = [r for r in rows if r["dataset"] == ds]
+        assert any(r["model"] == "data" for r in mine) and any(r["model"] == "teacher" for r in mine)
+        student = [r for r in mine if r["model"] == method]
+        assert {r["nfe"] for r in student} == {1, 2, 4} and all(r["n_seeds"] == 3 and "std" in r for r in student)
+        assert all(r["steps"] == r["nfe"] and "train_seconds" in r for r in student)
+    gmm = {(r["model"], r["nfe"], r["metric"]) for r in rows if r["dataset"] == "gmm"}
+    assert (method, 1, "flow_map_err_exact") in gmm and (method, 1, "precision") in gmm
+    assert ((("pd", 1, "flow_map_err_exact") in gmm) == (method == "cd"))     # CD's equal-cost PD comparison
+    digits = {(r["model"], r["metric"]) for r in rows if r["dataset"] == "digits"}
+    assert {(method, "kid_heldout"), (method, "fd_heldout"), ("teacher", "kid_heldout")} <= digits
