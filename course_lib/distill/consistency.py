@@ -259,6 +259,8 @@ class CMConfig:
     t_min: float | None = None      # None: default_t_min(process)
     sigma_data: float = SIGMA_DATA
     lr: float = 1e-4
+    lr_schedule: str = "constant"   # the engine's schedules: constant, linear, cosine
+    warmup: int = 0                 # linear learning-rate warm-up updates
     ema_decay: float = 0.999        # the sampling EMA (paper 0.9999 at 800k updates), separate from the target
     schedule: CTSchedule | None = field(default=None)   # CT only: N(k), mu(k)
 
@@ -312,7 +314,7 @@ def distill_cd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator]
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
     grid = cm_grid(cfg.N, process, t_min)
     probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
-    done = train_networks({"student": Network(student, lr=cfg.lr, ema_decay=cfg.ema_decay)}, cd_step(cfg, grid, probs),
+    done = train_networks({"student": _network(student, cfg)}, cd_step(cfg, grid, probs),
                           sample_batch, train_cfg, targets={"target": Target("student", decay=cfg.mu)},
                           frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config={"method": "consistency-distillation", **_describe(cfg)})
@@ -330,12 +332,16 @@ def train_ct(model: nn.Module, sample_batch: Callable[[int, torch.Generator], An
         cfg = CMConfig(**{**cfg.__dict__, "schedule": ct_schedule("doubling", train_cfg.steps)})
     student = consistency_model(model, t_min, cfg.sigma_data).requires_grad_(True).train()
     sched = cfg.schedule
-    done = train_networks({"student": Network(student, lr=cfg.lr, ema_decay=cfg.ema_decay)},
+    done = train_networks({"student": _network(student, cfg)},
                           ct_step(cfg, process, t_min), sample_batch, train_cfg,
                           targets={"target": Target("student", decay=sched.mu)}, ckpt_dir=ckpt_dir,
                           progress=progress, accelerator=accelerator,
                           extra_config={"method": "consistency-training", **_describe(cfg)})
     return done.best("student").eval().requires_grad_(False), done
+
+
+def _network(student: nn.Module, cfg: CMConfig) -> Network:
+    return Network(student, lr=cfg.lr, lr_schedule=cfg.lr_schedule, warmup=cfg.warmup, ema_decay=cfg.ema_decay)
 
 
 def _describe(cfg: CMConfig) -> dict:
