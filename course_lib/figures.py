@@ -311,6 +311,27 @@ class ReflowExplorer:
         html = anim.to_jshtml(default_mode="loop")
         plt.close(fig)
         return html
+def consistency_quality(results: list[dict], out: Path) -> Path:
+    """SWD against steps of the consistency students (bench cd / bench ct results, each a saved JSON) beside the
+    teacher's DPM-Solver++ sweep and the data floor, one panel per 2D dataset, mean ± std over evaluation seeds."""
+    rows = [r for res in results for r in res["rows"]]
+    datasets = [d for d in ("checkerboard", "gmm") if any(r["dataset"] == d for r in rows)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        mine = [r for r in rows if r["dataset"] == ds and r["metric"] == "swd"]
+        floor = next((r["value"], r.get("std", 0.0)) for r in mine if r["model"] == "data")
+        curves: dict[str, tuple[list[int], list]] = {}
+        for r in mine:
+            if r["model"] in ("teacher", "cd", "ct", "pd") and (r["model"], r["nfe"]) not in \
+                    {(m, k) for m, (ks, _) in curves.items() for k in ks}:
+                curves.setdefault(r["model"], ([], []))
+                curves[r["model"]][0].append(r["nfe"]), curves[r["model"]][1].append((r["value"], r.get("std", 0.0)))
+        nfe_curves(curves, floor=floor, ax=ax, title=f"{ds}: consistency students vs the teacher")
+    fig.tight_layout()
+    path = out / "consistency_vs_nfe.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default="runs/bench_teacher.json")
     ap.add_argument("--instaflow", default="runs/bench_instaflow.json")
+    ap.add_argument("--cm", nargs="*", default=["runs/bench_cd.json", "runs/bench_ct.json"],
+                    help="bench cd / ct results for the consistency figure (those that exist)")
     ap.add_argument("--out", default="docs/figures")
     args = ap.parse_args(argv)
     plt.switch_backend("Agg")
@@ -333,6 +356,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {instaflow_sweep(json.loads(insta.read_text()), out)}")
     else:
         print(f"skipped the capacity-sweep figure: {insta} not found (`python -m course_lib.bench instaflow`)")
+    cms = [json.loads(Path(p).read_text()) for p in args.cm if Path(p).is_file()]
+    if cms:
+        print(f"wrote {consistency_quality(cms, out)}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_list_names_every_benchmark(capsys):
     assert bench.main(["list"]) is None
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == list(bench.BENCHMARKS) == ["teacher", "pd", "guided", "reflow",
-                                                                             "instaflow"]
+                                                                             "instaflow", "cd", "ct"]
     assert all(len(line.split()) > 3 for line in out)          # each with a description
 
 

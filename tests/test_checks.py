@@ -475,7 +475,7 @@ def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
 
 def _library_solutions():
     """The library's own implementation of every exercise: a correct student."""
-    from course_lib.distill import guided, instaflow, pd, reflow
+    from course_lib.distill import consistency, guided, instaflow, pd, reflow
     from course_lib.metrics import straightness
     from course_lib.processes import RectifiedFlow
     from course_lib.samplers import ddim_step
@@ -499,6 +499,9 @@ def _library_solutions():
         "4.1": guided_velocity, "4.2": right_cond_reflow_loss,
         "4.3": lambda m, eps, x0, y: instaflow.onestep_loss(m, eps, x0, y),
         "4.4": instaflow.laplacian_pyramid_l1,
+        "5.1": consistency.consistency_fn,
+        "5.2": lambda s, tgt, te, x0, eps, tn, tc, p: consistency.cd_loss_at(s, tgt, te, x0, eps, tn, tc, p),
+        "5.3": lambda m, x, ts, p, t_min, noises: consistency.multistep_sample(m, x, ts, p, t_min, noises=noises),
     }
 
 
@@ -641,3 +644,78 @@ def test_the_marked_fallback_computes_the_reference_and_leaves_the_library_unmar
     pred = Pred(torch.randn(3, 2), torch.randn(3, 2))
     t, s = torch.full((3,), 0.7), torch.full((3,), 0.3)
     assert torch.equal(used(pred, t, s, VPCosine()), ddim_step(pred, t, s, VPCosine()))
+
+
+# --- notebook 05: consistency models (planted mistakes: no stop-gradient, a broken boundary condition, re-noising
+# with the wrong scale) ----------------------------------------------------------------------------------------
+
+def right_cd_loss(student, target, teacher, x0, eps, t_next, t_cur, process):
+    from course_lib.distill.consistency import cd_loss_at
+
+    return cd_loss_at(student, target, teacher, x0, eps, t_next, t_cur, process, solver="heun")
+
+
+def no_stopgrad_cd_loss(student, target, teacher, x0, eps, t_next, t_cur, process):
+    from course_lib import steps
+
+    x_next = process.marginal(x0, t_next, eps)
+    x_cur = steps.heun(teacher, x_next, t_next, t_cur, process)
+    return (student(x_next, t_next).x0 - target(x_cur, t_cur).x0).pow(2).mean(1)    # gradient flows into the target
+
+
+def ddim_cd_loss(student, target, teacher, x0, eps, t_next, t_cur, process):     # the wrong teacher step
+    from course_lib.distill.consistency import cd_loss_at
+
+    return cd_loss_at(student, target, teacher, x0, eps, t_next, t_cur, process, solver="ddim")
+
+
+def edm_boundary_fn(model, x, t, t_min, sigma_data):   # EDM's denoiser scalings: f(x, t_min) != x
+    sig = model.process.sigma(t)[:, None]
+    c_skip = sigma_data**2 / (sig**2 + sigma_data**2)
+    c_out = sig * sigma_data / torch.sqrt(sig**2 + sigma_data**2)
+    return c_skip * x + c_out * model(x, t).x0
+
+
+def right_multistep(model, x, ts, process, t_min, noises):
+    from course_lib.distill.consistency import multistep_sample
+
+    return multistep_sample(model, x, ts, process, t_min, noises=noises)
+
+
+def ve_renoise_multistep(model, x, ts, process, t_min, noises):   # x0 + sigma z: right only where alpha = 1 (edm)
+    t = lambda v: torch.full((len(x),), float(v), dtype=x.dtype)
+    x0 = model(x, t(ts[0])).x0
+    for k, tau in enumerate(ts[1:]):
+        x0 = model(x0 + process.sigma(t(tau))[:, None] * noises[k], t(tau)).x0
+    return x0
+
+
+def test_consistency_fn_checker_rejects_a_boundary_condition_that_does_not_hold(capsys):
+    from course_lib.distill.consistency import consistency_fn
+
+    assert checks.check_consistency_fn(consistency_fn, seed=0) is consistency_fn
+    assert "correct on" in capsys.readouterr().out
+    used = checks.check_consistency_fn(edm_boundary_fn, seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and "boundary condition does not hold" in out and "sigma(t_min)" in out
+    assert checks.check_consistency_fn(unsolved, seed=0) is not unsolved
+    assert "not solved yet" in capsys.readouterr().out
+
+
+def test_cd_loss_checker_rejects_a_target_without_stop_gradient_and_the_wrong_step(capsys):
+    assert checks.check_cd_loss(right_cd_loss, seed=0) is right_cd_loss
+    assert "correct" in capsys.readouterr().out
+    used = checks.check_cd_loss(no_stopgrad_cd_loss, seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and "gradient flows through the target" in out and "torch.no_grad()" in out
+    used = checks.check_cd_loss(ddim_cd_loss, seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and "differs from the reference" in out and "Heun" in out
+    assert checks.is_library(checks.check_cd_loss(unsolved, seed=0))
+    assert "not solved yet" in capsys.readouterr().out
+
+
+def test_multistep_checker_rejects_renoising_with_the_wrong_scale(capsys):
+    assert_verdicts(checks.check_multistep, right_multistep, ve_renoise_multistep, capsys)
+    checks.check_multistep(ve_renoise_multistep, seed=0)
+    assert "alpha_tau" in capsys.readouterr().out

@@ -35,7 +35,7 @@ near it is as good as the metric can tell; one slightly smoother than the data c
 digits, core.DIGITS_FLOOR_N real training digits (a different random subset per seed) against the held-out digits.
 
 Layout: `core` (rows, timing, references, sweeps, tables) and one module per method (`teacher`, `pd`, `guided`,
-`reflow`, `instaflow`), each registering its benchmark function f(mode, seed=0, device=None) -> (rows, meta).
+`reflow`, `instaflow`, `cd` (with ct)), each registering its benchmark function f(mode, seed=0, device=None) -> (rows, meta).
 The methods' own budgets and recipes live beside them in course_lib.distill.
 """
 from __future__ import annotations
@@ -70,6 +70,8 @@ from . import pd  # noqa: E402
 from . import guided  # noqa: E402
 from . import reflow  # noqa: E402
 from . import instaflow  # noqa: E402
+from . import cd  # noqa: E402  (registers cd and ct)
+from .cd import bench_cd, bench_ct, cm_summary  # noqa: E402
 from .core import NFES, SCHEMA, Evaluation, row, spread_row, timed  # noqa: E402
 from .guided import GUIDANCE_WEIGHTS, bench_guided, guided_summary  # noqa: E402
 from .instaflow import bench_instaflow, instaflow_summary  # noqa: E402

@@ -7,7 +7,7 @@ The library's version is marked: `checks.is_library(fn)` is True and `checks.lib
     ddim_step = checks.check_ddim_step(ddim_step)
 
 Layout: `core` (run_check, the CHECKERS registry, the checkers' own generators) and one module per notebook,
-`nb00` ... `nb04`; each checker is registered under its exercise id (`CHECKERS["1.3"] is check_pd_round`).
+`nb00` ... `nb05`; each checker is registered under its exercise id (`CHECKERS["1.3"] is check_pd_round`).
 Checkers leave torch's global random state untouched (see `core`).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .nb01 import check_pd_loss, check_pd_round, check_pd_target
 from .nb02 import check_guided_batches, check_guided_loss, check_guided_target, check_stage1
 from .nb03 import check_make_pairs, check_reflow_round, check_rf_loss, check_straightness
 from .nb04 import check_cond_reflow_loss, check_guided_velocity, check_lap1, check_onestep_loss
+from .nb05 import check_cd_loss, check_consistency_fn, check_multistep
 
 _fresh_generator = fresh_generator   # the old private name
 
@@ -29,4 +30,5 @@ __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "chec
            "check_pd_target", "check_pd_loss", "check_pd_round",
            "check_guided_target", "check_guided_loss", "check_stage1", "check_guided_batches",
            "check_rf_loss", "check_make_pairs", "check_straightness", "check_reflow_round",
-           "check_guided_velocity", "check_cond_reflow_loss", "check_onestep_loss", "check_lap1"]
+           "check_guided_velocity", "check_cond_reflow_loss", "check_onestep_loss", "check_lap1",
+           "check_consistency_fn", "check_cd_loss", "check_multistep"]

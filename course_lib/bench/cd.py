@@ -1,0 +1,215 @@
+"""`bench cd` and `bench ct`: consistency distillation and consistency training (Song et al. 2023; iCT, Song &
+Dhariwal 2024) on the shipped 2D and digits teachers, students sampled at 1, 2 and 4 steps (multistep consistency
+sampling, evenly spaced step times)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import pick
+from ..plotting import table
+from . import register
+from .core import (PR_N, Evaluation, digits_floor, digits_n, exact_map, nfe, per_seed, pm, prior, reference_2d,
+                   score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
+
+STUDENT_STEPS = (1, 2, 4)
+TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def cm_budget(mode: str) -> dict:
+    """The 2D and digits budgets shared by `bench cd` and `bench ct` (the same for both methods: CT is measured on
+    CD's budget). N is CD's grid; CT's grid grows with iCT's doubling schedule from s0 to s1 intervals."""
+    return dict(
+        steps=pick(mode, smoke=20, laptop=400, full=6000), batch=pick(mode, smoke=128, laptop=1024, full=2048),
+        lr=1e-3, N=pick(mode, smoke=6, laptop=10, full=18), mu=pick(mode, smoke=0.9, laptop=0.9, full=0.95),
+        ema=pick(mode, smoke=0.9, laptop=0.95, full=0.999),
+        ct_s0=pick(mode, smoke=4, laptop=4, full=10), ct_s1=pick(mode, smoke=8, laptop=32, full=640),
+        digits_steps=pick(mode, smoke=2, laptop=150, full=5000), digits_batch=pick(mode, smoke=8, laptop=32, full=128),
+        digits_lr=pick(mode, smoke=1e-3, laptop=1e-3, full=2e-4), digits_ema=pick(mode, smoke=0.0, laptop=0.0, full=0.999))
+
+
+def _cd_cfg(b: dict, digits: bool = False):
+    from ..distill.consistency import CMConfig
+
+    return CMConfig(N=b["N"], solver="heun", mu=b["mu"], lr=b["digits_lr"] if digits else b["lr"],
+                    ema_decay=b["digits_ema"] if digits else b["ema"],
+                    distance="pseudo-huber" if digits else "l2")
+
+
+def _ct_cfg(b: dict, steps: int, digits: bool = False):
+    from ..distill.consistency import CMConfig, ct_schedule
+
+    return CMConfig(schedule=ct_schedule("doubling", steps, s0=b["ct_s0"], s1=b["ct_s1"]),
+                    distance="pseudo-huber" if digits else "l2",
+                    lr=b["digits_lr"] if digits else b["lr"], ema_decay=b["digits_ema"] if digits else b["ema"])
+
+
+def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
+    """(student, seconds): CD from the shipped {ds}-vp teacher, or CT of a fresh network of its architecture."""
+    from ..config import seeded
+    from ..data2d import sample_2d
+    from ..distill.consistency import distill_cd, train_ct
+    from ..teachers import get_recipe, load_teacher
+    from ..train import TrainConfig
+
+    cfg = TrainConfig(steps=b["steps"], batch_size=b["batch"], seed=seed, desc=f"{method.upper()} {ds}")
+    data = lambda n, g: sample_2d(ds, n, g)[0].to(device)
+    t0 = time.perf_counter()
+    if method == "cd":
+        student, _ = distill_cd(load_teacher(f"{ds}-vp", device=device), data, _cd_cfg(b), cfg, progress=progress)
+    else:
+        with seeded(seed):
+            fresh = get_recipe(f"{ds}-vp").build().to(device)
+        student, _ = train_ct(fresh, data, _ct_cfg(b, b["steps"]), cfg, progress=progress)
+    return student, time.perf_counter() - t0
+
+
+def _sample_cm(model, x1, steps: int, seed: int, process, t_min: float):
+    """Multistep consistency sampling from x1 at evenly spaced step times, fresh noise from `seed` (CPU)."""
+    from ..distill.consistency import multistep_sample, step_times
+
+    return multistep_sample(model, x1, step_times(steps), process, t_min, generator=torch.Generator().manual_seed(seed))
+
+
+def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]:
+    from ..config import default_device
+    from ..teachers import load_teacher
+
+    device = torch.device(device) if device is not None else default_device()
+    b = cm_budget(mode)
+    n = pick(mode, smoke=250, laptop=5000, full=25_000)
+    ev = Evaluation(seed, device)
+    pd_meta = {}
+    for ds in ("checkerboard", "gmm"):
+        teacher = load_teacher(f"{ds}-vp", device=device)
+        student, secs = _train_2d(method, ds, b, seed, device, mode != "smoke")
+        pd_student = pd_secs = None
+        if method == "cd" and ds == "gmm":
+            pd_student, pd_secs, pd_meta = _pd_same_teacher_evals(teacher, ds, b, seed, device, mode)
+        for s in ev.seeds:
+            ref = reference_2d(ev, ds, n, s)
+            x1 = prior(teacher.process, (n, 2), s + 3, device)
+            exact = exact_map(ds, teacher.process, x1[:PR_N]) if ds == "gmm" else None
+            sweep_2d(ev, teacher, teacher.process, ds, "teacher", "dpmpp2m", ref, pick(mode, smoke=(1, 2, 4),
+                     laptop=TEACHER_NFES, full=TEACHER_NFES), s + 3, device, exact)
+            for k in STUDENT_STEPS:
+                x, sec = timed(lambda: _sample_cm(student, x1, k, s + 4, student.process, student.t_min), device)
+                score_2d(ev, ds, method, x, ref, sec, nfe=k, steps=k, compare=True, exact=exact, sampler="consistency",
+                         n=n, **train_fields(secs, b["steps"]))
+            if pd_student is not None:
+                from ..grids import uniform
+                from ..samplers import ddim
+
+                x, sec = timed(lambda: ddim(pd_student, x1, uniform(1), pd_student.process), device)
+                score_2d(ev, ds, "pd", x, ref, sec, nfe=nfe("ddim", 1), steps=1, compare=True, exact=exact,
+                         sampler="ddim", n=n, **train_fields(pd_secs, pd_meta["pd_updates"]))
+    digits_rows(method, ev, mode, b, seed, device)
+    rows = ev.rows()
+    print(cm_summary(rows, method))
+    return rows, {**b, "n": n, "eval_seeds": ev.seeds, "pr_n": PR_N, "student_steps": list(STUDENT_STEPS),
+                  "step_times": "evenly spaced: 1, (k-1)/k, ..., 1/k", **pd_meta}
+
+
+def _pd_same_teacher_evals(teacher, ds: str, b: dict, seed: int, device, mode: str):
+    """A one-step progressive-distillation student of the same teacher that used as many teacher evaluations as CD:
+    CD's Heun step costs 2 per sample and update, PD's two DDIM steps 2, so PD gets CD's updates (same batch),
+    split over its rounds 64 -> 32 -> ... -> 1 (fewer rounds if that leaves under 10 updates a round)."""
+    from ..data2d import sample_2d
+    from ..distill.pd import progressive_distillation
+    from ..train import TrainConfig
+
+    n_start = 64
+    while n_start > 2 and b["steps"] // n_start.bit_length() < 10:
+        n_start //= 2
+    rounds = n_start.bit_length() - 1
+    per_round = b["steps"] // rounds
+    cfg = TrainConfig(steps=per_round, batch_size=b["batch"], lr=pick(mode, smoke=1e-4, laptop=2e-4, full=1e-4),
+                      lr_schedule="linear", ema_decay=0.0, seed=seed)
+    t0 = time.perf_counter()
+    students = progressive_distillation(teacher, lambda n, g: sample_2d(ds, n, g)[0].to(device), n_start, 1, cfg,
+                                        progress=mode != "smoke")
+    return students[1], time.perf_counter() - t0, {"pd_n_start": n_start, "pd_rounds": rounds,
+                                                    "pd_updates": per_round * rounds,
+                                                    "teacher_evals_per_sample_update": 2}
+
+
+def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
+    """Digits: CD of the shipped digits teacher (or CT of a fresh UNet of its architecture), pseudo-Huber, balanced
+    labels; students at 1, 2, 4 steps on thousands of samples per seed, the teacher (DPM-Solver++, 32 steps) on a
+    few hundred, beside the data floor; kid_heldout, kid_train, fd_heldout (classifier.digits_scores)."""
+    from ..classifier import balanced_labels
+    from ..config import seeded
+    from ..distill.consistency import distill_cd, train_ct
+    from ..guidance import condition
+    from ..images import batch_sampler, load_digits
+    from ..samplers import generate
+    from ..teachers import get_recipe, load_teacher
+    from ..train import TrainConfig
+
+    teacher = load_teacher("digits", device=device)
+    x_train, y_train = load_digits(16, "train")
+    draw = batch_sampler(x_train, y_train)
+    data = lambda n, g: tuple(v.to(device) for v in draw(n, g))
+    cfg = TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"], seed=seed, desc=f"{method.upper()} digits")
+    t0 = time.perf_counter()
+    if method == "cd":
+        student, _ = distill_cd(teacher, data, _cd_cfg(b, digits=True), cfg, progress=mode != "smoke")
+    else:
+        with seeded(seed):
+            fresh = get_recipe("digits").build().to(device)
+        student, _ = train_ct(fresh, data, _ct_cfg(b, b["digits_steps"], digits=True), cfg, progress=mode != "smoke")
+    secs = time.perf_counter() - t0
+    big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
+    for s in ev.seeds:
+        digits_floor(ev, s)
+        y = lambda k: balanced_labels(k).to(device)
+        x, sec = timed(lambda: generate(teacher, teacher.process, (small, 1, 16, 16), "dpmpp2m", 32, device=device,
+                                        generator=torch.Generator().manual_seed(s + 6), y=y(small)), device)
+        score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", 32), steps=32, sampler="dpmpp2m")
+        x1 = prior(teacher.process, (big, 1, 16, 16), s + 6, device)
+        for k in STUDENT_STEPS:
+            x, sec = timed(lambda: _sample_cm(condition(student, y(big)), x1, k, s + 7, student.process,
+                                                student.t_min), device)
+            score_digits(ev, method, x, sec, nfe=k, steps=k, sampler="consistency",
+                         **train_fields(secs, b["digits_steps"]))
+
+
+def cm_summary(rows: list[dict], method: str) -> str:
+    """Per dataset: the student (and, for CD on gmm, the same-cost PD student) at each step count, metrics side by
+    side (mean ± std over seeds), with its SWD over the teacher's best (the teacher row of lowest mean SWD), per seed."""
+    out = []
+    for ds in ("checkerboard", "gmm"):
+        mine = [r for r in rows if r["dataset"] == ds]
+        best = min((r for r in mine if r["model"] == "teacher" and r["metric"] == "swd"), key=lambda r: r["value"],
+                   default=None)
+        for d in side_by_side([r for r in mine if r["model"] in (method, "pd", "data")], ("dataset", "model", "nfe")):
+            if "swd" in d["rows"] and best and d["model"] != "data":
+                d["swd / teacher best"] = pm(*per_seed(d["rows"]["swd"], best))
+            out.append(d)
+    digits = side_by_side([r for r in rows if r["dataset"] == "digits"], ("dataset", "model", "nfe"))
+    return (table(out, ["dataset", "model", "nfe", "swd", "swd / teacher best", "in_squares", "precision", "recall",
+                        "flow_map_err_exact"])
+            + "\n\n" + table(digits, ["dataset", "model", "nfe", "kid_heldout", "kid_train", "fd_heldout"]))
+
+
+@register("cd", "consistency distillation of the 2D and digits teachers, 1/2/4-step students; 1-step PD at equal cost")
+def bench_cd(mode: str, seed: int = 0, device: str | torch.device | None = None) -> tuple[list[dict], dict]:
+    """Consistency distillation (Song et al. 2023) of the shipped 2D diffusion teachers (Heun teacher step, target
+    EMA mu (cm_budget: 0.9 on the laptop budget, the paper's ImageNet64 0.95 in full), squared L2) and of the digits teacher (pseudo-Huber), students (model "cd") sampled with multistep consistency
+    sampling at 1, 2, 4 steps (nfe = steps), beside the teacher's DPM-Solver++ sweep ("teacher") and the data floor
+    ("data"). Every score_2d metric; on gmm "flow_map_err_exact" (distance to the exact mixture teacher's ODE
+    solution from the same noise) also for a one-step progressive-distillation student ("pd") trained with as many
+    teacher evaluations as CD. Digits: kid_heldout, kid_train, fd_heldout. Models are trained once; every row is
+    evaluated over the evaluation seeds."""
+    return _bench("cd", mode, seed, device)
+
+
+@register("ct", "consistency training (no teacher) on 2D and digits, iCT's doubling schedule, 1/2/4-step students")
+def bench_ct(mode: str, seed: int = 0, device: str | torch.device | None = None) -> tuple[list[dict], dict]:
+    """Consistency training (Song et al. 2023; iCT's doubling N(k) scaled to the budget, mu = 0; squared L2 in 2D,
+    pseudo-Huber on digits) of a fresh network of the
+    shipped teacher's architecture on CD's budget (same updates and batch), students (model "ct") at 1, 2, 4 steps,
+    beside the 2D teacher's DPM-Solver++ sweep (its best SWD is the target) and the data floor; digits as in
+    bench cd. The teacher is never used in training."""
+    return _bench("ct", mode, seed, device)

@@ -1,0 +1,252 @@
+"""Consistency models: the boundary condition, the exact flow map is a fixed point of the CD loss, schedules,
+multistep sampling, and short CD / CT runs that learn."""
+import math
+
+import pytest
+import torch
+
+from course_lib import data2d, grids, samplers, steps
+from course_lib.data2d import GaussianMixture, exact_denoiser, sample_2d
+from course_lib.distill import consistency as cm
+from course_lib.models import ConsistencyModel, Denoiser, MLP2D
+from course_lib.predictions import Pred
+from course_lib.processes import EDM, RectifiedFlow, VPCosine
+from course_lib.train import TrainConfig
+
+PROCESSES = [VPCosine(), EDM(), RectifiedFlow()]
+
+
+def tiny(proc, seed=0):
+    torch.manual_seed(seed)
+    return Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
+
+
+@pytest.mark.parametrize("proc", PROCESSES, ids=lambda p: p.name)
+def test_boundary_condition_holds_exactly_and_scalings_match_the_model(proc):
+    t_min = cm.default_t_min(proc)
+    model = cm.consistency_model(tiny(proc), t_min)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    t = torch.full((5,), t_min, dtype=torch.float64)
+    assert torch.equal(model(x, t).x0, x)
+    assert torch.equal(cm.consistency_fn(model.model, x, t, t_min), x)
+    tt = torch.rand(5, dtype=torch.float64)
+    for a, b in zip(cm.consistency_scalings(tt, proc, t_min), model.scalings(tt)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(cm.consistency_fn(model.model, x, tt, t_min), model(x, tt).x0)
+
+
+def test_edm_scalings_are_the_papers():
+    proc = EDM()
+    sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
+    c_skip, c_out = cm.consistency_scalings(sigma / 80, proc, 0.002 / 80)
+    torch.testing.assert_close(c_skip, 0.25 / ((sigma - 0.002) ** 2 + 0.25))
+    torch.testing.assert_close(c_out, (sigma - 0.002) * 0.5 / torch.sqrt(sigma**2 + 0.25))
+
+
+class ExactFlowMap:
+    """The exact consistency function of one Gaussian: f(x, t) = the ODE solution from t to t_min."""
+
+    def __init__(self, mix, proc, t_min):
+        self.mix, self.process, self.t_min = mix, proc, t_min
+
+    def __call__(self, x, t):
+        f = data2d.gaussian_flow_map(self.mix, x, t, torch.full_like(t, self.t_min), self.process)
+        return Pred(f, torch.zeros_like(f))
+
+
+@pytest.mark.parametrize("proc", [VPCosine(), EDM()], ids=lambda p: p.name)
+def test_the_exact_flow_map_is_a_fixed_point_of_the_cd_loss(proc):
+    # one Gaussian: the flow map is known in closed form; with the exact teacher and fine steps the CD loss of the
+    # exact consistency function is (nearly) zero, and that of a function that changes along a path is not
+    mix = GaussianMixture.isotropic(torch.tensor([[1.0, -0.5]], dtype=torch.float64), 0.6)
+    teacher = mix.denoiser(proc)
+    t_min = cm.default_t_min(proc)
+    f = ExactFlowMap(mix, proc, t_min)
+    g = torch.Generator().manual_seed(0)
+    grid = cm.cm_grid(400, proc, t_min)
+    n = torch.randint(399, (64,), generator=g)
+    x0 = mix.sample(64, g)[0].double()
+    eps = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    loss = cm.cd_loss_at(f, f, teacher, x0, eps, grid[n + 1], grid[n], proc)
+    x_next = proc.marginal(x0, grid[n + 1], eps)
+    scale = (f(x_next, grid[n + 1]).x0 - x0).pow(2).mean()
+    assert loss.mean() < 1e-6 * scale
+    wrong = lambda x, t: Pred(f(x, t).x0 + 0.1 * t[:, None], torch.zeros_like(x))   # not constant along a path
+    assert cm.cd_loss_at(wrong, wrong, teacher, x0, eps, grid[n + 1], grid[n], proc).mean() > 1e3 * loss.mean()
+
+
+def test_cd_target_uses_the_teachers_step_and_no_gradient_reaches_the_target():
+    proc = VPCosine()
+    teacher = exact_denoiser("gmm", proc)
+    student = cm.consistency_model(tiny(proc, 0))
+    target = cm.consistency_model(tiny(proc, 1)).requires_grad_(True)
+    g = torch.Generator().manual_seed(1)
+    x0 = sample_2d("gmm", 16, g)[0].double()
+    eps = torch.randn(16, 2, generator=g, dtype=torch.float64)
+    grid = cm.cm_grid(10, proc, cm.T_MIN)
+    n = torch.randint(9, (16,), generator=g)
+    loss = cm.cd_loss_at(student, target, teacher, x0, eps, grid[n + 1], grid[n], proc, solver="ddim")
+    x_next = proc.marginal(x0, grid[n + 1], eps)
+    want = (student(x_next, grid[n + 1]).x0 - target(steps.ddim(teacher, x_next, grid[n + 1], grid[n], proc),
+                                                         grid[n]).x0).pow(2).mean(1)
+    torch.testing.assert_close(loss, want)
+    loss.sum().backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_ct_loss_noises_both_points_with_the_same_eps():
+    proc = EDM()
+    f = lambda x, t: Pred(x, torch.zeros_like(x))    # the identity: the loss is ||x_{t_next} - x_{t_cur}||^2
+    x0 = torch.randn(4, 2, dtype=torch.float64)
+    eps = torch.randn(4, 2, dtype=torch.float64)
+    t_next, t_cur = torch.full((4,), 0.5, dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64)
+    loss = cm.ct_loss_at(f, f, x0, eps, t_next, t_cur, proc)
+    torch.testing.assert_close(loss, ((80 * 0.25) * eps).pow(2).mean(1))
+
+
+def test_distances_and_weighting():
+    a, b = torch.zeros(3, 4), torch.tensor([[0.0] * 4, [1.0] * 4, [3.0] * 4])
+    torch.testing.assert_close(cm.l2(a, b), torch.tensor([0.0, 1.0, 9.0]))
+    ph = cm.pseudo_huber(a, b)
+    assert ph[0] == 0 and abs(ph[1] - 1) < 1e-3 and abs(ph[2] - 3) < 1e-3    # ~ the RMS error: the norm, not squared
+    D = 4   # the paper's form, divided by sqrt(D)
+    c = 0.00054 * math.sqrt(D)
+    torch.testing.assert_close(ph, (torch.sqrt(((a - b) ** 2).sum(1) + c * c) - c) / math.sqrt(D))
+    with pytest.raises(ValueError, match="pseudo-huber"):
+        cm._distance("lpips")
+    proc = EDM()
+    w = cm.ict_weight(torch.tensor([0.1]), torch.tensor([0.2]), proc)
+    torch.testing.assert_close(w, torch.tensor([1 / 8.0]))
+
+
+def test_grids_and_lognormal_index_probabilities():
+    vp, edm = VPCosine(), EDM()
+    g = cm.cm_grid(18, vp, 0.002)
+    assert len(g) == 18 and g[0] == 0.002 and g[-1] == 1 and (g.diff() > 0).all()
+    k = cm.cm_grid(18, edm, 0.002 / 80)
+    torch.testing.assert_close(k, grids.karras(18, edm)[:-1].flip(0))     # the paper's Karras grid
+    p = cm.lognormal_index_probs(k, edm)
+    assert len(p) == 17 and abs(float(p.sum()) - 1) < 1e-12 and (p > 0).all()
+    # the mode of p sits near sigma = exp(P_mean) = 0.33
+    mid = torch.sqrt(k[1:] * k[:-1]) * 80
+    assert 0.05 < float(mid[p.argmax()]) < 2.0
+    with pytest.raises(ValueError, match="N >= 2"):
+        cm.cm_grid(1, vp, 0.002)
+
+
+def test_ct_schedules_match_the_papers_formulas():
+    # 2023 paper (CIFAR-10: s0 = 2, s1 = 150, mu0 = 0.9): N goes 2 -> 151, mu from mu0^(s0/(N-1)) towards 1
+    K = 800_000
+    assert cm.n_progressive(0, K) == 2 and cm.n_progressive(K, K) == 151
+    assert abs(cm.mu_adaptive(0, K) - 0.9**2) < 1e-12
+    assert abs(cm.mu_adaptive(K, K) - math.exp(2 * math.log(0.9) / 150)) < 1e-12
+    ns = [cm.n_progressive(k, K) for k in range(0, K + 1, 10_000)]
+    assert ns == sorted(ns)
+    # iCT (s0 = 10, s1 = 1280): 8 stages of K // 8 updates, N - 1 doubling 10, 20, ..., 1280
+    assert [cm.n_doubling(k * (K // 8), K) - 1 for k in range(8)] == [10 * 2**i for i in range(8)]
+    assert cm.n_doubling(K, K) == 1281
+    s = cm.ct_schedule("doubling", 1000)
+    assert s.mu(500) == 0.0 and s.N(0) == 11
+    s = cm.ct_schedule("progressive", 1000)
+    assert 0.8 < s.mu(0) < s.mu(999) < 1
+    with pytest.raises(ValueError, match="progressive, doubling"):
+        cm.ct_schedule("linear", 10)
+
+
+@pytest.mark.parametrize("proc", [VPCosine(), EDM()], ids=lambda p: p.name)
+def test_multistep_sampling_renoises_from_t_min_with_the_process_kernel(proc):
+    t_min = cm.default_t_min(proc)
+    calls = []
+
+    def model(x, t):
+        calls.append((x.clone(), t.clone()))
+        return Pred(torch.full_like(x, 0.5), torch.zeros_like(x))
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    z = torch.randn(1, 3, 2, dtype=torch.float64)
+    out = cm.multistep_sample(model, x, [1.0, 0.4], proc, t_min, noises=z)
+    assert torch.equal(out, torch.full_like(x, 0.5)) and len(calls) == 2
+    t4 = torch.tensor(0.4, dtype=torch.float64)
+    tm = torch.tensor(t_min, dtype=torch.float64)
+    r = proc.alpha(t4) / proc.alpha(tm)
+    want = r * 0.5 + torch.sqrt(proc.sigma(t4) ** 2 - r**2 * proc.sigma(tm) ** 2) * z[0]
+    torch.testing.assert_close(calls[1][0], want)
+    assert float(calls[1][1][0]) == 0.4
+
+
+def test_multistep_sampling_of_the_exact_flow_map_gives_the_data_distribution():
+    # one Gaussian: the exact consistency function maps x_1 ~ prior to N(mu, S) (approximately: alpha(1) > 0), and
+    # each later step re-noises a sample of the data and maps it back, keeping the distribution
+    proc = VPCosine()
+    mix = GaussianMixture.isotropic(torch.tensor([[1.0, -0.5]], dtype=torch.float64), 0.6)
+    f = ExactFlowMap(mix, proc, cm.T_MIN)
+    g = torch.Generator().manual_seed(3)
+    x1 = proc.prior((20000, 2), g, dtype=torch.float64)
+    for ts in ([1.0], [1.0, 0.5], [1.0, 0.6, 0.2]):
+        x = cm.multistep_sample(f, x1, ts, proc, cm.T_MIN, generator=g)
+        torch.testing.assert_close(x.mean(0), torch.tensor([1.0, -0.5], dtype=torch.float64), atol=0.02, rtol=0)
+        torch.testing.assert_close(x.std(0), torch.tensor([0.6, 0.6], dtype=torch.float64), atol=0.02, rtol=0)
+
+
+def test_step_times():
+    assert cm.step_times(1) == [1.0] and cm.step_times(2) == [1.0, 0.5] and cm.step_times(2, [0.3]) == [1.0, 0.3]
+    with pytest.raises(ValueError, match="decrease"):
+        cm.step_times(3, [0.3, 0.6])
+    with pytest.raises(ValueError, match="intermediate"):
+        cm.step_times(3, [0.3])
+
+
+def test_short_cd_run_moves_the_one_step_map_towards_the_teachers():
+    from course_lib.teachers import load_teacher
+
+    teacher = load_teacher("gmm-vp")
+    proc = teacher.process
+    x1 = proc.prior((1000, 2), torch.Generator().manual_seed(5))
+    target = samplers.dpm_solver_pp_2m(teacher, x1, grids.uniform(32), proc)     # the teacher's own flow map
+    rms = lambda x: float((x - target).pow(2).sum(1).mean().sqrt())
+    before = rms(cm.multistep_sample(cm.consistency_model(teacher), x1, [1.0], proc, cm.T_MIN))
+    cfg = cm.CMConfig(N=10, solver="ddim", mu=0.0, lr=5e-4, ema_decay=0.0)
+    student, done = cm.distill_cd(teacher, lambda n, g: sample_2d("gmm", n, g)[0], cfg,
+                                  TrainConfig(steps=60, batch_size=256, seed=0), progress=False)
+    assert isinstance(student, ConsistencyModel) and done.updates["student"] == 60
+    assert not any(p.requires_grad for p in teacher.parameters())
+    after = rms(cm.multistep_sample(student, x1, [1.0], proc, student.t_min))
+    assert after < 0.7 * before, (after, before)
+
+
+def test_short_ct_run_trains_and_follows_its_schedule():
+    proc = VPCosine()
+    from course_lib.config import seeded
+    with seeded(0):
+        base = Denoiser(MLP2D(hidden=32, depth=2), proc, "v")
+    sched = cm.ct_schedule("doubling", 40, s0=2, s1=8)
+    trained, done = cm.train_ct(base, lambda n, g: sample_2d("gmm", n, g)[0], cm.CMConfig(schedule=sched, lr=1e-3),
+                                TrainConfig(steps=40, batch_size=64, seed=0, log_every=10), progress=False)
+    assert len(done.losses["student"]) == 40 and all(math.isfinite(v) for v in done.losses["student"])
+    assert done.logs["N"] == [3.0] if len(done.logs["N"]) == 1 else done.logs["N"][0] == 3.0
+    x = cm.multistep_sample(trained, proc.prior((10, 2)), [1.0, 0.5], proc, trained.t_min)
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("method", ["cd", "ct"])
+def test_benchmark_rows(method, tmp_path):
+    import json
+
+    from course_lib import bench
+
+    out = tmp_path / f"{method}.json"
+    res = bench.main([method, "--mode", "smoke", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["name"] == method and res["schema"] == 3
+    rows = res["rows"]
+    for ds in ("checkerboard", "gmm", "digits"):
+        mine = [r for r in rows if r["dataset"] == ds]
+        assert any(r["model"] == "data" for r in mine) and any(r["model"] == "teacher" for r in mine)
+        student = [r for r in mine if r["model"] == method]
+        assert {r["nfe"] for r in student} == {1, 2, 4} and all(r["n_seeds"] == 3 and "std" in r for r in student)
+        assert all(r["steps"] == r["nfe"] and "train_seconds" in r for r in student)
+    gmm = {(r["model"], r["nfe"], r["metric"]) for r in rows if r["dataset"] == "gmm"}
+    assert (method, 1, "flow_map_err_exact") in gmm and (method, 1, "precision") in gmm
+    assert ((("pd", 1, "flow_map_err_exact") in gmm) == (method == "cd"))     # CD's equal-cost PD comparison
+    digits = {(r["model"], r["metric"]) for r in rows if r["dataset"] == "digits"}
+    assert {(method, "kid_heldout"), (method, "fd_heldout"), ("teacher", "kid_heldout")} <= digits
