@@ -19,6 +19,7 @@ from .nb01 import check_pd_loss, check_pd_round, check_pd_target
 from .nb02 import check_guided_batches, check_guided_loss, check_guided_target
 from .nb03 import check_make_pairs, check_rf_loss, check_straightness
 from .nb04 import check_guided_velocity, check_lap1, check_onestep_loss
+from .nb06 import check_lcm_scalings, check_lcm_target, check_lcm_multistep
 
 _fresh_generator = fresh_generator   # the old private name
 
@@ -29,4 +30,5 @@ __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "chec
            "check_pd_target", "check_pd_loss", "check_pd_round",
            "check_guided_target", "check_guided_loss", "check_guided_batches",
            "check_rf_loss", "check_make_pairs", "check_straightness",
-           "check_guided_velocity", "check_onestep_loss", "check_lap1"]
+           "check_guided_velocity", "check_onestep_loss", "check_lap1",
+           "check_lcm_target", "check_lcm_scalings", "check_lcm_multistep"]

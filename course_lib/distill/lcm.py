@@ -583,3 +583,87 @@ def load_lcm_lora(model: nn.Module, folder: str | os.PathLike) -> LCMModel:
     load_lora(model, folder)
     return LCMModel(model, w_fixed=meta["w_fixed"], sigma_data=meta["sigma_data"],
                     timestep_scaling=meta["timestep_scaling"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped students: python -m course_lib.distill.lcm train
+# ----------------------------------------------------------------------------------------------------------------
+
+
+
+def shipped_dir() -> Path:
+    from .. import paths
+
+    return paths.data_dir() / "lcm"
+
+
+SHIPPED = {"student": "mini-sd-lcm", "lora": "mini-sd-lcm-lora"}
+RECIPE = LCMConfig(steps=1000, batch=64, lr=2e-4, warmup=100, lora_rank=8)
+RECREATE = "python -m course_lib.distill.lcm train --out data/lcm --threads 2"
+
+
+def load_shipped(sd: Any, kind: str = "student") -> LCMModel:
+    """The shipped LCM student ("student": load_lcm) or LCM-LoRA ("lora": loaded onto sd.model IN PLACE)."""
+    from .. import paths
+
+    folder = paths.shipped(shipped_dir() / SHIPPED[kind], RECREATE)
+    return load_lcm(folder, sd.model) if kind == "student" else load_lcm_lora(sd.model, folder)
+
+
+def _summary(r: dict) -> dict:
+    return {k: [round(r["mean"][k], 4), round(r["std"][k], 4)] for k in r["mean"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import time
+
+    from .. import minisd, paths
+
+    parser = argparse.ArgumentParser(prog="python -m course_lib.distill.lcm",
+                                     description="Distil the mini Stable Diffusion into an LCM and an LCM-LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="LCD of the mini SD: a full student (w-embedding) and an LCM-LoRA (fixed w)")
+    p.add_argument("--out", default=str(shipped_dir()))
+    p.add_argument("--steps", type=int, default=RECIPE.steps)
+    p.add_argument("--which", default="student,lora")
+    p.add_argument("--n-eval", type=int, default=300)
+    p.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    cfg = LCMConfig(**{**asdict(RECIPE), "steps": args.steps})
+    seeds = (0, 1, 2)
+    teacher_eval = None
+    for which in args.which.split(","):
+        sd = minisd.load_mini_sd()
+        t0 = time.time()
+        batches = digit_batches(sd)
+        ckpt = paths.cache_dir() / f"lcm_{which}_{cfg.seed}"
+        if which == "student":
+            student = distill_lcm(sd, cfg, batches, ckpt_dir=ckpt)
+            w_eval = minisd.DEFAULT_W
+        else:
+            student = distill_lcm_lora(sd, cfg, LORA_W, batches, ckpt_dir=ckpt)
+            w_eval = None
+        secs = time.time() - t0
+        results = {}
+        for k in (1, 2, 4):
+            results[f"lcm {k} steps"] = _summary(evaluate(sd, student, args.n_eval, k, w_eval, seeds))
+            print(which, k, results[f"lcm {k} steps"], flush=True)
+        if teacher_eval is None:
+            base = minisd.load_mini_sd()
+            teacher_eval = _summary(minisd.evaluate(base, args.n_eval, 25, minisd.DEFAULT_W, seeds))
+            print("teacher 25-step DDIM", teacher_eval, flush=True)
+        results["teacher DDIM 25 steps"] = teacher_eval
+        info = {"command": f"{RECREATE} (steps {args.steps})", "recipe": asdict(cfg), "train_seconds": round(secs),
+                "threads": torch.get_num_threads(), "evaluation": {"n": args.n_eval, "seeds": list(seeds),
+                                                                    "w": minisd.DEFAULT_W, "mean_std": results}}
+        folder = out / SHIPPED[which]
+        (save_lcm if which == "student" else save_lcm_lora)(student, folder, info)
+        print(f"saved {folder} ({secs:.0f} s of training)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
