@@ -269,13 +269,14 @@ DISTANCES = {"l2": l2, "huber": huber}
 
 def lcm_loss(student: Callable[..., Pred], target: Callable[..., Pred], teacher: Callable[..., Pred], z0: Tensor,
              eps: Tensor, timesteps: Tensor, k: int, cond: Cond, w: Tensor, process: SDDiscrete,
-             distance: str = "huber") -> Tensor:
-    """LCD's loss per sample (B,) (Algorithm 1): d(f_theta(z_{n+k}, w, c, tau_{n+k}), lcm_target(...))."""
+             distance: str = "huber", target_fn: Callable[..., Tensor] | None = None) -> Tensor:
+    """LCD's loss per sample (B,) (Algorithm 1): d(f_theta(z_{n+k}, w, c, tau_{n+k}), lcm_target(...)).
+    target_fn: a function with lcm_target's signature (a notebook's own), default lcm_target."""
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
     t_next = process.t_of_timestep(timesteps).to(torch.float32)
     z_next = process.marginal(z0, t_next, eps).to(z0.dtype)                  # z_{t_{n+k}}
-    tgt = lcm_target(teacher, target, z_next, timesteps, k, cond, w, process)
+    tgt = (target_fn or lcm_target)(teacher, target, z_next, timesteps, k, cond, w, process)
     pred = student(z_next, t_next, cond, w).x0
     return DISTANCES[distance](pred, tgt)
 
@@ -300,7 +301,7 @@ class LCMConfig:
 
 
 def lcm_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscrete, cfg: LCMConfig,
-             lora: bool = False) -> Tensor:
+             lora: bool = False, target_fn: Callable[..., Tensor] | None = None) -> Tensor:
     """The method step for train.train_networks: draws tau_{n+k} on the DDIM grid, eps and w per sample, returns the
     per-sample LCD loss of nets["student"] against nets["target"] (the online student without grad for a LoRA) and
     nets["teacher"] (the student's own UNet with its adapter disabled for a LoRA)."""
@@ -323,9 +324,9 @@ def lcm_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscrete, 
         teacher.accepts_cond = True                                 # guidance.cfg hands it a Cond
 
         online = lambda x, t, c, w_: student(x, t, c, None)      # no w input; the target is the same, no grad
-        return lcm_loss(online, online, teacher, z0, eps, timesteps, k, cond, w, process, cfg.distance)
+        return lcm_loss(online, online, teacher, z0, eps, timesteps, k, cond, w, process, cfg.distance, target_fn)
     return lcm_loss(student, ctx.nets["target"], ctx.nets["teacher"], z0, eps, timesteps, k, cond, w, process,
-                    cfg.distance)
+                    cfg.distance, target_fn)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,7 +383,7 @@ def digit_batches(sd: Any, n_images: int | None = None, batch: int = 250) -> Cal
 # ----------------------------------------------------------------------------------------------------------------
 
 def distill_lcm(sd: Any, cfg: LCMConfig, sample_batch: Callable | None = None, ckpt_dir: str | os.PathLike | None = None,
-                progress: bool = True) -> LCMModel:
+                progress: bool = True, target_fn: Callable[..., Tensor] | None = None) -> LCMModel:
     """Latent consistency distillation (LCD) of sd (sd.SD: model, text, vae) into a student with a w-embedding
     trained on [cfg.w_min, cfg.w_max]. Resumes from ckpt_dir. Returns the trained student (eval mode)."""
     require_codec(sd)
@@ -392,14 +393,16 @@ def distill_lcm(sd: Any, cfg: LCMConfig, sample_batch: Callable | None = None, c
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
                        desc="LCD: LCM student")
     net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, weight_decay=0.0)
-    train_networks({"student": net}, lambda ctx, b: lcm_step(ctx, b, teacher.process, cfg), sample_batch, tcfg,
+    train_networks({"student": net}, lambda ctx, b: lcm_step(ctx, b, teacher.process, cfg, target_fn=target_fn),
+                   sample_batch, tcfg,
                    targets={"target": Target("student", cfg.target_decay)}, frozen={"teacher": teacher},
                    ckpt_dir=ckpt_dir, extra_config={"lcm": asdict(cfg)}, progress=progress)
     return student.eval().requires_grad_(False)
 
 
 def distill_lcm_lora(sd: Any, cfg: LCMConfig, w: float = LORA_W, sample_batch: Callable | None = None,
-                     ckpt_dir: str | os.PathLike | None = None, progress: bool = True) -> LCMModel:
+                     ckpt_dir: str | os.PathLike | None = None, progress: bool = True,
+                     target_fn: Callable[..., Tensor] | None = None) -> LCMModel:
     """LCM-LoRA: add a LoRA adapter (rank cfg.lora_rank, LCM-LoRA's target modules) to sd.model IN PLACE and distil
     it with LCD at the fixed guidance weight w (no w-embedding). The teacher is sd.model with the adapter disabled.
     Returns the LCM-LoRA student (sd.model with its adapter, as an LCMModel)."""
@@ -415,7 +418,8 @@ def distill_lcm_lora(sd: Any, cfg: LCMConfig, w: float = LORA_W, sample_batch: C
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
                        desc="LCD: LCM-LoRA")
     net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, save_frozen=False)
-    train_networks({"student": net}, lambda ctx, b: lcm_step(ctx, b, model.process, lcfg, lora=True), sample_batch,
+    train_networks({"student": net}, lambda ctx, b: lcm_step(ctx, b, model.process, lcfg, lora=True, target_fn=target_fn),
+                   sample_batch,
                    tcfg, ckpt_dir=ckpt_dir, extra_config={"lcm_lora": {**asdict(lcfg), "w": w}}, progress=progress)
     return student.eval()
 
@@ -424,6 +428,82 @@ def present_targets(unet: nn.Module, targets: Sequence[str] = LCM_LORA_TARGETS) 
     """The LCM-LoRA target module names that this UNet has (a small UNet may lack e.g. conv_shortcut)."""
     names = [n for n, _ in unet.named_modules()]
     return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+
+
+STYLE = "style"          # adapter name of a second LoRA composed with the LCM-LoRA (the "acceleration vector")
+
+
+def train_style_lora(sd: Any, colour: str = "red", steps: int = 200, batch: int = 64, lr: float = 1e-3, r: int = 4,
+                     seed: int = 0, n_images: int | None = None, progress: bool = True) -> nn.Module:
+    """A second LoRA of the course's own (adapter name STYLE) on sd.model's UNet: Stable Diffusion's own loss on the
+    training digits drawn ONLY in `colour`, with captions that never name a colour, so that the LoRA learns "ink is
+    <colour>". Only this adapter trains (an LCM-LoRA already on the UNet is switched off while it trains).
+    Returns the UNet, with the style adapter active alone."""
+    from peft import LoraConfig
+
+    from .. import minisd
+    from ..train import TrainConfig, train
+
+    require_codec(sd)
+    if colour not in minisd.COLOURS:
+        raise ValueError(f"colour is one of {tuple(minisd.COLOURS)}; got {colour!r}")
+    unet, proc = sd.model.unet, sd.model.process
+    data = minisd.training_digits()
+    if n_images is not None:
+        data = minisd.Digits(data.x[:n_images], data.y[:n_images], data.thick[:n_images], data.edges)
+    c = list(minisd.COLOURS).index(colour)
+    with torch.no_grad():
+        rgb = minisd.colourize(data.x, minisd.COLOUR_TABLE[c].expand(len(data.x), 3))
+        latents = torch.cat([sd.vae.encode(rgb[i:i + 500]) for i in range(0, len(rgb), 500)])   # (N, 4, h, w)
+        plain = [k for k in range(len(minisd.TEMPLATES)) if not minisd.template_fields(k)[1]]    # no colour named
+        texts = [minisd.caption(d, th, None, k) for d in range(10) for th in minisd.THICKNESS for k in plain]
+        emb = sd.text.embed(texts).view(10, len(minisd.THICKNESS), len(plain), -1, sd.text.embed([""]).shape[-1])
+    unet.requires_grad_(False)
+    with seeded(seed):
+        unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
+                                    target_modules=list(present_targets(unet, ("to_q", "to_k", "to_v", "to_out.0")))),
+                         adapter_name=STYLE)
+    unet.set_adapter(STYLE)                 # only the style adapter is active (and trainable)
+    den = sd.model
+
+    def sample_batch(n: int, g: torch.Generator):
+        idx = torch.randint(0, len(latents), (n,), generator=g, device=g.device).cpu()
+        tpl = torch.randint(0, len(plain), (n,), generator=g, device=g.device).cpu()
+        return latents[idx], emb[data.y[idx], data.thick[idx], tpl]
+
+    def loss(model, b, g):                  # SD's eps loss (minisd.ldm_loss) through the course's SDDenoiser
+        z0, text = b
+        i = torch.randint(0, proc.T, (len(z0),), generator=g, device=g.device).to(z0.device)
+        t = proc.t_of_timestep(i).to(z0.dtype)
+        eps = torch.randn(z0.shape, generator=g, device=g.device).to(z0)
+        pred = den.raw(proc.marginal(z0, t, eps), t, Cond(text=text))
+        return (pred - eps).pow(2).flatten(1).mean(1)
+
+    holder = _Trainable(unet)
+    train(holder, loss, sample_batch, TrainConfig(steps=steps, batch_size=batch, lr=lr, ema_decay=0.0, seed=seed,
+                                                  desc=f"style LoRA ({colour} ink)"), progress=progress)
+    return unet
+
+
+class _Trainable(nn.Module):
+    """The UNet for the engine's one-network train(): its trainable (style-adapter) parameters, nothing else."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def config(self) -> dict:
+        return {"arch": "style-lora"}
+
+
+def compose(unet: nn.Module, adapters: dict[str, float]) -> None:
+    """Activate LoRA adapters with weights, e.g. {"default": 1.0, STYLE: 0.8}: the LCM-LoRA paper's
+    theta' = theta_pre + lambda_1 tau_style + lambda_2 tau_LCM ({} switches every adapter off)."""
+    if not adapters:
+        unet.disable_adapters()
+        return
+    unet.enable_adapters()
+    unet.set_adapters(list(adapters), weights=list(adapters.values()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,25 +532,29 @@ def multistep(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor,
 
 @torch.no_grad()
 def sample(sd: Any, student: LCMModel, prompts: Sequence[str], steps: int = 4, w: float | None = None,
-           seed: int = 0, batch: int = 256) -> Tensor:
+           seed: int = 0, batch: int = 256, sampler: Callable[..., Tensor] | None = None,
+           renoise_seed: int | None = None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] from `steps`-step LCM sampling of the student (no CFG pair: one evaluation per
-    step). Initial noise from a generator seeded `seed` (as minisd.sample draws it), then the re-noising noise."""
+    step). Initial noise from a generator seeded `seed` (as minisd.sample draws it), then the re-noising noise (from
+    the same generator, or from one seeded renoise_seed). sampler: multistep's signature (a notebook's own)."""
     require_codec(sd)
     g = torch.Generator().manual_seed(seed)
     unet = student.denoiser.unet
     h = unet.config.sample_size
     z1 = torch.randn(len(prompts), unet.config.in_channels, h, h, generator=g)
     taus = lcm_timesteps(steps)
+    if renoise_seed is not None:
+        g = torch.Generator().manual_seed(renoise_seed)
     out = []
     for k in range(0, len(prompts), batch):
         cond = sd.text(list(prompts[k:k + batch]))
-        z = multistep(student.sampler_model(cond, w), z1[k:k + batch], taus, student.process, g)
+        z = (sampler or multistep)(student.sampler_model(cond, w), z1[k:k + batch], taus, student.process, g)
         out.append(sd.vae.decode(z).clamp(-1, 1))
     return torch.cat(out)
 
 
 def evaluate(sd: Any, student: LCMModel, n: int = 500, steps: int = 4, w: float | None = None,
-             seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
+             seeds: Sequence[int] = (0, 1, 2), sampler: Callable[..., Tensor] | None = None) -> dict[str, Any]:
     """minisd.evaluate for an LCM student: the same prompts per seed (drawn as minisd.evaluate draws them), adherence
     and KID/FD against held-out and training digits, mean and spread over the seeds."""
     from .. import minisd
@@ -482,7 +566,7 @@ def evaluate(sd: Any, student: LCMModel, n: int = 500, steps: int = 4, w: float 
     for s in seeds:
         pick = torch.randint(0, len(records), (n,), generator=torch.Generator().manual_seed(1000 + s)).tolist()
         recs = [records[i] for i in pick]
-        imgs = sample(sd, student, [r["prompt"] for r in recs], steps, w, seed=s)
+        imgs = sample(sd, student, [r["prompt"] for r in recs], steps, w, seed=s, sampler=sampler)
         row = minisd.attribute_scores(imgs, recs, edges, clf)
         row.update(digits_scores(minisd.to_grayscale(imgs), clf))
         runs.append(row)
