@@ -204,3 +204,26 @@ def test_teacher_guided_step_uses_the_course_w_not_guidance_scale(tiny):
         c, u = teacher(z, t, cond).eps, teacher(z, t, cond.null()).eps
     _close(ours, u + 3.0 * (c - u), 1e-5)                         # diffusers: uncond + guidance_scale (cond - uncond)
 
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_multistep_sampler_matches_diffusers_on_the_mini_sd(n):
+    """The shipped mini SD read as an LCM-LoRA-type model (no w-embedding, fixed w): the same loop, its real UNet."""
+    from diffusers import LCMScheduler
+
+    from course_lib import minisd
+
+    mini = minisd.load_mini_sd()
+    model = lcm.LCMModel(mini.model, w_fixed=4.0)
+    cond = mini.text(["a red handwritten seven", "the digit 3"])
+    z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    ours = lcm.multistep(model.sampler_model(cond), z1.clone(), lcm.lcm_timesteps(n), model.process,
+                         torch.Generator().manual_seed(3))
+    sch = LCMScheduler.from_config(mini.scheduler.config)
+    sch.set_timesteps(n)
+    g, z = torch.Generator().manual_seed(3), z1.clone()
+    with torch.no_grad():
+        for tau in sch.timesteps:
+            out = mini.model.unet(z, tau, encoder_hidden_states=cond.text).sample
+            z, denoised = sch.step(out, tau, z, generator=g, return_dict=False)
+    _close(ours, denoised)
