@@ -47,7 +47,7 @@ def test_grid_and_scalings_are_lcms():
     for tau in (0, 1, 19, 259, 999):
         want = sch.get_scalings_for_boundary_condition_discrete(torch.tensor(tau))
         got = lcm.boundary_scalings(torch.tensor([tau]))
-        assert abs(float(got[0]) - float(want[0])) < 1e-7 and abs(float(got[1]) - float(want[1])) < 1e-7  # diffusers: float32
+        assert abs(float(got[0]) - float(want[0])) < 1e-7 and abs(float(got[1]) - float(want[1])) < 1e-7  # fp32
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])

@@ -90,7 +90,8 @@ def ddim_timesteps(original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> Tenso
 
 def lcm_timesteps(n: int, original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> Tensor:
     """The n timesteps diffusers' LCMScheduler.set_timesteps(n) visits: evenly spaced entries (floor of
-    linspace(0, N, n, endpoint=False)) of the reversed training grid. int64 (n,), decreasing; 4 -> 999, 759, 499, 259."""
+    linspace(0, N, n, endpoint=False)) of the reversed training grid. int64 (n,), decreasing:
+    n = 4 gives 999, 759, 499, 259."""
     if not 1 <= n <= original_steps:
         raise ValueError(f"LCM samples 1 to {original_steps} steps (a subset of its training grid); got {n}")
     grid = ddim_timesteps(original_steps, T).flip(0)
@@ -187,7 +188,8 @@ class LCMModel(nn.Module):
         pred = self.denoiser(x, t, self.with_w(cond, w))
         c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
         f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * pred.x0).to(x.dtype)
-        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t.to(torch.float64)), self.process.sigma(t.to(torch.float64))))
+        t64 = t.to(torch.float64)
+        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
         eps = (x - a * f) / s.clamp_min(1e-12)
         return Pred(f, eps.to(x.dtype))
 
@@ -217,7 +219,8 @@ def lcm_student(teacher: nn.Module, w_dim: int = W_EMBED_DIM, w_range: tuple[flo
         unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": w_dim})
     missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
     if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
-        raise RuntimeError(f"the student's UNet does not match the teacher's: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"the student's UNet does not match the teacher's: missing {missing}, "
+                           f"unexpected {unexpected}")
     with torch.no_grad():
         unet.time_embedding.cond_proj.weight.zero_()
     p = next(teacher.unet.parameters())
@@ -382,8 +385,9 @@ def digit_batches(sd: Any, n_images: int | None = None, batch: int = 250) -> Cal
 # Distillation: a full student with a w-embedding, or an LCM-LoRA
 # ----------------------------------------------------------------------------------------------------------------
 
-def distill_lcm(sd: Any, cfg: LCMConfig, sample_batch: Callable | None = None, ckpt_dir: str | os.PathLike | None = None,
-                progress: bool = True, target_fn: Callable[..., Tensor] | None = None) -> LCMModel:
+def distill_lcm(sd: Any, cfg: LCMConfig, sample_batch: Callable | None = None,
+                ckpt_dir: str | os.PathLike | None = None, progress: bool = True,
+                target_fn: Callable[..., Tensor] | None = None) -> LCMModel:
     """Latent consistency distillation (LCD) of sd (sd.SD: model, text, vae) into a student with a w-embedding
     trained on [cfg.w_min, cfg.w_max]. Resumes from ckpt_dir. Returns the trained student (eval mode)."""
     require_codec(sd)
@@ -418,9 +422,8 @@ def distill_lcm_lora(sd: Any, cfg: LCMConfig, w: float = LORA_W, sample_batch: C
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
                        desc="LCD: LCM-LoRA")
     net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, save_frozen=False)
-    train_networks({"student": net}, lambda ctx, b: lcm_step(ctx, b, model.process, lcfg, lora=True, target_fn=target_fn),
-                   sample_batch,
-                   tcfg, ckpt_dir=ckpt_dir, extra_config={"lcm_lora": {**asdict(lcfg), "w": w}}, progress=progress)
+    step = lambda ctx, b: lcm_step(ctx, b, model.process, lcfg, lora=True, target_fn=target_fn)
+    train_networks({"student": net}, step, sample_batch, tcfg, ckpt_dir=ckpt_dir, extra_config={"lcm_lora": {**asdict(lcfg), "w": w}}, progress=progress)
     return student.eval()
 
 
@@ -629,7 +632,8 @@ def save_peft_lora(unet: nn.Module, folder: str | os.PathLike, adapter: str = "d
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
+    peft_weights = get_peft_model_state_dict(unet, adapter_name=adapter)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in peft_weights.items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=weights, safe_serialization=True,
@@ -657,12 +661,14 @@ def load_lcm_lora(model: nn.Module, folder: str | os.PathLike) -> LCMModel:
 
     folder = Path(folder)
     if not (folder / LCM_JSON).is_file():
-        raise FileNotFoundError(f"{folder / LCM_JSON} is missing: {folder} holds no LCM-LoRA (save_lcm_lora writes one)")
+        raise FileNotFoundError(f"{folder / LCM_JSON} is missing: {folder} holds no LCM-LoRA "
+                                "(save_lcm_lora writes one)")
     meta = json.loads((folder / LCM_JSON).read_text())
     fp = base_fingerprint(model.unet)
     if fp != meta["base_fingerprint"]:
         raise ValueError(f"this LCM-LoRA was distilled on another base model (fingerprint {meta['base_fingerprint']}, "
-                         f"this UNet's is {fp}): an acceleration LoRA only works on the weights it was trained against. "
+                         f"this UNet's is {fp}): an acceleration LoRA only works on the weights it was trained "
+                         "against. "
                          "Load it onto its own base (e.g. minisd.load_mini_sd()) or distil one for this model")
     load_lora(model, folder)
     return LCMModel(model, w_fixed=meta["w_fixed"], sigma_data=meta["sigma_data"],
