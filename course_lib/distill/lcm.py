@@ -423,7 +423,8 @@ def distill_lcm_lora(sd: Any, cfg: LCMConfig, w: float = LORA_W, sample_batch: C
                        desc="LCD: LCM-LoRA")
     net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, save_frozen=False)
     step = lambda ctx, b: lcm_step(ctx, b, model.process, lcfg, lora=True, target_fn=target_fn)
-    train_networks({"student": net}, step, sample_batch, tcfg, ckpt_dir=ckpt_dir, extra_config={"lcm_lora": {**asdict(lcfg), "w": w}}, progress=progress)
+    train_networks({"student": net}, step, sample_batch, tcfg, ckpt_dir=ckpt_dir,
+                   extra_config={"lcm_lora": {**asdict(lcfg), "w": w}}, progress=progress)
     return student.eval()
 
 
