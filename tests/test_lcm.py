@@ -227,3 +227,15 @@ def test_multistep_sampler_matches_diffusers_on_the_mini_sd(n):
             out = mini.model.unet(z, tau, encoder_hidden_states=cond.text).sample
             z, denoised = sch.step(out, tau, z, generator=g, return_dict=False)
     _close(ours, denoised)
+
+
+def test_guided_teacher_read_as_an_lcm_is_consistency_sampling_of_the_guided_teacher(tiny):
+    base = lcm.GuidedTeacherLCM(tiny.model)
+    cond = tiny.text(PROMPTS)
+    z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    ours = lcm.multistep(base.sampler_model(cond, 2.0), z1, lcm.lcm_timesteps(2), base.process,
+                         torch.Generator().manual_seed(1))
+    # the scalings make f the guided x0 up to c_skip(tau >= 19) < 1e-5
+    ref = samplers.consistency(guidance.condition(guidance.cfg(tiny.model, 2.0), cond), z1,
+                               lcm.lcm_grid(2, base.process), base.process, generator=torch.Generator().manual_seed(1))
+    _close(ours, ref, 1e-3)

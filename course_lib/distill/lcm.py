@@ -203,6 +203,31 @@ class LCMModel(nn.Module):
         return lambda x, t: self(x, t, cond, w)
 
 
+class GuidedTeacherLCM(nn.Module):
+    """The guided teacher read as an LCM without any distillation: f = c_skip z + c_out x0_hat^w (two evaluations per
+    step, the CFG pair). The baseline that tells what LCD adds to LCM's multistep sampler."""
+
+    accepts_cond = True
+
+    def __init__(self, teacher: nn.Module, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):
+        super().__init__()
+        self.denoiser, self.process = teacher, teacher.process
+        self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond, w: float) -> Pred:
+        x0 = guided(self.denoiser, w)(x, t, cond).x0
+        c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
+        f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * x0).to(x.dtype)
+        t64 = t.to(torch.float64)
+        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
+        return Pred(f, ((x - a * f) / s.clamp_min(1e-12)).to(x.dtype))
+
+    def sampler_model(self, cond: Cond, w: float | None = None) -> Callable[[Tensor, Tensor], Pred]:
+        if w is None:
+            raise ValueError("the guided teacher needs its guidance weight w")
+        return lambda x, t: self(x, t, cond, w)
+
+
 def lcm_student(teacher: nn.Module, w_dim: int = W_EMBED_DIM, w_range: tuple[float, float] = W_RANGE,
                 seed: int = 0) -> LCMModel:
     """A student UNet built from the teacher's config with time_cond_proj_dim = w_dim, initialised with the teacher's
@@ -535,7 +560,7 @@ def multistep(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor,
 
 
 @torch.no_grad()
-def sample(sd: Any, student: LCMModel, prompts: Sequence[str], steps: int = 4, w: float | None = None,
+def sample(sd: Any, student: nn.Module, prompts: Sequence[str], steps: int = 4, w: float | None = None,
            seed: int = 0, batch: int = 256, sampler: Callable[..., Tensor] | None = None,
            renoise_seed: int | None = None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] from `steps`-step LCM sampling of the student (no CFG pair: one evaluation per
@@ -557,7 +582,7 @@ def sample(sd: Any, student: LCMModel, prompts: Sequence[str], steps: int = 4, w
     return torch.cat(out)
 
 
-def evaluate(sd: Any, student: LCMModel, n: int = 500, steps: int = 4, w: float | None = None,
+def evaluate(sd: Any, student: nn.Module, n: int = 500, steps: int = 4, w: float | None = None,
              seeds: Sequence[int] = (0, 1, 2), sampler: Callable[..., Tensor] | None = None) -> dict[str, Any]:
     """minisd.evaluate for an LCM student: the same prompts per seed (drawn as minisd.evaluate draws them), adherence
     and KID/FD against held-out and training digits, mean and spread over the seeds."""
