@@ -714,7 +714,7 @@ def shipped_dir() -> Path:
 
 
 SHIPPED = {"student": "mini-sd-lcm", "lora": "mini-sd-lcm-lora"}
-RECIPE = LCMConfig(steps=1000, batch=64, lr=2e-4, warmup=100, lora_rank=8)
+RECIPE = LCMConfig(steps=800, batch=64, lr=2e-4, warmup=100, lora_rank=8)
 RECREATE = "python -m course_lib.distill.lcm train --out data/lcm --threads 2"
 
 
