@@ -239,3 +239,25 @@ def test_guided_teacher_read_as_an_lcm_is_consistency_sampling_of_the_guided_tea
     ref = samplers.consistency(guidance.condition(guidance.cfg(tiny.model, 2.0), cond), z1,
                                lcm.lcm_grid(2, base.process), base.process, generator=torch.Generator().manual_seed(1))
     _close(ours, ref, 1e-3)
+
+
+def test_base_fingerprint_does_not_depend_on_the_thread_count(tiny):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lcm.base_fingerprint(tiny.model.unet)
+        torch.set_num_threads(2)
+        assert lcm.base_fingerprint(tiny.model.unet) == one
+    finally:
+        torch.set_num_threads(threads)
+    assert lcm.base_fingerprint(sd.tiny_sd_pipeline(seed=1).unet) != one
+
+
+def test_shipped_lcm_lora_loads_onto_the_mini_sd():
+    from course_lib import minisd
+
+    mini = minisd.load_mini_sd()
+    model = lcm.load_shipped(mini, "lora")
+    assert model.w_fixed == lcm.LORA_W and mini.model.lora is not None
+    student = lcm.load_shipped(minisd.load_mini_sd(), "student")
+    assert student.w_range == (lcm.RECIPE.w_min, lcm.RECIPE.w_max)
