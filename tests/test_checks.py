@@ -475,7 +475,7 @@ def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
 
 def _library_solutions():
     """The library's own implementation of every exercise: a correct student."""
-    from course_lib.distill import consistency, guided, instaflow, pd, reflow
+    from course_lib.distill import consistency, guided, instaflow, lcm, pd, reflow
     from course_lib.metrics import straightness
     from course_lib.processes import RectifiedFlow
     from course_lib.samplers import ddim_step
@@ -502,6 +502,7 @@ def _library_solutions():
         "5.1": consistency.consistency_fn,
         "5.2": lambda s, tgt, te, x0, eps, tn, tc, p: consistency.cd_loss_at(s, tgt, te, x0, eps, tn, tc, p),
         "5.3": lambda m, x, ts, p, t_min, noises: consistency.multistep_sample(m, x, ts, p, t_min, noises=noises),
+        "6.1": lcm.lcm_target, "6.2": lcm.boundary_scalings, "6.3": lcm.multistep,
     }
 
 
@@ -719,3 +720,92 @@ def test_multistep_checker_rejects_renoising_with_the_wrong_scale(capsys):
     assert_verdicts(checks.check_multistep, right_multistep, ve_renoise_multistep, capsys)
     checks.check_multistep(ve_renoise_multistep, seed=0)
     assert "alpha_tau" in capsys.readouterr().out
+
+
+# --- notebook 06: planted mistakes in the LCM exercises ---------------------------------------------------------
+
+def _lcm_target_variant(mistake):
+    from course_lib import guidance, steps
+    from course_lib.predictions import Pred
+
+    def target_fn(teacher, target, z, taus, k, cond, w, process):
+        skip = 1 if mistake == "step of 1" else k
+        prev = taus - skip if mistake == "no clamp" else (taus - skip).clamp_min(0)
+        t_next, t_cur = process.t_of_timestep(taus).float(), process.t_of_timestep(prev).float()
+        ctx = torch.enable_grad() if mistake == "with grad" else torch.no_grad()
+        with ctx:
+            if mistake == "guidance_scale as w":          # diffusers' u + s (c - u) with s = w: the course's w - 1
+                c, u = teacher(z, t_next, cond), teacher(z, t_next, cond.null())
+                ww = w[:, None, None, None]
+                pred = Pred(u.x0 + ww * (c.x0 - u.x0), u.eps + ww * (c.eps - u.eps))
+            elif mistake == "x0 only":                       # guides x0 but steps with the conditional eps
+                g = guidance.cfg(teacher, w)(z, t_next, cond)
+                pred = Pred(g.x0, teacher(z, t_next, cond).eps)
+            else:
+                pred = guidance.cfg(teacher, w)(z, t_next, cond)
+            z_cur = steps.ddim_step(pred, t_next, t_cur, process)
+            net = teacher if mistake == "teacher as target" else target
+            return net(z_cur, t_cur, cond, w).x0 if net is target else net(z_cur, t_cur, cond).x0
+    return target_fn
+
+
+@pytest.mark.parametrize("mistake", ["guidance_scale as w", "step of 1", "no clamp", "x0 only", "teacher as target"])
+def test_lcm_target_checker_rejects_planted_mistakes(mistake, capsys):
+    right = _lcm_target_variant("right")
+    assert checks.check_lcm_target(right, seed=0) is right
+    assert "correct on" in capsys.readouterr().out
+    out = checks.check_lcm_target(_lcm_target_variant(mistake), seed=0)
+    assert checks.is_library(out) and "differs from the reference" in capsys.readouterr().out
+
+
+def test_lcm_target_checker_rejects_a_target_with_gradients(capsys):
+    out = checks.check_lcm_target(_lcm_target_variant("with grad"), seed=0)
+    assert checks.is_library(out) and "carries gradients" in capsys.readouterr().out
+
+
+def _scalings(mistake):
+    def fn(taus, sigma_data, s):
+        st = taus.double() * (1.0 if mistake == "no scaling" else s)
+        c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+        c_out = st / torch.sqrt(st**2 + sigma_data**2)
+        if mistake == "cm c_out":                            # Consistency Models' c_out, with the sigma_data factor
+            c_out = c_out * sigma_data
+        return (c_out, c_skip) if mistake == "swapped" else (c_skip, c_out)
+    return fn
+
+
+@pytest.mark.parametrize("mistake", ["no scaling", "swapped", "cm c_out"])
+def test_lcm_scalings_checker_rejects_planted_mistakes(mistake, capsys):
+    right = _scalings("right")
+    assert checks.check_lcm_scalings(right, seed=0) is right
+    capsys.readouterr()
+    out = checks.check_lcm_scalings(_scalings(mistake), seed=0)
+    assert checks.is_library(out) and "differs from the reference" in capsys.readouterr().out
+
+
+def _multistep(mistake):
+    def fn(f, z, taus, process, generator):
+        ts = process.t_of_timestep(taus.double())
+        for i in range(len(ts)):
+            t = ts[i].float().expand(len(z))
+            z0 = f(z, t).x0
+            last = i == len(ts) - 1
+            if last and mistake != "noise on the last step":
+                return z0
+            s = (ts[i] if mistake == "current time" else ts[min(i + 1, len(ts) - 1)]).reshape(1)
+            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+            a = torch.ones(1) if mistake == "sigma only" else process.alpha(s).float()
+            z = a * z0 + process.sigma(s).float() * eps
+            if last:
+                return z
+        return z
+    return fn
+
+
+@pytest.mark.parametrize("mistake", ["sigma only", "current time", "noise on the last step"])
+def test_lcm_multistep_checker_rejects_planted_mistakes(mistake, capsys):
+    right = _multistep("right")
+    assert checks.check_lcm_multistep(right, seed=0) is right
+    capsys.readouterr()
+    out = checks.check_lcm_multistep(_multistep(mistake), seed=0)
+    assert checks.is_library(out) and "differs from the reference" in capsys.readouterr().out

@@ -20,6 +20,7 @@ from .nb02 import check_guided_batches, check_guided_loss, check_guided_target, 
 from .nb03 import check_make_pairs, check_reflow_round, check_rf_loss, check_straightness
 from .nb04 import check_cond_reflow_loss, check_guided_velocity, check_lap1, check_onestep_loss
 from .nb05 import check_cd_loss, check_consistency_fn, check_multistep
+from .nb06 import check_lcm_multistep, check_lcm_scalings, check_lcm_target
 
 _fresh_generator = fresh_generator   # the old private name
 
@@ -31,4 +32,5 @@ __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "chec
            "check_guided_target", "check_guided_loss", "check_stage1", "check_guided_batches",
            "check_rf_loss", "check_make_pairs", "check_straightness", "check_reflow_round",
            "check_guided_velocity", "check_cond_reflow_loss", "check_onestep_loss", "check_lap1",
-           "check_consistency_fn", "check_cd_loss", "check_multistep"]
+           "check_consistency_fn", "check_cd_loss", "check_multistep",
+           "check_lcm_target", "check_lcm_scalings", "check_lcm_multistep"]

@@ -1,0 +1,788 @@
+"""Latent consistency models (Luo et al. 2023, arXiv 2310.04378) and LCM-LoRA (Luo et al. 2023, arXiv 2311.05556):
+one-stage guided consistency distillation of a Stable Diffusion teacher, in its VAE's latent space.
+
+Timesteps are diffusers' integer timesteps tau in {0..T-1} (the course time is t = (tau + 1) / T, see
+processes.SDDiscrete); LCM defines its grid, skipping step and boundary scalings on them.
+
+    DDIM grid       tau_i = i k - 1, i = 1..N, k = T // N  (N = 50: 19, 39, ..., 999)           `ddim_timesteps`
+    skipping step   the teacher takes ONE guided DDIM step from tau_{n+k} to tau_n = max(tau_{n+k} - k, 0)
+    consistency fn  f(z, w, c, tau) = c_skip(tau) z + c_out(tau) x0_hat(eps_theta(z, tau, c, Emb(w)))   (Eq. 9)
+                    c_skip = sd^2 / ((s tau)^2 + sd^2),  c_out = s tau / sqrt((s tau)^2 + sd^2),  s = 10, sd = 0.5
+    loss (LCD, Algorithm 1; diffusers' train_lcm_distill_sd_wds.py)
+        w ~ U[w_min, w_max];  z_{n+k} = alpha z_0 + sigma eps
+        z_hat_n = DDIM_teacher(z_{n+k}, tau_{n+k} -> tau_n) with x0 and eps guided: (1 + w) cond - w uncond
+        L = d(f_theta(z_{n+k}, w, c, tau_{n+k}), stopgrad f_theta^-(z_hat_n, w, c, tau_n))
+        theta^- <- 0.95 theta^- + 0.05 theta                  (train.Target, decay 0.95)
+    sampling (Algorithm 3; diffusers' LCMScheduler)  `multistep`
+        at each LCM timestep: z0 = f(z, tau); not last: z = alpha(next) z0 + sigma(next) eps, fresh eps; last: z0
+
+Guidance convention, stated once. The course writes x0_w = (1 + w) x0(c) - w x0(null) (guidance.py), diffusers'
+pipelines take guidance_scale = 1 + w. LCM's training scripts draw w ~ U[w_min, w_max] (defaults 5 and 15) and guide
+the teacher as cond + w (cond - uncond): that is exactly the course's w (their --w_min help text calls it the
+"Imagen formulation", which it is not). The w-embedding is Emb(w) of that same w, and diffusers'
+LatentConsistencyModelPipeline embeds guidance_scale - 1 = w: training w in [5, 15] serves guidance_scale 6 to 16.
+Here, everything takes the course's w.
+
+The boundary scalings are LCM's own: c_out has no sigma_data factor (unlike Consistency Models' c_out, see
+diffusers#8547), and c_skip(tau) is 1 only at tau = 0, so f is x0-prediction everywhere but the very end. Both sides
+(training and sampling) use the same scalings, which is all that matters.
+
+LCM-LoRA: the same loss training only a LoRA adapter (sd.add_lora, with LCM-LoRA's target modules) on the frozen
+teacher, at one fixed w and without a w-embedding (the released LCM-LoRA: w fixed, no embedding); the teacher is the
+same UNet with its adapter switched off (`adapter_disabled`), and the target is the online student without gradients,
+as in diffusers' LoRA scripts (no EMA copy: one UNet in memory).
+
+Course choices (named): the student's new w-projection (TimestepEmbedding.cond_proj) starts at zero, so the student
+starts exactly as the teacher (LCM's scripts leave it randomly initialised); the default w range for the mini SD is
+[2, 6] around its default w = 4 (minisd.DEFAULT_W).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import steps
+from ..conditioning import Cond
+from ..config import seeded
+from ..guidance import cfg as guided
+from ..predictions import Pred
+from ..processes import SDDiscrete, bcast
+from ..train import Network, StepContext, Target, TrainConfig, train_networks
+
+TIMESTEP_SCALING = 10.0        # s in c_skip, c_out (diffusers' LCMScheduler timestep_scaling, PR #5681)
+SIGMA_DATA = 0.5               # sd (LCMScheduler; must equal its training value, latent-consistency-model#30)
+ORIGINAL_STEPS = 50            # N of the DDIM grid (LCMScheduler.original_inference_steps): k = 1000 // 50 = 20
+W_EMBED_DIM = 256              # w-embedding width (--unet_time_cond_proj_dim)
+HUBER_C = 0.001                # LCM's Huber constant (--huber_c)
+W_RANGE = (2.0, 6.0)           # course default for the mini SD (course w; LCM's SD default is 5..15)
+LORA_W = 4.0                   # the fixed w of the course's LCM-LoRA (minisd.DEFAULT_W; the released one used 7.5)
+# LCM-LoRA's target modules (diffusers' train_lcm_distill_lora_sd_wds.py)
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+LCM_JSON = "lcm.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grids and scalings on diffusers' integer timesteps
+# ----------------------------------------------------------------------------------------------------------------
+
+def skipping_step(original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> int:
+    """LCM's skipping step k = T // N (20 for N = 50)."""
+    if not 1 <= original_steps <= T:
+        raise ValueError(f"the DDIM grid needs 1 <= N <= T = {T} points; got N = {original_steps}")
+    return T // original_steps
+
+
+def ddim_timesteps(original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> Tensor:
+    """LCM's training grid tau_i = i k - 1, i = 1..N (increasing), int64 (N,)."""
+    k = skipping_step(original_steps, T)
+    return torch.arange(1, original_steps + 1, dtype=torch.int64) * k - 1
+
+
+def lcm_timesteps(n: int, original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> Tensor:
+    """The n timesteps diffusers' LCMScheduler.set_timesteps(n) visits: evenly spaced entries (floor of
+    linspace(0, N, n, endpoint=False)) of the reversed training grid. int64 (n,), decreasing:
+    n = 4 gives 999, 759, 499, 259."""
+    if not 1 <= n <= original_steps:
+        raise ValueError(f"LCM samples 1 to {original_steps} steps (a subset of its training grid); got {n}")
+    grid = ddim_timesteps(original_steps, T).flip(0)
+    idx = np.floor(np.linspace(0, original_steps, num=n, endpoint=False)).astype(np.int64)
+    return grid[torch.from_numpy(idx)]
+
+
+def lcm_grid(n: int, process: SDDiscrete, original_steps: int = ORIGINAL_STEPS) -> Tensor:
+    """lcm_timesteps as course times t = (tau + 1) / T, then t = 0 (the grids module's length contract: n + 1)."""
+    ts = process.t_of_timestep(lcm_timesteps(n, original_steps, process.T))
+    return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
+
+
+def boundary_scalings(timesteps: Tensor, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
+                      ) -> tuple[Tensor, Tensor]:
+    """LCM's (c_skip, c_out) at integer timesteps tau (B,) (LCMScheduler.get_scalings_for_boundary_condition_discrete):
+    c_skip = sd^2 / ((s tau)^2 + sd^2), c_out = s tau / sqrt((s tau)^2 + sd^2). c_skip(0) = 1, c_out(0) = 0."""
+    st = timesteps.to(torch.float64) * timestep_scaling
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / torch.sqrt(st**2 + sigma_data**2)
+    return c_skip, c_out
+
+
+def timestep_of(t: Tensor, process: SDDiscrete) -> Tensor:
+    """The integer timestep tau = T t - 1 of course times t (B,) on the grid (rounded: float times carry rounding)."""
+    return torch.round(process.timestep(t.to(torch.float64)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The consistency function around an SD denoiser
+# ----------------------------------------------------------------------------------------------------------------
+
+def w_embedding(w: Tensor | float, dim: int, batch: int) -> Tensor:
+    """Emb(w): LCM's sinusoidal embedding of 1000 w, (B, dim) (sd.lcm_timestep_cond), for a float or (B,) w."""
+    from ..sd import lcm_timestep_cond
+
+    w = torch.as_tensor(w, dtype=torch.float32)
+    return lcm_timestep_cond(w.expand(batch) if w.ndim == 0 else w, dim)
+
+
+class LCMModel(nn.Module):
+    """An LCM student as a course model: forward(x, t, cond, w) -> Pred(x0 = f(x, w, c, tau), eps consistent with it).
+
+    denoiser: an sd.SDDenoiser whose UNet has time_cond_proj_dim (an LCM with a w-embedding, trained on w_range), or
+    none and a LoRA adapter (an LCM-LoRA, distilled at the fixed w_fixed). `.x0` of the result is the consistency
+    function, so `multistep` (and samplers.consistency on lcm_grid) samples it."""
+
+    accepts_cond = True
+
+    def __init__(self, denoiser: nn.Module, w_range: tuple[float, float] | None = None, w_fixed: float | None = None,
+                 sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):
+        super().__init__()
+        self.denoiser, self.process = denoiser, denoiser.process
+        self.w_dim = denoiser.unet.config.get("time_cond_proj_dim")
+        if self.w_dim is not None and w_range is None:
+            raise ValueError("an LCM with a w-embedding needs the range of w it was trained on (w_range=(lo, hi))")
+        if self.w_dim is None and w_fixed is None:
+            raise ValueError("this UNet has no w-embedding (time_cond_proj_dim is None): an LCM-LoRA is distilled at "
+                             "one fixed w; pass w_fixed")
+        self.w_range = None if w_range is None else (float(w_range[0]), float(w_range[1]))
+        self.w_fixed = None if w_fixed is None else float(w_fixed)
+        self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
+
+    def check_w(self, w: Tensor | float | None) -> Tensor | float | None:
+        if self.w_dim is None:
+            if w is not None and not torch.allclose(torch.as_tensor(w, dtype=torch.float64),
+                                                    torch.tensor(self.w_fixed, dtype=torch.float64)):
+                raise ValueError(f"this LCM-LoRA was distilled at the fixed guidance weight w = {self.w_fixed} "
+                                 f"(diffusers' guidance_scale {1 + self.w_fixed}) and has no w input; pass w=None")
+            return None
+        if w is None:
+            raise ValueError(f"this LCM takes the guidance weight as an input: pass w in its trained range "
+                             f"{self.w_range} (course w; diffusers' guidance_scale = 1 + w)")
+        wt = torch.as_tensor(w, dtype=torch.float64)
+        lo, hi = self.w_range
+        if bool((wt < lo - 1e-6).any()) or bool((wt > hi + 1e-6).any()):
+            bad = float(wt.min()) if bool((wt < lo - 1e-6).any()) else float(wt.max())
+            raise ValueError(f"guidance weight w = {bad:g} is outside the range this LCM was trained on, "
+                             f"[{lo:g}, {hi:g}] (course w; guidance_scale {1 + lo:g} to {1 + hi:g}); its w-embedding "
+                             "has never seen it. Pick a w in the range or distil with a wider w_range")
+        return w
+
+    def with_w(self, cond: Cond, w: Tensor | float | None) -> Cond:
+        """cond with Emb(w) as timestep_cond (unchanged for an LCM-LoRA)."""
+        w = self.check_w(w)
+        if self.w_dim is None:
+            return cond
+        from dataclasses import replace
+
+        emb = w_embedding(w, self.w_dim, len(cond))
+        return replace(cond, timestep_cond=emb.to(cond.text.device if cond.text is not None else emb.device))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond, w: Tensor | float | None = None) -> Pred:
+        pred = self.denoiser(x, t, self.with_w(cond, w))
+        c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
+        f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * pred.x0).to(x.dtype)
+        t64 = t.to(torch.float64)
+        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
+        eps = (x - a * f) / s.clamp_min(1e-12)
+        return Pred(f, eps.to(x.dtype))
+
+    def config(self) -> dict:
+        return {"arch": "lcm", "denoiser": self.denoiser.config(), "w_range": self.w_range, "w_fixed": self.w_fixed,
+                "sigma_data": self.sigma_data, "timestep_scaling": self.timestep_scaling}
+
+    def sampler_model(self, cond: Cond, w: float | None = None) -> Callable[[Tensor, Tensor], Pred]:
+        """model(x, t) for samplers, with the prompts' Cond and w fixed."""
+        w = self.check_w(w)
+        return lambda x, t: self(x, t, cond, w)
+
+
+class GuidedTeacherLCM(nn.Module):
+    """The guided teacher read as an LCM without any distillation: f = c_skip z + c_out x0_hat^w (two evaluations per
+    step, the CFG pair). The baseline that tells what LCD adds to LCM's multistep sampler."""
+
+    accepts_cond = True
+
+    def __init__(self, teacher: nn.Module, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):
+        super().__init__()
+        self.denoiser, self.process = teacher, teacher.process
+        self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond, w: float) -> Pred:
+        x0 = guided(self.denoiser, w)(x, t, cond).x0
+        c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
+        f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * x0).to(x.dtype)
+        t64 = t.to(torch.float64)
+        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
+        return Pred(f, ((x - a * f) / s.clamp_min(1e-12)).to(x.dtype))
+
+    def sampler_model(self, cond: Cond, w: float | None = None) -> Callable[[Tensor, Tensor], Pred]:
+        if w is None:
+            raise ValueError("the guided teacher needs its guidance weight w")
+        return lambda x, t: self(x, t, cond, w)
+
+
+def lcm_student(teacher: nn.Module, w_dim: int = W_EMBED_DIM, w_range: tuple[float, float] = W_RANGE,
+                seed: int = 0) -> LCMModel:
+    """A student UNet built from the teacher's config with time_cond_proj_dim = w_dim, initialised with the teacher's
+    weights (all but the new w-projection, which starts at zero: the student starts as the teacher). Trainable."""
+    from diffusers import UNet2DConditionModel
+
+    from ..sd import SDDenoiser
+
+    config = {k: v for k, v in dict(teacher.unet.config).items() if not k.startswith("_")}
+    if config.get("time_cond_proj_dim") is not None:
+        raise ValueError("the teacher already has a w-embedding (time_cond_proj_dim): distil from the guided teacher, "
+                         "not from an LCM")
+    with seeded(seed):
+        unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": w_dim})
+    missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
+    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+        raise RuntimeError(f"the student's UNet does not match the teacher's: missing {missing}, "
+                           f"unexpected {unexpected}")
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.zero_()
+    p = next(teacher.unet.parameters())
+    unet.to(device=p.device, dtype=p.dtype).train().requires_grad_(True)
+    den = SDDenoiser(unet, teacher.process, teacher.parameterization, None)
+    return LCMModel(den, w_range=w_range)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with the LoRA adapters of model's UNet switched off: the teacher of an LCM-LoRA is the same UNet
+    without its adapter (one UNet in memory)."""
+    unet = getattr(getattr(model, "denoiser", model), "unet")
+    unet.disable_adapters()
+    try:
+        yield model
+    finally:
+        unet.enable_adapters()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss
+# ----------------------------------------------------------------------------------------------------------------
+
+def lcm_target(teacher: Callable[..., Pred], target: Callable[..., Pred], z: Tensor, timesteps: Tensor, k: int,
+               cond: Cond, w: Tensor, process: SDDiscrete) -> Tensor:
+    """The consistency target (B, ...) of LCD (Luo et al. 2023, Eq. 8-9 and Algorithm 1), without gradients:
+    the guided teacher's ONE DDIM step from tau_{n+k} = timesteps to tau_n = max(tau_{n+k} - k, 0), then the target
+    network's f there. teacher(x, t, cond) -> Pred; target(x, t, cond, w) -> Pred with .x0 = f; w (B,) course w."""
+    t_next = process.t_of_timestep(timesteps).to(torch.float32)
+    t_cur = process.t_of_timestep((timesteps - k).clamp_min(0)).to(torch.float32)
+    with torch.no_grad():
+        pred = guided(teacher, w)(z, t_next, cond)                         # (1 + w) cond - w uncond, x0 and eps
+        z_cur = steps.ddim_step(pred, t_next, t_cur, process)             # z_hat_{t_n}
+        return target(z_cur, t_cur, cond, w).x0                           # f_theta^-(z_hat_{t_n}, w, c, t_n)
+
+
+def huber(a: Tensor, b: Tensor, c: float = HUBER_C) -> Tensor:
+    """LCM's Huber distance per sample (B,): mean over elements of sqrt((a - b)^2 + c^2) - c."""
+    return (torch.sqrt((a - b).pow(2) + c * c) - c).flatten(1).mean(1)
+
+
+def l2(a: Tensor, b: Tensor) -> Tensor:
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+DISTANCES = {"l2": l2, "huber": huber}
+
+
+def lcm_loss(student: Callable[..., Pred], target: Callable[..., Pred], teacher: Callable[..., Pred], z0: Tensor,
+             eps: Tensor, timesteps: Tensor, k: int, cond: Cond, w: Tensor, process: SDDiscrete,
+             distance: str = "huber", target_fn: Callable[..., Tensor] | None = None) -> Tensor:
+    """LCD's loss per sample (B,) (Algorithm 1): d(f_theta(z_{n+k}, w, c, tau_{n+k}), lcm_target(...)).
+    target_fn: a function with lcm_target's signature (a notebook's own), default lcm_target."""
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
+    t_next = process.t_of_timestep(timesteps).to(torch.float32)
+    z_next = process.marginal(z0, t_next, eps).to(z0.dtype)                  # z_{t_{n+k}}
+    tgt = (target_fn or lcm_target)(teacher, target, z_next, timesteps, k, cond, w, process)
+    pred = student(z_next, t_next, cond, w).x0
+    return DISTANCES[distance](pred, tgt)
+
+
+@dataclass
+class LCMConfig:
+    """LCM distillation settings (course w throughout; diffusers' guidance_scale = 1 + w)."""
+    steps: int = 1000
+    batch: int = 64
+    lr: float = 1e-4                  # LCM full model: 1e-6 on SD 1.5 (batch 12/GPU); the tiny UNet takes more
+    original_steps: int = ORIGINAL_STEPS   # N: k = 1000 // N
+    w_min: float = W_RANGE[0]
+    w_max: float = W_RANGE[1]         # LoRA: w_min = w_max = the fixed w
+    w_dim: int = W_EMBED_DIM
+    target_decay: float = 0.95        # theta^- EMA (--ema_decay); the LoRA student uses its online weights (0)
+    distance: str = "huber"
+    grad_clip: float = 1.0
+    warmup: int = 0
+    seed: int = 0
+    lora_rank: int = 8                # LCM-LoRA (SD 1.5: 64)
+    ckpt_every: int = 0
+
+
+def lcm_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscrete, cfg: LCMConfig,
+             lora: bool = False, target_fn: Callable[..., Tensor] | None = None) -> Tensor:
+    """The method step for train.train_networks: draws tau_{n+k} on the DDIM grid, eps and w per sample, returns the
+    per-sample LCD loss of nets["student"] against nets["target"] (the online student without grad for a LoRA) and
+    nets["teacher"] (the student's own UNet with its adapter disabled for a LoRA)."""
+    z0, cond = batch
+    g, B = ctx.generator, len(z0)
+    student = ctx.nets["student"]
+    k = skipping_step(cfg.original_steps, process.T)
+    grid = ddim_timesteps(cfg.original_steps, process.T)
+    idx = torch.randint(len(grid), (B,), generator=g, device=g.device).cpu()
+    timesteps = grid[idx].to(z0.device)
+    eps = torch.randn(z0.shape, generator=g, device=g.device).to(z0)
+    w = (cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(B, generator=g, device=g.device)).to(z0.device)
+    if lora:
+        inner = student.denoiser
+
+        def teacher(x, t, c):
+            with adapter_disabled(inner):
+                return inner(x, t, c)
+
+        teacher.accepts_cond = True                                 # guidance.cfg hands it a Cond
+
+        online = lambda x, t, c, w_: student(x, t, c, None)      # no w input; the target is the same, no grad
+        return lcm_loss(online, online, teacher, z0, eps, timesteps, k, cond, w, process, cfg.distance, target_fn)
+    return lcm_loss(student, ctx.nets["target"], ctx.nets["teacher"], z0, eps, timesteps, k, cond, w, process,
+                    cfg.distance, target_fn)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: latents of the teacher's own autoencoder, text of its own encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+def require_codec(sd: Any) -> None:
+    """LCM distils in the latent space of the teacher's own VAE: refuse a teacher that comes without it."""
+    if getattr(sd, "vae", None) is None or getattr(sd, "text", None) is None:
+        raise ValueError("a latent teacher needs its autoencoder and text encoder: LCM distils in the teacher's own "
+                         "latent space (images -> its VAE's scaled latents) with its own text embeddings. Pass the "
+                         "whole model from sd.load_sd(folder) or minisd.load_mini_sd(), not the UNet alone")
+    latent = sd.vae.vae.config.latent_channels
+    if latent != sd.model.unet.config.in_channels:
+        raise ValueError(f"the VAE makes {latent}-channel latents but the UNet takes "
+                         f"{sd.model.unet.config.in_channels}: this autoencoder is not the teacher's own")
+
+
+@torch.no_grad()
+def digit_batches(sd: Any, n_images: int | None = None, batch: int = 250) -> Callable[[int, torch.Generator], tuple]:
+    """sample_batch(n, generator) -> (z0 (n, 4, h, w) posterior samples of the teacher's VAE latents, Cond of the
+    captions) over the mini SD's training digits in every ink colour and caption template (minisd's data; the
+    first n_images digits when given). Latents and caption embeddings are computed once."""
+    from .. import minisd
+
+    require_codec(sd)
+    data = minisd.training_digits()
+    if n_images is not None:
+        data = minisd.Digits(data.x[:n_images], data.y[:n_images], data.thick[:n_images], data.edges)
+    vae = sd.vae.vae
+    mean, std = minisd.encode_all(vae, data, batch)                     # (N, C, 4, h, w) unscaled
+    scale, shift = sd.vae.scale, sd.vae.shift
+    texts = [minisd.caption(d, th, c, k) for d in range(10) for th in minisd.THICKNESS for c in minisd.COLOURS
+             for k in range(len(minisd.TEMPLATES))]
+    emb = torch.cat([sd.text.embed(texts[i:i + 500]) for i in range(0, len(texts), 500)])
+    n_t, n_c, n_k = len(minisd.THICKNESS), len(minisd.COLOURS), len(minisd.TEMPLATES)
+    emb = emb.view(10, n_t, n_c, n_k, *emb.shape[1:])
+    null = sd.text.embed([""])
+    N = len(data.x)
+
+    def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Cond]:
+        idx = torch.randint(0, N, (n,), generator=g, device=g.device).cpu()
+        col = torch.randint(0, n_c, (n,), generator=g, device=g.device).cpu()
+        tpl = torch.randint(0, n_k, (n,), generator=g, device=g.device).cpu()
+        e = torch.randn((n, *mean.shape[2:]), generator=g, device=g.device).cpu()
+        z0 = (mean[idx, col] + std[idx, col] * e - shift) * scale
+        return z0, Cond(text=emb[data.y[idx], data.thick[idx], col, tpl], null_text=null)
+
+    return sample_batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distillation: a full student with a w-embedding, or an LCM-LoRA
+# ----------------------------------------------------------------------------------------------------------------
+
+def distill_lcm(sd: Any, cfg: LCMConfig, sample_batch: Callable | None = None,
+                ckpt_dir: str | os.PathLike | None = None, progress: bool = True,
+                target_fn: Callable[..., Tensor] | None = None) -> LCMModel:
+    """Latent consistency distillation (LCD) of sd (sd.SD: model, text, vae) into a student with a w-embedding
+    trained on [cfg.w_min, cfg.w_max]. Resumes from ckpt_dir. Returns the trained student (eval mode)."""
+    require_codec(sd)
+    sample_batch = sample_batch or digit_batches(sd)
+    teacher = sd.model
+    student = lcm_student(teacher, cfg.w_dim, (cfg.w_min, cfg.w_max), cfg.seed)
+    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
+                       desc="LCD: LCM student")
+    net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, weight_decay=0.0)
+    train_networks({"student": net}, lambda ctx, b: lcm_step(ctx, b, teacher.process, cfg, target_fn=target_fn),
+                   sample_batch, tcfg,
+                   targets={"target": Target("student", cfg.target_decay)}, frozen={"teacher": teacher},
+                   ckpt_dir=ckpt_dir, extra_config={"lcm": asdict(cfg)}, progress=progress)
+    return student.eval().requires_grad_(False)
+
+
+def distill_lcm_lora(sd: Any, cfg: LCMConfig, w: float = LORA_W, sample_batch: Callable | None = None,
+                     ckpt_dir: str | os.PathLike | None = None, progress: bool = True,
+                     target_fn: Callable[..., Tensor] | None = None) -> LCMModel:
+    """LCM-LoRA: add a LoRA adapter (rank cfg.lora_rank, LCM-LoRA's target modules) to sd.model IN PLACE and distil
+    it with LCD at the fixed guidance weight w (no w-embedding). The teacher is sd.model with the adapter disabled.
+    Returns the LCM-LoRA student (sd.model with its adapter, as an LCMModel)."""
+    from ..sd import add_lora
+
+    require_codec(sd)
+    sample_batch = sample_batch or digit_batches(sd)
+    model = sd.model
+    if model.lora is None:
+        add_lora(model, r=cfg.lora_rank, target_modules=present_targets(model.unet), seed=cfg.seed)
+    student = LCMModel(model, w_fixed=w)
+    lcfg = LCMConfig(**{**asdict(cfg), "w_min": w, "w_max": w})
+    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
+                       desc="LCD: LCM-LoRA")
+    net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, save_frozen=False)
+    step = lambda ctx, b: lcm_step(ctx, b, model.process, lcfg, lora=True, target_fn=target_fn)
+    train_networks({"student": net}, step, sample_batch, tcfg, ckpt_dir=ckpt_dir,
+                   extra_config={"lcm_lora": {**asdict(lcfg), "w": w}}, progress=progress)
+    return student.eval()
+
+
+def present_targets(unet: nn.Module, targets: Sequence[str] = LCM_LORA_TARGETS) -> list[str]:
+    """The LCM-LoRA target module names that this UNet has (a small UNet may lack e.g. conv_shortcut)."""
+    names = [n for n, _ in unet.named_modules()]
+    return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+
+
+STYLE = "style"          # adapter name of a second LoRA composed with the LCM-LoRA (the "acceleration vector")
+
+
+def train_style_lora(sd: Any, colour: str = "red", steps: int = 200, batch: int = 64, lr: float = 1e-3, r: int = 4,
+                     seed: int = 0, n_images: int | None = None, progress: bool = True) -> nn.Module:
+    """A second LoRA of the course's own (adapter name STYLE) on sd.model's UNet: Stable Diffusion's own loss on the
+    training digits drawn ONLY in `colour`, with captions that never name a colour, so that the LoRA learns "ink is
+    <colour>". Only this adapter trains (an LCM-LoRA already on the UNet is switched off while it trains).
+    Returns the UNet, with the style adapter active alone."""
+    from peft import LoraConfig
+
+    from .. import minisd
+    from ..train import TrainConfig, train
+
+    require_codec(sd)
+    if colour not in minisd.COLOURS:
+        raise ValueError(f"colour is one of {tuple(minisd.COLOURS)}; got {colour!r}")
+    unet, proc = sd.model.unet, sd.model.process
+    data = minisd.training_digits()
+    if n_images is not None:
+        data = minisd.Digits(data.x[:n_images], data.y[:n_images], data.thick[:n_images], data.edges)
+    c = list(minisd.COLOURS).index(colour)
+    with torch.no_grad():
+        rgb = minisd.colourize(data.x, minisd.COLOUR_TABLE[c].expand(len(data.x), 3))
+        latents = torch.cat([sd.vae.encode(rgb[i:i + 500]) for i in range(0, len(rgb), 500)])   # (N, 4, h, w)
+        plain = [k for k in range(len(minisd.TEMPLATES)) if not minisd.template_fields(k)[1]]    # no colour named
+        texts = [minisd.caption(d, th, None, k) for d in range(10) for th in minisd.THICKNESS for k in plain]
+        emb = sd.text.embed(texts).view(10, len(minisd.THICKNESS), len(plain), -1, sd.text.embed([""]).shape[-1])
+    unet.requires_grad_(False)
+    with seeded(seed):
+        unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
+                                    target_modules=list(present_targets(unet, ("to_q", "to_k", "to_v", "to_out.0")))),
+                         adapter_name=STYLE)
+    unet.set_adapter(STYLE)                 # only the style adapter is active (and trainable)
+    den = sd.model
+
+    def sample_batch(n: int, g: torch.Generator):
+        idx = torch.randint(0, len(latents), (n,), generator=g, device=g.device).cpu()
+        tpl = torch.randint(0, len(plain), (n,), generator=g, device=g.device).cpu()
+        return latents[idx], emb[data.y[idx], data.thick[idx], tpl]
+
+    def loss(model, b, g):                  # SD's eps loss (minisd.ldm_loss) through the course's SDDenoiser
+        z0, text = b
+        i = torch.randint(0, proc.T, (len(z0),), generator=g, device=g.device).to(z0.device)
+        t = proc.t_of_timestep(i).to(z0.dtype)
+        eps = torch.randn(z0.shape, generator=g, device=g.device).to(z0)
+        pred = den.raw(proc.marginal(z0, t, eps), t, Cond(text=text))
+        return (pred - eps).pow(2).flatten(1).mean(1)
+
+    holder = _Trainable(unet)
+    train(holder, loss, sample_batch, TrainConfig(steps=steps, batch_size=batch, lr=lr, ema_decay=0.0, seed=seed,
+                                                  desc=f"style LoRA ({colour} ink)"), progress=progress)
+    return unet
+
+
+class _Trainable(nn.Module):
+    """The UNet for the engine's one-network train(): its trainable (style-adapter) parameters, nothing else."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def config(self) -> dict:
+        return {"arch": "style-lora"}
+
+
+def compose(unet: nn.Module, adapters: dict[str, float]) -> None:
+    """Activate LoRA adapters with weights, e.g. {"default": 1.0, STYLE: 0.8}: the LCM-LoRA paper's
+    theta' = theta_pre + lambda_1 tau_style + lambda_2 tau_LCM ({} switches every adapter off)."""
+    if not adapters:
+        unet.disable_adapters()
+        return
+    unet.enable_adapters()
+    unet.set_adapters(list(adapters), weights=list(adapters.values()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling (Luo et al. 2023, Algorithm 3; diffusers' LCMScheduler)
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def multistep(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor, process: SDDiscrete,
+              generator: torch.Generator | None = None) -> Tensor:
+    """Multistep latent consistency sampling. f(z, t) -> Pred whose .x0 is the consistency function; timesteps the
+    LCM timesteps (n,) (lcm_timesteps), decreasing. At each tau_i: z0 = f(z, t_i); before the last step, re-noise to
+    the NEXT timestep with fresh noise: z = alpha(t_{i+1}) z0 + sigma(t_{i+1}) eps, eps = torch.randn(z.shape,
+    generator, dtype=z.dtype); the last step returns z0. Equals LCMScheduler with the same noise (tests/test_lcm.py)."""
+    ts = process.t_of_timestep(timesteps.to(torch.float64))
+    for i in range(len(ts)):
+        t = ts[i].to(torch.float32).expand(len(z)).to(z.device)
+        z0 = f(z, t).x0
+        if i == len(ts) - 1:
+            return z0
+        s = ts[i + 1].to(torch.float64).reshape(1)
+        eps = torch.randn(z.shape, generator=generator, dtype=z.dtype,
+                          device=generator.device if generator is not None else "cpu").to(z.device)
+        z = (process.alpha(s).to(z) * z0 + process.sigma(s).to(z) * eps).to(z.dtype)
+    return z
+
+
+@torch.no_grad()
+def sample(sd: Any, student: nn.Module, prompts: Sequence[str], steps: int = 4, w: float | None = None,
+           seed: int = 0, batch: int = 256, sampler: Callable[..., Tensor] | None = None,
+           renoise_seed: int | None = None) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] from `steps`-step LCM sampling of the student (no CFG pair: one evaluation per
+    step). Initial noise from a generator seeded `seed` (as minisd.sample draws it), then the re-noising noise (from
+    the same generator, or from one seeded renoise_seed). sampler: multistep's signature (a notebook's own)."""
+    require_codec(sd)
+    g = torch.Generator().manual_seed(seed)
+    unet = student.denoiser.unet
+    h = unet.config.sample_size
+    z1 = torch.randn(len(prompts), unet.config.in_channels, h, h, generator=g)
+    taus = lcm_timesteps(steps)
+    if renoise_seed is not None:
+        g = torch.Generator().manual_seed(renoise_seed)
+    out = []
+    for k in range(0, len(prompts), batch):
+        cond = sd.text(list(prompts[k:k + batch]))
+        z = (sampler or multistep)(student.sampler_model(cond, w), z1[k:k + batch], taus, student.process, g)
+        out.append(sd.vae.decode(z).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def evaluate(sd: Any, student: nn.Module, n: int = 500, steps: int = 4, w: float | None = None,
+             seeds: Sequence[int] = (0, 1, 2), sampler: Callable[..., Tensor] | None = None) -> dict[str, Any]:
+    """minisd.evaluate for an LCM student: the same prompts per seed (drawn as minisd.evaluate draws them), adherence
+    and KID/FD against held-out and training digits, mean and spread over the seeds."""
+    from .. import minisd
+    from ..classifier import digits_scores, load_digits_classifier
+
+    records = minisd.load_prompts()
+    clf, edges = load_digits_classifier(), minisd.training_digits().edges
+    runs = []
+    for s in seeds:
+        pick = torch.randint(0, len(records), (n,), generator=torch.Generator().manual_seed(1000 + s)).tolist()
+        recs = [records[i] for i in pick]
+        imgs = sample(sd, student, [r["prompt"] for r in recs], steps, w, seed=s, sampler=sampler)
+        row = minisd.attribute_scores(imgs, recs, edges, clf)
+        row.update(digits_scores(minisd.to_grayscale(imgs), clf))
+        runs.append(row)
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    std = {k: (sum((r[k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in runs[0]}
+    return {"n": n, "steps": steps, "w": w, "seeds": list(seeds), "mean": mean, "std": std, "runs": runs}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and loading (diffusers' formats, plus lcm.json with the settings and the base model's fingerprint)
+# ----------------------------------------------------------------------------------------------------------------
+
+def base_fingerprint(unet: nn.Module) -> str:
+    """A short hash of a base UNet: its public config and (a strided subset of) its non-LoRA weights, the base a LoRA
+    was trained on."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in sorted(dict(unet.config).items()) if not k.startswith("_")}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                continue
+            h.update(name.replace(".base_layer", "").encode())
+            flat = p.detach().flatten()
+            # the bytes of up to 4096 evenly strided entries: exact, and independent of the thread count (a float
+            # sum is not: its rounding depends on how the threads split it)
+            h.update(flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_lcm(student: LCMModel, folder: str | os.PathLike, info: dict | None = None) -> Path:
+    """A full LCM student: its UNet in diffusers' format (folder/unet: UNet2DConditionModel.from_pretrained) and
+    lcm.json (w range, scalings, info such as the command and measured quality)."""
+    folder = Path(folder)
+    if student.w_dim is None:
+        raise ValueError("this is an LCM-LoRA: save it with save_lcm_lora")
+    student.denoiser.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    meta = {"kind": "lcm", "w_range": student.w_range, "sigma_data": student.sigma_data,
+            "timestep_scaling": student.timestep_scaling, "original_inference_steps": ORIGINAL_STEPS, **(info or {})}
+    (folder / LCM_JSON).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_lcm(folder: str | os.PathLike, teacher: nn.Module) -> LCMModel:
+    """An LCM student saved by save_lcm, for the teacher (an sd.SDDenoiser) it was distilled from."""
+    from diffusers import UNet2DConditionModel
+
+    from ..sd import SDDenoiser
+
+    folder = Path(folder)
+    if not (folder / LCM_JSON).is_file():
+        raise FileNotFoundError(f"{folder / LCM_JSON} is missing: {folder} holds no LCM student (save_lcm writes one)")
+    meta = json.loads((folder / LCM_JSON).read_text())
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+    return LCMModel(SDDenoiser(unet, teacher.process, teacher.parameterization), w_range=tuple(meta["w_range"]),
+                    sigma_data=meta["sigma_data"], timestep_scaling=meta["timestep_scaling"])
+
+
+def save_peft_lora(unet: nn.Module, folder: str | os.PathLike, adapter: str = "default") -> Path:
+    """Save one LoRA adapter of `unet` in diffusers' file (folder/pytorch_lora_weights.safetensors, keys
+    "unet.<module>.lora_A/B.weight", peft's names, which load_lora_weights reads). sd.save_lora converts the keys to
+    diffusers' old names, which mixes two formats once the adapter also covers convolutions and feed-forwards."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    peft_weights = get_peft_model_state_dict(unet, adapter_name=adapter)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in peft_weights.items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=weights, safe_serialization=True,
+                                              unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
+    return folder
+
+
+def save_lcm_lora(student: LCMModel, folder: str | os.PathLike, info: dict | None = None) -> Path:
+    """The LCM-LoRA adapter in diffusers' format (pipe.load_lora_weights(folder)) and lcm.json with the fixed w and
+    the fingerprint of the base UNet it was distilled on."""
+    folder = Path(folder)
+    with adapter_disabled(student):
+        fp = base_fingerprint(student.denoiser.unet)
+    save_peft_lora(student.denoiser.unet, folder)
+    meta = {"kind": "lcm-lora", "w_fixed": student.w_fixed, "base_fingerprint": fp,
+            "sigma_data": student.sigma_data, "timestep_scaling": student.timestep_scaling, **(info or {})}
+    (folder / LCM_JSON).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_lcm_lora(model: nn.Module, folder: str | os.PathLike) -> LCMModel:
+    """Load an LCM-LoRA saved by save_lcm_lora onto `model` (an sd.SDDenoiser without an adapter: the base it was
+    distilled on). A LoRA distilled on another base model is refused with a clear error."""
+    from ..sd import load_lora
+
+    folder = Path(folder)
+    if not (folder / LCM_JSON).is_file():
+        raise FileNotFoundError(f"{folder / LCM_JSON} is missing: {folder} holds no LCM-LoRA "
+                                "(save_lcm_lora writes one)")
+    meta = json.loads((folder / LCM_JSON).read_text())
+    fp = base_fingerprint(model.unet)
+    if fp != meta["base_fingerprint"]:
+        raise ValueError(f"this LCM-LoRA was distilled on another base model (fingerprint {meta['base_fingerprint']}, "
+                         f"this UNet's is {fp}): an acceleration LoRA only works on the weights it was trained "
+                         "against. "
+                         "Load it onto its own base (e.g. minisd.load_mini_sd()) or distil one for this model")
+    load_lora(model, folder)
+    return LCMModel(model, w_fixed=meta["w_fixed"], sigma_data=meta["sigma_data"],
+                    timestep_scaling=meta["timestep_scaling"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped students: python -m course_lib.distill.lcm train
+# ----------------------------------------------------------------------------------------------------------------
+
+
+
+def shipped_dir() -> Path:
+    from .. import paths
+
+    return paths.data_dir() / "lcm"
+
+
+SHIPPED = {"student": "mini-sd-lcm", "lora": "mini-sd-lcm-lora"}
+RECIPE = LCMConfig(steps=800, batch=64, lr=2e-4, warmup=100, lora_rank=8)
+RECREATE = "python -m course_lib.distill.lcm train --out data/lcm --threads 2"
+
+
+def load_shipped(sd: Any, kind: str = "student") -> LCMModel:
+    """The shipped LCM student ("student": load_lcm) or LCM-LoRA ("lora": loaded onto sd.model IN PLACE)."""
+    from .. import paths
+
+    folder = paths.shipped(shipped_dir() / SHIPPED[kind], RECREATE)
+    return load_lcm(folder, sd.model) if kind == "student" else load_lcm_lora(sd.model, folder)
+
+
+def _summary(r: dict) -> dict:
+    return {k: [round(r["mean"][k], 4), round(r["std"][k], 4)] for k in r["mean"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import time
+
+    from .. import minisd, paths
+
+    parser = argparse.ArgumentParser(prog="python -m course_lib.distill.lcm",
+                                     description="Distil the mini Stable Diffusion into an LCM and an LCM-LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="LCD of the mini SD: a full student (w-embedding) and an LCM-LoRA (fixed w)")
+    p.add_argument("--out", default=str(shipped_dir()))
+    p.add_argument("--steps", type=int, default=RECIPE.steps)
+    p.add_argument("--which", default="student,lora")
+    p.add_argument("--n-eval", type=int, default=300)
+    p.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    cfg = LCMConfig(**{**asdict(RECIPE), "steps": args.steps})
+    seeds = (0, 1, 2)
+    teacher_eval = None
+    for which in args.which.split(","):
+        sd = minisd.load_mini_sd()
+        t0 = time.time()
+        batches = digit_batches(sd)
+        ckpt = paths.cache_dir() / f"lcm_{which}_{cfg.seed}"
+        if which == "student":
+            student = distill_lcm(sd, cfg, batches, ckpt_dir=ckpt)
+            w_eval = minisd.DEFAULT_W
+        else:
+            student = distill_lcm_lora(sd, cfg, LORA_W, batches, ckpt_dir=ckpt)
+            w_eval = None
+        secs = time.time() - t0
+        results = {}
+        for k in (1, 2, 4):
+            results[f"lcm {k} steps"] = _summary(evaluate(sd, student, args.n_eval, k, w_eval, seeds))
+            print(which, k, results[f"lcm {k} steps"], flush=True)
+        if teacher_eval is None:
+            base = minisd.load_mini_sd()
+            teacher_eval = _summary(minisd.evaluate(base, args.n_eval, 25, minisd.DEFAULT_W, seeds))
+            print("teacher 25-step DDIM", teacher_eval, flush=True)
+        results["teacher DDIM 25 steps"] = teacher_eval
+        info = {"command": f"{RECREATE} (steps {args.steps})", "recipe": asdict(cfg), "train_seconds": round(secs),
+                "threads": torch.get_num_threads(), "evaluation": {"n": args.n_eval, "seeds": list(seeds),
+                                                                    "w": minisd.DEFAULT_W, "mean_std": results}}
+        folder = out / SHIPPED[which]
+        (save_lcm if which == "student" else save_lcm_lora)(student, folder, info)
+        print(f"saved {folder} ({secs:.0f} s of training)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

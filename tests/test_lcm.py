@@ -1,0 +1,263 @@
+"""Latent consistency models (distill.lcm) against diffusers on a tiny offline pipeline, and their bad inputs.
+
+The course's multistep LCM sampler must equal diffusers' LCMScheduler on the same UNet2DConditionModel with the same
+noise (1, 2, 4 and 8 steps) to 1e-4 relative; the skipping-step target must be the guided teacher's one DDIM step of
+k timesteps; LCD must train the student (full and LoRA) through the course's engine; bad inputs raise clear errors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_lib import guidance, samplers, sd
+from course_lib.conditioning import Cond
+from course_lib.distill import lcm
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+REL_TOL = 1e-4
+PROMPTS = ["a red circle", "two cats"]
+
+
+def _close(course: torch.Tensor, ref: torch.Tensor, tol: float = REL_TOL) -> None:
+    scale = max(1.0, float(ref.abs().max()))
+    err = float((course - ref).abs().max())
+    assert err <= tol * scale, f"max |course - diffusers| = {err:.3g} on values up to {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def lcm_pipe():
+    return sd.tiny_sd_pipeline(seed=0, time_cond_proj_dim=lcm.W_EMBED_DIM)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))
+
+
+def test_grid_and_scalings_are_lcms():
+    assert lcm.skipping_step() == 20
+    assert lcm.ddim_timesteps()[:3].tolist() == [19, 39, 59] and int(lcm.ddim_timesteps()[-1]) == 999
+    assert lcm.lcm_timesteps(4).tolist() == [999, 759, 499, 259]
+    c_skip, c_out = lcm.boundary_scalings(torch.tensor([0, 1, 999]))
+    assert float(c_skip[0]) == 1.0 and float(c_out[0]) == 0.0                       # the boundary condition
+    assert abs(float(c_skip[1]) - 2.4938e-3) < 1e-6 and abs(float(c_out[1]) - 0.99875) < 1e-5  # reference card
+    from diffusers import LCMScheduler
+
+    sch = LCMScheduler()
+    for tau in (0, 1, 19, 259, 999):
+        want = sch.get_scalings_for_boundary_condition_discrete(torch.tensor(tau))
+        got = lcm.boundary_scalings(torch.tensor([tau]))
+        assert abs(float(got[0]) - float(want[0])) < 1e-7 and abs(float(got[1]) - float(want[1])) < 1e-7  # fp32
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_lcm_timesteps_match_diffusers(n):
+    from diffusers import LCMScheduler
+
+    sch = LCMScheduler()
+    sch.set_timesteps(n)
+    assert lcm.lcm_timesteps(n).tolist() == sch.timesteps.tolist()
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_multistep_sampler_matches_diffusers_lcm_scheduler(lcm_pipe, n):
+    """The same UNet (with a w-embedding), prompts, w and noise: the course's sampler and LCMScheduler's loop."""
+    from diffusers import LCMScheduler
+
+    pieces = sd.from_pipeline(lcm_pipe)
+    student = lcm.LCMModel(pieces.model, w_range=(0.0, 10.0))
+    cond, w = pieces.text(PROMPTS), 3.0
+    z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    ours = lcm.multistep(student.sampler_model(cond, w), z1.clone(), lcm.lcm_timesteps(n), student.process,
+                         torch.Generator().manual_seed(7))
+    # diffusers: the LCM pipeline's loop (embedding of guidance_scale - 1 = w, no CFG pair)
+    sch = LCMScheduler.from_config(lcm_pipe.scheduler.config)
+    sch.set_timesteps(n)
+    g = torch.Generator().manual_seed(7)
+    w_emb = sd.lcm_timestep_cond(torch.full((2,), (1 + w) - 1.0), lcm.W_EMBED_DIM)
+    z = z1.clone()
+    with torch.no_grad():
+        for tau in sch.timesteps:
+            out = lcm_pipe.unet(z, tau, encoder_hidden_states=cond.text, timestep_cond=w_emb).sample
+            z, denoised = sch.step(out, tau, z, generator=g, return_dict=False)
+    _close(ours, denoised)
+    # and it is the course's consistency sampler on the LCM grid
+    same = samplers.consistency(student.sampler_model(cond, w), z1.clone(), lcm.lcm_grid(n, student.process),
+                                student.process, generator=torch.Generator().manual_seed(7))
+    _close(same, ours)
+
+
+def test_lcm_target_is_one_guided_ddim_step_of_k_timesteps(tiny):
+    teacher = tiny.model
+    student = lcm.lcm_student(teacher, 32, (1.0, 5.0))
+    cond = tiny.text(PROMPTS)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    taus, w = torch.tensor([19, 519]), torch.tensor([1.5, 4.0])
+    got = lcm.lcm_target(teacher, student, z, taus, 20, cond, w, teacher.process)
+    proc = teacher.process
+    t_next, t_cur = proc.t_of_timestep(taus).float(), proc.t_of_timestep(torch.tensor([0, 499])).float()
+    with torch.no_grad():
+        cnd, unc = teacher(z, t_next, cond), teacher(z, t_next, cond.null())
+        x0 = cnd.x0 + w[:, None, None, None] * (cnd.x0 - unc.x0)       # LCM's script: cond + w (cond - uncond)
+        ep = cnd.eps + w[:, None, None, None] * (cnd.eps - unc.eps)
+        a, s = proc.alpha(t_cur)[:, None, None, None], proc.sigma(t_cur)[:, None, None, None]
+        z_cur = a * x0 + s * ep
+        want = student(z_cur, t_cur, cond, w).x0
+    _close(got, want, 1e-5)
+    assert not got.requires_grad
+    # the zero-initialised w-projection: the student starts as the teacher (f = c_skip z + c_out x0_teacher)
+    with torch.no_grad():
+        f = student(z, t_next, cond, w).x0
+        c_skip, c_out = lcm.boundary_scalings(taus)
+        ref = c_skip.float()[:, None, None, None] * z + c_out.float()[:, None, None, None] * teacher(z, t_next, cond).x0
+    _close(f, ref, 1e-5)
+
+
+def test_lcd_trains_the_student_and_its_target(tiny):
+    torch.manual_seed(0)
+    batches = lcm.digit_batches(tiny, n_images=20)
+    z0, cond = batches(4, torch.Generator().manual_seed(0))
+    assert z0.shape == (4, 4, 8, 8) and cond.text.shape[0] == 4 and cond.null_text.shape[0] == 1
+    cfg = lcm.LCMConfig(steps=3, batch=4, lr=1e-3, w_dim=32)
+    before = [p.clone() for p in tiny.model.unet.parameters()]
+    student = lcm.distill_lcm(tiny, cfg, batches, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(before, tiny.model.unet.parameters()))     # the teacher is untouched
+    moved = student.denoiser.unet.time_embedding.cond_proj.weight
+    assert float(moved.abs().sum()) > 0                                                       # the w-projection learned
+    imgs = lcm.sample(tiny, student, ["a handwritten seven"], steps=2, w=3.0)
+    assert imgs.shape == (1, 3, 16, 16) and torch.isfinite(imgs).all()
+
+
+def test_lcm_lora_trains_only_the_adapter_and_round_trips(tmp_path):
+    pieces = sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))
+    pieces.model.unet.requires_grad_(False)
+    base = {k: v.clone() for k, v in pieces.model.unet.state_dict().items()}
+    batches = lcm.digit_batches(pieces, n_images=20)
+    cfg = lcm.LCMConfig(steps=2, batch=4, lr=1e-2, lora_rank=4)
+    student = lcm.distill_lcm_lora(pieces, cfg, w=2.0, sample_batch=batches, progress=False)
+    sd_after = student.denoiser.unet.state_dict()
+    for k, v in base.items():                                     # the base weights never move
+        key = k if k in sd_after else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(sd_after[key], v), k
+    lora = sd.lora_state_dict(student.denoiser)
+    assert any(float(v.abs().sum()) > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+    cond = pieces.text(PROMPTS)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        on = student(z, t, cond).x0
+        with lcm.adapter_disabled(student):
+            off = student(z, t, cond).x0
+    assert not torch.allclose(on, off)                            # the adapter is what makes it an LCM
+    lcm.save_lcm_lora(student, tmp_path / "lora")
+    fresh = sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))
+    again = lcm.load_lcm_lora(fresh.model, tmp_path / "lora")
+    with torch.no_grad():
+        _close(again(z, t, cond).x0, on, 1e-5)
+    # another base model: refused, whatever the shapes
+    other = sd.from_pipeline(sd.tiny_sd_pipeline(seed=1))
+    with pytest.raises(ValueError, match="another base model"):
+        lcm.load_lcm_lora(other.model, tmp_path / "lora")
+    with pytest.raises(ValueError, match="fixed guidance weight"):
+        student(z, t, cond, 3.0)
+
+
+def test_full_student_round_trips(tiny, tmp_path):
+    student = lcm.lcm_student(tiny.model, 32, (1.0, 5.0))
+    with torch.no_grad():
+        student.denoiser.unet.time_embedding.cond_proj.weight.normal_()
+    lcm.save_lcm(student, tmp_path / "lcm", {"command": "test"})
+    again = lcm.load_lcm(tmp_path / "lcm", tiny.model)
+    cond = tiny.text(PROMPTS)
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.full((2,), 0.7)
+    with torch.no_grad():
+        _close(again(z, t, cond, 2.0).x0, student(z, t, cond, 2.0).x0, 1e-6)
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+    student = lcm.lcm_student(tiny.model, 32, (2.0, 6.0))
+    cond = tiny.text(PROMPTS)
+    z, t = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5)
+    with pytest.raises(ValueError, match="outside the range"):
+        student(z, t, cond, 9.0)
+    with pytest.raises(ValueError, match="outside the range"):
+        student.sampler_model(cond, 1.0)
+    with pytest.raises(ValueError, match="pass w"):
+        student(z, t, cond)
+    without_vae = sd.SD(tiny.model, tiny.text, None, tiny.scheduler, None)
+    with pytest.raises(ValueError, match="autoencoder"):
+        lcm.distill_lcm(without_vae, lcm.LCMConfig(steps=1, batch=2))
+    with pytest.raises(ValueError, match="autoencoder"):
+        lcm.digit_batches(without_vae)
+    with pytest.raises(ValueError, match="already has a w-embedding"):
+        lcm.lcm_student(student.denoiser)
+    with pytest.raises(ValueError, match="1 to 50"):
+        lcm.lcm_timesteps(51)
+
+
+def test_teacher_guided_step_uses_the_course_w_not_guidance_scale(tiny):
+    """guidance.cfg with w equals diffusers' guidance_scale = 1 + w: LCM's w is the course's w."""
+    teacher, cond = tiny.model, tiny.text(PROMPTS)
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.full((2,), 0.6)
+    with torch.no_grad():
+        ours = guidance.cfg(teacher, 2.0)(z, t, cond).eps
+        c, u = teacher(z, t, cond).eps, teacher(z, t, cond.null()).eps
+    _close(ours, u + 3.0 * (c - u), 1e-5)                         # diffusers: uncond + guidance_scale (cond - uncond)
+
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_multistep_sampler_matches_diffusers_on_the_mini_sd(n):
+    """The shipped mini SD read as an LCM-LoRA-type model (no w-embedding, fixed w): the same loop, its real UNet."""
+    from diffusers import LCMScheduler
+
+    from course_lib import minisd
+
+    mini = minisd.load_mini_sd()
+    model = lcm.LCMModel(mini.model, w_fixed=4.0)
+    cond = mini.text(["a red handwritten seven", "the digit 3"])
+    z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    ours = lcm.multistep(model.sampler_model(cond), z1.clone(), lcm.lcm_timesteps(n), model.process,
+                         torch.Generator().manual_seed(3))
+    sch = LCMScheduler.from_config(mini.scheduler.config)
+    sch.set_timesteps(n)
+    g, z = torch.Generator().manual_seed(3), z1.clone()
+    with torch.no_grad():
+        for tau in sch.timesteps:
+            out = mini.model.unet(z, tau, encoder_hidden_states=cond.text).sample
+            z, denoised = sch.step(out, tau, z, generator=g, return_dict=False)
+    _close(ours, denoised)
+
+
+def test_guided_teacher_read_as_an_lcm_is_consistency_sampling_of_the_guided_teacher(tiny):
+    base = lcm.GuidedTeacherLCM(tiny.model)
+    cond = tiny.text(PROMPTS)
+    z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    ours = lcm.multistep(base.sampler_model(cond, 2.0), z1, lcm.lcm_timesteps(2), base.process,
+                         torch.Generator().manual_seed(1))
+    # the scalings make f the guided x0 up to c_skip(tau >= 19) < 1e-5
+    ref = samplers.consistency(guidance.condition(guidance.cfg(tiny.model, 2.0), cond), z1,
+                               lcm.lcm_grid(2, base.process), base.process, generator=torch.Generator().manual_seed(1))
+    _close(ours, ref, 1e-3)
+
+
+def test_base_fingerprint_does_not_depend_on_the_thread_count(tiny):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lcm.base_fingerprint(tiny.model.unet)
+        torch.set_num_threads(2)
+        assert lcm.base_fingerprint(tiny.model.unet) == one
+    finally:
+        torch.set_num_threads(threads)
+    assert lcm.base_fingerprint(sd.tiny_sd_pipeline(seed=1).unet) != one
+
+
+def test_shipped_lcm_lora_loads_onto_the_mini_sd():
+    from course_lib import minisd
+
+    mini = minisd.load_mini_sd()
+    model = lcm.load_shipped(mini, "lora")
+    assert model.w_fixed == lcm.LORA_W and mini.model.lora is not None
+    student = lcm.load_shipped(minisd.load_mini_sd(), "student")
+    assert student.w_range == (lcm.RECIPE.w_min, lcm.RECIPE.w_max)
