@@ -302,3 +302,17 @@ def test_config_files_give_defaults_flags_win_and_typos_are_errors(tmp_path):
         common.parse("data", "", add, ["--config", str(tmp_path / "none.json")])       # --model is needed
     for stage in ("data", "triplets", "reflow", "distill"):                           # the shipped configs parse
         assert common.load_config(stage)
+
+
+def test_a_resaved_tokenizer_keeps_its_fingerprint(tmp_path):
+    """transformers re-saves a tokenizer as tokenizer.json + tokenizer_config.json only: a stage's exported pipeline
+    must still match the embedding cache made with the teacher's tokenizer (the mini SD's learned merges included);
+    another tokenizer must not."""
+    from course_lib import minisd, sd
+    from course_lib.scale.common import fingerprint_folder
+
+    mini = sd.load_sd(minisd.MINI_SD)
+    mini.text.tokenizer.save_pretrained(tmp_path / "resaved")
+    assert fingerprint_folder(minisd.MINI_SD / "tokenizer") == fingerprint_folder(tmp_path / "resaved")
+    sd.tiny_sd_pipeline().tokenizer.save_pretrained(tmp_path / "tiny")
+    assert fingerprint_folder(tmp_path / "tiny") != fingerprint_folder(tmp_path / "resaved")

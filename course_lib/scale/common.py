@@ -117,12 +117,32 @@ def _hash_file(path: Path, h) -> None:
             _hash_bytes(f, 0, size, h)
 
 
+# Text a tokenizer's fingerprint tokenizes: words, digits, punctuation and bytes, so that merges show in it too.
+TOKENIZER_PROBE = ["a photo of an astronaut riding a horse on the moon", "a handwritten seven with a thick stroke",
+                   "the digit 7, thin, in red", "0123456789 !?,.;:'\"()[]{}<>-_+=*/\\|&%$#@^~`", "Ünïcödé ß 漢字 🙂"]
+
+
+def fingerprint_tokenizer(folder: Path) -> str:
+    """A tokenizer's fingerprint by what it does, not by its files (transformers re-saves a tokenizer as
+    tokenizer.json + tokenizer_config.json only, dropping vocab.json and merges.txt): its vocabulary, maximum length
+    and the token ids of TOKENIZER_PROBE."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    content = {"vocab": sorted(tok.get_vocab().items()), "max": tok.model_max_length,
+               "probe": [tok(t, verbose=False).input_ids for t in TOKENIZER_PROBE]}
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+
 def fingerprint_folder(folder: str | os.PathLike) -> str:
     """sha256 (first 16 hex digits) over the content of a component folder's files (sorted by name): the same
-    weights, configs and vocabulary give the same fingerprint however often they were re-saved."""
+    weights, configs and vocabulary give the same fingerprint however often they were re-saved. A tokenizer folder
+    (one with tokenizer_config.json) is fingerprinted by what it does (fingerprint_tokenizer)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist")
+    if (folder / "tokenizer_config.json").is_file():
+        return fingerprint_tokenizer(folder)
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
         if p.is_file() and not p.name.endswith((".tmp", ".lock")) and not p.name.startswith("."):
