@@ -221,3 +221,19 @@ def device_of(name: str | None) -> torch.device:
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+STAGE_FILE = "stage.json"      # a training stage's settings, in its run folder (export --run reads it)
+
+
+def build_student(pipeline: str | os.PathLike, lora: int = 0, lora_alpha: float | None = None, seed: int = 0,
+                  device: torch.device | str = "cpu"):
+    """(sd, student): the pipeline's parts, and its UNet read as a rectified flow (trainable, or with a LoRA)."""
+    from .. import sd as sdlib
+
+    sd = sdlib.load_sd(resolve_pipeline(pipeline), device=device)
+    student = sdlib.as_rectified_flow(sd.model)
+    if lora:
+        sdlib.add_lora(student, r=lora, alpha=lora_alpha, seed=seed)
+        sd.model.lora = student.lora
+    return sd, student

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .common import SourceError, fingerprint_folder, write_json_atomic
+from .common import STAGE_FILE, SourceError, build_student, fingerprint_folder, write_json_atomic
 
 KOHYA_FILE = "lora_kohya.safetensors"
 
@@ -157,7 +157,6 @@ def reexport(run: str | os.PathLike, out: str | os.PathLike | None = None, from_
     """Rebuild a run's student from its stage.json and its latest checkpoint (EMA weights if it has them); export."""
     from ..checkpoint import load_tensors
     from ..train import TRAINER_WEIGHTS
-    from .reflow import STAGE_FILE, build_student
 
     run = Path(run)
     if not (run / STAGE_FILE).is_file():

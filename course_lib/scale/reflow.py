@@ -41,9 +41,8 @@ from typing import Any, Callable
 
 import torch
 
-from .common import CacheMismatch, SourceError, check_key, device_of, dist_info, needed, parse, resolve_pipeline, write_json_atomic
-
-STAGE_FILE = "stage.json"
+from .common import (STAGE_FILE, CacheMismatch, SourceError, build_student, check_key, device_of, dist_info, needed, parse,
+                     resolve_pipeline, write_json_atomic)
 
 
 def add_training_args(ap) -> None:
@@ -84,19 +83,6 @@ def train_config(a, desc: str):
     return TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay,
                        grad_clip=a.grad_clip, ckpt_every=a.ckpt_every, seed=a.seed, desc=desc, precision=a.precision,
                        grad_accum=a.grad_accum, grad_checkpointing=a.grad_checkpointing)
-
-
-def build_student(pipeline: str | os.PathLike, lora: int = 0, lora_alpha: float | None = None, seed: int = 0,
-                  device: torch.device | str = "cpu"):
-    """(sd, student): the pipeline's parts, and its UNet read as a rectified flow (trainable, or with a LoRA)."""
-    from .. import sd as sdlib
-
-    sd = sdlib.load_sd(resolve_pipeline(pipeline), device=device)
-    student = sdlib.as_rectified_flow(sd.model)
-    if lora:
-        sdlib.add_lora(student, r=lora, alpha=lora_alpha, seed=seed)
-        sd.model.lora = student.lora
-    return sd, student
 
 
 def triplet_batches(triplets, embeddings) -> Callable[[int, torch.Generator], Any]:
