@@ -34,7 +34,6 @@ flow scheduler, sd.FLOW_SCHEDULER) or lora/ (diffusers adapter + kohya file), st
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 from .common import (STAGE_FILE, CacheMismatch, SourceError, build_student, check_key, device_of, dist_info, needed, parse,
-                     resolve_pipeline, write_json_atomic)
+                     write_json_atomic)
 
 
 def add_training_args(ap) -> None:
