@@ -250,3 +250,54 @@ def test_benchmark_rows(method, tmp_path):
     assert ((("pd", 1, "flow_map_err_exact") in gmm) == (method == "cd"))     # CD's equal-cost PD comparison
     digits = {(r["model"], r["metric"]) for r in rows if r["dataset"] == "digits"}
     assert {(method, "kid_heldout"), (method, "fd_heldout"), ("teacher", "kid_heldout")} <= digits
+
+
+@pytest.mark.parametrize("method", ["cd", "ct"])
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(method, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a CD / CT run saves a checkpoint; rerunning the same call finishes the run with
+    exactly the weights (student, its EMA and the target network) of a run that was never interrupted. For CT this
+    also needs the resumed run to pick up the discretisation schedule N(k) at the step it stopped."""
+    from course_lib.teachers import load_teacher
+
+    teacher = load_teacher("gmm-vp")
+    steps_total = 24
+    data = lambda n, g: sample_2d("gmm", n, g)[0]
+
+    def run(folder):
+        tc = TrainConfig(steps=steps_total, batch_size=64, seed=0, ckpt_every=8)
+        if method == "cd":
+            return cm.distill_cd(teacher, data, cm.CMConfig(N=6, solver="ddim", mu=0.9, lr=5e-4, ema_decay=0.9), tc,
+                                 ckpt_dir=folder, progress=False)
+        from course_lib.config import seeded
+        with seeded(0):
+            fresh = Denoiser(MLP2D(hidden=16, depth=2), VPCosine(), "v")
+        cfg = cm.CMConfig(schedule=cm.ct_schedule("doubling", steps_total, s0=2, s1=8), lr=1e-3, ema_decay=0.9)
+        return cm.train_ct(fresh, data, cfg, tc, ckpt_dir=folder, progress=False)
+
+    ref_student, ref = run(tmp_path / "ref")
+    name = "cd_loss_at" if method == "cd" else "ct_loss_at"
+    real, calls = getattr(cm, name), {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cm, name, interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "int")
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cm, name, counting)
+    student, done = run(tmp_path / "int")
+    assert done.updates["student"] == steps_total
+    assert counted["n"] == steps_total - 12, "the rerun did not resume from the checkpoint saved at the interrupt"
+    for (k, p), q in zip(ref_student.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(p, q), k
+    if method == "ct":
+        assert done.logs["N"] == ref.logs["N"]
