@@ -64,6 +64,7 @@ ALLOWED: dict[str, list[str]] = {
         "Stage 2", "stage 2",     # the recipe's numbered stages (the paper's pipeline)
         "16×16", "8-mode",        # the digits' image size, the unconditional mixture's number of modes
         "16-step", "1, 4 and 16 Euler steps", "DPM-Solver++ 16 steps",  # settings of the code, not measurements
+        "round 0", "Theorem\n3.5",  # the reflow round's index (notebook 03); Liu et al. 2022's theorem
     ],
     "13_scaling_up.ipynb": [
         "2-RF",                   # the 2-rectified flow's name (InstaFlow's notation)
