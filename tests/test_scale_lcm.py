@@ -232,6 +232,14 @@ def test_prompts_only_learns_from_the_teachers_own_samples(work, tmp_path):
     assert json.loads((tmp_path / "p" / "stage.json").read_text())["data_mode"] == "online"
     assert not json.loads((tmp_path / "p" / "embeddings" / "index.json").read_text())["images"]
     assert (tmp_path / "p" / "lora" / "lora_kohya.safetensors").is_file()
+    # or from a cache of the teacher's samples made once (course_lib.scale.triplets)
+    from course_lib.scale import triplets
+
+    triplets.generate_triplets(minisd.MINI_SD, tmp_path / "p" / "embeddings", tmp_path / "tri", n=4, w=4.0, steps=2,
+                               shard_size=4, batch_size=4, device="cpu", progress=False)
+    done = lcm_lora.main(_args(tmp_path / "t", "--embeddings", str(tmp_path / "p" / "embeddings"), "--triplets",
+                               str(tmp_path / "tri"), steps=2))
+    assert done.step == 2 and json.loads((tmp_path / "t" / "stage.json").read_text())["data_mode"] == "triplets"
 
 
 def test_the_plan_counts_the_papers_lora_size_and_says_it_is_an_estimate(capsys):
@@ -239,8 +247,9 @@ def test_the_plan_counts_the_papers_lora_size_and_says_it_is_an_estimate(capsys)
     out = capsys.readouterr().out
     assert "ESTIMATE pending a GPU measurement" in out and "--plan --measure" in out
     assert abs(p["lora_params"] - lcm_lora.PAPER_LORA_PARAMS_SD15) / lcm_lora.PAPER_LORA_PARAMS_SD15 < 0.01
-    one, eight = p["rows"]["1"], p["rows"]["8"]
-    assert one["global_batch"] == eight["global_batch"] == 96 and one["grad_accum"] == 8
+    (one, eight), (one_p, eight_p) = [[r for r in p["rows"] if r["data"] == d] for d in ("images", "online")]
+    assert one["global_batch"] == eight["global_batch"] == 96 and one["grad_accum"] == 8 and eight["gpus"] == 8
     assert abs(one["gpu_hours"] - eight["gpu_hours"]) < 1e-9 and abs(one["wall_hours"] - 8 * eight["wall_hours"]) < 1e-9
+    assert one_p["wall_hours"] > one["wall_hours"]                          # the online teacher costs extra forwards
     m = lcm_lora.main(["--plan", "--measure", "--tiny", "--batch-size", "2", "--lora", "4", "--device", "cpu"])
     assert m["measured"]["seconds_per_step"] > 0 and m["source"].startswith("measured on cpu")

@@ -343,6 +343,7 @@ def measure(batch_size: int = 12, rank: int = 64, precision: str = "bf16", grad_
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    rss0 = _rss_gib()
     train_networks({"student": Network(student, lr=1e-4, save_frozen=False)}, step, sample,
                    TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
                                grad_checkpointing=grad_checkpointing), progress=False)
@@ -353,64 +354,96 @@ def measure(batch_size: int = 12, rank: int = 64, precision: str = "bf16", grad_
             "trainable_params": sum(p.numel() for p in unet.parameters() if p.requires_grad),
             "batch_size_per_gpu": batch_size, "precision": precision, "grad_checkpointing": grad_checkpointing,
             "lora_rank": rank, "online_steps": online_steps, "seconds_per_step": sorted(times)[len(times) // 2],
-            "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+            "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            # on a CPU: the process's peak resident memory above what it held before the first step (the model
+            # built), a rough stand-in for the training step's own memory (activations, optimizer, autocast copies)
+            "cpu_step_rss_gib": None if dev.type == "cuda" or rss0 is None else _peak_rss_gib() - rss0}
 
 
-def plan(batch_size: int = 12, steps: int = 4000, rank: int = 64, online_steps: int = 0, gpus: Sequence[int] = (1, 8),
+def _rss_gib() -> float | None:
+    """This process's resident memory now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20        # KiB on Linux
+
+
+def plan(batch_size: int = 12, steps: int = 4000, rank: int = 64, online_steps: int = 8, gpus: Sequence[int] = (1, 8),
          measured: dict | None = None) -> dict:
     """The memory and time plan of an SD 1.5 LCM-LoRA run: `steps` optimizer steps at a GLOBAL batch of
-    8 x batch_size (one GPU: gradient accumulation 8), on 1 and 8 GPUs (DDP, assumed to scale linearly). From a
-    measurement (measure() on the GPU) when given, else an ESTIMATE from the assumptions above."""
+    8 x batch_size (one GPU: gradient accumulation 8), on 1 and 8 GPUs (DDP, assumed to scale linearly), for real
+    latents (--data) and for prompts only (the online teacher, `online_steps` DPM-Solver++ steps: 2 more UNet
+    forwards per solver step). From a measurement (measure() on the GPU) when given, the other data mode scaled by
+    its count of UNet forwards; else an ESTIMATE from the assumptions above."""
     sizes = sd15_sizes(rank)
     gib = 2**30
     fixed = {"UNet weights, fp32": sizes["unet"] * 4 / gib,
              "bf16 copies of the weights (autocast cache)": sizes["unet"] * 2 / gib,
              "LoRA weights + grads + AdamW states, fp32": sizes["lora"] * 16 / gib,
              "text encoder + VAE, fp32": (CLIP_L_TEXT_PARAMS + SD_VAE_PARAMS) * 4 / gib}
-    units = sum(FORWARDS_PER_SAMPLE.values()) + 2 * online_steps
+    units = {"images": sum(FORWARDS_PER_SAMPLE.values())}
+    units["online"] = units["images"] + 2 * online_steps
     global_batch = 8 * batch_size
     if measured:
-        sec_sample = measured["seconds_per_step"] / measured["batch_size_per_gpu"]
-        source = f"measured on {measured['device']} (batch {measured['batch_size_per_gpu']}/GPU)"
+        m_units = units["images"] + 2 * measured.get("online_steps", 0)
+        per_forward = measured["seconds_per_step"] / measured["batch_size_per_gpu"] / m_units
+        source = (f"measured on {measured['device']} (batch {measured['batch_size_per_gpu']}/GPU, "
+                  f"{'online teacher' if measured.get('online_steps') else 'real latents'}; the other data mode "
+                  "scaled by its UNet forwards)")
     else:
-        sec_sample = units * A100_SECONDS_PER_SAMPLE_FORWARD
+        per_forward = A100_SECONDS_PER_SAMPLE_FORWARD
         source = "ESTIMATE pending a GPU measurement"
-    rows = {}
-    for n in gpus:
-        accum = max(1, global_batch // (batch_size * n))
-        hours = steps * global_batch * sec_sample / n / 3600
-        rows[str(n)] = {"gpus": n, "batch_per_gpu": batch_size, "grad_accum": accum, "global_batch": global_batch,
-                        "seconds_per_step": sec_sample * batch_size * accum, "wall_hours": hours,
-                        "gpu_hours": hours * n}
+    rows = []
+    for mode in ("images", "online"):
+        sec_sample = units[mode] * per_forward
+        for n in gpus:
+            accum = max(1, global_batch // (batch_size * n))
+            hours = steps * global_batch * sec_sample / n / 3600
+            rows.append({"data": mode, "gpus": n, "batch_per_gpu": batch_size, "grad_accum": accum,
+                         "global_batch": global_batch, "seconds_per_step": sec_sample * batch_size * accum,
+                         "wall_hours": hours, "gpu_hours": hours * n})
     return {"source": source, "measured": measured, "lora_params": sizes["lora"], "unet_params": sizes["unet"],
             "paper_lora_params": PAPER_LORA_PARAMS_SD15, "fixed_memory_gib": fixed,
             "fixed_memory_total_gib": sum(fixed.values()),
             "peak_memory_gib": None if not measured else measured["peak_memory_gib"],
-            "forward_units_per_sample": units, "seconds_per_sample": sec_sample, "steps": steps, "rows": rows,
+            "forward_units_per_sample": units, "steps": steps, "rows": rows,
             "assumptions": {"A100 seconds per sample-forward": A100_SECONDS_PER_SAMPLE_FORWARD,
                             "forwards per sample": FORWARDS_PER_SAMPLE, "online_steps": online_steps}}
 
 
 MEASURE_COMMAND = "python -m course_lib.scale.lcm_lora --plan --measure --batch-size 12   (on one A100/H100-80GB)"
+DATA_NAMES = {"images": "image-caption (--data)", "online": "prompts only (online teacher)"}
 
 
 def print_plan(p: dict) -> None:
     print(f"SD 1.5 LCM-LoRA (r = 64 on LCM-LoRA's targets: {p['lora_params'] / 1e6:.1f} M trainable parameters; "
           f"the LCM-LoRA report: {p['paper_lora_params'] / 1e6:.1f} M; UNet {p['unet_params'] / 1e6:.0f} M)")
     print(f"time: {p['source']}")
-    print("| GPUs | batch/GPU | grad accum | global batch | s/step | steps | wall time | GPU-hours |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for r in p["rows"].values():
-        print(f"| {r['gpus']} | {r['batch_per_gpu']} | {r['grad_accum']} | {r['global_batch']} | "
-              f"{r['seconds_per_step']:.2f} | {p['steps']} | {r['wall_hours']:.1f} h | {r['gpu_hours']:.1f} |")
+    print("| data | GPUs | batch/GPU | grad accum | global batch | s/step | steps | wall time | GPU-hours |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for r in p["rows"]:
+        print(f"| {DATA_NAMES[r['data']]} | {r['gpus']} | {r['batch_per_gpu']} | {r['grad_accum']} | "
+              f"{r['global_batch']} | {r['seconds_per_step']:.2f} | {p['steps']} | {r['wall_hours']:.1f} h | "
+              f"{r['gpu_hours']:.1f} |")
     print("memory per GPU (the same on 1 and 8 GPUs: DDP keeps a whole copy on each):")
     for k, v in p["fixed_memory_gib"].items():
         print(f"  {k}: {v:.2f} GiB")
     peak = p["peak_memory_gib"]
     print(f"  fixed total {p['fixed_memory_total_gib']:.1f} GiB + activations: "
-          + (f"measured peak {peak:.1f} GiB" if peak else "NOT ESTIMATED (they dominate; measure them)"))
+          + (f"measured peak {peak:.1f} GiB" if peak else "NOT ESTIMATED here (measure them on the GPU)"))
     if not p["measured"]:
-        print(f"assumptions: {p['assumptions']}\nThis is an estimate pending a GPU measurement: {MEASURE_COMMAND}")
+        a = p["assumptions"]
+        print(f"assumptions: {a['A100 seconds per sample-forward'] * 1000:.0f} ms per sample per SD 1.5 UNet forward "
+              f"on an A100-80GB in bf16 (not measured); UNet forwards per sample: {a['forwards per sample']} "
+              f"(+ 2 x {a['online_steps']} for the online teacher)")
+        print(f"This is an estimate pending a GPU measurement: {MEASURE_COMMAND}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,7 +487,8 @@ def main(argv: list[str] | None = None):
         ap.add_argument("--batch-size", type=int, default=12)
         ap.add_argument("--steps", type=int, default=4000)
         ap.add_argument("--lora", type=int, default=64)
-        ap.add_argument("--online-steps", type=int, default=0)
+        ap.add_argument("--online-steps", type=int, default=8, help="prompts only: the teacher's solver steps")
+        ap.add_argument("--measure-online", action="store_true", help="with --measure: time the prompts-only step")
         ap.add_argument("--tiny", action="store_true", help="with --measure: a tiny UNet (CPU smoke test)")
         ap.add_argument("--device", default="auto")
         p = ap.parse_args(argv)
@@ -463,7 +497,8 @@ def main(argv: list[str] | None = None):
             if device_of(p.device).type != "cuda" and not p.tiny:
                 raise SystemExit(f"no GPU here: --measure needs one (an A100/H100-80GB): {MEASURE_COMMAND}. "
                                  "Without --measure the plan is printed as an estimate")
-            measured = measure(p.batch_size, p.lora, online_steps=p.online_steps, tiny=p.tiny, device=p.device)
+            measured = measure(p.batch_size, p.lora, online_steps=p.online_steps if p.measure_online else 0,
+                               tiny=p.tiny, device=p.device)
         result = plan(p.batch_size, p.steps, p.lora, p.online_steps, measured=measured)
         print_plan(result)
         return result
