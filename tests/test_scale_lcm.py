@@ -35,7 +35,8 @@ PROMPTS = ["a red handwritten seven", "a thick three"]
 STEPS = 30
 # Same float32 UNet, same integer timesteps, same noise: the course's sampler and LCMScheduler differ only in where
 # they round (LCM's scalings and alpha, sigma in float64 here, float32 in diffusers) over 4 steps; test_lcm.py holds
-# the sampler to the same relative 1e-4 on the tiny pipeline.
+# the sampler to the same relative 1e-4 on the tiny pipeline. (Measured here: 3e-5 on latents up to 54, 5e-7 on the
+# decoded images in [0, 1], which the test holds to 1e-4.)
 REL_TOL = 1e-4
 
 
@@ -150,7 +151,7 @@ def test_export_loads_in_diffusers_and_4_lcm_steps_equal_the_course_sampler(work
     scale = max(1.0, float(latents.abs().max()))
     assert float((ours - latents).abs().max()) <= REL_TOL * scale
     course_images = (lcm.sample(sd, student, PROMPTS, steps=4, seed=3) + 1) / 2
-    assert images.shape == (2, 3, 16, 16) and float((course_images - images).abs().max()) <= 1e-3
+    assert images.shape == (2, 3, 16, 16) and float((course_images - images).abs().max()) <= 1e-4
     # the adapter matters (the comparison has teeth): the base UNet gives another sample
     g = torch.Generator().manual_seed(3)
     torch.randn(2, 4, 8, 8, generator=g)

@@ -30,8 +30,9 @@ classifier-free guidance (guidance_scale <= 1 in diffusers, w=None in the course
 
 Data (exactly one source):
     --data SOURCE       image-caption pairs (webdataset .tar shards or .parquet, see course_lib.scale.data): the
-                        images go through the teacher's own VAE once (cached with the caption embeddings in
-                        <out>/embeddings). LCD as published: z_0 are real latents.
+                        images go through the teacher's own VAE once (the posterior mean, cached with the caption
+                        embeddings in <out>/embeddings; diffusers' script draws a posterior sample each step).
+                        LCD as published: z_0 are real latents.
     --prompts FILE      prompts only (a .txt / .jsonl / COCO captions file). The student then learns from the
                         TEACHER'S OWN SAMPLES: z_0 is the guided teacher's (same w) DPM-Solver++ sample from fresh noise,
                         made online each batch with the adapter disabled (--online-steps, default 8: 2 x 8 extra
