@@ -272,6 +272,10 @@ FORWARDS_PER_SAMPLE = {"teacher CFG pair": 2, "target f(z_hat_n)": 1, "student f
 CLIP_L_TEXT_PARAMS = 123_060_480          # openai/clip-vit-large-patch14 text model (SD 1.5's text encoder)
 SD_VAE_PARAMS = 83_653_863                # SD 1.5's AutoencoderKL
 PAPER_LORA_PARAMS_SD15 = 67.5e6           # LCM-LoRA report: trainable parameters for SD 1.5
+# measure(batch_size=1, rank=64, bf16, grad checkpointing) of the real SD 1.5 UNet on a 2-core AMD EPYC CPU (avx512_bf16),
+# 2 threads: the process's peak resident memory rose by this much during the steps (LoRA grads + AdamW states,
+# activations, the transient bf16 casts of the frozen weights). A rough stand-in until a GPU measurement.
+CPU_BATCH1 = {"device": "2-core CPU (bf16, 2 threads)", "seconds_per_step": 24.3, "step_rss_gib": 1.77}
 
 
 def lora_param_count(unet, rank: int, targets: Sequence[str]) -> int:
@@ -385,10 +389,13 @@ def plan(batch_size: int = 12, steps: int = 4000, rank: int = 64, online_steps: 
     its count of UNet forwards; else an ESTIMATE from the assumptions above."""
     sizes = sd15_sizes(rank)
     gib = 2**30
+    # autocast caches bf16 casts only of weights that require grad (the LoRA's); the frozen base is cast per use,
+    # and those transient copies count with the activations
     fixed = {"UNet weights, fp32": sizes["unet"] * 4 / gib,
-             "bf16 copies of the weights (autocast cache)": sizes["unet"] * 2 / gib,
              "LoRA weights + grads + AdamW states, fp32": sizes["lora"] * 16 / gib,
              "text encoder + VAE, fp32": (CLIP_L_TEXT_PARAMS + SD_VAE_PARAMS) * 4 / gib}
+    # activations per sample, roughly: the CPU run's step memory less the LoRA's grads and AdamW states (12 B each)
+    act_per_sample = CPU_BATCH1["step_rss_gib"] - sizes["lora"] * 12 / gib
     units = {"images": sum(FORWARDS_PER_SAMPLE.values())}
     units["online"] = units["images"] + 2 * online_steps
     global_batch = 8 * batch_size
@@ -414,6 +421,7 @@ def plan(batch_size: int = 12, steps: int = 4000, rank: int = 64, online_steps: 
             "paper_lora_params": PAPER_LORA_PARAMS_SD15, "fixed_memory_gib": fixed,
             "fixed_memory_total_gib": sum(fixed.values()),
             "peak_memory_gib": None if not measured else measured["peak_memory_gib"],
+            "activations_gib_rough": act_per_sample * batch_size, "activations_source": CPU_BATCH1,
             "forward_units_per_sample": units, "steps": steps, "rows": rows,
             "assumptions": {"A100 seconds per sample-forward": A100_SECONDS_PER_SAMPLE_FORWARD,
                             "forwards per sample": FORWARDS_PER_SAMPLE, "online_steps": online_steps}}
@@ -437,8 +445,15 @@ def print_plan(p: dict) -> None:
     for k, v in p["fixed_memory_gib"].items():
         print(f"  {k}: {v:.2f} GiB")
     peak = p["peak_memory_gib"]
-    print(f"  fixed total {p['fixed_memory_total_gib']:.1f} GiB + activations: "
-          + (f"measured peak {peak:.1f} GiB" if peak else "NOT ESTIMATED here (measure them on the GPU)"))
+    if peak:
+        print(f"  fixed total {p['fixed_memory_total_gib']:.1f} GiB; measured peak {peak:.1f} GiB")
+    else:
+        c = p["activations_source"]
+        print(f"  fixed total {p['fixed_memory_total_gib']:.1f} GiB + activations, roughly "
+              f"{p['activations_gib_rough']:.0f} GiB at batch {p['rows'][0]['batch_per_gpu']} (a CPU run at batch 1, "
+              f"{c['device']}: the step's resident memory {c['step_rss_gib']:.2f} GiB less the LoRA's optimizer "
+              f"state, times the batch): about {p['fixed_memory_total_gib'] + p['activations_gib_rough']:.0f} GiB, "
+              "well inside 80 GB; the GPU's peak is not measured yet")
     if not p["measured"]:
         a = p["assumptions"]
         print(f"assumptions: {a['A100 seconds per sample-forward'] * 1000:.0f} ms per sample per SD 1.5 UNet forward "
