@@ -9,6 +9,8 @@ One module per role, each a command line (`python -m course_lib.scale.<module> -
     distill    stage 2: one-step distillation of the 2-RF (L2, then LPIPS / the offline Lap1 substitute)
     export     diffusers pipeline (one-step via a stock scheduler), LoRA in diffusers and kohya formats
     evaluate   COCO FID / CLIP score protocol, latency and throughput, sample grid, the digits (mini-SD) path
+    lcm_lora   LCM-LoRA: notebook 06's LCD loss training a LoRA (the teacher is the same UNet with its adapter
+               disabled), diffusers + kohya export, the SD 1.5 memory/time plan (--plan)
     cost       peak memory and step time of a training step of the real SD 1.5 UNet; the paper's budget in GPU-hours
 
 Multi-process stages run under `accelerate launch --multi_gpu` or `torchrun` (DDP; the engine refuses FSDP: SD 1.5's
