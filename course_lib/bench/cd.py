@@ -25,6 +25,9 @@ def cm_budget(mode: str) -> dict:
         lr=1e-3, N=pick(mode, smoke=6, laptop=10, full=18), mu=pick(mode, smoke=0.9, laptop=0.9, full=0.95),
         ema=pick(mode, smoke=0.9, laptop=0.95, full=0.999),
         ct_s0=pick(mode, smoke=4, laptop=4, full=10), ct_s1=pick(mode, smoke=8, laptop=32, full=640),
+        # "ct-long" (2D only): iCT's full recipe (pseudo-Huber, lambda = 1 / (s_{n+1} - s_n), lognormal n) on
+        # ct_long_x times CD's updates, the grid doubling up to ct_long_s1 intervals
+        ct_long_x=pick(mode, smoke=2, laptop=10, full=10), ct_long_s1=pick(mode, smoke=8, laptop=128, full=1280),
         digits_steps=pick(mode, smoke=2, laptop=150, full=5000), digits_batch=pick(mode, smoke=8, laptop=32, full=128),
         digits_lr=pick(mode, smoke=1e-3, laptop=1e-3, full=2e-4), digits_ema=pick(mode, smoke=0.0, laptop=0.0, full=0.999))
 
@@ -37,23 +40,28 @@ def _cd_cfg(b: dict, digits: bool = False):
                     distance="pseudo-huber" if digits else "l2")
 
 
-def _ct_cfg(b: dict, steps: int, digits: bool = False):
+def _ct_cfg(b: dict, steps: int, digits: bool = False, long: bool = False):
     from ..distill.consistency import CMConfig, ct_schedule
 
+    if long:  # iCT's recipe on a longer run (2D)
+        return CMConfig(schedule=ct_schedule("doubling", steps, s0=b["ct_s0"], s1=b["ct_long_s1"]),
+                        distance="pseudo-huber", weighting="ict", index="lognormal", lr=b["lr"], ema_decay=b["ema"])
     return CMConfig(schedule=ct_schedule("doubling", steps, s0=b["ct_s0"], s1=b["ct_s1"]),
                     distance="pseudo-huber" if digits else "l2",
                     lr=b["digits_lr"] if digits else b["lr"], ema_decay=b["digits_ema"] if digits else b["ema"])
 
 
 def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
-    """(student, seconds): CD from the shipped {ds}-vp teacher, or CT of a fresh network of its architecture."""
+    """(student, seconds): CD from the shipped {ds}-vp teacher, or CT ("ct", "ct-long") of a fresh network of its
+    architecture."""
     from ..config import seeded
     from ..data2d import sample_2d
     from ..distill.consistency import distill_cd, train_ct
     from ..teachers import get_recipe, load_teacher
     from ..train import TrainConfig
 
-    cfg = TrainConfig(steps=b["steps"], batch_size=b["batch"], seed=seed, desc=f"{method.upper()} {ds}")
+    steps = b["steps"] * (b["ct_long_x"] if method == "ct-long" else 1)
+    cfg = TrainConfig(steps=steps, batch_size=b["batch"], seed=seed, desc=f"{method.upper()} {ds}")
     data = lambda n, g: sample_2d(ds, n, g)[0].to(device)
     t0 = time.perf_counter()
     if method == "cd":
@@ -61,7 +69,7 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     else:
         with seeded(seed):
             fresh = get_recipe(f"{ds}-vp").build().to(device)
-        student, _ = train_ct(fresh, data, _ct_cfg(b, b["steps"]), cfg, progress=progress)
+        student, _ = train_ct(fresh, data, _ct_cfg(b, steps, long=method == "ct-long"), cfg, progress=progress)
     return student, time.perf_counter() - t0
 
 
@@ -83,7 +91,9 @@ def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]
     pd_meta = {}
     for ds in ("checkerboard", "gmm"):
         teacher = load_teacher(f"{ds}-vp", device=device)
-        student, secs = _train_2d(method, ds, b, seed, device, mode != "smoke")
+        students = {method: _train_2d(method, ds, b, seed, device, mode != "smoke")}
+        if method == "ct":
+            students["ct-long"] = _train_2d("ct-long", ds, b, seed, device, mode != "smoke")
         pd_student = pd_secs = None
         if method == "cd" and ds == "gmm":
             pd_student, pd_secs, pd_meta = _pd_same_teacher_evals(teacher, ds, b, seed, device, mode)
@@ -93,10 +103,12 @@ def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]
             exact = exact_map(ds, teacher.process, x1[:PR_N]) if ds == "gmm" else None
             sweep_2d(ev, teacher, teacher.process, ds, "teacher", "dpmpp2m", ref, pick(mode, smoke=(1, 2, 4),
                      laptop=TEACHER_NFES, full=TEACHER_NFES), s + 3, device, exact)
-            for k in STUDENT_STEPS:
-                x, sec = timed(lambda: _sample_cm(student, x1, k, s + 4, student.process, student.t_min), device)
-                score_2d(ev, ds, method, x, ref, sec, nfe=k, steps=k, compare=True, exact=exact, sampler="consistency",
-                         n=n, **train_fields(secs, b["steps"]))
+            for name, (student, secs) in students.items():
+                updates = b["steps"] * (b["ct_long_x"] if name == "ct-long" else 1)
+                for k in STUDENT_STEPS:
+                    x, sec = timed(lambda: _sample_cm(student, x1, k, s + 4, student.process, student.t_min), device)
+                    score_2d(ev, ds, name, x, ref, sec, nfe=k, steps=k, compare=True, exact=exact,
+                             sampler="consistency", n=n, **train_fields(secs, updates))
             if pd_student is not None:
                 from ..grids import uniform
                 from ..samplers import ddim
@@ -183,7 +195,8 @@ def cm_summary(rows: list[dict], method: str) -> str:
         mine = [r for r in rows if r["dataset"] == ds]
         best = min((r for r in mine if r["model"] == "teacher" and r["metric"] == "swd"), key=lambda r: r["value"],
                    default=None)
-        for d in side_by_side([r for r in mine if r["model"] in (method, "pd", "data")], ("dataset", "model", "nfe")):
+        for d in side_by_side([r for r in mine if r["model"] in (method, f"{method}-long", "pd", "data")],
+                              ("dataset", "model", "nfe")):
             if "swd" in d["rows"] and best and d["model"] != "data":
                 d["swd / teacher best"] = pm(*per_seed(d["rows"]["swd"], best))
             out.append(d)
@@ -211,5 +224,6 @@ def bench_ct(mode: str, seed: int = 0, device: str | torch.device | None = None)
     pseudo-Huber on digits) of a fresh network of the
     shipped teacher's architecture on CD's budget (same updates and batch), students (model "ct") at 1, 2, 4 steps,
     beside the 2D teacher's DPM-Solver++ sweep (its best SWD is the target) and the data floor; digits as in
-    bench cd. The teacher is never used in training."""
+    bench cd. In 2D also "ct-long": iCT's full recipe (pseudo-Huber, iCT's weighting, lognormal index sampling) on
+    ct_long_x times the updates, to show what CT needs to catch up. The teacher is never used in training."""
     return _bench("ct", mode, seed, device)
