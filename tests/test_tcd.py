@@ -236,3 +236,15 @@ def test_bad_inputs_raise_clear_errors(tiny, tcd_pipe):
         tcd.load_tcd(tcd_pipe and "/nonexistent-folder", tiny.model)
     with pytest.raises(ValueError, match="unknown distance"):
         tcd._distance("lpips")
+
+
+def test_course_time_tcd_sampler_takes_fixed_noises():
+    """samplers.tcd(noises=...) uses noises[i] at step i: the same samples as drawing them from the generator."""
+    proc = VPCosine()
+    model = exact_denoiser("gmm", proc)
+    x1 = proc.prior((16, 2), torch.Generator().manual_seed(0)).double()
+    g = torch.Generator().manual_seed(7)
+    noises = torch.stack([torch.randn(16, 2, generator=g, dtype=torch.float64) for _ in range(3)])
+    a = samplers.tcd(model, x1, grids.uniform(4), proc, gamma=0.4, generator=torch.Generator().manual_seed(7))
+    b = samplers.tcd(model, x1, grids.uniform(4), proc, gamma=0.4, noises=noises)
+    _close(a, b, 1e-12)
