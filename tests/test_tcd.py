@@ -248,3 +248,18 @@ def test_course_time_tcd_sampler_takes_fixed_noises():
     a = samplers.tcd(model, x1, grids.uniform(4), proc, gamma=0.4, generator=torch.Generator().manual_seed(7))
     b = samplers.tcd(model, x1, grids.uniform(4), proc, gamma=0.4, noises=noises)
     _close(a, b, 1e-12)
+
+
+def test_shipped_tcd_student_loads_and_draws_the_prompted_digits():
+    """The shipped student (data/tcd) on the mini SD: LCM's w range, and 4-step SSS samples that the digits
+    classifier reads as the prompted digit (a quality bound far below its measured adherence, far above chance)."""
+    from course_lib import classifier, minisd
+
+    mini = minisd.load_mini_sd()
+    student = tcd.load_shipped(mini)
+    assert student.w_range == (lcm.RECIPE.w_min, lcm.RECIPE.w_max) and student.w_dim == lcm.W_EMBED_DIM
+    prompts = [minisd.caption(d, "thick", "blue", 0) for d in range(10)] * 2
+    imgs = tcd.sample(mini, student, prompts, steps=4, w=minisd.DEFAULT_W, seed=0, gamma=0.3)
+    with torch.no_grad():
+        read = classifier.load_digits_classifier()(minisd.to_grayscale(imgs)).argmax(1)
+    assert float((read == torch.arange(10).repeat(2)).float().mean()) >= 0.7
