@@ -132,7 +132,7 @@ def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 @torch.no_grad()
 def tcd(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
-        generator: torch.Generator | None = None, gamma: float = 0.3) -> Tensor:
+        generator: torch.Generator | None = None, gamma: float = 0.3, noises: Tensor | None = None) -> Tensor:
     """TCD's strategic stochastic sampling (Zheng et al. 2024, Sec. 4.3; diffusers' TCDScheduler with eta = gamma).
     Each step t -> s of the grid:
 
@@ -148,6 +148,9 @@ def tcd(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path
     Differences from diffusers' TCDScheduler: it floors the integer timestep, floor((1 - gamma) i), where the course
     uses (1 - gamma) s (equal when (1 - gamma)(i + 1) is an integer), and its last step lands on timestep 0
     (abar_0 = 0.99915) where the course grid ends at t = 0, the clean sample.
+
+    noises (len(ts) - 2, B, ...) fixes the fresh z of the re-noising steps (noises[i] at step i); otherwise they are
+    drawn from `generator`.
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"TCD's gamma must be in [0, 1] (0: DDIM, 1: multistep consistency sampling); got {gamma}")
@@ -158,7 +161,8 @@ def tcd(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path
         s_mid = (1.0 - gamma) * s
         x = steps.ddim(model, x, t, s_mid, process)
         if gamma > 0 and i < n - 1:
-            x = renoise(x, s_mid, s, process, _noise_like(x, generator))
+            z = _noise_like(x, generator) if noises is None else noises[i].to(x)
+            x = renoise(x, s_mid, s, process, z)
         path.append(x)
     return _finish(path, return_path)
 

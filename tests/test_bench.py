@@ -71,7 +71,7 @@ def test_list_names_every_benchmark(capsys):
     assert bench.main(["list"]) is None
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == list(bench.BENCHMARKS) == ["teacher", "pd", "guided", "reflow",
-                                                                             "instaflow", "cd", "ct"]
+                                                                             "instaflow", "cd", "ct", "lcm", "tcd"]
     assert all(len(line.split()) > 3 for line in out)          # each with a description
 
 
@@ -257,3 +257,38 @@ def test_report_tables_from_saved_results(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "bad.json")])
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+def test_trajectory_consistency_benchmark_rows(name, tmp_path):
+    """bench lcm / bench tcd in smoke mode: students at 1, 2, 4, 8 steps on 2D (every gamma for TCD) and on the
+    (tiny, in smoke) Stable Diffusion, beside the teacher and the data floor, each number over 3 seeds."""
+    from course_lib.bench.tcd import GAMMAS, SWEEP_STEPS
+
+    out = tmp_path / f"{name}.json"
+    res = bench.main([name, "--mode", "smoke", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["name"] == name and res["schema"] == 3
+    rows = res["rows"]
+    assert all(r["n_seeds"] >= 3 and r["std"] >= 0 for r in rows)
+    gammas = set(GAMMAS) if name == "tcd" else {None}
+    for ds in ("checkerboard", "gmm"):
+        mine = [r for r in rows if r["dataset"] == ds]
+        assert {r["model"] for r in mine} == {"teacher", "data", name}
+        got = {(r["nfe"], r.get("gamma")) for r in mine if r["model"] == name and r["metric"] == "swd"}
+        assert got == {(k, g) for k in (1, 2, 4, 8) for g in gammas}
+        assert all(r["nfe"] == r["steps"] and "train_updates" in r for r in mine if r["model"] == name)
+    gmm = [r for r in rows if r["dataset"] == "gmm" and r["model"] == name]
+    assert {"swd", "precision", "recall", "flow_map_err_exact"} <= {r["metric"] for r in gmm}
+    if name == "tcd":          # with one step every gamma is the same sampler: one jump to 0, no noise
+        one = {r["gamma"]: r["value"] for r in gmm if r["nfe"] == 1 and r["metric"] == "swd"}
+        assert max(one.values()) - min(one.values()) < 1e-9
+    sd_rows = [r for r in rows if r["dataset"] == "mini-sd"]
+    assert {r["model"] for r in sd_rows} == {"teacher", "data", name}
+    assert {r["nfe"] for r in sd_rows if r["model"] == "teacher"} == {50}
+    want = {(k, 0.3 if name == "tcd" else None) for k in (1, 2, 4, 8)}
+    if name == "tcd":
+        want |= {(k, g) for k in SWEEP_STEPS for g in GAMMAS}
+    assert {(r["nfe"], r.get("gamma")) for r in sd_rows if r["model"] == name and r["metric"] == "fd_heldout"} == want
+    assert {"adherence", "kid_heldout", "fd_heldout", "kid_train"} <= {r["metric"] for r in sd_rows
+                                                                       if r["model"] == name}
+    assert all(r.get("se", 0) > 0 for r in sd_rows if r["metric"] == "kid_heldout")

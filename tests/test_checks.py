@@ -475,7 +475,8 @@ def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
 
 def _library_solutions():
     """The library's own implementation of every exercise: a correct student."""
-    from course_lib.distill import consistency, guided, instaflow, lcm, pd, reflow
+    from course_lib import samplers
+    from course_lib.distill import consistency, guided, instaflow, lcm, pd, reflow, tcd
     from course_lib.metrics import straightness
     from course_lib.processes import RectifiedFlow
     from course_lib.samplers import ddim_step
@@ -503,6 +504,9 @@ def _library_solutions():
         "5.2": lambda s, tgt, te, x0, eps, tn, tc, p: consistency.cd_loss_at(s, tgt, te, x0, eps, tn, tc, p),
         "5.3": lambda m, x, ts, p, t_min, noises: consistency.multistep_sample(m, x, ts, p, t_min, noises=noises),
         "6.1": lcm.lcm_target, "6.2": lcm.boundary_scalings, "6.3": lcm.multistep,
+        "7.1": tcd.tcf,
+        "7.2": lambda s, tgt, te, x0, eps, tn, tc, u, p: tcd.tcd_loss_at(s, tgt, te, x0, eps, tn, tc, u * tc, p),
+        "7.3": lambda m, x, ts, p, gamma, noises: samplers.tcd(m, x, ts, p, gamma=gamma, noises=noises),
     }
 
 
@@ -809,3 +813,90 @@ def test_lcm_multistep_checker_rejects_planted_mistakes(mistake, capsys):
     capsys.readouterr()
     out = checks.check_lcm_multistep(_multistep(mistake), seed=0)
     assert checks.is_library(out) and "differs from the reference" in capsys.readouterr().out
+
+
+# --- notebook 07: planted mistakes in the TCD exercises ---------------------------------------------------------
+
+def _tcf(mistake):
+    def fn(model, x, t, s, process):
+        end = torch.zeros_like(s) if mistake == "jump to 0" else s
+        x0 = model(x, t).x0
+        a_s, s_s = process.alpha(end)[:, None], process.sigma(end)[:, None]
+        a_t, s_t = process.alpha(t)[:, None], process.sigma(t)[:, None]
+        if mistake == "swapped ratio":                       # sigma_t / sigma_s instead of sigma_s / sigma_t
+            return (s_t / s_s.clamp_min(1e-12)) * x + (a_s - s_s * a_t / s_t) * x0
+        return a_s * x0 + s_s * (x - a_t * x0) / s_t
+    return fn
+
+
+@pytest.mark.parametrize("mistake", ["jump to 0", "swapped ratio"])
+def test_tcf_checker_rejects_planted_mistakes(mistake, capsys):
+    right = _tcf("right")
+    assert checks.check_tcf(right, seed=0) is right
+    assert "correct on" in capsys.readouterr().out
+    used = checks.check_tcf(_tcf(mistake), seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used)
+    assert ("jump to t = 0" in out) if mistake == "jump to 0" else ("differs from the reference" in out)
+    assert checks.is_library(checks.check_tcf(unsolved, seed=0)) and "not solved yet" in capsys.readouterr().out
+
+
+def _tcd_loss(mistake):
+    from course_lib import steps
+    from course_lib.distill.tcd import tcf
+
+    def fn(student, target, teacher, x0, eps, t_next, t_cur, u, process):
+        s = u * (t_next if mistake == "s above t_n" else t_cur)
+        x_next = process.marginal(x0, t_next, eps)
+        ctx = torch.enable_grad() if mistake == "no stopgrad" else torch.no_grad()
+        with ctx:
+            x_cur = steps.ddim(teacher, x_next, t_next, t_cur, process)
+            net = student if mistake == "online as target" else target
+            f_tgt = tcf(net, x_cur, t_cur, s, process)
+        return (tcf(student, x_next, t_next, s, process) - f_tgt).pow(2).mean(1)
+    return fn
+
+
+@pytest.mark.parametrize("mistake,says", [("s above t_n", "above t_n"), ("online as target", "online student"),
+                                          ("no stopgrad", "gradient flows through the target")])
+def test_tcd_loss_checker_rejects_planted_mistakes(mistake, says, capsys):
+    right = _tcd_loss("right")
+    assert checks.check_tcd_loss(right, seed=0) is right
+    assert "correct" in capsys.readouterr().out
+    used = checks.check_tcd_loss(_tcd_loss(mistake), seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and says in out, out
+    assert checks.is_library(checks.check_tcd_loss(unsolved, seed=0)) and "not solved yet" in capsys.readouterr().out
+
+
+def _gamma_sampler(mistake):
+    from course_lib import steps
+    from course_lib.samplers import renoise
+
+    def fn(model, x, ts, process, gamma, noises):
+        if not 0 <= gamma <= 1 and mistake != "no range check":
+            raise ValueError("gamma must be in [0, 1]")
+        n = len(ts) - 1
+        for i in range(n):
+            t = torch.full((len(x),), float(ts[i]), dtype=x.dtype)
+            s = torch.full((len(x),), float(ts[i + 1]), dtype=x.dtype)
+            s_mid = (gamma if mistake == "gamma reversed" else 1 - gamma) * s
+            x = steps.ddim(model, x, t, s_mid, process)
+            if gamma > 0 and i < n - 1:
+                if mistake == "sigma only":                   # x_s' + sigma_s z: the wrong scale
+                    x = x + process.sigma(s)[:, None] * noises[i]
+                else:
+                    x = renoise(x, s_mid, s, process, noises[i])
+        return x
+    return fn
+
+
+@pytest.mark.parametrize("mistake,says", [("gamma reversed", "wrong way round"), ("sigma only", "differs from"),
+                                          ("no range check", "without complaint")])
+def test_gamma_sampler_checker_rejects_planted_mistakes(mistake, says, capsys):
+    right = _gamma_sampler("right")
+    assert checks.check_gamma_sampler(right, seed=0) is right
+    assert "correct on" in capsys.readouterr().out
+    used = checks.check_gamma_sampler(_gamma_sampler(mistake), seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and says in out, out

@@ -1,0 +1,209 @@
+"""Checkers of notebook 07 (trajectory consistency distillation): the trajectory consistency function, the TCD loss
+(teacher step, stop-gradient target network, an end point at or below t_n), the gamma sampler (strategic stochastic
+sampling). Cases run on tiny random 2D models under several processes."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..config import seeded
+from ..processes import EDM, RectifiedFlow, VPCosine
+from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
+
+
+def _tiny(proc, g: torch.Generator):
+    """A tiny random course model (float64) under `proc`."""
+    from ..models import Denoiser, EDMPrecond, MLP2D
+
+    with seeded(draw_seed(g)):
+        net = MLP2D(hidden=16, depth=2)
+        return (EDMPrecond(net, proc) if isinstance(proc, EDM) else Denoiser(net, proc, "v")).double()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a.detach().to(b.dtype), b,
+                                                                                  atol=1e-8, rtol=1e-6)
+
+
+@checker("7.1")
+def check_tcf(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 7.1: student(model, x_t, t, s, process) -> f_theta(x_t, t, s) (B, D), the first-order trajectory
+    consistency function from t (B,) to s (B,) <= t."""
+    from ..distill.tcd import tcf
+
+    g = fresh_generator(seed)
+
+    def cases():
+        for proc in (VPCosine(), RectifiedFlow(), EDM()):
+            model = _tiny(proc, g)
+            x = 1.5 * torch.randn(6, 2, generator=g, dtype=torch.float64)
+            t = 0.05 + 0.9 * torch.rand(6, generator=g, dtype=torch.float64)
+            yield (model, x, t, t * torch.rand(6, generator=g, dtype=torch.float64), proc), \
+                f"for the {proc.name} process at random s < t"
+            yield (model, x, t, t.clone(), proc), f"for the {proc.name} process at s = t (f must return x_t)"
+
+    # the commonest slip first, in plain words: a jump to the end (t = 0) instead of to s
+    try:
+        for (model, x, t, s, proc), where in cases():
+            got = student(model, x.clone(), t, s, proc)
+            if "random" in where and _close(got, model(x, t).x0) and not _close(got, tcf(model, x, t, s, proc)):
+                return fall_back("7.1", tcf, f"your function returns x0_hat, the jump to t = 0, {where}: the TCF "
+                                             "jumps to the given s. Use alpha_s and sigma_s of s, not of 0.")
+    except Exception as e:  # noqa: BLE001
+        return fall_back("7.1", tcf, explain_exception(e))
+    return run_check("7.1", student, tcf, cases(), atol=1e-8, rtol=1e-6,
+                     hint="f = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) x0_hat with h = lambda_s - lambda_t, "
+                          "lambda = log(alpha / sigma), x0_hat = model(x_t, t).x0; equivalently alpha_s x0_hat + "
+                          "sigma_s eps_hat with eps_hat = (x_t - alpha_t x0_hat) / sigma_t. bcast the (B,) scales.")
+
+
+def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+    return [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+
+
+def tcd_loss_u(student, target, teacher, x0, eps, t_next, t_cur, u, process):
+    """The reference of exercise 7.2: the end point s = u t_cur (u in [0, 1)), one DDIM step of the teacher, l2."""
+    from ..distill.tcd import tcd_loss_at
+
+    return tcd_loss_at(student, target, teacher, x0, eps, t_next, t_cur, u * t_cur, process, "ddim", "l2")
+
+
+@checker("7.2")
+def check_tcd_loss(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 7.2: student(student_model, target_model, teacher, x0, eps, t_next, t_cur, u, process) -> per-sample
+    TCD loss (B,): the end point s = u t_cur (u (B,) in [0, 1): s in [0, t_n]), one DDIM step of the teacher from
+    x_{t_next} to t_cur, both sides jumped to s with the TCF, the target network's side under stop-gradient,
+    squared L2 (mean over the data dimensions).
+
+    The values are checked with a target network distinct from the student (so using the online network for the
+    target shows), and the gradient with respect to the student's parameters also when target_model IS the student
+    (mu = 0): a loss that lets the gradient through the target is rejected."""
+    from ..data2d import exact_denoiser
+    from ..distill.consistency import cm_grid
+    from ..distill.tcd import tcd_loss_at
+
+    g = fresh_generator(seed)
+    ref = tcd_loss_u
+
+    def cases():
+        for proc in (VPCosine(), RectifiedFlow()):
+            net, other = _tiny(proc, g), _tiny(proc, g)
+            grid = cm_grid(8, proc, 0.002)
+            n = torch.randint(1, 8, (8,), generator=g)
+            x0 = 2 * torch.randn(8, 2, generator=g, dtype=torch.float64)
+            eps = torch.randn(8, 2, generator=g, dtype=torch.float64)
+            u = 0.1 + 0.8 * torch.rand(8, generator=g, dtype=torch.float64)
+            args = (x0, eps, grid[n], grid[n - 1], u, proc)
+            yield (net, other, exact_denoiser("gmm", proc)) + args, f"for the {proc.name} process"
+
+    diagnoses = [
+        (lambda a: tcd_loss_at(*a[:7], a[7] * a[5], a[8], "ddim", "l2"),
+         "your end point lies between 0 and t_next: s = u t_next can land above t_n, where the target's TCF cannot "
+         "go (s <= t_n). Draw s in [0, t_cur]: s = u * t_cur."),
+        (lambda a: tcd_loss_at(a[0], a[0], *a[2:7], a[7] * a[6], a[8], "ddim", "l2"),
+         "your target side uses the online student, not the target network theta^- (target_model): the loss "
+         "compares f_theta(x_{t_next}, t_next, s) with f_{theta^-}(x_hat_{t_cur}, t_cur, s)."),
+        (lambda a: tcd_loss_at(*a[:7], torch.zeros_like(a[6]), a[8], "ddim", "l2"),
+         "both sides jump to t = 0 (a consistency-distillation loss): TCD jumps both to the random end point "
+         "s = u t_cur."),
+    ]
+    for args, where in cases():
+        s_model = args[0]
+        params = list(s_model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        want = ref(*args)
+        try:
+            got = student(*args)
+        except Exception as e:  # noqa: BLE001
+            return fall_back("7.2", ref, explain_exception(e, where))
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return fall_back("7.2", ref, f"expected per-sample losses of shape {tuple(want.shape)}, got {shape} "
+                                         f"{where}.")
+        if not _close(got, want.detach()):
+            for wrong, why in diagnoses:
+                if _close(got, wrong(args).detach()):
+                    return fall_back("7.2", ref, f"{why} ({where})")
+            err = (got.detach() - want.detach()).abs().max().item()
+            return fall_back("7.2", ref,
+                             f"the loss differs from the reference by up to {err:.3g} {where}. s = u t_cur; noise x0 "
+                             "to t_next (process.marginal); ONE DDIM step of the teacher to t_cur (steps.ddim); compare "
+                             "tcf(student, x_next, t_next, s) with tcf(target, x_teacher, t_cur, s); squared error "
+                             "averaged over the data dimensions.")
+        if not got.requires_grad:
+            return fall_back("7.2", ref, f"the loss has no gradient {where}: compute the student's side outside "
+                                         "torch.no_grad() (only the teacher step and the target's side go inside).")
+        own = (s_model, s_model) + args[2:]
+        want_g, got_g = _grads(ref(*own), params), None
+        try:
+            got_g = _grads(student(*own), params)
+        except Exception as e:  # noqa: BLE001
+            return fall_back("7.2", ref, explain_exception(e, where + " with the student as its own target"))
+        if not all(torch.allclose(a, b, atol=1e-8, rtol=1e-5) for a, b in zip(got_g, want_g)):
+            return fall_back("7.2", ref,
+                             f"the values are right but the gradient is not {where} when the target is the student "
+                             "itself (mu = 0): the gradient flows through the target side. It is a constant "
+                             "(stop-gradient): compute the teacher step and the target's TCF under torch.no_grad().")
+    return accept("7.2", student, "correct: the values (end point in [0, t_n], the target network's side) and the "
+                                  "student's gradient (a stop-gradient target) match the reference.")
+
+
+def gamma_sample(model, x, ts, process, gamma, noises):
+    """The reference of exercise 7.3: samplers.tcd with the given fresh noises."""
+    from ..samplers import tcd
+
+    return tcd(model, x, ts, process, gamma=gamma, noises=noises)
+
+
+@checker("7.3")
+def check_gamma_sampler(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 7.3: student(model, x, ts, process, gamma, noises) -> samples (B, D): strategic stochastic sampling
+    on the decreasing grid ts (n + 1,) ending at 0, noises (n - 1, B, D) the fresh z of the re-noising steps (none on
+    the last step); gamma outside [0, 1] must raise ValueError."""
+    g = fresh_generator(seed)
+    ref = gamma_sample
+
+    def cases():
+        for proc in (VPCosine(), RectifiedFlow()):
+            model = _tiny(proc, g)
+            for n, gamma in ((1, 0.3), (2, 0.3), (3, 0.0), (3, 0.25), (4, 0.6), (4, 1.0)):
+                ts = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)
+                x = proc.prior((6, 2), generator=g, dtype=torch.float64)
+                noises = torch.randn(max(n - 1, 1), 6, 2, generator=g, dtype=torch.float64)[: n - 1]
+                yield (model, x, ts, proc, gamma, noises), f"for the {proc.name} process, {n} steps, gamma = {gamma}"
+
+    try:
+        for args, where in cases():
+            if args[4] not in (0.0, 1.0) and len(args[2]) > 2:
+                got = student(*args)
+                flipped = ref(*args[:4], 1.0 - args[4], args[5])
+                if _close(got, flipped) and not _close(got, ref(*args)):
+                    return fall_back("7.3", ref, f"your sampler uses gamma the wrong way round {where}: it jumps to "
+                                                 "gamma * s. The end point is s' = (1 - gamma) s: gamma = 0 is "
+                                                 "deterministic (s' = s), gamma = 1 jumps to 0 and re-noises.")
+    except Exception as e:  # noqa: BLE001
+        return fall_back("7.3", ref, explain_exception(e))
+    fn = run_check("7.3", student, ref, cases(), atol=1e-8, rtol=1e-6,
+                   hint="at each step t -> s: s' = (1 - gamma) s; x_s' = alpha_s' x0_hat + sigma_s' eps_hat (the TCF "
+                        "jump); then, except on the last step, re-noise FROM s' TO s with the process's kernel, "
+                        "x_s = (alpha_s / alpha_s') x_s' + sqrt(sigma_s^2 - (alpha_s / alpha_s')^2 sigma_s'^2) z "
+                        "(samplers.renoise); a plain sigma_s z or alpha_s x + ... from 0 is wrong unless s' = 0.")
+    if fn is not student:
+        return fn
+    proc = VPCosine()
+    for bad in (-0.1, 1.5):
+        try:
+            student(_tiny(proc, g), proc.prior((2, 2), generator=g, dtype=torch.float64),
+                    torch.linspace(1.0, 0.0, 3, dtype=torch.float64), proc, bad,
+                    torch.randn(1, 2, 2, generator=g, dtype=torch.float64))
+        except ValueError:
+            continue
+        except Exception as e:  # noqa: BLE001
+            return fall_back("7.3", ref, explain_exception(e, f"with gamma = {bad}") + " It should raise ValueError.")
+        return fall_back("7.3", ref, f"gamma = {bad} ran without complaint: gamma outside [0, 1] has no meaning "
+                                     "(the end point would lie above s or below 0; diffusers#8305). Raise a "
+                                     "ValueError that says gamma must be in [0, 1].")
+    return fn
