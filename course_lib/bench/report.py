@@ -3,7 +3,7 @@
     python -m course_lib.bench report runs/bench_pd.json                        every row, one table per dataset
     python -m course_lib.bench report runs/bench_pd.json --steps 1,4 --markdown  a selection, as markdown
 
-One line per (model, sampler, steps, nfe, w) with each metric as a column, "mean ± std" over the evaluation seeds
+One line per (model, sampler, steps, nfe, w, gamma) with each metric as a column, "mean ± std" over the evaluation seeds
 (schema 3; older files print the single value). Data rows (the floors) come first in each dataset's table.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 from ..plotting import table
 from .core import side_by_side
 
-KEY = ("model", "sampler", "steps", "nfe", "w")
+KEY = ("model", "sampler", "steps", "nfe", "w", "gamma")
 # The order metrics are shown in: quality against data, sharpness/coverage, fidelity to the teacher, images.
 METRIC_ORDER = ("swd", "in_squares", "precision", "recall", "flow_map_err_exact", "swd_teacher",
                 "flow_map_err_teacher", "class_acc", "swd_data", "heldout_err", "straightness", "kid_heldout",
