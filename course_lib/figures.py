@@ -312,8 +312,9 @@ class ReflowExplorer:
         plt.close(fig)
         return html
 def consistency_quality(results: list[dict], out: Path) -> Path:
-    """SWD against steps of the consistency students (bench cd / bench ct results, each a saved JSON) beside the
-    teacher's DPM-Solver++ sweep and the data floor, one panel per 2D dataset, mean ± std over evaluation seeds."""
+    """SWD against steps of the consistency students (bench cd / bench ct results, each a saved JSON; CT on CD's budget
+    and ct-long) beside the teacher's DPM-Solver++ sweep and the data floor, one panel per 2D dataset, mean ± std over
+    evaluation seeds."""
     rows = [r for res in results for r in res["rows"]]
     datasets = [d for d in ("checkerboard", "gmm") if any(r["dataset"] == d for r in rows)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
@@ -322,7 +323,7 @@ def consistency_quality(results: list[dict], out: Path) -> Path:
         floor = next((r["value"], r.get("std", 0.0)) for r in mine if r["model"] == "data")
         curves: dict[str, tuple[list[int], list]] = {}
         for r in mine:
-            if r["model"] in ("teacher", "cd", "ct", "pd") and (r["model"], r["nfe"]) not in \
+            if r["model"] in ("teacher", "cd", "ct", "ct-long", "pd") and (r["model"], r["nfe"]) not in \
                     {(m, k) for m, (ks, _) in curves.items() for k in ks}:
                 curves.setdefault(r["model"], ([], []))
                 curves[r["model"]][0].append(r["nfe"]), curves[r["model"]][1].append((r["value"], r.get("std", 0.0)))
