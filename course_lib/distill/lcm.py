@@ -629,29 +629,43 @@ def base_fingerprint(unet: nn.Module) -> str:
 def save_lcm(student: LCMModel, folder: str | os.PathLike, info: dict | None = None) -> Path:
     """A full LCM student: its UNet in diffusers' format (folder/unet: UNet2DConditionModel.from_pretrained) and
     lcm.json (w range, scalings, info such as the command and measured quality)."""
-    folder = Path(folder)
     if student.w_dim is None:
         raise ValueError("this is an LCM-LoRA: save it with save_lcm_lora")
-    student.denoiser.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    meta = {"kind": "lcm", "w_range": student.w_range, "sigma_data": student.sigma_data,
-            "timestep_scaling": student.timestep_scaling, "original_inference_steps": ORIGINAL_STEPS, **(info or {})}
-    (folder / LCM_JSON).write_text(json.dumps(meta, indent=2))
-    return folder
+    return save_unet_student(student.denoiser.unet, folder, LCM_JSON, {
+        "kind": "lcm", "w_range": student.w_range, "sigma_data": student.sigma_data,
+        "timestep_scaling": student.timestep_scaling, "original_inference_steps": ORIGINAL_STEPS, **(info or {})})
 
 
 def load_lcm(folder: str | os.PathLike, teacher: nn.Module) -> LCMModel:
     """An LCM student saved by save_lcm, for the teacher (an sd.SDDenoiser) it was distilled from."""
+    denoiser, meta = load_unet_student(folder, LCM_JSON, teacher, "LCM student (save_lcm writes one)")
+    return LCMModel(denoiser, w_range=tuple(meta["w_range"]), sigma_data=meta["sigma_data"],
+                    timestep_scaling=meta["timestep_scaling"])
+
+
+def save_unet_student(unet: nn.Module, folder: str | os.PathLike, meta_file: str, meta: dict) -> Path:
+    """A full student of an SD teacher (LCM, TCD): its UNet in diffusers' format (folder/unet) and its settings as
+    JSON (folder/meta_file)."""
+    folder = Path(folder)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    (folder / meta_file).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_unet_student(folder: str | os.PathLike, meta_file: str, teacher: nn.Module, what: str
+                      ) -> tuple[nn.Module, dict]:
+    """(the student's UNet as an sd.SDDenoiser with the teacher's process and parameterisation, its settings) from a
+    folder written by save_unet_student; `what` names the student in the error when meta_file is missing."""
     from diffusers import UNet2DConditionModel
 
     from ..sd import SDDenoiser
 
     folder = Path(folder)
-    if not (folder / LCM_JSON).is_file():
-        raise FileNotFoundError(f"{folder / LCM_JSON} is missing: {folder} holds no LCM student (save_lcm writes one)")
-    meta = json.loads((folder / LCM_JSON).read_text())
+    if not (folder / meta_file).is_file():
+        raise FileNotFoundError(f"{folder / meta_file} is missing: {folder} holds no {what}")
+    meta = json.loads((folder / meta_file).read_text())
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
-    return LCMModel(SDDenoiser(unet, teacher.process, teacher.parameterization), w_range=tuple(meta["w_range"]),
-                    sigma_data=meta["sigma_data"], timestep_scaling=meta["timestep_scaling"])
+    return SDDenoiser(unet, teacher.process, teacher.parameterization), meta
 
 
 def save_peft_lora(unet: nn.Module, folder: str | os.PathLike, adapter: str = "default") -> Path:

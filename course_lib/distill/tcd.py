@@ -36,7 +36,6 @@ skip grid or on every timestep both work, the skip grid "slightly" better).
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -321,25 +320,14 @@ def evaluate(sd: Any, student: nn.Module, n: int = 500, steps: int = 4, w: float
 
 def save_tcd(student: TCDModel, folder: str | os.PathLike, info: dict | None = None) -> Path:
     """The student's UNet in diffusers' format (folder/unet) and tcd.json (w range, info)."""
-    folder = Path(folder)
-    student.denoiser.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    meta = {"kind": "tcd", "w_range": student.w_range, "original_inference_steps": lcm.ORIGINAL_STEPS, **(info or {})}
-    (folder / TCD_JSON).write_text(json.dumps(meta, indent=2))
-    return folder
+    return lcm.save_unet_student(student.denoiser.unet, folder, TCD_JSON, {
+        "kind": "tcd", "w_range": student.w_range, "original_inference_steps": lcm.ORIGINAL_STEPS, **(info or {})})
 
 
 def load_tcd(folder: str | os.PathLike, teacher: nn.Module) -> TCDModel:
     """A TCD student saved by save_tcd, for the teacher (an sd.SDDenoiser) it was distilled from."""
-    from diffusers import UNet2DConditionModel
-
-    from ..sd import SDDenoiser
-
-    folder = Path(folder)
-    if not (folder / TCD_JSON).is_file():
-        raise FileNotFoundError(f"{folder / TCD_JSON} is missing: {folder} holds no TCD student (save_tcd writes one)")
-    meta = json.loads((folder / TCD_JSON).read_text())
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
-    return TCDModel(SDDenoiser(unet, teacher.process, teacher.parameterization), w_range=tuple(meta["w_range"]))
+    denoiser, meta = lcm.load_unet_student(folder, TCD_JSON, teacher, "TCD student (save_tcd writes one)")
+    return TCDModel(denoiser, w_range=tuple(meta["w_range"]))
 
 
 def shipped_dir() -> Path:
