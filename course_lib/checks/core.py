@@ -145,6 +145,13 @@ def clone_tensors(obj: Any) -> Any:
     return obj
 
 
+def param_grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """d(loss.sum()) / d(each parameter), zeros where the loss does not reach it: where gradients flow (a checker's
+    test for a stop-gradient, or for a network that must not be trained)."""
+    grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+    return [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+
+
 def _same_tensors(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor):
         return a.shape == b.shape and torch.equal(a, b)

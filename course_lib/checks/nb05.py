@@ -8,7 +8,8 @@ import torch
 
 from ..config import seeded
 from ..processes import EDM, RectifiedFlow, VPCosine
-from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
+from .core import (accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, param_grads,
+                   run_check)
 
 
 def _tiny_cm(proc, g: torch.Generator):
@@ -67,11 +68,6 @@ def check_consistency_fn(student: Callable, seed: int | None = None) -> Callable
                           "sigma_min = process.sigma(t_min), x0_hat = model(x, t).x0; bcast the (B,) scalings.")
 
 
-def _grad_norms(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
-    return [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
-
-
 @checker("5.2")
 def check_cd_loss(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 5.2: student(student_model, target_model, teacher, x0, eps, t_next, t_cur, process) -> per-sample
@@ -108,7 +104,7 @@ def check_cd_loss(student: Callable, seed: int | None = None) -> Callable:
         for p in params:
             p.requires_grad_(True)
         want = reference(*args)
-        want_g = _grad_norms(want, params)
+        want_g = param_grads(want, params)
         try:
             got = student(*args)
         except Exception as e:
@@ -127,7 +123,7 @@ def check_cd_loss(student: Callable, seed: int | None = None) -> Callable:
         if not got.requires_grad:
             return fall_back("5.2", reference, f"the loss has no gradient {where}: compute the student's f outside "
                                                "torch.no_grad() (only the teacher step and the target go inside).")
-        got_g = _grad_norms(got, params)
+        got_g = param_grads(got, params)
         if not all(torch.allclose(a, b, atol=1e-8, rtol=1e-5) for a, b in zip(got_g, want_g)):
             return fall_back("5.2", reference,
                              f"the loss values are right but its gradient is not {where}: the gradient flows through "

@@ -9,7 +9,8 @@ import torch
 
 from ..config import seeded
 from ..processes import EDM, RectifiedFlow, VPCosine
-from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
+from .core import (accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, param_grads,
+                   run_check)
 
 
 def _tiny(proc, g: torch.Generator):
@@ -56,11 +57,6 @@ def check_tcf(student: Callable, seed: int | None = None) -> Callable:
                      hint="f = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) x0_hat with h = lambda_s - lambda_t, "
                           "lambda = log(alpha / sigma), x0_hat = model(x_t, t).x0; equivalently alpha_s x0_hat + "
                           "sigma_s eps_hat with eps_hat = (x_t - alpha_t x0_hat) / sigma_t. bcast the (B,) scales.")
-
-
-def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
-    return [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
 
 
 def tcd_loss_u(student, target, teacher, x0, eps, t_next, t_cur, u, process):
@@ -137,9 +133,9 @@ def check_tcd_loss(student: Callable, seed: int | None = None) -> Callable:
             return fall_back("7.2", ref, f"the loss has no gradient {where}: compute the student's side outside "
                                          "torch.no_grad() (only the teacher step and the target's side go inside).")
         own = (s_model, s_model) + args[2:]
-        want_g, got_g = _grads(ref(*own), params), None
+        want_g, got_g = param_grads(ref(*own), params), None
         try:
-            got_g = _grads(student(*own), params)
+            got_g = param_grads(student(*own), params)
         except Exception as e:  # noqa: BLE001
             return fall_back("7.2", ref, explain_exception(e, where + " with the student as its own target"))
         if not all(torch.allclose(a, b, atol=1e-8, rtol=1e-5) for a, b in zip(got_g, want_g)):
