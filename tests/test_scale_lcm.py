@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -26,11 +21,9 @@ from course_lib.distill import lcm
 from course_lib.scale import export, lcm_lora
 from course_lib.scale.common import SourceError
 from course_lib.train import TRAINER_WEIGHTS
+from killed_stage import kill_midway
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
-HERE = Path(__file__).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-    [str(HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
 PROMPTS = ["a red handwritten seven", "a thick three"]
 STEPS = 30
 # Same float32 UNet, same integer timesteps, same noise: the course's sampler and LCMScheduler differ only in where
@@ -72,12 +65,6 @@ def _args(out: Path, *source: str, steps: int = STEPS, extra: tuple[str, ...] = 
             "--device", "cpu", "--no-progress", *extra]
 
 
-def _step_of(ckpt: Path) -> int:
-    try:
-        return json.loads((ckpt / "config.json").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
-
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
@@ -109,15 +96,7 @@ def test_lcm_lora_trains_on_image_latents_and_a_killed_run_resumes_to_the_same_w
     assert cache["images"] and "vae" in cache["key"]                           # latents from the teacher's VAE
     # kill a second run midway (same data through the first run's cache) and rerun the same command
     args = _args(tmp_path / "killed", "--embeddings", str(run / "embeddings"))
-    proc = subprocess.Popen([sys.executable, "-m", "course_lib.scale.lcm_lora", *args], env=ENV,
-                            stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while _step_of(tmp_path / "killed" / "checkpoint") < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    stopped = _step_of(tmp_path / "killed" / "checkpoint")
-    assert 1 <= stopped < STEPS, f"the run was not killed midway (checkpoint at step {stopped})"
+    stopped = kill_midway("course_lib.scale.lcm_lora", args, tmp_path / "killed" / "checkpoint", STEPS)
     lcm_lora.main(args)
     again = load_file(str(tmp_path / "killed" / "checkpoint" / TRAINER_WEIGHTS))
     assert saved.keys() == again.keys()

@@ -4,11 +4,8 @@ the same UNet with its adapter disabled, the export loaded by plain diffusers, a
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +15,9 @@ from safetensors.torch import load_file
 from course_lib import sd
 from course_lib.scale import data, distill, reflow, triplets
 from course_lib.train import TRAINER_WEIGHTS
+from killed_stage import ENV, HERE, kill_midway
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
-HERE = Path(__file__).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-    [str(HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +39,6 @@ def _reflow_args(work: Path, out: Path, steps: int, *extra: str) -> list[str]:
             "--no-progress", *extra]
 
 
-def _step_of(ckpt: Path) -> int:
-    try:
-        return json.loads((ckpt / "config.json").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
-
 
 def test_reflow_killed_and_resumed_equals_uninterrupted_and_exports_a_diffusers_pipeline(work, tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -57,15 +46,8 @@ def test_reflow_killed_and_resumed_equals_uninterrupted_and_exports_a_diffusers_
     steps = 12
     done = reflow.main(_reflow_args(work, tmp_path / "full", steps))
     assert done.step == steps and len(done.losses["student"]) == steps
-    proc = subprocess.Popen([sys.executable, "-m", "course_lib.scale.reflow",
-                             *_reflow_args(work, tmp_path / "killed", steps)], env=ENV, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while _step_of(tmp_path / "killed" / "checkpoint") < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    stopped = _step_of(tmp_path / "killed" / "checkpoint")
-    assert 1 <= stopped < steps, f"the run was not killed midway (checkpoint at step {stopped})"
+    stopped = kill_midway("course_lib.scale.reflow", _reflow_args(work, tmp_path / "killed", steps),
+                          tmp_path / "killed" / "checkpoint", steps)
     reflow.main(_reflow_args(work, tmp_path / "killed", steps))                 # the same command resumes
     a = load_file(str(tmp_path / "full" / "checkpoint" / TRAINER_WEIGHTS))
     b = load_file(str(tmp_path / "killed" / "checkpoint" / TRAINER_WEIGHTS))
