@@ -1,0 +1,263 @@
+"""Distribution matching distillation: DMD (Yin et al., CVPR 2024, arXiv 2311.18828) and DMD2 (Yin et al., NeurIPS
+2024, arXiv 2405.14867; tianweiy/DMD2).
+
+A one-step generator G_theta(z) is trained so that the distribution of its samples matches the teacher's. The
+gradient of the reverse KL, diffused to every noise level t (DMD Eq. 7), needs two scores of the noised samples
+x_t = alpha_t x + sigma_t eps, x = G_theta(z):
+
+    grad_theta KL(p_fake || p_real) = E_{z, t, eps} [ w_t alpha_t (s_fake(x_t, t) - s_real(x_t, t)) dG_theta(z)/dtheta ]
+
+s_real is the frozen teacher's score (with classifier-free guidance for conditional data), s_fake the score of the
+generator's own distribution, learned ONLINE by a second diffusion model mu_fake trained to denoise generator
+samples. With denoisers, s(x_t) = -(x_t - alpha_t mu(x_t, t)) / sigma_t^2, so the score difference is
+alpha_t (mu_fake - mu_real) / sigma_t^2. DMD's weighting w_t = sigma_t^2 / alpha_t / mean|x - mu_real(x_t)| turns
+the gradient with respect to x into (DMD Eq. 8; DMD2 code `sd_guidance.py`, `compute_distribution_matching_loss`):
+
+    g = (mu_fake(x_t, t) - mu_real(x_t, t)) / mean_{CHW} |x - mu_real(x_t, t)|                       (B, ...)
+    L_DM = 1/2 || x - stopgrad(x - g) ||^2       so that dL_DM / dx = g (per element, over the mean's D)
+
+Gradient DEscent moves x by -g, towards the real denoiser's output and away from the fake one's.
+The fake score is trained on stopgrad(x) with the ordinary denoising loss (`fake_score_loss`).
+
+DMD adds a regression loss on the teacher's noise -> sample pairs (z_ref, x_ref): lambda_reg d(G(z_ref), x_ref)
+(LPIPS in the paper; the course's distances), which keeps the generator from collapsing onto a few modes.
+DMD2 drops it and instead (Sec. 4):
+    - updates the fake score r times per generator update (two time-scale update rule, TTUR; r = 5 or 10);
+    - adds a GAN: a head on the fake score's bottleneck features of re-noised inputs tells REAL data from
+      generator samples (non-saturating loss), so the student can correct the teacher's own errors;
+    - trains multi-step generators with "backward simulation": the generator's input at step k of its grid is
+      produced by the generator itself (k steps from noise, no grad), as at inference.
+
+Networks seen by the method step (`dmd_step`, for `train.train_networks`): "generator" (trained every `ttur`-th
+iteration), "critic" (a `Critic`: the fake score and its GAN head, trained every iteration) and the frozen
+"teacher". Batches are dicts: "x" real samples (B, ...), optional "y" labels (B,), optional "z_ref", "x_ref"
+(the regression pairs).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..guidance import cfg as guided, condition
+from ..predictions import Pred, from_pred
+from ..processes import AffineProcess
+from ..train import Network, StepContext, Trained, TrainConfig, train_networks
+from .gan import DenoiserFeatures, Discriminator, adversarial, discriminator, guard
+
+
+# --- the two losses ------------------------------------------------------------------------------------------------
+
+def dm_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor, normalize: str = "sample") -> Tensor:
+    """The distribution-matching gradient g with respect to the generator sample x (DMD Eq. 7-8), (B, ...):
+    (x0_fake - x0_real) / mean|x - x0_real|, the mean per sample over its data dimensions; NaNs set to 0 (DMD2).
+
+    normalize "batch" takes the mean over the whole batch instead: for 2D points, where a mean over two coordinates
+    can be ~0 (x at a mode of the teacher) and one sample's g explodes; images average over thousands of pixels."""
+    if normalize not in ("sample", "batch"):
+        raise ValueError(f"normalize is 'sample' (the paper's) or 'batch' (low-dimensional data); got {normalize!r}")
+    norm = (x - x0_real).abs().flatten(1).mean(1)                                 # (B,)
+    if normalize == "batch":
+        norm = norm.mean().expand(len(x))
+    g = (x0_fake - x0_real) / norm.clamp_min(1e-12).view(-1, *[1] * (x.ndim - 1))
+    return torch.nan_to_num(g)
+
+
+def dm_loss(x: Tensor, real: Callable[..., Pred], fake: Callable[..., Pred], process: AffineProcess, t: Tensor,
+            eps: Tensor, y: Any = None, normalize: str = "sample") -> Tensor:
+    """L_DM per sample (B,) for generator samples x (B, ...) (with grad), times t (B,) and noise eps (B, ...):
+    x_t = alpha_t sg(x) + sigma_t eps, both denoisers evaluated without grad, then 1/2 ||x - sg(x - g)||^2 as a mean
+    over the data dimensions, whose gradient with respect to x is g / D. real and fake are course models
+    (x, t[, y]) -> Pred; real may be a guided model (guidance.cfg)."""
+    with torch.no_grad():
+        x_t = process.marginal(x.detach(), t, eps)
+        args = () if y is None else (y,)
+        x0_real, x0_fake = real(x_t, t, *args).x0, fake(x_t, t, *args).x0
+        g = dm_gradient(x.detach(), x0_real, x0_fake, normalize)
+    return 0.5 * (x - (x.detach() - g)).pow(2).flatten(1).mean(1)
+
+
+def fake_score_loss(fake: nn.Module, x: Tensor, t: Tensor, eps: Tensor, y: Any = None) -> Tensor:
+    """The fake score's denoising loss on generator samples (DMD Eq. 6), per sample (B,): the ordinary diffusion
+    loss in the fake model's own parameterization, on stopgrad(x) (the generator is not trained by it)."""
+    x0 = x.detach()
+    x_t = fake.process.marginal(x0, t, eps)
+    target = from_pred(Pred(x0, eps), t, fake.process, fake.parameterization)
+    return (fake.raw(x_t, t, y) - target).pow(2).flatten(1).mean(1)
+
+
+# --- the critic: fake score + GAN head -----------------------------------------------------------------------------
+
+class Critic(nn.Module):
+    """DMD2's critic: the fake score mu_fake (a course model, initialised from the teacher) and, for the GAN, a
+    Discriminator whose features are mu_fake's own bottleneck on re-noised inputs (so GAN gradients also train
+    mu_fake's encoder). head is None without the GAN term."""
+
+    def __init__(self, fake: nn.Module, head: Discriminator | None = None):
+        super().__init__()
+        self.fake, self.head = fake, head
+
+    @property
+    def process(self) -> AffineProcess:
+        return self.fake.process
+
+    def forward(self, x: Tensor, t: Tensor, y: Any = None) -> Pred:
+        return self.fake(x, t, y)
+
+
+def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, y_example: Any = None, taps: list[str] | None = None,
+                t_range: tuple[float, float] = (0.0, 1.0), hidden: int = 64) -> Critic:
+    """A Critic around a trainable copy of the teacher; with gan, a head on its `taps` (default: the bottleneck)."""
+    fake = copy.deepcopy(teacher).requires_grad_(True).train()
+    head = None
+    if gan:
+        names = taps if taps is not None else DenoiserFeatures(fake).taps[-1:]
+        labels = y_example.y if hasattr(y_example, "y") else y_example
+        num_classes = getattr(getattr(fake, "net", None), "num_classes", None) if labels is not None else None
+        head = discriminator(DenoiserFeatures(fake, names, t_range), x_example, hidden, num_classes, y_example)
+    return Critic(fake, head)
+
+
+# --- the generator's time grid and backward simulation -------------------------------------------------------------
+
+def generator_times(k: int) -> list[float]:
+    """The times at which a k-step generator is called: 1, (k-1)/k, ..., 1/k (SD's trailing grid 999, 749, 499, 249
+    for k = 4; DMD2 `denoising_step_list`)."""
+    if k < 1:
+        raise ValueError(f"a generator needs at least one step; got {k}")
+    return [1.0 - i / k for i in range(k)]
+
+
+def backward_simulate(G: Callable[..., Pred], z: Tensor, i: int, times: list[float], process: AffineProcess,
+                      generator: torch.Generator, y: Any = None) -> Tensor:
+    """DMD2's backward simulation (Sec. 4.4): the input of generator step i, made by the generator itself. From
+    z = x_{times[0]}: i rounds of x0 = G(x, t_j) and x_{t_{j+1}} = alpha x0 + sigma eps' (fresh eps'), no grad.
+    i = 0 returns z. (B, ...)"""
+    x = z
+    with torch.no_grad():
+        for j in range(i):
+            t = torch.full((len(z),), times[j], device=z.device)
+            x0 = (G(x, t, y) if y is not None else G(x, t)).x0
+            eps = torch.randn(z.shape, generator=generator, device=generator.device).to(z)
+            x = process.marginal(x0, torch.full_like(t, times[j + 1]), eps)
+    return x
+
+
+# --- the method step -----------------------------------------------------------------------------------------------
+
+@dataclass
+class DMDConfig:
+    """One DMD or DMD2 run. The defaults are DMD2's (ImageNet recipe's ratios, scaled to the course's budgets)."""
+    ttur: int = 5                    # critic updates per generator update (DMD: 1; DMD2: 5 ImageNet/SDXL, 10 SD 1.5)
+    t_range: tuple[float, float] = (0.02, 0.98)   # t of the distribution-matching gradient (min/max_step_percent)
+    real_w: float = 0.0              # classifier-free guidance of the real score (course convention, w = s - 1)
+    lambda_reg: float = 0.0          # DMD's regression weight (paper 0.25 with LPIPS); 0: none (DMD2)
+    regression: str = "l2"           # distance of the regression loss: "l2" or "pseudo-huber"
+    gan: bool = True                 # DMD2's GAN term (head on the fake score's bottleneck)
+    lambda_g: float = 3e-3           # GAN weight in the generator loss (DMD2 ImageNet 3e-3, SD 1.5 1e-3)
+    lambda_d: float = 1e-2           # GAN weight in the critic loss (DMD2 1e-2)
+    gen_steps: int = 1               # generator steps (>1: backward simulation)
+    lr_g: float = 2e-4
+    lr_critic: float = 2e-4
+    betas: tuple[float, float] = (0.0, 0.999)
+    grad_clip: float = 10.0          # DMD2 clips both networks at 10
+    ema_decay: float = 0.0           # generator EMA (DMD2's released loop: none)
+    max_loss: float = 1e4            # guard: a loss above this (or NaN) stops the run
+    normalize: str = "sample"        # dm_gradient's normaliser: per "sample" (images) or over the "batch" (2D)
+
+
+def _distance(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    from .consistency import DISTANCES
+
+    if name not in DISTANCES:
+        raise ValueError(f"unknown regression distance {name!r}; valid: {', '.join(DISTANCES)}")
+    return DISTANCES[name]
+
+
+def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = None
+             ) -> Callable[[StepContext, Mapping[str, Tensor]], Tensor]:
+    """The DMD / DMD2 method step for train_networks (nets "generator", "critic", frozen "teacher"):
+
+    generator phase: x = G(x_in, t_k) (x_in by backward simulation), L_G = L_DM + lambda_reg L_reg
+                     + lambda_g softplus(-D(x))        (D: the critic's head; regression only with pairs)
+    critic phase:    L = fake_score_loss(sg x)  + lambda_d [softplus(D(sg x)) + softplus(-D(x_real))]
+    """
+    d_loss, g_loss = adversarial("ns")
+    times = generator_times(cfg.gen_steps)
+
+    def sample(ctx: StepContext, n: int, like: Tensor, y: Any) -> Tensor:
+        G = ctx.nets["generator"]
+        g = ctx.generator
+        z = torch.randn((n, *like.shape[1:]), generator=g, device=g.device).to(like)
+        i = int(torch.randint(len(times), (1,), generator=g, device=g.device)) if len(times) > 1 else 0
+        x_in = backward_simulate(G, z, i, times, process, g, y)
+        t = torch.full((n,), times[i], device=like.device)
+        return (G(x_in, t, y) if y is not None else G(x_in, t)).x0
+
+    def draw_t(n: int, lo: float, hi: float, ctx: StepContext, like: Tensor) -> Tensor:
+        g = ctx.generator
+        return (lo + (hi - lo) * torch.rand(n, generator=g, device=g.device)).to(like.device, torch.float32)
+
+    def step(ctx: StepContext, batch: Mapping[str, Tensor]) -> Tensor:
+        x_real, y = batch["x"], batch.get("y")
+        n, g = len(x_real), ctx.generator
+        critic: Critic = ctx.nets["critic"]
+        if ctx.phase == "generator":
+            x = sample(ctx, n, x_real, y)
+            t = draw_t(n, *cfg.t_range, ctx, x)
+            eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
+            teacher = ctx.nets["teacher"]
+            real = guided(teacher, cfg.real_w, null_label) if (cfg.real_w and y is not None) else teacher
+            loss = dm_loss(x, real, critic.fake, process, t, eps, y, cfg.normalize)
+            if cfg.lambda_reg > 0 and "z_ref" in batch:
+                z_ref = batch["z_ref"]
+                x_hat = ctx.nets["generator"](z_ref, torch.ones(len(z_ref), device=z_ref.device), *(
+                    () if batch.get("y_ref") is None else (batch["y_ref"],))).x0
+                reg = _distance(cfg.regression)(x_hat, batch["x_ref"])                       # (B_ref,)
+                loss = loss + cfg.lambda_reg * reg.mean()
+            if cfg.gan and critic.head is not None:
+                loss = loss + cfg.lambda_g * g_loss(critic.head(x, y, g))
+            return guard(loss, "generator", ctx.step, cfg.max_loss)
+        with torch.no_grad():
+            x = sample(ctx, n, x_real, y)
+        t = draw_t(n, 0.0, 1.0, ctx, x)
+        eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
+        loss = fake_score_loss(critic.fake, x, t, eps, y)
+        if cfg.gan and critic.head is not None:
+            loss = loss + cfg.lambda_d * d_loss(critic.head(x_real, y, g), critic.head(x, y, g))
+        return guard(loss, "critic", ctx.step, cfg.max_loss)
+
+    return step
+
+
+def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator], Mapping[str, Tensor]],
+                cfg: DMDConfig, train_cfg: TrainConfig, x_example: Tensor, y_example: Any = None, ckpt_dir=None,
+                progress: bool = True, accelerator=None) -> tuple[nn.Module, Trained]:
+    """Train a DMD/DMD2 generator initialised from the teacher's weights (the generator is the teacher's network
+    used as x0_hat(z, t) on its grid). Returns (the generator: its EMA when ema_decay > 0, eval, no grad; Trained)."""
+    G = copy.deepcopy(teacher).requires_grad_(True).train()
+    critic = make_critic(teacher, x_example, cfg.gan, y_example)
+    frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
+    null = getattr(getattr(teacher, "net", None), "num_classes", None)
+    nets = {"generator": Network(G, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
+                                 every=cfg.ttur),
+            "critic": Network(critic, lr=cfg.lr_critic, betas=cfg.betas, grad_clip=cfg.grad_clip)}
+    done = train_networks(nets, dmd_step(cfg, teacher.process, null), sample_batch, train_cfg,
+                          frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
+                          extra_config={"method": "dmd2" if cfg.gan or cfg.ttur > 1 else "dmd", **asdict(cfg)})
+    return done.best("generator").eval().requires_grad_(False), done
+
+
+@torch.no_grad()
+def sample(G: Callable[..., Pred], z: Tensor, k: int, process: AffineProcess, generator: torch.Generator,
+           y: Any = None) -> Tensor:
+    """k-step generation on the generator's grid (denoise, re-noise with fresh noise, ...; DMD2 / LCM scheduling):
+    backward simulation to the last step, then its x0. (B, ...)"""
+    from ..samplers import consistency
+    from ..grids import uniform
+
+    model = condition(G, y) if y is not None else G
+    return consistency(model, z, uniform(k), process, generator=generator)
