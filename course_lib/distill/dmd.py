@@ -117,7 +117,8 @@ def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, y_example: Any
         names = taps if taps is not None else DenoiserFeatures(fake).taps[-1:]
         labels = y_example.y if hasattr(y_example, "y") else y_example
         num_classes = getattr(getattr(fake, "net", None), "num_classes", None) if labels is not None else None
-        head = discriminator(DenoiserFeatures(fake, names, t_range), x_example, hidden, num_classes, y_example)
+        head = discriminator(DenoiserFeatures(fake, names, t_range, shared=True), x_example, hidden, num_classes,
+                             y_example)
     return Critic(fake, head)
 
 

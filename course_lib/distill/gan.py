@@ -176,14 +176,27 @@ class DenoiserFeatures(nn.Module):
 
     The model is frozen (ADD/LADD: the teacher) unless it is trained elsewhere (DMD2: the fake score, whose encoder
     the GAN gradients also train). forward(x, y=None, generator=None) -> list of (B, ...) tensors; gradients flow to
-    x. t and eps are drawn from `generator` (on its device) when given, else from torch's global generator."""
+    x. t and eps are drawn from `generator` (on its device) when given, else from torch's global generator.
 
-    def __init__(self, model: nn.Module, taps: Sequence[str] | None = None, t_range: tuple[float, float] = (0.0, 1.0)):
+    shared=True keeps the model out of this module's parameters and state dict: for a model that another module
+    already owns (DMD2's critic holds the fake score once; a checkpoint must not store it twice)."""
+
+    def __init__(self, model: nn.Module, taps: Sequence[str] | None = None, t_range: tuple[float, float] = (0.0, 1.0),
+                 shared: bool = False):
         super().__init__()
         if not 0.0 <= t_range[0] <= t_range[1] <= 1.0:
             raise ValueError(f"t_range must satisfy 0 <= t_lo <= t_hi <= 1; got {t_range}")
-        self.model, self.t_range = model, tuple(float(v) for v in t_range)
+        if shared:
+            self._shared = (model,)               # a tuple: not registered as a submodule
+        else:
+            self.model = model
+        self.t_range = tuple(float(v) for v in t_range)
         self.taps = list(taps) if taps is not None else default_taps(model)
+
+    def __getattr__(self, name: str):
+        if name == "model" and "_shared" in self.__dict__:
+            return self.__dict__["_shared"][0]
+        return super().__getattr__(name)
 
     @property
     def process(self) -> AffineProcess:
