@@ -159,10 +159,11 @@ class TrainState:
 class _Synced:
     """A DDP-wrapped network as its step function sees it: calls go through DDP (which averages gradients over
     the processes), attributes (e.g. a Denoiser's .process) come from the network itself. The methods named in
-    SYNCED_METHODS (a Denoiser's `raw`, which training losses call instead of forward) also run through DDP:
+    SYNCED_METHODS (a Denoiser's `raw`, which training losses call instead of forward; a critic's `logits`, DMD2's
+    GAN head) also run through DDP:
     for that one call the module's forward is that method."""
 
-    SYNCED_METHODS = ("raw",)
+    SYNCED_METHODS = ("raw", "logits")
 
     def __init__(self, wrapped: nn.Module, module: nn.Module):
         self._wrapped, self._module = wrapped, module

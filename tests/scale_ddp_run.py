@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 tests/scale_ddp_run.py OUT_JSON_PREFIX <stage> <args...>
 
+stage: reflow (the student) or dmd2 (generator and critic).
+
 Each rank records digests of the batches it drew and of its student's weights after training: OUT_JSON_PREFIX<r>.json.
 """
 import hashlib
@@ -35,9 +37,30 @@ def main() -> None:
         return wrapped
 
     reflow.triplet_batches = recording
-    done = reflow.main(argv) if stage == "reflow" else None
+    if stage == "dmd2":                       # DMD2: batches are dicts {"x": real latents, "y": Cond}
+        import course_lib.scale.dmd2 as dmd2
+
+        inner = dmd2.batches
+
+        def dmd2_recording(emb, images, shape):
+            sample = inner(emb, images, shape)
+
+            def wrapped(n, g):
+                batch = sample(n, g)
+                drawn.append(digest(batch["x"]))
+                return batch
+
+            return wrapped
+
+        dmd2.batches = dmd2_recording
+        done = dmd2.main(argv)
+        nets = {"generator": done.nets["generator"], "critic": done.nets["critic"]}
+    else:
+        done = reflow.main(argv) if stage == "reflow" else None
+        nets = {"": done.nets["student"]}
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    weights = {k: digest(v) for k, v in done.nets["student"].state_dict().items()}
+    weights = {(f"{name}." if name else "") + k: digest(v) for name, net in nets.items()
+               for k, v in net.state_dict().items()}
     with open(f"{prefix}{rank}.json", "w") as f:
         json.dump({"world": world, "batches": drawn, "weights": weights}, f)
 

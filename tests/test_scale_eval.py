@@ -74,3 +74,16 @@ def test_cost_measures_a_training_step_at_a_tiny_size_on_the_cpu(tmp_path, capsy
             cost.main(["--device", "cpu"])
         else:
             raise SystemExit("needs one")
+
+
+def test_cost_measures_a_dmd2_iteration_of_three_unets_at_a_tiny_size(tmp_path, capsys):
+    res = cost.main(["--method", "dmd2", "--tiny", "--batch-size", "2", "--device", "cpu", "--lora", "4",
+                     "--out", str(tmp_path / "dmd2.json")])
+    assert res["method"] == "dmd2" and res["seconds_per_iteration"] > 0 and res["peak_memory_gib"] is None
+    # a LoRA generator trains only its adapter; the critic trains the whole fake score and the GAN head
+    assert 0 < res["trainable_generator"] < res["params_unet"] < res["trainable_critic"]
+    b = cost.dmd2_budget(1.0, 4)                                             # one second per iteration, batch 4
+    assert b["gpu_hours"] == pytest.approx(41_000 * 2048 / 4 / 3600)
+    assert b["paper_gpu_hours"] == 64 * 25.0
+    assert "A GPU is needed for the real table" in capsys.readouterr().out
+    assert json.loads((tmp_path / "dmd2.json").read_text())["lora_rank"] == 4

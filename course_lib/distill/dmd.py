@@ -104,8 +104,22 @@ class Critic(nn.Module):
     def process(self) -> AffineProcess:
         return self.fake.process
 
+    @property
+    def parameterization(self) -> str:
+        return self.fake.parameterization
+
     def forward(self, x: Tensor, t: Tensor, y: Any = None) -> Pred:
         return self.fake(x, t, y)
+
+    def raw(self, x: Tensor, t: Tensor, y: Any = None) -> Tensor:
+        """The fake score's native output (what `fake_score_loss` regresses)."""
+        return self.fake.raw(x, t, y)
+
+    def logits(self, x: Tensor, y: Any = None, generator: torch.Generator | None = None) -> Tensor:
+        """The GAN head's logits (B,) for samples x (re-noised inside, DenoiserFeatures)."""
+        if self.head is None:
+            raise ValueError("this critic has no GAN head (built with gan=False)")
+        return self.head(x, y, generator)
 
 
 def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, y_example: Any = None, taps: list[str] | None = None,
@@ -220,15 +234,16 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = No
                 reg = _distance(cfg.regression)(x_hat, batch["x_ref"])                       # (B_ref,)
                 loss = loss + cfg.lambda_reg * reg.mean()
             if cfg.gan and critic.head is not None:
-                loss = loss + cfg.lambda_g * g_loss(critic.head(x, y, g))
+                loss = loss + cfg.lambda_g * g_loss(critic.logits(x, y, g))
             return guard(loss, "generator", ctx.step, cfg.max_loss)
         with torch.no_grad():
             x = sample(ctx, n, x_real, y)
         t = draw_t(n, 0.0, 1.0, ctx, x)
         eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
-        loss = fake_score_loss(critic.fake, x, t, eps, y)
+        # through the critic's own methods (raw, logits), so that under DDP the gradients are averaged over processes
+        loss = fake_score_loss(critic, x, t, eps, y)
         if cfg.gan and critic.head is not None:
-            loss = loss + cfg.lambda_d * d_loss(critic.head(x_real, y, g), critic.head(x, y, g))
+            loss = loss + cfg.lambda_d * d_loss(critic.logits(x_real, y, g), critic.logits(x, y, g))
         return guard(loss, "critic", ctx.step, cfg.max_loss)
 
     return step

@@ -93,6 +93,92 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
     return res
 
 
+# DMD2 (SD 1.5, tianweiy/DMD2 experiments/laion6.25): 39k iterations (20k-40k iteration runs) then a GAN stage of
+# 2k, each at a global batch of 32 x 64 GPUs; the paper: "25 hours on 64 A100s" for the first stage (card section 4)
+DMD2_SD15 = {"iterations": 39_000 + 2_000, "global_batch": 2048, "paper_gpus": 64, "paper_wall_hours": 25.0,
+             "ttur": 10}
+
+
+def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointing: bool = True, lora: int = 0,
+                 gan: bool = True, ttur: int = 10, iterations: int = 2, tiny: bool = False,
+                 device: str | None = None) -> dict:
+    """Peak memory and seconds per iteration of DMD2's training (course_lib.scale.dmd2: dmd.dmd_step through the
+    engine) on three UNets of the SD 1.5 architecture with random weights (generator, critic = fake score + GAN head,
+    frozen real score; with lora the generator is a LoRA and the real score its UNet without the adapter). Timed
+    over whole rounds of `ttur` iterations (one generator update and ttur critic updates each), after one warm-up
+    round; reported per iteration (a round's time / ttur)."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from .. import sd as sdlib
+    from ..conditioning import Cond
+    from ..config import seeded
+    from ..distill import dmd
+    from ..processes import SDDiscrete
+    from ..train import Network, TrainConfig, train_networks
+    from .dmd2 import AdapterOff
+
+    dev = device_of(device)
+    cfg = unet_config(tiny)
+    with seeded(0):
+        unet = UNet2DConditionModel(**cfg)
+    G = sdlib.SDDenoiser(unet, SDDiscrete(), "eps").to(dev)
+    L, D, h = (77, cfg["cross_attention_dim"], cfg["sample_size"])
+    null = torch.zeros(1, L, D, device=dev)
+    example = Cond(text=torch.zeros(2, L, D, device=dev), null_text=null)
+    with seeded(1):
+        critic = dmd.make_critic(G, torch.zeros(2, 4, h, h, device=dev), gan, example)
+    if lora:
+        sdlib.add_lora(G, r=lora)
+        real = AdapterOff(G)
+    else:
+        real = copy.deepcopy(G).requires_grad_(False).eval()
+    stamps: list[float] = []
+
+    def sample(n, g):
+        return {"x": torch.randn(n, 4, h, h, generator=g), "y": Cond(text=torch.randn(n, L, D, generator=g),
+                                                                      null_text=null.cpu())}
+
+    step = dmd.dmd_step(dmd.DMDConfig(ttur=ttur, gan=gan, real_w=0.75), G.process)
+
+    def timed(ctx, batch):
+        if ctx.phase == "generator":
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            stamps.append(time.perf_counter())
+        return step(ctx, batch)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    nets = {"generator": Network(G, lr=1e-5, every=ttur, save_frozen=not lora), "critic": Network(critic, lr=1e-5)}
+    train_networks(nets, timed, sample, TrainConfig(steps=ttur * (iterations + 1) + 1, batch_size=batch_size,
+                                                    precision=precision, grad_checkpointing=grad_checkpointing),
+                   frozen={"teacher": real}, progress=False)
+    rounds = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    sec = statistics.median(rounds) / ttur
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    res = {"method": "dmd2", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "unet": "tiny (CPU smoke)" if tiny else "SD 1.5 (configs/sd15_unet.json)", "params_unet": count(unet),
+           "trainable_generator": trainable(G), "trainable_critic": trainable(critic), "gan": gan, "ttur": ttur,
+           "batch_size_per_gpu": batch_size, "precision": precision, "grad_checkpointing": grad_checkpointing,
+           "lora_rank": lora, "latent": [4, h, h], "seconds_per_iteration": sec,
+           "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+    res["dmd2_budget"] = dmd2_budget(sec, batch_size)
+    return res
+
+
+def dmd2_budget(seconds_per_iteration: float, batch_size: int, gpus: tuple[int, ...] = (8, 64)) -> dict:
+    """DMD2's SD 1.5 schedule at the measured seconds per iteration (batch_size per GPU), per GPU count: the paper's
+    global batch is reached with gradient accumulation where the GPUs hold less."""
+    b = DMD2_SD15
+    gpu_hours = b["iterations"] * (b["global_batch"] / batch_size) * seconds_per_iteration / 3600
+    return {"iterations": b["iterations"], "global_batch": b["global_batch"], "gpu_hours": gpu_hours,
+            "wall_hours": {str(n): gpu_hours / n for n in gpus},
+            "paper_gpu_hours": b["paper_gpus"] * b["paper_wall_hours"], "paper": "25 h on 64 A100s (39k iterations)"}
+
+
 def budget(seconds_per_sample: float, gpus: tuple[int, ...] = (1, 8)) -> dict:
     """InstaFlow's SD 1.5 training schedule at the measured seconds per sample (training only), per GPU count."""
     samples = sum(it * b for it, b in INSTAFLOW_STAGES.values())
@@ -107,7 +193,9 @@ def budget(seconds_per_sample: float, gpus: tuple[int, ...] = (1, 8)) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m course_lib.scale.cost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--method", default="reflow", choices=["reflow", "dmd2"], help="reflow: InstaFlow's stage 1 "
+                    "step; dmd2: DMD2's iteration (three UNets, course_lib.scale.dmd2)")
+    ap.add_argument("--batch-size", type=int, default=None, help="per GPU (default 8 for reflow, 4 for dmd2)")
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--lora", type=int, default=0)
@@ -122,6 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
     if dev.type != "cuda" and not a.tiny:
         raise SystemExit("no GPU here: the real SD 1.5 table needs one (an A100/H100 80GB). Run with --tiny for "
                          "the CPU smoke test of the measurement itself.")
+    if a.method == "dmd2":
+        return _print_dmd2(measure_dmd2(a.batch_size or 4, a.precision, a.grad_checkpointing, a.lora, tiny=a.tiny,
+                                        device=a.device), a)
+    a.batch_size = a.batch_size or 8
     res = measure(a.batch_size, a.precision, a.grad_checkpointing, a.lora, 0.9999 if a.ema else 0.0, a.steps,
                   a.warmup, a.tiny, a.device)
     if a.out:
@@ -137,6 +229,24 @@ def main(argv: list[str] | None = None) -> dict:
     if a.tiny or dev.type != "cuda":
         print("note: measured on a tiny UNet on the CPU: these numbers only test the measurement. A GPU is needed "
               "for the real table (python -m course_lib.scale.cost on an A100/H100).")
+    return res
+
+
+def _print_dmd2(res: dict, a) -> dict:
+    if a.out:
+        write_json_atomic(Path(a.out), res)
+    b = res["dmd2_budget"]
+    mem = "n/a (CPU)" if res["peak_memory_gib"] is None else f"{res['peak_memory_gib']:.1f} GiB"
+    print(f"| device | method | UNets | batch/GPU | precision | checkpointing | generator LoRA | s/iteration | peak memory |"
+          f"\n|---|---|---|---|---|---|---|---|---|\n| {res['device']} | DMD2 (TTUR {res['ttur']}, GAN {res['gan']}) | "
+          f"{res['unet']} x 3 | {res['batch_size_per_gpu']} | {res['precision']} | {res['grad_checkpointing']} | "
+          f"{res['lora_rank'] or '-'} | {res['seconds_per_iteration']:.3f} | {mem} |")
+    print(f"DMD2's SD 1.5 schedule ({b['iterations']:,} iterations at a global batch of {b['global_batch']}): "
+          f"{b['gpu_hours']:.0f} GPU-hours here; wall {b['wall_hours']['8']:.0f} h on 8 GPUs, {b['wall_hours']['64']:.0f} h "
+          f"on 64 (paper: {b['paper']} = {b['paper_gpu_hours']:.0f} GPU-hours)")
+    if a.tiny:
+        print("note: measured on tiny UNets on the CPU: these numbers only test the measurement. A GPU is needed "
+              "for the real table (python -m course_lib.scale.cost --method dmd2 on an A100/H100).")
     return res
 
 

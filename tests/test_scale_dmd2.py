@@ -1,0 +1,162 @@
+"""DMD2 at Stable Diffusion scale (course_lib.scale.dmd2) on the shipped mini Stable Diffusion, offline: a few
+iterations on image-caption pairs (real latents through the teacher's VAE for the GAN), every network and optimizer in
+the checkpoint, a killed run that resumes to exactly the weights of an uninterrupted one, the exported generator
+loaded by plain diffusers whose LCMScheduler samples equal the course's own sampler on the same noise (one and four
+steps, full and LoRA), a two-process run that keeps both networks identical on both processes, and the clear
+errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from course_lib import minisd
+from course_lib import sd as sdlib
+from course_lib.distill import dmd
+from course_lib.scale import dmd2
+from course_lib.scale.common import SourceError
+from course_lib.train import TRAINER_WEIGHTS
+from killed_stage import ENV, kill_midway
+from test_scale_lcm import _shards
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+HERE = Path(__file__).parent
+PROMPTS = ["a red handwritten seven", "a thick three"]
+STEPS = 8
+
+
+def _args(out: Path, *source: str, steps: int = STEPS, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["--teacher", str(minisd.MINI_SD), *source, "--out", str(out), "--steps", str(steps), "--batch-size", "2",
+            "--ttur", "2", "--lr", "1e-3", "--warmup", "0", "--ckpt-every", "1", "--precision", "bf16",
+            "--grad-checkpointing", "--resolution", "16", "--cache-dtype", "float32", "--device", "cpu",
+            "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A one-step run (whole UNet) and a four-step LoRA run on the same image-caption pairs."""
+    root = tmp_path_factory.mktemp("scale-dmd2")
+    tar = _shards(root / "pairs.tar")
+    one = dmd2.main(_args(root / "one", "--data", str(tar)))
+    four = dmd2.main(_args(root / "four", "--embeddings", str(root / "one" / "embeddings"),
+                           extra=("--gen-steps", "4", "--lora", "4", "--lora-alpha", "4")))
+    return {"root": root, "tar": tar, "one": one, "four": four}
+
+
+def test_dmd2_trains_both_networks_with_the_two_time_scale_rule_and_checkpoints_every_optimizer(work):
+    done, run = work["one"], work["root"] / "one"
+    assert done.step == STEPS and done.updates == {"generator": STEPS // 2, "critic": STEPS}
+    assert all(v == v for losses in done.losses.values() for v in losses)
+    saved = load_file(str(run / "checkpoint" / TRAINER_WEIGHTS))
+    for prefix in ("net.generator.unet.", "net.critic.fake.unet.", "net.critic.head.heads.", "opt.generator.",
+                   "opt.critic."):
+        assert any(k.startswith(prefix) for k in saved), f"the checkpoint has no {prefix}* tensors"
+    assert not any(k.startswith("net.critic.head.features.") for k in saved)     # the fake score is stored once
+    # the GAN head reads the fake score's bottleneck, and the critic's AdamW state covers head and fake score
+    head = [k for k in saved if k.startswith("net.critic.head.heads.0.")]
+    assert head and dmd2.read_meta(run)["gan"] is True
+    # the generator moved away from the teacher (the comparison below is with the teacher's own weights)
+    teacher = minisd.load_mini_sd().model.unet.state_dict()
+    moved = max(float((saved[f"net.generator.unet.{k}"] - v).abs().max()) for k, v in teacher.items())
+    assert moved > 1e-4
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(work, tmp_path):
+    run = work["root"] / "one"
+    saved = load_file(str(run / "checkpoint" / TRAINER_WEIGHTS))
+    args = _args(tmp_path / "killed", "--embeddings", str(run / "embeddings"))
+    stopped = kill_midway("course_lib.scale.dmd2", args, tmp_path / "killed" / "checkpoint", STEPS)
+    dmd2.main(args)
+    again = load_file(str(tmp_path / "killed" / "checkpoint" / TRAINER_WEIGHTS))
+    assert saved.keys() == again.keys()
+    for k in saved:
+        assert torch.equal(saved[k], again[k]), f"{k} differs after resuming from step {stopped}"
+
+
+@pytest.mark.parametrize("name", ["one", "four"])
+def test_the_generator_loads_in_diffusers_and_lcmscheduler_equals_the_course_sampler(work, name):
+    run = work["root"] / name
+    meta = dmd2.read_meta(run)
+    k = meta["gen_steps"]
+    assert meta["timesteps"] == ([999] if k == 1 else [999, 749, 499, 249])
+    pipe = dmd2.dmd2_pipeline(run)
+    with torch.no_grad():
+        latents = pipe(PROMPTS, num_inference_steps=k, guidance_scale=0.0, output_type="latent",
+                       generator=torch.Generator().manual_seed(3)).images
+        images = dmd2.generate(pipe, run, PROMPTS, seed=3)
+    assert pipe.scheduler.timesteps.tolist() == meta["timesteps"]
+    sd = minisd.load_mini_sd()
+    if meta["lora"]:
+        assert (run / meta["folder"] / "pytorch_lora_weights.safetensors").is_file()
+        G = sdlib.load_lora(sd.model, run / meta["folder"])
+    else:
+        G = sdlib.load_sd(run / meta["folder"]).model
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        ours = dmd.sample(G, z, k, G.process, g, sd.text(PROMPTS))
+    scale = max(1.0, float(latents.abs().max()))
+    assert float((ours - latents).abs().max()) <= 1e-4 * scale
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    # the trained generator differs from the teacher used as a k-step generator on the same noise (the test has teeth)
+    teacher = minisd.load_mini_sd().model
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        before = dmd.sample(teacher, z, k, teacher.process, g, sd.text(PROMPTS))
+    assert float((before - ours).abs().max()) > 1e-3
+
+
+def test_a_lora_run_checkpoints_only_the_adapter_and_uses_the_unet_without_it_as_real_score(work):
+    run = work["root"] / "four"
+    saved = load_file(str(run / "checkpoint" / TRAINER_WEIGHTS))
+    gen = [k for k in saved if k.startswith("net.generator.")]
+    assert gen and all("lora" in k for k in gen)
+    assert work["four"].updates == {"generator": STEPS // 2, "critic": STEPS}
+    _, G, real, _ = dmd2.build(minisd.MINI_SD, 4, 4.0, gan=False, seed=0)
+    with torch.no_grad():
+        for p in G.unet.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.9, 0.4])
+    c = minisd.load_mini_sd().text(PROMPTS)
+    teacher = minisd.load_mini_sd().model
+    with torch.no_grad():
+        torch.testing.assert_close(real(x, t, c).x0, teacher(x, t, c).x0)      # adapter off: the teacher
+        assert float((G(x, t, c).x0 - teacher(x, t, c).x0).abs().max()) > 1e-3
+
+
+def test_two_processes_keep_identical_generator_and_critic(work, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    args = _args(tmp_path / "ddp", "--embeddings", str(work["root"] / "one" / "embeddings"), steps=4)
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(HERE / "scale_ddp_run.py"),
+           str(tmp_path / "rank"), "dmd2", *args]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and any(s in proc.stderr for s in ("Gloo", "gloo", "EADDRINUSE", "rendezvous")):
+        pytest.skip(f"torchrun could not start two gloo processes here:\n{proc.stderr[-2000:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert len(r0["batches"]) == len(r1["batches"]) > 0 and not set(r0["batches"]) & set(r1["batches"])
+    assert r0["weights"] == r1["weights"]                    # generator AND critic: gradients averaged over both
+    assert any(k.startswith("critic.head.") for k in r0["weights"])
+    assert (tmp_path / "ddp" / "generator" / "model_index.json").is_file()
+
+
+def test_clear_errors(work, tmp_path):
+    with pytest.raises(SystemExit, match="GAN term needs them"):
+        dmd2.main(_args(tmp_path / "p", "--prompts", str(tmp_path / "none.txt")))
+    shutil.copytree(minisd.MINI_SD, tmp_path / "no-vae", ignore=shutil.ignore_patterns("vae"))
+    args = _args(tmp_path / "out", "--embeddings", str(work["root"] / "one" / "embeddings"))
+    args[1] = str(tmp_path / "no-vae")
+    with pytest.raises(SystemExit, match="has no vae/"):
+        dmd2.main(args)
+    with pytest.raises(SourceError, match="not a finished run"):
+        dmd2.read_meta(tmp_path)
