@@ -160,3 +160,28 @@ def test_clear_errors(work, tmp_path):
         dmd2.main(args)
     with pytest.raises(SourceError, match="not a finished run"):
         dmd2.read_meta(tmp_path)
+
+
+def test_the_mini_sd_generator_trains_saves_and_loads(tmp_path):
+    """distill.dmd2_sd (the shipped mini-SD student's recipe) on a tiny random pipeline: a few iterations of the
+    same method step, then the saved UNet loads back as the same generator."""
+    from course_lib.distill import dmd2_sd
+
+    sd = sdlib.from_pipeline(sdlib.tiny_sd_pipeline(seed=0))
+    before = {k: v.clone() for k, v in sd.model.unet.state_dict().items()}
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text = sd.text(["a red seven"] * 6)
+    sample = lambda n, g: {"x": x[:n], "y": type(text)(text=text.text[:n], null_text=text.null_text)}
+    G, done = dmd2_sd.distill(sd, steps=4, batch=2, sample_batch=sample, progress=False)
+    assert done.updates == {"generator": 1, "critic": 4} and not G.training
+    assert all(torch.equal(v, sd.model.unet.state_dict()[k]) for k, v in before.items())   # the teacher untouched
+    folder = dmd2_sd.save(G, tmp_path / "g", {"kind": "dmd2"})
+    again = dmd2_sd.load(sd, folder)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        c = sd.text(["a red seven", "a blue two"])
+        t = torch.ones(2)
+        torch.testing.assert_close(again(z, t, c).x0, G(z, t, c).x0)
+    with pytest.raises(FileNotFoundError, match="recreate it with"):
+        dmd2_sd.load(sd, tmp_path)

@@ -1,0 +1,185 @@
+"""DMD2 of a Stable Diffusion model in course pieces (sd.SD): the mini Stable Diffusion's one-step student, trained
+with notebook 09's method step (dmd.dmd_step) on the mini SD's own training digits, which serve as the GAN's real
+latents (through the teacher's VAE) and whose captions condition the generator.
+
+    python -m course_lib.distill.dmd2_sd train --out data/dmd2 --threads 2      recreate the shipped student
+
+The real score is the teacher with classifier-free guidance at the mini SD's default w (minisd.DEFAULT_W, the
+course's convention): the guidance is distilled into the generator, which is sampled without it. The student is a
+plain UNet (same architecture), saved in diffusers' format with dmd2.json beside it, and sampled with the generator's
+grid (dmd.sample: 999, or 999/749/499/249 with fresh noise in between, as diffusers' LCMScheduler does)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioning import Cond
+from ..train import Network, Trained, TrainConfig, train_networks
+from . import dmd
+
+SHIPPED = "mini-sd-dmd2"
+META = "dmd2.json"
+RECREATE = "python -m course_lib.distill.dmd2_sd train --out data/dmd2 --threads 2"
+# DMD2's SD recipe (TTUR, lambda_G, lambda_D, AdamW betas, clip 10) at the mini SD's size: larger learning rates for
+# a run of minutes; real score guided at the mini SD's default w (set in `recipe`)
+RECIPE = dmd.DMDConfig(ttur=5, gan=True, lambda_g=1e-2, lambda_d=1e-1, lr_g=1e-4, lr_critic=1e-4, betas=(0.0, 0.999),
+                       grad_clip=10.0)
+STEPS, BATCH = 1500, 32
+
+
+def recipe() -> dmd.DMDConfig:
+    from .. import minisd
+
+    return replace(RECIPE, real_w=float(minisd.DEFAULT_W))
+
+
+def shipped_dir() -> Path:
+    from .. import paths
+
+    return paths.data_dir() / "dmd2"
+
+
+def digit_batches(sd: Any, n_images: int | None = None) -> Callable[[int, torch.Generator], dict]:
+    """sample_batch(n, g) -> {"x": real latents of the mini SD's training digits (n, 4, h, w), "y": Cond of their
+    captions} (the latents and caption embeddings of lcm.digit_batches)."""
+    from .lcm import digit_batches as pairs
+
+    draw = pairs(sd, n_images)
+
+    def sample(n: int, g: torch.Generator) -> dict:
+        z0, c = draw(n, g)
+        return {"x": z0, "y": c}
+
+    return sample
+
+
+def distill(sd: Any, cfg: dmd.DMDConfig | None = None, steps: int = STEPS, batch: int = BATCH, seed: int = 0,
+            sample_batch: Callable | None = None, ckpt_dir=None, progress: bool = True) -> tuple[nn.Module, Trained]:
+    """A DMD2 generator of sd.model (one step unless cfg.gen_steps > 1): returns (the generator, eval, no grad;
+    the engine's Trained). sd.model itself is left untouched (the generator, critic and real score are copies)."""
+    import copy
+
+    from ..config import seeded
+
+    cfg = cfg or recipe()
+    teacher = copy.deepcopy(sd.model).requires_grad_(False).eval()
+    G = copy.deepcopy(sd.model).requires_grad_(True).train()
+    unet = G.unet
+    h = unet.config.sample_size
+    x_example = torch.zeros(2, unet.config.in_channels, h, h)
+    text = torch.zeros(2, 1, unet.config.cross_attention_dim)
+    with seeded(seed):
+        critic = dmd.make_critic(teacher, x_example, cfg.gan, Cond(text=text, null_text=text[:1]))
+    nets = {"generator": Network(G, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, every=cfg.ttur,
+                                 ema_decay=cfg.ema_decay),
+            "critic": Network(critic, lr=cfg.lr_critic, betas=cfg.betas, grad_clip=cfg.grad_clip)}
+    done = train_networks(nets, dmd.dmd_step(cfg, teacher.process), sample_batch or digit_batches(sd),
+                          TrainConfig(steps=steps, batch_size=batch, seed=seed, desc="DMD2 mini SD",
+                                      ckpt_every=100 if ckpt_dir is not None else 0),
+                          frozen={"teacher": teacher}, ckpt_dir=ckpt_dir, progress=progress,
+                          extra_config={"method": "dmd2-sd", **asdict(cfg)})
+    return done.best("generator").eval().requires_grad_(False), done
+
+
+@torch.no_grad()
+def sample(sd: Any, G: nn.Module, prompts: Sequence[str], steps: int = 1, seed: int = 0, batch: int = 256) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] of the generator at `steps` steps (no classifier-free guidance: it is in the
+    weights). Initial noise from a generator seeded `seed` (as minisd.sample draws it), then the re-noising noise."""
+    g = torch.Generator().manual_seed(seed)
+    unet = G.unet
+    h = unet.config.sample_size
+    z1 = torch.randn(len(prompts), unet.config.in_channels, h, h, generator=g)
+    out = []
+    for k in range(0, len(prompts), batch):
+        z = dmd.sample(G, z1[k:k + batch], steps, G.process, g, sd.text(list(prompts[k:k + batch])))
+        out.append(sd.vae.decode(z).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def evaluate(sd: Any, G: nn.Module, n: int = 500, steps: int = 1, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
+    """minisd.evaluate for a DMD2 generator: the same prompts per seed (drawn as minisd.evaluate draws them), prompt
+    adherence and KID/FD against held-out and training digits, mean and spread over the seeds."""
+    from .. import minisd
+    from ..classifier import digits_scores, load_digits_classifier
+
+    records = minisd.load_prompts()
+    clf, edges = load_digits_classifier(), minisd.training_digits().edges
+    runs = []
+    for s in seeds:
+        pick = torch.randint(0, len(records), (n,), generator=torch.Generator().manual_seed(1000 + s)).tolist()
+        recs = [records[i] for i in pick]
+        imgs = sample(sd, G, [r["prompt"] for r in recs], steps, seed=s)
+        row = minisd.attribute_scores(imgs, recs, edges, clf)
+        row.update(digits_scores(minisd.to_grayscale(imgs), clf))
+        runs.append(row)
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    std = {k: (sum((r[k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in runs[0]}
+    return {"n": n, "steps": steps, "seeds": list(seeds), "mean": mean, "std": std, "runs": runs}
+
+
+def save(G: nn.Module, folder: str | Path, info: dict) -> Path:
+    """folder/unet (diffusers' UNet2DConditionModel, safetensors) and folder/dmd2.json."""
+    folder = Path(folder)
+    G.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    (folder / META).write_text(json.dumps(info, indent=2) + "\n")
+    return folder
+
+
+def load(sd: Any, folder: str | Path) -> nn.Module:
+    """The generator saved by `save`, as a course model on sd's process (sd.model's weights are not touched)."""
+    from diffusers import UNet2DConditionModel
+
+    from .. import sd as sdlib
+
+    folder = Path(folder)
+    if not (folder / META).is_file():
+        raise FileNotFoundError(f"{folder} holds no DMD2 generator ({META} is missing): recreate it with `{RECREATE}`")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    return sdlib.SDDenoiser(unet, sd.model.process, sd.model.parameterization).eval().requires_grad_(False)
+
+
+def load_shipped(sd: Any) -> nn.Module:
+    from .. import paths
+
+    return load(sd, paths.shipped(shipped_dir() / SHIPPED, RECREATE))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from .. import minisd
+
+    parser = argparse.ArgumentParser(prog="python -m course_lib.distill.dmd2_sd",
+                                     description="Distil the mini Stable Diffusion into a one-step DMD2 generator.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="DMD2 of the mini SD with the shipped recipe")
+    p.add_argument("--out", default=str(shipped_dir()))
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sd = minisd.load_mini_sd()
+    t0 = time.perf_counter()
+    G, done = distill(sd, steps=args.steps, batch=args.batch, ckpt_dir=Path(args.out) / "checkpoint")
+    secs = time.perf_counter() - t0
+    ev = evaluate(sd, G, args.n_eval, 1)
+    info = {"kind": "dmd2", "gen_steps": 1, "timesteps": [999], "w_distilled": float(minisd.DEFAULT_W),
+            "command": f"{RECREATE} (steps {args.steps}, batch {args.batch})", "recipe": asdict(recipe()),
+            "steps": args.steps, "batch": args.batch, "updates": done.updates, "train_seconds": round(secs),
+            "threads": torch.get_num_threads(), "evaluation": {k: ev[k] for k in ("n", "seeds", "mean", "std")}}
+    folder = save(G, Path(args.out) / SHIPPED, info)
+    print(f"DMD2 mini SD: {args.steps} iterations in {secs:.0f} s; saved in {folder}")
+    print(json.dumps(ev["mean"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
