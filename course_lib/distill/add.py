@@ -29,6 +29,7 @@ first each iteration), "student", and the frozen "teacher". Batches are dicts: "
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import asdict, dataclass
@@ -92,8 +93,19 @@ def discriminator_loss(D: Callable[[Tensor], Tensor], x_real: Tensor, x_fake: Te
     d_loss, _ = adversarial(loss)
     out = d_loss(D(x_real), D(x_fake.detach()))
     if r1_gamma > 0:
-        out = out + 0.5 * r1_gamma * r1_penalty(D, x_real)
+        with _double_backward_attention():
+            out = out + 0.5 * r1_gamma * r1_penalty(D, x_real)
     return out
+
+
+def _double_backward_attention():
+    """R1 differentiates a gradient: through a feature network with attention (the digits UNet) that needs
+    PyTorch's "math" attention kernel, the only one with a double backward on every device."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: the default kernels
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def generator_adv_loss(D: Callable[[Tensor], Tensor], x_fake: Tensor, loss: str = "hinge") -> Tensor:
@@ -175,6 +187,7 @@ class ADDConfig:
     teacher_t: tuple[float, float] = (0.02, 0.98)   # T_teacher: t ~ U(lo, hi) of the distillation loss
     student_steps: int = 4          # |T_student| (ADD: 4)
     r1_gamma: float = 1e-4          # R1 weight gamma (penalty gamma / 2 ||grad D(x0)||^2); 0 turns R1 off
+    r1_every: int = 1               # lazy R1 (StyleGAN2; GDD uses 16): every r1_every-th D update, weight x r1_every
     loss: str = "hinge"             # adversarial loss: "hinge" (ADD) or "ns"
     lr_g: float = 1e-4
     lr_d: float = 1e-4
@@ -185,13 +198,23 @@ class ADDConfig:
     max_loss: float = 1e4           # guard: a loss above this (or NaN) stops the run
 
 
-def add_step(cfg: ADDConfig, process: AffineProcess) -> Callable[[StepContext, Mapping[str, Tensor]], Tensor]:
+def add_step(cfg: ADDConfig, process: AffineProcess, distill_fn: Callable | None = None,
+             disc_fn: Callable | None = None) -> Callable[[StepContext, Mapping[str, Tensor]], Tensor]:
     """The ADD method step for train_networks (nets "discriminator", "student", frozen "teacher"):
 
     discriminator phase: x_hat = student(x_s, s) without grad, L = L_adv^D(x0, x_hat) (hinge + gamma/2 R1 on x0)
     student phase:       x_hat = student(x_s, s),  L = L_adv^G(x_hat) + lambda c(t) ||x_hat - sg teacher(x_hat_t)||^2
+
+    distill_fn(x_hat, teacher, t, eps, process) -> (B,) and disc_fn(D, x_real, x_fake, r1_gamma) -> (B,) replace
+    the library's losses (a notebook's exercises); the teacher they get is already conditioned on the batch's labels.
     """
+    from ..guidance import condition
+
     times = torch.tensor(student_times(cfg.student_steps))
+    if distill_fn is None:
+        distill_fn = lambda x_hat, T, t, eps, proc: distillation_loss(x_hat, T, t, eps, proc, None, cfg.weighting)
+    if disc_fn is None:
+        disc_fn = lambda D, x_real, x_fake, gamma: discriminator_loss(D, x_real, x_fake, gamma, cfg.loss)
 
     def student_sample(ctx: StepContext, x0: Tensor, y: Any) -> Tensor:
         g = ctx.generator
@@ -209,7 +232,10 @@ def add_step(cfg: ADDConfig, process: AffineProcess) -> Callable[[StepContext, M
         if ctx.phase == "discriminator":
             with torch.no_grad():
                 x_hat = student_sample(ctx, x0, y)
-            loss = discriminator_loss(D, x0, x_hat, cfg.r1_gamma, cfg.loss)
+            lazy = ctx.step % (cfg.r1_every * cfg.d_every) == 0
+            gamma = cfg.r1_gamma * cfg.r1_every if lazy else 0.0
+            with _double_backward_attention() if gamma > 0 else contextlib.nullcontext():
+                loss = disc_fn(D, x0, x_hat, gamma)
             return guard(loss, "discriminator", ctx.step, cfg.max_loss)
         x_hat = student_sample(ctx, x0, y)
         loss = torch.zeros(len(x0), device=x0.device)
@@ -219,8 +245,8 @@ def add_step(cfg: ADDConfig, process: AffineProcess) -> Callable[[StepContext, M
             lo, hi = cfg.teacher_t
             t = (lo + (hi - lo) * torch.rand(len(x0), generator=g, device=g.device)).to(x0.device)
             eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0)
-            loss = loss + cfg.lambda_distill * distillation_loss(x_hat, ctx.nets["teacher"], t, eps, process, y,
-                                                                 cfg.weighting)
+            T = ctx.nets["teacher"] if y is None else condition(ctx.nets["teacher"], y)
+            loss = loss + cfg.lambda_distill * distill_fn(x_hat, T, t, eps, process)
         return guard(loss, "student", ctx.step, cfg.max_loss)
 
     return step
@@ -229,12 +255,13 @@ def add_step(cfg: ADDConfig, process: AffineProcess) -> Callable[[StepContext, M
 def distill_add(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator], Mapping[str, Tensor]],
                 cfg: ADDConfig, train_cfg: TrainConfig, features: nn.Module, x_example: Tensor, y_example: Any = None,
                 init: str = "teacher", hidden: int = 64, ckpt_dir=None, progress: bool = True, accelerator=None,
-                init_seed: int = 0) -> tuple[nn.Module, Trained]:
+                init_seed: int = 0, distill_fn: Callable | None = None, disc_fn: Callable | None = None
+                ) -> tuple[nn.Module, Trained]:
     """Train an ADD student. init "teacher" copies the teacher's weights (ADD); "scratch" re-initialises the same
     architecture (seed init_seed), the ablation the paper reports as failing. `features` is the frozen feature
     network (`feature_network`); the heads are sized on x_example (B, ...). With cfg.adversarial False the
     discriminator is not trained (distillation only). Returns (the student to sample from: its EMA when
-    ema_decay > 0, eval, no grad; Trained)."""
+    ema_decay > 0, eval, no grad; Trained). distill_fn, disc_fn: see add_step."""
     if init not in ("teacher", "scratch"):
         raise ValueError(f"init is 'teacher' (ADD) or 'scratch'; got {init!r}")
     if not (cfg.adversarial or cfg.distill):
@@ -254,7 +281,7 @@ def distill_add(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
         nets = {}
     nets["student"] = Network(student, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
-    done = train_networks(nets, add_step(cfg, teacher.process), sample_batch, train_cfg, frozen={"teacher": frozen},
+    done = train_networks(nets, add_step(cfg, teacher.process, distill_fn, disc_fn), sample_batch, train_cfg, frozen={"teacher": frozen},
                           ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config={"method": "add", "init": init, **asdict(cfg)})
     return done.best("student").eval().requires_grad_(False), done
