@@ -281,8 +281,8 @@ def distill_add(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
         nets = {}
     nets["student"] = Network(student, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
-    done = train_networks(nets, add_step(cfg, teacher.process, distill_fn, disc_fn), sample_batch, train_cfg, frozen={"teacher": frozen},
-                          ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
+    done = train_networks(nets, add_step(cfg, teacher.process, distill_fn, disc_fn), sample_batch, train_cfg,
+                          frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config={"method": "add", "init": init, **asdict(cfg)})
     return done.best("student").eval().requires_grad_(False), done
 
