@@ -15,7 +15,7 @@ from .core import (PR_N, Evaluation, digits_floor, digits_n, nfe, per_seed, pm, 
 
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
-# model name -> (ADDConfig changes, init): the main student and the ablation of ADD Sec. 4.2 (Table 1)
+# model name -> (ADDConfig changes, init): the main student and the ablation of ADD's Table 1
 VARIANTS = {"add": ({}, "teacher"), "add-adv": ({"distill": False}, "teacher"),
             "add-distill": ({"adversarial": False}, "teacher"), "add-scratch": ({}, "scratch")}
 

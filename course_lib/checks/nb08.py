@@ -107,7 +107,7 @@ def check_distillation_loss(student: Callable, seed: int | None = None) -> Calla
             return fall_back("8.1", ref,
                              f"the values are right but the gradient with respect to x_hat is not {where}: it flows "
                              "through the teacher's target (x_hat_t depends on x_hat). The target is a constant "
-                             "(stop-gradient, ADD Eq. 5): compute x_hat_t from x_hat.detach() and the teacher's x0 "
+                             "(stop-gradient, ADD Sec. 3.3): compute x_hat_t from x_hat.detach() and the teacher's x0 "
                              "under torch.no_grad().")
     return accept("8.1", student, "correct: the values (re-noised student sample, teacher's x0, c(t) = alpha_t) and "
                                   "the gradient (a stop-gradient target) match the reference.")

@@ -7,18 +7,18 @@ Its inputs are REAL data noised to the student's times s in T_student = {1, 3/4,
 
     x0 ~ data,  s ~ U(T_student),  x_s = alpha_s x0 + sigma_s eps,  x_hat = x_hat_theta(x_s, s)          (B, ...)
 
-Two losses train it (ADD Eq. 1-5 in the course's notation):
+Two losses train it (ADD Sec. 3, in the course's notation):
 
-    adversarial (hinge, Eq. 2-3): a discriminator D = sum_k D_k(F_k(.)) of trainable heads on a FROZEN feature
+    adversarial (hinge, Sec. 3.2): a discriminator D = sum_k D_k(F_k(.)) of trainable heads on a FROZEN feature
         network F (ADD: DINOv2; here `feature_network`) tells real x0 from x_hat:
             L_adv^D = relu(1 - D(x0)) + relu(1 + D(sg x_hat)) + gamma / 2 ||grad_x D(x0)||^2  (R1 on REAL data)
             L_adv^G = -D(x_hat)
-    score distillation (Eq. 4-5): re-noise the student's sample to a teacher time t and ask the frozen teacher
+    score distillation (Sec. 3.3): re-noise the student's sample to a teacher time t and ask the frozen teacher
         where it would denoise it; the student moves towards that (a constant target):
             t ~ U(T_teacher),  x_hat_t = alpha_t x_hat + sigma_t eps',
             L_distill = c(t) || x_hat - sg( x_hat_psi(x_hat_t, t) ) ||^2,   c(t) = alpha_t  (ADD's "exponential")
 
-    L_G = L_adv^G + lambda L_distill,   lambda = 2.5 (ADD Sec. 4)
+    L_G = L_adv^G + lambda L_distill,   lambda = 2.5 (ADD's experiments)
 
 Sampling: k steps on the trailing grid, denoise -> re-noise with fresh noise (`sample`; samplers.consistency on
 grids.uniform(k)), the schedule of diffusers' SD-Turbo pipelines.
@@ -45,7 +45,7 @@ from ..train import Network, StepContext, Trained, TrainConfig, train_networks
 from .dmd import generator_times
 from .gan import DenoiserFeatures, RandomFeatures2D, adversarial, discriminator, guard, r1_penalty
 
-LAMBDA = 2.5          # ADD Sec. 4: the weight of the distillation loss
+LAMBDA = 2.5          # ADD's experiments: the weight of the distillation loss
 WEIGHTINGS = ("exponential", "sds", "none")
 
 
@@ -63,7 +63,7 @@ def student_input(x0: Tensor, s: Tensor, eps: Tensor, process: AffineProcess) ->
 
 
 def distill_weight(t: Tensor, process: AffineProcess, weighting: str = "exponential") -> Tensor:
-    """c(t) of the distillation loss (ADD Sec. 3.2 and App.), (B,): "exponential" c(t) = alpha_t (ADD's choice: the
+    """c(t) of the distillation loss (ADD Sec. 3.3 and its appendix), (B,): "exponential" c(t) = alpha_t (ADD's choice: the
     teacher's target counts less at high noise, where it is only the data mean), "sds" c(t) = sigma_t^2 (SDS's
     weighting w(t) in x0 space up to a constant), "none" c(t) = 1."""
     if weighting == "exponential":
@@ -77,7 +77,7 @@ def distill_weight(t: Tensor, process: AffineProcess, weighting: str = "exponent
 
 def distillation_loss(x_hat: Tensor, teacher: Callable[..., Pred], t: Tensor, eps: Tensor, process: AffineProcess,
                       y: Any = None, weighting: str = "exponential") -> Tensor:
-    """L_distill (ADD Eq. 4-5) per sample (B,): x_hat_t = alpha_t x_hat + sigma_t eps (t (B,), eps like x_hat), the
+    """L_distill (ADD Sec. 3.3) per sample (B,): x_hat_t = alpha_t x_hat + sigma_t eps (t (B,), eps like x_hat), the
     teacher's x0 of it under stop-gradient (no graph through the teacher), c(t) ||x_hat - target||^2 as a mean
     over the data dimensions. Gradients reach x_hat (the student) only through its first occurrence."""
     with torch.no_grad():
@@ -88,7 +88,7 @@ def distillation_loss(x_hat: Tensor, teacher: Callable[..., Pred], t: Tensor, ep
 
 def discriminator_loss(D: Callable[[Tensor], Tensor], x_real: Tensor, x_fake: Tensor, r1_gamma: float = 0.0,
                        loss: str = "hinge") -> Tensor:
-    """L_adv^D (ADD Eq. 3) per sample (B,): the hinge loss relu(1 - D(x_real)) + relu(1 + D(sg x_fake)) plus
+    """L_adv^D (ADD Sec. 3.2) per sample (B,): the hinge loss relu(1 - D(x_real)) + relu(1 + D(sg x_fake)) plus
     gamma / 2 R1 at the REAL samples (Mescheder et al. 2018; gan.r1_penalty). D: x (B, ...) -> logits (B,)."""
     d_loss, _ = adversarial(loss)
     out = d_loss(D(x_real), D(x_fake.detach()))
@@ -109,7 +109,7 @@ def _double_backward_attention():
 
 
 def generator_adv_loss(D: Callable[[Tensor], Tensor], x_fake: Tensor, loss: str = "hinge") -> Tensor:
-    """L_adv^G (ADD Eq. 2) per sample (B,): -D(x_hat) for the hinge loss (gradients flow through D to x_hat)."""
+    """L_adv^G (ADD Sec. 3.2) per sample (B,): -D(x_hat) for the hinge loss (gradients flow through D to x_hat)."""
     _, g_loss = adversarial(loss)
     return g_loss(D(x_fake))
 
