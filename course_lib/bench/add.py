@@ -22,9 +22,9 @@ VARIANTS = {"add": ({}, "teacher"), "add-adv": ({"distill": False}, "teacher"),
 
 def add_budget(mode: str) -> dict:
     """The 2D and digits budgets and the course's recipe at this scale (ADD's lambda = 2.5, c(t) = alpha_t, hinge)."""
-    return dict(steps=pick(mode, smoke=10, laptop=600, full=3000), batch=pick(mode, smoke=64, laptop=256, full=512),
+    return dict(steps=pick(mode, smoke=10, laptop=500, full=3000), batch=pick(mode, smoke=64, laptop=256, full=512),
                 lr=3e-4, r1_gamma=0.1, ema=pick(mode, smoke=0.9, laptop=0.99, full=0.999),
-                digits_steps=pick(mode, smoke=2, laptop=40, full=1500),
+                digits_steps=pick(mode, smoke=2, laptop=30, full=1500),
                 digits_batch=pick(mode, smoke=8, laptop=32, full=64), digits_lr_g=1e-4, digits_lr_d=2e-4,
                 digits_r1_every=4)
 
