@@ -71,7 +71,8 @@ def test_list_names_every_benchmark(capsys):
     assert bench.main(["list"]) is None
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == list(bench.BENCHMARKS) == ["teacher", "pd", "guided", "reflow",
-                                                                             "instaflow", "cd", "ct", "lcm", "tcd"]
+                                                                             "instaflow", "cd", "ct", "lcm", "tcd",
+                                                                             "add"]
     assert all(len(line.split()) > 3 for line in out)          # each with a description
 
 
@@ -292,3 +293,25 @@ def test_trajectory_consistency_benchmark_rows(name, tmp_path):
     assert {"adherence", "kid_heldout", "fd_heldout", "kid_train"} <= {r["metric"] for r in sd_rows
                                                                        if r["model"] == name}
     assert all(r.get("se", 0) > 0 for r in sd_rows if r["metric"] == "kid_heldout")
+
+
+def test_add_benchmark_has_students_ablation_teacher_and_floor(tmp_path):
+    """bench add in smoke mode: every ADD variant at 1, 2, 4 steps against the data (with mode coverage on gmm), the
+    teacher's sweep and the data floor on both 2D datasets, and digits rows, each over 3 evaluation seeds."""
+    from course_lib.bench.add import VARIANTS
+
+    res = bench.main(["add", "--mode", "smoke", "--device", "cpu", "--out", str(tmp_path / "add.json")])
+    rows = res["rows"]
+    assert all(r["schema"] == 3 and r["n_seeds"] == 3 and r["std"] >= 0 for r in rows)
+    for ds in ("gmm", "checkerboard"):
+        mine = [r for r in rows if r["dataset"] == ds]
+        for name in (*VARIANTS, "teacher-trailing"):
+            assert {r["nfe"] for r in mine if r["model"] == name and r["metric"] == "swd"} == {1, 2, 4}
+        assert {"data", "teacher"} <= {r["model"] for r in mine}
+        assert all(r["train_updates"] > 0 for r in mine if r["model"] in VARIANTS)
+    cov = [r for r in rows if r["dataset"] == "gmm" and r["metric"] == "modes_covered"]
+    assert {r["model"] for r in cov} >= {"data", *VARIANTS} and all(0 <= r["value"] <= 8 for r in cov)
+    assert next(r for r in cov if r["model"] == "data")["value"] == 8
+    digits = [r for r in rows if r["dataset"] == "digits"]
+    assert {(r["model"], r["nfe"]) for r in digits if r["metric"] == "kid_heldout"} >= {
+        ("add", 1), ("add", 2), ("add", 4), ("teacher", 32), ("data", None)}

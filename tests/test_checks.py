@@ -476,7 +476,7 @@ def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
 def _library_solutions():
     """The library's own implementation of every exercise: a correct student."""
     from course_lib import samplers
-    from course_lib.distill import consistency, guided, instaflow, lcm, pd, reflow, tcd
+    from course_lib.distill import add, consistency, guided, instaflow, lcm, pd, reflow, tcd
     from course_lib.metrics import straightness
     from course_lib.processes import RectifiedFlow
     from course_lib.samplers import ddim_step
@@ -507,6 +507,9 @@ def _library_solutions():
         "7.1": tcd.tcf,
         "7.2": lambda s, tgt, te, x0, eps, tn, tc, u, p: tcd.tcd_loss_at(s, tgt, te, x0, eps, tn, tc, u * tc, p),
         "7.3": lambda m, x, ts, p, gamma, noises: samplers.tcd(m, x, ts, p, gamma=gamma, noises=noises),
+        "8.1": lambda x_hat, T, t, eps, p: add.distillation_loss(x_hat, T, t, eps, p),
+        "8.2": lambda D, x_real, x_fake, gamma: add.discriminator_loss(D, x_real, x_fake, gamma),
+        "8.3": lambda m, z, k, p, noises: add.sample(m, z, k, p, noises=noises),
     }
 
 

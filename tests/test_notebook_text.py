@@ -89,6 +89,15 @@ ALLOWED: dict[str, list[str]] = {
         "50-point DDIM grid",              # LCM's training grid (LCMScheduler's original_inference_steps): a setting
         "issue 8305",                      # the number of a diffusers issue (eta out of range)
     ],
+    "08_adversarial_distillation.ipynb": [
+        "SD-Turbo", "SDXL-Turbo", "SD3-Turbo",   # names of the released students (Stability AI)
+        "DINOv2 ViT-S",                   # ADD's feature network (the paper's choice)
+        "timesteps 999, 749, 499, 249",   # ADD's student timesteps (the paper's T_student)
+        "StyleGAN2",                      # the name of a GAN (its lazy regularisation)
+        "R1",                             # the name of a penalty (Mescheder et al. 2018)
+        "DINOv2",                         # the name of a feature network
+        "DPM-Solver++, 64 steps",         # the teacher's sampler setting, not a measurement
+    ],
 }
 
 MATH_BLOCK = re.compile(r"\$\$.*?\$\$", re.S)

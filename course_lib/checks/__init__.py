@@ -7,7 +7,7 @@ The library's version is marked: `checks.is_library(fn)` is True and `checks.lib
     ddim_step = checks.check_ddim_step(ddim_step)
 
 Layout: `core` (run_check, the CHECKERS registry, the checkers' own generators) and one module per notebook,
-`nb00` ... `nb07`; each checker is registered under its exercise id (`CHECKERS["1.3"] is check_pd_round`).
+`nb00` ... `nb08`; each checker is registered under its exercise id (`CHECKERS["1.3"] is check_pd_round`).
 Checkers leave torch's global random state untouched (see `core`).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .nb04 import check_cond_reflow_loss, check_guided_velocity, check_lap1, che
 from .nb05 import check_cd_loss, check_consistency_fn, check_multistep
 from .nb06 import check_lcm_multistep, check_lcm_scalings, check_lcm_target
 from .nb07 import check_gamma_sampler, check_tcd_loss, check_tcf
+from .nb08 import check_discriminator_loss, check_distillation_loss, check_trailing_sample
 
 _fresh_generator = fresh_generator   # the old private name
 
@@ -35,4 +36,5 @@ __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "chec
            "check_guided_velocity", "check_cond_reflow_loss", "check_onestep_loss", "check_lap1",
            "check_consistency_fn", "check_cd_loss", "check_multistep",
            "check_lcm_target", "check_lcm_scalings", "check_lcm_multistep",
-           "check_tcf", "check_tcd_loss", "check_gamma_sampler"]
+           "check_tcf", "check_tcd_loss", "check_gamma_sampler",
+           "check_distillation_loss", "check_discriminator_loss", "check_trailing_sample"]

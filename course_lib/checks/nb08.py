@@ -1,0 +1,216 @@
+"""Checkers of notebook 08 (adversarial diffusion distillation): the score-distillation loss (re-noise the student's
+sample, the teacher's x0 under stop-gradient, the weighting c(t) = alpha_t), the discriminator's loss (hinge on
+real vs a detached fake, R1 on the REAL samples) and the k-step sampler on the trailing grid. Cases run on tiny
+random 2D models under several processes, in float64."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import seeded
+from ..processes import RectifiedFlow, VPCosine
+from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
+
+
+def _tiny(proc, g: torch.Generator):
+    """A tiny random course model (float64) under `proc`."""
+    from ..models import Denoiser, MLP2D
+
+    with seeded(draw_seed(g)):
+        return Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
+
+
+def _tiny_d(g: torch.Generator) -> nn.Module:
+    """A tiny random discriminator x (B, 2) -> logits (B,) (float64)."""
+    with seeded(draw_seed(g)):
+        net = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Linear(16, 1)).double()
+    return lambda x: net(x).squeeze(1), net
+
+
+def _close(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a.detach().to(b.dtype), b.detach(),
+                                                                                  atol=1e-8, rtol=1e-6)
+
+
+def distillation_loss(x_hat, teacher, t, eps, process):
+    """The reference of exercise 8.1: ADD's L_distill with c(t) = alpha_t (add.distillation_loss)."""
+    from ..distill.add import distillation_loss as ref
+
+    return ref(x_hat, teacher, t, eps, process)
+
+
+@checker("8.1")
+def check_distillation_loss(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 8.1: student(x_hat, teacher, t, eps, process) -> per-sample L_distill (B,): x_hat_t = alpha_t x_hat +
+    sigma_t eps, the teacher's x0 of it as a constant target, c(t) ||x_hat - target||^2 with c(t) = alpha_t (mean over
+    the data dimensions). Values are compared with the reference, then the gradient with respect to x_hat (which must
+    not flow through the teacher)."""
+    from ..distill.add import distill_weight
+
+    g = fresh_generator(seed)
+    ref = distillation_loss
+
+    def cases():
+        for proc in (VPCosine(), RectifiedFlow()):
+            teacher = _tiny(proc, g)
+            x_hat = 1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64)
+            t = 0.05 + 0.9 * torch.rand(8, generator=g, dtype=torch.float64)
+            eps = torch.randn(8, 2, generator=g, dtype=torch.float64)
+            yield (x_hat, teacher, t, eps, proc), f"for the {proc.name} process"
+
+    def weighted(kind):
+        def loss(x_hat, teacher, t, eps, process):
+            with torch.no_grad():
+                target = teacher(process.marginal(x_hat, t, eps), t).x0
+            return distill_weight(t, process, kind) * (x_hat - target).pow(2).mean(1)
+        return loss
+
+    def reversed_c(x_hat, teacher, t, eps, process):
+        return weighted("none")(x_hat, teacher, t, eps, process) * (1 - process.alpha(t))
+
+    diagnoses = [
+        (weighted("none"), "your loss has no weighting c(t): ADD weights each sample by c(t) = alpha_t (the "
+                           "'exponential' weighting), so the teacher's target counts less at high noise, where it is "
+                           "little more than the data mean."),
+        (weighted("sds"), "your loss weights by sigma_t^2 (SDS's weighting), which is largest at high noise: ADD's "
+                          "c(t) = alpha_t does the opposite."),
+        (reversed_c, "your weighting is reversed (1 - alpha_t): c(t) = alpha_t is large at low noise and small at high "
+                     "noise."),
+    ]
+    for args, where in cases():
+        x_hat = args[0].clone().requires_grad_(True)
+        want = ref(x_hat, *args[1:])
+        try:
+            got = student(x_hat, *args[1:])
+        except Exception as e:  # noqa: BLE001
+            return fall_back("8.1", ref, explain_exception(e, where))
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return fall_back("8.1", ref, f"expected per-sample losses of shape {tuple(want.shape)}, got {shape} {where}.")
+        if not _close(got, want):
+            for wrong, why in diagnoses:
+                if _close(got, wrong(*args)):
+                    return fall_back("8.1", ref, f"{why} ({where})")
+            err = (got.detach() - want.detach()).abs().max().item()
+            return fall_back("8.1", ref,
+                             f"the loss differs from the reference by up to {err:.3g} {where}. Re-noise x_hat to t "
+                             "(process.marginal(x_hat, t, eps)), take the teacher's .x0 of it as the target, and return "
+                             "alpha_t * ||x_hat - target||^2 averaged over the data dimensions (bcast or [:, None]).")
+        if not got.requires_grad:
+            return fall_back("8.1", ref, f"the loss has no gradient {where}: only the teacher's target is a constant; "
+                                         "x_hat itself must keep its graph (compute the target alone under no_grad).")
+        (want_g,) = torch.autograd.grad(want.sum(), x_hat)
+        (got_g,) = torch.autograd.grad(got.sum(), x_hat)
+        if not torch.allclose(got_g, want_g, atol=1e-8, rtol=1e-6):
+            return fall_back("8.1", ref,
+                             f"the values are right but the gradient with respect to x_hat is not {where}: it flows "
+                             "through the teacher's target (x_hat_t depends on x_hat). The target is a constant "
+                             "(stop-gradient, ADD Sec. 3.3): compute x_hat_t from x_hat.detach() and the teacher's x0 "
+                             "under torch.no_grad().")
+    return accept("8.1", student, "correct: the values (re-noised student sample, teacher's x0, c(t) = alpha_t) and "
+                                  "the gradient (a stop-gradient target) match the reference.")
+
+
+def discriminator_loss(D, x_real, x_fake, r1_gamma):
+    """The reference of exercise 8.2: hinge + gamma / 2 R1 at the real samples (add.discriminator_loss)."""
+    from ..distill.add import discriminator_loss as ref
+
+    return ref(D, x_real, x_fake, r1_gamma, "hinge")
+
+
+@checker("8.2")
+def check_discriminator_loss(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 8.2: student(D, x_real, x_fake, r1_gamma) -> per-sample L_adv^D (B,): relu(1 - D(x_real)) +
+    relu(1 + D(x_fake)) + r1_gamma / 2 ||grad_x D(x_real)||^2; the fake samples are a constant (no gradient reaches
+    them); the loss must stay differentiable in D's parameters (R1 included: create_graph)."""
+    from ..distill.gan import hinge_d, r1_penalty
+
+    g = fresh_generator(seed)
+    ref = discriminator_loss
+
+    def cases():
+        for gamma in (0.0, 0.5, 3.0):
+            D, net = _tiny_d(g)
+            x_real = 2 * torch.randn(8, 2, generator=g, dtype=torch.float64)
+            x_fake = 2 * torch.randn(8, 2, generator=g, dtype=torch.float64)
+            yield (D, x_real, x_fake, gamma), net, f"with r1_gamma = {gamma}"
+
+    diagnoses = [
+        (lambda D, r, f, gm: hinge_d(D(r), D(f)) + 0.5 * gm * r1_penalty(D, f),
+         "your R1 penalty is taken at the FAKE samples: R1 (Mescheder et al. 2018) penalises the discriminator's "
+         "gradient at the REAL data, so that at equilibrium it is flat on the data manifold. Use x_real."),
+        (lambda D, r, f, gm: hinge_d(D(f), D(r)) + 0.5 * gm * r1_penalty(D, r),
+         "your hinge signs are flipped (real and fake swapped): real samples should get HIGH logits, "
+         "relu(1 - D(x_real)), and fake ones low, relu(1 + D(x_fake)) (Lim & Ye 2017)."),
+        (lambda D, r, f, gm: hinge_d(D(r), D(f)) + gm * r1_penalty(D, r),
+         "your R1 term is missing its factor 1/2: the penalty is gamma / 2 ||grad_x D(x_real)||^2."),
+        (lambda D, r, f, gm: hinge_d(D(r), D(f)),
+         "your loss has no R1 penalty: add r1_gamma / 2 ||grad_x D(x_real)||^2 (gan.r1_penalty gives the squared "
+         "norm per sample)."),
+    ]
+    for args, net, where in cases():
+        D, x_real, x_fake, gamma = args
+        fake = x_fake.clone().requires_grad_(True)
+        want = ref(D, x_real, x_fake, gamma)
+        try:
+            got = student(D, x_real.clone(), fake, gamma)
+        except Exception as e:  # noqa: BLE001
+            return fall_back("8.2", ref, explain_exception(e, where))
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return fall_back("8.2", ref, f"expected per-sample losses of shape {tuple(want.shape)}, got {shape} {where}.")
+        if not _close(got, want):
+            for wrong, why in diagnoses:
+                if gamma == 0 and "R1" in why:
+                    continue
+                if _close(got, wrong(D, x_real, x_fake, gamma)):
+                    return fall_back("8.2", ref, f"{why} ({where})")
+            err = (got.detach() - want.detach()).abs().max().item()
+            return fall_back("8.2", ref, f"the loss differs from the reference by up to {err:.3g} {where}. "
+                                         "relu(1 - D(x_real)) + relu(1 + D(x_fake)) + r1_gamma / 2 * R1(x_real).")
+        params = list(net.parameters())
+        want_g = torch.autograd.grad(want.sum(), params)
+        try:
+            got_g = torch.autograd.grad(got.sum(), params + [fake], allow_unused=True)
+        except RuntimeError as e:
+            return fall_back("8.2", ref, f"the loss cannot be differentiated in the discriminator's parameters {where} "
+                                         f"({e}). Keep the R1 gradient's graph (create_graph=True).")
+        if got_g[-1] is not None and got_g[-1].abs().max() > 0:
+            return fall_back("8.2", ref, f"gradients reach the fake samples {where}: the discriminator's loss must not "
+                                         "train the student. Use x_fake.detach().")
+        if not all(b is not None and torch.allclose(a, b, atol=1e-8, rtol=1e-6) for a, b in zip(want_g, got_g[:-1])):
+            return fall_back("8.2", ref, f"the values are right but the gradient in D's parameters is not {where}: "
+                                         "the R1 term must stay differentiable (torch.autograd.grad(..., "
+                                         "create_graph=True)), as gan.r1_penalty does.")
+    return accept("8.2", student, "correct: hinge on real and (detached) fake samples, R1 at the real samples with "
+                                  "weight gamma / 2, differentiable in D's parameters.")
+
+
+def trailing_sample(model, z, k, process, noises):
+    """The reference of exercise 8.3: add.sample with the given fresh noises."""
+    from ..distill.add import sample
+
+    return sample(model, z, k, process, noises=noises)
+
+
+@checker("8.3")
+def check_trailing_sample(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 8.3: student(model, z, k, process, noises) -> samples (B, D): k steps at t = 1, (k-1)/k, ..., 1/k,
+    each x0 = model(x, t).x0 re-noised to the next time with noises[i] (k - 1 of them), the last x0 returned."""
+    g = fresh_generator(seed)
+    ref = trailing_sample
+
+    def cases():
+        for proc in (VPCosine(), RectifiedFlow()):
+            model = _tiny(proc, g)
+            for k in (1, 2, 4):
+                z = proc.prior((6, 2), generator=g, dtype=torch.float64)
+                noises = torch.randn(max(k - 1, 1), 6, 2, generator=g, dtype=torch.float64)[: k - 1]
+                yield (model, z, k, proc, noises), f"for the {proc.name} process with {k} steps"
+
+    return run_check("8.3", student, ref, cases(), atol=1e-8, rtol=1e-6,
+                     hint="the grid is t_i = 1 - i / k (i = 0..k-1: the trailing grid, never t = 0); at each t_i take "
+                          "x0 = model(x, t).x0 with t a (B,) tensor; before the next step x = alpha_{t_{i+1}} x0 + "
+                          "sigma_{t_{i+1}} noises[i] (process.marginal); return the last x0.")
