@@ -89,6 +89,11 @@ ALLOWED: dict[str, list[str]] = {
         "50-point DDIM grid",              # LCM's training grid (LCMScheduler's original_inference_steps): a setting
         "issue 8305",                      # the number of a diffusers issue (eta out of range)
     ],
+    "10_gdd.ipynb": [
+        "StyleGAN2", "AFHQv2",             # names of a GAN and of a data set
+        "UNet2DModel", "MLP2D",            # class names of the course's backbones
+        "R1",                              # the name of a gradient penalty (Mescheder et al. 2018)
+    ],
 }
 
 MATH_BLOCK = re.compile(r"\$\$.*?\$\$", re.S)

@@ -311,7 +311,7 @@ def layer_time_shares(model: nn.Module, x0: Tensor, times: Sequence[float], gene
 # So the features come from the frozen TEACHER on re-noised inputs (LADD, gan.DenoiserFeatures): no download, no
 # leak into the metric.
 
-T_RANGE_2D = (0.0, 0.5)       # re-noising range of the 2D discriminator (the teacher's hidden layers)
+T_RANGE_2D = (0.0, 0.3)       # re-noising range of the 2D discriminator (the teacher's hidden layers)
 T_RANGE_DIGITS = (0.0, 0.6)   # and of the digits discriminator (down blocks and bottleneck)
 
 
