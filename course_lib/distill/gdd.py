@@ -137,15 +137,15 @@ def frozen_name(name: str) -> bool:
 
 
 # Wider rules for the sweep "frozen fraction vs one-step quality" (the paper's --freeze=2, 3 also freeze qkv / skips;
-# "all-but-time" keeps only time conditioning, norms and the output layer trainable).
+# "embeddings-only" trains nothing but the time / label embeddings and the norms).
 WIDER = re.compile(r"(attentions\.\d+\.to_[qkv]\.|conv_shortcut\.)")
-ALL_BUT_TIME = re.compile(r"(time_embedding|class_embedding|time_emb_proj|norm|conv_out|time_mlp|emb_proj|net\.out)")
+EMBEDDINGS = re.compile(r"(time_embedding|class_embedding|time_mlp|class_emb\.|norm)")
 
 FREEZE: dict[str, Callable[[str], bool]] = {
     "none": lambda n: False,                                     # GDD: every parameter trains
     "gdd-i": frozen_name,                                        # GDD-I
     "gdd-i+": lambda n: frozen_name(n) or bool(WIDER.search(n)), # + qkv and skips (the code's --freeze=2/3)
-    "all-but-time": lambda n: not ALL_BUT_TIME.search(n),        # only time/label conditioning, norms, output layer
+    "embeddings-only": lambda n: not EMBEDDINGS.search(n),       # only the time / label embeddings and norms
 }
 
 
