@@ -71,7 +71,8 @@ def test_list_names_every_benchmark(capsys):
     assert bench.main(["list"]) is None
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == list(bench.BENCHMARKS) == ["teacher", "pd", "guided", "reflow",
-                                                                             "instaflow", "cd", "ct", "lcm", "tcd"]
+                                                                             "instaflow", "cd", "ct", "lcm", "tcd",
+                                                                             "gdd"]
     assert all(len(line.split()) > 3 for line in out)          # each with a description
 
 
@@ -292,3 +293,26 @@ def test_trajectory_consistency_benchmark_rows(name, tmp_path):
     assert {"adherence", "kid_heldout", "fd_heldout", "kid_train"} <= {r["metric"] for r in sd_rows
                                                                        if r["model"] == name}
     assert all(r.get("se", 0) > 0 for r in sd_rows if r["metric"] == "kid_heldout")
+
+
+def test_gdd_benchmark_rows(tmp_path):
+    """bench gdd in smoke mode: one-step GDD and GDD-I students against the data on 2D and digits, the frozen-fraction
+    sweep on gmm, the teacher's sweep (digits at 16 and 32 steps) and the data floor, each number over 3 seeds."""
+    from course_lib.bench.gdd import SWEEP
+
+    res = bench.main(["gdd", "--mode", "smoke", "--device", "cpu", "--out", str(tmp_path / "gdd.json")])
+    rows = res["rows"]
+    assert res["schema"] == 3 and all(r["n_seeds"] >= 3 and r["std"] >= 0 for r in rows)
+    sweep = {f"gdd-freeze-{r}" for r in SWEEP}
+    for ds, extra in (("gmm", sweep), ("checkerboard", set())):
+        mine = [r for r in rows if r["dataset"] == ds]
+        assert {r["model"] for r in mine} == {"teacher", "data", "gdd", "gdd-i"} | extra
+        students = [r for r in mine if r["model"] not in ("teacher", "data")]
+        assert all(r["nfe"] == 1 and "train_seconds" in r and 0 < r["trained_fraction"] <= 1 for r in students)
+        frac = {r["model"]: r["trained_fraction"] for r in students}
+        assert frac["gdd"] == 1.0 and frac["gdd-i"] < 1.0
+    assert {"swd", "precision", "recall"} <= {r["metric"] for r in rows if r["dataset"] == "gmm" and r["model"] == "gdd-i"}
+    digits = [r for r in rows if r["dataset"] == "digits"]
+    assert {r["model"] for r in digits} == {"teacher", "data", "gdd", "gdd-i"}
+    assert {r["nfe"] for r in digits if r["model"] == "teacher"} >= {16}
+    assert {"kid_heldout", "fd_heldout"} <= {r["metric"] for r in digits if r["model"] == "gdd-i"}

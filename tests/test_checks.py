@@ -507,7 +507,15 @@ def _library_solutions():
         "7.1": tcd.tcf,
         "7.2": lambda s, tgt, te, x0, eps, tn, tc, u, p: tcd.tcd_loss_at(s, tgt, te, x0, eps, tn, tc, u * tc, p),
         "7.3": lambda m, x, ts, p, gamma, noises: samplers.tcd(m, x, ts, p, gamma=gamma, noises=noises),
+        **_nb10_solutions(),
     }
+
+
+def _nb10_solutions():
+    from course_lib.checks.nb10 import gdd_losses_ref
+    from course_lib.distill import gdd
+
+    return {"10.1": gdd_losses_ref, "10.2": gdd.frozen_name, "10.3": gdd.time_share}
 
 
 def test_every_checker_is_registered_under_its_exercise():

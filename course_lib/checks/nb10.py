@@ -147,7 +147,7 @@ def check_freeze_rule(student: Callable, seed: int | None = None) -> Callable:
     want = {n: frozen_name(n) for n in names}
     wrong = [n for n in names if got[n] != want[n]]
     if not wrong:
-        return accept("10.2", student, f"right on all {len(names)} parameter names of both backbones.")
+        return accept("10.2", student, f"correct on all {len(names)} parameter names of both backbones.")
     if all(got[n] == paper_frozen(n) for n in names):
         return fall_back("10.2", frozen_name, "this is the paper's substring rule read literally. On the course's "
                                               "backbones it also freezes diffusers' time_emb_proj (EDM's 'affine', "

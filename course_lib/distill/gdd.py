@@ -152,9 +152,9 @@ FREEZE: dict[str, Callable[[str], bool]] = {
 def apply_freeze(model: nn.Module, rule: str | Callable[[str], bool]) -> float:
     """requires_grad_(False) on the parameters `rule` (a FREEZE key or name -> bool) freezes; returns the trained
     fraction of the parameters (by count)."""
-    fn = FREEZE[rule] if isinstance(rule, str) else rule
     if isinstance(rule, str) and rule not in FREEZE:
         raise ValueError(f"unknown freezing rule {rule!r}; valid: {', '.join(FREEZE)}")
+    fn = FREEZE[rule] if isinstance(rule, str) else rule
     for n, p in model.named_parameters():
         p.requires_grad_(not fn(n))
     total = sum(p.numel() for p in model.parameters())
