@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..predictions import Pred
 from ..processes import AffineProcess, bcast, time_dtype
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
-from .gan import ns_d, ns_g, guard, r1_penalty, tapped
+from .gan import guard, ns_d, ns_g, r1_penalty, tapped, trainable_fraction
 
 SIGMA_MIN = 0.002     # GDDPrecond's eps: the boundary condition D(x; eps) = x (EDM's sigma_min)
 SIGMA_DATA = 0.5      # EDM's sigma_data
@@ -157,8 +157,7 @@ def apply_freeze(model: nn.Module, rule: str | Callable[[str], bool]) -> float:
     fn = FREEZE[rule] if isinstance(rule, str) else rule
     for n, p in model.named_parameters():
         p.requires_grad_(not fn(n))
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad) / max(1, total)
+    return trainable_fraction(model)
 
 
 # --- the losses ----------------------------------------------------------------------------------------------------
@@ -246,14 +245,8 @@ def distill_gdd(teacher: nn.Module, disc: nn.Module, sample_batch: Callable[[int
     done = train_networks(nets, gdd_step(cfg), sample_batch, train_cfg, ckpt_dir=ckpt_dir, progress=progress,
                           accelerator=accelerator, extra_config={"method": "gdd-i" if cfg.freeze != "none" else "gdd",
                                                                  **asdict(cfg)})
-    done.logs["trained_fraction"] = [trained_fraction(G)]
+    done.logs["trained_fraction"] = [trainable_fraction(G)]
     return done.best("generator").eval().requires_grad_(False), done
-
-
-def trained_fraction(model: nn.Module) -> float:
-    """The share of parameters (by count) with requires_grad."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad) / max(1, total)
 
 
 # --- "innately one-step": how much each layer's activations depend on the timestep ----------------------------------
