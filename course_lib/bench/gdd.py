@@ -25,7 +25,7 @@ def gdd_budget(mode: str) -> dict:
                 lr=pick(mode, smoke=1e-3, laptop=1e-3, full=3e-4), gamma=1e-3, lr_d_x=3.0,
                 digits_steps=pick(mode, smoke=2, laptop=150, full=3000),
                 digits_batch=pick(mode, smoke=8, laptop=32, full=128),
-                digits_lr=pick(mode, smoke=1e-4, laptop=1e-4, full=2e-5), digits_gamma=1e-2)
+                digits_lr=pick(mode, smoke=5e-4, laptop=5e-4, full=1e-4), digits_gamma=1e-2)
 
 
 def train_2d(ds: str, freeze: str, b: dict, seed: int, device, progress: bool):
