@@ -72,7 +72,7 @@ def test_list_names_every_benchmark(capsys):
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == list(bench.BENCHMARKS) == ["teacher", "pd", "guided", "reflow",
                                                                              "instaflow", "cd", "ct", "lcm", "tcd",
-                                                                             "add"]
+                                                                             "add", "gdd"]
     assert all(len(line.split()) > 3 for line in out)          # each with a description
 
 
@@ -315,3 +315,24 @@ def test_add_benchmark_has_students_ablation_teacher_and_floor(tmp_path):
     digits = [r for r in rows if r["dataset"] == "digits"]
     assert {(r["model"], r["nfe"]) for r in digits if r["metric"] == "kid_heldout"} >= {
         ("add", 1), ("add", 2), ("add", 4), ("teacher", 32), ("data", None)}
+def test_gdd_benchmark_rows(tmp_path):
+    """bench gdd in smoke mode: one-step GDD and GDD-I students against the data on 2D and digits, the frozen-fraction
+    sweep on gmm, the teacher's sweep (digits at 16 and 32 steps) and the data floor, each number over 3 seeds."""
+    from course_lib.bench.gdd import SWEEP
+
+    res = bench.main(["gdd", "--mode", "smoke", "--device", "cpu", "--out", str(tmp_path / "gdd.json")])
+    rows = res["rows"]
+    assert res["schema"] == 3 and all(r["n_seeds"] >= 3 and r["std"] >= 0 for r in rows)
+    sweep = {f"gdd-freeze-{r}" for r in SWEEP}
+    for ds, extra in (("gmm", sweep), ("checkerboard", set())):
+        mine = [r for r in rows if r["dataset"] == ds]
+        assert {r["model"] for r in mine} == {"teacher", "data", "gdd", "gdd-i"} | extra
+        students = [r for r in mine if r["model"] not in ("teacher", "data")]
+        assert all(r["nfe"] == 1 and "train_seconds" in r and 0 < r["trained_fraction"] <= 1 for r in students)
+        frac = {r["model"]: r["trained_fraction"] for r in students}
+        assert frac["gdd"] == 1.0 and frac["gdd-i"] < 1.0
+    assert {"swd", "precision", "recall"} <= {r["metric"] for r in rows if r["dataset"] == "gmm" and r["model"] == "gdd-i"}
+    digits = [r for r in rows if r["dataset"] == "digits"]
+    assert {r["model"] for r in digits} == {"teacher", "data", "gdd", "gdd-i"}
+    assert {r["nfe"] for r in digits if r["model"] == "teacher"} >= {16}
+    assert {"kid_heldout", "fd_heldout"} <= {r["metric"] for r in digits if r["model"] == "gdd-i"}

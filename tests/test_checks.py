@@ -510,7 +510,15 @@ def _library_solutions():
         "8.1": lambda x_hat, T, t, eps, p: add.distillation_loss(x_hat, T, t, eps, p),
         "8.2": lambda D, x_real, x_fake, gamma: add.discriminator_loss(D, x_real, x_fake, gamma),
         "8.3": lambda m, z, k, p, noises: add.sample(m, z, k, p, noises=noises),
+        **_nb10_solutions(),
     }
+
+
+def _nb10_solutions():
+    from course_lib.checks.nb10 import gdd_losses_ref
+    from course_lib.distill import gdd
+
+    return {"10.1": gdd_losses_ref, "10.2": gdd.frozen_name, "10.3": gdd.time_share}
 
 
 def test_every_checker_is_registered_under_its_exercise():

@@ -98,6 +98,11 @@ ALLOWED: dict[str, list[str]] = {
         "DINOv2",                         # the name of a feature network
         "DPM-Solver++, 64 steps",         # the teacher's sampler setting, not a measurement
     ],
+    "10_gdd.ipynb": [
+        "StyleGAN2", "AFHQv2",             # names of a GAN and of a data set
+        "UNet2DModel", "MLP2D",            # class names of the course's backbones
+        "R1",                              # the name of a gradient penalty (Mescheder et al. 2018)
+    ],
 }
 
 MATH_BLOCK = re.compile(r"\$\$.*?\$\$", re.S)

@@ -23,6 +23,7 @@ from .nb05 import check_cd_loss, check_consistency_fn, check_multistep
 from .nb06 import check_lcm_multistep, check_lcm_scalings, check_lcm_target
 from .nb07 import check_gamma_sampler, check_tcd_loss, check_tcf
 from .nb08 import check_discriminator_loss, check_distillation_loss, check_trailing_sample
+from .nb10 import check_freeze_rule, check_gdd_losses, check_time_share
 
 _fresh_generator = fresh_generator   # the old private name
 
