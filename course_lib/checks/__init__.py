@@ -22,6 +22,7 @@ from .nb04 import check_cond_reflow_loss, check_guided_velocity, check_lap1, che
 from .nb05 import check_cd_loss, check_consistency_fn, check_multistep
 from .nb06 import check_lcm_multistep, check_lcm_scalings, check_lcm_target
 from .nb07 import check_gamma_sampler, check_tcd_loss, check_tcf
+from .nb09 import check_dm_loss, check_fake_score_loss, check_two_time_scale
 
 _fresh_generator = fresh_generator   # the old private name
 
@@ -35,4 +36,5 @@ __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "chec
            "check_guided_velocity", "check_cond_reflow_loss", "check_onestep_loss", "check_lap1",
            "check_consistency_fn", "check_cd_loss", "check_multistep",
            "check_lcm_target", "check_lcm_scalings", "check_lcm_multistep",
-           "check_tcf", "check_tcd_loss", "check_gamma_sampler"]
+           "check_tcf", "check_tcd_loss", "check_gamma_sampler",
+           "check_dm_loss", "check_fake_score_loss", "check_two_time_scale"]

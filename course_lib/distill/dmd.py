@@ -89,6 +89,20 @@ def fake_score_loss(fake: nn.Module, x: Tensor, t: Tensor, eps: Tensor, y: Any =
     return (fake.raw(x_t, t, y) - target).pow(2).flatten(1).mean(1)
 
 
+def two_time_scale(iterations: int, ttur: int, update_generator: Callable[[int], Any],
+                   update_critic: Callable[[int], Any]) -> None:
+    """DMD2's two time-scale update rule (Sec. 4.2; `dfake_gen_update_ratio` in tianweiy/DMD2): iteration i updates
+    the generator when i % ttur == 0 (first), then the critic (the fake score and its GAN head) on EVERY iteration,
+    so the critic takes ttur updates per generator update and tracks the moving generator. ttur = 1 is DMD's 1:1
+    alternation. train_networks does the same with Network(every=ttur) for the generator."""
+    if ttur < 1 or iterations < 0:
+        raise ValueError(f"ttur must be >= 1 and iterations >= 0; got ttur={ttur}, iterations={iterations}")
+    for i in range(iterations):
+        if i % ttur == 0:
+            update_generator(i)
+        update_critic(i)
+
+
 # --- the critic: fake score + GAN head -----------------------------------------------------------------------------
 
 class Critic(nn.Module):
@@ -99,6 +113,12 @@ class Critic(nn.Module):
     def __init__(self, fake: nn.Module, head: Discriminator | None = None):
         super().__init__()
         self.fake, self.head = fake, head
+        features = getattr(head, "features", None)
+        if isinstance(features, DenoiserFeatures) and features.model is fake:
+            # the head's feature network IS the fake score: register it once (as `fake`), so state_dict and
+            # safetensors checkpoints hold each tensor once (safetensors refuses tensors shared under two names)
+            del features._modules["model"]
+            object.__setattr__(features, "model", fake)
 
     @property
     def process(self) -> AffineProcess:
