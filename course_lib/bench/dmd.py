@@ -29,10 +29,10 @@ def dmd_budget(mode: str) -> dict:
     """Budgets shared by bench dmd and dmd2: iterations (critic updates; the generator takes iterations / ttur),
     batch, learning rates, the regression pairs, digits."""
     return dict(
-        iters=pick(mode, smoke=10, laptop=1500, full=8000), batch=pick(mode, smoke=64, laptop=256, full=1024),
+        iters=pick(mode, smoke=10, laptop=1000, full=8000), batch=pick(mode, smoke=64, laptop=256, full=1024),
         lr=1e-3, ttur=5, pairs=pick(mode, smoke=256, laptop=8192, full=32768), pair_steps=32,
         lambda_reg=0.25,
-        digits_iters=pick(mode, smoke=2, laptop=600, full=6000), digits_batch=pick(mode, smoke=8, laptop=32, full=64),
+        digits_iters=pick(mode, smoke=2, laptop=400, full=6000), digits_batch=pick(mode, smoke=8, laptop=32, full=64),
         digits_lr=1e-4, digits_pairs=pick(mode, smoke=32, laptop=2000, full=10000))
 
 

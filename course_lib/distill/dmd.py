@@ -28,7 +28,8 @@ DMD2 drops it and instead (Sec. 4):
     - trains multi-step generators with "backward simulation": the generator's input at step k of its grid is
       produced by the generator itself (k steps from noise, no grad), as at inference.
 
-Networks seen by the method step (`dmd_step`, for `train.train_networks`): "generator" (trained every `ttur`-th
+`two_time_scale` is the TTUR loop written out (the notebook's exercise); train_networks does the same with
+`Network(every=ttur)`. Networks seen by the method step (`dmd_step`, for `train.train_networks`): "generator" (trained every `ttur`-th
 iteration), "critic" (a `Critic`: the fake score and its GAN head, trained every iteration) and the frozen
 "teacher". Batches are dicts: "x" real samples (B, ...), optional "y" labels (B,), optional "z_ref", "x_ref"
 (the regression pairs).
