@@ -476,7 +476,7 @@ def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
 def _library_solutions():
     """The library's own implementation of every exercise: a correct student."""
     from course_lib import samplers
-    from course_lib.distill import consistency, guided, instaflow, lcm, pd, reflow, tcd
+    from course_lib.distill import consistency, dmd, guided, instaflow, lcm, pd, reflow, tcd
     from course_lib.metrics import straightness
     from course_lib.processes import RectifiedFlow
     from course_lib.samplers import ddim_step
@@ -507,6 +507,9 @@ def _library_solutions():
         "7.1": tcd.tcf,
         "7.2": lambda s, tgt, te, x0, eps, tn, tc, u, p: tcd.tcd_loss_at(s, tgt, te, x0, eps, tn, tc, u * tc, p),
         "7.3": lambda m, x, ts, p, gamma, noises: samplers.tcd(m, x, ts, p, gamma=gamma, noises=noises),
+        "9.1": lambda x, real, fake, p, t, eps, normalize: dmd.dm_loss(x, real, fake, p, t, eps, normalize=normalize),
+        "9.2": lambda fake, x, t, eps: dmd.fake_score_loss(fake, x, t, eps),
+        "9.3": dmd.two_time_scale,
     }
 
 
