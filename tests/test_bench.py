@@ -72,7 +72,7 @@ def test_list_names_every_benchmark(capsys):
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == list(bench.BENCHMARKS) == ["teacher", "pd", "guided", "reflow",
                                                                              "instaflow", "cd", "ct", "lcm", "tcd",
-                                                                             "add", "gdd"]
+                                                                             "add", "dmd", "dmd2", "gdd"]
     assert all(len(line.split()) > 3 for line in out)          # each with a description
 
 
@@ -336,3 +336,25 @@ def test_gdd_benchmark_rows(tmp_path):
     assert {r["model"] for r in digits} == {"teacher", "data", "gdd", "gdd-i"}
     assert {r["nfe"] for r in digits if r["model"] == "teacher"} >= {16}
     assert {"kid_heldout", "fd_heldout"} <= {r["metric"] for r in digits if r["model"] == "gdd-i"}
+@pytest.mark.parametrize("name", ["dmd", "dmd2"])
+def test_distribution_matching_benchmark_rows(name, tmp_path):
+    """bench dmd / dmd2 in smoke mode: the main student and its ablation on 2D (dmd2 also at 2 and 4 steps) and the
+    main student on digits, measured against the data beside the teacher's sweep and the floor, over 3 seeds, with
+    the training time and generator updates of each student."""
+    out = tmp_path / f"{name}.json"
+    res = bench.main([name, "--mode", "smoke", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["name"] == name and res["schema"] == 3
+    rows = res["rows"]
+    assert all(r["n_seeds"] >= 3 and r["std"] >= 0 for r in rows)
+    models = {"dmd": {"dmd": {1}, "dmd-noreg": {1}}, "dmd2": {"dmd2": {1, 2, 4}, "dmd2-nogan": {1}}}[name]
+    for ds in ("checkerboard", "gmm"):
+        mine = [r for r in rows if r["dataset"] == ds]
+        assert {r["model"] for r in mine} == {"teacher", "data", *models}
+        for m, nfes in models.items():
+            assert {r["nfe"] for r in mine if r["model"] == m and r["metric"] == "swd"} == nfes
+        assert all(r["train_updates"] > 0 and r["train_seconds"] >= 0 for r in mine if r["model"] in models)
+    assert {"precision", "recall"} <= {r["metric"] for r in rows if r["dataset"] == "gmm" and r["model"] == name}
+    digits = [r for r in rows if r["dataset"] == "digits"]
+    assert {r["model"] for r in digits} == {"teacher", "data", name}
+    assert {r["nfe"] for r in digits if r["model"] == "teacher"} == {16}
+    assert {"kid_heldout", "fd_heldout", "kid_train"} <= {r["metric"] for r in digits if r["model"] == name}

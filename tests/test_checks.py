@@ -476,7 +476,7 @@ def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
 def _library_solutions():
     """The library's own implementation of every exercise: a correct student."""
     from course_lib import samplers
-    from course_lib.distill import add, consistency, guided, instaflow, lcm, pd, reflow, tcd
+    from course_lib.distill import add, consistency, dmd, guided, instaflow, lcm, pd, reflow, tcd
     from course_lib.metrics import straightness
     from course_lib.processes import RectifiedFlow
     from course_lib.samplers import ddim_step
@@ -510,6 +510,9 @@ def _library_solutions():
         "8.1": lambda x_hat, T, t, eps, p: add.distillation_loss(x_hat, T, t, eps, p),
         "8.2": lambda D, x_real, x_fake, gamma: add.discriminator_loss(D, x_real, x_fake, gamma),
         "8.3": lambda m, z, k, p, noises: add.sample(m, z, k, p, noises=noises),
+        "9.1": lambda x, real, fake, p, t, eps, normalize: dmd.dm_loss(x, real, fake, p, t, eps, normalize=normalize),
+        "9.2": lambda fake, x, t, eps: dmd.fake_score_loss(fake, x, t, eps),
+        "9.3": dmd.two_time_scale,
         **_nb10_solutions(),
     }
 

@@ -98,6 +98,14 @@ ALLOWED: dict[str, list[str]] = {
         "DINOv2",                         # the name of a feature network
         "DPM-Solver++, 64 steps",         # the teacher's sampler setting, not a measurement
     ],
+    "09_distribution_matching.ipynb": [
+        "FID 1.28", "(2.32,",              # published: DMD2 (Yin et al. 2024) Table 1, ImageNet 64x64, and its teacher
+        "SD 1.5", "SDXL",                  # model names (Stable Diffusion versions)
+        "A100-days",                       # the unit of DMD2's estimate of the cost of SDXL-scale pairs (published)
+        "timesteps 999, 749, 499, 249", "999 (and 749, 499, 249",   # DMD2's released SDXL grid (a setting)
+        "1.75 (SD 1.5) or 8 (SDXL), TTUR 10 or 5",                  # DMD2's released recipes (experiments/*.sh)
+        "timestep 999",                    # SD's first timestep (a setting)
+    ],
     "10_gdd.ipynb": [
         "StyleGAN2", "AFHQv2",             # names of a GAN and of a data set
         "UNet2DModel", "MLP2D",            # class names of the course's backbones

@@ -74,6 +74,7 @@ from . import cd  # noqa: E402  (registers cd and ct)
 from . import lcm  # noqa: E402
 from . import tcd  # noqa: E402
 from . import add  # noqa: E402
+from . import dmd  # noqa: E402  (registers dmd and dmd2)
 from . import gdd  # noqa: E402
 from .cd import bench_cd, bench_ct, cm_summary  # noqa: E402
 from .core import NFES, SCHEMA, Evaluation, row, spread_row, timed  # noqa: E402

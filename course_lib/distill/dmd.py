@@ -28,7 +28,8 @@ DMD2 drops it and instead (Sec. 4):
     - trains multi-step generators with "backward simulation": the generator's input at step k of its grid is
       produced by the generator itself (k steps from noise, no grad), as at inference.
 
-Networks seen by the method step (`dmd_step`, for `train.train_networks`): "generator" (trained every `ttur`-th
+`two_time_scale` is the TTUR loop written out (the notebook's exercise); train_networks does the same with
+`Network(every=ttur)`. Networks seen by the method step (`dmd_step`, for `train.train_networks`): "generator" (trained every `ttur`-th
 iteration), "critic" (a `Critic`: the fake score and its GAN head, trained every iteration) and the frozen
 "teacher". Batches are dicts: "x" real samples (B, ...), optional "y" labels (B,), optional "z_ref", "x_ref"
 (the regression pairs).
@@ -89,6 +90,20 @@ def fake_score_loss(fake: nn.Module, x: Tensor, t: Tensor, eps: Tensor, y: Any =
     return (fake.raw(x_t, t, y) - target).pow(2).flatten(1).mean(1)
 
 
+def two_time_scale(iterations: int, ttur: int, update_generator: Callable[[int], Any],
+                   update_critic: Callable[[int], Any]) -> None:
+    """DMD2's two time-scale update rule (Sec. 4.2; `dfake_gen_update_ratio` in tianweiy/DMD2): iteration i updates
+    the generator when i % ttur == 0 (first), then the critic (the fake score and its GAN head) on EVERY iteration,
+    so the critic takes ttur updates per generator update and tracks the moving generator. ttur = 1 is DMD's 1:1
+    alternation. train_networks does the same with Network(every=ttur) for the generator."""
+    if ttur < 1 or iterations < 0:
+        raise ValueError(f"ttur must be >= 1 and iterations >= 0; got ttur={ttur}, iterations={iterations}")
+    for i in range(iterations):
+        if i % ttur == 0:
+            update_generator(i)
+        update_critic(i)
+
+
 # --- the critic: fake score + GAN head -----------------------------------------------------------------------------
 
 class Critic(nn.Module):
@@ -99,6 +114,13 @@ class Critic(nn.Module):
     def __init__(self, fake: nn.Module, head: Discriminator | None = None):
         super().__init__()
         self.fake, self.head = fake, head
+        features = getattr(head, "features", None)
+        if isinstance(features, DenoiserFeatures) and features._modules.get("model") is fake:
+            # the head's feature network IS the fake score: register it once (as `fake`; DenoiserFeatures' shared
+            # mode), so state_dict and safetensors checkpoints hold each tensor once (safetensors refuses tensors
+            # shared under two names). make_critic builds the features shared already.
+            del features._modules["model"]
+            features._shared = (fake,)
 
     @property
     def process(self) -> AffineProcess:
@@ -138,12 +160,16 @@ def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, y_example: Any
 
 # --- the generator's time grid and backward simulation -------------------------------------------------------------
 
-def generator_times(k: int) -> list[float]:
-    """The times at which a k-step generator is called: 1, (k-1)/k, ..., 1/k (SD's trailing grid 999, 749, 499, 249
-    for k = 4; DMD2 `denoising_step_list`)."""
+def generator_times(k: int, t_first: float = 1.0) -> list[float]:
+    """The times at which a k-step generator is called: t_first (1 - i/k) for i = 0..k-1, i.e. 1, (k-1)/k, ..., 1/k
+    for t_first = 1 (SD's trailing grid 999, 749, 499, 249 for k = 4; DMD2 `denoising_step_list`). Its first input is
+    pure noise whatever t_first: a one-step generator told t_first < 1 (DMD2's one-step SDXL uses timestep 399)
+    starts from a teacher that already maps noise to data-like samples instead of to their mean."""
     if k < 1:
         raise ValueError(f"a generator needs at least one step; got {k}")
-    return [1.0 - i / k for i in range(k)]
+    if not 0.0 < t_first <= 1.0:
+        raise ValueError(f"t_first must be in (0, 1]; got {t_first}")
+    return [t_first * (1.0 - i / k) for i in range(k)]
 
 
 def backward_simulate(G: Callable[..., Pred], z: Tensor, i: int, times: list[float], process: AffineProcess,
@@ -175,6 +201,7 @@ class DMDConfig:
     lambda_g: float = 3e-3           # GAN weight in the generator loss (DMD2 ImageNet 3e-3, SD 1.5 1e-3)
     lambda_d: float = 1e-2           # GAN weight in the critic loss (DMD2 1e-2)
     gen_steps: int = 1               # generator steps (>1: backward simulation)
+    t_gen: float = 1.0               # the time the generator is told at its first step (its input is pure noise)
     lr_g: float = 2e-4
     lr_critic: float = 2e-4
     betas: tuple[float, float] = (0.0, 0.999)
@@ -201,7 +228,7 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = No
     critic phase:    L = fake_score_loss(sg x)  + lambda_d [softplus(D(sg x)) + softplus(-D(x_real))]
     """
     d_loss, g_loss = adversarial("ns")
-    times = generator_times(cfg.gen_steps)
+    times = generator_times(cfg.gen_steps, cfg.t_gen)
 
     def sample(ctx: StepContext, n: int, like: Tensor, y: Any) -> Tensor:
         G = ctx.nets["generator"]
@@ -229,7 +256,7 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = No
             loss = dm_loss(x, real, critic.fake, process, t, eps, y, cfg.normalize)
             if cfg.lambda_reg > 0 and "z_ref" in batch:
                 z_ref = batch["z_ref"]
-                x_hat = ctx.nets["generator"](z_ref, torch.ones(len(z_ref), device=z_ref.device), *(
+                x_hat = ctx.nets["generator"](z_ref, torch.full((len(z_ref),), times[0], device=z_ref.device), *(
                     () if batch.get("y_ref") is None else (batch["y_ref"],))).x0
                 reg = _distance(cfg.regression)(x_hat, batch["x_ref"])                       # (B_ref,)
                 loss = loss + cfg.lambda_reg * reg.mean()
@@ -269,11 +296,11 @@ def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
 
 @torch.no_grad()
 def sample(G: Callable[..., Pred], z: Tensor, k: int, process: AffineProcess, generator: torch.Generator,
-           y: Any = None) -> Tensor:
-    """k-step generation on the generator's grid (denoise, re-noise with fresh noise, ...; DMD2 / LCM scheduling):
-    backward simulation to the last step, then its x0. (B, ...)"""
+           y: Any = None, t_first: float = 1.0) -> Tensor:
+    """k-step generation on the generator's grid generator_times(k, t_first) (denoise, re-noise with fresh noise,
+    ...; DMD2 / LCM scheduling): backward simulation to the last step, then its x0. (B, ...)"""
     from ..samplers import consistency
-    from ..grids import uniform
 
     model = condition(G, y) if y is not None else G
-    return consistency(model, z, uniform(k), process, generator=generator)
+    ts = torch.tensor([*generator_times(k, t_first), 0.0], dtype=torch.float64)
+    return consistency(model, z, ts, process, generator=generator)

@@ -1,0 +1,269 @@
+"""Distribution matching distillation (distill.dmd): the distribution-matching gradient against the closed form for
+two Gaussians (it points from the real distribution to the fake one, and vanishes when they agree), the loss's
+gradient with respect to the generator sample, the fake score's loss (no gradient to the generator), DMD2's two
+time-scale loop, backward simulation, the generator's grid, a short DMD2 / DMD run through the engine (2D, with the
+GAN head and the regression pairs; digits-sized UNet), the divergence guard (a NaN stops the run, the last checkpoint
+holds finite weights), bad inputs; and the checkers of notebook 09 against planted mistakes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_lib import checks
+from course_lib.data2d import ExactDenoiser, GaussianMixture, sample_2d
+from course_lib.distill import dmd
+from course_lib.distill.gan import GANDiverged
+from course_lib.models import Denoiser, MLP2D
+from course_lib.predictions import Pred
+from course_lib.processes import VPCosine
+from course_lib.train import TrainConfig
+
+
+def _gauss(mean, std=0.5):
+    return GaussianMixture.isotropic(torch.tensor([mean], dtype=torch.float64), std)
+
+
+def _tiny(seed=0, proc=None):
+    torch.manual_seed(seed)
+    return Denoiser(MLP2D(hidden=16, depth=2), proc or VPCosine(), "v").double()
+
+
+# --- the distribution-matching gradient -----------------------------------------------------------------------------
+
+def test_dm_gradient_is_the_closed_form_for_two_gaussians():
+    """real N(m_r, s^2 I), fake N(m_f, s^2 I): x0_fake - x0_real = (m_f - m_r) sigma^2 / (alpha^2 s^2 + sigma^2), so
+    g = that / mean|x - x0_real|: parallel to m_f - m_r with a positive factor (descent moves x towards the real
+    mean); and d L_DM / dx = g / D."""
+    proc, s = VPCosine(), 0.5
+    m_r, m_f = [1.0, -0.5], [-0.3, 0.8]
+    real, fake = ExactDenoiser(_gauss(m_r, s), proc), ExactDenoiser(_gauss(m_f, s), proc)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = 0.05 + 0.9 * torch.rand(64, generator=g, dtype=torch.float64)
+    eps = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    loss = dmd.dm_loss(x, real, fake, proc, t, eps)
+    (dx,) = torch.autograd.grad(loss.sum(), x)
+    a, sg = proc.alpha(t)[:, None], proc.sigma(t)[:, None]
+    x_t = a * x.detach() + sg * eps
+    x0_real = real(x_t, t).x0
+    coef = sg**2 / (a**2 * s**2 + sg**2)
+    norm = (x.detach() - x0_real).abs().mean(1, keepdim=True)
+    want = coef * (torch.tensor(m_f) - torch.tensor(m_r)).double() / norm
+    torch.testing.assert_close(dx, want / 2, rtol=1e-6, atol=1e-10)          # D = 2
+    torch.testing.assert_close(loss, 0.5 * want.pow(2).mean(1), rtol=1e-6, atol=1e-10)
+
+
+def test_dm_gradient_vanishes_when_fake_equals_real_and_batch_norm_is_shared():
+    proc = VPCosine()
+    real = ExactDenoiser(_gauss([0.3, 0.2]), proc)
+    x = torch.randn(16, 2, dtype=torch.float64, requires_grad=True)
+    t, eps = torch.full((16,), 0.5, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(dmd.dm_loss(x, real, real, proc, t, eps).sum(), x)
+    assert dx.abs().max() == 0
+    x0r, x0f = torch.randn(5, 3), torch.randn(5, 3)
+    xx = torch.randn(5, 3)
+    gb = dmd.dm_gradient(xx, x0r, x0f, "batch")
+    torch.testing.assert_close(gb, (x0f - x0r) / (xx - x0r).abs().mean())
+    with pytest.raises(ValueError, match="normalize"):
+        dmd.dm_gradient(xx, x0r, x0f, "pixel")
+
+
+def test_dm_gradient_is_finite_where_the_normaliser_is_zero():
+    x = torch.zeros(3, 2)
+    g = dmd.dm_gradient(x, torch.zeros(3, 2), torch.ones(3, 2))
+    assert torch.isfinite(g).all()
+
+
+def test_fake_score_loss_trains_the_fake_score_only():
+    proc = VPCosine()
+    fake = _tiny(1, proc)
+    W = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(8, 2, dtype=torch.float64)
+    t, eps = torch.rand(8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    loss = dmd.fake_score_loss(fake, z @ W, t, eps)
+    assert loss.shape == (8,)
+    gW, *gp = torch.autograd.grad(loss.sum(), [W, *fake.parameters()], allow_unused=True)
+    assert gW is None and any(p is not None and p.abs().max() > 0 for p in gp)
+    # the value is the ordinary v-prediction loss on x
+    x = (z @ W).detach()
+    x_t = proc.marginal(x, t, eps)
+    v = proc.alpha(t)[:, None] * eps - proc.sigma(t)[:, None] * x
+    torch.testing.assert_close(loss.detach(), (fake.raw(x_t, t, None) - v).pow(2).mean(1))
+
+
+# --- the loop, the grid, backward simulation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("iterations,ttur", [(10, 5), (7, 1), (11, 3)])
+def test_two_time_scale_updates_the_critic_ttur_times_per_generator_update(iterations, ttur):
+    calls = []
+    dmd.two_time_scale(iterations, ttur, lambda i: calls.append(("G", i)), lambda i: calls.append(("C", i)))
+    assert [c for c in calls if c[0] == "C"] == [("C", i) for i in range(iterations)]
+    assert [c for c in calls if c[0] == "G"] == [("G", i) for i in range(0, iterations, ttur)]
+    assert calls.index(("G", 0)) < calls.index(("C", 0))
+    with pytest.raises(ValueError, match="ttur"):
+        dmd.two_time_scale(3, 0, print, print)
+
+
+def test_generator_times_and_backward_simulation():
+    assert dmd.generator_times(4) == [1.0, 0.75, 0.5, 0.25]
+    with pytest.raises(ValueError, match="at least one step"):
+        dmd.generator_times(0)
+    proc = VPCosine()
+    exact = ExactDenoiser(_gauss([0.5, -0.5], 0.3), proc)
+    z = torch.randn(32, 2, dtype=torch.float64)
+    times = dmd.generator_times(4)
+    assert torch.equal(dmd.backward_simulate(exact, z, 0, times, proc, torch.Generator().manual_seed(0)), z)
+    # step i = 2: two denoise / re-noise rounds with the same generator's noise, by hand
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    got = dmd.backward_simulate(exact, z, 2, times, proc, g1)
+    x = z
+    for j in range(2):
+        x0 = exact(x, torch.full((32,), times[j], dtype=torch.float64)).x0
+        x = proc.marginal(x0, torch.full((32,), times[j + 1], dtype=torch.float64),
+                          torch.randn(z.shape, generator=g2).double())
+    torch.testing.assert_close(got, x)
+    # k-step sampling ends with the generator's x0 at the last grid time (float64 in, float64 out)
+    out = dmd.sample(exact, z, 4, proc, torch.Generator().manual_seed(1))
+    assert out.shape == z.shape and torch.isfinite(out).all()
+
+
+# --- training through the engine ------------------------------------------------------------------------------------
+
+def _teacher_2d():
+    torch.manual_seed(0)
+    return Denoiser(MLP2D(hidden=32, depth=2), VPCosine(), "v").requires_grad_(False).eval()
+
+
+def _data(n, g):
+    return {"x": sample_2d("gmm", n, g)[0]}
+
+
+@pytest.mark.parametrize("cfg", [dmd.DMDConfig(ttur=3, gan=True, normalize="batch", gen_steps=2),
+                                 dmd.DMDConfig(ttur=1, gan=False, lambda_reg=0.25, normalize="batch")],
+                         ids=["dmd2-gan-2step", "dmd-regression"])
+def test_short_run_updates_in_the_ratio_and_changes_the_generator(cfg, tmp_path):
+    teacher = _teacher_2d()
+    z_ref, x_ref = torch.randn(64, 2), sample_2d("gmm", 64, torch.Generator().manual_seed(5))[0]
+
+    def batches(n, g):
+        i = torch.randint(64, (n,), generator=g)
+        return {**_data(n, g), "z_ref": z_ref[i], "x_ref": x_ref[i]}
+
+    G, done = dmd.distill_dmd(teacher, batches, cfg, TrainConfig(steps=6, batch_size=32, seed=0),
+                              sample_2d("gmm", 8)[0], ckpt_dir=tmp_path / "run", progress=False)
+    assert done.updates == {"generator": len(range(0, 6, cfg.ttur)), "critic": 6}
+    before = dict(teacher.named_parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in G.named_parameters())
+    assert (done.nets["critic"].head is not None) == cfg.gan
+    x = dmd.sample(G, torch.randn(16, 2), cfg.gen_steps, teacher.process, torch.Generator().manual_seed(0))
+    assert x.shape == (16, 2) and torch.isfinite(x).all()
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Real data turn NaN at iteration 7 (a corrupted batch; a NaN in the teacher would not do: dm_gradient sets NaNs
+    to 0, as DMD2 does): the critic's GAN loss is NaN, the guard stops the run before that update, and the
+    checkpoints on disk hold finite weights."""
+    from safetensors.torch import load_file
+
+    calls = [0]
+
+    def data(n, g):
+        calls[0] += 1
+        x = sample_2d("gmm", n, g)[0]
+        return {"x": x * float("nan") if calls[0] > 7 else x}
+
+    cfg = dmd.DMDConfig(ttur=1, gan=True, normalize="batch")
+    with pytest.raises(GANDiverged, match="critic loss is NaN"):
+        dmd.distill_dmd(_teacher_2d(), data, cfg, TrainConfig(steps=20, batch_size=16, ckpt_every=2),
+                        sample_2d("gmm", 8)[0], ckpt_dir=tmp_path, progress=False)
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert files, "no checkpoint was written before the divergence"
+    for f in files:
+        assert all(torch.isfinite(v).all() for v in load_file(str(f)).values() if v.is_floating_point())
+
+
+def test_unknown_regression_distance_is_explained():
+    with pytest.raises(ValueError, match="unknown regression distance"):
+        dmd._distance("lpips-vgg")
+
+
+# --- the checkers of notebook 09 ------------------------------------------------------------------------------------
+
+def _right_dm_loss(x, real, fake, process, t, eps, normalize):
+    return dmd.dm_loss(x, real, fake, process, t, eps, normalize=normalize)
+
+
+def _dm_variant(sign=1.0, norm=True, detach=True):
+    def loss(x, real, fake, process, t, eps, normalize):
+        with torch.no_grad():
+            x_t = process.marginal(x.detach(), t, eps)
+            x0_real, x0_fake = real(x_t, t).x0, fake(x_t, t).x0
+        g = sign * (x0_fake - x0_real)
+        if norm:
+            n = (x.detach() - x0_real).abs().mean(1, keepdim=True)
+            g = g / (n.mean() if normalize == "batch" else n)
+        target = (x.detach() - g) if detach else (x - g)
+        return 0.5 * (x - target).pow(2).mean(1)
+    return loss
+
+
+def _live_target(x, real, fake, process, t, eps, normalize):
+    """No stop-gradient anywhere: x_t, the denoisers and g all carry x's gradient."""
+    x_t = process.marginal(x, t, eps)
+    x0_real, x0_fake = real(x_t, t).x0, fake(x_t, t).x0
+    n = (x - x0_real).abs().mean(1, keepdim=True)
+    g = (x0_fake - x0_real) / (n.mean() if normalize == "batch" else n)
+    return 0.5 * (x - (x - g)).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("wrong,says", [
+    (_dm_variant(sign=-1.0), "wrong sign"),
+    (_dm_variant(norm=False), "normalisation is missing"),
+    (_dm_variant(detach=False), "stop-gradient"),
+    (_live_target, "stop-gradient"),
+])
+def test_dm_loss_checker_rejects_planted_mistakes(wrong, says, capsys):
+    assert checks.check_dm_loss(_right_dm_loss, seed=0) is _right_dm_loss
+    assert "correct" in capsys.readouterr().out
+    used = checks.check_dm_loss(wrong, seed=0)
+    assert used is not wrong and checks.is_library(used)
+    assert says in capsys.readouterr().out
+
+
+def test_fake_score_loss_checker(capsys):
+    right = lambda fake, x, t, eps: dmd.fake_score_loss(fake, x, t, eps)
+
+    def live_x(fake, x, t, eps):
+        from course_lib.predictions import from_pred
+        x_t = fake.process.marginal(x, t, eps)
+        target = from_pred(Pred(x, eps), t, fake.process, fake.parameterization)
+        return (fake.raw(x_t, t, None) - target).pow(2).mean(1)
+
+    assert checks.check_fake_score_loss(right, seed=0) is right
+    assert checks.is_library(checks.check_fake_score_loss(live_x, seed=0))
+    assert "gradients into the generator" in capsys.readouterr().out
+
+
+def test_two_time_scale_checker(capsys):
+    def every_iteration(iterations, ttur, update_generator, update_critic):
+        for i in range(iterations):
+            update_generator(i)
+            update_critic(i)
+
+    def inverted(iterations, ttur, update_generator, update_critic):    # the generator gets the fast time scale
+        for i in range(iterations):
+            if i % ttur == 0:
+                update_critic(i)
+            update_generator(i)
+
+    def critic_first(iterations, ttur, update_generator, update_critic):
+        for i in range(iterations):
+            update_critic(i)
+            if i % ttur == 0:
+                update_generator(i)
+
+    assert checks.check_two_time_scale(dmd.two_time_scale, seed=0) is dmd.two_time_scale
+    for wrong, says in ((every_iteration, "critic updates per generator update"),
+                        (inverted, "critic updates per generator update"), (critic_first, "order")):
+        assert checks.is_library(checks.check_two_time_scale(wrong, seed=0))
+        assert says in capsys.readouterr().out
