@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -570,6 +570,15 @@ def evaluate(sd: Any, n: int = 500, steps: int = 25, w: float = DEFAULT_W, seeds
     """Sample n prompts of digits.jsonl (drawn with each seed) with the course's DDIM (steps, guidance w), and
     report prompt adherence (digit, colour, thickness) and KID/FD in the digits classifier's features against the
     held-out and the training digits (classifier.digits_scores), as mean and spread over the seeds."""
+    return evaluate_images(lambda prompts, s: sample(sd, prompts, steps, w, seed=s), n, seeds, records,
+                           steps=steps, w=w)
+
+
+def evaluate_images(images: Callable[[list[str], int], Tensor], n: int = 500, seeds: Sequence[int] = (0, 1, 2),
+                    records: Sequence[dict] | None = None, **fields: Any) -> dict[str, Any]:
+    """The evaluation every mini-SD model shares: for each seed s, n prompt records of digits.jsonl drawn with
+    seed 1000 + s, images(prompts, s) -> (n, 3, H, W) in [-1, 1], then prompt adherence and digits_scores; returns
+    {"n", **fields, "seeds", "mean", "std", "runs"} (runs: one row of scores per seed)."""
     from .classifier import digits_scores, load_digits_classifier
 
     records = list(records if records is not None else load_prompts())
@@ -579,14 +588,14 @@ def evaluate(sd: Any, n: int = 500, steps: int = 25, w: float = DEFAULT_W, seeds
     for s in seeds:
         pick = torch.randint(0, len(records), (n,), generator=torch.Generator().manual_seed(1000 + s)).tolist()
         recs = [records[i] for i in pick]
-        imgs = sample(sd, [r["prompt"] for r in recs], steps, w, seed=s)
+        imgs = images([r["prompt"] for r in recs], s)
         row = attribute_scores(imgs, recs, edges, clf)
         row.update(digits_scores(to_grayscale(imgs), clf))
         runs.append(row)
     keys = runs[0].keys()
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
     spread = {k: (sum((r[k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in keys}
-    return {"n": n, "steps": steps, "w": w, "seeds": list(seeds), "mean": mean, "std": spread, "runs": runs}
+    return {"n": n, **fields, "seeds": list(seeds), "mean": mean, "std": spread, "runs": runs}
 
 
 def reference_scores(n: int = 500, seed: int = 0) -> dict[str, float]:

@@ -103,24 +103,11 @@ def sample(sd: Any, G: nn.Module, prompts: Sequence[str], steps: int = 1, seed: 
 
 
 def evaluate(sd: Any, G: nn.Module, n: int = 500, steps: int = 1, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
-    """minisd.evaluate for a DMD2 generator: the same prompts per seed (drawn as minisd.evaluate draws them), prompt
-    adherence and KID/FD against held-out and training digits, mean and spread over the seeds."""
+    """minisd.evaluate for a DMD2 generator: the same prompts per seed (minisd.evaluate_images), prompt adherence and
+    KID/FD against held-out and training digits, mean and spread over the seeds."""
     from .. import minisd
-    from ..classifier import digits_scores, load_digits_classifier
 
-    records = minisd.load_prompts()
-    clf, edges = load_digits_classifier(), minisd.training_digits().edges
-    runs = []
-    for s in seeds:
-        pick = torch.randint(0, len(records), (n,), generator=torch.Generator().manual_seed(1000 + s)).tolist()
-        recs = [records[i] for i in pick]
-        imgs = sample(sd, G, [r["prompt"] for r in recs], steps, seed=s)
-        row = minisd.attribute_scores(imgs, recs, edges, clf)
-        row.update(digits_scores(minisd.to_grayscale(imgs), clf))
-        runs.append(row)
-    mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
-    std = {k: (sum((r[k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in runs[0]}
-    return {"n": n, "steps": steps, "seeds": list(seeds), "mean": mean, "std": std, "runs": runs}
+    return minisd.evaluate_images(lambda prompts, s: sample(sd, G, prompts, steps, seed=s), n, seeds, steps=steps)
 
 
 def save(G: nn.Module, folder: str | Path, info: dict) -> Path:
