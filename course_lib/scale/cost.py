@@ -107,8 +107,6 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
     frozen real score; with lora the generator is a LoRA and the real score its UNet without the adapter). Timed
     over whole rounds of `ttur` iterations (one generator update and ttur critic updates each), after one warm-up
     round; reported per iteration (a round's time / ttur)."""
-    import copy
-
     from diffusers import UNet2DConditionModel
 
     from .. import sd as sdlib
@@ -117,7 +115,7 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
     from ..distill import dmd
     from ..processes import SDDiscrete
     from ..train import Network, TrainConfig, train_networks
-    from .dmd2 import AdapterOff
+    from .dmd2 import networks
 
     dev = device_of(device)
     cfg = unet_config(tiny)
@@ -126,14 +124,7 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
     G = sdlib.SDDenoiser(unet, SDDiscrete(), "eps").to(dev)
     L, D, h = (77, cfg["cross_attention_dim"], cfg["sample_size"])
     null = torch.zeros(1, L, D, device=dev)
-    example = Cond(text=torch.zeros(2, L, D, device=dev), null_text=null)
-    with seeded(1):
-        critic = dmd.make_critic(G, torch.zeros(2, 4, h, h, device=dev), gan, example)
-    if lora:
-        sdlib.add_lora(G, r=lora)
-        real = AdapterOff(G)
-    else:
-        real = copy.deepcopy(G).requires_grad_(False).eval()
+    G, real, critic = networks(G, lora, None, gan, seed=1)
     stamps: list[float] = []
 
     def sample(n, g):

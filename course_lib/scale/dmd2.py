@@ -44,7 +44,6 @@ dmd2.json (the generator's timesteps). Sampling with plain diffusers:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -102,30 +101,38 @@ def check_teacher(teacher: str | os.PathLike) -> Path:
 
 def build(teacher: str | os.PathLike, lora: int, alpha: float | None, gan: bool, seed: int,
           device: torch.device | str = "cpu"):
-    """(sd, generator, real score, critic): the teacher pipeline's parts; the generator is its UNet (trainable, or
-    frozen with a rank-`lora` adapter whose lora_B = 0: it starts as the teacher); the critic a trainable copy of the
-    teacher with, when gan, a head on its mid block."""
+    """(sd, generator, real score, critic): the teacher pipeline's parts and `networks` on its UNet."""
+    from .. import sd as sdlib
+
+    sd = sdlib.load_sd(check_teacher(teacher), device=device)
+    return (sd, *networks(sd.model, lora, alpha, gan, seed))
+
+
+def networks(model: nn.Module, lora: int, alpha: float | None, gan: bool, seed: int) -> tuple[nn.Module, nn.Module,
+                                                                                                nn.Module]:
+    """(generator, real score, critic) around an SDDenoiser `model` (used as the generator itself): trainable, or
+    frozen with a rank-`lora` adapter whose lora_B = 0 (it starts as the teacher) and the same UNet without the
+    adapter as real score; the critic a trainable copy of the teacher with, when gan, a head on its mid block.
+    Shared by the stage and by scale.cost's measurement of it."""
     from .. import sd as sdlib
     from ..conditioning import Cond
     from ..config import seeded
     from ..distill import dmd
 
-    folder = check_teacher(teacher)
-    sd = sdlib.load_sd(folder, device=device)
-    unet = sd.model.unet
+    unet = model.unet
+    device = next(unet.parameters()).device
     h = unet.config.sample_size
     x_example = torch.zeros(2, unet.config.in_channels, h, h, device=device)
     text = torch.zeros(2, 1, unet.config.cross_attention_dim, device=device)
-    y_example = Cond(text=text, null_text=text[:1])
     with seeded(seed):
-        critic = dmd.make_critic(sd.model, x_example, gan, y_example)
+        critic = dmd.make_critic(model, x_example, gan, Cond(text=text, null_text=text[:1]))
     if lora:
-        sdlib.add_lora(sd.model, r=lora, alpha=alpha, seed=seed)
-        real = AdapterOff(sd.model)
+        sdlib.add_lora(model, r=lora, alpha=alpha, seed=seed)
+        real = AdapterOff(model)
     else:
-        real = copy.deepcopy(sd.model).requires_grad_(False).eval()
-        sd.model.requires_grad_(True)
-    return sd, sd.model, real, critic
+        real = copy.deepcopy(model).requires_grad_(False).eval()
+        model.requires_grad_(True)
+    return model, real, critic
 
 
 def batches(emb, images: bool, shape: tuple[int, ...]) -> Callable[[int, torch.Generator], dict]:
@@ -255,9 +262,10 @@ def main(argv: list[str] | None = None):
         raise SystemExit(f"error: {e}") from None
     unet = G.unet
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    if images and emb.latents(torch.tensor([0])).shape[1:] != shape:
-        raise SystemExit(f"error: the cached latents have shape {tuple(emb.latents(torch.tensor([0])).shape[1:])}, "
-                         f"the UNet makes {shape}: build the cache with this teacher's VAE at its resolution")
+    cached = tuple(emb.latents(torch.tensor([0])).shape[1:]) if images else shape
+    if cached != shape:
+        raise SystemExit(f"error: the cached latents have shape {cached}, the UNet makes {shape}: build the cache "
+                         "with this teacher's VAE at its resolution")
     cfg = dmd.DMDConfig(ttur=a.ttur, real_w=a.real_w, gan=gan, lambda_g=a.lambda_g, lambda_d=a.lambda_d,
                         gen_steps=a.gen_steps, lr_g=a.lr, lr_critic=a.lr_critic or a.lr, betas=(0.9, 0.999),
                         grad_clip=a.grad_clip, ema_decay=a.ema_decay)
