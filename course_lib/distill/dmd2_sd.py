@@ -60,9 +60,11 @@ def digit_batches(sd: Any, n_images: int | None = None) -> Callable[[int, torch.
 
 
 def distill(sd: Any, cfg: dmd.DMDConfig | None = None, steps: int = STEPS, batch: int = BATCH, seed: int = 0,
-            sample_batch: Callable | None = None, ckpt_dir=None, progress: bool = True) -> tuple[nn.Module, Trained]:
-    """A DMD2 generator of sd.model (one step unless cfg.gen_steps > 1): returns (the generator, eval, no grad;
-    the engine's Trained). sd.model itself is left untouched (the generator, critic and real score are copies)."""
+            sample_batch: Callable | None = None, ckpt_dir=None, progress: bool = True,
+            device: str | torch.device = "cpu") -> tuple[nn.Module, Trained]:
+    """A DMD2 generator of sd.model (one step unless cfg.gen_steps > 1): returns (the generator, eval, no grad, on
+    the CPU; the engine's Trained). sd.model itself is left untouched (the generator, critic and real score are
+    copies, trained on `device`; the batches are drawn on the CPU and moved there by the engine)."""
     import copy
 
     from ..config import seeded
@@ -76,6 +78,7 @@ def distill(sd: Any, cfg: dmd.DMDConfig | None = None, steps: int = STEPS, batch
     text = torch.zeros(2, 1, unet.config.cross_attention_dim)
     with seeded(seed):
         critic = dmd.make_critic(teacher, x_example, cfg.gan, Cond(text=text, null_text=text[:1]))
+    teacher, G, critic = teacher.to(device), G.to(device), critic.to(device)
     nets = {"generator": Network(G, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, every=cfg.ttur,
                                  ema_decay=cfg.ema_decay),
             "critic": Network(critic, lr=cfg.lr_critic, betas=cfg.betas, grad_clip=cfg.grad_clip)}
@@ -84,7 +87,7 @@ def distill(sd: Any, cfg: dmd.DMDConfig | None = None, steps: int = STEPS, batch
                                       ckpt_every=100 if ckpt_dir is not None else 0),
                           frozen={"teacher": teacher}, ckpt_dir=ckpt_dir, progress=progress,
                           extra_config={"method": "dmd2-sd", **asdict(cfg)})
-    return done.best("generator").eval().requires_grad_(False), done
+    return done.best("generator").cpu().eval().requires_grad_(False), done
 
 
 @torch.no_grad()
@@ -151,18 +154,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="where the three networks train (cpu, cuda); data preparation "
+                   "and the evaluation run on the CPU")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sd = minisd.load_mini_sd()
     t0 = time.perf_counter()
-    G, done = distill(sd, steps=args.steps, batch=args.batch, ckpt_dir=Path(args.out) / "checkpoint")
+    G, done = distill(sd, steps=args.steps, batch=args.batch, ckpt_dir=Path(args.out) / "checkpoint",
+                      device=args.device)
     secs = time.perf_counter() - t0
     ev = evaluate(sd, G, args.n_eval, 1)
     info = {"kind": "dmd2", "gen_steps": 1, "timesteps": [999], "w_distilled": float(minisd.DEFAULT_W),
             "command": f"{RECREATE} (steps {args.steps}, batch {args.batch})", "recipe": asdict(recipe()),
             "steps": args.steps, "batch": args.batch, "updates": done.updates, "train_seconds": round(secs),
-            "threads": torch.get_num_threads(), "evaluation": {k: ev[k] for k in ("n", "seeds", "mean", "std")}}
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu",
+            "evaluation": {k: ev[k] for k in ("n", "seeds", "mean", "std")}}
     folder = save(G, Path(args.out) / SHIPPED, info)
     print(f"DMD2 mini SD: {args.steps} iterations in {secs:.0f} s; saved in {folder}")
     print(json.dumps(ev["mean"], indent=1))

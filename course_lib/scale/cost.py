@@ -83,7 +83,7 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
                                grad_checkpointing=grad_checkpointing, ema_decay=ema_decay), progress=False)
     times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
     sec = statistics.median(times)
-    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    res = {"device": _device_name(dev),
            "unet": "tiny (CPU smoke)" if tiny else "SD 1.5 (configs/sd15_unet.json)", "params": n_params,
            "trainable_params": n_train, "batch_size_per_gpu": batch_size, "precision": precision,
            "grad_checkpointing": grad_checkpointing, "lora_rank": lora, "ema": ema_decay > 0,
@@ -150,7 +150,7 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
     sec = statistics.median(rounds) / ttur
     count = lambda m: sum(p.numel() for p in m.parameters())
     trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
-    res = {"method": "dmd2", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    res = {"method": "dmd2", "device": _device_name(dev),
            "unet": "tiny (CPU smoke)" if tiny else "SD 1.5 (configs/sd15_unet.json)", "params_unet": count(unet),
            "trainable_generator": trainable(G), "trainable_critic": trainable(critic), "gan": gan, "ttur": ttur,
            "batch_size_per_gpu": batch_size, "precision": precision, "grad_checkpointing": grad_checkpointing,
@@ -181,6 +181,86 @@ def budget(seconds_per_sample: float, gpus: tuple[int, ...] = (1, 8)) -> dict:
             "paper_wall_days_on_8_a100": INSTAFLOW_A100_DAYS / 8}
 
 
+# The README's cost table: (method, batch/GPU, gradient checkpointing, LoRA rank, extra) per row. "reflow" is
+# InstaFlow's stage 1 step, "dmd2" one DMD2 iteration (three UNets), "lcm-lora" scale.lcm_lora's step (extra: the
+# online teacher's solver steps, 0 for real latents). All bf16 autocast with fp32 master weights.
+TABLE_ROWS: tuple[tuple[str, int, bool, int, int], ...] = (
+    ("reflow", 8, True, 0, 0), ("reflow", 8, False, 0, 0), ("reflow", 32, True, 0, 0), ("reflow", 32, False, 0, 0),
+    ("reflow", 8, True, 64, 0),
+    ("dmd2", 4, True, 0, 0), ("dmd2", 4, False, 0, 0), ("dmd2", 8, True, 0, 0), ("dmd2", 4, True, 64, 0),
+    ("lcm-lora", 12, True, 64, 0), ("lcm-lora", 12, True, 64, 8))
+
+
+def table(tiny: bool = False, device: str | None = None, rows=TABLE_ROWS, out: Path | None = None,
+          progress: bool = True) -> list[dict]:
+    """Measure every row of TABLE_ROWS in this process (one after the other; memory is released between rows). A row
+    that runs out of GPU memory is recorded as such and the table goes on. With `out`, the JSON is rewritten after
+    every row, so an interrupted table keeps its measured rows."""
+    import gc
+
+    from tqdm.auto import tqdm
+
+    from . import lcm_lora
+
+    dev = device_of(device)
+    results: list[dict] = []
+    for method, bs, ckpt, lora, extra in tqdm(rows, desc="cost table", disable=not progress):
+        key = {"method": method, "batch_size_per_gpu": bs, "grad_checkpointing": ckpt, "lora_rank": lora,
+               "online_steps": extra}
+        t0 = time.perf_counter()
+        try:
+            if method == "reflow":
+                r = measure(bs, "bf16", ckpt, lora, tiny=tiny, device=device)
+                r["seconds_per_sample"] = r["seconds_per_step"] / bs
+            elif method == "dmd2":
+                r = measure_dmd2(bs, "bf16", ckpt, lora, tiny=tiny, device=device)
+                r["seconds_per_sample"] = r["seconds_per_iteration"] / bs
+            elif method == "lcm-lora":
+                r = lcm_lora.measure(bs, lora, "bf16", ckpt, online_steps=extra, tiny=tiny, device=device)
+                r["seconds_per_sample"] = r["seconds_per_step"] / bs
+            else:
+                raise ValueError(f"unknown method {method!r} in the cost table")
+            r = {**key, **r, "status": "ok"}
+        except torch.cuda.OutOfMemoryError as e:
+            r = {**key, "status": "out of memory", "error": str(e).splitlines()[0]}
+        r["wall_seconds"] = time.perf_counter() - t0
+        results.append(r)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if out is not None:
+            write_json_atomic(Path(out), {"device": _device_name(dev), "torch": torch.__version__, "tiny": tiny,
+                                          "rows": results})
+    return results
+
+
+def _device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def print_table(results: list[dict]) -> None:
+    """The cost table as markdown: one row per measurement, with the schedule each method's paper used."""
+    print("| method | batch/GPU | checkpointing | LoRA | s/step | samples/s | peak memory | schedule at this speed |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in results:
+        head = (f"| {r['method']}{' (online teacher, %d steps)' % r['online_steps'] if r['online_steps'] else ''} | "
+                f"{r['batch_size_per_gpu']} | {'on' if r['grad_checkpointing'] else 'off'} | {r['lora_rank'] or '-'} | ")
+        if r["status"] != "ok":
+            print(head + f"{r['status']} | | | |")
+            continue
+        sec = r.get("seconds_per_step", r.get("seconds_per_iteration"))
+        mem = "n/a (CPU)" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB"
+        if r["method"] == "reflow":
+            b = r["instaflow_budget"]
+            sched = f"InstaFlow: {b['gpu_hours']:,.0f} GPU-h"
+        elif r["method"] == "dmd2":
+            b = r["dmd2_budget"]
+            sched = f"DMD2: {b['gpu_hours']:,.0f} GPU-h"
+        else:       # scale.lcm_lora's plan: 4000 steps at a global batch of 8 x 12
+            sched = f"LCM-LoRA plan: {4000 * 96 * sec / r['batch_size_per_gpu'] / 3600:,.1f} GPU-h"
+        print(head + f"{sec:.3f} | {r['batch_size_per_gpu'] / sec:.1f} | {mem} | {sched} |")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m course_lib.scale.cost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,11 +276,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="a tiny UNet (CPU smoke test)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
+    ap.add_argument("--table", action="store_true", help="measure every row of the README's cost table (TABLE_ROWS: "
+                    "reflow, DMD2 and LCM-LoRA at several batch sizes, checkpointing on and off); --out keeps them")
     a = ap.parse_args(argv)
     dev = device_of(a.device)
     if dev.type != "cuda" and not a.tiny:
         raise SystemExit("no GPU here: the real SD 1.5 table needs one (an A100/H100 80GB). Run with --tiny for "
                          "the CPU smoke test of the measurement itself.")
+    if a.table:
+        rows = table(a.tiny, a.device, out=Path(a.out) if a.out else None)
+        print_table(rows)
+        return {"device": _device_name(dev), "rows": rows}
     if a.method == "dmd2":
         return _print_dmd2(measure_dmd2(a.batch_size or 4, a.precision, a.grad_checkpointing, a.lora, tiny=a.tiny,
                                         device=a.device), a)
