@@ -295,7 +295,28 @@ def frechet_distance(feat_a: Tensor, feat_b: Tensor) -> float:
     sa, sb = np.atleast_2d(np.cov(fa, rowvar=False)), np.atleast_2d(np.cov(fb, rowvar=False))
     with warnings.catch_warnings():  # clean-fid 0.1.35 passes scipy's deprecated `disp` argument
         warnings.simplefilter("ignore", DeprecationWarning)
-        return float(fid.frechet_distance(mu_a, sa, mu_b, sb))
+        try:
+            return float(fid.frechet_distance(mu_a, sa, mu_b, sb))
+        except TypeError as e:                         # SciPy >= 1.18 removed `disp`: the same formula, here
+            if "disp" not in str(e):
+                raise
+            return _frechet_from_moments(mu_a, sa, mu_b, sb)
+
+
+def _frechet_from_moments(mu_a, sa, mu_b, sb, eps: float = 1e-6) -> float:
+    """clean-fid's frechet_distance without the `disp` argument that SciPy 1.18 removed: d^2 = |mu_a - mu_b|^2
+    + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^{1/2}), with eps I added to both covariances when the product's square
+    root is not finite (clean-fid's fallback) and the real part of the root kept."""
+    import numpy as np
+    from scipy import linalg
+
+    covmean = linalg.sqrtm(sa.dot(sb))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sa.shape[0]) * eps
+        covmean = linalg.sqrtm((sa + offset).dot(sb + offset))
+    covmean = np.real(covmean)
+    diff = mu_a - mu_b
+    return float(diff.dot(diff) + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean))
 
 
 def kid(feat_a: Tensor, feat_b: Tensor, blocks: int = 10) -> tuple[float, float]:

@@ -189,6 +189,26 @@ def test_frechet_distance_of_isotropic_gaussians():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_frechet_distance_survives_scipy_without_disp(monkeypatch):
+    # SciPy 1.18 removed sqrtm's `disp`, which clean-fid 0.1.35 passes: the course's own formula takes over and
+    # gives clean-fid's number (measured against clean-fid on this SciPy, then with `disp` refused)
+    import scipy.linalg
+
+    g = gen(5)
+    a, b = torch.randn(300, 6, generator=g), 0.5 + 1.5 * torch.randn(300, 6, generator=g)
+    reference = frechet_distance(a, b)
+    sqrtm = scipy.linalg.sqrtm
+
+    def new_sqrtm(A, **kwargs):
+        if "disp" in kwargs:
+            raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+        out = sqrtm(A, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", new_sqrtm)
+    assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-9)
+
+
 def test_cifar10_fid_offline_raises_metric_unavailable(monkeypatch):
     if os.path.exists("/tmp/inception-2015-12-05.pt"):
         pytest.skip("Inception weights are cached here; the offline path cannot be exercised cheaply")
