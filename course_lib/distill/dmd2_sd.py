@@ -39,6 +39,28 @@ def recipe() -> dmd.DMDConfig:
     return replace(RECIPE, real_w=float(minisd.DEFAULT_W))
 
 
+def override(cfg: dmd.DMDConfig, settings: Sequence[str]) -> dmd.DMDConfig:
+    """cfg with KEY=VALUE settings applied (each VALUE read as the field's type: lr_g=2e-5, ttur=10, gan=false)."""
+    from dataclasses import fields
+
+    types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
+    changes: dict[str, Any] = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"--set takes KEY=VALUE with KEY one of {sorted(types)}; got {item!r}")
+        kind = types[key]
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--set {key}= takes true or false; got {value!r}")
+            changes[key] = value.lower() in ("true", "1")
+        elif kind is tuple:
+            changes[key] = tuple(float(v) for v in value.split(","))
+        else:
+            changes[key] = kind(value)
+    return replace(cfg, **changes)
+
+
 def shipped_dir() -> Path:
     from .. import paths
 
@@ -154,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one setting of the recipe (dmd.DMDConfig), e.g. --set lr_g=2e-5 --set ttur=10")
     p.add_argument("--device", default="cpu", help="where the three networks train (cpu, cuda); data preparation "
                    "and the evaluation run on the CPU")
     args = parser.parse_args(argv)
@@ -161,12 +185,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     sd = minisd.load_mini_sd()
     t0 = time.perf_counter()
-    G, done = distill(sd, steps=args.steps, batch=args.batch, ckpt_dir=Path(args.out) / "checkpoint",
+    try:
+        cfg = override(recipe(), args.set)
+    except ValueError as e:
+        parser.error(str(e))
+    G, done = distill(sd, cfg, steps=args.steps, batch=args.batch, ckpt_dir=Path(args.out) / "checkpoint",
                       device=args.device)
     secs = time.perf_counter() - t0
     ev = evaluate(sd, G, args.n_eval, 1)
     info = {"kind": "dmd2", "gen_steps": 1, "timesteps": [999], "w_distilled": float(minisd.DEFAULT_W),
-            "command": f"{RECREATE} (steps {args.steps}, batch {args.batch})", "recipe": asdict(recipe()),
+            "command": f"{RECREATE} (steps {args.steps}, batch {args.batch}{''.join(' --set ' + x for x in args.set)})",
+            "recipe": asdict(cfg),
             "steps": args.steps, "batch": args.batch, "updates": done.updates, "train_seconds": round(secs),
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu",
