@@ -185,3 +185,14 @@ def test_the_mini_sd_generator_trains_saves_and_loads(tmp_path):
         torch.testing.assert_close(again(z, t, c).x0, G(z, t, c).x0)
     with pytest.raises(FileNotFoundError, match="recreate it with"):
         dmd2_sd.load(sd, tmp_path)
+
+
+def test_recipe_settings_from_the_command_line_are_typed_and_checked():
+    from course_lib.distill import dmd2_sd
+
+    cfg = dmd2_sd.override(dmd2_sd.RECIPE, ["lr_g=2e-5", "ttur=10", "gan=false", "t_range=0.1,0.9"])
+    assert (cfg.lr_g, cfg.ttur, cfg.gan, cfg.t_range) == (2e-5, 10, False, (0.1, 0.9))
+    assert cfg.lr_critic == dmd2_sd.RECIPE.lr_critic                          # the rest is the recipe's
+    for bad in ("lr=1e-4", "ttur", "gan=maybe", "ttur=1.5"):
+        with pytest.raises(ValueError):
+            dmd2_sd.override(dmd2_sd.RECIPE, [bad])

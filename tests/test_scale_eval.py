@@ -87,3 +87,30 @@ def test_cost_measures_a_dmd2_iteration_of_three_unets_at_a_tiny_size(tmp_path, 
     assert b["paper_gpu_hours"] == 64 * 25.0
     assert "A GPU is needed for the real table" in capsys.readouterr().out
     assert json.loads((tmp_path / "dmd2.json").read_text())["lora_rank"] == 4
+
+
+def test_cost_table_measures_each_row_keeps_them_and_records_out_of_memory(tmp_path, monkeypatch, capsys):
+    rows = (("reflow", 2, True, 0, 0), ("dmd2", 2, False, 4, 0), ("lcm-lora", 2, True, 4, 0))
+    res = cost.table(tiny=True, device="cpu", rows=rows, out=tmp_path / "table.json", progress=False)
+    assert [r["method"] for r in res] == ["reflow", "dmd2", "lcm-lora"] and all(r["status"] == "ok" for r in res)
+    assert res[1]["grad_checkpointing"] is False and res[1]["lora_rank"] == 4 and res[1]["seconds_per_iteration"] > 0
+    assert res[0]["seconds_per_sample"] == pytest.approx(res[0]["seconds_per_step"] / 2)
+    assert [r["method"] for r in json.loads((tmp_path / "table.json").read_text())["rows"]] == ["reflow", "dmd2",
+                                                                                                  "lcm-lora"]
+    cost.print_table(res)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    assert len(lines) == 4 and lines[2].startswith("| dmd2 | 2 | off | 4 |")        # the header and three rows
+
+    measure = cost.measure
+
+    def oom_at_64(batch_size, *args, **kwargs):
+        if batch_size == 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return measure(batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(cost, "measure", oom_at_64)                # a row that does not fit is recorded, not fatal
+    res = cost.table(tiny=True, device="cpu", rows=(("reflow", 64, False, 0, 0), ("reflow", 2, True, 0, 0)),
+                     progress=False)
+    assert res[0]["status"] == "out of memory" and "20.00 GiB" in res[0]["error"] and res[1]["status"] == "ok"
+    with pytest.raises(ValueError, match="unknown method"):
+        cost.table(tiny=True, device="cpu", rows=(("sdxl", 2, True, 0, 0),), progress=False)
