@@ -105,6 +105,8 @@ ALLOWED: dict[str, list[str]] = {
         "timesteps 999, 749, 499, 249", "999 (and 749, 499, 249",   # DMD2's released SDXL grid (a setting)
         "1.75 (SD 1.5) or 8 (SDXL), TTUR 10 or 5",                  # DMD2's released recipes (experiments/*.sh)
         "timestep 999",                    # SD's first timestep (a setting)
+        "published: 41k", "a batch of 2048", "both learning rates 1e-5",  # published: DMD2's SD 1.5 recipe,
+        "experiments/laion6.25",                                            # its script's folder (tianweiy/DMD2)
     ],
     "10_gdd.ipynb": [
         "StyleGAN2", "AFHQv2",             # names of a GAN and of a data set
