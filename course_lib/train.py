@@ -21,7 +21,10 @@ A checkpoint folder holds `trainer.safetensors` (every network, EMA, targets, op
 and the run's JSON description in its metadata: one atomic file) and `config.json` (a readable mirror of it).
 
 Under accelerate (`accelerator=`) batch_size is per process: the global batch is
-batch_size x world size x grad_accum samples per update.
+batch_size x world size x grad_accum samples per update. The networks are wrapped in DDP (a whole copy on each
+process), or with TrainConfig(fsdp=True) sharded by PyTorch's FSDP2: gradients and AdamW states stay sharded,
+weights are gathered for each phase and freed after it (ZeRO-2's memory); checkpoints hold whole tensors either
+way, and the returned networks are whole, plain modules. Targets are not supported with fsdp.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, load_tensors, save_tensors
 
 TRAINER_WEIGHTS = "trainer.safetensors"
-ALWAYS_CHANGEABLE = ("steps", "desc", "ckpt_every", "log_every")   # a resumed run may change these freely
+ALWAYS_CHANGEABLE = ("steps", "desc", "ckpt_every", "log_every", "fsdp")   # a resumed run may change these
 PER_NETWORK = ("lr", "ema_decay", "grad_clip", "warmup", "lr_schedule", "weight_decay", "betas")
 
 
@@ -76,6 +79,7 @@ class TrainConfig:
     grad_accum: int = 1             # micro-batches (each batch_size) per optimizer update
     grad_checkpointing: bool = False  # enable_gradient_checkpointing() on the diffusers submodules
     log_every: int = 25             # losses are fetched to the host (one sync) every log_every iterations
+    fsdp: bool = False              # shard grads and AdamW states over the processes (FSDP2; weights per phase)
 
     def lr_at(self, step: int) -> float:
         """Learning rate for update number `step` (0-based)."""
@@ -197,6 +201,7 @@ class _Run:
     ema: dict[str, Tensor] | None = None
     wrapped: Any = None                     # what the step function calls (the module, or a _Synced DDP view)
     ddp: nn.Module | None = None            # the DDP wrapper under accelerate with several processes
+    skeleton: nn.Module | None = None       # FSDP: an unsharded copy on the meta device, filled at the end
     updates: int = 0
     losses: list[float] = field(default_factory=list)
 
@@ -266,6 +271,9 @@ def _kept(module: nn.Module, trainable: Mapping[str, Tensor], save_frozen: bool)
 
 
 def _load(module: nn.Module, tensors: dict[str, Tensor], may_miss: set[str], where: str) -> None:
+    state = module.state_dict()
+    if any(_is_dtensor(v) for v in state.values()):       # FSDP: each process keeps its shard of each tensor
+        tensors = {k: _like(v, state[k]) if k in state else v for k, v in tensors.items()}
     try:
         missing, unexpected = module.load_state_dict(tensors, strict=False)
         if unexpected or set(missing) - may_miss:
@@ -273,6 +281,119 @@ def _load(module: nn.Module, tensors: dict[str, Tensor], may_miss: set[str], whe
     except RuntimeError as e:
         raise CheckpointError(f"{where} was written for another model: {e}. "
                               "Use another ckpt_dir or delete this one.") from e
+
+
+# --- FSDP (PyTorch's FSDP2, fully_shard): the same checkpoint format, whole networks back at the end ----------------
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a sharded one (a collective: every process calls it), or t itself."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _like(value: Tensor, ref: Tensor | None) -> Tensor:
+    """A whole tensor laid out as ref: this process's shard when ref is sharded."""
+    if ref is None or not _is_dtensor(ref):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+
+
+def _check_fsdp(accelerator, targets: Mapping[str, Target]) -> None:
+    import torch.distributed as dist
+
+    if accelerator is None or not dist.is_initialized():
+        raise ValueError("TrainConfig(fsdp=True) shards over processes: launch with `accelerate launch` or `torchrun` "
+                         "and pass the Accelerator (one process trains without it)")
+    if targets:
+        raise NotImplementedError(f"targets {sorted(targets)} (EMA copies followed every update) are not supported "
+                                  "with fsdp; train with DDP (fsdp=False)")
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of module with every parameter and buffer on the meta device (no memory): the unsharded network's
+    skeleton, filled with the trained weights at the end."""
+    memo: dict[int, Any] = {id(b): torch.empty_like(b, device="meta") for b in module.buffers()}
+    memo.update({id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                 for p in module.parameters()})
+    return copy.deepcopy(module, memo)
+
+
+def _shard(module: nn.Module, units: int = 16) -> None:
+    """FSDP2 on a network, innermost first: fully_shard every submodule whose not yet sharded parameters reach 1/units
+    of the network's (the blocks), then every module still holding parameters of its own (leaves left over, such as
+    conv_in: every parameter then lives in a module that is only ever called through forward, so a step function may
+    call any submodule), then the network. The methods a step function calls instead of forward
+    (_Synced.SYNCED_METHODS: a Denoiser's raw, a critic's logits) gather the parameters as forward does.
+
+    Gathered weights stay gathered until the engine frees them at the end of each phase (reshard_after_forward=False):
+    a step may backpropagate through a network that is frozen in this phase (DMD2's generator loss goes through the
+    critic's GAN head), or run one network's forward several times before its backward (the critic's fake score, on
+    noisy, real and generated samples). Gradients and AdamW states stay sharded throughout: ZeRO-2's memory, with the
+    weights freed between phases."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    device = next(module.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    threshold = max(1, sum(p.numel() for p in module.parameters()) // units)
+    covered: set[int] = set()
+    sharded: list[nn.Module] = []
+
+    def shard(m: nn.Module) -> None:
+        fully_shard(m, mesh=mesh, reshard_after_forward=False)   # see the docstring
+        covered.update(id(p) for p in m.parameters())
+        sharded.append(m)
+
+    def blocks(m: nn.Module) -> int:
+        """Shard m's large subtrees bottom-up; returns the parameters of m's subtree still unsharded."""
+        left = sum(blocks(c) for c in m.children()) + sum(p.numel() for p in m.parameters(recurse=False))
+        if m is not module and left >= threshold and not isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            shard(m)                                  # (a list of blocks has no forward: its blocks are units)
+            return 0
+        return left
+
+    def leftovers(m: nn.Module) -> None:
+        for c in m.children():
+            leftovers(c)
+        if m is not module and any(id(p) not in covered for p in m.parameters(recurse=False)):
+            shard(m)
+
+    blocks(module)
+    leftovers(module)
+    shard(module)
+    # FSDP2 makes the first sharded module to run forward the root; a step function may call a submodule first
+    # (DMD's dm_loss calls critic.fake before critic.logits), so the network is made the root now
+    module._get_fsdp_state()._lazy_init()
+    for m in sharded:
+        for name in _Synced.SYNCED_METHODS:
+            if callable(getattr(type(m), name, None)):
+                register_fsdp_forward_method(m, name)
+
+
+def _reshard(module: nn.Module) -> None:
+    """Free the gathered weights of every sharded submodule."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _unsharded(r: _Run) -> nn.Module:
+    """The trained network as a plain module on this process's device: the skeleton with the whole weights."""
+    state = {k: _full(v) for k, v in r.spec.module.state_dict().items()}
+    device = next(iter(r.trainable.values())).device
+    plain = r.skeleton.to_empty(device=device)
+    plain.load_state_dict(state)
+    return plain.train(r.spec.module.training)
 
 
 def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepContext, Any], Tensor],
@@ -299,15 +420,23 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
     for t in targets.values():
         if t.source not in networks:
             raise ValueError(f"Target source {t.source!r} is not one of the networks {list(networks)}")
+    if cfg.fsdp:
+        _check_fsdp(accelerator, targets)
     runs: list[_Run] = []
     for name, spec in networks.items():
-        trainable = {k: p for k, p in spec.module.named_parameters() if p.requires_grad}
-        if not trainable:
+        if not any(p.requires_grad for p in spec.module.parameters()):
             raise ValueError(f"network {name!r} has no parameter with requires_grad; pass it as frozen= instead")
+        skeleton = None
+        if cfg.fsdp:
+            if cfg.grad_checkpointing:
+                _enable_checkpointing(name, spec.module)
+            skeleton = _meta_copy(spec.module)
+            _shard(spec.module.to(accelerator.device))
+        trainable = {k: p for k, p in spec.module.named_parameters() if p.requires_grad}
         opt = torch.optim.AdamW(trainable.values(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
-        if cfg.grad_checkpointing:
+        if cfg.grad_checkpointing and not cfg.fsdp:
             _enable_checkpointing(name, spec.module)
-        runs.append(_Run(name, spec, trainable, opt, total=len(range(0, cfg.steps, spec.every))))
+        runs.append(_Run(name, spec, trainable, opt, total=len(range(0, cfg.steps, spec.every)), skeleton=skeleton))
     by_name = {r.name: r for r in runs}
     copies = {k: copy.deepcopy(by_name[t.source].spec.module).requires_grad_(False).eval() for k, t in targets.items()}
 
@@ -320,11 +449,13 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
             raise ValueError("set the precision with TrainConfig.precision and leave the Accelerator's "
                              f"mixed_precision at 'no' (got {accelerator.mixed_precision!r})")
         if str(accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            raise NotImplementedError(f"the course's engine runs under accelerate with DDP (or one process); "
-                                      f"{accelerator.distributed_type} shards the parameters, which its EMA, targets "
-                                      "and phase switching do not handle yet. Launch with --multi_gpu (DDP).")
+            raise NotImplementedError(f"the course's engine shards with its own FSDP2 path, not accelerate's "
+                                      f"{accelerator.distributed_type} plugin: launch with --multi_gpu (DDP) and set "
+                                      "TrainConfig(fsdp=True) (the stage scripts' --fsdp).")
         rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
         for r in runs:
+            if cfg.fsdp:
+                continue                          # sharded already: FSDP reduce-scatters the gradients itself
             wrapped, r.opt = accelerator.prepare(r.spec.module, r.opt)
             if wrapped is not r.spec.module:
                 r.ddp, r.wrapped = wrapped, _Synced(wrapped, r.spec.module)
@@ -354,8 +485,9 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
         if accelerator is not None:
             accelerator.wait_for_everyone()
             rng = accelerator.gather(rng.to(accelerator.device)).cpu()  # (world, n): every process's stream
+        tensors = _checkpoint_tensors(runs, copies, targets) if main or cfg.fsdp else None  # FSDP: a collective
         if main:
-            _save(folder, description, runs, copies, targets, rng, step, logs)
+            _save(folder, description, runs, tensors, rng, step, logs)
         if accelerator is not None:
             accelerator.wait_for_everyone()
 
@@ -378,6 +510,9 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
                     p.requires_grad_(True)
                 ctx = StepContext(r.name, step, gen, {**views, r.name: r.wrapped}, pending)
                 loss = _phase(r, ctx, step_fn, sample_batch, cfg, device, accelerator)
+                for o in runs:
+                    if o.skeleton is not None:
+                        _reshard(o.spec.module)       # FSDP: the weights gathered in this phase are freed
                 for p in r.trainable.values():
                     p.requires_grad_(False)
                 # 4b. the targets that follow r
@@ -414,6 +549,8 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
     _fetch(pending, by_name, logs)
     for r in runs:
         r.spec.module.eval()
+        if r.skeleton is not None:               # FSDP: every process gets the whole trained network back
+            r.spec.module, r.ema = _unsharded(r), None if r.ema is None else {k: _full(v) for k, v in r.ema.items()}
     return Trained(nets={r.name: r.spec.module for r in runs}, ema={r.name: r.ema for r in runs if r.ema is not None},
                    targets=copies, step=step, updates={r.name: r.updates for r in runs},
                    losses={r.name: r.losses for r in runs}, logs=logs)
@@ -431,6 +568,8 @@ def _phase(r: _Run, ctx: StepContext, step_fn: Callable, sample_batch: Callable,
     for micro in range(cfg.grad_accum):
         batch = to_device(sample_batch(cfg.batch_size, ctx.generator), device)
         last = micro == cfg.grad_accum - 1
+        if r.skeleton is not None:
+            r.spec.module.set_requires_gradient_sync(last)                  # FSDP: reduce-scatter once
         with contextlib.nullcontext() if last or r.ddp is None else accelerator.no_sync(r.ddp):  # all-reduce once
             with autocast:
                 loss = step_fn(ctx, batch).float().mean()                  # per-sample (B,) -> scalar, in fp32
@@ -459,18 +598,26 @@ def _follow(target: nn.Module, source: _Run, mu: float) -> None:
         bt.copy_(bs)
 
 
-def _save(folder: Path, description: dict, runs: list[_Run], copies: dict[str, nn.Module],
-          targets: Mapping[str, Target], rng: Tensor, step: int, logs: dict) -> None:
-    tensors: dict[str, Tensor] = {"rng": rng}
+def _checkpoint_tensors(runs: list[_Run], copies: dict[str, nn.Module], targets: Mapping[str, Target]
+                        ) -> dict[str, Tensor]:
+    """Every network (whole tensors, also under FSDP: gathering them is a collective), EMA, optimizer state and
+    target, under the checkpoint's names."""
+    tensors: dict[str, Tensor] = {}
     for r in runs:
         kept = _kept(r.spec.module, r.trainable, r.spec.save_frozen)
-        tensors.update({f"net.{r.name}.{k}": v for k, v in kept.items()})
-        tensors.update({f"ema.{r.name}.{k}": v for k, v in (r.ema or {}).items()})
+        tensors.update({f"net.{r.name}.{k}": _full(v) for k, v in kept.items()})
+        tensors.update({f"ema.{r.name}.{k}": _full(v) for k, v in (r.ema or {}).items()})
         for idx, st in r.opt.state_dict()["state"].items():
-            tensors.update({f"opt.{r.name}.{idx}.{key}": torch.as_tensor(val) for key, val in st.items()})
+            tensors.update({f"opt.{r.name}.{idx}.{key}": _full(torch.as_tensor(val)) for key, val in st.items()})
     for k, t in targets.items():
         source = next(r for r in runs if r.name == t.source)
         tensors.update({f"target.{k}.{n}": v for n, v in _kept(copies[k], source.trainable, False).items()})
+    return tensors
+
+
+def _save(folder: Path, description: dict, runs: list[_Run], tensors: dict[str, Tensor], rng: Tensor, step: int,
+          logs: dict) -> None:
+    tensors = {"rng": rng, **tensors}
     losses = {r.name: r.losses for r in runs}
     config = {"step": step, "updates": {r.name: r.updates for r in runs}, "logs": logs,
               "losses": losses[runs[0].name] if len(runs) == 1 else losses, **description}
@@ -510,11 +657,13 @@ def _restore(folder: Path, description: dict, runs: list[_Run], copies: dict[str
                 raise CheckpointError(f"{where} has no EMA for network {r.name!r} (ema_decay was 0 when it was "
                                       "written); set ema_decay=0 or use another ckpt_dir.")
             for k, v in ema.items():
-                r.ema[k].copy_(v)
+                r.ema[k].copy_(_like(v, r.ema[k]))
+        params = [p for g in r.opt.param_groups for p in g["params"]]
         opt_state: dict[int, dict[str, Tensor]] = {}
         for k, v in part(f"opt.{r.name}.").items():
             idx, key = k.split(".", 1)
-            opt_state.setdefault(int(idx), {})[key] = v
+            p = params[int(idx)] if int(idx) < len(params) else None
+            opt_state.setdefault(int(idx), {})[key] = _like(v, p) if p is not None and v.shape == p.shape else v
         sd = r.opt.state_dict()
         sd["state"] = opt_state
         r.opt.load_state_dict(sd)

@@ -196,3 +196,55 @@ def test_recipe_settings_from_the_command_line_are_typed_and_checked():
     for bad in ("lr=1e-4", "ttur", "gan=maybe", "ttur=1.5"):
         with pytest.raises(ValueError):
             dmd2_sd.override(dmd2_sd.RECIPE, [bad])
+
+
+def _torchrun(tmp_path: Path, name: str, args: list[str]) -> dict:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(HERE / "scale_ddp_run.py"),
+           str(tmp_path / f"{name}-rank"), "dmd2", *args]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and any(s in proc.stderr for s in ("Gloo", "gloo", "EADDRINUSE", "rendezvous")):
+        pytest.skip(f"torchrun could not start two gloo processes here:\n{proc.stderr[-2000:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {r: json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in (0, 1)}
+
+
+def test_fsdp_trains_what_ddp_trains_and_resumes_bit_for_bit(work, tmp_path):
+    """--fsdp (the engine's FSDP2 path) against DDP on the same batches, in fp32: the same losses and, after AdamW
+    (whose first steps move each weight by about lr whatever the gradient's size), the same weights up to the
+    elements whose gradient is rounding noise. Then a run stopped at step 2 and resumed ends bit for bit where the
+    uninterrupted FSDP run does (checkpoints hold whole tensors, each process reloads its shards)."""
+    emb = str(work["root"] / "one" / "embeddings")
+    fp32 = lambda out, steps: [("fp32" if a == "bf16" else a) for a in _args(out, "--embeddings", emb, steps=steps)]
+    fsdp = _torchrun(tmp_path, "fsdp", fp32(tmp_path / "fsdp", 4) + ["--fsdp"])
+    ddp = _torchrun(tmp_path, "ddp", fp32(tmp_path / "ddp", 4))
+    assert fsdp[0]["weights"] == fsdp[1]["weights"] and fsdp[0]["batches"] == ddp[0]["batches"]
+    assert (tmp_path / "fsdp" / "generator" / "model_index.json").is_file()
+    a, b = (load_file(str(tmp_path / d / "checkpoint" / TRAINER_WEIGHTS)) for d in ("fsdp", "ddp"))
+    assert a.keys() == b.keys()                                   # one checkpoint format for both
+    config = lambda d: json.loads((tmp_path / d / "checkpoint" / "config.json").read_text())
+    assert config("fsdp")["train_config"]["fsdp"] is True and config("ddp")["train_config"]["fsdp"] is False
+    la, lb = (config(d)["losses"] for d in ("fsdp", "ddp"))
+    for net in ("generator", "critic"):
+        assert la[net] == pytest.approx(lb[net], rel=1e-5)
+        d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a if k.startswith(f"net.{net}.")])
+        assert float(d.max()) < 4e-3 and float((d > 1e-5).float().mean()) < 0.02, (net, float(d.max()))
+    _torchrun(tmp_path, "part", fp32(tmp_path / "part", 2) + ["--fsdp"])
+    _torchrun(tmp_path, "part", fp32(tmp_path / "part", 4) + ["--fsdp"])          # resumes at step 2
+    c = load_file(str(tmp_path / "part" / "checkpoint" / TRAINER_WEIGHTS))
+    assert [k for k in a if not torch.equal(a[k], c[k])] == []
+
+
+def test_fsdp_refuses_what_it_cannot_do(work, tmp_path):
+    emb = str(work["root"] / "one" / "embeddings")
+    with pytest.raises(SystemExit, match="launch with"):                  # one process: nothing to shard over
+        dmd2.main(_args(tmp_path / "one", "--embeddings", emb, extra=("--fsdp",)))
+    with pytest.raises(SystemExit, match="one-step generators"):
+        dmd2.main(_args(tmp_path / "four", "--embeddings", emb, extra=("--fsdp", "--gen-steps", "4")))
+    from course_lib.train import Network, TrainConfig, train_networks
+
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="launch with"):
+        train_networks({"n": Network(net)}, lambda ctx, b: ctx.nets["n"](b).pow(2).sum(1),
+                       lambda n, g: torch.randn(n, 2, generator=g), TrainConfig(steps=1, batch_size=2, fsdp=True),
+                       progress=False)

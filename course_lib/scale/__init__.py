@@ -13,6 +13,6 @@ One module per role, each a command line (`python -m course_lib.scale.<module> -
                disabled), diffusers + kohya export, the SD 1.5 memory/time plan (--plan)
     cost       peak memory and step time of a training step of the real SD 1.5 UNet; the paper's budget in GPU-hours
 
-Multi-process stages run under `accelerate launch --multi_gpu` or `torchrun` (DDP; the engine refuses FSDP: SD 1.5's
-UNet fits one GPU, so DDP is enough). Importing this package imports no diffusers/transformers.
+Multi-process stages run under `accelerate launch --multi_gpu` or `torchrun` (DDP; the DMD2 stage also shards with
+--fsdp: SD 1.5's UNets fit one GPU, so DDP is enough for it). Importing this package imports no diffusers/transformers.
 """

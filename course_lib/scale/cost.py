@@ -3,6 +3,7 @@ SD 1.5 UNet architecture (configs/sd15_unet.json, random weights: no download), 
 
     python -m course_lib.scale.cost --batch-size 8 --precision bf16 --grad-checkpointing      (on a GPU)
     python -m course_lib.scale.cost --tiny                                                   (CPU smoke: tiny UNet)
+    python -m course_lib.scale.cost --table --out cost.json          (on a GPU: every row of the README's cost table)
 
 The step is stage 1's (the reflow loss distill.reflow.rf_loss on the UNet read as a velocity, 77 x 768 text
 embeddings, 64 x 64 x 4 latents) through course_lib.train.train_networks (AdamW, grad clipping, EMA if asked), so it

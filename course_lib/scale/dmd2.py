@@ -24,7 +24,9 @@ denoising loss + lambda_D [softplus(D(sg G(z))) + softplus(-D(x_real))] (lambda_
 (generator, critic with its head, their AdamW states, the RNG streams of all processes) every --ckpt-every
 iterations: a killed run resumes by rerunning the same command, to the weights an uninterrupted run reaches.
 DDP over every process accelerate / torchrun starts (the critic's methods run through DDP, so its gradients are
-averaged). FSDP is not supported: the engine refuses it (see the README's cost table for what fits one 80 GB GPU).
+averaged); with --fsdp the engine shards the generator and the critic instead (PyTorch FSDP2: gradients and AdamW
+states sharded, weights gathered for each phase; the same checkpoint format, so a run may switch between the two;
+one-step generators). SD 1.5 fits one 80 GB GPU without it (the README's cost table).
 
 Data (one source):
     --data SOURCE       image-caption pairs (webdataset .tar / .parquet shards): latents through the teacher's own VAE
@@ -223,6 +225,9 @@ def add_args(ap) -> None:
                     "(diffusers' guidance_scale = 1 + w; DMD2 SD 1.5: 1.75)")
     ap.add_argument("--ttur", type=int, default=10, help="critic updates per generator update (DMD2 SD 1.5: 10)")
     ap.add_argument("--no-gan", action="store_true", help="DMD2 without its GAN term")
+    ap.add_argument("--fsdp", action="store_true", help="shard the generator's and the critic's gradients and AdamW "
+                    "states over the processes (FSDP2; weights gathered during each phase) instead of a whole copy on "
+                    "each (DDP); one-step generators")
     ap.add_argument("--lambda-g", type=float, default=1e-3, help="GAN weight in the generator loss")
     ap.add_argument("--lambda-d", type=float, default=1e-2, help="GAN weight in the critic loss")
     ap.add_argument("--lr-critic", type=float, default=None, help="default: --lr")
@@ -251,6 +256,12 @@ def main(argv: list[str] | None = None):
                               "caption pairs) or --embeddings built with images, or train without the GAN (--no-gan)")
         if a.ttur < 1:
             raise SourceError(f"--ttur {a.ttur}: the critic is updated at least once per generator update")
+        if a.fsdp and a.gen_steps > 1:
+            raise SourceError(f"--fsdp trains one-step generators: with --gen-steps {a.gen_steps} each process draws "
+                              "its own backward-simulation depth, so the processes would gather weights a different "
+                              "number of times. Train a multistep generator with DDP (without --fsdp)")
+        if a.fsdp and accelerator is None:
+            raise SourceError("--fsdp shards over processes: launch with `accelerate launch --multi_gpu` or `torchrun`")
         check_teacher(a.teacher)
         emb, mode = prepare_embeddings(a, Path(a.out), accelerator)
         images = mode == "images"

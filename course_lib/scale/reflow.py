@@ -25,8 +25,8 @@ Several nodes (DDP over all their GPUs; every node runs the same command with it
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 \
         -m course_lib.scale.reflow ...
 
-FSDP / DeepSpeed are refused by the engine today (its EMA, targets and phase switching assume whole parameters on
-every process): SD 1.5's UNet (0.86 B parameters) trains with DDP on 80 GB GPUs, which is what the configs assume.
+The engine refuses accelerate's FSDP / DeepSpeed plugins; its own FSDP2 path (TrainConfig(fsdp=True)) is offered by
+the DMD2 stage (--fsdp). SD 1.5's UNet (0.86 B parameters) trains with DDP on 80 GB GPUs, which the configs assume.
 
 Outputs in --out: checkpoint/ (the engine's resumable state), pipeline/ (full student: a diffusers pipeline with the
 flow scheduler, sd.FLOW_SCHEDULER) or lora/ (diffusers adapter + kohya file), stage.json (the settings).
@@ -81,7 +81,8 @@ def train_config(a, desc: str):
 
     return TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay,
                        grad_clip=a.grad_clip, ckpt_every=a.ckpt_every, seed=a.seed, desc=desc, precision=a.precision,
-                       grad_accum=a.grad_accum, grad_checkpointing=a.grad_checkpointing)
+                       grad_accum=a.grad_accum, grad_checkpointing=a.grad_checkpointing,
+                       fsdp=getattr(a, "fsdp", False))
 
 
 def triplet_batches(triplets, embeddings) -> Callable[[int, torch.Generator], Any]:
