@@ -393,6 +393,10 @@ def _unsharded(r: _Run) -> nn.Module:
     device = next(iter(r.trainable.values())).device
     plain = r.skeleton.to_empty(device=device)
     plain.load_state_dict(state)
+    with torch.no_grad():                        # buffers are not sharded; non-persistent ones are in no state dict
+        buffers = dict(r.spec.module.named_buffers())
+        for k, b in plain.named_buffers():
+            b.copy_(buffers[k])
     return plain.train(r.spec.module.training)
 
 
