@@ -233,3 +233,11 @@ def test_the_plan_counts_the_papers_lora_size_and_says_it_is_an_estimate(capsys)
     assert one_p["wall_hours"] > one["wall_hours"]                          # the online teacher costs extra forwards
     m = lcm_lora.main(["--plan", "--measure", "--tiny", "--batch-size", "2", "--lora", "4", "--device", "cpu"])
     assert m["measured"]["seconds_per_step"] > 0 and m["source"].startswith("measured on cpu")
+    assert "scaled by its UNet forwards" in m["source"] and m["measured_online"] is None
+    # both modes measured: each row comes from its own measurement (seconds per sample x batch x accumulation)
+    both = lcm_lora.main(["--plan", "--measure", "--measure-online", "--online-steps", "2", "--tiny", "--batch-size",
+                          "2", "--lora", "4", "--device", "cpu"])
+    assert "both data modes" in both["source"] and both["measured_online"]["online_steps"] == 2
+    for mode, key in (("images", "measured"), ("online", "measured_online")):
+        row = next(r for r in both["rows"] if r["data"] == mode and r["gpus"] == 1)
+        assert row["seconds_per_step"] == pytest.approx(both[key]["seconds_per_step"] * row["grad_accum"])

@@ -381,12 +381,14 @@ def _peak_rss_gib() -> float:
 
 
 def plan(batch_size: int = 12, steps: int = 4000, rank: int = 64, online_steps: int = 8, gpus: Sequence[int] = (1, 8),
-         measured: dict | None = None) -> dict:
+         measured: dict | None = None, measured_online: dict | None = None) -> dict:
     """The memory and time plan of an SD 1.5 LCM-LoRA run: `steps` optimizer steps at a GLOBAL batch of
     8 x batch_size (one GPU: gradient accumulation 8), on 1 and 8 GPUs (DDP, assumed to scale linearly), for real
     latents (--data) and for prompts only (the online teacher, `online_steps` DPM-Solver++ steps: 2 more UNet
-    forwards per solver step). From a measurement (measure() on the GPU) when given, the other data mode scaled by
-    its count of UNet forwards; else an ESTIMATE from the assumptions above."""
+    forwards per solver step). Each data mode from its own measurement (measure() on the GPU: `measured` for real
+    latents or either mode, `measured_online` for the online teacher) when given, a mode without one scaled from the
+    other by its count of UNet forwards (which overstates the online teacher's no-grad forwards: 17.8 s a step
+    predicted from the real-latent step on an H200, 11.5 s measured); else an ESTIMATE from the assumptions above."""
     sizes = sd15_sizes(rank)
     gib = 2**30
     # autocast caches bf16 casts only of weights that require grad (the LoRA's); the frozen base is cast per use,
@@ -399,35 +401,39 @@ def plan(batch_size: int = 12, steps: int = 4000, rank: int = 64, online_steps: 
     units = {"images": sum(FORWARDS_PER_SAMPLE.values())}
     units["online"] = units["images"] + 2 * online_steps
     global_batch = 8 * batch_size
-    if measured:
-        m_units = units["images"] + 2 * measured.get("online_steps", 0)
-        per_forward = measured["seconds_per_step"] / measured["batch_size_per_gpu"] / m_units
-        source = (f"measured on {measured['device']} (batch {measured['batch_size_per_gpu']}/GPU, "
-                  f"{'online teacher' if measured.get('online_steps') else 'real latents'}; the other data mode "
-                  "scaled by its UNet forwards)")
+    own = {("online" if m.get("online_steps") else "images"): m for m in (measured, measured_online) if m}
+    per_sample = {mode: m["seconds_per_step"] / m["batch_size_per_gpu"] for mode, m in own.items()}
+    if own:
+        first = next(iter(own.values()))
+        per_forward = next(per_sample[m] / units[m] for m in own)
+        source = (f"measured on {first['device']} (batch {first['batch_size_per_gpu']}/GPU, "
+                  + ("both data modes)" if len(own) == 2 else
+                     f"{'online teacher' if 'online' in own else 'real latents'}; the other data mode scaled by its "
+                     "UNet forwards)"))
     else:
         per_forward = A100_SECONDS_PER_SAMPLE_FORWARD
         source = "ESTIMATE pending a GPU measurement"
     rows = []
     for mode in ("images", "online"):
-        sec_sample = units[mode] * per_forward
+        sec_sample = per_sample.get(mode, units[mode] * per_forward)
         for n in gpus:
             accum = max(1, global_batch // (batch_size * n))
             hours = steps * global_batch * sec_sample / n / 3600
             rows.append({"data": mode, "gpus": n, "batch_per_gpu": batch_size, "grad_accum": accum,
                          "global_batch": global_batch, "seconds_per_step": sec_sample * batch_size * accum,
                          "wall_hours": hours, "gpu_hours": hours * n})
-    return {"source": source, "measured": measured, "lora_params": sizes["lora"], "unet_params": sizes["unet"],
+    return {"source": source, "measured": measured, "measured_online": measured_online, "lora_params": sizes["lora"], "unet_params": sizes["unet"],
             "paper_lora_params": PAPER_LORA_PARAMS_SD15, "fixed_memory_gib": fixed,
             "fixed_memory_total_gib": sum(fixed.values()),
-            "peak_memory_gib": None if not measured else measured["peak_memory_gib"],
+            "peak_memory_gib": max((m["peak_memory_gib"] or 0 for m in own.values()), default=None) or None,
             "activations_gib_rough": act_per_sample * batch_size, "activations_source": CPU_BATCH1,
             "forward_units_per_sample": units, "steps": steps, "rows": rows,
             "assumptions": {"A100 seconds per sample-forward": A100_SECONDS_PER_SAMPLE_FORWARD,
                             "forwards per sample": FORWARDS_PER_SAMPLE, "online_steps": online_steps}}
 
 
-MEASURE_COMMAND = "python -m course_lib.scale.lcm_lora --plan --measure --batch-size 12   (on one A100/H100-80GB)"
+MEASURE_COMMAND = ("python -m course_lib.scale.lcm_lora --plan --measure --measure-online --batch-size 12   "
+                   "(on one A100/H100-80GB)")
 DATA_NAMES = {"images": "image-caption (--data)", "online": "prompts only (online teacher)"}
 
 
@@ -504,7 +510,8 @@ def main(argv: list[str] | None = None):
         ap.add_argument("--steps", type=int, default=4000)
         ap.add_argument("--lora", type=int, default=64)
         ap.add_argument("--online-steps", type=int, default=8, help="prompts only: the teacher's solver steps")
-        ap.add_argument("--measure-online", action="store_true", help="with --measure: time the prompts-only step")
+        ap.add_argument("--measure-online", action="store_true", help="with --measure: also time the prompts-only "
+                        "step (else scaled from the real-latent step by its UNet forwards)")
         ap.add_argument("--tiny", action="store_true", help="with --measure: a tiny UNet (CPU smoke test)")
         ap.add_argument("--device", default="auto")
         p = ap.parse_args(argv)
@@ -513,9 +520,11 @@ def main(argv: list[str] | None = None):
             if device_of(p.device).type != "cuda" and not p.tiny:
                 raise SystemExit(f"no GPU here: --measure needs one (an A100/H100-80GB): {MEASURE_COMMAND}. "
                                  "Without --measure the plan is printed as an estimate")
-            measured = measure(p.batch_size, p.lora, online_steps=p.online_steps if p.measure_online else 0,
-                               tiny=p.tiny, device=p.device)
-        result = plan(p.batch_size, p.steps, p.lora, p.online_steps, measured=measured)
+            measured = measure(p.batch_size, p.lora, tiny=p.tiny, device=p.device)
+            if p.measure_online:
+                online = measure(p.batch_size, p.lora, online_steps=p.online_steps, tiny=p.tiny, device=p.device)
+        result = plan(p.batch_size, p.steps, p.lora, p.online_steps, measured=measured,
+                      measured_online=online if p.measure and p.measure_online else None)
         print_plan(result)
         return result
 
