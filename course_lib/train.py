@@ -118,6 +118,9 @@ class StepContext:
     generator: torch.Generator
     nets: Mapping[str, nn.Module]
     _pending: list = field(default_factory=list, repr=False)
+    # FSDP only: a generator seeded by (seed, step, phase), the same on every process, for the draws that must agree
+    # across processes (how many times a network is called: each call may gather its weights). None otherwise.
+    shared: torch.Generator | None = None
 
     def log(self, name: str, value: Tensor | float) -> None:
         """Record an extra scalar (kept on the device; fetched with the losses every log_every iterations)."""
@@ -512,7 +515,10 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
                 # 4a. one phase: only r's trainable parameters take gradients (r is called through DDP)
                 for p in r.trainable.values():
                     p.requires_grad_(True)
-                ctx = StepContext(r.name, step, gen, {**views, r.name: r.wrapped}, pending)
+                shared = None
+                if cfg.fsdp:
+                    shared = torch.Generator().manual_seed(cfg.seed + 1_000_003 * step + 7_919 * runs.index(r))
+                ctx = StepContext(r.name, step, gen, {**views, r.name: r.wrapped}, pending, shared)
                 loss = _phase(r, ctx, step_fn, sample_batch, cfg, device, accelerator)
                 for o in runs:
                     if o.skeleton is not None:

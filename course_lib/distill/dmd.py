@@ -234,7 +234,9 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = No
         G = ctx.nets["generator"]
         g = ctx.generator
         z = torch.randn((n, *like.shape[1:]), generator=g, device=g.device).to(like)
-        i = int(torch.randint(len(times), (1,), generator=g, device=g.device)) if len(times) > 1 else 0
+        # the backward-simulation depth; under FSDP the same on every process (each generator call gathers weights)
+        gi = getattr(ctx, "shared", None) or g
+        i = int(torch.randint(len(times), (1,), generator=gi, device=gi.device)) if len(times) > 1 else 0
         x_in = backward_simulate(G, z, i, times, process, g, y)
         t = torch.full((n,), times[i], device=like.device)
         return (G(x_in, t, y) if y is not None else G(x_in, t)).x0

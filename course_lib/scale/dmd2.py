@@ -26,7 +26,8 @@ iterations: a killed run resumes by rerunning the same command, to the weights a
 DDP over every process accelerate / torchrun starts (the critic's methods run through DDP, so its gradients are
 averaged); with --fsdp the engine shards the generator and the critic instead (PyTorch FSDP2: gradients and AdamW
 states sharded, weights gathered for each phase; the same checkpoint format, so a run may switch between the two;
-one-step generators). SD 1.5 fits one 80 GB GPU without it (the README's cost table).
+a multistep generator's backward-simulation depth is then drawn alike on every process). SD 1.5 fits one 80 GB GPU
+without it (the README's cost table).
 
 Data (one source):
     --data SOURCE       image-caption pairs (webdataset .tar / .parquet shards): latents through the teacher's own VAE
@@ -227,7 +228,7 @@ def add_args(ap) -> None:
     ap.add_argument("--no-gan", action="store_true", help="DMD2 without its GAN term")
     ap.add_argument("--fsdp", action="store_true", help="shard the generator's and the critic's gradients and AdamW "
                     "states over the processes (FSDP2; weights gathered during each phase) instead of a whole copy on "
-                    "each (DDP); one-step generators")
+                    "each (DDP)")
     ap.add_argument("--lambda-g", type=float, default=1e-3, help="GAN weight in the generator loss")
     ap.add_argument("--lambda-d", type=float, default=1e-2, help="GAN weight in the critic loss")
     ap.add_argument("--lr-critic", type=float, default=None, help="default: --lr")
@@ -256,10 +257,6 @@ def main(argv: list[str] | None = None):
                               "caption pairs) or --embeddings built with images, or train without the GAN (--no-gan)")
         if a.ttur < 1:
             raise SourceError(f"--ttur {a.ttur}: the critic is updated at least once per generator update")
-        if a.fsdp and a.gen_steps > 1:
-            raise SourceError(f"--fsdp trains one-step generators: with --gen-steps {a.gen_steps} each process draws "
-                              "its own backward-simulation depth, so the processes would gather weights a different "
-                              "number of times. Train a multistep generator with DDP (without --fsdp)")
         if a.fsdp and accelerator is None:
             raise SourceError("--fsdp shards over processes: launch with `accelerate launch --multi_gpu` or `torchrun`")
         check_teacher(a.teacher)
