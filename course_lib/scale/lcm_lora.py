@@ -422,7 +422,8 @@ def plan(batch_size: int = 12, steps: int = 4000, rank: int = 64, online_steps: 
             rows.append({"data": mode, "gpus": n, "batch_per_gpu": batch_size, "grad_accum": accum,
                          "global_batch": global_batch, "seconds_per_step": sec_sample * batch_size * accum,
                          "wall_hours": hours, "gpu_hours": hours * n})
-    return {"source": source, "measured": measured, "measured_online": measured_online, "lora_params": sizes["lora"], "unet_params": sizes["unet"],
+    return {"source": source, "measured": measured, "measured_online": measured_online,
+            "lora_params": sizes["lora"], "unet_params": sizes["unet"],
             "paper_lora_params": PAPER_LORA_PARAMS_SD15, "fixed_memory_gib": fixed,
             "fixed_memory_total_gib": sum(fixed.values()),
             "peak_memory_gib": max((m["peak_memory_gib"] or 0 for m in own.values()), default=None) or None,
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None):
         ap.add_argument("--tiny", action="store_true", help="with --measure: a tiny UNet (CPU smoke test)")
         ap.add_argument("--device", default="auto")
         p = ap.parse_args(argv)
-        measured = None
+        measured = online = None
         if p.measure:
             if device_of(p.device).type != "cuda" and not p.tiny:
                 raise SystemExit(f"no GPU here: --measure needs one (an A100/H100-80GB): {MEASURE_COMMAND}. "
@@ -523,8 +524,7 @@ def main(argv: list[str] | None = None):
             measured = measure(p.batch_size, p.lora, tiny=p.tiny, device=p.device)
             if p.measure_online:
                 online = measure(p.batch_size, p.lora, online_steps=p.online_steps, tiny=p.tiny, device=p.device)
-        result = plan(p.batch_size, p.steps, p.lora, p.online_steps, measured=measured,
-                      measured_online=online if p.measure and p.measure_online else None)
+        result = plan(p.batch_size, p.steps, p.lora, p.online_steps, measured=measured, measured_online=online)
         print_plan(result)
         return result
 
