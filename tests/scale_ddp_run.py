@@ -1,4 +1,4 @@
-"""A two-process run of a course_lib.scale stage (torchrun, gloo on the CPU), launched by tests/test_scale_train.py:
+"""A two-process run of a course_lib.scale stage (torchrun, gloo on the CPU), launched by the tests with `launch`:
 
     torchrun --standalone --nproc_per_node 2 tests/scale_ddp_run.py OUT_JSON_PREFIX <stage> <args...>
 
@@ -9,9 +9,27 @@ Each rank records digests of the batches it drew and of its student's weights af
 import hashlib
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+
+def launch(prefix: Path, stage: str, args: list[str], timeout: int = 300) -> dict[int, dict]:
+    """Run this script on two gloo processes with torchrun (the tests' environment, killed_stage.ENV) and return
+    each rank's record {rank: {"world", "batches", "weights"}}; skips the calling test where torchrun cannot start
+    two processes on this machine."""
+    import pytest
+    from killed_stage import ENV
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", __file__, str(prefix), stage, *args]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and any(s in proc.stderr for s in ("Gloo", "gloo", "EADDRINUSE", "rendezvous")):
+        pytest.skip(f"torchrun could not start two gloo processes here:\n{proc.stderr[-2000:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {r: json.loads(Path(f"{prefix}{r}.json").read_text()) for r in (0, 1)}
 
 
 def digest(t: torch.Tensor) -> str:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +20,11 @@ from course_lib.distill import dmd
 from course_lib.scale import dmd2
 from course_lib.scale.common import SourceError
 from course_lib.train import TRAINER_WEIGHTS
-from killed_stage import ENV, kill_midway
+from killed_stage import kill_midway
+from scale_ddp_run import launch
 from test_scale_lcm import _shards
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
-HERE = Path(__file__).parent
 PROMPTS = ["a red handwritten seven", "a thick three"]
 STEPS = 8
 
@@ -134,15 +132,8 @@ def test_a_lora_run_checkpoints_only_the_adapter_and_uses_the_unet_without_it_as
 
 
 def test_two_processes_keep_identical_generator_and_critic(work, tmp_path):
-    torchrun = Path(sys.executable).parent / "torchrun"
     args = _args(tmp_path / "ddp", "--embeddings", str(work["root"] / "one" / "embeddings"), steps=4)
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(HERE / "scale_ddp_run.py"),
-           str(tmp_path / "rank"), "dmd2", *args]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and any(s in proc.stderr for s in ("Gloo", "gloo", "EADDRINUSE", "rendezvous")):
-        pytest.skip(f"torchrun could not start two gloo processes here:\n{proc.stderr[-2000:]}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = launch(tmp_path / "rank", "dmd2", args).values()
     assert r0["world"] == r1["world"] == 2
     assert len(r0["batches"]) == len(r1["batches"]) > 0 and not set(r0["batches"]) & set(r1["batches"])
     assert r0["weights"] == r1["weights"]                    # generator AND critic: gradients averaged over both
@@ -198,15 +189,8 @@ def test_recipe_settings_from_the_command_line_are_typed_and_checked():
             dmd2_sd.override(dmd2_sd.RECIPE, [bad])
 
 
-def _torchrun(tmp_path: Path, name: str, args: list[str]) -> dict:
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(HERE / "scale_ddp_run.py"),
-           str(tmp_path / f"{name}-rank"), "dmd2", *args]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and any(s in proc.stderr for s in ("Gloo", "gloo", "EADDRINUSE", "rendezvous")):
-        pytest.skip(f"torchrun could not start two gloo processes here:\n{proc.stderr[-2000:]}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {r: json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in (0, 1)}
+def _launch(tmp_path: Path, name: str, args: list[str]) -> dict:
+    return launch(tmp_path / f"{name}-rank", "dmd2", args)
 
 
 def test_fsdp_trains_what_ddp_trains_and_resumes_bit_for_bit(work, tmp_path):
@@ -216,8 +200,8 @@ def test_fsdp_trains_what_ddp_trains_and_resumes_bit_for_bit(work, tmp_path):
     uninterrupted FSDP run does (checkpoints hold whole tensors, each process reloads its shards)."""
     emb = str(work["root"] / "one" / "embeddings")
     fp32 = lambda out, steps: [("fp32" if a == "bf16" else a) for a in _args(out, "--embeddings", emb, steps=steps)]
-    fsdp = _torchrun(tmp_path, "fsdp", fp32(tmp_path / "fsdp", 4) + ["--fsdp"])
-    ddp = _torchrun(tmp_path, "ddp", fp32(tmp_path / "ddp", 4))
+    fsdp = _launch(tmp_path, "fsdp", fp32(tmp_path / "fsdp", 4) + ["--fsdp"])
+    ddp = _launch(tmp_path, "ddp", fp32(tmp_path / "ddp", 4))
     assert fsdp[0]["weights"] == fsdp[1]["weights"] and fsdp[0]["batches"] == ddp[0]["batches"]
     assert (tmp_path / "fsdp" / "generator" / "model_index.json").is_file()
     a, b = (load_file(str(tmp_path / d / "checkpoint" / TRAINER_WEIGHTS)) for d in ("fsdp", "ddp"))
@@ -229,13 +213,13 @@ def test_fsdp_trains_what_ddp_trains_and_resumes_bit_for_bit(work, tmp_path):
         assert la[net] == pytest.approx(lb[net], rel=1e-5)
         d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a if k.startswith(f"net.{net}.")])
         assert float(d.max()) < 4e-3 and float((d > 1e-5).float().mean()) < 0.02, (net, float(d.max()))
-    _torchrun(tmp_path, "part", fp32(tmp_path / "part", 2) + ["--fsdp"])
-    _torchrun(tmp_path, "part", fp32(tmp_path / "part", 4) + ["--fsdp"])          # resumes at step 2
+    _launch(tmp_path, "part", fp32(tmp_path / "part", 2) + ["--fsdp"])
+    _launch(tmp_path, "part", fp32(tmp_path / "part", 4) + ["--fsdp"])          # resumes at step 2
     c = load_file(str(tmp_path / "part" / "checkpoint" / TRAINER_WEIGHTS))
     assert [k for k in a if not torch.equal(a[k], c[k])] == []
     # a four-step LoRA generator: each process draws the same backward-simulation depth (ctx.shared), so the
     # processes gather the weights the same number of times
-    four = _torchrun(tmp_path, "four", _args(tmp_path / "four", "--embeddings", emb, steps=2) +
+    four = _launch(tmp_path, "four", _args(tmp_path / "four", "--embeddings", emb, steps=2) +
                      ["--fsdp", "--gen-steps", "4", "--lora", "4", "--lora-alpha", "4"])
     assert four[0]["weights"] == four[1]["weights"] and (tmp_path / "four" / "generator" / "lora").is_dir()
 

@@ -4,8 +4,6 @@ the same UNet with its adapter disabled, the export loaded by plain diffusers, a
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,8 @@ from safetensors.torch import load_file
 from course_lib import sd
 from course_lib.scale import data, distill, reflow, triplets
 from course_lib.train import TRAINER_WEIGHTS
-from killed_stage import ENV, HERE, kill_midway
+from killed_stage import kill_midway
+from scale_ddp_run import launch
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
@@ -116,14 +115,7 @@ def test_lora_reflow_with_the_adapter_disabled_teacher_then_one_step_distillatio
 
 
 def test_two_process_reflow_draws_different_batches_and_keeps_identical_weights(work, tmp_path):
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(HERE / "scale_ddp_run.py"),
-           str(tmp_path / "rank"), "reflow", *_reflow_args(work, tmp_path / "ddp", 3)]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 and any(s in proc.stderr for s in ("Gloo", "gloo", "EADDRINUSE", "rendezvous")):
-        pytest.skip(f"torchrun could not start two gloo processes here:\n{proc.stderr[-2000:]}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = launch(tmp_path / "rank", "reflow", _reflow_args(work, tmp_path / "ddp", 3), timeout=240).values()
     assert r0["world"] == r1["world"] == 2
     assert len(r0["batches"]) == 3 and not set(r0["batches"]) & set(r1["batches"])     # each rank its own batches
     assert r0["weights"] == r1["weights"]                                             # gradients were averaged

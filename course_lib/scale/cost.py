@@ -239,6 +239,11 @@ def _device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
+def _memory(res: dict) -> str:
+    """A measurement's peak GPU memory for the printed tables."""
+    return "n/a (CPU)" if res["peak_memory_gib"] is None else f"{res['peak_memory_gib']:.1f} GiB"
+
+
 def print_table(results: list[dict]) -> None:
     """The cost table as markdown: one row per measurement, with the schedule each method's paper used."""
     print("| method | batch/GPU | checkpointing | LoRA | s/step | samples/s | peak memory | schedule at this speed |\n"
@@ -250,7 +255,7 @@ def print_table(results: list[dict]) -> None:
             print(head + f"{r['status']} | | | |")
             continue
         sec = r.get("seconds_per_step", r.get("seconds_per_iteration"))
-        mem = "n/a (CPU)" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB"
+        mem = _memory(r)
         if r["method"] == "reflow":
             b = r["instaflow_budget"]
             sched = f"InstaFlow: {b['gpu_hours']:,.0f} GPU-h"
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.out:
         write_json_atomic(Path(a.out), res)
     b = res["instaflow_budget"]
-    mem = "n/a (CPU)" if res["peak_memory_gib"] is None else f"{res['peak_memory_gib']:.1f} GiB"
+    mem = _memory(res)
     print(f"| device | UNet | batch/GPU | precision | checkpointing | LoRA | s/step | peak memory |\n|---|---|---|---|---|---|---|---|\n"
           f"| {res['device']} | {res['unet']} | {a.batch_size} | {a.precision} | {a.grad_checkpointing} | {a.lora or '-'} "
           f"| {res['seconds_per_step']:.3f} | {mem} |")
@@ -314,7 +319,7 @@ def _print_dmd2(res: dict, a) -> dict:
     if a.out:
         write_json_atomic(Path(a.out), res)
     b = res["dmd2_budget"]
-    mem = "n/a (CPU)" if res["peak_memory_gib"] is None else f"{res['peak_memory_gib']:.1f} GiB"
+    mem = _memory(res)
     print(f"| device | method | UNets | batch/GPU | precision | checkpointing | generator LoRA | s/iteration | peak memory |"
           f"\n|---|---|---|---|---|---|---|---|---|\n| {res['device']} | DMD2 (TTUR {res['ttur']}, GAN {res['gan']}) | "
           f"{res['unet']} x 3 | {res['batch_size_per_gpu']} | {res['precision']} | {res['grad_checkpointing']} | "
