@@ -433,16 +433,14 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
     for name, spec in networks.items():
         if not any(p.requires_grad for p in spec.module.parameters()):
             raise ValueError(f"network {name!r} has no parameter with requires_grad; pass it as frozen= instead")
+        if cfg.grad_checkpointing:
+            _enable_checkpointing(name, spec.module)
         skeleton = None
-        if cfg.fsdp:
-            if cfg.grad_checkpointing:
-                _enable_checkpointing(name, spec.module)
+        if cfg.fsdp:                   # shard first: the optimizer must hold the sharded parameters
             skeleton = _meta_copy(spec.module)
             _shard(spec.module.to(accelerator.device))
         trainable = {k: p for k, p in spec.module.named_parameters() if p.requires_grad}
         opt = torch.optim.AdamW(trainable.values(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
-        if cfg.grad_checkpointing and not cfg.fsdp:
-            _enable_checkpointing(name, spec.module)
         runs.append(_Run(name, spec, trainable, opt, total=len(range(0, cfg.steps, spec.every)), skeleton=skeleton))
     by_name = {r.name: r for r in runs}
     copies = {k: copy.deepcopy(by_name[t.source].spec.module).requires_grad_(False).eval() for k, t in targets.items()}
