@@ -36,3 +36,18 @@ def kill_midway(module: str, args: list[str], ckpt: Path, total: int, after: int
     stopped = step_of(ckpt)
     assert 1 <= stopped < total, f"the run was not killed midway (checkpoint at step {stopped})"
     return stopped
+
+
+def assert_same_checkpoint(expected: Path, resumed: Path, why: str) -> dict:
+    """The engine's checkpoints in two run folders' checkpoint/ hold the same tensors, bit for bit (`why` names the
+    resume, for the message); returns the first one's tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from course_lib.train import TRAINER_WEIGHTS
+
+    a, b = (load_file(str(Path(d) / "checkpoint" / TRAINER_WEIGHTS)) for d in (expected, resumed))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after {why}"
+    return a

@@ -20,7 +20,7 @@ from course_lib.distill import dmd
 from course_lib.scale import dmd2
 from course_lib.scale.common import SourceError
 from course_lib.train import TRAINER_WEIGHTS
-from killed_stage import kill_midway
+from killed_stage import assert_same_checkpoint, kill_midway
 from scale_ddp_run import launch
 from test_scale_lcm import _shards
 
@@ -67,14 +67,10 @@ def test_dmd2_trains_both_networks_with_the_two_time_scale_rule_and_checkpoints_
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(work, tmp_path):
     run = work["root"] / "one"
-    saved = load_file(str(run / "checkpoint" / TRAINER_WEIGHTS))
     args = _args(tmp_path / "killed", "--embeddings", str(run / "embeddings"))
     stopped = kill_midway("course_lib.scale.dmd2", args, tmp_path / "killed" / "checkpoint", STEPS)
     dmd2.main(args)
-    again = load_file(str(tmp_path / "killed" / "checkpoint" / TRAINER_WEIGHTS))
-    assert saved.keys() == again.keys()
-    for k in saved:
-        assert torch.equal(saved[k], again[k]), f"{k} differs after resuming from step {stopped}"
+    assert_same_checkpoint(run, tmp_path / "killed", f"resuming from step {stopped}")
 
 
 @pytest.mark.parametrize("name", ["one", "four"])
@@ -215,8 +211,7 @@ def test_fsdp_trains_what_ddp_trains_and_resumes_bit_for_bit(work, tmp_path):
         assert float(d.max()) < 4e-3 and float((d > 1e-5).float().mean()) < 0.02, (net, float(d.max()))
     _launch(tmp_path, "part", fp32(tmp_path / "part", 2) + ["--fsdp"])
     _launch(tmp_path, "part", fp32(tmp_path / "part", 4) + ["--fsdp"])          # resumes at step 2
-    c = load_file(str(tmp_path / "part" / "checkpoint" / TRAINER_WEIGHTS))
-    assert [k for k in a if not torch.equal(a[k], c[k])] == []
+    assert_same_checkpoint(tmp_path / "fsdp", tmp_path / "part", "an FSDP run resumed at step 2")
     # a four-step LoRA generator: each process draws the same backward-simulation depth (ctx.shared), so the
     # processes gather the weights the same number of times
     four = _launch(tmp_path, "four", _args(tmp_path / "four", "--embeddings", emb, steps=2) +

@@ -21,7 +21,7 @@ from course_lib.distill import lcm
 from course_lib.scale import export, lcm_lora
 from course_lib.scale.common import SourceError
 from course_lib.train import TRAINER_WEIGHTS
-from killed_stage import kill_midway
+from killed_stage import assert_same_checkpoint, kill_midway
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 PROMPTS = ["a red handwritten seven", "a thick three"]
@@ -98,10 +98,7 @@ def test_lcm_lora_trains_on_image_latents_and_a_killed_run_resumes_to_the_same_w
     args = _args(tmp_path / "killed", "--embeddings", str(run / "embeddings"))
     stopped = kill_midway("course_lib.scale.lcm_lora", args, tmp_path / "killed" / "checkpoint", STEPS)
     lcm_lora.main(args)
-    again = load_file(str(tmp_path / "killed" / "checkpoint" / TRAINER_WEIGHTS))
-    assert saved.keys() == again.keys()
-    for k in saved:
-        assert torch.equal(saved[k], again[k]), f"{k} differs after resuming from step {stopped}"
+    assert_same_checkpoint(run, tmp_path / "killed", f"resuming from step {stopped}")
 
 
 def test_export_loads_in_diffusers_and_4_lcm_steps_equal_the_course_sampler(work):
