@@ -10,8 +10,8 @@ import torch
 from ..config import pick
 from ..plotting import table
 from . import register
-from .core import (PR_N, Evaluation, digits_floor, digits_n, nfe, per_seed, pm, prior, reference_2d, score_2d,
-                   score_digits, side_by_side, sweep_2d, timed, train_fields)
+from .core import (Evaluation, PR_N, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
+                   score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -113,7 +113,6 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     from ..classifier import balanced_labels
     from ..distill.add import distill_add, feature_network, sample
     from ..images import batch_sampler, load_digits
-    from ..samplers import generate
     from ..teachers import load_teacher
     from ..train import TrainConfig
 
@@ -132,9 +131,7 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     for s in ev.seeds:
         digits_floor(ev, s)
         y = lambda k: balanced_labels(k).to(device)
-        x, sec = timed(lambda: generate(teacher, teacher.process, (small, 1, 16, 16), "dpmpp2m", 32, device=device,
-                                        generator=torch.Generator().manual_seed(s + 6), y=y(small)), device)
-        score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", 32), steps=32, sampler="dpmpp2m")
+        digits_teacher(ev, teacher, s, small, 32, device)
         x1 = prior(teacher.process, (big, 1, 16, 16), s + 6, device)
         for name, model, fields in (("teacher-trailing", teacher, {}),
                                     ("add", student, train_fields(secs, b["digits_steps"]))):

@@ -10,8 +10,8 @@ import torch
 from ..config import pick
 from ..plotting import table
 from . import register
-from .core import (PR_N, Evaluation, digits_floor, digits_n, exact_map, nfe, per_seed, pm, prior, reference_2d,
-                   score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
+from .core import (Evaluation, PR_N, digits_floor, digits_n, digits_teacher, exact_map, nfe, per_seed, pm, prior,
+                   reference_2d, score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -155,7 +155,6 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     from ..distill.consistency import distill_cd, train_ct
     from ..guidance import condition
     from ..images import batch_sampler, load_digits
-    from ..samplers import generate
     from ..teachers import get_recipe, load_teacher
     from ..train import TrainConfig
 
@@ -176,9 +175,7 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     for s in ev.seeds:
         digits_floor(ev, s)
         y = lambda k: balanced_labels(k).to(device)
-        x, sec = timed(lambda: generate(teacher, teacher.process, (small, 1, 16, 16), "dpmpp2m", 32, device=device,
-                                        generator=torch.Generator().manual_seed(s + 6), y=y(small)), device)
-        score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", 32), steps=32, sampler="dpmpp2m")
+        digits_teacher(ev, teacher, s, small, 32, device)
         x1 = prior(teacher.process, (big, 1, 16, 16), s + 6, device)
         for k in STUDENT_STEPS:
             x, sec = timed(lambda: _sample_cm(condition(student, y(big)), x1, k, s + 7, student.process,

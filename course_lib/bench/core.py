@@ -295,6 +295,20 @@ def digits_floor(ev: Evaluation, seed: int) -> None:
     score_digits(ev, "data", train[idx], 0.0, nfe=None, steps=None)
 
 
+def digits_teacher(ev: Evaluation, teacher, seed: int, n: int, steps: int, device: str | torch.device,
+                   with_labels: bool = False) -> None:
+    """The digits "teacher" row for evaluation seed `seed`: n class-balanced samples of the class-conditional teacher
+    with DPM-Solver++(2M) at `steps` steps (noise seeded seed + 6), timed and scored (class accuracy too with_labels)."""
+    from ..classifier import balanced_labels
+    from ..samplers import generate
+
+    y = balanced_labels(n).to(device)
+    x, sec = timed(lambda: generate(teacher, teacher.process, (n, 1, 16, 16), "dpmpp2m", steps, device=device,
+                                    generator=torch.Generator().manual_seed(seed + 6), y=y), device)
+    score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", steps), steps=steps, sampler="dpmpp2m",
+                 **({"y": y} if with_labels else {}))
+
+
 def digits_acc(x: Tensor, y: Tensor) -> float:
     """The digits classifier's accuracy on samples x for the requested labels y (computed on CPU copies)."""
     from ..classifier import class_accuracy

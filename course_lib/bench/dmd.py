@@ -18,8 +18,8 @@ import torch
 from ..config import pick
 from ..plotting import table
 from . import register
-from .core import (Evaluation, digits_floor, digits_n, nfe, per_seed, pm, prior, reference_2d, score_2d,
-                   score_digits, side_by_side, sweep_2d, timed, train_fields)
+from .core import (Evaluation, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
+                   score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
 DIGITS_TEACHER_STEPS = 16
@@ -118,7 +118,6 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     from ..distill.reflow import cached_pairs
     from ..guidance import condition
     from ..images import batch_sampler, load_digits
-    from ..samplers import generate
     from ..teachers import load_teacher
     from ..train import TrainConfig
 
@@ -152,11 +151,7 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     for s in ev.seeds:
         digits_floor(ev, s)
         y = lambda k: balanced_labels(k).to(device)
-        x, sec = timed(lambda: generate(teacher, teacher.process, (small, 1, 16, 16), "dpmpp2m", DIGITS_TEACHER_STEPS,
-                                        device=device, generator=torch.Generator().manual_seed(s + 6), y=y(small)),
-                       device)
-        score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", DIGITS_TEACHER_STEPS), steps=DIGITS_TEACHER_STEPS,
-                     sampler="dpmpp2m")
+        digits_teacher(ev, teacher, s, small, DIGITS_TEACHER_STEPS, device)
         x1 = prior(teacher.process, (big, 1, 16, 16), s + 6, device)
         x, sec = timed(lambda: sample(condition(G, y(big)), x1, 1, teacher.process,
                                       torch.Generator(device).manual_seed(s + 7)), device)

@@ -11,8 +11,8 @@ import torch
 from ..config import pick
 from ..plotting import table
 from . import register
-from .core import (Evaluation, digits_floor, digits_n, nfe, per_seed, pm, prior, reference_2d, score_2d, score_digits,
-                   side_by_side, sweep_2d, timed, train_fields)
+from .core import (Evaluation, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
+                   score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
 SWEEP = ("embeddings-only",)          # 2D: wider freezing rules beside "none" (gdd) and "gdd-i"
@@ -119,7 +119,6 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     (DPM-Solver++, 16 and 32 steps) on a few hundred, beside the data floor."""
     from ..classifier import balanced_labels
     from ..distill.gdd import one_step
-    from ..samplers import generate
     from ..teachers import load_teacher
 
     teacher = load_teacher("digits", device=device)
@@ -129,10 +128,7 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     for s in ev.seeds:
         digits_floor(ev, s)
         for steps in (16, 32):
-            x, sec = timed(lambda: generate(teacher, teacher.process, (small, 1, 16, 16), "dpmpp2m", steps,
-                                            device=device, generator=torch.Generator().manual_seed(s + 6),
-                                            y=y(small)), device)
-            score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", steps), steps=steps, y=y(small), sampler="dpmpp2m")
+            digits_teacher(ev, teacher, s, small, steps, device, with_labels=True)
         z = prior(teacher.process, (big, 1, 16, 16), s + 7, device)
         for name, (G, secs, frac) in students.items():
             with torch.no_grad():
