@@ -8,8 +8,8 @@ import torch
 
 from ..config import seeded
 from ..processes import EDM, RectifiedFlow, VPCosine
-from .core import (accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, param_grads,
-                   run_check)
+from .core import (accept, call_per_sample, checker, draw_seed, explain_exception, fall_back, fresh_generator,
+                   param_grads, run_check)
 
 
 def _tiny_cm(proc, g: torch.Generator):
@@ -105,14 +105,9 @@ def check_cd_loss(student: Callable, seed: int | None = None) -> Callable:
             p.requires_grad_(True)
         want = reference(*args)
         want_g = param_grads(want, params)
-        try:
-            got = student(*args)
-        except Exception as e:
-            return fall_back("5.2", reference, explain_exception(e, where))
-        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            return fall_back("5.2", reference, f"expected per-sample losses of shape {tuple(want.shape)}, got {shape} "
-                                               f"{where}.")
+        got, problem = call_per_sample(student, args, want, where)
+        if problem:
+            return fall_back("5.2", reference, problem)
         if not torch.allclose(got.detach(), want.detach(), atol=1e-8, rtol=1e-6):
             err = (got.detach() - want.detach()).abs().max().item()
             return fall_back("5.2", reference,

@@ -9,8 +9,8 @@ import torch
 
 from ..config import seeded
 from ..processes import EDM, RectifiedFlow, VPCosine
-from .core import (accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, param_grads,
-                   run_check)
+from .core import (accept, call_per_sample, checker, draw_seed, explain_exception, fall_back, fresh_generator,
+                   param_grads, run_check)
 
 
 def _tiny(proc, g: torch.Generator):
@@ -111,14 +111,9 @@ def check_tcd_loss(student: Callable, seed: int | None = None) -> Callable:
         for p in params:
             p.requires_grad_(True)
         want = ref(*args)
-        try:
-            got = student(*args)
-        except Exception as e:  # noqa: BLE001
-            return fall_back("7.2", ref, explain_exception(e, where))
-        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            return fall_back("7.2", ref, f"expected per-sample losses of shape {tuple(want.shape)}, got {shape} "
-                                         f"{where}.")
+        got, problem = call_per_sample(student, args, want, where)
+        if problem:
+            return fall_back("7.2", ref, problem)
         if not _close(got, want.detach()):
             for wrong, why in diagnoses:
                 if _close(got, wrong(args).detach()):

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import seeded
 from ..processes import RectifiedFlow, VPCosine
-from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
+from .core import accept, call_per_sample, checker, draw_seed, fall_back, fresh_generator, run_check
 
 
 def _tiny(proc, g: torch.Generator):
@@ -82,13 +82,9 @@ def check_distillation_loss(student: Callable, seed: int | None = None) -> Calla
     for args, where in cases():
         x_hat = args[0].clone().requires_grad_(True)
         want = ref(x_hat, *args[1:])
-        try:
-            got = student(x_hat, *args[1:])
-        except Exception as e:  # noqa: BLE001
-            return fall_back("8.1", ref, explain_exception(e, where))
-        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            return fall_back("8.1", ref, f"expected per-sample losses of shape {tuple(want.shape)}, got {shape} {where}.")
+        got, problem = call_per_sample(student, (x_hat, *args[1:]), want, where)
+        if problem:
+            return fall_back("8.1", ref, problem)
         if not _close(got, want):
             for wrong, why in diagnoses:
                 if _close(got, wrong(*args)):
@@ -154,13 +150,9 @@ def check_discriminator_loss(student: Callable, seed: int | None = None) -> Call
         D, x_real, x_fake, gamma = args
         fake = x_fake.clone().requires_grad_(True)
         want = ref(D, x_real, x_fake, gamma)
-        try:
-            got = student(D, x_real.clone(), fake, gamma)
-        except Exception as e:  # noqa: BLE001
-            return fall_back("8.2", ref, explain_exception(e, where))
-        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            return fall_back("8.2", ref, f"expected per-sample losses of shape {tuple(want.shape)}, got {shape} {where}.")
+        got, problem = call_per_sample(student, (D, x_real.clone(), fake, gamma), want, where)
+        if problem:
+            return fall_back("8.2", ref, problem)
         if not _close(got, want):
             for wrong, why in diagnoses:
                 if gamma == 0 and "R1" in why:

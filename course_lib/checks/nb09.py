@@ -13,7 +13,8 @@ import torch
 
 from ..config import seeded
 from ..processes import VPCosine
-from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, param_grads
+from .core import (accept, call_per_sample, checker, draw_seed, explain_exception, fall_back, fresh_generator,
+                   param_grads)
 
 
 def _tiny(proc, g: torch.Generator):
@@ -51,14 +52,9 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
         x, real, fake, proc, t, eps, normalize = args
         want = reference(*args)
         (want_dx,) = torch.autograd.grad(want.sum(), x)
-        try:
-            got = student(*args)
-        except Exception as e:  # noqa: BLE001
-            return fall_back("9.1", reference, explain_exception(e, where))
-        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            return fall_back("9.1", reference, f"expected per-sample losses of shape {tuple(want.shape)}, got "
-                                               f"{shape} {where}.")
+        got, problem = call_per_sample(student, args, want, where)
+        if problem:
+            return fall_back("9.1", reference, problem)
         if not got.requires_grad:
             return fall_back("9.1", reference,
                              f"the loss has no gradient with respect to x {where}: only the denoisers and the target "
@@ -126,14 +122,9 @@ def check_fake_score_loss(student: Callable, seed: int | None = None) -> Callabl
         where = "on samples x = G(z) of a small linear generator"
         want = reference(fake, z @ W, t, eps)
         want_g = param_grads(want, params)
-        try:
-            got = student(fake, z @ W, t, eps)
-        except Exception as e:  # noqa: BLE001
-            return fall_back("9.2", reference, explain_exception(e, where))
-        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            return fall_back("9.2", reference, f"expected per-sample losses of shape {tuple(want.shape)}, got "
-                                               f"{shape} {where}.")
+        got, problem = call_per_sample(student, (fake, z @ W, t, eps), want, where)
+        if problem:
+            return fall_back("9.2", reference, problem)
         if not torch.allclose(got.detach(), want.detach(), atol=1e-8, rtol=1e-6):
             err = (got.detach() - want.detach()).abs().max().item()
             return fall_back("9.2", reference,
