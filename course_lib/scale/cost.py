@@ -40,14 +40,34 @@ def unet_config(tiny: bool = False) -> dict:
     return {**cfg, **TINY} if tiny else cfg
 
 
+def random_unet(tiny: bool = False):
+    """SD 1.5's UNet2DConditionModel (or the tiny one) with random weights drawn under seed 0: no download."""
+    from diffusers import UNet2DConditionModel
+
+    from ..config import seeded
+
+    with seeded(0):
+        return UNet2DConditionModel(**unet_config(tiny))
+
+
+def stamped(step, stamps: list[float], dev: torch.device, phase: str | None = None):
+    """The step function with a timestamp (after the device's pending work) appended to `stamps` before each call,
+    or before each call of network `phase` only: the differences of consecutive stamps are step times."""
+    def wrapped(ctx, batch):
+        if phase is None or ctx.phase == phase:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            stamps.append(time.perf_counter())
+        return step(ctx, batch)
+
+    return wrapped
+
+
 def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bool = True, lora: int = 0,
             ema_decay: float = 0.0, steps: int = 6, warmup: int = 2, tiny: bool = False,
             device: str | None = None) -> dict:
     """Peak memory and step time of stage 1's training step (see the module docstring)."""
-    from diffusers import UNet2DConditionModel
-
     from .. import sd as sdlib
-    from ..config import seeded
     from ..conditioning import Cond
     from ..distill import reflow as rf
     from ..processes import RectifiedFlow
@@ -55,8 +75,7 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
 
     dev = device_of(device)
     cfg = unet_config(tiny)
-    with seeded(0):
-        unet = UNet2DConditionModel(**cfg)
+    unet = random_unet(tiny)
     model = sdlib.SDDenoiser(unet, RectifiedFlow(), "velocity").to(dev)
     if lora:
         sdlib.add_lora(model, r=lora)
@@ -70,16 +89,14 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
         x = torch.randn(n, 4, h, h, generator=g)
         return torch.randn(n, 4, h, h, generator=g), x, Cond(text=torch.randn(n, L, D, generator=g), null_text=null)
 
-    def step(ctx, batch):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        stamps.append(time.perf_counter())
+    def loss(ctx, batch):
         eps, x0, c = batch
         return rf.rf_loss(ctx.nets["unet"], x0, ctx.generator, eps=eps, cond={"cond": c})
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    train_networks({"unet": Network(model, lr=1e-5, ema_decay=ema_decay, save_frozen=not lora)}, step, sample,
+    train_networks({"unet": Network(model, lr=1e-5, ema_decay=ema_decay, save_frozen=not lora)},
+                   stamped(loss, stamps, dev), sample,
                    TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
                                grad_checkpointing=grad_checkpointing, ema_decay=ema_decay), progress=False)
     times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
@@ -108,11 +125,8 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
     frozen real score; with lora the generator is a LoRA and the real score its UNet without the adapter). Timed
     over whole rounds of `ttur` iterations (one generator update and ttur critic updates each), after one warm-up
     round; reported per iteration (a round's time / ttur)."""
-    from diffusers import UNet2DConditionModel
-
     from .. import sd as sdlib
     from ..conditioning import Cond
-    from ..config import seeded
     from ..distill import dmd
     from ..processes import SDDiscrete
     from ..train import Network, TrainConfig, train_networks
@@ -120,8 +134,7 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
 
     dev = device_of(device)
     cfg = unet_config(tiny)
-    with seeded(0):
-        unet = UNet2DConditionModel(**cfg)
+    unet = random_unet(tiny)
     G = sdlib.SDDenoiser(unet, SDDiscrete(), "eps").to(dev)
     L, D, h = (77, cfg["cross_attention_dim"], cfg["sample_size"])
     null = torch.zeros(1, L, D, device=dev)
@@ -134,17 +147,10 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
 
     step = dmd.dmd_step(dmd.DMDConfig(ttur=ttur, gan=gan, real_w=0.75), G.process)
 
-    def timed(ctx, batch):
-        if ctx.phase == "generator":
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            stamps.append(time.perf_counter())
-        return step(ctx, batch)
-
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     nets = {"generator": Network(G, lr=1e-5, every=ttur, save_frozen=not lora), "critic": Network(critic, lr=1e-5)}
-    train_networks(nets, timed, sample, TrainConfig(steps=ttur * (iterations + 1) + 1, batch_size=batch_size,
+    train_networks(nets, stamped(step, stamps, dev, phase="generator"), sample, TrainConfig(steps=ttur * (iterations + 1) + 1, batch_size=batch_size,
                                                     precision=precision, grad_checkpointing=grad_checkpointing),
                    frozen={"teacher": real}, progress=False)
     rounds = [b - a for a, b in zip(stamps[1:], stamps[2:])]

@@ -314,20 +314,16 @@ def measure(batch_size: int = 12, rank: int = 64, precision: str = "bf16", grad_
     latents; online_steps > 0 adds the prompts-only teacher sampling."""
     from types import SimpleNamespace
 
-    from diffusers import UNet2DConditionModel
-
     from .. import sd as sdlib
     from ..conditioning import Cond
-    from ..config import seeded
     from ..distill import lcm
     from ..processes import SDDiscrete
     from ..train import Network, TrainConfig, train_networks
-    from .cost import unet_config
+    from .cost import random_unet, stamped, unet_config
 
     dev = device_of(device)
     cfg = unet_config(tiny)
-    with seeded(0):
-        unet = UNet2DConditionModel(**cfg)
+    unet = random_unet(tiny)
     model = sdlib.SDDenoiser(unet, SDDiscrete(), "eps").to(dev)
     sdlib.add_lora(model, r=rank, target_modules=lcm.present_targets(unet))
     student = lcm.LCMModel(model, w_fixed=DEFAULT_W)
@@ -340,16 +336,10 @@ def measure(batch_size: int = 12, rank: int = 64, precision: str = "bf16", grad_
     def sample(n, g):
         return torch.randn(n, 4, h, h, generator=g), Cond(text=torch.randn(n, L, D, generator=g), null_text=null)
 
-    def step(ctx, batch):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        stamps.append(time.perf_counter())
-        return inner(ctx, batch)
-
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     rss0 = _rss_gib()
-    train_networks({"student": Network(student, lr=1e-4, save_frozen=False)}, step, sample,
+    train_networks({"student": Network(student, lr=1e-4, save_frozen=False)}, stamped(inner, stamps, dev), sample,
                    TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
                                grad_checkpointing=grad_checkpointing), progress=False)
     times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
