@@ -1,25 +1,40 @@
 # The course's commands. Students: `make lab`. Instructors: `make notebooks`, `make test`, `make render`.
-# Every target installs the course into .venv first (once; again when pyproject.toml changes).
+# Every target installs the course into .venv first (once; again when pyproject.toml or constraints.txt changes),
+# with the versions the course was last tested with (constraints.txt). `make test LOCK=` in a fresh clone installs
+# the newest versions pyproject.toml's ranges allow instead; `make lock` makes those the new constraints.txt.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODE ?= laptop
+LOCK ?= constraints.txt
 # Notebook folders that exist (git keeps no empty folders; pytest errors on a missing path).
 NB_DIRS := $(wildcard solutions notebooks)
 TEST_ENV := HF_HUB_OFFLINE=1 COURSE_MODE=smoke OMP_NUM_THREADS=1 MPLBACKEND=Agg
 
-.PHONY: install lab test notebooks check render bench tables clean distclean
+.PHONY: install lab test notebooks check render bench tables clean distclean lock versions
 
 install: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e '.[dev]'
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
+	$(PY) -m pip install $(if $(LOCK),-c $(LOCK)) -e '.[dev]'
 	touch $@
+
+# The installed versions of the course's dependencies, against constraints.txt (the test run prints them too).
+versions: $(STAMP)
+	$(PY) -m course_lib.versions
+
+# Refresh constraints.txt: a fresh .venv with the newest versions the ranges allow, frozen (environment.yml pinned
+# to the same), then the whole test suite on them. Commit the two files only when it passes.
+lock:
+	rm -rf $(VENV)
+	$(MAKE) install LOCK=
+	$(PY) tools/lock.py $(PY)
+	$(MAKE) test
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -11,3 +11,10 @@ os.environ["OMP_NUM_THREADS"] = "1"  # two xdist workers on two cores: more thre
 
 # tests/fixtures/ holds sample notebooks read by the tests, not notebooks for nbval to run.
 collect_ignore_glob = ["fixtures/*"]
+
+
+def pytest_report_header(config):
+    """The versions this run tests, against constraints.txt (the versions the course was last tested with)."""
+    from course_lib.versions import summary
+
+    return f"course dependencies: {summary()}"

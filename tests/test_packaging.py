@@ -1,5 +1,7 @@
-"""environment.yml must mirror pyproject.toml: its pip list equals [project] dependencies plus the
-dev extra, string for string. Parsed line by line (the file is simple) so no YAML library is needed."""
+"""pyproject.toml's ranges, constraints.txt's pins (the versions last tested) and environment.yml agree: every
+requirement is pinned in constraints.txt to a version its range allows, and environment.yml's pip list is the same
+requirements pinned to those versions. environment.yml is parsed line by line (the file is simple) so no YAML
+library is needed."""
 from __future__ import annotations
 
 import re
@@ -7,6 +9,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+
+from course_lib.versions import canonical, read_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT, ENVIRONMENT = ROOT / "pyproject.toml", ROOT / "environment.yml"
@@ -60,8 +65,26 @@ def parse_environment(text: str) -> dict:
 ENV = parse_environment(ENVIRONMENT.read_text(encoding="utf-8"))
 
 
-def test_pip_list_mirrors_pyproject():
-    expected, actual = pyproject_requirements(), ENV["pip"]
+LOCK = read_lock(ROOT / "constraints.txt")
+
+
+def test_the_lock_pins_every_requirement_inside_its_range():
+    assert LOCK, "constraints.txt is missing or empty: run `make lock`"
+    problems = []
+    for text in pyproject_requirements():
+        req = Requirement(text)
+        pinned = LOCK.get(canonical(req.name))
+        if pinned is None:
+            problems.append(f"{req.name} is not pinned")
+        elif not req.specifier.contains(pinned, prereleases=True):
+            problems.append(f"{req.name}=={pinned} is outside pyproject.toml's {text!r}")
+    assert not problems, ("constraints.txt does not fit pyproject.toml: " + "; ".join(problems) +
+                          ". Rerun `make lock` after changing a range.")
+
+
+def test_pip_list_is_pyproject_pinned_to_the_lock():
+    expected = [f"{Requirement(r).name}=={LOCK.get(canonical(Requirement(r).name))}" for r in pyproject_requirements()]
+    actual = ENV["pip"]
     editable = [r for r in actual if r.startswith("-e") or r in (".", "./")]
     assert not editable, (
         f"environment.yml installs {editable} through pip; keep only dependencies there "
@@ -71,12 +94,11 @@ def test_pip_list_mirrors_pyproject():
     extra = [r for r in actual if r not in expected]
     duplicates = sorted({r for r in actual if actual.count(r) > 1})
     assert not (missing or extra or duplicates), (
-        "environment.yml's pip: list must equal pyproject.toml's [project] dependencies + dev extra, "
-        "string for string.\n"
-        f"  in pyproject.toml but not environment.yml: {missing}\n"
-        f"  in environment.yml but not pyproject.toml: {extra}\n"
-        f"  listed twice in environment.yml: {duplicates}\n"
-        "Edit both files together."
+        "environment.yml's pip: list must be pyproject.toml's [project] dependencies + dev extra, each pinned to "
+        "its version in constraints.txt (`make lock` writes both).\n"
+        f"  expected but not in environment.yml: {missing}\n"
+        f"  in environment.yml but not expected: {extra}\n"
+        f"  listed twice in environment.yml: {duplicates}"
     )
 
 
@@ -105,3 +127,16 @@ def test_parser_agrees_with_yaml():
 def test_parser_reports_mismatch_clearly():
     text = "name: x\ndependencies:\n  - python=3.11\n  - pip\n  - pip:\n    - 'numpy>=2'  # comment\n    - -e .\n"
     assert parse_environment(text) == {"name": "x", "conda": ["python=3.11", "pip"], "pip": ["numpy>=2", "-e ."]}
+
+
+def test_make_lock_would_write_this_environment_yml():
+    """tools/lock.py (run by `make lock`) pins environment.yml from constraints.txt: on today's files it changes
+    nothing, and a range with no pin is refused instead of written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock", ROOT / "tools" / "lock.py")
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    assert lock.pinned_environment(LOCK) == ENVIRONMENT.read_text(encoding="utf-8")
+    with pytest.raises(SystemExit, match="not in constraints.txt"):
+        lock.pinned_environment({k: v for k, v in LOCK.items() if k != "diffusers"})

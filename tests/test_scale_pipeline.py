@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from course_lib import sd
 from course_lib.scale import data, export, triplets
@@ -316,3 +317,40 @@ def test_a_resaved_tokenizer_keeps_its_fingerprint(tmp_path):
     assert fingerprint_folder(minisd.MINI_SD / "tokenizer") == fingerprint_folder(tmp_path / "resaved")
     sd.tiny_sd_pipeline().tokenizer.save_pretrained(tmp_path / "tiny")
     assert fingerprint_folder(tmp_path / "tiny") != fingerprint_folder(tmp_path / "resaved")
+
+
+def test_a_component_resaved_by_another_library_version_keeps_its_fingerprint(tmp_path):
+    """The fingerprint is the component's content: a re-save that only changes the writing library's version stamp
+    (transformers_version, _diffusers_version, _name_or_path) keeps it; changed weights or a changed config value
+    change it, and the refusal names which (the weights, the config key with both values)."""
+    from course_lib import minisd
+    from course_lib.scale.common import check_key, describe_folder, explain_difference, fingerprint_folder
+
+    for part, stamp in (("text_encoder", "transformers_version"), ("unet", "_diffusers_version")):
+        shutil.copytree(minisd.MINI_SD / part, tmp_path / part)
+        cfg = json.loads((tmp_path / part / "config.json").read_text())
+        cfg.update({stamp: "99.0.0", "_name_or_path": "/somewhere/else"})
+        (tmp_path / part / "config.json").write_text(json.dumps(cfg, indent=4))
+        assert fingerprint_folder(tmp_path / part) == fingerprint_folder(minisd.MINI_SD / part), part
+        assert describe_folder(tmp_path / part) == describe_folder(minisd.MINI_SD / part), part
+
+    original = describe_folder(minisd.MINI_SD / "text_encoder")
+    cfg = json.loads((tmp_path / "text_encoder" / "config.json").read_text())
+    (tmp_path / "text_encoder" / "config.json").write_text(json.dumps({**cfg, "layer_norm_eps": 1e-6}))
+    assert fingerprint_folder(tmp_path / "text_encoder") != fingerprint_folder(minisd.MINI_SD / "text_encoder")
+    assert explain_difference(original, describe_folder(tmp_path / "text_encoder")) == \
+        ["config.json key 'layer_norm_eps': 1e-05 (cache) != 1e-06 (this run)"]
+
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(weights))
+    assert fingerprint_folder(tmp_path / "unet") != fingerprint_folder(minisd.MINI_SD / "unet")
+    found, wanted = ({"unet": fingerprint_folder(f / "unet"), "detail": {"unet": describe_folder(f / "unet")}}
+                     for f in (minisd.MINI_SD, tmp_path))
+    with pytest.raises(CacheMismatch, match=r"unet: the weights differ\)"):
+        check_key(found, wanted, "triplets", tmp_path / "index.json", "")
+    # a cache written before the details were kept: the two fingerprints
+    with pytest.raises(CacheMismatch, match=rf"unet: '{found['unet']}' \(cache\) != '{wanted['unet']}' \(this run\)"):
+        check_key({"unet": found["unet"]}, wanted, "triplets", tmp_path / "index.json", "")

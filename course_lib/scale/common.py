@@ -3,9 +3,12 @@ the process group of a multi-process run.
 
     parse(stage, description, add_args, argv)   JSON config (configs/<stage>.json, or --config FILE) as defaults,
                                                 every setting also a --flag; returns an argparse.Namespace
-    fingerprint_folder(folder)                  sha256 of a diffusers component folder (config + weights)
-    model_key(source, parts)                    {"source", parts...: fingerprint}: what a cache was made from
-    check_key(found, wanted, what, path)        CacheMismatch naming every differing entry
+    fingerprint_folder(folder)                  sha256 of a component folder's content (weights + configs without
+                                                the library's version stamps; a tokenizer by what it does)
+    describe_folder(folder), explain_difference the same content in parts, and what differs between two, in words
+    model_key(source, parts)                    {"source", parts...: fingerprint, "detail"}: what a cache was made from
+    check_key(found, wanted, what, path)        CacheMismatch naming every differing entry (weights, config key...)
+    unet_record(base)                           a LoRA's record of its base UNet folder (base.json)
     save_atomic(path, tensors, metadata)        write to .tmp then rename: a killed run never leaves half a file
     dist_info()                                 (rank, world) from torchrun / accelerate environment variables
 """
@@ -25,7 +28,8 @@ SAMPLED_HASH_BYTES = 1 << 24       # larger weight files are fingerprinted by si
 
 
 class CacheMismatch(RuntimeError):
-    """A cache (embeddings, triplets) was made from another model or with other settings; nothing was changed."""
+    """A cache (embeddings, triplets) was made with other model parts or settings; nothing was changed. The message
+    says what differs (weights, a config key, the tokenizer, a setting)."""
 
 
 class SourceError(ValueError):
@@ -78,7 +82,22 @@ def needed(ap: argparse.ArgumentParser, *flags: str, **kwargs) -> None:
     action._required_setting = True
 
 
-VOLATILE_KEYS = ("is_local", "local_files_only", "name_or_path", "cache_dir")   # written by loaders, not content
+# Keys a config file carries that say how it was written, not what the component is: the library versions that
+# wrote it and what loaders add (every key starting with "_" is dropped too: _diffusers_version, _name_or_path,
+# _class_name, _commit_hash...). A component re-saved by a newer transformers or diffusers keeps its fingerprint.
+VOLATILE_KEYS = ("transformers_version", "diffusers_version", "is_local", "local_files_only", "name_or_path",
+                 "cache_dir")
+
+
+def _config_content(path: Path) -> dict | None:
+    """A JSON config file's content without its volatile keys (VOLATILE_KEYS, "_..."); None if it is no JSON object."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    return {k: v for k, v in obj.items() if not k.startswith("_") and k not in VOLATILE_KEYS}
 
 
 def _hash_bytes(f, start: int, size: int, h) -> None:
@@ -93,17 +112,13 @@ def _hash_bytes(f, start: int, size: int, h) -> None:
 
 
 def _hash_file(path: Path, h) -> None:
-    """Content, not packaging: JSON without the keys loaders add (_name_or_path, _diffusers_version, is_local...),
-    safetensors by their tensor table (without metadata) and data bytes, other files by their bytes."""
+    """Content, not packaging: JSON configs by _config_content, safetensors by their tensor table (without
+    metadata) and data bytes, other files by their bytes."""
     h.update(path.name.encode())
     if path.suffix == ".json":
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            obj = None
-        if isinstance(obj, dict):
-            obj = {k: v for k, v in obj.items() if not k.startswith("_") and k not in VOLATILE_KEYS}
-            h.update(json.dumps(obj, sort_keys=True).encode())
+        content = _config_content(path)
+        if content is not None:
+            h.update(json.dumps(content, sort_keys=True).encode())
             return
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -134,20 +149,75 @@ def fingerprint_tokenizer(folder: Path) -> str:
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
+def _content_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith((".tmp", ".lock")) and not p.name.startswith(".")]
+
+
+def _is_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file()
+
+
 def fingerprint_folder(folder: str | os.PathLike) -> str:
     """sha256 (first 16 hex digits) over the content of a component folder's files (sorted by name): the same
-    weights, configs and vocabulary give the same fingerprint however often they were re-saved. A tokenizer folder
-    (one with tokenizer_config.json) is fingerprinted by what it does (fingerprint_tokenizer)."""
+    weights, configs and vocabulary give the same fingerprint however often, and by whichever library version, they
+    were re-saved. A tokenizer folder (one with tokenizer_config.json) is fingerprinted by what it does
+    (fingerprint_tokenizer). describe_folder splits the same content into parts a refusal can name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist")
-    if (folder / "tokenizer_config.json").is_file():
+    if _is_tokenizer(folder):
         return fingerprint_tokenizer(folder)
     h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and not p.name.endswith((".tmp", ".lock")) and not p.name.startswith("."):
-            _hash_file(p, h)
+    for p in _content_files(folder):
+        _hash_file(p, h)
     return h.hexdigest()[:16]
+
+
+def describe_folder(folder: str | os.PathLike) -> dict:
+    """What a component folder is, in the parts a refusal names: {"tokenizer": its fingerprint} for a tokenizer,
+    else {"weights": sha256 (16 hex digits) of every non-config file, "config": {file name: content without the
+    volatile keys}}. Two folders with equal fingerprint_folder have equal descriptions, and the other way round."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist")
+    if _is_tokenizer(folder):
+        return {"tokenizer": fingerprint_tokenizer(folder)}
+    h, config = hashlib.sha256(), {}
+    for p in _content_files(folder):
+        content = _config_content(p) if p.suffix == ".json" else None
+        if content is None:
+            _hash_file(p, h)
+        else:
+            config[str(p.relative_to(folder))] = content
+    return {"weights": h.hexdigest()[:16], "config": config}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def explain_difference(found: dict, wanted: dict, found_name: str = "cache", wanted_name: str = "this run") -> list[str]:
+    """What differs between two describe_folder records, in words: the weights, each config key that differs (with
+    both values), a config file only one has, or the tokenizer's behaviour. [] when they are equal."""
+    out = []
+    if "tokenizer" in found or "tokenizer" in wanted:
+        if found.get("tokenizer") != wanted.get("tokenizer"):
+            out.append("the tokenizer splits text into other tokens (another vocabulary, merges or maximum length)")
+        return out
+    if found.get("weights") != wanted.get("weights"):
+        out.append("the weights differ")
+    fc, wc = found.get("config", {}), wanted.get("config", {})
+    for name in sorted(set(fc) | set(wc)):
+        if name not in fc or name not in wc:
+            out.append(f"{name} only in {found_name if name in fc else wanted_name}")
+            continue
+        for k in sorted(set(fc[name]) | set(wc[name])):
+            a, b = fc[name].get(k, "(absent)"), wc[name].get(k, "(absent)")
+            if a != b:
+                out.append(f"{name} key {k!r}: {_short(a)} ({found_name}) != {_short(b)} ({wanted_name})")
+    return out
 
 
 def resolve_pipeline(source: str | os.PathLike) -> Path:
@@ -172,18 +242,35 @@ def resolve_pipeline(source: str | os.PathLike) -> Path:
 
 
 def model_key(source: str | os.PathLike, parts: tuple[str, ...]) -> dict:
-    """{"source": resolved folder, part: fingerprint_folder(folder/part)} for the components that made a cache."""
+    """{"source": the pipeline, part: fingerprint_folder(folder/part) for each part, "detail": {part:
+    describe_folder(folder/part)}}: what a cache was made from, with enough detail for check_key to say what differs."""
     folder = resolve_pipeline(source)
-    return {"source": str(source), **{p: fingerprint_folder(folder / p) for p in parts}}
+    return {"source": str(source), **{p: fingerprint_folder(folder / p) for p in parts},
+            "detail": {p: describe_folder(folder / p) for p in parts}}
 
 
 def check_key(found: dict, wanted: dict, what: str, path: Path, fix: str) -> None:
-    """CacheMismatch naming the differing entries (the cache's source path itself may differ)."""
-    diff = [f"{k}: {found.get(k)!r} (cache) != {wanted[k]!r} (this run)" for k in wanted
-            if k != "source" and found.get(k) != wanted[k]]
+    """CacheMismatch naming what differs: for a model part, its weights, the config keys or the tokenizer (from the
+    keys' "detail"; a cache written before details were kept shows the two fingerprints), for a setting, its two
+    values. The cache's source path itself may differ, and "detail" is compared through the parts it describes."""
+    fd, wd = found.get("detail") or {}, wanted.get("detail") or {}
+    diff = []
+    for k in wanted:
+        if k in ("source", "detail") or found.get(k) == wanted[k]:
+            continue
+        why = explain_difference(fd[k], wd[k]) if k in fd and k in wd else []
+        diff.append(f"{k}: {'; '.join(why)}" if why else f"{k}: {found.get(k)!r} (cache) != {wanted[k]!r} (this run)")
     if diff:
-        raise CacheMismatch(f"{path} holds {what} made from another model or with other settings ({'; '.join(diff)}); "
-                            f"it was left untouched. {fix}")
+        raise CacheMismatch(f"{path} holds {what} made with other model parts or settings than this run's "
+                            f"({' | '.join(diff)}); it was left untouched. {fix}")
+
+
+def unet_record(base: Path) -> dict:
+    """What a LoRA's base.json records of the UNet folder it was trained on: {"unet_fingerprint", "unet_detail"}
+    (both None when the base is no local folder). export.load_lora_checked compares them with a pipeline's UNet."""
+    if not base.is_dir():
+        return {"unet_fingerprint": None, "unet_detail": None}
+    return {"unet_fingerprint": fingerprint_folder(base), "unet_detail": describe_folder(base)}
 
 
 def save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

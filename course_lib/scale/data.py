@@ -266,7 +266,8 @@ class Embeddings:
                               "python -m course_lib.scale.data --model ... --prompts ... --out " + str(self.folder))
         self.index = json.loads(ipath.read_text())
         if expect is not None:
-            check_key(self.index["key"], {k: v for k, v in expect.items() if k in ("text_encoder", "tokenizer")},
+            check_key(self.index["key"], {k: v for k, v in expect.items()
+                                          if k in ("text_encoder", "tokenizer", "detail")},
                       "text embeddings", ipath, "Build the embeddings with this model's text encoder and tokenizer "
                       "(python -m course_lib.scale.data) into another folder.")
         self.n, self.size = int(self.index["n"]), int(self.index["shard_size"])

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         emb = Embeddings(a.embeddings)
         tri = Triplets(a.triplets)
         want = teacher_key(a.init)
-        check_key(tri.key, {k: want[k] for k in ("unet", "scheduler")}, "pairs", tri.folder / "index.json",
+        check_key(tri.key, {k: want[k] for k in ("unet", "scheduler", "detail")}, "pairs", tri.folder / "index.json",
                   "Stage 2 trains on the pairs of the flow it starts from: make them with --teacher <that flow>.")
         sd, student = build_student(a.init, a.lora, a.lora_alpha, a.seed, device)
     except (SourceError, CacheMismatch) as e:

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .common import STAGE_FILE, SourceError, build_student, fingerprint_folder, write_json_atomic
+from .common import (STAGE_FILE, SourceError, build_student, describe_folder, explain_difference,
+                     fingerprint_folder, unet_record, write_json_atomic)
 
 KOHYA_FILE = "lora_kohya.safetensors"
 
@@ -116,8 +117,7 @@ def export_student(sd, student, out: str | os.PathLike, meta: dict | None = None
         sdlib.save_lora(student, folder)
         save_kohya(folder)
         base = Path(student.reference["source"]) / (student.reference["subfolder"] or "")
-        write_json_atomic(folder / "base.json", {"base": student.reference, "unet_fingerprint":
-                                                 fingerprint_folder(base) if base.is_dir() else None,
+        write_json_atomic(folder / "base.json", {"base": student.reference, **unet_record(base),
                                                  "process": student.process.config(),
                                                  "parameterization": student.parameterization, **(meta or {})})
         return folder
@@ -137,11 +137,14 @@ def load_lora_checked(pipe_folder: str | os.PathLike, lora_folder: str | os.Path
 
     lora_folder = Path(lora_folder)
     info = json.loads((lora_folder / "base.json").read_text()) if (lora_folder / "base.json").is_file() else {}
-    have = fingerprint_folder(Path(pipe_folder) / "unet")
+    unet = Path(pipe_folder) / "unet"
+    have = fingerprint_folder(unet)
     if info.get("unet_fingerprint") and info["unet_fingerprint"] != have:
-        raise SourceError(f"the LoRA in {lora_folder} was trained on another base model (UNet fingerprint "
-                          f"{info['unet_fingerprint']}, recorded from {info['base']['source']}); {pipe_folder} has "
-                          f"{have}. Load it onto the base it was trained on.")
+        why = explain_difference(info["unet_detail"], describe_folder(unet), "its base", "this UNet") \
+            if info.get("unet_detail") else [f"fingerprint {info['unet_fingerprint']} against {have}"]
+        raise SourceError(f"the LoRA in {lora_folder} was trained on another base model: {pipe_folder}'s UNet is not "
+                          f"the one it was trained on ({info['base']['source']}): {'; '.join(why)}. "
+                          "Load it onto the base it was trained on.")
     pipe = StableDiffusionPipeline.from_pretrained(pipe_folder, safety_checker=None, requires_safety_checker=False)
     try:
         pipe.load_lora_weights(str(lora_folder))

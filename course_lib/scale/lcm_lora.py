@@ -69,7 +69,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .common import (STAGE_FILE, CacheMismatch, SourceError, check_key, device_of, dist_info, fingerprint_folder,
+from .common import (STAGE_FILE, CacheMismatch, SourceError, check_key, device_of, dist_info, unet_record,
                      model_key, needed, parse, resolve_pipeline, write_json_atomic)
 
 STAGE = "lcm-lora"
@@ -230,8 +230,7 @@ def export_lcm_lora(sd, student, out: str | os.PathLike, meta: dict | None = Non
     lcm.save_lcm_lora(student, folder, {"original_inference_steps": lcm.ORIGINAL_STEPS, **(meta or {})})
     save_kohya(folder)
     base = Path(sd.reference["source"]) / "unet"
-    write_json_atomic(folder / "base.json", {"base": sd.reference, "unet_fingerprint":
-                                             fingerprint_folder(base) if base.is_dir() else None,
+    write_json_atomic(folder / "base.json", {"base": sd.reference, **unet_record(base),
                                              "process": student.process.config(),
                                              "parameterization": student.denoiser.parameterization, "method": STAGE})
     return folder
@@ -534,7 +533,7 @@ def main(argv: list[str] | None = None):
 
             tri = Triplets(a.triplets)
             want = teacher_key(a.teacher)
-            check_key(tri.key, {k: want[k] for k in ("unet", "scheduler")}, "triplets", tri.folder / "index.json",
+            check_key(tri.key, {k: want[k] for k in ("unet", "scheduler", "detail")}, "triplets", tri.folder / "index.json",
                       "The teacher latents must come from this teacher.")
         sd, student, fp = build(a.teacher, a.lora, a.lora_alpha, w, a.seed, device_of(a.device))
     except (SourceError, CacheMismatch) as e:

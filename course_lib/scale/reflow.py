@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         tri = None if a.online else Triplets(a.triplets)
         if tri is not None:
             want = teacher_key(a.teacher)
-            check_key(tri.key, {k: want[k] for k in ("unet", "scheduler")}, "triplets", tri.folder / "index.json",
+            check_key(tri.key, {k: want[k] for k in ("unet", "scheduler", "detail")}, "triplets", tri.folder / "index.json",
                       "The triplets must come from the teacher this flow starts from.")
     except (SourceError, CacheMismatch) as e:
         raise SystemExit(f"error: {e}") from None
