@@ -476,6 +476,7 @@ def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
 def _library_solutions():
     """The library's own implementation of every exercise: a correct student."""
     from course_lib import samplers
+    from course_lib import distances
     from course_lib.distill import add, consistency, dmd, guided, instaflow, lcm, pd, reflow, tcd
     from course_lib.metrics import straightness
     from course_lib.processes import RectifiedFlow
@@ -499,7 +500,7 @@ def _library_solutions():
         "3.4": right_reflow_round,
         "4.1": guided_velocity, "4.2": right_cond_reflow_loss,
         "4.3": lambda m, eps, x0, y: instaflow.onestep_loss(m, eps, x0, y),
-        "4.4": instaflow.laplacian_pyramid_l1,
+        "4.4": distances.laplacian_pyramid_l1,
         "5.1": consistency.consistency_fn,
         "5.2": lambda s, tgt, te, x0, eps, tn, tc, p: consistency.cd_loss_at(s, tgt, te, x0, eps, tn, tc, p),
         "5.3": lambda m, x, ts, p, t_min, noises: consistency.multistep_sample(m, x, ts, p, t_min, noises=noises),

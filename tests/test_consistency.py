@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from course_lib import data2d, grids, samplers, steps
+from course_lib import data2d, distances, grids, samplers, steps
 from course_lib.data2d import GaussianMixture, exact_denoiser, sample_2d
 from course_lib.distill import consistency as cm
 from course_lib.models import ConsistencyModel, Denoiser, MLP2D
@@ -107,14 +107,12 @@ def test_ct_loss_noises_both_points_with_the_same_eps():
 
 def test_distances_and_weighting():
     a, b = torch.zeros(3, 4), torch.tensor([[0.0] * 4, [1.0] * 4, [3.0] * 4])
-    torch.testing.assert_close(cm.l2(a, b), torch.tensor([0.0, 1.0, 9.0]))
-    ph = cm.pseudo_huber(a, b)
+    torch.testing.assert_close(distances.l2(a, b), torch.tensor([0.0, 1.0, 9.0]))
+    ph = distances.pseudo_huber(a, b)
     assert ph[0] == 0 and abs(ph[1] - 1) < 1e-3 and abs(ph[2] - 3) < 1e-3    # ~ the RMS error: the norm, not squared
     D = 4   # the paper's form, divided by sqrt(D)
     c = 0.00054 * math.sqrt(D)
     torch.testing.assert_close(ph, (torch.sqrt(((a - b) ** 2).sum(1) + c * c) - c) / math.sqrt(D))
-    with pytest.raises(ValueError, match="pseudo-huber"):
-        cm._distance("lpips")
     proc = EDM()
     w = cm.ict_weight(torch.tensor([0.1]), torch.tensor([0.2]), proc)
     torch.testing.assert_close(w, torch.tensor([1 / 8.0]))

@@ -183,8 +183,10 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_unknown_regression_distance_is_explained():
-    with pytest.raises(ValueError, match="unknown regression distance"):
-        dmd._distance("lpips-vgg")
+    from course_lib import distances
+
+    with pytest.raises(ValueError, match="unknown regression distance 'lpips-vgg'; valid: l2, pseudo-huber"):
+        distances.get("lpips-vgg", "regression distance")
 
 
 # --- the checkers of notebook 09 ------------------------------------------------------------------------------------

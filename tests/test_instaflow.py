@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from course_lib import bench, checks
+from course_lib import bench, checks, distances
 from course_lib.distill import instaflow, reflow
 from course_lib.models import Denoiser, MLP2D
 from course_lib.processes import RectifiedFlow, VPCosine
@@ -106,7 +106,7 @@ def test_laplacian_pyramid_l1_properties():
     g = torch.Generator().manual_seed(3)
     a = torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64)
     b = torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64)
-    d = instaflow.laplacian_pyramid_l1
+    d = distances.laplacian_pyramid_l1
     assert torch.all(d(a, a) == 0) and torch.all(d(a, b) > 0)
     torch.testing.assert_close(d(a, b), d(b, a))
     # a constant offset c lives only in the low-pass residual: the distance is 2^-levels |c| exactly
@@ -122,10 +122,10 @@ def test_lpips_unavailable_is_a_clear_error_and_unknown_distance_is_refused():
     try:
         import lpips  # noqa: F401  (only whether it imports)
     except ImportError:
-        with pytest.raises(RuntimeError, match="lap1"):
-            instaflow.get_distance("lpips")
-    with pytest.raises(ValueError, match="valid: l2, lap1, lpips"):
-        instaflow.get_distance("ssim")
+        with pytest.raises(RuntimeError, match="use distance='lap1'.*or 'pseudo-huber'"):
+            distances.get("lpips")
+    with pytest.raises(ValueError, match="unknown distance 'ssim'; valid: l2, pseudo-huber, huber, lap1, lpips"):
+        distances.get("ssim")
 
 
 def test_one_step_distillation_learns_a_coupling_and_direct_distill_leaves_the_teacher():
@@ -175,7 +175,7 @@ def test_exercise_checkers_accept_the_reference_and_reject_a_wrong_answer(capsys
     assert checks.check_onestep_loss(ref_l, seed=0) is ref_l
     wrong_l = lambda m, e, x, y: (e - velocity(m(e, torch.zeros(len(e), dtype=e.dtype), y)) - x).pow(2).mean(1)
     assert checks.check_onestep_loss(wrong_l, seed=0) is not wrong_l                # t = 0 instead of 1
-    assert checks.check_lap1(instaflow.laplacian_pyramid_l1, seed=0) is instaflow.laplacian_pyramid_l1
+    assert checks.check_lap1(distances.laplacian_pyramid_l1, seed=0) is distances.laplacian_pyramid_l1
     plain_l1 = lambda a, b, levels: (a - b).abs().flatten(1).mean(1)
     assert checks.check_lap1(plain_l1, seed=0) is not plain_l1
     out = capsys.readouterr().out

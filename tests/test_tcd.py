@@ -234,8 +234,6 @@ def test_bad_inputs_raise_clear_errors(tiny, tcd_pipe):
         tcd.sample(without_vae, student, ["a seven"], 2, 3.0)
     with pytest.raises(FileNotFoundError, match="tcd.json"):
         tcd.load_tcd(tcd_pipe and "/nonexistent-folder", tiny.model)
-    with pytest.raises(ValueError, match="unknown distance"):
-        tcd._distance("lpips")
 
 
 def test_course_time_tcd_sampler_takes_fixed_noises():

@@ -105,7 +105,7 @@ def check_onestep_loss(student: Callable, seed: int | None = None) -> Callable:
 @checker("4.4")
 def check_lap1(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 4.4: (an optional extra) student(a, b, levels) -> (B,) Laplacian-pyramid L1 distance of image batches (B, C, H, W)."""
-    from ..distill.instaflow import laplacian_pyramid_l1
+    from ..distances import laplacian_pyramid_l1
 
     g = fresh_generator(seed)
 

@@ -19,8 +19,8 @@ noisier point with the target network theta^- at the cleaner point (paper Eq. 7 
     L  = lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), stopgrad f_{theta^-}(x_hat_{t_n}, t_n))
     theta^- <- stopgrad(mu theta^- + (1 - mu) theta)                  the engine's train.Target (mu = 0: a copy)
 
-Distances (`DISTANCES`, per-sample values (B,)): "l2" ||a - b||^2 as a mean over the data dimensions (the course's
-convention); "pseudo-huber" (iCT, Sec. 3.3) sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(D), computed here
+Distances (course_lib.distances, per-sample values (B,)): "l2" ||a - b||^2 as a mean over the data dimensions (the
+course's convention); "pseudo-huber" (iCT, Sec. 3.3) sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(D), computed here
 divided by sqrt(D), i.e. sqrt(mean (a - b)^2 + 0.00054^2) - 0.00054. The paper's LPIPS needs ImageNet-trained
 weights that the course does not ship; iCT replaces it by pseudo-Huber because LPIPS leaks ImageNet features into
 FID, and so does the course. lambda(t_n) is 1 ("uniform", the 2023 paper's released configs) or iCT's
@@ -44,14 +44,13 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .. import steps
+from .. import distances, steps
 from ..models import ConsistencyModel
 from ..processes import AffineProcess, EDM, bcast
 from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
 
 T_MIN = 0.002           # course time of the trajectory's end for the vp-cosine and rf processes (sigma ~ 0.003)
 SIGMA_DATA = 0.5        # sd in c_skip, c_out (the paper's value)
-HUBER_C = 0.00054       # iCT's pseudo-Huber constant per sqrt(dimension) (Song & Dhariwal 2024, Sec. 3.3)
 P_MEAN, P_STD = -1.1, 2.0  # iCT's lognormal noise distribution for index sampling (Sec. 3.5)
 
 
@@ -120,30 +119,6 @@ def lognormal_index_probs(grid: Tensor, process: AffineProcess, p_mean: float = 
     return p / p.sum()
 
 
-def l2(a: Tensor, b: Tensor) -> Tensor:
-    """||a - b||^2 as a per-sample mean over the data dimensions: (B,)."""
-    return (a - b).pow(2).flatten(1).mean(1)
-
-
-def pseudo_huber(a: Tensor, b: Tensor, c: float = HUBER_C) -> Tensor:
-    """iCT's pseudo-Huber distance sqrt(||a - b||^2 + c^2 D) - c sqrt(D), divided by sqrt(D) (D data dimensions):
-    sqrt(mean (a - b)^2 + c^2) - c, per sample (B,). Like the L2 norm (not squared) for errors well above c: large
-    errors weigh less than in the squared L2, so outliers pull less."""
-    return torch.sqrt((a - b).pow(2).flatten(1).mean(1) + c * c) - c
-
-
-DISTANCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"l2": l2, "pseudo-huber": pseudo_huber}
-
-
-def _distance(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    if name == "lpips":
-        raise ValueError("LPIPS needs ImageNet-trained network weights that the course does not ship (and it leaks "
-                         "ImageNet features into FID-like metrics, iCT Sec. 3.3); use distance='pseudo-huber'")
-    if name not in DISTANCES:
-        raise ValueError(f"unknown distance {name!r}; valid: {', '.join(DISTANCES)}")
-    return DISTANCES[name]
-
-
 # --- the losses --------------------------------------------------------------------------------------------------
 
 def cd_loss_at(student: Callable, target: Callable, teacher: Callable, x0: Tensor, eps: Tensor, t_next: Tensor,
@@ -159,7 +134,7 @@ def cd_loss_at(student: Callable, target: Callable, teacher: Callable, x0: Tenso
         x_cur = steps.STEPS[solver](teacher, x_next, t_next, t_cur, process, **cond)   # teacher's ODE step
         f_target = target(x_cur, t_cur, **cond).x0                               # f_{theta^-}(x_hat_{t_n}, t_n)
     f_online = student(x_next, t_next, **cond).x0                                # f_theta(x_{t_{n+1}}, t_{n+1})
-    loss = _distance(distance)(f_online, f_target)
+    loss = distances.get(distance)(f_online, f_target)
     return loss * ict_weight(t_cur, t_next, process) if weighting == "ict" else _check_weighting(weighting, loss)
 
 
@@ -172,7 +147,7 @@ def ct_loss_at(student: Callable, target: Callable, x0: Tensor, eps: Tensor, t_n
     with torch.no_grad():
         f_target = target(process.marginal(x0, t_cur, eps), t_cur, **cond).x0
     f_online = student(process.marginal(x0, t_next, eps), t_next, **cond).x0
-    loss = _distance(distance)(f_online, f_target)
+    loss = distances.get(distance)(f_online, f_target)
     return loss * ict_weight(t_cur, t_next, process) if weighting == "ict" else _check_weighting(weighting, loss)
 
 

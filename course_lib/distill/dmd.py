@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .. import distances
 from ..guidance import cfg as guided, condition
 from ..predictions import Pred, from_pred
 from ..processes import AffineProcess
@@ -211,14 +212,6 @@ class DMDConfig:
     normalize: str = "sample"        # dm_gradient's normaliser: per "sample" (images) or over the "batch" (2D)
 
 
-def _distance(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    from .consistency import DISTANCES
-
-    if name not in DISTANCES:
-        raise ValueError(f"unknown regression distance {name!r}; valid: {', '.join(DISTANCES)}")
-    return DISTANCES[name]
-
-
 def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = None
              ) -> Callable[[StepContext, Mapping[str, Tensor]], Tensor]:
     """The DMD / DMD2 method step for train_networks (nets "generator", "critic", frozen "teacher"):
@@ -260,7 +253,7 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = No
                 z_ref = batch["z_ref"]
                 x_hat = ctx.nets["generator"](z_ref, torch.full((len(z_ref),), times[0], device=z_ref.device), *(
                     () if batch.get("y_ref") is None else (batch["y_ref"],))).x0
-                reg = _distance(cfg.regression)(x_hat, batch["x_ref"])                       # (B_ref,)
+                reg = distances.get(cfg.regression, "regression distance")(x_hat, batch["x_ref"])                       # (B_ref,)
                 loss = loss + cfg.lambda_reg * reg.mean()
             if cfg.gan and critic.head is not None:
                 loss = loss + cfg.lambda_g * g_loss(critic.logits(x, y, g))

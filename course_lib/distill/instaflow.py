@@ -18,7 +18,7 @@ see distill.reflow for the flip against the paper's t = 0 noise):
         that guidance on top of guided triplets over-guides):
             L = D( eps - u_theta(eps, 1 | y), x0' ),   D = L2 first, then a perceptual distance  -> `distill_onestep`
         The paper's second stage uses LPIPS; it needs pretrained network weights downloaded from the internet.
-        The course runs offline, so `get_distance` offers LPIPS when the `lpips` package and its weights can be
+        The course runs offline, so `distances.get` offers LPIPS when the `lpips` package and its weights can be
         loaded, and otherwise a documented substitute: the Laplacian-pyramid L1 distance ("Lap1", Ling & Okada
         2006; the GLO loss of Bojanowski et al. 2018), which compares band-pass detail at every scale.
 
@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import paths
+from .. import distances, paths
 from ..config import seeded
 from ..guidance import cfg
 from ..models import Denoiser
@@ -105,69 +105,6 @@ def conditional_reflow(teacher: Denoiser, data: tuple[Tensor, Tensor, Tensor], c
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distances for the one-step distillation: L2, LPIPS when it can be loaded, the Laplacian-pyramid L1 otherwise
-# ----------------------------------------------------------------------------------------------------------------
-
-def l2(a: Tensor, b: Tensor) -> Tensor:
-    """Mean squared difference per sample (B,): the paper's first distillation stage."""
-    return (a - b).pow(2).flatten(1).mean(1)
-
-
-def laplacian_pyramid_l1(a: Tensor, b: Tensor, levels: int = 3) -> Tensor:
-    """Lap1 (B,) of images (B, C, H, W): sum over pyramid levels j of 2^(-j) * mean |L_j(a) - L_j(b)|, with L_j the
-    band-pass (Laplacian) levels from 2x2 average pooling and nearest upsampling, and the low-pass residual last.
-
-    An offline stand-in for LPIPS: it compares edges and strokes at each scale rather than raw pixels, and its
-    L1 prefers a sharp median to the blurred mean that L2 regression favours where the target is uncertain."""
-    import torch.nn.functional as F
-
-    if a.ndim != 4 or a.shape != b.shape:
-        raise ValueError(f"laplacian_pyramid_l1 takes two image batches (B, C, H, W) of one shape; got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
-    total = a.new_zeros(a.shape[0])
-    for j in range(levels):
-        if min(a.shape[-2:]) < 2:
-            break
-        a_low, b_low = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
-        band_a = a - F.interpolate(a_low, size=a.shape[-2:], mode="nearest")
-        band_b = b - F.interpolate(b_low, size=b.shape[-2:], mode="nearest")
-        total = total + 2.0 ** (-j) * (band_a - band_b).abs().flatten(1).mean(1)
-        a, b = a_low, b_low
-    return total + 2.0 ** (-levels) * (a - b).abs().flatten(1).mean(1)
-
-
-def lpips_distance(net: str = "alex") -> Callable[[Tensor, Tensor], Tensor]:
-    """LPIPS (Zhang et al. 2018) from the `lpips` package, for images in [-1, 1] (grey images are repeated to RGB).
-
-    Raises RuntimeError saying what is missing when the package or its pretrained weights cannot be loaded (they
-    are downloaded on first use: not possible offline)."""
-    try:
-        import lpips  # type: ignore[import-not-found]
-        model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
-    except Exception as e:  # ImportError, or a failed download of the backbone's weights
-        raise RuntimeError(f"LPIPS is not available here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-                           "It needs `pip install lpips` and its pretrained weights, downloaded on first use. "
-                           "Offline, use distance='lap1' (instaflow.laplacian_pyramid_l1).") from e
-
-    def d(a: Tensor, b: Tensor) -> Tensor:
-        rgb = lambda x: x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
-        return model.to(a.device)(rgb(a), rgb(b)).flatten()
-
-    return d
-
-
-def get_distance(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """"l2", "lap1" (offline perceptual substitute) or "lpips" (needs the package and downloaded weights)."""
-    if name == "l2":
-        return l2
-    if name == "lap1":
-        return laplacian_pyramid_l1
-    if name == "lpips":
-        return lpips_distance()
-    raise ValueError(f"unknown distance {name!r}; valid: l2, lap1, lpips")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Stage 3: one-step distillation, and the ablation's direct distillation
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -179,7 +116,7 @@ def one_step(model: Callable, eps: Tensor, y: Tensor | None = None) -> Tensor:
 
 
 def onestep_loss(student: Callable, eps: Tensor, x0: Tensor, y: Tensor | None,
-                 distance: Callable[[Tensor, Tensor], Tensor] = l2) -> Tensor:
+                 distance: Callable[[Tensor, Tensor], Tensor] = distances.l2) -> Tensor:
     """Per-sample distillation loss (B,): D(eps - u_theta(eps, 1 | y), x0), x0 the endpoint of the coupling.
     With D = l2 it equals reflow.distill_loss_at at t = 1 (the paper's || Z_1 - (Z_0 + v(Z_0, 0)) ||^2)."""
     return distance(one_step(student, eps, y), x0)
@@ -189,9 +126,9 @@ def distill_onestep(init: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_tra
                     distance: str | Callable[[Tensor, Tensor], Tensor] = "l2", ckpt_dir=None,
                     progress: bool = True) -> Denoiser:
     """Train a one-step student, initialised from `init` (copied, relabelled as a flow), on (eps, x0, y) (y None:
-    unconditional) with distance D (a name for get_distance, or a function (B, ...) x (B, ...) -> (B,)).
+    unconditional) with distance D (a name for distances.get, or a function (B, ...) x (B, ...) -> (B,)).
     Returns it (eval)."""
-    d = get_distance(distance) if isinstance(distance, str) else distance
+    d = distances.get(distance)
     student = rf.as_flow(init).train().requires_grad_(True)
     eps, x0, y = data
 
@@ -223,7 +160,7 @@ def regression_error(student: Callable, eps: Tensor, x0: Tensor, y: Tensor | Non
     total = 0.0
     for i in range(0, len(eps), batch_size):
         yy = None if y is None else y[i:i + batch_size]
-        total += float(l2(one_step(student, eps[i:i + batch_size], yy), x0[i:i + batch_size]).sum())
+        total += float(distances.l2(one_step(student, eps[i:i + batch_size], yy), x0[i:i + batch_size]).sum())
     return total / len(eps)
 
 

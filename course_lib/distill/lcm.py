@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import steps
+from .. import distances, steps
 from ..conditioning import Cond
 from ..config import seeded
 from ..guidance import cfg as guided
@@ -62,7 +62,6 @@ TIMESTEP_SCALING = 10.0        # s in c_skip, c_out (diffusers' LCMScheduler tim
 SIGMA_DATA = 0.5               # sd (LCMScheduler; must equal its training value, latent-consistency-model#30)
 ORIGINAL_STEPS = 50            # N of the DDIM grid (LCMScheduler.original_inference_steps): k = 1000 // 50 = 20
 W_EMBED_DIM = 256              # w-embedding width (--unet_time_cond_proj_dim)
-HUBER_C = 0.001                # LCM's Huber constant (--huber_c)
 W_RANGE = (2.0, 6.0)           # course default for the mini SD (course w; LCM's SD default is 5..15)
 LORA_W = 4.0                   # the fixed w of the course's LCM-LoRA (minisd.DEFAULT_W; the released one used 7.5)
 # LCM-LoRA's target modules (diffusers' train_lcm_distill_lora_sd_wds.py)
@@ -283,30 +282,17 @@ def lcm_target(teacher: Callable[..., Pred], target: Callable[..., Pred], z: Ten
         return target(z_cur, t_cur, cond, w).x0                           # f_theta^-(z_hat_{t_n}, w, c, t_n)
 
 
-def huber(a: Tensor, b: Tensor, c: float = HUBER_C) -> Tensor:
-    """LCM's Huber distance per sample (B,): mean over elements of sqrt((a - b)^2 + c^2) - c."""
-    return (torch.sqrt((a - b).pow(2) + c * c) - c).flatten(1).mean(1)
-
-
-def l2(a: Tensor, b: Tensor) -> Tensor:
-    return (a - b).pow(2).flatten(1).mean(1)
-
-
-DISTANCES = {"l2": l2, "huber": huber}
-
-
 def lcm_loss(student: Callable[..., Pred], target: Callable[..., Pred], teacher: Callable[..., Pred], z0: Tensor,
              eps: Tensor, timesteps: Tensor, k: int, cond: Cond, w: Tensor, process: SDDiscrete,
              distance: str = "huber", target_fn: Callable[..., Tensor] | None = None) -> Tensor:
     """LCD's loss per sample (B,) (Algorithm 1): d(f_theta(z_{n+k}, w, c, tau_{n+k}), lcm_target(...)).
     target_fn: a function with lcm_target's signature (a notebook's own), default lcm_target."""
-    if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
+    d = distances.get(distance)
     t_next = process.t_of_timestep(timesteps).to(torch.float32)
     z_next = process.marginal(z0, t_next, eps).to(z0.dtype)                  # z_{t_{n+k}}
     tgt = (target_fn or lcm_target)(teacher, target, z_next, timesteps, k, cond, w, process)
     pred = student(z_next, t_next, cond, w).x0
-    return DISTANCES[distance](pred, tgt)
+    return d(pred, tgt)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import steps
+from .. import distances, steps
 from ..conditioning import Cond
 from ..guidance import cfg as guided
 from ..predictions import Pred
@@ -82,20 +82,6 @@ def tcf(model: Callable[..., Pred], x_t: Tensor, t: Tensor, s: Tensor, process: 
 # The loss on the course's continuous-time processes (the 2D teachers)
 # ----------------------------------------------------------------------------------------------------------------
 
-def l2(a: Tensor, b: Tensor) -> Tensor:
-    """Squared L2 as a per-sample mean over the data dimensions (B,)."""
-    return (a - b).pow(2).flatten(1).mean(1)
-
-
-DISTANCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"l2": l2, "huber": lcm.huber}
-
-
-def _distance(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    if name not in DISTANCES:
-        raise ValueError(f"unknown distance {name!r}; valid: {', '.join(DISTANCES)}")
-    return DISTANCES[name]
-
-
 def tcd_loss_at(student: Callable[..., Pred], target: Callable[..., Pred], teacher: Callable[..., Pred], x0: Tensor,
                 eps: Tensor, t_next: Tensor, t_cur: Tensor, s: Tensor, process: AffineProcess, solver: str = "ddim",
                 distance: str = "l2", cond: Mapping[str, Any] | None = None) -> Tensor:
@@ -109,7 +95,7 @@ def tcd_loss_at(student: Callable[..., Pred], target: Callable[..., Pred], teach
         x_cur = steps.STEPS[solver](teacher, x_next, t_next, t_cur, process, **cond)   # x_hat_{t_n}
         f_target = tcf(target, x_cur, t_cur, s, process, **cond)                 # f_theta^-(x_hat_{t_n}, t_n, s)
     f_online = tcf(student, x_next, t_next, s, process, **cond)                  # f_theta(x_{t_{n+k}}, t_{n+k}, s)
-    return _distance(distance)(f_online, f_target)
+    return distances.get(distance)(f_online, f_target)
 
 
 def draw_times(grid: Tensor, B: int, generator: torch.Generator, device=None, dtype=torch.float32
@@ -205,7 +191,7 @@ def tcd_sd_loss(student: Callable[..., Pred], target: Callable[..., Pred], teach
     s = process.t_of_timestep(s_timesteps).to(torch.float32)
     z_next = process.marginal(z0, t_next, eps).to(z0.dtype)                  # z_{tau_{n+k}}
     tgt = tcd_sd_target(teacher, target, z_next, timesteps, k, s_timesteps, cond, w, process)
-    return _distance(distance)(tcf(student, z_next, t_next, s, process, cond, w), tgt)
+    return distances.get(distance)(tcf(student, z_next, t_next, s, process, cond, w), tgt)
 
 
 def draw_end_timesteps(timesteps: Tensor, k: int, generator: torch.Generator) -> Tensor:

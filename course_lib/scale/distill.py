@@ -13,7 +13,7 @@ The student starts from the 2-RF and is trained at t = 1 only (the paper's t = 0
 
 D: "l2" on latents (the paper's first stage); "lpips" (the paper's second stage) on images decoded by the frozen
 VAE, which needs the lpips package and its weights; "lap1", the course's documented offline substitute
-(instaflow.laplacian_pyramid_l1), also on decoded images; "perceptual": LPIPS when it loads, Lap1 otherwise (the
+(distances.laplacian_pyramid_l1), also on decoded images; "perceptual": LPIPS when it loads, Lap1 otherwise (the
 run says which, and records it in stage.json and the checkpoint). The 2-RF's pairs carry no extra guidance (--w 0): the
 teacher's triplets already did (see distill.instaflow). The student exports as a pipeline whose stock scheduler
 takes one Euler step (sd.FLOW_SCHEDULER): StableDiffusionPipeline(..., num_inference_steps=1, guidance_scale=1).
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distances
 from .common import CacheMismatch, SourceError, check_key, device_of, needed, parse
 from .reflow import add_training_args, build_student, run_training, triplet_batches
 
@@ -52,15 +53,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     if a.distance == "perceptual":
         try:
-            instaflow.lpips_distance()
+            distances.lpips_distance()
             a.distance = "lpips"
         except RuntimeError as e:
             print(f"note: {e}\nUsing the course's offline substitute, the Laplacian-pyramid L1 (lap1).")
             a.distance = "lap1"
     if a.distance == "l2":
-        distance = instaflow.l2
+        distance = distances.l2
     else:
-        base = instaflow.get_distance(a.distance)
+        base = distances.get(a.distance)
         vae = sd.vae
 
         def distance(pred, target):                       # on images decoded by the frozen VAE
