@@ -7,6 +7,7 @@
     TextEncoder(tokenizer, text_model)            prompts -> Cond(text=..., null_text=<embedding of "">)
     LatentCodec(vae)                              images in [-1, 1] <-> scaled latents
     load_sd(source)                               all three (and the scheduler's config) from a diffusers folder/hub id
+    adapter_disabled(model), AdapterOff(model)    the teacher of a LoRA student: the same UNet with its adapter off
 
 The schedule comes from the scheduler's config (scaled_linear betas -> SDDiscrete) and the parameterization from its
 prediction_type ("epsilon" -> "eps", "v_prediction" -> "v"). Guidance is the course's `guidance.cfg(model, w)` with
@@ -22,11 +23,12 @@ transformers, diffusers and peft are imported inside functions: importing course
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -317,6 +319,44 @@ def add_lora(model: SDDenoiser, r: int = 4, alpha: float | None = None, target_m
                                           target_modules=list(target_modules)))
     model.lora = {"r": r, "alpha": alpha, "target_modules": list(target_modules)}
     return model
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with the LoRA adapters of model's UNet switched off (model: an SDDenoiser, a student holding one
+    as .denoiser, or a UNet): the teacher of a LoRA student is the same UNet without its adapter, so one UNet is in
+    memory. Yields `model`."""
+    unet = getattr(model, "denoiser", model)
+    unet = getattr(unet, "unet", unet)
+    unet.disable_adapters()
+    try:
+        yield model
+    finally:
+        unet.enable_adapters()
+
+
+class AdapterOff(nn.Module):
+    """The base model under a LoRA student, as a course model: model(x, t, cond) -> Pred runs the student's own UNet
+    with its adapter switched off (adapter_disabled). The student is held, not registered: it stays owned (trained,
+    checkpointed) by whoever owns it. The teacher of LCM-LoRA, of a LoRA reflow stage and DMD2's real score."""
+
+    accepts_cond = True  # guidance.cfg hands it a Cond, as to the SDDenoiser it wraps
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._model = (model,)
+
+    @property
+    def process(self):
+        return self._model[0].process
+
+    @property
+    def parameterization(self) -> str:
+        return self._model[0].parameterization
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Pred:
+        with adapter_disabled(self._model[0]) as m:
+            return m(x, t, cond)
 
 
 def lora_state_dict(model_or_unet: nn.Module) -> dict[str, Tensor]:

@@ -146,7 +146,7 @@ def test_lcm_lora_trains_only_the_adapter_and_round_trips(tmp_path):
     t = torch.full((2,), 0.5)
     with torch.no_grad():
         on = student(z, t, cond).x0
-        with lcm.adapter_disabled(student):
+        with sd.adapter_disabled(student):
             off = student(z, t, cond).x0
     assert not torch.allclose(on, off)                            # the adapter is what makes it an LCM
     lcm.save_lcm_lora(student, tmp_path / "lora")

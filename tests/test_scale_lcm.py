@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from course_lib import minisd
+from course_lib.sd import adapter_disabled
 from course_lib.distill import lcm
 from course_lib.scale import export, lcm_lora
 from course_lib.scale.common import SourceError
@@ -131,7 +132,7 @@ def test_export_loads_in_diffusers_and_4_lcm_steps_equal_the_course_sampler(work
     # the adapter matters (the comparison has teeth): the base UNet gives another sample
     g = torch.Generator().manual_seed(3)
     torch.randn(2, 4, 8, 8, generator=g)
-    with lcm.adapter_disabled(student):
+    with adapter_disabled(student):
         base = lcm.multistep(student.sampler_model(sd.text(PROMPTS)), z1, lcm.lcm_timesteps(4), student.process, g)
     assert float((base - ours).abs().max()) > 1e-3
 

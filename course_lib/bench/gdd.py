@@ -84,7 +84,7 @@ def bench_gdd(mode: str, seed: int = 0, device: str | torch.device | None = None
     2D sweep: "gdd-freeze-<rule>" for the wider rules in SWEEP. Rows carry train_seconds, train_updates and
     trained_fraction."""
     from ..config import default_device
-    from ..distill.gdd import one_step
+    from ..distill.gan import generate_one_step as one_step
 
     device = torch.device(device) if device is not None else default_device()
     b = gdd_budget(mode)
@@ -118,7 +118,7 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     """Digits: GDD and GDD-I one-step students on thousands of samples per seed (balanced labels), the teacher
     (DPM-Solver++, 16 and 32 steps) on a few hundred, beside the data floor."""
     from ..classifier import balanced_labels
-    from ..distill.gdd import one_step
+    from ..distill.gan import generate_one_step as one_step
     from ..teachers import load_teacher
 
     teacher = load_teacher("digits", device=device)

@@ -276,8 +276,9 @@ def trainable_fraction(module: nn.Module) -> float:
 
 # --- the generator -------------------------------------------------------------------------------------------------
 
-def generate_one_step(model: Callable, z: Tensor, t: float = 1.0, y: Any = None) -> Tensor:
-    """A diffusion model used as a one-step generator: G(z) = x0_hat(z, t) (B, ...), with z the prior sample at
-    time t (t = 1: pure noise; SD's timestep 999, EDM's G(80 z, 80)). Differentiable (no no_grad here)."""
+def generate_one_step(model: Callable, z: Tensor, y: Any = None, *, t: float = 1.0) -> Tensor:
+    """A diffusion model used as a one-step generator: G(z | y) = x0_hat(z, t | y) (B, ...), with z the prior sample
+    at time t (t = 1: pure noise; SD's timestep 999, EDM's G(80 z, 80)); y the condition or None. ADD's, DMD's and
+    GDD's generators. Differentiable (no no_grad here)."""
     tt = torch.full((len(z),), float(t), device=z.device, dtype=torch.float32)
     return model(z, tt, y).x0 if y is not None else model(z, tt).x0

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..predictions import Pred
 from ..processes import AffineProcess, bcast, time_dtype
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
-from .gan import guard, ns_d, ns_g, r1_penalty, tapped, trainable_fraction
+from .gan import generate_one_step, guard, ns_d, ns_g, r1_penalty, tapped, trainable_fraction
 
 SIGMA_MIN = 0.002     # GDDPrecond's eps: the boundary condition D(x; eps) = x (EDM's sigma_min)
 SIGMA_DATA = 0.5      # EDM's sigma_data
@@ -101,12 +101,6 @@ def generator(teacher: nn.Module, freeze: str = "none") -> GDDPrecond:
     G = GDDPrecond(copy.deepcopy(teacher)).requires_grad_(True).train()
     apply_freeze(G, freeze)
     return G
-
-
-def one_step(G: Callable[..., Pred], z: Tensor, y: Any = None) -> Tensor:
-    """x_g = G(z, t = 1) (B, ...): one network evaluation from the prior sample z (EDM: G(80 z, 80))."""
-    t = torch.ones(len(z), device=z.device)
-    return (G(z, t, y) if y is not None else G(z, t)).x0
 
 
 # --- GDD-I: which parameters are frozen ----------------------------------------------------------------------------
@@ -214,10 +208,10 @@ def gdd_step(cfg: GDDConfig) -> Callable[[StepContext, Mapping[str, Tensor]], Te
         D = lambda x: Dnet(x, y, g)                                                     # (B, ...) -> (B,)
         z = torch.randn(x_real.shape, generator=g, device=g.device).to(x_real)
         if ctx.phase == "generator":
-            x_g = one_step(G, z, y)
+            x_g = generate_one_step(G, z, y)
             return guard(generator_loss(D(x_g)), "generator", ctx.step, cfg.max_loss)
         with torch.no_grad():
-            x_g = one_step(G, z, y)
+            x_g = generate_one_step(G, z, y)
         lazy = cfg.r1_every > 0 and ctx.step % cfg.r1_every == 0
         w = cfg.r1_every * cfg.gamma / 2 if lazy and cfg.gamma > 0 else 0.0
         return guard(discriminator_loss(D, x_real, x_g, w), "discriminator", ctx.step, cfg.max_loss)

@@ -29,7 +29,7 @@ diffusers#8547), and c_skip(tau) is 1 only at tau = 0, so f is x0-prediction eve
 
 LCM-LoRA: the same loss training only a LoRA adapter (sd.add_lora, with LCM-LoRA's target modules) on the frozen
 teacher, at one fixed w and without a w-embedding (the released LCM-LoRA: w fixed, no embedding); the teacher is the
-same UNet with its adapter switched off (`adapter_disabled`), and the target is the online student without gradients,
+same UNet with its adapter switched off (`sd.adapter_disabled`), and the target is the online student without gradients,
 as in diffusers' LoRA scripts (no EMA copy: one UNet in memory).
 
 Course choices (named): the student's new w-projection (TimestepEmbedding.cond_proj) starts at zero, so the student
@@ -38,13 +38,12 @@ starts exactly as the teacher (LCM's scripts leave it randomly initialised); the
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +55,7 @@ from ..config import seeded
 from ..guidance import cfg as guided
 from ..predictions import Pred
 from ..processes import SDDiscrete, bcast
+from ..sd import AdapterOff, SDDenoiser, adapter_disabled, add_lora, lcm_timestep_cond, load_lora
 from ..train import Network, StepContext, Target, TrainConfig, train_networks
 
 TIMESTEP_SCALING = 10.0        # s in c_skip, c_out (diffusers' LCMScheduler timestep_scaling, PR #5681)
@@ -125,7 +125,6 @@ def timestep_of(t: Tensor, process: SDDiscrete) -> Tensor:
 
 def w_embedding(w: Tensor | float, dim: int, batch: int) -> Tensor:
     """Emb(w): LCM's sinusoidal embedding of 1000 w, (B, dim) (sd.lcm_timestep_cond), for a float or (B,) w."""
-    from ..sd import lcm_timestep_cond
 
     w = torch.as_tensor(w, dtype=torch.float32)
     return lcm_timestep_cond(w.expand(batch) if w.ndim == 0 else w, dim)
@@ -233,7 +232,6 @@ def lcm_student(teacher: nn.Module, w_dim: int = W_EMBED_DIM, w_range: tuple[flo
     weights (all but the new w-projection, which starts at zero: the student starts as the teacher). Trainable."""
     from diffusers import UNet2DConditionModel
 
-    from ..sd import SDDenoiser
 
     config = {k: v for k, v in dict(teacher.unet.config).items() if not k.startswith("_")}
     if config.get("time_cond_proj_dim") is not None:
@@ -251,18 +249,6 @@ def lcm_student(teacher: nn.Module, w_dim: int = W_EMBED_DIM, w_range: tuple[flo
     unet.to(device=p.device, dtype=p.dtype).train().requires_grad_(True)
     den = SDDenoiser(unet, teacher.process, teacher.parameterization, None)
     return LCMModel(den, w_range=w_range)
-
-
-@contextlib.contextmanager
-def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a block with the LoRA adapters of model's UNet switched off: the teacher of an LCM-LoRA is the same UNet
-    without its adapter (one UNet in memory)."""
-    unet = getattr(getattr(model, "denoiser", model), "unet")
-    unet.disable_adapters()
-    try:
-        yield model
-    finally:
-        unet.enable_adapters()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,11 +317,7 @@ def lcm_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscrete, 
     if lora:
         inner = student.denoiser
 
-        def teacher(x, t, c):
-            with adapter_disabled(inner):
-                return inner(x, t, c)
-
-        teacher.accepts_cond = True                                 # guidance.cfg hands it a Cond
+        teacher = AdapterOff(inner)                                # the same UNet, adapter off
 
         online = lambda x, t, c, w_: student(x, t, c, None)      # no w input; the target is the same, no grad
         return lcm_loss(online, online, teacher, z0, eps, timesteps, k, cond, w, process, cfg.distance, target_fn)
@@ -421,7 +403,6 @@ def distill_lcm_lora(sd: Any, cfg: LCMConfig, w: float = LORA_W, sample_batch: C
     """LCM-LoRA: add a LoRA adapter (rank cfg.lora_rank, LCM-LoRA's target modules) to sd.model IN PLACE and distil
     it with LCD at the fixed guidance weight w (no w-embedding). The teacher is sd.model with the adapter disabled.
     Returns the LCM-LoRA student (sd.model with its adapter, as an LCMModel)."""
-    from ..sd import add_lora
 
     require_codec(sd)
     sample_batch = sample_batch or digit_batches(sd)
@@ -632,7 +613,6 @@ def load_unet_student(folder: str | os.PathLike, meta_file: str, teacher: nn.Mod
     folder written by save_unet_student; `what` names the student in the error when meta_file is missing."""
     from diffusers import UNet2DConditionModel
 
-    from ..sd import SDDenoiser
 
     folder = Path(folder)
     if not (folder / meta_file).is_file():
@@ -674,7 +654,6 @@ def save_lcm_lora(student: LCMModel, folder: str | os.PathLike, info: dict | Non
 def load_lcm_lora(model: nn.Module, folder: str | os.PathLike) -> LCMModel:
     """Load an LCM-LoRA saved by save_lcm_lora onto `model` (an sd.SDDenoiser without an adapter: the base it was
     distilled on). A LoRA distilled on another base model is refused with a clear error."""
-    from ..sd import load_lora
 
     folder = Path(folder)
     if not (folder / LCM_JSON).is_file():

@@ -71,26 +71,6 @@ def timesteps(gen_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     return [int(round(num_train_timesteps * t)) - 1 for t in generator_times(gen_steps)]
 
 
-class AdapterOff(nn.Module):
-    """The real score of a LoRA run: the generator's own UNet with its adapter switched off (one UNet in memory)."""
-
-    accepts_cond = True
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self._model = (model,)                 # not registered: the generator owns (and checkpoints) it
-
-    @property
-    def process(self):
-        return self._model[0].process
-
-    def forward(self, x, t, cond):
-        from ..distill.lcm import adapter_disabled
-
-        with adapter_disabled(self._model[0]) as m:
-            return m(x, t, cond)
-
-
 def check_teacher(teacher: str | os.PathLike) -> Path:
     """The teacher's pipeline folder, after checking that it has its autoencoder and text encoder."""
     folder = resolve_pipeline(teacher)
@@ -131,7 +111,7 @@ def networks(model: nn.Module, lora: int, alpha: float | None, gan: bool, seed: 
         critic = dmd.make_critic(model, x_example, gan, Cond(text=text, null_text=text[:1]))
     if lora:
         sdlib.add_lora(model, r=lora, alpha=alpha, seed=seed)
-        real = AdapterOff(model)
+        real = sdlib.AdapterOff(model)              # the generator's own UNet, adapter off: one UNet in memory
     else:
         real = copy.deepcopy(model).requires_grad_(False).eval()
         model.requires_grad_(True)

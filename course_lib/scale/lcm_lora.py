@@ -19,7 +19,7 @@ The algorithm (LCD, Algorithm 1 of the LCM paper; the LoRA variant of diffusers'
 
 ONE UNet is in memory: the student is the UNet with its LoRA adapter (r = 64 on LCM-LoRA's target modules: attention,
 feed-forward, resnet convolutions, time-embedding projections, down/upsamplers), the teacher the same UNet with the
-adapter disabled (distill.lcm.adapter_disabled), the target the online student without gradients (no EMA copy), as
+adapter disabled (sd.adapter_disabled), the target the online student without gradients (no EMA copy), as
 in diffusers' LoRA scripts. bf16 autocast, gradient checkpointing, a checkpoint every --ckpt-every iterations; a
 killed run resumes by rerunning the same command; DDP over every process accelerate / torchrun starts.
 
@@ -201,6 +201,7 @@ def lcm_lora_step(sd, lcfg, online: dict | None = None) -> Callable:
     from .. import grids, samplers
     from ..distill import lcm
     from ..guidance import cfg
+    from ..sd import adapter_disabled
 
     teacher, process = sd.model, sd.model.process
     grid = grids.default_grid(online["steps"], process) if online else None
@@ -208,7 +209,7 @@ def lcm_lora_step(sd, lcfg, online: dict | None = None) -> Callable:
     def step(ctx, batch):
         if online:
             eps, c = batch
-            with torch.no_grad(), lcm.adapter_disabled(teacher):
+            with torch.no_grad(), adapter_disabled(teacher):
                 z0 = samplers.dpm_solver_pp_2m(lambda x, t: cfg(teacher, online["w"])(x, t, c), eps, grid, process)
             batch = (z0.to(eps.dtype), c)
         return lcm.lcm_step(ctx, batch, process, lcfg, lora=True)
