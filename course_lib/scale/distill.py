@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from .common import CacheMismatch, SourceError, check_key, device_of, needed, parse
-from .reflow import add_training_args, build_student, run_training, triplet_batches
+from ..distill import instaflow
+from .common import CacheMismatch, SourceError, build_student, check_key, device_of, needed, parse
+from .data import Embeddings
+from .stage import add_training_args, run_training, triplet_batches
+from .triplets import Triplets, teacher_key
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..distill import instaflow
-    from .data import Embeddings
-    from .triplets import Triplets, teacher_key
-
     def add(ap):
         needed(ap, "--init", help="the 2-RF's exported pipeline (stage 1's --out/pipeline), or stage 2a's")
         needed(ap, "--embeddings")
