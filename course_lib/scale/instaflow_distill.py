@@ -2,7 +2,7 @@
 
     python -m course_lib.scale.triplets --teacher runs/sd15/2rf/pipeline --embeddings runs/sd15/embeddings \\
         --out runs/sd15/pairs-2rf --count 100000 --w 0 --sampler euler --steps 25
-    accelerate launch --multi_gpu --num_processes 8 -m course_lib.scale.distill \\
+    accelerate launch --multi_gpu --num_processes 8 -m course_lib.scale.instaflow_distill \\
         --init runs/sd15/2rf/pipeline --embeddings runs/sd15/embeddings --triplets runs/sd15/pairs-2rf \\
         --out runs/sd15/instaflow-l2 --distance l2
     ... then again from runs/sd15/instaflow-l2/pipeline with --distance perceptual (LPIPS, or Lap1 offline)
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="perceptual: LPIPS when the lpips package and its weights load, else Lap1 (said so)")
         add_training_args(ap)
 
-    a = parse("distill", __doc__, add, argv)
+    a = parse("instaflow_distill", __doc__, add, argv)
     device = device_of(a.device)
     try:
         emb = Embeddings(a.embeddings)

@@ -1,6 +1,6 @@
 """InstaFlow stage 1: conditional reflow of Stable Diffusion's UNet, read as a velocity (the 2-rectified flow).
 
-    accelerate launch --multi_gpu --num_processes 8 -m course_lib.scale.reflow \\
+    accelerate launch --multi_gpu --num_processes 8 -m course_lib.scale.instaflow_reflow \\
         --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 --embeddings runs/sd15/embeddings \\
         --triplets runs/sd15/triplets --out runs/sd15/2rf
 
@@ -21,9 +21,9 @@ each batch's triplets online with --online (its guided ODE, --online-steps of DP
 Several nodes (DDP over all their GPUs; every node runs the same command with its own --machine_rank):
 
     accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --main_process_ip node0 \
-        --main_process_port 29500 --num_processes 16 -m course_lib.scale.reflow ...
+        --main_process_port 29500 --num_processes 16 -m course_lib.scale.instaflow_reflow ...
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 \
-        -m course_lib.scale.reflow ...
+        -m course_lib.scale.instaflow_reflow ...
 
 The engine refuses accelerate's FSDP / DeepSpeed plugins; its own FSDP2 path (TrainConfig(fsdp=True)) is offered by
 the DMD2 stage (--fsdp). SD 1.5's UNet (0.86 B parameters) trains with DDP on 80 GB GPUs, which the configs assume.
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("--online-steps", type=int, default=8, help="online triplets: DPM-Solver++ steps")
         add_training_args(ap)
 
-    a = parse("reflow", __doc__, add, argv)
+    a = parse("instaflow_reflow", __doc__, add, argv)
     device = device_of(a.device)
     try:
         emb = Embeddings(a.embeddings)
