@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 tests/scale_ddp_run.py OUT_JSON_PREFIX <stage> <args...>
 
-stage: reflow (the student) or dmd2 (generator and critic).
+stage: instaflow_reflow (the student) or dmd2 (generator and critic).
 
 Each rank records digests of the batches it drew and of its student's weights after training: OUT_JSON_PREFIX<r>.json.
 """
@@ -39,10 +39,10 @@ def digest(t: torch.Tensor) -> str:
 def main() -> None:
     prefix, stage, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
-    import course_lib.scale.reflow as reflow
+    import course_lib.scale.instaflow_reflow as instaflow_reflow
 
     drawn = []
-    original = reflow.triplet_batches
+    original = instaflow_reflow.triplet_batches
 
     def recording(tri, emb):
         sample = original(tri, emb)
@@ -54,7 +54,7 @@ def main() -> None:
 
         return wrapped
 
-    reflow.triplet_batches = recording
+    instaflow_reflow.triplet_batches = recording
     if stage == "dmd2":                       # DMD2: batches are dicts {"x": real latents, "y": Cond}
         import course_lib.scale.dmd2 as dmd2
 
@@ -74,7 +74,7 @@ def main() -> None:
         done = dmd2.main(argv)
         nets = {"generator": done.nets["generator"], "critic": done.nets["critic"]}
     else:
-        done = reflow.main(argv) if stage == "reflow" else None
+        done = instaflow_reflow.main(argv) if stage == "instaflow_reflow" else None
         nets = {"": done.nets["student"]}
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     weights = {(f"{name}." if name else "") + k: digest(v) for name, net in nets.items()

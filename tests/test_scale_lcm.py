@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from course_lib import minisd
 from course_lib.sd import adapter_disabled
 from course_lib.distill import lcm
-from course_lib.scale import export, lcm_lora
+from course_lib.scale import cost, export, lcm_lora
 from course_lib.scale.common import SourceError
 from course_lib.train import TRAINER_WEIGHTS
 from killed_stage import assert_same_checkpoint, kill_midway
@@ -224,7 +224,7 @@ def test_the_plan_counts_the_papers_lora_size_and_says_it_is_an_estimate(capsys)
     p = lcm_lora.main(["--plan"])
     out = capsys.readouterr().out
     assert "ESTIMATE pending a GPU measurement" in out and "--plan --measure" in out
-    assert abs(p["lora_params"] - lcm_lora.PAPER_LORA_PARAMS_SD15) / lcm_lora.PAPER_LORA_PARAMS_SD15 < 0.01
+    assert abs(p["lora_params"] - cost.PAPER_LORA_PARAMS_SD15) / cost.PAPER_LORA_PARAMS_SD15 < 0.01
     (one, eight), (one_p, eight_p) = [[r for r in p["rows"] if r["data"] == d] for d in ("images", "online")]
     assert one["global_batch"] == eight["global_batch"] == 96 and one["grad_accum"] == 8 and eight["gpus"] == 8
     assert abs(one["gpu_hours"] - eight["gpu_hours"]) < 1e-9 and abs(one["wall_hours"] - 8 * eight["wall_hours"]) < 1e-9

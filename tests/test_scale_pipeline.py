@@ -301,7 +301,7 @@ def test_config_files_give_defaults_flags_win_and_typos_are_errors(tmp_path):
     (tmp_path / "none.json").write_text("{}")
     with pytest.raises(SystemExit):
         common.parse("data", "", add, ["--config", str(tmp_path / "none.json")])       # --model is needed
-    for stage in ("data", "triplets", "reflow", "distill"):                           # the shipped configs parse
+    for stage in ("data", "triplets", "instaflow_reflow", "instaflow_distill"):                           # the shipped configs parse
         assert common.load_config(stage)
 
 

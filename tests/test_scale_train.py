@@ -1,4 +1,4 @@
-"""InstaFlow's SD stages (course_lib.scale.reflow / distill) on the tiny offline Stable Diffusion: a few training
+"""InstaFlow's SD stages (course_lib.scale.instaflow_reflow / instaflow_distill) on the tiny offline Stable Diffusion: a few training
 steps, a killed run that resumes to exactly the weights of an uninterrupted one, the LoRA variant whose teacher is
 the same UNet with its adapter disabled, the export loaded by plain diffusers, and a two-process (DDP, gloo) run."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from course_lib import sd
-from course_lib.scale import data, distill, reflow, triplets
+from course_lib.scale import data, instaflow_distill, instaflow_reflow, triplets
 from course_lib.train import TRAINER_WEIGHTS
 from killed_stage import assert_same_checkpoint, kill_midway
 from scale_ddp_run import launch
@@ -43,11 +43,11 @@ def test_reflow_killed_and_resumed_equals_uninterrupted_and_exports_a_diffusers_
     from diffusers import StableDiffusionPipeline
 
     steps = 12
-    done = reflow.main(_reflow_args(work, tmp_path / "full", steps))
+    done = instaflow_reflow.main(_reflow_args(work, tmp_path / "full", steps))
     assert done.step == steps and len(done.losses["student"]) == steps
-    stopped = kill_midway("course_lib.scale.reflow", _reflow_args(work, tmp_path / "killed", steps),
+    stopped = kill_midway("course_lib.scale.instaflow_reflow", _reflow_args(work, tmp_path / "killed", steps),
                           tmp_path / "killed" / "checkpoint", steps)
-    reflow.main(_reflow_args(work, tmp_path / "killed", steps))                 # the same command resumes
+    instaflow_reflow.main(_reflow_args(work, tmp_path / "killed", steps))                 # the same command resumes
     a = assert_same_checkpoint(tmp_path / "full", tmp_path / "killed", f"resuming from step {stopped}")
     assert any(k.startswith("ema.student.") for k in a)
     # the reflow moved the weights away from SD's, and the export is the EMA student, loadable without the course
@@ -71,7 +71,7 @@ def test_reflow_killed_and_resumed_equals_uninterrupted_and_exports_a_diffusers_
 def test_lora_reflow_with_the_adapter_disabled_teacher_then_one_step_distillation(work, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    done = reflow.main(["--teacher", str(work / "tiny"), "--embeddings", str(work / "emb"), "--out",
+    done = instaflow_reflow.main(["--teacher", str(work / "tiny"), "--embeddings", str(work / "emb"), "--out",
                         str(tmp_path / "lora"), "--lora", "4", "--online", "--online-steps", "2", "--w", "1.0",
                         "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--ema-decay", "0", "--warmup", "0",
                         "--precision", "bf16", "--grad-checkpointing", "--device", "cpu", "--no-progress"])
@@ -90,14 +90,14 @@ def test_lora_reflow_with_the_adapter_disabled_teacher_then_one_step_distillatio
     assert (tmp_path / "lora" / "lora" / "lora_kohya.safetensors").is_file()
 
     # stage 2 from a full 2-RF: its own pairs (w = 0, Euler), then the one-step loss on decoded images (Lap1)
-    reflow.main(_reflow_args(work, tmp_path / "2rf", 2))
+    instaflow_reflow.main(_reflow_args(work, tmp_path / "2rf", 2))
     triplets.generate_triplets(tmp_path / "2rf" / "pipeline", work / "emb", tmp_path / "pairs", n=4, w=0.0, steps=2,
                                sampler="euler", shard_size=4, batch_size=4, device="cpu", progress=False)
     with pytest.raises(SystemExit, match="pairs of the flow it starts from"):
-        distill.main(["--init", str(tmp_path / "2rf" / "pipeline"), "--embeddings", str(work / "emb"),
+        instaflow_distill.main(["--init", str(tmp_path / "2rf" / "pipeline"), "--embeddings", str(work / "emb"),
                       "--triplets", str(work / "tri"), "--out", str(tmp_path / "bad"), "--device", "cpu"])
     assert not (tmp_path / "bad").exists()
-    done = distill.main(["--init", str(tmp_path / "2rf" / "pipeline"), "--embeddings", str(work / "emb"),
+    done = instaflow_distill.main(["--init", str(tmp_path / "2rf" / "pipeline"), "--embeddings", str(work / "emb"),
                          "--triplets", str(tmp_path / "pairs"), "--out", str(tmp_path / "one"), "--distance", "perceptual",
                          "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--ema-decay", "0", "--warmup", "0",
                          "--precision", "fp32", "--no-grad-checkpointing", "--device", "cpu", "--no-progress"])
@@ -112,7 +112,7 @@ def test_lora_reflow_with_the_adapter_disabled_teacher_then_one_step_distillatio
 
 
 def test_two_process_reflow_draws_different_batches_and_keeps_identical_weights(work, tmp_path):
-    r0, r1 = launch(tmp_path / "rank", "reflow", _reflow_args(work, tmp_path / "ddp", 3), timeout=240).values()
+    r0, r1 = launch(tmp_path / "rank", "instaflow_reflow", _reflow_args(work, tmp_path / "ddp", 3), timeout=240).values()
     assert r0["world"] == r1["world"] == 2
     assert len(r0["batches"]) == 3 and not set(r0["batches"]) & set(r1["batches"])     # each rank its own batches
     assert r0["weights"] == r1["weights"]                                             # gradients were averaged

@@ -1,5 +1,6 @@
-"""What every stage script shares: its config file + command line, fingerprints of pretrained parts, atomic files,
-the process group of a multi-process run.
+"""What every module of the scale-up shares: a stage's config file + command line, fingerprints of pretrained parts,
+atomic files, the run folder's stage.json and the student export --run rebuilds from it. What only the training
+stages share (the engine's settings, the process group, the train-then-export run) is in stage.py.
 
     parse(stage, description, add_args, argv)   JSON config (configs/<stage>.json, or --config FILE) as defaults,
                                                 every setting also a --flag; returns an argparse.Namespace
@@ -10,7 +11,7 @@ the process group of a multi-process run.
     check_key(found, wanted, what, path)        CacheMismatch naming every differing entry (weights, config key...)
     unet_record(base)                           a LoRA's record of its base UNet folder (base.json)
     save_atomic(path, tensors, metadata)        write to .tmp then rename: a killed run never leaves half a file
-    dist_info()                                 (rank, world) from torchrun / accelerate environment variables
+    STAGE_FILE, build_student(pipeline, ...)    a run's settings file; its UNet read as a rectified flow (+ LoRA)
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
+
+from .. import sd as sdlib
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SAMPLED_HASH_BYTES = 1 << 24       # larger weight files are fingerprinted by size + 16 MiB from start, middle, end
@@ -231,7 +235,7 @@ def resolve_pipeline(source: str | os.PathLike) -> Path:
                               "hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
         return path.resolve()
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download     # lazy: its hub client takes 0.4 s to import
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         return Path(snapshot_download(str(source), local_files_only=offline,
                                       allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
@@ -274,8 +278,6 @@ def unet_record(base: Path) -> dict:
 
 
 def save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
@@ -289,11 +291,6 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of this process under torchrun / accelerate launch (1 process otherwise)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -316,8 +313,6 @@ STAGE_FILE = "stage.json"      # a training stage's settings, in its run folder 
 def build_student(pipeline: str | os.PathLike, lora: int = 0, lora_alpha: float | None = None, seed: int = 0,
                   device: torch.device | str = "cpu"):
     """(sd, student): the pipeline's parts, and its UNet read as a rectified flow (trainable, or with a LoRA)."""
-    from .. import sd as sdlib
-
     sd = sdlib.load_sd(resolve_pipeline(pipeline), device=device)
     student = sdlib.as_rectified_flow(sd.model)
     if lora:

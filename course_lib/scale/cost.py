@@ -16,14 +16,27 @@ DDP scales linearly. On a CPU it runs at a tiny size and says that a GPU is need
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from .. import sd as sdlib
+from ..conditioning import Cond
+from ..config import seeded
+from ..distill import dmd, lcm
+from ..distill import reflow as rf
+from ..processes import RectifiedFlow, SDDiscrete
+from ..train import Network, TrainConfig, train_networks
 from .common import CONFIG_DIR, device_of, write_json_atomic
+from .methods import LCM_LORA_W, lcm_lora_step, networks
 
 # InstaFlow (SD 1.5): iterations x global batch per stage (model cards of XCLiu/2_rectified_flow_from_sd_1_5 and
 # XCLiu/instaflow_0_9B_from_sd_1_5), and the paper's total in A100-days (data generation included)
@@ -43,8 +56,6 @@ def unet_config(tiny: bool = False) -> dict:
 def random_unet(tiny: bool = False):
     """SD 1.5's UNet2DConditionModel (or the tiny one) with random weights drawn under seed 0: no download."""
     from diffusers import UNet2DConditionModel
-
-    from ..config import seeded
 
     with seeded(0):
         return UNet2DConditionModel(**unet_config(tiny))
@@ -67,12 +78,6 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
             ema_decay: float = 0.0, steps: int = 6, warmup: int = 2, tiny: bool = False,
             device: str | None = None) -> dict:
     """Peak memory and step time of stage 1's training step (see the module docstring)."""
-    from .. import sd as sdlib
-    from ..conditioning import Cond
-    from ..distill import reflow as rf
-    from ..processes import RectifiedFlow
-    from ..train import Network, TrainConfig, train_networks
-
     dev = device_of(device)
     cfg = unet_config(tiny)
     unet = random_unet(tiny)
@@ -125,13 +130,6 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
     frozen real score; with lora the generator is a LoRA and the real score its UNet without the adapter). Timed
     over whole rounds of `ttur` iterations (one generator update and ttur critic updates each), after one warm-up
     round; reported per iteration (a round's time / ttur)."""
-    from .. import sd as sdlib
-    from ..conditioning import Cond
-    from ..distill import dmd
-    from ..processes import SDDiscrete
-    from ..train import Network, TrainConfig, train_networks
-    from .dmd2 import networks
-
     dev = device_of(device)
     cfg = unet_config(tiny)
     unet = random_unet(tiny)
@@ -203,12 +201,6 @@ def table(tiny: bool = False, device: str | None = None, rows=TABLE_ROWS, out: P
     """Measure every row of TABLE_ROWS in this process (one after the other; memory is released between rows). A row
     that runs out of GPU memory is recorded as such and the table goes on. With `out`, the JSON is rewritten after
     every row, so an interrupted table keeps its measured rows."""
-    import gc
-
-    from tqdm.auto import tqdm
-
-    from . import lcm_lora
-
     dev = device_of(device)
     results: list[dict] = []
     for method, bs, ckpt, lora, extra in tqdm(rows, desc="cost table", disable=not progress):
@@ -223,7 +215,7 @@ def table(tiny: bool = False, device: str | None = None, rows=TABLE_ROWS, out: P
                 r = measure_dmd2(bs, "bf16", ckpt, lora, tiny=tiny, device=device)
                 r["seconds_per_sample"] = r["seconds_per_iteration"] / bs
             elif method == "lcm-lora":
-                r = lcm_lora.measure(bs, lora, "bf16", ckpt, online_steps=extra, tiny=tiny, device=device)
+                r = measure_lcm_lora(bs, lora, "bf16", ckpt, online_steps=extra, tiny=tiny, device=device)
                 r["seconds_per_sample"] = r["seconds_per_step"] / bs
             else:
                 raise ValueError(f"unknown method {method!r} in the cost table")
@@ -239,6 +231,193 @@ def table(tiny: bool = False, device: str | None = None, rows=TABLE_ROWS, out: P
             write_json_atomic(Path(out), {"device": _device_name(dev), "torch": torch.__version__, "tiny": tiny,
                                           "rows": results})
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LCM-LoRA: the step measured, and the memory and time plan of `python -m course_lib.scale.lcm_lora --plan`
+# ----------------------------------------------------------------------------------------------------------------
+
+# The estimate's assumptions (used only until a GPU measurement replaces them; each is printed with the plan)
+A100_SECONDS_PER_SAMPLE_FORWARD = 0.012   # SD 1.5 UNet, 64x64 latents, bf16, batch >= 8, one A100-80GB: an assumption
+#   from typical diffusers inference speeds (about 30 it/s for a CFG pair at 512 px), not a measurement
+FORWARDS_PER_SAMPLE = {"teacher CFG pair": 2, "target f(z_hat_n)": 1, "student forward": 1,
+                       "checkpoint recompute": 1, "backward (input grads; frozen base)": 2}
+CLIP_L_TEXT_PARAMS = 123_060_480          # openai/clip-vit-large-patch14 text model (SD 1.5's text encoder)
+SD_VAE_PARAMS = 83_653_863                # SD 1.5's AutoencoderKL
+PAPER_LORA_PARAMS_SD15 = 67.5e6           # LCM-LoRA report: trainable parameters for SD 1.5
+# measure(batch_size=1, rank=64, bf16, grad checkpointing) of the real SD 1.5 UNet on a 2-core AMD EPYC CPU (avx512_bf16),
+# 2 threads: the process's peak resident memory rose by this much during the steps (LoRA grads + AdamW states,
+# activations, the transient bf16 casts of the frozen weights). A rough stand-in until a GPU measurement.
+CPU_BATCH1 = {"device": "2-core CPU (bf16, 2 threads)", "seconds_per_step": 24.3, "step_rss_gib": 1.77}
+
+
+def lora_param_count(unet, rank: int, targets: Sequence[str]) -> int:
+    """Parameters of a rank-r LoRA on `targets` (peft: Linear in->out gets r (in + out); Conv2d in->out with kernel
+    k x k gets r in k^2 (lora_A, same kernel) + r out (lora_B, 1 x 1))."""
+    n = 0
+    for name, m in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(m, torch.nn.Linear):
+            n += rank * (m.in_features + m.out_features)
+        elif isinstance(m, torch.nn.Conv2d):
+            n += rank * m.in_channels * m.kernel_size[0] * m.kernel_size[1] + rank * m.out_channels
+    return n
+
+
+def sd15_sizes(rank: int = 64) -> dict:
+    """Parameter counts of SD 1.5's UNet (configs/sd15_unet.json, built on the meta device: no memory, no download)
+    and of its LCM-LoRA at `rank`."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config())
+    return {"unet": sum(p.numel() for p in unet.parameters()),
+            "lora": lora_param_count(unet, rank, lcm.present_targets(unet))}
+
+
+def measure_lcm_lora(batch_size: int = 12, rank: int = 64, precision: str = "bf16", grad_checkpointing: bool = True,
+            online_steps: int = 0, steps: int = 5, warmup: int = 2, tiny: bool = False, device: str | None = None
+            ) -> dict:
+    """Peak memory and median seconds per step of the LCM-LoRA stage's training step (lcm_lora_step through the engine) on the
+    SD 1.5 UNet architecture with random weights (tiny=True: a tiny UNet, the CPU smoke test), 77 x 768 text, 64 x 64
+    latents; online_steps > 0 adds the prompts-only teacher sampling."""
+    dev = device_of(device)
+    cfg = unet_config(tiny)
+    unet = random_unet(tiny)
+    model = sdlib.SDDenoiser(unet, SDDiscrete(), "eps").to(dev)
+    sdlib.add_lora(model, r=rank, target_modules=lcm.present_targets(unet))
+    student = lcm.LCMModel(model, w_fixed=LCM_LORA_W)
+    L, D, h = 77, cfg["cross_attention_dim"], cfg["sample_size"]
+    null = torch.zeros(1, L, D)
+    stamps: list[float] = []
+    inner = lcm_lora_step(SimpleNamespace(model=model), lcm.LCMConfig(w_min=LCM_LORA_W, w_max=LCM_LORA_W),
+                          {"w": LCM_LORA_W, "steps": online_steps} if online_steps else None)
+
+    def sample(n, g):
+        return torch.randn(n, 4, h, h, generator=g), Cond(text=torch.randn(n, L, D, generator=g), null_text=null)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss0 = _rss_gib()
+    train_networks({"student": Network(student, lr=1e-4, save_frozen=False)}, stamped(inner, stamps, dev), sample,
+                   TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
+                               grad_checkpointing=grad_checkpointing), progress=False)
+    times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "unet": "tiny (CPU smoke)" if tiny else "SD 1.5 (configs/sd15_unet.json)",
+            "params": sum(p.numel() for p in unet.parameters()),
+            "trainable_params": sum(p.numel() for p in unet.parameters() if p.requires_grad),
+            "batch_size_per_gpu": batch_size, "precision": precision, "grad_checkpointing": grad_checkpointing,
+            "lora_rank": rank, "online_steps": online_steps, "seconds_per_step": sorted(times)[len(times) // 2],
+            "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            # on a CPU: the process's peak resident memory above what it held before the first step (the model
+            # built), a rough stand-in for the training step's own memory (activations, optimizer, autocast copies)
+            "cpu_step_rss_gib": None if dev.type == "cuda" or rss0 is None else _peak_rss_gib() - rss0}
+
+
+def _rss_gib() -> float | None:
+    """This process's resident memory now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20        # KiB on Linux
+
+
+def lcm_lora_plan(batch_size: int = 12, steps: int = 4000, rank: int = 64, online_steps: int = 8, gpus: Sequence[int] = (1, 8),
+         measured: dict | None = None, measured_online: dict | None = None) -> dict:
+    """The memory and time plan of an SD 1.5 LCM-LoRA run: `steps` optimizer steps at a GLOBAL batch of
+    8 x batch_size (one GPU: gradient accumulation 8), on 1 and 8 GPUs (DDP, assumed to scale linearly), for real
+    latents (--data) and for prompts only (the online teacher, `online_steps` DPM-Solver++ steps: 2 more UNet
+    forwards per solver step). Each data mode from its own measurement (measure_lcm_lora() on the GPU: `measured` for real
+    latents or either mode, `measured_online` for the online teacher) when given, a mode without one scaled from the
+    other by its count of UNet forwards (which overstates the online teacher's no-grad forwards: 17.8 s a step
+    predicted from the real-latent step on an H200, 11.5 s measured); else an ESTIMATE from the assumptions above."""
+    sizes = sd15_sizes(rank)
+    gib = 2**30
+    # autocast caches bf16 casts only of weights that require grad (the LoRA's); the frozen base is cast per use,
+    # and those transient copies count with the activations
+    fixed = {"UNet weights, fp32": sizes["unet"] * 4 / gib,
+             "LoRA weights + grads + AdamW states, fp32": sizes["lora"] * 16 / gib,
+             "text encoder + VAE, fp32": (CLIP_L_TEXT_PARAMS + SD_VAE_PARAMS) * 4 / gib}
+    # activations per sample, roughly: the CPU run's step memory less the LoRA's grads and AdamW states (12 B each)
+    act_per_sample = CPU_BATCH1["step_rss_gib"] - sizes["lora"] * 12 / gib
+    units = {"images": sum(FORWARDS_PER_SAMPLE.values())}
+    units["online"] = units["images"] + 2 * online_steps
+    global_batch = 8 * batch_size
+    own = {("online" if m.get("online_steps") else "images"): m for m in (measured, measured_online) if m}
+    per_sample = {mode: m["seconds_per_step"] / m["batch_size_per_gpu"] for mode, m in own.items()}
+    if own:
+        first = next(iter(own.values()))
+        per_forward = next(per_sample[m] / units[m] for m in own)
+        source = (f"measured on {first['device']} (batch {first['batch_size_per_gpu']}/GPU, "
+                  + ("both data modes)" if len(own) == 2 else
+                     f"{'online teacher' if 'online' in own else 'real latents'}; the other data mode scaled by its "
+                     "UNet forwards)"))
+    else:
+        per_forward = A100_SECONDS_PER_SAMPLE_FORWARD
+        source = "ESTIMATE pending a GPU measurement"
+    rows = []
+    for mode in ("images", "online"):
+        sec_sample = per_sample.get(mode, units[mode] * per_forward)
+        for n in gpus:
+            accum = max(1, global_batch // (batch_size * n))
+            hours = steps * global_batch * sec_sample / n / 3600
+            rows.append({"data": mode, "gpus": n, "batch_per_gpu": batch_size, "grad_accum": accum,
+                         "global_batch": global_batch, "seconds_per_step": sec_sample * batch_size * accum,
+                         "wall_hours": hours, "gpu_hours": hours * n})
+    return {"source": source, "measured": measured, "measured_online": measured_online,
+            "lora_params": sizes["lora"], "unet_params": sizes["unet"],
+            "paper_lora_params": PAPER_LORA_PARAMS_SD15, "fixed_memory_gib": fixed,
+            "fixed_memory_total_gib": sum(fixed.values()),
+            "peak_memory_gib": max((m["peak_memory_gib"] or 0 for m in own.values()), default=None) or None,
+            "activations_gib_rough": act_per_sample * batch_size, "activations_source": CPU_BATCH1,
+            "forward_units_per_sample": units, "steps": steps, "rows": rows,
+            "assumptions": {"A100 seconds per sample-forward": A100_SECONDS_PER_SAMPLE_FORWARD,
+                            "forwards per sample": FORWARDS_PER_SAMPLE, "online_steps": online_steps}}
+
+
+LCM_LORA_MEASURE_COMMAND = ("python -m course_lib.scale.lcm_lora --plan --measure --measure-online --batch-size 12   "
+                   "(on one A100/H100-80GB)")
+DATA_NAMES = {"images": "image-caption (--data)", "online": "prompts only (online teacher)"}
+
+
+def print_lcm_lora_plan(p: dict) -> None:
+    print(f"SD 1.5 LCM-LoRA (r = 64 on LCM-LoRA's targets: {p['lora_params'] / 1e6:.1f} M trainable parameters; "
+          f"the LCM-LoRA report: {p['paper_lora_params'] / 1e6:.1f} M; UNet {p['unet_params'] / 1e6:.0f} M)")
+    print(f"time: {p['source']}")
+    print("| data | GPUs | batch/GPU | grad accum | global batch | s/step | steps | wall time | GPU-hours |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for r in p["rows"]:
+        print(f"| {DATA_NAMES[r['data']]} | {r['gpus']} | {r['batch_per_gpu']} | {r['grad_accum']} | "
+              f"{r['global_batch']} | {r['seconds_per_step']:.2f} | {p['steps']} | {r['wall_hours']:.1f} h | "
+              f"{r['gpu_hours']:.1f} |")
+    print("memory per GPU (the same on 1 and 8 GPUs: DDP keeps a whole copy on each):")
+    for k, v in p["fixed_memory_gib"].items():
+        print(f"  {k}: {v:.2f} GiB")
+    peak = p["peak_memory_gib"]
+    if peak:
+        print(f"  fixed total {p['fixed_memory_total_gib']:.1f} GiB; measured peak {peak:.1f} GiB")
+    else:
+        c = p["activations_source"]
+        print(f"  fixed total {p['fixed_memory_total_gib']:.1f} GiB + activations, roughly "
+              f"{p['activations_gib_rough']:.0f} GiB at batch {p['rows'][0]['batch_per_gpu']} (a CPU run at batch 1, "
+              f"{c['device']}: the step's resident memory {c['step_rss_gib']:.2f} GiB less the LoRA's optimizer "
+              f"state, times the batch): about {p['fixed_memory_total_gib'] + p['activations_gib_rough']:.0f} GiB, "
+              "well inside 80 GB; the GPU's peak is not measured yet")
+    if not p["measured"]:
+        a = p["assumptions"]
+        print(f"assumptions: {a['A100 seconds per sample-forward'] * 1000:.0f} ms per sample per SD 1.5 UNet forward "
+              f"on an A100-80GB in bf16 (not measured); UNet forwards per sample: {a['forwards per sample']} "
+              f"(+ 2 x {a['online_steps']} for the online teacher)")
+        print(f"This is an estimate pending a GPU measurement: {LCM_LORA_MEASURE_COMMAND}")
 
 
 def _device_name(dev: torch.device) -> str:

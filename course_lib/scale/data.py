@@ -30,9 +30,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from PIL import Image
+from safetensors import safe_open
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .. import paths
+from ..conditioning import Cond
+from ..sd import load_sd
 from .common import (CacheMismatch, SourceError, check_key, device_of, dtype_of, model_key, needed, parse,
                      resolve_pipeline, save_atomic, write_json_atomic)
 
@@ -177,8 +182,6 @@ def read_source(source: str | os.PathLike, images: bool = False, limit: int | No
 
 def load_image(data: bytes, resolution: int) -> Tensor:
     """An encoded image -> (3, r, r) in [-1, 1]: RGB, shorter side resized to r (bicubic), centre crop."""
-    from PIL import Image
-
     im = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = im.size
     s = resolution / min(w, h)
@@ -206,10 +209,6 @@ def build_embeddings(model: str | os.PathLike, prompts: str | os.PathLike, out: 
                      progress: bool = True) -> Path:
     """Text embeddings (and latents) of every example of `prompts` with `model`'s text encoder (and VAE): the cache
     described in the module docstring. Returns the cache folder."""
-    from tqdm.auto import tqdm
-
-    from ..sd import load_sd
-
     out = Path(out)
     examples = read_source(prompts, images=images, limit=limit)
     texts = [e.prompt for e in examples]
@@ -257,8 +256,6 @@ class Embeddings:
     """A cache written by build_embeddings: text(idx) -> (k, L, D), latents(idx), null (1, L, D), prompts."""
 
     def __init__(self, folder: str | os.PathLike, expect: dict | None = None):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         ipath = self.folder / INDEX
         if not ipath.is_file():
@@ -297,7 +294,6 @@ class Embeddings:
         return self._rows("latents", idx)
 
     def cond(self, idx: Tensor):
-        from ..conditioning import Cond
         return Cond(text=self.text(idx), null_text=self.null)
 
     def prompts(self) -> list[str]:

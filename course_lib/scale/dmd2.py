@@ -47,7 +47,6 @@ dmd2.json (the generator's timesteps). Sampling with plain diffusers:
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -55,9 +54,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
 
-from .common import STAGE_FILE, SourceError, CacheMismatch, device_of, dist_info, parse, resolve_pipeline, write_json_atomic
+from .. import sd as sdlib
+from ..distill import dmd
+from ..train import Network, train_networks
+from .common import (STAGE_FILE, CacheMismatch, SourceError, device_of, needed, parse, resolve_pipeline,
+                     write_json_atomic)
+from .export import export_student, load_lora_checked
+from .methods import networks
+from .stage import accelerator_if_distributed, add_training_args, dist_info, prepare_embeddings, train_config
 
 STAGE = "dmd2"
 GEN_DIR = "generator"
@@ -66,9 +71,7 @@ META = "dmd2.json"
 
 def timesteps(gen_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """The generator's integer timesteps: dmd.generator_times(k) in SD's map 1000 t - 1 (999 or 999, 749, 499, 249)."""
-    from ..distill.dmd import generator_times
-
-    return [int(round(num_train_timesteps * t)) - 1 for t in generator_times(gen_steps)]
+    return [int(round(num_train_timesteps * t)) - 1 for t in dmd.generator_times(gen_steps)]
 
 
 def check_teacher(teacher: str | os.PathLike) -> Path:
@@ -84,38 +87,9 @@ def check_teacher(teacher: str | os.PathLike) -> Path:
 
 def build(teacher: str | os.PathLike, lora: int, alpha: float | None, gan: bool, seed: int,
           device: torch.device | str = "cpu"):
-    """(sd, generator, real score, critic): the teacher pipeline's parts and `networks` on its UNet."""
-    from .. import sd as sdlib
-
+    """(sd, generator, real score, critic): the teacher pipeline's parts and methods.networks on its UNet."""
     sd = sdlib.load_sd(check_teacher(teacher), device=device)
     return (sd, *networks(sd.model, lora, alpha, gan, seed))
-
-
-def networks(model: nn.Module, lora: int, alpha: float | None, gan: bool, seed: int) -> tuple[nn.Module, nn.Module,
-                                                                                                nn.Module]:
-    """(generator, real score, critic) around an SDDenoiser `model` (used as the generator itself): trainable, or
-    frozen with a rank-`lora` adapter whose lora_B = 0 (it starts as the teacher) and the same UNet without the
-    adapter as real score; the critic a trainable copy of the teacher with, when gan, a head on its mid block.
-    Shared by the stage and by scale.cost's measurement of it."""
-    from .. import sd as sdlib
-    from ..conditioning import Cond
-    from ..config import seeded
-    from ..distill import dmd
-
-    unet = model.unet
-    device = next(unet.parameters()).device
-    h = unet.config.sample_size
-    x_example = torch.zeros(2, unet.config.in_channels, h, h, device=device)
-    text = torch.zeros(2, 1, unet.config.cross_attention_dim, device=device)
-    with seeded(seed):
-        critic = dmd.make_critic(model, x_example, gan, Cond(text=text, null_text=text[:1]))
-    if lora:
-        sdlib.add_lora(model, r=lora, alpha=alpha, seed=seed)
-        real = sdlib.AdapterOff(model)              # the generator's own UNet, adapter off: one UNet in memory
-    else:
-        real = copy.deepcopy(model).requires_grad_(False).eval()
-        model.requires_grad_(True)
-    return model, real, critic
 
 
 def batches(emb, images: bool, shape: tuple[int, ...]) -> Callable[[int, torch.Generator], dict]:
@@ -137,9 +111,6 @@ def export_generator(sd, G, out: str | os.PathLike, meta: dict) -> Path:
     """out/generator: a diffusers pipeline folder with LCMScheduler (full generator) or the LoRA adapter with
     base.json (export.export_student); out/dmd2.json: the generator's timesteps and the run's settings."""
     from diffusers import LCMScheduler
-
-    from .. import sd as sdlib
-    from .export import export_student
 
     out = Path(out)
     if G.lora is not None:
@@ -163,8 +134,6 @@ def dmd2_pipeline(run: str | os.PathLike, base: str | os.PathLike | None = None)
     """A diffusers StableDiffusionPipeline of the generator in `run` with LCMScheduler (a LoRA generator is loaded
     onto `base`, default the teacher it was trained on, after checking that it is that model)."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
-
-    from .export import load_lora_checked
 
     meta, run = read_meta(run), Path(run)
     if meta["lora"]:
@@ -193,9 +162,6 @@ def generate(pipe: Any, run: str | os.PathLike, prompts: str | Sequence[str], se
 # ----------------------------------------------------------------------------------------------------------------
 
 def add_args(ap) -> None:
-    from .common import needed
-    from .reflow import add_training_args
-
     needed(ap, "--teacher", help="SD pipeline (hub id in the local cache, or a diffusers folder)")
     ap.add_argument("--data", default=None, help="image-caption pairs (webdataset .tar / .parquet shards)")
     ap.add_argument("--embeddings", default=None, help="a cache from python -m course_lib.scale.data")
@@ -221,11 +187,6 @@ def add_args(ap) -> None:
 
 
 def main(argv: list[str] | None = None):
-    from ..distill import dmd
-    from ..train import Network, train_networks
-    from .lcm_lora import prepare_embeddings
-    from .reflow import accelerator_if_distributed, train_config
-
     a = parse("dmd2", __doc__, add_args, argv)
     a.triplets = None
     accelerator = accelerator_if_distributed()

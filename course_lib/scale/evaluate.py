@@ -38,9 +38,13 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
 
+from .. import minisd
+from ..classifier import digits_scores, load_digits_classifier
 from .common import SourceError, device_of, write_json_atomic
+from .export import load_lora_checked
 
 INCEPTION = Path(tempfile.gettempdir()) / "inception-2015-12-05.pt"
 
@@ -76,8 +80,6 @@ def coco_captions(captions: str | os.PathLike, split: str = "2017-5k", seed: int
 
 def load_pipeline(folder: str | os.PathLike, device: torch.device, dtype: torch.dtype, lora: str | None = None):
     from diffusers import StableDiffusionPipeline
-
-    from .export import load_lora_checked
 
     if lora:
         pipe = load_lora_checked(folder, lora)
@@ -133,8 +135,6 @@ def speed(pipe, steps: int, guidance_scale: float, batch: int, warmup: int = 2, 
 
 
 def save_grid(images: Tensor, path: Path, nrow: int = 4) -> Path:
-    from PIL import Image
-
     x = (images[: nrow * nrow].clamp(0, 1) * 255).round().to(torch.uint8)
     n, _, h, w = x.shape
     rows = math.ceil(n / nrow)
@@ -148,16 +148,12 @@ def save_grid(images: Tensor, path: Path, nrow: int = 4) -> Path:
 
 
 def _save_pngs(images: Tensor, folder: Path) -> None:
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     for k, im in enumerate(images):
         Image.fromarray((im.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(folder / f"{k:06d}.png")
 
 
 def _reference_folder(coco_images: Path, records: list[dict], resolution: int, out: Path) -> Path:
-    from PIL import Image
-
     out.mkdir(parents=True, exist_ok=True)
     for k, r in enumerate(records):
         dst = out / f"{k:06d}.png"
@@ -225,9 +221,6 @@ def evaluate_coco(pipe, a, out: Path, device: torch.device) -> tuple[dict, list[
 
 def evaluate_digits(pipe, a, out: Path) -> dict:
     """Adherence and held-out KID of a mini-SD-type pipeline on the course's prompt list, mean and std over seeds."""
-    from .. import minisd
-    from ..classifier import digits_scores, load_digits_classifier
-
     records = minisd.load_prompts()
     clf = load_digits_classifier()
     runs = []

@@ -24,8 +24,14 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
+from .. import sd as sdlib
+from ..checkpoint import load_tensors
+from ..sd import LORA_WEIGHTS
+from ..train import TRAINER_WEIGHTS
 from .common import (STAGE_FILE, SourceError, build_student, describe_folder, explain_difference,
                      fingerprint_folder, unet_record, write_json_atomic)
 
@@ -70,11 +76,6 @@ def from_kohya(state: dict[str, Tensor], module_names: list[str]) -> tuple[dict[
 
 def save_kohya(lora_folder: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Convert a diffusers LoRA folder (sd.save_lora) to one kohya-format safetensors file (default in the folder)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from ..sd import LORA_WEIGHTS
-
     folder = Path(lora_folder)
     path = folder / LORA_WEIGHTS
     if not path.is_file():
@@ -107,8 +108,6 @@ def _alpha(meta: dict, state: dict[str, Tensor]) -> float:
 
 def export_student(sd, student, out: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write `student` (an SDDenoiser; full or LoRA) under out/pipeline or out/lora (see the module docstring)."""
-    from .. import sd as sdlib
-
     out = Path(out)
     if student.lora is not None:
         folder = out / "lora"
@@ -133,8 +132,6 @@ def load_lora_checked(pipe_folder: str | os.PathLike, lora_folder: str | os.Path
     mismatch. A rectified-flow LoRA gets the flow scheduler."""
     from diffusers import StableDiffusionPipeline
 
-    from .. import sd as sdlib
-
     lora_folder = Path(lora_folder)
     info = json.loads((lora_folder / "base.json").read_text()) if (lora_folder / "base.json").is_file() else {}
     unet = Path(pipe_folder) / "unet"
@@ -158,9 +155,6 @@ def load_lora_checked(pipe_folder: str | os.PathLike, lora_folder: str | os.Path
 
 def reexport(run: str | os.PathLike, out: str | os.PathLike | None = None, from_ema: bool = True) -> Path:
     """Rebuild a run's student from its stage.json and its latest checkpoint (EMA weights if it has them); export."""
-    from ..checkpoint import load_tensors
-    from ..train import TRAINER_WEIGHTS
-
     run = Path(run)
     if not (run / STAGE_FILE).is_file():
         raise SourceError(f"{run} is not a run folder of course_lib.scale ({STAGE_FILE} is missing)")

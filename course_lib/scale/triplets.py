@@ -23,11 +23,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from .common import (CacheMismatch, SourceError, check_key, device_of, dist_info, dtype_of, model_key, needed, parse,
+from .. import grids
+from ..guidance import cfg
+from ..samplers import get_sampler
+from ..sd import load_sd
+from .common import (CacheMismatch, SourceError, check_key, device_of, dtype_of, model_key, needed, parse,
                      resolve_pipeline, save_atomic, write_json_atomic)
 from .data import Embeddings
+from .stage import dist_info
 
 INDEX = "index.json"
 
@@ -47,8 +55,6 @@ def teacher_key(teacher: str | os.PathLike) -> dict:
 
 
 def _init_group(world: int):
-    import torch.distributed as dist
-
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist if world > 1 else None
@@ -60,13 +66,6 @@ def generate_triplets(teacher: str | os.PathLike, embeddings: str | os.PathLike,
                       batch_size: int = 16, device: str | None = None, model_dtype: str = "float32",
                       store_dtype: str = "float32", max_shards: int | None = None, progress: bool = True) -> Path:
     """Generate this process's shards of the n triplets (see the module docstring); returns the output folder."""
-    from tqdm.auto import tqdm
-
-    from .. import grids
-    from ..guidance import cfg
-    from ..samplers import get_sampler
-    from ..sd import load_sd
-
     rank, world = dist_info()
     dist = _init_group(world)
     out = Path(out)
@@ -130,8 +129,6 @@ class Triplets:
     """A finished triplet cache: rows(idx) -> (eps, x0, prompt index) for global indices idx (k,)."""
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         ipath = self.folder / INDEX
         if not ipath.is_file():

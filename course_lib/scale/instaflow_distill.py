@@ -2,7 +2,7 @@
 
     python -m course_lib.scale.triplets --teacher runs/sd15/2rf/pipeline --embeddings runs/sd15/embeddings \\
         --out runs/sd15/pairs-2rf --count 100000 --w 0 --sampler euler --steps 25
-    accelerate launch --multi_gpu --num_processes 8 -m course_lib.scale.distill \\
+    accelerate launch --multi_gpu --num_processes 8 -m course_lib.scale.instaflow_distill \\
         --init runs/sd15/2rf/pipeline --embeddings runs/sd15/embeddings --triplets runs/sd15/pairs-2rf \\
         --out runs/sd15/instaflow-l2 --distance l2
     ... then again from runs/sd15/instaflow-l2/pipeline with --distance perceptual (LPIPS, or Lap1 offline)
@@ -23,15 +23,14 @@ from __future__ import annotations
 import torch
 
 from .. import distances
-from .common import CacheMismatch, SourceError, check_key, device_of, needed, parse
-from .reflow import add_training_args, build_student, run_training, triplet_batches
+from ..distill import instaflow
+from .common import CacheMismatch, SourceError, build_student, check_key, device_of, needed, parse
+from .data import Embeddings
+from .stage import add_training_args, run_training, triplet_batches
+from .triplets import Triplets, teacher_key
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..distill import instaflow
-    from .data import Embeddings
-    from .triplets import Triplets, teacher_key
-
     def add(ap):
         needed(ap, "--init", help="the 2-RF's exported pipeline (stage 1's --out/pipeline), or stage 2a's")
         needed(ap, "--embeddings")
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="perceptual: LPIPS when the lpips package and its weights load, else Lap1 (said so)")
         add_training_args(ap)
 
-    a = parse("distill", __doc__, add, argv)
+    a = parse("instaflow_distill", __doc__, add, argv)
     device = device_of(a.device)
     try:
         emb = Embeddings(a.embeddings)
