@@ -173,6 +173,7 @@ def test_triplets_are_the_guided_teachers_dpm_solver_solution_from_per_index_noi
     torch.testing.assert_close(got["x0"][7:8], x0, rtol=1e-4, atol=1e-4)     # batch of 2 there, 1 here
 
 
+@pytest.mark.slow
 def test_resumed_and_two_process_generation_equal_one_uninterrupted_process(work, tmp_path):
     ref = _all(work / "tri")
     args = dict(n=10, w=1.0, steps=3, shard_size=4, batch_size=2, device="cpu", progress=False)

@@ -39,6 +39,7 @@ def _reflow_args(work: Path, out: Path, steps: int, *extra: str) -> list[str]:
 
 
 
+@pytest.mark.slow
 def test_reflow_killed_and_resumed_equals_uninterrupted_and_exports_a_diffusers_pipeline(work, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -111,6 +112,7 @@ def test_lora_reflow_with_the_adapter_disabled_teacher_then_one_step_distillatio
     assert pipe("a small zero", num_inference_steps=1, guidance_scale=1.0, output_type="pt").images.shape == (1, 3, 16, 16)
 
 
+@pytest.mark.slow
 def test_two_process_reflow_draws_different_batches_and_keeps_identical_weights(work, tmp_path):
     r0, r1 = launch(tmp_path / "rank", "reflow", _reflow_args(work, tmp_path / "ddp", 3), timeout=240).values()
     assert r0["world"] == r1["world"] == 2
