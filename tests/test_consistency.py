@@ -12,19 +12,15 @@ from course_lib.models import ConsistencyModel, Denoiser, MLP2D
 from course_lib.predictions import Pred
 from course_lib.processes import EDM, RectifiedFlow, VPCosine
 from course_lib.train import TrainConfig
+from conftest import mlp_denoiser
 
 PROCESSES = [VPCosine(), EDM(), RectifiedFlow()]
-
-
-def tiny(proc, seed=0):
-    torch.manual_seed(seed)
-    return Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
 
 
 @pytest.mark.parametrize("proc", PROCESSES, ids=lambda p: p.name)
 def test_boundary_condition_holds_exactly_and_scalings_match_the_model(proc):
     t_min = cm.default_t_min(proc)
-    model = cm.consistency_model(tiny(proc), t_min)
+    model = cm.consistency_model(mlp_denoiser(proc), t_min)
     x = torch.randn(5, 2, dtype=torch.float64)
     t = torch.full((5,), t_min, dtype=torch.float64)
     assert torch.equal(model(x, t).x0, x)
@@ -78,8 +74,8 @@ def test_the_exact_flow_map_is_a_fixed_point_of_the_cd_loss(proc):
 def test_cd_target_uses_the_teachers_step_and_no_gradient_reaches_the_target():
     proc = VPCosine()
     teacher = exact_denoiser("gmm", proc)
-    student = cm.consistency_model(tiny(proc, 0))
-    target = cm.consistency_model(tiny(proc, 1)).requires_grad_(True)
+    student = cm.consistency_model(mlp_denoiser(proc, 0))
+    target = cm.consistency_model(mlp_denoiser(proc, 1)).requires_grad_(True)
     g = torch.Generator().manual_seed(1)
     x0 = sample_2d("gmm", 16, g)[0].double()
     eps = torch.randn(16, 2, generator=g, dtype=torch.float64)
