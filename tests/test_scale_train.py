@@ -15,6 +15,7 @@ from course_lib.scale import data, distill, reflow, triplets
 from course_lib.train import TRAINER_WEIGHTS
 from killed_stage import assert_same_checkpoint, kill_midway
 from scale_ddp_run import launch
+from conftest import save_tiny_sd
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale-train")
-    sd.tiny_sd_pipeline(seed=0).save_pretrained(root / "tiny", safe_serialization=True)
+    save_tiny_sd(root / "tiny", seed=0)
     (root / "prompts.txt").write_text("a handwritten seven\na thick three\na small zero\n", encoding="utf-8")
     data.build_embeddings(root / "tiny", root / "prompts.txt", root / "emb", shard_size=2, device="cpu",
                           dtype="float32", progress=False)
