@@ -13,7 +13,7 @@ LOCK ?= constraints.txt
 NB_DIRS := $(wildcard solutions notebooks)
 TEST_ENV := HF_HUB_OFFLINE=1 COURSE_MODE=smoke OMP_NUM_THREADS=1 MPLBACKEND=Agg
 
-.PHONY: install lab test notebooks check render bench tables clean distclean lock versions
+.PHONY: install lab test test-fast notebooks check render bench tables clean distclean lock versions
 
 install: $(STAMP)
 
@@ -42,8 +42,13 @@ lab: $(STAMP)
 # Unit tests and nbval over every notebook, solutions and student versions, in smoke mode.
 # --dist loadfile keeps each notebook's cells on one worker; --nbval-current-env runs the
 # kernels with .venv's Python whatever kernels are registered on the machine.
+TEST_CMD = $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile tests --nbval-lax --nbval-current-env $(NB_DIRS)
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile tests --nbval-lax --nbval-current-env $(NB_DIRS)
+	$(TEST_CMD)
+
+# The same without the tests marked slow (multi-process, kill-and-resume, wheel build; pyproject.toml's markers).
+test-fast: $(STAMP)
+	$(TEST_CMD) -m "not slow"
 
 notebooks: $(STAMP)
 	$(PY) -m course_lib.exercises build

@@ -18,3 +18,87 @@ def pytest_report_header(config):
     from course_lib.versions import summary
 
     return f"course dependencies: {summary()}"
+
+
+# --- the tests' tiny models, written once --------------------------------------------------------------------------
+# Plain factories (test modules import them: `from conftest import mlp_denoiser`) and module-scoped fixtures. Each
+# model is initialised from torch's global generator seeded to `seed`; keep_rng=True restores the caller's global RNG
+# afterwards (config.seeded), keep_rng=False leaves it seeded as torch.manual_seed does, for the tests whose later
+# draws from the global generator come after the model's.
+
+import contextlib  # noqa: E402  (below the environment: torch must not be imported before it is set)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _seeded(seed: int, keep_rng: bool):
+    from course_lib.config import seeded
+
+    if keep_rng:
+        return seeded(seed)
+    torch.manual_seed(seed)
+    return contextlib.nullcontext()
+
+
+def mlp_denoiser(proc=None, seed: int = 0, dtype: torch.dtype = torch.float64, *, hidden: int = 16, depth: int = 2,
+                 num_classes: int | None = None, kind: str = "v", keep_rng: bool = False):
+    """A 2D model: Denoiser(MLP2D(hidden, depth, num_classes), proc (VPCosine by default), kind), or EDMPrecond for
+    kind="edm", cast to dtype."""
+    from course_lib.models import Denoiser, EDMPrecond, MLP2D
+    from course_lib.processes import VPCosine
+
+    proc = proc or VPCosine()
+    with _seeded(seed, keep_rng):
+        net = MLP2D(hidden=hidden, depth=depth, num_classes=num_classes)
+        model = EDMPrecond(net, proc) if kind == "edm" else Denoiser(net, proc, kind)
+    return model.to(dtype)
+
+
+def tiny_unet(seed: int = 0, channels: tuple[int, ...] = (16, 32), *, keep_rng: bool = False, **kw):
+    """An 8 x 8 course UNet (models.UNet) with the given block channels; kw: in_channels, num_classes, attention,
+    norm_num_groups."""
+    from course_lib.models import UNet
+
+    with _seeded(seed, keep_rng):
+        return UNet(sample_size=8, block_out_channels=channels, **kw)
+
+
+def save_tiny_sd(folder, seed: int = 0):
+    """sd.tiny_sd_pipeline(seed) saved as a diffusers folder (safetensors); returns the folder."""
+    from course_lib import sd
+
+    sd.tiny_sd_pipeline(seed=seed).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def class_model():
+    """A 3-class 2D eps model (hidden 32), seed 0, in eval mode."""
+    from course_lib.processes import VPCosine
+
+    return mlp_denoiser(VPCosine(), 0, torch.float32, hidden=32, num_classes=3, kind="eps").eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    """The course's pieces (sd.from_pipeline) of the tiny offline SD pipeline, seed 0."""
+    from course_lib import sd
+
+    return sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_w_pipe():
+    """The tiny SD pipeline, seed 0, whose UNet takes a guidance-weight embedding (time_cond_proj_dim =
+    lcm.W_EMBED_DIM): the LCM and TCD students' architecture."""
+    from course_lib import sd
+    from course_lib.distill import lcm
+
+    return sd.tiny_sd_pipeline(seed=0, time_cond_proj_dim=lcm.W_EMBED_DIM)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_folder(tmp_path_factory):
+    """The tiny SD pipeline, seed 0, saved as a diffusers folder (every loader reads it offline)."""
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))

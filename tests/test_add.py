@@ -8,18 +8,12 @@ import torch
 from torch import nn
 
 from course_lib import checks, data2d, metrics
-from course_lib.config import seeded
 from course_lib.distill import add, gan
 from course_lib.grids import uniform
-from course_lib.models import Denoiser, MLP2D
 from course_lib.processes import RectifiedFlow, VPCosine
 from course_lib.samplers import consistency
 from course_lib.train import TrainConfig
-
-
-def tiny(proc=None, seed=0, dtype=torch.float64):
-    with seeded(seed):
-        return Denoiser(MLP2D(hidden=16, depth=2), proc or VPCosine(), "v").to(dtype)
+from conftest import mlp_denoiser
 
 
 # --- mode_coverage ------------------------------------------------------------------------------------------------
@@ -76,7 +70,7 @@ def test_distillation_loss_value_and_its_exact_gradient():
     """L = alpha_t mean_d (x_hat - T)^2 with T = teacher(alpha x_hat + sigma eps).x0 a constant: dL/dx_hat =
     2 alpha_t (x_hat - T) / D exactly, with no teacher Jacobian."""
     for proc in (VPCosine(), RectifiedFlow()):
-        teacher = tiny(proc, 1)
+        teacher = mlp_denoiser(proc, 1, keep_rng=True)
         x_hat = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
         t, eps = torch.rand(6, dtype=torch.float64) * 0.9 + 0.05, torch.randn(6, 2, dtype=torch.float64)
         loss = add.distillation_loss(x_hat, teacher, t, eps, proc)
@@ -102,7 +96,7 @@ def test_discriminator_loss_is_hinge_plus_half_gamma_r1_at_the_real_samples():
 
 def test_sample_is_the_trailing_grid_consistency_sampler():
     proc = VPCosine()
-    model = tiny(proc, 2)
+    model = mlp_denoiser(proc, 2, keep_rng=True)
     z = proc.prior((5, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     one = add.sample(model, z, 1, proc)
     assert torch.allclose(one, model(z, torch.ones(5, dtype=torch.float64)).x0)   # one step: x0_hat(z, 1)
@@ -203,7 +197,7 @@ def _data(n, g):
 @pytest.mark.parametrize("kw, init", [({}, "teacher"), ({"distill": False}, "teacher"),
                                       ({"adversarial": False}, "teacher"), ({}, "scratch")])
 def test_distill_add_trains_every_ablation(kw, init):
-    teacher = tiny(VPCosine(), 3, torch.float32).requires_grad_(False)
+    teacher = mlp_denoiser(VPCosine(), 3, torch.float32, keep_rng=True).requires_grad_(False)
     cfg = add.ADDConfig(r1_gamma=0.1, lr_g=1e-3, lr_d=1e-3, **kw)
     G, done = add.distill_add(teacher, _data, cfg, TrainConfig(steps=4, batch_size=32), add.feature_network("random2d"),
                               torch.randn(4, 2), init=init, progress=False)
@@ -220,7 +214,7 @@ def test_distill_add_trains_every_ablation(kw, init):
 
 
 def test_a_diverging_run_stops_loudly_and_keeps_the_last_good_checkpoint(tmp_path):
-    teacher = tiny(VPCosine(), 3, torch.float32).requires_grad_(False)
+    teacher = mlp_denoiser(VPCosine(), 3, torch.float32, keep_rng=True).requires_grad_(False)
     calls = {"n": 0}
 
     def data(n, g):
@@ -244,7 +238,7 @@ def test_dinov2_features_fall_back_loudly_to_the_teachers_own_offline(monkeypatc
     monkeypatch.setattr(add, "load_dinov2", lambda *a, **k: None)      # as on a machine without the weights
     from course_lib import config
     config._ANNOUNCED.discard("add-dinov2")
-    teacher = tiny(VPCosine(), 4, torch.float32)
+    teacher = mlp_denoiser(VPCosine(), 4, torch.float32, keep_rng=True)
     F = add.feature_network("dinov2", teacher)
     assert isinstance(F, gan.DenoiserFeatures) and not any(p.requires_grad for p in F.parameters())
     assert "could not be loaded offline" in capsys.readouterr().err

@@ -103,12 +103,6 @@ def test_label_dropout_draws_are_those_of_the_old_implementation():
 # classifier-free guidance
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def class_model():
-    torch.manual_seed(0)
-    return Denoiser(MLP2D(hidden=32, depth=2, num_classes=3), VPCosine(), "eps").eval()
-
-
 def _xt(seed=0, b=B):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, 2, generator=g), torch.rand(b, generator=g) * 0.9 + 0.05

@@ -13,19 +13,14 @@ from course_lib import checks
 from course_lib.data2d import ExactDenoiser, GaussianMixture, sample_2d
 from course_lib.distill import dmd
 from course_lib.distill.gan import GANDiverged
-from course_lib.models import Denoiser, MLP2D
 from course_lib.predictions import Pred
 from course_lib.processes import VPCosine
 from course_lib.train import TrainConfig
+from conftest import mlp_denoiser
 
 
 def _gauss(mean, std=0.5):
     return GaussianMixture.isotropic(torch.tensor([mean], dtype=torch.float64), std)
-
-
-def _tiny(seed=0, proc=None):
-    torch.manual_seed(seed)
-    return Denoiser(MLP2D(hidden=16, depth=2), proc or VPCosine(), "v").double()
 
 
 # --- the distribution-matching gradient -----------------------------------------------------------------------------
@@ -76,7 +71,7 @@ def test_dm_gradient_is_finite_where_the_normaliser_is_zero():
 
 def test_fake_score_loss_trains_the_fake_score_only():
     proc = VPCosine()
-    fake = _tiny(1, proc)
+    fake = mlp_denoiser(proc, 1)
     W = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
     z = torch.randn(8, 2, dtype=torch.float64)
     t, eps = torch.rand(8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
@@ -129,11 +124,6 @@ def test_generator_times_and_backward_simulation():
 
 # --- training through the engine ------------------------------------------------------------------------------------
 
-def _teacher_2d():
-    torch.manual_seed(0)
-    return Denoiser(MLP2D(hidden=32, depth=2), VPCosine(), "v").requires_grad_(False).eval()
-
-
 def _data(n, g):
     return {"x": sample_2d("gmm", n, g)[0]}
 
@@ -142,7 +132,7 @@ def _data(n, g):
                                  dmd.DMDConfig(ttur=1, gan=False, lambda_reg=0.25, normalize="batch")],
                          ids=["dmd2-gan-2step", "dmd-regression"])
 def test_short_run_updates_in_the_ratio_and_changes_the_generator(cfg, tmp_path):
-    teacher = _teacher_2d()
+    teacher = mlp_denoiser(VPCosine(), 0, torch.float32, hidden=32).requires_grad_(False).eval()
     z_ref, x_ref = torch.randn(64, 2), sample_2d("gmm", 64, torch.Generator().manual_seed(5))[0]
 
     def batches(n, g):
@@ -173,8 +163,9 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         return {"x": x * float("nan") if calls[0] > 7 else x}
 
     cfg = dmd.DMDConfig(ttur=1, gan=True, normalize="batch")
+    teacher = mlp_denoiser(VPCosine(), 0, torch.float32, hidden=32).requires_grad_(False).eval()
     with pytest.raises(GANDiverged, match="critic loss is NaN"):
-        dmd.distill_dmd(_teacher_2d(), data, cfg, TrainConfig(steps=20, batch_size=16, ckpt_every=2),
+        dmd.distill_dmd(teacher, data, cfg, TrainConfig(steps=20, batch_size=16, ckpt_every=2),
                         sample_2d("gmm", 8)[0], ckpt_dir=tmp_path, progress=False)
     files = sorted(tmp_path.rglob("*.safetensors"))
     assert files, "no checkpoint was written before the divergence"

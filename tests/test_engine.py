@@ -33,6 +33,7 @@ def _config(ckpt: Path) -> dict:
         return {}
 
 
+@pytest.mark.slow
 def test_killed_gan_resumes_to_the_same_weights(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert _spawn("gan_run.py", full, STEPS, 0.0).wait(timeout=120) == 0
@@ -210,6 +211,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
               TrainConfig(steps=1, batch_size=2, grad_checkpointing=True), progress=False)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run(tmp_path):
     """torchrun starts two gloo processes on the CPU: progressive distillation with a checkpoint folder."""
     torchrun = Path(sys.executable).parent / "torchrun"

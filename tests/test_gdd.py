@@ -16,23 +16,16 @@ from course_lib import checks
 from course_lib.checks import nb10
 from course_lib.config import seeded
 from course_lib.distill import gan, gdd
-from course_lib.models import Denoiser, EDMPrecond, MLP2D, UNet
+from course_lib.models import Denoiser
 from course_lib.processes import EDM, VPCosine, bcast
 from course_lib.train import TrainConfig
-
-
-def tiny(proc=None, seed=0):
-    proc = proc or VPCosine()
-    with seeded(seed):
-        net = MLP2D(hidden=16, depth=3)
-    model = EDMPrecond(net, proc) if isinstance(proc, EDM) else Denoiser(net, proc, "v")
-    return model.double()
+from conftest import mlp_denoiser, tiny_unet
 
 
 # --- preconditioning -----------------------------------------------------------------------------------------------
 
 def test_generator_starts_as_the_teachers_one_step_prediction():
-    teacher = tiny()
+    teacher = mlp_denoiser(depth=3, keep_rng=True)
     z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     G = gdd.GDDPrecond(teacher)
     t = torch.ones(64, dtype=torch.float64)
@@ -49,14 +42,14 @@ def test_boundary_condition_at_sigma_min():
         lo, hi = (mid, hi) if r < gdd.SIGMA_MIN else (lo, mid)
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t = torch.full((16,), hi, dtype=torch.float64)
-    out = gdd.GDDPrecond(tiny(seed=3))(x, t).x0
+    out = gdd.GDDPrecond(mlp_denoiser(seed=3, depth=3, keep_rng=True))(x, t).x0
     assert torch.allclose(out, x / bcast(proc.alpha(t), x), atol=1e-9)
 
 
 def test_edm_model_gets_the_papers_gddprecond():
     """On an EDM model (alpha = 1) D = c_skip^GDD x + c_out^GDD F with F the backbone's raw output (GDDPrecond)."""
     proc = EDM()
-    model = tiny(proc)
+    model = mlp_denoiser(proc, depth=3, kind="edm", keep_rng=True)
     x = 5 * torch.randn(8, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     t = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.9 + 0.05
     sigma = proc.sigma(t)
@@ -111,9 +104,8 @@ def test_papers_rule_on_edm_names(name, frozen):
 
 
 def test_course_rule_freezes_the_roles_of_the_papers_rule():
-    with seeded(0):
-        unet = Denoiser(UNet(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_classes=3, attention=True),
-                        VPCosine(), "v")
+    unet = Denoiser(tiny_unet(0, (8, 16), keep_rng=True, norm_num_groups=4, num_classes=3, attention=True),
+                    VPCosine(), "v")
     names = [n for n, _ in gdd.GDDPrecond(unet).named_parameters()]
     frozen = {n for n in names if gdd.frozen_name(n)}
     for n in names:
@@ -125,16 +117,15 @@ def test_course_rule_freezes_the_roles_of_the_papers_rule():
     kept = sum(p.numel() for n, p in G.named_parameters() if n not in frozen)
     assert frac == pytest.approx(kept / sum(p.numel() for p in G.parameters()))
     assert all(p.requires_grad is (n not in frozen) for n, p in G.named_parameters())
-    mlp = [n for n, _ in gdd.GDDPrecond(tiny()).named_parameters()]
+    mlp = [n for n, _ in gdd.GDDPrecond(mlp_denoiser(depth=3, keep_rng=True)).named_parameters()]
     assert {n for n in mlp if gdd.frozen_name(n)} == {n for n in mlp if ".inp." in n or ".layers." in n}
     with pytest.raises(ValueError, match="unknown freezing rule"):
         gdd.apply_freeze(G, "convs")
 
 
 def test_sweep_rules_are_nested():
-    with seeded(0):
-        unet = Denoiser(UNet(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_classes=3, attention=True),
-                        VPCosine(), "v")
+    unet = Denoiser(tiny_unet(0, (8, 16), keep_rng=True, norm_num_groups=4, num_classes=3, attention=True),
+                    VPCosine(), "v")
     fr = [gdd.apply_freeze(copy.deepcopy(unet), r) for r in ("none", "gdd-i", "gdd-i+", "embeddings-only")]
     assert fr[0] == 1.0 and fr[0] > fr[1] > fr[2] > fr[3] > 0
 
@@ -156,7 +147,7 @@ def test_time_share_analytic():
 
 
 def test_layer_time_shares_of_an_mlp():
-    model = tiny().float()
+    model = mlp_denoiser(depth=3, keep_rng=True).float()
     x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     s = gdd.layer_time_shares(model, x0, [0.1, 0.5, 0.9], torch.Generator().manual_seed(1))
     assert set(s) == set(gdd.layer_modules(model)) and all(0.0 <= v <= 1.0 + 1e-9 for v in s.values())
@@ -168,7 +159,7 @@ def test_layer_time_shares_of_an_mlp():
 # --- training ------------------------------------------------------------------------------------------------------
 
 def _run(freeze="gdd-i", steps=4, ckpt_dir=None, disc=None, cfg=None):
-    teacher = tiny().float()
+    teacher = mlp_denoiser(depth=3, keep_rng=True).float()
     x_ex = torch.randn(16, 2)
     with seeded(0):
         disc = disc or gdd.make_discriminator(teacher, x_ex, hidden=16)
@@ -213,7 +204,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     from course_lib.checkpoint import load_tensors
     from course_lib.train import TRAINER_WEIGHTS
 
-    teacher = tiny().float()
+    teacher = mlp_denoiser(depth=3, keep_rng=True).float()
     with seeded(0):
         disc = _Exploding(gdd.make_discriminator(teacher, torch.randn(16, 2), hidden=16))
     with pytest.raises(gan.GANDiverged, match="diverged"):

@@ -1,4 +1,6 @@
 """Guided distillation (Meng et al. 2023): the guided target, the w embedding, stage 1 and stage 2."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -7,10 +9,12 @@ from course_lib.distill import guided, pd
 from course_lib.models import Denoiser, MLP2D, UNet, load_denoiser, save_denoiser, with_guidance_input
 from course_lib.processes import VPCosine
 from course_lib.train import TrainConfig
+from conftest import mlp_denoiser
 
 PROC = VPCosine()
 MIX = data2d.get_mixture("gmm-overlap")
 NULL = MIX.num_classes
+_teacher = partial(mlp_denoiser, PROC, 0, torch.float32, hidden=32, num_classes=NULL)
 
 
 def _inputs(B=64, seed=0):
@@ -19,11 +23,6 @@ def _inputs(B=64, seed=0):
     t = 0.05 + 0.9 * torch.rand(B, generator=g)
     z = PROC.marginal(x0.double(), t.double(), torch.randn(B, 2, generator=g, dtype=torch.float64))
     return z, t.double(), y, 4 * torch.rand(B, generator=g, dtype=torch.float64)
-
-
-def _teacher(hidden=32, seed=0):
-    torch.manual_seed(seed)
-    return Denoiser(MLP2D(hidden=hidden, depth=2, num_classes=NULL), PROC, "v")
 
 
 def test_guided_target_at_w0_is_the_conditional_teacher():

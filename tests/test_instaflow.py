@@ -1,6 +1,7 @@
 """InstaFlow (course_lib.distill.instaflow): guidance on the velocity, triplet caches, conditional reflow,
 one-step distillation and its distances, the shipped digits models and the benchmark in smoke mode."""
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -10,13 +11,10 @@ from course_lib.distill import instaflow, reflow
 from course_lib.models import Denoiser, MLP2D
 from course_lib.processes import RectifiedFlow, VPCosine
 from course_lib.train import TrainConfig
+from conftest import mlp_denoiser
 
 RF = RectifiedFlow()
-
-
-def cond_flow(seed=0, classes=3, process=RF, param="velocity"):
-    torch.manual_seed(seed)
-    return Denoiser(MLP2D(hidden=16, depth=2, num_classes=classes), process, param)
+cond_flow = partial(mlp_denoiser, proc=RF, dtype=torch.float32, num_classes=3, kind="velocity")
 
 
 def velocity(pred):
@@ -43,7 +41,7 @@ def test_guidance_needs_a_class_conditional_model():
 
 
 def test_triplet_cache_is_keyed_by_teacher_and_guidance(tmp_path):
-    teacher = cond_flow(0, process=VPCosine(), param="v")
+    teacher = cond_flow(proc=VPCosine(), kind="v")
     y = torch.arange(40) % 3
     eps, x0, yy = instaflow.triplets(teacher, 0.5, y, "t", steps=3, cache_dir=tmp_path, progress=False, verbose=False)
     assert eps.shape == x0.shape == (40, 2) and torch.equal(yy, y)
@@ -54,7 +52,7 @@ def test_triplet_cache_is_keyed_by_teacher_and_guidance(tmp_path):
     with pytest.raises(reflow.PairCacheError, match="another flow"):
         instaflow.triplets(teacher, 1.0, y, "t", steps=3, cache_dir=tmp_path, progress=False, verbose=False)
     with pytest.raises(reflow.PairCacheError, match="another flow"):
-        instaflow.triplets(cond_flow(1, process=VPCosine(), param="v"), 0.5, y, "t", steps=3, cache_dir=tmp_path,
+        instaflow.triplets(cond_flow(proc=VPCosine(), seed=1, kind="v"), 0.5, y, "t", steps=3, cache_dir=tmp_path,
                            progress=False, verbose=False)
     with pytest.raises(reflow.PairCacheError, match="other settings"):          # other labels
         instaflow.triplets(teacher, 0.5, (y + 1) % 3, "t", steps=3, cache_dir=tmp_path, progress=False, verbose=False)
@@ -63,7 +61,7 @@ def test_triplet_cache_is_keyed_by_teacher_and_guidance(tmp_path):
 
 
 def test_conditional_reflow_drops_labels_and_checks_its_input(monkeypatch):
-    teacher = cond_flow(0, process=VPCosine(), param="v")
+    teacher = cond_flow(proc=VPCosine(), kind="v")
     y = torch.arange(64) % 3
     eps = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     x0 = eps + 1.0
@@ -129,7 +127,7 @@ def test_lpips_unavailable_is_a_clear_error_and_unknown_distance_is_refused():
 
 
 def test_one_step_distillation_learns_a_coupling_and_direct_distill_leaves_the_teacher():
-    teacher = cond_flow(0, process=VPCosine(), param="v")
+    teacher = cond_flow(proc=VPCosine(), kind="v")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     g = torch.Generator().manual_seed(4)
     eps = torch.randn(512, 2, generator=g)
@@ -143,7 +141,7 @@ def test_one_step_distillation_learns_a_coupling_and_direct_distill_leaves_the_t
     # a fresh small student of another width, unconditional data (y None)
     fresh = instaflow.fresh_student(teacher, 8)
     assert fresh.net.hidden == 8 and fresh.process.name == "rf"
-    s2 = instaflow.distill_onestep(instaflow.fresh_student(cond_flow(0, classes=None), 8), (eps, 0.5 * eps, None), cfg,
+    s2 = instaflow.distill_onestep(instaflow.fresh_student(cond_flow(num_classes=None), 8), (eps, 0.5 * eps, None), cfg,
                                    progress=False)
     assert instaflow.regression_error(s2, eps, 0.5 * eps) < 1e-2
 

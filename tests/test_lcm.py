@@ -24,16 +24,6 @@ def _close(course: torch.Tensor, ref: torch.Tensor, tol: float = REL_TOL) -> Non
     assert err <= tol * scale, f"max |course - diffusers| = {err:.3g} on values up to {scale:.3g}"
 
 
-@pytest.fixture(scope="module")
-def lcm_pipe():
-    return sd.tiny_sd_pipeline(seed=0, time_cond_proj_dim=lcm.W_EMBED_DIM)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))
-
-
 def test_grid_and_scalings_are_lcms():
     assert lcm.skipping_step() == 20
     assert lcm.ddim_timesteps()[:3].tolist() == [19, 39, 59] and int(lcm.ddim_timesteps()[-1]) == 999
@@ -60,25 +50,25 @@ def test_lcm_timesteps_match_diffusers(n):
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
-def test_multistep_sampler_matches_diffusers_lcm_scheduler(lcm_pipe, n):
+def test_multistep_sampler_matches_diffusers_lcm_scheduler(tiny_sd_w_pipe, n):
     """The same UNet (with a w-embedding), prompts, w and noise: the course's sampler and LCMScheduler's loop."""
     from diffusers import LCMScheduler
 
-    pieces = sd.from_pipeline(lcm_pipe)
+    pieces = sd.from_pipeline(tiny_sd_w_pipe)
     student = lcm.LCMModel(pieces.model, w_range=(0.0, 10.0))
     cond, w = pieces.text(PROMPTS), 3.0
     z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     ours = lcm.multistep(student.sampler_model(cond, w), z1.clone(), lcm.lcm_timesteps(n), student.process,
                          torch.Generator().manual_seed(7))
     # diffusers: the LCM pipeline's loop (embedding of guidance_scale - 1 = w, no CFG pair)
-    sch = LCMScheduler.from_config(lcm_pipe.scheduler.config)
+    sch = LCMScheduler.from_config(tiny_sd_w_pipe.scheduler.config)
     sch.set_timesteps(n)
     g = torch.Generator().manual_seed(7)
     w_emb = sd.lcm_timestep_cond(torch.full((2,), (1 + w) - 1.0), lcm.W_EMBED_DIM)
     z = z1.clone()
     with torch.no_grad():
         for tau in sch.timesteps:
-            out = lcm_pipe.unet(z, tau, encoder_hidden_states=cond.text, timestep_cond=w_emb).sample
+            out = tiny_sd_w_pipe.unet(z, tau, encoder_hidden_states=cond.text, timestep_cond=w_emb).sample
             z, denoised = sch.step(out, tau, z, generator=g, return_dict=False)
     _close(ours, denoised)
     # and it is the course's consistency sampler on the LCM grid
@@ -87,10 +77,10 @@ def test_multistep_sampler_matches_diffusers_lcm_scheduler(lcm_pipe, n):
     _close(same, ours)
 
 
-def test_lcm_target_is_one_guided_ddim_step_of_k_timesteps(tiny):
-    teacher = tiny.model
+def test_lcm_target_is_one_guided_ddim_step_of_k_timesteps(tiny_sd):
+    teacher = tiny_sd.model
     student = lcm.lcm_student(teacher, 32, (1.0, 5.0))
-    cond = tiny.text(PROMPTS)
+    cond = tiny_sd.text(PROMPTS)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     taus, w = torch.tensor([19, 519]), torch.tensor([1.5, 4.0])
     got = lcm.lcm_target(teacher, student, z, taus, 20, cond, w, teacher.process)
@@ -113,18 +103,18 @@ def test_lcm_target_is_one_guided_ddim_step_of_k_timesteps(tiny):
     _close(f, ref, 1e-5)
 
 
-def test_lcd_trains_the_student_and_its_target(tiny):
+def test_lcd_trains_the_student_and_its_target(tiny_sd):
     torch.manual_seed(0)
-    batches = lcm.digit_batches(tiny, n_images=20)
+    batches = lcm.digit_batches(tiny_sd, n_images=20)
     z0, cond = batches(4, torch.Generator().manual_seed(0))
     assert z0.shape == (4, 4, 8, 8) and cond.text.shape[0] == 4 and cond.null_text.shape[0] == 1
     cfg = lcm.LCMConfig(steps=3, batch=4, lr=1e-3, w_dim=32)
-    before = [p.clone() for p in tiny.model.unet.parameters()]
-    student = lcm.distill_lcm(tiny, cfg, batches, progress=False)
-    assert all(torch.equal(p, q) for p, q in zip(before, tiny.model.unet.parameters()))     # the teacher is untouched
+    before = [p.clone() for p in tiny_sd.model.unet.parameters()]
+    student = lcm.distill_lcm(tiny_sd, cfg, batches, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(before, tiny_sd.model.unet.parameters()))  # the teacher is untouched
     moved = student.denoiser.unet.time_embedding.cond_proj.weight
     assert float(moved.abs().sum()) > 0                                                       # the w-projection learned
-    imgs = lcm.sample(tiny, student, ["a handwritten seven"], steps=2, w=3.0)
+    imgs = lcm.sample(tiny_sd, student, ["a handwritten seven"], steps=2, w=3.0)
     assert imgs.shape == (1, 3, 16, 16) and torch.isfinite(imgs).all()
 
 
@@ -162,21 +152,21 @@ def test_lcm_lora_trains_only_the_adapter_and_round_trips(tmp_path):
         student(z, t, cond, 3.0)
 
 
-def test_full_student_round_trips(tiny, tmp_path):
-    student = lcm.lcm_student(tiny.model, 32, (1.0, 5.0))
+def test_full_student_round_trips(tiny_sd, tmp_path):
+    student = lcm.lcm_student(tiny_sd.model, 32, (1.0, 5.0))
     with torch.no_grad():
         student.denoiser.unet.time_embedding.cond_proj.weight.normal_()
     lcm.save_lcm(student, tmp_path / "lcm", {"command": "test"})
-    again = lcm.load_lcm(tmp_path / "lcm", tiny.model)
-    cond = tiny.text(PROMPTS)
+    again = lcm.load_lcm(tmp_path / "lcm", tiny_sd.model)
+    cond = tiny_sd.text(PROMPTS)
     z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.full((2,), 0.7)
     with torch.no_grad():
         _close(again(z, t, cond, 2.0).x0, student(z, t, cond, 2.0).x0, 1e-6)
 
 
-def test_bad_inputs_raise_clear_errors(tiny):
-    student = lcm.lcm_student(tiny.model, 32, (2.0, 6.0))
-    cond = tiny.text(PROMPTS)
+def test_bad_inputs_raise_clear_errors(tiny_sd):
+    student = lcm.lcm_student(tiny_sd.model, 32, (2.0, 6.0))
+    cond = tiny_sd.text(PROMPTS)
     z, t = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5)
     with pytest.raises(ValueError, match="outside the range"):
         student(z, t, cond, 9.0)
@@ -184,7 +174,7 @@ def test_bad_inputs_raise_clear_errors(tiny):
         student.sampler_model(cond, 1.0)
     with pytest.raises(ValueError, match="pass w"):
         student(z, t, cond)
-    without_vae = sd.SD(tiny.model, tiny.text, None, tiny.scheduler, None)
+    without_vae = sd.SD(tiny_sd.model, tiny_sd.text, None, tiny_sd.scheduler, None)
     with pytest.raises(ValueError, match="autoencoder"):
         lcm.distill_lcm(without_vae, lcm.LCMConfig(steps=1, batch=2))
     with pytest.raises(ValueError, match="autoencoder"):
@@ -195,9 +185,9 @@ def test_bad_inputs_raise_clear_errors(tiny):
         lcm.lcm_timesteps(51)
 
 
-def test_teacher_guided_step_uses_the_course_w_not_guidance_scale(tiny):
+def test_teacher_guided_step_uses_the_course_w_not_guidance_scale(tiny_sd):
     """guidance.cfg with w equals diffusers' guidance_scale = 1 + w: LCM's w is the course's w."""
-    teacher, cond = tiny.model, tiny.text(PROMPTS)
+    teacher, cond = tiny_sd.model, tiny_sd.text(PROMPTS)
     z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.full((2,), 0.6)
     with torch.no_grad():
         ours = guidance.cfg(teacher, 2.0)(z, t, cond).eps
@@ -229,25 +219,25 @@ def test_multistep_sampler_matches_diffusers_on_the_mini_sd(n):
     _close(ours, denoised)
 
 
-def test_guided_teacher_read_as_an_lcm_is_consistency_sampling_of_the_guided_teacher(tiny):
-    base = lcm.GuidedTeacherLCM(tiny.model)
-    cond = tiny.text(PROMPTS)
+def test_guided_teacher_read_as_an_lcm_is_consistency_sampling_of_the_guided_teacher(tiny_sd):
+    base = lcm.GuidedTeacherLCM(tiny_sd.model)
+    cond = tiny_sd.text(PROMPTS)
     z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
     ours = lcm.multistep(base.sampler_model(cond, 2.0), z1, lcm.lcm_timesteps(2), base.process,
                          torch.Generator().manual_seed(1))
     # the scalings make f the guided x0 up to c_skip(tau >= 19) < 1e-5
-    ref = samplers.consistency(guidance.condition(guidance.cfg(tiny.model, 2.0), cond), z1,
+    ref = samplers.consistency(guidance.condition(guidance.cfg(tiny_sd.model, 2.0), cond), z1,
                                lcm.lcm_grid(2, base.process), base.process, generator=torch.Generator().manual_seed(1))
     _close(ours, ref, 1e-3)
 
 
-def test_base_fingerprint_does_not_depend_on_the_thread_count(tiny):
+def test_base_fingerprint_does_not_depend_on_the_thread_count(tiny_sd):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = lcm.base_fingerprint(tiny.model.unet)
+        one = lcm.base_fingerprint(tiny_sd.model.unet)
         torch.set_num_threads(2)
-        assert lcm.base_fingerprint(tiny.model.unet) == one
+        assert lcm.base_fingerprint(tiny_sd.model.unet) == one
     finally:
         torch.set_num_threads(threads)
     assert lcm.base_fingerprint(sd.tiny_sd_pipeline(seed=1).unet) != one

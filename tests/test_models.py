@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,10 @@ from course_lib.checkpoint import CONFIG, WEIGHTS, CheckpointError, load_tensors
 from course_lib.models import ARCHITECTURES, Denoiser, DiffusersUNet, MLP2D, build_denoiser, build_net
 from course_lib.predictions import PARAMETERIZATIONS, Pred
 from course_lib.processes import EDM, RectifiedFlow, SDDiscrete, VPCosine
+from conftest import mlp_denoiser, tiny_unet
 
 ALL_PROCESSES = [VPCosine(), SDDiscrete(), RectifiedFlow(), EDM()]
 PROC_IDS = [p.name for p in ALL_PROCESSES]
-
-
-def _tiny_unet(**kw) -> models.UNet:
-    torch.manual_seed(0)
-    return models.UNet(sample_size=8, in_channels=kw.pop("in_channels", 1), block_out_channels=(16, 32), **kw)
 
 
 def _inputs(shape, seed=0):
@@ -73,7 +70,7 @@ def test_mlp2d_runs_in_float64():
 
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_unet_shapes(in_channels):
-    net = _tiny_unet(in_channels=in_channels)
+    net = tiny_unet(in_channels=in_channels)
     x = torch.randn(2, in_channels, 8, 8)
     with torch.no_grad():
         out = net(x, torch.tensor([10.0, 500.0]))
@@ -81,7 +78,7 @@ def test_unet_shapes(in_channels):
 
 
 def test_unet_class_conditional_and_attention():
-    net = _tiny_unet(num_classes=3, attention=True)
+    net = tiny_unet(num_classes=3, attention=True)
     x, ts = torch.randn(2, 1, 8, 8), torch.tensor([100.0, 700.0])
     with torch.no_grad():
         out = net(x, ts, torch.tensor([0, 2]))
@@ -125,7 +122,7 @@ def test_denoiser_pred_is_consistent_with_x_t(proc, kind):
 
 def test_denoiser_on_unet_images():
     proc = SDDiscrete()
-    model = Denoiser(_tiny_unet(in_channels=3), proc, "eps")
+    model = Denoiser(tiny_unet(in_channels=3), proc, "eps")
     x, t = _inputs((2, 3, 8, 8))
     with torch.no_grad():
         pred = model(x, t)
@@ -174,15 +171,13 @@ def test_config_of_an_unregistered_backbone_is_an_error():
 # checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
-def _mlp_denoiser(num_classes=None, proc=None, kind="velocity"):
-    torch.manual_seed(1)
-    return Denoiser(MLP2D(hidden=32, depth=2, num_classes=num_classes), proc or RectifiedFlow(), kind).eval()
+_mlp_denoiser = partial(mlp_denoiser, RectifiedFlow(), 1, torch.float32, hidden=32, kind="velocity")
 
 
 @pytest.mark.parametrize("make", [
-    lambda: _mlp_denoiser(),
-    lambda: _mlp_denoiser(num_classes=3, proc=VPCosine(log_snr_min=-15.0), kind="v"),
-    lambda: Denoiser(_tiny_unet(num_classes=2), EDM(sigma_max=40.0), "x0").eval(),
+    lambda: _mlp_denoiser().eval(),
+    lambda: mlp_denoiser(VPCosine(log_snr_min=-15.0), 1, torch.float32, hidden=32, num_classes=3, kind="v").eval(),
+    lambda: Denoiser(tiny_unet(num_classes=2), EDM(sigma_max=40.0), "x0").eval(),
 ], ids=["mlp-rf", "mlp-classes-vp", "unet-edm"])
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, make):
     model = make()
@@ -205,7 +200,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, make):
 
 
 def test_checkpoint_folder_holds_only_safetensors_and_json(tmp_path):
-    models.save_denoiser(tmp_path / "c", _mlp_denoiser())
+    models.save_denoiser(tmp_path / "c", _mlp_denoiser().eval())
     files = sorted(p.name for p in (tmp_path / "c").iterdir())
     assert files == sorted([WEIGHTS, CONFIG])
     raw = (tmp_path / "c" / WEIGHTS).read_bytes()
@@ -226,7 +221,7 @@ def test_loading_a_missing_folder_names_the_missing_file(tmp_path):
 
 
 def test_loading_without_config_names_config_json(tmp_path):
-    models.save_denoiser(tmp_path, _mlp_denoiser())
+    models.save_denoiser(tmp_path, _mlp_denoiser().eval())
     (tmp_path / CONFIG).unlink()
     with pytest.raises(CheckpointError, match=CONFIG):
         models.load_denoiser(tmp_path)
@@ -234,7 +229,7 @@ def test_loading_without_config_names_config_json(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupted_weights_raise_checkpoint_error_naming_the_file(tmp_path, damage):
-    models.save_denoiser(tmp_path, _mlp_denoiser())
+    models.save_denoiser(tmp_path, _mlp_denoiser().eval())
     w = tmp_path / WEIGHTS
     raw = w.read_bytes()
     w.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"not a safetensors file" * 20, "empty": b""}[damage])
@@ -244,14 +239,14 @@ def test_corrupted_weights_raise_checkpoint_error_naming_the_file(tmp_path, dama
 
 
 def test_corrupted_config_raises_checkpoint_error(tmp_path):
-    models.save_denoiser(tmp_path, _mlp_denoiser())
+    models.save_denoiser(tmp_path, _mlp_denoiser().eval())
     (tmp_path / CONFIG).write_text('{"denoiser": {"arch": ')
     with pytest.raises(CheckpointError, match=CONFIG):
         models.load_denoiser(tmp_path)
 
 
 def test_weights_not_matching_the_config_raise_checkpoint_error(tmp_path):
-    models.save_denoiser(tmp_path, _mlp_denoiser())
+    models.save_denoiser(tmp_path, _mlp_denoiser().eval())
     cfg = json.loads((tmp_path / CONFIG).read_text())
     cfg["denoiser"]["net"]["hidden"] = 64  # config now describes a wider net than the stored weights
     (tmp_path / CONFIG).write_text(json.dumps(cfg))
@@ -260,7 +255,7 @@ def test_weights_not_matching_the_config_raise_checkpoint_error(tmp_path):
 
 
 def test_missing_tensor_raises_checkpoint_error(tmp_path):
-    model = _mlp_denoiser()
+    model = _mlp_denoiser().eval()
     sd = {k: v for k, v in model.state_dict().items() if k != "net.out.bias"}
     save_tensors(tmp_path, sd, {"denoiser": model.config()})
     with pytest.raises(CheckpointError, match="net.out.bias"):
@@ -283,7 +278,7 @@ def test_save_tensors_round_trip_and_overwrite(tmp_path):
 
 
 def test_build_denoiser_from_config_has_the_same_structure():
-    model = _mlp_denoiser(num_classes=2, proc=EDM(sigma_max=10.0), kind="x0")
+    model = mlp_denoiser(EDM(sigma_max=10.0), 1, torch.float32, hidden=32, num_classes=2, kind="x0").eval()
     again = build_denoiser(model.config())
     assert again.config() == model.config()
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

@@ -3,6 +3,7 @@ consistency parameterisation (Song et al. 2023, Eq. 3), and saving / loading who
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from course_lib import losses, models
 from course_lib.models import ConsistencyModel, Denoiser, EDMPrecond, MLP2D, build_model
 from course_lib.predictions import Pred, from_pred, to_pred
 from course_lib.processes import EDM, RectifiedFlow, SDDiscrete, VPCosine
+from conftest import mlp_denoiser
 
 F64 = torch.float64
 
@@ -96,17 +98,11 @@ CM_CASES = [(VPCosine(), "eps"), (SDDiscrete(), "eps"), (SDDiscrete(), "v"), (Re
 CM_IDS = [f"{p.name}-{k}" for p, k in CM_CASES]
 
 
-def _inner(proc, kind, dtype=F64):
-    torch.manual_seed(0)
-    cls = EDMPrecond if kind == "edm" else Denoiser
-    return cls(MLP2D(hidden=16, depth=2, num_classes=3), proc, kind).to(dtype).eval()
-
-
 @pytest.mark.parametrize("proc, kind", CM_CASES, ids=CM_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_consistency_boundary_condition_is_exact(proc, kind, dtype):
     t_min = 0.002 / 80.0 if isinstance(proc, EDM) else 1e-3
-    cm = ConsistencyModel(_inner(proc, kind, dtype), t_min=t_min)
+    cm = ConsistencyModel(mlp_denoiser(proc, 0, dtype, num_classes=3, kind=kind).eval(), t_min=t_min)
     x = torch.randn(32, 2, generator=torch.Generator().manual_seed(2), dtype=dtype) * 3
     t = torch.full((32,), t_min, dtype=dtype)
     with torch.no_grad():
@@ -119,7 +115,7 @@ def test_consistency_boundary_condition_is_exact(proc, kind, dtype):
 
 @pytest.mark.parametrize("proc, kind", CM_CASES, ids=CM_IDS)
 def test_consistency_model_is_eq_3_and_consistent_with_x_t(proc, kind):
-    inner = _inner(proc, kind)
+    inner = mlp_denoiser(proc, num_classes=3, kind=kind).eval()
     t_min, sd = 1e-3, 0.5
     cm = ConsistencyModel(inner, t_min=t_min, sigma_data=sd)
     x, t = _x_t(proc, seed=3)
@@ -135,7 +131,7 @@ def test_consistency_model_is_eq_3_and_consistent_with_x_t(proc, kind):
 
 def test_consistency_edm_scalings_match_the_reference_at_sigma_max():
     # Song et al. (2023), Appendix C with sigma_min = 0.002, sigma_data = 0.5, at sigma = 80
-    cm = ConsistencyModel(_inner(EDM(), "x0"), t_min=0.002 / 80)
+    cm = ConsistencyModel(mlp_denoiser(EDM(), num_classes=3, kind="x0").eval(), t_min=0.002 / 80)
     c_skip, c_out = cm.scalings(torch.ones(1, dtype=F64))
     assert math.isclose(float(c_skip), 0.25 / (79.998**2 + 0.25), rel_tol=1e-12)
     assert math.isclose(float(c_out), 0.5 * 79.998 / math.sqrt(0.25 + 6400), rel_tol=1e-12)
@@ -145,11 +141,12 @@ def test_consistency_edm_scalings_match_the_reference_at_sigma_max():
 # saving and loading stacks
 # ----------------------------------------------------------------------------------------------------------------
 
+_f32 = partial(mlp_denoiser, seed=0, dtype=torch.float32, num_classes=3)
 STACKS = {
-    "denoiser": lambda: _inner(VPCosine(), "v", torch.float32),
-    "edm": lambda: _inner(EDM(sigma_max=40.0, sigma_data=0.6), "edm", torch.float32),
-    "cm-denoiser": lambda: ConsistencyModel(_inner(SDDiscrete(), "eps", torch.float32), t_min=1e-3, sigma_data=0.5),
-    "cm-edm": lambda: ConsistencyModel(_inner(EDM(), "edm", torch.float32), t_min=2.5e-5, sigma_data=0.5),
+    "denoiser": lambda: _f32(VPCosine(), kind="v").eval(),
+    "edm": lambda: _f32(EDM(sigma_max=40.0, sigma_data=0.6), kind="edm").eval(),
+    "cm-denoiser": lambda: ConsistencyModel(_f32(SDDiscrete(), kind="eps").eval(), t_min=1e-3, sigma_data=0.5),
+    "cm-edm": lambda: ConsistencyModel(_f32(EDM(), kind="edm").eval(), t_min=2.5e-5, sigma_data=0.5),
 }
 
 

@@ -1,5 +1,6 @@
 """Rectified flow and reflow (course_lib.distill.reflow): analytic properties on Gaussian data, caches, checkpoints."""
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -14,14 +15,11 @@ from course_lib.models import Denoiser, MLP2D, save_denoiser
 from course_lib.predictions import Pred
 from course_lib.processes import RectifiedFlow, VPCosine
 from course_lib.train import TrainConfig
+from conftest import mlp_denoiser
 
 RF = RectifiedFlow()
 GAUSS = GaussianMixture.isotropic(torch.tensor([[1.0, -0.5]], dtype=torch.float64), 0.3)  # N(mu, 0.3^2 I)
-
-
-def tiny_flow(seed=0, hidden=16):
-    torch.manual_seed(seed)
-    return Denoiser(MLP2D(hidden=hidden, depth=2), RF, "velocity")
+tiny_flow = partial(mlp_denoiser, RF, dtype=torch.float32, kind="velocity")   # tiny_flow(seed=0, hidden=16)
 
 
 def gaussian_pairs(n, seed=0):

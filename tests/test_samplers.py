@@ -423,12 +423,6 @@ def test_samplers_keep_the_input_dtype(name):
 # classifier-free guidance
 # ================================================================================================================
 
-@pytest.fixture(scope="module")
-def class_model():
-    torch.manual_seed(0)
-    return Denoiser(MLP2D(hidden=32, depth=2, num_classes=3), VPCosine(), "eps").eval()
-
-
 def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 2, generator=g)

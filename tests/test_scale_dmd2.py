@@ -21,8 +21,8 @@ from course_lib.scale import dmd2
 from course_lib.scale.common import SourceError
 from course_lib.train import TRAINER_WEIGHTS
 from killed_stage import assert_same_checkpoint, kill_midway
+from pair_shards import shards
 from scale_ddp_run import launch
-from test_scale_lcm import _shards
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 PROMPTS = ["a red handwritten seven", "a thick three"]
@@ -40,7 +40,7 @@ def _args(out: Path, *source: str, steps: int = STEPS, extra: tuple[str, ...] = 
 def work(tmp_path_factory):
     """A one-step run (whole UNet) and a four-step LoRA run on the same image-caption pairs."""
     root = tmp_path_factory.mktemp("scale-dmd2")
-    tar = _shards(root / "pairs.tar")
+    tar = shards(root / "pairs.tar")
     one = dmd2.main(_args(root / "one", "--data", str(tar)))
     four = dmd2.main(_args(root / "four", "--embeddings", str(root / "one" / "embeddings"),
                            extra=("--gen-steps", "4", "--lora", "4", "--lora-alpha", "4")))
@@ -65,6 +65,7 @@ def test_dmd2_trains_both_networks_with_the_two_time_scale_rule_and_checkpoints_
     assert moved > 1e-4
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(work, tmp_path):
     run = work["root"] / "one"
     args = _args(tmp_path / "killed", "--embeddings", str(run / "embeddings"))
@@ -127,6 +128,7 @@ def test_a_lora_run_checkpoints_only_the_adapter_and_uses_the_unet_without_it_as
         assert float((G(x, t, c).x0 - teacher(x, t, c).x0).abs().max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_two_processes_keep_identical_generator_and_critic(work, tmp_path):
     args = _args(tmp_path / "ddp", "--embeddings", str(work["root"] / "one" / "embeddings"), steps=4)
     r0, r1 = launch(tmp_path / "rank", "dmd2", args).values()
@@ -189,6 +191,7 @@ def _launch(tmp_path: Path, name: str, args: list[str]) -> dict:
     return launch(tmp_path / f"{name}-rank", "dmd2", args)
 
 
+@pytest.mark.slow
 def test_fsdp_trains_what_ddp_trains_and_resumes_bit_for_bit(work, tmp_path):
     """--fsdp (the engine's FSDP2 path) against DDP on the same batches, in fp32: the same losses and, after AdamW
     (whose first steps move each weight by about lr whatever the gradient's size), the same weights up to the

@@ -7,21 +7,13 @@ import json
 import pytest
 import torch
 
-from course_lib import sd
 from course_lib.scale import cost, evaluate
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-eval")
-    sd.tiny_sd_pipeline(seed=0).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-def test_digits_evaluation_reports_adherence_and_heldout_kid_over_seeds(tiny, tmp_path):
-    res = evaluate.main(["--pipeline", str(tiny), "--out", str(tmp_path), "--digits", "--n-digits", "20",
+def test_digits_evaluation_reports_adherence_and_heldout_kid_over_seeds(tiny_sd_folder, tmp_path):
+    res = evaluate.main(["--pipeline", str(tiny_sd_folder), "--out", str(tmp_path), "--digits", "--n-digits", "20",
                          "--seeds", "0", "1", "--steps", "2", "--batch", "20", "--repeats", "1", "--device", "cpu"])
     d = res["digits"]
     assert d["seeds"] == [0, 1] and len(d["runs"]) == 2
@@ -32,7 +24,7 @@ def test_digits_evaluation_reports_adherence_and_heldout_kid_over_seeds(tiny, tm
     assert "| digits adherence |" in (tmp_path / "results.md").read_text()
 
 
-def test_coco_protocol_draws_one_caption_per_image_and_says_what_is_missing(tiny, tmp_path, monkeypatch):
+def test_coco_protocol_draws_one_caption_per_image_and_says_what_is_missing(tiny_sd_folder, tmp_path, monkeypatch):
     anns = [{"id": 10 + k, "image_id": k // 2, "caption": f"caption {k}"} for k in range(6)]
     (tmp_path / "captions.json").write_text(json.dumps({"images": [{"id": i, "file_name": f"{i:012d}.jpg"}
                                                                    for i in range(3)], "annotations": anns}))
@@ -41,13 +33,14 @@ def test_coco_protocol_draws_one_caption_per_image_and_says_what_is_missing(tiny
     assert all(r["caption"] in (f"caption {2 * r['image_id']}", f"caption {2 * r['image_id'] + 1}") for r in records)
     assert records == evaluate.coco_captions(tmp_path / "captions.json", "2017-5k", seed=0)       # reproducible
     monkeypatch.setattr(evaluate, "INCEPTION", tmp_path / "no-inception.pt")
-    res = evaluate.main(["--pipeline", str(tiny), "--out", str(tmp_path / "eval"), "--coco-captions",
+    res = evaluate.main(["--pipeline", str(tiny_sd_folder), "--out", str(tmp_path / "eval"), "--coco-captions",
                          str(tmp_path / "captions.json"), "--coco-images", str(tmp_path), "--no-speed",
                          "--device", "cpu"])
     assert res["n_samples"] == 3 and len(list((tmp_path / "eval" / "samples").glob("*.png"))) == 3
     notes = " ".join(res["notes"])
     assert "Inception weights are needed" in notes and "--clip" in notes
-    res = evaluate.main(["--pipeline", str(tiny), "--out", str(tmp_path / "e2"), "--no-speed", "--device", "cpu"])
+    res = evaluate.main(["--pipeline", str(tiny_sd_folder), "--out", str(tmp_path / "e2"), "--no-speed",
+                         "--device", "cpu"])
     assert "--coco-captions" in res["notes"][0]
 
 

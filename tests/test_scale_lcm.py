@@ -6,10 +6,8 @@ keys) whose 4-step LCMScheduler sample equals the course's own LCM sampler on th
 it was not distilled for, a latent teacher without its autoencoder."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from course_lib.scale import cost, export, lcm_lora
 from course_lib.scale.common import SourceError
 from course_lib.train import TRAINER_WEIGHTS
 from killed_stage import assert_same_checkpoint, kill_midway
+from pair_shards import shards
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 PROMPTS = ["a red handwritten seven", "a thick three"]
@@ -32,31 +31,6 @@ STEPS = 30
 # the sampler to the same relative 1e-4 on the tiny pipeline. (Measured here: 3e-5 on latents up to 54, 5e-7 on the
 # decoded images in [0, 1], which the test holds to 1e-4.)
 REL_TOL = 1e-4
-
-
-def _png(rgb) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _shards(path: Path, n: int = 8) -> Path:
-    """A webdataset shard of n image-caption pairs: mini-SD digits (16 x 16, coloured) and their captions."""
-    d = minisd.training_digits()
-    colours = list(minisd.COLOURS)
-    with tarfile.open(path, "w") as tar:
-        for i in range(n):
-            c = colours[i % len(colours)]
-            img = minisd.colourize(d.x[i:i + 1], minisd.COLOUR_TABLE[i % len(colours)].expand(1, 3))[0]
-            rgb = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            cap = minisd.caption(int(d.y[i]), minisd.THICKNESS[int(d.thick[i])], c, 4).encode()
-            for name, raw in ((f"{i:03d}.png", _png(rgb)), (f"{i:03d}.txt", cap)):
-                info = tarfile.TarInfo(name)
-                info.size = len(raw)
-                tar.addfile(info, io.BytesIO(raw))
-    return path
 
 
 def _args(out: Path, *source: str, steps: int = STEPS, extra: tuple[str, ...] = ()) -> list[str]:
@@ -73,7 +47,7 @@ def work(tmp_path_factory):
     from diffusers import StableDiffusionPipeline
 
     root = tmp_path_factory.mktemp("scale-lcm")
-    tar = _shards(root / "pairs.tar")
+    tar = shards(root / "pairs.tar")
     done = lcm_lora.main(_args(root / "full", "--data", str(tar)))
     pipe = StableDiffusionPipeline.from_pretrained(minisd.MINI_SD, safety_checker=None, requires_safety_checker=False)
     with torch.no_grad():
@@ -83,6 +57,7 @@ def work(tmp_path_factory):
     return {"root": root, "tar": tar, "done": done, "run": root / "full"}
 
 
+@pytest.mark.slow
 def test_lcm_lora_trains_on_image_latents_and_a_killed_run_resumes_to_the_same_weights(work, tmp_path):
     done, run = work["done"], work["run"]
     assert done.step == STEPS and len(done.losses["student"]) == STEPS

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from course_lib import sd
 from course_lib.scale import data, export, triplets
 from course_lib.scale.common import CacheMismatch, SourceError
+from conftest import save_tiny_sd
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 HERE = Path(__file__).parent
@@ -29,8 +30,8 @@ PROMPTS = ["a handwritten seven", "a thick three", "a small zero"]
 def work(tmp_path_factory):
     """The tiny pipeline (and a second one with other weights), a prompt file, its embeddings, 10 triplets."""
     root = tmp_path_factory.mktemp("scale")
-    sd.tiny_sd_pipeline(seed=0).save_pretrained(root / "tiny", safe_serialization=True)
-    sd.tiny_sd_pipeline(seed=1).save_pretrained(root / "other", safe_serialization=True)
+    save_tiny_sd(root / "tiny", seed=0)
+    save_tiny_sd(root / "other", seed=1)
     (root / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n\n" + PROMPTS[2] + "\n", encoding="utf-8")
     data.build_embeddings(root / "tiny", root / "prompts.txt", root / "emb", shard_size=2, device="cpu",
                           dtype="float32", progress=False)
@@ -173,6 +174,7 @@ def test_triplets_are_the_guided_teachers_dpm_solver_solution_from_per_index_noi
     torch.testing.assert_close(got["x0"][7:8], x0, rtol=1e-4, atol=1e-4)     # batch of 2 there, 1 here
 
 
+@pytest.mark.slow
 def test_resumed_and_two_process_generation_equal_one_uninterrupted_process(work, tmp_path):
     ref = _all(work / "tri")
     args = dict(n=10, w=1.0, steps=3, shard_size=4, batch_size=2, device="cpu", progress=False)

@@ -15,6 +15,7 @@ from course_lib.scale import data, instaflow_distill, instaflow_reflow, triplets
 from course_lib.train import TRAINER_WEIGHTS
 from killed_stage import assert_same_checkpoint, kill_midway
 from scale_ddp_run import launch
+from conftest import save_tiny_sd
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale-train")
-    sd.tiny_sd_pipeline(seed=0).save_pretrained(root / "tiny", safe_serialization=True)
+    save_tiny_sd(root / "tiny", seed=0)
     (root / "prompts.txt").write_text("a handwritten seven\na thick three\na small zero\n", encoding="utf-8")
     data.build_embeddings(root / "tiny", root / "prompts.txt", root / "emb", shard_size=2, device="cpu",
                           dtype="float32", progress=False)
@@ -39,6 +40,7 @@ def _reflow_args(work: Path, out: Path, steps: int, *extra: str) -> list[str]:
 
 
 
+@pytest.mark.slow
 def test_reflow_killed_and_resumed_equals_uninterrupted_and_exports_a_diffusers_pipeline(work, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -111,6 +113,7 @@ def test_lora_reflow_with_the_adapter_disabled_teacher_then_one_step_distillatio
     assert pipe("a small zero", num_inference_steps=1, guidance_scale=1.0, output_type="pt").images.shape == (1, 3, 16, 16)
 
 
+@pytest.mark.slow
 def test_two_process_reflow_draws_different_batches_and_keeps_identical_weights(work, tmp_path):
     r0, r1 = launch(tmp_path / "rank", "instaflow_reflow", _reflow_args(work, tmp_path / "ddp", 3), timeout=240).values()
     assert r0["world"] == r1["world"] == 2

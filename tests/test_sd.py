@@ -26,16 +26,8 @@ def _close(course: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """The tiny pipeline saved as a diffusers folder: every loader below reads it (offline)."""
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    sd.tiny_sd_pipeline(seed=0).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_folder):
-    return sd.load_sd(tiny_folder)
+def teacher(tiny_sd_folder):
+    return sd.load_sd(tiny_sd_folder)
 
 
 def _latents(seed=1, b=2):
@@ -101,12 +93,12 @@ def test_course_ddim_with_cfg_matches_the_diffusers_pipeline(teacher, prediction
         assert float((unguided - ref).abs().max()) > 100 * REL_TOL * max(1.0, float(ref.abs().max()))
 
 
-def test_adapter_reads_the_scheduler_and_round_trips_through_its_reference(teacher, tiny_folder, tmp_path):
+def test_adapter_reads_the_scheduler_and_round_trips_through_its_reference(teacher, tiny_sd_folder, tmp_path):
     m = teacher.model
     assert m.parameterization == "eps" and m.process.config() == sd.SDDiscrete().config()
     sd.save_sd_config(tmp_path, m)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["sd"]["unet"] == {"source": str(tiny_folder.resolve()), "subfolder": "unet", "revision": None}
+    assert config["sd"]["unet"] == {"source": str(tiny_sd_folder.resolve()), "subfolder": "unet", "revision": None}
     assert not any(p.suffix == ".safetensors" for p in tmp_path.iterdir())           # a reference, no weights
     again, _ = sd.load_sd_model(tmp_path)
     x, t, text = _inputs()
@@ -130,10 +122,10 @@ def test_latent_codec_scales_by_the_vae_factor(teacher):
     torch.testing.assert_close(out, ref)
 
 
-def test_lora_student_loads_into_a_plain_diffusers_pipeline(tiny_folder, tmp_path):
+def test_lora_student_loads_into_a_plain_diffusers_pipeline(tiny_sd_folder, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    student = sd.load_sd(tiny_folder).model
+    student = sd.load_sd(tiny_sd_folder).model
     x, t, text = _inputs(3)
     c = Cond(text=text)
     with torch.no_grad():
@@ -156,7 +148,7 @@ def test_lora_student_loads_into_a_plain_diffusers_pipeline(tiny_folder, tmp_pat
     from safetensors.torch import load_file
     assert all("lora" in k for k in load_file(tmp_path / "pytorch_lora_weights.safetensors"))   # only the adapter
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_folder, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(tmp_path)
     with torch.no_grad():
         ref = pipe.unet(x, 1000 * t - 1, encoder_hidden_states=text).sample
@@ -166,10 +158,10 @@ def test_lora_student_loads_into_a_plain_diffusers_pipeline(tiny_folder, tmp_pat
     torch.testing.assert_close(mine, after, rtol=1e-5, atol=1e-5)
 
 
-def test_full_student_saves_as_a_diffusers_pipeline(tiny_folder, tmp_path):
+def test_full_student_saves_as_a_diffusers_pipeline(tiny_sd_folder, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    student = sd.load_sd(tiny_folder)
+    student = sd.load_sd(tiny_sd_folder)
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         for p in student.model.unet.parameters():
@@ -182,7 +174,7 @@ def test_full_student_saves_as_a_diffusers_pipeline(tiny_folder, tmp_path):
         ref = pipe.unet(x, 1000 * t - 1, encoder_hidden_states=text).sample
         mine = student.model.raw(x, t, Cond(text=text))
         again = sd.load_sd(tmp_path).model.raw(x, t, Cond(text=text))
-        teacher = sd.load_sd(tiny_folder).model.raw(x, t, Cond(text=text))
+        teacher = sd.load_sd(tiny_sd_folder).model.raw(x, t, Cond(text=text))
     assert torch.equal(ref, mine) and torch.equal(again, mine)
     assert not torch.allclose(teacher, mine, atol=1e-3)
 
@@ -205,12 +197,12 @@ def test_importing_course_lib_does_not_import_transformers_or_peft():
     assert "transformers" not in out and "peft" not in out
 
 
-def test_text_dropout_loss_trains_only_the_lora(tiny_folder):
+def test_text_dropout_loss_trains_only_the_lora(tiny_sd_folder):
     """The course's denoising loss runs unchanged on Stable Diffusion: prompts dropped to "" with probability p_uncond
     (one draw per sample, Cond.drop), gradients reach only the LoRA adapter."""
     from course_lib.losses import denoising_loss
 
-    student = sd.add_lora(sd.load_sd(tiny_folder).model.train(), r=2)
+    student = sd.add_lora(sd.load_sd(tiny_sd_folder).model.train(), r=2)
     x0, _, text = _inputs(5)
     null = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(6))
     loss = denoising_loss(student, x0, torch.Generator().manual_seed(0), Cond(text=text, null_text=null), p_uncond=0.5)

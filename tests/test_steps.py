@@ -2,20 +2,19 @@
 and Heun's second evaluation only where the step does not end at t = 0."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from course_lib import grids, samplers, steps
 from course_lib.models import Denoiser, MLP2D
 from course_lib.processes import EDM, RectifiedFlow, SDDiscrete, VPCosine
+from conftest import mlp_denoiser
 
 F64 = torch.float64
 PROCS = [VPCosine(), SDDiscrete(), RectifiedFlow(), EDM()]
-
-
-def _model(proc, num_classes=None, kind="eps"):
-    torch.manual_seed(0)
-    return Denoiser(MLP2D(hidden=32, depth=2, num_classes=num_classes), proc, kind).double().eval()
+_model = partial(mlp_denoiser, hidden=32, kind="eps")
 
 
 def _per_sample_grids(n: int) -> torch.Tensor:
@@ -32,7 +31,7 @@ def _per_sample_grids(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("proc", PROCS, ids=[p.name for p in PROCS])
 @pytest.mark.parametrize("name", ["ddim", "euler", "heun"])
 def test_per_sample_steps_equal_grid_samplers_run_sample_by_sample(proc, name):
-    model, n = _model(proc), 3
+    model, n = _model(proc).eval(), 3
     ts = _per_sample_grids(n)                                               # (4, n + 1)
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=F64) * proc.sigma(ts[:, 0])[:, None]
     xb = x
@@ -46,7 +45,7 @@ def test_per_sample_steps_equal_grid_samplers_run_sample_by_sample(proc, name):
 
 def test_heun_evaluates_the_corrector_only_where_s_is_not_zero():
     proc = RectifiedFlow()
-    model = samplers.CountingModel(_model(proc))
+    model = samplers.CountingModel(_model(proc).eval())
     x = torch.randn(4, 2, dtype=F64)
     t = torch.tensor([0.5, 0.5, 0.3, 0.3], dtype=F64)
     steps.heun(model, x, t, torch.tensor([0.0, 0.2, 0.0, 0.1], dtype=F64), proc)
@@ -58,7 +57,7 @@ def test_heun_evaluates_the_corrector_only_where_s_is_not_zero():
 
 def test_heun_passes_the_matching_labels_to_its_partial_second_call():
     proc = VPCosine()
-    model = _model(proc, num_classes=3)
+    model = _model(proc, num_classes=3).eval()
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
     t = torch.tensor([0.9, 0.8, 0.7, 0.6], dtype=F64)
     s = torch.tensor([0.0, 0.5, 0.0, 0.3], dtype=F64)
@@ -101,7 +100,7 @@ def test_gradients_flow_through_a_step_into_the_model_parameters(name):
 
 def test_steps_accept_float_times_and_keep_bf16_data_bf16():
     proc = SDDiscrete()
-    model = _model(proc).bfloat16()
+    model = _model(proc).eval().bfloat16()
     x = torch.randn(3, 2).bfloat16()
     out = steps.ddim(model, x, 0.75, 0.5, proc)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
@@ -110,7 +109,7 @@ def test_steps_accept_float_times_and_keep_bf16_data_bf16():
 def test_grid_samplers_are_built_from_the_steps():
     # the exported DDIM update used by checkers and PD is the one steps.ddim applies
     proc = VPCosine()
-    model = _model(proc)
+    model = _model(proc).eval()
     x = torch.randn(5, 2, dtype=F64)
     t, s = torch.full((5,), 0.8, dtype=F64), torch.full((5,), 0.3, dtype=F64)
     with torch.no_grad():

@@ -10,9 +10,9 @@ import torch
 from course_lib import grids, samplers, sd, steps
 from course_lib.data2d import exact_denoiser
 from course_lib.distill import lcm, tcd
-from course_lib.models import Denoiser, MLP2D
 from course_lib.processes import RectifiedFlow, SDDiscrete, VPCosine
 from course_lib.train import TrainConfig
+from conftest import mlp_denoiser
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 PROMPTS = ["a red circle", "two cats"]
@@ -22,16 +22,6 @@ def _close(course: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
     scale = max(1.0, float(ref.abs().max()))
     err = float((course - ref).abs().max())
     assert err <= tol * scale, f"max |course - reference| = {err:.3g} on values up to {scale:.3g}"
-
-
-@pytest.fixture(scope="module")
-def tcd_pipe():
-    return sd.tiny_sd_pipeline(seed=0, time_cond_proj_dim=lcm.W_EMBED_DIM)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))
 
 
 @pytest.mark.parametrize("proc", [VPCosine(), RectifiedFlow(), SDDiscrete()], ids=lambda p: p.name)
@@ -70,15 +60,10 @@ def test_tcf_of_the_exact_gaussian_teacher_lands_on_the_trajectory():
     assert errs[0] < errs[1] < errs[2] and errs[2] / errs[0] > 6            # local error of a first-order step
 
 
-def _tiny_2d(proc, seed):
-    torch.manual_seed(seed)
-    return Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
-
-
 def test_tcd_loss_parts_and_stop_gradient():
     proc = VPCosine()
     g = torch.Generator().manual_seed(3)
-    student, target, teacher = _tiny_2d(proc, 0), _tiny_2d(proc, 1), exact_denoiser("gmm", proc)
+    student, target, teacher = mlp_denoiser(proc, 0), mlp_denoiser(proc, 1), exact_denoiser("gmm", proc)
     x0, eps = torch.randn(8, 2, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
     grid = tcd.cm_grid(6, proc, tcd.T_MIN)
     t_cur, t_next, s = tcd.draw_times(grid, 8, g, dtype=torch.float64)
@@ -115,31 +100,31 @@ def test_tcd_timesteps_match_diffusers(n):
 
 
 @pytest.mark.parametrize("n,gamma", [(1, 0.3), (2, 0.0), (2, 0.3), (4, 0.3), (4, 0.7), (4, 1.0), (8, 0.5)])
-def test_sss_matches_diffusers_tcd_scheduler(tcd_pipe, n, gamma):
+def test_sss_matches_diffusers_tcd_scheduler(tiny_sd_w_pipe, n, gamma):
     """The same UNet (with a w-embedding), prompts, w and noise: the course's sss and TCDScheduler's loop."""
     from diffusers import TCDScheduler
 
-    pieces = sd.from_pipeline(tcd_pipe)
+    pieces = sd.from_pipeline(tiny_sd_w_pipe)
     student = tcd.TCDModel(pieces.model, w_range=(0.0, 10.0))
     cond, w = pieces.text(PROMPTS), 3.0
     z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     ours = tcd.sss(student.sampler_model(cond, w), z1.clone(), tcd.tcd_timesteps(n), student.process,
                    torch.Generator().manual_seed(7), gamma=gamma)
-    sch = TCDScheduler.from_config(tcd_pipe.scheduler.config)
+    sch = TCDScheduler.from_config(tiny_sd_w_pipe.scheduler.config)
     sch.set_timesteps(n)
     g = torch.Generator().manual_seed(7)
     w_emb = sd.lcm_timestep_cond(torch.full((2,), w), lcm.W_EMBED_DIM)
     z = z1.clone()
     with torch.no_grad():
         for tau in sch.timesteps:
-            out = tcd_pipe.unet(z, tau, encoder_hidden_states=cond.text, timestep_cond=w_emb).sample
+            out = tiny_sd_w_pipe.unet(z, tau, encoder_hidden_states=cond.text, timestep_cond=w_emb).sample
             z = sch.step(out, tau, z, eta=gamma, generator=g).prev_sample
     _close(ours, z)
 
 
-def test_sss_at_gamma_one_is_lcm_multistep_of_the_same_x0(tcd_pipe):
+def test_sss_at_gamma_one_is_lcm_multistep_of_the_same_x0(tiny_sd_w_pipe):
     """gamma = 1 jumps to timestep 0 and re-noises: LCM's multistep sampler on the x0 jumped to abar_0."""
-    pieces = sd.from_pipeline(tcd_pipe)
+    pieces = sd.from_pipeline(tiny_sd_w_pipe)
     student = tcd.TCDModel(pieces.model, w_range=(0.0, 10.0))
     f = student.sampler_model(pieces.text(PROMPTS), 2.0)
     z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -176,27 +161,27 @@ def test_distill_tcd_2d_trains_and_beats_one_ddim_step():
     assert flow_map_error(one, exact) < 0.8 * flow_map_error(ddim1, exact)
 
 
-def test_distill_tcd_sd_trains_and_samples(tiny, tmp_path):
-    batches = lcm.digit_batches(tiny, n_images=20)
+def test_distill_tcd_sd_trains_and_samples(tiny_sd, tmp_path):
+    batches = lcm.digit_batches(tiny_sd, n_images=20)
     cfg = lcm.LCMConfig(steps=3, batch=4, lr=1e-3, w_dim=32)
-    before = [p.clone() for p in tiny.model.unet.parameters()]
-    student = tcd.distill_tcd_sd(tiny, cfg, batches, progress=False)
-    assert all(torch.equal(p, q) for p, q in zip(before, tiny.model.unet.parameters()))     # the teacher is untouched
+    before = [p.clone() for p in tiny_sd.model.unet.parameters()]
+    student = tcd.distill_tcd_sd(tiny_sd, cfg, batches, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(before, tiny_sd.model.unet.parameters()))  # the teacher is untouched
     assert float(student.denoiser.unet.time_embedding.cond_proj.weight.abs().sum()) > 0
-    imgs = tcd.sample(tiny, student, ["a handwritten seven"], steps=2, w=3.0, gamma=0.3)
+    imgs = tcd.sample(tiny_sd, student, ["a handwritten seven"], steps=2, w=3.0, gamma=0.3)
     assert imgs.shape == (1, 3, 16, 16) and torch.isfinite(imgs).all()
     tcd.save_tcd(student, tmp_path / "tcd", {"command": "test"})
-    again = tcd.load_tcd(tmp_path / "tcd", tiny.model)
-    cond = tiny.text(PROMPTS)
+    again = tcd.load_tcd(tmp_path / "tcd", tiny_sd.model)
+    cond = tiny_sd.text(PROMPTS)
     z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.full((2,), 0.7)
     with torch.no_grad():
         _close(again(z, t, cond, 2.0).x0, student(z, t, cond, 2.0).x0, 1e-6)
 
 
-def test_tcd_sd_target_is_a_guided_ddim_step_then_the_targets_tcf(tiny):
-    teacher = tiny.model
+def test_tcd_sd_target_is_a_guided_ddim_step_then_the_targets_tcf(tiny_sd):
+    teacher = tiny_sd.model
     student = tcd.tcd_student(teacher, 32, (1.0, 5.0))
-    cond = tiny.text(PROMPTS)
+    cond = tiny_sd.text(PROMPTS)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     taus, s_taus, w = torch.tensor([19, 519]), torch.tensor([0, 250]), torch.tensor([1.5, 4.0])
     got = tcd.tcd_sd_target(teacher, student, z, taus, 20, s_taus, cond, w, teacher.process)
@@ -214,26 +199,26 @@ def test_tcd_sd_target_is_a_guided_ddim_step_then_the_targets_tcf(tiny):
     assert not got.requires_grad
 
 
-def test_bad_inputs_raise_clear_errors(tiny, tcd_pipe):
-    student = tcd.tcd_student(tiny.model, 32, (2.0, 6.0))
-    cond = tiny.text(PROMPTS)
+def test_bad_inputs_raise_clear_errors(tiny_sd, tiny_sd_w_pipe):
+    student = tcd.tcd_student(tiny_sd.model, 32, (2.0, 6.0))
+    cond = tiny_sd.text(PROMPTS)
     z, t = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5)
     for gamma in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"gamma .* must be in \[0, 1\]"):
             tcd.sss(student.sampler_model(cond, 3.0), z, tcd.tcd_timesteps(2), student.process, gamma=gamma)
         with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
-            tcd.sample(tiny, student, ["a seven"], 2, 3.0, gamma=gamma)
+            tcd.sample(tiny_sd, student, ["a seven"], 2, 3.0, gamma=gamma)
     with pytest.raises(ValueError, match="outside the range"):
         student(z, t, cond, 9.0)
     with pytest.raises(ValueError, match="outside the range"):
-        tcd.sample(tiny, student, ["a seven"], 2, 1.0)
-    without_vae = sd.SD(tiny.model, tiny.text, None, tiny.scheduler, None)
+        tcd.sample(tiny_sd, student, ["a seven"], 2, 1.0)
+    without_vae = sd.SD(tiny_sd.model, tiny_sd.text, None, tiny_sd.scheduler, None)
     with pytest.raises(ValueError, match="autoencoder"):
         tcd.distill_tcd_sd(without_vae, lcm.LCMConfig(steps=1, batch=2))
     with pytest.raises(ValueError, match="autoencoder"):
         tcd.sample(without_vae, student, ["a seven"], 2, 3.0)
     with pytest.raises(FileNotFoundError, match="tcd.json"):
-        tcd.load_tcd(tcd_pipe and "/nonexistent-folder", tiny.model)
+        tcd.load_tcd(tiny_sd_w_pipe and "/nonexistent-folder", tiny_sd.model)
 
 
 def test_course_time_tcd_sampler_takes_fixed_noises():

@@ -33,6 +33,7 @@ def _step(ckpt: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     # 1. an uninterrupted run

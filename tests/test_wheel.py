@@ -98,6 +98,7 @@ def run_installed(site: Path, tmp: Path, code: str, *args: str, env: dict[str, s
     return _run([sys.executable, "-c", code, *args], cwd=cwd, env=base).stdout
 
 
+@pytest.mark.slow
 def test_wheel_holds_every_subpackage_and_the_shipped_models(installed):
     wheel, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -115,6 +116,7 @@ def test_wheel_holds_every_subpackage_and_the_shipped_models(installed):
     assert not stray, f"the wheel holds files it must not ship: {stray}"
 
 
+@pytest.mark.slow
 def test_installed_wheel_imports_everything_and_samples_a_shipped_teacher(installed, tmp_path):
     _, site = installed
     code = """
@@ -147,6 +149,7 @@ print(course_lib.__file__)
                                    generator=torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.slow
 def test_installed_wheel_without_data_says_to_set_COURSE_DATA(installed, tmp_path):
     _, site = installed
     empty = tmp_path / "empty"
