@@ -65,10 +65,12 @@ def lr_scale(update: int, total: int, warmup: int, schedule: str) -> float:
 class TrainConfig:
     steps: int                      # total iterations (= optimizer updates for one network)
     batch_size: int                 # samples per micro-batch (per process under accelerate)
-    lr: float = 1e-3                # Adam learning rate (after warm-up)           } used by train() (one network);
-    ema_decay: float = 0.999        # EMA of the weights; 0 disables it             } train_networks takes these
-    grad_clip: float | None = 1.0   # max global grad norm; None disables clipping  } from each Network
-    warmup: int = 0                 # linear learning-rate warm-up steps            }
+    # PER_NETWORK: the single network's optimizer settings, read by train(); train_networks takes them from each
+    # Network and refuses a TrainConfig that sets any of them
+    lr: float = 1e-3                # Adam learning rate (after warm-up)
+    ema_decay: float = 0.999        # EMA of the weights; 0 disables it
+    grad_clip: float | None = 1.0   # max global grad norm; None disables clipping
+    warmup: int = 0                 # linear learning-rate warm-up steps
     lr_schedule: str = "constant"   # "constant", "linear" (anneal to 0, as PD) or "cosine"
     weight_decay: float = 0.0       # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.999)
@@ -84,6 +86,9 @@ class TrainConfig:
     def lr_at(self, step: int) -> float:
         """Learning rate for update number `step` (0-based)."""
         return self.lr * lr_scale(step, self.steps, self.warmup, self.lr_schedule)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name in PER_NETWORK}   # train_networks' check
 
 
 @dataclass
@@ -412,9 +417,28 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
     """Train `networks` for cfg.steps iterations, resuming from `ckpt_dir` when it holds a checkpoint of this run.
 
     step_fn(ctx, batch) -> per-sample losses (B,) of network ctx.phase; batches are moved to the networks' device.
+    Each Network carries its own optimizer settings (lr, betas, weight_decay, grad_clip, warmup, lr_schedule,
+    ema_decay): a cfg that sets any of them raises ValueError, since the engine would not read them.
     Resuming with changed settings raises CheckpointError naming them (steps, desc, ckpt_every and log_every may
     change), unless allow_config_change. Ctrl-C (KeyboardInterrupt) writes a checkpoint before it propagates.
     """
+    set_here = [f"{k}={getattr(cfg, k)!r}" for k in PER_NETWORK if getattr(cfg, k) != _DEFAULTS[k]]
+    if set_here:
+        raise ValueError(f"TrainConfig({', '.join(set_here)}): train_networks does not read these per-network "
+                         "settings; set them on each Network(...) instead (e.g. Network(module, lr=...)) and leave "
+                         "them at their defaults in the TrainConfig")
+    return _train_networks(networks, step_fn, sample_batch, cfg, targets=targets, frozen=frozen, ckpt_dir=ckpt_dir,
+                           extra_config=extra_config, progress=progress, generator_device=generator_device,
+                           accelerator=accelerator, allow_config_change=allow_config_change)
+
+
+def _train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepContext, Any], Tensor],
+                    sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig, *,
+                    targets: Mapping[str, Target] | None, frozen: Mapping[str, nn.Module] | None,
+                    ckpt_dir: str | os.PathLike | None, extra_config: dict[str, Any] | None, progress: bool,
+                    generator_device: str | torch.device, accelerator, allow_config_change: bool) -> Trained:
+    """train_networks without the check of cfg's per-network fields: train() records its single network's settings
+    in cfg (they are that network's), so its checkpoints describe the run as before."""
     # 1. check the arguments, build an optimizer per network and the target copies
     targets, frozen = dict(targets or {}), dict(frozen or {})
     names = [*networks, *targets, *frozen]
@@ -695,9 +719,10 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any, torch.Generator],
     wrapper around train_networks. Resumes from `ckpt_dir`; Ctrl-C writes a checkpoint before it propagates."""
     net = Network(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                   warmup=cfg.warmup, lr_schedule=cfg.lr_schedule, ema_decay=cfg.ema_decay)
-    done = train_networks({"model": net}, lambda ctx, batch: loss_fn(ctx.nets["model"], batch, ctx.generator),
-                          sample_batch, cfg, ckpt_dir=ckpt_dir, extra_config=extra_config, progress=progress,
-                          generator_device=generator_device, accelerator=accelerator,
-                          allow_config_change=allow_config_change)
+    done = _train_networks({"model": net}, lambda ctx, batch: loss_fn(ctx.nets["model"], batch, ctx.generator),
+                           sample_batch, cfg, targets=None, frozen=None, ckpt_dir=ckpt_dir,
+                           extra_config=extra_config, progress=progress,
+                           generator_device=generator_device, accelerator=accelerator,
+                           allow_config_change=allow_config_change)
     ema = done.best("model") if cfg.ema_decay > 0 else None
     return TrainState(model=done.nets["model"], ema=ema, step=done.step, losses=done.losses["model"])

@@ -81,6 +81,19 @@ def test_phases_see_updated_weights_and_only_their_network_has_grad():
     assert all(p.requires_grad for p in [*a.parameters(), *b.parameters()])  # restored at the end
 
 
+def test_train_networks_refuses_per_network_settings_in_the_train_config():
+    """lr, ema_decay, grad_clip, warmup, lr_schedule, weight_decay and betas belong on each Network: a TrainConfig
+    that sets them would be ignored, so train_networks refuses it (train() reads them for its one network)."""
+    net = Network(nn.Linear(2, 1))
+    step = lambda ctx, x: ctx.nets["n"](x).pow(2).squeeze(1)
+    with pytest.raises(ValueError, match=r"TrainConfig\(lr=0\.01, betas=\(0\.5, 0\.9\)\).*on each Network"):
+        train_networks({"n": net}, step, lambda n, g: torch.randn(n, 2, generator=g),
+                       TrainConfig(steps=1, batch_size=4, lr=1e-2, betas=(0.5, 0.9)), progress=False)
+    done = train_networks({"n": net}, step, lambda n, g: torch.randn(n, 2, generator=g),
+                          TrainConfig(steps=1, batch_size=4), progress=False)      # the defaults are fine
+    assert done.updates == {"n": 1}
+
+
 def _regression(tmp_path: Path, allow: bool = False, **changes):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Linear(16, 1))

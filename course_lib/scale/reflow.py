@@ -77,11 +77,11 @@ def accelerator_if_distributed():
 
 
 def train_config(a, desc: str):
+    """The run's settings from a stage's arguments (its optimizer settings go on the Network)."""
     from ..train import TrainConfig
 
-    return TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay,
-                       grad_clip=a.grad_clip, ckpt_every=a.ckpt_every, seed=a.seed, desc=desc, precision=a.precision,
-                       grad_accum=a.grad_accum, grad_checkpointing=a.grad_checkpointing,
+    return TrainConfig(steps=a.steps, batch_size=a.batch_size, ckpt_every=a.ckpt_every, seed=a.seed, desc=desc,
+                       precision=a.precision, grad_accum=a.grad_accum, grad_checkpointing=a.grad_checkpointing,
                        fsdp=getattr(a, "fsdp", False))
 
 
