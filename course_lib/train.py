@@ -134,7 +134,8 @@ class StepContext:
 
 @dataclass
 class Trained:
-    """The result of train_networks: trained modules, EMA tensors, targets and histories."""
+    """What train() and train_networks return: trained modules, EMA tensors, targets and histories, by network name
+    (train()'s one network is "model": .model and .best() reach it without the name)."""
     nets: dict[str, nn.Module]
     ema: dict[str, dict[str, Tensor]]       # network -> {parameter name: EMA tensor} (networks with ema_decay > 0)
     targets: dict[str, nn.Module]
@@ -143,8 +144,23 @@ class Trained:
     losses: dict[str, list[float]]          # network -> loss of each of its updates
     logs: dict[str, list[float]]            # name -> values given to ctx.log
 
-    def best(self, name: str) -> nn.Module:
-        """The weights to sample from: a copy of the network with its EMA weights, or the network itself."""
+    def _name(self, name: str | None) -> str:
+        if name is not None:
+            return name
+        if len(self.nets) != 1:
+            raise ValueError(f"this run trained several networks {list(self.nets)}: name one (.nets[name], "
+                             ".best(name))")
+        return next(iter(self.nets))
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained network of a one-network run (train()'s)."""
+        return self.nets[self._name(None)]
+
+    def best(self, name: str | None = None) -> nn.Module:
+        """The weights to sample from: a copy of the network (the only one when name is None) with its EMA weights,
+        or the network itself when it has no EMA."""
+        name = self._name(name)
         if name not in self.ema:
             return self.nets[name]
         model = copy.deepcopy(self.nets[name]).requires_grad_(False).eval()
@@ -153,19 +169,6 @@ class Trained:
             for k, v in self.ema[name].items():
                 params[k].copy_(v)
         return model
-
-
-@dataclass
-class TrainState:
-    model: nn.Module                 # the trained weights
-    ema: nn.Module | None            # EMA weights (None when ema_decay == 0)
-    step: int = 0
-    losses: list[float] = field(default_factory=list)
-
-    @property
-    def best(self) -> nn.Module:
-        """The weights to sample from: the EMA if there is one."""
-        return self.ema if self.ema is not None else self.model
 
 
 class _Synced:
@@ -714,15 +717,14 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any, torch.Generator],
           sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
           ckpt_dir: str | os.PathLike | None = None, extra_config: dict[str, Any] | None = None,
           progress: bool = True, generator_device: str | torch.device = "cpu", accelerator=None,
-          allow_config_change: bool = False) -> TrainState:
+          allow_config_change: bool = False) -> Trained:
     """Train one network (`loss_fn(model, batch, generator) -> (B,)`) with the hyperparameters in cfg: a thin
-    wrapper around train_networks. Resumes from `ckpt_dir`; Ctrl-C writes a checkpoint before it propagates."""
+    wrapper around train_networks; the result's network is "model" (.model, .best(): its EMA when cfg.ema_decay > 0,
+    .losses["model"]). Resumes from `ckpt_dir`; Ctrl-C writes a checkpoint before it propagates."""
     net = Network(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                   warmup=cfg.warmup, lr_schedule=cfg.lr_schedule, ema_decay=cfg.ema_decay)
-    done = _train_networks({"model": net}, lambda ctx, batch: loss_fn(ctx.nets["model"], batch, ctx.generator),
+    return _train_networks({"model": net}, lambda ctx, batch: loss_fn(ctx.nets["model"], batch, ctx.generator),
                            sample_batch, cfg, targets=None, frozen=None, ckpt_dir=ckpt_dir,
                            extra_config=extra_config, progress=progress,
                            generator_device=generator_device, accelerator=accelerator,
                            allow_config_change=allow_config_change)
-    ema = done.best("model") if cfg.ema_decay > 0 else None
-    return TrainState(model=done.nets["model"], ema=ema, step=done.step, losses=done.losses["model"])

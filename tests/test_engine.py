@@ -113,9 +113,9 @@ def test_resuming_with_changed_settings_names_them(tmp_path):
     with pytest.raises(CheckpointError, match="grad_accum"):
         _regression(tmp_path, steps=8, grad_accum=2)
     state = _regression(tmp_path, steps=8, log_every=2)                 # longer runs may continue
-    assert state.step == 8 and len(state.losses) == 8
+    assert state.step == 8 and len(state.losses["model"]) == 8
     state = _regression(tmp_path, allow=True, steps=10, lr=1e-2)
-    assert state.step == 10 and len(state.losses) == 10
+    assert state.step == 10 and len(state.losses["model"]) == 10
     assert json.loads((tmp_path / "r" / "config.json").read_text())["train_config"]["lr"] == 1e-2
 
 
@@ -124,7 +124,7 @@ def test_the_weights_file_alone_is_the_checkpoint(tmp_path):
     _regression(tmp_path)
     (tmp_path / "r" / "config.json").write_text('{"step": 2, "losses": [')  # a stale, torn mirror
     state = _regression(tmp_path, steps=7)
-    assert state.step == 7 and len(state.losses) == 7
+    assert state.step == 7 and len(state.losses["model"]) == 7
 
 
 class LoRALinear(nn.Module):
@@ -197,7 +197,7 @@ def test_bf16_autocast_on_cpu_trains():
     state = train(model, loss, lambda n, g: torch.randn(n, 4, generator=g),
                   TrainConfig(steps=60, batch_size=64, lr=1e-2, precision="bf16", ema_decay=0.0), progress=False)
     assert dtypes == {torch.bfloat16} and model[0].weight.dtype == torch.float32
-    assert sum(state.losses[-10:]) < 0.3 * sum(state.losses[:10])
+    assert sum(state.losses["model"][-10:]) < 0.3 * sum(state.losses["model"][:10])
     with pytest.raises(ValueError, match="bf16"):
         train(model, loss, lambda n, g: torch.randn(n, 4, generator=g),
               TrainConfig(steps=1, batch_size=4, precision="fp16"), progress=False)
