@@ -171,14 +171,17 @@ class Trained:
         return model
 
 
+def _synced_methods(module: nn.Module) -> tuple[str, ...]:
+    """The methods of `module` that step functions call instead of forward and that must therefore run through DDP /
+    gather FSDP's weights as forward does: what its class declares in `synced_methods` (a Denoiser's `raw`, which
+    training losses call; a DMD2 critic's `raw` and `logits`), none otherwise."""
+    return tuple(getattr(type(module), "synced_methods", ()))
+
+
 class _Synced:
     """A DDP-wrapped network as its step function sees it: calls go through DDP (which averages gradients over
-    the processes), attributes (e.g. a Denoiser's .process) come from the network itself. The methods named in
-    SYNCED_METHODS (a Denoiser's `raw`, which training losses call instead of forward; a critic's `logits`, DMD2's
-    GAN head) also run through DDP:
-    for that one call the module's forward is that method."""
-
-    SYNCED_METHODS = ("raw", "logits")
+    the processes), attributes (e.g. a Denoiser's .process) come from the network itself. The methods the network
+    declares in `synced_methods` also run through DDP: for that one call the module's forward is that method."""
 
     def __init__(self, wrapped: nn.Module, module: nn.Module):
         self._wrapped, self._module = wrapped, module
@@ -188,7 +191,7 @@ class _Synced:
 
     def __getattr__(self, name: str):
         attr = getattr(self._module, name)
-        if name not in self.SYNCED_METHODS or not callable(attr):
+        if name not in _synced_methods(self._module) or not callable(attr):
             return attr
 
         def through_ddp(*args, **kwargs):
@@ -340,8 +343,8 @@ def _shard(module: nn.Module, units: int = 16) -> None:
     """FSDP2 on a network, innermost first: fully_shard every submodule whose not yet sharded parameters reach 1/units
     of the network's (the blocks), then every module still holding parameters of its own (leaves left over, such as
     conv_in: every parameter then lives in a module that is only ever called through forward, so a step function may
-    call any submodule), then the network. The methods a step function calls instead of forward
-    (_Synced.SYNCED_METHODS: a Denoiser's raw, a critic's logits) gather the parameters as forward does.
+    call any submodule), then the network. The methods a step function calls instead of forward (each sharded module's
+    `synced_methods`: a Denoiser's raw, a critic's logits) gather the parameters as forward does.
 
     Gathered weights stay gathered until the engine frees them at the end of each phase (reshard_after_forward=False):
     a step may backpropagate through a network that is frozen in this phase (DMD2's generator loss goes through the
@@ -384,7 +387,7 @@ def _shard(module: nn.Module, units: int = 16) -> None:
     # (DMD's dm_loss calls critic.fake before critic.logits), so the network is made the root now
     module._get_fsdp_state()._lazy_init()
     for m in sharded:
-        for name in _Synced.SYNCED_METHODS:
+        for name in _synced_methods(m):
             if callable(getattr(type(m), name, None)):
                 register_fsdp_forward_method(m, name)
 
