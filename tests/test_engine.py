@@ -78,6 +78,8 @@ def test_phases_see_updated_weights_and_only_their_network_has_grad():
     assert not torch.equal(seen[0][2], seen[1][2])                 # b's phase saw a after a's update
     assert done.updates == {"a": 4, "b": 2} and len(done.logs["x_mean"]) == 6
     assert torch.equal(done.targets["a_copy"].weight, a.weight)    # decay 0: a copy after each update
+    with pytest.raises(ValueError, match=r"several networks \['a', 'b'\]: name one"):
+        done.best()                                                # .best() and .model: one-network runs only
     assert all(p.requires_grad for p in [*a.parameters(), *b.parameters()])  # restored at the end
 
 
