@@ -108,7 +108,7 @@ def train_digits_classifier(cfg: TrainConfig | None = None, out_dir: str | os.Pa
         model = DigitsCNN()
     x, y = load_digits(16, "train")
     state = train(model, _loss, batch_sampler(x, y), cfg, progress=progress)
-    best = state.best.eval()
+    best = state.best().eval()
     x_test, y_test = load_digits(16, "test")
     acc = class_accuracy(x_test, y_test, best)
     if out_dir is not None:

@@ -421,7 +421,7 @@ def train_mini_sd(out: str | os.PathLike, cfg: MiniSDConfig, ckpt_dir: str | os.
                    ckpt_dir=ckpt / "vae", progress=progress, extra_config={"kl_weight": cfg.kl_weight},
                    allow_config_change=allow_config_change)
     vae = vstate.model.eval().requires_grad_(False)
-    summary["vae_seconds"], summary["vae_loss"] = time.time() - t0, _tail_mean(vstate.losses)
+    summary["vae_seconds"], summary["vae_loss"] = time.time() - t0, _tail_mean(vstate.losses["model"])
 
     # 2. latents of every (digit, colour), the scaling factor from their std (SD: 1 / std of the latents)
     mean, std = encode_all(vae, data)                                      # (N, C, 4, h, w)
@@ -457,8 +457,8 @@ def train_mini_sd(out: str | os.PathLike, cfg: MiniSDConfig, ckpt_dir: str | os.
     state = train(net, lambda m, b, g: ldm_loss(m, b, g, process), sample_batch, ucfg, ckpt_dir=ckpt / "unet",
                   progress=progress, extra_config={"p_uncond": cfg.p_uncond, "scaling_factor": scale},
                   allow_config_change=allow_config_change)
-    best = state.best
-    summary["unet_seconds"], summary["unet_loss"] = time.time() - t0, _tail_mean(state.losses)
+    best = state.best()
+    summary["unet_seconds"], summary["unet_loss"] = time.time() - t0, _tail_mean(state.losses["model"])
 
     # 4. a diffusers pipeline folder (safetensors, fp32)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=best.text_encoder.eval(), unet=best.unet.eval(),

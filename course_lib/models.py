@@ -232,6 +232,7 @@ class Denoiser(nn.Module):
     only when given, so backbones without a guidance input are called exactly as before."""
 
     accepts_cond = True  # y may be a conditioning.Cond: its y, w (and text, timestep_cond) reach the backbone
+    synced_methods = ("raw",)  # training losses call raw, not forward: the engine runs it through DDP / FSDP
 
     def __init__(self, net: nn.Module, process: AffineProcess, parameterization: str):
         super().__init__()

@@ -110,6 +110,7 @@ class SDDenoiser(nn.Module):
     with SD's own time map, timestep 1000 t - 1; `as_rectified_flow`)."""
 
     accepts_cond = True  # guidance.cfg hands it a Cond (text and null text), not label tensors
+    synced_methods = ("raw",)  # training losses call raw, not forward: the engine runs it through DDP / FSDP
 
     def __init__(self, unet: nn.Module, process: AffineProcess, parameterization: str = "eps",
                  reference: dict | None = None):

@@ -25,7 +25,7 @@ from .images import batch_sampler, load_digits
 from .losses import denoising_loss
 from .models import Denoiser, MLP2D, UNet, load_denoiser, save_denoiser
 from .processes import make_process
-from .train import TrainConfig, TrainState, train
+from .train import Trained, TrainConfig, train
 
 DATA_DIR = paths.data_dir()             # $COURSE_DATA, the checkout's data/, or the copy installed with the wheel
 TEACHER_DIR = DATA_DIR / "teachers"
@@ -102,9 +102,9 @@ def teacher_recipe(dataset: str, kind: str = "vp", steps: int | None = None, **o
 
 
 def fit(recipe: Recipe, ckpt_dir: str | os.PathLike | None = None, progress: bool = True,
-        device: str | torch.device = "cpu") -> TrainState:
-    """Train a recipe from scratch (or resume from ckpt_dir) on `device`. Returns the TrainState; `.best` is the
-    EMA model. Data and noise are drawn on the CPU from the run's generator, so results do not depend on device."""
+        device: str | torch.device = "cpu") -> Trained:
+    """Train a recipe from scratch (or resume from ckpt_dir) on `device`. Returns the engine's Trained; `.best()` is
+    the EMA model. Data and noise are drawn on the CPU from the run's generator, so results do not depend on device."""
     with seeded(recipe.cfg.seed):  # initialisation; the caller's global RNG is left as it was
         model = recipe.build()
     draw = recipe.sampler()
@@ -154,13 +154,13 @@ def load_hub_teacher(repo_id: str = "google/ddpm-cifar10-32", device: str | torc
     return Denoiser(DiffusersUNet(unet), make_process(proc.pop("name"), **proc), param).to(device).eval().requires_grad_(False)
 
 
-def export(state: TrainState, recipe: Recipe, folder: Path, steps_done: int) -> None:
-    model = state.best
+def export(state: Trained, recipe: Recipe, folder: Path, steps_done: int) -> None:
+    model, last = state.best(), state.losses["model"][-100:]
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     from .checkpoint import save_tensors
     save_tensors(folder, half, {"denoiser": model.config(), "recipe": recipe.name, "steps": steps_done,
                                 "train_config": {k: v for k, v in vars(recipe.cfg).items()},
-                                "final_loss_mean_last_100": sum(state.losses[-100:]) / max(1, len(state.losses[-100:]))})
+                                "final_loss_mean_last_100": sum(last) / max(1, len(last))})
 
 
 def main(argv: list[str] | None = None) -> None:

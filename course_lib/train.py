@@ -65,10 +65,12 @@ def lr_scale(update: int, total: int, warmup: int, schedule: str) -> float:
 class TrainConfig:
     steps: int                      # total iterations (= optimizer updates for one network)
     batch_size: int                 # samples per micro-batch (per process under accelerate)
-    lr: float = 1e-3                # Adam learning rate (after warm-up)           } used by train() (one network);
-    ema_decay: float = 0.999        # EMA of the weights; 0 disables it             } train_networks takes these
-    grad_clip: float | None = 1.0   # max global grad norm; None disables clipping  } from each Network
-    warmup: int = 0                 # linear learning-rate warm-up steps            }
+    # PER_NETWORK: the single network's optimizer settings, read by train(); train_networks takes them from each
+    # Network and refuses a TrainConfig that sets any of them
+    lr: float = 1e-3                # Adam learning rate (after warm-up)
+    ema_decay: float = 0.999        # EMA of the weights; 0 disables it
+    grad_clip: float | None = 1.0   # max global grad norm; None disables clipping
+    warmup: int = 0                 # linear learning-rate warm-up steps
     lr_schedule: str = "constant"   # "constant", "linear" (anneal to 0, as PD) or "cosine"
     weight_decay: float = 0.0       # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.999)
@@ -84,6 +86,9 @@ class TrainConfig:
     def lr_at(self, step: int) -> float:
         """Learning rate for update number `step` (0-based)."""
         return self.lr * lr_scale(step, self.steps, self.warmup, self.lr_schedule)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name in PER_NETWORK}   # train_networks' check
 
 
 @dataclass
@@ -129,7 +134,8 @@ class StepContext:
 
 @dataclass
 class Trained:
-    """The result of train_networks: trained modules, EMA tensors, targets and histories."""
+    """What train() and train_networks return: trained modules, EMA tensors, targets and histories, by network name
+    (train()'s one network is "model": .model and .best() reach it without the name)."""
     nets: dict[str, nn.Module]
     ema: dict[str, dict[str, Tensor]]       # network -> {parameter name: EMA tensor} (networks with ema_decay > 0)
     targets: dict[str, nn.Module]
@@ -138,8 +144,23 @@ class Trained:
     losses: dict[str, list[float]]          # network -> loss of each of its updates
     logs: dict[str, list[float]]            # name -> values given to ctx.log
 
-    def best(self, name: str) -> nn.Module:
-        """The weights to sample from: a copy of the network with its EMA weights, or the network itself."""
+    def _name(self, name: str | None) -> str:
+        if name is not None:
+            return name
+        if len(self.nets) != 1:
+            raise ValueError(f"this run trained several networks {list(self.nets)}: name one (.nets[name], "
+                             ".best(name))")
+        return next(iter(self.nets))
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained network of a one-network run (train()'s)."""
+        return self.nets[self._name(None)]
+
+    def best(self, name: str | None = None) -> nn.Module:
+        """The weights to sample from: a copy of the network (the only one when name is None) with its EMA weights,
+        or the network itself when it has no EMA."""
+        name = self._name(name)
         if name not in self.ema:
             return self.nets[name]
         model = copy.deepcopy(self.nets[name]).requires_grad_(False).eval()
@@ -150,27 +171,17 @@ class Trained:
         return model
 
 
-@dataclass
-class TrainState:
-    model: nn.Module                 # the trained weights
-    ema: nn.Module | None            # EMA weights (None when ema_decay == 0)
-    step: int = 0
-    losses: list[float] = field(default_factory=list)
-
-    @property
-    def best(self) -> nn.Module:
-        """The weights to sample from: the EMA if there is one."""
-        return self.ema if self.ema is not None else self.model
+def _synced_methods(module: nn.Module) -> tuple[str, ...]:
+    """The methods of `module` that step functions call instead of forward and that must therefore run through DDP /
+    gather FSDP's weights as forward does: what its class declares in `synced_methods` (a Denoiser's `raw`, which
+    training losses call; a DMD2 critic's `raw` and `logits`), none otherwise."""
+    return tuple(getattr(type(module), "synced_methods", ()))
 
 
 class _Synced:
     """A DDP-wrapped network as its step function sees it: calls go through DDP (which averages gradients over
-    the processes), attributes (e.g. a Denoiser's .process) come from the network itself. The methods named in
-    SYNCED_METHODS (a Denoiser's `raw`, which training losses call instead of forward; a critic's `logits`, DMD2's
-    GAN head) also run through DDP:
-    for that one call the module's forward is that method."""
-
-    SYNCED_METHODS = ("raw", "logits")
+    the processes), attributes (e.g. a Denoiser's .process) come from the network itself. The methods the network
+    declares in `synced_methods` also run through DDP: for that one call the module's forward is that method."""
 
     def __init__(self, wrapped: nn.Module, module: nn.Module):
         self._wrapped, self._module = wrapped, module
@@ -180,7 +191,7 @@ class _Synced:
 
     def __getattr__(self, name: str):
         attr = getattr(self._module, name)
-        if name not in self.SYNCED_METHODS or not callable(attr):
+        if name not in _synced_methods(self._module) or not callable(attr):
             return attr
 
         def through_ddp(*args, **kwargs):
@@ -332,8 +343,8 @@ def _shard(module: nn.Module, units: int = 16) -> None:
     """FSDP2 on a network, innermost first: fully_shard every submodule whose not yet sharded parameters reach 1/units
     of the network's (the blocks), then every module still holding parameters of its own (leaves left over, such as
     conv_in: every parameter then lives in a module that is only ever called through forward, so a step function may
-    call any submodule), then the network. The methods a step function calls instead of forward
-    (_Synced.SYNCED_METHODS: a Denoiser's raw, a critic's logits) gather the parameters as forward does.
+    call any submodule), then the network. The methods a step function calls instead of forward (each sharded module's
+    `synced_methods`: a Denoiser's raw, a critic's logits) gather the parameters as forward does.
 
     Gathered weights stay gathered until the engine frees them at the end of each phase (reshard_after_forward=False):
     a step may backpropagate through a network that is frozen in this phase (DMD2's generator loss goes through the
@@ -376,7 +387,7 @@ def _shard(module: nn.Module, units: int = 16) -> None:
     # (DMD's dm_loss calls critic.fake before critic.logits), so the network is made the root now
     module._get_fsdp_state()._lazy_init()
     for m in sharded:
-        for name in _Synced.SYNCED_METHODS:
+        for name in _synced_methods(m):
             if callable(getattr(type(m), name, None)):
                 register_fsdp_forward_method(m, name)
 
@@ -412,9 +423,28 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
     """Train `networks` for cfg.steps iterations, resuming from `ckpt_dir` when it holds a checkpoint of this run.
 
     step_fn(ctx, batch) -> per-sample losses (B,) of network ctx.phase; batches are moved to the networks' device.
+    Each Network carries its own optimizer settings (lr, betas, weight_decay, grad_clip, warmup, lr_schedule,
+    ema_decay): a cfg that sets any of them raises ValueError, since the engine would not read them.
     Resuming with changed settings raises CheckpointError naming them (steps, desc, ckpt_every and log_every may
     change), unless allow_config_change. Ctrl-C (KeyboardInterrupt) writes a checkpoint before it propagates.
     """
+    set_here = [f"{k}={getattr(cfg, k)!r}" for k in PER_NETWORK if getattr(cfg, k) != _DEFAULTS[k]]
+    if set_here:
+        raise ValueError(f"TrainConfig({', '.join(set_here)}): train_networks does not read these per-network "
+                         "settings; set them on each Network(...) instead (e.g. Network(module, lr=...)) and leave "
+                         "them at their defaults in the TrainConfig")
+    return _train_networks(networks, step_fn, sample_batch, cfg, targets=targets, frozen=frozen, ckpt_dir=ckpt_dir,
+                           extra_config=extra_config, progress=progress, generator_device=generator_device,
+                           accelerator=accelerator, allow_config_change=allow_config_change)
+
+
+def _train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepContext, Any], Tensor],
+                    sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig, *,
+                    targets: Mapping[str, Target] | None, frozen: Mapping[str, nn.Module] | None,
+                    ckpt_dir: str | os.PathLike | None, extra_config: dict[str, Any] | None, progress: bool,
+                    generator_device: str | torch.device, accelerator, allow_config_change: bool) -> Trained:
+    """train_networks without the check of cfg's per-network fields: train() records its single network's settings
+    in cfg (they are that network's), so its checkpoints describe the run as before."""
     # 1. check the arguments, build an optimizer per network and the target copies
     targets, frozen = dict(targets or {}), dict(frozen or {})
     names = [*networks, *targets, *frozen]
@@ -690,14 +720,14 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any, torch.Generator],
           sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
           ckpt_dir: str | os.PathLike | None = None, extra_config: dict[str, Any] | None = None,
           progress: bool = True, generator_device: str | torch.device = "cpu", accelerator=None,
-          allow_config_change: bool = False) -> TrainState:
+          allow_config_change: bool = False) -> Trained:
     """Train one network (`loss_fn(model, batch, generator) -> (B,)`) with the hyperparameters in cfg: a thin
-    wrapper around train_networks. Resumes from `ckpt_dir`; Ctrl-C writes a checkpoint before it propagates."""
+    wrapper around train_networks; the result's network is "model" (.model, .best(): its EMA when cfg.ema_decay > 0,
+    .losses["model"]). Resumes from `ckpt_dir`; Ctrl-C writes a checkpoint before it propagates."""
     net = Network(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                   warmup=cfg.warmup, lr_schedule=cfg.lr_schedule, ema_decay=cfg.ema_decay)
-    done = train_networks({"model": net}, lambda ctx, batch: loss_fn(ctx.nets["model"], batch, ctx.generator),
-                          sample_batch, cfg, ckpt_dir=ckpt_dir, extra_config=extra_config, progress=progress,
-                          generator_device=generator_device, accelerator=accelerator,
-                          allow_config_change=allow_config_change)
-    ema = done.best("model") if cfg.ema_decay > 0 else None
-    return TrainState(model=done.nets["model"], ema=ema, step=done.step, losses=done.losses["model"])
+    return _train_networks({"model": net}, lambda ctx, batch: loss_fn(ctx.nets["model"], batch, ctx.generator),
+                           sample_batch, cfg, targets=None, frozen=None, ckpt_dir=ckpt_dir,
+                           extra_config=extra_config, progress=progress,
+                           generator_device=generator_device, accelerator=accelerator,
+                           allow_config_change=allow_config_change)

@@ -46,7 +46,7 @@ def main(out: Path) -> None:
         cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, ema_decay=0.9, ckpt_every=5, seed=3)
         state = distill_round(teacher, 2, batch, cfg, ckpt_dir=out / name, progress=False, accelerator=accelerator)
         return {k: digest(v) for k, v in {**state.model.state_dict(),
-                                          **{f"ema.{k}": v for k, v in state.ema.state_dict().items()}}.items()}
+                                          **{f"ema.{k}": v for k, v in state.best().state_dict().items()}}.items()}
 
     full = run("full", 20)
     batches = list(drawn)

@@ -79,7 +79,22 @@ def test_phases_see_updated_weights_and_only_their_network_has_grad():
     assert not torch.equal(seen[0][2], seen[1][2])                 # b's phase saw a after a's update
     assert done.updates == {"a": 4, "b": 2} and len(done.logs["x_mean"]) == 6
     assert torch.equal(done.targets["a_copy"].weight, a.weight)    # decay 0: a copy after each update
+    with pytest.raises(ValueError, match=r"several networks \['a', 'b'\]: name one"):
+        done.best()                                                # .best() and .model: one-network runs only
     assert all(p.requires_grad for p in [*a.parameters(), *b.parameters()])  # restored at the end
+
+
+def test_train_networks_refuses_per_network_settings_in_the_train_config():
+    """lr, ema_decay, grad_clip, warmup, lr_schedule, weight_decay and betas belong on each Network: a TrainConfig
+    that sets them would be ignored, so train_networks refuses it (train() reads them for its one network)."""
+    net = Network(nn.Linear(2, 1))
+    step = lambda ctx, x: ctx.nets["n"](x).pow(2).squeeze(1)
+    with pytest.raises(ValueError, match=r"TrainConfig\(lr=0\.01, betas=\(0\.5, 0\.9\)\).*on each Network"):
+        train_networks({"n": net}, step, lambda n, g: torch.randn(n, 2, generator=g),
+                       TrainConfig(steps=1, batch_size=4, lr=1e-2, betas=(0.5, 0.9)), progress=False)
+    done = train_networks({"n": net}, step, lambda n, g: torch.randn(n, 2, generator=g),
+                          TrainConfig(steps=1, batch_size=4), progress=False)      # the defaults are fine
+    assert done.updates == {"n": 1}
 
 
 def _regression(tmp_path: Path, allow: bool = False, **changes):
@@ -101,9 +116,9 @@ def test_resuming_with_changed_settings_names_them(tmp_path):
     with pytest.raises(CheckpointError, match="grad_accum"):
         _regression(tmp_path, steps=8, grad_accum=2)
     state = _regression(tmp_path, steps=8, log_every=2)                 # longer runs may continue
-    assert state.step == 8 and len(state.losses) == 8
+    assert state.step == 8 and len(state.losses["model"]) == 8
     state = _regression(tmp_path, allow=True, steps=10, lr=1e-2)
-    assert state.step == 10 and len(state.losses) == 10
+    assert state.step == 10 and len(state.losses["model"]) == 10
     assert json.loads((tmp_path / "r" / "config.json").read_text())["train_config"]["lr"] == 1e-2
 
 
@@ -112,7 +127,7 @@ def test_the_weights_file_alone_is_the_checkpoint(tmp_path):
     _regression(tmp_path)
     (tmp_path / "r" / "config.json").write_text('{"step": 2, "losses": [')  # a stale, torn mirror
     state = _regression(tmp_path, steps=7)
-    assert state.step == 7 and len(state.losses) == 7
+    assert state.step == 7 and len(state.losses["model"]) == 7
 
 
 class LoRALinear(nn.Module):
@@ -185,7 +200,7 @@ def test_bf16_autocast_on_cpu_trains():
     state = train(model, loss, lambda n, g: torch.randn(n, 4, generator=g),
                   TrainConfig(steps=60, batch_size=64, lr=1e-2, precision="bf16", ema_decay=0.0), progress=False)
     assert dtypes == {torch.bfloat16} and model[0].weight.dtype == torch.float32
-    assert sum(state.losses[-10:]) < 0.3 * sum(state.losses[:10])
+    assert sum(state.losses["model"][-10:]) < 0.3 * sum(state.losses["model"][:10])
     with pytest.raises(ValueError, match="bf16"):
         train(model, loss, lambda n, g: torch.randn(n, 4, generator=g),
               TrainConfig(steps=1, batch_size=4, precision="fp16"), progress=False)

@@ -103,7 +103,7 @@ def test_stage1_lowers_the_loss_on_the_overlap_mixture():
 
     state = train(student, loss, sample, TrainConfig(steps=300, batch_size=256, lr=2e-3, ema_decay=0.0),
                   progress=False)
-    first, last = sum(state.losses[:20]) / 20, sum(state.losses[-20:]) / 20
+    first, last = sum(state.losses["model"][:20]) / 20, sum(state.losses["model"][-20:]) / 20
     assert last < 0.5 * first, (first, last)
 
 
@@ -112,7 +112,7 @@ def test_distill_guidance_runs_and_resumes(tmp_path):
     sample = lambda n, g: data2d.sample_2d("gmm-overlap", n, g)
     cfg = TrainConfig(steps=4, batch_size=32, ema_decay=0.0)
     state = guided.distill_guidance(teacher, sample, (0.0, 4.0), cfg, ckpt_dir=tmp_path, progress=False)
-    assert state.step == 4 and len(state.losses) == 4
+    assert state.step == 4 and len(state.losses["model"]) == 4
     again = guided.distill_guidance(teacher, sample, (0.0, 4.0), cfg, ckpt_dir=tmp_path, progress=False)
     assert again.step == 4  # resumed, nothing left to do
 

@@ -159,7 +159,7 @@ def test_reflow_leaves_the_previous_flow_untouched_and_straightens_it():
     start = tiny_flow(hidden=64)
     before = {k: v.clone() for k, v in start.state_dict().items()}
     cfg = TrainConfig(steps=300, batch_size=256, lr=3e-3, lr_schedule="linear", ema_decay=0.0)
-    flow2 = reflow.reflow(start, pairs, cfg, progress=False).best.eval()
+    flow2 = reflow.reflow(start, pairs, cfg, progress=False).best().eval()
     assert all(torch.equal(v, start.state_dict()[k]) for k, v in before.items())
     with torch.no_grad():
         s1 = reflow.straightness(teacher, x1[:500].double(), 32)
@@ -182,7 +182,7 @@ def test_k_step_distillation_lowers_the_k_step_error(k):
     eps, x0 = reflow.generate_pairs(flow, eps, steps=16, sampler="heun")
     with torch.no_grad():
         before = metrics.flow_map_error(samplers.euler(flow, eps, uniform(k), RF), x0)
-    student = reflow.distill(flow, (eps, x0), k, cfg, progress=False).best.eval()
+    student = reflow.distill(flow, (eps, x0), k, cfg, progress=False).best().eval()
     with torch.no_grad():
         after = metrics.flow_map_error(samplers.euler(student, eps, uniform(k), RF), x0)
     assert after < 0.5 * before

@@ -79,7 +79,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, monkeypatch):
     resumed = run(str(tmp_path / "int"), STEPS)
     for (k, p), q in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), k
-    for p, q in zip(reference.ema.parameters(), resumed.ema.parameters()):
+    for p, q in zip(reference.best().parameters(), resumed.best().parameters()):
         assert torch.equal(p, q)
 
 
@@ -99,7 +99,7 @@ def test_training_reduces_the_loss_and_ema_differs_from_weights(tmp_path):
             return float(denoising_loss(model, x0, torch.Generator().manual_seed(2)).mean())
 
     assert held_out(state.model) < 0.9 * held_out(initial)  # much of this loss is irreducible (v near t = 1)
-    assert any(not torch.equal(p, q) for p, q in zip(state.model.parameters(), state.ema.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(state.model.parameters(), state.best().parameters()))
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

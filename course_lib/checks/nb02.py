@@ -106,7 +106,7 @@ def check_stage1(student: Callable, seed: int | None = None) -> Callable:
 
     def reference(teacher, sample_data, w_range, null_label, cfg, p_w_min=0.0):
         return distill_guidance(teacher, sample_data, w_range, cfg, progress=False,
-                                p_w_min=p_w_min).best.eval().requires_grad_(False)
+                                p_w_min=p_w_min).best().eval().requires_grad_(False)
 
     g = fresh_generator(seed)
     with torch.random.fork_rng(devices=[]):   # building the model to load into may draw initial weights

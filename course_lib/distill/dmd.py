@@ -112,6 +112,8 @@ class Critic(nn.Module):
     Discriminator whose features are mu_fake's own bottleneck on re-noised inputs (so GAN gradients also train
     mu_fake's encoder). head is None without the GAN term."""
 
+    synced_methods = ("raw", "logits")  # dmd_step calls these, not forward: the engine runs them through DDP / FSDP
+
     def __init__(self, fake: nn.Module, head: Discriminator | None = None):
         super().__init__()
         self.fake, self.head = fake, head

@@ -43,7 +43,7 @@ from torch import Tensor
 from ..guidance import cfg
 from ..models import Denoiser, guidance_range, with_guidance_input
 from ..processes import AffineProcess
-from ..train import TrainConfig, TrainState, train
+from ..train import Trained, TrainConfig, train
 from . import pd
 
 
@@ -94,11 +94,11 @@ def guided_loss(student: Denoiser, teacher: Callable, x0: Tensor, y: Tensor, w_r
 
 def distill_guidance(teacher: Denoiser, sample_data: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
                      w_range: tuple[float, float], cfg_train: TrainConfig, ckpt_dir=None, progress: bool = True,
-                     t_min: float = 1e-3, p_w_min: float = 0.0) -> TrainState:
+                     t_min: float = 1e-3, p_w_min: float = 0.0) -> Trained:
     """Stage 1: train a w-conditioned student (a copy of `teacher` plus a guidance embedding) on the guided teacher.
 
     sample_data(n, g) -> (x0 (n, ...), y (n,)) draws labelled data. The teacher must be class-conditional with
-    null label num_classes (trained with label dropout). Returns the TrainState; `.best` is the student.
+    null label num_classes (trained with label dropout). Returns the engine's Trained; `.best()` is the student.
     Resumes from ckpt_dir like every course training run."""
     null_label = getattr(teacher.net, "num_classes", None)
     if not null_label:
@@ -192,7 +192,7 @@ def guided_2d_students(teacher: Denoiser, budget: dict, w_range: tuple[float, fl
         cfg1 = TrainConfig(steps=budget["stage1_steps"], batch_size=budget["batch"], lr=budget["stage1_lr"],
                            lr_schedule="linear", ema_decay=0.0, seed=seed, desc="guided stage 1")
         stage1 = distill_guidance(teacher, sample, w_range, cfg1, progress=progress,
-                                  p_w_min=p_w_min).best.eval().requires_grad_(False)
+                                  p_w_min=p_w_min).best().eval().requires_grad_(False)
         seconds: dict = {"stage1": time.perf_counter() - t0}
         students = distill_steps(stage1, sample, budget["n_start"], 1, cfg2, progress=progress, p_w_min=p_w_min)
     end = time.perf_counter()

@@ -101,7 +101,7 @@ def conditional_reflow(teacher: Denoiser, data: tuple[Tensor, Tensor, Tensor], c
     eps, x0, y = data
     state = rf.reflow(teacher, (eps, x0), cfg_train, cond={"y": y}, p_uncond=p_uncond, ckpt_dir=ckpt_dir,
                       progress=progress)
-    return state.best.eval().requires_grad_(False)
+    return state.best().eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def distill_onestep(init: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_tra
     state = train(student, loss, batches, cfg_train, ckpt_dir=ckpt_dir, progress=progress,
                   extra_config={"method": "instaflow-distill",
                                 "distance": distance if isinstance(distance, str) else getattr(d, "__name__", "custom")})
-    return state.best.eval().requires_grad_(False)
+    return state.best().eval().requires_grad_(False)
 
 
 def direct_distill(teacher: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_train: TrainConfig,
@@ -381,7 +381,7 @@ def instaflow_unconditional(dataset: str, budget: dict, x1: Tensor, seed: int = 
                       seed=seed, desc=f"{dataset} 2-RF")
     pairs = rf.cached_pairs(teacher, f"{dataset}-vp-{seed}", b["n_pairs"], b["pair_steps"], "dpmpp2m",
                             seed=seed + 10, on_mismatch="regenerate", progress=progress, verbose=progress)
-    flow2 = rf.reflow(teacher, pairs, cfg, progress=progress).best.eval().requires_grad_(False)
+    flow2 = rf.reflow(teacher, pairs, cfg, progress=progress).best().eval().requires_grad_(False)
     pairs2 = rf.cached_pairs(flow2, f"{dataset}-vp-2rf-{seed}", b["n_pairs"], b["flow_pair_steps"], "euler",
                              seed=seed + 11, on_mismatch="regenerate", progress=progress, verbose=progress)
     targets = {"direct": rf.generate_pairs(teacher, x1, b["pair_steps"], "dpmpp2m")[1],

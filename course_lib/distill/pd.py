@@ -30,7 +30,7 @@ from torch import Tensor
 from ..models import Denoiser
 from ..processes import AffineProcess, bcast
 from ..samplers import ddim_step
-from ..train import TrainConfig, TrainState, train
+from ..train import Trained, TrainConfig, train
 
 
 def check_halving(n_start: int, n_end: int) -> int:
@@ -97,7 +97,7 @@ def split_batch(batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
 
 
 def distill_round(teacher: Denoiser, N: int, sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
-                  ckpt_dir=None, progress: bool = True, accelerator=None) -> TrainState:
+                  ckpt_dir=None, progress: bool = True, accelerator=None) -> Trained:
     """One round: a student initialised from the teacher learns N steps from the teacher's 2N.
 
     sample_batch(n, g) returns x0, (x0, y) or (x0, cond dict); see `split_batch`."""
@@ -128,7 +128,7 @@ def progressive_distillation(teacher: Denoiser, sample_batch: Callable, n_start:
         round_cfg = dataclasses.replace(round_cfg, desc=f"PD {2 * N}->{N}")
         state = distill_round(current, N, sample_batch, round_cfg,
                               None if ckpt_dir is None else f"{ckpt_dir}/steps{N}", progress, accelerator=accelerator)
-        current = state.best.eval().requires_grad_(False)
+        current = state.best().eval().requires_grad_(False)
         students[N] = current
         N //= 2
     return students

@@ -40,7 +40,7 @@ from ..models import Denoiser, build_denoiser
 from ..predictions import velocity
 from ..processes import AffineProcess, RectifiedFlow, bcast
 from ..samplers import get_sampler
-from ..train import TrainConfig, TrainState, train
+from ..train import Trained, TrainConfig, train
 
 
 CACHE_DIR = paths.cache_dir() / "reflow"   # $COURSE_CACHE, the checkout's data/cache (git-ignored), or ~/.cache
@@ -231,14 +231,15 @@ def as_flow(model: Denoiser) -> Denoiser:
 
 def reflow(flow: Denoiser | str | os.PathLike, pairs: tuple[Tensor, Tensor], cfg: TrainConfig,
            init: Denoiser | None = None, cond: Mapping[str, Tensor] | None = None, ckpt_dir=None,
-           progress: bool = True, p_uncond: float = 0.0) -> TrainState:
+           progress: bool = True, p_uncond: float = 0.0) -> Trained:
     """Train the next rectified flow on `pairs` = (eps, x0) of the previous flow, initialised from it (Alg. 1).
 
     flow: the previous flow (a Denoiser, copied; never modified) or the folder of its checkpoint, in which case
     `init` gives the architecture to load it into (a mismatch is a CheckpointError). cond: per-pair model inputs
     (e.g. {"y": labels}). p_uncond > 0 (conditional reflow, InstaFlow): each label is replaced by the null label
     (the net's num_classes) with that probability, so the new flow keeps an unconditional velocity for
-    classifier-free guidance. Returns the TrainState; `.best` is the new flow (the EMA when cfg.ema_decay > 0)."""
+    classifier-free guidance. Returns the engine's Trained; `.best()` is the new flow (the EMA when
+    cfg.ema_decay > 0)."""
     if not isinstance(flow, nn.Module):
         if init is None:
             raise ValueError("reflow from a checkpoint folder needs init=<a model of the same architecture>")
@@ -302,7 +303,7 @@ def distill_loss_at(student: Callable, x0: Tensor, eps: Tensor, t: Tensor, cond:
 
 
 def distill(flow: Denoiser, pairs: tuple[Tensor, Tensor], k: int, cfg: TrainConfig,
-            cond: Mapping[str, Tensor] | None = None, ckpt_dir=None, progress: bool = True) -> TrainState:
+            cond: Mapping[str, Tensor] | None = None, ckpt_dir=None, progress: bool = True) -> Trained:
     """Distil `flow` into a k-step Euler sampler on its own pairs (eps, x0 = ODE_flow(eps)), starting from it."""
     if k < 1:
         raise ValueError(f"k-step distillation needs k >= 1; got {k}")
@@ -386,7 +387,7 @@ def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIG
     scale = lambda c: dataclasses.replace(c, steps=max(1, int(c.steps * steps_scale)))
     cfg = scale(r["reflow"])
     t0 = time.perf_counter()
-    flow2 = reflow(teacher, (eps, x0), cfg, cond={"y": y}, ckpt_dir=Path(runs) / "2rf").best.eval()
+    flow2 = reflow(teacher, (eps, x0), cfg, cond={"y": y}, ckpt_dir=Path(runs) / "2rf").best().eval()
     meta = {"method": "2-rectified flow of the digits teacher (pairs: teacher ODE, DPM-Solver++ "
                       f"{r['pair_steps']} steps; init: teacher weights as velocity)", "n_pairs": n,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "train_seconds": round(time.perf_counter() - t0, 1),
@@ -397,7 +398,7 @@ def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIG
                              cache_dir=Path(runs) / "pairs", cond={"y": y}, noise_shape=(1, 16, 16))
     cfg = scale(r["distill"])
     t0 = time.perf_counter()
-    student = distill(flow2, (eps2, x02), 1, cfg, cond={"y": y}, ckpt_dir=Path(runs) / "2rf-distill1").best.eval()
+    student = distill(flow2, (eps2, x02), 1, cfg, cond={"y": y}, ckpt_dir=Path(runs) / "2rf-distill1").best().eval()
     _export(student, out / "digits-2rf-distill1",
             {**meta, "method": "2-RF distilled to 1 Euler step (L2)", "steps": cfg.steps,
              "train_seconds": round(time.perf_counter() - t0, 1)})
@@ -458,13 +459,13 @@ def reflow_2d_models(dataset: str, budget: dict, seed: int = 0, cache_dir: str |
         t0 = time.perf_counter()
         models[f"{k + 1}-rf"] = reflow(models[f"{k}-rf"], pairs[k],
                                        dataclasses.replace(cfg, desc=f"{dataset} {k + 1}-RF"),
-                                       progress=progress).best.eval().requires_grad_(False)
+                                       progress=progress).best().eval().requires_grad_(False)
         seconds[f"{k + 1}-rf"] = time.perf_counter() - t0
     for k in (1, 2):
         t0 = time.perf_counter()
         models[f"{k}-rf-distill"] = distill(models[f"{k}-rf"], pairs[k], 1,
                                             dataclasses.replace(cfg, desc=f"{dataset} {k}-RF -> 1 step"),
-                                            progress=progress).best.eval().requires_grad_(False)
+                                            progress=progress).best().eval().requires_grad_(False)
         seconds[f"{k}-rf-distill"] = time.perf_counter() - t0
     return models, seconds
 

@@ -103,7 +103,7 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
     train_networks({"unet": Network(model, lr=1e-5, ema_decay=ema_decay, save_frozen=not lora)},
                    stamped(loss, stamps, dev), sample,
                    TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
-                               grad_checkpointing=grad_checkpointing, ema_decay=ema_decay), progress=False)
+                               grad_checkpointing=grad_checkpointing), progress=False)
     times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
     sec = statistics.median(times)
     res = {"device": _device_name(dev),

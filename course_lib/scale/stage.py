@@ -50,9 +50,9 @@ def add_training_args(ap) -> None:
 
 
 def train_config(a, desc: str) -> TrainConfig:
-    return TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay,
-                       grad_clip=a.grad_clip, ckpt_every=a.ckpt_every, seed=a.seed, desc=desc, precision=a.precision,
-                       grad_accum=a.grad_accum, grad_checkpointing=a.grad_checkpointing,
+    """The run's settings from a stage's arguments (its optimizer settings go on the Network)."""
+    return TrainConfig(steps=a.steps, batch_size=a.batch_size, ckpt_every=a.ckpt_every, seed=a.seed, desc=desc,
+                       precision=a.precision, grad_accum=a.grad_accum, grad_checkpointing=a.grad_checkpointing,
                        fsdp=getattr(a, "fsdp", False))
 
 
