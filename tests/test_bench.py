@@ -329,7 +329,7 @@ def test_gdd_benchmark_rows(tmp_path):
     """bench gdd in smoke mode: one-step GDD and GDD-I students against the data on 2D and digits, the frozen-fraction
     sweep on gmm, the teacher's sweep (digits at 16 and 32 steps) and the data floor, each number over 3 seeds."""
     from course_lib.bench.gdd import SWEEP
-    from course_lib.distill import gdd
+    from course_lib.distill import gan, gdd
 
     res = bench.main(["gdd", "--mode", "smoke", "--device", "cpu", "--out", str(tmp_path / "gdd.json")])
     rows = res["rows"]
@@ -356,7 +356,7 @@ def test_gdd_benchmark_rows(tmp_path):
     for ds in ("checkerboard", "gmm"):
         teacher = load_teacher(f"{ds}-vp", device="cpu")
         G, n = gdd.generator(teacher), next(r["n"] for r in rows if r["dataset"] == ds and r["model"] == "gdd")
-        start = untrained_swd(ds, n, lambda s: gdd.one_step(G, prior(teacher.process, (n, 2), s + 4, "cpu")))
+        start = untrained_swd(ds, n, lambda s: gan.generate_one_step(G, prior(teacher.process, (n, 2), s + 4, "cpu")))
         for model in ("gdd", "gdd-i"):
             beats(swd(rows, ds, model, 1), start, 0.9, f"{model} {ds}")
 @pytest.mark.parametrize("name", ["dmd", "dmd2"])
