@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distances
+from ..config import seeded
 from ..guidance import cfg as guided, condition
 from ..predictions import Pred, from_pred
 from ..processes import AffineProcess
@@ -279,7 +280,8 @@ def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
     """Train a DMD/DMD2 generator initialised from the teacher's weights (the generator is the teacher's network
     used as x0_hat(z, t) on its grid). Returns (the generator: its EMA when ema_decay > 0, eval, no grad; Trained)."""
     G = copy.deepcopy(teacher).requires_grad_(True).train()
-    critic = make_critic(teacher, x_example, cfg.gan, y_example)
+    with seeded(train_cfg.seed):            # the GAN head's initialisation: the same critic for the same seed
+        critic = make_critic(teacher, x_example, cfg.gan, y_example)
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
     null = getattr(getattr(teacher, "net", None), "num_classes", None)
     nets = {"generator": Network(G, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
