@@ -256,7 +256,8 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = No
                 z_ref = batch["z_ref"]
                 x_hat = ctx.nets["generator"](z_ref, torch.full((len(z_ref),), times[0], device=z_ref.device), *(
                     () if batch.get("y_ref") is None else (batch["y_ref"],))).x0
-                reg = distances.get(cfg.regression, "regression distance")(x_hat, batch["x_ref"])                       # (B_ref,)
+                d = distances.get(cfg.regression, "regression distance")
+                reg = d(x_hat, batch["x_ref"])                                                      # (B_ref,)
                 loss = loss + cfg.lambda_reg * reg.mean()
             if cfg.gan and critic.head is not None:
                 loss = loss + cfg.lambda_g * g_loss(critic.logits(x, y, g))

@@ -7,6 +7,7 @@ stages share (the engine's settings, the process group, the train-then-export ru
     fingerprint_folder(folder)                  sha256 of a component folder's content (weights + configs without
                                                 the library's version stamps; a tokenizer by what it does)
     describe_folder(folder), explain_difference the same content in parts, and what differs between two, in words
+    scan_folder(folder)                         both from one read of the files
     model_key(source, parts)                    {"source", parts...: fingerprint, "detail"}: what a cache was made from
     check_key(found, wanted, what, path)        CacheMismatch naming every differing entry (weights, config key...)
     unet_record(base)                           a LoRA's record of its base UNet folder (base.json)
@@ -162,39 +163,49 @@ def _is_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer_config.json").is_file()
 
 
+class _Both:
+    """Two sha256 hashers fed the same bytes (a weight file counts towards the fingerprint and the weights' hash)."""
+
+    def __init__(self, *hashers):
+        self.hashers = hashers
+
+    def update(self, data: bytes) -> None:
+        for h in self.hashers:
+            h.update(data)
+
+
+def scan_folder(folder: str | os.PathLike) -> tuple[str, dict]:
+    """(fingerprint_folder, describe_folder) of a component folder from one read of its files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist")
+    if _is_tokenizer(folder):
+        fp = fingerprint_tokenizer(folder)
+        return fp, {"tokenizer": fp}
+    every, weights, config = hashlib.sha256(), hashlib.sha256(), {}
+    for p in _content_files(folder):
+        content = _config_content(p) if p.suffix == ".json" else None
+        if content is None:
+            _hash_file(p, _Both(every, weights))
+        else:
+            _hash_file(p, every)
+            config[str(p.relative_to(folder))] = content
+    return every.hexdigest()[:16], {"weights": weights.hexdigest()[:16], "config": config}
+
+
 def fingerprint_folder(folder: str | os.PathLike) -> str:
     """sha256 (first 16 hex digits) over the content of a component folder's files (sorted by name): the same
     weights, configs and vocabulary give the same fingerprint however often, and by whichever library version, they
     were re-saved. A tokenizer folder (one with tokenizer_config.json) is fingerprinted by what it does
     (fingerprint_tokenizer). describe_folder splits the same content into parts a refusal can name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist")
-    if _is_tokenizer(folder):
-        return fingerprint_tokenizer(folder)
-    h = hashlib.sha256()
-    for p in _content_files(folder):
-        _hash_file(p, h)
-    return h.hexdigest()[:16]
+    return scan_folder(folder)[0]
 
 
 def describe_folder(folder: str | os.PathLike) -> dict:
     """What a component folder is, in the parts a refusal names: {"tokenizer": its fingerprint} for a tokenizer,
     else {"weights": sha256 (16 hex digits) of every non-config file, "config": {file name: content without the
     volatile keys}}. Two folders with equal fingerprint_folder have equal descriptions, and the other way round."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist")
-    if _is_tokenizer(folder):
-        return {"tokenizer": fingerprint_tokenizer(folder)}
-    h, config = hashlib.sha256(), {}
-    for p in _content_files(folder):
-        content = _config_content(p) if p.suffix == ".json" else None
-        if content is None:
-            _hash_file(p, h)
-        else:
-            config[str(p.relative_to(folder))] = content
-    return {"weights": h.hexdigest()[:16], "config": config}
+    return scan_folder(folder)[1]
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -249,8 +260,9 @@ def model_key(source: str | os.PathLike, parts: tuple[str, ...]) -> dict:
     """{"source": the pipeline, part: fingerprint_folder(folder/part) for each part, "detail": {part:
     describe_folder(folder/part)}}: what a cache was made from, with enough detail for check_key to say what differs."""
     folder = resolve_pipeline(source)
-    return {"source": str(source), **{p: fingerprint_folder(folder / p) for p in parts},
-            "detail": {p: describe_folder(folder / p) for p in parts}}
+    scans = {p: scan_folder(folder / p) for p in parts}
+    return {"source": str(source), **{p: fp for p, (fp, _) in scans.items()},
+            "detail": {p: detail for p, (_, detail) in scans.items()}}
 
 
 def check_key(found: dict, wanted: dict, what: str, path: Path, fix: str) -> None:
@@ -274,7 +286,8 @@ def unet_record(base: Path) -> dict:
     (both None when the base is no local folder). export.load_lora_checked compares them with a pipeline's UNet."""
     if not base.is_dir():
         return {"unet_fingerprint": None, "unet_detail": None}
-    return {"unet_fingerprint": fingerprint_folder(base), "unet_detail": describe_folder(base)}
+    fp, detail = scan_folder(base)
+    return {"unet_fingerprint": fp, "unet_detail": detail}
 
 
 def save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

@@ -32,8 +32,8 @@ from .. import sd as sdlib
 from ..checkpoint import load_tensors
 from ..sd import LORA_WEIGHTS
 from ..train import TRAINER_WEIGHTS
-from .common import (STAGE_FILE, SourceError, build_student, describe_folder, explain_difference,
-                     fingerprint_folder, unet_record, write_json_atomic)
+from .common import (STAGE_FILE, SourceError, build_student, explain_difference, scan_folder, unet_record,
+                     write_json_atomic)
 
 KOHYA_FILE = "lora_kohya.safetensors"
 
@@ -135,9 +135,9 @@ def load_lora_checked(pipe_folder: str | os.PathLike, lora_folder: str | os.Path
     lora_folder = Path(lora_folder)
     info = json.loads((lora_folder / "base.json").read_text()) if (lora_folder / "base.json").is_file() else {}
     unet = Path(pipe_folder) / "unet"
-    have = fingerprint_folder(unet)
+    have, detail = scan_folder(unet)
     if info.get("unet_fingerprint") and info["unet_fingerprint"] != have:
-        why = explain_difference(info["unet_detail"], describe_folder(unet), "its base", "this UNet") \
+        why = explain_difference(info["unet_detail"], detail, "its base", "this UNet") \
             if info.get("unet_detail") else [f"fingerprint {info['unet_fingerprint']} against {have}"]
         raise SourceError(f"the LoRA in {lora_folder} was trained on another base model: {pipe_folder}'s UNet is not "
                           f"the one it was trained on ({info['base']['source']}): {'; '.join(why)}. "
