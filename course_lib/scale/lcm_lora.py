@@ -84,7 +84,6 @@ from .triplets import Triplets, teacher_key
 
 STAGE = "lcm-lora"
 LORA_DIR = "lora"
-DEFAULT_W = LCM_LORA_W                  # the released LCM-LoRA's fixed omega (= course w; guidance_scale 8.5)
 DATA_MODES = ("images", "triplets", "online")
 
 
@@ -214,7 +213,7 @@ def add_args(ap) -> None:
     ap.add_argument("--prompts", default=None, help="prompts only (.txt / .jsonl / COCO captions .json)")
     ap.add_argument("--embeddings", default=None, help="a cache from python -m course_lib.scale.data")
     ap.add_argument("--triplets", default=None, help="prompts only: teacher latents from course_lib.scale.triplets")
-    ap.add_argument("--w", type=float, default=DEFAULT_W, help="the fixed guidance weight (course w = LCM's omega; "
+    ap.add_argument("--w", type=float, default=LCM_LORA_W, help="the fixed guidance weight (course w = LCM's omega; "
                     "diffusers' guidance_scale = 1 + w)")
     ap.add_argument("--original-steps", type=int, default=50, help="N of the DDIM grid (skipping step k = 1000 // N)")
     ap.add_argument("--distance", default="huber", choices=["huber", "l2"], help="huber: LCM's, c = 0.001")
