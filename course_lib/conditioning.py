@@ -1,5 +1,13 @@
 """One conditioning value for class labels and text: what a conditional model receives besides (x, t).
 
+Every course model (2D MLPs, the digits UNet, the mini Stable Diffusion, SD 1.5, every student) is called the same way:
+
+    model(x, t, cond=None) -> Pred          cond: a Cond, or None (unconditional)
+
+Samplers, `steps.*` and `samplers.generate` take `cond=` and pass it to every model call (k-diffusion's extra_args).
+Class labels are wrapped where the data is made: `labels(y, num_classes)` = Cond(y=y, null_y=num_classes); a bare
+label tensor at the model boundary is a TypeError (`check`).
+
     Cond(y=labels, null_y=num_classes)                       a class-conditional model (the 2D and digit teachers)
     Cond(text=emb, null_text=empty_prompt_emb)               Stable Diffusion (encoder_hidden_states, sd.py)
     Cond(..., w=w)                                           a guided student's guidance weight input (Meng et al. 2023)
@@ -14,7 +22,7 @@ training (`Cond.drop`, used by `losses.drop_labels`) are written once for labels
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -137,6 +145,10 @@ class Cond:
                 out[f.name] = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
         return replace(self, **out)
 
+    def replace(self, **changes) -> "Cond":
+        """A copy with some fields changed: cond.replace(w=w) gives a guided student (or an LCM) its weight w (B,)."""
+        return replace(self, **changes)
+
     def __repr__(self) -> str:
         parts = []
         for f in fields(self):
@@ -146,33 +158,38 @@ class Cond:
         return f"Cond({', '.join(parts)})"
 
 
-def as_cond(c: Tensor | Cond | None, null_label: int | None = None) -> Cond | None:
-    """Class labels (B,) -> Cond(y=labels, null_y=null_label); a Cond is returned as is (with null_label filled in
-    where it has labels but no null_y)."""
-    if c is None or isinstance(c, Cond):
-        if c is not None and null_label is not None and c.y is not None and c.null_y is None:
-            c = replace(c, null_y=int(null_label))
-        return c
-    if not isinstance(c, Tensor):
-        raise TypeError(f"conditioning is a label tensor (B,) or a Cond; got {type(c).__name__}")
-    return Cond(y=c, null_y=None if null_label is None else int(null_label))
+def labels(y: Tensor, num_classes: int) -> Cond:
+    """Class labels (B,) as the conditioning of a class-conditional model: Cond(y=y, null_y=num_classes) (index
+    num_classes is the null label of classifier-free guidance)."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"labels(y, num_classes) takes a label tensor (B,); got {type(y).__name__}")
+    return Cond(y=y, null_y=int(num_classes))
 
 
-def accepts_cond(model) -> bool:
-    """True when `model(x, t, c)` takes a Cond (its class sets `accepts_cond = True`); plain callables take labels."""
-    return bool(getattr(model, "accepts_cond", False))
+def labelled(sample: Callable[[int, torch.Generator], tuple[Tensor, Tensor]], num_classes: int
+             ) -> Callable[[int, torch.Generator], tuple[Tensor, Cond]]:
+    """A labelled data sampler (n, g) -> (x0, y) as one that gives (x0, labels(y, num_classes))."""
+    def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Cond]:
+        x0, y = sample(n, g)
+        return x0, labels(y, num_classes)
+    return sample_batch
 
 
-def backbone_inputs(c: Cond, w: float | Tensor | None = None) -> tuple[Tensor | None, float | Tensor | None, dict]:
-    """(class_labels, w, extra keyword arguments) for a backbone `net(x, timestep, class_labels, ...)`:
-    text -> encoder_hidden_states, timestep_cond -> timestep_cond. Used by models.Denoiser."""
-    if c.w is not None and w is not None:
-        raise ValueError("the guidance weight w was given twice (in the Cond and as an argument): give it once")
+def check(cond: Cond | None) -> Cond | None:
+    """The one model call's third argument: a Cond or None. A bare label tensor is refused with the fix."""
+    if cond is None or isinstance(cond, Cond):
+        return cond
+    if isinstance(cond, Tensor):
+        raise TypeError("a course model is called model(x, t, cond) with cond a conditioning.Cond (or None), not a "
+                        "label tensor: wrap class labels with conditioning.labels(y, num_classes)")
+    raise TypeError(f"a course model's conditioning is a conditioning.Cond or None; got {type(cond).__name__}")
+
+
+def backbone_inputs(c: Cond) -> dict:
+    """The keyword arguments of a backbone `net(x, timestep, **kwargs)` for a Cond: y -> class_labels, w ->
+    guidance (a guided student), text -> encoder_hidden_states, timestep_cond -> timestep_cond; fields that are None
+    are left out, so a backbone without them is called as before. Used by models.Denoiser."""
     if c.pooled is not None:
         raise ValueError("this backbone takes no pooled text embedding (Cond.pooled is for SDXL-type models)")
-    extra = {}
-    if c.text is not None:
-        extra["encoder_hidden_states"] = c.text
-    if c.timestep_cond is not None:
-        extra["timestep_cond"] = c.timestep_cond
-    return c.y, (c.w if w is None else w), extra
+    names = {"y": "class_labels", "w": "guidance", "text": "encoder_hidden_states", "timestep_cond": "timestep_cond"}
+    return {arg: getattr(c, name) for name, arg in names.items() if getattr(c, name) is not None}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .conditioning import Cond, as_cond
+from .conditioning import Cond, check
 from .models import Denoiser
 from .predictions import Pred, from_pred
 
@@ -29,11 +29,11 @@ def drop_labels(y: Tensor | None, p_uncond: float, null_label: int | None, gener
     return Cond(y=y, null_y=int(null_label)).drop(p_uncond, generator).y
 
 
-def denoising_loss(model: Denoiser, x0: Tensor, generator: torch.Generator, y: Tensor | Cond | None = None,
+def denoising_loss(model: Denoiser, x0: Tensor, generator: torch.Generator, cond: Cond | None = None,
                    t_min: float = 1e-3, p_uncond: float = 0.0) -> Tensor:
     """Per-sample denoising / flow-matching loss in the model's own parameterization.
 
-    x0 (B, ...) data; y (B,) labels, a Cond (dropped to its null value w.p. p_uncond), or None.
+    x0 (B, ...) data; cond a Cond (labels or text, dropped to its null value w.p. p_uncond: `Cond.drop`) or None.
     t ~ U(t_min, 1), eps ~ N(0, I).
     """
     B = x0.shape[0]
@@ -41,9 +41,7 @@ def denoising_loss(model: Denoiser, x0: Tensor, generator: torch.Generator, y: T
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
     x_t = model.process.marginal(x0, t, eps)
     target = from_pred(Pred(x0, eps), t, model.process, model.parameterization)
-    if isinstance(y, Cond):
-        y = as_cond(y, getattr(getattr(model, "net", None), "num_classes", None)).drop(p_uncond, generator)
-    else:
-        y = drop_labels(y, p_uncond, getattr(model.net, "num_classes", None), generator)
-    out = model.raw(x_t, t, y)
+    if check(cond) is not None:
+        cond = cond.drop(p_uncond, generator)
+    out = model.raw(x_t, t, cond)
     return (out - target).pow(2).flatten(1).mean(1)

@@ -1,13 +1,16 @@
 """Backbones, and the adapter that turns any backbone into the course's model interface.
 
-Every backbone has the signature `net(x, timestep, class_labels=None) -> out` and knows nothing about the
-noise process or the parameterization. `Denoiser(net, process, parameterization)` is the course model:
+Every backbone has the signature `net(x, timestep, class_labels=None, ...) -> out` and knows nothing about the
+noise process or the parameterization. `Denoiser(net, process, parameterization)` is the course model, called
+one way for every model of the course (2D MLPs, the digits UNet, the mini Stable Diffusion and SD 1.5, whose
+UNet is a backbone here through the adapter sd.SDUNet):
 
-    model(x, t, y=None) -> Pred(x0, eps)          x (B, ...), t (B,) in [0, 1], y (B,) int class labels
+    model(x, t, cond=None) -> Pred(x0, eps)       x (B, ...), t (B,) in [0, 1], cond a conditioning.Cond or None
 
-A guided student (Meng et al. 2023, notebook 02) also takes the guidance weight w as an input: its backbone is
-built with `guidance_range=(w_min, w_max)` and called `net(x, timestep, class_labels, guidance=w)`, and the
-course model becomes `model(x, t, y, w)`. `with_guidance_input(teacher, w_range)` builds one from a teacher.
+Class labels travel as conditioning.labels(y, num_classes) = Cond(y=y, null_y=num_classes). A guided student
+(Meng et al. 2023, notebook 02) also reads the guidance weight w from cond.w: its backbone is built with
+`guidance_range=(w_min, w_max)` and called `net(x, timestep, class_labels, guidance=w)`.
+`with_guidance_input(teacher, w_range)` builds one from a teacher.
 
 It feeds the backbone `process.timestep(t)` and converts its native output with `predictions.to_pred`.
 Checkpoints store the backbone's constructor arguments under a registered architecture name (never a
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_tensors, save_tensors, CheckpointError
-from .conditioning import Cond, backbone_inputs
+from .conditioning import Cond, backbone_inputs, check
 from .predictions import Pred, edm_scalings, to_pred
 from .processes import AffineProcess, EDM, bcast, make_process, time_dtype
 
@@ -81,7 +84,7 @@ def _no_guidance(guidance: Tensor | None, name: str) -> None:
 def _need_guidance(guidance: Tensor | None, emb: GuidanceEmbedding, n: int, device) -> Tensor:
     if guidance is None:
         raise ValueError(f"this student takes a guidance weight w in [{emb.w_min:g}, {emb.w_max:g}]: "
-                         "call model(x, t, y, w)")
+                         "call model(x, t, cond) with cond.w set (Cond(y=..., null_y=..., w=w))")
     return torch.as_tensor(guidance, device=device).float().reshape(-1).expand(n)
 
 
@@ -226,12 +229,11 @@ def build_net(arch: str, **kwargs: Any) -> nn.Module:
 
 
 class Denoiser(nn.Module):
-    """The course's model interface around a backbone: (x, t, y[, w]) -> Pred(x0, eps).
+    """The course's model interface around a backbone: model(x, t, cond=None) -> Pred(x0, eps).
 
-    w (a float or (B,)) is the guidance weight of a guided student; it reaches the backbone as `guidance=w`
-    only when given, so backbones without a guidance input are called exactly as before."""
+    cond is a conditioning.Cond or None: its labels, guidance weight w (a guided student), text and timestep_cond
+    reach the backbone (`backbone_inputs`); a bare label tensor is a TypeError (wrap it: conditioning.labels)."""
 
-    accepts_cond = True  # y may be a conditioning.Cond: its y, w (and text, timestep_cond) reach the backbone
     synced_methods = ("raw",)  # training losses call raw, not forward: the engine runs it through DDP / FSDP
 
     def __init__(self, net: nn.Module, process: AffineProcess, parameterization: str):
@@ -240,19 +242,18 @@ class Denoiser(nn.Module):
             raise ValueError("the 'edm' parameterization also scales the input: build models.EDMPrecond(net, process)")
         self.net, self.process, self.parameterization = net, process, parameterization
 
-    def raw(self, x: Tensor, t: Tensor, y: Tensor | Cond | None = None, w: float | Tensor | None = None) -> Tensor:
-        """The backbone's native output (what a training loss in this parameterization compares)."""
-        extra = {}
-        if isinstance(y, Cond):  # labels, w, and text / timestep_cond for backbones that take them
-            y, w, extra = backbone_inputs(y, w)
+    def raw(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        """The backbone's native output (what a training loss in this parameterization compares): the backbone is
+        called net(x, process.timestep(t), **backbone_inputs(cond)) (class_labels, guidance = cond.w,
+        encoder_hidden_states = cond.text, timestep_cond), only with the fields cond holds."""
+        kwargs = {} if check(cond) is None else backbone_inputs(cond)
+        if "guidance" in kwargs:                                                   # (B,) float32
+            kwargs["guidance"] = kwargs["guidance"].to(dtype=torch.float32, device=x.device).reshape(-1).expand(len(x))
         timestep = self.process.timestep(t.to(time_dtype(t.dtype))).to(time_dtype(x.dtype))   # float32+, as x may be bf16
-        if w is None:
-            return self.net(x, timestep, class_labels=y, **extra)
-        w = torch.as_tensor(w, dtype=torch.float32, device=x.device).reshape(-1).expand(len(x))    # (B,)
-        return self.net(x, timestep, class_labels=y, guidance=w, **extra)
+        return self.net(x, timestep, **kwargs)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | Cond | None = None, w: float | Tensor | None = None) -> Pred:
-        return to_pred(self.raw(x, t, y, w), x, t.to(time_dtype(x.dtype)), self.process, self.parameterization)
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Pred:
+        return to_pred(self.raw(x, t, cond), x, t.to(time_dtype(x.dtype)), self.process, self.parameterization)
 
     def config(self) -> dict:
         arch = next((k for k, v in ARCHITECTURES.items() if isinstance(self.net, v)), None)
@@ -282,10 +283,10 @@ class EDMPrecond(Denoiser):
                              f"{parameterization!r}")
         super().__init__(net, process, "edm")
 
-    def raw(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def raw(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """F(c_in x; c_noise), the backbone's output (c_noise is the edm process's `timestep`)."""
         c_in = edm_scalings(self.process.sigma(t.to(time_dtype(x.dtype))), self.process.sigma_data)[2]
-        return super().raw((bcast(c_in, x) * x).to(x.dtype), t, *args, **kwargs)
+        return super().raw((bcast(c_in, x) * x).to(x.dtype), t, cond)
 
 
 def build_denoiser(config: dict) -> Denoiser:
@@ -304,8 +305,8 @@ class ConsistencyModel(nn.Module):
 
     with sigma from the wrapped model's process and x0_hat its prediction. At t = t_min, c_skip = 1 and c_out = 0
     exactly, so f(x, t_min) = x bitwise: the boundary condition holds by construction, not by training.
-    Returns Pred(x0 = f, eps = (x - alpha f) / sigma), consistent with x_t = alpha x0 + sigma eps. Extra arguments
-    (labels y, a guidance weight w, a Cond) go to the wrapped model unchanged. With the edm process and sigma_data
+    Returns Pred(x0 = f, eps = (x - alpha f) / sigma), consistent with x_t = alpha x0 + sigma eps. The conditioning
+    (a Cond: labels, a guidance weight w, text) goes to the wrapped model unchanged. With the edm process and sigma_data
     0.5 this is the paper's f; Song et al. use sigma_min = 0.002, i.e. t_min = 0.002 / sigma_max.
     """
 
@@ -323,10 +324,10 @@ class ConsistencyModel(nn.Module):
         d = sig - self.process.sigma(torch.full_like(t, self.t_min))
         return sd**2 / (d * d + sd**2), sd * d / torch.sqrt(sd**2 + sig * sig)
 
-    def forward(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Pred:
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Pred:
         t = t.to(time_dtype(x.dtype))
         c_skip, c_out = (bcast(c, x) for c in self.scalings(t))
-        f = (c_skip * x + c_out * self.model(x, t, *args, **kwargs).x0).to(x.dtype)
+        f = (c_skip * x + c_out * self.model(x, t, cond).x0).to(x.dtype)
         a, s = bcast(self.process.alpha(t), x), bcast(self.process.sigma(t), x)
         return Pred(f, ((x - a * f) / s).to(x.dtype))
 

@@ -135,9 +135,26 @@ class VPCosine(AffineProcess):
 
 
 class RectifiedFlow(AffineProcess):
-    """Straight interpolation x_t = (1 - t) x0 + t eps (Liu et al. 2022; Lipman et al. 2023), velocity eps - x0."""
+    """Straight interpolation x_t = (1 - t) x0 + t eps (Liu et al. 2022; Lipman et al. 2023), velocity eps - x0.
+
+    timestep_map names the backbone's time input: "1000t" (the course default, 1000 t), or "sd" (1000 t - 1,
+    Stable Diffusion's own map, SDDiscrete.timestep: a UNet from SD read as a flow, InstaFlow, sees t = 1 (pure
+    noise) as timestep 999, where SD's weights saw pure noise)."""
 
     name = "rf"
+    TIMESTEP_MAPS = ("1000t", "sd")
+
+    def __init__(self, timestep_map: str = "1000t"):
+        if timestep_map not in self.TIMESTEP_MAPS:
+            raise ValueError(f"unknown timestep_map {timestep_map!r}; valid: {', '.join(self.TIMESTEP_MAPS)}")
+        self.timestep_map = timestep_map
+
+    def timestep(self, t: Tensor) -> Tensor:
+        return 1000.0 * t - 1.0 if self.timestep_map == "sd" else 1000.0 * t
+
+    def config(self) -> dict:
+        return {"name": self.name} if self.timestep_map == "1000t" else {"name": self.name,
+                                                                          "timestep_map": self.timestep_map}
 
     def alpha(self, t: Tensor) -> Tensor:
         return 1.0 - t

@@ -1,7 +1,8 @@
-"""Samplers as pure functions `sampler(model, x, ts, process, return_path=False, generator=None) -> x_0`.
+"""Samplers as pure functions `sampler(model, x, ts, process, return_path=False, generator=None, cond=None) -> x_0`.
 
-`model(x, t) -> Pred(x0, eps)` with t of shape (B,); `ts` is a grid from `course_lib.grids` (n + 1 times,
-decreasing). No sampler keeps state between calls. With `return_path=True` a sampler returns the states
+`model(x, t, cond) -> Pred(x0, eps)` with t of shape (B,) and cond a conditioning.Cond or None, passed to every
+model call unchanged (k-diffusion's extra_args): the one way to sample a conditional model. `ts` is a grid from
+`course_lib.grids` (n + 1 times, decreasing). No sampler keeps state between calls. With `return_path=True` a sampler returns the states
 at every grid time, shape (n + 1, B, ...), for trajectory figures and straightness. `generator` drives the
 fresh noise of the stochastic samplers (deterministic ones ignore it); noise is drawn on the generator's device
 (the CPU without one) and moved to x's device, so a seed gives the same samples on every device.
@@ -24,13 +25,14 @@ import torch
 from torch import Tensor
 
 from . import steps
+from .conditioning import Cond
 from .predictions import Pred
 from .processes import AffineProcess, as_times, bcast
 from .steps import ddim_step  # noqa: F401  (re-exported: exercise checkers and distill.pd use samplers.ddim_step)
 
 
 class Model(Protocol):
-    def __call__(self, x: Tensor, t: Tensor) -> Pred: ...
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Pred: ...
 
 
 def _finish(path: list[Tensor], return_path: bool) -> Tensor:
@@ -42,40 +44,41 @@ def _coef(f: Callable[[Tensor], Tensor], t: Tensor, x: Tensor) -> Tensor:
 
 
 def _run(step: Callable[..., Tensor], model: Model, x: Tensor, ts: Tensor, process: AffineProcess,
-         return_path: bool) -> Tensor:
+         return_path: bool, cond: Cond | None) -> Tensor:
     """Apply a per-sample step (course_lib.steps) along the grid ts."""
     path = [x]
     for i in range(len(ts) - 1):
-        x = step(model, x, as_times(ts[i], x), as_times(ts[i + 1], x), process)
+        x = step(model, x, as_times(ts[i], x), as_times(ts[i + 1], x), process, cond)
         path.append(x)
     return _finish(path, return_path)
 
 
 @torch.no_grad()
 def ddim(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
-         generator: torch.Generator | None = None) -> Tensor:
+         generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
     """Deterministic DDIM (Song et al. 2021, Eq. 12, eta = 0) on the grid ts: `steps.ddim` at every step."""
-    return _run(steps.ddim, model, x, ts, process, return_path)
+    return _run(steps.ddim, model, x, ts, process, return_path, cond)
 
 
 @torch.no_grad()
 def euler(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
-          generator: torch.Generator | None = None) -> Tensor:
+          generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
     """Euler on the probability-flow ODE dx/dt = u(x, t); exact in one step when paths are straight lines."""
-    return _run(steps.euler, model, x, ts, process, return_path)
+    return _run(steps.euler, model, x, ts, process, return_path, cond)
 
 
 @torch.no_grad()
 def heun(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
-         generator: torch.Generator | None = None) -> Tensor:
+         generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
     """Heun's second-order method, Karras et al. (2022) Algorithm 1 with t in place of sigma (`steps.heun`:
     no correction on a step into t = 0)."""
-    return _run(steps.heun, model, x, ts, process, return_path)
+    return _run(steps.heun, model, x, ts, process, return_path, cond)
 
 
 @torch.no_grad()
 def dpm_solver_pp_2m(model: Model, x: Tensor, ts: Tensor, process: AffineProcess,
-                     return_path: bool = False, generator: torch.Generator | None = None) -> Tensor:
+                     return_path: bool = False, generator: torch.Generator | None = None,
+                     cond: Cond | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), data-prediction form with lambda = log(alpha / sigma):
 
         h_i = lambda_s - lambda_t
@@ -90,7 +93,7 @@ def dpm_solver_pp_2m(model: Model, x: Tensor, ts: Tensor, process: AffineProcess
     n = len(ts) - 1
     for i in range(n):
         t, s = as_times(ts[i], x), as_times(ts[i + 1], x)
-        pred = model(x, t)
+        pred = model(x, t, cond)
         x0 = pred.x0
         a_s, s_t, s_s = _coef(process.alpha, s, x), _coef(process.sigma, t, x), _coef(process.sigma, s, x)
         if float(ts[i + 1]) == 0.0:
@@ -132,7 +135,8 @@ def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 @torch.no_grad()
 def tcd(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
-        generator: torch.Generator | None = None, gamma: float = 0.3, noises: Tensor | None = None) -> Tensor:
+        generator: torch.Generator | None = None, gamma: float = 0.3, noises: Tensor | None = None,
+        cond: Cond | None = None) -> Tensor:
     """TCD's strategic stochastic sampling (Zheng et al. 2024, Sec. 4.3; diffusers' TCDScheduler with eta = gamma).
     Each step t -> s of the grid:
 
@@ -159,7 +163,7 @@ def tcd(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path
     for i in range(n):
         t, s = as_times(ts[i], x), as_times(ts[i + 1], x)
         s_mid = (1.0 - gamma) * s
-        x = steps.ddim(model, x, t, s_mid, process)
+        x = steps.ddim(model, x, t, s_mid, process, cond)
         if gamma > 0 and i < n - 1:
             z = _noise_like(x, generator) if noises is None else noises[i].to(x)
             x = renoise(x, s_mid, s, process, z)
@@ -169,11 +173,11 @@ def tcd(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path
 
 @torch.no_grad()
 def consistency(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1): at each grid time t, x0 = f(x_t, t) (the
     model's x0, e.g. a `models.ConsistencyModel`), then x_s = alpha_s x0 + sigma_s z with fresh z, and the last
     step returns x0. This is `tcd` with gamma = 1."""
-    return tcd(model, x, ts, process, return_path=return_path, generator=generator, gamma=1.0)
+    return tcd(model, x, ts, process, return_path=return_path, generator=generator, gamma=1.0, cond=cond)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -243,11 +247,12 @@ def model_device(model: object) -> torch.device:
 
 @torch.no_grad()
 def generate(model: Callable[..., Pred], process: AffineProcess, shape: tuple[int, ...], sampler: str = "dpmpp2m",
-             steps: int = 32, generator: torch.Generator | None = None, y: Tensor | None = None,
+             steps: int = 32, generator: torch.Generator | None = None, cond: Cond | None = None,
              ts: Tensor | None = None, device: torch.device | str | None = None, return_path: bool = False) -> Tensor:
     """Draw x_1 from the prior and solve to t = 0: `generate(teacher, teacher.process, (1000, 2), "ddim", 8)`.
 
-    model(x, t[, y]) -> Pred; y (B,) fixes class labels for a conditional model. ts defaults to
+    model(x, t, cond) -> Pred; cond (a conditioning.Cond, e.g. conditioning.labels(y, num_classes)) conditions every
+    call. ts defaults to
     grids.default_grid(steps, process). device defaults to the model's (`model_device`). The prior noise is drawn
     with `generator` on its device (the CPU by default) and moved, so one seed gives the same samples on every
     device; the generator also drives the fresh noise of stochastic samplers (tcd, consistency).
@@ -257,8 +262,6 @@ def generate(model: Callable[..., Pred], process: AffineProcess, shape: tuple[in
     run = get_sampler(sampler)
     device = model_device(model) if device is None else device
     x1 = process.prior(shape, generator=generator, device=device)
-    if y is not None:
-        y = y.to(device)
-    m = model if y is None else (lambda x, t: model(x, t, y))
-    return run(m, x1, default_grid(steps, process) if ts is None else ts, process, return_path=return_path,
-               generator=generator)
+    cond = None if cond is None else cond.to(device)
+    return run(model, x1, default_grid(steps, process) if ts is None else ts, process, return_path=return_path,
+               generator=generator, cond=cond)

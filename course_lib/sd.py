@@ -1,9 +1,12 @@
 """Stable Diffusion as a course model: diffusers' parts behind the course's interfaces (cf. k-diffusion's external.py).
 
-    SDDenoiser(unet, process, parameterization)   model(x, t, cond) -> Pred, like every course model
+    SDDenoiser(unet, process, parameterization)   models.Denoiser(SDUNet(unet), ...): model(x, t, cond) -> Pred,
+                                                  the one call of every course model
         x     (B, 4, h, w) VAE latents (already scaled by the VAE's scaling_factor)
-        t     (B,) course time in [0, 1]; the UNet sees timestep = 1000 t - 1 (processes.SDDiscrete), float32
+        t     (B,) course time in [0, 1]; the UNet sees the process's timestep = 1000 t - 1 (processes.SDDiscrete,
+              RectifiedFlow(timestep_map="sd") for SD read as a flow), float32
         cond  a conditioning.Cond with text (encoder_hidden_states) and, for an LCM student, timestep_cond
+    SDUNet(unet)                                  the adapter: diffusers' UNet2DConditionModel as a course backbone
     TextEncoder(tokenizer, text_model)            prompts -> Cond(text=..., null_text=<embedding of "">)
     LatentCodec(vae)                              images in [-1, 1] <-> scaled latents
     load_sd(source)                               all three (and the scheduler's config) from a diffusers folder/hub id
@@ -35,8 +38,9 @@ from torch import Tensor, nn
 
 from .conditioning import Cond
 from .config import seeded
-from .predictions import Pred, to_pred
-from .processes import AffineProcess, RectifiedFlow, SDDiscrete, make_process, time_dtype
+from .models import Denoiser
+from .predictions import Pred
+from .processes import AffineProcess, RectifiedFlow, SDDiscrete, make_process
 
 CONFIG = "config.json"                   # the course's reference beside diffusers' files
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -102,64 +106,92 @@ def _reference(source: str | os.PathLike, subfolder: str | None, revision: str |
 # The denoiser
 # ----------------------------------------------------------------------------------------------------------------
 
-class SDDenoiser(nn.Module):
-    """diffusers' UNet2DConditionModel as a course model: forward(x, t, cond) -> Pred(x0, eps).
+class SDUNet(nn.Module):
+    """The adapter (k-diffusion's external.py idea): diffusers' UNet2DConditionModel behind the course's backbone
+    signature net(x, timestep, class_labels=None, encoder_hidden_states=..., timestep_cond=None) -> tensor, so that
+    Stable Diffusion is a backbone under the one models.Denoiser (the process supplies the timestep, 1000 t - 1).
+
+    A half-precision UNet (fp16 weights for sampling) takes its inputs in its dtype; the solver state x may stay
+    float32, and the course's conversions (to_pred) then run in float32."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None,
+                encoder_hidden_states: Tensor | None = None, timestep_cond: Tensor | None = None,
+                guidance: Tensor | None = None) -> Tensor:
+        if encoder_hidden_states is None:
+            raise ValueError("Stable Diffusion is conditioned on text: pass a Cond with text embeddings "
+                             "(sd.TextEncoder(prompts), or Cond(text=..., null_text=...))")
+        if guidance is not None:
+            raise ValueError("this UNet takes no guidance weight w as an input; an LCM reads cond.w through its "
+                             "w-embedding (distill.lcm.LCMModel makes timestep_cond from it)")
+        if class_labels is not None and getattr(self.unet, "class_embedding", None) is None:
+            raise ValueError("this UNet has no class embedding: a Cond for Stable Diffusion holds text, not labels")
+        if len(encoder_hidden_states) != len(x):
+            raise ValueError(f"the Cond has batch size {len(encoder_hidden_states)}, the latents {len(x)}")
+        dtype = x.dtype if x.dtype == getattr(self.unet, "dtype", x.dtype) else self.unet.dtype
+        out = self.unet(x.to(dtype), timestep.to(torch.float32), encoder_hidden_states=encoder_hidden_states.to(dtype),
+                        class_labels=class_labels,
+                        timestep_cond=None if timestep_cond is None else timestep_cond.to(dtype))
+        return out.sample
+
+
+def sd_process(process: AffineProcess) -> AffineProcess:
+    """The process as a Stable Diffusion UNet reads it: a rectified flow with SD's own time map (timestep
+    1000 t - 1, RectifiedFlow(timestep_map="sd")); SDDiscrete unchanged."""
+    if isinstance(process, RectifiedFlow) and process.timestep_map != "sd":
+        return RectifiedFlow(timestep_map="sd")
+    return process
+
+
+class SDDenoiser(Denoiser):
+    """Stable Diffusion as a course model: models.Denoiser(SDUNet(unet), process, parameterization), called
+    model(x, t, cond) -> Pred(x0, eps) like every course model. This constructor only adds what a pretrained UNet
+    needs to be saved by reference: `reference` (where its weights live), `lora` (the adapter's settings), and
+    `unet` (the diffusers module itself).
 
     process SDDiscrete with parameterization eps / v / x0 (Stable Diffusion itself), or RectifiedFlow with
-    "velocity": the UNet read as a rectified flow's velocity u = eps - x0 at timestep 1000 t (InstaFlow's reading,
-    with SD's own time map, timestep 1000 t - 1; `as_rectified_flow`)."""
-
-    accepts_cond = True  # guidance.cfg hands it a Cond (text and null text), not label tensors
-    synced_methods = ("raw",)  # training losses call raw, not forward: the engine runs it through DDP / FSDP
+    "velocity": the UNet read as a rectified flow's velocity u = eps - x0 (InstaFlow's reading, with SD's own time
+    map, timestep 1000 t - 1: `sd_process`, `as_rectified_flow`)."""
 
     def __init__(self, unet: nn.Module, process: AffineProcess, parameterization: str = "eps",
                  reference: dict | None = None):
-        super().__init__()
         valid = ("velocity",) if isinstance(process, RectifiedFlow) else tuple(PREDICTION_TYPES.values())
         if parameterization not in valid:
             raise ValueError(f"SDDenoiser parameterization with the {process.name!r} process is one of "
                              f"{sorted(valid)}; got {parameterization!r}")
-        self.unet, self.process, self.parameterization = unet, process, parameterization
+        super().__init__(SDUNet(unet), sd_process(process), parameterization)
         self.reference = reference        # {"source", "subfolder", "revision"} of the UNet's pretrained weights
         self.lora: dict | None = None     # LoRA settings once add_lora was called
 
-    def raw(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        """The UNet's native output (eps or v) at latents x (B, 4, h, w), course times t (B,)."""
-        if not isinstance(cond, Cond) or cond.text is None:
-            raise ValueError("Stable Diffusion is conditioned on text: pass a Cond with text embeddings "
-                             "(sd.TextEncoder(prompts), or Cond(text=..., null_text=...))")
-        if cond.pooled is not None or cond.w is not None:
-            raise ValueError("SDDenoiser takes Cond.text and Cond.timestep_cond; pooled embeddings (SDXL) and w as "
-                             "an input (use timestep_cond, LCM's w-embedding) are not supported")
-        if cond.y is not None and getattr(self.unet, "class_embedding", None) is None:
-            raise ValueError("this UNet has no class embedding: a Cond for Stable Diffusion holds text, not labels")
-        if len(cond) != len(x):
-            raise ValueError(f"the Cond has batch size {len(cond)}, the latents {len(x)}")
-        t = t.to(torch.float32)
-        # 1000 t - 1, kept float32: SD's own map (SDDiscrete.timestep), also for the rectified-flow reading, whose
-        # t = 1 (pure noise) then reaches the UNet as timestep 999, where SD's weights saw pure noise
-        timestep = self.process.timestep(t) if isinstance(self.process, SDDiscrete) else 1000.0 * t - 1.0
-        # a half-precision UNet (fp16 weights for sampling) takes its inputs in its dtype; the solver state x may stay
-        # float32, and the course's conversions (to_pred) then run in float32
-        dtype = x.dtype if x.dtype == getattr(self.unet, "dtype", x.dtype) else self.unet.dtype
-        out = self.unet(x.to(dtype), timestep, encoder_hidden_states=cond.text.to(dtype), class_labels=cond.y,
-                        timestep_cond=None if cond.timestep_cond is None else cond.timestep_cond.to(dtype))
-        return out.sample
+    @property
+    def unet(self) -> nn.Module:
+        return self.net.unet
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Pred:
-        return to_pred(self.raw(x, t, cond), x, t.to(time_dtype(x.dtype)), self.process, self.parameterization)
+    def raw(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        """The UNet's native output (eps or v) at latents x (B, 4, h, w), course times t (B,) (taken in float32)."""
+        return super().raw(x, t.to(torch.float32), cond)
 
     def config(self) -> dict:
         """JSON description: the UNet's reference (not its weights), the process, the parameterization, the LoRA."""
         return {"arch": "sd-unet", "unet": self.reference, "process": self.process.config(),
                 "parameterization": self.parameterization, "lora": self.lora}
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state dicts written before the UNet moved under the adapter name it "unet.*"; now "net.unet.*"
+        for key in [k for k in state_dict if k.startswith(prefix + "unet.")]:
+            state_dict[prefix + "net." + key[len(prefix):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def as_rectified_flow(model: SDDenoiser) -> SDDenoiser:
-    """The same UNet (shared, not copied) read as a rectified flow: process RectifiedFlow, parameterization
-    "velocity", timestep 1000 t - 1 (SD's map: t = 1 is timestep 999). InstaFlow's initialisation of the 2-RF from Stable Diffusion's weights (Liu et al.
-    2023): a starting point for reflow training, not yet a flow (cf. distill.reflow.as_flow for course models)."""
-    flow = SDDenoiser(model.unet, RectifiedFlow(), "velocity", model.reference)
+    """The same UNet (shared, not copied) read as a rectified flow: process RectifiedFlow(timestep_map="sd"),
+    parameterization "velocity" (SD's map: t = 1 is timestep 999). InstaFlow's initialisation of the 2-RF from Stable
+    Diffusion's weights (Liu et al. 2023): a starting point for reflow training, not yet a flow (cf.
+    distill.reflow.as_flow for course models)."""
+    flow = SDDenoiser(model.unet, RectifiedFlow(timestep_map="sd"), "velocity", model.reference)
     flow.lora = model.lora
     return flow
 
@@ -341,8 +373,6 @@ class AdapterOff(nn.Module):
     with its adapter switched off (adapter_disabled). The student is held, not registered: it stays owned (trained,
     checkpointed) by whoever owns it. The teacher of LCM-LoRA, of a LoRA reflow stage and DMD2's real score."""
 
-    accepts_cond = True  # guidance.cfg hands it a Cond, as to the SDDenoiser it wraps
-
     def __init__(self, model: nn.Module):
         super().__init__()
         self._model = (model,)
@@ -355,7 +385,7 @@ class AdapterOff(nn.Module):
     def parameterization(self) -> str:
         return self._model[0].parameterization
 
-    def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Pred:
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Pred:
         with adapter_disabled(self._model[0]) as m:
             return m(x, t, cond)
 

@@ -1,12 +1,12 @@
 """One solver step from per-sample times t (B,) to s (B,): the atoms samplers and distillation losses are built from.
 
-    step(model, x, t, s, process, **cond) -> x_s          model(x, t, **cond) -> Pred(x0, eps)
+    step(model, x, t, s, process, cond=None) -> x_s       model(x, t, cond) -> Pred(x0, eps)
 
 Shapes: x (B, ...), t and s (B,), each sample its own pair of times (consistency distillation draws one t per
 sample). Nothing here uses torch.no_grad: consistency-distillation targets and reward gradients go through these
-steps (wrap the call in torch.no_grad() yourself where no gradient is wanted). Keyword arguments `cond` (labels y,
-a guidance weight w, a Cond) are passed to every model call unchanged, except that Heun's second call, made only for
-the samples that need it, receives the same rows of every per-sample value.
+steps (wrap the call in torch.no_grad() yourself where no gradient is wanted). The conditioning `cond` (a
+conditioning.Cond or None) is passed to every model call unchanged, except that Heun's second call, made only for
+the samples that need it, receives the same rows of it (cond[idx]).
 
     step    reads like                                                  NFE
     ddim    x_s = alpha_s x0_hat + sigma_s eps_hat   (Song et al. 2021, Eq. 12, eta = 0)          1
@@ -17,11 +17,12 @@ Times are kept in float32 or wider (see `processes.as_times`); the result has x'
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .conditioning import Cond
 from .predictions import Pred, velocity
 from .processes import AffineProcess, as_times, bcast, time_dtype
 
@@ -42,31 +43,23 @@ def ddim_step(pred: Pred, t: Tensor, s: Tensor, process: AffineProcess) -> Tenso
     return (bcast(process.alpha(s), x0) * x0 + bcast(process.sigma(s), x0) * eps).to(x0.dtype)
 
 
-def ddim(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: AffineProcess, **cond: Any) -> Tensor:
+def ddim(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: AffineProcess,
+         cond: Cond | None = None) -> Tensor:
     """DDIM from t to s: x_s = alpha_s x0_hat(x, t) + sigma_s eps_hat(x, t). One model call."""
     t, s = _times(t, x), _times(s, x)
-    return ddim_step(model(x, t, **cond), t, s, process).to(x.dtype)
+    return ddim_step(model(x, t, cond), t, s, process).to(x.dtype)
 
 
-def euler(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: AffineProcess, **cond: Any) -> Tensor:
+def euler(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: AffineProcess,
+         cond: Cond | None = None) -> Tensor:
     """Euler on the probability-flow ODE: x_s = x + (s - t) u(x, t), u = alpha'(t) x0_hat + sigma'(t) eps_hat.
     Exact in one step when the paths are straight lines. One model call."""
     t, s = _times(t, x), _times(s, x)
-    return (x + bcast(s - t, x) * velocity(model(x, t, **cond), t, process)).to(x.dtype)
+    return (x + bcast(s - t, x) * velocity(model(x, t, cond), t, process)).to(x.dtype)
 
 
-def _rows(value: Any, idx: Tensor, batch: int) -> Any:
-    """The rows idx of a per-sample conditioning value (a (B, ...) tensor or anything with len B that can be
-    indexed, e.g. a Cond); other values (a float w, a (1, L, D) null embedding) are passed unchanged."""
-    if isinstance(value, Tensor):
-        return value[idx] if value.ndim and value.shape[0] == batch else value
-    if hasattr(value, "__getitem__") and hasattr(value, "__len__") and not isinstance(value, (str, bytes)) \
-            and len(value) == batch:
-        return value[idx]
-    return value
-
-
-def heun(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: AffineProcess, **cond: Any) -> Tensor:
+def heun(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: AffineProcess,
+         cond: Cond | None = None) -> Tensor:
     """Heun's second-order step t -> s (Karras et al. 2022, Algorithm 1, with t in place of sigma):
 
         d   = u(x, t)                      slope at the start
@@ -76,17 +69,16 @@ def heun(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: A
     The second model call is made only for the samples with s != 0 (none when all s are 0): 2 NFE, or 1."""
     t, s = _times(t, x), _times(s, x)
     h = bcast(s - t, x)
-    d = velocity(model(x, t, **cond), t, process)
+    d = velocity(model(x, t, cond), t, process)
     x_euler = x + h * d
     need = s != 0
     if not bool(need.any()):
         return x_euler.to(x.dtype)
     if bool(need.all()):
-        d_next = velocity(model(x_euler, s, **cond), s, process)
+        d_next = velocity(model(x_euler, s, cond), s, process)
         return (x + h * 0.5 * (d + d_next)).to(x.dtype)
     idx = need.nonzero().squeeze(1)
-    sub = {k: _rows(v, idx, len(x)) for k, v in cond.items()}
-    d_next = velocity(model(x_euler[idx], s[idx], **sub), s[idx], process)
+    d_next = velocity(model(x_euler[idx], s[idx], None if cond is None else cond[idx]), s[idx], process)
     corrected = x[idx] + h[idx] * 0.5 * (d[idx] + d_next)
     return x_euler.index_put((idx,), corrected).to(x.dtype)        # out of place: gradients flow to both parts
 

@@ -20,6 +20,7 @@ import torch
 
 from . import paths
 from .checkpoint import CheckpointError, load_tensors
+from .conditioning import labels
 from .config import seeded
 from .images import batch_sampler, load_digits
 from .losses import denoising_loss
@@ -61,7 +62,8 @@ class Recipe:
 
     def loss(self, model: Denoiser, batch, g: torch.Generator) -> torch.Tensor:
         x0, y = batch
-        return denoising_loss(model, x0, g, y, p_uncond=self.p_uncond if self.conditional else 0.0)
+        cond = labels(y, model.net.num_classes) if self.conditional else None
+        return denoising_loss(model, x0, g, cond, p_uncond=self.p_uncond if self.conditional else 0.0)
 
 
 MLP_2D = {"dim": 2, "hidden": 256, "depth": 4}

@@ -7,7 +7,8 @@ Classifier-free guidance costs two network evaluations per sampling step, condit
 
 Meng et al. remove both costs, the second evaluation and the many steps, in two stages:
 
-Stage 1 (Sec. 3.1): one w-conditioned student x_hat_eta1(z_t, t, y, w) learns the guided teacher for every
+Stage 1 (Sec. 3.1): one w-conditioned student x_hat_eta1(z_t, t, c) with c = (y, w) (the course's
+`cond.replace(w=w)`) learns the guided teacher for every
 w in [w_min, w_max] at once (w enters through a Fourier embedding added to the time embedding:
 `models.with_guidance_input`):
 
@@ -17,7 +18,7 @@ w in [w_min, w_max] at once (w enters through a Fourier embedding added to the t
 (the paper writes a generic weighting omega(lambda_t); the course uses PD's truncated SNR, as for stage 2).
 
 Stage 2 (Sec. 3.2): progressive distillation (course_lib.distill.pd, unchanged) of the stage-1 student, w kept
-as an input: the batches carry {"y": y, "w": w} with w ~ U[w_min, w_max] per sample, and teacher and
+as an input: the batches carry Cond(y=y, null_y=num_classes, w=w) with w ~ U[w_min, w_max] per sample, and teacher and
 student see the same w. A student for a step count not reachable by halving is refused by pd.check_halving;
 a w outside [w_min, w_max] by the student's guidance embedding.
 
@@ -40,6 +41,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..conditioning import Cond, labelled
 from ..guidance import cfg
 from ..models import Denoiser, guidance_range, with_guidance_input
 from ..processes import AffineProcess
@@ -63,72 +65,73 @@ def draw_w(n: int, w_range: tuple[float, float], generator: torch.Generator, p_w
 
 
 @torch.no_grad()
-def guided_target(teacher: Callable, z_t: Tensor, t: Tensor, y: Tensor, w: Tensor, null_label: int) -> Tensor:
+def guided_target(teacher: Callable, z_t: Tensor, t: Tensor, cond: Cond, w: Tensor) -> Tensor:
     """x0_w (B, ...): the guided teacher's x-prediction (1 + w) x0(z_t | y) - w x0(z_t | null), one batched call.
 
-    z_t (B, ...), t (B,), y (B,) labels, w (B,) guidance weights (or a float); teacher(x, t, y) -> Pred."""
-    return cfg(teacher, w, null_label)(z_t, t, y).x0
+    z_t (B, ...), t (B,), cond the labels (conditioning.labels(y, num_classes)), w (B,) guidance weights (or a
+    float); teacher(x, t, cond) -> Pred."""
+    return cfg(teacher, w)(z_t, t, cond).x0
 
 
-def guided_loss_at(student: Callable, teacher: Callable, x0: Tensor, y: Tensor, t: Tensor, eps: Tensor, w: Tensor,
-                   null_label: int, process: AffineProcess) -> Tensor:
+def guided_loss_at(student: Callable, teacher: Callable, x0: Tensor, cond: Cond, t: Tensor, eps: Tensor, w: Tensor,
+                   process: AffineProcess) -> Tensor:
     """Stage-1 loss (B,) at given t (B,), eps (B, ...), w (B,): truncated-SNR-weighted squared error between the
-    student's x-prediction x_hat(z_t, t, y, w) and the guided teacher's x0_w(z_t)."""
+    student's x-prediction x_hat(z_t, t, (y, w)) and the guided teacher's x0_w(z_t)."""
     z_t = process.marginal(x0, t, eps)                                            # (B, ...)
-    x0_w = guided_target(teacher, z_t, t, y, w, null_label)                       # (B, ...)
-    x_hat = student(z_t, t, y, w).x0                                              # (B, ...)
+    x0_w = guided_target(teacher, z_t, t, cond, w)                                # (B, ...)
+    x_hat = student(z_t, t, cond.replace(w=w)).x0                                 # (B, ...)
     weight = (process.alpha(t) ** 2 / process.sigma(t) ** 2).clamp_min(1.0)      # max(SNR, 1), (B,)
     return weight * (x_hat - x0_w).pow(2).flatten(1).mean(1)
 
 
-def guided_loss(student: Denoiser, teacher: Callable, x0: Tensor, y: Tensor, w_range: tuple[float, float],
-                null_label: int, generator: torch.Generator, t_min: float = 1e-3, p_w_min: float = 0.0) -> Tensor:
+def guided_loss(student: Denoiser, teacher: Callable, x0: Tensor, cond: Cond, w_range: tuple[float, float],
+                generator: torch.Generator, t_min: float = 1e-3, p_w_min: float = 0.0) -> Tensor:
     """Stage-1 loss (B,) with w from draw_w (U[w_min, w_max], w_min with probability p_w_min), t ~ U(t_min, 1),
     eps ~ N(0, I) drawn from `generator`."""
     B = x0.shape[0]
     w = draw_w(B, w_range, generator, p_w_min).to(x0)
     t = t_min + (1 - t_min) * torch.rand(B, generator=generator, device=generator.device).to(x0)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
-    return guided_loss_at(student, teacher, x0, y, t, eps, w, null_label, student.process)
+    return guided_loss_at(student, teacher, x0, cond, t, eps, w, student.process)
 
 
-def distill_guidance(teacher: Denoiser, sample_data: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
+def distill_guidance(teacher: Denoiser, sample_data: Callable[[int, torch.Generator], tuple[Tensor, Cond]],
                      w_range: tuple[float, float], cfg_train: TrainConfig, ckpt_dir=None, progress: bool = True,
                      t_min: float = 1e-3, p_w_min: float = 0.0) -> Trained:
     """Stage 1: train a w-conditioned student (a copy of `teacher` plus a guidance embedding) on the guided teacher.
 
-    sample_data(n, g) -> (x0 (n, ...), y (n,)) draws labelled data. The teacher must be class-conditional with
-    null label num_classes (trained with label dropout). Returns the engine's Trained; `.best()` is the student.
+    sample_data(n, g) -> (x0 (n, ...), cond) draws labelled data (cond = conditioning.labels(y, num_classes);
+    `conditioning.labelled` wraps an (x0, y) sampler). The teacher must be class-conditional with null label
+    num_classes (trained with label dropout). Returns the engine's Trained; `.best()` is the student.
     Resumes from ckpt_dir like every course training run."""
-    null_label = getattr(teacher.net, "num_classes", None)
-    if not null_label:
+    if not getattr(teacher.net, "num_classes", None):
         raise ValueError("guided distillation needs a class-conditional teacher (its net's num_classes is the null "
                          "label of classifier-free guidance)")
     frozen = copy.deepcopy(teacher).eval().requires_grad_(False)
     student = with_guidance_input(teacher, w_range)
 
     def loss(model, batch, g):
-        x0, y = batch
-        return guided_loss(model, frozen, x0, y, w_range, null_label, g, t_min, p_w_min)
+        x0, cond = batch
+        return guided_loss(model, frozen, x0, cond, w_range, g, t_min, p_w_min)
 
     return train(student, loss, sample_data, cfg_train, ckpt_dir=ckpt_dir, progress=progress,
                  extra_config={"method": "guided-distillation-stage1", "w_range": list(w_range), "p_w_min": p_w_min})
 
 
-def guided_batches(sample_data: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
+def guided_batches(sample_data: Callable[[int, torch.Generator], tuple[Tensor, Cond]],
                    w_range: tuple[float, float], p_w_min: float = 0.0
-                   ) -> Callable[[int, torch.Generator], tuple[Tensor, dict[str, Tensor]]]:
-    """Stage 2's sample_batch for pd: (n, g) -> (x0, {"y": y, "w": w}) with w from draw_w per sample
+                   ) -> Callable[[int, torch.Generator], tuple[Tensor, Cond]]:
+    """Stage 2's sample_batch for pd: (n, g) -> (x0, cond.replace(w=w)) with w from draw_w per sample
     (U[w_min, w_max], w_min with probability p_w_min)."""
 
-    def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        x0, y = sample_data(n, g)
-        return x0, {"y": y, "w": draw_w(n, w_range, g, p_w_min).to(x0)}
+    def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Cond]:
+        x0, cond = sample_data(n, g)
+        return x0, cond.replace(w=draw_w(n, w_range, g, p_w_min).to(x0))
 
     return sample_batch
 
 
-def distill_steps(student: Denoiser, sample_data: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
+def distill_steps(student: Denoiser, sample_data: Callable[[int, torch.Generator], tuple[Tensor, Cond]],
                   n_start: int, n_end: int, cfg_train: TrainConfig | Callable[[int], TrainConfig],
                   ckpt_dir=None, progress: bool = True, p_w_min: float = 0.0) -> dict[int, Denoiser]:
     """Stage 2: progressive distillation of a stage-1 student from n_start DDIM steps to n_end, w as an input.
@@ -178,7 +181,7 @@ def guided_2d_students(teacher: Denoiser, budget: dict, w_range: tuple[float, fl
     from ..config import seeded
     from ..data2d import sample_2d
 
-    sample = lambda n, g: sample_2d("gmm-overlap", n, g)
+    sample = labelled(lambda n, g: sample_2d("gmm-overlap", n, g), teacher.net.num_classes)
     t0 = time.perf_counter()
     p_w_min = budget.get("p_w_min", 0.0)
     starts: dict[int, float] = {}

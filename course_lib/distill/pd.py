@@ -22,11 +22,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from ..conditioning import Cond, check
 from ..models import Denoiser
 from ..processes import AffineProcess, bcast
 from ..samplers import ddim_step
@@ -46,17 +47,16 @@ def check_halving(n_start: int, n_end: int) -> int:
 
 @torch.no_grad()
 def pd_target(teacher: Callable, z_t: Tensor, t: Tensor, N: int, process: AffineProcess,
-              cond: Mapping[str, Tensor] | None = None) -> Tensor:
+              cond: Cond | None = None) -> Tensor:
     """The student's x-target x_tilde (B, ...) at z_t (B, ...), t = (i+1)/N (B,), from two teacher DDIM steps.
 
-    cond: keyword inputs of a conditional model, e.g. {"y": labels (B,)} or {"y": labels, "w": weights (B,)}
-    for a guided student (notebook 02); teacher and student see the same ones."""
+    cond: the conditioning (a Cond: labels, and w for a guided student, notebook 02) or None; teacher and student
+    see the same one."""
     t1, t2 = t - 0.5 / N, t - 1.0 / N
     t2 = t2.clamp_min(0.0)
-    call = lambda x, s: teacher(x, s, **(cond or {}))
-    p = call(z_t, t)
+    p = teacher(z_t, t, cond)
     z1 = ddim_step(p, t, t1, process)                              # first teacher step t -> t'
-    p1 = call(z1, t1)
+    p1 = teacher(z1, t1, cond)
     z2 = ddim_step(p1, t1, t2, process)                            # second teacher step t' -> t''
     a, s = bcast(process.alpha(t), z_t), bcast(process.sigma(t), z_t)
     a2, s2 = bcast(process.alpha(t2), z_t), bcast(process.sigma(t2), z_t)
@@ -67,17 +67,17 @@ def pd_target(teacher: Callable, z_t: Tensor, t: Tensor, N: int, process: Affine
 
 
 def pd_loss_at(student: Callable, teacher: Callable, x0: Tensor, t: Tensor, eps: Tensor, N: int,
-               process: AffineProcess, cond: Mapping[str, Tensor] | None = None) -> Tensor:
+               process: AffineProcess, cond: Cond | None = None) -> Tensor:
     """Per-sample PD loss (B,) at given grid times t = (i+1)/N (B,) and noise eps (B, ...)."""
     z_t = process.marginal(x0, t, eps)
     x_tilde = pd_target(teacher, z_t, t, N, process, cond)
-    x_hat = student(z_t, t, **(cond or {})).x0
+    x_hat = student(z_t, t, cond).x0
     w = (process.alpha(t) ** 2 / process.sigma(t) ** 2).clamp_min(1.0)   # max(SNR, 1)
     return w * (x_hat - x_tilde).pow(2).flatten(1).mean(1)
 
 
 def pd_loss(student: Denoiser, teacher: Callable, x0: Tensor, N: int, generator: torch.Generator,
-            cond: Mapping[str, Tensor] | None = None) -> Tensor:
+            cond: Cond | None = None) -> Tensor:
     """Per-sample PD loss (B,) with truncated-SNR weighting; i ~ U{0..N-1}, t = (i+1)/N, eps ~ N(0, I)."""
     B = x0.shape[0]
     i = torch.randint(N, (B,), generator=generator, device=generator.device).to(x0.device)
@@ -86,21 +86,19 @@ def pd_loss(student: Denoiser, teacher: Callable, x0: Tensor, N: int, generator:
     return pd_loss_at(student, teacher, x0, t, eps, N, student.process, cond)
 
 
-def split_batch(batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-    """A batch is x0, (x0, y) with y labels or None, or (x0, cond) with cond a dict of model inputs."""
+def split_batch(batch: Any) -> tuple[Tensor, Cond | None]:
+    """A batch is x0, or (x0, cond) with cond a Cond (labels: conditioning.labels(y, num_classes)) or None."""
     if not isinstance(batch, tuple):
-        return batch, {}
+        return batch, None
     x0, c = batch
-    if c is None:
-        return x0, {}
-    return x0, (dict(c) if isinstance(c, Mapping) else {"y": c})
+    return x0, check(c)
 
 
 def distill_round(teacher: Denoiser, N: int, sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
                   ckpt_dir=None, progress: bool = True, accelerator=None) -> Trained:
     """One round: a student initialised from the teacher learns N steps from the teacher's 2N.
 
-    sample_batch(n, g) returns x0, (x0, y) or (x0, cond dict); see `split_batch`."""
+    sample_batch(n, g) returns x0 or (x0, cond); see `split_batch`."""
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
 
@@ -136,7 +134,7 @@ def progressive_distillation(teacher: Denoiser, sample_batch: Callable, n_start:
 
 @torch.no_grad()
 def target_geometry(teacher: Callable, z_t: Tensor, t: Tensor, N: int, process: AffineProcess,
-                    cond: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+                    cond: Cond | None = None) -> dict[str, Tensor]:
     """The points of one PD target, for drawing it (notebook 01's figure); every value (B, ...):
 
         z_t          the start, at t = (i+1)/N
@@ -149,10 +147,9 @@ def target_geometry(teacher: Callable, z_t: Tensor, t: Tensor, N: int, process: 
                      scaled_z, z_t2 and x_tilde lie on one line (as do scaled_z, one_step and x_hat)
     """
     t1, t2 = t - 0.5 / N, (t - 1.0 / N).clamp_min(0.0)
-    call = lambda x, s: teacher(x, s, **(cond or {}))
-    p = call(z_t, t)
+    p = teacher(z_t, t, cond)
     z1 = ddim_step(p, t, t1, process)
-    z2 = ddim_step(call(z1, t1), t1, t2, process)
+    z2 = ddim_step(teacher(z1, t1, cond), t1, t2, process)
     return {"z_t": z_t, "z_t1": z1, "z_t2": z2, "one_step": ddim_step(p, t, t2, process), "x_hat": p.x0,
             "x_tilde": pd_target(teacher, z_t, t, N, process, cond),
             "scaled_z": bcast(process.sigma(t2) / process.sigma(t), z_t) * z_t}
