@@ -145,9 +145,16 @@ class Cond:
                 out[f.name] = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
         return replace(self, **out)
 
-    def replace(self, **changes) -> "Cond":
-        """A copy with some fields changed: cond.replace(w=w) gives a guided student (or an LCM) its weight w (B,)."""
-        return replace(self, **changes)
+    def with_w(self, w: float | Tensor | None) -> "Cond":
+        """The same conditioning with guidance weight w as a model input (a guided student, an LCM reads cond.w):
+        a float or 0-d tensor is broadcast to (B,); None removes it."""
+        if w is None:
+            return replace(self, w=None)
+        w = torch.as_tensor(w)
+        if w.ndim == 0:
+            device = next(getattr(self, n).device for n in BATCHED if getattr(self, n) is not None)
+            w = w.to(device=device, dtype=torch.float32).expand(len(self))
+        return replace(self, w=w)
 
     def __repr__(self) -> str:
         parts = []

@@ -25,7 +25,8 @@ grids.uniform(k)), the schedule of diffusers' SD-Turbo pipelines.
 
 Networks seen by the method step (`add_step`, for `train.train_networks`): "discriminator" (its heads; updated
 first each iteration), "student", and the frozen "teacher". Batches are dicts: "x" real samples (B, ...), optional
-"y" labels (B,) (the heads then add a projection term; the student and teacher are class-conditional).
+"cond" a Cond of labels (conditioning.labels; the heads then add a projection term; the student and teacher are
+class-conditional).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..conditioning import Cond, check
 from ..config import announce_once, seeded
 from ..predictions import Pred
 from ..processes import AffineProcess
@@ -76,13 +78,13 @@ def distill_weight(t: Tensor, process: AffineProcess, weighting: str = "exponent
 
 
 def distillation_loss(x_hat: Tensor, teacher: Callable[..., Pred], t: Tensor, eps: Tensor, process: AffineProcess,
-                      y: Any = None, weighting: str = "exponential") -> Tensor:
+                      cond: Cond | None = None, weighting: str = "exponential") -> Tensor:
     """L_distill (ADD Sec. 3.3) per sample (B,): x_hat_t = alpha_t x_hat + sigma_t eps (t (B,), eps like x_hat), the
     teacher's x0 of it under stop-gradient (no graph through the teacher), c(t) ||x_hat - target||^2 as a mean
     over the data dimensions. Gradients reach x_hat (the student) only through its first occurrence."""
     with torch.no_grad():
         x_t = process.marginal(x_hat.detach(), t, eps)
-        target = (teacher(x_t, t) if y is None else teacher(x_t, t, y)).x0
+        target = teacher(x_t, t, cond).x0
     return distill_weight(t, process, weighting) * (x_hat - target).pow(2).flatten(1).mean(1)
 
 
@@ -205,39 +207,37 @@ def add_step(cfg: ADDConfig, process: AffineProcess, distill_fn: Callable | None
     discriminator phase: x_hat = student(x_s, s) without grad, L = L_adv^D(x0, x_hat) (hinge + gamma/2 R1 on x0)
     student phase:       x_hat = student(x_s, s),  L = L_adv^G(x_hat) + lambda c(t) ||x_hat - sg teacher(x_hat_t)||^2
 
-    distill_fn(x_hat, teacher, t, eps, process) -> (B,) and disc_fn(D, x_real, x_fake, r1_gamma) -> (B,) replace
-    the library's losses (a notebook's exercises); the teacher they get is already conditioned on the batch's labels.
+    distill_fn(x_hat, teacher, t, eps, process, cond) -> (B,) and disc_fn(D, x_real, x_fake, r1_gamma) -> (B,)
+    replace the library's losses (a notebook's exercises); cond is the batch's conditioning (labels) or None.
     """
-    from ..guidance import condition
-
     times = torch.tensor(student_times(cfg.student_steps))
     if distill_fn is None:
-        distill_fn = lambda x_hat, T, t, eps, proc: distillation_loss(x_hat, T, t, eps, proc, None, cfg.weighting)
+        distill_fn = lambda x_hat, T, t, eps, proc, c: distillation_loss(x_hat, T, t, eps, proc, c, cfg.weighting)
     if disc_fn is None:
         disc_fn = lambda D, x_real, x_fake, gamma: discriminator_loss(D, x_real, x_fake, gamma, cfg.loss)
 
-    def student_sample(ctx: StepContext, x0: Tensor, y: Any) -> Tensor:
+    def student_sample(ctx: StepContext, x0: Tensor, cond: Cond | None) -> Tensor:
         g = ctx.generator
         i = torch.randint(len(times), (len(x0),), generator=g, device=g.device).cpu()
         s = times[i].to(x0.device)                                                        # (B,) s ~ U(T_student)
         eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0)
         x_s = student_input(x0, s, eps, process)
         G = ctx.nets["student"]
-        return (G(x_s, s) if y is None else G(x_s, s, y)).x0
+        return G(x_s, s, cond).x0
 
     def step(ctx: StepContext, batch: Mapping[str, Tensor]) -> Tensor:
-        x0, y = batch["x"], batch.get("y")
+        x0, cond = batch["x"], check(batch.get("cond"))
         g = ctx.generator
-        D = lambda x: ctx.nets["discriminator"](x, y, g)
+        D = lambda x: ctx.nets["discriminator"](x, cond, g)
         if ctx.phase == "discriminator":
             with torch.no_grad():
-                x_hat = student_sample(ctx, x0, y)
+                x_hat = student_sample(ctx, x0, cond)
             lazy = ctx.step % (cfg.r1_every * cfg.d_every) == 0
             gamma = cfg.r1_gamma * cfg.r1_every if lazy else 0.0
             with _double_backward_attention() if gamma > 0 else contextlib.nullcontext():
                 loss = disc_fn(D, x0, x_hat, gamma)
             return guard(loss, "discriminator", ctx.step, cfg.max_loss)
-        x_hat = student_sample(ctx, x0, y)
+        x_hat = student_sample(ctx, x0, cond)
         loss = torch.zeros(len(x0), device=x0.device)
         if cfg.adversarial:
             loss = loss + generator_adv_loss(D, x_hat, cfg.loss)
@@ -245,8 +245,7 @@ def add_step(cfg: ADDConfig, process: AffineProcess, distill_fn: Callable | None
             lo, hi = cfg.teacher_t
             t = (lo + (hi - lo) * torch.rand(len(x0), generator=g, device=g.device)).to(x0.device)
             eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0)
-            T = ctx.nets["teacher"] if y is None else condition(ctx.nets["teacher"], y)
-            loss = loss + cfg.lambda_distill * distill_fn(x_hat, T, t, eps, process)
+            loss = loss + cfg.lambda_distill * distill_fn(x_hat, ctx.nets["teacher"], t, eps, process, cond)
         return guard(loss, "student", ctx.step, cfg.max_loss)
 
     return step
@@ -289,7 +288,7 @@ def distill_add(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
 
 @torch.no_grad()
 def sample(G: Callable[..., Pred], z: Tensor, k: int, process: AffineProcess, generator: torch.Generator | None = None,
-           y: Any = None, noises: Tensor | None = None) -> Tensor:
+           cond: Cond | None = None, noises: Tensor | None = None) -> Tensor:
     """k-step ADD sampling from z = x_1 (B, ...) on the trailing grid t_i = 1 - i / k (i = 0..k-1; SD-Turbo's 999,
     749, 499, 249 for k = 4): x0 = G(x, t_i).x0, then x = alpha x0 + sigma eps at t_{i+1} with fresh eps (noises[i]
     (k - 1, B, ...) when given, else drawn from `generator`), and the last x0 is the sample. This is multistep
@@ -298,7 +297,7 @@ def sample(G: Callable[..., Pred], z: Tensor, k: int, process: AffineProcess, ge
     x = z
     for i, t in enumerate(times):
         tt = torch.full((len(z),), t, device=z.device, dtype=z.dtype if z.is_floating_point() else torch.float32)
-        x0 = (G(x, tt) if y is None else G(x, tt, y)).x0
+        x0 = G(x, tt, cond).x0
         if i == k - 1:
             return x0
         if noises is not None:

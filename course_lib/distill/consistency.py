@@ -39,12 +39,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from .. import distances, steps
+from ..conditioning import Cond, check
 from ..models import ConsistencyModel
 from ..processes import AffineProcess, EDM, bcast
 from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
@@ -71,10 +72,10 @@ def consistency_scalings(t: Tensor, process: AffineProcess, t_min: float, sigma_
 
 
 def consistency_fn(model: Callable, x: Tensor, t: Tensor, t_min: float, sigma_data: float = SIGMA_DATA,
-                   **cond: Any) -> Tensor:
-    """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t) (B, ...) for a course model (x0_hat = model(x, t).x0)."""
+                   cond: Cond | None = None) -> Tensor:
+    """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t) (B, ...) for a course model (x0_hat = model(x, t, cond).x0)."""
     c_skip, c_out = (bcast(c, x) for c in consistency_scalings(t, model.process, t_min, sigma_data))
-    return c_skip * x + c_out * model(x, t, **cond).x0
+    return c_skip * x + c_out * model(x, t, cond).x0
 
 
 def consistency_model(model: nn.Module, t_min: float | None = None, sigma_data: float = SIGMA_DATA
@@ -123,30 +124,28 @@ def lognormal_index_probs(grid: Tensor, process: AffineProcess, p_mean: float = 
 
 def cd_loss_at(student: Callable, target: Callable, teacher: Callable, x0: Tensor, eps: Tensor, t_next: Tensor,
                t_cur: Tensor, process: AffineProcess, solver: str = "heun", distance: str = "l2",
-               weighting: str = "uniform", cond: Mapping[str, Any] | None = None) -> Tensor:
+               weighting: str = "uniform", cond: Cond | None = None) -> Tensor:
     """Consistency-distillation loss (paper Eq. 7, Algorithm 2) per sample (B,) at given adjacent times
     t_cur = t_n < t_next = t_{n+1} (B,) and noise eps (B, ...). student and target are consistency models
-    (their .x0 is f); teacher a course model; solver "heun" or "ddim" (course_lib.steps); cond: keyword inputs of a
-    conditional model (labels y), the same for all three."""
-    cond = dict(cond or {})
+    (their .x0 is f); teacher a course model; solver "heun" or "ddim" (course_lib.steps); cond: the conditioning (a Cond,
+    e.g. labels) or None, the same for all three."""
     x_next = process.marginal(x0, t_next, eps)                                   # x_{t_{n+1}}
     with torch.no_grad():                                                        # the target is a constant
-        x_cur = steps.STEPS[solver](teacher, x_next, t_next, t_cur, process, **cond)   # teacher's ODE step
-        f_target = target(x_cur, t_cur, **cond).x0                               # f_{theta^-}(x_hat_{t_n}, t_n)
-    f_online = student(x_next, t_next, **cond).x0                                # f_theta(x_{t_{n+1}}, t_{n+1})
+        x_cur = steps.STEPS[solver](teacher, x_next, t_next, t_cur, process, cond)     # teacher's ODE step
+        f_target = target(x_cur, t_cur, cond).x0                                 # f_{theta^-}(x_hat_{t_n}, t_n)
+    f_online = student(x_next, t_next, cond).x0                                  # f_theta(x_{t_{n+1}}, t_{n+1})
     loss = distances.get(distance)(f_online, f_target)
     return loss * ict_weight(t_cur, t_next, process) if weighting == "ict" else _check_weighting(weighting, loss)
 
 
 def ct_loss_at(student: Callable, target: Callable, x0: Tensor, eps: Tensor, t_next: Tensor, t_cur: Tensor,
                process: AffineProcess, distance: str = "l2", weighting: str = "uniform",
-               cond: Mapping[str, Any] | None = None) -> Tensor:
+               cond: Cond | None = None) -> Tensor:
     """Consistency-training loss (paper Eq. 10, Algorithm 3) per sample (B,): no teacher; the cleaner point is
     x0 noised with the SAME eps to t_cur (the one-sample estimate of the ODE step, exact as N -> infinity)."""
-    cond = dict(cond or {})
     with torch.no_grad():
-        f_target = target(process.marginal(x0, t_cur, eps), t_cur, **cond).x0
-    f_online = student(process.marginal(x0, t_next, eps), t_next, **cond).x0
+        f_target = target(process.marginal(x0, t_cur, eps), t_cur, cond).x0
+    f_online = student(process.marginal(x0, t_next, eps), t_next, cond).x0
     loss = distances.get(distance)(f_online, f_target)
     return loss * ict_weight(t_cur, t_next, process) if weighting == "ict" else _check_weighting(weighting, loss)
 
@@ -240,11 +239,11 @@ class CMConfig:
     schedule: CTSchedule | None = field(default=None)   # CT only: N(k), mu(k)
 
 
-def _split(batch: Any) -> tuple[Tensor, dict]:
+def _split(batch: Any) -> tuple[Tensor, Cond | None]:
     if isinstance(batch, tuple):
-        x0, y = batch
-        return x0, ({} if y is None else {"y": y})
-    return batch, {}
+        x0, cond = batch
+        return x0, check(cond)
+    return batch, None
 
 
 def cd_step(cfg: CMConfig, grid: Tensor, probs: Tensor | None = None) -> Callable[[StepContext, Any], Tensor]:
@@ -331,7 +330,7 @@ def _describe(cfg: CMConfig) -> dict:
 @torch.no_grad()
 def multistep_sample(model: Callable, x: Tensor, ts: Tensor | list[float], process: AffineProcess, t_min: float,
                      noises: Tensor | None = None, generator: torch.Generator | None = None,
-                     return_path: bool = False, **cond: Any) -> Tensor:
+                     return_path: bool = False, cond: Cond | None = None) -> Tensor:
     """Multistep consistency sampling (paper Algorithm 1) from x = x_{ts[0]} (B, ...), ts decreasing (ts[0] = 1):
 
         x0 = f(x, ts[0])
@@ -347,7 +346,7 @@ def multistep_sample(model: Callable, x: Tensor, ts: Tensor | list[float], proce
     ts = [float(v) for v in ts]
     tm = torch.full((len(x),), t_min, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                     device=x.device)
-    x0 = model(x, torch.full_like(tm, ts[0]), **cond).x0
+    x0 = model(x, torch.full_like(tm, ts[0]), cond).x0
     path = [x0]
     for k, tau in enumerate(ts[1:]):
         if noises is not None:
@@ -357,7 +356,7 @@ def multistep_sample(model: Callable, x: Tensor, ts: Tensor | list[float], proce
             z = torch.randn(x.shape, generator=generator, device=dev, dtype=torch.promote_types(x.dtype, torch.float32)
                             ).to(device=x.device, dtype=x.dtype)
         x_tau = renoise(x0, tm, torch.full_like(tm, tau), process, z)
-        x0 = model(x_tau, torch.full_like(tm, tau), **cond).x0
+        x0 = model(x_tau, torch.full_like(tm, tau), cond).x0
         path.append(x0)
     return torch.stack(path) if return_path else x0
 

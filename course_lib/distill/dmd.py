@@ -31,7 +31,7 @@ DMD2 drops it and instead (Sec. 4):
 `two_time_scale` is the TTUR loop written out (the notebook's exercise); train_networks does the same with
 `Network(every=ttur)`. Networks seen by the method step (`dmd_step`, for `train.train_networks`): "generator" (trained every `ttur`-th
 iteration), "critic" (a `Critic`: the fake score and its GAN head, trained every iteration) and the frozen
-"teacher". Batches are dicts: "x" real samples (B, ...), optional "y" labels (B,), optional "z_ref", "x_ref"
+"teacher". Batches are dicts: "x" real samples (B, ...), optional "cond" (a Cond of labels), optional "z_ref", "x_ref"
 (the regression pairs).
 """
 from __future__ import annotations
@@ -44,8 +44,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import distances
+from ..conditioning import Cond, check
 from ..config import seeded
-from ..guidance import cfg as guided, condition
+from ..guidance import cfg as guided
 from ..predictions import Pred, from_pred
 from ..processes import AffineProcess
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
@@ -70,26 +71,25 @@ def dm_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor, normalize: str = "s
 
 
 def dm_loss(x: Tensor, real: Callable[..., Pred], fake: Callable[..., Pred], process: AffineProcess, t: Tensor,
-            eps: Tensor, y: Any = None, normalize: str = "sample") -> Tensor:
+            eps: Tensor, cond: Cond | None = None, normalize: str = "sample") -> Tensor:
     """L_DM per sample (B,) for generator samples x (B, ...) (with grad), times t (B,) and noise eps (B, ...):
     x_t = alpha_t sg(x) + sigma_t eps, both denoisers evaluated without grad, then 1/2 ||x - sg(x - g)||^2 as a mean
     over the data dimensions, whose gradient with respect to x is g / D. real and fake are course models
-    (x, t[, y]) -> Pred; real may be a guided model (guidance.cfg)."""
+    (x, t, cond) -> Pred; real may be a guided model (guidance.cfg)."""
     with torch.no_grad():
         x_t = process.marginal(x.detach(), t, eps)
-        args = () if y is None else (y,)
-        x0_real, x0_fake = real(x_t, t, *args).x0, fake(x_t, t, *args).x0
+        x0_real, x0_fake = real(x_t, t, cond).x0, fake(x_t, t, cond).x0
         g = dm_gradient(x.detach(), x0_real, x0_fake, normalize)
     return 0.5 * (x - (x.detach() - g)).pow(2).flatten(1).mean(1)
 
 
-def fake_score_loss(fake: nn.Module, x: Tensor, t: Tensor, eps: Tensor, y: Any = None) -> Tensor:
+def fake_score_loss(fake: nn.Module, x: Tensor, t: Tensor, eps: Tensor, cond: Cond | None = None) -> Tensor:
     """The fake score's denoising loss on generator samples (DMD Eq. 6), per sample (B,): the ordinary diffusion
     loss in the fake model's own parameterization, on stopgrad(x) (the generator is not trained by it)."""
     x0 = x.detach()
     x_t = fake.process.marginal(x0, t, eps)
     target = from_pred(Pred(x0, eps), t, fake.process, fake.parameterization)
-    return (fake.raw(x_t, t, y) - target).pow(2).flatten(1).mean(1)
+    return (fake.raw(x_t, t, cond) - target).pow(2).flatten(1).mean(1)
 
 
 def two_time_scale(iterations: int, ttur: int, update_generator: Callable[[int], Any],
@@ -134,18 +134,18 @@ class Critic(nn.Module):
     def parameterization(self) -> str:
         return self.fake.parameterization
 
-    def forward(self, x: Tensor, t: Tensor, y: Any = None) -> Pred:
-        return self.fake(x, t, y)
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Pred:
+        return self.fake(x, t, cond)
 
-    def raw(self, x: Tensor, t: Tensor, y: Any = None) -> Tensor:
+    def raw(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """The fake score's native output (what `fake_score_loss` regresses)."""
-        return self.fake.raw(x, t, y)
+        return self.fake.raw(x, t, cond)
 
-    def logits(self, x: Tensor, y: Any = None, generator: torch.Generator | None = None) -> Tensor:
+    def logits(self, x: Tensor, cond: Cond | None = None, generator: torch.Generator | None = None) -> Tensor:
         """The GAN head's logits (B,) for samples x (re-noised inside, DenoiserFeatures)."""
         if self.head is None:
             raise ValueError("this critic has no GAN head (built with gan=False)")
-        return self.head(x, y, generator)
+        return self.head(x, cond, generator)
 
 
 def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, y_example: Any = None, taps: list[str] | None = None,
@@ -177,7 +177,7 @@ def generator_times(k: int, t_first: float = 1.0) -> list[float]:
 
 
 def backward_simulate(G: Callable[..., Pred], z: Tensor, i: int, times: list[float], process: AffineProcess,
-                      generator: torch.Generator, y: Any = None) -> Tensor:
+                      generator: torch.Generator, cond: Cond | None = None) -> Tensor:
     """DMD2's backward simulation (Sec. 4.4): the input of generator step i, made by the generator itself. From
     z = x_{times[0]}: i rounds of x0 = G(x, t_j) and x_{t_{j+1}} = alpha x0 + sigma eps' (fresh eps'), no grad.
     i = 0 returns z. (B, ...)"""
@@ -185,7 +185,7 @@ def backward_simulate(G: Callable[..., Pred], z: Tensor, i: int, times: list[flo
     with torch.no_grad():
         for j in range(i):
             t = torch.full((len(z),), times[j], device=z.device)
-            x0 = (G(x, t, y) if y is not None else G(x, t)).x0
+            x0 = G(x, t, cond).x0
             eps = torch.randn(z.shape, generator=generator, device=generator.device).to(z)
             x = process.marginal(x0, torch.full_like(t, times[j + 1]), eps)
     return x
@@ -215,8 +215,7 @@ class DMDConfig:
     normalize: str = "sample"        # dm_gradient's normaliser: per "sample" (images) or over the "batch" (2D)
 
 
-def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = None
-             ) -> Callable[[StepContext, Mapping[str, Tensor]], Tensor]:
+def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, Mapping[str, Tensor]], Tensor]:
     """The DMD / DMD2 method step for train_networks (nets "generator", "critic", frozen "teacher"):
 
     generator phase: x = G(x_in, t_k) (x_in by backward simulation), L_G = L_DM + lambda_reg L_reg
@@ -226,23 +225,23 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = No
     d_loss, g_loss = adversarial("ns")
     times = generator_times(cfg.gen_steps, cfg.t_gen)
 
-    def sample(ctx: StepContext, n: int, like: Tensor, y: Any) -> Tensor:
+    def sample(ctx: StepContext, n: int, like: Tensor, cond: Cond | None) -> Tensor:
         G = ctx.nets["generator"]
         g = ctx.generator
         z = torch.randn((n, *like.shape[1:]), generator=g, device=g.device).to(like)
         # the backward-simulation depth; under FSDP the same on every process (each generator call gathers weights)
         gi = getattr(ctx, "shared", None) or g
         i = int(torch.randint(len(times), (1,), generator=gi, device=gi.device)) if len(times) > 1 else 0
-        x_in = backward_simulate(G, z, i, times, process, g, y)
+        x_in = backward_simulate(G, z, i, times, process, g, cond)
         t = torch.full((n,), times[i], device=like.device)
-        return (G(x_in, t, y) if y is not None else G(x_in, t)).x0
+        return G(x_in, t, cond).x0
 
     def draw_t(n: int, lo: float, hi: float, ctx: StepContext, like: Tensor) -> Tensor:
         g = ctx.generator
         return (lo + (hi - lo) * torch.rand(n, generator=g, device=g.device)).to(like.device, torch.float32)
 
     def step(ctx: StepContext, batch: Mapping[str, Tensor]) -> Tensor:
-        x_real, y = batch["x"], batch.get("y")
+        x_real, y = batch["x"], check(batch.get("cond"))
         n, g = len(x_real), ctx.generator
         critic: Critic = ctx.nets["critic"]
         if ctx.phase == "generator":
@@ -250,12 +249,12 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess, null_label: int | None = No
             t = draw_t(n, *cfg.t_range, ctx, x)
             eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
             teacher = ctx.nets["teacher"]
-            real = guided(teacher, cfg.real_w, null_label) if (cfg.real_w and y is not None) else teacher
+            real = guided(teacher, cfg.real_w) if (cfg.real_w and y is not None) else teacher
             loss = dm_loss(x, real, critic.fake, process, t, eps, y, cfg.normalize)
             if cfg.lambda_reg > 0 and "z_ref" in batch:
                 z_ref = batch["z_ref"]
-                x_hat = ctx.nets["generator"](z_ref, torch.full((len(z_ref),), times[0], device=z_ref.device), *(
-                    () if batch.get("y_ref") is None else (batch["y_ref"],))).x0
+                x_hat = ctx.nets["generator"](z_ref, torch.full((len(z_ref),), times[0], device=z_ref.device),
+                                              check(batch.get("cond_ref"))).x0
                 d = distances.get(cfg.regression, "regression distance")
                 reg = d(x_hat, batch["x_ref"])                                                      # (B_ref,)
                 loss = loss + cfg.lambda_reg * reg.mean()
@@ -284,11 +283,10 @@ def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
     with seeded(train_cfg.seed):            # the GAN head's initialisation: the same critic for the same seed
         critic = make_critic(teacher, x_example, cfg.gan, y_example)
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
-    null = getattr(getattr(teacher, "net", None), "num_classes", None)
     nets = {"generator": Network(G, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
                                  every=cfg.ttur),
             "critic": Network(critic, lr=cfg.lr_critic, betas=cfg.betas, grad_clip=cfg.grad_clip)}
-    done = train_networks(nets, dmd_step(cfg, teacher.process, null), sample_batch, train_cfg,
+    done = train_networks(nets, dmd_step(cfg, teacher.process), sample_batch, train_cfg,
                           frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config={"method": "dmd2" if cfg.gan or cfg.ttur > 1 else "dmd", **asdict(cfg)})
     return done.best("generator").eval().requires_grad_(False), done
@@ -296,11 +294,10 @@ def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
 
 @torch.no_grad()
 def sample(G: Callable[..., Pred], z: Tensor, k: int, process: AffineProcess, generator: torch.Generator,
-           y: Any = None, t_first: float = 1.0) -> Tensor:
+           cond: Cond | None = None, t_first: float = 1.0) -> Tensor:
     """k-step generation on the generator's grid generator_times(k, t_first) (denoise, re-noise with fresh noise,
     ...; DMD2 / LCM scheduling): backward simulation to the last step, then its x0. (B, ...)"""
     from ..samplers import consistency
 
-    model = condition(G, y) if y is not None else G
     ts = torch.tensor([*generator_times(k, t_first), 0.0], dtype=torch.float64)
-    return consistency(model, z, ts, process, generator=generator)
+    return consistency(G, z, ts, process, generator=generator, cond=cond)

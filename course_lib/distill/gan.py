@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..conditioning import Cond
 from ..processes import AffineProcess
 
 
@@ -175,7 +176,7 @@ class DenoiserFeatures(nn.Module):
         t ~ U(t_lo, t_hi),  x_t = alpha_t x + sigma_t eps,  features = outputs of the `taps` layers of model(x_t, t)
 
     The model is frozen (ADD/LADD: the teacher) unless it is trained elsewhere (DMD2: the fake score, whose encoder
-    the GAN gradients also train). forward(x, y=None, generator=None) -> list of (B, ...) tensors; gradients flow to
+    the GAN gradients also train). forward(x, cond=None, generator=None) -> list of (B, ...) tensors; gradients flow to
     x. t and eps are drawn from `generator` (on its device) when given, else from torch's global generator.
 
     shared=True keeps the model out of this module's parameters and state dict: for a model that another module
@@ -202,14 +203,14 @@ class DenoiserFeatures(nn.Module):
     def process(self) -> AffineProcess:
         return self.model.process
 
-    def forward(self, x: Tensor, y: Any = None, generator: torch.Generator | None = None) -> list[Tensor]:
+    def forward(self, x: Tensor, cond: Cond | None = None, generator: torch.Generator | None = None) -> list[Tensor]:
         dev = generator.device if generator is not None else x.device
         lo, hi = self.t_range
         t = (lo + (hi - lo) * torch.rand(len(x), generator=generator, device=dev)).to(x.device, torch.float32)
         eps = torch.randn(x.shape, generator=generator, device=dev).to(x)
         x_t = self.process.marginal(x, t.to(x.dtype), eps)
         with tapped(self.model, self.taps) as out:
-            self.model(x_t, t, y)
+            self.model(x_t, t, cond)
         return [out[n] for n in self.taps]
 
 
@@ -251,18 +252,18 @@ class Discriminator(nn.Module):
         super().__init__()
         self.features, self.heads = features, heads
 
-    def forward(self, x: Tensor, y: Any = None, generator: torch.Generator | None = None) -> Tensor:
-        feats = (self.features(x, y, generator) if isinstance(self.features, DenoiserFeatures)
+    def forward(self, x: Tensor, cond: Cond | None = None, generator: torch.Generator | None = None) -> Tensor:
+        feats = (self.features(x, cond, generator) if isinstance(self.features, DenoiserFeatures)
                  else self.features(x))
-        labels = y.y if hasattr(y, "y") else y
+        labels = None if cond is None else cond.y
         return sum(head(f, labels) for head, f in zip(self.heads, feats))
 
 
 def discriminator(features: nn.Module, x_example: Tensor, hidden: int = 64, num_classes: int | None = None,
-                  y_example: Any = None) -> Discriminator:
+                  cond_example: Cond | None = None) -> Discriminator:
     """A Discriminator whose heads fit the features of `features` on x_example (B, ...) (one dry run, no grad)."""
     with torch.no_grad():
-        feats = (features(x_example, y_example) if isinstance(features, DenoiserFeatures)
+        feats = (features(x_example, cond_example) if isinstance(features, DenoiserFeatures)
                  else features(x_example))
     heads = nn.ModuleList(Head(f.shape[1:], hidden, num_classes).to(x_example.device) for f in feats)
     return Discriminator(features, heads)
@@ -276,9 +277,9 @@ def trainable_fraction(module: nn.Module) -> float:
 
 # --- the generator -------------------------------------------------------------------------------------------------
 
-def generate_one_step(model: Callable, z: Tensor, y: Any = None, *, t: float = 1.0) -> Tensor:
+def generate_one_step(model: Callable, z: Tensor, cond: Cond | None = None, *, t: float = 1.0) -> Tensor:
     """A diffusion model used as a one-step generator: G(z | y) = x0_hat(z, t | y) (B, ...), with z the prior sample
-    at time t (t = 1: pure noise; SD's timestep 999, EDM's G(80 z, 80)); y the condition or None. ADD's, DMD's and
+    at time t (t = 1: pure noise; SD's timestep 999, EDM's G(80 z, 80)); cond the condition (a Cond) or None. ADD's, DMD's and
     GDD's generators. Differentiable (no no_grad here)."""
     tt = torch.full((len(z),), float(t), device=z.device, dtype=torch.float32)
-    return model(z, tt, y).x0 if y is not None else model(z, tt).x0
+    return model(z, tt, cond).x0

@@ -27,7 +27,7 @@ trainable. `frozen_name` translates the rule to the course's backbones (diffuser
 
 Networks for `train.train_networks` (`gdd_step`): "generator" (a GDDPrecond, possibly partly frozen) and
 "discriminator" (gan.Discriminator: trainable heads on a FROZEN feature network), updated 1:1 (paper). Batches are
-dicts: "x" real samples (B, ...), optional "y" labels (B,).
+dicts: "x" real samples (B, ...), optional "cond" (a Cond of labels).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..conditioning import Cond, check
 from ..predictions import Pred
 from ..processes import AffineProcess, bcast, time_dtype
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
@@ -79,7 +80,7 @@ class GDDPrecond(nn.Module):
     def process(self) -> AffineProcess:
         return self.model.process
 
-    def forward(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Pred:
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Pred:
         t = t.to(time_dtype(x.dtype))
         alpha, sig = self.process.alpha(t).double(), self.process.sigma(t).double()
         s_ve = sig / alpha                                                               # (B,) EDM's sigma
@@ -87,7 +88,7 @@ class GDDPrecond(nn.Module):
         cs_e, co_e = edm_scalings_ve(s_ve, self.sigma_data)
         r = co_g / co_e                                                                  # -> 1 as sigma grows
         skip = (cs_g - r * cs_e) / alpha                                                 # coefficient of x (not x_ve)
-        x0 = self.model(x, t, *args, **kwargs).x0
+        x0 = self.model(x, t, cond).x0
         d = bcast(skip.to(x.dtype), x) * x + bcast(r.to(x.dtype), x) * x0                # (B, ...)
         a, s = bcast(self.process.alpha(t), x), bcast(self.process.sigma(t), x)
         return Pred(d.to(x.dtype), ((x - a * d) / s).to(x.dtype))
@@ -202,7 +203,7 @@ def gdd_step(cfg: GDDConfig) -> Callable[[StepContext, Mapping[str, Tensor]], Te
     """
 
     def step(ctx: StepContext, batch: Mapping[str, Tensor]) -> Tensor:
-        x_real, y = batch["x"], batch.get("y")
+        x_real, y = batch["x"], check(batch.get("cond"))
         g = ctx.generator
         G, Dnet = ctx.nets["generator"], ctx.nets["discriminator"]
         D = lambda x: Dnet(x, y, g)                                                     # (B, ...) -> (B,)
@@ -269,7 +270,7 @@ def layer_modules(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def activations(model: nn.Module, x0: Tensor, times: Sequence[float], names: Sequence[str], generator: torch.Generator,
-                y: Any = None) -> dict[str, Tensor]:
+                cond: Cond | None = None) -> dict[str, Tensor]:
     """{layer: acts (K, B, C, ...)}: the outputs of the named layers of `model` on x_t = alpha_t x0 + sigma_t eps
     (fresh eps per time, from `generator`) at each of the K `times`, on the same clean samples x0 (B, ...)."""
     out: dict[str, list[Tensor]] = {n: [] for n in names}
@@ -277,17 +278,17 @@ def activations(model: nn.Module, x0: Tensor, times: Sequence[float], names: Seq
         tt = torch.full((len(x0),), float(t), device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
         with tapped(model, names) as got:
-            model(model.process.marginal(x0, tt, eps), tt, *(() if y is None else (y,)))
+            model(model.process.marginal(x0, tt, eps), tt, cond)
         for n in names:
             out[n].append(got[n].detach().cpu())
     return {n: torch.stack(v) for n, v in out.items()}
 
 
 def layer_time_shares(model: nn.Module, x0: Tensor, times: Sequence[float], generator: torch.Generator,
-                      y: Any = None, names: Sequence[str] | None = None) -> dict[str, float]:
+                      cond: Cond | None = None, names: Sequence[str] | None = None) -> dict[str, float]:
     """{layer: time_share} for every Linear / Conv2d layer of `model` (or `names`)."""
     names = list(names) if names is not None else layer_modules(model)
-    acts = activations(model, x0, times, names, generator, y)
+    acts = activations(model, x0, times, names, generator, cond)
     return {n: float(time_share(a)) for n, a in acts.items()}
 
 
@@ -302,7 +303,7 @@ T_RANGE_2D = (0.0, 0.3)       # re-noising range of the 2D discriminator (the te
 T_RANGE_DIGITS = (0.0, 0.6)   # and of the digits discriminator (down blocks and bottleneck)
 
 
-def make_discriminator(teacher: nn.Module, x_example: Tensor, y_example: Tensor | None = None,
+def make_discriminator(teacher: nn.Module, x_example: Tensor, y_example: Cond | None = None,
                        t_range: tuple[float, float] | None = None, hidden: int = 64) -> nn.Module:
     """A fresh gan.Discriminator: trainable heads (class-projection heads when y_example is given) on the frozen
     teacher's default feature layers (gan.default_taps) of re-noised inputs, t ~ U(t_range)."""

@@ -8,7 +8,7 @@ Classifier-free guidance costs two network evaluations per sampling step, condit
 Meng et al. remove both costs, the second evaluation and the many steps, in two stages:
 
 Stage 1 (Sec. 3.1): one w-conditioned student x_hat_eta1(z_t, t, c) with c = (y, w) (the course's
-`cond.replace(w=w)`) learns the guided teacher for every
+`cond.with_w(w)`) learns the guided teacher for every
 w in [w_min, w_max] at once (w enters through a Fourier embedding added to the time embedding:
 `models.with_guidance_input`):
 
@@ -79,7 +79,7 @@ def guided_loss_at(student: Callable, teacher: Callable, x0: Tensor, cond: Cond,
     student's x-prediction x_hat(z_t, t, (y, w)) and the guided teacher's x0_w(z_t)."""
     z_t = process.marginal(x0, t, eps)                                            # (B, ...)
     x0_w = guided_target(teacher, z_t, t, cond, w)                                # (B, ...)
-    x_hat = student(z_t, t, cond.replace(w=w)).x0                                 # (B, ...)
+    x_hat = student(z_t, t, cond.with_w(w)).x0                                 # (B, ...)
     weight = (process.alpha(t) ** 2 / process.sigma(t) ** 2).clamp_min(1.0)      # max(SNR, 1), (B,)
     return weight * (x_hat - x0_w).pow(2).flatten(1).mean(1)
 
@@ -121,12 +121,12 @@ def distill_guidance(teacher: Denoiser, sample_data: Callable[[int, torch.Genera
 def guided_batches(sample_data: Callable[[int, torch.Generator], tuple[Tensor, Cond]],
                    w_range: tuple[float, float], p_w_min: float = 0.0
                    ) -> Callable[[int, torch.Generator], tuple[Tensor, Cond]]:
-    """Stage 2's sample_batch for pd: (n, g) -> (x0, cond.replace(w=w)) with w from draw_w per sample
+    """Stage 2's sample_batch for pd: (n, g) -> (x0, cond.with_w(w)) with w from draw_w per sample
     (U[w_min, w_max], w_min with probability p_w_min)."""
 
     def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Cond]:
         x0, cond = sample_data(n, g)
-        return x0, cond.replace(w=draw_w(n, w_range, g, p_w_min).to(x0))
+        return x0, cond.with_w(draw_w(n, w_range, g, p_w_min).to(x0))
 
     return sample_batch
 

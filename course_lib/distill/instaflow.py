@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distances, paths
+from ..conditioning import Cond, labels
 from ..config import seeded
 from ..guidance import cfg
 from ..models import Denoiser
@@ -57,7 +58,7 @@ def null_label(model: nn.Module) -> int:
 
 
 class Guided(nn.Module):
-    """A conditional model with classifier-free guidance weight w baked in: forward(x, t, y) -> guided Pred.
+    """A conditional model with classifier-free guidance weight w baked in: forward(x, t, cond) -> guided Pred.
 
     Works for diffusion models (mixes x0 and eps) and flows alike: Pred mixes linearly, so the velocity
     eps - x0 of the mix is the mix of the velocities, u_w = (1 + w) u(. | y) - w u(. | null). Its `config`
@@ -66,14 +67,15 @@ class Guided(nn.Module):
 
     def __init__(self, model: Denoiser, w: float):
         super().__init__()
-        self.model, self.w, self.null = model, float(w), null_label(model)
+        null_label(model)                                   # refuses an unconditional model
+        self.model, self.w = model, float(w)
         self.process = model.process
 
     def config(self) -> dict:
         return {**self.model.config(), "guidance_w": self.w}
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor):
-        return cfg(self.model, self.w, self.null)(x, t, y)
+    def forward(self, x: Tensor, t: Tensor, cond: Cond):
+        return cfg(self.model, self.w)(x, t, cond)
 
 
 def guided(model: Denoiser, w: float) -> Guided:
@@ -81,25 +83,26 @@ def guided(model: Denoiser, w: float) -> Guided:
     return Guided(model, w)
 
 
-def triplets(teacher: Denoiser, w: float, y: Tensor, name: str, steps: int = 16, sampler: str = "dpmpp2m",
+def triplets(teacher: Denoiser, w: float, cond: Cond, name: str, steps: int = 16, sampler: str = "dpmpp2m",
              seed: int = 0, noise_shape: tuple[int, ...] = (2,), cache_dir: str | os.PathLike = rf.CACHE_DIR,
              on_mismatch: str = "error", progress: bool = True, verbose: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Stage 1: (eps (n, ...), x0 (n, ...), y (n,)) with x0 the guided teacher's ODE solution from eps given y.
+    """Stage 1: (eps (n, ...), x0 (n, ...), cond) with x0 the guided teacher's ODE solution from eps given the
+    labels cond (conditioning.labels(y, num_classes), n of them).
 
     Cached like reflow pairs (data/cache/reflow/<name>-...): the cache is keyed by the teacher's weights, w,
     the solver, the steps, the seed and the labels, and a cache made by another teacher raises PairCacheError."""
-    eps, x0 = rf.cached_pairs(guided(teacher, w), name, len(y), steps, sampler, seed=seed, cache_dir=cache_dir,
-                              cond={"y": y}, noise_shape=noise_shape, on_mismatch=on_mismatch, progress=progress,
+    eps, x0 = rf.cached_pairs(guided(teacher, w), name, len(cond), steps, sampler, seed=seed, cache_dir=cache_dir,
+                              cond=cond, noise_shape=noise_shape, on_mismatch=on_mismatch, progress=progress,
                               verbose=verbose)
-    return eps, x0, y
+    return eps, x0, cond
 
 
 def conditional_reflow(teacher: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_train: TrainConfig,
                        p_uncond: float = 0.1, ckpt_dir=None, progress: bool = True) -> Denoiser:
     """Stage 2: the 2-rectified flow trained on the teacher's triplets, initialised from the teacher's weights
     (the diffusion output re-purposed as a velocity), labels dropped w.p. p_uncond. Returns the flow (eval)."""
-    eps, x0, y = data
-    state = rf.reflow(teacher, (eps, x0), cfg_train, cond={"y": y}, p_uncond=p_uncond, ckpt_dir=ckpt_dir,
+    eps, x0, cond = data
+    state = rf.reflow(teacher, (eps, x0), cfg_train, cond=cond, p_uncond=p_uncond, ckpt_dir=ckpt_dir,
                       progress=progress)
     return state.best().eval().requires_grad_(False)
 
@@ -108,35 +111,35 @@ def conditional_reflow(teacher: Denoiser, data: tuple[Tensor, Tensor, Tensor], c
 # Stage 3: one-step distillation, and the ablation's direct distillation
 # ----------------------------------------------------------------------------------------------------------------
 
-def one_step(model: Callable, eps: Tensor, y: Tensor | None = None) -> Tensor:
-    """The one-step generator x0_hat = eps - u(eps, 1 | y): one Euler step of the flow from t = 1 to 0 (B, ...)."""
+def one_step(model: Callable, eps: Tensor, cond: Cond | None = None) -> Tensor:
+    """The one-step generator x0_hat = eps - u(eps, 1 | c): one Euler step of the flow from t = 1 to 0 (B, ...)."""
     t = torch.ones(eps.shape[0], dtype=eps.dtype, device=eps.device)
-    pred = model(eps, t, y) if y is not None else model(eps, t)
+    pred = model(eps, t, cond)
     return eps - (pred.eps - pred.x0)
 
 
-def onestep_loss(student: Callable, eps: Tensor, x0: Tensor, y: Tensor | None,
+def onestep_loss(student: Callable, eps: Tensor, x0: Tensor, cond: Cond | None,
                  distance: Callable[[Tensor, Tensor], Tensor] = distances.l2) -> Tensor:
-    """Per-sample distillation loss (B,): D(eps - u_theta(eps, 1 | y), x0), x0 the endpoint of the coupling.
+    """Per-sample distillation loss (B,): D(eps - u_theta(eps, 1 | c), x0), x0 the endpoint of the coupling.
     With D = l2 it equals reflow.distill_loss_at at t = 1 (the paper's || Z_1 - (Z_0 + v(Z_0, 0)) ||^2)."""
-    return distance(one_step(student, eps, y), x0)
+    return distance(one_step(student, eps, cond), x0)
 
 
 def distill_onestep(init: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_train: TrainConfig,
                     distance: str | Callable[[Tensor, Tensor], Tensor] = "l2", ckpt_dir=None,
                     progress: bool = True) -> Denoiser:
-    """Train a one-step student, initialised from `init` (copied, relabelled as a flow), on (eps, x0, y) (y None:
-    unconditional) with distance D (a name for distances.get, or a function (B, ...) x (B, ...) -> (B,)).
+    """Train a one-step student, initialised from `init` (copied, relabelled as a flow), on (eps, x0, cond) (cond
+    None: unconditional) with distance D (a name for distances.get, or a function (B, ...) x (B, ...) -> (B,)).
     Returns it (eval)."""
     d = distances.get(distance)
     student = rf.as_flow(init).train().requires_grad_(True)
-    eps, x0, y = data
+    eps, x0, cond = data
 
     def loss(model, batch, g):
         e, x, c = batch
-        return onestep_loss(model, e, x, c.get("y"), d)
+        return onestep_loss(model, e, x, c, d)
 
-    batches = rf.pair_batches(eps, x0, None if y is None else {"y": y})
+    batches = rf.pair_batches(eps, x0, cond)
     state = train(student, loss, batches, cfg_train, ckpt_dir=ckpt_dir, progress=progress,
                   extra_config={"method": "instaflow-distill",
                                 "distance": distance if isinstance(distance, str) else getattr(d, "__name__", "custom")})
@@ -152,15 +155,15 @@ def direct_distill(teacher: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_t
 
 
 @torch.no_grad()
-def regression_error(student: Callable, eps: Tensor, x0: Tensor, y: Tensor | None = None,
+def regression_error(student: Callable, eps: Tensor, x0: Tensor, cond: Cond | None = None,
                      batch_size: int = 4096) -> float:
-    """Held-out one-step regression error: mean over samples and dimensions of (one_step(student, eps | y) - x0)^2,
+    """Held-out one-step regression error: mean over samples and dimensions of (one_step(student, eps | c) - x0)^2,
     x0 the endpoints of the coupling the student learns (the teacher's for direct distillation, the 2-RF's for
     InstaFlow), on noise it was not trained on."""
     total = 0.0
     for i in range(0, len(eps), batch_size):
-        yy = None if y is None else y[i:i + batch_size]
-        total += float(distances.l2(one_step(student, eps[i:i + batch_size], yy), x0[i:i + batch_size]).sum())
+        c = None if cond is None else cond[i:i + batch_size]
+        total += float(distances.l2(one_step(student, eps[i:i + batch_size], c), x0[i:i + batch_size]).sum())
     return total / len(eps)
 
 
@@ -219,7 +222,7 @@ def train_digits(runs: str | os.PathLike = "runs/instaflow-digits", out: Path = 
     scale = lambda c, extra=0: dataclasses.replace(c, steps=max(1, int((c.steps + extra) * steps_scale)))
     teacher = load_teacher("digits", device=device)
     n_pairs = n_pairs or r["n_pairs"]
-    y = balanced_labels(n_pairs).to(device)
+    y = labels(balanced_labels(n_pairs).to(device), null_label(teacher))
     data = triplets(teacher, r["w"], y, "digits-teacher-guided", r["pair_steps"], r["pair_sampler"], seed=0,
                     noise_shape=(1, 16, 16), cache_dir=runs / "pairs")
     base = {"w_pairs": r["w"], "n_pairs": n_pairs, "pairs": f"{r['pair_sampler']} {r['pair_steps']} steps",
@@ -295,7 +298,7 @@ def instaflow_2d_models(budget: dict, seed: int = 0, cache_dir: str | os.PathLik
     budget: 2-RF budget["reflow_steps"] updates, InstaFlow those plus budget["distill_steps"], direct distillation
     their sum.
 
-    Returns ({"teacher", "2-rf", "instaflow", "direct-distill": model}, {"teacher", "2-rf": triplets (eps, x0, y)},
+    Returns ({"teacher", "2-rf", "instaflow", "direct-distill": model}, {"teacher", "2-rf": triplets (eps, x0, cond)},
     {name: train seconds}). The teacher's triplets use guidance w; the 2-RF's pairs its plain velocity (w = 0)."""
     import dataclasses
     import time
@@ -305,7 +308,7 @@ def instaflow_2d_models(budget: dict, seed: int = 0, cache_dir: str | os.PathLik
     b = budget
     cache = cache_dir or rf.CACHE_DIR
     teacher = load_teacher("gmm-overlap-vp", device=device)
-    y = (torch.arange(b["n_pairs"]) % null_label(teacher)).to(device)     # balanced labels (null = classes)
+    y = labels((torch.arange(b["n_pairs"]) % null_label(teacher)).to(device), null_label(teacher))   # balanced
     cfg = TrainConfig(steps=b["reflow_steps"], batch_size=b["batch"], lr=b["lr"], lr_schedule="linear", ema_decay=0.0,
                       seed=seed)
     data = {"teacher": triplets(teacher, b["w"], y, f"gmm-overlap-w{b['w']}-{seed}", b["pair_steps"],
@@ -330,13 +333,13 @@ def instaflow_2d_models(budget: dict, seed: int = 0, cache_dir: str | os.PathLik
     return {"teacher": teacher, "2-rf": flow2, "instaflow": student, "direct-distill": direct}, data, secs
 
 
-def instaflow_sweep(data: dict, targets: dict, x1: Tensor, y: Tensor | None, sweep: dict, budget: dict,
+def instaflow_sweep(data: dict, targets: dict, x1: Tensor, cond: Cond | None, sweep: dict, budget: dict,
                     swd: Callable[[Tensor], float], like: Denoiser, dataset: str = "gmm-overlap", seed: int = 0,
                     progress: bool = True, return_students: bool = False) -> list[dict]:
     """The capacity sweep: a fresh one-step student of each width (shaped like `like`: same classes, on its device),
     trained (L2) on the first n_pairs triplets of each coupling, data["direct"] (the teacher's) and data["reflow"]
     (the 2-RF's), for `steps` updates; scored by swd(samples) and by held-out regression error against that
-    coupling's endpoints targets[coupling] from noise x1 (labels y, or None for unconditional data).
+    coupling's endpoints targets[coupling] from noise x1 (labels cond, or None for unconditional data).
 
     Returns one record per trained student: {"coupling", "width", "n_pairs", "train_steps", "train_seconds",
     "swd", "heldout_err"} (`dataset` only names the progress bar), plus "student" (the trained model) with
@@ -361,8 +364,8 @@ def instaflow_sweep(data: dict, targets: dict, x1: Tensor, y: Tensor | None, swe
                                       dataclasses.replace(cfg, desc=f"w{width}"), progress=False)
             sec = time.perf_counter() - t0
             records.append(dict(coupling=coupling, width=width, n_pairs=n_pairs, train_steps=steps,
-                                train_seconds=round(sec, 1), swd=swd(one_step(student, x1, y)),
-                                heldout_err=regression_error(student, x1, targets[coupling], y),
+                                train_seconds=round(sec, 1), swd=swd(one_step(student, x1, cond)),
+                                heldout_err=regression_error(student, x1, targets[coupling], cond),
                                 **({"student": student} if return_students else {})))
     return records
 

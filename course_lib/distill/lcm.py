@@ -131,13 +131,12 @@ def w_embedding(w: Tensor | float, dim: int, batch: int) -> Tensor:
 
 
 class LCMModel(nn.Module):
-    """An LCM student as a course model: forward(x, t, cond, w) -> Pred(x0 = f(x, w, c, tau), eps consistent with it).
+    """An LCM student as a course model: forward(x, t, cond) -> Pred(x0 = f(x, w, c, tau), eps consistent with it),
+    with w = cond.w (B,) (`cond.with_w(w)`), which reaches the UNet as timestep_cond = Emb(w) (`w_input`).
 
     denoiser: an sd.SDDenoiser whose UNet has time_cond_proj_dim (an LCM with a w-embedding, trained on w_range), or
     none and a LoRA adapter (an LCM-LoRA, distilled at the fixed w_fixed). `.x0` of the result is the consistency
     function, so `multistep` (and samplers.consistency on lcm_grid) samples it."""
-
-    accepts_cond = True
 
     def __init__(self, denoiser: nn.Module, w_range: tuple[float, float] | None = None, w_fixed: float | None = None,
                  sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):
@@ -172,18 +171,18 @@ class LCMModel(nn.Module):
                              "has never seen it. Pick a w in the range or distil with a wider w_range")
         return w
 
-    def with_w(self, cond: Cond, w: Tensor | float | None) -> Cond:
-        """cond with Emb(w) as timestep_cond (unchanged for an LCM-LoRA)."""
-        w = self.check_w(w)
+    def w_input(self, cond: Cond) -> Cond:
+        """The UNet's conditioning: cond with Emb(cond.w) as timestep_cond and w taken out (an LCM-LoRA: w taken out,
+        after checking it is None or its fixed w)."""
+        w = self.check_w(cond.w)
         if self.w_dim is None:
-            return cond
-        from dataclasses import replace
-
+            return cond.with_w(None)
         emb = w_embedding(w, self.w_dim, len(cond))
-        return replace(cond, timestep_cond=emb.to(cond.text.device if cond.text is not None else emb.device))
+        return cond.with_w(None).replace(
+            timestep_cond=emb.to(cond.text.device if cond.text is not None else emb.device))
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond, w: Tensor | float | None = None) -> Pred:
-        pred = self.denoiser(x, t, self.with_w(cond, w))
+    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Pred:
+        pred = self.denoiser(x, t, self.w_input(cond))
         c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
         f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * pred.x0).to(x.dtype)
         t64 = t.to(torch.float64)
@@ -195,35 +194,27 @@ class LCMModel(nn.Module):
         return {"arch": "lcm", "denoiser": self.denoiser.config(), "w_range": self.w_range, "w_fixed": self.w_fixed,
                 "sigma_data": self.sigma_data, "timestep_scaling": self.timestep_scaling}
 
-    def sampler_model(self, cond: Cond, w: float | None = None) -> Callable[[Tensor, Tensor], Pred]:
-        """model(x, t) for samplers, with the prompts' Cond and w fixed."""
-        w = self.check_w(w)
-        return lambda x, t: self(x, t, cond, w)
 
 
 class GuidedTeacherLCM(nn.Module):
     """The guided teacher read as an LCM without any distillation: f = c_skip z + c_out x0_hat^w (two evaluations per
     step, the CFG pair). The baseline that tells what LCD adds to LCM's multistep sampler."""
 
-    accepts_cond = True
-
     def __init__(self, teacher: nn.Module, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):
         super().__init__()
         self.denoiser, self.process = teacher, teacher.process
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond, w: float) -> Pred:
-        x0 = guided(self.denoiser, w)(x, t, cond).x0
+    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Pred:
+        if cond.w is None:
+            raise ValueError("the guided teacher needs its guidance weight w: pass cond.with_w(w)")
+        x0 = guided(self.denoiser, cond.w)(x, t, cond.with_w(None)).x0
         c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
         f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * x0).to(x.dtype)
         t64 = t.to(torch.float64)
         a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
         return Pred(f, ((x - a * f) / s.clamp_min(1e-12)).to(x.dtype))
 
-    def sampler_model(self, cond: Cond, w: float | None = None) -> Callable[[Tensor, Tensor], Pred]:
-        if w is None:
-            raise ValueError("the guided teacher needs its guidance weight w")
-        return lambda x, t: self(x, t, cond, w)
 
 
 def lcm_student(teacher: nn.Module, w_dim: int = W_EMBED_DIM, w_range: tuple[float, float] = W_RANGE,
@@ -259,13 +250,14 @@ def lcm_target(teacher: Callable[..., Pred], target: Callable[..., Pred], z: Ten
                cond: Cond, w: Tensor, process: SDDiscrete) -> Tensor:
     """The consistency target (B, ...) of LCD (Luo et al. 2023, Eq. 8-9 and Algorithm 1), without gradients:
     the guided teacher's ONE DDIM step from tau_{n+k} = timesteps to tau_n = max(tau_{n+k} - k, 0), then the target
-    network's f there. teacher(x, t, cond) -> Pred; target(x, t, cond, w) -> Pred with .x0 = f; w (B,) course w."""
+    network's f there. teacher(x, t, cond) -> Pred; target(x, t, cond.with_w(w)) -> Pred with .x0 = f; w (B,) course
+    w."""
     t_next = process.t_of_timestep(timesteps).to(torch.float32)
     t_cur = process.t_of_timestep((timesteps - k).clamp_min(0)).to(torch.float32)
     with torch.no_grad():
         pred = guided(teacher, w)(z, t_next, cond)                         # (1 + w) cond - w uncond, x0 and eps
         z_cur = steps.ddim_step(pred, t_next, t_cur, process)             # z_hat_{t_n}
-        return target(z_cur, t_cur, cond, w).x0                           # f_theta^-(z_hat_{t_n}, w, c, t_n)
+        return target(z_cur, t_cur, cond.with_w(w)).x0                    # f_theta^-(z_hat_{t_n}, w, c, t_n)
 
 
 def lcm_loss(student: Callable[..., Pred], target: Callable[..., Pred], teacher: Callable[..., Pred], z0: Tensor,
@@ -277,7 +269,7 @@ def lcm_loss(student: Callable[..., Pred], target: Callable[..., Pred], teacher:
     t_next = process.t_of_timestep(timesteps).to(torch.float32)
     z_next = process.marginal(z0, t_next, eps).to(z0.dtype)                  # z_{t_{n+k}}
     tgt = (target_fn or lcm_target)(teacher, target, z_next, timesteps, k, cond, w, process)
-    pred = student(z_next, t_next, cond, w).x0
+    pred = student(z_next, t_next, cond.with_w(w)).x0
     return d(pred, tgt)
 
 
@@ -318,9 +310,8 @@ def lcm_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscrete, 
         inner = student.denoiser
 
         teacher = AdapterOff(inner)                                # the same UNet, adapter off
-
-        online = lambda x, t, c, w_: student(x, t, c, None)      # no w input; the target is the same, no grad
-        return lcm_loss(online, online, teacher, z0, eps, timesteps, k, cond, w, process, cfg.distance, target_fn)
+        # w = w_min = w_max, the LoRA's fixed w (no w input); the target is the online student, no grad
+        return lcm_loss(student, student, teacher, z0, eps, timesteps, k, cond, w, process, cfg.distance, target_fn)
     return lcm_loss(student, ctx.nets["target"], ctx.nets["teacher"], z0, eps, timesteps, k, cond, w, process,
                     cfg.distance, target_fn)
 
@@ -507,16 +498,17 @@ def compose(unet: nn.Module, adapters: dict[str, float]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def multistep(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor, process: SDDiscrete,
-              generator: torch.Generator | None = None) -> Tensor:
-    """Multistep latent consistency sampling. f(z, t) -> Pred whose .x0 is the consistency function; timesteps the
+def multistep(f: Callable[..., Pred], z: Tensor, timesteps: Tensor, process: SDDiscrete,
+              generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
+    """Multistep latent consistency sampling. f(z, t, cond) -> Pred whose .x0 is the consistency function (cond: the
+    prompts' Cond, with w for an LCM: cond.with_w(w)); timesteps the
     LCM timesteps (n,) (lcm_timesteps), decreasing. At each tau_i: z0 = f(z, t_i); before the last step, re-noise to
     the NEXT timestep with fresh noise: z = alpha(t_{i+1}) z0 + sigma(t_{i+1}) eps, eps = torch.randn(z.shape,
     generator, dtype=z.dtype); the last step returns z0. Equals LCMScheduler with the same noise (tests/test_lcm.py)."""
     ts = process.t_of_timestep(timesteps.to(torch.float64))
     for i in range(len(ts)):
         t = ts[i].to(torch.float32).expand(len(z)).to(z.device)
-        z0 = f(z, t).x0
+        z0 = f(z, t, cond).x0
         if i == len(ts) - 1:
             return z0
         s = ts[i + 1].to(torch.float64).reshape(1)
@@ -544,7 +536,7 @@ def sample(sd: Any, student: nn.Module, prompts: Sequence[str], steps: int = 4, 
     out = []
     for k in range(0, len(prompts), batch):
         cond = sd.text(list(prompts[k:k + batch]))
-        z = (sampler or multistep)(student.sampler_model(cond, w), z1[k:k + batch], taus, student.process, g)
+        z = (sampler or multistep)(student, z1[k:k + batch], taus, student.process, g, cond=cond.with_w(w))
         out.append(sd.vae.decode(z).clamp(-1, 1))
     return torch.cat(out)
 

@@ -27,15 +27,15 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from .. import paths
 from ..checkpoint import CheckpointError
+from ..conditioning import BATCHED, Cond, labels
 from ..grids import uniform
-from ..losses import drop_labels
 from ..models import Denoiser, build_denoiser
 from ..predictions import velocity
 from ..processes import AffineProcess, RectifiedFlow, bcast
@@ -50,30 +50,31 @@ class PairCacheError(RuntimeError):
     """A cache of reflow pairs does not belong to the flow asking for it; the message names the file."""
 
 
-def _call(model: Callable, x: Tensor, t: Tensor, cond: Mapping[str, Tensor] | None):
-    return model(x, t, **(cond or {}))
+def _fields(cond: Cond | None) -> dict[str, Tensor]:
+    """The per-sample tensors of a Cond by field name (what a pair cache hashes and stores)."""
+    return {} if cond is None else {k: getattr(cond, k) for k in BATCHED if getattr(cond, k) is not None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The rectified-flow loss (Liu et al. 2022, Eq. 1; Algorithm 1)
 # ----------------------------------------------------------------------------------------------------------------
 
-def rf_loss_at(model: Callable, x0: Tensor, eps: Tensor, t: Tensor, cond: Mapping[str, Tensor] | None = None) -> Tensor:
+def rf_loss_at(model: Callable, x0: Tensor, eps: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
     """Per-sample rectified-flow loss (B,) on a coupling (x0, eps) at times t (B,):
 
         x_t = (1 - t) x0 + t eps,      L = || u_theta(x_t, t) - (eps - x0) ||^2    (mean over dimensions)
 
     The paper's Eq. (1), min_v int_0^1 E || (X_1 - X_0) - v(X_t, t) ||^2 dt, in the course's time direction.
-    model(x, t[, **cond]) -> Pred; its velocity is read with `predictions.velocity` under the rf process, so any
+    model(x, t, cond) -> Pred; its velocity is read with `predictions.velocity` under the rf process, so any
     course model works (a velocity-parameterized Denoiser gives back its raw output)."""
     process = RectifiedFlow()
     x_t = process.marginal(x0, t, eps)
-    u = velocity(_call(model, x_t, t, cond), t, process)
+    u = velocity(model(x_t, t, cond), t, process)
     return (u - (eps - x0)).pow(2).flatten(1).mean(1)
 
 
 def rf_loss(model: Callable, x0: Tensor, generator: torch.Generator, eps: Tensor | None = None,
-            cond: Mapping[str, Tensor] | None = None, t_min: float = 1e-3) -> Tensor:
+            cond: Cond | None = None, t_min: float = 1e-3) -> Tensor:
     """t ~ U(t_min, 1). eps None: fresh noise, independent of x0 (1-rectified flow from the independent coupling);
     eps given: the paired noise of a reflow coupling (x0 = ODE(eps)), which makes this the reflow loss."""
     B = x0.shape[0]
@@ -89,12 +90,12 @@ def rf_loss(model: Callable, x0: Tensor, generator: torch.Generator, eps: Tensor
 
 @torch.no_grad()
 def generate_pairs(flow: Callable, x1: Tensor, steps: int = 64, sampler: str = "euler",
-                   process: AffineProcess | None = None, cond: Mapping[str, Tensor] | None = None,
+                   process: AffineProcess | None = None, cond: Cond | None = None,
                    batch_size: int = 4096, progress: bool = False, ts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Solve the flow's ODE from each noise x1 (N, ...) at t = 1 to t = 0, in batches: returns (eps, x0).
 
     process: the flow's process (default flow.process); the sampler ("euler", "heun", "dpmpp2m", "ddim") runs on
-    grid ts (default uniform(steps)). cond: per-sample model inputs (each (N, ...)), sliced with the batch."""
+    grid ts (default uniform(steps)). cond: the conditioning of the N samples (a Cond), sliced with the batch."""
     process = process if process is not None else flow.process
     run = get_sampler(sampler)
     grid = uniform(steps) if ts is None else ts
@@ -104,9 +105,8 @@ def generate_pairs(flow: Callable, x1: Tensor, steps: int = 64, sampler: str = "
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc=f"pairs ({sampler}, {steps} steps)", mininterval=0.5)
     for i in starts:
-        c = {k: v[i:i + batch_size] for k, v in (cond or {}).items()}
-        model = (lambda x, t, c=c: flow(x, t, **c)) if c else flow
-        out.append(run(model, x1[i:i + batch_size], grid, process))
+        c = None if cond is None else cond[i:i + batch_size]
+        out.append(run(flow, x1[i:i + batch_size], grid, process, cond=c))
     return x1, torch.cat(out)
 
 
@@ -123,7 +123,7 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def cached_pairs(flow: nn.Module, name: str, n: int, steps: int = 64, sampler: str = "euler", seed: int = 0,
-                 cache_dir: str | os.PathLike = CACHE_DIR, cond: Mapping[str, Tensor] | None = None,
+                 cache_dir: str | os.PathLike = CACHE_DIR, cond: Cond | None = None,
                  noise_shape: tuple[int, ...] | None = None, on_mismatch: str = "error",
                  progress: bool = True, verbose: bool = True) -> tuple[Tensor, Tensor]:
     """Reflow pairs (eps (n, ...), x0 (n, ...)) of `flow`, generated once and cached on disk.
@@ -145,7 +145,7 @@ def cached_pairs(flow: nn.Module, name: str, n: int, steps: int = 64, sampler: s
     device = next(flow.parameters()).device                  # pairs come back on the flow's device, stored on CPU
     meta = {"fingerprint": fingerprint(flow), "sampler": sampler, "steps": steps, "seed": seed, "n": n,
             "cond": {k: hashlib.sha256(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
-                     for k, v in sorted((cond or {}).items())}}
+                     for k, v in sorted(_fields(cond).items())}}
     if wpath.exists() and jpath.exists():
         try:
             stored = json.loads(jpath.read_text())
@@ -171,7 +171,7 @@ def cached_pairs(flow: nn.Module, name: str, n: int, steps: int = 64, sampler: s
     eps, x0 = generate_pairs(flow, x1, steps, sampler, cond=cond, progress=progress)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"eps": eps.cpu().contiguous(), "x0": x0.cpu().contiguous(),
-               **{f"cond.{k}": v.detach().cpu().contiguous() for k, v in (cond or {}).items()}}
+               **{f"cond.{k}": v.detach().cpu().contiguous() for k, v in _fields(cond).items()}}
     tmp = wpath.with_name(wpath.name + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, wpath)                                    # a killed run never leaves half a cache
@@ -185,15 +185,15 @@ def cached_pairs(flow: nn.Module, name: str, n: int, steps: int = 64, sampler: s
 # 3. Reflow: train the (k+1)-rectified flow on the k-th flow's pairs, starting from its weights (Algorithm 1)
 # ----------------------------------------------------------------------------------------------------------------
 
-def pair_batches(eps: Tensor, x0: Tensor, cond: Mapping[str, Tensor] | None = None
-                 ) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor, dict]]:
+def pair_batches(eps: Tensor, x0: Tensor, cond: Cond | None = None
+                 ) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor, Cond | None]]:
     """sample_batch(n, g) for the training loop: n random rows (with replacement) of the pairs, drawn with g."""
     if eps.shape != x0.shape:
         raise ValueError(f"pairs must have the same shape; got eps {tuple(eps.shape)} and x0 {tuple(x0.shape)}")
 
     def sample(n: int, g: torch.Generator):
         i = torch.randint(len(x0), (n,), generator=g, device=g.device).cpu()
-        return eps[i], x0[i], {k: v[i] for k, v in (cond or {}).items()}
+        return eps[i], x0[i], None if cond is None else cond[i]
 
     return sample
 
@@ -230,14 +230,14 @@ def as_flow(model: Denoiser) -> Denoiser:
 
 
 def reflow(flow: Denoiser | str | os.PathLike, pairs: tuple[Tensor, Tensor], cfg: TrainConfig,
-           init: Denoiser | None = None, cond: Mapping[str, Tensor] | None = None, ckpt_dir=None,
+           init: Denoiser | None = None, cond: Cond | None = None, ckpt_dir=None,
            progress: bool = True, p_uncond: float = 0.0) -> Trained:
     """Train the next rectified flow on `pairs` = (eps, x0) of the previous flow, initialised from it (Alg. 1).
 
     flow: the previous flow (a Denoiser, copied; never modified) or the folder of its checkpoint, in which case
-    `init` gives the architecture to load it into (a mismatch is a CheckpointError). cond: per-pair model inputs
-    (e.g. {"y": labels}). p_uncond > 0 (conditional reflow, InstaFlow): each label is replaced by the null label
-    (the net's num_classes) with that probability, so the new flow keeps an unconditional velocity for
+    `init` gives the architecture to load it into (a mismatch is a CheckpointError). cond: the pairs' conditioning
+    (a Cond, e.g. conditioning.labels(y, num_classes)). p_uncond > 0 (conditional reflow, InstaFlow): each label is
+    replaced by its null value with that probability, so the new flow keeps an unconditional velocity for
     classifier-free guidance. Returns the engine's Trained; `.best()` is the new flow (the EMA when
     cfg.ema_decay > 0)."""
     if not isinstance(flow, nn.Module):
@@ -246,16 +246,16 @@ def reflow(flow: Denoiser | str | os.PathLike, pairs: tuple[Tensor, Tensor], cfg
         flow = load_flow_weights(copy.deepcopy(init), flow)
     if not 0.0 <= p_uncond < 1.0:
         raise ValueError(f"p_uncond is a probability below 1; got {p_uncond}")
-    null = getattr(getattr(flow, "net", None), "num_classes", None)
-    if p_uncond > 0 and (not null or "y" not in (cond or {})):
-        raise ValueError("p_uncond > 0 drops class labels: it needs a class-conditional flow and cond={'y': labels}")
+    if p_uncond > 0 and (cond is None or cond.y is None):
+        raise ValueError("p_uncond > 0 drops class labels: it needs a class-conditional flow and "
+                         "cond=conditioning.labels(y, num_classes)")
     student = as_flow(flow).train().requires_grad_(True)
     eps, x0 = pairs
 
     def loss(model, batch, g):
         e, x, c = batch
         if p_uncond > 0:
-            c = {**c, "y": drop_labels(c["y"], p_uncond, null, g)}
+            c = c.drop(p_uncond, g)
         return rf_loss(model, x, g, eps=e, cond=c)
 
     return train(student, loss, pair_batches(eps, x0, cond), cfg, ckpt_dir=ckpt_dir, progress=progress,
@@ -267,7 +267,7 @@ def reflow(flow: Denoiser | str | os.PathLike, pairs: tuple[Tensor, Tensor], cfg
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def straightness(flow: Callable, x1: Tensor, steps: int = 64, cond: Mapping[str, Tensor] | None = None,
+def straightness(flow: Callable, x1: Tensor, steps: int = 64, cond: Cond | None = None,
                  process: AffineProcess | None = None) -> float:
     """S(Z) = int_0^1 E || (Z_1 - Z_0) - dZ_t/dt ||^2 dt of the flow's ODE from noise x1 (B, ...), measured on its
     Euler path with `steps` steps (metrics.straightness; zero iff every path is a straight line at constant
@@ -277,8 +277,7 @@ def straightness(flow: Callable, x1: Tensor, steps: int = 64, cond: Mapping[str,
 
     process = process if process is not None else getattr(flow, "process", RectifiedFlow())
     ts = uniform(steps)
-    model = (lambda x, t: flow(x, t, **cond)) if cond else flow
-    return s_of_path(euler(model, x1, ts, process, return_path=True), ts)
+    return s_of_path(euler(flow, x1, ts, process, return_path=True, cond=cond), ts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,7 +290,7 @@ def distill_times(k: int, B: int, generator: torch.Generator, device=None) -> Te
     return (1.0 - i.double() / k).float().to(device if device is not None else generator.device)
 
 
-def distill_loss_at(student: Callable, x0: Tensor, eps: Tensor, t: Tensor, cond: Mapping[str, Tensor] | None = None
+def distill_loss_at(student: Callable, x0: Tensor, eps: Tensor, t: Tensor, cond: Cond | None = None
                     ) -> Tensor:
     """k-step distillation at grid times t (B,): the reflow loss restricted to the k Euler start times.
 
@@ -303,7 +302,7 @@ def distill_loss_at(student: Callable, x0: Tensor, eps: Tensor, t: Tensor, cond:
 
 
 def distill(flow: Denoiser, pairs: tuple[Tensor, Tensor], k: int, cfg: TrainConfig,
-            cond: Mapping[str, Tensor] | None = None, ckpt_dir=None, progress: bool = True) -> Trained:
+            cond: Cond | None = None, ckpt_dir=None, progress: bool = True) -> Trained:
     """Distil `flow` into a k-step Euler sampler on its own pairs (eps, x0 = ODE_flow(eps)), starting from it."""
     if k < 1:
         raise ValueError(f"k-step distillation needs k >= 1; got {k}")
@@ -340,12 +339,12 @@ class RFView(nn.Module):
             raise ValueError(f"RFView needs a vp-cosine diffusion model; got process {model.process.name!r}")
         self.model, self.process = model, RectifiedFlow()
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None):
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None):
         vp = self.model.process
         tt = t.to(torch.float64).clamp(1e-6, 1 - 1e-6)
         tau = vp.t_from_log_snr(2.0 * torch.log((1 - tt) / tt)).clamp(0.0, 1.0)          # same SNR
         scale = ((1 - tt) ** 2 + tt**2).rsqrt().to(x.dtype)
-        return self.model(x * bcast(scale, x), tau.to(x.dtype), y)
+        return self.model(x * bcast(scale, x), tau.to(x.dtype), cond)
 
 
 DIGITS_DIR = paths.data_dir() / "reflow"   # see course_lib.paths
@@ -381,13 +380,13 @@ def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIG
     r = DIGITS_RECIPE
     teacher = load_teacher("digits", device=device)
     n = r["n_pairs"]
-    y = balanced_labels(n).to(device)
+    y = labels(balanced_labels(n).to(device), teacher.net.num_classes)
     eps, x0 = cached_pairs(teacher, "digits-teacher", n, r["pair_steps"], r["pair_sampler"], seed=0,
-                           cache_dir=Path(runs) / "pairs", cond={"y": y}, noise_shape=(1, 16, 16))
+                           cache_dir=Path(runs) / "pairs", cond=y, noise_shape=(1, 16, 16))
     scale = lambda c: dataclasses.replace(c, steps=max(1, int(c.steps * steps_scale)))
     cfg = scale(r["reflow"])
     t0 = time.perf_counter()
-    flow2 = reflow(teacher, (eps, x0), cfg, cond={"y": y}, ckpt_dir=Path(runs) / "2rf").best().eval()
+    flow2 = reflow(teacher, (eps, x0), cfg, cond=y, ckpt_dir=Path(runs) / "2rf").best().eval()
     meta = {"method": "2-rectified flow of the digits teacher (pairs: teacher ODE, DPM-Solver++ "
                       f"{r['pair_steps']} steps; init: teacher weights as velocity)", "n_pairs": n,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "train_seconds": round(time.perf_counter() - t0, 1),
@@ -395,10 +394,10 @@ def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIG
     _export(flow2, out / "digits-2rf", meta)
     flow2, _ = load_denoiser(out / "digits-2rf")              # the shipped (fp16-rounded) weights
     eps2, x02 = cached_pairs(flow2, "digits-2rf", n, r["distill_pairs_steps"], "euler", seed=1,
-                             cache_dir=Path(runs) / "pairs", cond={"y": y}, noise_shape=(1, 16, 16))
+                             cache_dir=Path(runs) / "pairs", cond=y, noise_shape=(1, 16, 16))
     cfg = scale(r["distill"])
     t0 = time.perf_counter()
-    student = distill(flow2, (eps2, x02), 1, cfg, cond={"y": y}, ckpt_dir=Path(runs) / "2rf-distill1").best().eval()
+    student = distill(flow2, (eps2, x02), 1, cfg, cond=y, ckpt_dir=Path(runs) / "2rf-distill1").best().eval()
     _export(student, out / "digits-2rf-distill1",
             {**meta, "method": "2-RF distilled to 1 Euler step (L2)", "steps": cfg.steps,
              "train_seconds": round(time.perf_counter() - t0, 1)})

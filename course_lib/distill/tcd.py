@@ -39,13 +39,13 @@ import copy
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import distances, steps
-from ..conditioning import Cond
+from ..conditioning import Cond, check
 from ..guidance import cfg as guided
 from ..predictions import Pred
 from ..processes import AffineProcess, SDDiscrete, bcast
@@ -70,12 +70,12 @@ def tcf_from_x0(x0: Tensor, x_t: Tensor, t: Tensor, s: Tensor, process: AffinePr
     return (ratio * x_t + (a_s - ratio * a_t) * x0).to(x_t.dtype)
 
 
-def tcf(model: Callable[..., Pred], x_t: Tensor, t: Tensor, s: Tensor, process: AffineProcess, *args: Any,
-        **cond: Any) -> Tensor:
+def tcf(model: Callable[..., Pred], x_t: Tensor, t: Tensor, s: Tensor, process: AffineProcess,
+        cond: Cond | None = None) -> Tensor:
     """f_theta(x_t, t, s) (B, ...): the trajectory consistency function of a course model (model(x_t, t, ...) -> Pred,
     its x0 is x0_hat_theta), from t (B,) to s (B,) with s <= t (Zheng et al. 2024, Sec. 4.1, first order).
-    Extra arguments go to the model (labels y; a Cond and w on the mini SD)."""
-    return tcf_from_x0(model(x_t, t, *args, **cond).x0, x_t, t, s, process)
+    cond goes to the model (labels; on the mini SD the prompts' Cond with w, cond.with_w(w))."""
+    return tcf_from_x0(model(x_t, t, cond).x0, x_t, t, s, process)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,17 +84,16 @@ def tcf(model: Callable[..., Pred], x_t: Tensor, t: Tensor, s: Tensor, process: 
 
 def tcd_loss_at(student: Callable[..., Pred], target: Callable[..., Pred], teacher: Callable[..., Pred], x0: Tensor,
                 eps: Tensor, t_next: Tensor, t_cur: Tensor, s: Tensor, process: AffineProcess, solver: str = "ddim",
-                distance: str = "l2", cond: Mapping[str, Any] | None = None) -> Tensor:
+                distance: str = "l2", cond: Cond | None = None) -> Tensor:
     """TCD's loss per sample (B,) at adjacent times t_cur = t_n < t_next = t_{n+k} (B,) and end points s <= t_cur
     (B,) (Algorithm 1): the teacher's ONE `solver` step (steps.STEPS) from x_{t_next} = alpha x0 + sigma eps to t_cur,
     then d(f_theta(x_{t_next}, t_next, s), stopgrad f_theta^-(x_hat_{t_cur}, t_cur, s)). student, target: course
     models (their x0 is x0_hat_theta; the TCF is built around them); cond: keyword inputs (labels y) of all three."""
-    cond = dict(cond or {})
     x_next = process.marginal(x0, t_next, eps)                                    # x_{t_{n+k}}
     with torch.no_grad():                                                         # the target is a constant
-        x_cur = steps.STEPS[solver](teacher, x_next, t_next, t_cur, process, **cond)   # x_hat_{t_n}
-        f_target = tcf(target, x_cur, t_cur, s, process, **cond)                 # f_theta^-(x_hat_{t_n}, t_n, s)
-    f_online = tcf(student, x_next, t_next, s, process, **cond)                  # f_theta(x_{t_{n+k}}, t_{n+k}, s)
+        x_cur = steps.STEPS[solver](teacher, x_next, t_next, t_cur, process, cond)     # x_hat_{t_n}
+        f_target = tcf(target, x_cur, t_cur, s, process, cond)                   # f_theta^-(x_hat_{t_n}, t_n, s)
+    f_online = tcf(student, x_next, t_next, s, process, cond)                    # f_theta(x_{t_{n+k}}, t_{n+k}, s)
     return distances.get(distance)(f_online, f_target)
 
 
@@ -125,7 +124,7 @@ def tcd_step(cfg: TCDConfig, grid: Tensor) -> Callable[[StepContext, Any], Tenso
     """The TCD method step for train.train_networks: nets "student" (trained), "target" (its train.Target) and
     "teacher" (frozen); batches are x0 or (x0, labels)."""
     def step(ctx: StepContext, batch: Any) -> Tensor:
-        x0, cond = (batch[0], {} if batch[1] is None else {"y": batch[1]}) if isinstance(batch, tuple) else (batch, {})
+        x0, cond = (batch[0], check(batch[1])) if isinstance(batch, tuple) else (batch, None)
         t_cur, t_next, s = draw_times(grid, len(x0), ctx.generator, x0.device, x0.dtype)
         eps = torch.randn(x0.shape, generator=ctx.generator, device=ctx.generator.device).to(x0)
         return tcd_loss_at(ctx.nets["student"], ctx.nets["target"], ctx.nets["teacher"], x0, eps, t_next, t_cur, s,
@@ -153,11 +152,11 @@ def distill_tcd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
 # ----------------------------------------------------------------------------------------------------------------
 
 class TCDModel(lcm.LCMModel):
-    """A TCD student of a latent teacher: forward(x, t, cond, w) -> Pred, the denoiser's own x0_hat and eps (no
-    boundary scalings: the TCF needs none), with LCM's w-embedding and its range check (lcm.LCMModel)."""
+    """A TCD student of a latent teacher: forward(x, t, cond) -> Pred, the denoiser's own x0_hat and eps (no
+    boundary scalings: the TCF needs none), with LCM's w-embedding of cond.w and its range check (lcm.LCMModel)."""
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond, w: Tensor | float | None = None) -> Pred:
-        return self.denoiser(x, t, self.with_w(cond, w))
+    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Pred:
+        return self.denoiser(x, t, self.w_input(cond))
 
     def config(self) -> dict:
         return {**super().config(), "arch": "tcd"}
@@ -180,7 +179,7 @@ def tcd_sd_target(teacher: Callable[..., Pred], target: Callable[..., Pred], z: 
     with torch.no_grad():
         pred = guided(teacher, w)(z, t_next, cond)                        # (1 + w) cond - w uncond, x0 and eps
         z_cur = steps.ddim_step(pred, t_next, t_cur, process)            # z_hat_{tau_n}
-        return tcf(target, z_cur, t_cur, s, process, cond, w)            # f_theta^-(z_hat_{tau_n}, tau_n, s)
+        return tcf(target, z_cur, t_cur, s, process, cond.with_w(w))     # f_theta^-(z_hat_{tau_n}, tau_n, s)
 
 
 def tcd_sd_loss(student: Callable[..., Pred], target: Callable[..., Pred], teacher: Callable[..., Pred], z0: Tensor,
@@ -191,7 +190,7 @@ def tcd_sd_loss(student: Callable[..., Pred], target: Callable[..., Pred], teach
     s = process.t_of_timestep(s_timesteps).to(torch.float32)
     z_next = process.marginal(z0, t_next, eps).to(z0.dtype)                  # z_{tau_{n+k}}
     tgt = tcd_sd_target(teacher, target, z_next, timesteps, k, s_timesteps, cond, w, process)
-    return distances.get(distance)(tcf(student, z_next, t_next, s, process, cond, w), tgt)
+    return distances.get(distance)(tcf(student, z_next, t_next, s, process, cond.with_w(w)), tgt)
 
 
 def draw_end_timesteps(timesteps: Tensor, k: int, generator: torch.Generator) -> Tensor:
@@ -250,10 +249,10 @@ def tcd_timesteps(n: int, original_steps: int = lcm.ORIGINAL_STEPS, T: int = 100
 
 
 @torch.no_grad()
-def sss(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor, process: SDDiscrete,
-        generator: torch.Generator | None = None, gamma: float = GAMMA) -> Tensor:
+def sss(f: Callable[..., Pred], z: Tensor, timesteps: Tensor, process: SDDiscrete,
+        generator: torch.Generator | None = None, gamma: float = GAMMA, cond: Cond | None = None) -> Tensor:
     """Strategic stochastic sampling on integer timesteps (decreasing, (n,)), step for step diffusers' TCDScheduler
-    with eta = gamma. f(z, t) -> Pred (x0_hat, eps_hat at course time t). At each tau_i, with tau' the next timestep
+    with eta = gamma. f(z, t, cond) -> Pred (x0_hat, eps_hat at course time t). At each tau_i, with tau' the next timestep
     (0 after the last):
 
         tau_s = floor((1 - gamma) tau')
@@ -271,7 +270,7 @@ def sss(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor, proce
         prev = 0 if last else taus[i + 1]
         tau_s = int(torch.floor((1 - gamma) * torch.tensor(prev)))              # diffusers' arithmetic (float32)
         t = process.t_of_timestep(torch.tensor(float(tau))).to(torch.float32).expand(len(z)).to(z.device)
-        x0, eps = f(z, t)
+        x0, eps = f(z, t, cond)
         a_s = float(abar[tau_s])
         z = (a_s ** 0.5 * x0 + (1 - a_s) ** 0.5 * eps).to(z.dtype)                 # z_{tau_s}
         if gamma > 0 and not last:
@@ -285,7 +284,8 @@ def sss(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor, proce
 def sampler(gamma: float = GAMMA) -> Callable[..., Tensor]:
     """sss with gamma fixed, in lcm.multistep's signature (for lcm.sample / lcm.evaluate)."""
     gamma = check_gamma(gamma)
-    return lambda f, z, timesteps, process, generator=None: sss(f, z, timesteps, process, generator, gamma)
+    return lambda f, z, timesteps, process, generator=None, cond=None: sss(f, z, timesteps, process, generator, gamma,
+                                                                          cond)
 
 
 def sample(sd: Any, student: nn.Module, prompts: Sequence[str], steps: int = 4, w: float | None = None,
