@@ -541,7 +541,7 @@ def sample(sd: Any, prompts: Sequence[str], steps: int = 25, w: float = DEFAULT_
     out = []
     for k in range(0, len(prompts), batch):
         cond = sd.text(list(prompts[k:k + batch]))
-        z = samplers.ddim(guidance.condition(guidance.cfg(sd.model, w), cond), x1[k:k + batch], ts, proc)
+        z = samplers.ddim(guidance.cfg(sd.model, w), x1[k:k + batch], ts, proc, cond=cond)
         out.append(sd.vae.decode(z).clamp(-1, 1))
     return torch.cat(out)
 

@@ -241,16 +241,16 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
         return (lo + (hi - lo) * torch.rand(n, generator=g, device=g.device)).to(like.device, torch.float32)
 
     def step(ctx: StepContext, batch: Mapping[str, Tensor]) -> Tensor:
-        x_real, y = batch["x"], check(batch.get("cond"))
+        x_real, cond = batch["x"], check(batch.get("cond"))
         n, g = len(x_real), ctx.generator
         critic: Critic = ctx.nets["critic"]
         if ctx.phase == "generator":
-            x = sample(ctx, n, x_real, y)
+            x = sample(ctx, n, x_real, cond)
             t = draw_t(n, *cfg.t_range, ctx, x)
             eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
             teacher = ctx.nets["teacher"]
-            real = guided(teacher, cfg.real_w) if (cfg.real_w and y is not None) else teacher
-            loss = dm_loss(x, real, critic.fake, process, t, eps, y, cfg.normalize)
+            real = guided(teacher, cfg.real_w) if (cfg.real_w and cond is not None) else teacher
+            loss = dm_loss(x, real, critic.fake, process, t, eps, cond, cfg.normalize)
             if cfg.lambda_reg > 0 and "z_ref" in batch:
                 z_ref = batch["z_ref"]
                 x_hat = ctx.nets["generator"](z_ref, torch.full((len(z_ref),), times[0], device=z_ref.device),
@@ -259,16 +259,16 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
                 reg = d(x_hat, batch["x_ref"])                                                      # (B_ref,)
                 loss = loss + cfg.lambda_reg * reg.mean()
             if cfg.gan and critic.head is not None:
-                loss = loss + cfg.lambda_g * g_loss(critic.logits(x, y, g))
+                loss = loss + cfg.lambda_g * g_loss(critic.logits(x, cond, g))
             return guard(loss, "generator", ctx.step, cfg.max_loss)
         with torch.no_grad():
-            x = sample(ctx, n, x_real, y)
+            x = sample(ctx, n, x_real, cond)
         t = draw_t(n, 0.0, 1.0, ctx, x)
         eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
         # through the critic's own methods (raw, logits), so that under DDP the gradients are averaged over processes
-        loss = fake_score_loss(critic, x, t, eps, y)
+        loss = fake_score_loss(critic, x, t, eps, cond)
         if cfg.gan and critic.head is not None:
-            loss = loss + cfg.lambda_d * d_loss(critic.logits(x_real, y, g), critic.logits(x, y, g))
+            loss = loss + cfg.lambda_d * d_loss(critic.logits(x_real, cond, g), critic.logits(x, cond, g))
         return guard(loss, "critic", ctx.step, cfg.max_loss)
 
     return step

@@ -70,7 +70,7 @@ def shipped_dir() -> Path:
 
 
 def digit_batches(sd: Any, n_images: int | None = None) -> Callable[[int, torch.Generator], dict]:
-    """sample_batch(n, g) -> {"x": real latents of the mini SD's training digits (n, 4, h, w), "y": Cond of their
+    """sample_batch(n, g) -> {"x": real latents of the mini SD's training digits (n, 4, h, w), "cond": Cond of their
     captions} (the latents and caption embeddings of lcm.digit_batches)."""
     from .lcm import digit_batches as pairs
 
@@ -78,7 +78,7 @@ def digit_batches(sd: Any, n_images: int | None = None) -> Callable[[int, torch.
 
     def sample(n: int, g: torch.Generator) -> dict:
         z0, c = draw(n, g)
-        return {"x": z0, "y": c}
+        return {"x": z0, "cond": c}
 
     return sample
 

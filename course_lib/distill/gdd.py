@@ -203,16 +203,16 @@ def gdd_step(cfg: GDDConfig) -> Callable[[StepContext, Mapping[str, Tensor]], Te
     """
 
     def step(ctx: StepContext, batch: Mapping[str, Tensor]) -> Tensor:
-        x_real, y = batch["x"], check(batch.get("cond"))
+        x_real, cond = batch["x"], check(batch.get("cond"))
         g = ctx.generator
         G, Dnet = ctx.nets["generator"], ctx.nets["discriminator"]
-        D = lambda x: Dnet(x, y, g)                                                     # (B, ...) -> (B,)
+        D = lambda x: Dnet(x, cond, g)                                                     # (B, ...) -> (B,)
         z = torch.randn(x_real.shape, generator=g, device=g.device).to(x_real)
         if ctx.phase == "generator":
-            x_g = generate_one_step(G, z, y)
+            x_g = generate_one_step(G, z, cond)
             return guard(generator_loss(D(x_g)), "generator", ctx.step, cfg.max_loss)
         with torch.no_grad():
-            x_g = generate_one_step(G, z, y)
+            x_g = generate_one_step(G, z, cond)
         lazy = cfg.r1_every > 0 and ctx.step % cfg.r1_every == 0
         w = cfg.r1_every * cfg.gamma / 2 if lazy and cfg.gamma > 0 else 0.0
         return guard(discriminator_loss(D, x_real, x_g, w), "discriminator", ctx.step, cfg.max_loss)

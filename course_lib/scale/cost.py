@@ -140,7 +140,7 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
     stamps: list[float] = []
 
     def sample(n, g):
-        return {"x": torch.randn(n, 4, h, h, generator=g), "y": Cond(text=torch.randn(n, L, D, generator=g),
+        return {"x": torch.randn(n, 4, h, h, generator=g), "cond": Cond(text=torch.randn(n, L, D, generator=g),
                                                                       null_text=null.cpu())}
 
     step = dmd.dmd_step(dmd.DMDConfig(ttur=ttur, gan=gan, real_w=0.75), G.process)

@@ -93,12 +93,12 @@ def build(teacher: str | os.PathLike, lora: int, alpha: float | None, gan: bool,
 
 
 def batches(emb, images: bool, shape: tuple[int, ...]) -> Callable[[int, torch.Generator], dict]:
-    """sample_batch(n, g) -> {"x": real latents (n, 4, h, w), "y": Cond of their captions}. Prompts only: "x" is
+    """sample_batch(n, g) -> {"x": real latents (n, 4, h, w), "cond": Cond of their captions}. Prompts only: "x" is
     zeros, which only give the generator's sample shape (no GAN reads them)."""
     def sample(n: int, g: torch.Generator) -> dict:
         idx = torch.randint(emb.n, (n,), generator=g, device=g.device).cpu()
         x = emb.latents(idx) if images else torch.zeros(n, *shape)
-        return {"x": x, "y": emb.cond(idx)}
+        return {"x": x, "cond": emb.cond(idx)}
 
     return sample
 

@@ -34,7 +34,7 @@ def lcm_lora_step(sd, lcfg, online: dict | None = None) -> Callable:
         if online:
             eps, c = batch
             with torch.no_grad(), sdlib.adapter_disabled(teacher):
-                z0 = samplers.dpm_solver_pp_2m(lambda x, t: cfg(teacher, online["w"])(x, t, c), eps, grid, process)
+                z0 = samplers.dpm_solver_pp_2m(cfg(teacher, online["w"]), eps, grid, process, cond=c)
             batch = (z0.to(eps.dtype), c)
         return lcm.lcm_step(ctx, batch, process, lcfg, lora=True)
 

@@ -106,7 +106,7 @@ def generate_triplets(teacher: str | os.PathLike, embeddings: str | os.PathLike,
             eps = noise(seed, idx, shape)
             prompt = torch.tensor(idx) % emb.n
             c = emb.cond(prompt).to(dev)
-            x0 = run(lambda x, t: model(x, t, c), eps.to(dev), grid, sd.model.process)   # float32 solver state
+            x0 = run(model, eps.to(dev), grid, sd.model.process, cond=c)   # float32 solver state
             eps_all.append(eps.to(store))
             x0_all.append(x0.float().cpu().to(store))
             p_all.append(prompt)
