@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from .conditioning import Cond, check
 from .predictions import Pred
 from .processes import AffineProcess, as_times
 
@@ -278,14 +279,15 @@ class GaussianMixture:
 
 
 class ExactDenoiser:
-    """The ideal denoiser of a GaussianMixture as a course model: model(x, t, y=None) -> Pred(x0, eps).
+    """The ideal denoiser of a GaussianMixture as a course model: model(x, t, cond=None) -> Pred(x0, eps).
 
-    x (B, D), t a float or (B,), y optional (B,) labels (overrides the fixed `label`)."""
+    x (B, D), t a float or (B,), cond an optional Cond of (B,) labels (overrides the fixed `label`)."""
 
     def __init__(self, mixture: GaussianMixture, process: AffineProcess, label: int | None = None):
         self.mixture, self.process, self.label = mixture, process, label
 
-    def __call__(self, x: Tensor, t: float | Tensor, y: Tensor | None = None) -> Pred:
+    def __call__(self, x: Tensor, t: float | Tensor, cond: Cond | None = None) -> Pred:
+        y = None if check(cond) is None else cond.y
         if y is None and self.label is not None:
             y = torch.full((len(x),), int(self.label), dtype=torch.long, device=x.device)
         return self.mixture.posterior_mean(x, t, self.process, y)

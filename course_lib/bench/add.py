@@ -10,7 +10,7 @@ import torch
 from ..config import pick
 from ..plotting import table
 from . import register
-from .core import (Evaluation, PR_N, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
+from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
                    score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4)
@@ -110,7 +110,7 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     layers on re-noised inputs (LADD; add.feature_network("dinov2") falls back to it offline), lazy R1; the student
     ("add") at 1, 2, 4 steps on thousands of samples per seed, the teacher with the same sampler ("teacher-trailing")
     and with DPM-Solver++ at 32 steps (a few hundred), beside the data floor; kid_heldout, kid_train, fd_heldout."""
-    from ..classifier import balanced_labels
+    from ..conditioning import labelled, labels
     from ..distill.add import distill_add, feature_network, sample
     from ..images import batch_sampler, load_digits
     from ..teachers import load_teacher
@@ -118,26 +118,26 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
 
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")
-    draw = batch_sampler(x_train, y_train)
-    data = lambda n, g: dict(zip(("x", "y"), (v.to(device) for v in draw(n, g))))
+    draw = labelled(batch_sampler(x_train, y_train), teacher.net.num_classes)
+    data = lambda n, g: dict(zip(("x", "cond"), (v.to(device) for v in draw(n, g))))
     t0 = time.perf_counter()
     student, _ = distill_add(teacher, data, _cfg(b, {}, digits=True),
                              TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"], seed=seed,
                                          desc="add digits"),
-                             feature_network("dinov2", teacher), x_train[:4].to(device), y_train[:4].to(device),
+                             feature_network("dinov2", teacher), x_train[:4].to(device),
+                             labels(y_train[:4].to(device), teacher.net.num_classes),
                              progress=mode != "smoke", init_seed=seed)
     secs = time.perf_counter() - t0
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     for s in ev.seeds:
         digits_floor(ev, s)
-        y = lambda k: balanced_labels(k).to(device)
         digits_teacher(ev, teacher, s, small, 32, device)
         x1 = prior(teacher.process, (big, 1, 16, 16), s + 6, device)
         for name, model, fields in (("teacher-trailing", teacher, {}),
                                     ("add", student, train_fields(secs, b["digits_steps"]))):
             for k in STUDENT_STEPS:
                 x, sec = timed(lambda: sample(model, x1, k, teacher.process, torch.Generator().manual_seed(s + 7),
-                                              y=y(big)), device)
+                                              cond=digit_labels(big, device)), device)
                 score_digits(ev, name, x, sec, nfe=k, steps=k, sampler="trailing", **fields)
 
 

@@ -10,7 +10,7 @@ import torch
 from ..config import pick
 from ..plotting import table
 from . import register
-from .core import (Evaluation, PR_N, digits_floor, digits_n, digits_teacher, exact_map, nfe, per_seed, pm, prior,
+from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, exact_map, nfe, per_seed, pm, prior,
                    reference_2d, score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4)
@@ -73,11 +73,12 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     return student, time.perf_counter() - t0
 
 
-def _sample_cm(model, x1, steps: int, seed: int, process, t_min: float):
+def _sample_cm(model, x1, steps: int, seed: int, process, t_min: float, cond=None):
     """Multistep consistency sampling from x1 at evenly spaced step times, fresh noise from `seed` (CPU)."""
     from ..distill.consistency import multistep_sample, step_times
 
-    return multistep_sample(model, x1, step_times(steps), process, t_min, generator=torch.Generator().manual_seed(seed))
+    return multistep_sample(model, x1, step_times(steps), process, t_min, generator=torch.Generator().manual_seed(seed),
+                            cond=cond)
 
 
 def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]:
@@ -150,17 +151,16 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     """Digits: CD of the shipped digits teacher (or CT of a fresh UNet of its architecture), pseudo-Huber, balanced
     labels; students at 1, 2, 4 steps on thousands of samples per seed, the teacher (DPM-Solver++, 32 steps) on a
     few hundred, beside the data floor; kid_heldout, kid_train, fd_heldout (classifier.digits_scores)."""
-    from ..classifier import balanced_labels
     from ..config import seeded
     from ..distill.consistency import distill_cd, train_ct
-    from ..guidance import condition
+    from ..conditioning import labelled
     from ..images import batch_sampler, load_digits
     from ..teachers import get_recipe, load_teacher
     from ..train import TrainConfig
 
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")
-    draw = batch_sampler(x_train, y_train)
+    draw = labelled(batch_sampler(x_train, y_train), teacher.net.num_classes)
     data = lambda n, g: tuple(v.to(device) for v in draw(n, g))
     cfg = TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"], seed=seed, desc=f"{method.upper()} digits")
     t0 = time.perf_counter()
@@ -174,12 +174,11 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     for s in ev.seeds:
         digits_floor(ev, s)
-        y = lambda k: balanced_labels(k).to(device)
         digits_teacher(ev, teacher, s, small, 32, device)
         x1 = prior(teacher.process, (big, 1, 16, 16), s + 6, device)
         for k in STUDENT_STEPS:
-            x, sec = timed(lambda: _sample_cm(condition(student, y(big)), x1, k, s + 7, student.process,
-                                                student.t_min), device)
+            x, sec = timed(lambda: _sample_cm(student, x1, k, s + 7, student.process, student.t_min,
+                                              digit_labels(big, device)), device)
             score_digits(ev, method, x, sec, nfe=k, steps=k, sampler="consistency",
                          **train_fields(secs, b["digits_steps"]))
 

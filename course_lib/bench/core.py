@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from ..conditioning import Cond, labels
+
 SCHEMA = 3
 NFES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -304,9 +306,17 @@ def digits_teacher(ev: Evaluation, teacher, seed: int, n: int, steps: int, devic
 
     y = balanced_labels(n).to(device)
     x, sec = timed(lambda: generate(teacher, teacher.process, (n, 1, 16, 16), "dpmpp2m", steps, device=device,
-                                    generator=torch.Generator().manual_seed(seed + 6), y=y), device)
+                                    generator=torch.Generator().manual_seed(seed + 6),
+                                    cond=labels(y, teacher.net.num_classes)), device)
     score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", steps), steps=steps, sampler="dpmpp2m",
                  **({"y": y} if with_labels else {}))
+
+
+def digit_labels(n: int, device: str | torch.device, num_classes: int = 10) -> Cond:
+    """n class-balanced digit labels (classifier.balanced_labels) as a model's conditioning, on `device`."""
+    from ..classifier import balanced_labels
+
+    return labels(balanced_labels(n).to(device), num_classes)
 
 
 def digits_acc(x: Tensor, y: Tensor) -> float:

@@ -116,7 +116,7 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     from ..classifier import balanced_labels
     from ..distill.dmd import distill_dmd, sample
     from ..distill.reflow import cached_pairs
-    from ..guidance import condition
+    from ..conditioning import labels
     from ..images import batch_sampler, load_digits
     from ..teachers import load_teacher
     from ..train import TrainConfig
@@ -128,33 +128,33 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     cfg = replace(cfg, lr_g=b["digits_lr"], lr_critic=b["digits_lr"], normalize="sample")
     pairs = None
     if uses_pairs:
-        y_ref = balanced_labels(b["digits_pairs"]).to(device)
+        y_ref = labels(balanced_labels(b["digits_pairs"]).to(device), teacher.net.num_classes)
         z_ref, x_ref = cached_pairs(teacher, "digits-dmd", b["digits_pairs"], steps=DIGITS_TEACHER_STEPS,
-                                    sampler="dpmpp2m", cond={"y": y_ref}, noise_shape=(1, 16, 16), progress=False,
+                                    sampler="dpmpp2m", cond=y_ref, noise_shape=(1, 16, 16), progress=False,
                                     verbose=False)
         pairs = (z_ref, x_ref, y_ref)
 
     def data(k, g):
         xb, yb = draw(k, g)
-        batch = {"x": xb.to(device), "y": yb.to(device)}
+        batch = {"x": xb.to(device), "cond": labels(yb.to(device), teacher.net.num_classes)}
         if pairs is not None:
             i = torch.randint(len(pairs[0]), (k,), generator=g)
-            batch.update(z_ref=pairs[0][i], x_ref=pairs[1][i], y_ref=pairs[2][i])
+            batch.update(z_ref=pairs[0][i], x_ref=pairs[1][i], cond_ref=pairs[2][i])
         return batch
 
     t0 = time.perf_counter()
     G, done = distill_dmd(teacher, data, cfg, TrainConfig(steps=b["digits_iters"], batch_size=b["digits_batch"],
                                                           seed=seed, desc=f"{method.upper()} digits"),
-                          x_train[:4].to(device), y_example=y_train[:4].to(device), progress=mode != "smoke")
+                          x_train[:4].to(device), y_example=labels(y_train[:4].to(device), teacher.net.num_classes),
+                          progress=mode != "smoke")
     secs = time.perf_counter() - t0
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     for s in ev.seeds:
         digits_floor(ev, s)
-        y = lambda k: balanced_labels(k).to(device)
         digits_teacher(ev, teacher, s, small, DIGITS_TEACHER_STEPS, device)
         x1 = prior(teacher.process, (big, 1, 16, 16), s + 6, device)
-        x, sec = timed(lambda: sample(condition(G, y(big)), x1, 1, teacher.process,
-                                      torch.Generator(device).manual_seed(s + 7)), device)
+        x, sec = timed(lambda: sample(G, x1, 1, teacher.process, torch.Generator(device).manual_seed(s + 7),
+                                      labels(balanced_labels(big).to(device), teacher.net.num_classes)), device)
         score_digits(ev, method, x, sec, nfe=1, steps=1, sampler="dmd-generator",
                      **train_fields(secs, done.updates["generator"]))
 

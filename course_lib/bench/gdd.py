@@ -52,6 +52,7 @@ def train_digits(freeze: str, b: dict, seed: int, device, progress: bool):
     """(generator, seconds, trained fraction): GDD(-I) of the digits teacher, class-conditional discriminator."""
     from ..config import seeded
     from ..distill import gdd
+    from ..conditioning import labels
     from ..images import batch_sampler, load_digits
     from ..teachers import load_teacher
     from ..train import TrainConfig
@@ -62,10 +63,11 @@ def train_digits(freeze: str, b: dict, seed: int, device, progress: bool):
 
     def data(n, g):
         x, y = draw(n, g)
-        return {"x": x.to(device), "y": y.to(device)}
+        return {"x": x.to(device), "cond": labels(y.to(device), teacher.net.num_classes)}
 
     with seeded(seed):
-        disc = gdd.make_discriminator(teacher, x_train[:8].to(device), y_train[:8].to(device))
+        disc = gdd.make_discriminator(teacher, x_train[:8].to(device),
+                                      labels(y_train[:8].to(device), teacher.net.num_classes))
     cfg = gdd.GDDConfig(freeze=freeze, lr_g=b["digits_lr"], lr_d=b["digits_lr"] * b["lr_d_x"], gamma=b["digits_gamma"])
     t0 = time.perf_counter()
     G, done = gdd.distill_gdd(teacher, disc, data, cfg, TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"],
@@ -118,6 +120,7 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     """Digits: GDD and GDD-I one-step students on thousands of samples per seed (balanced labels), the teacher
     (DPM-Solver++, 16 and 32 steps) on a few hundred, beside the data floor."""
     from ..classifier import balanced_labels
+    from ..conditioning import labels
     from ..distill.gan import generate_one_step as one_step
     from ..teachers import load_teacher
 
@@ -132,7 +135,7 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
         z = prior(teacher.process, (big, 1, 16, 16), s + 7, device)
         for name, (G, secs, frac) in students.items():
             with torch.no_grad():
-                x, sec = timed(lambda: one_step(G, z, y(big)), device)
+                x, sec = timed(lambda: one_step(G, z, labels(y(big), teacher.net.num_classes)), device)
             score_digits(ev, name, x, sec, nfe=1, steps=1, y=y(big), sampler="one-step",
                          trained_fraction=round(frac, 4), **train_fields(secs, b["digits_steps"]))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..conditioning import labels
 from ..config import pick
 from ..plotting import table
 from . import register
@@ -47,16 +48,16 @@ def bench_guided(mode: str, seed: int = 0, device: str | torch.device | None = N
     samples = []                                  # per seed: {(w, name, steps): (x, seconds, sampler, guided)}
     for s in ev.seeds:
         mix, y_cpu, swd_data, acc = conditional_reference(ev, ds, n, s)
-        y, x1 = y_cpu.to(device), prior(teacher.process, (n, 2), s + 3, device)
+        y, x1 = labels(y_cpu.to(device), mix.num_classes), prior(teacher.process, (n, 2), s + 3, device)
         mine = {}
         for w in GUIDANCE_WEIGHTS:
             runs = [("teacher", b["teacher_steps"], "dpmpp2m", True,
-                     lambda: dpm_solver_pp_2m(lambda x, t: guide(teacher, w, mix.num_classes)(x, t, y), x1,
-                                              uniform(b["teacher_steps"]), teacher.process)),
+                     lambda: dpm_solver_pp_2m(guide(teacher, w), x1, uniform(b["teacher_steps"]), teacher.process,
+                                              cond=y)),
                     ("guided-student-stage1", b["n_start"], "ddim", False,
-                     lambda: ddim(lambda x, t: stage1(x, t, y, w), x1, uniform(b["n_start"]), teacher.process))]
+                     lambda: ddim(stage1, x1, uniform(b["n_start"]), teacher.process, cond=y.with_w(w)))]
             runs += [("guided-student", N, "ddim", False,
-                      lambda N=N: ddim(lambda x, t: students[N](x, t, y, w), x1, uniform(N), teacher.process))
+                      lambda N=N: ddim(students[N], x1, uniform(N), teacher.process, cond=y.with_w(w)))
                      for N in (4, 1) if N in students]
             for name, steps, sampler, guided, fn in runs:
                 x, sec = timed(fn, device)
@@ -113,8 +114,9 @@ def guided_digits_rows(ev: Evaluation, mode: str, device: str | torch.device) ->
     for s in ev.seeds:
         digits_floor(ev, s)
         for w in GUIDANCE_WEIGHTS:
-            x, sec = timed(lambda: generate(guide(teacher, w, 10), teacher.process, (n, 1, 16, 16), "dpmpp2m", steps,
-                                            generator=torch.Generator().manual_seed(s + 6), y=y, device=device),
+            x, sec = timed(lambda: generate(guide(teacher, w), teacher.process, (n, 1, 16, 16), "dpmpp2m", steps,
+                                            generator=torch.Generator().manual_seed(s + 6),
+                                            cond=labels(y, teacher.net.num_classes), device=device),
                            device)
             score_digits(ev, "teacher", x, sec, y=y, nfe=nfe("dpmpp2m", steps, guided=True), steps=steps, w=w,
                          sampler="dpmpp2m")

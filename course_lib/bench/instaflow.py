@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from ..conditioning import labels
 from ..config import pick
 from ..plotting import table
 from . import register
@@ -66,14 +67,14 @@ def bench_instaflow(mode: str, seed: int = 0, device: str | torch.device | None 
     gt = instaflow.guided(teacher, b["w"])
     ev = Evaluation(seed, device)
     samples, x1s, targets, swds = [], [], [], []
-    y = (torch.arange(n) % null_classes(teacher)).to(device)                  # balanced labels, as every seed's
+    y = labels((torch.arange(n) % null_classes(teacher)).to(device), null_classes(teacher))   # balanced, as every seed's
     for s in ev.seeds:
         mix, y_cpu, swd_data, acc = conditional_reference(ev, ds, n, s)
         x1 = prior(teacher.process, (n, 2), s + 3, device)
         runs = [("teacher", 64, "dpmpp2m", True,
-                 lambda: dpm_solver_pp_2m(lambda x, t: gt(x, t, y), x1, uniform(64), teacher.process))]
+                 lambda: dpm_solver_pp_2m(gt, x1, uniform(64), teacher.process, cond=y))]
         runs += [("2-rf", k, "euler", False,
-                  lambda k=k: euler(lambda x, t: flow2(x, t, y), x1, uniform(k), flow2.process)) for k in (1, 4)]
+                  lambda k=k: euler(flow2, x1, uniform(k), flow2.process, cond=y)) for k in (1, 4)]
         runs += [(name, 1, "one-step", False, lambda name=name: instaflow.one_step(models[name], x1, y))
                  for name in ("instaflow", "direct-distill")]
         mine = {}
@@ -86,8 +87,8 @@ def bench_instaflow(mode: str, seed: int = 0, device: str | torch.device | None 
             ev.add(ds, name, "swd_data", swd_data(x), sec, **common)
         samples.append(mine)
         # held-out endpoints of each coupling from the evaluation noise (never used in training)
-        _, xt = reflow.generate_pairs(gt, x1, b["pair_steps"], "dpmpp2m", cond={"y": y})
-        _, x2 = reflow.generate_pairs(flow2, x1, b["flow_pair_steps"], "euler", cond={"y": y})
+        _, xt = reflow.generate_pairs(gt, x1, b["pair_steps"], "dpmpp2m", cond=y)
+        _, x2 = reflow.generate_pairs(flow2, x1, b["flow_pair_steps"], "euler", cond=y)
         targets.append({"direct": xt, "reflow": x2})
         x1s.append(x1)
         swds.append(swd_data)
@@ -97,7 +98,7 @@ def bench_instaflow(mode: str, seed: int = 0, device: str | torch.device | None 
                    **train_fields(secs[name], updates[name]))
         m = min(n, 2000)
         for name, flow, guided in (("teacher", reflow.RFView(gt), True), ("2-rf", flow2, False)):
-            st, sec = timed(lambda: reflow.straightness(flow, x1[:m], 64, cond={"y": y[:m]}), device)
+            st, sec = timed(lambda: reflow.straightness(flow, x1[:m], 64, cond=y[:m]), device)
             ev.add(ds, name, "straightness", st, sec, nfe=nfe("euler", 64, guided), steps=64, w=b["w"],
                    sampler="euler", n=m)
     for i, mine in enumerate(samples):            # fidelity to the guided teacher: needs every seed's teacher samples
@@ -186,27 +187,26 @@ def instaflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device)
     for s in ev.seeds:
         digits_floor(ev, s)
         x1 = noise((max(big, small), 1, 16, 16), s + 6, device)
-        y = balanced_labels(len(x1)).to(device)
+        y = labels(balanced_labels(len(x1)).to(device), 10)
 
         def score(name, k, sampler, x, sec, guided=False, **extra):
             common = dict(nfe=nfe(sampler, k, guided), steps=k, w=w, sampler=sampler, **extra)
-            score_digits(ev, name, x, sec, y=y[:len(x)], **common)
+            score_digits(ev, name, x, sec, y=y.y[:len(x)], **common)
             if name != "teacher":
                 ev.add("digits", name, "flow_map_err_teacher", flow_map_error(x[:small].cpu(), xt.cpu()), sec,
                        n=small, **common)
 
-        xt, sec = timed(lambda: dpm_solver_pp_2m(lambda x, t: gt(x, t, y[:small]), x1[:small], uniform(16),
-                                                 gt.process), device)
+        xt, sec = timed(lambda: dpm_solver_pp_2m(gt, x1[:small], uniform(16), gt.process, cond=y[:small]), device)
         score("teacher", 16, "dpmpp2m", xt, sec, guided=True)
         x2 = None
         for k in (1, 4, 16):
             m = big if k <= 4 else small
-            x, sec = timed(lambda: euler(lambda x, t: flow2(x, t, y[:m]), x1[:m], uniform(k), flow2.process), device)
+            x, sec = timed(lambda: euler(flow2, x1[:m], uniform(k), flow2.process, cond=y[:m]), device)
             score("2-rf", k, "euler", x, sec)
             x2 = x[:small] if k == instaflow.DIGITS_RECIPE["distill_pairs_steps"] else x2
         m = min(small, 300)
         for name, flow, guided in (("teacher", reflow.RFView(gt), True), ("2-rf", flow2, False)):
-            st, sec = timed(lambda: reflow.straightness(flow, x1[:m], 32, cond={"y": y[:m]}), device)
+            st, sec = timed(lambda: reflow.straightness(flow, x1[:m], 32, cond=y[:m]), device)
             ev.add("digits", name, "straightness", st, sec, nfe=nfe("euler", 32, guided), steps=32, w=w,
                    sampler="euler", n=m)
         for name, model in students.items():

@@ -62,7 +62,7 @@ def digits_pd_rows(ev: Evaluation, mode: str, seed: int, device: str | torch.dev
     from ..classifier import balanced_labels
     from ..distill.pd import progressive_distillation
     from ..grids import uniform
-    from ..guidance import condition
+    from ..conditioning import labelled, labels
     from ..images import batch_sampler, load_digits
     from ..samplers import ddim, dpm_solver_pp_2m
     from ..teachers import load_teacher
@@ -75,15 +75,16 @@ def digits_pd_rows(ev: Evaluation, mode: str, seed: int, device: str | torch.dev
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")       # CPU; training moves each batch to the students' device
     clock = RoundClock(cfg)
-    students = progressive_distillation(teacher, batch_sampler(x_train, y_train), n_start, 1, clock,
+    students = progressive_distillation(teacher, labelled(batch_sampler(x_train, y_train), 10), n_start, 1, clock,
                                         progress=mode != "smoke")
     clock.stop()
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     for s in ev.seeds:
         digits_floor(ev, s)
         x1 = prior(teacher.process, (max(big, small), 1, 16, 16), s + 6, device)
-        run = lambda m, k, sampler, steps: timed(lambda: sampler(condition(m, balanced_labels(k).to(device)), x1[:k],
-                                                                 uniform(steps), teacher.process), device)
+        run = lambda m, k, sampler, steps: timed(lambda: sampler(m, x1[:k], uniform(steps), teacher.process,
+                                                                 cond=labels(balanced_labels(k).to(device), 10)),
+                                                 device)
         x, sec = run(teacher, small, dpm_solver_pp_2m, 64)
         score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", 64), steps=64, sampler="dpmpp2m")
         for steps in sorted({n_start, *[2**j for j in range(n_start.bit_length()) if 2**j < n_start]}):

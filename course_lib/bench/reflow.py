@@ -91,7 +91,7 @@ def reflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device) ->
     from ..classifier import balanced_labels
     from ..distill import reflow
     from ..grids import uniform
-    from ..guidance import condition
+    from ..conditioning import labels
     from ..samplers import dpm_solver_pp_2m, euler
     from ..teachers import load_teacher
 
@@ -106,11 +106,11 @@ def reflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device) ->
     for s in ev.seeds:
         digits_floor(ev, s)
         x1 = noise((max(big, small), 1, 16, 16), s + 6, device)
-        y = lambda k: balanced_labels(k).to(device)
-        x, sec = timed(lambda: dpm_solver_pp_2m(condition(teacher, y(small)), x1[:small], uniform(16),
-                                                teacher.process), device)
+        y = lambda k: labels(balanced_labels(k).to(device), teacher.net.num_classes)
+        x, sec = timed(lambda: dpm_solver_pp_2m(teacher, x1[:small], uniform(16), teacher.process, cond=y(small)),
+                       device)
         score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", 16), steps=16, sampler="dpmpp2m")
         for name, m, ks in models:
             for k in ks:
-                x, sec = timed(lambda: euler(condition(m, y(big)), x1[:big], uniform(k), m.process), device)
+                x, sec = timed(lambda: euler(m, x1[:big], uniform(k), m.process, cond=y(big)), device)
                 score_digits(ev, name, x, sec, nfe=nfe("euler", k), steps=k, sampler="euler")

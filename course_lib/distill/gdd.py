@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
