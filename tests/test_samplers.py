@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_lib import grids, guidance, samplers
+from course_lib import grids, guidance, samplers, steps
+from course_lib.conditioning import labels
 from course_lib.models import Denoiser, MLP2D
 from course_lib.predictions import Pred
 from course_lib.processes import EDM, RectifiedFlow, SDDiscrete, VPCosine, bcast
@@ -180,7 +181,7 @@ def test_sd_timesteps_unknown_spacing():
 def point_mass_model(c: torch.Tensor, proc):
     """The exact denoiser when the data is the single point c: x0_hat = c, eps_hat = (x - alpha c) / sigma."""
 
-    def model(x, t):
+    def model(x, t, cond=None):
         a, s = bcast(proc.alpha(t), x), bcast(proc.sigma(t), x)
         x0 = c.expand_as(x)
         return Pred(x0, (x - a * x0) / s)
@@ -191,7 +192,7 @@ def point_mass_model(c: torch.Tensor, proc):
 def gaussian_model(mu: float, s: float, proc):
     """The exact denoiser for data N(mu, s^2 I): x0_hat = mu + alpha s^2 (x - alpha mu) / (alpha^2 s^2 + sigma^2)."""
 
-    def model(x, t):
+    def model(x, t, cond=None):
         a, sg = bcast(proc.alpha(t), x), bcast(proc.sigma(t), x)
         x0 = mu + a * s**2 * (x - a * mu) / (a * a * s * s + sg * sg)
         return Pred(x0, (x - a * x0) / sg)
@@ -213,9 +214,9 @@ class Counting:
     def __init__(self, model):
         self.model, self.calls = model, 0
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, cond=None):
         self.calls += 1
-        return self.model(x, t)
+        return self.model(x, t, cond)
 
 
 def _gen(seed=0):
@@ -317,7 +318,7 @@ def test_straight_rectified_flow_paths_are_integrated_exactly(name, n):
     g = torch.Generator().manual_seed(4)
     m, b = 0.2 + torch.rand(1, 3, generator=g, dtype=F64), torch.randn(1, 3, generator=g, dtype=F64)
 
-    def model(x, t):
+    def model(x, t, cond=None):
         tt = bcast(t, x)
         z = (x - (1 - tt) * b) / ((1 - tt) * m + tt)
         return Pred(m * z + b, z)
@@ -427,15 +428,15 @@ def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 2, generator=g)
     t = torch.rand(6, generator=g) * 0.9 + 0.05
-    y = torch.randint(0, 3, (6,), generator=g)
+    y = labels(torch.randint(0, 3, (6,), generator=g), 3)
     return x, t, y
 
 
 def test_cfg_with_w_zero_is_the_conditional_model(class_model):
     x, t, y = _inputs()
     with torch.no_grad():
-        got = guidance.cfg(class_model, 0.0, null_label=3)(x, t, y)
-        cond, uncond = class_model(x, t, y), class_model(x, t, torch.full_like(y, 3))
+        got = guidance.cfg(class_model, 0.0)(x, t, y)
+        cond, uncond = class_model(x, t, y), class_model(x, t, y.null())
     assert torch.equal(got.x0, cond.x0) and torch.equal(got.eps, cond.eps)
     assert not torch.allclose(cond.x0, uncond.x0, atol=1e-4)  # the labels matter, so the check above has teeth
 
@@ -445,24 +446,29 @@ def test_cfg_equals_separate_conditional_and_unconditional_calls(class_model, w)
     x, t, y = _inputs(1)
     proc = class_model.process
     with torch.no_grad():
-        got = guidance.cfg(class_model, w, null_label=3)(x, t, y)
-        cond, uncond = class_model(x, t, y), class_model(x, t, torch.full_like(y, 3))
+        got = guidance.cfg(class_model, w)(x, t, y)
+        cond, uncond = class_model(x, t, y), class_model(x, t, y.null())
     torch.testing.assert_close(got.x0, (1 + w) * cond.x0 - w * uncond.x0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.eps, (1 + w) * cond.eps - w * uncond.eps, rtol=1e-5, atol=1e-5)
     # weights sum to one, so the guided Pred is still consistent with x_t
     torch.testing.assert_close(proc.marginal(got.x0, t, got.eps), x, rtol=1e-4, atol=1e-4)
 
 
-def test_condition_fixes_labels_for_samplers(class_model):
+def test_samplers_pass_cond_to_every_call(class_model):
     x, t, y = _inputs(2)
     proc = class_model.process
+    seen = []
+    m = guidance.cfg(class_model, 1.0)
     with torch.no_grad():
-        m = guidance.condition(guidance.cfg(class_model, 1.0, null_label=3), y)
-        direct = guidance.cfg(class_model, 1.0, null_label=3)(x, t, y)
-        got = m(x, t)
-        assert torch.equal(got.x0, direct.x0)
-        out = samplers.ddim(m, x, grids.uniform(3), proc)
-    assert out.shape == x.shape and torch.isfinite(out).all()
+        out = samplers.ddim(lambda x, t, cond: seen.append(cond) or m(x, t, cond), x, grids.uniform(3), proc, cond=y)
+        by_hand = x
+        for i in range(3):
+            ti, si = (torch.full((len(x),), float(v)) for v in grids.uniform(3)[i:i + 2])
+            by_hand = steps.ddim(m, by_hand, ti, si, proc, y)
+    assert len(seen) == 3 and all(c is y for c in seen)
+    assert torch.equal(out, by_hand)
+    with pytest.raises(TypeError, match="conditioning.labels"):
+        samplers.ddim(class_model, x, grids.uniform(3), proc, cond=y.y)
 
 
 # ================================================================================================================
@@ -520,7 +526,7 @@ def _exact_consistency_function(mixture, proc):
     """The exact consistency function of Gaussian data: the probability-flow map to t = 0 (data2d.gaussian_flow_map)."""
     from course_lib.data2d import gaussian_flow_map
 
-    def f(x, t):
+    def f(x, t, cond=None):
         x0 = gaussian_flow_map(mixture, x, t, torch.zeros_like(t), proc)
         return Pred(x0, (x - bcast(proc.alpha(t), x) * x0) / bcast(proc.sigma(t), x))
 
@@ -568,12 +574,11 @@ def test_counted_nfe_equals_the_nfe_table(class_model, name, guided):
     proc = class_model.process
     B = 6
     x1 = proc.prior((B, 2), generator=_gen(0))
-    y = torch.arange(B) % 3
+    y = labels(torch.arange(B) % 3, 3)
     for n in range(1, 6):
         counter = samplers.CountingModel(class_model, batch_size=B)
-        model = guidance.cfg(counter, 1.5, null_label=3) if guided else counter
-        samplers.get_sampler(name)(guidance.condition(model, y), x1, grids.default_grid(n, proc), proc,
-                                   generator=_gen(n))
+        model = guidance.cfg(counter, 1.5) if guided else counter
+        samplers.get_sampler(name)(model, x1, grids.default_grid(n, proc), proc, generator=_gen(n), cond=y)
         assert counter.nfe == samplers.nfe(name, n, guided=guided), (name, n)
         assert counter.rows == B * samplers.nfe(name, n, guided=guided)
 
@@ -603,14 +608,14 @@ def test_guided_nfe_and_steps_for_nfe():
 def test_generate_uses_the_models_device_and_the_generator(class_model):
     proc = class_model.process
     assert samplers.model_device(class_model) == torch.device("cpu")
-    assert samplers.model_device(lambda x, t: None) == torch.device("cpu")
-    y = torch.arange(8) % 3
-    a = samplers.generate(class_model, proc, (8, 2), "tcd", 4, generator=_gen(5), y=y)
-    b = samplers.generate(class_model, proc, (8, 2), "tcd", 4, generator=_gen(5), y=y)
-    c = samplers.generate(class_model, proc, (8, 2), "tcd", 4, generator=_gen(6), y=y)
+    assert samplers.model_device(lambda x, t, cond=None: None) == torch.device("cpu")
+    y = labels(torch.arange(8) % 3, 3)
+    a = samplers.generate(class_model, proc, (8, 2), "tcd", 4, generator=_gen(5), cond=y)
+    b = samplers.generate(class_model, proc, (8, 2), "tcd", 4, generator=_gen(5), cond=y)
+    c = samplers.generate(class_model, proc, (8, 2), "tcd", 4, generator=_gen(6), cond=y)
     assert a.device.type == "cpu" and torch.equal(a, b) and not torch.allclose(a, c)
     # the prior is x_1 = sigma_1 z with z drawn from the generator on the CPU
-    x1 = samplers.generate(class_model, proc, (8, 2), "ddim", 1, generator=_gen(5), y=y, return_path=True)[0]
+    x1 = samplers.generate(class_model, proc, (8, 2), "ddim", 1, generator=_gen(5), cond=y, return_path=True)[0]
     torch.testing.assert_close(x1, float(proc.sigma(torch.ones((), dtype=F64))) * torch.randn(8, 2, generator=_gen(5)))
 
 
@@ -663,8 +668,8 @@ def test_one_seed_gives_the_same_samples_on_every_device(class_model, name):
 
     proc = class_model.process
     y = torch.arange(16) % 3
-    cpu = samplers.generate(class_model, proc, (16, 2), name, 4, generator=_gen(3), y=y)
+    cpu = samplers.generate(class_model, proc, (16, 2), name, 4, generator=_gen(3), cond=y)
     gpu_model = copy.deepcopy(class_model).cuda()
-    gpu = samplers.generate(gpu_model, proc, (16, 2), name, 4, generator=_gen(3), y=y)
+    gpu = samplers.generate(gpu_model, proc, (16, 2), name, 4, generator=_gen(3), cond=y)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
