@@ -51,18 +51,19 @@ def digits_teacher_rows(ev: Evaluation, mode: str, device: str | torch.device) -
     DDIM, scored with classifier.digits_scores (KID against the held-out and the training digits, FD against the
     held-out digits), beside the data floor (training digits against the held-out digits)."""
     from ..classifier import balanced_labels
+    from ..conditioning import labels
     from ..samplers import generate
     from ..teachers import load_teacher
 
     n = digits_n(mode, cheap=False)
     nfes = pick(mode, smoke=(1, 2), laptop=(1, 2, 4, 8, 16, 32), full=(1, 2, 4, 8, 16, 32, 64, 128))
     teacher = load_teacher("digits", device=device)
-    y = balanced_labels(n).to(device)
+    y = labels(balanced_labels(n).to(device), teacher.net.num_classes)
     for s in ev.seeds:
         digits_floor(ev, s)
         for sampler, name in (("dpmpp2m", "teacher"), ("ddim", "teacher-ddim")):
             for steps in nfes:
                 x, sec = timed(lambda: generate(teacher, teacher.process, (n, 1, 16, 16), sampler, steps,
-                                                device=device, generator=torch.Generator().manual_seed(s + 6), y=y),
+                                                device=device, generator=torch.Generator().manual_seed(s + 6), cond=y),
                                device)
                 score_digits(ev, name, x, sec, nfe=nfe(sampler, steps), steps=steps, sampler=sampler)
