@@ -83,13 +83,11 @@ def test_course_ddim_with_cfg_matches_the_diffusers_pipeline(teacher, prediction
     model = sd.SDDenoiser(teacher.model.unet, sd.process_from_scheduler(scheduler.config),
                           sd.parameterization_from_scheduler(scheduler.config))
     proc = model.process
-    guided = guidance.condition(guidance.cfg(model, w), cond)
-    course = samplers.ddim(guided, x1, grids.sd_grid(n, proc, "trailing"), proc)
+    course = samplers.ddim(guidance.cfg(model, w), x1, grids.sd_grid(n, proc, "trailing"), proc, cond=cond)
     assert course.shape == ref.shape == (2, 4, 8, 8)
     _close(course, ref)
     if w:  # guidance matters here, so the agreement has teeth
-        unguided = samplers.ddim(guidance.condition(guidance.cfg(model, 0.0), cond), x1,
-                                 grids.sd_grid(n, proc, "trailing"), proc)
+        unguided = samplers.ddim(guidance.cfg(model, 0.0), x1, grids.sd_grid(n, proc, "trailing"), proc, cond=cond)
         assert float((unguided - ref).abs().max()) > 100 * REL_TOL * max(1.0, float(ref.abs().max()))
 
 
