@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -178,8 +178,8 @@ class LCMModel(nn.Module):
         if self.w_dim is None:
             return cond.with_w(None)
         emb = w_embedding(w, self.w_dim, len(cond))
-        return cond.with_w(None).replace(
-            timestep_cond=emb.to(cond.text.device if cond.text is not None else emb.device))
+        return replace(cond.with_w(None),
+                       timestep_cond=emb.to(cond.text.device if cond.text is not None else emb.device))
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Pred:
         pred = self.denoiser(x, t, self.w_input(cond))
