@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from .. import distances
 from ..config import seeded
 from ..guidance import cfg as guided, condition
-from ..predictions import Pred, from_pred
+from ..losses import denoising_loss_at
+from ..predictions import Pred
 from ..processes import AffineProcess
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
 from .gan import DenoiserFeatures, Discriminator, adversarial, discriminator, guard
@@ -85,11 +86,9 @@ def dm_loss(x: Tensor, real: Callable[..., Pred], fake: Callable[..., Pred], pro
 
 def fake_score_loss(fake: nn.Module, x: Tensor, t: Tensor, eps: Tensor, y: Any = None) -> Tensor:
     """The fake score's denoising loss on generator samples (DMD Eq. 6), per sample (B,): the ordinary diffusion
-    loss in the fake model's own parameterization, on stopgrad(x) (the generator is not trained by it)."""
-    x0 = x.detach()
-    x_t = fake.process.marginal(x0, t, eps)
-    target = from_pred(Pred(x0, eps), t, fake.process, fake.parameterization)
-    return (fake.raw(x_t, t, y) - target).pow(2).flatten(1).mean(1)
+    loss in the fake model's own parameterization (losses.denoising_loss_at), on stopgrad(x) (the generator is not
+    trained by it)."""
+    return denoising_loss_at(fake, x.detach(), t, eps, y)
 
 
 def two_time_scale(iterations: int, ttur: int, update_generator: Callable[[int], Any],
