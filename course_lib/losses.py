@@ -7,8 +7,14 @@ regress the network's native output onto the same quantity computed from the tru
 
 kind "eps" is DDPM's loss, "v" Salimans & Ho (2022), "velocity" with the rf process is flow matching /
 1-rectified flow (Lipman et al. 2023; Liu et al. 2022): target eps - x0 in the course's time direction.
+
+`denoising_loss_at` is that regression at given (t, eps): the one copy of the loss. `denoising_loss` draws t and eps
+for a teacher; Stable Diffusion's loss (minisd.ldm_loss) draws SD's integer timesteps; DMD's fake score (distill.dmd
+.fake_score_loss) regresses onto the generator's samples.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,6 +35,16 @@ def drop_labels(y: Tensor | None, p_uncond: float, null_label: int | None, gener
     return Cond(y=y, null_y=int(null_label)).drop(p_uncond, generator).y
 
 
+def denoising_loss_at(model: Any, x0: Tensor, t: Tensor, eps: Tensor, cond: Cond | None = None) -> Tensor:
+    """|| F(x_t, t, cond) - target(x0, eps, t) ||^2 per sample (B,), averaged over the data dimensions (Ho et al.
+    2020, Eq. 14, in the model's own parameterization): x_t = alpha_t x0 + sigma_t eps, F = model.raw, the target
+    predictions.from_pred(Pred(x0, eps)) in model.parameterization. x0, eps (B, ...), t (B,); cond is passed to
+    model.raw as it is. Gradients reach x0 as well: detach it where only the model is trained."""
+    x_t = model.process.marginal(x0, t, eps)
+    target = from_pred(Pred(x0, eps), t, model.process, model.parameterization)
+    return (model.raw(x_t, t, cond) - target).pow(2).flatten(1).mean(1)
+
+
 def denoising_loss(model: Denoiser, x0: Tensor, generator: torch.Generator, cond: Cond | None = None,
                    t_min: float = 1e-3, p_uncond: float = 0.0) -> Tensor:
     """Per-sample denoising / flow-matching loss in the model's own parameterization.
@@ -39,9 +55,6 @@ def denoising_loss(model: Denoiser, x0: Tensor, generator: torch.Generator, cond
     B = x0.shape[0]
     t = t_min + (1 - t_min) * torch.rand(B, generator=generator, device=generator.device).to(x0)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
-    x_t = model.process.marginal(x0, t, eps)
-    target = from_pred(Pred(x0, eps), t, model.process, model.parameterization)
     if check(cond) is not None:
         cond = cond.drop(p_uncond, generator)
-    out = model.raw(x_t, t, cond)
-    return (out - target).pow(2).flatten(1).mean(1)
+    return denoising_loss_at(model, x0, t, eps, cond)

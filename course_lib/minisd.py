@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import paths
+from .conditioning import Cond
 from .config import seeded
+from .losses import denoising_loss_at
 
 MINI_SD = paths.data_dir() / "mini_sd"                 # see course_lib.paths
 PROMPTS_DIR = paths.data_dir() / "prompts"
@@ -361,18 +363,31 @@ class TextToImage(nn.Module):
         return {"text_encoder": public(self.text_encoder.config.to_dict()), "unet": public(self.unet.config)}
 
 
+class _IntegerTimesteps:
+    """A diffusers UNet as the model of losses.denoising_loss_at: raw(z_t, t, cond) = eps_theta(z_t, i, cond.text) at
+    SD's integer timestep i = 1000 t - 1, rounded (in float32 the product misses the integer at 10 of the 1000
+    timesteps, and the mini SD was trained on exact integers)."""
+
+    parameterization = "eps"
+
+    def __init__(self, unet: nn.Module, process: Any):
+        self.unet, self.process = unet, process
+
+    def raw(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return self.unet(x, torch.round(self.process.timestep(t)), encoder_hidden_states=cond.text).sample
+
+
 def ldm_loss(net: TextToImage, batch: tuple[Tensor, Tensor], generator: torch.Generator, process: Any) -> Tensor:
     """Stable Diffusion's loss (Ho et al. 2020, Eq. 14 on latents): ||eps - eps_theta(z_i, i, tau(caption))||^2
-    per sample, with i ~ U{0..999}, z_i = sqrt(abar_i) z_0 + sqrt(1 - abar_i) eps; course time t = (i + 1) / 1000."""
+    per sample, with i ~ U{0..999}, z_i = sqrt(abar_i) z_0 + sqrt(1 - abar_i) eps; course time t = (i + 1) / 1000
+    (losses.denoising_loss_at; the text encoder tau is trained with the UNet)."""
     z0, ids = batch                                                        # (B, 4, 8, 8), (B, L)
     B = z0.shape[0]
     i = torch.randint(0, process.T, (B,), generator=generator, device=generator.device).to(z0.device)
     t = process.t_of_timestep(i).to(z0.dtype)
     eps = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0)
-    zt = process.marginal(z0, t, eps)
     text = net.text_encoder(ids)[0]                                        # (B, L, D)
-    out = net.unet(zt, i.float(), encoder_hidden_states=text).sample
-    return (out - eps).pow(2).flatten(1).mean(1)
+    return denoising_loss_at(_IntegerTimesteps(net.unet, process), z0, t, eps, Cond(text=text))
 
 
 @torch.no_grad()

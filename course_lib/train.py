@@ -10,6 +10,10 @@ with its target network):
     done = train_networks({"critic": Network(D), "generator": Network(G, every=5)}, step_fn, sample_batch, cfg,
                           targets={"generator_ema": Target("generator", decay=0.99)}, ckpt_dir="runs/gan")
 
+Watching a run (a notebook's figure): `observer(step, nets, losses)` is called every `observe_every` iterations,
+after the iteration, with the networks by name and each network's losses so far (see `Observer`); training code
+never needs a loop of its own.
+
 `sample_batch(batch_size, generator) -> batch` draws data; `step_fn(ctx, batch) -> (B,)` returns per-sample
 losses of the network `ctx.phase` (the engine takes the mean). Iteration `step` updates every network with
 `step % every == 0`, one after another in declaration order (a "phase" each), so later phases see the updated
@@ -169,6 +173,13 @@ class Trained:
             for k, v in self.ema[name].items():
                 params[k].copy_(v)
         return model
+
+
+# observer(step, nets, losses): step the number of iterations done (1, 2, ...); nets every network, target and frozen
+# module by name (plain modules in training mode, called under no_grad: leave their weights and modes as they are,
+# and draw random numbers from a generator of your own, so that observing never changes the run); losses
+# {network: its update losses so far} (host floats, a copy)
+Observer = Callable[[int, Mapping[str, nn.Module], Mapping[str, list[float]]], None]
 
 
 def _synced_methods(module: nn.Module) -> tuple[str, ...]:
@@ -419,7 +430,8 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
                    targets: Mapping[str, Target] | None = None, frozen: Mapping[str, nn.Module] | None = None,
                    ckpt_dir: str | os.PathLike | None = None, extra_config: dict[str, Any] | None = None,
                    progress: bool = True, generator_device: str | torch.device = "cpu", accelerator=None,
-                   allow_config_change: bool = False) -> Trained:
+                   allow_config_change: bool = False, observer: Observer | None = None,
+                   observe_every: int = 1) -> Trained:
     """Train `networks` for cfg.steps iterations, resuming from `ckpt_dir` when it holds a checkpoint of this run.
 
     step_fn(ctx, batch) -> per-sample losses (B,) of network ctx.phase; batches are moved to the networks' device.
@@ -427,6 +439,8 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
     ema_decay): a cfg that sets any of them raises ValueError, since the engine would not read them.
     Resuming with changed settings raises CheckpointError naming them (steps, desc, ckpt_every and log_every may
     change), unless allow_config_change. Ctrl-C (KeyboardInterrupt) writes a checkpoint before it propagates.
+    observer(step, nets, losses) is called after every observe_every-th iteration (step % observe_every == 0), on
+    the main process only (not with fsdp, whose networks are sharded); it leaves the run unchanged (`Observer`).
     """
     set_here = [f"{k}={getattr(cfg, k)!r}" for k in PER_NETWORK if getattr(cfg, k) != _DEFAULTS[k]]
     if set_here:
@@ -435,14 +449,16 @@ def train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepConte
                          "them at their defaults in the TrainConfig")
     return _train_networks(networks, step_fn, sample_batch, cfg, targets=targets, frozen=frozen, ckpt_dir=ckpt_dir,
                            extra_config=extra_config, progress=progress, generator_device=generator_device,
-                           accelerator=accelerator, allow_config_change=allow_config_change)
+                           accelerator=accelerator, allow_config_change=allow_config_change, observer=observer,
+                           observe_every=observe_every)
 
 
 def _train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepContext, Any], Tensor],
                     sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig, *,
                     targets: Mapping[str, Target] | None, frozen: Mapping[str, nn.Module] | None,
                     ckpt_dir: str | os.PathLike | None, extra_config: dict[str, Any] | None, progress: bool,
-                    generator_device: str | torch.device, accelerator, allow_config_change: bool) -> Trained:
+                    generator_device: str | torch.device, accelerator, allow_config_change: bool,
+                    observer: Observer | None = None, observe_every: int = 1) -> Trained:
     """train_networks without the check of cfg's per-network fields: train() records its single network's settings
     in cfg (they are that network's), so its checkpoints describe the run as before."""
     # 1. check the arguments, build an optimizer per network and the target copies
@@ -452,8 +468,10 @@ def _train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepCont
         raise ValueError(f"names of networks, targets and frozen modules must be unique and without dots: {names}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision {cfg.precision!r}: use 'fp32' or 'bf16' (fp16 would need loss scaling)")
-    if cfg.grad_accum < 1 or cfg.log_every < 1:
-        raise ValueError("grad_accum and log_every must be at least 1")
+    if cfg.grad_accum < 1 or cfg.log_every < 1 or observe_every < 1:
+        raise ValueError("grad_accum, log_every and observe_every must be at least 1")
+    if observer is not None and cfg.fsdp:
+        raise ValueError("an observer sees whole networks; with fsdp they are sharded over the processes")
     for t in targets.values():
         if t.source not in networks:
             raise ValueError(f"Target source {t.source!r} is not one of the networks {list(networks)}")
@@ -565,6 +583,10 @@ def _train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepCont
                 _fetch(pending, by_name, logs)
                 recent = {("loss" if len(runs) == 1 else r.name): r.losses[-cfg.log_every:] for r in runs if r.losses}
                 bar.set_postfix({k: f"{sum(v) / len(v):.4f}" for k, v in recent.items()})
+            if observer is not None and main and step % observe_every == 0:
+                _fetch(pending, by_name, logs)
+                with torch.no_grad():
+                    observer(step, views, {r.name: list(r.losses) for r in runs})
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 checkpoint()
     except KeyboardInterrupt:
@@ -720,14 +742,15 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any, torch.Generator],
           sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
           ckpt_dir: str | os.PathLike | None = None, extra_config: dict[str, Any] | None = None,
           progress: bool = True, generator_device: str | torch.device = "cpu", accelerator=None,
-          allow_config_change: bool = False) -> Trained:
+          allow_config_change: bool = False, observer: Observer | None = None, observe_every: int = 1) -> Trained:
     """Train one network (`loss_fn(model, batch, generator) -> (B,)`) with the hyperparameters in cfg: a thin
     wrapper around train_networks; the result's network is "model" (.model, .best(): its EMA when cfg.ema_decay > 0,
-    .losses["model"]). Resumes from `ckpt_dir`; Ctrl-C writes a checkpoint before it propagates."""
+    .losses["model"]). Resumes from `ckpt_dir`; Ctrl-C writes a checkpoint before it propagates. observer: as in
+    train_networks (its nets hold "model")."""
     net = Network(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                   warmup=cfg.warmup, lr_schedule=cfg.lr_schedule, ema_decay=cfg.ema_decay)
     return _train_networks({"model": net}, lambda ctx, batch: loss_fn(ctx.nets["model"], batch, ctx.generator),
                            sample_batch, cfg, targets=None, frozen=None, ckpt_dir=ckpt_dir,
                            extra_config=extra_config, progress=progress,
                            generator_device=generator_device, accelerator=accelerator,
-                           allow_config_change=allow_config_change)
+                           allow_config_change=allow_config_change, observer=observer, observe_every=observe_every)

@@ -97,6 +97,37 @@ def test_train_networks_refuses_per_network_settings_in_the_train_config():
     assert done.updates == {"n": 1}
 
 
+def test_an_observer_sees_every_kth_step_and_leaves_the_run_unchanged():
+    """observer(step, nets, losses) after every observe_every-th iteration: the step, the networks as they are then
+    (under no_grad), each network's losses so far; the run's weights are those of a run without it."""
+    def run(observer=None, every=1):
+        torch.manual_seed(0)
+        a, b = nn.Linear(2, 1), nn.Linear(2, 1)
+        step = lambda ctx, x: (ctx.nets[ctx.phase](x) - x.sum(1, keepdim=True)).pow(2).squeeze(1)
+        done = train_networks({"a": Network(a, lr=0.1), "b": Network(b, lr=0.1, every=3)}, step,
+                              lambda n, g: torch.randn(n, 2, generator=g), TrainConfig(steps=7, batch_size=8),
+                              frozen={"teacher": nn.Linear(2, 1)}, progress=False, observer=observer,
+                              observe_every=every)
+        return a, b, done
+
+    seen = []
+
+    def observer(step, nets, losses):
+        assert set(nets) == {"a", "b", "teacher"} and not torch.is_grad_enabled()
+        seen.append((step, nets["a"].weight.clone(), {k: list(v) for k, v in losses.items()}))
+        nets["a"](torch.randn(4, 2, generator=torch.Generator().manual_seed(step)))    # a forward pass: harmless
+
+    a, b, done = run(observer, every=2)
+    assert [s for s, _, _ in seen] == [2, 4, 6]
+    assert [(len(l["a"]), len(l["b"])) for _, _, l in seen] == [(2, 1), (4, 2), (6, 2)]   # b: steps 0, 3, 6
+    assert seen[-1][2]["a"] == done.losses["a"][:6]
+    assert not torch.equal(seen[0][1], seen[1][1])                         # the weights of that moment
+    a0, b0, plain = run()
+    assert torch.equal(a.weight, a0.weight) and torch.equal(b.weight, b0.weight) and done.losses == plain.losses
+    with pytest.raises(ValueError, match="observe_every"):
+        run(observer, every=0)
+
+
 def _regression(tmp_path: Path, allow: bool = False, **changes):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Linear(16, 1))

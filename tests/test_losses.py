@@ -42,3 +42,31 @@ def test_label_dropout():
     assert drop_labels(y, 0.0, 10, torch.Generator()) is y
     with pytest.raises(ValueError, match="null label"):
         drop_labels(y, 0.1, None, torch.Generator())
+
+
+def test_the_losses_that_draw_their_own_times_are_the_one_regression_at_those_times():
+    """denoising_loss (t ~ U(t_min, 1), eps, then the label dropout, in that order from one generator) and DMD's fake
+    score loss are losses.denoising_loss_at at their draws, exactly; and denoising_loss_at is Eq. 14 written out."""
+    from course_lib.distill.dmd import fake_score_loss
+    from course_lib.losses import denoising_loss_at
+    from course_lib.models import MLP2D, Denoiser
+
+    process = VPCosine()
+    model = Denoiser(MLP2D(num_classes=3), process, "v")
+    x0 = sample_2d("gmm", 64, torch.Generator().manual_seed(0))[0]
+    y = torch.randint(3, (64,), generator=torch.Generator().manual_seed(1))
+    got = denoising_loss(model, x0, torch.Generator().manual_seed(2), y, t_min=0.05, p_uncond=0.5)
+    g = torch.Generator().manual_seed(2)
+    t = 0.05 + 0.95 * torch.rand(64, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    y_dropped = drop_labels(y, 0.5, 3, g)
+    assert (y_dropped == 3).any() and (y_dropped != 3).any()
+    assert torch.equal(got, denoising_loss_at(model, x0, t, eps, y_dropped))
+    a, s = process.alpha(t)[:, None], process.sigma(t)[:, None]
+    written_out = (model.raw(a * x0 + s * eps, t, y_dropped) - (a * eps - s * x0)).pow(2).mean(1)   # v = a eps - s x0
+    torch.testing.assert_close(got, written_out)
+    x = x0.clone().requires_grad_(True)
+    fake = fake_score_loss(model, x, t, eps, y)
+    assert torch.equal(fake, denoising_loss_at(model, x0, t, eps, y))
+    fake.sum().backward()
+    assert x.grad is None                                    # the fake score's loss never trains the generator

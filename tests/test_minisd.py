@@ -205,3 +205,25 @@ def test_the_trained_network_describes_itself_alike_in_every_process():
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
     assert outs[0] == outs[1] and '"_' not in outs[0]
+
+
+def test_ldm_loss_is_eq_14_at_the_integer_timesteps():
+    """minisd.ldm_loss (losses.denoising_loss_at through SD's integer timesteps) is Ho et al.'s Eq. 14 written out:
+    ||eps - eps_theta(sqrt(abar_i) z0 + sqrt(1 - abar_i) eps, i, tau(ids))||^2 with the UNet called at i itself."""
+    from course_lib.processes import SDDiscrete
+
+    pipe = _pipe()
+    process, unet, text_encoder = SDDiscrete(), pipe.unet, pipe.text_encoder
+    net = minisd.TextToImage(text_encoder, unet)
+    ids = pipe.tokenizer(PROMPTS * 2, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    z0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = minisd.ldm_loss(net, (z0, ids), torch.Generator().manual_seed(1), process)
+        g = torch.Generator().manual_seed(1)
+        i = torch.randint(0, 1000, (6,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        abar = process.alpha(process.t_of_timestep(i).float()).view(-1, 1, 1, 1) ** 2
+        z_i = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+        out = unet(z_i, i.float(), encoder_hidden_states=text_encoder(ids)[0]).sample
+    torch.testing.assert_close(got, (out - eps).pow(2).flatten(1).mean(1), rtol=1e-5, atol=1e-6)

@@ -59,6 +59,10 @@ def test_dmd2_trains_both_networks_with_the_two_time_scale_rule_and_checkpoints_
     # the GAN head reads the fake score's bottleneck, and the critic's AdamW state covers head and fake score
     head = [k for k in saved if k.startswith("net.critic.head.heads.0.")]
     assert head and dmd2.read_meta(run)["gan"] is True
+    # DMD2's released optimizer for both networks (dmd.DMD2_BETAS), the command's weight decay
+    nets = json.loads((run / "checkpoint" / "config.json").read_text())["networks"]
+    for name in ("generator", "critic"):
+        assert (nets[name]["betas"], nets[name]["weight_decay"]) == ([0.9, 0.999], 0.01)
     # the generator moved away from the teacher (the comparison below is with the teacher's own weights)
     teacher = minisd.load_mini_sd().model.unet.state_dict()
     moved = max(float((saved[f"net.generator.unet.{k}"] - v).abs().max()) for k, v in teacher.items())
@@ -162,8 +166,12 @@ def test_the_mini_sd_generator_trains_saves_and_loads(tmp_path):
     with torch.no_grad():
         text = sd.text(["a red seven"] * 6)
     sample = lambda n, g: {"x": x[:n], "y": type(text)(text=text.text[:n], null_text=text.null_text)}
-    G, done = dmd2_sd.distill(sd, steps=4, batch=2, sample_batch=sample, progress=False)
+    G, done = dmd2_sd.distill(sd, steps=4, batch=2, sample_batch=sample, progress=False, ckpt_dir=tmp_path / "ckpt")
     assert done.updates == {"generator": 1, "critic": 4} and not G.training
+    # the shipped generator's optimizer (dmd2_sd.RECIPE: the course's betas (0, 0.999), no weight decay)
+    nets = json.loads((tmp_path / "ckpt" / "config.json").read_text())["networks"]
+    for name in ("generator", "critic"):
+        assert (nets[name]["betas"], nets[name]["weight_decay"]) == ([0.0, 0.999], 0.0)
     assert all(torch.equal(v, sd.model.unet.state_dict()[k]) for k, v in before.items())   # the teacher untouched
     folder = dmd2_sd.save(G, tmp_path / "g", {"kind": "dmd2"})
     again = dmd2_sd.load(sd, folder)

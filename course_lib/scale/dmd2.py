@@ -57,7 +57,6 @@ import torch
 
 from .. import sd as sdlib
 from ..distill import dmd
-from ..train import Network, train_networks
 from .common import (STAGE_FILE, CacheMismatch, SourceError, device_of, needed, parse, resolve_pipeline,
                      write_json_atomic)
 from .export import export_student, load_lora_checked
@@ -215,27 +214,25 @@ def main(argv: list[str] | None = None):
     if cached != shape:
         raise SystemExit(f"error: the cached latents have shape {cached}, the UNet makes {shape}: build the cache "
                          "with this teacher's VAE at its resolution")
+    # DMD2's released optimizer (AdamW betas (0.9, 0.999), --weight-decay 0.01; dmd.DMD2_BETAS has the reasons),
+    # not the course's short-run betas
     cfg = dmd.DMDConfig(ttur=a.ttur, real_w=a.real_w, gan=gan, lambda_g=a.lambda_g, lambda_d=a.lambda_d,
-                        gen_steps=a.gen_steps, lr_g=a.lr, lr_critic=a.lr_critic or a.lr, betas=(0.9, 0.999),
-                        grad_clip=a.grad_clip, ema_decay=a.ema_decay)
+                        gen_steps=a.gen_steps, lr_g=a.lr, lr_critic=a.lr_critic or a.lr, betas=dmd.DMD2_BETAS,
+                        weight_decay=a.weight_decay, warmup=a.warmup, grad_clip=a.grad_clip, ema_decay=a.ema_decay)
     meta = {"timesteps": timesteps(a.gen_steps), "gen_steps": a.gen_steps, "real_w": a.real_w, "gan": gan,
             "ttur": a.ttur}
     out = Path(a.out)
     if rank == 0:
         write_json_atomic(out / STAGE_FILE, {"stage": STAGE, "settings": vars(a), "world_size": world,
                                              "data_mode": mode})
-    common = dict(betas=cfg.betas, weight_decay=a.weight_decay, grad_clip=cfg.grad_clip, warmup=a.warmup)
-    nets = {"generator": Network(G, lr=cfg.lr_g, ema_decay=cfg.ema_decay, every=cfg.ttur, save_frozen=not a.lora,
-                                 **common),
-            "critic": Network(critic, lr=cfg.lr_critic, **common)}
     t0 = time.perf_counter()
-    done = train_networks(nets, dmd.dmd_step(cfg, G.process), batches(emb, images, shape),
-                          train_config(a, f"DMD2 ({'GAN' if gan else 'no GAN'}, {a.gen_steps}-step)"),
-                          frozen={"teacher": real}, ckpt_dir=out / "checkpoint", accelerator=accelerator,
-                          progress=not a.no_progress, extra_config={"method": STAGE, **meta, "data_mode": mode})
+    best, done = dmd.distill_dmd(G, batches(emb, images, shape), cfg,
+                                 train_config(a, f"DMD2 ({'GAN' if gan else 'no GAN'}, {a.gen_steps}-step)"),
+                                 ckpt_dir=out / "checkpoint", progress=not a.no_progress, accelerator=accelerator,
+                                 networks=(G, real, critic), save_frozen=not a.lora,
+                                 extra_config={"method": STAGE, **meta, "data_mode": mode})
     seconds = time.perf_counter() - t0
     if rank == 0:
-        best = done.best("generator")
         folder = export_generator(sd, best, out, {**meta, "steps": done.step, "updates": done.updates,
                                                   "train_seconds": round(seconds, 1), "world_size": world})
         print(f"{STAGE}: {done.step} iterations ({done.updates}) in {seconds:.1f} s; generator in {folder}")
