@@ -15,7 +15,7 @@ label tensor at the model boundary is a TypeError (`check`).
 
 Every batched field is batch-first with one batch size B. A Cond knows its null value (what classifier-free
 guidance compares against, Ho & Salimans 2022), so guidance (`guidance.cfg`) and label/prompt dropout during
-training (`Cond.drop`, used by `losses.drop_labels`) are written once for labels and text alike:
+training (`Cond.drop`, used by `losses.denoising_loss`) are written once for labels and text alike:
 
     null():  y -> null_y,  text -> null_text,  pooled -> null_pooled  (broadcast to B);  w, timestep_cond unchanged
 """

@@ -24,17 +24,6 @@ from .models import Denoiser
 from .predictions import Pred, from_pred
 
 
-def drop_labels(y: Tensor | None, p_uncond: float, null_label: int | None, generator: torch.Generator) -> Tensor | None:
-    """Classifier-free guidance training (Ho & Salimans 2022): replace each label by the null label with prob. p.
-
-    `Cond(y=y, null_y=null_label).drop(p_uncond, generator)`: one uniform draw per sample from `generator`."""
-    if y is None or p_uncond <= 0:
-        return y
-    if null_label is None:
-        raise ValueError("label dropout needs the null label (the model's num_classes)")
-    return Cond(y=y, null_y=int(null_label)).drop(p_uncond, generator).y
-
-
 def denoising_loss_at(model: Any, x0: Tensor, t: Tensor, eps: Tensor, cond: Cond | None = None) -> Tensor:
     """|| F(x_t, t, cond) - target(x0, eps, t) ||^2 per sample (B,), averaged over the data dimensions (Ho et al.
     2020, Eq. 14, in the model's own parameterization): x_t = alpha_t x0 + sigma_t eps, F = model.raw, the target

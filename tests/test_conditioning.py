@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from course_lib import guidance
-from course_lib.conditioning import Cond
-from course_lib.losses import denoising_loss, drop_labels
+from course_lib.conditioning import Cond, check, labels
+from course_lib.losses import denoising_loss, denoising_loss_at
 from course_lib.models import MLP2D, Denoiser
 from course_lib.predictions import Pred, to_pred
 from course_lib.processes import VPCosine
@@ -94,8 +94,7 @@ def test_label_dropout_draws_are_those_of_the_old_implementation():
         g_old, g_new = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         drop = torch.rand(y.shape, generator=g_old, device=g_old.device).to(y.device) < 0.1
         old = torch.where(drop, torch.full_like(y, 10), y)
-        assert torch.equal(drop_labels(y, 0.1, 10, g_new), old)
-        assert torch.equal(Cond(y=y, null_y=10).drop(0.1, torch.Generator().manual_seed(seed)).y, old)
+        assert torch.equal(labels(y, 10).drop(0.1, g_new).y, old)
         assert torch.equal(torch.rand(4, generator=g_old), torch.rand(4, generator=g_new))   # same state after
 
 
@@ -128,27 +127,30 @@ def test_cfg_with_labels_equals_the_old_formula(class_model, w):
     w = torch.linspace(0, 3, B) if w == "per-sample" else w
     calls = []
 
-    def plain(x, t, y):  # a plain callable taking label tensors (notebooks, checkers, distill/*)
-        calls.append(y)
-        assert isinstance(y, torch.Tensor)
-        return class_model(x, t, y)
+    def plain(x, t, cond=None):  # a plain callable speaking the one call (notebooks, checkers, distill/*)
+        calls.append(cond)
+        return class_model(x, t, cond)
 
     with torch.no_grad():
-        old = _old_cfg(class_model, w, 3)(x, t, y)
-        for got in (guidance.cfg(plain, w, null_label=3)(x, t, y),
-                    guidance.cfg(class_model, w, 3)(x, t, y),
-                    guidance.cfg(class_model, w)(x, t, Cond(y=y, null_y=3)),
-                    guidance.cfg(plain, w, 3)(x, t, Cond(y=y))):
+        old = _old_cfg(lambda x, t, y: class_model(x, t, labels(y, 3)), w, 3)(x, t, y)
+        for got in (guidance.cfg(plain, w)(x, t, labels(y, 3)),
+                    guidance.cfg(class_model, w)(x, t, Cond(y=y, null_y=3))):
             assert torch.equal(got.x0, old.x0) and torch.equal(got.eps, old.eps)
-    assert len(calls) == 2 and all(len(c) == (B if isinstance(w, float) and w == 0 else 2 * B) for c in calls)
-    with pytest.raises(ValueError, match="null_label"):
+    w0 = isinstance(w, float) and w == 0
+    assert len(calls) == 1 and len(calls[0]) == (B if w0 else 2 * B)          # one batched call
+    if not w0:
+        assert torch.equal(calls[0].y, torch.cat([y, torch.full_like(y, 3)]))  # conditional, then the null label
+        with pytest.raises(ValueError, match="null_y"):                       # a Cond must know its null label
+            guidance.cfg(class_model, w)(x, t, Cond(y=y))
+    with pytest.raises(TypeError, match="conditioning.labels"):               # a bare label tensor is refused
         guidance.cfg(class_model, 1.0)(x, t, y)
+    with pytest.raises(ValueError, match="needs a conditioning Cond"):
+        guidance.cfg(class_model, 1.0)(x, t, None)
 
 
 class TextModel(torch.nn.Module):
     """A toy text-conditional model: eps = tanh(x * a(text) + b(pooled) + t); takes a Cond."""
 
-    accepts_cond = True
 
     def __init__(self):
         super().__init__()
@@ -182,26 +184,47 @@ def test_cfg_with_text_equals_two_calls_mixed_by_hand(w):
     assert torch.equal(guidance.cfg(model, 0.0)(x, t, c).eps, cond.eps) and model.calls == 1
 
 
-def test_cfg_refuses_text_for_a_model_that_takes_labels(class_model):
+def test_check_refuses_bare_labels_at_the_model_boundary(class_model):
     x, t = _xt(3)
-    with pytest.raises(TypeError, match="accepts_cond"):
-        guidance.cfg(lambda x, t, y: class_model(x, t, y), 1.0)(x, t, _text_cond(0))
+    y = torch.arange(B) % 3
+    c = labels(y, 3)
+    assert check(None) is None and check(c) is c
+    with pytest.raises(TypeError, match=r"conditioning.labels\(y, num_classes\)"):
+        check(y)
+    with pytest.raises(TypeError, match="dict"):
+        check({"y": y})
+    with pytest.raises(TypeError, match="conditioning.labels"):
+        class_model(x, t, y)
+    with pytest.raises(TypeError, match="label tensor"):
+        labels([0, 1], 3)
 
 
 def test_denoiser_takes_a_cond(class_model):
     x, t = _xt(4)
     y, w = torch.arange(B) % 3, torch.full((B,), 2.0)
     with torch.no_grad():
-        assert torch.equal(class_model(x, t, Cond(y=y)).eps, class_model(x, t, y).eps)
+        assert torch.equal(class_model(x, t, labels(y, 3)).eps, class_model(x, t, Cond(y=y)).eps)
+        # no labels is the null label
+        assert torch.equal(class_model(x, t).eps, class_model(x, t, labels(torch.full_like(y, 3), 3)).eps)
         student = Denoiser(MLP2D(hidden=32, depth=2, num_classes=3, guidance_range=(0, 4)), VPCosine(), "eps")
-        assert torch.equal(student(x, t, Cond(y=y, w=w)).eps, student(x, t, y, w).eps)
-    with pytest.raises(ValueError, match="twice"):
-        student(x, t, Cond(y=y, w=w), w)
+        for p in student.parameters():          # the w embedding starts at zero (the student starts as the teacher)
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+        # the guided student reads w from the Cond: the backbone's guidance input
+        got = student(x, t, labels(y, 3).with_w(w)).eps
+        assert torch.equal(got, student(x, t, labels(y, 3).with_w(2.0)).eps)
+        ts = student.process.timestep(t)
+        torch.testing.assert_close(got, student.net(x, ts, y, guidance=w), rtol=0, atol=0)
+        assert not torch.allclose(got, student(x, t, labels(y, 3).with_w(0.5)).eps, atol=1e-5)
 
 
 def test_denoising_loss_drops_a_cond_like_labels(class_model):
     x0, _ = _xt(5, 64)
     y = torch.arange(64) % 3
-    old = denoising_loss(class_model, x0, torch.Generator().manual_seed(0), y, p_uncond=0.3)
-    new = denoising_loss(class_model, x0, torch.Generator().manual_seed(0), Cond(y=y), p_uncond=0.3)
-    assert torch.equal(old, new)
+    g = torch.Generator().manual_seed(0)
+    t = 1e-3 + (1 - 1e-3) * torch.rand(64, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    dropped = torch.where(torch.rand(64, generator=g) < 0.3, torch.full_like(y, 3), y)   # the labels' old dropout
+    new = denoising_loss(class_model, x0, torch.Generator().manual_seed(0), labels(y, 3), p_uncond=0.3)
+    assert torch.equal(new, denoising_loss_at(class_model, x0, t, eps, labels(dropped, 3)))
+    with pytest.raises(TypeError, match="conditioning.labels"):
+        denoising_loss(class_model, x0, torch.Generator().manual_seed(0), y, p_uncond=0.3)

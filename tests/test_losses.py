@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from course_lib.data2d import exact_denoiser, sample_2d
-from course_lib.losses import denoising_loss, drop_labels
+from course_lib.conditioning import Cond, labels
+from course_lib.losses import denoising_loss
 from course_lib.predictions import from_pred
 from course_lib.processes import RectifiedFlow, VPCosine
 
@@ -17,7 +18,7 @@ class ExactRaw(torch.nn.Module):
         self.exact = exact_denoiser("gmm", process)
         self.net = torch.nn.Identity()
 
-    def raw(self, x, t, y=None):
+    def raw(self, x, t, cond=None):
         return from_pred(self.exact(x, t), t, self.process, self.parameterization) + self.bias
 
 
@@ -36,12 +37,13 @@ def test_exact_posterior_mean_minimises_the_loss(process, kind):
 
 def test_label_dropout():
     y = torch.zeros(100_000, dtype=torch.long)
-    dropped = drop_labels(y, 0.1, 10, torch.Generator().manual_seed(0))
+    cond = labels(y, 10)
+    dropped = cond.drop(0.1, torch.Generator().manual_seed(0)).y
     assert set(dropped.unique().tolist()) == {0, 10}
     assert float((dropped == 10).float().mean()) == pytest.approx(0.1, abs=0.005)
-    assert drop_labels(y, 0.0, 10, torch.Generator()) is y
-    with pytest.raises(ValueError, match="null label"):
-        drop_labels(y, 0.1, None, torch.Generator())
+    assert cond.drop(0.0, torch.Generator()) is cond
+    with pytest.raises(ValueError, match="null_y"):
+        Cond(y=y).drop(0.1, torch.Generator())
 
 
 def test_the_losses_that_draw_their_own_times_are_the_one_regression_at_those_times():
@@ -54,13 +56,13 @@ def test_the_losses_that_draw_their_own_times_are_the_one_regression_at_those_ti
     process = VPCosine()
     model = Denoiser(MLP2D(num_classes=3), process, "v")
     x0 = sample_2d("gmm", 64, torch.Generator().manual_seed(0))[0]
-    y = torch.randint(3, (64,), generator=torch.Generator().manual_seed(1))
+    y = labels(torch.randint(3, (64,), generator=torch.Generator().manual_seed(1)), 3)
     got = denoising_loss(model, x0, torch.Generator().manual_seed(2), y, t_min=0.05, p_uncond=0.5)
     g = torch.Generator().manual_seed(2)
     t = 0.05 + 0.95 * torch.rand(64, generator=g)
     eps = torch.randn(x0.shape, generator=g)
-    y_dropped = drop_labels(y, 0.5, 3, g)
-    assert (y_dropped == 3).any() and (y_dropped != 3).any()
+    y_dropped = y.drop(0.5, g)
+    assert (y_dropped.y == 3).any() and (y_dropped.y != 3).any()
     assert torch.equal(got, denoising_loss_at(model, x0, t, eps, y_dropped))
     a, s = process.alpha(t)[:, None], process.sigma(t)[:, None]
     written_out = (model.raw(a * x0 + s * eps, t, y_dropped) - (a * eps - s * x0)).pow(2).mean(1)   # v = a eps - s x0

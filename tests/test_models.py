@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from course_lib import models
+from course_lib.conditioning import labels
 from course_lib.checkpoint import CONFIG, WEIGHTS, CheckpointError, load_tensors, save_tensors
 from course_lib.models import ARCHITECTURES, Denoiser, DiffusersUNet, MLP2D, build_denoiser, build_net
 from course_lib.predictions import PARAMETERIZATIONS, Pred
@@ -144,9 +145,11 @@ def test_denoiser_feeds_the_backbone_the_process_timestep(proc):
     model = Denoiser(spy, proc, "eps")
     x, t = _inputs((3, 2))
     y = torch.tensor([0, 1, 2])
-    model(x, t, y)
+    model(x, t, labels(y, 3))
     torch.testing.assert_close(spy.seen, proc.timestep(t))
     assert torch.equal(spy.labels, y)
+    with pytest.raises(TypeError, match="conditioning.labels"):  # a bare label tensor is refused at the boundary
+        model(x, t, y)
 
 
 def test_sd_backbone_sees_diffusers_timesteps():
@@ -191,7 +194,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, make):
     assert loaded.parameterization == model.parameterization
     shape = (3, 2) if isinstance(model.net, MLP2D) else (2, 1, 8, 8)
     x, t = _inputs(shape)
-    y = torch.tensor([0, 1, 1][: shape[0]])
+    y = labels(torch.tensor([0, 1, 1][: shape[0]]), 3)
     with torch.no_grad():
         a, b = model(x, t, y), loaded(x, t, y)
     assert torch.equal(a.x0, b.x0) and torch.equal(a.eps, b.eps)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from course_lib import losses, models
+from course_lib.conditioning import labels
 from course_lib.models import ConsistencyModel, Denoiser, EDMPrecond, MLP2D, build_model
 from course_lib.predictions import Pred, from_pred, to_pred
 from course_lib.processes import EDM, RectifiedFlow, SDDiscrete, VPCosine
@@ -74,7 +75,7 @@ def test_edm_precond_trains_with_the_course_denoising_loss():
     torch.manual_seed(0)
     model = EDMPrecond(MLP2D(hidden=16, depth=2, num_classes=2), EDM())
     x0 = torch.randn(8, 2)
-    loss = losses.denoising_loss(model, x0, torch.Generator().manual_seed(0), y=torch.tensor([0, 1] * 4))
+    loss = losses.denoising_loss(model, x0, torch.Generator().manual_seed(0), cond=labels(torch.tensor([0, 1] * 4), 2))
     assert loss.shape == (8,) and torch.isfinite(loss).all()
     loss.mean().backward()
     assert model.net.out.weight.grad.abs().sum() > 0
@@ -106,7 +107,7 @@ def test_consistency_boundary_condition_is_exact(proc, kind, dtype):
     x = torch.randn(32, 2, generator=torch.Generator().manual_seed(2), dtype=dtype) * 3
     t = torch.full((32,), t_min, dtype=dtype)
     with torch.no_grad():
-        f = cm(x, t, torch.arange(32) % 3).x0
+        f = cm(x, t, labels(torch.arange(32) % 3, 3)).x0
     assert torch.equal(f, x)
     # away from t_min it is not the identity (the check above has teeth)
     with torch.no_grad():
@@ -165,7 +166,7 @@ def test_save_load_rebuilds_the_whole_stack(tmp_path, name):
         assert (loaded.t_min, loaded.sigma_data) == (model.t_min, model.sigma_data)
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(4))
     t = torch.linspace(0.9, 0.1, 5)
-    y = torch.tensor([0, 1, 2, 0, 1])
+    y = labels(torch.tensor([0, 1, 2, 0, 1]), 3)
     with torch.no_grad():
         a, b = model(x, t, y), loaded(x, t, y)
     assert torch.equal(a.x0, b.x0) and torch.equal(a.eps, b.eps)

@@ -7,6 +7,7 @@ import torch
 
 from course_lib import data2d, metrics, samplers
 from course_lib.checkpoint import CheckpointError
+from course_lib.conditioning import labels
 from course_lib.data2d import GaussianMixture
 from course_lib.distill import reflow
 from course_lib.grids import uniform
@@ -39,7 +40,7 @@ class StraightFlow:
         self.mu = GAUSS.means[0]
         self.A = 0.3 * torch.eye(2, dtype=torch.float64)   # the flow map of N(mu, s^2 I) from t = 1 scales by s
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, cond=None):
         tt = t.reshape(-1, 1, 1)
         M = (1 - tt) * self.A + tt * torch.eye(2, dtype=x.dtype)
         eps = torch.linalg.solve(M, (x - (1 - t[:, None]) * self.mu).unsqueeze(-1)).squeeze(-1)
@@ -197,9 +198,9 @@ def test_distill_times_are_the_euler_start_times():
 def test_pair_cache_records_the_conditioning(tmp_path):
     flow = tiny_flow()
     y = torch.arange(10)
-    reflow.cached_pairs(flow, "c", 10, steps=2, cache_dir=tmp_path, cond={}, progress=False)
+    reflow.cached_pairs(flow, "c", 10, steps=2, cache_dir=tmp_path, cond=None, progress=False)
     with pytest.raises(reflow.PairCacheError, match="other settings.*cond"):
-        reflow.cached_pairs(flow, "c", 10, steps=2, cache_dir=tmp_path, cond={"y": y}, progress=False)
+        reflow.cached_pairs(flow, "c", 10, steps=2, cache_dir=tmp_path, cond=labels(y, 10), progress=False)
 
 
 # --- the figures of notebooks 03 and 04 (course_lib.figures) ----------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from course_lib import grids, samplers, steps
+from course_lib.conditioning import labels
 from course_lib.models import Denoiser, MLP2D
 from course_lib.processes import EDM, RectifiedFlow, SDDiscrete, VPCosine
 from conftest import mlp_denoiser
@@ -61,11 +62,11 @@ def test_heun_passes_the_matching_labels_to_its_partial_second_call():
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
     t = torch.tensor([0.9, 0.8, 0.7, 0.6], dtype=F64)
     s = torch.tensor([0.0, 0.5, 0.0, 0.3], dtype=F64)
-    y = torch.tensor([0, 1, 2, 1])
+    cond = labels(torch.tensor([0, 1, 2, 1]), 3)
     with torch.no_grad():
-        got = steps.heun(model, x, t, s, proc, y=y)
+        got = steps.heun(model, x, t, s, proc, cond=cond)
         for b in range(4):
-            ref = steps.heun(model, x[b:b + 1], t[b:b + 1], s[b:b + 1], proc, y=y[b:b + 1])
+            ref = steps.heun(model, x[b:b + 1], t[b:b + 1], s[b:b + 1], proc, cond=cond[b:b + 1])
             torch.testing.assert_close(got[b:b + 1], ref, rtol=1e-12, atol=1e-12)
 
 

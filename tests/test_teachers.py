@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from course_lib import teachers
+from course_lib.conditioning import labels
 from course_lib.checkpoint import CheckpointError
 from course_lib.classifier import class_accuracy
 from course_lib.data2d import sample_2d
@@ -27,7 +28,7 @@ def test_digits_teacher_draws_the_requested_digits():
     teacher = teachers.load_teacher("digits")
     y = torch.arange(10).repeat(10)
     x = generate(teacher, teacher.process, (len(y), 1, 16, 16), "dpmpp2m", 16,
-                 generator=torch.Generator().manual_seed(0), y=y)
+                 generator=torch.Generator().manual_seed(0), cond=labels(y, 10))
     assert x.shape == (100, 1, 16, 16) and x.min() >= -1.5 and x.max() <= 1.5
     assert class_accuracy(x, y) > 0.9
 
