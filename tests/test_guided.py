@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from course_lib import data2d
+from course_lib.conditioning import labelled, labels
 from course_lib.distill import guided, pd
 from course_lib.models import Denoiser, MLP2D, UNet, load_denoiser, save_denoiser, with_guidance_input
 from course_lib.processes import VPCosine
@@ -14,6 +15,7 @@ from conftest import mlp_denoiser
 PROC = VPCosine()
 MIX = data2d.get_mixture("gmm-overlap")
 NULL = MIX.num_classes
+SAMPLE = labelled(lambda n, g: data2d.sample_2d("gmm-overlap", n, g), NULL)   # (n, g) -> (x0, labels(y))
 _teacher = partial(mlp_denoiser, PROC, 0, torch.float32, hidden=32, num_classes=NULL)
 
 
@@ -22,25 +24,25 @@ def _inputs(B=64, seed=0):
     x0, y = data2d.sample_2d("gmm-overlap", B, g)
     t = 0.05 + 0.9 * torch.rand(B, generator=g)
     z = PROC.marginal(x0.double(), t.double(), torch.randn(B, 2, generator=g, dtype=torch.float64))
-    return z, t.double(), y, 4 * torch.rand(B, generator=g, dtype=torch.float64)
+    return z, t.double(), labels(y, NULL), 4 * torch.rand(B, generator=g, dtype=torch.float64)
 
 
 def test_guided_target_at_w0_is_the_conditional_teacher():
     z, t, y, _ = _inputs()
     teacher = MIX.denoiser(PROC)
-    got = guided.guided_target(teacher, z, t, y, torch.zeros(len(z), dtype=z.dtype), NULL)
+    got = guided.guided_target(teacher, z, t, y, torch.zeros(len(z), dtype=z.dtype))
     assert torch.allclose(got, teacher(z, t, y).x0, atol=1e-12)
 
 
 def test_guided_target_is_one_plus_w_cond_minus_w_uncond():
     z, t, y, w = _inputs()
-    cond = MIX.posterior_mean(z, t, PROC, y).x0                              # exact p(x0 | z_t, y)
+    cond = MIX.posterior_mean(z, t, PROC, y.y).x0                              # exact p(x0 | z_t, y)
     uncond = MIX.posterior_mean(z, t, PROC).x0                               # exact p(x0 | z_t)
     want = (1 + w)[:, None] * cond - w[:, None] * uncond
-    assert torch.allclose(guided.guided_target(MIX.denoiser(PROC), z, t, y, w, NULL), want, atol=1e-10)
+    assert torch.allclose(guided.guided_target(MIX.denoiser(PROC), z, t, y, w), want, atol=1e-10)
     # a scalar w means the same weight for every sample
     want2 = 3 * cond - 2 * uncond
-    assert torch.allclose(guided.guided_target(MIX.denoiser(PROC), z, t, y, 2.0, NULL), want2, atol=1e-10)
+    assert torch.allclose(guided.guided_target(MIX.denoiser(PROC), z, t, y, 2.0), want2, atol=1e-10)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "unet"])
@@ -48,16 +50,16 @@ def test_fresh_student_is_exactly_the_conditional_teacher(kind, tmp_path):
     torch.manual_seed(0)
     if kind == "mlp":
         teacher = _teacher()
-        x, y = torch.randn(16, 2), torch.randint(NULL, (16,))
+        x, y = torch.randn(16, 2), labels(torch.randint(NULL, (16,)), NULL)
     else:
         net = UNet(sample_size=8, block_out_channels=(8, 16), num_classes=10, norm_num_groups=4)
         teacher = Denoiser(net, PROC, "v")
-        x, y = torch.randn(4, 1, 8, 8), torch.randint(10, (4,))
+        x, y = torch.randn(4, 1, 8, 8), labels(torch.randint(10, (4,)), 10)
     t = torch.rand(len(x))
     student = with_guidance_input(teacher, (0.0, 4.0))
     with torch.no_grad():
         for w in (0.0, 1.5, 4.0):
-            assert torch.equal(student(x, t, y, w).x0, teacher(x, t, y).x0)
+            assert torch.equal(student(x, t, y.with_w(w)).x0, teacher(x, t, y).x0)
         # train the embedding a little so w matters, then check the checkpoint round trip
         for p in student.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -65,25 +67,25 @@ def test_fresh_student_is_exactly_the_conditional_teacher(kind, tmp_path):
         save_denoiser(tmp_path, student)
         loaded, config = load_denoiser(tmp_path)
         assert config["denoiser"]["net"]["guidance_range"] == [0.0, 4.0]
-        assert torch.equal(loaded(x, t, y, w).x0, student(x, t, y, w).x0)
-        assert not torch.equal(student(x, t, y, w).x0, student(x, t, y, w.flip(0)).x0)  # w is an input now
+        assert torch.equal(loaded(x, t, y.with_w(w)).x0, student(x, t, y.with_w(w)).x0)
+        assert not torch.equal(student(x, t, y.with_w(w)).x0, student(x, t, y.with_w(w.flip(0))).x0)  # w: an input
 
 
 def test_w_outside_the_range_and_missing_w_are_clear_errors():
     student = with_guidance_input(_teacher(), (0.0, 4.0))
-    x, t, y = torch.randn(3, 2), torch.rand(3), torch.zeros(3, dtype=torch.long)
+    x, t, y = torch.randn(3, 2), torch.rand(3), labels(torch.zeros(3, dtype=torch.long), NULL)
     with pytest.raises(ValueError, match=r"distilled for guidance weights in \[0, 4\]; got 6"):
-        student(x, t, y, 6.0)
+        student(x, t, y.with_w(6.0))
     with pytest.raises(ValueError, match=r"got -1"):
-        student(x, t, y, torch.tensor([0.0, -1.0, 2.0]))
+        student(x, t, y.with_w(torch.tensor([0.0, -1.0, 2.0])))
     with pytest.raises(ValueError, match="takes a guidance weight"):
         student(x, t, y)
     with pytest.raises(ValueError, match="no guidance input"):
-        _teacher()(x, t, y, 1.0)
+        _teacher()(x, t, y.with_w(1.0))
     with pytest.raises(ValueError, match="class-conditional"):
         with_guidance_input(Denoiser(MLP2D(hidden=8, depth=2), PROC, "v"), (0, 4))
     with pytest.raises(ValueError, match="cannot be reached"):
-        guided.distill_steps(student, lambda n, g: data2d.sample_2d("gmm-overlap", n, g), 8, 3,
+        guided.distill_steps(student, SAMPLE, 8, 3,
                              TrainConfig(steps=1, batch_size=4))
 
 
@@ -92,12 +94,12 @@ def test_stage1_lowers_the_loss_on_the_overlap_mixture():
     teacher = _teacher(hidden=64)
     # the loss only needs teacher(x, t, y) -> Pred: the exact mixture makes stage 1's target exact
     student = with_guidance_input(teacher, (0.0, 4.0))
-    sample = lambda n, g: data2d.sample_2d("gmm-overlap", n, g)
+    sample = SAMPLE
     exact = MIX.denoiser(PROC)
 
     def loss(model, batch, g):
-        x0, y = batch
-        return guided.guided_loss(model, lambda x, t, yy: exact(x, t, yy), x0, y, (0.0, 4.0), NULL, g)
+        x0, cond = batch
+        return guided.guided_loss(model, exact, x0, cond, (0.0, 4.0), g)
 
     from course_lib.train import train
 
@@ -109,7 +111,7 @@ def test_stage1_lowers_the_loss_on_the_overlap_mixture():
 
 def test_distill_guidance_runs_and_resumes(tmp_path):
     teacher = _teacher()
-    sample = lambda n, g: data2d.sample_2d("gmm-overlap", n, g)
+    sample = SAMPLE
     cfg = TrainConfig(steps=4, batch_size=32, ema_decay=0.0)
     state = guided.distill_guidance(teacher, sample, (0.0, 4.0), cfg, ckpt_dir=tmp_path, progress=False)
     assert state.step == 4 and len(state.losses["model"]) == 4
@@ -119,15 +121,16 @@ def test_distill_guidance_runs_and_resumes(tmp_path):
 
 def test_stage2_runs_a_pd_round_with_w_inputs():
     student = with_guidance_input(_teacher(), (1.0, 3.0))
-    sample = lambda n, g: data2d.sample_2d("gmm-overlap", n, g)
+    sample = SAMPLE
     batch = guided.guided_batches(sample, (1.0, 3.0))(500, torch.Generator().manual_seed(0))
     x0, cond = pd.split_batch(batch)
-    assert set(cond) == {"y", "w"} and cond["w"].shape == (500,) and 1 <= cond["w"].min() <= cond["w"].max() <= 3
+    assert cond.y.shape == (500,) and cond.null_y == NULL
+    assert cond.w.shape == (500,) and 1 <= cond.w.min() <= cond.w.max() <= 3
     students = guided.distill_steps(student, sample, 4, 2, TrainConfig(steps=3, batch_size=16, ema_decay=0.0),
                                     progress=False)
     assert list(students) == [2]
     x = torch.randn(5, 2)
-    out = students[2](x, torch.ones(5), torch.zeros(5, dtype=torch.long), 2.0).x0
+    out = students[2](x, torch.ones(5), labels(torch.zeros(5, dtype=torch.long), NULL).with_w(2.0)).x0
     assert out.shape == (5, 2) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="no guidance input"):
         guided.distill_steps(_teacher(), sample, 4, 2, TrainConfig(steps=1, batch_size=4))
@@ -141,8 +144,8 @@ def test_pd_target_of_a_w0_student_equals_the_conditional_teachers():
     t = torch.full_like(t, 0.5).float()
     z = z.float()
     with torch.no_grad():
-        a = pd.pd_target(student, z, t, 4, PROC, {"y": y, "w": w.float()})
-        b = pd.pd_target(teacher, z, t, 4, PROC, {"y": y})
+        a = pd.pd_target(student, z, t, 4, PROC, y.with_w(w.float()))
+        b = pd.pd_target(teacher, z, t, 4, PROC, y)
     assert torch.equal(a, b)
 
 
@@ -161,8 +164,7 @@ def test_draw_w_puts_p_w_min_of_the_mass_at_w_min(w_range):
     assert float((plain == lo).float().mean()) == 0.0
     assert torch.equal(plain, guided.draw_w(n, w_range, torch.Generator().manual_seed(0), p_w_min=0.0))
     # stage 2's batches carry the same draw
-    batch = guided.guided_batches(lambda m, g: data2d.sample_2d("gmm-overlap", m, g), w_range, p_w_min=p)(
-        4000, torch.Generator().manual_seed(1))
-    assert abs(float((batch[1]["w"] == lo).float().mean()) - p) < 0.03
+    batch = guided.guided_batches(SAMPLE, w_range, p_w_min=p)(4000, torch.Generator().manual_seed(1))
+    assert abs(float((batch[1].w == lo).float().mean()) - p) < 0.03
     with pytest.raises(ValueError, match="probability"):
         guided.draw_w(4, w_range, torch.Generator(), p_w_min=1.5)
