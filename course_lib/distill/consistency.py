@@ -44,9 +44,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .. import distances, steps
+from .. import distances, precond, steps
 from ..models import ConsistencyModel
-from ..processes import AffineProcess, EDM, bcast
+from ..processes import AffineProcess, EDM
 from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
 
 T_MIN = 0.002           # course time of the trajectory's end for the vp-cosine and rf processes (sigma ~ 0.003)
@@ -64,17 +64,16 @@ def default_t_min(process: AffineProcess) -> float:
 def consistency_scalings(t: Tensor, process: AffineProcess, t_min: float, sigma_data: float = SIGMA_DATA
                          ) -> tuple[Tensor, Tensor]:
     """(c_skip(t), c_out(t)), each (B,) for t (B,) (paper Appendix C, with sigma_min = sigma(t_min)): c_skip = 1 and
-    c_out = 0 at t = t_min, so f(x, t_min) = x whatever the network outputs. Same values as ConsistencyModel.scalings."""
-    sd, sig = sigma_data, process.sigma(t)
-    d = sig - process.sigma(torch.full_like(t, t_min))
-    return sd**2 / (d * d + sd**2), sd * d / torch.sqrt(sd**2 + sig * sig)
+    c_out = 0 at t = t_min, so f(x, t_min) = x whatever the network outputs. precond's "consistency" scalings, the
+    values of ConsistencyModel.scalings."""
+    return precond.coefficients("consistency", t, process, t, t_min=t_min, sigma_data=sigma_data)
 
 
 def consistency_fn(model: Callable, x: Tensor, t: Tensor, t_min: float, sigma_data: float = SIGMA_DATA,
                    **cond: Any) -> Tensor:
     """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t) (B, ...) for a course model (x0_hat = model(x, t).x0)."""
-    c_skip, c_out = (bcast(c, x) for c in consistency_scalings(t, model.process, t_min, sigma_data))
-    return c_skip * x + c_out * model(x, t, **cond).x0
+    return precond.boundary("consistency", x, t, model(x, t, **cond).x0, model.process, t_min=t_min,
+                            sigma_data=sigma_data).x0
 
 
 def consistency_model(model: nn.Module, t_min: float | None = None, sigma_data: float = SIGMA_DATA

@@ -49,12 +49,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import distances, steps
+from .. import distances, precond, steps
 from ..conditioning import Cond
 from ..config import seeded
 from ..guidance import cfg as guided
 from ..predictions import Pred
-from ..processes import SDDiscrete, bcast
+from ..processes import SDDiscrete, time_dtype
 from ..sd import AdapterOff, SDDenoiser, adapter_disabled, add_lora, lcm_timestep_cond, load_lora
 from ..train import Network, StepContext, Target, TrainConfig, train_networks
 
@@ -107,16 +107,9 @@ def lcm_grid(n: int, process: SDDiscrete, original_steps: int = ORIGINAL_STEPS) 
 def boundary_scalings(timesteps: Tensor, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
                       ) -> tuple[Tensor, Tensor]:
     """LCM's (c_skip, c_out) at integer timesteps tau (B,) (LCMScheduler.get_scalings_for_boundary_condition_discrete):
-    c_skip = sd^2 / ((s tau)^2 + sd^2), c_out = s tau / sqrt((s tau)^2 + sd^2). c_skip(0) = 1, c_out(0) = 0."""
-    st = timesteps.to(torch.float64) * timestep_scaling
-    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
-    c_out = st / torch.sqrt(st**2 + sigma_data**2)
-    return c_skip, c_out
-
-
-def timestep_of(t: Tensor, process: SDDiscrete) -> Tensor:
-    """The integer timestep tau = T t - 1 of course times t (B,) on the grid (rounded: float times carry rounding)."""
-    return torch.round(process.timestep(t.to(torch.float64)))
+    c_skip = sd^2 / ((s tau)^2 + sd^2), c_out = s tau / sqrt((s tau)^2 + sd^2). c_skip(0) = 1, c_out(0) = 0
+    (precond.lcm)."""
+    return precond.lcm(timesteps, sigma_data, timestep_scaling)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,13 +176,12 @@ class LCMModel(nn.Module):
         return replace(cond, timestep_cond=emb.to(cond.text.device if cond.text is not None else emb.device))
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond, w: Tensor | float | None = None) -> Pred:
-        pred = self.denoiser(x, t, self.with_w(cond, w))
-        c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
-        f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * pred.x0).to(x.dtype)
-        t64 = t.to(torch.float64)
-        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
-        eps = (x - a * f) / s.clamp_min(1e-12)
-        return Pred(f, eps.to(x.dtype))
+        return self.boundary(x, t, self.denoiser(x, t, self.with_w(cond, w)).x0)
+
+    def boundary(self, x: Tensor, t: Tensor, x0_hat: Tensor) -> Pred:
+        """f = c_skip x + c_out x0_hat with LCM's scalings (precond's "lcm"), as Pred(f, eps consistent with x)."""
+        return precond.boundary("lcm", x, t.to(time_dtype(x.dtype)), x0_hat, self.process,
+                                sigma_data=self.sigma_data, timestep_scaling=self.timestep_scaling)
 
     def config(self) -> dict:
         return {"arch": "lcm", "denoiser": self.denoiser.config(), "w_range": self.w_range, "w_fixed": self.w_fixed,
@@ -213,12 +205,8 @@ class GuidedTeacherLCM(nn.Module):
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond, w: float) -> Pred:
-        x0 = guided(self.denoiser, w)(x, t, cond).x0
-        c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
-        f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * x0).to(x.dtype)
-        t64 = t.to(torch.float64)
-        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
-        return Pred(f, ((x - a * f) / s.clamp_min(1e-12)).to(x.dtype))
+        return precond.boundary("lcm", x, t.to(time_dtype(x.dtype)), guided(self.denoiser, w)(x, t, cond).x0,
+                                self.process, sigma_data=self.sigma_data, timestep_scaling=self.timestep_scaling)
 
     def sampler_model(self, cond: Cond, w: float | None = None) -> Callable[[Tensor, Tensor], Pred]:
         if w is None:
