@@ -45,13 +45,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import distances, precond, steps
+from .. import distances, precond, samplers, steps
 from ..conditioning import Cond
 from ..config import seeded
+from ..grids import ddim_timesteps, lcm_timesteps, skipping_step  # noqa: F401  (LCM's grids, in grids.py)
 from ..guidance import cfg as guided
 from ..predictions import Pred
 from ..processes import SDDiscrete, time_dtype
@@ -73,30 +73,6 @@ LCM_JSON = "lcm.json"
 # ----------------------------------------------------------------------------------------------------------------
 # Grids and scalings on diffusers' integer timesteps
 # ----------------------------------------------------------------------------------------------------------------
-
-def skipping_step(original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> int:
-    """LCM's skipping step k = T // N (20 for N = 50)."""
-    if not 1 <= original_steps <= T:
-        raise ValueError(f"the DDIM grid needs 1 <= N <= T = {T} points; got N = {original_steps}")
-    return T // original_steps
-
-
-def ddim_timesteps(original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> Tensor:
-    """LCM's training grid tau_i = i k - 1, i = 1..N (increasing), int64 (N,)."""
-    k = skipping_step(original_steps, T)
-    return torch.arange(1, original_steps + 1, dtype=torch.int64) * k - 1
-
-
-def lcm_timesteps(n: int, original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> Tensor:
-    """The n timesteps diffusers' LCMScheduler.set_timesteps(n) visits: evenly spaced entries (floor of
-    linspace(0, N, n, endpoint=False)) of the reversed training grid. int64 (n,), decreasing:
-    n = 4 gives 999, 759, 499, 259."""
-    if not 1 <= n <= original_steps:
-        raise ValueError(f"LCM samples 1 to {original_steps} steps (a subset of its training grid); got {n}")
-    grid = ddim_timesteps(original_steps, T).flip(0)
-    idx = np.floor(np.linspace(0, original_steps, num=n, endpoint=False)).astype(np.int64)
-    return grid[torch.from_numpy(idx)]
-
 
 def lcm_grid(n: int, process: SDDiscrete, original_steps: int = ORIGINAL_STEPS) -> Tensor:
     """lcm_timesteps as course times t = (tau + 1) / T, then t = 0 (the grids module's length contract: n + 1)."""
@@ -494,24 +470,15 @@ def compose(unet: nn.Module, adapters: dict[str, float]) -> None:
 # Sampling (Luo et al. 2023, Algorithm 3; diffusers' LCMScheduler)
 # ----------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def multistep(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor, process: SDDiscrete,
               generator: torch.Generator | None = None) -> Tensor:
     """Multistep latent consistency sampling. f(z, t) -> Pred whose .x0 is the consistency function; timesteps the
     LCM timesteps (n,) (lcm_timesteps), decreasing. At each tau_i: z0 = f(z, t_i); before the last step, re-noise to
     the NEXT timestep with fresh noise: z = alpha(t_{i+1}) z0 + sigma(t_{i+1}) eps, eps = torch.randn(z.shape,
-    generator, dtype=z.dtype); the last step returns z0. Equals LCMScheduler with the same noise (tests/test_lcm.py)."""
-    ts = process.t_of_timestep(timesteps.to(torch.float64))
-    for i in range(len(ts)):
-        t = ts[i].to(torch.float32).expand(len(z)).to(z.device)
-        z0 = f(z, t).x0
-        if i == len(ts) - 1:
-            return z0
-        s = ts[i + 1].to(torch.float64).reshape(1)
-        eps = torch.randn(z.shape, generator=generator, dtype=z.dtype,
-                          device=generator.device if generator is not None else "cpu").to(z.device)
-        z = (process.alpha(s).to(z) * z0 + process.sigma(s).to(z) * eps).to(z.dtype)
-    return z
+    generator, dtype=z.dtype); the last step returns z0. samplers.multistep with a clean denoised point on the
+    integer grid ending at timestep -1 (t = 0). Equals LCMScheduler with the same noise (tests/test_lcm.py)."""
+    grid = torch.cat([timesteps.to(torch.int64), torch.tensor([-1])])
+    return samplers.multistep(f, z, grid, process, denoised="clean", generator=generator)
 
 
 @torch.no_grad()
