@@ -45,16 +45,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import distances, steps
+from .. import distances, precond, samplers, steps
 from ..conditioning import Cond
 from ..config import seeded
+from ..grids import ddim_timesteps, lcm_timesteps, skipping_step  # noqa: F401  (LCM's grids, in grids.py)
 from ..guidance import cfg as guided
 from ..predictions import Pred
-from ..processes import SDDiscrete, bcast
+from ..processes import SDDiscrete, time_dtype
 from ..sd import AdapterOff, SDDenoiser, adapter_disabled, add_lora, lcm_timestep_cond, load_lora
 from ..train import Network, StepContext, Target, TrainConfig, train_networks
 
@@ -74,30 +74,6 @@ LCM_JSON = "lcm.json"
 # Grids and scalings on diffusers' integer timesteps
 # ----------------------------------------------------------------------------------------------------------------
 
-def skipping_step(original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> int:
-    """LCM's skipping step k = T // N (20 for N = 50)."""
-    if not 1 <= original_steps <= T:
-        raise ValueError(f"the DDIM grid needs 1 <= N <= T = {T} points; got N = {original_steps}")
-    return T // original_steps
-
-
-def ddim_timesteps(original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> Tensor:
-    """LCM's training grid tau_i = i k - 1, i = 1..N (increasing), int64 (N,)."""
-    k = skipping_step(original_steps, T)
-    return torch.arange(1, original_steps + 1, dtype=torch.int64) * k - 1
-
-
-def lcm_timesteps(n: int, original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> Tensor:
-    """The n timesteps diffusers' LCMScheduler.set_timesteps(n) visits: evenly spaced entries (floor of
-    linspace(0, N, n, endpoint=False)) of the reversed training grid. int64 (n,), decreasing:
-    n = 4 gives 999, 759, 499, 259."""
-    if not 1 <= n <= original_steps:
-        raise ValueError(f"LCM samples 1 to {original_steps} steps (a subset of its training grid); got {n}")
-    grid = ddim_timesteps(original_steps, T).flip(0)
-    idx = np.floor(np.linspace(0, original_steps, num=n, endpoint=False)).astype(np.int64)
-    return grid[torch.from_numpy(idx)]
-
-
 def lcm_grid(n: int, process: SDDiscrete, original_steps: int = ORIGINAL_STEPS) -> Tensor:
     """lcm_timesteps as course times t = (tau + 1) / T, then t = 0 (the grids module's length contract: n + 1)."""
     ts = process.t_of_timestep(lcm_timesteps(n, original_steps, process.T))
@@ -107,16 +83,9 @@ def lcm_grid(n: int, process: SDDiscrete, original_steps: int = ORIGINAL_STEPS) 
 def boundary_scalings(timesteps: Tensor, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
                       ) -> tuple[Tensor, Tensor]:
     """LCM's (c_skip, c_out) at integer timesteps tau (B,) (LCMScheduler.get_scalings_for_boundary_condition_discrete):
-    c_skip = sd^2 / ((s tau)^2 + sd^2), c_out = s tau / sqrt((s tau)^2 + sd^2). c_skip(0) = 1, c_out(0) = 0."""
-    st = timesteps.to(torch.float64) * timestep_scaling
-    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
-    c_out = st / torch.sqrt(st**2 + sigma_data**2)
-    return c_skip, c_out
-
-
-def timestep_of(t: Tensor, process: SDDiscrete) -> Tensor:
-    """The integer timestep tau = T t - 1 of course times t (B,) on the grid (rounded: float times carry rounding)."""
-    return torch.round(process.timestep(t.to(torch.float64)))
+    c_skip = sd^2 / ((s tau)^2 + sd^2), c_out = s tau / sqrt((s tau)^2 + sd^2). c_skip(0) = 1, c_out(0) = 0
+    (precond.lcm)."""
+    return precond.lcm(timesteps, sigma_data, timestep_scaling)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,13 +152,12 @@ class LCMModel(nn.Module):
         return replace(cond, timestep_cond=emb.to(cond.text.device if cond.text is not None else emb.device))
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond, w: Tensor | float | None = None) -> Pred:
-        pred = self.denoiser(x, t, self.with_w(cond, w))
-        c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
-        f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * pred.x0).to(x.dtype)
-        t64 = t.to(torch.float64)
-        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
-        eps = (x - a * f) / s.clamp_min(1e-12)
-        return Pred(f, eps.to(x.dtype))
+        return self.boundary(x, t, self.denoiser(x, t, self.with_w(cond, w)).x0)
+
+    def boundary(self, x: Tensor, t: Tensor, x0_hat: Tensor) -> Pred:
+        """f = c_skip x + c_out x0_hat with LCM's scalings (precond's "lcm"), as Pred(f, eps consistent with x)."""
+        return precond.boundary("lcm", x, t.to(time_dtype(x.dtype)), x0_hat, self.process,
+                                sigma_data=self.sigma_data, timestep_scaling=self.timestep_scaling)
 
     def config(self) -> dict:
         return {"arch": "lcm", "denoiser": self.denoiser.config(), "w_range": self.w_range, "w_fixed": self.w_fixed,
@@ -213,12 +181,8 @@ class GuidedTeacherLCM(nn.Module):
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond, w: float) -> Pred:
-        x0 = guided(self.denoiser, w)(x, t, cond).x0
-        c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
-        f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * x0).to(x.dtype)
-        t64 = t.to(torch.float64)
-        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
-        return Pred(f, ((x - a * f) / s.clamp_min(1e-12)).to(x.dtype))
+        return precond.boundary("lcm", x, t.to(time_dtype(x.dtype)), guided(self.denoiser, w)(x, t, cond).x0,
+                                self.process, sigma_data=self.sigma_data, timestep_scaling=self.timestep_scaling)
 
     def sampler_model(self, cond: Cond, w: float | None = None) -> Callable[[Tensor, Tensor], Pred]:
         if w is None:
@@ -506,24 +470,15 @@ def compose(unet: nn.Module, adapters: dict[str, float]) -> None:
 # Sampling (Luo et al. 2023, Algorithm 3; diffusers' LCMScheduler)
 # ----------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def multistep(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor, process: SDDiscrete,
               generator: torch.Generator | None = None) -> Tensor:
     """Multistep latent consistency sampling. f(z, t) -> Pred whose .x0 is the consistency function; timesteps the
     LCM timesteps (n,) (lcm_timesteps), decreasing. At each tau_i: z0 = f(z, t_i); before the last step, re-noise to
     the NEXT timestep with fresh noise: z = alpha(t_{i+1}) z0 + sigma(t_{i+1}) eps, eps = torch.randn(z.shape,
-    generator, dtype=z.dtype); the last step returns z0. Equals LCMScheduler with the same noise (tests/test_lcm.py)."""
-    ts = process.t_of_timestep(timesteps.to(torch.float64))
-    for i in range(len(ts)):
-        t = ts[i].to(torch.float32).expand(len(z)).to(z.device)
-        z0 = f(z, t).x0
-        if i == len(ts) - 1:
-            return z0
-        s = ts[i + 1].to(torch.float64).reshape(1)
-        eps = torch.randn(z.shape, generator=generator, dtype=z.dtype,
-                          device=generator.device if generator is not None else "cpu").to(z.device)
-        z = (process.alpha(s).to(z) * z0 + process.sigma(s).to(z) * eps).to(z.dtype)
-    return z
+    generator, dtype=z.dtype); the last step returns z0. samplers.multistep with a clean denoised point on the
+    integer grid ending at timestep -1 (t = 0). Equals LCMScheduler with the same noise (tests/test_lcm.py)."""
+    grid = torch.cat([timesteps.to(torch.int64), torch.tensor([-1])])
+    return samplers.multistep(f, z, grid, process, denoised="clean", generator=generator)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import distances, steps
+from .. import distances, samplers, steps
 from ..conditioning import Cond
 from ..guidance import cfg as guided
 from ..predictions import Pred
@@ -249,7 +249,6 @@ def tcd_timesteps(n: int, original_steps: int = lcm.ORIGINAL_STEPS, T: int = 100
     return lcm.lcm_timesteps(n, original_steps, T)
 
 
-@torch.no_grad()
 def sss(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor, process: SDDiscrete,
         generator: torch.Generator | None = None, gamma: float = GAMMA) -> Tensor:
     """Strategic stochastic sampling on integer timesteps (decreasing, (n,)), step for step diffusers' TCDScheduler
@@ -260,26 +259,11 @@ def sss(f: Callable[[Tensor, Tensor], Pred], z: Tensor, timesteps: Tensor, proce
         z_s   = sqrt(abar_{tau_s}) x0_hat + sqrt(1 - abar_{tau_s}) eps_hat                TCF jump tau_i -> tau_s
         z     = sqrt(abar_{tau'} / abar_{tau_s}) z_s + sqrt(1 - abar_{tau'} / abar_{tau_s}) noise   (not last; gamma > 0)
 
-    and the last step returns z_s (at timestep 0, abar_0 = 0.99915, as diffusers). noise = torch.randn(z.shape,
-    generator, dtype=z.dtype) in order. The signature of lcm.multistep (pass functools.partial(sss, gamma=...) as
-    lcm.sample's or lcm.evaluate's sampler)."""
-    gamma = check_gamma(gamma)
-    abar = process.alphas_cumprod
-    taus = [int(v) for v in timesteps]
-    for i, tau in enumerate(taus):
-        last = i == len(taus) - 1
-        prev = 0 if last else taus[i + 1]
-        tau_s = int(torch.floor((1 - gamma) * torch.tensor(prev)))              # diffusers' arithmetic (float32)
-        t = process.t_of_timestep(torch.tensor(float(tau))).to(torch.float32).expand(len(z)).to(z.device)
-        x0, eps = f(z, t)
-        a_s = float(abar[tau_s])
-        z = (a_s ** 0.5 * x0 + (1 - a_s) ** 0.5 * eps).to(z.dtype)                 # z_{tau_s}
-        if gamma > 0 and not last:
-            r = float(abar[prev]) / a_s
-            noise = torch.randn(z.shape, generator=generator, dtype=z.dtype,
-                                device=generator.device if generator is not None else "cpu").to(z.device)
-            z = (r ** 0.5 * z + (1 - r) ** 0.5 * noise).to(z.dtype)
-    return z
+    and the last step returns z_s (at timestep 0, abar_0 = 0.99915, as diffusers): samplers.multistep (TCD's jump)
+    on the integer grid ending at timestep 0. noise = torch.randn(z.shape, generator, dtype=z.dtype) in order. The
+    signature of lcm.multistep (pass functools.partial(sss, gamma=...) as lcm.sample's or lcm.evaluate's sampler)."""
+    grid = torch.cat([timesteps.to(torch.int64), torch.tensor([0])])
+    return samplers.multistep(f, z, grid, process, gamma=check_gamma(gamma), generator=generator)
 
 
 def sampler(gamma: float = GAMMA) -> Callable[..., Tensor]:
