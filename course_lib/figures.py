@@ -97,18 +97,19 @@ def instaflow_digits(out: Path) -> Path:
     """The shipped digits InstaFlow models against the guided teacher and direct distillation, same noise."""
     from .distill import instaflow
     from .grids import uniform
+    from .recipes.instaflow import DIGITS_RECIPE, load_digits_model
     from .samplers import dpm_solver_pp_2m, euler
     from .teachers import load_teacher
 
-    w = instaflow.DIGITS_RECIPE["w"]
+    w = DIGITS_RECIPE["w"]
     y = torch.arange(10).repeat(2)
     x1 = torch.randn(len(y), 1, 16, 16, generator=torch.Generator().manual_seed(4))
     gt = instaflow.guided(load_teacher("digits"), w)
-    flow2 = instaflow.load_digits_model("digits-if-2rf")
+    flow2 = load_digits_model("digits-if-2rf")
     rows = [(f"teacher (w={w}), 16 steps", dpm_solver_pp_2m(lambda x, t: gt(x, t, y), x1, uniform(16), gt.process)),
             ("2-RF, 1 Euler step", euler(lambda x, t: flow2(x, t, y), x1, uniform(1), flow2.process)),
-            ("InstaFlow, 1 step", instaflow.one_step(instaflow.load_digits_model("digits-instaflow"), x1, y)),
-            ("direct distillation, 1 step", instaflow.one_step(instaflow.load_digits_model("digits-direct"), x1, y))]
+            ("InstaFlow, 1 step", instaflow.one_step(load_digits_model("digits-instaflow"), x1, y)),
+            ("direct distillation, 1 step", instaflow.one_step(load_digits_model("digits-direct"), x1, y))]
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.55 * len(rows) + 0.4))
     for ax, (label, x) in zip(axes, rows):
         image_grid(x, nrow=len(y), ax=ax)

@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import paths
+from .conditioning import Cond
 from .config import seeded
+from .sd import require_codec
 
 MINI_SD = paths.data_dir() / "mini_sd"                 # see course_lib.paths
 PROMPTS_DIR = paths.data_dir() / "prompts"
@@ -389,6 +391,37 @@ def encode_all(vae: nn.Module, data: Digits, batch: int = 500) -> tuple[Tensor, 
         means.append(torch.cat(ms))
         stds.append(torch.cat(ss))
     return torch.stack(means, 1), torch.stack(stds, 1)
+
+
+@torch.no_grad()
+def digit_batches(sd: Any, n_images: int | None = None, batch: int = 250) -> Callable[[int, torch.Generator], tuple]:
+    """sample_batch(n, generator) -> (z0 (n, 4, h, w) posterior samples of the teacher's VAE latents, Cond of the
+    captions) over the mini SD's training digits in every ink colour and caption template (training_digits; the
+    first n_images digits when given). Latents and caption embeddings are computed once."""
+    require_codec(sd)
+    data = training_digits()
+    if n_images is not None:
+        data = Digits(data.x[:n_images], data.y[:n_images], data.thick[:n_images], data.edges)
+    vae = sd.vae.vae
+    mean, std = encode_all(vae, data, batch)                     # (N, C, 4, h, w) unscaled
+    scale, shift = sd.vae.scale, sd.vae.shift
+    texts = [caption(d, th, c, k) for d in range(10) for th in THICKNESS for c in COLOURS
+             for k in range(len(TEMPLATES))]
+    emb = torch.cat([sd.text.embed(texts[i:i + 500]) for i in range(0, len(texts), 500)])
+    n_t, n_c, n_k = len(THICKNESS), len(COLOURS), len(TEMPLATES)
+    emb = emb.view(10, n_t, n_c, n_k, *emb.shape[1:])
+    null = sd.text.embed([""])
+    N = len(data.x)
+
+    def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Cond]:
+        idx = torch.randint(0, N, (n,), generator=g, device=g.device).cpu()
+        col = torch.randint(0, n_c, (n,), generator=g, device=g.device).cpu()
+        tpl = torch.randint(0, n_k, (n,), generator=g, device=g.device).cpu()
+        e = torch.randn((n, *mean.shape[2:]), generator=g, device=g.device).cpu()
+        z0 = (mean[idx, col] + std[idx, col] * e - shift) * scale
+        return z0, Cond(text=emb[data.y[idx], data.thick[idx], col, tpl], null_text=null)
+
+    return sample_batch
 
 
 def train_mini_sd(out: str | os.PathLike, cfg: MiniSDConfig, ckpt_dir: str | os.PathLike | None = None,

@@ -29,7 +29,7 @@ def bench_guided(mode: str, seed: int = 0, device: str | torch.device | None = N
     "guided-student" at 4 and 1 steps. Digits: the shipped digits teacher with guidance (class_acc from the digits
     classifier, kid_heldout, kid_train, fd_heldout)."""
     from ..config import default_device
-    from ..distill.guided import guided_2d_budget, guided_2d_students
+    from ..recipes.guided import guided_2d_budget, guided_2d_students
     from ..grids import uniform
     from ..guidance import cfg as guide
     from ..samplers import ddim, dpm_solver_pp_2m

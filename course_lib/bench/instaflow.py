@@ -14,7 +14,7 @@ from .core import (Evaluation, conditional_reference, digits_floor, digits_n, fr
 
 def sweep_rows(ev: Evaluation, records: list[dict], dataset: str, x1s: list, y, targets: list[dict],
                swds: list) -> None:
-    """Rows of the capacity sweep (distill.instaflow.instaflow_sweep's records, with their students), evaluated on
+    """Rows of the capacity sweep (recipes.instaflow.instaflow_sweep's records, with their students), evaluated on
     every seed's noise x1s[i] (labels y or None): "sweep-<coupling>" at one step, "swd_data" (swds[i] of the
     samples) and "heldout_err" (against targets[i][coupling]); fields coupling, width, n_pairs, train_steps,
     train_seconds, train_updates."""
@@ -47,11 +47,11 @@ def bench_instaflow(mode: str, seed: int = 0, device: str | torch.device | None 
     Capacity sweep rows: "sweep-direct" / "sweep-reflow" (fields width, n_pairs, train_steps; "swd_data",
     "heldout_err"), on gmm-overlap and on the unconditional 8-mode "gmm" (its shipped diffusion teacher, its 2-RF;
     teacher and 2-RF rows give the swd_data of each coupling's endpoints, which the students imitate). Digits: the
-    shipped data/instaflow models (trained on a GPU by `python -m course_lib.distill.instaflow train-digits`)."""
+    shipped data/instaflow models (trained on a GPU by `python -m course_lib.recipes.instaflow train-digits`)."""
     from ..config import default_device
     from ..data2d import sample_2d
     from ..distill import instaflow, reflow
-    from ..distill.instaflow import instaflow_2d_budget, instaflow_2d_models, instaflow_sweep, instaflow_unconditional
+    from ..recipes.instaflow import instaflow_2d_budget, instaflow_2d_models, instaflow_sweep, instaflow_unconditional
     from ..grids import uniform
     from ..samplers import dpm_solver_pp_2m, euler
 
@@ -171,16 +171,17 @@ def instaflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device)
     from ..distill import instaflow, reflow
     from ..grids import uniform
     from ..metrics import flow_map_error
+    from ..recipes.instaflow import DIGITS_DIR, DIGITS_MODELS, DIGITS_RECIPE, load_digits_model
     from ..samplers import dpm_solver_pp_2m, euler
     from ..teachers import load_teacher
 
-    if not all((instaflow.DIGITS_DIR / m).is_dir() for m in instaflow.DIGITS_MODELS):
+    if not all((DIGITS_DIR / m).is_dir() for m in DIGITS_MODELS):
         return
-    w = instaflow.DIGITS_RECIPE["w"]
+    w = DIGITS_RECIPE["w"]
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     gt = instaflow.guided(load_teacher("digits", device=device), w)
-    flow2 = instaflow.load_digits_model("digits-if-2rf", device=device)
-    students = {name: instaflow.load_digits_model(shipped, device=device) for name, shipped in
+    flow2 = load_digits_model("digits-if-2rf", device=device)
+    students = {name: load_digits_model(shipped, device=device) for name, shipped in
                 (("instaflow-l2", "digits-instaflow-l2"), ("instaflow", "digits-instaflow"),
                  ("direct-distill-l2", "digits-direct-l2"), ("direct-distill", "digits-direct"))}
     for s in ev.seeds:
@@ -203,7 +204,7 @@ def instaflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device)
             m = big if k <= 4 else small
             x, sec = timed(lambda: euler(lambda x, t: flow2(x, t, y[:m]), x1[:m], uniform(k), flow2.process), device)
             score("2-rf", k, "euler", x, sec)
-            x2 = x[:small] if k == instaflow.DIGITS_RECIPE["distill_pairs_steps"] else x2
+            x2 = x[:small] if k == DIGITS_RECIPE["distill_pairs_steps"] else x2
         m = min(small, 300)
         for name, flow, guided in (("teacher", reflow.RFView(gt), True), ("2-rf", flow2, False)):
             st, sec = timed(lambda: reflow.straightness(flow, x1[:m], 32, cond={"y": y[:m]}), device)

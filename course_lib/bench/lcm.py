@@ -4,8 +4,8 @@ teachers and on the mini Stable Diffusion, students at 1, 2, 4 and 8 steps.
 2D: LCM's recipe on an unconditional 2D teacher is consistency distillation with ONE DDIM step of the teacher per
 skipping step (no guidance to fold in), sampled with multistep consistency sampling (LCM's sampler); TCD's 2D student
 (bench tcd) is trained on the same teacher, grid, target EMA, updates and batch. Mini SD: the shipped students
-(data/lcm, data/tcd: the same recipe and updates), measured with lcm.evaluate / tcd.evaluate (adherence, held-out
-KID and FD) beside the guided teacher's 25-step DDIM and the real training digits (the floor)."""
+(data/lcm, data/tcd: the same recipe and updates), measured with recipes.lcm.evaluate / recipes.tcd.evaluate
+(adherence, held-out KID and FD) beside the guided teacher's 25-step DDIM and the real training digits (the floor)."""
 from __future__ import annotations
 
 import time
@@ -98,26 +98,30 @@ def _sd_student(method: str, sd, b: dict, mode: str):
     from dataclasses import asdict
 
     from ..distill import lcm, tcd
+    from ..minisd import digit_batches
+    from ..recipes import lcm as lcm_recipes, tcd as tcd_recipes
 
     if mode == "smoke":
-        cfg = lcm.LCMConfig(**{**asdict(lcm.RECIPE), "steps": b["sd_train"], "batch": 4, "w_dim": 32})
-        batches = lcm.digit_batches(sd, n_images=20)
+        cfg = lcm.LCMConfig(**{**asdict(lcm_recipes.RECIPE), "steps": b["sd_train"], "batch": 4, "w_dim": 32})
+        batches = digit_batches(sd, n_images=20)
         fn = tcd.distill_tcd_sd if method == "tcd" else lcm.distill_lcm
         return fn(sd, cfg, batches, progress=False), {"sd_student": f"tiny random SD, {b['sd_train']} updates"}
-    folder = tcd.shipped_dir() / tcd.SHIPPED if method == "tcd" else lcm.shipped_dir() / lcm.SHIPPED["student"]
-    meta_file = folder / (tcd.TCD_JSON if method == "tcd" else lcm.LCM_JSON)
+    folder = (tcd_recipes.shipped_dir() / tcd_recipes.SHIPPED if method == "tcd"
+              else lcm_recipes.shipped_dir() / lcm_recipes.SHIPPED["student"])
+    meta_file = folder / (tcd_recipes.TCD_JSON if method == "tcd" else lcm_recipes.LCM_JSON)
     if not meta_file.is_file():
         raise FileNotFoundError(f"no shipped {method.upper()} student in {folder}: recreate it with "
-                                f"`{tcd.RECREATE if method == 'tcd' else lcm.RECREATE}`")
+                                f"`{tcd_recipes.RECREATE if method == 'tcd' else lcm_recipes.RECREATE}`")
     info = json.loads(meta_file.read_text())
-    student = tcd.load_shipped(sd) if method == "tcd" else lcm.load_shipped(sd, "student")
+    student = tcd_recipes.load_shipped(sd) if method == "tcd" else lcm_recipes.load_shipped(sd, "student")
     return student, {"sd_student": info["command"], "sd_train_updates": info["recipe"]["steps"],
                      "sd_train_seconds": info["train_seconds"]}
 
 
 def _add_sd(ev: Evaluation, model: str, result: dict, seconds: float, *, nfe: int | None, steps: int | None,
             **extra) -> None:
-    """The per-seed runs of lcm.evaluate / minisd.evaluate / reference scores as rows of `ev` (KID with its se)."""
+    """The per-seed runs of recipes.lcm.evaluate / minisd.evaluate / reference scores as rows of `ev` (KID with its
+    se)."""
     for run in result["runs"]:
         for metric in SD_METRICS:
             if metric in run:
@@ -131,7 +135,7 @@ def rows_sd(method: str, ev: Evaluation, mode: str, b: dict, device, gammas: Seq
     at STUDENT_STEPS (the first gamma) and, for TCD, every gamma at `sweep_steps`. Runs on the CPU (the evaluation
     pipeline's device); returns the meta fields."""
     from .. import minisd, sd as sdlib
-    from ..distill import lcm, tcd
+    from ..recipes import lcm, tcd
 
     sd = sdlib.from_pipeline(sdlib.tiny_sd_pipeline(seed=0)) if mode == "smoke" else minisd.load_mini_sd()
     student, meta = _sd_student(method, sd, b, mode)

@@ -24,7 +24,7 @@ def bench_reflow(mode: str, seed: int = 0, device: str | torch.device | None = N
     the shipped digits 2-RF and its 1-step distillation (data/reflow), when present."""
     from ..config import default_device
     from ..distill import reflow
-    from ..distill.reflow import reflow_2d_budget, reflow_2d_models
+    from ..recipes.reflow import reflow_2d_budget, reflow_2d_models
     from ..grids import uniform
     from ..samplers import euler
 
@@ -92,17 +92,18 @@ def reflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device) ->
     from ..distill import reflow
     from ..grids import uniform
     from ..guidance import condition
+    from ..recipes.reflow import DIGITS_DIR, load_digits_flow
     from ..samplers import dpm_solver_pp_2m, euler
     from ..teachers import load_teacher
 
-    if not (reflow.DIGITS_DIR / "digits-2rf").is_dir():
+    if not (DIGITS_DIR / "digits-2rf").is_dir():
         return
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     teacher = load_teacher("digits", device=device)
     models = [("1-rf", reflow.RFView(teacher), (1, 4)),
-              ("2-rf", reflow.load_digits_flow("digits-2rf", device=device), (1, 4))]
-    if (reflow.DIGITS_DIR / "digits-2rf-distill1").is_dir():
-        models.append(("2-rf-distill", reflow.load_digits_flow("digits-2rf-distill1", device=device), (1,)))
+              ("2-rf", load_digits_flow("digits-2rf", device=device), (1, 4))]
+    if (DIGITS_DIR / "digits-2rf-distill1").is_dir():
+        models.append(("2-rf-distill", load_digits_flow("digits-2rf-distill1", device=device), (1,)))
     for s in ev.seeds:
         digits_floor(ev, s)
         x1 = noise((max(big, small), 1, 16, 16), s + 6, device)
