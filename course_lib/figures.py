@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .distill import instaflow
+from .grids import uniform
+from .metrics import straightness
 from .plotting import LIM_2D, image_grid, nfe_curves
+from .processes import RectifiedFlow
+from .recipes.instaflow import DIGITS_RECIPE, load_digits_model
+from .samplers import dpm_solver_pp_2m, euler, generate, heun
+from .teachers import load_teacher
 
 
 def teacher_quality(result: dict, out: Path) -> Path:
@@ -47,9 +54,6 @@ def teacher_quality(result: dict, out: Path) -> Path:
 
 def digits_grid(out: Path, nfes=(1, 2, 4, 8, 16, 32)) -> Path:
     """The digits teacher's samples at increasing NFE, same noise in every row."""
-    from .samplers import generate
-    from .teachers import load_teacher
-
     teacher = load_teacher("digits")
     labels = torch.arange(10).repeat(2)
     fig, axes = plt.subplots(len(nfes), 1, figsize=(8, 0.55 * len(nfes) + 0.4))
@@ -95,12 +99,6 @@ def instaflow_sweep(result: dict, out: Path, n_pairs: int = 10_000, steps: int =
 
 def instaflow_digits(out: Path) -> Path:
     """The shipped digits InstaFlow models against the guided teacher and direct distillation, same noise."""
-    from .distill import instaflow
-    from .grids import uniform
-    from .recipes.instaflow import DIGITS_RECIPE, load_digits_model
-    from .samplers import dpm_solver_pp_2m, euler
-    from .teachers import load_teacher
-
     w = DIGITS_RECIPE["w"]
     y = torch.arange(10).repeat(2)
     x1 = torch.randn(len(y), 1, 16, 16, generator=torch.Generator().manual_seed(4))
@@ -176,11 +174,6 @@ class ReflowExplorer:
     def __init__(self, flows: dict[str, dict[str, Callable]], data: dict[str, tuple[Tensor, Tensor]], x_show: Tensor,
                  x_many: Tensor, steps: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), ode_steps: int = 64,
                  straightness_fn: Callable[[Tensor, Tensor], float] | None = None):
-        from .grids import uniform
-        from .metrics import straightness
-        from .processes import RectifiedFlow
-        from .samplers import euler, heun
-
         rf, s_of = RectifiedFlow(), straightness_fn or straightness
         self.datasets, self.steps = list(flows), tuple(steps)
         self.rounds = [ROUND0] + list(next(iter(flows.values())))

@@ -44,10 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import paths
+from . import grids, guidance, paths, samplers
+from .classifier import class_accuracy, digits_scores, load_digits_classifier
 from .conditioning import Cond
 from .config import seeded
-from .sd import require_codec
+from .images import load_digits
+from .processes import SDDiscrete
+from .sd import _byte_vocab, load_sd, require_codec
+from .train import TrainConfig, train
 
 MINI_SD = paths.data_dir() / "mini_sd"                 # see course_lib.paths
 PROMPTS_DIR = paths.data_dir() / "prompts"
@@ -160,8 +164,6 @@ def colour_of(images: Tensor) -> Tensor:
 def adherence(images: Tensor, labels: Tensor | Sequence[int], classifier: nn.Module | None = None) -> float:
     """Prompt adherence: the fraction of images (B, 3, H, W) in [-1, 1] that the course's digits classifier
     (classifier.load_digits_classifier) reads as the prompted digit labels (B,)."""
-    from .classifier import class_accuracy
-
     labels = torch.as_tensor(labels, dtype=torch.long)
     return class_accuracy(to_grayscale(images), labels, classifier)
 
@@ -197,8 +199,6 @@ def learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
 def tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges) of the course's tokenizer: CLIP's 514 start/end/byte tokens, then one token per merge
     learned on caption_words()."""
-    from .sd import _byte_vocab
-
     vocab = _byte_vocab()
     merges = learn_merges(caption_words())
     for a, b in merges:
@@ -311,8 +311,6 @@ class Digits:
 
 
 def training_digits() -> Digits:
-    from .images import load_digits
-
     x, y = load_digits(16, "train")
     edges = thickness_edges(x, y)
     return Digits(x, y, thickness_of(x, y, edges), edges)
@@ -431,9 +429,6 @@ def train_mini_sd(out: str | os.PathLike, cfg: MiniSDConfig, ckpt_dir: str | os.
     Returns a summary (parameter counts, losses, times)."""
     from diffusers import StableDiffusionPipeline
 
-    from .processes import SDDiscrete
-    from .train import TrainConfig, train
-
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else paths.cache_dir() / f"mini_sd_{cfg.seed}"
     parts = build_parts(cfg)
     data = training_digits()
@@ -516,8 +511,6 @@ def _tail_mean(losses: list[float], k: int = 100) -> float:
 def load_mini_sd(folder: str | os.PathLike = MINI_SD, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> Any:
     """The shipped mini Stable Diffusion as course pieces (sd.load_sd): model, text, vae, scheduler."""
-    from .sd import load_sd
-
     return load_sd(paths.shipped(folder, RECREATE), device=device, dtype=dtype)
 
 
@@ -564,8 +557,6 @@ def sample(sd: Any, prompts: Sequence[str], steps: int = 25, w: float = DEFAULT_
            batch: int = 256) -> Tensor:
     """Images (B, 3, 16, 16) in [-1, 1] (clamped) from the course's DDIM on grids.sd_grid(steps, "trailing") with
     classifier-free guidance weight w (diffusers' guidance_scale = 1 + w). Noise from a generator seeded `seed`."""
-    from . import grids, guidance, samplers
-
     proc = sd.model.process
     g = torch.Generator().manual_seed(seed)
     h = sd.model.unet.config.sample_size
@@ -612,8 +603,6 @@ def evaluate_images(images: Callable[[list[str], int], Tensor], n: int = 500, se
     """The evaluation every mini-SD model shares: for each seed s, n prompt records of digits.jsonl drawn with
     seed 1000 + s, images(prompts, s) -> (n, 3, H, W) in [-1, 1], then prompt adherence and digits_scores; returns
     {"n", **fields, "seeds", "mean", "std", "runs"} (runs: one row of scores per seed)."""
-    from .classifier import digits_scores, load_digits_classifier
-
     records = list(records if records is not None else load_prompts())
     clf = load_digits_classifier()
     edges = training_digits().edges
@@ -634,8 +623,6 @@ def evaluate_images(images: Callable[[list[str], int], Tensor], n: int = 500, se
 def reference_scores(n: int = 500, seed: int = 0) -> dict[str, float]:
     """digits_scores of n real training digits (drawn with `seed`): the distance to the held-out digits that the
     training data itself has at this sample size (its kid_train is near 0 by construction)."""
-    from .classifier import digits_scores
-
     data = training_digits()
     pick = torch.randperm(len(data.x), generator=torch.Generator().manual_seed(seed))[:n]
     return digits_scores(data.x[pick])

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from .. import distances, steps
 from ..models import ConsistencyModel
 from ..processes import AffineProcess, EDM, bcast
+from ..samplers import renoise
 from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
 
 T_MIN = 0.002           # course time of the trajectory's end for the vp-cosine and rf processes (sigma ~ 0.003)
@@ -342,8 +343,6 @@ def multistep_sample(model: Callable, x: Tensor, ts: Tensor | list[float], proce
     paper's x0 + sqrt(tau^2 - sigma_min^2) z.) One evaluation per entry of ts. noises (len(ts) - 1, B, ...) fixes
     the fresh z; otherwise they are drawn from `generator` (on its device, then moved). With return_path the
     estimates x0 after every step, (len(ts), B, ...)."""
-    from ..samplers import renoise
-
     ts = [float(v) for v in ts]
     tm = torch.full((len(x),), t_min, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                     device=x.device)

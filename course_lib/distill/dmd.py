@@ -48,6 +48,7 @@ from ..config import seeded
 from ..guidance import cfg as guided, condition
 from ..predictions import Pred, from_pred
 from ..processes import AffineProcess
+from ..samplers import consistency
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
 from .gan import DenoiserFeatures, Discriminator, adversarial, discriminator, guard
 
@@ -299,8 +300,6 @@ def sample(G: Callable[..., Pred], z: Tensor, k: int, process: AffineProcess, ge
            y: Any = None, t_first: float = 1.0) -> Tensor:
     """k-step generation on the generator's grid generator_times(k, t_first) (denoise, re-noise with fresh noise,
     ...; DMD2 / LCM scheduling): backward simulation to the last step, then its x0. (B, ...)"""
-    from ..samplers import consistency
-
     model = condition(G, y) if y is not None else G
     ts = torch.tensor([*generator_times(k, t_first), 0.0], dtype=torch.float64)
     return consistency(model, z, ts, process, generator=generator)

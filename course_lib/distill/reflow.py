@@ -33,13 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import paths
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, load_tensors
 from ..grids import uniform
 from ..losses import drop_labels
+from ..metrics import straightness as s_of_path
 from ..models import Denoiser, build_denoiser
 from ..predictions import velocity
-from ..processes import AffineProcess, RectifiedFlow, bcast
-from ..samplers import get_sampler
+from ..processes import AffineProcess, RectifiedFlow, VPCosine, bcast
+from ..samplers import euler, get_sampler
 from ..train import Trained, TrainConfig, train
 
 
@@ -202,8 +203,6 @@ def load_flow_weights(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Load the weights saved in `folder` (models.save_denoiser / teachers) into `model`, in place.
 
     A checkpoint written for another architecture raises CheckpointError naming the folder, never a half load."""
-    from ..checkpoint import load_tensors
-
     tensors, config = load_tensors(folder)
     if "denoiser" in config and hasattr(model, "config") and config["denoiser"]["net"] != model.config()["net"]:
         raise CheckpointError(f"checkpoint {folder} holds a {config['denoiser']['arch']} with {config['denoiser']['net']}, "
@@ -272,9 +271,6 @@ def straightness(flow: Callable, x1: Tensor, steps: int = 64, cond: Mapping[str,
     """S(Z) = int_0^1 E || (Z_1 - Z_0) - dZ_t/dt ||^2 dt of the flow's ODE from noise x1 (B, ...), measured on its
     Euler path with `steps` steps (metrics.straightness; zero iff every path is a straight line at constant
     speed, then one Euler step is exact)."""
-    from ..metrics import straightness as s_of_path
-    from ..samplers import euler
-
     process = process if process is not None else getattr(flow, "process", RectifiedFlow())
     ts = uniform(steps)
     model = (lambda x, t: flow(x, t, **cond)) if cond else flow
@@ -334,8 +330,6 @@ class RFView(nn.Module):
 
     def __init__(self, model: Denoiser):
         super().__init__()
-        from ..processes import VPCosine
-
         if not isinstance(model.process, VPCosine):
             raise ValueError(f"RFView needs a vp-cosine diffusion model; got process {model.process.name!r}")
         self.model, self.process = model, RectifiedFlow()

@@ -48,8 +48,8 @@ from ..conditioning import Cond
 from ..guidance import cfg as guided
 from ..predictions import Pred
 from ..processes import AffineProcess, SDDiscrete, bcast
-from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
 from ..sd import require_codec
+from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
 from . import lcm
 from .consistency import T_MIN, cm_grid
 
