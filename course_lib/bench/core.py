@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
+
 from ..classifier import balanced_labels, class_accuracy, digits_scores, load_digits_classifier
 from ..config import pick
 from ..data2d import exact_denoiser, get_mixture, sample_2d, sample_conditional
