@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import steps
+from .grids import default_grid
 from .predictions import Pred
 from .processes import AffineProcess, as_times, bcast
 from .steps import ddim_step  # noqa: F401  (re-exported: exercise checkers and distill.pd use samplers.ddim_step)
@@ -319,8 +320,6 @@ def generate(model: Callable[..., Pred], process: AffineProcess, shape: tuple[in
     with `generator` on its device (the CPU by default) and moved, so one seed gives the same samples on every
     device; the generator also drives the fresh noise of stochastic samplers (tcd, consistency).
     """
-    from .grids import default_grid
-
     run = get_sampler(sampler)
     device = model_device(model) if device is None else device
     x1 = process.prior(shape, generator=generator, device=device)

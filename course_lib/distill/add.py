@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .. import grids, samplers
 from ..config import announce_once, seeded
+from ..guidance import condition
 from ..predictions import Pred
 from ..processes import AffineProcess
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
@@ -209,8 +210,6 @@ def add_step(cfg: ADDConfig, process: AffineProcess, distill_fn: Callable | None
     distill_fn(x_hat, teacher, t, eps, process) -> (B,) and disc_fn(D, x_real, x_fake, r1_gamma) -> (B,) replace
     the library's losses (a notebook's exercises); the teacher they get is already conditioned on the batch's labels.
     """
-    from ..guidance import condition
-
     times = torch.tensor(student_times(cfg.student_steps))
     if distill_fn is None:
         distill_fn = lambda x_hat, T, t, eps, proc: distillation_loss(x_hat, T, t, eps, proc, None, cfg.weighting)

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 from .. import precond
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
-from .gan import generate_one_step, guard, ns_d, ns_g, r1_penalty, tapped, trainable_fraction
+from .gan import (DenoiserFeatures, discriminator, generate_one_step, guard, ns_d, ns_g, r1_penalty, tapped,
+                  trainable_fraction)
 
 SIGMA_MIN = 0.002     # GDDPrecond's eps: the boundary condition D(x; eps) = x (EDM's sigma_min)
 SIGMA_DATA = 0.5      # EDM's sigma_data
@@ -292,8 +293,6 @@ def make_discriminator(teacher: nn.Module, x_example: Tensor, y_example: Tensor 
                        t_range: tuple[float, float] | None = None, hidden: int = 64) -> nn.Module:
     """A fresh gan.Discriminator: trainable heads (class-projection heads when y_example is given) on the frozen
     teacher's default feature layers (gan.default_taps) of re-noised inputs, t ~ U(t_range)."""
-    from .gan import DenoiserFeatures, discriminator
-
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
     image = x_example.ndim == 4
     rng = t_range if t_range is not None else (T_RANGE_DIGITS if image else T_RANGE_2D)
