@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, load_tensors, save_tensors
 from . import paths
+from .checkpoint import CheckpointError, load_tensors, save_tensors
 from .config import seeded
 from .images import batch_sampler, load_digits
-from .metrics import frechet_distance
+from .metrics import frechet_distance, kid
 from .train import TrainConfig, train
 
 CLASSIFIER_DIR = paths.data_dir() / "digits_classifier"   # see course_lib.paths
@@ -210,8 +210,6 @@ def digits_scores(samples: Tensor, classifier: nn.Module | None = None, blocks: 
     scores them alike. Use thousands of samples (cheap at 1-4 steps) so that generation noise is small. Features
     are divided by the training digits' RMS feature value so that the cubic kernel sees values of order one (KID's
     usual scale with Inception features); values are comparable within the course only."""
-    from .metrics import kid
-
     clf = classifier if classifier is not None else load_digits_classifier()
     held, train, scale = _reference_features(clf)
     f = digits_features(samples, clf) / scale

@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .conditioning import labels
+from .distill import instaflow
+from .grids import uniform
+from .metrics import straightness
 from .plotting import LIM_2D, image_grid, nfe_curves
+from .processes import RectifiedFlow
+from .recipes.instaflow import DIGITS_RECIPE, load_digits_model
+from .samplers import dpm_solver_pp_2m, euler, generate, heun
+from .teachers import load_teacher
 
 
 def teacher_quality(result: dict, out: Path) -> Path:
@@ -47,9 +55,6 @@ def teacher_quality(result: dict, out: Path) -> Path:
 
 def digits_grid(out: Path, nfes=(1, 2, 4, 8, 16, 32)) -> Path:
     """The digits teacher's samples at increasing NFE, same noise in every row."""
-    from .samplers import generate
-    from .teachers import load_teacher
-
     teacher = load_teacher("digits")
     labels = torch.arange(10).repeat(2)
     fig, axes = plt.subplots(len(nfes), 1, figsize=(8, 0.55 * len(nfes) + 0.4))
@@ -95,22 +100,16 @@ def instaflow_sweep(result: dict, out: Path, n_pairs: int = 10_000, steps: int =
 
 def instaflow_digits(out: Path) -> Path:
     """The shipped digits InstaFlow models against the guided teacher and direct distillation, same noise."""
-    from .conditioning import labels
-    from .distill import instaflow
-    from .grids import uniform
-    from .samplers import dpm_solver_pp_2m, euler
-    from .teachers import load_teacher
-
-    w = instaflow.DIGITS_RECIPE["w"]
+    w = DIGITS_RECIPE["w"]
     teacher = load_teacher("digits")
     y = labels(torch.arange(10).repeat(2), teacher.net.num_classes)
     x1 = torch.randn(len(y), 1, 16, 16, generator=torch.Generator().manual_seed(4))
     gt = instaflow.guided(teacher, w)
-    flow2 = instaflow.load_digits_model("digits-if-2rf")
+    flow2 = load_digits_model("digits-if-2rf")
     rows = [(f"teacher (w={w}), 16 steps", dpm_solver_pp_2m(gt, x1, uniform(16), gt.process, cond=y)),
             ("2-RF, 1 Euler step", euler(flow2, x1, uniform(1), flow2.process, cond=y)),
-            ("InstaFlow, 1 step", instaflow.one_step(instaflow.load_digits_model("digits-instaflow"), x1, y)),
-            ("direct distillation, 1 step", instaflow.one_step(instaflow.load_digits_model("digits-direct"), x1, y))]
+            ("InstaFlow, 1 step", instaflow.one_step(load_digits_model("digits-instaflow"), x1, y)),
+            ("direct distillation, 1 step", instaflow.one_step(load_digits_model("digits-direct"), x1, y))]
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.55 * len(rows) + 0.4))
     for ax, (label, x) in zip(axes, rows):
         image_grid(x, nrow=len(y), ax=ax)
@@ -177,11 +176,6 @@ class ReflowExplorer:
     def __init__(self, flows: dict[str, dict[str, Callable]], data: dict[str, tuple[Tensor, Tensor]], x_show: Tensor,
                  x_many: Tensor, steps: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), ode_steps: int = 64,
                  straightness_fn: Callable[[Tensor, Tensor], float] | None = None):
-        from .grids import uniform
-        from .metrics import straightness
-        from .processes import RectifiedFlow
-        from .samplers import euler, heun
-
         rf, s_of = RectifiedFlow(), straightness_fn or straightness
         self.datasets, self.steps = list(flows), tuple(steps)
         self.rounds = [ROUND0] + list(next(iter(flows.values())))

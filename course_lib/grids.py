@@ -84,6 +84,44 @@ def flow_match_grid(n: int, shift: float = 1.0, num_train_timesteps: int = 1000)
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 
+def trailing(n: int, t_first: float = 1.0) -> Tensor:
+    """A few-step generator's grid: t_first (1 - i/n) for i = 0..n-1, then the final 0 (for t_first = 1, SD's
+    trailing timesteps 999, 749, 499, 249 for n = 4: ADD's T_student, DMD2's `denoising_step_list`). Its values are
+    exactly the Python floats t_first * (1 - i / n)."""
+    _check_n(n)
+    if not 0.0 < t_first <= 1.0:
+        raise ValueError(f"t_first must be in (0, 1]; got {t_first}")
+    return torch.tensor([t_first * (1.0 - i / n) for i in range(n)] + [0.0], dtype=torch.float64)
+
+
+# --- diffusers' integer timesteps (int64 grids, decreasing; samplers take them for an SDDiscrete process) ------------
+
+def skipping_step(original_steps: int = 50, T: int = 1000) -> int:
+    """LCM's skipping step k = T // N (20 for N = 50)."""
+    if not 1 <= original_steps <= T:
+        raise ValueError(f"the DDIM grid needs 1 <= N <= T = {T} points; got N = {original_steps}")
+    return T // original_steps
+
+
+def ddim_timesteps(original_steps: int = 50, T: int = 1000) -> Tensor:
+    """LCM's training grid tau_i = i k - 1, i = 1..N (increasing), int64 (N,)."""
+    k = skipping_step(original_steps, T)
+    return torch.arange(1, original_steps + 1, dtype=torch.int64) * k - 1
+
+
+def lcm_timesteps(n: int, original_steps: int = 50, T: int = 1000, end: int | None = None) -> Tensor:
+    """The n timesteps diffusers' LCMScheduler.set_timesteps(n) (and TCDScheduler's) visits: evenly spaced entries
+    (floor of linspace(0, N, n, endpoint=False)) of the reversed training grid. int64 (n,), decreasing: n = 4 gives
+    999, 759, 499, 259. end: an end timestep appended (the length contract n + 1 of a sampler's grid): -1 is the
+    clean sample (t = 0; LCM), 0 is diffusers' last previous timestep (TCD)."""
+    if not 1 <= n <= original_steps:
+        raise ValueError(f"LCM samples 1 to {original_steps} steps (a subset of its training grid); got {n}")
+    grid = ddim_timesteps(original_steps, T).flip(0)
+    idx = np.floor(np.linspace(0, original_steps, num=n, endpoint=False)).astype(np.int64)
+    taus = grid[torch.from_numpy(idx)]
+    return taus if end is None else torch.cat([taus, torch.tensor([end], dtype=torch.int64)])
+
+
 def default_grid(n: int, process: AffineProcess) -> Tensor:
     """The grid the course uses unless told otherwise: Karras for EDM, SD's trailing spacing for the
     discrete SD schedule, uniform in t for the cosine and rectified-flow processes."""

@@ -44,10 +44,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import paths
+from . import grids, guidance, paths, samplers
+from .classifier import class_accuracy, digits_scores, load_digits_classifier
 from .conditioning import Cond
 from .config import seeded
 from .losses import denoising_loss_at
+from .images import load_digits
+from .processes import SDDiscrete
+from .sd import _byte_vocab, load_sd, require_codec
+from .train import TrainConfig, train
 
 MINI_SD = paths.data_dir() / "mini_sd"                 # see course_lib.paths
 PROMPTS_DIR = paths.data_dir() / "prompts"
@@ -160,8 +165,6 @@ def colour_of(images: Tensor) -> Tensor:
 def adherence(images: Tensor, labels: Tensor | Sequence[int], classifier: nn.Module | None = None) -> float:
     """Prompt adherence: the fraction of images (B, 3, H, W) in [-1, 1] that the course's digits classifier
     (classifier.load_digits_classifier) reads as the prompted digit labels (B,)."""
-    from .classifier import class_accuracy
-
     labels = torch.as_tensor(labels, dtype=torch.long)
     return class_accuracy(to_grayscale(images), labels, classifier)
 
@@ -197,8 +200,6 @@ def learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
 def tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges) of the course's tokenizer: CLIP's 514 start/end/byte tokens, then one token per merge
     learned on caption_words()."""
-    from .sd import _byte_vocab
-
     vocab = _byte_vocab()
     merges = learn_merges(caption_words())
     for a, b in merges:
@@ -311,8 +312,6 @@ class Digits:
 
 
 def training_digits() -> Digits:
-    from .images import load_digits
-
     x, y = load_digits(16, "train")
     edges = thickness_edges(x, y)
     return Digits(x, y, thickness_of(x, y, edges), edges)
@@ -406,15 +405,43 @@ def encode_all(vae: nn.Module, data: Digits, batch: int = 500) -> tuple[Tensor, 
     return torch.stack(means, 1), torch.stack(stds, 1)
 
 
+@torch.no_grad()
+def digit_batches(sd: Any, n_images: int | None = None, batch: int = 250) -> Callable[[int, torch.Generator], tuple]:
+    """sample_batch(n, generator) -> (z0 (n, 4, h, w) posterior samples of the teacher's VAE latents, Cond of the
+    captions) over the mini SD's training digits in every ink colour and caption template (training_digits; the
+    first n_images digits when given). Latents and caption embeddings are computed once."""
+    require_codec(sd)
+    data = training_digits()
+    if n_images is not None:
+        data = Digits(data.x[:n_images], data.y[:n_images], data.thick[:n_images], data.edges)
+    vae = sd.vae.vae
+    mean, std = encode_all(vae, data, batch)                     # (N, C, 4, h, w) unscaled
+    scale, shift = sd.vae.scale, sd.vae.shift
+    texts = [caption(d, th, c, k) for d in range(10) for th in THICKNESS for c in COLOURS
+             for k in range(len(TEMPLATES))]
+    emb = torch.cat([sd.text.embed(texts[i:i + 500]) for i in range(0, len(texts), 500)])
+    n_t, n_c, n_k = len(THICKNESS), len(COLOURS), len(TEMPLATES)
+    emb = emb.view(10, n_t, n_c, n_k, *emb.shape[1:])
+    null = sd.text.embed([""])
+    N = len(data.x)
+
+    def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Cond]:
+        idx = torch.randint(0, N, (n,), generator=g, device=g.device).cpu()
+        col = torch.randint(0, n_c, (n,), generator=g, device=g.device).cpu()
+        tpl = torch.randint(0, n_k, (n,), generator=g, device=g.device).cpu()
+        e = torch.randn((n, *mean.shape[2:]), generator=g, device=g.device).cpu()
+        z0 = (mean[idx, col] + std[idx, col] * e - shift) * scale
+        return z0, Cond(text=emb[data.y[idx], data.thick[idx], col, tpl], null_text=null)
+
+    return sample_batch
+
+
 def train_mini_sd(out: str | os.PathLike, cfg: MiniSDConfig, ckpt_dir: str | os.PathLike | None = None,
                   progress: bool = True, allow_config_change: bool = False) -> dict:
     """Train the VAE, then the text encoder and UNet, and save a StableDiffusionPipeline folder in `out`.
     Both stages checkpoint in ckpt_dir (default: cache_dir()/mini_sd_<seed>) and resume after a kill.
     Returns a summary (parameter counts, losses, times)."""
     from diffusers import StableDiffusionPipeline
-
-    from .processes import SDDiscrete
-    from .train import TrainConfig, train
 
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else paths.cache_dir() / f"mini_sd_{cfg.seed}"
     parts = build_parts(cfg)
@@ -498,8 +525,6 @@ def _tail_mean(losses: list[float], k: int = 100) -> float:
 def load_mini_sd(folder: str | os.PathLike = MINI_SD, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> Any:
     """The shipped mini Stable Diffusion as course pieces (sd.load_sd): model, text, vae, scheduler."""
-    from .sd import load_sd
-
     return load_sd(paths.shipped(folder, RECREATE), device=device, dtype=dtype)
 
 
@@ -546,8 +571,6 @@ def sample(sd: Any, prompts: Sequence[str], steps: int = 25, w: float = DEFAULT_
            batch: int = 256) -> Tensor:
     """Images (B, 3, 16, 16) in [-1, 1] (clamped) from the course's DDIM on grids.sd_grid(steps, "trailing") with
     classifier-free guidance weight w (diffusers' guidance_scale = 1 + w). Noise from a generator seeded `seed`."""
-    from . import grids, guidance, samplers
-
     proc = sd.model.process
     g = torch.Generator().manual_seed(seed)
     h = sd.model.unet.config.sample_size
@@ -594,8 +617,6 @@ def evaluate_images(images: Callable[[list[str], int], Tensor], n: int = 500, se
     """The evaluation every mini-SD model shares: for each seed s, n prompt records of digits.jsonl drawn with
     seed 1000 + s, images(prompts, s) -> (n, 3, H, W) in [-1, 1], then prompt adherence and digits_scores; returns
     {"n", **fields, "seeds", "mean", "std", "runs"} (runs: one row of scores per seed)."""
-    from .classifier import digits_scores, load_digits_classifier
-
     records = list(records if records is not None else load_prompts())
     clf = load_digits_classifier()
     edges = training_digits().edges
@@ -616,8 +637,6 @@ def evaluate_images(images: Callable[[list[str], int], Tensor], n: int = 500, se
 def reference_scores(n: int = 500, seed: int = 0) -> dict[str, float]:
     """digits_scores of n real training digits (drawn with `seed`): the distance to the held-out digits that the
     training data itself has at this sample size (its kid_train is near 0 by construction)."""
-    from .classifier import digits_scores
-
     data = training_digits()
     pick = torch.randperm(len(data.x), generator=torch.Generator().manual_seed(seed))[:n]
     return digits_scores(data.x[pick])

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from .checkpoint import load_tensors, save_tensors, CheckpointError
 from .conditioning import Cond, backbone_inputs, check
-from .predictions import Pred, edm_scalings, to_pred
+from .precond import KINDS as PRECOND_KINDS, Boundary, edm
+from .predictions import Pred, to_pred
 from .processes import AffineProcess, EDM, bcast, make_process, time_dtype
 
 
@@ -285,7 +286,7 @@ class EDMPrecond(Denoiser):
 
     def raw(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """F(c_in x; c_noise), the backbone's output (c_noise is the edm process's `timestep`)."""
-        c_in = edm_scalings(self.process.sigma(t.to(time_dtype(x.dtype))), self.process.sigma_data)[2]
+        c_in = edm(self.process.sigma(t.to(time_dtype(x.dtype))), self.process.sigma_data)[2]
         return super().raw((bcast(c_in, x) * x).to(x.dtype), t, cond)
 
 
@@ -297,8 +298,9 @@ def build_denoiser(config: dict) -> Denoiser:
                config["parameterization"])
 
 
-class ConsistencyModel(nn.Module):
-    """The consistency parameterisation (Song et al. 2023, Eq. 3 and Appendix C) around any course model:
+class ConsistencyModel(Boundary):
+    """The consistency parameterisation (Song et al. 2023, Eq. 3 and Appendix C) around any course model: the
+    `precond.Boundary` wrapper with the "consistency" scalings,
 
         f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)
         c_skip  = sd^2 / ((sigma(t) - sigma(t_min))^2 + sd^2),   c_out = sd (sigma(t) - sigma(t_min)) / sqrt(sd^2 + sigma(t)^2)
@@ -311,40 +313,29 @@ class ConsistencyModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, t_min: float, sigma_data: float = 0.5):
-        super().__init__()
-        self.model, self.t_min, self.sigma_data = model, float(t_min), float(sigma_data)
+        super().__init__(model, "consistency", t_min=t_min, sigma_data=sigma_data)
 
     @property
-    def process(self) -> AffineProcess:
-        return self.model.process
+    def t_min(self) -> float:
+        return self.params["t_min"]
 
-    def scalings(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(c_skip(t), c_out(t)), each (B,), in t's dtype."""
-        sd, sig = self.sigma_data, self.process.sigma(t)
-        d = sig - self.process.sigma(torch.full_like(t, self.t_min))
-        return sd**2 / (d * d + sd**2), sd * d / torch.sqrt(sd**2 + sig * sig)
-
-    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Pred:
-        t = t.to(time_dtype(x.dtype))
-        c_skip, c_out = (bcast(c, x) for c in self.scalings(t))
-        f = (c_skip * x + c_out * self.model(x, t, cond).x0).to(x.dtype)
-        a, s = bcast(self.process.alpha(t), x), bcast(self.process.sigma(t), x)
-        return Pred(f, ((x - a * f) / s).to(x.dtype))
-
-    def config(self) -> dict:
-        return {"kind": "consistency", "t_min": self.t_min, "sigma_data": self.sigma_data,
-                "model": self.model.config()}
+    @property
+    def sigma_data(self) -> float:
+        return self.params["sigma_data"]
 
 
 def build_model(config: dict) -> nn.Module:
     """Rebuild any course model stack (random weights) from its `config()`: a Denoiser (an EDMPrecond for
-    parameterization "edm"), or a ConsistencyModel around any of them."""
+    parameterization "edm"), or a ConsistencyModel (or another precond.Boundary) around any of them."""
     kind = config.get("kind", "denoiser")
     if kind == "consistency":
         return ConsistencyModel(build_model(config["model"]), config["t_min"], config["sigma_data"])
+    if kind in PRECOND_KINDS:                   # another named boundary condition (precond.KINDS), e.g. "gdd"
+        params = {k: v for k, v in config.items() if k not in ("kind", "model")}
+        return Boundary(build_model(config["model"]), kind, **params)
     if kind == "denoiser":
         return build_denoiser(config)
-    raise ValueError(f"unknown model kind {kind!r} in the config; valid: denoiser, consistency")
+    raise ValueError(f"unknown model kind {kind!r} in the config; valid: denoiser, {', '.join(PRECOND_KINDS)}")
 
 
 def guidance_range(model: Denoiser) -> tuple[float, float] | None:

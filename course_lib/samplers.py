@@ -15,6 +15,9 @@ fresh noise of the stochastic samplers (deterministic ones ignore it); noise is 
     tcd          -       n                 Zheng et al. 2024, strategic stochastic sampling (gamma = 0.3)
     consistency  -       n                 Song et al. 2023, Algorithm 1 (multistep consistency sampling)
 
+tcd and consistency are members of `multistep`, the one "denoise, then re-noise" sampler of the few-step methods
+(consistency models, LCM, TCD, ADD, DMD), whose named options (gamma, where the denoised point sits) cover each.
+
 With classifier-free guidance (`guidance.cfg`) every evaluation is a conditional/unconditional pair: twice the NFE.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor
 
 from . import steps
 from .conditioning import Cond
+from .grids import default_grid
 from .predictions import Pred
 from .processes import AffineProcess, as_times, bcast
 from .steps import ddim_step  # noqa: F401  (re-exported: exercise checkers and distill.pd use samplers.ddim_step)
@@ -113,14 +117,16 @@ def dpm_solver_pp_2m(model: Model, x: Tensor, ts: Tensor, process: AffineProcess
     return _finish(path, return_path)
 
 
-def renoise(x: Tensor, s_from: Tensor, s_to: Tensor, process: AffineProcess, noise: Tensor) -> Tensor:
+def renoise(x: Tensor, s_from: Tensor | None, s_to: Tensor, process: AffineProcess, noise: Tensor) -> Tensor:
     """Noise x forward from s_from to s_to >= s_from with the process's own transition kernel:
 
         x_to = (alpha_to / alpha_from) x_from + sqrt(sigma_to^2 - (alpha_to / alpha_from)^2 sigma_from^2) z
 
     which maps x_from = alpha_from x0 + sigma_from eps to a sample of x_to = alpha_to x0 + sigma_to eps'. For the
-    discrete SD schedule this is DDPM's q(x_to | x_from), variance 1 - abar_to / abar_from. Shapes: x, noise (B, ...),
-    s_from, s_to (B,)."""
+    discrete SD schedule this is DDPM's q(x_to | x_from), variance 1 - abar_to / abar_from. s_from None: x is a clean
+    sample, x_to = alpha_to x + sigma_to z (process.marginal). Shapes: x, noise (B, ...), s_from, s_to (B,)."""
+    if s_from is None:
+        return (bcast(process.alpha(s_to), x) * x + bcast(process.sigma(s_to), x) * noise).to(x.dtype)
     r = process.alpha(s_to) / process.alpha(s_from)
     var = (process.sigma(s_to) ** 2 - (r * process.sigma(s_from)) ** 2).clamp_min(0)
     return (bcast(r, x) * x + bcast(var.sqrt(), x) * noise).to(x.dtype)
@@ -133,12 +139,85 @@ def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=device, dtype=dtype).to(device=x.device, dtype=x.dtype)
 
 
+def _grid(ts: Tensor | list) -> Tensor:
+    """ts as a tensor: a list of ints becomes int64 (diffusers' timesteps), other lists float64 (course times)."""
+    if isinstance(ts, Tensor):
+        return ts
+    ts = list(ts)
+    return torch.tensor(ts, dtype=torch.int64 if all(isinstance(v, int) for v in ts) else torch.float64)
+
+
+def _discrete_kernel(process: AffineProcess, tau_from: int | None, tau_to: int) -> tuple[float, float]:
+    """(a, b) of DDPM's q(x_to | x_from) = N(a x_from, b^2 I) on integer timesteps: a = sqrt(r), b = sqrt(1 - r),
+    r = abar_to / abar_from, read from the process's table (tau_from None or -1: the clean sample, abar = 1)."""
+    abar = lambda tau: 1.0 if tau is None or tau < 0 else float(process.alphas_cumprod[tau])
+    r = abar(tau_to) / abar(tau_from)
+    return r ** 0.5, (1 - r) ** 0.5
+
+
 @torch.no_grad()
+def multistep(model: Model, x: Tensor, ts: Tensor | list, process: AffineProcess, *, cond: object = None,
+              gamma: float = 1.0, denoised: str | float = "jump", noises: Tensor | None = None,
+              generator: torch.Generator | None = None, return_path: bool = False) -> Tensor:
+    """The "denoise, then re-noise" family of few-step samplers (consistency models, LCM, TCD, ADD, DMD) on the
+    grid ts (n + 1,), decreasing: n evaluations, at ts[0..n-1]. Each step t = ts[i] -> s = ts[i + 1]:
+
+        x0_hat, eps_hat = model(x_t, t, cond)
+        x'  = the denoised point, at s' (`denoised`):
+              "jump"   s' = (1 - gamma) s,  x' = alpha_s' x0_hat + sigma_s' eps_hat       TCD's jump (Zheng et al. 2024)
+              "clean"  s' = clean,          x' = x0_hat                                    a clean sample (LCM, ADD)
+              t_min    s' = t_min,          x' = x0_hat     a consistency function's end (Song et al. 2023, Alg. 1)
+        not the last step: x_s = a x' + b z, z ~ N(0, I) fresh: the forward process from s' to s (`renoise`;
+              from clean a = alpha_s, b = sigma_s), skipped when x' is already at s (gamma = 0)
+        the last step returns x' (at (1 - gamma) ts[n] for "jump", x0_hat otherwise).
+
+    gamma = 1 with "jump" jumps to ts[n] = 0 with the process's alpha(0), sigma(0) (vp-cosine: sigma(0) = 4.5e-5)
+    and re-noises from there; "clean" takes x0_hat itself (re-noised with q(x_s | x0)): the two differ only where
+    sigma(0) > 0. gamma = 0 is DDIM.
+
+    ts: course times (float), or diffusers' integer timesteps (int64; grids.lcm_timesteps) of an SDDiscrete process:
+    then the model sees t = (tau + 1) / T, the jump goes to tau_s = floor((1 - gamma) tau') (diffusers'
+    TCDScheduler arithmetic, float32) and every coefficient is read from the abar table, as diffusers computes it
+    (timestep -1 is the clean sample). cond is passed as model(x, t, cond) when given. noises (n - 1, B, ...) fixes
+    the fresh z (noises[i] at step i); otherwise they are drawn from `generator` (on its device, then moved).
+    With return_path the states at ts[0..n-1] and the result, (n + 1, B, ...)."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"TCD's gamma must be in [0, 1] (0: DDIM, 1: multistep consistency sampling); got {gamma}")
+    gamma = float(gamma)
+    if not (denoised in ("jump", "clean") or isinstance(denoised, float)):
+        raise ValueError(f"denoised is 'jump', 'clean' or a time t_min (float); got {denoised!r}")
+    ts = _grid(ts)
+    discrete = not ts.is_floating_point()
+    call = model if cond is None else (lambda x_, t_: model(x_, t_, cond))
+    path, n = [x], len(ts) - 1
+    for i in range(n):
+        t = as_times(process.t_of_timestep(ts[i]) if discrete else ts[i], x)
+        pred = call(x, t)
+        if denoised != "jump":                                   # x' = x0_hat, at t_min or clean
+            x, s_mid = pred.x0, (None if denoised == "clean" else as_times(denoised, x))
+        elif discrete:                                           # TCD on diffusers' timesteps
+            s_mid = int(torch.floor((1 - gamma) * ts[i + 1]))
+            a, b = _discrete_kernel(process, None, s_mid)
+            x = (a * pred.x0 + b * pred.eps).to(x.dtype)
+        else:
+            s_mid = (1.0 - gamma) * as_times(ts[i + 1], x)
+            x = steps.ddim_step(pred, t, s_mid, process).to(x.dtype)
+        if i < n - 1 and not (denoised == "jump" and gamma == 0):
+            z = _noise_like(x, generator) if noises is None else noises[i].to(x)
+            if discrete:
+                a, b = _discrete_kernel(process, s_mid, int(ts[i + 1]))
+                x = (a * x + b * z).to(x.dtype)
+            else:
+                x = renoise(x, s_mid, as_times(ts[i + 1], x), process, z)
+        path.append(x)
+    return _finish(path, return_path)
+
+
 def tcd(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
         generator: torch.Generator | None = None, gamma: float = 0.3, noises: Tensor | None = None,
         cond: Cond | None = None) -> Tensor:
-    """TCD's strategic stochastic sampling (Zheng et al. 2024, Sec. 4.3; diffusers' TCDScheduler with eta = gamma).
-    Each step t -> s of the grid:
+    """TCD's strategic stochastic sampling (Zheng et al. 2024, Sec. 4.3; diffusers' TCDScheduler with eta = gamma):
+    `multistep` with TCD's jump. Each step t -> s of the grid:
 
         x0_hat, eps_hat = model(x_t, t)
         s'   = (1 - gamma) s                                             a time at or below s
@@ -149,35 +228,24 @@ def tcd(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path
     is 1 - abar_s / abar_s'). gamma = 0 is DDIM; gamma = 1 jumps to t = 0 and re-noises: multistep consistency
     sampling. No noise is drawn on the last step of the grid nor when gamma = 0, as in diffusers.
 
-    Differences from diffusers' TCDScheduler: it floors the integer timestep, floor((1 - gamma) i), where the course
-    uses (1 - gamma) s (equal when (1 - gamma)(i + 1) is an integer), and its last step lands on timestep 0
-    (abar_0 = 0.99915) where the course grid ends at t = 0, the clean sample.
+    On course times this differs from diffusers' TCDScheduler: it floors the integer timestep, floor((1 - gamma) i),
+    where the course uses (1 - gamma) s (equal when (1 - gamma)(i + 1) is an integer), and its last step lands on
+    timestep 0 (abar_0 = 0.99915) where the course grid ends at t = 0, the clean sample. Given integer timesteps
+    (grids.lcm_timesteps(n, end=0)) `multistep` is TCDScheduler step for step (tcd.sss).
 
     noises (len(ts) - 2, B, ...) fixes the fresh z of the re-noising steps (noises[i] at step i); otherwise they are
     drawn from `generator`.
     """
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"TCD's gamma must be in [0, 1] (0: DDIM, 1: multistep consistency sampling); got {gamma}")
-    path = [x]
-    n = len(ts) - 1
-    for i in range(n):
-        t, s = as_times(ts[i], x), as_times(ts[i + 1], x)
-        s_mid = (1.0 - gamma) * s
-        x = steps.ddim(model, x, t, s_mid, process, cond)
-        if gamma > 0 and i < n - 1:
-            z = _noise_like(x, generator) if noises is None else noises[i].to(x)
-            x = renoise(x, s_mid, s, process, z)
-        path.append(x)
-    return _finish(path, return_path)
+    return multistep(model, x, ts, process, cond=cond, gamma=gamma, noises=noises, generator=generator, return_path=return_path)
 
 
-@torch.no_grad()
 def consistency(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
                 generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): at each grid time t, x0 = f(x_t, t) (the
-    model's x0, e.g. a `models.ConsistencyModel`), then x_s = alpha_s x0 + sigma_s z with fresh z, and the last
-    step returns x0. This is `tcd` with gamma = 1."""
-    return tcd(model, x, ts, process, return_path=return_path, generator=generator, gamma=1.0, cond=cond)
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) on a grid ending at t = 0: at each grid time t,
+    x0 = f(x_t, t) (the model's x0, e.g. a `models.ConsistencyModel`), then x_s = alpha_s x0 + sigma_s z with fresh
+    z, and the last step returns x0. This is `tcd` with gamma = 1 (`multistep`'s jump to t = 0: alpha(0) x0 +
+    sigma(0) eps_hat, x0 itself where sigma(0) = 0)."""
+    return multistep(model, x, ts, process, cond=cond, gamma=1.0, generator=generator, return_path=return_path)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -257,8 +325,6 @@ def generate(model: Callable[..., Pred], process: AffineProcess, shape: tuple[in
     with `generator` on its device (the CPU by default) and moved, so one seed gives the same samples on every
     device; the generator also drives the fresh noise of stochastic samplers (tcd, consistency).
     """
-    from .grids import default_grid
-
     run = get_sampler(sampler)
     device = model_device(model) if device is None else device
     x1 = process.prior(shape, generator=generator, device=device)

@@ -27,6 +27,7 @@ transformers, diffusers and peft are imported inside functions: importing course
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -447,6 +448,75 @@ def save_student(sd: SD, folder: str | os.PathLike, model: SDDenoiser | None = N
     pipe.save_pretrained(folder, safe_serialization=True)
     student = SDDenoiser(model.unet, model.process, model.parameterization, _reference(folder, "unet", None))
     save_sd_config(folder, student)
+    return folder
+
+
+def require_codec(sd: Any) -> None:
+    """LCM distils in the latent space of the teacher's own VAE: refuse a teacher that comes without it."""
+    if getattr(sd, "vae", None) is None or getattr(sd, "text", None) is None:
+        raise ValueError("a latent teacher needs its autoencoder and text encoder: LCM distils in the teacher's own "
+                         "latent space (images -> its VAE's scaled latents) with its own text embeddings. Pass the "
+                         "whole model from sd.load_sd(folder) or minisd.load_mini_sd(), not the UNet alone")
+    latent = sd.vae.vae.config.latent_channels
+    if latent != sd.model.unet.config.in_channels:
+        raise ValueError(f"the VAE makes {latent}-channel latents but the UNet takes "
+                         f"{sd.model.unet.config.in_channels}: this autoencoder is not the teacher's own")
+
+
+def base_fingerprint(unet: nn.Module) -> str:
+    """A short hash of a base UNet: its public config and (a strided subset of) its non-LoRA weights, the base a LoRA
+    was trained on."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in sorted(dict(unet.config).items()) if not k.startswith("_")}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                continue
+            h.update(name.replace(".base_layer", "").encode())
+            flat = p.detach().flatten()
+            # the bytes of up to 4096 evenly strided entries: exact, and independent of the thread count (a float
+            # sum is not: its rounding depends on how the threads split it)
+            h.update(flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_unet_student(unet: nn.Module, folder: str | os.PathLike, meta_file: str, meta: dict) -> Path:
+    """A full student of an SD teacher (LCM, TCD): its UNet in diffusers' format (folder/unet) and its settings as
+    JSON (folder/meta_file)."""
+    folder = Path(folder)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    (folder / meta_file).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_unet_student(folder: str | os.PathLike, meta_file: str, teacher: nn.Module, what: str
+                      ) -> tuple[nn.Module, dict]:
+    """(the student's UNet as an sd.SDDenoiser with the teacher's process and parameterisation, its settings) from a
+    folder written by save_unet_student; `what` names the student in the error when meta_file is missing."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    if not (folder / meta_file).is_file():
+        raise FileNotFoundError(f"{folder / meta_file} is missing: {folder} holds no {what}")
+    meta = json.loads((folder / meta_file).read_text())
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+    return SDDenoiser(unet, teacher.process, teacher.parameterization), meta
+
+
+def save_peft_lora(unet: nn.Module, folder: str | os.PathLike, adapter: str = "default") -> Path:
+    """Save one LoRA adapter of `unet` in diffusers' file (folder/pytorch_lora_weights.safetensors, keys
+    "unet.<module>.lora_A/B.weight", peft's names, which load_lora_weights reads). sd.save_lora converts the keys to
+    diffusers' old names, which mixes two formats once the adapter also covers convolutions and feed-forwards."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    peft_weights = get_peft_model_state_dict(unet, adapter_name=adapter)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in peft_weights.items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=weights, safe_serialization=True,
+                                              unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
     return folder
 
 

@@ -19,12 +19,13 @@ from typing import Any, Callable
 import torch
 
 from . import paths
-from .checkpoint import CheckpointError, load_tensors
+from .checkpoint import save_tensors
 from .conditioning import labels
-from .config import seeded
+from .config import announce_once, default_device, offline, seeded
+from .data2d import sample_2d
 from .images import batch_sampler, load_digits
 from .losses import denoising_loss
-from .models import Denoiser, MLP2D, UNet, load_denoiser, save_denoiser
+from .models import Denoiser, DiffusersUNet, MLP2D, UNet, load_denoiser
 from .processes import make_process
 from .train import Trained, TrainConfig, train
 
@@ -51,8 +52,6 @@ class Recipe:
         if self.dataset == "digits":
             x, y = load_digits(16, split="train")
             return batch_sampler(x, y if self.conditional else None)
-
-        from .data2d import sample_2d
 
         def sample(n: int, g: torch.Generator):
             x, y = sample_2d(self.dataset, n, g)
@@ -138,9 +137,6 @@ def load_hub_teacher(repo_id: str = "google/ddpm-cifar10-32", device: str | torc
     message) when it cannot be downloaded, so a notebook can carry on with the shipped digits teacher."""
     from diffusers import UNet2DModel
 
-    from .config import announce_once, offline
-    from .models import DiffusersUNet
-
     if repo_id not in HUB_TEACHERS:
         raise ValueError(f"unknown hub teacher {repo_id!r}; known: {', '.join(HUB_TEACHERS)}")
     proc, param = HUB_TEACHERS[repo_id]
@@ -159,7 +155,6 @@ def load_hub_teacher(repo_id: str = "google/ddpm-cifar10-32", device: str | torc
 def export(state: Trained, recipe: Recipe, folder: Path, steps_done: int) -> None:
     model, last = state.best(), state.losses["model"][-100:]
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    from .checkpoint import save_tensors
     save_tensors(folder, half, {"denoiser": model.config(), "recipe": recipe.name, "steps": steps_done,
                                 "train_config": {k: v for k, v in vars(recipe.cfg).items()},
                                 "final_loss_mean_last_100": sum(last) / max(1, len(last))})
@@ -182,8 +177,6 @@ def main(argv: list[str] | None = None) -> None:
     names = list(RECIPES) if args.names == ["all"] else args.names
     for name in names:
         recipe = get_recipe(name)
-        from .config import default_device
-
         state = fit(recipe, Path(args.runs) / name, device=args.device or default_device())
         export(state, recipe, TEACHER_DIR / name, state.step)
         print(f"wrote {TEACHER_DIR / name}")

@@ -8,6 +8,7 @@ import torch
 
 from course_lib import bench, checks, distances
 from course_lib.distill import instaflow, reflow
+from course_lib.recipes import instaflow as instaflow_recipes
 from course_lib.models import Denoiser, MLP2D
 from course_lib.processes import RectifiedFlow, VPCosine
 from course_lib.train import TrainConfig
@@ -139,26 +140,26 @@ def test_one_step_distillation_learns_a_coupling_and_direct_distill_leaves_the_t
     assert instaflow.regression_error(student, eps, x0, y) < 0.05 * untrained
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
     # a fresh small student of another width, unconditional data (y None)
-    fresh = instaflow.fresh_student(teacher, 8)
+    fresh = instaflow_recipes.fresh_student(teacher, 8)
     assert fresh.net.hidden == 8 and fresh.process.name == "rf"
-    s2 = instaflow.distill_onestep(instaflow.fresh_student(cond_flow(num_classes=None), 8), (eps, 0.5 * eps, None), cfg,
+    s2 = instaflow.distill_onestep(instaflow_recipes.fresh_student(cond_flow(num_classes=None), 8), (eps, 0.5 * eps, None), cfg,
                                    progress=False)
     assert instaflow.regression_error(s2, eps, 0.5 * eps) < 1e-2
 
 
 def test_train_digits_writes_loadable_models(tmp_path):
     out = tmp_path / "out"
-    instaflow.train_digits(tmp_path / "runs", out, steps_scale=0.0002, n_pairs=8)
-    for name in instaflow.DIGITS_MODELS:
+    instaflow_recipes.train_digits(tmp_path / "runs", out, steps_scale=0.0002, n_pairs=8)
+    for name in instaflow_recipes.DIGITS_MODELS:
         config = json.loads((out / name / "config.json").read_text())
         assert config["n_pairs"] == 8 and config["denoiser"]["process"] == {"name": "rf"}
     with pytest.raises(ValueError, match="valid"):
-        instaflow.load_digits_model("digits-nope")
+        instaflow_recipes.load_digits_model("digits-nope")
 
 
-@pytest.mark.parametrize("name", instaflow.DIGITS_MODELS)
+@pytest.mark.parametrize("name", instaflow_recipes.DIGITS_MODELS)
 def test_shipped_digits_models_load_and_generate(name):
-    model = instaflow.load_digits_model(name)
+    model = instaflow_recipes.load_digits_model(name)
     y = torch.arange(4)
     x = instaflow.one_step(model, torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), y)
     assert x.shape == (4, 1, 16, 16) and torch.isfinite(x).all()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_lib import guidance, samplers, sd
+from course_lib import guidance, minisd, samplers, sd
 from course_lib.conditioning import Cond
 from course_lib.distill import lcm
+from course_lib.recipes import lcm as lcm_recipes
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 REL_TOL = 1e-4
@@ -105,7 +106,7 @@ def test_lcm_target_is_one_guided_ddim_step_of_k_timesteps(tiny_sd):
 
 def test_lcd_trains_the_student_and_its_target(tiny_sd):
     torch.manual_seed(0)
-    batches = lcm.digit_batches(tiny_sd, n_images=20)
+    batches = minisd.digit_batches(tiny_sd, n_images=20)
     z0, cond = batches(4, torch.Generator().manual_seed(0))
     assert z0.shape == (4, 4, 8, 8) and cond.text.shape[0] == 4 and cond.null_text.shape[0] == 1
     cfg = lcm.LCMConfig(steps=3, batch=4, lr=1e-3, w_dim=32)
@@ -122,7 +123,7 @@ def test_lcm_lora_trains_only_the_adapter_and_round_trips(tmp_path):
     pieces = sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))
     pieces.model.unet.requires_grad_(False)
     base = {k: v.clone() for k, v in pieces.model.unet.state_dict().items()}
-    batches = lcm.digit_batches(pieces, n_images=20)
+    batches = minisd.digit_batches(pieces, n_images=20)
     cfg = lcm.LCMConfig(steps=2, batch=4, lr=1e-2, lora_rank=4)
     student = lcm.distill_lcm_lora(pieces, cfg, w=2.0, sample_batch=batches, progress=False)
     sd_after = student.denoiser.unet.state_dict()
@@ -139,15 +140,15 @@ def test_lcm_lora_trains_only_the_adapter_and_round_trips(tmp_path):
         with sd.adapter_disabled(student):
             off = student(z, t, cond).x0
     assert not torch.allclose(on, off)                            # the adapter is what makes it an LCM
-    lcm.save_lcm_lora(student, tmp_path / "lora")
+    lcm_recipes.save_lcm_lora(student, tmp_path / "lora")
     fresh = sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))
-    again = lcm.load_lcm_lora(fresh.model, tmp_path / "lora")
+    again = lcm_recipes.load_lcm_lora(fresh.model, tmp_path / "lora")
     with torch.no_grad():
         _close(again(z, t, cond).x0, on, 1e-5)
     # another base model: refused, whatever the shapes
     other = sd.from_pipeline(sd.tiny_sd_pipeline(seed=1))
     with pytest.raises(ValueError, match="another base model"):
-        lcm.load_lcm_lora(other.model, tmp_path / "lora")
+        lcm_recipes.load_lcm_lora(other.model, tmp_path / "lora")
     with pytest.raises(ValueError, match="fixed guidance weight"):
         student(z, t, cond, 3.0)
 
@@ -156,8 +157,8 @@ def test_full_student_round_trips(tiny_sd, tmp_path):
     student = lcm.lcm_student(tiny_sd.model, 32, (1.0, 5.0))
     with torch.no_grad():
         student.denoiser.unet.time_embedding.cond_proj.weight.normal_()
-    lcm.save_lcm(student, tmp_path / "lcm", {"command": "test"})
-    again = lcm.load_lcm(tmp_path / "lcm", tiny_sd.model)
+    lcm_recipes.save_lcm(student, tmp_path / "lcm", {"command": "test"})
+    again = lcm_recipes.load_lcm(tmp_path / "lcm", tiny_sd.model)
     cond = tiny_sd.text(PROMPTS)
     z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.full((2,), 0.7)
     with torch.no_grad():
@@ -176,9 +177,9 @@ def test_bad_inputs_raise_clear_errors(tiny_sd):
         student(z, t, cond)
     without_vae = sd.SD(tiny_sd.model, tiny_sd.text, None, tiny_sd.scheduler, None)
     with pytest.raises(ValueError, match="autoencoder"):
-        lcm.distill_lcm(without_vae, lcm.LCMConfig(steps=1, batch=2))
+        lcm.distill_lcm(without_vae, lcm.LCMConfig(steps=1, batch=2), sample_batch=None)
     with pytest.raises(ValueError, match="autoencoder"):
-        lcm.digit_batches(without_vae)
+        minisd.digit_batches(without_vae)
     with pytest.raises(ValueError, match="already has a w-embedding"):
         lcm.lcm_student(student.denoiser)
     with pytest.raises(ValueError, match="1 to 50"):
@@ -235,19 +236,19 @@ def test_base_fingerprint_does_not_depend_on_the_thread_count(tiny_sd):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = lcm.base_fingerprint(tiny_sd.model.unet)
+        one = sd.base_fingerprint(tiny_sd.model.unet)
         torch.set_num_threads(2)
-        assert lcm.base_fingerprint(tiny_sd.model.unet) == one
+        assert sd.base_fingerprint(tiny_sd.model.unet) == one
     finally:
         torch.set_num_threads(threads)
-    assert lcm.base_fingerprint(sd.tiny_sd_pipeline(seed=1).unet) != one
+    assert sd.base_fingerprint(sd.tiny_sd_pipeline(seed=1).unet) != one
 
 
 def test_shipped_lcm_lora_loads_onto_the_mini_sd():
     from course_lib import minisd
 
     mini = minisd.load_mini_sd()
-    model = lcm.load_shipped(mini, "lora")
+    model = lcm_recipes.load_shipped(mini, "lora")
     assert model.w_fixed == lcm.LORA_W and mini.model.lora is not None
-    student = lcm.load_shipped(minisd.load_mini_sd(), "student")
-    assert student.w_range == (lcm.RECIPE.w_min, lcm.RECIPE.w_max)
+    student = lcm_recipes.load_shipped(minisd.load_mini_sd(), "student")
+    assert student.w_range == (lcm_recipes.RECIPE.w_min, lcm_recipes.RECIPE.w_max)

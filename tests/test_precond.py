@@ -194,3 +194,48 @@ def test_load_model_reads_save_denoiser_checkpoints_and_the_shipped_teachers(tmp
 def test_unknown_model_kind_is_an_error():
     with pytest.raises(ValueError, match="consistency"):
         build_model({"kind": "gan"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the named scalings (course_lib.precond) and the one boundary wrapper
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_named_scalings_are_one_formula_with_named_differences():
+    from course_lib import precond
+
+    sig = torch.tensor([0.0, 0.002, 0.5, 3.0, 80.0], dtype=F64)
+    c_skip, c_out = precond.consistency(sig, 0.002, 0.5)
+    torch.testing.assert_close(c_skip, 0.25 / ((sig - 0.002) ** 2 + 0.25), rtol=1e-15, atol=0)
+    torch.testing.assert_close(c_out, 0.5 * (sig - 0.002) / torch.sqrt(0.25 + sig**2), rtol=1e-15, atol=0)
+    assert float(c_skip[1]) == 1.0 and float(c_out[1]) == 0.0               # the boundary condition, exactly
+    # GDD's are the consistency scalings with sigma_min = eps; LCM's drop the sd factor of c_out, at sigma = s tau
+    assert all(torch.equal(a, b) for a, b in zip(precond.gdd(sig, 0.002, 0.5), (c_skip, c_out)))
+    tau = torch.tensor([0, 1, 259, 999])
+    l_skip, l_out = precond.lcm(tau, 0.5, 10.0)
+    st = 10.0 * tau.double()
+    torch.testing.assert_close(l_skip, 0.25 / (st**2 + 0.25), rtol=1e-15, atol=0)
+    torch.testing.assert_close(l_out, st / torch.sqrt(st**2 + 0.25), rtol=1e-15, atol=0)
+    # EDM's: c_out^2 + sd^2 c_skip = sd^2 (Table 1), c_skip -> 1 and c_out -> 0 as sigma -> 0 (no exact boundary)
+    e_skip, e_out, c_in = precond.edm(sig, 0.5)
+    torch.testing.assert_close(e_out**2 + 0.25 * e_skip, torch.full_like(sig, 0.25), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c_in, 1 / torch.sqrt(sig**2 + 0.25), rtol=1e-15, atol=0)
+
+
+def test_gdd_boundary_saves_and_loads_through_build_model(tmp_path):
+    from course_lib.distill import gdd
+
+    G = gdd.GDDPrecond(_f32(VPCosine(), kind="eps").eval())
+    models.save_model(tmp_path, G)
+    loaded, config = models.load_model(tmp_path)
+    assert config["model"] == {"kind": "gdd", "eps": 0.002, "sigma_data": 0.5, "model": G.model.config()}
+    x, t, y = torch.randn(5, 2), torch.linspace(0.9, 0.1, 5), torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        a, b = G(x, t, y), loaded(x, t, y)
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.eps, b.eps)
+
+
+def test_unknown_scalings_are_an_error():
+    from course_lib import precond
+
+    with pytest.raises(ValueError, match="consistency, lcm, gdd"):
+        precond.Boundary(_f32(VPCosine(), kind="eps"), "karras")

@@ -128,14 +128,14 @@ def test_seeded_initialises_like_manual_seed_and_restores_the_callers_state():
 
 
 def test_initialising_library_functions_leave_the_global_rng_alone():
-    """teachers.fit, the classifier's training and instaflow.fresh_student initialise under `seeded`: the caller's
+    """teachers.fit, the classifier's training and recipes.instaflow.fresh_student initialise under `seeded`: the caller's
     global RNG state is unchanged, and the weights are those of torch.manual_seed(seed) as before (so the shipped
     models retrain to the same weights)."""
     import dataclasses
 
     from course_lib import classifier, teachers
-    from course_lib.distill import instaflow
     from course_lib.models import build_denoiser
+    from course_lib.recipes import instaflow
     from course_lib.train import TrainConfig
 
     like = teachers.load_teacher("gmm-overlap-vp")

@@ -673,3 +673,46 @@ def test_one_seed_gives_the_same_samples_on_every_device(class_model, name):
     gpu = samplers.generate(gpu_model, proc, (16, 2), name, 4, generator=_gen(3), cond=y)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+# --- the one "denoise, then re-noise" sampler: its named options --------------------------------------------------
+
+def _mlp(proc):
+    from conftest import mlp_denoiser
+
+    return mlp_denoiser(proc, seed=0, dtype=torch.float64).eval()
+
+
+def test_multistep_clean_and_jump_to_zero_differ_only_where_sigma0_is_not_zero():
+    """gamma = 1 jumps to t = 0 with the process's alpha(0), sigma(0); "clean" takes x0_hat itself. Equal (bitwise)
+    for rf, where sigma(0) = 0; not for vp-cosine, whose sigma(0) = 4.5e-5."""
+    from course_lib.grids import trailing
+    from course_lib.processes import RectifiedFlow, VPCosine
+
+    for proc, same in ((RectifiedFlow(), True), (VPCosine(), False)):
+        model, x1 = _mlp(proc), proc.prior((64, 2), generator=_gen(3), dtype=torch.float64)
+        ts = trailing(4)
+        a = samplers.multistep(model, x1, ts, proc, gamma=1.0, generator=_gen(5))
+        b = samplers.multistep(model, x1, ts, proc, denoised="clean", generator=_gen(5))
+        assert torch.equal(a, b) is same
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+
+def test_multistep_on_integer_timesteps_is_the_course_time_sampler():
+    """diffusers' integer timesteps read alpha, sigma from the abar table; on course times t = (tau + 1) / T the
+    same sampler interpolates log abar: equal to rounding."""
+    from course_lib.grids import lcm_timesteps
+    from course_lib.processes import SDDiscrete
+
+    proc = SDDiscrete()
+    model, x1 = _mlp(proc), torch.randn(32, 2, generator=_gen(4), dtype=torch.float64)
+    taus = lcm_timesteps(4, end=0)
+    for kw in (dict(gamma=0.3), dict(gamma=0.0), dict(denoised="clean")):
+        a = samplers.multistep(model, x1, taus, proc, generator=_gen(6), **kw)
+        b = samplers.multistep(model, x1, proc.t_of_timestep(taus) if kw.get("gamma") != 0.3 else
+                               torch.cat([proc.t_of_timestep(taus[:-1]), torch.zeros(1, dtype=torch.float64)]),
+                               proc, generator=_gen(6), **kw)
+        if kw.get("gamma") == 0.3:   # the integer jump floors (1 - gamma) tau': only close
+            torch.testing.assert_close(a, b, atol=0.05, rtol=0)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from course_lib import minisd
 from course_lib.sd import adapter_disabled
 from course_lib.distill import lcm
+from course_lib.recipes import lcm as lcm_recipes
 from course_lib.scale import cost, export, lcm_lora
 from course_lib.scale.common import SourceError
 from course_lib.train import TRAINER_WEIGHTS
@@ -96,7 +97,7 @@ def test_export_loads_in_diffusers_and_4_lcm_steps_equal_the_course_sampler(work
     assert pipe.scheduler.timesteps.tolist() == lcm.lcm_timesteps(4).tolist() == [999, 759, 499, 259]
     # the course's own path: load_lcm_lora (fingerprint checked) + its multistep sampler on the same noise
     sd = minisd.load_mini_sd()
-    student = lcm.load_lcm_lora(sd.model, folder)
+    student = lcm_recipes.load_lcm_lora(sd.model, folder)
     g = torch.Generator().manual_seed(3)
     z1 = torch.randn(2, 4, 8, 8, generator=g)
     ours = lcm.multistep(student.sampler_model(sd.text(PROMPTS)), z1, lcm.lcm_timesteps(4), student.process, g)
@@ -142,7 +143,7 @@ def test_a_lora_for_another_base_model_is_refused(work):
     folder = work["run"] / "lora"
     other = sdlib.load_sd(work["root"] / "other")
     with pytest.raises(ValueError, match="distilled on another base model"):
-        lcm.load_lcm_lora(other.model, folder)
+        lcm_recipes.load_lcm_lora(other.model, folder)
     with pytest.raises(SourceError, match="trained on another base model"):
         lcm_lora.lcm_pipeline(work["root"] / "other", folder)
     # resuming a run folder with another teacher: the checkpoint says whose LoRA it is
@@ -158,7 +159,7 @@ def test_a_guidance_weight_outside_the_trained_one_is_refused(work, tmp_path):
     with pytest.raises(ValueError, match=r"fixed w = 4 \(diffusers' guidance_scale 5\)"):
         lcm_lora.generate(pipe, folder, PROMPTS, guidance_scale=5.0)
     sd = minisd.load_mini_sd()
-    student = lcm.load_lcm_lora(sd.model, folder)
+    student = lcm_recipes.load_lcm_lora(sd.model, folder)
     with pytest.raises(ValueError, match="distilled at the fixed guidance weight w = 4.0"):
         lcm.sample(sd, student, PROMPTS, steps=4, w=6.0)
     with pytest.raises(SystemExit, match="course's w >= 0"):

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_lib import grids, samplers, sd, steps
+from course_lib import grids, minisd, samplers, sd, steps
 from course_lib.data2d import exact_denoiser
 from course_lib.distill import lcm, tcd
+from course_lib.recipes import lcm as lcm_recipes, tcd as tcd_recipes
 from course_lib.processes import RectifiedFlow, SDDiscrete, VPCosine
 from course_lib.train import TrainConfig
 from conftest import mlp_denoiser
@@ -162,7 +163,7 @@ def test_distill_tcd_2d_trains_and_beats_one_ddim_step():
 
 
 def test_distill_tcd_sd_trains_and_samples(tiny_sd, tmp_path):
-    batches = lcm.digit_batches(tiny_sd, n_images=20)
+    batches = minisd.digit_batches(tiny_sd, n_images=20)
     cfg = lcm.LCMConfig(steps=3, batch=4, lr=1e-3, w_dim=32)
     before = [p.clone() for p in tiny_sd.model.unet.parameters()]
     student = tcd.distill_tcd_sd(tiny_sd, cfg, batches, progress=False)
@@ -170,8 +171,8 @@ def test_distill_tcd_sd_trains_and_samples(tiny_sd, tmp_path):
     assert float(student.denoiser.unet.time_embedding.cond_proj.weight.abs().sum()) > 0
     imgs = tcd.sample(tiny_sd, student, ["a handwritten seven"], steps=2, w=3.0, gamma=0.3)
     assert imgs.shape == (1, 3, 16, 16) and torch.isfinite(imgs).all()
-    tcd.save_tcd(student, tmp_path / "tcd", {"command": "test"})
-    again = tcd.load_tcd(tmp_path / "tcd", tiny_sd.model)
+    tcd_recipes.save_tcd(student, tmp_path / "tcd", {"command": "test"})
+    again = tcd_recipes.load_tcd(tmp_path / "tcd", tiny_sd.model)
     cond = tiny_sd.text(PROMPTS)
     z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.full((2,), 0.7)
     with torch.no_grad():
@@ -214,11 +215,11 @@ def test_bad_inputs_raise_clear_errors(tiny_sd, tiny_sd_w_pipe):
         tcd.sample(tiny_sd, student, ["a seven"], 2, 1.0)
     without_vae = sd.SD(tiny_sd.model, tiny_sd.text, None, tiny_sd.scheduler, None)
     with pytest.raises(ValueError, match="autoencoder"):
-        tcd.distill_tcd_sd(without_vae, lcm.LCMConfig(steps=1, batch=2))
+        tcd.distill_tcd_sd(without_vae, lcm.LCMConfig(steps=1, batch=2), sample_batch=None)
     with pytest.raises(ValueError, match="autoencoder"):
         tcd.sample(without_vae, student, ["a seven"], 2, 3.0)
     with pytest.raises(FileNotFoundError, match="tcd.json"):
-        tcd.load_tcd(tiny_sd_w_pipe and "/nonexistent-folder", tiny_sd.model)
+        tcd_recipes.load_tcd(tiny_sd_w_pipe and "/nonexistent-folder", tiny_sd.model)
 
 
 def test_course_time_tcd_sampler_takes_fixed_noises():
@@ -239,8 +240,8 @@ def test_shipped_tcd_student_loads_and_draws_the_prompted_digits():
     from course_lib import classifier, minisd
 
     mini = minisd.load_mini_sd()
-    student = tcd.load_shipped(mini)
-    assert student.w_range == (lcm.RECIPE.w_min, lcm.RECIPE.w_max) and student.w_dim == lcm.W_EMBED_DIM
+    student = tcd_recipes.load_shipped(mini)
+    assert student.w_range == (lcm_recipes.RECIPE.w_min, lcm_recipes.RECIPE.w_max) and student.w_dim == lcm.W_EMBED_DIM
     prompts = [minisd.caption(d, "thick", "blue", 0) for d in range(10)] * 2
     imgs = tcd.sample(mini, student, prompts, steps=4, w=minisd.DEFAULT_W, seed=0, gamma=0.3)
     with torch.no_grad():

@@ -156,7 +156,7 @@ def test_installed_wheel_without_data_says_to_set_COURSE_DATA(installed, tmp_pat
     empty.mkdir()
     code = """
 from course_lib import classifier, paths, teachers
-from course_lib.distill import instaflow, reflow
+from course_lib.recipes import instaflow, reflow
 loaders = {"teacher": lambda: teachers.load_teacher("gmm-vp"), "classifier": classifier.load_digits_classifier,
            "flow": reflow.load_digits_flow, "instaflow": lambda: instaflow.load_digits_model("digits-instaflow")}
 for name, load in loaders.items():

@@ -36,7 +36,8 @@ digits, core.DIGITS_FLOOR_N real training digits (a different random subset per 
 
 Layout: `core` (rows, timing, references, sweeps, tables) and one module per method (`teacher`, `pd`, `guided`,
 `reflow`, `instaflow`, `cd` (with ct)), each registering its benchmark function f(mode, seed=0, device=None) -> (rows, meta).
-The methods' own budgets and recipes live beside them in course_lib.distill.
+The budgets and experiments a benchmark shares with its notebook live in course_lib.recipes (the methods in
+course_lib.distill).
 """
 from __future__ import annotations
 

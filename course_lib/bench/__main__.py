@@ -18,6 +18,7 @@ from ..config import MODES, course_mode, default_device
 from ..plotting import table
 from . import BENCHMARKS, DESCRIPTIONS, __doc__ as BENCH_DOC
 from .core import SCHEMA, pm
+from .report import main as report_main
 
 
 def listing() -> str:
@@ -30,7 +31,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     import sys
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
-        from .report import main as report_main
         report_main(argv[1:])
         return None
     ap = argparse.ArgumentParser(prog="python -m course_lib.bench", description=BENCH_DOC,

@@ -7,8 +7,15 @@ import time
 
 import torch
 
-from ..config import pick
+from ..conditioning import labelled, labels
+from ..config import default_device, pick
+from ..data2d import get_mixture, sample_2d
+from ..distill.add import ADDConfig, distill_add, feature_network, sample
+from ..images import batch_sampler, load_digits
+from ..metrics import mode_coverage
 from ..plotting import table
+from ..teachers import load_teacher
+from ..train import TrainConfig
 from . import register
 from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
                    score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
@@ -30,8 +37,6 @@ def add_budget(mode: str) -> dict:
 
 
 def _cfg(b: dict, changes: dict, digits: bool = False):
-    from ..distill.add import ADDConfig
-
     if digits:
         return ADDConfig(lr_g=b["digits_lr_g"], lr_d=b["digits_lr_d"], r1_gamma=b["r1_gamma"],
                          r1_every=b["digits_r1_every"], **changes)
@@ -40,11 +45,6 @@ def _cfg(b: dict, changes: dict, digits: bool = False):
 
 def _train_2d(name: str, ds: str, b: dict, seed: int, device, progress: bool):
     """(student, seconds) of variant `name` on the shipped {ds}-vp teacher; discriminator on RandomFeatures2D."""
-    from ..data2d import sample_2d
-    from ..distill.add import distill_add, feature_network
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
-
     changes, init = VARIANTS[name]
     teacher = load_teacher(f"{ds}-vp", device=device)
     t0 = time.perf_counter()
@@ -57,19 +57,12 @@ def _train_2d(name: str, ds: str, b: dict, seed: int, device, progress: bool):
 
 def _coverage(ev: Evaluation, ds: str, model: str, x, seconds: float, **common) -> None:
     """The mode-coverage rows of samples x on a Gaussian mixture: "modes_covered" and "mass_tv"."""
-    from ..data2d import get_mixture
-    from ..metrics import mode_coverage
-
     cov = mode_coverage(x[:PR_N].cpu(), get_mixture(ds))
     ev.add(ds, model, "modes_covered", cov["modes_covered"], seconds, **common)
     ev.add(ds, model, "mass_tv", cov["mass_tv"], seconds, **common)
 
 
 def _bench(mode: str, seed: int, device) -> tuple[list[dict], dict]:
-    from ..config import default_device
-    from ..distill.add import sample
-    from ..teachers import load_teacher
-
     device = torch.device(device) if device is not None else default_device()
     b = add_budget(mode)
     n = pick(mode, smoke=250, laptop=5000, full=25_000)
@@ -81,7 +74,7 @@ def _bench(mode: str, seed: int, device) -> tuple[list[dict], dict]:
         for s in ev.seeds:
             ref = reference_2d(ev, ds, n, s)
             if ds == "gmm":
-                from ..data2d import sample_2d   # the floor: reference_2d's independent exact batch (seed s + 2)
+                # the floor: reference_2d's independent exact batch (seed s + 2)
                 _coverage(ev, ds, "data", sample_2d(ds, n, torch.Generator().manual_seed(s + 2))[0], 0.0, nfe=None,
                           steps=None, n=n)
             sweep_2d(ev, teacher, teacher.process, ds, "teacher", "dpmpp2m", ref,
@@ -110,12 +103,6 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     layers on re-noised inputs (LADD; add.feature_network("dinov2") falls back to it offline), lazy R1; the student
     ("add") at 1, 2, 4 steps on thousands of samples per seed, the teacher with the same sampler ("teacher-trailing")
     and with DPM-Solver++ at 32 steps (a few hundred), beside the data floor; kid_heldout, kid_train, fd_heldout."""
-    from ..conditioning import labelled, labels
-    from ..distill.add import distill_add, feature_network, sample
-    from ..images import batch_sampler, load_digits
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
-
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")
     draw = labelled(batch_sampler(x_train, y_train), teacher.net.num_classes)

@@ -7,8 +7,17 @@ import time
 
 import torch
 
-from ..config import pick
+from ..conditioning import labelled
+from ..config import default_device, pick, seeded
+from ..data2d import sample_2d
+from ..distill.consistency import CMConfig, ct_schedule, distill_cd, multistep_sample, step_times, train_ct
+from ..distill.pd import progressive_distillation
+from ..grids import uniform
+from ..images import batch_sampler, load_digits
 from ..plotting import table
+from ..samplers import ddim
+from ..teachers import get_recipe, load_teacher
+from ..train import TrainConfig
 from . import register
 from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, exact_map, nfe, per_seed, pm, prior,
                    reference_2d, score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
@@ -33,16 +42,12 @@ def cm_budget(mode: str) -> dict:
 
 
 def _cd_cfg(b: dict, digits: bool = False):
-    from ..distill.consistency import CMConfig
-
     return CMConfig(N=b["N"], solver="heun", mu=b["mu"], lr=b["digits_lr"] if digits else b["lr"],
                     ema_decay=b["digits_ema"] if digits else b["ema"],
                     distance="pseudo-huber" if digits else "l2")
 
 
 def _ct_cfg(b: dict, steps: int, digits: bool = False, long: bool = False):
-    from ..distill.consistency import CMConfig, ct_schedule
-
     if long:  # iCT's recipe on a longer run (2D)
         return CMConfig(schedule=ct_schedule("doubling", steps, s0=b["ct_s0"], s1=b["ct_long_s1"]),
                         distance="pseudo-huber", weighting="ict", index="lognormal", lr=b["lr"], ema_decay=b["ema"])
@@ -54,12 +59,6 @@ def _ct_cfg(b: dict, steps: int, digits: bool = False, long: bool = False):
 def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     """(student, seconds): CD from the shipped {ds}-vp teacher, or CT ("ct", "ct-long") of a fresh network of its
     architecture."""
-    from ..config import seeded
-    from ..data2d import sample_2d
-    from ..distill.consistency import distill_cd, train_ct
-    from ..teachers import get_recipe, load_teacher
-    from ..train import TrainConfig
-
     steps = b["steps"] * (b["ct_long_x"] if method == "ct-long" else 1)
     cfg = TrainConfig(steps=steps, batch_size=b["batch"], seed=seed, desc=f"{method.upper()} {ds}")
     data = lambda n, g: sample_2d(ds, n, g)[0].to(device)
@@ -75,16 +74,11 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
 
 def _sample_cm(model, x1, steps: int, seed: int, process, t_min: float, cond=None):
     """Multistep consistency sampling from x1 at evenly spaced step times, fresh noise from `seed` (CPU)."""
-    from ..distill.consistency import multistep_sample, step_times
-
     return multistep_sample(model, x1, step_times(steps), process, t_min, generator=torch.Generator().manual_seed(seed),
                             cond=cond)
 
 
 def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]:
-    from ..config import default_device
-    from ..teachers import load_teacher
-
     device = torch.device(device) if device is not None else default_device()
     b = cm_budget(mode)
     n = pick(mode, smoke=250, laptop=5000, full=25_000)
@@ -111,9 +105,6 @@ def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]
                     score_2d(ev, ds, name, x, ref, sec, nfe=k, steps=k, compare=True, exact=exact,
                              sampler="consistency", n=n, **train_fields(secs, updates))
             if pd_student is not None:
-                from ..grids import uniform
-                from ..samplers import ddim
-
                 x, sec = timed(lambda: ddim(pd_student, x1, uniform(1), pd_student.process), device)
                 score_2d(ev, ds, "pd", x, ref, sec, nfe=nfe("ddim", 1), steps=1, compare=True, exact=exact,
                          sampler="ddim", n=n, **train_fields(pd_secs, pd_meta["pd_updates"]))
@@ -128,10 +119,6 @@ def _pd_same_teacher_evals(teacher, ds: str, b: dict, seed: int, device, mode: s
     """A one-step progressive-distillation student of the same teacher that used as many teacher evaluations as CD:
     CD's Heun step costs 2 per sample and update, PD's two DDIM steps 2, so PD gets CD's updates (same batch),
     split over its rounds 64 -> 32 -> ... -> 1 (fewer rounds if that leaves under 10 updates a round)."""
-    from ..data2d import sample_2d
-    from ..distill.pd import progressive_distillation
-    from ..train import TrainConfig
-
     n_start = 64
     while n_start > 2 and b["steps"] // n_start.bit_length() < 10:
         n_start //= 2
@@ -151,13 +138,6 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     """Digits: CD of the shipped digits teacher (or CT of a fresh UNet of its architecture), pseudo-Huber, balanced
     labels; students at 1, 2, 4 steps on thousands of samples per seed, the teacher (DPM-Solver++, 32 steps) on a
     few hundred, beside the data floor; kid_heldout, kid_train, fd_heldout (classifier.digits_scores)."""
-    from ..config import seeded
-    from ..distill.consistency import distill_cd, train_ct
-    from ..conditioning import labelled
-    from ..images import batch_sampler, load_digits
-    from ..teachers import get_recipe, load_teacher
-    from ..train import TrainConfig
-
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")
     draw = labelled(batch_sampler(x_train, y_train), teacher.net.num_classes)

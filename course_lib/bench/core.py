@@ -12,7 +12,15 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from ..classifier import balanced_labels, class_accuracy, digits_scores, load_digits_classifier
 from ..conditioning import Cond, labels
+from ..config import pick
+from ..data2d import exact_denoiser, get_mixture, sample_2d, sample_conditional
+from ..grids import default_grid
+from ..images import load_digits
+from ..metrics import flow_map_error, gmm_class_accuracy, in_squares, precision_recall, sliced_wasserstein, spread
+from ..plotting import pm as plus_minus
+from ..samplers import dpm_solver_pp_2m, generate, nfe as count, steps_for_nfe
 
 SCHEMA = 3
 NFES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -41,8 +49,6 @@ def spread_row(dataset: str, model: str, metric: str, values: Sequence[float], s
                steps: int | None, device: str | torch.device, **extra) -> dict:
     """A row of one measurement repeated over evaluation seeds: value = the mean, `std` the sample standard deviation,
     `n_seeds` and the per-seed `values` beside it (every other field as in `row`)."""
-    from ..metrics import spread
-
     mean, std = spread(values)
     return row(dataset, model, metric, mean, seconds, nfe=nfe, steps=steps, device=device, std=std,
                n_seeds=len(values), values=[float(v) for v in values], **extra)
@@ -50,16 +56,12 @@ def spread_row(dataset: str, model: str, metric: str, values: Sequence[float], s
 
 def pm(mean: float, std: float | None) -> str:
     """"mean ± std" for benchmark tables (plotting.pm with 4 significant digits)."""
-    from ..plotting import pm as plus_minus
-
     return plus_minus(mean, std, digits=4)
 
 
 def nfe(sampler: str, steps: int, guided: bool = False) -> int:
     """Network evaluations per sample of `steps` steps of `sampler` ("one-step": a single evaluation); a
     classifier-free-guided model evaluates twice per call (conditional and unconditional)."""
-    from ..samplers import nfe as count
-
     return (2 if guided else 1) if sampler == "one-step" else count(sampler, steps, guided=guided)
 
 
@@ -130,8 +132,6 @@ class Evaluation:
 def per_seed(a: dict, b: dict, op: Callable[[float, float], float] = lambda u, v: u / v) -> tuple[float, float]:
     """(mean, std) over seeds of op(a's value, b's value) for two rows measured on the same evaluation seeds (same
     noise and reference): e.g. a student's SWD over its teacher's, seed by seed."""
-    from ..metrics import spread
-
     if len(a["values"]) != len(b["values"]):
         raise ValueError(f"rows measured on different seeds: {len(a['values'])} and {len(b['values'])} values")
     return spread([op(u, v) for u, v in zip(a["values"], b["values"])])
@@ -139,8 +139,6 @@ def per_seed(a: dict, b: dict, op: Callable[[float, float], float] = lambda u, v
 
 def swd(x: Tensor, ref: Tensor) -> float:
     """The 2D benchmarks' SWD: 256 fixed directions (seed 0), on CPU copies."""
-    from ..metrics import sliced_wasserstein
-
     return sliced_wasserstein(cpu(x), cpu(ref), n_proj=256, seed=0)
 
 
@@ -150,8 +148,6 @@ def score_2d(ev: Evaluation, dataset: str, model: str, x: Tensor, ref: Tensor, s
     "in_squares" on the checkerboard; on the mixtures, where `compare` (rows a reader compares: 1-4 steps and
     each model's best), "precision" and "recall" (PR_N points); "flow_map_err_exact", the RMS distance of the
     first len(exact) samples to `exact`, the exact mixture teacher's ODE solution from the same noise."""
-    from ..metrics import flow_map_error, in_squares, precision_recall
-
     x = cpu(x)
     common = dict(nfe=nfe, steps=steps, **extra)
     ev.add(dataset, model, "swd", swd(x, ref), seconds, **common)
@@ -168,10 +164,6 @@ def score_2d(ev: Evaluation, dataset: str, model: str, x: Tensor, ref: Tensor, s
 def exact_map(dataset: str, process, x1: Tensor) -> Tensor:
     """The exact Gaussian-mixture teacher's ODE solution from noise x1 (N, 2) in `process` (the student's:
     vp-cosine for diffusion students, rf for flows): DPM-Solver++(2M), EXACT_STEPS steps, on the CPU."""
-    from ..data2d import exact_denoiser
-    from ..grids import default_grid
-    from ..samplers import dpm_solver_pp_2m
-
     return dpm_solver_pp_2m(exact_denoiser(dataset, process), cpu(x1), default_grid(EXACT_STEPS, process), process)
 
 
@@ -180,8 +172,6 @@ def sweep_2d(ev: Evaluation, model, process, dataset: str, model_name: str, samp
     """Sample `model` (on `device`) at every NFE budget (same noise for all, drawn from `seed`) and score each
     against `ref` (N, 2) with score_2d; precision/recall at 1-4 NFE and at the largest budget (the model's best,
     or near it); flow-map error to `exact` (the exact teacher from the same noise) where given."""
-    from ..samplers import generate, steps_for_nfe
-
     seen = set()
     for budget in nfes:
         steps = steps_for_nfe(sampler, budget)
@@ -198,8 +188,6 @@ def sweep_2d(ev: Evaluation, model, process, dataset: str, model_name: str, samp
 def reference_2d(ev: Evaluation, dataset: str, n: int, seed: int) -> Tensor:
     """n reference samples of a 2D dataset (CPU) for evaluation seed `seed`, and the "data" rows (the floor) added
     to `ev`: every score_2d metric of n independent exact samples against them."""
-    from ..data2d import sample_2d
-
     ref, _ = sample_2d(dataset, n, torch.Generator().manual_seed(seed + 1))
     other, sec = timed(lambda: sample_2d(dataset, n, torch.Generator().manual_seed(seed + 2))[0])
     score_2d(ev, dataset, "data", other, ref, sec, nfe=None, steps=None, compare=True, n=n)
@@ -211,9 +199,6 @@ def conditional_reference(ev: Evaluation, dataset: str, n: int, seed: int):
     exact samples of those classes and the Bayes class accuracy (both take samples on any device and score a CPU
     copy), with the "data" rows ("swd_data", "class_acc" of an independent exact batch) added to `ev`.
     Returns (mixture, y, swd_data(x) -> float, acc(x) -> float)."""
-    from ..data2d import get_mixture, sample_conditional
-    from ..metrics import gmm_class_accuracy
-
     mix = get_mixture(dataset)
     y = torch.arange(n) % mix.num_classes                                       # balanced labels
     ref = sample_conditional(mix, y, torch.Generator().manual_seed(seed + 1))
@@ -231,8 +216,6 @@ def score_fidelity(ev: Evaluation, dataset: str, model: str, x: Tensor, teacher_
     teacher's samples from fresh noise (independent of x's; for the teacher itself: the metric's floor), and
     "flow_map_err_teacher", the RMS distance to the teacher's output from the same noise (teacher_same; None for
     the teacher itself)."""
-    from ..metrics import flow_map_error
-
     x = cpu(x)
     ev.add(dataset, model, "swd_teacher", swd(x, teacher_fresh), seconds, nfe=nfe, steps=steps, **extra)
     if teacher_same is not None:
@@ -249,14 +232,10 @@ def fresh(samples: list, i: int):
 def digits_n(mode: str, cheap: bool) -> int:
     """Generated digits per evaluation seed: thousands for cheap rows (1-4 step students), a few hundred for
     many-step teacher rows (KID is unbiased at any n; its standard error says how precise)."""
-    from ..config import pick
-
     return pick(mode, smoke=40, laptop=2000 if cheap else 300, full=5000 if cheap else 1000)
 
 
 def _classifier():
-    from ..classifier import load_digits_classifier
-
     global _CLF
     if _CLF is None:
         _CLF = load_digits_classifier()
@@ -271,8 +250,6 @@ def score_digits(ev: Evaluation, model: str, x: Tensor, seconds: float, *, nfe: 
     """The digits metrics of images x (classifier.digits_scores) added to `ev`: "kid_heldout" and "kid_train"
     (unbiased KID against the 297 held-out and the 1500 training digits, each with its standard error `se`) and
     "fd_heldout" (Frechet distance against the held-out digits); "class_acc" when the requested labels y are given."""
-    from ..classifier import class_accuracy, digits_scores
-
     x = cpu(x)
     d = digits_scores(x, _classifier())
     common = dict(nfe=nfe, steps=steps, n=len(x), **extra)
@@ -290,8 +267,6 @@ def digits_floor(ev: Evaluation, seed: int) -> None:
     """The digits "data" rows for evaluation seed `seed`: DIGITS_FLOOR_N real training digits (a random subset,
     different per seed) scored like a model: their kid_heldout is what a perfect generator of the training
     distribution scores; their kid_train (they are in the training set) what pure memorisation scores."""
-    from ..images import load_digits
-
     train, _ = load_digits(16, "train")
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:DIGITS_FLOOR_N]
     score_digits(ev, "data", train[idx], 0.0, nfe=None, steps=None)
@@ -301,9 +276,6 @@ def digits_teacher(ev: Evaluation, teacher, seed: int, n: int, steps: int, devic
                    with_labels: bool = False) -> None:
     """The digits "teacher" row for evaluation seed `seed`: n class-balanced samples of the class-conditional teacher
     with DPM-Solver++(2M) at `steps` steps (noise seeded seed + 6), timed and scored (class accuracy too with_labels)."""
-    from ..classifier import balanced_labels
-    from ..samplers import generate
-
     y = balanced_labels(n).to(device)
     x, sec = timed(lambda: generate(teacher, teacher.process, (n, 1, 16, 16), "dpmpp2m", steps, device=device,
                                     generator=torch.Generator().manual_seed(seed + 6),
@@ -321,8 +293,6 @@ def digit_labels(n: int, device: str | torch.device, num_classes: int = 10) -> C
 
 def digits_acc(x: Tensor, y: Tensor) -> float:
     """The digits classifier's accuracy on samples x for the requested labels y (computed on CPU copies)."""
-    from ..classifier import class_accuracy
-
     return class_accuracy(cpu(x), cpu(y), _classifier())
 
 

@@ -15,8 +15,16 @@ from dataclasses import replace
 
 import torch
 
-from ..config import pick
+from ..classifier import balanced_labels
+from ..conditioning import labels
+from ..config import default_device, pick
+from ..data2d import sample_2d
+from ..distill.dmd import DMDConfig, distill_dmd, sample
+from ..distill.reflow import cached_pairs
+from ..images import batch_sampler, load_digits
 from ..plotting import table
+from ..teachers import load_teacher
+from ..train import TrainConfig
 from . import register
 from .core import (Evaluation, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
                    score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
@@ -38,8 +46,6 @@ def dmd_budget(mode: str) -> dict:
 
 def variants(method: str, b: dict) -> dict[str, tuple]:
     """{row name: (DMDConfig, generator steps sampled, uses pairs)} of a benchmark."""
-    from ..distill.dmd import DMDConfig
-
     base = DMDConfig(lr_g=b["lr"], lr_critic=b["lr"], normalize="batch")
     if method == "dmd":
         dmd1 = replace(base, ttur=1, gan=False, lambda_reg=b["lambda_reg"])
@@ -50,17 +56,11 @@ def variants(method: str, b: dict) -> dict[str, tuple]:
 
 
 def _pairs_2d(teacher, ds: str, b: dict, device):
-    from ..distill.reflow import cached_pairs
-
     return cached_pairs(teacher, f"{ds}-vp-dmd", b["pairs"], steps=b["pair_steps"], sampler="dpmpp2m",
                         progress=False, verbose=False)
 
 
 def _train_2d(teacher, ds: str, cfg, pairs, b: dict, seed: int, device, progress: bool):
-    from ..data2d import sample_2d
-    from ..distill.dmd import distill_dmd
-    from ..train import TrainConfig
-
     def data(n, g):
         batch = {"x": sample_2d(ds, n, g)[0].to(device)}
         if pairs is not None:
@@ -76,10 +76,6 @@ def _train_2d(teacher, ds: str, cfg, pairs, b: dict, seed: int, device, progress
 
 
 def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]:
-    from ..config import default_device
-    from ..distill.dmd import sample
-    from ..teachers import load_teacher
-
     device = torch.device(device) if device is not None else default_device()
     b = dmd_budget(mode)
     n = pick(mode, smoke=250, laptop=5000, full=25_000)
@@ -113,14 +109,6 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     """Digits: the main student of the method ("dmd": with regression pairs of the teacher's DPM-Solver++ at 16
     steps, balanced labels; "dmd2": TTUR and GAN head, class-conditional), one step, beside the teacher at 16
     DPM-Solver++ steps and the data floor: kid_heldout, kid_train, fd_heldout."""
-    from ..classifier import balanced_labels
-    from ..distill.dmd import distill_dmd, sample
-    from ..distill.reflow import cached_pairs
-    from ..conditioning import labels
-    from ..images import batch_sampler, load_digits
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
-
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")
     draw = batch_sampler(x_train, y_train)

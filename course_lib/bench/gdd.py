@@ -8,8 +8,16 @@ import time
 
 import torch
 
-from ..config import pick
+from ..classifier import balanced_labels
+from ..conditioning import labels
+from ..config import default_device, pick, seeded
+from ..data2d import sample_2d
+from ..distill import gdd
+from ..distill.gan import generate_one_step as one_step
+from ..images import batch_sampler, load_digits
 from ..plotting import table
+from ..teachers import load_teacher
+from ..train import TrainConfig
 from . import register
 from .core import (Evaluation, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
                    score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
@@ -30,12 +38,6 @@ def gdd_budget(mode: str) -> dict:
 
 def train_2d(ds: str, freeze: str, b: dict, seed: int, device, progress: bool):
     """(generator, seconds, trained fraction): GDD(-I) of the shipped {ds}-vp teacher, 1:1 updates."""
-    from ..config import seeded
-    from ..data2d import sample_2d
-    from ..distill import gdd
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
-
     teacher = load_teacher(f"{ds}-vp", device=device)
     x_ex = sample_2d(ds, 64, torch.Generator().manual_seed(seed))[0].to(device)
     with seeded(seed):
@@ -50,13 +52,6 @@ def train_2d(ds: str, freeze: str, b: dict, seed: int, device, progress: bool):
 
 def train_digits(freeze: str, b: dict, seed: int, device, progress: bool):
     """(generator, seconds, trained fraction): GDD(-I) of the digits teacher, class-conditional discriminator."""
-    from ..config import seeded
-    from ..distill import gdd
-    from ..conditioning import labels
-    from ..images import batch_sampler, load_digits
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
-
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")
     draw = batch_sampler(x_train, y_train)
@@ -85,17 +80,12 @@ def bench_gdd(mode: str, seed: int = 0, device: str | torch.device | None = None
     "kid_heldout", "kid_train", "fd_heldout", "class_acc"; beside the teacher's DPM-Solver++ sweep and the data floor.
     2D sweep: "gdd-freeze-<rule>" for the wider rules in SWEEP. Rows carry train_seconds, train_updates and
     trained_fraction."""
-    from ..config import default_device
-    from ..distill.gan import generate_one_step as one_step
-
     device = torch.device(device) if device is not None else default_device()
     b = gdd_budget(mode)
     n = pick(mode, smoke=250, laptop=5000, full=25_000)
     progress = mode != "smoke"
     ev = Evaluation(seed, device)
     for ds in ("gmm", "checkerboard"):
-        from ..teachers import load_teacher
-
         teacher = load_teacher(f"{ds}-vp", device=device)
         students = {name: train_2d(ds, rule, b, seed, device, progress) for name, rule in METHODS.items()}
         if ds == "gmm":
@@ -119,11 +109,6 @@ def bench_gdd(mode: str, seed: int = 0, device: str | torch.device | None = None
 def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     """Digits: GDD and GDD-I one-step students on thousands of samples per seed (balanced labels), the teacher
     (DPM-Solver++, 16 and 32 steps) on a few hundred, beside the data floor."""
-    from ..classifier import balanced_labels
-    from ..conditioning import labels
-    from ..distill.gan import generate_one_step as one_step
-    from ..teachers import load_teacher
-
     teacher = load_teacher("digits", device=device)
     students = {name: train_digits(rule, b, seed, device, mode != "smoke") for name, rule in METHODS.items()}
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)

@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from ..classifier import balanced_labels
 from ..conditioning import labels
-from ..config import pick
+from ..config import default_device, pick
+from ..grids import uniform
+from ..guidance import cfg as guide
 from ..plotting import table
+from ..recipes.guided import guided_2d_budget, guided_2d_students
+from ..samplers import ddim, dpm_solver_pp_2m, generate
+from ..teachers import load_teacher
 from . import register
 from .core import (Evaluation, conditional_reference, digits_floor, digits_n, fresh, nfe, per_seed, pm, prior,
                    score_digits, score_fidelity, side_by_side, timed, train_fields)
@@ -29,13 +35,6 @@ def bench_guided(mode: str, seed: int = 0, device: str | torch.device | None = N
     "guided-student-stage1" (stage 1 sampled with n_start DDIM steps, one evaluation per step) and
     "guided-student" at 4 and 1 steps. Digits: the shipped digits teacher with guidance (class_acc from the digits
     classifier, kid_heldout, kid_train, fd_heldout)."""
-    from ..config import default_device
-    from ..distill.guided import guided_2d_budget, guided_2d_students
-    from ..grids import uniform
-    from ..guidance import cfg as guide
-    from ..samplers import ddim, dpm_solver_pp_2m
-    from ..teachers import load_teacher
-
     device = torch.device(device) if device is not None else default_device()
     b = guided_2d_budget(mode)
     n, ds = pick(mode, smoke=200, laptop=4000, full=25_000), "gmm-overlap"     # per evaluation seed
@@ -102,11 +101,6 @@ def guided_summary(rows: list[dict]) -> str:
 def guided_digits_rows(ev: Evaluation, mode: str, device: str | torch.device) -> None:
     """The shipped digits teacher with classifier-free guidance at each w (DPM-Solver++(2M)), balanced labels:
     class accuracy under the digits classifier and classifier.digits_scores, beside the data floor."""
-    from ..classifier import balanced_labels
-    from ..guidance import cfg as guide
-    from ..samplers import generate
-    from ..teachers import load_teacher
-
     n = digits_n(mode, cheap=False)
     steps = pick(mode, smoke=2, laptop=16, full=64)
     teacher = load_teacher("digits", device=device)

@@ -5,9 +5,19 @@ import time
 
 import torch
 
+from ..classifier import balanced_labels
 from ..conditioning import labels
-from ..config import pick
+from ..config import default_device, pick
+from ..data2d import sample_2d
+from ..distill import instaflow, reflow
+from ..distill.instaflow import null_label, one_step, regression_error
+from ..grids import uniform
+from ..metrics import flow_map_error
 from ..plotting import table
+from ..recipes.instaflow import (DIGITS_DIR, DIGITS_MODELS, DIGITS_RECIPE, instaflow_2d_budget, instaflow_2d_models,
+                                 instaflow_sweep, instaflow_unconditional, load_digits_model)
+from ..samplers import dpm_solver_pp_2m, euler
+from ..teachers import load_teacher
 from . import register
 from .core import (Evaluation, conditional_reference, digits_floor, digits_n, fresh, nfe, noise, per_seed, pm, prior,
                    score_digits, score_fidelity, side_by_side, swd, timed, train_fields)
@@ -15,12 +25,10 @@ from .core import (Evaluation, conditional_reference, digits_floor, digits_n, fr
 
 def sweep_rows(ev: Evaluation, records: list[dict], dataset: str, x1s: list, y, targets: list[dict],
                swds: list) -> None:
-    """Rows of the capacity sweep (distill.instaflow.instaflow_sweep's records, with their students), evaluated on
+    """Rows of the capacity sweep (recipes.instaflow.instaflow_sweep's records, with their students), evaluated on
     every seed's noise x1s[i] (labels y or None): "sweep-<coupling>" at one step, "swd_data" (swds[i] of the
     samples) and "heldout_err" (against targets[i][coupling]); fields coupling, width, n_pairs, train_steps,
     train_seconds, train_updates."""
-    from ..distill.instaflow import one_step, regression_error
-
     for i in range(len(x1s)):
         for r in records:
             extra = dict(coupling=r["coupling"], width=r["width"], n_pairs=r["n_pairs"], train_steps=r["train_steps"],
@@ -48,14 +56,7 @@ def bench_instaflow(mode: str, seed: int = 0, device: str | torch.device | None 
     Capacity sweep rows: "sweep-direct" / "sweep-reflow" (fields width, n_pairs, train_steps; "swd_data",
     "heldout_err"), on gmm-overlap and on the unconditional 8-mode "gmm" (its shipped diffusion teacher, its 2-RF;
     teacher and 2-RF rows give the swd_data of each coupling's endpoints, which the students imitate). Digits: the
-    shipped data/instaflow models (trained on a GPU by `python -m course_lib.distill.instaflow train-digits`)."""
-    from ..config import default_device
-    from ..data2d import sample_2d
-    from ..distill import instaflow, reflow
-    from ..distill.instaflow import instaflow_2d_budget, instaflow_2d_models, instaflow_sweep, instaflow_unconditional
-    from ..grids import uniform
-    from ..samplers import dpm_solver_pp_2m, euler
-
+    shipped data/instaflow models (trained on a GPU by `python -m course_lib.recipes.instaflow train-digits`)."""
     device = torch.device(device) if device is not None else default_device()
     b = instaflow_2d_budget(mode)
     n, ds = pick(mode, smoke=200, laptop=5000, full=25_000), "gmm-overlap"      # per evaluation seed
@@ -132,8 +133,6 @@ def bench_instaflow(mode: str, seed: int = 0, device: str | torch.device | None 
 
 def null_classes(model) -> int:
     """The number of classes of a conditional course model (its null label)."""
-    from ..distill.instaflow import null_label
-
     return null_label(model)
 
 
@@ -168,20 +167,13 @@ def instaflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device)
     16-step rows on a few hundred: the first of the same noise); "flow_map_err_teacher", the RMS pixel distance to
     the guided teacher's output from the same noise, and the one-step students' held-out regression error (both
     on the first few hundred)."""
-    from ..classifier import balanced_labels
-    from ..distill import instaflow, reflow
-    from ..grids import uniform
-    from ..metrics import flow_map_error
-    from ..samplers import dpm_solver_pp_2m, euler
-    from ..teachers import load_teacher
-
-    if not all((instaflow.DIGITS_DIR / m).is_dir() for m in instaflow.DIGITS_MODELS):
+    if not all((DIGITS_DIR / m).is_dir() for m in DIGITS_MODELS):
         return
-    w = instaflow.DIGITS_RECIPE["w"]
+    w = DIGITS_RECIPE["w"]
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     gt = instaflow.guided(load_teacher("digits", device=device), w)
-    flow2 = instaflow.load_digits_model("digits-if-2rf", device=device)
-    students = {name: instaflow.load_digits_model(shipped, device=device) for name, shipped in
+    flow2 = load_digits_model("digits-if-2rf", device=device)
+    students = {name: load_digits_model(shipped, device=device) for name, shipped in
                 (("instaflow-l2", "digits-instaflow-l2"), ("instaflow", "digits-instaflow"),
                  ("direct-distill-l2", "digits-direct-l2"), ("direct-distill", "digits-direct"))}
     for s in ev.seeds:
@@ -203,7 +195,7 @@ def instaflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device)
             m = big if k <= 4 else small
             x, sec = timed(lambda: euler(flow2, x1[:m], uniform(k), flow2.process, cond=y[:m]), device)
             score("2-rf", k, "euler", x, sec)
-            x2 = x[:small] if k == instaflow.DIGITS_RECIPE["distill_pairs_steps"] else x2
+            x2 = x[:small] if k == DIGITS_RECIPE["distill_pairs_steps"] else x2
         m = min(small, 300)
         for name, flow, guided in (("teacher", reflow.RFView(gt), True), ("2-rf", flow2, False)):
             st, sec = timed(lambda: reflow.straightness(flow, x1[:m], 32, cond=y[:m]), device)

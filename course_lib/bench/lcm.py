@@ -4,8 +4,8 @@ teachers and on the mini Stable Diffusion, students at 1, 2, 4 and 8 steps.
 2D: LCM's recipe on an unconditional 2D teacher is consistency distillation with ONE DDIM step of the teacher per
 skipping step (no guidance to fold in), sampled with multistep consistency sampling (LCM's sampler); TCD's 2D student
 (bench tcd) is trained on the same teacher, grid, target EMA, updates and batch. Mini SD: the shipped students
-(data/lcm, data/tcd: the same recipe and updates), measured with lcm.evaluate / tcd.evaluate (adherence, held-out
-KID and FD) beside the guided teacher's 25-step DDIM and the real training digits (the floor)."""
+(data/lcm, data/tcd: the same recipe and updates), measured with recipes.lcm.evaluate / recipes.tcd.evaluate
+(adherence, held-out KID and FD) beside the guided teacher's 25-step DDIM and the real training digits (the floor)."""
 from __future__ import annotations
 
 import time
@@ -13,8 +13,17 @@ from typing import Sequence
 
 import torch
 
-from ..config import pick
+from .. import minisd, sd as sdlib
+from ..config import default_device, pick
+from ..data2d import sample_2d
+from ..distill import consistency as cm, lcm, tcd
+from ..grids import uniform
+from ..minisd import digit_batches
 from ..plotting import table
+from ..recipes import lcm as lcm_recipes, tcd as tcd_recipes
+from ..samplers import tcd as sss
+from ..teachers import load_teacher
+from ..train import TrainConfig
 from . import register
 from .core import (PR_N, Evaluation, exact_map, per_seed, pm, prior, reference_2d, score_2d, side_by_side, sweep_2d,
                    timed, train_fields)
@@ -36,12 +45,6 @@ def tc_budget(mode: str) -> dict:
 
 def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     """(student, seconds): TCD or LCM-recipe CD of the shipped {ds}-vp teacher."""
-    from ..data2d import sample_2d
-    from ..distill import consistency as cm
-    from ..distill import tcd
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
-
     teacher = load_teacher(f"{ds}-vp", device=device)
     cfg = TrainConfig(steps=b["steps"], batch_size=b["batch"], seed=seed, desc=f"{method.upper()} {ds}")
     data = lambda n, g: sample_2d(ds, n, g)[0].to(device)
@@ -58,10 +61,6 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
 def _sample_2d(method: str, student, x1, k: int, gamma: float | None, seed: int):
     """k steps of the student from x1: TCD's gamma sampler on the uniform grid, or multistep consistency sampling at
     evenly spaced times; fresh noise from a CPU generator seeded `seed`."""
-    from ..distill import consistency as cm
-    from ..grids import uniform
-    from ..samplers import tcd as sss
-
     g = torch.Generator().manual_seed(seed)
     if method == "tcd":
         return sss(student, x1, uniform(k), student.process, generator=g, gamma=gamma)
@@ -71,8 +70,6 @@ def _sample_2d(method: str, student, x1, k: int, gamma: float | None, seed: int)
 def rows_2d(method: str, ev: Evaluation, mode: str, b: dict, seed: int, device, gammas: Sequence[float | None]):
     """Both 2D datasets: the teacher's DPM-Solver++ sweep, the data floor and the student at STUDENT_STEPS for each
     gamma (None: LCM's sampler), every score_2d metric; flow-map error to the exact teacher on gmm."""
-    from ..teachers import load_teacher
-
     for ds in ("checkerboard", "gmm"):
         teacher = load_teacher(f"{ds}-vp", device=device)
         student, secs = _train_2d(method, ds, b, seed, device, mode != "smoke")
@@ -97,27 +94,27 @@ def _sd_student(method: str, sd, b: dict, mode: str):
     import json
     from dataclasses import asdict
 
-    from ..distill import lcm, tcd
-
     if mode == "smoke":
-        cfg = lcm.LCMConfig(**{**asdict(lcm.RECIPE), "steps": b["sd_train"], "batch": 4, "w_dim": 32})
-        batches = lcm.digit_batches(sd, n_images=20)
+        cfg = lcm.LCMConfig(**{**asdict(lcm_recipes.RECIPE), "steps": b["sd_train"], "batch": 4, "w_dim": 32})
+        batches = digit_batches(sd, n_images=20)
         fn = tcd.distill_tcd_sd if method == "tcd" else lcm.distill_lcm
         return fn(sd, cfg, batches, progress=False), {"sd_student": f"tiny random SD, {b['sd_train']} updates"}
-    folder = tcd.shipped_dir() / tcd.SHIPPED if method == "tcd" else lcm.shipped_dir() / lcm.SHIPPED["student"]
-    meta_file = folder / (tcd.TCD_JSON if method == "tcd" else lcm.LCM_JSON)
+    folder = (tcd_recipes.shipped_dir() / tcd_recipes.SHIPPED if method == "tcd"
+              else lcm_recipes.shipped_dir() / lcm_recipes.SHIPPED["student"])
+    meta_file = folder / (tcd_recipes.TCD_JSON if method == "tcd" else lcm_recipes.LCM_JSON)
     if not meta_file.is_file():
         raise FileNotFoundError(f"no shipped {method.upper()} student in {folder}: recreate it with "
-                                f"`{tcd.RECREATE if method == 'tcd' else lcm.RECREATE}`")
+                                f"`{tcd_recipes.RECREATE if method == 'tcd' else lcm_recipes.RECREATE}`")
     info = json.loads(meta_file.read_text())
-    student = tcd.load_shipped(sd) if method == "tcd" else lcm.load_shipped(sd, "student")
+    student = tcd_recipes.load_shipped(sd) if method == "tcd" else lcm_recipes.load_shipped(sd, "student")
     return student, {"sd_student": info["command"], "sd_train_updates": info["recipe"]["steps"],
                      "sd_train_seconds": info["train_seconds"]}
 
 
 def _add_sd(ev: Evaluation, model: str, result: dict, seconds: float, *, nfe: int | None, steps: int | None,
             **extra) -> None:
-    """The per-seed runs of lcm.evaluate / minisd.evaluate / reference scores as rows of `ev` (KID with its se)."""
+    """The per-seed runs of recipes.lcm.evaluate / minisd.evaluate / reference scores as rows of `ev` (KID with its
+    se)."""
     for run in result["runs"]:
         for metric in SD_METRICS:
             if metric in run:
@@ -130,9 +127,6 @@ def rows_sd(method: str, ev: Evaluation, mode: str, b: dict, device, gammas: Seq
     """The mini SD: the guided teacher's 25-step DDIM ("teacher", nfe 50), the training digits ("data"), the student
     at STUDENT_STEPS (the first gamma) and, for TCD, every gamma at `sweep_steps`. Runs on the CPU (the evaluation
     pipeline's device); returns the meta fields."""
-    from .. import minisd, sd as sdlib
-    from ..distill import lcm, tcd
-
     sd = sdlib.from_pipeline(sdlib.tiny_sd_pipeline(seed=0)) if mode == "smoke" else minisd.load_mini_sd()
     student, meta = _sd_student(method, sd, b, mode)
     w = minisd.DEFAULT_W
@@ -145,9 +139,9 @@ def rows_sd(method: str, ev: Evaluation, mode: str, b: dict, device, gammas: Seq
     todo = [(k, gammas[0]) for k in STUDENT_STEPS] + [(k, g) for k in sweep_steps for g in gammas[1:]]
     for k, gamma in todo:
         if method == "tcd":
-            r, sec = timed(lambda: tcd.evaluate(sd, student, n, k, w, seeds, gamma))
+            r, sec = timed(lambda: tcd_recipes.evaluate(sd, student, n, k, w, seeds, gamma))
         else:
-            r, sec = timed(lambda: lcm.evaluate(sd, student, n, k, w, seeds))
+            r, sec = timed(lambda: lcm_recipes.evaluate(sd, student, n, k, w, seeds))
         extra = {"gamma": gamma} if gamma is not None else {}
         _add_sd(ev, method, r, per(sec), nfe=k, steps=k, w=w, sampler="sss" if method == "tcd" else "lcm", n=n,
                 **extra)
@@ -176,8 +170,6 @@ def tc_summary(rows: list[dict], method: str) -> str:
 
 def run(method: str, mode: str, seed: int, device, gammas: Sequence[float | None], sweep_steps: Sequence[int] = ()
         ) -> tuple[list[dict], dict]:
-    from ..config import default_device
-
     device = torch.device(device) if device is not None else default_device()
     b = tc_budget(mode)
     ev = Evaluation(seed, device)

@@ -3,7 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from ..config import pick
+from ..classifier import balanced_labels
+from ..conditioning import labelled, labels
+from ..config import default_device, pick
+from ..data2d import sample_2d
+from ..distill.pd import progressive_distillation
+from ..grids import uniform
+from ..images import batch_sampler, load_digits
+from ..samplers import ddim, dpm_solver_pp_2m
+from ..teachers import load_teacher
+from ..train import TrainConfig
 from . import register
 from .core import (NFES, PR_N, Evaluation, RoundClock, digits_floor, digits_n, exact_map, nfe, prior, reference_2d,
                    score_2d, score_digits, sweep_2d, timed, train_fields)
@@ -17,14 +26,6 @@ def bench_pd(mode: str, seed: int = 0, device: str | torch.device | None = None)
     each student's (and teacher row's) distance to the exact mixture teacher's ODE solution (vp-cosine, same
     noise): how well PD kept the teacher's trajectory map.
     train_seconds / train_updates: the rounds that made that student (its own and every round before it)."""
-    from ..config import default_device
-    from ..data2d import sample_2d
-    from ..distill.pd import progressive_distillation
-    from ..grids import uniform
-    from ..samplers import ddim
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
-
     device = torch.device(device) if device is not None else default_device()
     n = pick(mode, smoke=250, laptop=5000, full=25_000)          # per evaluation seed
     n_start = pick(mode, smoke=4, laptop=64, full=256)
@@ -59,15 +60,6 @@ def digits_pd_rows(ev: Evaluation, mode: str, seed: int, device: str | torch.dev
     guidance), scored with classifier.digits_scores (kid_heldout, kid_train, fd_heldout); teacher rows:
     DPM-Solver++ at 64 NFE, DDIM at every student's step count and at n_start. Students of 1-4 steps are scored on
     thousands of samples per seed, the many-step rows on a few hundred (the first of the same noise)."""
-    from ..classifier import balanced_labels
-    from ..distill.pd import progressive_distillation
-    from ..grids import uniform
-    from ..conditioning import labelled, labels
-    from ..images import batch_sampler, load_digits
-    from ..samplers import ddim, dpm_solver_pp_2m
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
-
     n_start = pick(mode, smoke=2, laptop=16, full=64)
     cfg = TrainConfig(steps=pick(mode, smoke=2, laptop=300, full=5000), batch_size=pick(mode, smoke=8, laptop=32,
                       full=128), lr=pick(mode, smoke=5e-5, laptop=1e-4, full=5e-5), lr_schedule="linear",

@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from ..config import pick
+from ..classifier import balanced_labels
+from ..conditioning import labels
+from ..config import default_device, pick
+from ..distill import reflow
+from ..grids import uniform
 from ..plotting import table
+from ..recipes.reflow import DIGITS_DIR, load_digits_flow, reflow_2d_budget, reflow_2d_models
+from ..samplers import dpm_solver_pp_2m, euler
+from ..teachers import load_teacher
 from . import register
 from .core import (NFES, PR_N, Evaluation, digits_floor, digits_n, exact_map, nfe, noise, per_seed, pm, prior,
                    reference_2d, score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
@@ -22,12 +29,6 @@ def bench_reflow(mode: str, seed: int = 0, device: str | torch.device | None = N
     "2-rf-distill" (nfe 1). Teacher rows: the data floor and the teacher with Euler and Heun at NFE 1..128 (its
     best SWD is the target). Models are trained once; every row is evaluated over the evaluation seeds. Digits:
     the shipped digits 2-RF and its 1-step distillation (data/reflow), when present."""
-    from ..config import default_device
-    from ..distill import reflow
-    from ..distill.reflow import reflow_2d_budget, reflow_2d_models
-    from ..grids import uniform
-    from ..samplers import euler
-
     device = torch.device(device) if device is not None else default_device()
     b = reflow_2d_budget(mode)
     n = pick(mode, smoke=250, laptop=5000, full=25_000)          # per evaluation seed
@@ -88,21 +89,14 @@ def reflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device) ->
     "1-rf", with Euler), the shipped 2-RF (Euler 1, 4) and its 1-step distillation, scored with
     classifier.digits_scores beside the data floor (1-4 step models on thousands of samples per seed, the teacher on
     a few hundred: the first of the same noise)."""
-    from ..classifier import balanced_labels
-    from ..distill import reflow
-    from ..grids import uniform
-    from ..conditioning import labels
-    from ..samplers import dpm_solver_pp_2m, euler
-    from ..teachers import load_teacher
-
-    if not (reflow.DIGITS_DIR / "digits-2rf").is_dir():
+    if not (DIGITS_DIR / "digits-2rf").is_dir():
         return
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     teacher = load_teacher("digits", device=device)
     models = [("1-rf", reflow.RFView(teacher), (1, 4)),
-              ("2-rf", reflow.load_digits_flow("digits-2rf", device=device), (1, 4))]
-    if (reflow.DIGITS_DIR / "digits-2rf-distill1").is_dir():
-        models.append(("2-rf-distill", reflow.load_digits_flow("digits-2rf-distill1", device=device), (1,)))
+              ("2-rf", load_digits_flow("digits-2rf", device=device), (1, 4))]
+    if (DIGITS_DIR / "digits-2rf-distill1").is_dir():
+        models.append(("2-rf-distill", load_digits_flow("digits-2rf-distill1", device=device), (1,)))
     for s in ev.seeds:
         digits_floor(ev, s)
         x1 = noise((max(big, small), 1, 16, 16), s + 6, device)

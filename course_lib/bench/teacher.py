@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from ..config import pick
+from ..classifier import balanced_labels
+from ..conditioning import labels
+from ..config import default_device, pick
+from ..data2d import exact_denoiser
+from ..processes import VPCosine
+from ..samplers import generate
+from ..teachers import load_teacher
 from . import register
 from .core import NFES, PR_N, Evaluation, digits_floor, digits_n, exact_map, nfe, prior, reference_2d, score_digits, \
     sweep_2d, timed
@@ -15,11 +21,6 @@ def bench_teacher(mode: str, seed: int = 0, device: str | torch.device | None = 
     Gaussian mixture, the exact denoiser, sampled with each training-free solver at NFE 1..128, every row over
     the evaluation seeds. On gmm, every sweep row also gives "flow_map_err_exact": the distance to the exact
     teacher's ODE solution (same process, same noise), i.e. the model's and the solver's error together."""
-    from ..config import default_device
-    from ..data2d import exact_denoiser
-    from ..processes import RectifiedFlow, VPCosine
-    from ..teachers import load_teacher
-
     device = torch.device(device) if device is not None else default_device()
     n = pick(mode, smoke=250, laptop=5000, full=25_000)          # per evaluation seed
     nfes = pick(mode, smoke=(1, 2, 4), laptop=NFES, full=NFES + (256,))
@@ -50,11 +51,6 @@ def digits_teacher_rows(ev: Evaluation, mode: str, device: str | torch.device) -
     """The digits teacher (class-conditional, balanced labels, no guidance) at NFE 1..32 with DPM-Solver++ and
     DDIM, scored with classifier.digits_scores (KID against the held-out and the training digits, FD against the
     held-out digits), beside the data floor (training digits against the held-out digits)."""
-    from ..classifier import balanced_labels
-    from ..conditioning import labels
-    from ..samplers import generate
-    from ..teachers import load_teacher
-
     n = digits_n(mode, cheap=False)
     nfes = pick(mode, smoke=(1, 2), laptop=(1, 2, 4, 8, 16, 32), full=(1, 2, 4, 8, 16, 32, 64, 128))
     teacher = load_teacher("digits", device=device)

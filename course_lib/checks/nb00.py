@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..metrics import sliced_wasserstein
 from ..predictions import Pred, to_pred
 from ..processes import AffineProcess, RectifiedFlow, SDDiscrete, VPCosine
 from ..samplers import ddim_step as _ref_ddim_step
@@ -64,8 +65,6 @@ def check_ddim_step(student: Callable[[Pred, Tensor, Tensor, AffineProcess], Ten
 def check_sliced_wasserstein(student: Callable[[Tensor, Tensor, Tensor], Tensor | float], seed: int | None = None
                              ) -> Callable:
     """Exercise 0.3: student(x, y, directions) -> SW_2 between point sets x, y (N, D) along unit directions (K, D)."""
-    from ..metrics import sliced_wasserstein
-
     g = fresh_generator(seed)
 
     def reference(x, y, directions):

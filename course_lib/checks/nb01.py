@@ -6,7 +6,15 @@ from typing import Callable
 import torch
 
 from ..config import seeded
+from ..data2d import exact_denoiser, sample_2d
+from ..distill.pd import distill_round, pd_loss_at, pd_target
+from ..grids import uniform
+from ..metrics import flow_map_error
+from ..models import Denoiser, MLP2D
 from ..processes import EDM, RectifiedFlow, SDDiscrete, VPCosine
+from ..samplers import ddim
+from ..teachers import load_teacher
+from ..train import TrainConfig
 from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
 
 # 1.3: the student's N steps must land this many times closer to the teacher's 2N steps than the teacher's own N
@@ -17,9 +25,6 @@ PD_ROUND_MIN_GAIN = 4.0
 
 def _pd_cases(g: torch.Generator, with_student: bool = False, processes=(VPCosine(),)):
     """Exact Gaussian-mixture teachers under each process and, for the loss, a tiny v-prediction student."""
-    from ..data2d import exact_denoiser, sample_2d
-    from ..models import Denoiser, MLP2D
-
     for proc in processes:
         teacher = exact_denoiser("gmm", proc)
         for N in (1, 2, 4, 8):
@@ -40,8 +45,6 @@ def _pd_cases(g: torch.Generator, with_student: bool = False, processes=(VPCosin
 @checker("1.1")
 def check_pd_target(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 1.1: student(teacher, z_t, t, N, process) -> x_tilde (B, D), the progressive-distillation target."""
-    from ..distill.pd import pd_target
-
     g = fresh_generator(seed)
     processes = (VPCosine(), SDDiscrete(), RectifiedFlow(), EDM())   # VP and non-VP: alpha^2 + sigma^2 is not 1
     return run_check("1.1", student, pd_target, _pd_cases(g, processes=processes), atol=1e-6, rtol=1e-5,
@@ -54,8 +57,6 @@ def check_pd_target(student: Callable, seed: int | None = None) -> Callable:
 @checker("1.2")
 def check_pd_loss(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 1.2: student(student_model, teacher, x0, t, eps, N, process) -> per-sample loss (B,)."""
-    from ..distill.pd import pd_loss_at
-
     g = fresh_generator(seed)
     return run_check("1.2", student, pd_loss_at, _pd_cases(g, with_student=True), atol=1e-6, rtol=1e-5,
                      hint="Noise x0 to z_t, compute the target with pd_target, compare with the student's x0 "
@@ -73,14 +74,6 @@ def check_pd_round(student: Callable, seed: int | None = None) -> Callable:
     one trained at continuous times about 2x, one whose targets come from the live student falls below 1x).
     """
     import copy
-
-    from ..data2d import sample_2d
-    from ..distill.pd import distill_round
-    from ..grids import uniform
-    from ..metrics import flow_map_error
-    from ..samplers import ddim
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
 
     def reference(teacher, N, sample_data, cfg):
         return distill_round(teacher, N, sample_data, cfg, progress=False).best().eval().requires_grad_(False)

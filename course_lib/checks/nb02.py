@@ -7,16 +7,18 @@ from typing import Callable
 import torch
 
 from ..config import seeded
+from ..data2d import exact_denoiser, get_mixture, sample_2d
+from ..distill.guided import distill_guidance, guided_batches, guided_loss_at, guided_target
+from ..models import Denoiser, MLP2D, guidance_range
 from ..processes import VPCosine
+from ..teachers import load_teacher
+from ..train import TrainConfig
 from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
 
 
 def _guided_cases(g: torch.Generator, with_student: bool = False):
     """Exact Gaussian-mixture teacher (overlapping classes) and, for the loss, a tiny guided MLP whose guidance
     embedding is randomised (a fresh student ignores w, which would hide a w passed wrongly)."""
-    from ..data2d import exact_denoiser, get_mixture, sample_2d
-    from ..models import Denoiser, MLP2D
-
     proc = VPCosine()
     teacher = exact_denoiser("gmm-overlap", proc)
     null = get_mixture("gmm-overlap").num_classes
@@ -39,8 +41,6 @@ def _guided_cases(g: torch.Generator, with_student: bool = False):
 @checker("2.1")
 def check_guided_target(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 2.1: student(teacher, z_t, t, y, w, null_label) -> x0_w (B, D), the guided teacher's x-prediction."""
-    from ..distill.guided import guided_target
-
     g = fresh_generator(seed)
     return run_check("2.1", student, guided_target, _guided_cases(g), atol=1e-6, rtol=1e-5,
                      hint="The course's convention is x0_w = (1 + w) x0(z_t | y) - w x0(z_t | null), with w of shape "
@@ -51,8 +51,6 @@ def check_guided_target(student: Callable, seed: int | None = None) -> Callable:
 @checker("2.2")
 def check_guided_loss(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 2.2: student(student_model, teacher, x0, y, t, eps, w, null_label, process) -> stage-1 loss (B,)."""
-    from ..distill.guided import guided_loss_at
-
     g = fresh_generator(seed)
     return run_check("2.2", student, guided_loss_at, _guided_cases(g, with_student=True), atol=1e-6, rtol=1e-5,
                      hint="Noise x0 to z_t, compute x0_w with guided_target, call the student with the same labels "
@@ -74,9 +72,6 @@ def _stage1_errors(model: Callable, teacher: Callable, null: int, g: torch.Gener
                    ) -> dict[float, float]:
     """{w: mean ||model(z_t, t, y, w).x0 - x0_w(z_t)||^2 / unit} on fresh (x0, y, t, eps) from the checker's
     generator, t ~ U(0.05, 0.95); unit as above (STAGE1_MAX_ERROR)."""
-    from ..data2d import sample_2d
-    from ..distill.guided import guided_target
-
     x0, y = sample_2d("gmm-overlap", n, g)
     t = 0.05 + 0.9 * torch.rand(n, generator=g)
     z = teacher.process.marginal(x0, t, torch.randn(x0.shape, generator=g))
@@ -97,12 +92,6 @@ def check_stage1(student: Callable, seed: int | None = None) -> Callable:
     stage 1 gets a few hundredths; a student that ignores w makes w^2 units).
     """
     import copy
-
-    from ..data2d import get_mixture, sample_2d
-    from ..distill.guided import distill_guidance
-    from ..models import guidance_range
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
 
     def reference(teacher, sample_data, w_range, null_label, cfg, p_w_min=0.0):
         return distill_guidance(teacher, sample_data, w_range, cfg, progress=False,
@@ -192,9 +181,6 @@ def _generator_problem(sample_batch: Callable, seed: int) -> str | None:
 def check_guided_batches(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 2.4: (an optional extra) student(sample_data, w_range) -> sample_batch(n, g) returning (x0, {"y": y, "w": w}), with
     one w ~ U[w_min, w_max] per sample drawn with g. Checked by its properties (any order of random draws is fine)."""
-    from ..data2d import sample_2d
-    from ..distill.guided import guided_batches
-
     g = fresh_generator(seed)
     sample_data = lambda n, gen: sample_2d("gmm-overlap", n, gen)
     try:

@@ -7,16 +7,21 @@ from typing import Callable
 import torch
 
 from ..config import seeded
+from ..data2d import exact_denoiser
+from ..distill.reflow import generate_pairs, reflow, rf_loss_at
+from ..grids import uniform
+from ..metrics import flow_map_error, straightness
+from ..models import Denoiser, MLP2D
 from ..processes import RectifiedFlow
+from ..samplers import euler
+from ..teachers import load_teacher
+from ..train import TrainConfig
 from .core import (accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, library_version,
                    run_check)
 
 
 def _rf_models(g: torch.Generator):
     """Flows to check reflow exercises on: two tiny random velocity MLPs and the exact Gaussian-mixture flow."""
-    from ..data2d import exact_denoiser
-    from ..models import Denoiser, MLP2D
-
     for k in range(2):
         with seeded(draw_seed(g)):                     # initialisation; the notebook's global RNG is left alone
             model = Denoiser(MLP2D(hidden=16, depth=2), RectifiedFlow(), "velocity").double()
@@ -27,8 +32,6 @@ def _rf_models(g: torch.Generator):
 @checker("3.1")
 def check_rf_loss(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 3.1: student(model, x0, eps, t) -> per-sample rectified-flow loss (B,)."""
-    from ..distill.reflow import rf_loss_at
-
     g = fresh_generator(seed)
 
     def cases():
@@ -49,8 +52,6 @@ def check_rf_loss(student: Callable, seed: int | None = None) -> Callable:
 def check_make_pairs(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 3.2: student(flow, eps, steps) -> (eps, x0), x0 the Euler solution from t = 1 to 0 in `steps`
     equal steps."""
-    from ..distill.reflow import generate_pairs
-
     g = fresh_generator(seed)
 
     def cases():
@@ -67,8 +68,6 @@ def check_make_pairs(student: Callable, seed: int | None = None) -> Callable:
 @checker("3.3")
 def check_straightness(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 3.3: student(path, ts) -> S(Z) (a float) of trajectories path (n+1, B, D) at decreasing times ts."""
-    from ..metrics import straightness
-
     g = fresh_generator(seed)
 
     def reference(path, ts):
@@ -111,13 +110,6 @@ def check_reflow_round(student: Callable, seed: int | None = None) -> Callable:
     solution (16 Euler steps, same noise) than one Euler step of the old flow does.
     """
     import copy
-
-    from ..distill.reflow import generate_pairs, pair_batches, reflow
-    from ..grids import uniform
-    from ..metrics import flow_map_error
-    from ..samplers import euler
-    from ..teachers import load_teacher
-    from ..train import TrainConfig
 
     def reference(flow, eps, steps, cfg):
         pairs = generate_pairs(flow, eps, steps, "euler", RectifiedFlow())

@@ -7,14 +7,16 @@ from typing import Callable
 import torch
 
 from ..config import seeded
+from ..distances import laplacian_pyramid_l1
+from ..distill.instaflow import guided, onestep_loss
+from ..distill.reflow import rf_loss_at
+from ..models import Denoiser, MLP2D
 from ..processes import RectifiedFlow
 from .core import checker, draw_seed, fresh_generator, run_check
 
 
 def _cond_flows(g: torch.Generator):
     """Conditional velocity MLPs (3 classes + the null label) to check InstaFlow exercises on."""
-    from ..models import Denoiser, MLP2D
-
     for k in range(2):
         with seeded(draw_seed(g)):                     # initialisation; the notebook's global RNG is left alone
             flow = Denoiser(MLP2D(hidden=16, depth=2, num_classes=3), RectifiedFlow(), "velocity").double()
@@ -25,8 +27,6 @@ def _cond_flows(g: torch.Generator):
 def check_guided_velocity(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 4.1: student(flow, x, t, y, w, null_label) -> (B, D) the guided velocity
     (1 + w) u(x, t | y) - w u(x, t | null)."""
-    from ..distill.instaflow import guided
-
     g = fresh_generator(seed)
 
     def reference(flow, x, t, y, w, null_label):
@@ -51,8 +51,6 @@ def check_cond_reflow_loss(student: Callable, seed: int | None = None) -> Callab
     """Exercise 4.2: student(flow, eps, x0, y, t, drop, null_label) -> per-sample conditional reflow loss (B,):
     the rectified-flow loss on the pair (x0, eps) at times t, with the labels y replaced by null_label where the
     boolean mask drop (B,) is True (classifier-free label dropout; the pair itself is kept)."""
-    from ..distill.reflow import rf_loss_at
-
     g = fresh_generator(seed)
 
     def reference(flow, eps, x0, y, t, drop, null_label):
@@ -85,8 +83,6 @@ def check_cond_reflow_loss(student: Callable, seed: int | None = None) -> Callab
 @checker("4.3")
 def check_onestep_loss(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 4.3: student(model, eps, x0, y) -> per-sample L2 one-step distillation loss (B,)."""
-    from ..distill.instaflow import onestep_loss
-
     g = fresh_generator(seed)
 
     def cases():
@@ -105,8 +101,6 @@ def check_onestep_loss(student: Callable, seed: int | None = None) -> Callable:
 @checker("4.4")
 def check_lap1(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 4.4: (an optional extra) student(a, b, levels) -> (B,) Laplacian-pyramid L1 distance of image batches (B, C, H, W)."""
-    from ..distances import laplacian_pyramid_l1
-
     g = fresh_generator(seed)
 
     def cases():

@@ -7,6 +7,10 @@ from typing import Callable
 import torch
 
 from ..config import seeded
+from ..data2d import exact_denoiser
+from ..distill.consistency import (cd_loss_at, cm_grid, consistency_fn, consistency_model, default_t_min,
+                                   multistep_sample)
+from ..models import Denoiser, EDMPrecond, MLP2D
 from ..processes import EDM, RectifiedFlow, VPCosine
 from .core import (accept, call_per_sample, checker, draw_seed, explain_exception, fall_back, fresh_generator,
                    param_grads, run_check)
@@ -14,9 +18,6 @@ from .core import (accept, call_per_sample, checker, draw_seed, explain_exceptio
 
 def _tiny_cm(proc, g: torch.Generator):
     """A tiny random consistency model (float64) under `proc`, with the process's default t_min."""
-    from ..distill.consistency import consistency_model, default_t_min
-    from ..models import Denoiser, EDMPrecond, MLP2D
-
     with seeded(draw_seed(g)):                   # initialisation; the notebook's global RNG is left alone
         net = MLP2D(hidden=16, depth=2)
         base = EDMPrecond(net, proc) if isinstance(proc, EDM) else Denoiser(net, proc, "v")
@@ -33,8 +34,6 @@ def _cm_cases(g: torch.Generator, processes=(VPCosine(), EDM(), RectifiedFlow())
 def check_consistency_fn(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 5.1: student(model, x, t, t_min, sigma_data) -> f(x, t) (B, D), the consistency function with its
     boundary condition f(x, t_min) = x."""
-    from ..distill.consistency import consistency_fn
-
     g = fresh_generator(seed)
 
     def cases():
@@ -77,9 +76,6 @@ def check_cd_loss(student: Callable, seed: int | None = None) -> Callable:
     Besides the values, the gradient with respect to the student's parameters must equal the reference's, also
     when target_model IS the student (mu = 0: theta^- = stopgrad theta): a loss that lets the gradient through the
     target is rejected."""
-    from ..data2d import exact_denoiser
-    from ..distill.consistency import cd_loss_at, cm_grid
-
     g = fresh_generator(seed)
 
     def cases():
@@ -132,8 +128,6 @@ def check_cd_loss(student: Callable, seed: int | None = None) -> Callable:
 def check_multistep(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 5.3: student(model, x, ts, process, t_min, noises) -> samples (B, D): multistep consistency sampling
     (Algorithm 1) with the fresh noises given, noises (len(ts) - 1, B, D)."""
-    from ..distill.consistency import multistep_sample
-
     g = fresh_generator(seed)
 
     def reference(model, x, ts, process, t_min, noises):

@@ -6,16 +6,19 @@ from typing import Callable
 
 import torch
 
+from .. import sd
+from ..conditioning import Cond
+from ..config import seeded
+from ..distill import lcm
+from ..distill.lcm import boundary_scalings, lcm_target, lcm_timesteps, multistep
+from ..predictions import Pred
+from ..processes import SDDiscrete
 from .core import checker, draw_seed, explain_exception, fall_back, fresh_generator, is_library, library_version, \
     run_check
 
 
 def _tiny_teacher_and_target(g: torch.Generator):
     """A random tiny SD teacher (SDDenoiser) and an LCM target network built from it with a random w-projection."""
-    from .. import sd
-    from ..config import seeded
-    from ..distill import lcm
-
     seed = draw_seed(g)
     teacher = sd.from_pipeline(sd.tiny_sd_pipeline(seed=seed)).model.requires_grad_(False)
     target = lcm.lcm_student(teacher, 32, (0.0, 8.0), seed=seed)
@@ -27,16 +30,12 @@ def _tiny_teacher_and_target(g: torch.Generator):
 
 
 def _text(B: int, g: torch.Generator):
-    from ..conditioning import Cond
-
     return Cond(text=torch.randn(B, 16, 32, generator=g), null_text=torch.randn(1, 16, 32, generator=g))
 
 
 @checker("6.1")
 def check_lcm_target(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 6.1: student(teacher, target, z, timesteps, k, cond, w, process) -> (B, 4, h, w) the LCD target."""
-    from ..distill.lcm import lcm_target
-
     g = fresh_generator(seed)
     teacher, target = _tiny_teacher_and_target(g)
     process = teacher.process
@@ -75,8 +74,6 @@ def check_lcm_target(student: Callable, seed: int | None = None) -> Callable:
 @checker("6.2")
 def check_lcm_scalings(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 6.2: student(timesteps, sigma_data, timestep_scaling) -> (c_skip, c_out), each (B,)."""
-    from ..distill.lcm import boundary_scalings
-
     g = fresh_generator(seed)
 
     def cases():
@@ -93,10 +90,6 @@ def check_lcm_scalings(student: Callable, seed: int | None = None) -> Callable:
 @checker("6.3")
 def check_lcm_multistep(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 6.3: student(f, z, timesteps, process, generator) -> the final sample (B, ...)."""
-    from ..distill.lcm import lcm_timesteps, multistep
-    from ..predictions import Pred
-    from ..processes import SDDiscrete
-
     g = fresh_generator(seed)
     process = SDDiscrete()
     A = torch.randn(4, 4, generator=g) / 2

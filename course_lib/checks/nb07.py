@@ -8,15 +8,18 @@ from typing import Callable
 import torch
 
 from ..config import seeded
+from ..data2d import exact_denoiser
+from ..distill.consistency import cm_grid
+from ..distill.tcd import tcd_loss_at, tcf
+from ..models import Denoiser, EDMPrecond, MLP2D
 from ..processes import EDM, RectifiedFlow, VPCosine
+from ..samplers import tcd
 from .core import (accept, call_per_sample, checker, draw_seed, explain_exception, fall_back, fresh_generator,
                    param_grads, run_check)
 
 
 def _tiny(proc, g: torch.Generator):
     """A tiny random course model (float64) under `proc`."""
-    from ..models import Denoiser, EDMPrecond, MLP2D
-
     with seeded(draw_seed(g)):
         net = MLP2D(hidden=16, depth=2)
         return (EDMPrecond(net, proc) if isinstance(proc, EDM) else Denoiser(net, proc, "v")).double()
@@ -31,8 +34,6 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 def check_tcf(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 7.1: student(model, x_t, t, s, process) -> f_theta(x_t, t, s) (B, D), the first-order trajectory
     consistency function from t (B,) to s (B,) <= t."""
-    from ..distill.tcd import tcf
-
     g = fresh_generator(seed)
 
     def cases():
@@ -61,8 +62,6 @@ def check_tcf(student: Callable, seed: int | None = None) -> Callable:
 
 def tcd_loss_u(student, target, teacher, x0, eps, t_next, t_cur, u, process):
     """The reference of exercise 7.2: the end point s = u t_cur (u in [0, 1)), one DDIM step of the teacher, l2."""
-    from ..distill.tcd import tcd_loss_at
-
     return tcd_loss_at(student, target, teacher, x0, eps, t_next, t_cur, u * t_cur, process, "ddim", "l2")
 
 
@@ -76,10 +75,6 @@ def check_tcd_loss(student: Callable, seed: int | None = None) -> Callable:
     The values are checked with a target network distinct from the student (so using the online network for the
     target shows), and the gradient with respect to the student's parameters also when target_model IS the student
     (mu = 0): a loss that lets the gradient through the target is rejected."""
-    from ..data2d import exact_denoiser
-    from ..distill.consistency import cm_grid
-    from ..distill.tcd import tcd_loss_at
-
     g = fresh_generator(seed)
     ref = tcd_loss_u
 
@@ -144,8 +139,6 @@ def check_tcd_loss(student: Callable, seed: int | None = None) -> Callable:
 
 def gamma_sample(model, x, ts, process, gamma, noises):
     """The reference of exercise 7.3: samplers.tcd with the given fresh noises."""
-    from ..samplers import tcd
-
     return tcd(model, x, ts, process, gamma=gamma, noises=noises)
 
 

@@ -10,14 +10,16 @@ import torch
 from torch import nn
 
 from ..config import seeded
+from ..distill import add
+from ..distill.add import distill_weight, sample
+from ..distill.gan import hinge_d, r1_penalty
+from ..models import Denoiser, MLP2D
 from ..processes import RectifiedFlow, VPCosine
 from .core import accept, call_per_sample, checker, draw_seed, fall_back, fresh_generator, run_check
 
 
 def _tiny(proc, g: torch.Generator):
     """A tiny random course model (float64) under `proc`."""
-    from ..models import Denoiser, MLP2D
-
     with seeded(draw_seed(g)):
         return Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
 
@@ -36,9 +38,7 @@ def _close(a, b) -> bool:
 
 def distillation_loss(x_hat, teacher, t, eps, process):
     """The reference of exercise 8.1: ADD's L_distill with c(t) = alpha_t (add.distillation_loss)."""
-    from ..distill.add import distillation_loss as ref
-
-    return ref(x_hat, teacher, t, eps, process)
+    return add.distillation_loss(x_hat, teacher, t, eps, process)
 
 
 @checker("8.1")
@@ -47,8 +47,6 @@ def check_distillation_loss(student: Callable, seed: int | None = None) -> Calla
     sigma_t eps, the teacher's x0 of it as a constant target, c(t) ||x_hat - target||^2 with c(t) = alpha_t (mean over
     the data dimensions). Values are compared with the reference, then the gradient with respect to x_hat (which must
     not flow through the teacher)."""
-    from ..distill.add import distill_weight
-
     g = fresh_generator(seed)
     ref = distillation_loss
 
@@ -111,9 +109,7 @@ def check_distillation_loss(student: Callable, seed: int | None = None) -> Calla
 
 def discriminator_loss(D, x_real, x_fake, r1_gamma):
     """The reference of exercise 8.2: hinge + gamma / 2 R1 at the real samples (add.discriminator_loss)."""
-    from ..distill.add import discriminator_loss as ref
-
-    return ref(D, x_real, x_fake, r1_gamma, "hinge")
+    return add.discriminator_loss(D, x_real, x_fake, r1_gamma, "hinge")
 
 
 @checker("8.2")
@@ -121,8 +117,6 @@ def check_discriminator_loss(student: Callable, seed: int | None = None) -> Call
     """Exercise 8.2: student(D, x_real, x_fake, r1_gamma) -> per-sample L_adv^D (B,): relu(1 - D(x_real)) +
     relu(1 + D(x_fake)) + r1_gamma / 2 ||grad_x D(x_real)||^2; the fake samples are a constant (no gradient reaches
     them); the loss must stay differentiable in D's parameters (R1 included: create_graph)."""
-    from ..distill.gan import hinge_d, r1_penalty
-
     g = fresh_generator(seed)
     ref = discriminator_loss
 
@@ -182,8 +176,6 @@ def check_discriminator_loss(student: Callable, seed: int | None = None) -> Call
 
 def trailing_sample(model, z, k, process, noises):
     """The reference of exercise 8.3: add.sample with the given fresh noises."""
-    from ..distill.add import sample
-
     return sample(model, z, k, process, noises=noises)
 
 

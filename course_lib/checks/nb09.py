@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 
 from ..config import seeded
+from ..distill.dmd import dm_loss, fake_score_loss, two_time_scale
+from ..models import Denoiser, MLP2D
 from ..processes import VPCosine
 from .core import (accept, call_per_sample, checker, draw_seed, explain_exception, fall_back, fresh_generator,
                    param_grads)
@@ -19,8 +21,6 @@ from .core import (accept, call_per_sample, checker, draw_seed, explain_exceptio
 
 def _tiny(proc, g: torch.Generator):
     """A tiny random course model (float64, v-parameterised) under `proc`."""
-    from ..models import Denoiser, MLP2D
-
     with seeded(draw_seed(g)):
         return Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
 
@@ -41,8 +41,6 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 9.1: student(x, real, fake, process, t, eps, normalize) -> the distribution-matching loss per sample
     (B,) (DMD Eq. 7-8): 1/2 ||x - sg(x - g)||^2 averaged over the data dimensions, g = (x0_fake - x0_real) /
     mean|x - x0_real| at x_t = alpha_t sg(x) + sigma_t eps, so that d loss / d x = g / D."""
-    from ..distill.dmd import dm_loss
-
     g = fresh_generator(seed)
 
     def reference(x, real, fake, proc, t, eps, normalize):
@@ -104,8 +102,6 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
 def check_fake_score_loss(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 9.2: student(fake, x, t, eps) -> the fake score's denoising loss per sample (B,) on the generator's
     samples x (B, D) (DMD Eq. 6): the ordinary diffusion loss in the fake model's own parameterisation, on sg(x)."""
-    from ..distill.dmd import fake_score_loss
-
     g = fresh_generator(seed)
 
     def reference(fake, x, t, eps):
@@ -151,8 +147,6 @@ def check_fake_score_loss(student: Callable, seed: int | None = None) -> Callabl
 def check_two_time_scale(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 9.3: student(iterations, ttur, update_generator, update_critic) calls update_generator(i) when
     i % ttur == 0 (first) and update_critic(i) on every iteration i (DMD2's two time-scale update rule)."""
-    from ..distill.dmd import two_time_scale
-
     g = fresh_generator(seed)
 
     def run(fn, iterations, ttur):

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import seeded
+from ..distill.gdd import discriminator_loss, frozen_name, generator_loss, paper_frozen, time_share
+from ..models import Denoiser, MLP2D, UNet
+from ..processes import VPCosine
 from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, param_grads, run_check
 
 
@@ -30,8 +33,6 @@ def _close(a, b) -> bool:
 
 def gdd_losses_ref(D: Callable, x_real: torch.Tensor, x_fake: torch.Tensor, r1_weight: float):
     """The reference of exercise 10.1: (L_G, L_D), each (B,)."""
-    from ..distill.gdd import discriminator_loss, generator_loss
-
     return generator_loss(D(x_fake)), discriminator_loss(D, x_real, x_fake, r1_weight)
 
 
@@ -115,9 +116,6 @@ def check_gdd_losses(student: Callable, seed: int | None = None) -> Callable:
 
 def _unet_names() -> list[str]:
     """Parameter names of the course's digits UNet (diffusers UNet2DModel, random weights) as a GDD generator."""
-    from ..models import Denoiser, UNet
-    from ..processes import VPCosine
-
     with seeded(0):
         net = UNet(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, num_classes=3,
                    attention=True)
@@ -125,9 +123,6 @@ def _unet_names() -> list[str]:
 
 
 def _mlp_names() -> list[str]:
-    from ..models import Denoiser, MLP2D
-    from ..processes import VPCosine
-
     with seeded(0):
         net = MLP2D(hidden=8, depth=3)
     return ["model." + n for n, _ in Denoiser(net, VPCosine(), "v").named_parameters()]
@@ -137,8 +132,6 @@ def _mlp_names() -> list[str]:
 def check_freeze_rule(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 10.2: student(name) -> True when GDD-I freezes the parameter `name` of a course model (a UNet2DModel
     or an MLP2D inside the generator). Checked on every parameter name of both backbones."""
-    from ..distill.gdd import frozen_name, paper_frozen
-
     names = _unet_names() + _mlp_names()
     try:
         got = {n: bool(student(n)) for n in names}
@@ -177,8 +170,6 @@ def check_time_share(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 10.3: student(acts) -> the share of the activation variance explained by the timestep, a 0-dim
     tensor, from acts (K timesteps, B inputs, C channels, ...): per channel between / (between + within),
     averaged over channels."""
-    from ..distill.gdd import time_share
-
     g = fresh_generator(seed)
 
     def cases():

@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .. import grids, samplers
 from ..conditioning import Cond, check
 from ..config import announce_once, seeded
 from ..predictions import Pred
@@ -286,27 +287,14 @@ def distill_add(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
     return done.best("student").eval().requires_grad_(False), done
 
 
-@torch.no_grad()
 def sample(G: Callable[..., Pred], z: Tensor, k: int, process: AffineProcess, generator: torch.Generator | None = None,
            cond: Cond | None = None, noises: Tensor | None = None) -> Tensor:
     """k-step ADD sampling from z = x_1 (B, ...) on the trailing grid t_i = 1 - i / k (i = 0..k-1; SD-Turbo's 999,
     749, 499, 249 for k = 4): x0 = G(x, t_i).x0, then x = alpha x0 + sigma eps at t_{i+1} with fresh eps (noises[i]
-    (k - 1, B, ...) when given, else drawn from `generator`), and the last x0 is the sample. This is multistep
-    consistency sampling (samplers.consistency) on grids.uniform(k), ending at x0 itself rather than at t = 0."""
-    times = student_times(k)
-    x = z
-    for i, t in enumerate(times):
-        tt = torch.full((len(z),), t, device=z.device, dtype=z.dtype if z.is_floating_point() else torch.float32)
-        x0 = G(x, tt, cond).x0
-        if i == k - 1:
-            return x0
-        if noises is not None:
-            eps = noises[i].to(x0)
-        else:
-            dev = generator.device if generator is not None else x0.device
-            eps = torch.randn(x0.shape, generator=generator, device=dev).to(x0)
-        x = process.marginal(x0, torch.full_like(tt, times[i + 1]), eps)
-    return x
+    (k - 1, B, ...) when given, else drawn from `generator`), and the last x0 is the sample: samplers.multistep with
+    a clean denoised point on grids.trailing(k), ending at x0 itself rather than at t = 0."""
+    return samplers.multistep(G, z, grids.trailing(k), process, cond=cond, denoised="clean", noises=noises,
+                              generator=generator)
 
 
 __all__ = ["LAMBDA", "ADDConfig", "DinoFeatures", "add_step", "discriminator_loss", "distill_add", "distill_weight",

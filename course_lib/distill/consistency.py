@@ -44,10 +44,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .. import distances, steps
+from .. import distances, precond, samplers, steps
 from ..conditioning import Cond, check
 from ..models import ConsistencyModel
-from ..processes import AffineProcess, EDM, bcast
+from ..processes import AffineProcess, EDM
 from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
 
 T_MIN = 0.002           # course time of the trajectory's end for the vp-cosine and rf processes (sigma ~ 0.003)
@@ -65,17 +65,16 @@ def default_t_min(process: AffineProcess) -> float:
 def consistency_scalings(t: Tensor, process: AffineProcess, t_min: float, sigma_data: float = SIGMA_DATA
                          ) -> tuple[Tensor, Tensor]:
     """(c_skip(t), c_out(t)), each (B,) for t (B,) (paper Appendix C, with sigma_min = sigma(t_min)): c_skip = 1 and
-    c_out = 0 at t = t_min, so f(x, t_min) = x whatever the network outputs. Same values as ConsistencyModel.scalings."""
-    sd, sig = sigma_data, process.sigma(t)
-    d = sig - process.sigma(torch.full_like(t, t_min))
-    return sd**2 / (d * d + sd**2), sd * d / torch.sqrt(sd**2 + sig * sig)
+    c_out = 0 at t = t_min, so f(x, t_min) = x whatever the network outputs. precond's "consistency" scalings, the
+    values of ConsistencyModel.scalings."""
+    return precond.coefficients("consistency", t, process, t, t_min=t_min, sigma_data=sigma_data)
 
 
 def consistency_fn(model: Callable, x: Tensor, t: Tensor, t_min: float, sigma_data: float = SIGMA_DATA,
                    cond: Cond | None = None) -> Tensor:
     """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t) (B, ...) for a course model (x0_hat = model(x, t, cond).x0)."""
-    c_skip, c_out = (bcast(c, x) for c in consistency_scalings(t, model.process, t_min, sigma_data))
-    return c_skip * x + c_out * model(x, t, cond).x0
+    return precond.boundary("consistency", x, t, model(x, t, cond).x0, model.process, t_min=t_min,
+                            sigma_data=sigma_data).x0
 
 
 def consistency_model(model: nn.Module, t_min: float | None = None, sigma_data: float = SIGMA_DATA
@@ -327,7 +326,6 @@ def _describe(cfg: CMConfig) -> dict:
 
 # --- sampling ----------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def multistep_sample(model: Callable, x: Tensor, ts: Tensor | list[float], process: AffineProcess, t_min: float,
                      noises: Tensor | None = None, generator: torch.Generator | None = None,
                      return_path: bool = False, cond: Cond | None = None) -> Tensor:
@@ -338,27 +336,13 @@ def multistep_sample(model: Callable, x: Tensor, ts: Tensor | list[float], proce
                             x0 = f(x_tau, tau)
 
     (x0 is a point at t_min, so it is re-noised from t_min to tau with the process's own kernel; for edm this is the
-    paper's x0 + sqrt(tau^2 - sigma_min^2) z.) One evaluation per entry of ts. noises (len(ts) - 1, B, ...) fixes
-    the fresh z; otherwise they are drawn from `generator` (on its device, then moved). With return_path the
-    estimates x0 after every step, (len(ts), B, ...)."""
-    from ..samplers import renoise
-
-    ts = [float(v) for v in ts]
-    tm = torch.full((len(x),), t_min, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                    device=x.device)
-    x0 = model(x, torch.full_like(tm, ts[0]), cond).x0
-    path = [x0]
-    for k, tau in enumerate(ts[1:]):
-        if noises is not None:
-            z = noises[k]
-        else:
-            dev = generator.device if generator is not None else "cpu"
-            z = torch.randn(x.shape, generator=generator, device=dev, dtype=torch.promote_types(x.dtype, torch.float32)
-                            ).to(device=x.device, dtype=x.dtype)
-        x_tau = renoise(x0, tm, torch.full_like(tm, tau), process, z)
-        x0 = model(x_tau, torch.full_like(tm, tau), cond).x0
-        path.append(x0)
-    return torch.stack(path) if return_path else x0
+    paper's x0 + sqrt(tau^2 - sigma_min^2) z.) One evaluation per entry of ts: samplers.multistep with the denoised
+    point at t_min on the grid [*ts, t_min]. noises (len(ts) - 1, B, ...) fixes the fresh z; otherwise they are
+    drawn from `generator` (on its device, then moved). With return_path the states x_tau and the result,
+    (len(ts) + 1, B, ...)."""
+    grid = torch.tensor([*(float(v) for v in ts), float(t_min)], dtype=torch.float64)
+    return samplers.multistep(model, x, grid, process, cond=cond, denoised=float(t_min), noises=noises, generator=generator,
+                              return_path=return_path)
 
 
 def step_times(n: int, intermediate: list[float] | None = None) -> list[float]:

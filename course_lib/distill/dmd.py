@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .. import distances
+from .. import distances, grids, samplers
 from ..conditioning import Cond, check
 from ..config import seeded
 from ..guidance import cfg as guided
@@ -165,14 +165,13 @@ def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, y_example: Any
 
 def generator_times(k: int, t_first: float = 1.0) -> list[float]:
     """The times at which a k-step generator is called: t_first (1 - i/k) for i = 0..k-1, i.e. 1, (k-1)/k, ..., 1/k
-    for t_first = 1 (SD's trailing grid 999, 749, 499, 249 for k = 4; DMD2 `denoising_step_list`). Its first input is
-    pure noise whatever t_first: a one-step generator told t_first < 1 (DMD2's one-step SDXL uses timestep 399)
-    starts from a teacher that already maps noise to data-like samples instead of to their mean."""
+    for t_first = 1 (grids.trailing without its final 0: SD's trailing grid 999, 749, 499, 249 for k = 4; DMD2
+    `denoising_step_list`). Its first input is pure noise whatever t_first: a one-step generator told t_first < 1
+    (DMD2's one-step SDXL uses timestep 399) starts from a teacher that already maps noise to data-like samples
+    instead of to their mean."""
     if k < 1:
         raise ValueError(f"a generator needs at least one step; got {k}")
-    if not 0.0 < t_first <= 1.0:
-        raise ValueError(f"t_first must be in (0, 1]; got {t_first}")
-    return [t_first * (1.0 - i / k) for i in range(k)]
+    return grids.trailing(k, t_first)[:-1].tolist()
 
 
 def backward_simulate(G: Callable[..., Pred], z: Tensor, i: int, times: list[float], process: AffineProcess,
@@ -322,12 +321,9 @@ def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
     return done.best("generator").eval().requires_grad_(False), done
 
 
-@torch.no_grad()
 def sample(G: Callable[..., Pred], z: Tensor, k: int, process: AffineProcess, generator: torch.Generator,
            cond: Cond | None = None, t_first: float = 1.0) -> Tensor:
-    """k-step generation on the generator's grid generator_times(k, t_first) (denoise, re-noise with fresh noise,
-    ...; DMD2 / LCM scheduling): backward simulation to the last step, then its x0. (B, ...)"""
-    from ..samplers import consistency
-
-    ts = torch.tensor([*generator_times(k, t_first), 0.0], dtype=torch.float64)
-    return consistency(G, z, ts, process, generator=generator, cond=cond)
+    """k-step generation on the generator's grid grids.trailing(k, t_first) (denoise, re-noise with fresh noise,
+    ...; DMD2 / LCM scheduling): backward simulation to the last step, then its x0 (B, ...). samplers.consistency:
+    samplers.multistep with the jump to t = 0 (gamma = 1)."""
+    return samplers.consistency(G, z, grids.trailing(k, t_first), process, generator=generator, cond=cond)

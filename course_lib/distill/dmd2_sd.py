@@ -73,8 +73,8 @@ def shipped_dir() -> Path:
 
 def digit_batches(sd: Any, n_images: int | None = None) -> Callable[[int, torch.Generator], dict]:
     """sample_batch(n, g) -> {"x": real latents of the mini SD's training digits (n, 4, h, w), "cond": Cond of their
-    captions} (the latents and caption embeddings of lcm.digit_batches)."""
-    from .lcm import digit_batches as pairs
+    captions} (the latents and caption embeddings of minisd.digit_batches)."""
+    from ..minisd import digit_batches as pairs
 
     draw = pairs(sd, n_images)
 

@@ -39,11 +39,11 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import precond
 from ..conditioning import Cond, check
-from ..predictions import Pred
-from ..processes import AffineProcess, bcast, time_dtype
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
-from .gan import generate_one_step, guard, ns_d, ns_g, r1_penalty, tapped, trainable_fraction
+from .gan import (DenoiserFeatures, discriminator, generate_one_step, guard, ns_d, ns_g, r1_penalty, tapped,
+                  trainable_fraction)
 
 SIGMA_MIN = 0.002     # GDDPrecond's eps: the boundary condition D(x; eps) = x (EDM's sigma_min)
 SIGMA_DATA = 0.5      # EDM's sigma_data
@@ -52,20 +52,20 @@ SIGMA_DATA = 0.5      # EDM's sigma_data
 # --- the generator: GDD's preconditioning on a course model ---------------------------------------------------------
 
 def gdd_scalings(sigma: Tensor, eps: float = SIGMA_MIN, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor]:
-    """GDDPrecond's (c_skip, c_out) at EDM noise levels sigma (B,): c_skip = 1, c_out = 0 at sigma = eps."""
-    sd, d = sigma_data, sigma - eps
-    return sd**2 / (d * d + sd**2), d * sd / torch.sqrt(sigma * sigma + sd**2)
+    """GDDPrecond's (c_skip, c_out) at EDM noise levels sigma (B,): c_skip = 1, c_out = 0 at sigma = eps (precond.gdd)."""
+    return precond.gdd(sigma, eps, sigma_data)
 
 
 def edm_scalings_ve(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor]:
-    """EDM's own (c_skip, c_out) (Karras et al. 2022, Eq. 7): sd^2 / (sigma^2 + sd^2), sigma sd / sqrt(sigma^2 + sd^2)."""
-    sd = sigma_data
-    return sd**2 / (sigma * sigma + sd**2), sigma * sd / torch.sqrt(sigma * sigma + sd**2)
+    """EDM's own (c_skip, c_out) (Karras et al. 2022, Eq. 7): sd^2 / (sigma^2 + sd^2), sigma sd / sqrt(sigma^2 + sd^2)
+    (precond.edm)."""
+    return precond.edm(sigma, sigma_data)[:2]
 
 
-class GDDPrecond(nn.Module):
-    """A course model (x, t[, y]) -> Pred with GDD's preconditioning: in EDM variables x_ve = x / alpha_t,
-    sigma = sigma_t / alpha_t, with F = (x0_hat - c_skip^EDM x_ve) / c_out^EDM the backbone's EDM output,
+class GDDPrecond(precond.Boundary):
+    """A course model (x, t[, y]) -> Pred with GDD's preconditioning (precond.Boundary with the "gdd" scalings): in
+    EDM variables x_ve = x / alpha_t, sigma = sigma_t / alpha_t, with F = (x0_hat - c_skip^EDM x_ve) / c_out^EDM the
+    backbone's EDM output,
 
         D(x, t) = c_skip^GDD(sigma) x_ve + c_out^GDD(sigma) F                                   (B, ...)
 
@@ -73,28 +73,15 @@ class GDDPrecond(nn.Module):
     model alpha = 1 and this is the paper's GDDPrecond on the same network. D(x, t) = x / alpha at sigma = eps."""
 
     def __init__(self, model: nn.Module, eps: float = SIGMA_MIN, sigma_data: float = SIGMA_DATA):
-        super().__init__()
-        self.model, self.eps, self.sigma_data = model, float(eps), float(sigma_data)
+        super().__init__(model, "gdd", eps=eps, sigma_data=sigma_data)
 
     @property
-    def process(self) -> AffineProcess:
-        return self.model.process
+    def eps(self) -> float:
+        return self.params["eps"]
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Pred:
-        t = t.to(time_dtype(x.dtype))
-        alpha, sig = self.process.alpha(t).double(), self.process.sigma(t).double()
-        s_ve = sig / alpha                                                               # (B,) EDM's sigma
-        cs_g, co_g = gdd_scalings(s_ve, self.eps, self.sigma_data)
-        cs_e, co_e = edm_scalings_ve(s_ve, self.sigma_data)
-        r = co_g / co_e                                                                  # -> 1 as sigma grows
-        skip = (cs_g - r * cs_e) / alpha                                                 # coefficient of x (not x_ve)
-        x0 = self.model(x, t, cond).x0
-        d = bcast(skip.to(x.dtype), x) * x + bcast(r.to(x.dtype), x) * x0                # (B, ...)
-        a, s = bcast(self.process.alpha(t), x), bcast(self.process.sigma(t), x)
-        return Pred(d.to(x.dtype), ((x - a * d) / s).to(x.dtype))
-
-    def config(self) -> dict:
-        return {"kind": "gdd", "eps": self.eps, "sigma_data": self.sigma_data, "model": self.model.config()}
+    @property
+    def sigma_data(self) -> float:
+        return self.params["sigma_data"]
 
 
 def generator(teacher: nn.Module, freeze: str = "none") -> GDDPrecond:
@@ -307,8 +294,6 @@ def make_discriminator(teacher: nn.Module, x_example: Tensor, y_example: Cond | 
                        t_range: tuple[float, float] | None = None, hidden: int = 64) -> nn.Module:
     """A fresh gan.Discriminator: trainable heads (class-projection heads when y_example is given) on the frozen
     teacher's default feature layers (gan.default_taps) of re-noised inputs, t ~ U(t_range)."""
-    from .gan import DenoiserFeatures, discriminator
-
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
     image = x_example.ndim == 4
     rng = t_range if t_range is not None else (T_RANGE_DIGITS if image else T_RANGE_2D)

@@ -38,24 +38,21 @@ starts exactly as the teacher (LCM's scripts leave it randomly initialised); the
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import distances, steps
+from .. import distances, precond, samplers, steps
 from ..conditioning import Cond
 from ..config import seeded
+from ..grids import ddim_timesteps, lcm_timesteps, skipping_step  # noqa: F401  (LCM's grids, in grids.py)
 from ..guidance import cfg as guided
 from ..predictions import Pred
-from ..processes import SDDiscrete, bcast
-from ..sd import AdapterOff, SDDenoiser, adapter_disabled, add_lora, lcm_timestep_cond, load_lora
+from ..processes import SDDiscrete, time_dtype
+from ..sd import AdapterOff, SDDenoiser, add_lora, lcm_timestep_cond, require_codec
 from ..train import Network, StepContext, Target, TrainConfig, train_networks
 
 TIMESTEP_SCALING = 10.0        # s in c_skip, c_out (diffusers' LCMScheduler timestep_scaling, PR #5681)
@@ -67,36 +64,11 @@ LORA_W = 4.0                   # the fixed w of the course's LCM-LoRA (minisd.DE
 # LCM-LoRA's target modules (diffusers' train_lcm_distill_lora_sd_wds.py)
 LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
-LCM_JSON = "lcm.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Grids and scalings on diffusers' integer timesteps
 # ----------------------------------------------------------------------------------------------------------------
-
-def skipping_step(original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> int:
-    """LCM's skipping step k = T // N (20 for N = 50)."""
-    if not 1 <= original_steps <= T:
-        raise ValueError(f"the DDIM grid needs 1 <= N <= T = {T} points; got N = {original_steps}")
-    return T // original_steps
-
-
-def ddim_timesteps(original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> Tensor:
-    """LCM's training grid tau_i = i k - 1, i = 1..N (increasing), int64 (N,)."""
-    k = skipping_step(original_steps, T)
-    return torch.arange(1, original_steps + 1, dtype=torch.int64) * k - 1
-
-
-def lcm_timesteps(n: int, original_steps: int = ORIGINAL_STEPS, T: int = 1000) -> Tensor:
-    """The n timesteps diffusers' LCMScheduler.set_timesteps(n) visits: evenly spaced entries (floor of
-    linspace(0, N, n, endpoint=False)) of the reversed training grid. int64 (n,), decreasing:
-    n = 4 gives 999, 759, 499, 259."""
-    if not 1 <= n <= original_steps:
-        raise ValueError(f"LCM samples 1 to {original_steps} steps (a subset of its training grid); got {n}")
-    grid = ddim_timesteps(original_steps, T).flip(0)
-    idx = np.floor(np.linspace(0, original_steps, num=n, endpoint=False)).astype(np.int64)
-    return grid[torch.from_numpy(idx)]
-
 
 def lcm_grid(n: int, process: SDDiscrete, original_steps: int = ORIGINAL_STEPS) -> Tensor:
     """lcm_timesteps as course times t = (tau + 1) / T, then t = 0 (the grids module's length contract: n + 1)."""
@@ -107,16 +79,9 @@ def lcm_grid(n: int, process: SDDiscrete, original_steps: int = ORIGINAL_STEPS) 
 def boundary_scalings(timesteps: Tensor, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
                       ) -> tuple[Tensor, Tensor]:
     """LCM's (c_skip, c_out) at integer timesteps tau (B,) (LCMScheduler.get_scalings_for_boundary_condition_discrete):
-    c_skip = sd^2 / ((s tau)^2 + sd^2), c_out = s tau / sqrt((s tau)^2 + sd^2). c_skip(0) = 1, c_out(0) = 0."""
-    st = timesteps.to(torch.float64) * timestep_scaling
-    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
-    c_out = st / torch.sqrt(st**2 + sigma_data**2)
-    return c_skip, c_out
-
-
-def timestep_of(t: Tensor, process: SDDiscrete) -> Tensor:
-    """The integer timestep tau = T t - 1 of course times t (B,) on the grid (rounded: float times carry rounding)."""
-    return torch.round(process.timestep(t.to(torch.float64)))
+    c_skip = sd^2 / ((s tau)^2 + sd^2), c_out = s tau / sqrt((s tau)^2 + sd^2). c_skip(0) = 1, c_out(0) = 0
+    (precond.lcm)."""
+    return precond.lcm(timesteps, sigma_data, timestep_scaling)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,18 +147,16 @@ class LCMModel(nn.Module):
                        timestep_cond=emb.to(cond.text.device if cond.text is not None else emb.device))
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Pred:
-        pred = self.denoiser(x, t, self.w_input(cond))
-        c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
-        f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * pred.x0).to(x.dtype)
-        t64 = t.to(torch.float64)
-        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
-        eps = (x - a * f) / s.clamp_min(1e-12)
-        return Pred(f, eps.to(x.dtype))
+        return self.boundary(x, t, self.denoiser(x, t, self.w_input(cond)).x0)
+
+    def boundary(self, x: Tensor, t: Tensor, x0_hat: Tensor) -> Pred:
+        """f = c_skip x + c_out x0_hat with LCM's scalings (precond's "lcm"), as Pred(f, eps consistent with x)."""
+        return precond.boundary("lcm", x, t.to(time_dtype(x.dtype)), x0_hat, self.process,
+                                sigma_data=self.sigma_data, timestep_scaling=self.timestep_scaling)
 
     def config(self) -> dict:
         return {"arch": "lcm", "denoiser": self.denoiser.config(), "w_range": self.w_range, "w_fixed": self.w_fixed,
                 "sigma_data": self.sigma_data, "timestep_scaling": self.timestep_scaling}
-
 
 
 class GuidedTeacherLCM(nn.Module):
@@ -209,12 +172,8 @@ class GuidedTeacherLCM(nn.Module):
         if cond.w is None:
             raise ValueError("the guided teacher needs its guidance weight w: pass cond.with_w(w)")
         x0 = guided(self.denoiser, cond.w)(x, t, cond.with_w(None)).x0
-        c_skip, c_out = boundary_scalings(timestep_of(t, self.process), self.sigma_data, self.timestep_scaling)
-        f = (bcast(c_skip.to(x), x) * x + bcast(c_out.to(x), x) * x0).to(x.dtype)
-        t64 = t.to(torch.float64)
-        a, s = (bcast(v.to(x), x) for v in (self.process.alpha(t64), self.process.sigma(t64)))
-        return Pred(f, ((x - a * f) / s.clamp_min(1e-12)).to(x.dtype))
-
+        return precond.boundary("lcm", x, t.to(time_dtype(x.dtype)), x0, self.process, sigma_data=self.sigma_data,
+                                timestep_scaling=self.timestep_scaling)
 
 
 def lcm_student(teacher: nn.Module, w_dim: int = W_EMBED_DIM, w_range: tuple[float, float] = W_RANGE,
@@ -317,65 +276,16 @@ def lcm_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscrete, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: latents of the teacher's own autoencoder, text of its own encoder
-# ----------------------------------------------------------------------------------------------------------------
-
-def require_codec(sd: Any) -> None:
-    """LCM distils in the latent space of the teacher's own VAE: refuse a teacher that comes without it."""
-    if getattr(sd, "vae", None) is None or getattr(sd, "text", None) is None:
-        raise ValueError("a latent teacher needs its autoencoder and text encoder: LCM distils in the teacher's own "
-                         "latent space (images -> its VAE's scaled latents) with its own text embeddings. Pass the "
-                         "whole model from sd.load_sd(folder) or minisd.load_mini_sd(), not the UNet alone")
-    latent = sd.vae.vae.config.latent_channels
-    if latent != sd.model.unet.config.in_channels:
-        raise ValueError(f"the VAE makes {latent}-channel latents but the UNet takes "
-                         f"{sd.model.unet.config.in_channels}: this autoencoder is not the teacher's own")
-
-
-@torch.no_grad()
-def digit_batches(sd: Any, n_images: int | None = None, batch: int = 250) -> Callable[[int, torch.Generator], tuple]:
-    """sample_batch(n, generator) -> (z0 (n, 4, h, w) posterior samples of the teacher's VAE latents, Cond of the
-    captions) over the mini SD's training digits in every ink colour and caption template (minisd's data; the
-    first n_images digits when given). Latents and caption embeddings are computed once."""
-    from .. import minisd
-
-    require_codec(sd)
-    data = minisd.training_digits()
-    if n_images is not None:
-        data = minisd.Digits(data.x[:n_images], data.y[:n_images], data.thick[:n_images], data.edges)
-    vae = sd.vae.vae
-    mean, std = minisd.encode_all(vae, data, batch)                     # (N, C, 4, h, w) unscaled
-    scale, shift = sd.vae.scale, sd.vae.shift
-    texts = [minisd.caption(d, th, c, k) for d in range(10) for th in minisd.THICKNESS for c in minisd.COLOURS
-             for k in range(len(minisd.TEMPLATES))]
-    emb = torch.cat([sd.text.embed(texts[i:i + 500]) for i in range(0, len(texts), 500)])
-    n_t, n_c, n_k = len(minisd.THICKNESS), len(minisd.COLOURS), len(minisd.TEMPLATES)
-    emb = emb.view(10, n_t, n_c, n_k, *emb.shape[1:])
-    null = sd.text.embed([""])
-    N = len(data.x)
-
-    def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Cond]:
-        idx = torch.randint(0, N, (n,), generator=g, device=g.device).cpu()
-        col = torch.randint(0, n_c, (n,), generator=g, device=g.device).cpu()
-        tpl = torch.randint(0, n_k, (n,), generator=g, device=g.device).cpu()
-        e = torch.randn((n, *mean.shape[2:]), generator=g, device=g.device).cpu()
-        z0 = (mean[idx, col] + std[idx, col] * e - shift) * scale
-        return z0, Cond(text=emb[data.y[idx], data.thick[idx], col, tpl], null_text=null)
-
-    return sample_batch
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Distillation: a full student with a w-embedding, or an LCM-LoRA
 # ----------------------------------------------------------------------------------------------------------------
 
-def distill_lcm(sd: Any, cfg: LCMConfig, sample_batch: Callable | None = None,
+def distill_lcm(sd: Any, cfg: LCMConfig, sample_batch: Callable,
                 ckpt_dir: str | os.PathLike | None = None, progress: bool = True,
                 target_fn: Callable[..., Tensor] | None = None) -> LCMModel:
     """Latent consistency distillation (LCD) of sd (sd.SD: model, text, vae) into a student with a w-embedding
-    trained on [cfg.w_min, cfg.w_max]. Resumes from ckpt_dir. Returns the trained student (eval mode)."""
+    trained on [cfg.w_min, cfg.w_max], on sample_batch(n, generator) -> (z0 latents, Cond) (e.g.
+    minisd.digit_batches(sd)). Resumes from ckpt_dir. Returns the trained student (eval mode)."""
     require_codec(sd)
-    sample_batch = sample_batch or digit_batches(sd)
     teacher = sd.model
     student = lcm_student(teacher, cfg.w_dim, (cfg.w_min, cfg.w_max), cfg.seed)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
@@ -388,15 +298,14 @@ def distill_lcm(sd: Any, cfg: LCMConfig, sample_batch: Callable | None = None,
     return student.eval().requires_grad_(False)
 
 
-def distill_lcm_lora(sd: Any, cfg: LCMConfig, w: float = LORA_W, sample_batch: Callable | None = None,
+def distill_lcm_lora(sd: Any, cfg: LCMConfig, w: float, sample_batch: Callable,
                      ckpt_dir: str | os.PathLike | None = None, progress: bool = True,
                      target_fn: Callable[..., Tensor] | None = None) -> LCMModel:
     """LCM-LoRA: add a LoRA adapter (rank cfg.lora_rank, LCM-LoRA's target modules) to sd.model IN PLACE and distil
-    it with LCD at the fixed guidance weight w (no w-embedding). The teacher is sd.model with the adapter disabled.
+    it with LCD at the fixed guidance weight w (no w-embedding; the course's is LORA_W) on sample_batch (as
+    distill_lcm's). The teacher is sd.model with the adapter disabled.
     Returns the LCM-LoRA student (sd.model with its adapter, as an LCMModel)."""
-
     require_codec(sd)
-    sample_batch = sample_batch or digit_batches(sd)
     model = sd.model
     if model.lora is None:
         add_lora(model, r=cfg.lora_rank, target_modules=present_targets(model.unet), seed=cfg.seed)
@@ -417,72 +326,6 @@ def present_targets(unet: nn.Module, targets: Sequence[str] = LCM_LORA_TARGETS) 
     return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
 
 
-STYLE = "style"          # adapter name of a second LoRA composed with the LCM-LoRA (the "acceleration vector")
-
-
-def train_style_lora(sd: Any, colour: str = "red", steps: int = 200, batch: int = 64, lr: float = 1e-3, r: int = 4,
-                     seed: int = 0, n_images: int | None = None, progress: bool = True) -> nn.Module:
-    """A second LoRA of the course's own (adapter name STYLE) on sd.model's UNet: Stable Diffusion's own loss on the
-    training digits drawn ONLY in `colour`, with captions that never name a colour, so that the LoRA learns "ink is
-    <colour>". Only this adapter trains (an LCM-LoRA already on the UNet is switched off while it trains).
-    Returns the UNet, with the style adapter active alone."""
-    from peft import LoraConfig
-
-    from .. import minisd
-    from ..train import TrainConfig, train
-
-    require_codec(sd)
-    if colour not in minisd.COLOURS:
-        raise ValueError(f"colour is one of {tuple(minisd.COLOURS)}; got {colour!r}")
-    unet, proc = sd.model.unet, sd.model.process
-    data = minisd.training_digits()
-    if n_images is not None:
-        data = minisd.Digits(data.x[:n_images], data.y[:n_images], data.thick[:n_images], data.edges)
-    c = list(minisd.COLOURS).index(colour)
-    with torch.no_grad():
-        rgb = minisd.colourize(data.x, minisd.COLOUR_TABLE[c].expand(len(data.x), 3))
-        latents = torch.cat([sd.vae.encode(rgb[i:i + 500]) for i in range(0, len(rgb), 500)])   # (N, 4, h, w)
-        plain = [k for k in range(len(minisd.TEMPLATES)) if not minisd.template_fields(k)[1]]    # no colour named
-        texts = [minisd.caption(d, th, None, k) for d in range(10) for th in minisd.THICKNESS for k in plain]
-        emb = sd.text.embed(texts).view(10, len(minisd.THICKNESS), len(plain), -1, sd.text.embed([""]).shape[-1])
-    unet.requires_grad_(False)
-    with seeded(seed):
-        unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
-                                    target_modules=list(present_targets(unet, ("to_q", "to_k", "to_v", "to_out.0")))),
-                         adapter_name=STYLE)
-    unet.set_adapter(STYLE)                 # only the style adapter is active (and trainable)
-    den = sd.model
-
-    def sample_batch(n: int, g: torch.Generator):
-        idx = torch.randint(0, len(latents), (n,), generator=g, device=g.device).cpu()
-        tpl = torch.randint(0, len(plain), (n,), generator=g, device=g.device).cpu()
-        return latents[idx], emb[data.y[idx], data.thick[idx], tpl]
-
-    def loss(model, b, g):                  # SD's eps loss (minisd.ldm_loss) through the course's SDDenoiser
-        z0, text = b
-        i = torch.randint(0, proc.T, (len(z0),), generator=g, device=g.device).to(z0.device)
-        t = proc.t_of_timestep(i).to(z0.dtype)
-        eps = torch.randn(z0.shape, generator=g, device=g.device).to(z0)
-        pred = den.raw(proc.marginal(z0, t, eps), t, Cond(text=text))
-        return (pred - eps).pow(2).flatten(1).mean(1)
-
-    holder = _Trainable(unet)
-    train(holder, loss, sample_batch, TrainConfig(steps=steps, batch_size=batch, lr=lr, ema_decay=0.0, seed=seed,
-                                                  desc=f"style LoRA ({colour} ink)"), progress=progress)
-    return unet
-
-
-class _Trainable(nn.Module):
-    """The UNet for the engine's one-network train(): its trainable (style-adapter) parameters, nothing else."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def config(self) -> dict:
-        return {"arch": "style-lora"}
-
-
 def compose(unet: nn.Module, adapters: dict[str, float]) -> None:
     """Activate LoRA adapters with weights, e.g. {"default": 1.0, STYLE: 0.8}: the LCM-LoRA paper's
     theta' = theta_pre + lambda_1 tau_style + lambda_2 tau_LCM ({} switches every adapter off)."""
@@ -497,25 +340,16 @@ def compose(unet: nn.Module, adapters: dict[str, float]) -> None:
 # Sampling (Luo et al. 2023, Algorithm 3; diffusers' LCMScheduler)
 # ----------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def multistep(f: Callable[..., Pred], z: Tensor, timesteps: Tensor, process: SDDiscrete,
               generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
     """Multistep latent consistency sampling. f(z, t, cond) -> Pred whose .x0 is the consistency function (cond: the
-    prompts' Cond, with w for an LCM: cond.with_w(w)); timesteps the
-    LCM timesteps (n,) (lcm_timesteps), decreasing. At each tau_i: z0 = f(z, t_i); before the last step, re-noise to
+    prompts' Cond, with w for an LCM: cond.with_w(w)); timesteps the LCM timesteps (n,) (lcm_timesteps), decreasing.
+    At each tau_i: z0 = f(z, t_i); before the last step, re-noise to
     the NEXT timestep with fresh noise: z = alpha(t_{i+1}) z0 + sigma(t_{i+1}) eps, eps = torch.randn(z.shape,
-    generator, dtype=z.dtype); the last step returns z0. Equals LCMScheduler with the same noise (tests/test_lcm.py)."""
-    ts = process.t_of_timestep(timesteps.to(torch.float64))
-    for i in range(len(ts)):
-        t = ts[i].to(torch.float32).expand(len(z)).to(z.device)
-        z0 = f(z, t, cond).x0
-        if i == len(ts) - 1:
-            return z0
-        s = ts[i + 1].to(torch.float64).reshape(1)
-        eps = torch.randn(z.shape, generator=generator, dtype=z.dtype,
-                          device=generator.device if generator is not None else "cpu").to(z.device)
-        z = (process.alpha(s).to(z) * z0 + process.sigma(s).to(z) * eps).to(z.dtype)
-    return z
+    generator, dtype=z.dtype); the last step returns z0. samplers.multistep with a clean denoised point on the
+    integer grid ending at timestep -1 (t = 0). Equals LCMScheduler with the same noise (tests/test_lcm.py)."""
+    grid = torch.cat([timesteps.to(torch.int64), torch.tensor([-1])])
+    return samplers.multistep(f, z, grid, process, cond=cond, denoised="clean", generator=generator)
 
 
 @torch.no_grad()
@@ -539,209 +373,3 @@ def sample(sd: Any, student: nn.Module, prompts: Sequence[str], steps: int = 4, 
         z = (sampler or multistep)(student, z1[k:k + batch], taus, student.process, g, cond=cond.with_w(w))
         out.append(sd.vae.decode(z).clamp(-1, 1))
     return torch.cat(out)
-
-
-def evaluate(sd: Any, student: nn.Module, n: int = 500, steps: int = 4, w: float | None = None,
-             seeds: Sequence[int] = (0, 1, 2), sampler: Callable[..., Tensor] | None = None) -> dict[str, Any]:
-    """minisd.evaluate for an LCM student: the same prompts per seed (minisd.evaluate_images), adherence and KID/FD
-    against held-out and training digits, mean and spread over the seeds."""
-    from .. import minisd
-
-    return minisd.evaluate_images(lambda prompts, s: sample(sd, student, prompts, steps, w, seed=s, sampler=sampler),
-                                  n, seeds, steps=steps, w=w)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Saving and loading (diffusers' formats, plus lcm.json with the settings and the base model's fingerprint)
-# ----------------------------------------------------------------------------------------------------------------
-
-def base_fingerprint(unet: nn.Module) -> str:
-    """A short hash of a base UNet: its public config and (a strided subset of) its non-LoRA weights, the base a LoRA
-    was trained on."""
-    h = hashlib.sha256()
-    cfg = {k: v for k, v in sorted(dict(unet.config).items()) if not k.startswith("_")}
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_" in name:
-                continue
-            h.update(name.replace(".base_layer", "").encode())
-            flat = p.detach().flatten()
-            # the bytes of up to 4096 evenly strided entries: exact, and independent of the thread count (a float
-            # sum is not: its rounding depends on how the threads split it)
-            h.update(flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def save_lcm(student: LCMModel, folder: str | os.PathLike, info: dict | None = None) -> Path:
-    """A full LCM student: its UNet in diffusers' format (folder/unet: UNet2DConditionModel.from_pretrained) and
-    lcm.json (w range, scalings, info such as the command and measured quality)."""
-    if student.w_dim is None:
-        raise ValueError("this is an LCM-LoRA: save it with save_lcm_lora")
-    return save_unet_student(student.denoiser.unet, folder, LCM_JSON, {
-        "kind": "lcm", "w_range": student.w_range, "sigma_data": student.sigma_data,
-        "timestep_scaling": student.timestep_scaling, "original_inference_steps": ORIGINAL_STEPS, **(info or {})})
-
-
-def load_lcm(folder: str | os.PathLike, teacher: nn.Module) -> LCMModel:
-    """An LCM student saved by save_lcm, for the teacher (an sd.SDDenoiser) it was distilled from."""
-    denoiser, meta = load_unet_student(folder, LCM_JSON, teacher, "LCM student (save_lcm writes one)")
-    return LCMModel(denoiser, w_range=tuple(meta["w_range"]), sigma_data=meta["sigma_data"],
-                    timestep_scaling=meta["timestep_scaling"])
-
-
-def save_unet_student(unet: nn.Module, folder: str | os.PathLike, meta_file: str, meta: dict) -> Path:
-    """A full student of an SD teacher (LCM, TCD): its UNet in diffusers' format (folder/unet) and its settings as
-    JSON (folder/meta_file)."""
-    folder = Path(folder)
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
-    (folder / meta_file).write_text(json.dumps(meta, indent=2))
-    return folder
-
-
-def load_unet_student(folder: str | os.PathLike, meta_file: str, teacher: nn.Module, what: str
-                      ) -> tuple[nn.Module, dict]:
-    """(the student's UNet as an sd.SDDenoiser with the teacher's process and parameterisation, its settings) from a
-    folder written by save_unet_student; `what` names the student in the error when meta_file is missing."""
-    from diffusers import UNet2DConditionModel
-
-
-    folder = Path(folder)
-    if not (folder / meta_file).is_file():
-        raise FileNotFoundError(f"{folder / meta_file} is missing: {folder} holds no {what}")
-    meta = json.loads((folder / meta_file).read_text())
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
-    return SDDenoiser(unet, teacher.process, teacher.parameterization), meta
-
-
-def save_peft_lora(unet: nn.Module, folder: str | os.PathLike, adapter: str = "default") -> Path:
-    """Save one LoRA adapter of `unet` in diffusers' file (folder/pytorch_lora_weights.safetensors, keys
-    "unet.<module>.lora_A/B.weight", peft's names, which load_lora_weights reads). sd.save_lora converts the keys to
-    diffusers' old names, which mixes two formats once the adapter also covers convolutions and feed-forwards."""
-    from diffusers import StableDiffusionPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    peft_weights = get_peft_model_state_dict(unet, adapter_name=adapter)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in peft_weights.items()}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=weights, safe_serialization=True,
-                                              unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
-    return folder
-
-
-def save_lcm_lora(student: LCMModel, folder: str | os.PathLike, info: dict | None = None) -> Path:
-    """The LCM-LoRA adapter in diffusers' format (pipe.load_lora_weights(folder)) and lcm.json with the fixed w and
-    the fingerprint of the base UNet it was distilled on."""
-    folder = Path(folder)
-    with adapter_disabled(student):
-        fp = base_fingerprint(student.denoiser.unet)
-    save_peft_lora(student.denoiser.unet, folder)
-    meta = {"kind": "lcm-lora", "w_fixed": student.w_fixed, "base_fingerprint": fp,
-            "sigma_data": student.sigma_data, "timestep_scaling": student.timestep_scaling, **(info or {})}
-    (folder / LCM_JSON).write_text(json.dumps(meta, indent=2))
-    return folder
-
-
-def load_lcm_lora(model: nn.Module, folder: str | os.PathLike) -> LCMModel:
-    """Load an LCM-LoRA saved by save_lcm_lora onto `model` (an sd.SDDenoiser without an adapter: the base it was
-    distilled on). A LoRA distilled on another base model is refused with a clear error."""
-
-    folder = Path(folder)
-    if not (folder / LCM_JSON).is_file():
-        raise FileNotFoundError(f"{folder / LCM_JSON} is missing: {folder} holds no LCM-LoRA "
-                                "(save_lcm_lora writes one)")
-    meta = json.loads((folder / LCM_JSON).read_text())
-    fp = base_fingerprint(model.unet)
-    if fp != meta["base_fingerprint"]:
-        raise ValueError(f"this LCM-LoRA was distilled on another base model (fingerprint {meta['base_fingerprint']}, "
-                         f"this UNet's is {fp}): an acceleration LoRA only works on the weights it was trained "
-                         "against. "
-                         "Load it onto its own base (e.g. minisd.load_mini_sd()) or distil one for this model")
-    load_lora(model, folder)
-    return LCMModel(model, w_fixed=meta["w_fixed"], sigma_data=meta["sigma_data"],
-                    timestep_scaling=meta["timestep_scaling"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The shipped students: python -m course_lib.distill.lcm train
-# ----------------------------------------------------------------------------------------------------------------
-
-
-
-def shipped_dir() -> Path:
-    from .. import paths
-
-    return paths.data_dir() / "lcm"
-
-
-SHIPPED = {"student": "mini-sd-lcm", "lora": "mini-sd-lcm-lora"}
-RECIPE = LCMConfig(steps=800, batch=64, lr=2e-4, warmup=100, lora_rank=8)
-RECREATE = "python -m course_lib.distill.lcm train --out data/lcm --threads 2"
-
-
-def load_shipped(sd: Any, kind: str = "student") -> LCMModel:
-    """The shipped LCM student ("student": load_lcm) or LCM-LoRA ("lora": loaded onto sd.model IN PLACE)."""
-    from .. import paths
-
-    folder = paths.shipped(shipped_dir() / SHIPPED[kind], RECREATE)
-    return load_lcm(folder, sd.model) if kind == "student" else load_lcm_lora(sd.model, folder)
-
-
-def _summary(r: dict) -> dict:
-    return {k: [round(r["mean"][k], 4), round(r["std"][k], 4)] for k in r["mean"]}
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import time
-
-    from .. import minisd, paths
-
-    parser = argparse.ArgumentParser(prog="python -m course_lib.distill.lcm",
-                                     description="Distil the mini Stable Diffusion into an LCM and an LCM-LoRA.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="LCD of the mini SD: a full student (w-embedding) and an LCM-LoRA (fixed w)")
-    p.add_argument("--out", default=str(shipped_dir()))
-    p.add_argument("--steps", type=int, default=RECIPE.steps)
-    p.add_argument("--which", default="student,lora")
-    p.add_argument("--n-eval", type=int, default=300)
-    p.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    cfg = LCMConfig(**{**asdict(RECIPE), "steps": args.steps})
-    seeds = (0, 1, 2)
-    teacher_eval = None
-    for which in args.which.split(","):
-        sd = minisd.load_mini_sd()
-        t0 = time.time()
-        batches = digit_batches(sd)
-        ckpt = paths.cache_dir() / f"lcm_{which}_{cfg.seed}"
-        if which == "student":
-            student = distill_lcm(sd, cfg, batches, ckpt_dir=ckpt)
-            w_eval = minisd.DEFAULT_W
-        else:
-            student = distill_lcm_lora(sd, cfg, LORA_W, batches, ckpt_dir=ckpt)
-            w_eval = None
-        secs = time.time() - t0
-        results = {}
-        for k in (1, 2, 4):
-            results[f"lcm {k} steps"] = _summary(evaluate(sd, student, args.n_eval, k, w_eval, seeds))
-            print(which, k, results[f"lcm {k} steps"], flush=True)
-        if teacher_eval is None:
-            base = minisd.load_mini_sd()
-            teacher_eval = _summary(minisd.evaluate(base, args.n_eval, 25, minisd.DEFAULT_W, seeds))
-            print("teacher 25-step DDIM", teacher_eval, flush=True)
-        results["teacher DDIM 25 steps"] = teacher_eval
-        info = {"command": f"{RECREATE} (steps {args.steps})", "recipe": asdict(cfg), "train_seconds": round(secs),
-                "threads": torch.get_num_threads(), "evaluation": {"n": args.n_eval, "seeds": list(seeds),
-                                                                    "w": minisd.DEFAULT_W, "mean_std": results}}
-        folder = out / SHIPPED[which]
-        (save_lcm if which == "student" else save_lcm_lora)(student, folder, info)
-        print(f"saved {folder} ({secs:.0f} s of training)", flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -38,22 +38,21 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .. import distances, steps
+from .. import distances, samplers, steps
 from ..conditioning import Cond, check
 from ..guidance import cfg as guided
 from ..predictions import Pred
 from ..processes import AffineProcess, SDDiscrete, bcast
+from ..sd import require_codec
 from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
 from . import lcm
 from .consistency import T_MIN, cm_grid
 
-TCD_JSON = "tcd.json"
 GAMMA = 0.3          # the README's recommended gamma (jabir-zheng/TCD; "higher with more steps")
 
 
@@ -215,12 +214,11 @@ def tcd_sd_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscret
                        timesteps.to(z0.device), k, s_timesteps.to(z0.device), cond, w, process, cfg.distance)
 
 
-def distill_tcd_sd(sd: Any, cfg: lcm.LCMConfig, sample_batch: Callable | None = None,
+def distill_tcd_sd(sd: Any, cfg: lcm.LCMConfig, sample_batch: Callable,
                    ckpt_dir: str | os.PathLike | None = None, progress: bool = True) -> TCDModel:
     """TCD of sd (sd.SD: model, text, vae; its latent space) into a student with a w-embedding trained on
     [cfg.w_min, cfg.w_max], with LCM's settings (lcm.LCMConfig). Resumes from ckpt_dir. Returns the student (eval)."""
-    lcm.require_codec(sd)
-    sample_batch = sample_batch or lcm.digit_batches(sd)
+    require_codec(sd)
     teacher = sd.model
     student = tcd_student(teacher, cfg.w_dim, (cfg.w_min, cfg.w_max), cfg.seed)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
@@ -259,26 +257,11 @@ def sss(f: Callable[..., Pred], z: Tensor, timesteps: Tensor, process: SDDiscret
         z_s   = sqrt(abar_{tau_s}) x0_hat + sqrt(1 - abar_{tau_s}) eps_hat                TCF jump tau_i -> tau_s
         z     = sqrt(abar_{tau'} / abar_{tau_s}) z_s + sqrt(1 - abar_{tau'} / abar_{tau_s}) noise   (not last; gamma > 0)
 
-    and the last step returns z_s (at timestep 0, abar_0 = 0.99915, as diffusers). noise = torch.randn(z.shape,
-    generator, dtype=z.dtype) in order. The signature of lcm.multistep (pass functools.partial(sss, gamma=...) as
-    lcm.sample's or lcm.evaluate's sampler)."""
-    gamma = check_gamma(gamma)
-    abar = process.alphas_cumprod
-    taus = [int(v) for v in timesteps]
-    for i, tau in enumerate(taus):
-        last = i == len(taus) - 1
-        prev = 0 if last else taus[i + 1]
-        tau_s = int(torch.floor((1 - gamma) * torch.tensor(prev)))              # diffusers' arithmetic (float32)
-        t = process.t_of_timestep(torch.tensor(float(tau))).to(torch.float32).expand(len(z)).to(z.device)
-        x0, eps = f(z, t, cond)
-        a_s = float(abar[tau_s])
-        z = (a_s ** 0.5 * x0 + (1 - a_s) ** 0.5 * eps).to(z.dtype)                 # z_{tau_s}
-        if gamma > 0 and not last:
-            r = float(abar[prev]) / a_s
-            noise = torch.randn(z.shape, generator=generator, dtype=z.dtype,
-                                device=generator.device if generator is not None else "cpu").to(z.device)
-            z = (r ** 0.5 * z + (1 - r) ** 0.5 * noise).to(z.dtype)
-    return z
+    and the last step returns z_s (at timestep 0, abar_0 = 0.99915, as diffusers): samplers.multistep (TCD's jump)
+    on the integer grid ending at timestep 0. noise = torch.randn(z.shape, generator, dtype=z.dtype) in order. The
+    signature of lcm.multistep (pass functools.partial(sss, gamma=...) as lcm.sample's or lcm.evaluate's sampler)."""
+    grid = torch.cat([timesteps.to(torch.int64), torch.tensor([0])])
+    return samplers.multistep(f, z, grid, process, gamma=check_gamma(gamma), generator=generator, cond=cond)
 
 
 def sampler(gamma: float = GAMMA) -> Callable[..., Tensor]:
@@ -292,82 +275,3 @@ def sample(sd: Any, student: nn.Module, prompts: Sequence[str], steps: int = 4, 
            seed: int = 0, gamma: float = GAMMA) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1]: `steps`-step SSS of a TCD student (lcm.sample's noise and batching)."""
     return lcm.sample(sd, student, prompts, steps, w, seed, sampler=sampler(gamma))
-
-
-def evaluate(sd: Any, student: nn.Module, n: int = 500, steps: int = 4, w: float | None = None,
-             seeds: Sequence[int] = (0, 1, 2), gamma: float = GAMMA) -> dict[str, Any]:
-    """lcm.evaluate (adherence, KID/FD against held-out and training digits, mean and spread over seeds) of SSS."""
-    return {**lcm.evaluate(sd, student, n, steps, w, seeds, sampler=sampler(gamma)), "gamma": gamma}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Saving and loading; the shipped student: python -m course_lib.distill.tcd train
-# ----------------------------------------------------------------------------------------------------------------
-
-def save_tcd(student: TCDModel, folder: str | os.PathLike, info: dict | None = None) -> Path:
-    """The student's UNet in diffusers' format (folder/unet) and tcd.json (w range, info)."""
-    return lcm.save_unet_student(student.denoiser.unet, folder, TCD_JSON, {
-        "kind": "tcd", "w_range": student.w_range, "original_inference_steps": lcm.ORIGINAL_STEPS, **(info or {})})
-
-
-def load_tcd(folder: str | os.PathLike, teacher: nn.Module) -> TCDModel:
-    """A TCD student saved by save_tcd, for the teacher (an sd.SDDenoiser) it was distilled from."""
-    denoiser, meta = lcm.load_unet_student(folder, TCD_JSON, teacher, "TCD student (save_tcd writes one)")
-    return TCDModel(denoiser, w_range=tuple(meta["w_range"]))
-
-
-def shipped_dir() -> Path:
-    from .. import paths
-
-    return paths.data_dir() / "tcd"
-
-
-SHIPPED = "mini-sd-tcd"
-RECIPE = lcm.RECIPE                    # the same recipe as the shipped LCM student: a like-for-like comparison
-RECREATE = "python -m course_lib.distill.tcd train --out data/tcd --threads 2"
-
-
-def load_shipped(sd: Any) -> TCDModel:
-    """The shipped TCD student of the mini SD (data/tcd/mini-sd-tcd)."""
-    from .. import paths
-
-    return load_tcd(paths.shipped(shipped_dir() / SHIPPED, RECREATE), sd.model)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import time
-
-    from .. import minisd, paths
-
-    parser = argparse.ArgumentParser(prog="python -m course_lib.distill.tcd",
-                                     description="Distil the mini Stable Diffusion into a TCD student.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="TCD of the mini SD with the shipped LCM student's recipe")
-    p.add_argument("--out", default=str(shipped_dir()))
-    p.add_argument("--steps", type=int, default=RECIPE.steps)
-    p.add_argument("--n-eval", type=int, default=200)
-    p.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = lcm.LCMConfig(**{**asdict(RECIPE), "steps": args.steps})
-    sd = minisd.load_mini_sd()
-    t0 = time.time()
-    student = distill_tcd_sd(sd, cfg, lcm.digit_batches(sd), ckpt_dir=paths.cache_dir() / f"tcd_student_{cfg.seed}")
-    secs = time.time() - t0
-    results = {}
-    if args.n_eval:
-        for k in (2, 4, 8):
-            r = evaluate(sd, student, args.n_eval, k, minisd.DEFAULT_W, (0, 1, 2), GAMMA)
-            results[f"tcd {k} steps gamma {GAMMA}"] = lcm._summary(r)
-            print(k, results[f"tcd {k} steps gamma {GAMMA}"], flush=True)
-    info = {"command": f"{RECREATE} (steps {args.steps})", "recipe": asdict(cfg), "train_seconds": round(secs),
-            "threads": torch.get_num_threads(),
-            "evaluation": {"n": args.n_eval, "seeds": [0, 1, 2], "w": minisd.DEFAULT_W, "mean_std": results}}
-    folder = save_tcd(student, Path(args.out) / SHIPPED, info)
-    print(f"saved {folder} ({secs:.0f} s of training)", flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -73,6 +73,7 @@ import torch
 from .. import sd as sdlib
 from ..checkpoint import CheckpointError
 from ..distill import lcm
+from ..recipes.lcm import LCM_JSON, save_lcm_lora
 from ..train import Network, train_networks
 from .common import (STAGE_FILE, CacheMismatch, SourceError, check_key, device_of, needed, parse, resolve_pipeline,
                      unet_record, write_json_atomic)
@@ -121,10 +122,10 @@ def check_guidance_scale(lora: str | os.PathLike, guidance_scale: float) -> None
 
 
 def read_meta(lora: str | os.PathLike) -> dict:
-    path = Path(lora) / lcm.LCM_JSON
+    path = Path(lora) / LCM_JSON
     if not path.is_file():
         raise SourceError(f"{path} is missing: {lora} holds no LCM-LoRA made by course_lib.scale.lcm_lora "
-                          "(or distill.lcm.save_lcm_lora)")
+                          "(or recipes.lcm.save_lcm_lora)")
     return json.loads(path.read_text())
 
 
@@ -156,11 +157,11 @@ def build(teacher: str | os.PathLike, rank: int, alpha: float | None, w: float, 
           device: torch.device | str = "cpu"):
     """(sd, student, fingerprint): the teacher pipeline's parts, an LCM-LoRA student on its UNet (rank `rank` on
     LCM-LoRA's target modules present in this UNet; lora_B = 0, so the student starts as the teacher), and the base
-    UNet's fingerprint (distill.lcm.base_fingerprint, taken before the adapter exists)."""
+    UNet's fingerprint (sd.base_fingerprint, taken before the adapter exists)."""
     folder = resolve_pipeline(teacher)
     check_teacher(folder)
     sd = sdlib.load_sd(folder, device=device)
-    fp = lcm.base_fingerprint(sd.model.unet)
+    fp = sdlib.base_fingerprint(sd.model.unet)
     sdlib.add_lora(sd.model, r=rank, alpha=alpha, target_modules=lcm.present_targets(sd.model.unet), seed=seed)
     return sd, lcm.LCMModel(sd.model, w_fixed=w), fp
 
@@ -173,7 +174,7 @@ def export_lcm_lora(sd, student, out: str | os.PathLike, meta: dict | None = Non
     """out/lora: diffusers' adapter file (peft keys), the kohya file, lcm.json (w, scalings, base fingerprint) and
     base.json (what export.load_lora_checked reads)."""
     folder = Path(out) / LORA_DIR
-    lcm.save_lcm_lora(student, folder, {"original_inference_steps": lcm.ORIGINAL_STEPS, **(meta or {})})
+    save_lcm_lora(student, folder, {"original_inference_steps": lcm.ORIGINAL_STEPS, **(meta or {})})
     save_kohya(folder)
     base = Path(sd.reference["source"]) / "unet"
     write_json_atomic(folder / "base.json", {"base": sd.reference, **unet_record(base),

@@ -1,0 +1,10 @@
+"""The course's runs of each method: budgets by COURSE_MODE and the experiments that a notebook and its benchmark
+share, the models shipped in data/ (their recipe, the command that trains them, how to load them), the students'
+files, and notebook-only experiments. The methods themselves (the paper's code) are in distill/.
+
+    reflow.py      the 2D reflow recipe (notebook 03, bench reflow); data/reflow     python -m course_lib.recipes.reflow
+    instaflow.py   the 2D InstaFlow recipe and capacity sweep (notebook 04); data/instaflow
+    guided.py      the 2D guided distillation recipe (notebook 02, bench guided)
+    lcm.py         LCM students' files and evaluation on the mini SD, the style LoRA (notebook 06); data/lcm
+    tcd.py         the TCD student's files and evaluation with SSS; data/tcd
+"""
