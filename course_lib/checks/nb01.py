@@ -5,9 +5,8 @@ from typing import Callable
 
 import torch
 
-from ..config import seeded
 from ..processes import EDM, RectifiedFlow, SDDiscrete, VPCosine
-from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
+from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check, tiny_model
 
 # 1.3: the student's N steps must land this many times closer to the teacher's 2N steps than the teacher's own N
 # steps do. Measured on this check (8 seeds): a correct round 8.2-9.0x; continuous times instead of the student's
@@ -18,7 +17,6 @@ PD_ROUND_MIN_GAIN = 4.0
 def _pd_cases(g: torch.Generator, with_student: bool = False, processes=(VPCosine(),)):
     """Exact Gaussian-mixture teachers under each process and, for the loss, a tiny v-prediction student."""
     from ..data2d import exact_denoiser, sample_2d
-    from ..models import Denoiser, MLP2D
 
     for proc in processes:
         teacher = exact_denoiser("gmm", proc)
@@ -30,9 +28,7 @@ def _pd_cases(g: torch.Generator, with_student: bool = False, processes=(VPCosin
             eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
             where = f"for the {proc.name} process and N = {N} student steps"
             if with_student:
-                with seeded(draw_seed(g)):             # initialisation; the notebook's global RNG is left alone
-                    student = Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
-                yield (student, teacher, x0, t, eps, N, proc), where
+                yield (tiny_model(proc, g), teacher, x0, t, eps, N, proc), where
             else:
                 yield (teacher, proc.marginal(x0, t, eps), t, N, proc), where
 

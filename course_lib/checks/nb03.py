@@ -6,21 +6,17 @@ from typing import Callable
 
 import torch
 
-from ..config import seeded
 from ..processes import RectifiedFlow
 from .core import (accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, library_version,
-                   run_check)
+                   run_check, tiny_model)
 
 
 def _rf_models(g: torch.Generator):
     """Flows to check reflow exercises on: two tiny random velocity MLPs and the exact Gaussian-mixture flow."""
     from ..data2d import exact_denoiser
-    from ..models import Denoiser, MLP2D
 
     for k in range(2):
-        with seeded(draw_seed(g)):                     # initialisation; the notebook's global RNG is left alone
-            model = Denoiser(MLP2D(hidden=16, depth=2), RectifiedFlow(), "velocity").double()
-        yield model, f"a random velocity MLP ({k + 1})"
+        yield tiny_model(RectifiedFlow(), g, "velocity"), f"a random velocity MLP ({k + 1})"
     yield exact_denoiser("gmm", RectifiedFlow()), "the exact Gaussian-mixture flow"
 
 

@@ -53,7 +53,7 @@ def check_lcm_target(student: Callable, seed: int | None = None) -> Callable:
             "(tau - k).clamp_min(0) (one step of k timesteps, not of 1). Guide the teacher with the course's w: "
             "guidance.cfg(teacher, w)(z, t_{n+k}, cond), i.e. (1 + w) cond - w uncond, on both x0 and eps (w is NOT "
             "diffusers' guidance_scale); take the DDIM step steps.ddim_step(pred, t_{n+k}, t_n, process); return "
-            "target(z_n, t_n, cond, w).x0, all under torch.no_grad().")
+            "target(z_n, t_n, cond.with_w(w)).x0 (the target network reads w from cond.w), all under torch.no_grad().")
     fn = run_check("6.1", student, lcm_target, cases(), atol=1e-5, rtol=1e-4, hint=hint)
     if is_library(fn):
         return fn
