@@ -101,7 +101,7 @@ def check_lcm_multistep(student: Callable, seed: int | None = None) -> Callable:
     process = SDDiscrete()
     A = torch.randn(4, 4, generator=g) / 2
 
-    def f(z, t):   # a smooth stand-in for a consistency function: its x0 depends on z and t
+    def f(z, t, cond=None):   # a smooth stand-in for a consistency function: its x0 depends on z and t
         x0 = torch.tanh(torch.einsum("ij,bj...->bi...", A, z)) * (1 + t.reshape(-1, 1, 1, 1))
         return Pred(x0, z)
 
