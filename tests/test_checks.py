@@ -816,11 +816,11 @@ def test_lcm_scalings_checker_rejects_planted_mistakes(mistake, capsys):
 
 
 def _multistep(mistake):
-    def fn(f, z, taus, process, generator):
+    def fn(f, z, taus, process, generator, cond=None):
         ts = process.t_of_timestep(taus.double())
         for i in range(len(ts)):
             t = ts[i].float().expand(len(z))
-            z0 = f(z, t).x0
+            z0 = f(z, t, None if mistake == "cond not passed" else cond).x0
             last = i == len(ts) - 1
             if last and mistake != "noise on the last step":
                 return z0
@@ -834,7 +834,7 @@ def _multistep(mistake):
     return fn
 
 
-@pytest.mark.parametrize("mistake", ["sigma only", "current time", "noise on the last step"])
+@pytest.mark.parametrize("mistake", ["sigma only", "current time", "noise on the last step", "cond not passed"])
 def test_lcm_multistep_checker_rejects_planted_mistakes(mistake, capsys):
     right = _multistep("right")
     assert checks.check_lcm_multistep(right, seed=0) is right

@@ -92,7 +92,9 @@ def check_lcm_scalings(student: Callable, seed: int | None = None) -> Callable:
 
 @checker("6.3")
 def check_lcm_multistep(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 6.3: student(f, z, timesteps, process, generator) -> the final sample (B, ...)."""
+    """Exercise 6.3: student(f, z, timesteps, process, generator, cond) -> the final sample (B, ...), every call
+    f(z, t, cond) with the conditioning it is given (the cases' cond carries a guidance weight w that f reads)."""
+    from ..conditioning import Cond
     from ..distill.lcm import lcm_timesteps, multistep
     from ..predictions import Pred
     from ..processes import SDDiscrete
@@ -101,19 +103,22 @@ def check_lcm_multistep(student: Callable, seed: int | None = None) -> Callable:
     process = SDDiscrete()
     A = torch.randn(4, 4, generator=g) / 2
 
-    def f(z, t, cond=None):   # a smooth stand-in for a consistency function: its x0 depends on z and t
+    def f(z, t, cond=None):   # a smooth stand-in for a consistency function: its x0 depends on z, t and cond.w
         x0 = torch.tanh(torch.einsum("ij,bj...->bi...", A, z)) * (1 + t.reshape(-1, 1, 1, 1))
-        return Pred(x0, z)
+        return Pred(x0 if cond is None else x0 + cond.w.reshape(-1, 1, 1, 1), z)
 
-    with_seed = lambda fn: (lambda f_, z, taus, proc, s: fn(f_, z, taus, proc, torch.Generator().manual_seed(s)))
+    with_seed = lambda fn: (lambda f_, z, taus, proc, s, cond: fn(f_, z, taus, proc, torch.Generator().manual_seed(s),
+                                                                  cond=cond))
+    cond = Cond(w=torch.tensor([0.5, 2.0, 4.0]))                  # an LCM's guidance weights, per sample
 
     def cases():
         for n in (1, 2, 4, 8):
             z = torch.randn(3, 4, 8, 8, generator=g)
-            yield (f, z, lcm_timesteps(n), process, draw_seed(g)), f"for {n} step{'s' * (n > 1)}"
+            yield (f, z, lcm_timesteps(n), process, draw_seed(g), cond), f"for {n} step{'s' * (n > 1)}"
 
     out = run_check("6.3", with_seed(student), with_seed(multistep), cases(), atol=1e-5, rtol=1e-4,
-                    hint="At each timestep: z0 = f(z, t).x0 with t = process.t_of_timestep(tau) as a (B,) tensor; if "
+                    hint="At each timestep: z0 = f(z, t, cond).x0 with t = process.t_of_timestep(tau) as a (B,) "
+                         "tensor and the cond given; if "
                          "it is the last one, return z0; otherwise re-noise to the NEXT timestep s: z = alpha(s) z0 + "
                          "sigma(s) eps with eps = torch.randn(z.shape, generator=generator, dtype=z.dtype) (no noise "
                          "after the last step, and the next time, not the current one).")
