@@ -118,20 +118,21 @@ def test_sample_is_the_trailing_grid_consistency_sampler():
 # --- checkers reject planted mistakes -------------------------------------------------------------------------------
 
 def _distill_variant(kind):
-    def loss(x_hat, teacher, t, eps, process):
+    def loss(x_hat, teacher, t, eps, process, cond=None):
         if kind == "no-stopgrad":
-            target = teacher(process.marginal(x_hat, t, eps), t).x0
+            target = teacher(process.marginal(x_hat, t, eps), t, cond).x0
             return process.alpha(t) * (x_hat - target).pow(2).mean(1)
         with torch.no_grad():
-            target = teacher(process.marginal(x_hat, t, eps), t).x0
-        c = {"right": process.alpha(t), "no-c": 1.0, "reversed": 1 - process.alpha(t),
+            target = teacher(process.marginal(x_hat, t, eps), t, None if kind == "no-cond" else cond).x0
+        c = {"right": process.alpha(t), "no-cond": process.alpha(t), "no-c": 1.0, "reversed": 1 - process.alpha(t),
              "sigma": process.sigma(t) ** 2}[kind]
         return c * (x_hat - target).pow(2).mean(1)
     return loss
 
 
 @pytest.mark.parametrize("mistake, says", [("no-stopgrad", "stop-gradient"), ("no-c", "no weighting c(t)"),
-                                           ("reversed", "reversed"), ("sigma", "SDS")])
+                                           ("reversed", "reversed"), ("sigma", "SDS"),
+                                           ("no-cond", "class-conditional teacher")])
 def test_distillation_checker_rejects_planted_mistakes(mistake, says, capsys):
     right = _distill_variant("right")
     assert checks.check_distillation_loss(right, seed=0) is right

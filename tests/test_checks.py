@@ -1,4 +1,6 @@
 """Exercise checkers accept right answers, reject wrong ones with an explanation, and fall back when unsolved."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -199,24 +201,24 @@ def test_pd_round_checker_rejects_a_live_target_and_continuous_times(wrong, caps
 
 # --- notebook 02: guided distillation --------------------------------------------------------------------------
 
-def right_guided_target(teacher, z_t, t, y, w, null_label):
+def right_guided_target(teacher, z_t, t, cond, w):
     from course_lib.distill.guided import guided_target
-    return guided_target(teacher, z_t, t, y, w, null_label)
+    return guided_target(teacher, z_t, t, cond, w)
 
 
-def imagen_guided_target(teacher, z_t, t, y, w, null_label):  # Imagen's convention: the weight is off by one
-    cond, uncond = teacher(z_t, t, y).x0, teacher(z_t, t, torch.full_like(y, null_label)).x0
-    return uncond + w[:, None] * (cond - uncond)
+def imagen_guided_target(teacher, z_t, t, cond, w):  # Imagen's convention: the weight is off by one
+    c, uncond = teacher(z_t, t, cond).x0, teacher(z_t, t, cond.null()).x0
+    return uncond + w[:, None] * (c - uncond)
 
 
-def right_guided_loss(student, teacher, x0, y, t, eps, w, null_label, process):
+def right_guided_loss(student, teacher, x0, cond, t, eps, w, process):
     from course_lib.distill.guided import guided_loss_at
-    return guided_loss_at(student, teacher, x0, y, t, eps, w, null_label, process)
+    return guided_loss_at(student, teacher, x0, cond, t, eps, w, process)
 
 
-def unweighted_guided_loss(student, teacher, x0, y, t, eps, w, null_label, process):  # forgets max(SNR, 1)
+def unweighted_guided_loss(student, teacher, x0, cond, t, eps, w, process):  # forgets max(SNR, 1)
     z_t = process.marginal(x0, t, eps)
-    return (student(z_t, t, y, w).x0 - right_guided_target(teacher, z_t, t, y, w, null_label)).pow(2).mean(1)
+    return (student(z_t, t, cond.with_w(w)).x0 - right_guided_target(teacher, z_t, t, cond, w)).pow(2).mean(1)
 
 
 @pytest.mark.parametrize("check, right, wrong", [
@@ -238,28 +240,35 @@ def test_guided_batches_checker(capsys):
 
     def one_w_per_batch(sample_data, w_range):  # one w for the whole batch: not what stage 2 needs
         def sample_batch(n, g):
-            x0, y = sample_data(n, g)
+            x0, cond = sample_data(n, g)
             w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand((), generator=g)
-            return x0, {"y": y, "w": w.expand(n)}
+            return x0, cond.with_w(w.expand(n))
         return sample_batch
 
     def global_rng_w(sample_data, w_range):  # w from torch's global generator: training runs not reproducible
         def sample_batch(n, g):
-            x0, y = sample_data(n, g)
-            return x0, {"y": y, "w": w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n)}
+            x0, cond = sample_data(n, g)
+            return x0, cond.with_w(w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n))
         return sample_batch
 
     def fixed_generator_w(sample_data, w_range):  # w from a generator of its own: the same w for every batch
         def sample_batch(n, g):
-            x0, y = sample_data(n, g)
+            x0, cond = sample_data(n, g)
             mine = torch.Generator().manual_seed(0)
-            return x0, {"y": y, "w": w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=mine)}
+            return x0, cond.with_w(w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=mine))
+        return sample_batch
+
+    def label_dict(sample_data, w_range):  # the old dict batches {"y": y, "w": w}: the model takes one Cond
+        def sample_batch(n, g):
+            x0, cond = sample_data(n, g)
+            return x0, {"y": cond.y, "w": w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=g)}
         return sample_batch
 
     assert checks.check_guided_batches(guided_batches, seed=0) is guided_batches
     assert "correct" in capsys.readouterr().out
     for wrong, says in ((one_w_per_batch, "uniform"), (global_rng_w, "seeded alike gave different w"),
-                        (fixed_generator_w, "seeded differently gave the same w"), (unsolved, "not solved yet")):
+                        (fixed_generator_w, "seeded differently gave the same w"), (unsolved, "not solved yet"),
+                        (label_dict, "cond.with_w(w)")):
         torch.manual_seed(0)
         before = torch.get_rng_state()
         used = checks.check_guided_batches(wrong, seed=0)
@@ -276,25 +285,25 @@ def stage1_with(mistake=None):
     from course_lib.distill.guided import draw_w, guided_target
     from course_lib.train import train
 
-    def stage1(teacher, sample_data, w_range, null_label, cfg, p_w_min=0.0):
+    def stage1(teacher, sample_data, w_range, cfg, p_w_min=0.0):
         frozen = copy.deepcopy(teacher).eval().requires_grad_(False)
         student = models.with_guidance_input(teacher, w_range)
 
         def loss(model, batch, g):
-            x0, y = batch
+            x0, cond = batch
             w = draw_w(len(x0), w_range, g, p_w_min)
             t = 1e-3 + (1 - 1e-3) * torch.rand(len(x0), generator=g)
             z = model.process.marginal(x0, t, torch.randn(x0.shape, generator=g))
             with torch.no_grad():
                 if mistake == "imagen":          # Imagen's x0_u + w (x0_c - x0_u) with the course's w: off by one
-                    target = guided_target(frozen, z, t, y, w - 1, null_label)
+                    target = guided_target(frozen, z, t, cond, w - 1)
                 elif mistake == "no-guidance":   # the conditional teacher as the target
-                    target = frozen(z, t, y).x0
+                    target = frozen(z, t, cond).x0
                 else:
-                    target = guided_target(frozen, z, t, y, w, null_label)
+                    target = guided_target(frozen, z, t, cond, w)
             w_in = torch.zeros_like(w) if mistake == "w-not-passed" else w   # the student always sees w = 0
             weight = (model.process.alpha(t) ** 2 / model.process.sigma(t) ** 2).clamp_min(1.0)
-            return weight * (model(z, t, y, w_in).x0 - target).pow(2).mean(1)
+            return weight * (model(z, t, cond.with_w(w_in)).x0 - target).pow(2).mean(1)
 
         return train(student, loss, sample_data, cfg, progress=False).model.eval().requires_grad_(False)
     return stage1
@@ -303,13 +312,13 @@ def stage1_with(mistake=None):
 def test_stage1_checker_accepts_stage1_and_rejects_structural_mistakes(capsys):
     import copy
 
-    def unguided_copy(teacher, sample_data, w_range, null_label, cfg, p_w_min=0.0):   # forgot with_guidance_input
+    def unguided_copy(teacher, sample_data, w_range, cfg, p_w_min=0.0):   # forgot with_guidance_input
         return copy.deepcopy(teacher)
 
-    def trains_the_teacher(teacher, sample_data, w_range, null_label, cfg, p_w_min=0.0):
+    def trains_the_teacher(teacher, sample_data, w_range, cfg, p_w_min=0.0):
         with torch.no_grad():
             next(teacher.parameters()).add_(0.1)
-        return stage1_with()(teacher, sample_data, w_range, null_label, cfg, p_w_min)
+        return stage1_with()(teacher, sample_data, w_range, cfg, p_w_min)
 
     right = stage1_with()
     assert checks.check_stage1(right, seed=0) is right
@@ -431,28 +440,30 @@ def test_reflow_round_checker_accepts_a_round_and_rejects_planted_mistakes(capsy
         assert says in out and "reference implementation" in out, out
 
 
-def right_cond_reflow_loss(flow, eps, x0, y, t, drop, null_label):
-    y_in = torch.where(drop, torch.full_like(y, null_label), y)
+def right_cond_reflow_loss(flow, eps, x0, cond, t, drop):
+    from course_lib.conditioning import labels
+
+    y_in = torch.where(drop, torch.full_like(cond.y, cond.null_y), cond.y)
     x_t = (1 - t)[:, None] * x0 + t[:, None] * eps
-    p = flow(x_t, t, y_in)
+    p = flow(x_t, t, labels(y_in, cond.null_y))
     return ((p.eps - p.x0) - (eps - x0)).pow(2).mean(1)
 
 
-def labels_kept_loss(flow, eps, x0, y, t, drop, null_label):            # never drops a label
-    return right_cond_reflow_loss(flow, eps, x0, y, t, torch.zeros_like(drop), null_label)
+def labels_kept_loss(flow, eps, x0, cond, t, drop):            # never drops a label
+    return right_cond_reflow_loss(flow, eps, x0, cond, t, torch.zeros_like(drop))
 
 
-def null_zero_loss(flow, eps, x0, y, t, drop, null_label):              # "no label" written as class 0
-    return right_cond_reflow_loss(flow, eps, x0, y, t, drop, 0)
+def null_zero_loss(flow, eps, x0, cond, t, drop):              # "no label" written as class 0
+    return right_cond_reflow_loss(flow, eps, x0, dataclasses.replace(cond, null_y=0), t, drop)
 
 
-def pair_dropped_loss(flow, eps, x0, y, t, drop, null_label):           # dropout on the pair, not on the label
+def pair_dropped_loss(flow, eps, x0, cond, t, drop):           # dropout on the pair, not on the label
     keep = (~drop).to(x0.dtype)[:, None]
-    return right_cond_reflow_loss(flow, eps * keep, x0 * keep, y, t, torch.zeros_like(drop), null_label)
+    return right_cond_reflow_loss(flow, eps * keep, x0 * keep, cond, t, torch.zeros_like(drop))
 
 
-def loss_dropped_loss(flow, eps, x0, y, t, drop, null_label):           # drops the samples from the loss instead
-    return right_cond_reflow_loss(flow, eps, x0, y, t, torch.zeros_like(drop), null_label) * (~drop).to(x0.dtype)
+def loss_dropped_loss(flow, eps, x0, cond, t, drop):           # drops the samples from the loss instead
+    return right_cond_reflow_loss(flow, eps, x0, cond, t, torch.zeros_like(drop)) * (~drop).to(x0.dtype)
 
 
 @pytest.mark.parametrize("wrong", [labels_kept_loss, null_zero_loss, pair_dropped_loss, loss_dropped_loss],
@@ -467,7 +478,9 @@ def test_cond_reflow_loss_checker_rejects_planted_mistakes(wrong, capsys):
 
 
 def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
-    used = checks.check_cond_reflow_loss(lambda *a: right_cond_reflow_loss(*a[:-1], -1), seed=0)
+    negative = lambda flow, eps, x0, cond, t, drop: right_cond_reflow_loss(flow, eps, x0,
+                                                                          dataclasses.replace(cond, null_y=-1), t, drop)
+    used = checks.check_cond_reflow_loss(negative, seed=0)
     assert checks.is_library(used) and "raised" in capsys.readouterr().out
 
 
@@ -482,8 +495,8 @@ def _library_solutions():
     from course_lib.processes import RectifiedFlow
     from course_lib.samplers import ddim_step
 
-    def guided_velocity(flow, x, t, y, w, null_label):
-        p = instaflow.guided(flow, w)(x, t, y)
+    def guided_velocity(flow, x, t, cond, w):
+        p = instaflow.guided(flow, w)(x, t, cond)
         return p.eps - p.x0
 
     return {
@@ -491,7 +504,7 @@ def _library_solutions():
         "1.1": pd.pd_target, "1.2": pd.pd_loss_at,
         "1.3": lambda teacher, N, sample, cfg: pd.distill_round(teacher, N, sample, cfg, progress=False).best().eval(),
         "2.1": guided.guided_target, "2.2": guided.guided_loss_at,
-        "2.3": lambda teacher, sample, w_range, null, cfg, p_w_min=0.0: guided.distill_guidance(
+        "2.3": lambda teacher, sample, w_range, cfg, p_w_min=0.0: guided.distill_guidance(
             teacher, sample, w_range, cfg, progress=False, p_w_min=p_w_min).best().eval(),
         "2.4": guided.guided_batches,
         "3.1": lambda m, x0, eps, t: reflow.rf_loss_at(m, x0, eps, t),
@@ -499,7 +512,7 @@ def _library_solutions():
         "3.3": straightness,
         "3.4": right_reflow_round,
         "4.1": guided_velocity, "4.2": right_cond_reflow_loss,
-        "4.3": lambda m, eps, x0, y: instaflow.onestep_loss(m, eps, x0, y),
+        "4.3": lambda m, eps, x0, cond: instaflow.onestep_loss(m, eps, x0, cond),
         "4.4": distances.laplacian_pyramid_l1,
         "5.1": consistency.consistency_fn,
         "5.2": lambda s, tgt, te, x0, eps, tn, tc, p: consistency.cd_loss_at(s, tgt, te, x0, eps, tn, tc, p),
@@ -508,7 +521,7 @@ def _library_solutions():
         "7.1": tcd.tcf,
         "7.2": lambda s, tgt, te, x0, eps, tn, tc, u, p: tcd.tcd_loss_at(s, tgt, te, x0, eps, tn, tc, u * tc, p),
         "7.3": lambda m, x, ts, p, gamma, noises: samplers.tcd(m, x, ts, p, gamma=gamma, noises=noises),
-        "8.1": lambda x_hat, T, t, eps, p: add.distillation_loss(x_hat, T, t, eps, p),
+        "8.1": lambda x_hat, T, t, eps, p, cond: add.distillation_loss(x_hat, T, t, eps, p, cond),
         "8.2": lambda D, x_real, x_fake, gamma: add.discriminator_loss(D, x_real, x_fake, gamma),
         "8.3": lambda m, z, k, p, noises: add.sample(m, z, k, p, noises=noises),
         "9.1": lambda x, real, fake, p, t, eps, normalize: dmd.dm_loss(x, real, fake, p, t, eps, normalize=normalize),
@@ -585,11 +598,11 @@ def test_reference_runs_first_on_cloned_inputs():
 
 
 def test_a_student_that_changes_its_inputs_cannot_corrupt_the_reference(capsys):
-    def labels_nulled_in_place(flow, x, t, y, w, null_label):   # right value, but the caller's labels are lost
-        cond = flow(x, t, y)
-        y[:] = null_label
-        uncond = flow(x, t, y)
-        return (1 + w) * (cond.eps - cond.x0) - w * (uncond.eps - uncond.x0)
+    def labels_nulled_in_place(flow, x, t, cond, w):   # right value, but the caller's labels are lost
+        c = flow(x, t, cond)
+        cond.y[:] = cond.null_y
+        uncond = flow(x, t, cond)
+        return (1 + w) * (c.eps - c.x0) - w * (uncond.eps - uncond.x0)
 
     def pairs_in_place(flow, eps, steps):                       # x = eps aliases the noise, then x += ... moves it
         x = eps
@@ -599,7 +612,7 @@ def test_a_student_that_changes_its_inputs_cannot_corrupt_the_reference(capsys):
             x -= (p.eps - p.x0) / steps
         return eps, x
 
-    for check, student, arg in ((checks.check_guided_velocity, labels_nulled_in_place, "y"),
+    for check, student, arg in ((checks.check_guided_velocity, labels_nulled_in_place, "cond"),
                                 (checks.check_make_pairs, pairs_in_place, "eps")):
         used = check(student, seed=0)
         out = capsys.readouterr().out
@@ -764,7 +777,7 @@ def _lcm_target_variant(mistake):
                 pred = guidance.cfg(teacher, w)(z, t_next, cond)
             z_cur = steps.ddim_step(pred, t_next, t_cur, process)
             net = teacher if mistake == "teacher as target" else target
-            return net(z_cur, t_cur, cond, w).x0 if net is target else net(z_cur, t_cur, cond).x0
+            return net(z_cur, t_cur, cond.with_w(w)).x0 if net is target else net(z_cur, t_cur, cond).x0
     return target_fn
 
 
@@ -803,11 +816,11 @@ def test_lcm_scalings_checker_rejects_planted_mistakes(mistake, capsys):
 
 
 def _multistep(mistake):
-    def fn(f, z, taus, process, generator):
+    def fn(f, z, taus, process, generator, cond=None):
         ts = process.t_of_timestep(taus.double())
         for i in range(len(ts)):
             t = ts[i].float().expand(len(z))
-            z0 = f(z, t).x0
+            z0 = f(z, t, None if mistake == "cond not passed" else cond).x0
             last = i == len(ts) - 1
             if last and mistake != "noise on the last step":
                 return z0
@@ -821,7 +834,7 @@ def _multistep(mistake):
     return fn
 
 
-@pytest.mark.parametrize("mistake", ["sigma only", "current time", "noise on the last step"])
+@pytest.mark.parametrize("mistake", ["sigma only", "current time", "noise on the last step", "cond not passed"])
 def test_lcm_multistep_checker_rejects_planted_mistakes(mistake, capsys):
     right = _multistep("right")
     assert checks.check_lcm_multistep(right, seed=0) is right

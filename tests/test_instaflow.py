@@ -166,13 +166,13 @@ def test_shipped_digits_models_load_and_generate(name):
 
 
 def test_exercise_checkers_accept_the_reference_and_reject_a_wrong_answer(capsys):
-    ref_v = lambda f, x, t, y, w, null: velocity(instaflow.guided(f, w)(x, t, y))
+    ref_v = lambda f, x, t, cond, w: velocity(instaflow.guided(f, w)(x, t, cond))
     assert checks.check_guided_velocity(ref_v, seed=0) is ref_v
-    wrong_v = lambda f, x, t, y, w, null: velocity(f(x, t, y))                   # forgot the guidance
+    wrong_v = lambda f, x, t, cond, w: velocity(f(x, t, cond))                   # forgot the guidance
     assert checks.check_guided_velocity(wrong_v, seed=0) is not wrong_v
-    ref_l = lambda m, e, x, y: instaflow.onestep_loss(m, e, x, y)
+    ref_l = lambda m, e, x, cond: instaflow.onestep_loss(m, e, x, cond)
     assert checks.check_onestep_loss(ref_l, seed=0) is ref_l
-    wrong_l = lambda m, e, x, y: (e - velocity(m(e, torch.zeros(len(e), dtype=e.dtype), y)) - x).pow(2).mean(1)
+    wrong_l = lambda m, e, x, cond: (e - velocity(m(e, torch.zeros(len(e), dtype=e.dtype), cond)) - x).pow(2).mean(1)
     assert checks.check_onestep_loss(wrong_l, seed=0) is not wrong_l                # t = 0 instead of 1
     assert checks.check_lap1(distances.laplacian_pyramid_l1, seed=0) is distances.laplacian_pyramid_l1
     plain_l1 = lambda a, b, levels: (a - b).abs().flatten(1).mean(1)

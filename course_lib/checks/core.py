@@ -12,6 +12,7 @@ from the operating system's entropy unless a test passes one) and networks are i
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -20,7 +21,12 @@ import traceback
 from typing import Any, Callable, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..conditioning import Cond
+from ..config import seeded
+from ..models import Denoiser, EDMPrecond, MLP2D
+from ..processes import EDM, AffineProcess
 
 FALLBACK = "Later cells use course_lib's reference implementation instead."
 ACCEPTED = "Later cells use your function."
@@ -142,13 +148,38 @@ def draw_seed(g: torch.Generator) -> int:
     return int(torch.randint(2**31, (1,), generator=g))
 
 
+# --- the checkers' toy networks ------------------------------------------------------------------------------------
+
+def tiny_model(process: AffineProcess, g: torch.Generator, parameterization: str = "v",
+               init: Callable[[nn.Module], Any] | None = None, **net_kwargs: Any) -> Denoiser:
+    """The checkers' toy course model (float64): Denoiser(MLP2D(hidden=16, depth=2, **net_kwargs), process,
+    parameterization), or EDMPrecond under the edm process; initialised (and then `init(model)`, e.g. a randomised
+    guidance embedding) inside config.seeded(draw_seed(g)), so the notebook's global generator is left alone."""
+    with seeded(draw_seed(g)):
+        net = MLP2D(hidden=16, depth=2, **net_kwargs)
+        model = EDMPrecond(net, process) if isinstance(process, EDM) else Denoiser(net, process, parameterization)
+        if init is not None:
+            init(model)
+    return model.double()
+
+
+def tiny_discriminator(g: torch.Generator) -> nn.Module:
+    """The checkers' toy 2D discriminator x (B, 2) -> (B, 1) (float64; SiLU, so R1 has a gradient), initialised
+    inside config.seeded(draw_seed(g))."""
+    with seeded(draw_seed(g)):
+        return nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Linear(16, 1)).double()
+
+
 # --- comparing with the reference -------------------------------------------------------------------------------
 
 def clone_tensors(obj: Any) -> Any:
-    """A copy of obj in which every tensor (also inside tuples, lists, dicts, Pred) is cloned; other objects
-    (models, processes, numbers) are shared."""
+    """A copy of obj in which every tensor (also inside tuples, lists, dicts, Pred, a conditioning Cond) is cloned;
+    other objects (models, processes, numbers) are shared."""
     if isinstance(obj, Tensor):
         return obj.clone()
+    if isinstance(obj, Cond):
+        return dataclasses.replace(obj, **{f.name: clone_tensors(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                                           if isinstance(getattr(obj, f.name), Tensor)})
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):          # a NamedTuple such as Pred
         return type(obj)(*(clone_tensors(o) for o in obj))
     if isinstance(obj, (tuple, list)):
@@ -168,6 +199,8 @@ def param_grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
 def _same_tensors(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor):
         return a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, Cond):
+        return all(_same_tensors(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
     if isinstance(a, (tuple, list)):
         return all(_same_tensors(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):

@@ -5,17 +5,15 @@ from typing import Callable
 
 import torch
 
-from ..config import seeded
 from ..data2d import exact_denoiser, sample_2d
 from ..distill.pd import distill_round, pd_loss_at, pd_target
 from ..grids import uniform
 from ..metrics import flow_map_error
-from ..models import Denoiser, MLP2D
 from ..processes import EDM, RectifiedFlow, SDDiscrete, VPCosine
 from ..samplers import ddim
 from ..teachers import load_teacher
 from ..train import TrainConfig
-from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
+from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check, tiny_model
 
 # 1.3: the student's N steps must land this many times closer to the teacher's 2N steps than the teacher's own N
 # steps do. Measured on this check (8 seeds): a correct round 8.2-9.0x; continuous times instead of the student's
@@ -35,9 +33,7 @@ def _pd_cases(g: torch.Generator, with_student: bool = False, processes=(VPCosin
             eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
             where = f"for the {proc.name} process and N = {N} student steps"
             if with_student:
-                with seeded(draw_seed(g)):             # initialisation; the notebook's global RNG is left alone
-                    student = Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
-                yield (student, teacher, x0, t, eps, N, proc), where
+                yield (tiny_model(proc, g), teacher, x0, t, eps, N, proc), where
             else:
                 yield (teacher, proc.marginal(x0, t, eps), t, N, proc), where
 

@@ -6,14 +6,14 @@ from typing import Callable
 
 import torch
 
-from ..config import seeded
+from ..conditioning import Cond, labelled, labels
 from ..data2d import exact_denoiser, get_mixture, sample_2d
 from ..distill.guided import distill_guidance, guided_batches, guided_loss_at, guided_target
-from ..models import Denoiser, MLP2D, guidance_range
+from ..models import guidance_range
 from ..processes import VPCosine
 from ..teachers import load_teacher
 from ..train import TrainConfig
-from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check
+from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, run_check, tiny_model
 
 
 def _guided_cases(g: torch.Generator, with_student: bool = False):
@@ -29,33 +29,35 @@ def _guided_cases(g: torch.Generator, with_student: bool = False):
         eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
         w = w_hi * torch.rand(B, generator=g, dtype=torch.float64)
         where = f"for {B} samples with w in [0, {w_hi:g}]" if w_hi else f"for {B} samples with w = 0"
+        cond = labels(y, null)
         if with_student:
-            with seeded(draw_seed(g)):                 # initialisation; the notebook's global RNG is left alone
-                student = Denoiser(MLP2D(hidden=16, depth=2, num_classes=null, guidance_range=(0.0, 4.0)), proc, "v")
-                torch.nn.init.normal_(student.net.guidance_emb.mlp[2].weight, std=0.5)
-            yield (student.double(), teacher, x0, y, t, eps, w, null, proc), where
+            student = tiny_model(proc, g, num_classes=null, guidance_range=(0.0, 4.0),
+                                 init=lambda m: torch.nn.init.normal_(m.net.guidance_emb.mlp[2].weight, std=0.5))
+            yield (student, teacher, x0, cond, t, eps, w, proc), where
         else:
-            yield (teacher, proc.marginal(x0, t, eps), t, y, w, null), where
+            yield (teacher, proc.marginal(x0, t, eps), t, cond, w), where
 
 
 @checker("2.1")
 def check_guided_target(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 2.1: student(teacher, z_t, t, y, w, null_label) -> x0_w (B, D), the guided teacher's x-prediction."""
+    """Exercise 2.1: student(teacher, z_t, t, cond, w) -> x0_w (B, D), the guided teacher's x-prediction (cond: the
+    labels, conditioning.labels(y, num_classes))."""
     g = fresh_generator(seed)
     return run_check("2.1", student, guided_target, _guided_cases(g), atol=1e-6, rtol=1e-5,
                      hint="The course's convention is x0_w = (1 + w) x0(z_t | y) - w x0(z_t | null), with w of shape "
-                          "(B,) (reshape it to (B, 1) to broadcast); w = 0 is the plain conditional teacher. Imagen's "
-                          "x0_u + w (x0_c - x0_u) is the same formula with w shifted by one.")
+                          "(B,) (reshape it to (B, 1) to broadcast) and the null labels cond.null(); w = 0 is the plain "
+                          "conditional teacher. Imagen's x0_u + w (x0_c - x0_u) is the same formula with w shifted by "
+                          "one.")
 
 
 @checker("2.2")
 def check_guided_loss(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 2.2: student(student_model, teacher, x0, y, t, eps, w, null_label, process) -> stage-1 loss (B,)."""
+    """Exercise 2.2: student(student_model, teacher, x0, cond, t, eps, w, process) -> stage-1 loss (B,)."""
     g = fresh_generator(seed)
     return run_check("2.2", student, guided_loss_at, _guided_cases(g, with_student=True), atol=1e-6, rtol=1e-5,
                      hint="Noise x0 to z_t, compute x0_w with guided_target, call the student with the same labels "
-                          "AND the same w (student(z_t, t, y, w)), weight each sample by max(alpha^2/sigma^2, 1) and "
-                          "average the squared error over dimensions.")
+                          "AND the same w (student(z_t, t, cond.with_w(w))), weight each sample by max(alpha^2/sigma^2, "
+                          "1) and average the squared error over dimensions.")
 
 
 # 2.3: after a short stage 1 on the shipped gmm-overlap teacher, the student's x-prediction at every checked w must be
@@ -70,20 +72,22 @@ STAGE1_CHECK_STEPS = 300
 
 def _stage1_errors(model: Callable, teacher: Callable, null: int, g: torch.Generator, n: int = 2000
                    ) -> dict[float, float]:
-    """{w: mean ||model(z_t, t, y, w).x0 - x0_w(z_t)||^2 / unit} on fresh (x0, y, t, eps) from the checker's
-    generator, t ~ U(0.05, 0.95); unit as above (STAGE1_MAX_ERROR)."""
+    """{w: mean ||model(z_t, t, cond.with_w(w)).x0 - x0_w(z_t)||^2 / unit} on fresh (x0, y, t, eps) from the
+    checker's generator, t ~ U(0.05, 0.95), cond = labels(y, null); unit as above (STAGE1_MAX_ERROR)."""
     x0, y = sample_2d("gmm-overlap", n, g)
     t = 0.05 + 0.9 * torch.rand(n, generator=g)
     z = teacher.process.marginal(x0, t, torch.randn(x0.shape, generator=g))
+    cond = labels(y, null)
     with torch.no_grad():
-        unit = (guided_target(teacher, z, t, y, 1.0, null) - teacher(z, t, y).x0).pow(2).sum(1).mean()
-        return {w: float((model(z, t, y, w).x0 - guided_target(teacher, z, t, y, w, null)).pow(2).sum(1).mean() / unit)
+        unit = (guided_target(teacher, z, t, cond, 1.0) - teacher(z, t, cond).x0).pow(2).sum(1).mean()
+        return {w: float((model(z, t, cond.with_w(w)).x0 - guided_target(teacher, z, t, cond, w)).pow(2).sum(1).mean()
+                         / unit)
                 for w in STAGE1_WS}
 
 
 @checker("2.3")
 def check_stage1(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 2.3: student(teacher, sample_data, w_range, null_label, cfg, p_w_min) -> the trained stage-1 student
+    """Exercise 2.3: student(teacher, sample_data, w_range, cfg, p_w_min) -> the trained stage-1 student
     (a w-conditioned copy of the teacher regressing the guided teacher, Meng et al. 2023, Sec. 3.1).
 
     Training is random, so this checks what stage 1 must do, on the shipped gmm-overlap teacher with a short budget:
@@ -93,7 +97,7 @@ def check_stage1(student: Callable, seed: int | None = None) -> Callable:
     """
     import copy
 
-    def reference(teacher, sample_data, w_range, null_label, cfg, p_w_min=0.0):
+    def reference(teacher, sample_data, w_range, cfg, p_w_min=0.0):
         return distill_guidance(teacher, sample_data, w_range, cfg, progress=False,
                                 p_w_min=p_w_min).best().eval().requires_grad_(False)
 
@@ -106,7 +110,8 @@ def check_stage1(student: Callable, seed: int | None = None) -> Callable:
                       seed=draw_seed(g), desc="check 2.3")
     try:
         with torch.random.fork_rng(devices=[]):   # the guidance embedding's initial weights: not the notebook's RNG
-            out = student(teacher, lambda n, gen: sample_2d("gmm-overlap", n, gen), (0.0, 4.0), null, cfg, 0.25)
+            out = student(teacher, labelled(lambda n, gen: sample_2d("gmm-overlap", n, gen), null), (0.0, 4.0), cfg,
+                          0.25)
     except Exception as e:
         return fall_back("2.3", reference, explain_exception(e))
     changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, before[k])]
@@ -122,7 +127,8 @@ def check_stage1(student: Callable, seed: int | None = None) -> Callable:
     try:
         errors = _stage1_errors(out, teacher, null, g)
     except Exception as e:
-        return fall_back("2.3", reference, explain_exception(e, "when the checker called your student(z_t, t, y, w)"))
+        return fall_back("2.3", reference, explain_exception(e, "when the checker called your student(z_t, t, "
+                                                                "cond.with_w(w))"))
     worst = max(errors.values(), key=lambda e: e if e == e else float("inf"))
     if not worst <= STAGE1_MAX_ERROR:            # also catches a nan
         shown = ", ".join(f"w = {w:g}: {e:.2f}" for w, e in errors.items())
@@ -132,7 +138,7 @@ def check_stage1(student: Callable, seed: int | None = None) -> Callable:
                          f"correct stage 1 gets a few hundredths here, this check asks for at most "
                          f"{STAGE1_MAX_ERROR:g}). Check that the target is the guided teacher's x0_w = (1 + w) x0(z_t | y)"
                          " - w x0(z_t | null) at each sample's own w (guided_target), that the student is called with "
-                         "the same labels AND the same w (student(z_t, t, y, w)), that w is drawn per sample in "
+                         "the same labels AND the same w (student(z_t, t, cond.with_w(w))), that w is drawn per sample in "
                          "w_range, and that the loss trains the student, not a copy of the teacher.")
     return accept("2.3", student, f"correct: at w = 0, 1, 2, 4 the student is within {worst:.3f} units of guidance "
                                   "of the guided teacher.")
@@ -141,15 +147,15 @@ def check_stage1(student: Callable, seed: int | None = None) -> Callable:
 def _batch_problem(sample_batch: Callable, n: int, w_range: tuple[float, float], seed: int) -> str | None:
     """What is wrong with one batch sample_batch(n, Generator(seed)) (None when nothing is)."""
     out = sample_batch(n, torch.Generator().manual_seed(seed))
-    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
-        return "sample_batch must return a pair (x0, {'y': y, 'w': w})"
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Cond)):
+        return "sample_batch must return a pair (x0, cond.with_w(w)): the labels' Cond with the guidance weights"
     x0, cond = out
-    if set(cond) != {"y", "w"}:
-        return f"the conditioning dict must have the keys 'y' and 'w' (the model's inputs); got {sorted(cond)}"
-    w = torch.as_tensor(cond["w"])
-    if x0.shape != (n, 2) or cond["y"].shape != (n,) or w.shape != (n,):
+    if cond.y is None or cond.w is None:
+        return f"the conditioning must hold the labels y and the weights w (the model's inputs); got {cond!r}"
+    w = cond.w
+    if x0.shape != (n, 2) or cond.y.shape != (n,) or w.shape != (n,):
         return (f"for n = {n}: x0 must be ({n}, 2), y and w ({n},); got {tuple(x0.shape)}, "
-                f"{tuple(cond['y'].shape)}, {tuple(w.shape)}. Draw one w per sample")
+                f"{tuple(cond.y.shape)}, {tuple(w.shape)}. Draw one w per sample")
     lo, hi = w_range
     if w.min() < lo or w.max() > hi:
         return f"w must lie in [{lo:g}, {hi:g}]; got values from {float(w.min()):.3g} to {float(w.max()):.3g}"
@@ -166,7 +172,7 @@ def _generator_problem(sample_batch: Callable, seed: int) -> str | None:
     gen = lambda s: torch.Generator().manual_seed(s)
     (x_a, c_a), (x_b, c_b), (x_c, c_c) = (sample_batch(64, gen(s)) for s in (seed, seed, seed + 1))
     same = lambda a, b: torch.equal(torch.as_tensor(a), torch.as_tensor(b))
-    for name, a, b, c in (("w", c_a["w"], c_b["w"], c_c["w"]), ("x0", x_a, x_b, x_c), ("y", c_a["y"], c_b["y"], c_c["y"])):
+    for name, a, b, c in (("w", c_a.w, c_b.w, c_c.w), ("x0", x_a, x_b, x_c), ("y", c_a.y, c_b.y, c_c.y)):
         if not same(a, b):
             return (f"two calls with generators seeded alike gave different {name}: draw it with the generator "
                     "sample_batch receives (e.g. torch.rand(n, generator=g)), not torch's global one, so training "
@@ -179,10 +185,11 @@ def _generator_problem(sample_batch: Callable, seed: int) -> str | None:
 
 @checker("2.4")
 def check_guided_batches(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 2.4: (an optional extra) student(sample_data, w_range) -> sample_batch(n, g) returning (x0, {"y": y, "w": w}), with
-    one w ~ U[w_min, w_max] per sample drawn with g. Checked by its properties (any order of random draws is fine)."""
+    """Exercise 2.4: (an optional extra) student(sample_data, w_range) -> sample_batch(n, g) returning
+    (x0, cond.with_w(w)), with (x0, cond) = sample_data(n, g) and one w ~ U[w_min, w_max] per sample drawn with g.
+    Checked by its properties (any order of random draws is fine)."""
     g = fresh_generator(seed)
-    sample_data = lambda n, gen: sample_2d("gmm-overlap", n, gen)
+    sample_data = labelled(lambda n, gen: sample_2d("gmm-overlap", n, gen), get_mixture("gmm-overlap").num_classes)
     try:
         with torch.random.fork_rng(devices=[]):   # a student drawing from the global RNG must not shift the notebook's
             for w_range in ((0.0, 4.0), (1.0, 2.0)):

@@ -6,26 +6,22 @@ from typing import Callable
 
 import torch
 
-from ..config import seeded
 from ..data2d import exact_denoiser
 from ..distill.reflow import generate_pairs, reflow, rf_loss_at
 from ..grids import uniform
 from ..metrics import flow_map_error, straightness
-from ..models import Denoiser, MLP2D
 from ..processes import RectifiedFlow
 from ..samplers import euler
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from .core import (accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, library_version,
-                   run_check)
+                   run_check, tiny_model)
 
 
 def _rf_models(g: torch.Generator):
     """Flows to check reflow exercises on: two tiny random velocity MLPs and the exact Gaussian-mixture flow."""
     for k in range(2):
-        with seeded(draw_seed(g)):                     # initialisation; the notebook's global RNG is left alone
-            model = Denoiser(MLP2D(hidden=16, depth=2), RectifiedFlow(), "velocity").double()
-        yield model, f"a random velocity MLP ({k + 1})"
+        yield tiny_model(RectifiedFlow(), g, "velocity"), f"a random velocity MLP ({k + 1})"
     yield exact_denoiser("gmm", RectifiedFlow()), "the exact Gaussian-mixture flow"
 
 

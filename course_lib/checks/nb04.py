@@ -6,31 +6,28 @@ from typing import Callable
 
 import torch
 
-from ..config import seeded
+from ..conditioning import labels
 from ..distances import laplacian_pyramid_l1
 from ..distill.instaflow import guided, onestep_loss
 from ..distill.reflow import rf_loss_at
-from ..models import Denoiser, MLP2D
 from ..processes import RectifiedFlow
-from .core import checker, draw_seed, fresh_generator, run_check
+from .core import checker, fresh_generator, run_check, tiny_model
 
 
 def _cond_flows(g: torch.Generator):
     """Conditional velocity MLPs (3 classes + the null label) to check InstaFlow exercises on."""
     for k in range(2):
-        with seeded(draw_seed(g)):                     # initialisation; the notebook's global RNG is left alone
-            flow = Denoiser(MLP2D(hidden=16, depth=2, num_classes=3), RectifiedFlow(), "velocity").double()
-        yield flow, f"a random conditional velocity MLP ({k + 1})"
+        yield tiny_model(RectifiedFlow(), g, "velocity", num_classes=3), f"a random conditional velocity MLP ({k + 1})"
 
 
 @checker("4.1")
 def check_guided_velocity(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 4.1: student(flow, x, t, y, w, null_label) -> (B, D) the guided velocity
-    (1 + w) u(x, t | y) - w u(x, t | null)."""
+    """Exercise 4.1: student(flow, x, t, cond, w) -> (B, D) the guided velocity (1 + w) u(x, t | y) - w u(x, t | null),
+    cond the labels (conditioning.labels(y, num_classes))."""
     g = fresh_generator(seed)
 
-    def reference(flow, x, t, y, w, null_label):
-        pred = guided(flow, w)(x, t, y)
+    def reference(flow, x, t, cond, w):
+        pred = guided(flow, w)(x, t, cond)
         return pred.eps - pred.x0
 
     def cases():
@@ -38,23 +35,23 @@ def check_guided_velocity(student: Callable, seed: int | None = None) -> Callabl
             x = torch.randn(6, 2, generator=g, dtype=torch.float64)
             t = torch.rand(6, generator=g, dtype=torch.float64)
             y = torch.randint(3, (6,), generator=g)
-            yield (flow, x, t, y, w, 3), f"for {name} at w = {w}"
+            yield (flow, x, t, labels(y, 3), w), f"for {name} at w = {w}"
 
     return run_check("4.1", student, reference, cases(), atol=1e-8, rtol=1e-6,
-                     hint="Evaluate the flow twice, with the labels y and with the null label everywhere "
-                          "(torch.full_like(y, null_label)); each velocity is pred.eps - pred.x0; mix them as "
+                     hint="Evaluate the flow twice, with the labels cond and with the null label everywhere "
+                          "(cond.null()); each velocity is pred.eps - pred.x0; mix them as "
                           "(1 + w) u_cond - w u_uncond (w = 0 is the plain conditional velocity).")
 
 
 @checker("4.2")
 def check_cond_reflow_loss(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 4.2: student(flow, eps, x0, y, t, drop, null_label) -> per-sample conditional reflow loss (B,):
-    the rectified-flow loss on the pair (x0, eps) at times t, with the labels y replaced by null_label where the
-    boolean mask drop (B,) is True (classifier-free label dropout; the pair itself is kept)."""
+    """Exercise 4.2: student(flow, eps, x0, cond, t, drop) -> per-sample conditional reflow loss (B,): the
+    rectified-flow loss on the pair (x0, eps) at times t, with the labels cond.y replaced by the null label
+    cond.null_y where the boolean mask drop (B,) is True (classifier-free label dropout; the pair itself is kept)."""
     g = fresh_generator(seed)
 
-    def reference(flow, eps, x0, y, t, drop, null_label):
-        return rf_loss_at(flow, x0, eps, t, cond={"y": torch.where(drop, torch.full_like(y, null_label), y)})
+    def reference(flow, eps, x0, cond, t, drop):
+        return rf_loss_at(flow, x0, eps, t, labels(torch.where(drop, cond.null().y, cond.y), cond.null_y))
 
     def cases():
         for (flow, name), B in zip(_cond_flows(g), (8, 12)):
@@ -64,25 +61,27 @@ def check_cond_reflow_loss(student: Callable, seed: int | None = None) -> Callab
             t = 0.02 + 0.96 * torch.rand(B, generator=g, dtype=torch.float64)
             drop = torch.arange(B) % 3 == 0                      # a third of the labels dropped, the rest kept
             drop = drop[torch.randperm(B, generator=g)]
-            yield (flow, eps, x0, y, t, drop, 3), f"for {name} with {int(drop.sum())} of {B} labels dropped"
+            yield (flow, eps, x0, labels(y, 3), t, drop), f"for {name} with {int(drop.sum())} of {B} labels dropped"
         flow, name = next(_cond_flows(g))
         B = 6
         yield ((flow, torch.randn(B, 2, generator=g, dtype=torch.float64),
-                2 * torch.randn(B, 2, generator=g, dtype=torch.float64), torch.randint(3, (B,), generator=g),
-                torch.rand(B, generator=g, dtype=torch.float64), torch.zeros(B, dtype=torch.bool), 3),
+                2 * torch.randn(B, 2, generator=g, dtype=torch.float64), labels(torch.randint(3, (B,), generator=g), 3),
+                torch.rand(B, generator=g, dtype=torch.float64), torch.zeros(B, dtype=torch.bool)),
                f"for {name} with no label dropped")
 
     return run_check("4.2", student, reference, cases(), atol=1e-8, rtol=1e-6,
                      hint="Replace the LABEL (not the pair) where drop is True: y_in = torch.where(drop, "
-                          "torch.full_like(y, null_label), y), with null_label the extra class the model keeps for "
-                          "'no label' (not 0, which is a real class); keep eps and x0 as they are. Then the loss of "
-                          "notebook 03: x_t = (1 - t) x0 + t eps, u = pred.eps - pred.x0 from flow(x_t, t, y_in), "
+                          "cond.null().y, cond.y), with cond.null_y the extra class the model keeps for 'no label' "
+                          "(not 0, which is a real class); keep eps and x0 as they are. Then the loss of notebook 03: "
+                          "x_t = (1 - t) x0 + t eps, u = pred.eps - pred.x0 from flow(x_t, t, "
+                          "conditioning.labels(y_in, cond.null_y)), "
                           "mean over the data dimensions of (u - (eps - x0))^2, one value per sample.")
 
 
 @checker("4.3")
 def check_onestep_loss(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 4.3: student(model, eps, x0, y) -> per-sample L2 one-step distillation loss (B,)."""
+    """Exercise 4.3: student(model, eps, x0, cond) -> per-sample L2 one-step distillation loss (B,) (cond: the labels,
+    conditioning.labels(y, num_classes))."""
     g = fresh_generator(seed)
 
     def cases():
@@ -90,10 +89,11 @@ def check_onestep_loss(student: Callable, seed: int | None = None) -> Callable:
             eps = torch.randn(7, 2, generator=g, dtype=torch.float64)
             x0 = 2 * torch.randn(7, 2, generator=g, dtype=torch.float64)
             y = torch.randint(3, (7,), generator=g)
-            yield (flow, eps, x0, y), f"for {name}"
+            yield (flow, eps, x0, labels(y, 3)), f"for {name}"
 
-    return run_check("4.3", student, lambda m, eps, x0, y: onestep_loss(m, eps, x0, y), cases(), atol=1e-8, rtol=1e-6,
-                     hint="One Euler step from t = 1 to 0: x0_hat = eps - u(eps, 1 | y), with t a (B,) tensor of ones "
+    return run_check("4.3", student, lambda m, eps, x0, cond: onestep_loss(m, eps, x0, cond), cases(), atol=1e-8,
+                     rtol=1e-6,
+                     hint="One Euler step from t = 1 to 0: x0_hat = eps - u(eps, 1 | cond), with t a (B,) tensor of ones "
                           "and u = pred.eps - pred.x0; return the mean over data dimensions of (x0_hat - x0)^2, one "
                           "value per sample.")
 

@@ -6,22 +6,17 @@ from typing import Callable
 
 import torch
 
-from ..config import seeded
 from ..data2d import exact_denoiser
 from ..distill.consistency import (cd_loss_at, cm_grid, consistency_fn, consistency_model, default_t_min,
                                    multistep_sample)
-from ..models import Denoiser, EDMPrecond, MLP2D
 from ..processes import EDM, RectifiedFlow, VPCosine
-from .core import (accept, call_per_sample, checker, draw_seed, explain_exception, fall_back, fresh_generator,
-                   param_grads, run_check)
+from .core import (accept, call_per_sample, checker, explain_exception, fall_back, fresh_generator, param_grads,
+                   run_check, tiny_model)
 
 
 def _tiny_cm(proc, g: torch.Generator):
     """A tiny random consistency model (float64) under `proc`, with the process's default t_min."""
-    with seeded(draw_seed(g)):                   # initialisation; the notebook's global RNG is left alone
-        net = MLP2D(hidden=16, depth=2)
-        base = EDMPrecond(net, proc) if isinstance(proc, EDM) else Denoiser(net, proc, "v")
-    return consistency_model(base.double(), default_t_min(proc))
+    return consistency_model(tiny_model(proc, g), default_t_min(proc))
 
 
 def _cm_cases(g: torch.Generator, processes=(VPCosine(), EDM(), RectifiedFlow())):

@@ -13,8 +13,8 @@ from ..distill import lcm
 from ..distill.lcm import boundary_scalings, lcm_target, lcm_timesteps, multistep
 from ..predictions import Pred
 from ..processes import SDDiscrete
-from .core import checker, draw_seed, explain_exception, fall_back, fresh_generator, is_library, library_version, \
-    run_check
+from .core import (checker, draw_seed, explain_exception, fall_back, fresh_generator, is_library, library_version,
+                   run_check)
 
 
 def _tiny_teacher_and_target(g: torch.Generator):
@@ -52,7 +52,7 @@ def check_lcm_target(student: Callable, seed: int | None = None) -> Callable:
             "(tau - k).clamp_min(0) (one step of k timesteps, not of 1). Guide the teacher with the course's w: "
             "guidance.cfg(teacher, w)(z, t_{n+k}, cond), i.e. (1 + w) cond - w uncond, on both x0 and eps (w is NOT "
             "diffusers' guidance_scale); take the DDIM step steps.ddim_step(pred, t_{n+k}, t_n, process); return "
-            "target(z_n, t_n, cond, w).x0, all under torch.no_grad().")
+            "target(z_n, t_n, cond.with_w(w)).x0 (the target network reads w from cond.w), all under torch.no_grad().")
     fn = run_check("6.1", student, lcm_target, cases(), atol=1e-5, rtol=1e-4, hint=hint)
     if is_library(fn):
         return fn
@@ -89,24 +89,28 @@ def check_lcm_scalings(student: Callable, seed: int | None = None) -> Callable:
 
 @checker("6.3")
 def check_lcm_multistep(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 6.3: student(f, z, timesteps, process, generator) -> the final sample (B, ...)."""
+    """Exercise 6.3: student(f, z, timesteps, process, generator, cond) -> the final sample (B, ...), every call
+    f(z, t, cond) with the conditioning it is given (the cases' cond carries a guidance weight w that f reads)."""
     g = fresh_generator(seed)
     process = SDDiscrete()
     A = torch.randn(4, 4, generator=g) / 2
 
-    def f(z, t):   # a smooth stand-in for a consistency function: its x0 depends on z and t
+    def f(z, t, cond=None):   # a smooth stand-in for a consistency function: its x0 depends on z, t and cond.w
         x0 = torch.tanh(torch.einsum("ij,bj...->bi...", A, z)) * (1 + t.reshape(-1, 1, 1, 1))
-        return Pred(x0, z)
+        return Pred(x0 if cond is None else x0 + cond.w.reshape(-1, 1, 1, 1), z)
 
-    with_seed = lambda fn: (lambda f_, z, taus, proc, s: fn(f_, z, taus, proc, torch.Generator().manual_seed(s)))
+    with_seed = lambda fn: (lambda f_, z, taus, proc, s, cond: fn(f_, z, taus, proc, torch.Generator().manual_seed(s),
+                                                                  cond=cond))
+    cond = Cond(w=torch.tensor([0.5, 2.0, 4.0]))                  # an LCM's guidance weights, per sample
 
     def cases():
         for n in (1, 2, 4, 8):
             z = torch.randn(3, 4, 8, 8, generator=g)
-            yield (f, z, lcm_timesteps(n), process, draw_seed(g)), f"for {n} step{'s' * (n > 1)}"
+            yield (f, z, lcm_timesteps(n), process, draw_seed(g), cond), f"for {n} step{'s' * (n > 1)}"
 
     out = run_check("6.3", with_seed(student), with_seed(multistep), cases(), atol=1e-5, rtol=1e-4,
-                    hint="At each timestep: z0 = f(z, t).x0 with t = process.t_of_timestep(tau) as a (B,) tensor; if "
+                    hint="At each timestep: z0 = f(z, t, cond).x0 with t = process.t_of_timestep(tau) as a (B,) "
+                         "tensor and the cond given; if "
                          "it is the last one, return z0; otherwise re-noise to the NEXT timestep s: z = alpha(s) z0 + "
                          "sigma(s) eps with eps = torch.randn(z.shape, generator=generator, dtype=z.dtype) (no noise "
                          "after the last step, and the next time, not the current one).")

@@ -7,22 +7,13 @@ from typing import Callable
 
 import torch
 
-from ..config import seeded
 from ..data2d import exact_denoiser
 from ..distill.consistency import cm_grid
 from ..distill.tcd import tcd_loss_at, tcf
-from ..models import Denoiser, EDMPrecond, MLP2D
 from ..processes import EDM, RectifiedFlow, VPCosine
 from ..samplers import tcd
-from .core import (accept, call_per_sample, checker, draw_seed, explain_exception, fall_back, fresh_generator,
-                   param_grads, run_check)
-
-
-def _tiny(proc, g: torch.Generator):
-    """A tiny random course model (float64) under `proc`."""
-    with seeded(draw_seed(g)):
-        net = MLP2D(hidden=16, depth=2)
-        return (EDMPrecond(net, proc) if isinstance(proc, EDM) else Denoiser(net, proc, "v")).double()
+from .core import (accept, call_per_sample, checker, explain_exception, fall_back, fresh_generator, param_grads,
+                   run_check, tiny_model)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -38,7 +29,7 @@ def check_tcf(student: Callable, seed: int | None = None) -> Callable:
 
     def cases():
         for proc in (VPCosine(), RectifiedFlow(), EDM()):
-            model = _tiny(proc, g)
+            model = tiny_model(proc, g)
             x = 1.5 * torch.randn(6, 2, generator=g, dtype=torch.float64)
             t = 0.05 + 0.9 * torch.rand(6, generator=g, dtype=torch.float64)
             yield (model, x, t, t * torch.rand(6, generator=g, dtype=torch.float64), proc), \
@@ -80,7 +71,7 @@ def check_tcd_loss(student: Callable, seed: int | None = None) -> Callable:
 
     def cases():
         for proc in (VPCosine(), RectifiedFlow()):
-            net, other = _tiny(proc, g), _tiny(proc, g)
+            net, other = tiny_model(proc, g), tiny_model(proc, g)
             grid = cm_grid(8, proc, 0.002)
             n = torch.randint(1, 8, (8,), generator=g)
             x0 = 2 * torch.randn(8, 2, generator=g, dtype=torch.float64)
@@ -152,7 +143,7 @@ def check_gamma_sampler(student: Callable, seed: int | None = None) -> Callable:
 
     def cases():
         for proc in (VPCosine(), RectifiedFlow()):
-            model = _tiny(proc, g)
+            model = tiny_model(proc, g)
             for n, gamma in ((1, 0.3), (2, 0.3), (3, 0.0), (3, 0.25), (4, 0.6), (4, 1.0)):
                 ts = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)
                 x = proc.prior((6, 2), generator=g, dtype=torch.float64)
@@ -180,7 +171,7 @@ def check_gamma_sampler(student: Callable, seed: int | None = None) -> Callable:
     proc = VPCosine()
     for bad in (-0.1, 1.5):
         try:
-            student(_tiny(proc, g), proc.prior((2, 2), generator=g, dtype=torch.float64),
+            student(tiny_model(proc, g), proc.prior((2, 2), generator=g, dtype=torch.float64),
                     torch.linspace(1.0, 0.0, 3, dtype=torch.float64), proc, bad,
                     torch.randn(1, 2, 2, generator=g, dtype=torch.float64))
         except ValueError:

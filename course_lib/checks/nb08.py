@@ -7,27 +7,19 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import nn
 
-from ..config import seeded
+from ..conditioning import labels
 from ..distill import add
 from ..distill.add import distill_weight, sample
 from ..distill.gan import hinge_d, r1_penalty
-from ..models import Denoiser, MLP2D
 from ..processes import RectifiedFlow, VPCosine
-from .core import accept, call_per_sample, checker, draw_seed, fall_back, fresh_generator, run_check
+from .core import (accept, call_per_sample, checker, fall_back, fresh_generator, run_check, tiny_discriminator,
+                   tiny_model)
 
 
-def _tiny(proc, g: torch.Generator):
-    """A tiny random course model (float64) under `proc`."""
-    with seeded(draw_seed(g)):
-        return Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
-
-
-def _tiny_d(g: torch.Generator) -> nn.Module:
-    """A tiny random discriminator x (B, 2) -> logits (B,) (float64)."""
-    with seeded(draw_seed(g)):
-        net = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Linear(16, 1)).double()
+def _tiny_d(g: torch.Generator):
+    """A tiny random discriminator x (B, 2) -> logits (B,) (float64), and its network."""
+    net = tiny_discriminator(g)
     return lambda x: net(x).squeeze(1), net
 
 
@@ -36,37 +28,45 @@ def _close(a, b) -> bool:
                                                                                   atol=1e-8, rtol=1e-6)
 
 
-def distillation_loss(x_hat, teacher, t, eps, process):
+def distillation_loss(x_hat, teacher, t, eps, process, cond=None):
     """The reference of exercise 8.1: ADD's L_distill with c(t) = alpha_t (add.distillation_loss)."""
-    return add.distillation_loss(x_hat, teacher, t, eps, process)
+    return add.distillation_loss(x_hat, teacher, t, eps, process, cond)
 
 
 @checker("8.1")
 def check_distillation_loss(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 8.1: student(x_hat, teacher, t, eps, process) -> per-sample L_distill (B,): x_hat_t = alpha_t x_hat +
-    sigma_t eps, the teacher's x0 of it as a constant target, c(t) ||x_hat - target||^2 with c(t) = alpha_t (mean over
-    the data dimensions). Values are compared with the reference, then the gradient with respect to x_hat (which must
-    not flow through the teacher)."""
+    """Exercise 8.1: student(x_hat, teacher, t, eps, process, cond) -> per-sample L_distill (B,): x_hat_t = alpha_t
+    x_hat + sigma_t eps, the teacher's x0 of it (teacher(x_hat_t, t, cond), cond the batch's labels or None) as a
+    constant target, c(t) ||x_hat - target||^2 with c(t) = alpha_t (mean over the data dimensions). Values are
+    compared with the reference, then the gradient with respect to x_hat (which must not flow through the
+    teacher)."""
     g = fresh_generator(seed)
     ref = distillation_loss
 
     def cases():
         for proc in (VPCosine(), RectifiedFlow()):
-            teacher = _tiny(proc, g)
+            teacher = tiny_model(proc, g)
             x_hat = 1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64)
             t = 0.05 + 0.9 * torch.rand(8, generator=g, dtype=torch.float64)
             eps = torch.randn(8, 2, generator=g, dtype=torch.float64)
-            yield (x_hat, teacher, t, eps, proc), f"for the {proc.name} process"
+            yield (x_hat, teacher, t, eps, proc, None), f"for the {proc.name} process"
+        proc = VPCosine()                               # a class-conditional teacher: the labels reach it
+        teacher = tiny_model(proc, g, num_classes=3)
+        x_hat = 1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64)
+        t = 0.05 + 0.9 * torch.rand(8, generator=g, dtype=torch.float64)
+        eps = torch.randn(8, 2, generator=g, dtype=torch.float64)
+        cond = labels(torch.randint(3, (8,), generator=g), 3)
+        yield (x_hat, teacher, t, eps, proc, cond), f"for the {proc.name} process and a class-conditional teacher"
 
     def weighted(kind):
-        def loss(x_hat, teacher, t, eps, process):
+        def loss(x_hat, teacher, t, eps, process, cond=None):
             with torch.no_grad():
-                target = teacher(process.marginal(x_hat, t, eps), t).x0
+                target = teacher(process.marginal(x_hat, t, eps), t, cond).x0
             return distill_weight(t, process, kind) * (x_hat - target).pow(2).mean(1)
         return loss
 
-    def reversed_c(x_hat, teacher, t, eps, process):
-        return weighted("none")(x_hat, teacher, t, eps, process) * (1 - process.alpha(t))
+    def reversed_c(x_hat, teacher, t, eps, process, cond=None):
+        return weighted("none")(x_hat, teacher, t, eps, process, cond) * (1 - process.alpha(t))
 
     diagnoses = [
         (weighted("none"), "your loss has no weighting c(t): ADD weights each sample by c(t) = alpha_t (the "
@@ -90,7 +90,8 @@ def check_distillation_loss(student: Callable, seed: int | None = None) -> Calla
             err = (got.detach() - want.detach()).abs().max().item()
             return fall_back("8.1", ref,
                              f"the loss differs from the reference by up to {err:.3g} {where}. Re-noise x_hat to t "
-                             "(process.marginal(x_hat, t, eps)), take the teacher's .x0 of it as the target, and return "
+                             "(process.marginal(x_hat, t, eps)), take the teacher's .x0 of it, teacher(x_hat_t, t, "
+                             "cond).x0 with the labels cond it is given, as the target, and return "
                              "alpha_t * ||x_hat - target||^2 averaged over the data dimensions (bcast or [:, None]).")
         if not got.requires_grad:
             return fall_back("8.1", ref, f"the loss has no gradient {where}: only the teacher's target is a constant; "
@@ -188,7 +189,7 @@ def check_trailing_sample(student: Callable, seed: int | None = None) -> Callabl
 
     def cases():
         for proc in (VPCosine(), RectifiedFlow()):
-            model = _tiny(proc, g)
+            model = tiny_model(proc, g)
             for k in (1, 2, 4):
                 z = proc.prior((6, 2), generator=g, dtype=torch.float64)
                 noises = torch.randn(max(k - 1, 1), 6, 2, generator=g, dtype=torch.float64)[: k - 1]

@@ -11,25 +11,17 @@ from typing import Callable
 
 import torch
 
-from ..config import seeded
 from ..distill.dmd import dm_loss, fake_score_loss, two_time_scale
-from ..models import Denoiser, MLP2D
 from ..processes import VPCosine
-from .core import (accept, call_per_sample, checker, draw_seed, explain_exception, fall_back, fresh_generator,
-                   param_grads)
-
-
-def _tiny(proc, g: torch.Generator):
-    """A tiny random course model (float64, v-parameterised) under `proc`."""
-    with seeded(draw_seed(g)):
-        return Denoiser(MLP2D(hidden=16, depth=2), proc, "v").double()
+from .core import (accept, call_per_sample, checker, explain_exception, fall_back, fresh_generator, param_grads,
+                   tiny_model)
 
 
 def _dm_cases(g: torch.Generator):
     """(x (B, 2) leaf with grad, real, fake, process, t, eps, normalize), where."""
     proc = VPCosine()
     for normalize in ("sample", "batch"):
-        real, fake = _tiny(proc, g), _tiny(proc, g)
+        real, fake = tiny_model(proc, g), tiny_model(proc, g)
         x = (1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64)).requires_grad_(True)
         t = 0.05 + 0.9 * torch.rand(8, generator=g, dtype=torch.float64)
         eps = torch.randn(8, 2, generator=g, dtype=torch.float64)
@@ -109,7 +101,7 @@ def check_fake_score_loss(student: Callable, seed: int | None = None) -> Callabl
 
     for _ in range(2):
         proc = VPCosine()
-        fake = _tiny(proc, g)
+        fake = tiny_model(proc, g)
         params = list(fake.parameters())
         W = torch.randn(2, 2, generator=g, dtype=torch.float64).requires_grad_(True)   # a "generator": x = z W
         z = torch.randn(8, 2, generator=g, dtype=torch.float64)

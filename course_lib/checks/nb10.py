@@ -12,14 +12,8 @@ from ..config import seeded
 from ..distill.gdd import discriminator_loss, frozen_name, generator_loss, paper_frozen, time_share
 from ..models import Denoiser, MLP2D, UNet
 from ..processes import VPCosine
-from .core import accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, param_grads, run_check
-
-
-def _tiny_d(g: torch.Generator) -> torch.nn.Module:
-    """A tiny random 2D discriminator x (B, 2) -> logits (B,), float64 (smooth: SiLU, so R1 has a gradient)."""
-    with seeded(draw_seed(g)):
-        net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1)).double()
-    return net
+from .core import (accept, checker, explain_exception, fall_back, fresh_generator, param_grads, run_check,
+                   tiny_discriminator)
 
 
 def _logits(net):
@@ -73,7 +67,7 @@ def check_gdd_losses(student: Callable, seed: int | None = None) -> Callable:
     ]
     cases = []
     for w in (0.5, 0.0, 2.0):
-        net = _tiny_d(g)
+        net = tiny_discriminator(g)
         xr = 1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64)
         xf = 1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64)
         cases.append(((net, xr, xf, w), f"with r1_weight = {w:g}"))
