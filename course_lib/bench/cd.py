@@ -11,7 +11,7 @@ from ..conditioning import labelled
 from ..config import default_device, pick, seeded
 from ..data2d import sample_2d
 from ..distill.consistency import CMConfig, ct_schedule, distill_cd, multistep_sample, step_times, train_ct
-from ..distill.pd import progressive_distillation
+from ..distill.pd import PDConfig, distill_pd
 from ..grids import uniform
 from ..images import batch_sampler, load_digits
 from ..plotting import table
@@ -127,9 +127,9 @@ def _pd_same_teacher_evals(teacher, ds: str, b: dict, seed: int, device, mode: s
     cfg = TrainConfig(steps=per_round, batch_size=b["batch"], lr=pick(mode, smoke=1e-4, laptop=2e-4, full=1e-4),
                       lr_schedule="linear", ema_decay=0.0, seed=seed)
     t0 = time.perf_counter()
-    students = progressive_distillation(teacher, lambda n, g: sample_2d(ds, n, g)[0].to(device), n_start, 1, cfg,
-                                        progress=mode != "smoke")
-    return students[1], time.perf_counter() - t0, {"pd_n_start": n_start, "pd_rounds": rounds,
+    student, _ = distill_pd(teacher, lambda n, g: sample_2d(ds, n, g)[0].to(device), PDConfig(n_start, 1), run=cfg,
+                            progress=mode != "smoke")
+    return student, time.perf_counter() - t0, {"pd_n_start": n_start, "pd_rounds": rounds,
                                                     "pd_updates": per_round * rounds,
                                                     "teacher_evals_per_sample_update": 2}
 
