@@ -98,7 +98,7 @@ def guided_loss(student: Denoiser, teacher: Callable, x0: Tensor, cond: Cond, w_
 
 @dataclasses.dataclass(frozen=True)
 class GuidedConfig:
-    """Stage 1: w ~ U[w_range] (w_range[0] exactly with probability p_w_min, see the module docstring), t ~ U(t_min, 1)."""
+    """Stage 1: w ~ U[w_range] (w_range[0] exactly with probability p_w_min: the module docstring), t ~ U(t_min, 1)."""
     w_range: tuple[float, float]
     t_min: float = 1e-3
     p_w_min: float = 0.0
