@@ -154,7 +154,7 @@ def test_distill_tcd_2d_trains_and_beats_one_ddim_step():
     proc = teacher.process
     student, done = tcd.distill_tcd(teacher, lambda n, g: data2d.sample_2d("gmm", n, g)[0],
                                     tcd.TCDConfig(N=8, lr=1e-3, ema_decay=0.9),
-                                    TrainConfig(steps=150, batch_size=512, seed=0), progress=False)
+                                    run=TrainConfig(steps=150, batch_size=512, seed=0), progress=False)
     x1 = proc.prior((2000, 2), torch.Generator().manual_seed(4))
     exact = samplers.dpm_solver_pp_2m(exact_denoiser("gmm", proc), x1, grids.uniform(128), proc)
     one = samplers.tcd(student, x1, grids.uniform(1), proc, gamma=0.0)

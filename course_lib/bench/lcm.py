@@ -51,10 +51,10 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     t0 = time.perf_counter()
     if method == "tcd":
         student, _ = tcd.distill_tcd(teacher, data, tcd.TCDConfig(N=b["N"], mu=b["mu"], lr=b["lr"],
-                                                                  ema_decay=b["ema"]), cfg, progress=progress)
+                                                                  ema_decay=b["ema"]), run=cfg, progress=progress)
     else:
         student, _ = cm.distill_cd(teacher, data, cm.CMConfig(N=b["N"], solver="ddim", mu=b["mu"], lr=b["lr"],
-                                                              ema_decay=b["ema"]), cfg, progress=progress)
+                                                              ema_decay=b["ema"]), run=cfg, progress=progress)
     return student, time.perf_counter() - t0
 
 

@@ -131,8 +131,8 @@ def tcd_step(cfg: TCDConfig, grid: Tensor) -> Callable[[StepContext, Any], Tenso
     return step
 
 
-def distill_tcd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator], Any], cfg: TCDConfig,
-                train_cfg: TrainConfig, ckpt_dir=None, progress: bool = True) -> tuple[nn.Module, Trained]:
+def distill_tcd(teacher: nn.Module, data: Callable[[int, torch.Generator], Any], cfg: TCDConfig, *, run: TrainConfig,
+                ckpt_dir=None, accelerator=None, progress: bool = True) -> tuple[nn.Module, Trained]:
     """TCD of a course model (a 2D or digits teacher): the student is a copy of the teacher (a plain course model:
     sample it with samplers.tcd, whose steps are its TCF). Returns (the student to sample from, its EMA when
     cfg.ema_decay > 0, eval mode, no grad; the engine's Trained)."""
@@ -140,8 +140,8 @@ def distill_tcd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
     grid = cm_grid(cfg.N, teacher.process, cfg.t_min)
     done = train_networks({"student": Network(student, lr=cfg.lr, ema_decay=cfg.ema_decay)}, tcd_step(cfg, grid),
-                          sample_batch, train_cfg, targets={"target": Target("student", decay=cfg.mu)},
-                          frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress,
+                          data, run, targets={"target": Target("student", decay=cfg.mu)},
+                          frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config={"method": "trajectory-consistency-distillation", **asdict(cfg)})
     return done.best("student").eval().requires_grad_(False), done
 
