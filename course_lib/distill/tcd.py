@@ -214,20 +214,22 @@ def tcd_sd_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscret
                        timesteps.to(z0.device), k, s_timesteps.to(z0.device), cond, w, process, cfg.distance)
 
 
-def distill_tcd_sd(sd: Any, cfg: lcm.LCMConfig, sample_batch: Callable,
-                   ckpt_dir: str | os.PathLike | None = None, progress: bool = True) -> TCDModel:
-    """TCD of sd (sd.SD: model, text, vae; its latent space) into a student with a w-embedding trained on
-    [cfg.w_min, cfg.w_max], with LCM's settings (lcm.LCMConfig). Resumes from ckpt_dir. Returns the student (eval)."""
+def distill_tcd_sd(sd: Any, data: Callable, cfg: lcm.LCMConfig, *, run: TrainConfig,
+                   ckpt_dir: str | os.PathLike | None = None, accelerator=None, progress: bool = True
+                   ) -> tuple[TCDModel, Trained]:
+    """TCD of sd (sd.SD: model, text, vae; its latent space; the teacher is sd.model) into a student with a
+    w-embedding trained on [cfg.w_min, cfg.w_max], with LCM's settings (lcm.LCMConfig), on data as
+    lcm.distill_lcm's; run: e.g. lcm.train_config(cfg, "TCD: mini SD student"). Resumes from ckpt_dir. Returns
+    (the student, eval, no grad; the engine's Trained)."""
     require_codec(sd)
     teacher = sd.model
     student = tcd_student(teacher, cfg.w_dim, (cfg.w_min, cfg.w_max), cfg.seed)
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
-                       desc="TCD: mini SD student")
     net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, weight_decay=0.0)
-    train_networks({"student": net}, lambda ctx, b: tcd_sd_step(ctx, b, teacher.process, cfg), sample_batch, tcfg,
-                   targets={"target": Target("student", cfg.target_decay)}, frozen={"teacher": teacher},
-                   ckpt_dir=ckpt_dir, extra_config={"tcd": asdict(cfg)}, progress=progress)
-    return student.eval().requires_grad_(False)
+    done = train_networks({"student": net}, lambda ctx, b: tcd_sd_step(ctx, b, teacher.process, cfg), data, run,
+                          targets={"target": Target("student", cfg.target_decay)}, frozen={"teacher": teacher},
+                          ckpt_dir=ckpt_dir, accelerator=accelerator, extra_config={"tcd": asdict(cfg)},
+                          progress=progress)
+    return student.eval().requires_grad_(False), done
 
 
 # ----------------------------------------------------------------------------------------------------------------

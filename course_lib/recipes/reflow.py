@@ -73,7 +73,7 @@ def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIG
                              cache_dir=Path(runs) / "pairs", cond=y, noise_shape=(1, 16, 16))
     cfg = scale(r["distill"])
     t0 = time.perf_counter()
-    student = distill(flow2, (eps2, x02), 1, cfg, cond=y, ckpt_dir=Path(runs) / "2rf-distill1").best().eval()
+    student, _ = distill_kstep(flow2, (eps2, x02, y), KStepConfig(1), run=cfg, ckpt_dir=Path(runs) / "2rf-distill1")
     save_half(student, out / "digits-2rf-distill1",
             {**meta, "method": "2-RF distilled to 1 Euler step (L2)", "steps": cfg.steps,
              "train_seconds": round(time.perf_counter() - t0, 1)})
