@@ -96,7 +96,8 @@ def distill_dmd2_sd(sd: Any, data: Callable, cfg: dmd.DMDConfig, *, run: TrainCo
                     observe_every: int = 1) -> tuple[nn.Module, Trained]:
     """A DMD2 generator of sd.model (the teacher; one step unless cfg.gen_steps > 1; cfg: e.g. recipe()) by the
     method's driver, dmd.distill_dmd, on data(n, g) -> {"x": latents, "cond": Cond} (e.g. digit_batches(sd)); run:
-    e.g. train_config(steps, batch, seed, checkpoints=ckpt_dir is not None). Returns (the generator, eval, no grad, on the CPU; the engine's Trained). sd.model itself is left untouched (the
+    e.g. train_config(steps, batch, seed, checkpoints=ckpt_dir is not None). Returns (the generator, eval, no grad,
+    on the CPU; the engine's Trained). sd.model itself is left untouched (the
     generator, critic and real score are copies of it, trained on `device`; the batches are drawn on the CPU and moved
     there by the engine). The critic's examples: latents (2, C, h, h) and a Cond of zero text embeddings."""
     import copy
