@@ -44,7 +44,8 @@ def main(out: Path) -> None:
 
     def run(name: str, steps: int) -> dict[str, str]:
         cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, ema_decay=0.9, ckpt_every=5, seed=3)
-        state = distill_round(teacher, 2, batch, cfg, ckpt_dir=out / name, progress=False, accelerator=accelerator)
+        _, state = distill_round(teacher, 2, batch, run=cfg, ckpt_dir=out / name, progress=False,
+                                 accelerator=accelerator)
         return {k: digest(v) for k, v in {**state.model.state_dict(),
                                           **{f"ema.{k}": v for k, v in state.best().state_dict().items()}}.items()}
 

@@ -200,8 +200,9 @@ def _data(n, g):
 def test_distill_add_trains_every_ablation(kw, init):
     teacher = mlp_denoiser(VPCosine(), 3, torch.float32, keep_rng=True).requires_grad_(False)
     cfg = add.ADDConfig(r1_gamma=0.1, lr_g=1e-3, lr_d=1e-3, **kw)
-    G, done = add.distill_add(teacher, _data, cfg, TrainConfig(steps=4, batch_size=32), add.feature_network("random2d"),
-                              torch.randn(4, 2), init=init, progress=False)
+    G, done = add.distill_add(teacher, _data, cfg, run=TrainConfig(steps=4, batch_size=32),
+                              features=add.feature_network("random2d"), example={"x": torch.randn(4, 2)}, init=init,
+                              progress=False)
     assert ("discriminator" in done.nets) == cfg.adversarial
     moved = any(not torch.equal(a, b) for a, b in zip(G.parameters(), teacher.parameters()))
     assert moved and not any(p.requires_grad for p in G.parameters())
@@ -210,8 +211,9 @@ def test_distill_add_trains_every_ablation(kw, init):
         fresh = gan.RandomFeatures2D(seed=0)
         assert all(torch.equal(a, b) for a, b in zip(D.features.parameters(), fresh.parameters()))
     with pytest.raises(ValueError, match="at least one"):
-        add.distill_add(teacher, _data, add.ADDConfig(adversarial=False, distill=False), TrainConfig(steps=1, batch_size=8),
-                        add.feature_network("random2d"), torch.randn(4, 2), progress=False)
+        add.distill_add(teacher, _data, add.ADDConfig(adversarial=False, distill=False),
+                        run=TrainConfig(steps=1, batch_size=8), features=add.feature_network("random2d"),
+                        example={"x": torch.randn(4, 2)}, progress=False)
 
 
 def test_a_diverging_run_stops_loudly_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -225,8 +227,9 @@ def test_a_diverging_run_stops_loudly_and_keeps_the_last_good_checkpoint(tmp_pat
 
     cfg = add.ADDConfig(r1_gamma=0.1)
     with pytest.raises(gan.GANDiverged, match="NaN or infinite.*last checkpoint"):
-        add.distill_add(teacher, data, cfg, TrainConfig(steps=20, batch_size=16, ckpt_every=2),
-                        add.feature_network("random2d"), torch.randn(4, 2), ckpt_dir=tmp_path, progress=False)
+        add.distill_add(teacher, data, cfg, run=TrainConfig(steps=20, batch_size=16, ckpt_every=2),
+                        features=add.feature_network("random2d"), example={"x": torch.randn(4, 2)}, ckpt_dir=tmp_path,
+                        progress=False)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["step"] in (5, 6)                       # the last checkpoint before the bad iteration
     from course_lib.checkpoint import load_tensors

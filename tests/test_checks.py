@@ -169,7 +169,7 @@ def test_pd_round_checker_accepts_a_round_and_rejects_wrong_ones(capsys):
     from course_lib.distill.pd import distill_round
 
     def right(teacher, N, sample_data, cfg):
-        return distill_round(teacher, N, sample_data, cfg, progress=False).model.eval()
+        return distill_round(teacher, N, sample_data, run=cfg, progress=False)[1].model.eval()
 
     def no_training(teacher, N, sample_data, cfg):  # returns an untrained copy: no closer to 2N teacher steps
         return copy.deepcopy(teacher)
@@ -502,10 +502,10 @@ def _library_solutions():
     return {
         "0.1": right_v, "0.2": ddim_step, "0.3": right_swd,
         "1.1": pd.pd_target, "1.2": pd.pd_loss_at,
-        "1.3": lambda teacher, N, sample, cfg: pd.distill_round(teacher, N, sample, cfg, progress=False).best().eval(),
+        "1.3": lambda teacher, N, sample, cfg: pd.distill_round(teacher, N, sample, run=cfg, progress=False)[0],
         "2.1": guided.guided_target, "2.2": guided.guided_loss_at,
         "2.3": lambda teacher, sample, w_range, cfg, p_w_min=0.0: guided.distill_guidance(
-            teacher, sample, w_range, cfg, progress=False, p_w_min=p_w_min).best().eval(),
+            teacher, sample, guided.GuidedConfig(w_range, p_w_min=p_w_min), run=cfg, progress=False)[0],
         "2.4": guided.guided_batches,
         "3.1": lambda m, x0, eps, t: reflow.rf_loss_at(m, x0, eps, t),
         "3.2": lambda m, eps, steps: reflow.generate_pairs(m, eps, steps, "euler", RectifiedFlow()),

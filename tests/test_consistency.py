@@ -203,7 +203,7 @@ def test_short_cd_run_moves_the_one_step_map_towards_the_teachers():
     before = rms(cm.multistep_sample(cm.consistency_model(teacher), x1, [1.0], proc, cm.T_MIN))
     cfg = cm.CMConfig(N=10, solver="ddim", mu=0.0, lr=5e-4, ema_decay=0.0)
     student, done = cm.distill_cd(teacher, lambda n, g: sample_2d("gmm", n, g)[0], cfg,
-                                  TrainConfig(steps=60, batch_size=256, seed=0), progress=False)
+                                  run=TrainConfig(steps=60, batch_size=256, seed=0), progress=False)
     assert isinstance(student, ConsistencyModel) and done.updates["student"] == 60
     assert not any(p.requires_grad for p in teacher.parameters())
     after = rms(cm.multistep_sample(student, x1, [1.0], proc, student.t_min))
@@ -216,8 +216,8 @@ def test_short_ct_run_trains_and_follows_its_schedule():
     with seeded(0):
         base = Denoiser(MLP2D(hidden=32, depth=2), proc, "v")
     sched = cm.ct_schedule("doubling", 40, s0=2, s1=8)
-    trained, done = cm.train_ct(base, lambda n, g: sample_2d("gmm", n, g)[0], cm.CMConfig(schedule=sched, lr=1e-3),
-                                TrainConfig(steps=40, batch_size=64, seed=0, log_every=10), progress=False)
+    trained, done = cm.distill_ct(base, lambda n, g: sample_2d("gmm", n, g)[0], cm.CMConfig(schedule=sched, lr=1e-3),
+                                  run=TrainConfig(steps=40, batch_size=64, seed=0, log_every=10), progress=False)
     assert len(done.losses["student"]) == 40 and all(math.isfinite(v) for v in done.losses["student"])
     assert done.logs["N"] == [3.0] if len(done.logs["N"]) == 1 else done.logs["N"][0] == 3.0
     x = cm.multistep_sample(trained, proc.prior((10, 2)), [1.0, 0.5], proc, trained.t_min)
@@ -278,13 +278,13 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(metho
     def run(folder):
         tc = TrainConfig(steps=steps_total, batch_size=64, seed=0, ckpt_every=8)
         if method == "cd":
-            return cm.distill_cd(teacher, data, cm.CMConfig(N=6, solver="ddim", mu=0.9, lr=5e-4, ema_decay=0.9), tc,
-                                 ckpt_dir=folder, progress=False)
+            return cm.distill_cd(teacher, data, cm.CMConfig(N=6, solver="ddim", mu=0.9, lr=5e-4, ema_decay=0.9),
+                                 run=tc, ckpt_dir=folder, progress=False)
         from course_lib.config import seeded
         with seeded(0):
             fresh = Denoiser(MLP2D(hidden=16, depth=2), VPCosine(), "v")
         cfg = cm.CMConfig(schedule=cm.ct_schedule("doubling", steps_total, s0=2, s1=8), lr=1e-3, ema_decay=0.9)
-        return cm.train_ct(fresh, data, cfg, tc, ckpt_dir=folder, progress=False)
+        return cm.distill_ct(fresh, data, cfg, run=tc, ckpt_dir=folder, progress=False)
 
     ref_student, ref = run(tmp_path / "ref")
     name = "cd_loss_at" if method == "cd" else "ct_loss_at"

@@ -139,8 +139,8 @@ def test_short_run_updates_in_the_ratio_and_changes_the_generator(cfg, tmp_path)
         i = torch.randint(64, (n,), generator=g)
         return {**_data(n, g), "z_ref": z_ref[i], "x_ref": x_ref[i]}
 
-    G, done = dmd.distill_dmd(teacher, batches, cfg, TrainConfig(steps=6, batch_size=32, seed=0),
-                              sample_2d("gmm", 8)[0], ckpt_dir=tmp_path / "run", progress=False)
+    G, done = dmd.distill_dmd(teacher, batches, cfg, run=TrainConfig(steps=6, batch_size=32, seed=0),
+                              example={"x": sample_2d("gmm", 8)[0]}, ckpt_dir=tmp_path / "run", progress=False)
     assert done.updates == {"generator": len(range(0, 6, cfg.ttur)), "critic": 6}
     before = dict(teacher.named_parameters())
     assert any(not torch.equal(p, before[n]) for n, p in G.named_parameters())
@@ -165,8 +165,8 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = dmd.DMDConfig(ttur=1, gan=True, normalize="batch")
     teacher = mlp_denoiser(VPCosine(), 0, torch.float32, hidden=32).requires_grad_(False).eval()
     with pytest.raises(GANDiverged, match="critic loss is NaN"):
-        dmd.distill_dmd(teacher, data, cfg, TrainConfig(steps=20, batch_size=16, ckpt_every=2),
-                        sample_2d("gmm", 8)[0], ckpt_dir=tmp_path, progress=False)
+        dmd.distill_dmd(teacher, data, cfg, run=TrainConfig(steps=20, batch_size=16, ckpt_every=2),
+                        example={"x": sample_2d("gmm", 8)[0]}, ckpt_dir=tmp_path, progress=False)
     files = sorted(tmp_path.rglob("*.safetensors"))
     assert files, "no checkpoint was written before the divergence"
     for f in files:

@@ -165,8 +165,8 @@ def _run(freeze="gdd-i", steps=4, ckpt_dir=None, disc=None, cfg=None):
         disc = disc or gdd.make_discriminator(teacher, x_ex, hidden=16)
     data = lambda n, g: {"x": torch.randn(n, 2, generator=g) * 0.5 + 1.0}
     cfg = cfg or gdd.GDDConfig(freeze=freeze, lr_g=1e-2, lr_d=1e-2, r1_every=2, gamma=1.0)
-    return teacher, gdd.distill_gdd(teacher, disc, data, cfg, TrainConfig(steps=steps, batch_size=16, ckpt_every=1),
-                                    ckpt_dir=ckpt_dir, progress=False)
+    return teacher, gdd.distill_gdd(teacher, data, cfg, run=TrainConfig(steps=steps, batch_size=16, ckpt_every=1),
+                                    disc=disc, ckpt_dir=ckpt_dir, progress=False)
 
 
 def test_gdd_i_run_moves_only_the_trainable_parameters():

@@ -85,8 +85,8 @@ def test_w_outside_the_range_and_missing_w_are_clear_errors():
     with pytest.raises(ValueError, match="class-conditional"):
         with_guidance_input(Denoiser(MLP2D(hidden=8, depth=2), PROC, "v"), (0, 4))
     with pytest.raises(ValueError, match="cannot be reached"):
-        guided.distill_steps(student, SAMPLE, 8, 3,
-                             TrainConfig(steps=1, batch_size=4))
+        guided.distill_steps(student, SAMPLE, guided.StepsConfig(8, 3),
+                             run=TrainConfig(steps=1, batch_size=4))
 
 
 def test_stage1_lowers_the_loss_on_the_overlap_mixture():
@@ -113,9 +113,11 @@ def test_distill_guidance_runs_and_resumes(tmp_path):
     teacher = _teacher()
     sample = SAMPLE
     cfg = TrainConfig(steps=4, batch_size=32, ema_decay=0.0)
-    state = guided.distill_guidance(teacher, sample, (0.0, 4.0), cfg, ckpt_dir=tmp_path, progress=False)
+    _, state = guided.distill_guidance(teacher, sample, guided.GuidedConfig((0.0, 4.0)), run=cfg, ckpt_dir=tmp_path,
+                                       progress=False)
     assert state.step == 4 and len(state.losses["model"]) == 4
-    again = guided.distill_guidance(teacher, sample, (0.0, 4.0), cfg, ckpt_dir=tmp_path, progress=False)
+    _, again = guided.distill_guidance(teacher, sample, guided.GuidedConfig((0.0, 4.0)), run=cfg, ckpt_dir=tmp_path,
+                                       progress=False)
     assert again.step == 4  # resumed, nothing left to do
 
 
@@ -126,14 +128,15 @@ def test_stage2_runs_a_pd_round_with_w_inputs():
     x0, cond = pd.split_batch(batch)
     assert cond.y.shape == (500,) and cond.null_y == NULL
     assert cond.w.shape == (500,) and 1 <= cond.w.min() <= cond.w.max() <= 3
-    students = guided.distill_steps(student, sample, 4, 2, TrainConfig(steps=3, batch_size=16, ema_decay=0.0),
-                                    progress=False)
+    students: dict = {}
+    guided.distill_steps(student, sample, guided.StepsConfig(4, 2), run=TrainConfig(steps=3, batch_size=16,
+                         ema_decay=0.0), progress=False, rounds=students)
     assert list(students) == [2]
     x = torch.randn(5, 2)
     out = students[2](x, torch.ones(5), labels(torch.zeros(5, dtype=torch.long), NULL).with_w(2.0)).x0
     assert out.shape == (5, 2) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="no guidance input"):
-        guided.distill_steps(_teacher(), sample, 4, 2, TrainConfig(steps=1, batch_size=4))
+        guided.distill_steps(_teacher(), sample, guided.StepsConfig(4, 2), run=TrainConfig(steps=1, batch_size=4))
 
 
 def test_pd_target_of_a_w0_student_equals_the_conditional_teachers():

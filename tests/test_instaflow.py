@@ -75,17 +75,18 @@ def test_conditional_reflow_drops_labels_and_checks_its_input(monkeypatch):
 
     cfg = TrainConfig(steps=20, batch_size=64, lr=1e-3, ema_decay=0.0)
     monkeypatch.setattr(reflow, "rf_loss", spy)
-    flow2 = instaflow.conditional_reflow(teacher, (eps, x0, y), cfg, p_uncond=0.3, progress=False)
+    flow2, _ = instaflow.distill_conditional_reflow(teacher, (eps, x0, y), reflow.ReflowConfig(0.3), run=cfg,
+                                                    progress=False)
     monkeypatch.undo()
     dropped = torch.cat(seen).eq(3).float().mean().item()
     assert 0.2 < dropped < 0.4                                                   # about p_uncond of the labels
     assert flow2.process.name == "rf" and flow2.parameterization == "velocity"
     assert teacher.process.name == "vp-cosine"                                  # the teacher is untouched
     with pytest.raises(ValueError, match="class-conditional"):
-        reflow.reflow(Denoiser(MLP2D(hidden=8, depth=2), RF, "velocity"), (eps, x0), cfg, p_uncond=0.1,
-                      progress=False)
+        reflow.distill_reflow(Denoiser(MLP2D(hidden=8, depth=2), RF, "velocity"), (eps, x0), reflow.ReflowConfig(0.1),
+                              run=cfg, progress=False)
     with pytest.raises(ValueError, match="probability"):
-        reflow.reflow(teacher, (eps, x0), cfg, cond={"y": y}, p_uncond=1.0, progress=False)
+        reflow.distill_reflow(teacher, (eps, x0, {"y": y}), reflow.ReflowConfig(1.0), run=cfg, progress=False)
 
 
 def test_onestep_l2_loss_is_the_reflow_loss_at_t_one():
@@ -136,14 +137,14 @@ def test_one_step_distillation_learns_a_coupling_and_direct_distill_leaves_the_t
     x0 = 0.5 * eps + torch.stack([y.float(), -y.float()], 1)                   # an affine map per class
     cfg = TrainConfig(steps=300, batch_size=128, lr=3e-3, ema_decay=0.0)
     untrained = instaflow.regression_error(reflow.as_flow(teacher), eps, x0, y)
-    student = instaflow.direct_distill(teacher, (eps, x0, y), cfg, progress=False)
+    student, _ = instaflow.distill_direct(teacher, (eps, x0, y), instaflow.OneStepConfig(), run=cfg, progress=False)
     assert instaflow.regression_error(student, eps, x0, y) < 0.05 * untrained
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
     # a fresh small student of another width, unconditional data (y None)
     fresh = instaflow_recipes.fresh_student(teacher, 8)
     assert fresh.net.hidden == 8 and fresh.process.name == "rf"
-    s2 = instaflow.distill_onestep(instaflow_recipes.fresh_student(cond_flow(num_classes=None), 8), (eps, 0.5 * eps, None), cfg,
-                                   progress=False)
+    s2, _ = instaflow.distill_onestep(instaflow_recipes.fresh_student(cond_flow(num_classes=None), 8),
+                                      (eps, 0.5 * eps, None), instaflow.OneStepConfig(), run=cfg, progress=False)
     assert instaflow.regression_error(s2, eps, 0.5 * eps) < 1e-2
 
 

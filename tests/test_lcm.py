@@ -111,7 +111,7 @@ def test_lcd_trains_the_student_and_its_target(tiny_sd):
     assert z0.shape == (4, 4, 8, 8) and cond.text.shape[0] == 4 and cond.null_text.shape[0] == 1
     cfg = lcm.LCMConfig(steps=3, batch=4, lr=1e-3, w_dim=32)
     before = [p.clone() for p in tiny_sd.model.unet.parameters()]
-    student = lcm.distill_lcm(tiny_sd, cfg, batches, progress=False)
+    student, _ = lcm.distill_lcm(tiny_sd, batches, cfg, run=lcm.train_config(cfg, "LCD"), progress=False)
     assert all(torch.equal(p, q) for p, q in zip(before, tiny_sd.model.unet.parameters()))  # the teacher is untouched
     moved = student.denoiser.unet.time_embedding.cond_proj.weight
     assert float(moved.abs().sum()) > 0                                                       # the w-projection learned
@@ -125,7 +125,8 @@ def test_lcm_lora_trains_only_the_adapter_and_round_trips(tmp_path):
     base = {k: v.clone() for k, v in pieces.model.unet.state_dict().items()}
     batches = minisd.digit_batches(pieces, n_images=20)
     cfg = lcm.LCMConfig(steps=2, batch=4, lr=1e-2, lora_rank=4)
-    student = lcm.distill_lcm_lora(pieces, cfg, w=2.0, sample_batch=batches, progress=False)
+    student, _ = lcm.distill_lcm_lora(pieces, batches, cfg, run=lcm.train_config(cfg, "LCM-LoRA"), w=2.0,
+                                      progress=False)
     sd_after = student.denoiser.unet.state_dict()
     for k, v in base.items():                                     # the base weights never move
         key = k if k in sd_after else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
@@ -177,7 +178,7 @@ def test_bad_inputs_raise_clear_errors(tiny_sd):
         student(z, t, cond)
     without_vae = sd.SD(tiny_sd.model, tiny_sd.text, None, tiny_sd.scheduler, None)
     with pytest.raises(ValueError, match="autoencoder"):
-        lcm.distill_lcm(without_vae, lcm.LCMConfig(steps=1, batch=2), sample_batch=None)
+        lcm.distill_lcm(without_vae, None, lcm.LCMConfig(), run=lcm.train_config(lcm.LCMConfig(steps=1, batch=2), "x"))
     with pytest.raises(ValueError, match="autoencoder"):
         minisd.digit_batches(without_vae)
     with pytest.raises(ValueError, match="already has a w-embedding"):

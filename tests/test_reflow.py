@@ -145,11 +145,13 @@ def test_reflow_from_a_mismatched_checkpoint_is_a_clear_error(tmp_path):
     pairs = gaussian_pairs(20)
     cfg = TrainConfig(steps=1, batch_size=8, ema_decay=0.0)
     with pytest.raises(CheckpointError, match="flow"):
-        reflow.reflow(tmp_path / "flow", tuple(p.float() for p in pairs), cfg, init=tiny_flow(hidden=32), progress=False)
+        reflow.distill_reflow(tmp_path / "flow", tuple(p.float() for p in pairs), reflow.ReflowConfig(), run=cfg,
+                              init=tiny_flow(hidden=32), progress=False)
     with pytest.raises(CheckpointError, match="missing"):
-        reflow.reflow(tmp_path / "nothing", pairs, cfg, init=tiny_flow(), progress=False)
-    state = reflow.reflow(tmp_path / "flow", tuple(p.float() for p in pairs), cfg, init=tiny_flow(hidden=16, seed=5),
-                          progress=False)
+        reflow.distill_reflow(tmp_path / "nothing", pairs, reflow.ReflowConfig(), run=cfg, init=tiny_flow(),
+                              progress=False)
+    _, state = reflow.distill_reflow(tmp_path / "flow", tuple(p.float() for p in pairs), reflow.ReflowConfig(), run=cfg,
+                                     init=tiny_flow(hidden=16, seed=5), progress=False)
     assert state.step == 1
 
 
@@ -160,7 +162,7 @@ def test_reflow_leaves_the_previous_flow_untouched_and_straightens_it():
     start = tiny_flow(hidden=64)
     before = {k: v.clone() for k, v in start.state_dict().items()}
     cfg = TrainConfig(steps=300, batch_size=256, lr=3e-3, lr_schedule="linear", ema_decay=0.0)
-    flow2 = reflow.reflow(start, pairs, cfg, progress=False).best().eval()
+    flow2, _ = reflow.distill_reflow(start, pairs, reflow.ReflowConfig(), run=cfg, progress=False)
     assert all(torch.equal(v, start.state_dict()[k]) for k, v in before.items())
     with torch.no_grad():
         s1 = reflow.straightness(teacher, x1[:500].double(), 32)
@@ -183,7 +185,7 @@ def test_k_step_distillation_lowers_the_k_step_error(k):
     eps, x0 = reflow.generate_pairs(flow, eps, steps=16, sampler="heun")
     with torch.no_grad():
         before = metrics.flow_map_error(samplers.euler(flow, eps, uniform(k), RF), x0)
-    student = reflow.distill(flow, (eps, x0), k, cfg, progress=False).best().eval()
+    student, _ = reflow.distill_kstep(flow, (eps, x0), reflow.KStepConfig(k), run=cfg, progress=False)
     with torch.no_grad():
         after = metrics.flow_map_error(samplers.euler(student, eps, uniform(k), RF), x0)
     assert after < 0.5 * before

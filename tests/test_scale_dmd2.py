@@ -166,7 +166,8 @@ def test_the_mini_sd_generator_trains_saves_and_loads(tmp_path):
     with torch.no_grad():
         text = sd.text(["a red seven"] * 6)
     sample = lambda n, g: {"x": x[:n], "y": type(text)(text=text.text[:n], null_text=text.null_text)}
-    G, done = dmd2_sd.distill(sd, steps=4, batch=2, sample_batch=sample, progress=False, ckpt_dir=tmp_path / "ckpt")
+    G, done = dmd2_sd.distill_dmd2_sd(sd, sample, dmd2_sd.recipe(), run=dmd2_sd.train_config(4, 2, checkpoints=True),
+                                      progress=False, ckpt_dir=tmp_path / "ckpt")
     assert done.updates == {"generator": 1, "critic": 4} and not G.training
     # the shipped generator's optimizer (dmd2_sd.RECIPE: the course's betas (0, 0.999), no weight decay)
     nets = json.loads((tmp_path / "ckpt" / "config.json").read_text())["networks"]

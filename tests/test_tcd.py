@@ -154,7 +154,7 @@ def test_distill_tcd_2d_trains_and_beats_one_ddim_step():
     proc = teacher.process
     student, done = tcd.distill_tcd(teacher, lambda n, g: data2d.sample_2d("gmm", n, g)[0],
                                     tcd.TCDConfig(N=8, lr=1e-3, ema_decay=0.9),
-                                    TrainConfig(steps=150, batch_size=512, seed=0), progress=False)
+                                    run=TrainConfig(steps=150, batch_size=512, seed=0), progress=False)
     x1 = proc.prior((2000, 2), torch.Generator().manual_seed(4))
     exact = samplers.dpm_solver_pp_2m(exact_denoiser("gmm", proc), x1, grids.uniform(128), proc)
     one = samplers.tcd(student, x1, grids.uniform(1), proc, gamma=0.0)
@@ -166,7 +166,7 @@ def test_distill_tcd_sd_trains_and_samples(tiny_sd, tmp_path):
     batches = minisd.digit_batches(tiny_sd, n_images=20)
     cfg = lcm.LCMConfig(steps=3, batch=4, lr=1e-3, w_dim=32)
     before = [p.clone() for p in tiny_sd.model.unet.parameters()]
-    student = tcd.distill_tcd_sd(tiny_sd, cfg, batches, progress=False)
+    student, _ = tcd.distill_tcd_sd(tiny_sd, batches, cfg, run=lcm.train_config(cfg, "TCD"), progress=False)
     assert all(torch.equal(p, q) for p, q in zip(before, tiny_sd.model.unet.parameters()))  # the teacher is untouched
     assert float(student.denoiser.unet.time_embedding.cond_proj.weight.abs().sum()) > 0
     imgs = tcd.sample(tiny_sd, student, ["a handwritten seven"], steps=2, w=3.0, gamma=0.3)
@@ -215,7 +215,7 @@ def test_bad_inputs_raise_clear_errors(tiny_sd, tiny_sd_w_pipe):
         tcd.sample(tiny_sd, student, ["a seven"], 2, 1.0)
     without_vae = sd.SD(tiny_sd.model, tiny_sd.text, None, tiny_sd.scheduler, None)
     with pytest.raises(ValueError, match="autoencoder"):
-        tcd.distill_tcd_sd(without_vae, lcm.LCMConfig(steps=1, batch=2), sample_batch=None)
+        tcd.distill_tcd_sd(without_vae, None, lcm.LCMConfig(steps=1, batch=2), run=TrainConfig(steps=1, batch_size=2))
     with pytest.raises(ValueError, match="autoencoder"):
         tcd.sample(without_vae, student, ["a seven"], 2, 3.0)
     with pytest.raises(FileNotFoundError, match="tcd.json"):

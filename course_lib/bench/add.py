@@ -49,9 +49,10 @@ def _train_2d(name: str, ds: str, b: dict, seed: int, device, progress: bool):
     teacher = load_teacher(f"{ds}-vp", device=device)
     t0 = time.perf_counter()
     student, _ = distill_add(teacher, lambda n, g: {"x": sample_2d(ds, n, g)[0].to(device)}, _cfg(b, changes),
-                             TrainConfig(steps=b["steps"], batch_size=b["batch"], seed=seed, desc=f"{name} {ds}"),
-                             feature_network("random2d").to(device), torch.randn(8, 2, device=device), init=init,
-                             progress=progress, init_seed=seed)
+                             run=TrainConfig(steps=b["steps"], batch_size=b["batch"], seed=seed, desc=f"{name} {ds}"),
+                             features=feature_network("random2d").to(device),
+                             example={"x": torch.randn(8, 2, device=device)}, init=init, progress=progress,
+                             init_seed=seed)
     return student, time.perf_counter() - t0
 
 
@@ -109,10 +110,11 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     data = lambda n, g: dict(zip(("x", "cond"), (v.to(device) for v in draw(n, g))))
     t0 = time.perf_counter()
     student, _ = distill_add(teacher, data, _cfg(b, {}, digits=True),
-                             TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"], seed=seed,
-                                         desc="add digits"),
-                             feature_network("dinov2", teacher), x_train[:4].to(device),
-                             labels(y_train[:4].to(device), teacher.net.num_classes),
+                             run=TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"], seed=seed,
+                                             desc="add digits"),
+                             features=feature_network("dinov2", teacher),
+                             example={"x": x_train[:4].to(device),
+                                      "cond": labels(y_train[:4].to(device), teacher.net.num_classes)},
                              progress=mode != "smoke", init_seed=seed)
     secs = time.perf_counter() - t0
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)

@@ -10,8 +10,8 @@ import torch
 from ..conditioning import labelled
 from ..config import default_device, pick, seeded
 from ..data2d import sample_2d
-from ..distill.consistency import CMConfig, ct_schedule, distill_cd, multistep_sample, step_times, train_ct
-from ..distill.pd import progressive_distillation
+from ..distill.consistency import CMConfig, ct_schedule, distill_cd, distill_ct, multistep_sample, step_times
+from ..distill.pd import PDConfig, distill_pd
 from ..grids import uniform
 from ..images import batch_sampler, load_digits
 from ..plotting import table
@@ -64,11 +64,11 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     data = lambda n, g: sample_2d(ds, n, g)[0].to(device)
     t0 = time.perf_counter()
     if method == "cd":
-        student, _ = distill_cd(load_teacher(f"{ds}-vp", device=device), data, _cd_cfg(b), cfg, progress=progress)
+        student, _ = distill_cd(load_teacher(f"{ds}-vp", device=device), data, _cd_cfg(b), run=cfg, progress=progress)
     else:
         with seeded(seed):
             fresh = get_recipe(f"{ds}-vp").build().to(device)
-        student, _ = train_ct(fresh, data, _ct_cfg(b, steps, long=method == "ct-long"), cfg, progress=progress)
+        student, _ = distill_ct(fresh, data, _ct_cfg(b, steps, long=method == "ct-long"), run=cfg, progress=progress)
     return student, time.perf_counter() - t0
 
 
@@ -127,9 +127,9 @@ def _pd_same_teacher_evals(teacher, ds: str, b: dict, seed: int, device, mode: s
     cfg = TrainConfig(steps=per_round, batch_size=b["batch"], lr=pick(mode, smoke=1e-4, laptop=2e-4, full=1e-4),
                       lr_schedule="linear", ema_decay=0.0, seed=seed)
     t0 = time.perf_counter()
-    students = progressive_distillation(teacher, lambda n, g: sample_2d(ds, n, g)[0].to(device), n_start, 1, cfg,
-                                        progress=mode != "smoke")
-    return students[1], time.perf_counter() - t0, {"pd_n_start": n_start, "pd_rounds": rounds,
+    student, _ = distill_pd(teacher, lambda n, g: sample_2d(ds, n, g)[0].to(device), PDConfig(n_start, 1), run=cfg,
+                            progress=mode != "smoke")
+    return student, time.perf_counter() - t0, {"pd_n_start": n_start, "pd_rounds": rounds,
                                                     "pd_updates": per_round * rounds,
                                                     "teacher_evals_per_sample_update": 2}
 
@@ -145,11 +145,12 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     cfg = TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"], seed=seed, desc=f"{method.upper()} digits")
     t0 = time.perf_counter()
     if method == "cd":
-        student, _ = distill_cd(teacher, data, _cd_cfg(b, digits=True), cfg, progress=mode != "smoke")
+        student, _ = distill_cd(teacher, data, _cd_cfg(b, digits=True), run=cfg, progress=mode != "smoke")
     else:
         with seeded(seed):
             fresh = get_recipe("digits").build().to(device)
-        student, _ = train_ct(fresh, data, _ct_cfg(b, b["digits_steps"], digits=True), cfg, progress=mode != "smoke")
+        student, _ = distill_ct(fresh, data, _ct_cfg(b, b["digits_steps"], digits=True), run=cfg,
+                                progress=mode != "smoke")
     secs = time.perf_counter() - t0
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     for s in ev.seeds:

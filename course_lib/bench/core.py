@@ -314,7 +314,7 @@ def side_by_side(rows: Iterable[dict], key: tuple[str, ...]) -> list[dict]:
 
 
 class RoundClock:
-    """A per-round `cfg` for progressive distillation (distill.pd.progressive_distillation calls cfg(N) as round N
+    """A per-round `cfg` for progressive distillation (distill.pd.distill_pd calls run(N) as round N
     starts) that notes the time: seconds(N) is the training time up to the end of the N-step student's round."""
 
     def __init__(self, cfg):

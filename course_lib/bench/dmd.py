@@ -69,9 +69,10 @@ def _train_2d(teacher, ds: str, cfg, pairs, b: dict, seed: int, device, progress
         return batch
 
     t0 = time.perf_counter()
-    G, done = distill_dmd(teacher, data, cfg, TrainConfig(steps=b["iters"], batch_size=b["batch"], seed=seed,
-                                                          desc=f"DMD {ds}"),
-                          sample_2d(ds, 8, torch.Generator().manual_seed(0))[0].to(device), progress=progress)
+    G, done = distill_dmd(teacher, data, cfg, run=TrainConfig(steps=b["iters"], batch_size=b["batch"], seed=seed,
+                                                              desc=f"DMD {ds}"),
+                          example={"x": sample_2d(ds, 8, torch.Generator().manual_seed(0))[0].to(device)},
+                          progress=progress)
     return G, time.perf_counter() - t0, done.updates["generator"]
 
 
@@ -131,9 +132,10 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
         return batch
 
     t0 = time.perf_counter()
-    G, done = distill_dmd(teacher, data, cfg, TrainConfig(steps=b["digits_iters"], batch_size=b["digits_batch"],
-                                                          seed=seed, desc=f"{method.upper()} digits"),
-                          x_train[:4].to(device), y_example=labels(y_train[:4].to(device), teacher.net.num_classes),
+    G, done = distill_dmd(teacher, data, cfg, run=TrainConfig(steps=b["digits_iters"], batch_size=b["digits_batch"],
+                                                              seed=seed, desc=f"{method.upper()} digits"),
+                          example={"x": x_train[:4].to(device),
+                                   "cond": labels(y_train[:4].to(device), teacher.net.num_classes)},
                           progress=mode != "smoke")
     secs = time.perf_counter() - t0
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)

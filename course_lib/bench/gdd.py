@@ -44,9 +44,9 @@ def train_2d(ds: str, freeze: str, b: dict, seed: int, device, progress: bool):
         disc = gdd.make_discriminator(teacher, x_ex, hidden=128)
     cfg = gdd.GDDConfig(freeze=freeze, lr_g=b["lr"], lr_d=b["lr"] * b["lr_d_x"], gamma=b["gamma"])
     t0 = time.perf_counter()
-    G, done = gdd.distill_gdd(teacher, disc, lambda n, g: {"x": sample_2d(ds, n, g)[0].to(device)}, cfg,
-                              TrainConfig(steps=b["steps"], batch_size=b["batch"], seed=seed, desc=f"GDD {freeze} {ds}"),
-                              progress=progress)
+    G, done = gdd.distill_gdd(teacher, lambda n, g: {"x": sample_2d(ds, n, g)[0].to(device)}, cfg,
+                              run=TrainConfig(steps=b["steps"], batch_size=b["batch"], seed=seed,
+                                              desc=f"GDD {freeze} {ds}"), disc=disc, progress=progress)
     return G, time.perf_counter() - t0, done.logs["trained_fraction"][0]
 
 
@@ -65,9 +65,9 @@ def train_digits(freeze: str, b: dict, seed: int, device, progress: bool):
                                       labels(y_train[:8].to(device), teacher.net.num_classes))
     cfg = gdd.GDDConfig(freeze=freeze, lr_g=b["digits_lr"], lr_d=b["digits_lr"] * b["lr_d_x"], gamma=b["digits_gamma"])
     t0 = time.perf_counter()
-    G, done = gdd.distill_gdd(teacher, disc, data, cfg, TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"],
-                                                                    seed=seed, desc=f"GDD {freeze} digits"),
-                              progress=progress)
+    G, done = gdd.distill_gdd(teacher, data, cfg, run=TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"],
+                                                                  seed=seed, desc=f"GDD {freeze} digits"),
+                              disc=disc, progress=progress)
     return G, time.perf_counter() - t0, done.logs["trained_fraction"][0]
 
 

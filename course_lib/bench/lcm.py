@@ -51,10 +51,10 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     t0 = time.perf_counter()
     if method == "tcd":
         student, _ = tcd.distill_tcd(teacher, data, tcd.TCDConfig(N=b["N"], mu=b["mu"], lr=b["lr"],
-                                                                  ema_decay=b["ema"]), cfg, progress=progress)
+                                                                  ema_decay=b["ema"]), run=cfg, progress=progress)
     else:
         student, _ = cm.distill_cd(teacher, data, cm.CMConfig(N=b["N"], solver="ddim", mu=b["mu"], lr=b["lr"],
-                                                              ema_decay=b["ema"]), cfg, progress=progress)
+                                                              ema_decay=b["ema"]), run=cfg, progress=progress)
     return student, time.perf_counter() - t0
 
 
@@ -98,7 +98,9 @@ def _sd_student(method: str, sd, b: dict, mode: str):
         cfg = lcm.LCMConfig(**{**asdict(lcm_recipes.RECIPE), "steps": b["sd_train"], "batch": 4, "w_dim": 32})
         batches = digit_batches(sd, n_images=20)
         fn = tcd.distill_tcd_sd if method == "tcd" else lcm.distill_lcm
-        return fn(sd, cfg, batches, progress=False), {"sd_student": f"tiny random SD, {b['sd_train']} updates"}
+        student, _ = fn(sd, batches, cfg, run=lcm.train_config(cfg, "TCD: mini SD student" if method == "tcd"
+                                                                     else "LCD: LCM student"), progress=False)
+        return student, {"sd_student": f"tiny random SD, {b['sd_train']} updates"}
     folder = (tcd_recipes.shipped_dir() / tcd_recipes.SHIPPED if method == "tcd"
               else lcm_recipes.shipped_dir() / lcm_recipes.SHIPPED["student"])
     meta_file = folder / (tcd_recipes.TCD_JSON if method == "tcd" else lcm_recipes.LCM_JSON)

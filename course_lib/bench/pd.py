@@ -7,7 +7,7 @@ from ..classifier import balanced_labels
 from ..conditioning import labelled, labels
 from ..config import default_device, pick
 from ..data2d import sample_2d
-from ..distill.pd import progressive_distillation
+from ..distill.pd import PDConfig, distill_pd
 from ..grids import uniform
 from ..images import batch_sampler, load_digits
 from ..samplers import ddim, dpm_solver_pp_2m
@@ -37,8 +37,9 @@ def bench_pd(mode: str, seed: int = 0, device: str | torch.device | None = None)
     for ds in ("checkerboard", "gmm"):
         teacher = load_teacher(f"{ds}-vp", device=device)
         clock = RoundClock(cfg)         # the data is sampled on the CPU; training moves each batch to the students
-        students = progressive_distillation(teacher, lambda b, g: sample_2d(ds, b, g)[0], n_start, 1, clock,
-                                            progress=mode != "smoke")
+        students: dict = {}
+        distill_pd(teacher, lambda b, g: sample_2d(ds, b, g)[0], PDConfig(n_start, 1), run=clock,
+                   progress=mode != "smoke", rounds=students)
         clock.stop()
         for s in ev.seeds:
             ref = reference_2d(ev, ds, n, s)
@@ -67,8 +68,9 @@ def digits_pd_rows(ev: Evaluation, mode: str, seed: int, device: str | torch.dev
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")       # CPU; training moves each batch to the students' device
     clock = RoundClock(cfg)
-    students = progressive_distillation(teacher, labelled(batch_sampler(x_train, y_train), 10), n_start, 1, clock,
-                                        progress=mode != "smoke")
+    students: dict = {}
+    distill_pd(teacher, labelled(batch_sampler(x_train, y_train), 10), PDConfig(n_start, 1), run=clock,
+               progress=mode != "smoke", rounds=students)
     clock.stop()
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     for s in ev.seeds:

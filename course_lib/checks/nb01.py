@@ -72,7 +72,7 @@ def check_pd_round(student: Callable, seed: int | None = None) -> Callable:
     import copy
 
     def reference(teacher, N, sample_data, cfg):
-        return distill_round(teacher, N, sample_data, cfg, progress=False).best().eval().requires_grad_(False)
+        return distill_round(teacher, N, sample_data, run=cfg, progress=False)[0]
 
     g = fresh_generator(seed)
     with torch.random.fork_rng(devices=[]):   # building the model to load into may draw initial weights

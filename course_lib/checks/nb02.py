@@ -8,7 +8,7 @@ import torch
 
 from ..conditioning import Cond, labelled, labels
 from ..data2d import exact_denoiser, get_mixture, sample_2d
-from ..distill.guided import distill_guidance, guided_batches, guided_loss_at, guided_target
+from ..distill.guided import GuidedConfig, distill_guidance, guided_batches, guided_loss_at, guided_target
 from ..models import guidance_range
 from ..processes import VPCosine
 from ..teachers import load_teacher
@@ -98,8 +98,8 @@ def check_stage1(student: Callable, seed: int | None = None) -> Callable:
     import copy
 
     def reference(teacher, sample_data, w_range, cfg, p_w_min=0.0):
-        return distill_guidance(teacher, sample_data, w_range, cfg, progress=False,
-                                p_w_min=p_w_min).best().eval().requires_grad_(False)
+        return distill_guidance(teacher, sample_data, GuidedConfig(w_range, p_w_min=p_w_min), run=cfg,
+                                progress=False)[0]
 
     g = fresh_generator(seed)
     with torch.random.fork_rng(devices=[]):   # building the model to load into may draw initial weights

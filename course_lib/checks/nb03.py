@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..data2d import exact_denoiser
-from ..distill.reflow import generate_pairs, reflow, rf_loss_at
+from ..distill.reflow import ReflowConfig, distill_reflow, generate_pairs, rf_loss_at
 from ..grids import uniform
 from ..metrics import flow_map_error, straightness
 from ..processes import RectifiedFlow
@@ -109,7 +109,8 @@ def check_reflow_round(student: Callable, seed: int | None = None) -> Callable:
 
     def reference(flow, eps, steps, cfg):
         pairs = generate_pairs(flow, eps, steps, "euler", RectifiedFlow())
-        return reflow(flow, pairs, cfg, progress=False).model.eval().requires_grad_(False)
+        _, done = distill_reflow(flow, pairs, ReflowConfig(), run=cfg, progress=False)
+        return done.model.eval().requires_grad_(False)
 
     g = fresh_generator(seed)
     with torch.random.fork_rng(devices=[]):   # building the model to load into may draw initial weights

@@ -252,14 +252,15 @@ def add_step(cfg: ADDConfig, process: AffineProcess, distill_fn: Callable | None
     return step
 
 
-def distill_add(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator], Mapping[str, Tensor]],
-                cfg: ADDConfig, train_cfg: TrainConfig, features: nn.Module, x_example: Tensor, y_example: Any = None,
-                init: str = "teacher", hidden: int = 64, ckpt_dir=None, progress: bool = True, accelerator=None,
-                init_seed: int = 0, distill_fn: Callable | None = None, disc_fn: Callable | None = None
+def distill_add(teacher: nn.Module, data: Callable[[int, torch.Generator], Mapping[str, Tensor]], cfg: ADDConfig, *,
+                run: TrainConfig, features: nn.Module, example: Mapping[str, Any], init: str = "teacher",
+                hidden: int = 64, init_seed: int = 0, distill_fn: Callable | None = None,
+                disc_fn: Callable | None = None, ckpt_dir=None, accelerator=None, progress: bool = True
                 ) -> tuple[nn.Module, Trained]:
-    """Train an ADD student. init "teacher" copies the teacher's weights (ADD); "scratch" re-initialises the same
-    architecture (seed init_seed), the ablation the paper reports as failing. `features` is the frozen feature
-    network (`feature_network`); the heads are sized on x_example (B, ...). With cfg.adversarial False the
+    """Train an ADD student on data(n, g) -> {"x": x0, "cond": Cond (optional)}. init "teacher" copies the teacher's
+    weights (ADD); "scratch" re-initialises the same architecture (seed init_seed), the ablation the paper reports
+    as failing. `features` is the frozen feature network (`feature_network`); the heads are sized on `example`, a
+    batch {"x": (B, ...), "cond": Cond (class-projection heads) or absent}. With cfg.adversarial False the
     discriminator is not trained (distillation only). Returns (the student to sample from: its EMA when
     ema_decay > 0, eval, no grad; Trained). distill_fn, disc_fn: see add_step."""
     if init not in ("teacher", "scratch"):
@@ -272,6 +273,7 @@ def distill_add(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
             for m in student.modules():
                 if m is not student and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
+    x_example, y_example = example["x"], example.get("cond")
     labels = y_example.y if hasattr(y_example, "y") else y_example
     num_classes = getattr(getattr(teacher, "net", None), "num_classes", None) if labels is not None else None
     with seeded(init_seed + 1):
@@ -281,7 +283,7 @@ def distill_add(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
         nets = {}
     nets["student"] = Network(student, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
-    done = train_networks(nets, add_step(cfg, teacher.process, distill_fn, disc_fn), sample_batch, train_cfg,
+    done = train_networks(nets, add_step(cfg, teacher.process, distill_fn, disc_fn), data, run,
                           frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config={"method": "add", "init": init, **asdict(cfg)})
     return done.best("student").eval().requires_grad_(False), done

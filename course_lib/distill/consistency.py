@@ -275,9 +275,8 @@ def ct_step(cfg: CMConfig, process: AffineProcess, t_min: float) -> Callable[[St
     return step
 
 
-def distill_cd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator], Any], cfg: CMConfig,
-               train_cfg: TrainConfig, ckpt_dir=None, progress: bool = True, accelerator=None
-               ) -> tuple[ConsistencyModel, Trained]:
+def distill_cd(teacher: nn.Module, data: Callable[[int, torch.Generator], Any], cfg: CMConfig, *, run: TrainConfig,
+               ckpt_dir=None, accelerator=None, progress: bool = True) -> tuple[ConsistencyModel, Trained]:
     """Consistency distillation: a ConsistencyModel initialised from the teacher's weights learns f on the teacher's
     ODE (cfg.N grid points, cfg.solver steps). Returns (the student to sample from: its EMA when ema_decay > 0,
     eval mode, no grad; the engine's Trained)."""
@@ -288,25 +287,24 @@ def distill_cd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator]
     grid = cm_grid(cfg.N, process, t_min)
     probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
     done = train_networks({"student": _network(student, cfg)}, cd_step(cfg, grid, probs),
-                          sample_batch, train_cfg, targets={"target": Target("student", decay=cfg.mu)},
+                          data, run, targets={"target": Target("student", decay=cfg.mu)},
                           frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config={"method": "consistency-distillation", **_describe(cfg)})
     return done.best("student").eval().requires_grad_(False), done
 
 
-def train_ct(model: nn.Module, sample_batch: Callable[[int, torch.Generator], Any], cfg: CMConfig,
-             train_cfg: TrainConfig, ckpt_dir=None, progress: bool = True, accelerator=None
-             ) -> tuple[ConsistencyModel, Trained]:
-    """Consistency training of `model` (a course model, usually freshly initialised: no teacher anywhere) wrapped
+def distill_ct(model: nn.Module, data: Callable[[int, torch.Generator], Any], cfg: CMConfig, *, run: TrainConfig,
+               ckpt_dir=None, accelerator=None, progress: bool = True) -> tuple[ConsistencyModel, Trained]:
+    """Consistency training (the driver shaped like every method's, though no teacher distils) of `model` (a course model, usually freshly initialised: no teacher anywhere) wrapped
     as a ConsistencyModel, with cfg.schedule's N(k) and mu(k) (default: iCT's doubling schedule over the run)."""
     process = model.process
     t_min = default_t_min(process) if cfg.t_min is None else cfg.t_min
     if cfg.schedule is None:
-        cfg = CMConfig(**{**cfg.__dict__, "schedule": ct_schedule("doubling", train_cfg.steps)})
+        cfg = CMConfig(**{**cfg.__dict__, "schedule": ct_schedule("doubling", run.steps)})
     student = consistency_model(model, t_min, cfg.sigma_data).requires_grad_(True).train()
     sched = cfg.schedule
     done = train_networks({"student": _network(student, cfg)},
-                          ct_step(cfg, process, t_min), sample_batch, train_cfg,
+                          ct_step(cfg, process, t_min), data, run,
                           targets={"target": Target("student", decay=sched.mu)}, ckpt_dir=ckpt_dir,
                           progress=progress, accelerator=accelerator,
                           extra_config={"method": "consistency-training", **_describe(cfg)})

@@ -287,15 +287,14 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
     return step
 
 
-def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator], Mapping[str, Tensor]],
-                cfg: DMDConfig, train_cfg: TrainConfig, x_example: Tensor | None = None, y_example: Any = None,
-                ckpt_dir=None, progress: bool = True, accelerator=None, *,
-                networks: tuple[nn.Module, nn.Module, nn.Module] | None = None, save_frozen: bool = True,
-                extra_config: dict | None = None, observer: Observer | None = None,
+def distill_dmd(teacher: nn.Module, data: Callable[[int, torch.Generator], Mapping[str, Tensor]], cfg: DMDConfig, *,
+                run: TrainConfig, example: Mapping[str, Any] | None = None, ckpt_dir=None, accelerator=None,
+                progress: bool = True, networks: tuple[nn.Module, nn.Module, nn.Module] | None = None,
+                save_frozen: bool = True, extra_config: dict | None = None, observer: Observer | None = None,
                 observe_every: int = 1) -> tuple[nn.Module, Trained]:
     """The DMD / DMD2 driver: train a generator initialised from the teacher's weights (the teacher's network used as
     x0_hat(z, t) on its grid) against the frozen teacher's score and a critic (`make_critic`, its GAN head initialised
-    under seeded(train_cfg.seed) from x_example (B, ...) and y_example), with dmd_step through train_networks: the
+    under seeded(run.seed) from `example`, a batch {"x": (B, ...), "cond": Cond or absent}), with dmd_step through train_networks: the
     generator updated every cfg.ttur-th iteration, both networks with AdamW (cfg.betas, weight_decay, warmup,
     grad_clip). networks=(generator, real score, critic) trains networks built elsewhere instead (the SD stage's
     generator is the teacher's own UNet or a LoRA on it, whose real score is the UNet with the adapter off:
@@ -304,8 +303,9 @@ def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
     eval, no grad; Trained)."""
     if networks is None:
         G = copy.deepcopy(teacher).requires_grad_(True).train()
-        with seeded(train_cfg.seed):            # the GAN head's initialisation: the same critic for the same seed
-            critic = make_critic(teacher, x_example, cfg.gan, y_example)
+        example = example or {}                 # needed with cfg.gan only
+        with seeded(run.seed):                  # the GAN head's initialisation: the same critic for the same seed
+            critic = make_critic(teacher, example.get("x"), cfg.gan, example.get("cond"))
         real = copy.deepcopy(teacher).requires_grad_(False).eval()
     else:
         G, real, critic = networks
@@ -315,7 +315,7 @@ def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
             "critic": Network(critic, lr=cfg.lr_critic, **common)}
     if extra_config is None:
         extra_config = {"method": "dmd2" if cfg.gan or cfg.ttur > 1 else "dmd", **asdict(cfg)}
-    done = train_networks(nets, dmd_step(cfg, teacher.process), sample_batch, train_cfg,
+    done = train_networks(nets, dmd_step(cfg, teacher.process), data, run,
                           frozen={"teacher": real}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config=extra_config, observer=observer, observe_every=observe_every)
     return done.best("generator").eval().requires_grad_(False), done

@@ -85,26 +85,31 @@ def digit_batches(sd: Any, n_images: int | None = None) -> Callable[[int, torch.
     return sample
 
 
-def distill(sd: Any, cfg: dmd.DMDConfig | None = None, steps: int = STEPS, batch: int = BATCH, seed: int = 0,
-            sample_batch: Callable | None = None, ckpt_dir=None, progress: bool = True,
-            device: str | torch.device = "cpu", observer: Observer | None = None,
-            observe_every: int = 1) -> tuple[nn.Module, Trained]:
-    """A DMD2 generator of sd.model (one step unless cfg.gen_steps > 1) by the method's driver, dmd.distill_dmd:
-    returns (the generator, eval, no grad, on the CPU; the engine's Trained). sd.model itself is left untouched (the
+def train_config(steps: int = STEPS, batch: int = BATCH, seed: int = 0, checkpoints: bool = False) -> TrainConfig:
+    """The recipe's run: `steps` updates of `batch`, a checkpoint every 100 updates when checkpointing."""
+    return TrainConfig(steps=steps, batch_size=batch, seed=seed, desc="DMD2 mini SD",
+                       ckpt_every=100 if checkpoints else 0)
+
+
+def distill_dmd2_sd(sd: Any, data: Callable, cfg: dmd.DMDConfig, *, run: TrainConfig, ckpt_dir=None, accelerator=None,
+                    progress: bool = True, device: str | torch.device = "cpu", observer: Observer | None = None,
+                    observe_every: int = 1) -> tuple[nn.Module, Trained]:
+    """A DMD2 generator of sd.model (the teacher; one step unless cfg.gen_steps > 1; cfg: e.g. recipe()) by the
+    method's driver, dmd.distill_dmd, on data(n, g) -> {"x": latents, "cond": Cond} (e.g. digit_batches(sd)); run:
+    e.g. train_config(steps, batch, seed, checkpoints=ckpt_dir is not None). Returns (the generator, eval, no grad,
+    on the CPU; the engine's Trained). sd.model itself is left untouched (the
     generator, critic and real score are copies of it, trained on `device`; the batches are drawn on the CPU and moved
     there by the engine). The critic's examples: latents (2, C, h, h) and a Cond of zero text embeddings."""
     import copy
 
-    cfg = cfg or recipe()
     teacher = copy.deepcopy(sd.model).requires_grad_(False).eval().to(device)
     unet = teacher.unet
     h = unet.config.sample_size
     x_example = torch.zeros(2, unet.config.in_channels, h, h, device=device)
     text = torch.zeros(2, 1, unet.config.cross_attention_dim, device=device)
-    G, done = dmd.distill_dmd(teacher, sample_batch or digit_batches(sd), cfg,
-                              TrainConfig(steps=steps, batch_size=batch, seed=seed, desc="DMD2 mini SD",
-                                          ckpt_every=100 if ckpt_dir is not None else 0),
-                              x_example, Cond(text=text, null_text=text[:1]), ckpt_dir=ckpt_dir, progress=progress,
+    G, done = dmd.distill_dmd(teacher, data, cfg, run=run,
+                              example={"x": x_example, "cond": Cond(text=text, null_text=text[:1])}, ckpt_dir=ckpt_dir,
+                              accelerator=accelerator, progress=progress,
                               extra_config={"method": "dmd2-sd", **asdict(cfg)}, observer=observer,
                               observe_every=observe_every)
     return G.cpu(), done
@@ -187,8 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = override(recipe(), args.set)
     except ValueError as e:
         parser.error(str(e))
-    G, done = distill(sd, cfg, steps=args.steps, batch=args.batch, ckpt_dir=Path(args.out) / "checkpoint",
-                      device=args.device)
+    G, done = distill_dmd2_sd(sd, digit_batches(sd), cfg, run=train_config(args.steps, args.batch, checkpoints=True),
+                              ckpt_dir=Path(args.out) / "checkpoint", device=args.device)
     secs = time.perf_counter() - t0
     ev = evaluate(sd, G, args.n_eval, 1)
     info = {"kind": "dmd2", "gen_steps": 1, "timesteps": [999], "w_distilled": float(minisd.DEFAULT_W),

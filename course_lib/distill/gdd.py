@@ -212,8 +212,8 @@ def _nan_to_num_hook(p: nn.Parameter) -> None:
     p.register_hook(lambda grad: torch.nan_to_num(grad, nan=0.0, posinf=1e5, neginf=-1e5))
 
 
-def distill_gdd(teacher: nn.Module, disc: nn.Module, sample_batch: Callable[[int, torch.Generator], Mapping[str, Tensor]],
-                cfg: GDDConfig, train_cfg: TrainConfig, ckpt_dir=None, progress: bool = True, accelerator=None
+def distill_gdd(teacher: nn.Module, data: Callable[[int, torch.Generator], Mapping[str, Tensor]], cfg: GDDConfig, *,
+                run: TrainConfig, disc: nn.Module, ckpt_dir=None, accelerator=None, progress: bool = True
                 ) -> tuple[GDDPrecond, Trained]:
     """GDD (cfg.freeze = "none") or GDD-I ("gdd-i") of `teacher` against the discriminator `disc` (gan.Discriminator,
     trainable heads on frozen features; a fresh one per run). Returns (the generator: its EMA when ema_decay > 0, eval,
@@ -224,7 +224,7 @@ def distill_gdd(teacher: nn.Module, disc: nn.Module, sample_batch: Callable[[int
             _nan_to_num_hook(p)
     nets = {"generator": Network(G, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay),
             "discriminator": Network(disc, lr=cfg.lr_d, betas=cfg.betas, grad_clip=cfg.grad_clip)}
-    done = train_networks(nets, gdd_step(cfg), sample_batch, train_cfg, ckpt_dir=ckpt_dir, progress=progress,
+    done = train_networks(nets, gdd_step(cfg), data, run, ckpt_dir=ckpt_dir, progress=progress,
                           accelerator=accelerator, extra_config={"method": "gdd-i" if cfg.freeze != "none" else "gdd",
                                                                  **asdict(cfg)})
     done.logs["trained_fraction"] = [trainable_fraction(G)]

@@ -36,6 +36,7 @@ stage 2 distils) gives 0.882, with 16 DDIM steps 0.908.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable
 
 import torch
@@ -95,27 +96,39 @@ def guided_loss(student: Denoiser, teacher: Callable, x0: Tensor, cond: Cond, w_
     return guided_loss_at(student, teacher, x0, cond, t, eps, w, student.process)
 
 
-def distill_guidance(teacher: Denoiser, sample_data: Callable[[int, torch.Generator], tuple[Tensor, Cond]],
-                     w_range: tuple[float, float], cfg_train: TrainConfig, ckpt_dir=None, progress: bool = True,
-                     t_min: float = 1e-3, p_w_min: float = 0.0) -> Trained:
-    """Stage 1: train a w-conditioned student (a copy of `teacher` plus a guidance embedding) on the guided teacher.
+@dataclasses.dataclass(frozen=True)
+class GuidedConfig:
+    """Stage 1: w ~ U[w_range] (w_range[0] exactly with probability p_w_min: the module docstring), t ~ U(t_min, 1)."""
+    w_range: tuple[float, float]
+    t_min: float = 1e-3
+    p_w_min: float = 0.0
 
-    sample_data(n, g) -> (x0 (n, ...), cond) draws labelled data (cond = conditioning.labels(y, num_classes);
+
+def distill_guidance(teacher: Denoiser, data: Callable[[int, torch.Generator], tuple[Tensor, Cond]],
+                     cfg: GuidedConfig, *, run: TrainConfig, ckpt_dir=None, accelerator=None,
+                     progress: bool = True) -> tuple[Denoiser, Trained]:
+    """Stage 1: train a w-conditioned student (a copy of `teacher` plus a guidance embedding on cfg.w_range) on the
+    guided teacher.
+
+    data(n, g) -> (x0 (n, ...), cond) draws labelled data (cond = conditioning.labels(y, num_classes);
     `conditioning.labelled` wraps an (x0, y) sampler). The teacher must be class-conditional with null label
-    num_classes (trained with label dropout). Returns the engine's Trained; `.best()` is the student.
-    Resumes from ckpt_dir like every course training run."""
+    num_classes (trained with label dropout). Returns (the student: its EMA when run.ema_decay > 0, eval, no grad;
+    the engine's Trained). Resumes from ckpt_dir like every course training run."""
     if not getattr(teacher.net, "num_classes", None):
         raise ValueError("guided distillation needs a class-conditional teacher (its net's num_classes is the null "
                          "label of classifier-free guidance)")
+    w_range = tuple(cfg.w_range)
     frozen = copy.deepcopy(teacher).eval().requires_grad_(False)
     student = with_guidance_input(teacher, w_range)
 
     def loss(model, batch, g):
         x0, cond = batch
-        return guided_loss(model, frozen, x0, cond, w_range, g, t_min, p_w_min)
+        return guided_loss(model, frozen, x0, cond, w_range, g, cfg.t_min, cfg.p_w_min)
 
-    return train(student, loss, sample_data, cfg_train, ckpt_dir=ckpt_dir, progress=progress,
-                 extra_config={"method": "guided-distillation-stage1", "w_range": list(w_range), "p_w_min": p_w_min})
+    done = train(student, loss, data, run, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
+                 extra_config={"method": "guided-distillation-stage1", "w_range": list(w_range),
+                               "p_w_min": cfg.p_w_min})
+    return done.best().eval().requires_grad_(False), done
 
 
 def guided_batches(sample_data: Callable[[int, torch.Generator], tuple[Tensor, Cond]],
@@ -131,14 +144,23 @@ def guided_batches(sample_data: Callable[[int, torch.Generator], tuple[Tensor, C
     return sample_batch
 
 
-def distill_steps(student: Denoiser, sample_data: Callable[[int, torch.Generator], tuple[Tensor, Cond]],
-                  n_start: int, n_end: int, cfg_train: TrainConfig | Callable[[int], TrainConfig],
-                  ckpt_dir=None, progress: bool = True, p_w_min: float = 0.0) -> dict[int, Denoiser]:
-    """Stage 2: progressive distillation of a stage-1 student from n_start DDIM steps to n_end, w as an input.
-    Returns {student steps: student}. The w range is the student's own (its guidance embedding's)."""
+@dataclasses.dataclass(frozen=True)
+class StepsConfig:
+    """Stage 2: PD's rounds n_start/2, ..., n_end (pd.PDConfig) with w drawn as in stage 1 (p_w_min)."""
+    n_start: int
+    n_end: int = 1
+    p_w_min: float = 0.0
+
+
+def distill_steps(student: Denoiser, data: Callable[[int, torch.Generator], tuple[Tensor, Cond]], cfg: StepsConfig, *,
+                  run: TrainConfig | Callable[[int], TrainConfig], ckpt_dir=None, accelerator=None,
+                  progress: bool = True, rounds: dict[int, Denoiser] | None = None) -> tuple[Denoiser, Trained]:
+    """Stage 2: progressive distillation (pd.distill_pd) of a stage-1 student from cfg.n_start DDIM steps to
+    cfg.n_end, w as an input. The w range is the student's own (its guidance embedding's). Returns (the final
+    student; the last round's Trained); `rounds`, a dict, is filled with {student steps: student}."""
     w_range = guidance_range(student)
     if w_range is None:
         raise ValueError("stage 2 distills a guided student (stage 1's output, which takes w as an input); "
                          "this model has no guidance input")
-    return pd.progressive_distillation(student, guided_batches(sample_data, w_range, p_w_min), n_start, n_end, cfg_train,
-                                       ckpt_dir=ckpt_dir, progress=progress)
+    return pd.distill_pd(student, guided_batches(data, w_range, cfg.p_w_min), pd.PDConfig(cfg.n_start, cfg.n_end),
+                         run=run, ckpt_dir=ckpt_dir, accelerator=accelerator, progress=progress, rounds=rounds)

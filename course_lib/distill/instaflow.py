@@ -9,7 +9,7 @@ see distill.reflow for the flip against the paper's t = 0 noise):
     (1) triplets (eps, x0, y): eps ~ N(0, I), y a label, x0 = ODE of the GUIDED teacher from eps  -> `triplets`
     (2) conditional reflow (2-rectified flow), initialised from the teacher's own weights, its output re-read
         as a velocity (reflow.as_flow):
-            L = E || (eps - x0) - u_theta(x_t, t | y) ||^2,   x_t = (1 - t) x0 + t eps    -> reflow.reflow(p_uncond=...)
+            L = E || (eps - x0) - u_theta(x_t, t | y) ||^2,   x_t = (1 - t) x0 + t eps    -> `distill_conditional_reflow`
         labels are dropped to null with probability p_uncond so the 2-RF keeps an unconditional velocity and
         can be guided at use time on the velocity:  u_w = (1 + w) u(x, t | y) - w u(x, t | null)   -> `guided`
     (3) one-step distillation of the 2-RF on its own pairs (eps, x0' = ODE_2RF(eps | y)), initialised from the
@@ -23,7 +23,7 @@ see distill.reflow for the flip against the paper's t = 0 noise):
         2006; the GLO loss of Bojanowski et al. 2018), which compares band-pass detail at every scale.
 
 The paper's central ablation: "direct distillation" trains the same one-step student on the TEACHER's triplets
-(its curved, hard-to-learn coupling) with the same budget (`direct_distill`); InstaFlow's claim is that reflow
+(its curved, hard-to-learn coupling) with the same budget (`distill_direct`); InstaFlow's claim is that reflow
 first makes the coupling learnable (MS COCO 2017-5k FID 37.2 for direct distillation by progressive
 distillation, 23.3 for reflow + distillation). `regression_error` measures how well a one-step student
 reproduces the endpoints of the coupling it was trained on, on held-out noise.
@@ -33,6 +33,7 @@ recipes/instaflow.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable
 
@@ -43,7 +44,7 @@ from .. import distances
 from ..conditioning import Cond
 from ..guidance import cfg
 from ..models import Denoiser
-from ..train import TrainConfig, train
+from ..train import Trained, TrainConfig, train
 from . import reflow as rf
 
 
@@ -97,14 +98,17 @@ def triplets(teacher: Denoiser, w: float, cond: Cond, name: str, steps: int = 16
     return eps, x0, cond
 
 
-def conditional_reflow(teacher: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_train: TrainConfig,
-                       p_uncond: float = 0.1, ckpt_dir=None, progress: bool = True) -> Denoiser:
-    """Stage 2: the 2-rectified flow trained on the teacher's triplets, initialised from the teacher's weights
-    (the diffusion output re-purposed as a velocity), labels dropped w.p. p_uncond. Returns the flow (eval)."""
-    eps, x0, cond = data
-    state = rf.reflow(teacher, (eps, x0), cfg_train, cond=cond, p_uncond=p_uncond, ckpt_dir=ckpt_dir,
-                      progress=progress)
-    return state.best().eval().requires_grad_(False)
+def distill_conditional_reflow(teacher: Denoiser, data: tuple[Tensor, Tensor, Cond], cfg: rf.ReflowConfig, *,
+                               run: TrainConfig, ckpt_dir=None, accelerator=None, progress: bool = True
+                               ) -> tuple[Denoiser, Trained]:
+    """Stage 2: the 2-rectified flow trained on the teacher's triplets (eps, x0, cond), initialised from the teacher's
+    weights (the diffusion output re-purposed as a velocity), labels dropped w.p. cfg.p_uncond (the course's 0.1):
+    reflow.distill_reflow on triplets. Returns (the flow, eval, no grad; the engine's Trained)."""
+    if cfg.p_uncond <= 0:
+        raise ValueError("conditional reflow drops labels (cfg.p_uncond > 0) so that the flow keeps an "
+                         f"unconditional velocity for guidance; got p_uncond = {cfg.p_uncond}")
+    return rf.distill_reflow(teacher, data, cfg, run=run, ckpt_dir=ckpt_dir, accelerator=accelerator,
+                             progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,33 +129,41 @@ def onestep_loss(student: Callable, eps: Tensor, x0: Tensor, cond: Cond | None,
     return distance(one_step(student, eps, cond), x0)
 
 
-def distill_onestep(init: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_train: TrainConfig,
-                    distance: str | Callable[[Tensor, Tensor], Tensor] = "l2", ckpt_dir=None,
-                    progress: bool = True) -> Denoiser:
-    """Train a one-step student, initialised from `init` (copied, relabelled as a flow), on (eps, x0, cond) (cond
-    None: unconditional) with distance D (a name for distances.get, or a function (B, ...) x (B, ...) -> (B,)).
-    Returns it (eval)."""
+@dataclasses.dataclass(frozen=True)
+class OneStepConfig:
+    """The one-step distillation's distance D: a name for distances.get ("l2", "lap1", ...) or a function
+    (B, ...) x (B, ...) -> (B,)."""
+    distance: str | Callable[[Tensor, Tensor], Tensor] = "l2"
+
+
+def distill_onestep(init: Denoiser, data: tuple[Tensor, Tensor, Cond | None], cfg: OneStepConfig, *,
+                    run: TrainConfig, ckpt_dir=None, accelerator=None, progress: bool = True
+                    ) -> tuple[Denoiser, Trained]:
+    """Train a one-step student, initialised from `init` (copied, relabelled as a flow), on data = (eps, x0, cond)
+    (cond None: unconditional) with distance cfg.distance. Returns (the student, eval, no grad; the engine's
+    Trained)."""
+    distance = cfg.distance
     d = distances.get(distance)
     student = rf.as_flow(init).train().requires_grad_(True)
-    eps, x0, cond = data
+    eps, x0, cond = rf.split_pairs(data)
 
     def loss(model, batch, g):
         e, x, c = batch
         return onestep_loss(model, e, x, c, d)
 
     batches = rf.pair_batches(eps, x0, cond)
-    state = train(student, loss, batches, cfg_train, ckpt_dir=ckpt_dir, progress=progress,
-                  extra_config={"method": "instaflow-distill",
-                                "distance": distance if isinstance(distance, str) else getattr(d, "__name__", "custom")})
-    return state.best().eval().requires_grad_(False)
+    done = train(student, loss, batches, run, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
+                 extra_config={"method": "instaflow-distill",
+                               "distance": distance if isinstance(distance, str) else getattr(d, "__name__", "custom")})
+    return done.best().eval().requires_grad_(False), done
 
 
-def direct_distill(teacher: Denoiser, data: tuple[Tensor, Tensor, Tensor], cfg_train: TrainConfig,
-                   distance: str | Callable[[Tensor, Tensor], Tensor] = "l2", ckpt_dir=None,
-                   progress: bool = True) -> Denoiser:
+def distill_direct(teacher: Denoiser, data: tuple[Tensor, Tensor, Cond | None], cfg: OneStepConfig, *,
+                   run: TrainConfig, ckpt_dir=None, accelerator=None, progress: bool = True
+                   ) -> tuple[Denoiser, Trained]:
     """The ablation's baseline: the same one-step student, initialised from the teacher, trained directly on the
     teacher's triplets (eps, x0 = guided teacher ODE(eps | y)), with no reflow in between."""
-    return distill_onestep(teacher, data, cfg_train, distance, ckpt_dir=ckpt_dir, progress=progress)
+    return distill_onestep(teacher, data, cfg, run=run, ckpt_dir=ckpt_dir, accelerator=accelerator, progress=progress)
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ from ..guidance import cfg as guided
 from ..predictions import Pred
 from ..processes import SDDiscrete, time_dtype
 from ..sd import AdapterOff, SDDenoiser, add_lora, lcm_timestep_cond, require_codec
-from ..train import Network, StepContext, Target, TrainConfig, train_networks
+from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
 
 TIMESTEP_SCALING = 10.0        # s in c_skip, c_out (diffusers' LCMScheduler timestep_scaling, PR #5681)
 SIGMA_DATA = 0.5               # sd (LCMScheduler; must equal its training value, latent-consistency-model#30)
@@ -279,45 +279,48 @@ def lcm_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscrete, 
 # Distillation: a full student with a w-embedding, or an LCM-LoRA
 # ----------------------------------------------------------------------------------------------------------------
 
-def distill_lcm(sd: Any, cfg: LCMConfig, sample_batch: Callable,
-                ckpt_dir: str | os.PathLike | None = None, progress: bool = True,
-                target_fn: Callable[..., Tensor] | None = None) -> LCMModel:
-    """Latent consistency distillation (LCD) of sd (sd.SD: model, text, vae) into a student with a w-embedding
-    trained on [cfg.w_min, cfg.w_max], on sample_batch(n, generator) -> (z0 latents, Cond) (e.g.
-    minisd.digit_batches(sd)). Resumes from ckpt_dir. Returns the trained student (eval mode)."""
+def train_config(cfg: LCMConfig, desc: str) -> TrainConfig:
+    """The engine's run for an LCMConfig's budget (steps, batch, seed, ckpt_every): the SD drivers' `run`."""
+    return TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every, desc=desc)
+
+
+def distill_lcm(sd: Any, data: Callable, cfg: LCMConfig, *, run: TrainConfig,
+                ckpt_dir: str | os.PathLike | None = None, accelerator=None, progress: bool = True,
+                target_fn: Callable[..., Tensor] | None = None) -> tuple[LCMModel, Trained]:
+    """Latent consistency distillation (LCD) of sd (sd.SD: model, text, vae; the teacher is sd.model) into a student
+    with a w-embedding trained on [cfg.w_min, cfg.w_max], on data(n, generator) -> (z0 latents, Cond) (e.g.
+    minisd.digit_batches(sd)); run: e.g. train_config(cfg, "LCD: LCM student"). Resumes from ckpt_dir. Returns
+    (the trained student, eval, no grad; the engine's Trained)."""
     require_codec(sd)
     teacher = sd.model
     student = lcm_student(teacher, cfg.w_dim, (cfg.w_min, cfg.w_max), cfg.seed)
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
-                       desc="LCD: LCM student")
     net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, weight_decay=0.0)
-    train_networks({"student": net}, lambda ctx, b: lcm_step(ctx, b, teacher.process, cfg, target_fn=target_fn),
-                   sample_batch, tcfg,
-                   targets={"target": Target("student", cfg.target_decay)}, frozen={"teacher": teacher},
-                   ckpt_dir=ckpt_dir, extra_config={"lcm": asdict(cfg)}, progress=progress)
-    return student.eval().requires_grad_(False)
+    done = train_networks({"student": net}, lambda ctx, b: lcm_step(ctx, b, teacher.process, cfg, target_fn=target_fn),
+                          data, run,
+                          targets={"target": Target("student", cfg.target_decay)}, frozen={"teacher": teacher},
+                          ckpt_dir=ckpt_dir, accelerator=accelerator, extra_config={"lcm": asdict(cfg)},
+                          progress=progress)
+    return student.eval().requires_grad_(False), done
 
 
-def distill_lcm_lora(sd: Any, cfg: LCMConfig, w: float, sample_batch: Callable,
-                     ckpt_dir: str | os.PathLike | None = None, progress: bool = True,
-                     target_fn: Callable[..., Tensor] | None = None) -> LCMModel:
+def distill_lcm_lora(sd: Any, data: Callable, cfg: LCMConfig, *, run: TrainConfig, w: float,
+                     ckpt_dir: str | os.PathLike | None = None, accelerator=None, progress: bool = True,
+                     target_fn: Callable[..., Tensor] | None = None) -> tuple[LCMModel, Trained]:
     """LCM-LoRA: add a LoRA adapter (rank cfg.lora_rank, LCM-LoRA's target modules) to sd.model IN PLACE and distil
-    it with LCD at the fixed guidance weight w (no w-embedding; the course's is LORA_W) on sample_batch (as
-    distill_lcm's). The teacher is sd.model with the adapter disabled.
-    Returns the LCM-LoRA student (sd.model with its adapter, as an LCMModel)."""
+    it with LCD at the fixed guidance weight w (no w-embedding; the course's is LORA_W) on data (as distill_lcm's).
+    The teacher is sd.model with the adapter disabled. Returns (the LCM-LoRA student: sd.model with its adapter, as
+    an LCMModel, eval; the engine's Trained)."""
     require_codec(sd)
     model = sd.model
     if model.lora is None:
         add_lora(model, r=cfg.lora_rank, target_modules=present_targets(model.unet), seed=cfg.seed)
     student = LCMModel(model, w_fixed=w)
     lcfg = LCMConfig(**{**asdict(cfg), "w_min": w, "w_max": w})
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
-                       desc="LCD: LCM-LoRA")
     net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, save_frozen=False)
     step = lambda ctx, b: lcm_step(ctx, b, model.process, lcfg, lora=True, target_fn=target_fn)
-    train_networks({"student": net}, step, sample_batch, tcfg, ckpt_dir=ckpt_dir,
-                   extra_config={"lcm_lora": {**asdict(lcfg), "w": w}}, progress=progress)
-    return student.eval()
+    done = train_networks({"student": net}, step, data, run, ckpt_dir=ckpt_dir, accelerator=accelerator,
+                          extra_config={"lcm_lora": {**asdict(lcfg), "w": w}}, progress=progress)
+    return student.eval(), done
 
 
 def present_targets(unet: nn.Module, targets: Sequence[str] = LCM_LORA_TARGETS) -> list[str]:

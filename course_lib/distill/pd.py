@@ -94,11 +94,20 @@ def split_batch(batch: Any) -> tuple[Tensor, Cond | None]:
     return x0, check(c)
 
 
-def distill_round(teacher: Denoiser, N: int, sample_batch: Callable[[int, torch.Generator], Any], cfg: TrainConfig,
-                  ckpt_dir=None, progress: bool = True, accelerator=None) -> Trained:
+@dataclasses.dataclass(frozen=True)
+class PDConfig:
+    """Progressive distillation's rounds: the teacher samples with n_start DDIM steps; rounds halve the student's
+    steps n_start/2, n_start/4, ..., n_end (both powers of two, n_end < n_start)."""
+    n_start: int
+    n_end: int = 1
+
+
+def distill_round(teacher: Denoiser, N: int, data: Callable[[int, torch.Generator], Any], *, run: TrainConfig,
+                  ckpt_dir=None, accelerator=None, progress: bool = True) -> tuple[Denoiser, Trained]:
     """One round: a student initialised from the teacher learns N steps from the teacher's 2N.
 
-    sample_batch(n, g) returns x0 or (x0, cond); see `split_batch`."""
+    data(n, g) returns x0 or (x0, cond); see `split_batch`. Returns (the student: its EMA when run.ema_decay > 0,
+    eval, no grad; the engine's Trained)."""
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
 
@@ -106,30 +115,32 @@ def distill_round(teacher: Denoiser, N: int, sample_batch: Callable[[int, torch.
         x0, cond = split_batch(batch)
         return pd_loss(model, frozen, x0, N, g, cond)
 
-    return train(student, loss, sample_batch, cfg, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
+    done = train(student, loss, data, run, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                  extra_config={"method": "progressive-distillation", "student_steps": N})
+    return done.best().eval().requires_grad_(False), done
 
 
-def progressive_distillation(teacher: Denoiser, sample_batch: Callable, n_start: int, n_end: int,
-                             cfg: TrainConfig | Callable[[int], TrainConfig], ckpt_dir=None,
-                             progress: bool = True, accelerator=None) -> dict[int, Denoiser]:
-    """Rounds n_start/2, n_start/4, ..., n_end student steps (the teacher samples with n_start steps).
+def distill_pd(teacher: Denoiser, data: Callable[[int, torch.Generator], Any], cfg: PDConfig, *,
+               run: TrainConfig | Callable[[int], TrainConfig], ckpt_dir=None, accelerator=None,
+               progress: bool = True, rounds: dict[int, Denoiser] | None = None) -> tuple[Denoiser, Trained]:
+    """Progressive distillation: rounds of `distill_round`, cfg.n_start/2, cfg.n_start/4, ..., cfg.n_end student steps,
+    each round's student the next round's teacher.
 
-    cfg is one TrainConfig for every round, or a function of the round's student step count. Returns
-    {student steps: student} (the trained weights of each round, or its EMA when cfg.ema_decay > 0).
-    """
-    check_halving(n_start, n_end)
-    students: dict[int, Denoiser] = {}
-    current, N = teacher, n_start // 2
-    while N >= n_end:
-        round_cfg = cfg(N) if callable(cfg) else cfg
-        round_cfg = dataclasses.replace(round_cfg, desc=f"PD {2 * N}->{N}")
-        state = distill_round(current, N, sample_batch, round_cfg,
-                              None if ckpt_dir is None else f"{ckpt_dir}/steps{N}", progress, accelerator=accelerator)
-        current = state.best().eval().requires_grad_(False)
-        students[N] = current
+    run is one TrainConfig for every round, or a function of the round's student step count N. Round N checkpoints
+    to ckpt_dir/steps{N}. Returns (the final student, cfg.n_end steps; the last round's Trained). Every round's
+    student: pass a dict as `rounds`, filled with {student steps N: student} (eval, no grad)."""
+    check_halving(cfg.n_start, cfg.n_end)
+    current, N, done = teacher, cfg.n_start // 2, None
+    while N >= cfg.n_end:
+        round_run = run(N) if callable(run) else run
+        round_run = dataclasses.replace(round_run, desc=f"PD {2 * N}->{N}")
+        current, done = distill_round(current, N, data, run=round_run,
+                                      ckpt_dir=None if ckpt_dir is None else f"{ckpt_dir}/steps{N}",
+                                      accelerator=accelerator, progress=progress)
+        if rounds is not None:
+            rounds[N] = current
         N //= 2
-    return students
+    return current, done
 
 
 @torch.no_grad()

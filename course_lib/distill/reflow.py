@@ -12,9 +12,9 @@ t = 1 down to t = 0 (`samplers.euler` with `grids.uniform(n)`).
     rf_loss(model, x0, g, eps=None)     1-RF (independent eps, Eq. 1) or reflow (the coupled eps, Alg. 1)
     generate_pairs(flow, x1, ...)       (eps, x0 = ODE solution from eps): the flow's coupling Z = (Z_0, Z_1)
     cached_pairs(flow, name, ...)       the same, stored as safetensors + JSON, refused if made by another flow
-    reflow(flow, pairs, cfg)            (k+1)-rectified flow, initialised from the k-rectified flow (Alg. 1)
+    distill_reflow(flow, data, cfg, run=) (k+1)-rectified flow, initialised from the k-rectified flow (Alg. 1)
     straightness(model, x1, steps)      S(Z) = int_0^1 E || (Z_1 - Z_0) - dZ_t/dt ||^2 dt     (metrics.straightness)
-    distill_loss_at / distill(...)      k-step distillation of a flow into k Euler steps (the paper's distillation)
+    distill_loss_at / distill_kstep     k-step distillation of a flow into k Euler steps (the paper's distillation)
     RFView(diffusion model)             a vp-cosine diffusion model read in rectified-flow time (its ODE, exactly)
 
 The course's runs of these (the 2D recipe, the shipped digits flows) are in recipes/reflow.py.
@@ -22,6 +22,7 @@ The course's runs of these (the 2D recipe, the shipped digits flows) are in reci
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -228,28 +229,42 @@ def as_flow(model: Denoiser) -> Denoiser:
     return flow.to(next(model.parameters()).device)
 
 
-def reflow(flow: Denoiser | str | os.PathLike, pairs: tuple[Tensor, Tensor], cfg: TrainConfig,
-           init: Denoiser | None = None, cond: Cond | None = None, ckpt_dir=None,
-           progress: bool = True, p_uncond: float = 0.0) -> Trained:
-    """Train the next rectified flow on `pairs` = (eps, x0) of the previous flow, initialised from it (Alg. 1).
+def split_pairs(data: tuple) -> tuple[Tensor, Tensor, Cond | None]:
+    """A reflow-type method's data: pairs (eps, x0) or triplets (eps, x0, cond), cond a Cond or None."""
+    if len(data) not in (2, 3):
+        raise ValueError(f"data is (eps, x0) or (eps, x0, cond); got a tuple of {len(data)}")
+    return (*data, None) if len(data) == 2 else tuple(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReflowConfig:
+    """p_uncond > 0 (conditional reflow, InstaFlow): each label is replaced by its null value with that probability,
+    so the new flow keeps an unconditional velocity for classifier-free guidance."""
+    p_uncond: float = 0.0
+
+
+def distill_reflow(flow: Denoiser | str | os.PathLike, data: tuple, cfg: ReflowConfig, *, run: TrainConfig,
+                   init: Denoiser | None = None, ckpt_dir=None, accelerator=None, progress: bool = True
+                   ) -> tuple[Denoiser, Trained]:
+    """Train the next rectified flow on data = (eps, x0) or (eps, x0, cond) of the previous flow, initialised from
+    it (Alg. 1).
 
     flow: the previous flow (a Denoiser, copied; never modified) or the folder of its checkpoint, in which case
     `init` gives the architecture to load it into (a mismatch is a CheckpointError). cond: the pairs' conditioning
-    (a Cond, e.g. conditioning.labels(y, num_classes)). p_uncond > 0 (conditional reflow, InstaFlow): each label is
-    replaced by its null value with that probability, so the new flow keeps an unconditional velocity for
-    classifier-free guidance. Returns the engine's Trained; `.best()` is the new flow (the EMA when
-    cfg.ema_decay > 0)."""
+    (a Cond, e.g. conditioning.labels(y, num_classes)). Returns (the new flow: its EMA when run.ema_decay > 0, eval,
+    no grad; the engine's Trained)."""
     if not isinstance(flow, nn.Module):
         if init is None:
             raise ValueError("reflow from a checkpoint folder needs init=<a model of the same architecture>")
         flow = load_flow_weights(copy.deepcopy(init), flow)
+    p_uncond = cfg.p_uncond
+    eps, x0, cond = split_pairs(data)
     if not 0.0 <= p_uncond < 1.0:
         raise ValueError(f"p_uncond is a probability below 1; got {p_uncond}")
     if p_uncond > 0 and (cond is None or cond.y is None):
         raise ValueError("p_uncond > 0 drops class labels: it needs a class-conditional flow and "
                          "cond=conditioning.labels(y, num_classes)")
     student = as_flow(flow).train().requires_grad_(True)
-    eps, x0 = pairs
 
     def loss(model, batch, g):
         e, x, c = batch
@@ -257,8 +272,10 @@ def reflow(flow: Denoiser | str | os.PathLike, pairs: tuple[Tensor, Tensor], cfg
             c = c.drop(p_uncond, g)
         return rf_loss(model, x, g, eps=e, cond=c)
 
-    return train(student, loss, pair_batches(eps, x0, cond), cfg, ckpt_dir=ckpt_dir, progress=progress,
+    done = train(student, loss, pair_batches(eps, x0, cond), run, ckpt_dir=ckpt_dir, progress=progress,
+                 accelerator=accelerator,
                  extra_config={"method": "reflow", **({"p_uncond": p_uncond} if p_uncond else {})})
+    return done.best().eval().requires_grad_(False), done
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,20 +314,29 @@ def distill_loss_at(student: Callable, x0: Tensor, eps: Tensor, t: Tensor, cond:
     return rf_loss_at(student, x0, eps, t, cond)
 
 
-def distill(flow: Denoiser, pairs: tuple[Tensor, Tensor], k: int, cfg: TrainConfig,
-            cond: Cond | None = None, ckpt_dir=None, progress: bool = True) -> Trained:
-    """Distil `flow` into a k-step Euler sampler on its own pairs (eps, x0 = ODE_flow(eps)), starting from it."""
+@dataclasses.dataclass(frozen=True)
+class KStepConfig:
+    """k-step distillation: the student is trained at the k Euler start times t = 1, (k-1)/k, ..., 1/k."""
+    k: int = 1
+
+
+def distill_kstep(flow: Denoiser, data: tuple, cfg: KStepConfig, *, run: TrainConfig, ckpt_dir=None,
+                  accelerator=None, progress: bool = True) -> tuple[Denoiser, Trained]:
+    """Distil `flow` into a cfg.k-step Euler sampler on its own data = (eps, x0 = ODE_flow(eps)) or (eps, x0, cond),
+    starting from it. Returns (the student, eval, no grad; the engine's Trained)."""
+    k = cfg.k
     if k < 1:
         raise ValueError(f"k-step distillation needs k >= 1; got {k}")
     student = as_flow(flow).train().requires_grad_(True)
-    eps, x0 = pairs
+    eps, x0, cond = split_pairs(data)
 
     def loss(model, batch, g):
         e, x, c = batch
         return distill_loss_at(model, x, e, distill_times(k, len(x), g, x.device), c)
 
-    return train(student, loss, pair_batches(eps, x0, cond), cfg, ckpt_dir=ckpt_dir, progress=progress,
-                 extra_config={"method": "reflow-distill", "k": k})
+    done = train(student, loss, pair_batches(eps, x0, cond), run, ckpt_dir=ckpt_dir, progress=progress,
+                 accelerator=accelerator, extra_config={"method": "reflow-distill", "k": k})
+    return done.best().eval().requires_grad_(False), done
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -131,8 +131,8 @@ def tcd_step(cfg: TCDConfig, grid: Tensor) -> Callable[[StepContext, Any], Tenso
     return step
 
 
-def distill_tcd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator], Any], cfg: TCDConfig,
-                train_cfg: TrainConfig, ckpt_dir=None, progress: bool = True) -> tuple[nn.Module, Trained]:
+def distill_tcd(teacher: nn.Module, data: Callable[[int, torch.Generator], Any], cfg: TCDConfig, *, run: TrainConfig,
+                ckpt_dir=None, accelerator=None, progress: bool = True) -> tuple[nn.Module, Trained]:
     """TCD of a course model (a 2D or digits teacher): the student is a copy of the teacher (a plain course model:
     sample it with samplers.tcd, whose steps are its TCF). Returns (the student to sample from, its EMA when
     cfg.ema_decay > 0, eval mode, no grad; the engine's Trained)."""
@@ -140,8 +140,8 @@ def distill_tcd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
     grid = cm_grid(cfg.N, teacher.process, cfg.t_min)
     done = train_networks({"student": Network(student, lr=cfg.lr, ema_decay=cfg.ema_decay)}, tcd_step(cfg, grid),
-                          sample_batch, train_cfg, targets={"target": Target("student", decay=cfg.mu)},
-                          frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress,
+                          data, run, targets={"target": Target("student", decay=cfg.mu)},
+                          frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config={"method": "trajectory-consistency-distillation", **asdict(cfg)})
     return done.best("student").eval().requires_grad_(False), done
 
@@ -214,20 +214,22 @@ def tcd_sd_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscret
                        timesteps.to(z0.device), k, s_timesteps.to(z0.device), cond, w, process, cfg.distance)
 
 
-def distill_tcd_sd(sd: Any, cfg: lcm.LCMConfig, sample_batch: Callable,
-                   ckpt_dir: str | os.PathLike | None = None, progress: bool = True) -> TCDModel:
-    """TCD of sd (sd.SD: model, text, vae; its latent space) into a student with a w-embedding trained on
-    [cfg.w_min, cfg.w_max], with LCM's settings (lcm.LCMConfig). Resumes from ckpt_dir. Returns the student (eval)."""
+def distill_tcd_sd(sd: Any, data: Callable, cfg: lcm.LCMConfig, *, run: TrainConfig,
+                   ckpt_dir: str | os.PathLike | None = None, accelerator=None, progress: bool = True
+                   ) -> tuple[TCDModel, Trained]:
+    """TCD of sd (sd.SD: model, text, vae; its latent space; the teacher is sd.model) into a student with a
+    w-embedding trained on [cfg.w_min, cfg.w_max], with LCM's settings (lcm.LCMConfig), on data as
+    lcm.distill_lcm's; run: e.g. lcm.train_config(cfg, "TCD: mini SD student"). Resumes from ckpt_dir. Returns
+    (the student, eval, no grad; the engine's Trained)."""
     require_codec(sd)
     teacher = sd.model
     student = tcd_student(teacher, cfg.w_dim, (cfg.w_min, cfg.w_max), cfg.seed)
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed, ckpt_every=cfg.ckpt_every,
-                       desc="TCD: mini SD student")
     net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, weight_decay=0.0)
-    train_networks({"student": net}, lambda ctx, b: tcd_sd_step(ctx, b, teacher.process, cfg), sample_batch, tcfg,
-                   targets={"target": Target("student", cfg.target_decay)}, frozen={"teacher": teacher},
-                   ckpt_dir=ckpt_dir, extra_config={"tcd": asdict(cfg)}, progress=progress)
-    return student.eval().requires_grad_(False)
+    done = train_networks({"student": net}, lambda ctx, b: tcd_sd_step(ctx, b, teacher.process, cfg), data, run,
+                          targets={"target": Target("student", cfg.target_decay)}, frozen={"teacher": teacher},
+                          ckpt_dir=ckpt_dir, accelerator=accelerator, extra_config={"tcd": asdict(cfg)},
+                          progress=progress)
+    return student.eval().requires_grad_(False), done
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import time
 from ..conditioning import labelled
 from ..config import pick, seeded
 from ..data2d import sample_2d
-from ..distill.guided import distill_guidance, distill_steps
+from ..distill.guided import GuidedConfig, StepsConfig, distill_guidance, distill_steps
 from ..models import Denoiser
 from ..train import TrainConfig
 
@@ -50,10 +50,12 @@ def guided_2d_students(teacher: Denoiser, budget: dict, w_range: tuple[float, fl
     with seeded(seed):                  # the guidance embedding's initialisation; the caller's RNG is left alone
         cfg1 = TrainConfig(steps=budget["stage1_steps"], batch_size=budget["batch"], lr=budget["stage1_lr"],
                            lr_schedule="linear", ema_decay=0.0, seed=seed, desc="guided stage 1")
-        stage1 = distill_guidance(teacher, sample, w_range, cfg1, progress=progress,
-                                  p_w_min=p_w_min).best().eval().requires_grad_(False)
+        stage1, _ = distill_guidance(teacher, sample, GuidedConfig(w_range, p_w_min=p_w_min), run=cfg1,
+                                     progress=progress)
         seconds: dict = {"stage1": time.perf_counter() - t0}
-        students = distill_steps(stage1, sample, budget["n_start"], 1, cfg2, progress=progress, p_w_min=p_w_min)
+        students: dict = {}
+        distill_steps(stage1, sample, StepsConfig(budget["n_start"], 1, p_w_min), run=cfg2, progress=progress,
+                      rounds=students)
     end = time.perf_counter()
     seconds.update({N: starts.get(N // 2, end) - t0 for N in students})
     return stage1, students, seconds

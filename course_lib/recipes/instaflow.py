@@ -27,8 +27,8 @@ from ..classifier import balanced_labels
 from ..conditioning import Cond, labels
 from ..config import pick, seeded
 from ..distill import reflow as rf
-from ..distill.instaflow import (conditional_reflow, direct_distill, distill_onestep, null_label, one_step,
-                                 regression_error, triplets)
+from ..distill.instaflow import (OneStepConfig, distill_conditional_reflow, distill_direct, distill_onestep,
+                                 null_label, one_step, regression_error, triplets)
 from ..models import Denoiser, build_denoiser, load_denoiser
 from ..teachers import load_teacher
 from ..train import TrainConfig
@@ -82,22 +82,27 @@ def train_digits(runs: str | os.PathLike = "runs/instaflow-digits", out: Path = 
 
     l2_cfg, lap_cfg = scale(r["distill_l2"]), scale(r["distill_lap1"])
     if "instaflow" in parts:
-        flow2 = timed_export("digits-if-2rf", lambda: conditional_reflow(teacher, data, scale(r["reflow"]),
-                                                                          r["p_uncond"], ckpt_dir=runs / "2rf"),
+        flow2 = timed_export("digits-if-2rf", lambda: distill_conditional_reflow(
+                                 teacher, data, rf.ReflowConfig(r["p_uncond"]), run=scale(r["reflow"]),
+                                 ckpt_dir=runs / "2rf")[0],
                              {"method": "InstaFlow stage 2: conditional 2-rectified flow, init teacher weights",
                               "steps": scale(r["reflow"]).steps, "p_uncond": r["p_uncond"]})
         data2 = triplets(flow2, 0.0, y, "digits-if-2rf", r["distill_pairs_steps"], "euler", seed=1,
                          noise_shape=(1, 16, 16), cache_dir=runs / "pairs")
-        st = timed_export("digits-instaflow-l2", lambda: distill_onestep(flow2, data2, l2_cfg, "l2", runs / "if-l2"),
+        st = timed_export("digits-instaflow-l2", lambda: distill_onestep(flow2, data2, OneStepConfig("l2"), run=l2_cfg,
+                                                                         ckpt_dir=runs / "if-l2")[0],
                           {"method": "InstaFlow stage 3a: 2-RF distilled to one step, L2", "steps": l2_cfg.steps})
-        timed_export("digits-instaflow", lambda: distill_onestep(st, data2, lap_cfg, "lap1", runs / "if-lap1"),
+        timed_export("digits-instaflow", lambda: distill_onestep(st, data2, OneStepConfig("lap1"), run=lap_cfg,
+                                                                 ckpt_dir=runs / "if-lap1")[0],
                      {"method": "InstaFlow stage 3b: then Lap1 (offline stand-in for LPIPS)", "steps": lap_cfg.steps})
     if "direct" in parts:
         d_cfg = scale(r["distill_l2"], extra=r["reflow"].steps)
-        dd = timed_export("digits-direct-l2", lambda: direct_distill(teacher, data, d_cfg, "l2", runs / "direct-l2"),
+        dd = timed_export("digits-direct-l2", lambda: distill_direct(teacher, data, OneStepConfig("l2"), run=d_cfg,
+                                                                     ckpt_dir=runs / "direct-l2")[0],
                           {"method": "direct distillation of the guided teacher's triplets to one step, L2",
                            "steps": d_cfg.steps})
-        timed_export("digits-direct", lambda: distill_onestep(dd, data, lap_cfg, "lap1", runs / "direct-lap1"),
+        timed_export("digits-direct", lambda: distill_onestep(dd, data, OneStepConfig("lap1"), run=lap_cfg,
+                                                              ckpt_dir=runs / "direct-lap1")[0],
                      {"method": "direct distillation, then Lap1 (same budget as InstaFlow)", "steps": lap_cfg.steps})
     print(f"wrote {', '.join(DIGITS_MODELS)} under {out}")
 
@@ -152,20 +157,21 @@ def instaflow_2d_models(budget: dict, seed: int = 0, cache_dir: str | os.PathLik
                                 seed=seed + 10, cache_dir=cache, on_mismatch="regenerate", progress=progress,
                                 verbose=progress)}
     secs, t0 = {}, time.perf_counter()
-    flow2 = conditional_reflow(teacher, data["teacher"], dataclasses.replace(cfg, desc="gmm-overlap 2-RF"),
-                               b["p_uncond"], progress=progress)
+    flow2, _ = distill_conditional_reflow(teacher, data["teacher"], rf.ReflowConfig(b["p_uncond"]),
+                                          run=dataclasses.replace(cfg, desc="gmm-overlap 2-RF"), progress=progress)
     secs["2-rf"] = time.perf_counter() - t0
     data["2-rf"] = triplets(flow2, 0.0, y, f"gmm-overlap-2rf-w{b['w']}-{seed}", b["flow_pair_steps"], "euler",
                             seed=seed + 11, cache_dir=cache, on_mismatch="regenerate", progress=progress,
                             verbose=progress)
     t0 = time.perf_counter()
-    student = distill_onestep(flow2, data["2-rf"], dataclasses.replace(cfg, steps=b["distill_steps"],
-                                                                       desc="2-RF -> 1 step"), progress=progress)
+    student, _ = distill_onestep(flow2, data["2-rf"], OneStepConfig(),
+                                 run=dataclasses.replace(cfg, steps=b["distill_steps"], desc="2-RF -> 1 step"),
+                                 progress=progress)
     secs["instaflow"] = time.perf_counter() - t0 + secs["2-rf"]
     t0 = time.perf_counter()
-    direct = direct_distill(teacher, data["teacher"],
-                            dataclasses.replace(cfg, steps=b["reflow_steps"] + b["distill_steps"],
-                                                desc="teacher -> 1 step (direct)"), progress=progress)
+    direct, _ = distill_direct(teacher, data["teacher"], OneStepConfig(),
+                               run=dataclasses.replace(cfg, steps=b["reflow_steps"] + b["distill_steps"],
+                                                       desc="teacher -> 1 step (direct)"), progress=progress)
     secs["direct-distill"] = time.perf_counter() - t0
     return {"teacher": teacher, "2-rf": flow2, "instaflow": student, "direct-distill": direct}, data, secs
 
@@ -193,8 +199,8 @@ def instaflow_sweep(data: dict, targets: dict, x1: Tensor, cond: Cond | None, sw
         for coupling in ("direct", "reflow"):
             part = tuple(None if v is None else v[:n_pairs] for v in data[coupling])
             t0 = time.perf_counter()
-            student = distill_onestep(fresh_student(like, width, seed=seed).to(device), part,
-                                      dataclasses.replace(cfg, desc=f"w{width}"), progress=False)
+            student, _ = distill_onestep(fresh_student(like, width, seed=seed).to(device), part, OneStepConfig(),
+                                         run=dataclasses.replace(cfg, desc=f"w{width}"), progress=False)
             sec = time.perf_counter() - t0
             records.append(dict(coupling=coupling, width=width, n_pairs=n_pairs, train_steps=steps,
                                 train_seconds=round(sec, 1), swd=swd(one_step(student, x1, cond)),
@@ -215,7 +221,7 @@ def instaflow_unconditional(dataset: str, budget: dict, x1: Tensor, seed: int = 
                       seed=seed, desc=f"{dataset} 2-RF")
     pairs = rf.cached_pairs(teacher, f"{dataset}-vp-{seed}", b["n_pairs"], b["pair_steps"], "dpmpp2m",
                             seed=seed + 10, on_mismatch="regenerate", progress=progress, verbose=progress)
-    flow2 = rf.reflow(teacher, pairs, cfg, progress=progress).best().eval().requires_grad_(False)
+    flow2, _ = rf.distill_reflow(teacher, pairs, rf.ReflowConfig(), run=cfg, progress=progress)
     pairs2 = rf.cached_pairs(flow2, f"{dataset}-vp-2rf-{seed}", b["n_pairs"], b["flow_pair_steps"], "euler",
                              seed=seed + 11, on_mismatch="regenerate", progress=progress, verbose=progress)
     targets = {"direct": rf.generate_pairs(teacher, x1, b["pair_steps"], "dpmpp2m")[1],

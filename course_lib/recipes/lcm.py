@@ -26,7 +26,7 @@ from .. import minisd, paths
 from ..conditioning import Cond
 from ..config import seeded
 from ..distill.lcm import (LORA_W, ORIGINAL_STEPS, LCMConfig, LCMModel, distill_lcm, distill_lcm_lora,
-                           present_targets, sample)
+                           present_targets, sample, train_config)
 from ..minisd import digit_batches
 from ..sd import (adapter_disabled, base_fingerprint, load_lora, load_unet_student, require_codec, save_peft_lora,
                   save_unet_student)
@@ -214,10 +214,11 @@ def main(argv: list[str] | None = None) -> None:
         batches = digit_batches(sd)
         ckpt = paths.cache_dir() / f"lcm_{which}_{cfg.seed}"
         if which == "student":
-            student = distill_lcm(sd, cfg, batches, ckpt_dir=ckpt)
+            student, _ = distill_lcm(sd, batches, cfg, run=train_config(cfg, "LCD: LCM student"), ckpt_dir=ckpt)
             w_eval = minisd.DEFAULT_W
         else:
-            student = distill_lcm_lora(sd, cfg, LORA_W, batches, ckpt_dir=ckpt)
+            student, _ = distill_lcm_lora(sd, batches, cfg, run=train_config(cfg, "LCD: LCM-LoRA"), w=LORA_W,
+                                          ckpt_dir=ckpt)
             w_eval = None
         secs = time.time() - t0
         results = {}

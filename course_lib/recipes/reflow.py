@@ -22,7 +22,7 @@ from ..checkpoint import save_tensors
 from ..classifier import balanced_labels
 from ..conditioning import labels
 from ..config import pick
-from ..distill.reflow import CACHE_DIR, cached_pairs, distill, reflow
+from ..distill.reflow import CACHE_DIR, KStepConfig, ReflowConfig, cached_pairs, distill_kstep, distill_reflow
 from ..models import Denoiser, load_denoiser
 from ..teachers import load_teacher
 from ..train import TrainConfig
@@ -62,7 +62,7 @@ def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIG
     scale = lambda c: dataclasses.replace(c, steps=max(1, int(c.steps * steps_scale)))
     cfg = scale(r["reflow"])
     t0 = time.perf_counter()
-    flow2 = reflow(teacher, (eps, x0), cfg, cond=y, ckpt_dir=Path(runs) / "2rf").best().eval()
+    flow2, _ = distill_reflow(teacher, (eps, x0, y), ReflowConfig(), run=cfg, ckpt_dir=Path(runs) / "2rf")
     meta = {"method": "2-rectified flow of the digits teacher (pairs: teacher ODE, DPM-Solver++ "
                       f"{r['pair_steps']} steps; init: teacher weights as velocity)", "n_pairs": n,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "train_seconds": round(time.perf_counter() - t0, 1),
@@ -73,7 +73,7 @@ def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIG
                              cache_dir=Path(runs) / "pairs", cond=y, noise_shape=(1, 16, 16))
     cfg = scale(r["distill"])
     t0 = time.perf_counter()
-    student = distill(flow2, (eps2, x02), 1, cfg, cond=y, ckpt_dir=Path(runs) / "2rf-distill1").best().eval()
+    student, _ = distill_kstep(flow2, (eps2, x02, y), KStepConfig(1), run=cfg, ckpt_dir=Path(runs) / "2rf-distill1")
     save_half(student, out / "digits-2rf-distill1",
             {**meta, "method": "2-RF distilled to 1 Euler step (L2)", "steps": cfg.steps,
              "train_seconds": round(time.perf_counter() - t0, 1)})
@@ -128,15 +128,15 @@ def reflow_2d_models(dataset: str, budget: dict, seed: int = 0, cache_dir: str |
                                 progress=progress, verbose=progress)
         seconds[f"pairs-{k}-rf"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        models[f"{k + 1}-rf"] = reflow(models[f"{k}-rf"], pairs[k],
-                                       dataclasses.replace(cfg, desc=f"{dataset} {k + 1}-RF"),
-                                       progress=progress).best().eval().requires_grad_(False)
+        models[f"{k + 1}-rf"], _ = distill_reflow(models[f"{k}-rf"], pairs[k], ReflowConfig(),
+                                                  run=dataclasses.replace(cfg, desc=f"{dataset} {k + 1}-RF"),
+                                                  progress=progress)
         seconds[f"{k + 1}-rf"] = time.perf_counter() - t0
     for k in (1, 2):
         t0 = time.perf_counter()
-        models[f"{k}-rf-distill"] = distill(models[f"{k}-rf"], pairs[k], 1,
-                                            dataclasses.replace(cfg, desc=f"{dataset} {k}-RF -> 1 step"),
-                                            progress=progress).best().eval().requires_grad_(False)
+        models[f"{k}-rf-distill"], _ = distill_kstep(models[f"{k}-rf"], pairs[k], KStepConfig(1),
+                                                     run=dataclasses.replace(cfg, desc=f"{dataset} {k}-RF -> 1 step"),
+                                                     progress=progress)
         seconds[f"{k}-rf-distill"] = time.perf_counter() - t0
     return models, seconds
 

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = lcm.LCMConfig(**{**asdict(RECIPE), "steps": args.steps})
     sd = minisd.load_mini_sd()
     t0 = time.time()
-    student = distill_tcd_sd(sd, cfg, digit_batches(sd), ckpt_dir=paths.cache_dir() / f"tcd_student_{cfg.seed}")
+    student, _ = distill_tcd_sd(sd, digit_batches(sd), cfg, run=lcm.train_config(cfg, "TCD: mini SD student"),
+                                ckpt_dir=paths.cache_dir() / f"tcd_student_{cfg.seed}")
     secs = time.time() - t0
     results = {}
     if args.n_eval:

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None):
                                              "data_mode": mode})
     t0 = time.perf_counter()
     best, done = dmd.distill_dmd(G, batches(emb, images, shape), cfg,
-                                 train_config(a, f"DMD2 ({'GAN' if gan else 'no GAN'}, {a.gen_steps}-step)"),
+                                 run=train_config(a, f"DMD2 ({'GAN' if gan else 'no GAN'}, {a.gen_steps}-step)"),
                                  ckpt_dir=out / "checkpoint", progress=not a.no_progress, accelerator=accelerator,
                                  networks=(G, real, critic), save_frozen=not a.lora,
                                  extra_config={"method": STAGE, **meta, "data_mode": mode})

@@ -7,7 +7,7 @@
 The student starts from the teacher's weights, its output re-read as the velocity u = eps - x0
 (sd.as_rectified_flow), and is trained with notebook 04's loss, the course's rectified-flow loss on the teacher's
 coupling (distill.reflow.rf_loss with the paired noise; prompts dropped to "" with probability --p-uncond, as
-distill.instaflow.conditional_reflow drops labels):
+distill.instaflow.distill_conditional_reflow drops labels):
 
     L = || (eps - x0) - u_theta(x_t, t | prompt) ||^2,   x_t = (1 - t) x0 + t eps,   t ~ U(1e-3, 1)
 
