@@ -5,7 +5,6 @@ from typing import Iterable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from torch import Tensor
 
 LIM_2D = 3.2  # axis half-width that frames every 2D dataset of the course

@@ -19,12 +19,11 @@ from typing import Any, Callable
 import torch
 
 from . import paths
-from .checkpoint import CheckpointError, load_tensors
 from .conditioning import labels
 from .config import seeded
 from .images import batch_sampler, load_digits
 from .losses import denoising_loss
-from .models import Denoiser, MLP2D, UNet, load_denoiser, save_denoiser
+from .models import Denoiser, MLP2D, UNet, load_denoiser
 from .processes import make_process
 from .train import Trained, TrainConfig, train
 

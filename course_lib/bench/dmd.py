@@ -145,7 +145,7 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     t0 = time.perf_counter()
     G, done = distill_dmd(teacher, data, cfg, TrainConfig(steps=b["digits_iters"], batch_size=b["digits_batch"],
                                                           seed=seed, desc=f"{method.upper()} digits"),
-                          x_train[:4].to(device), y_example=labels(y_train[:4].to(device), teacher.net.num_classes),
+                          x_train[:4].to(device), cond_example=labels(y_train[:4].to(device), teacher.net.num_classes),
                           progress=mode != "smoke")
     secs = time.perf_counter() - t0
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)

@@ -17,7 +17,7 @@ def bench_teacher(mode: str, seed: int = 0, device: str | torch.device | None = 
     teacher's ODE solution (same process, same noise), i.e. the model's and the solver's error together."""
     from ..config import default_device
     from ..data2d import exact_denoiser
-    from ..processes import RectifiedFlow, VPCosine
+    from ..processes import VPCosine
     from ..teachers import load_teacher
 
     device = torch.device(device) if device is not None else default_device()

@@ -34,7 +34,7 @@ import contextlib
 import copy
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -252,7 +252,8 @@ def add_step(cfg: ADDConfig, process: AffineProcess, distill_fn: Callable | None
 
 
 def distill_add(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator], Mapping[str, Tensor]],
-                cfg: ADDConfig, train_cfg: TrainConfig, features: nn.Module, x_example: Tensor, y_example: Any = None,
+                cfg: ADDConfig, train_cfg: TrainConfig, features: nn.Module, x_example: Tensor,
+                cond_example: Cond | None = None,
                 init: str = "teacher", hidden: int = 64, ckpt_dir=None, progress: bool = True, accelerator=None,
                 init_seed: int = 0, distill_fn: Callable | None = None, disc_fn: Callable | None = None
                 ) -> tuple[nn.Module, Trained]:
@@ -271,10 +272,10 @@ def distill_add(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
             for m in student.modules():
                 if m is not student and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-    labels = y_example.y if hasattr(y_example, "y") else y_example
-    num_classes = getattr(getattr(teacher, "net", None), "num_classes", None) if labels is not None else None
+    labelled = cond_example is not None and cond_example.y is not None
+    num_classes = getattr(getattr(teacher, "net", None), "num_classes", None) if labelled else None
     with seeded(init_seed + 1):
-        D = discriminator(features, x_example, hidden, num_classes, y_example)
+        D = discriminator(features, x_example, hidden, num_classes, cond_example)
     nets = {"discriminator": Network(D, lr=cfg.lr_d, betas=cfg.betas, grad_clip=cfg.grad_clip, every=cfg.d_every)}
     if not cfg.adversarial:          # distillation only: no discriminator to train
         nets = {}

@@ -147,17 +147,18 @@ class Critic(nn.Module):
         return self.head(x, cond, generator)
 
 
-def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, y_example: Any = None, taps: list[str] | None = None,
-                t_range: tuple[float, float] = (0.0, 1.0), hidden: int = 64) -> Critic:
-    """A Critic around a trainable copy of the teacher; with gan, a head on its `taps` (default: the bottleneck)."""
+def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, cond_example: Cond | None = None,
+                taps: list[str] | None = None, t_range: tuple[float, float] = (0.0, 1.0), hidden: int = 64) -> Critic:
+    """A Critic around a trainable copy of the teacher; with gan, a head on its `taps` (default: the bottleneck),
+    sized on x_example (B, ...) and cond_example (the examples' Cond; class-projection heads when it holds labels)."""
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
     head = None
     if gan:
         names = taps if taps is not None else DenoiserFeatures(fake).taps[-1:]
-        labels = y_example.y if hasattr(y_example, "y") else y_example
-        num_classes = getattr(getattr(fake, "net", None), "num_classes", None) if labels is not None else None
+        labelled = cond_example is not None and cond_example.y is not None
+        num_classes = getattr(getattr(fake, "net", None), "num_classes", None) if labelled else None
         head = discriminator(DenoiserFeatures(fake, names, t_range, shared=True), x_example, hidden, num_classes,
-                             y_example)
+                             cond_example)
     return Critic(fake, head)
 
 
@@ -289,14 +290,15 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
 
 
 def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator], Mapping[str, Tensor]],
-                cfg: DMDConfig, train_cfg: TrainConfig, x_example: Tensor | None = None, y_example: Any = None,
+                cfg: DMDConfig, train_cfg: TrainConfig, x_example: Tensor | None = None,
+                cond_example: Cond | None = None,
                 ckpt_dir=None, progress: bool = True, accelerator=None, *,
                 networks: tuple[nn.Module, nn.Module, nn.Module] | None = None, save_frozen: bool = True,
                 extra_config: dict | None = None, observer: Observer | None = None,
                 observe_every: int = 1) -> tuple[nn.Module, Trained]:
     """The DMD / DMD2 driver: train a generator initialised from the teacher's weights (the teacher's network used as
     x0_hat(z, t) on its grid) against the frozen teacher's score and a critic (`make_critic`, its GAN head initialised
-    under seeded(train_cfg.seed) from x_example (B, ...) and y_example), with dmd_step through train_networks: the
+    under seeded(train_cfg.seed) from x_example (B, ...) and cond_example, a Cond), with dmd_step through train_networks: the
     generator updated every cfg.ttur-th iteration, both networks with AdamW (cfg.betas, weight_decay, warmup,
     grad_clip). networks=(generator, real score, critic) trains networks built elsewhere instead (the SD stage's
     generator is the teacher's own UNet or a LoRA on it, whose real score is the UNet with the adapter off:
@@ -306,7 +308,7 @@ def distill_dmd(teacher: nn.Module, sample_batch: Callable[[int, torch.Generator
     if networks is None:
         G = copy.deepcopy(teacher).requires_grad_(True).train()
         with seeded(train_cfg.seed):            # the GAN head's initialisation: the same critic for the same seed
-            critic = make_critic(teacher, x_example, cfg.gan, y_example)
+            critic = make_critic(teacher, x_example, cfg.gan, cond_example)
         real = copy.deepcopy(teacher).requires_grad_(False).eval()
     else:
         G, real, critic = networks
