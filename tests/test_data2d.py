@@ -83,10 +83,10 @@ def test_log_prob_integrates_to_one():
 def test_score_equals_autograd_of_log_prob(process):
     mix = random_mixture()
     x, t, y = noisy_batch(mix, process)
-    for labels in (None, y):                      # unconditional and class-conditional
+    for yy in (None, y):                          # unconditional and class-conditional
         xg = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(mix.log_prob(xg, t, process, labels).sum(), xg)
-        torch.testing.assert_close(mix.score(x, t, process, labels), grad, rtol=1e-9, atol=1e-9)
+        (grad,) = torch.autograd.grad(mix.log_prob(xg, t, process, yy).sum(), xg)
+        torch.testing.assert_close(mix.score(x, t, process, yy), grad, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=IDS)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from course_lib import guidance, samplers, sd
-from course_lib.conditioning import Cond
 from course_lib.distill import lcm
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
