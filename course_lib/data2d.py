@@ -267,7 +267,7 @@ class GaussianMixture:
         return Pred((gamma * x0_k).sum(1).to(x.dtype), (gamma * eps_k).sum(1).to(x.dtype))
 
     def denoiser(self, process: AffineProcess, label: int | None = None) -> "ExactDenoiser":
-        """The exact model `model(x, t, y=None) -> Pred(x0, eps)` for this mixture under `process`.
+        """The exact model `model(x, t, cond=None) -> Pred(x0, eps)` for this mixture under `process`.
 
         label: fix a class for every call (the exact class-conditional teacher p(x0 | y = label)); otherwise pass
         y (B,) per call, with y = num_classes meaning unconditional, so `guidance.cfg(model, w, num_classes)` works.

@@ -56,12 +56,12 @@ def teacher_quality(result: dict, out: Path) -> Path:
 def digits_grid(out: Path, nfes=(1, 2, 4, 8, 16, 32)) -> Path:
     """The digits teacher's samples at increasing NFE, same noise in every row."""
     teacher = load_teacher("digits")
-    labels = torch.arange(10).repeat(2)
+    y = labels(torch.arange(10).repeat(2), teacher.net.num_classes)
     fig, axes = plt.subplots(len(nfes), 1, figsize=(8, 0.55 * len(nfes) + 0.4))
     for ax, k in zip(axes, nfes):
-        x = generate(teacher, teacher.process, (len(labels), 1, 16, 16), "dpmpp2m", k,
-                     generator=torch.Generator().manual_seed(4), y=labels)
-        image_grid(x, nrow=len(labels), ax=ax)
+        x = generate(teacher, teacher.process, (len(y), 1, 16, 16), "dpmpp2m", k,
+                     generator=torch.Generator().manual_seed(4), cond=y)
+        image_grid(x, nrow=len(y), ax=ax)
         ax.set_ylabel(f"{k} NFE", rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle("digits teacher, DPM-Solver++(2M)", fontsize=10)
     path = out / "digits_teacher_nfe.png"

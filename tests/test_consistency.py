@@ -46,7 +46,7 @@ class ExactFlowMap:
     def __init__(self, mix, proc, t_min):
         self.mix, self.process, self.t_min = mix, proc, t_min
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, cond=None):
         f = data2d.gaussian_flow_map(self.mix, x, t, torch.full_like(t, self.t_min), self.process)
         return Pred(f, torch.zeros_like(f))
 
@@ -68,7 +68,7 @@ def test_the_exact_flow_map_is_a_fixed_point_of_the_cd_loss(proc):
     x_next = proc.marginal(x0, grid[n + 1], eps)
     scale = (f(x_next, grid[n + 1]).x0 - x0).pow(2).mean()
     assert loss.mean() < 1e-6 * scale
-    wrong = lambda x, t: Pred(f(x, t).x0 + 0.1 * t[:, None], torch.zeros_like(x))   # not constant along a path
+    wrong = lambda x, t, cond=None: Pred(f(x, t).x0 + 0.1 * t[:, None], torch.zeros_like(x))   # not constant along a path
     assert cm.cd_loss_at(wrong, wrong, teacher, x0, eps, grid[n + 1], grid[n], proc).mean() > 1e3 * loss.mean()
 
 
@@ -94,7 +94,7 @@ def test_cd_target_uses_the_teachers_step_and_no_gradient_reaches_the_target():
 
 def test_ct_loss_noises_both_points_with_the_same_eps():
     proc = EDM()
-    f = lambda x, t: Pred(x, torch.zeros_like(x))    # the identity: the loss is ||x_{t_next} - x_{t_cur}||^2
+    f = lambda x, t, cond=None: Pred(x, torch.zeros_like(x))    # the identity: the loss is ||x_{t_next} - x_{t_cur}||^2
     x0 = torch.randn(4, 2, dtype=torch.float64)
     eps = torch.randn(4, 2, dtype=torch.float64)
     t_next, t_cur = torch.full((4,), 0.5, dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64)
@@ -154,7 +154,7 @@ def test_multistep_sampling_renoises_from_t_min_with_the_process_kernel(proc):
     t_min = cm.default_t_min(proc)
     calls = []
 
-    def model(x, t):
+    def model(x, t, cond=None):
         calls.append((x.clone(), t.clone()))
         return Pred(torch.full_like(x, 0.5), torch.zeros_like(x))
 

@@ -12,6 +12,7 @@ from course_lib.data2d import (
     DATASETS_2D, ExactDenoiser, GaussianMixture, exact_denoiser, gaussian_flow_map, get_mixture, gmm8,
     num_classes, sample_2d,
 )
+from course_lib.conditioning import labels
 from course_lib.guidance import cfg
 from course_lib.processes import EDM, RectifiedFlow, SDDiscrete, VPCosine, bcast
 from course_lib.samplers import ddim, dpm_solver_pp_2m, euler, heun
@@ -82,10 +83,10 @@ def test_log_prob_integrates_to_one():
 def test_score_equals_autograd_of_log_prob(process):
     mix = random_mixture()
     x, t, y = noisy_batch(mix, process)
-    for labels in (None, y):                      # unconditional and class-conditional
+    for yy in (None, y):                          # unconditional and class-conditional
         xg = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(mix.log_prob(xg, t, process, labels).sum(), xg)
-        torch.testing.assert_close(mix.score(x, t, process, labels), grad, rtol=1e-9, atol=1e-9)
+        (grad,) = torch.autograd.grad(mix.log_prob(xg, t, process, yy).sum(), xg)
+        torch.testing.assert_close(mix.score(x, t, process, yy), grad, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=IDS)
@@ -146,12 +147,18 @@ def test_conditional_denoiser_and_null_label():
         got = mix.denoiser(vp, label=k)(x, t)
         torch.testing.assert_close(got.x0, ref.x0, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(mix.log_prob(x, t, vp, torch.full((32,), k)), only_k.log_prob(x, t, vp))
-    null = torch.full((32,), mix.num_classes)
+    null = labels(torch.full((32,), mix.num_classes), mix.num_classes)
     torch.testing.assert_close(mix.denoiser(vp)(x, t, null).x0, mix.denoiser(vp)(x, t).x0)
-    guided = cfg(mix.denoiser(vp), w=2.0, null_label=mix.num_classes)(x, t, torch.zeros(32, dtype=torch.long))
-    assert guided.x0.shape == x.shape
+    torch.testing.assert_close(mix.denoiser(vp)(x, t, labels(torch.full((32,), 5), 8)).x0,
+                               mix.denoiser(vp, label=5)(x, t).x0)          # a Cond overrides the fixed label
+    zeros = labels(torch.zeros(32, dtype=torch.long), mix.num_classes)
+    guided = cfg(mix.denoiser(vp), w=2.0)(x, t, zeros)
+    c, u = mix.denoiser(vp)(x, t, zeros).x0, mix.denoiser(vp)(x, t).x0
+    torch.testing.assert_close(guided.x0, 3 * c - 2 * u)
     with pytest.raises(ValueError, match="labels must be in 0..7"):
-        mix.denoiser(vp)(x, t, torch.full((32,), 9))
+        mix.denoiser(vp)(x, t, labels(torch.full((32,), 9), 8))
+    with pytest.raises(TypeError, match="conditioning.labels"):
+        mix.denoiser(vp)(x, t, torch.zeros(32, dtype=torch.long))
 
 
 def test_shared_classes_and_posterior_class_probs():

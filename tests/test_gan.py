@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from course_lib.checkpoint import load_tensors
+from course_lib.conditioning import labels
 from course_lib.data2d import sample_2d
 from course_lib.distill import gan
 from course_lib.teachers import load_teacher
@@ -94,7 +95,7 @@ def test_denoiser_features_read_the_teachers_layers_on_renoised_inputs():
     f = gan.DenoiserFeatures(T, t_range=(0.2, 0.2))
     assert f.taps == ["net.unet.down_blocks.1", "net.unet.down_blocks.2", "net.unet.mid_block"]
     assert gan.default_taps(load_teacher("gmm-vp")) == ["net.layers.0", "net.layers.1", "net.layers.2"]
-    x, y = torch.randn(3, 1, 16, 16), torch.tensor([1, 2, 3])
+    x, y = torch.randn(3, 1, 16, 16), labels(torch.tensor([1, 2, 3]), 10)
     feats = f(x, y, torch.Generator().manual_seed(0))
     assert [tuple(h.shape[1:]) for h in feats] == [(64, 4, 4), (64, 4, 4), (64, 4, 4)]
     # the same noise gives the same features; the model sees x_t = alpha x + sigma eps at t = 0.2
@@ -104,7 +105,7 @@ def test_denoiser_features_read_the_teachers_layers_on_renoised_inputs():
         eps = torch.randn(x.shape, generator=g)
         T(T.process.marginal(x, t, eps), t, y)
     torch.testing.assert_close(feats[2], out["net.unet.mid_block"])
-    D = gan.discriminator(f, x, num_classes=10, y_example=y)
+    D = gan.discriminator(f, x, num_classes=10, cond_example=y)
     assert set(n.split(".")[0] for n, p in D.named_parameters() if p.requires_grad) == {"heads"}
     shared = gan.DenoiserFeatures(T, shared=True)                               # another module owns the model
     assert shared.model is T and not list(shared.parameters()) and not shared.state_dict()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from course_lib import bench, checks, distances
+from course_lib.conditioning import labels
 from course_lib.distill import instaflow, reflow
 from course_lib.recipes import instaflow as instaflow_recipes
 from course_lib.models import Denoiser, MLP2D
@@ -26,8 +27,8 @@ def test_guidance_on_the_velocity_is_linear_in_w():
     flow = cond_flow().double()
     g = torch.Generator().manual_seed(0)
     x, t, y = torch.randn(9, 2, generator=g, dtype=torch.float64), torch.rand(9, generator=g, dtype=torch.float64), \
-        torch.randint(3, (9,), generator=g)
-    u_c, u_u = velocity(flow(x, t, y)), velocity(flow(x, t, torch.full_like(y, 3)))
+        labels(torch.randint(3, (9,), generator=g), 3)
+    u_c, u_u = velocity(flow(x, t, y)), velocity(flow(x, t, labels(torch.full_like(y.y, 3), 3)))
     for w in (0.0, 0.5, 2.0):
         torch.testing.assert_close(velocity(instaflow.guided(flow, w)(x, t, y)), (1 + w) * u_c - w * u_u)
     # the mix of Preds keeps x_t = (1 - t) x0 + t eps (weights sum to one), so the guided Pred is a valid prediction
@@ -43,11 +44,11 @@ def test_guidance_needs_a_class_conditional_model():
 
 def test_triplet_cache_is_keyed_by_teacher_and_guidance(tmp_path):
     teacher = cond_flow(proc=VPCosine(), kind="v")
-    y = torch.arange(40) % 3
+    y = labels(torch.arange(40) % 3, 3)
     eps, x0, yy = instaflow.triplets(teacher, 0.5, y, "t", steps=3, cache_dir=tmp_path, progress=False, verbose=False)
-    assert eps.shape == x0.shape == (40, 2) and torch.equal(yy, y)
+    assert eps.shape == x0.shape == (40, 2) and yy is y
     # the triplets are the guided teacher's ODE solution from eps
-    _, want = reflow.generate_pairs(instaflow.guided(teacher, 0.5), eps, 3, "dpmpp2m", cond={"y": y})
+    _, want = reflow.generate_pairs(instaflow.guided(teacher, 0.5), eps, 3, "dpmpp2m", cond=y)
     torch.testing.assert_close(x0, want)
     # the same name with another guidance weight, or another teacher: never silently reused
     with pytest.raises(reflow.PairCacheError, match="another flow"):
@@ -56,21 +57,21 @@ def test_triplet_cache_is_keyed_by_teacher_and_guidance(tmp_path):
         instaflow.triplets(cond_flow(proc=VPCosine(), seed=1, kind="v"), 0.5, y, "t", steps=3, cache_dir=tmp_path,
                            progress=False, verbose=False)
     with pytest.raises(reflow.PairCacheError, match="other settings"):          # other labels
-        instaflow.triplets(teacher, 0.5, (y + 1) % 3, "t", steps=3, cache_dir=tmp_path, progress=False, verbose=False)
+        instaflow.triplets(teacher, 0.5, labels((y.y + 1) % 3, 3), "t", steps=3, cache_dir=tmp_path, progress=False, verbose=False)
     e2, x2, _ = instaflow.triplets(teacher, 0.5, y, "t", steps=3, cache_dir=tmp_path, progress=False, verbose=False)
     assert torch.equal(e2, eps) and torch.equal(x2, x0)                         # a hit
 
 
 def test_conditional_reflow_drops_labels_and_checks_its_input(monkeypatch):
     teacher = cond_flow(proc=VPCosine(), kind="v")
-    y = torch.arange(64) % 3
+    y = labels(torch.arange(64) % 3, 3)
     eps = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     x0 = eps + 1.0
     seen = []
     orig = reflow.rf_loss
 
     def spy(model, x, g, eps=None, cond=None, **k):
-        seen.append(cond["y"].clone())
+        seen.append(cond.y.clone())
         return orig(model, x, g, eps=eps, cond=cond, **k)
 
     cfg = TrainConfig(steps=20, batch_size=64, lr=1e-3, ema_decay=0.0)
@@ -86,20 +87,22 @@ def test_conditional_reflow_drops_labels_and_checks_its_input(monkeypatch):
         reflow.distill_reflow(Denoiser(MLP2D(hidden=8, depth=2), RF, "velocity"), (eps, x0), reflow.ReflowConfig(0.1),
                               run=cfg, progress=False)
     with pytest.raises(ValueError, match="probability"):
-        reflow.distill_reflow(teacher, (eps, x0, {"y": y}), reflow.ReflowConfig(1.0), run=cfg, progress=False)
+        reflow.distill_reflow(teacher, (eps, x0, y), reflow.ReflowConfig(1.0), run=cfg, progress=False)
+    with pytest.raises(ValueError, match="class-conditional"):                 # p_uncond > 0 needs the labels
+        reflow.distill_reflow(teacher, (eps, x0), reflow.ReflowConfig(0.1), run=cfg, progress=False)
 
 
 def test_onestep_l2_loss_is_the_reflow_loss_at_t_one():
     flow = cond_flow().double()
     g = torch.Generator().manual_seed(2)
     eps, x0 = torch.randn(11, 2, generator=g, dtype=torch.float64), torch.randn(11, 2, generator=g, dtype=torch.float64)
-    y = torch.randint(3, (11,), generator=g)
-    want = reflow.distill_loss_at(flow, x0, eps, torch.ones(11, dtype=torch.float64), {"y": y})
+    y = labels(torch.randint(3, (11,), generator=g), 3)
+    want = reflow.distill_loss_at(flow, x0, eps, torch.ones(11, dtype=torch.float64), y)
     torch.testing.assert_close(instaflow.onestep_loss(flow, eps, x0, y), want)
     # one_step is one Euler step of the flow from t = 1 to 0
     from course_lib.grids import uniform
     from course_lib.samplers import euler
-    torch.testing.assert_close(instaflow.one_step(flow, eps, y), euler(lambda x, t: flow(x, t, y), eps, uniform(1), RF))
+    torch.testing.assert_close(instaflow.one_step(flow, eps, y), euler(flow, eps, uniform(1), RF, cond=y))
 
 
 def test_laplacian_pyramid_l1_properties():
@@ -133,8 +136,8 @@ def test_one_step_distillation_learns_a_coupling_and_direct_distill_leaves_the_t
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     g = torch.Generator().manual_seed(4)
     eps = torch.randn(512, 2, generator=g)
-    y = torch.arange(512) % 3
-    x0 = 0.5 * eps + torch.stack([y.float(), -y.float()], 1)                   # an affine map per class
+    y = labels(torch.arange(512) % 3, 3)
+    x0 = 0.5 * eps + torch.stack([y.y.float(), -y.y.float()], 1)               # an affine map per class
     cfg = TrainConfig(steps=300, batch_size=128, lr=3e-3, ema_decay=0.0)
     untrained = instaflow.regression_error(reflow.as_flow(teacher), eps, x0, y)
     student, _ = instaflow.distill_direct(teacher, (eps, x0, y), instaflow.OneStepConfig(), run=cfg, progress=False)
@@ -161,7 +164,7 @@ def test_train_digits_writes_loadable_models(tmp_path):
 @pytest.mark.parametrize("name", instaflow_recipes.DIGITS_MODELS)
 def test_shipped_digits_models_load_and_generate(name):
     model = instaflow_recipes.load_digits_model(name)
-    y = torch.arange(4)
+    y = labels(torch.arange(4), 10)
     x = instaflow.one_step(model, torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), y)
     assert x.shape == (4, 1, 16, 16) and torch.isfinite(x).all()
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from course_lib import guidance, minisd, samplers, sd
-from course_lib.conditioning import Cond
 from course_lib.distill import lcm
 from course_lib.recipes import lcm as lcm_recipes
 
@@ -59,8 +58,8 @@ def test_multistep_sampler_matches_diffusers_lcm_scheduler(tiny_sd_w_pipe, n):
     student = lcm.LCMModel(pieces.model, w_range=(0.0, 10.0))
     cond, w = pieces.text(PROMPTS), 3.0
     z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    ours = lcm.multistep(student.sampler_model(cond, w), z1.clone(), lcm.lcm_timesteps(n), student.process,
-                         torch.Generator().manual_seed(7))
+    ours = lcm.multistep(student, z1.clone(), lcm.lcm_timesteps(n), student.process,
+                         torch.Generator().manual_seed(7), cond=cond.with_w(w))
     # diffusers: the LCM pipeline's loop (embedding of guidance_scale - 1 = w, no CFG pair)
     sch = LCMScheduler.from_config(tiny_sd_w_pipe.scheduler.config)
     sch.set_timesteps(n)
@@ -73,8 +72,8 @@ def test_multistep_sampler_matches_diffusers_lcm_scheduler(tiny_sd_w_pipe, n):
             z, denoised = sch.step(out, tau, z, generator=g, return_dict=False)
     _close(ours, denoised)
     # and it is the course's consistency sampler on the LCM grid
-    same = samplers.consistency(student.sampler_model(cond, w), z1.clone(), lcm.lcm_grid(n, student.process),
-                                student.process, generator=torch.Generator().manual_seed(7))
+    same = samplers.consistency(student, z1.clone(), lcm.lcm_grid(n, student.process),
+                                student.process, generator=torch.Generator().manual_seed(7), cond=cond.with_w(w))
     _close(same, ours)
 
 
@@ -93,12 +92,12 @@ def test_lcm_target_is_one_guided_ddim_step_of_k_timesteps(tiny_sd):
         ep = cnd.eps + w[:, None, None, None] * (cnd.eps - unc.eps)
         a, s = proc.alpha(t_cur)[:, None, None, None], proc.sigma(t_cur)[:, None, None, None]
         z_cur = a * x0 + s * ep
-        want = student(z_cur, t_cur, cond, w).x0
+        want = student(z_cur, t_cur, cond.with_w(w)).x0
     _close(got, want, 1e-5)
     assert not got.requires_grad
     # the zero-initialised w-projection: the student starts as the teacher (f = c_skip z + c_out x0_teacher)
     with torch.no_grad():
-        f = student(z, t_next, cond, w).x0
+        f = student(z, t_next, cond.with_w(w)).x0
         c_skip, c_out = lcm.boundary_scalings(taus)
         ref = c_skip.float()[:, None, None, None] * z + c_out.float()[:, None, None, None] * teacher(z, t_next, cond).x0
     _close(f, ref, 1e-5)
@@ -150,8 +149,9 @@ def test_lcm_lora_trains_only_the_adapter_and_round_trips(tmp_path):
     other = sd.from_pipeline(sd.tiny_sd_pipeline(seed=1))
     with pytest.raises(ValueError, match="another base model"):
         lcm_recipes.load_lcm_lora(other.model, tmp_path / "lora")
+    assert torch.equal(student(z, t, cond.with_w(2.0)).x0, on)     # its own fixed w is accepted
     with pytest.raises(ValueError, match="fixed guidance weight"):
-        student(z, t, cond, 3.0)
+        student(z, t, cond.with_w(3.0))
 
 
 def test_full_student_round_trips(tiny_sd, tmp_path):
@@ -163,7 +163,7 @@ def test_full_student_round_trips(tiny_sd, tmp_path):
     cond = tiny_sd.text(PROMPTS)
     z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.full((2,), 0.7)
     with torch.no_grad():
-        _close(again(z, t, cond, 2.0).x0, student(z, t, cond, 2.0).x0, 1e-6)
+        _close(again(z, t, cond.with_w(2.0)).x0, student(z, t, cond.with_w(2.0)).x0, 1e-6)
 
 
 def test_bad_inputs_raise_clear_errors(tiny_sd):
@@ -171,11 +171,13 @@ def test_bad_inputs_raise_clear_errors(tiny_sd):
     cond = tiny_sd.text(PROMPTS)
     z, t = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5)
     with pytest.raises(ValueError, match="outside the range"):
-        student(z, t, cond, 9.0)
+        student(z, t, cond.with_w(9.0))
     with pytest.raises(ValueError, match="outside the range"):
-        student.sampler_model(cond, 1.0)
+        student(z, t, cond.with_w(torch.tensor([3.0, 1.0])))
     with pytest.raises(ValueError, match="pass w"):
         student(z, t, cond)
+    with pytest.raises(ValueError, match="pass cond.with_w"):
+        lcm.GuidedTeacherLCM(tiny_sd.model)(z, t, cond)
     without_vae = sd.SD(tiny_sd.model, tiny_sd.text, None, tiny_sd.scheduler, None)
     with pytest.raises(ValueError, match="autoencoder"):
         lcm.distill_lcm(without_vae, None, lcm.LCMConfig(), run=lcm.train_config(lcm.LCMConfig(steps=1, batch=2), "x"))
@@ -209,8 +211,8 @@ def test_multistep_sampler_matches_diffusers_on_the_mini_sd(n):
     model = lcm.LCMModel(mini.model, w_fixed=4.0)
     cond = mini.text(["a red handwritten seven", "the digit 3"])
     z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
-    ours = lcm.multistep(model.sampler_model(cond), z1.clone(), lcm.lcm_timesteps(n), model.process,
-                         torch.Generator().manual_seed(3))
+    ours = lcm.multistep(model, z1.clone(), lcm.lcm_timesteps(n), model.process,
+                         torch.Generator().manual_seed(3), cond=cond)
     sch = LCMScheduler.from_config(mini.scheduler.config)
     sch.set_timesteps(n)
     g, z = torch.Generator().manual_seed(3), z1.clone()
@@ -225,11 +227,11 @@ def test_guided_teacher_read_as_an_lcm_is_consistency_sampling_of_the_guided_tea
     base = lcm.GuidedTeacherLCM(tiny_sd.model)
     cond = tiny_sd.text(PROMPTS)
     z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
-    ours = lcm.multistep(base.sampler_model(cond, 2.0), z1, lcm.lcm_timesteps(2), base.process,
-                         torch.Generator().manual_seed(1))
+    ours = lcm.multistep(base, z1, lcm.lcm_timesteps(2), base.process,
+                         torch.Generator().manual_seed(1), cond=cond.with_w(2.0))
     # the scalings make f the guided x0 up to c_skip(tau >= 19) < 1e-5
-    ref = samplers.consistency(guidance.condition(guidance.cfg(tiny_sd.model, 2.0), cond), z1,
-                               lcm.lcm_grid(2, base.process), base.process, generator=torch.Generator().manual_seed(1))
+    ref = samplers.consistency(guidance.cfg(tiny_sd.model, 2.0), z1, lcm.lcm_grid(2, base.process), base.process,
+                               generator=torch.Generator().manual_seed(1), cond=cond)
     _close(ours, ref, 1e-3)
 
 

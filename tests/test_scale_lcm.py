@@ -100,7 +100,7 @@ def test_export_loads_in_diffusers_and_4_lcm_steps_equal_the_course_sampler(work
     student = lcm_recipes.load_lcm_lora(sd.model, folder)
     g = torch.Generator().manual_seed(3)
     z1 = torch.randn(2, 4, 8, 8, generator=g)
-    ours = lcm.multistep(student.sampler_model(sd.text(PROMPTS)), z1, lcm.lcm_timesteps(4), student.process, g)
+    ours = lcm.multistep(student, z1, lcm.lcm_timesteps(4), student.process, g, cond=sd.text(PROMPTS))
     scale = max(1.0, float(latents.abs().max()))
     assert float((ours - latents).abs().max()) <= REL_TOL * scale
     course_images = (lcm.sample(sd, student, PROMPTS, steps=4, seed=3) + 1) / 2
@@ -109,7 +109,7 @@ def test_export_loads_in_diffusers_and_4_lcm_steps_equal_the_course_sampler(work
     g = torch.Generator().manual_seed(3)
     torch.randn(2, 4, 8, 8, generator=g)
     with adapter_disabled(student):
-        base = lcm.multistep(student.sampler_model(sd.text(PROMPTS)), z1, lcm.lcm_timesteps(4), student.process, g)
+        base = lcm.multistep(student, z1, lcm.lcm_timesteps(4), student.process, g, cond=sd.text(PROMPTS))
     assert float((base - ours).abs().max()) > 1e-3
 
 

@@ -109,8 +109,8 @@ def test_sss_matches_diffusers_tcd_scheduler(tiny_sd_w_pipe, n, gamma):
     student = tcd.TCDModel(pieces.model, w_range=(0.0, 10.0))
     cond, w = pieces.text(PROMPTS), 3.0
     z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    ours = tcd.sss(student.sampler_model(cond, w), z1.clone(), tcd.tcd_timesteps(n), student.process,
-                   torch.Generator().manual_seed(7), gamma=gamma)
+    ours = tcd.sss(student, z1.clone(), tcd.tcd_timesteps(n), student.process,
+                   torch.Generator().manual_seed(7), gamma=gamma, cond=cond.with_w(w))
     sch = TCDScheduler.from_config(tiny_sd_w_pipe.scheduler.config)
     sch.set_timesteps(n)
     g = torch.Generator().manual_seed(7)
@@ -127,20 +127,20 @@ def test_sss_at_gamma_one_is_lcm_multistep_of_the_same_x0(tiny_sd_w_pipe):
     """gamma = 1 jumps to timestep 0 and re-noises: LCM's multistep sampler on the x0 jumped to abar_0."""
     pieces = sd.from_pipeline(tiny_sd_w_pipe)
     student = tcd.TCDModel(pieces.model, w_range=(0.0, 10.0))
-    f = student.sampler_model(pieces.text(PROMPTS), 2.0)
+    cond = pieces.text(PROMPTS).with_w(2.0)
     z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     proc = student.process
     a0 = float(proc.alphas_cumprod[0])
 
-    def at_zero(z, t):                                 # the TCF to timestep 0, read as a consistency function
-        x0, eps = f(z, t)
-        return type(f(z, t))(a0 ** 0.5 * x0 + (1 - a0) ** 0.5 * eps, eps)
+    def at_zero(z, t, cond):                           # the TCF to timestep 0, read as a consistency function
+        x0, eps = student(z, t, cond)
+        return type(student(z, t, cond))(a0 ** 0.5 * x0 + (1 - a0) ** 0.5 * eps, eps)
 
     ts = tcd.tcd_timesteps(4)
-    ours = tcd.sss(f, z1, ts, proc, torch.Generator().manual_seed(9), gamma=1.0)
+    ours = tcd.sss(student, z1, ts, proc, torch.Generator().manual_seed(9), gamma=1.0, cond=cond)
     # lcm.multistep re-noises from x0 with alpha, sigma of the next step: renoising z_0 from timestep 0 instead
     # differs only through abar_0 = 0.99915; compare loosely
-    theirs = lcm.multistep(at_zero, z1, ts, proc, torch.Generator().manual_seed(9))
+    theirs = lcm.multistep(at_zero, z1, ts, proc, torch.Generator().manual_seed(9), cond=cond)
     assert float((ours - theirs).abs().max()) < 0.05 * max(1.0, float(theirs.abs().max()))
 
 
@@ -176,7 +176,7 @@ def test_distill_tcd_sd_trains_and_samples(tiny_sd, tmp_path):
     cond = tiny_sd.text(PROMPTS)
     z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.full((2,), 0.7)
     with torch.no_grad():
-        _close(again(z, t, cond, 2.0).x0, student(z, t, cond, 2.0).x0, 1e-6)
+        _close(again(z, t, cond.with_w(2.0)).x0, student(z, t, cond.with_w(2.0)).x0, 1e-6)
 
 
 def test_tcd_sd_target_is_a_guided_ddim_step_then_the_targets_tcf(tiny_sd):
@@ -194,7 +194,7 @@ def test_tcd_sd_target_is_a_guided_ddim_step_then_the_targets_tcf(tiny_sd):
         x0 = cnd.x0 + w[:, None, None, None] * (cnd.x0 - unc.x0)
         ep = cnd.eps + w[:, None, None, None] * (cnd.eps - unc.eps)
         z_cur = proc.alpha(t_cur)[:, None, None, None] * x0 + proc.sigma(t_cur)[:, None, None, None] * ep
-        p = student(z_cur, t_cur, cond, w)
+        p = student(z_cur, t_cur, cond.with_w(w))
         want = proc.alpha(s)[:, None, None, None] * p.x0 + proc.sigma(s)[:, None, None, None] * p.eps
     _close(got, want, 1e-5)
     assert not got.requires_grad
@@ -206,11 +206,11 @@ def test_bad_inputs_raise_clear_errors(tiny_sd, tiny_sd_w_pipe):
     z, t = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5)
     for gamma in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"gamma .* must be in \[0, 1\]"):
-            tcd.sss(student.sampler_model(cond, 3.0), z, tcd.tcd_timesteps(2), student.process, gamma=gamma)
+            tcd.sss(student, z, tcd.tcd_timesteps(2), student.process, gamma=gamma, cond=cond.with_w(3.0))
         with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
             tcd.sample(tiny_sd, student, ["a seven"], 2, 3.0, gamma=gamma)
     with pytest.raises(ValueError, match="outside the range"):
-        student(z, t, cond, 9.0)
+        student(z, t, cond.with_w(9.0))
     with pytest.raises(ValueError, match="outside the range"):
         tcd.sample(tiny_sd, student, ["a seven"], 2, 1.0)
     without_vae = sd.SD(tiny_sd.model, tiny_sd.text, None, tiny_sd.scheduler, None)

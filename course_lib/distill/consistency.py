@@ -247,7 +247,7 @@ def _split(batch: Any) -> tuple[Tensor, Cond | None]:
 
 def cd_step(cfg: CMConfig, grid: Tensor, probs: Tensor | None = None) -> Callable[[StepContext, Any], Tensor]:
     """The CD method step: nets "student" (trained), "target" (train.Target of the student) and "teacher" (frozen).
-    Batches are x0 or (x0, labels)."""
+    Batches are x0 or (x0, cond), cond a Cond (conditioning.labels(y, num_classes) for labels)."""
     def step(ctx: StepContext, batch: Any) -> Tensor:
         x0, cond = _split(batch)
         student, target, teacher = ctx.nets["student"], ctx.nets["target"], ctx.nets["teacher"]

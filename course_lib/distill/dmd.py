@@ -147,17 +147,18 @@ class Critic(nn.Module):
         return self.head(x, cond, generator)
 
 
-def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, y_example: Any = None, taps: list[str] | None = None,
-                t_range: tuple[float, float] = (0.0, 1.0), hidden: int = 64) -> Critic:
-    """A Critic around a trainable copy of the teacher; with gan, a head on its `taps` (default: the bottleneck)."""
+def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, cond_example: Cond | None = None,
+                taps: list[str] | None = None, t_range: tuple[float, float] = (0.0, 1.0), hidden: int = 64) -> Critic:
+    """A Critic around a trainable copy of the teacher; with gan, a head on its `taps` (default: the bottleneck),
+    sized on x_example (B, ...) and cond_example (the examples' Cond; class-projection heads when it holds labels)."""
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
     head = None
     if gan:
         names = taps if taps is not None else DenoiserFeatures(fake).taps[-1:]
-        labels = y_example.y if hasattr(y_example, "y") else y_example
-        num_classes = getattr(getattr(fake, "net", None), "num_classes", None) if labels is not None else None
+        labelled = cond_example is not None and cond_example.y is not None
+        num_classes = getattr(getattr(fake, "net", None), "num_classes", None) if labelled else None
         head = discriminator(DenoiserFeatures(fake, names, t_range, shared=True), x_example, hidden, num_classes,
-                             y_example)
+                             cond_example)
     return Critic(fake, head)
 
 

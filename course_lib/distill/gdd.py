@@ -290,12 +290,13 @@ T_RANGE_2D = (0.0, 0.3)       # re-noising range of the 2D discriminator (the te
 T_RANGE_DIGITS = (0.0, 0.6)   # and of the digits discriminator (down blocks and bottleneck)
 
 
-def make_discriminator(teacher: nn.Module, x_example: Tensor, y_example: Cond | None = None,
+def make_discriminator(teacher: nn.Module, x_example: Tensor, cond_example: Cond | None = None,
                        t_range: tuple[float, float] | None = None, hidden: int = 64) -> nn.Module:
-    """A fresh gan.Discriminator: trainable heads (class-projection heads when y_example is given) on the frozen
+    """A fresh gan.Discriminator: trainable heads (class-projection heads when cond_example holds labels) on the frozen
     teacher's default feature layers (gan.default_taps) of re-noised inputs, t ~ U(t_range)."""
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
     image = x_example.ndim == 4
     rng = t_range if t_range is not None else (T_RANGE_DIGITS if image else T_RANGE_2D)
-    num_classes = getattr(getattr(teacher, "net", None), "num_classes", None) if y_example is not None else None
-    return discriminator(DenoiserFeatures(frozen, t_range=rng), x_example, hidden, num_classes, y_example)
+    labelled = cond_example is not None and cond_example.y is not None
+    num_classes = getattr(getattr(teacher, "net", None), "num_classes", None) if labelled else None
+    return discriminator(DenoiserFeatures(frozen, t_range=rng), x_example, hidden, num_classes, cond_example)
