@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad(), torch.autocast(eps.device.type, enabled=False), adapter_disabled(unet):
                 x0 = samplers.dpm_solver_pp_2m(cfg(teacher, a.w), eps, grid, teacher.process, cond=c)
         c = c.drop(a.p_uncond, ctx.generator)
-        return rf.rf_loss(ctx.nets["student"], x0, ctx.generator, eps=eps, cond={"cond": c})
+        return rf.rf_loss(ctx.nets["student"], x0, ctx.generator, eps=eps, cond=c)
 
     return run_training(a, "reflow", student, sd, loss, sample_batch, extra)
 
