@@ -191,6 +191,7 @@ def test_an_under_guided_sampler_is_flagged_by_fidelity_not_by_the_data_swd():
     # teacher, so SWD against the data calls it better; SWD against the teacher's own samples flags it
     from course_lib.bench.core import Evaluation, conditional_reference, fresh, prior, score_fidelity
     from course_lib.grids import uniform
+    from course_lib.conditioning import labels
     from course_lib.guidance import cfg as guide
     from course_lib.samplers import dpm_solver_pp_2m
     from course_lib.teachers import load_teacher
@@ -200,8 +201,9 @@ def test_an_under_guided_sampler_is_flagged_by_fidelity_not_by_the_data_swd():
     for s in ev.seeds:
         mix, y, swd_data, _ = conditional_reference(ev, "gmm-overlap", 400, s)
         x1 = prior(teacher.process, (400, 2), s + 3, "cpu")
-        run = {name: dpm_solver_pp_2m(lambda x, t: guide(teacher, w, mix.num_classes)(x, t, y), x1, uniform(8),
-                                      teacher.process) for name, w in (("teacher", 4.0), ("under-guided", 1.0))}
+        run = {name: dpm_solver_pp_2m(guide(teacher, w), x1, uniform(8), teacher.process,
+                                      cond=labels(y, mix.num_classes))
+               for name, w in (("teacher", 4.0), ("under-guided", 1.0))}
         for name, x in run.items():
             ev.add("gmm-overlap", name, "swd_data", swd_data(x), nfe=16, steps=8)
         samples.append(run)

@@ -52,7 +52,7 @@ def test_dmd2_trains_both_networks_with_the_two_time_scale_rule_and_checkpoints_
     assert done.step == STEPS and done.updates == {"generator": STEPS // 2, "critic": STEPS}
     assert all(v == v for losses in done.losses.values() for v in losses)
     saved = load_file(str(run / "checkpoint" / TRAINER_WEIGHTS))
-    for prefix in ("net.generator.unet.", "net.critic.fake.unet.", "net.critic.head.heads.", "opt.generator.",
+    for prefix in ("net.generator.net.unet.", "net.critic.fake.net.unet.", "net.critic.head.heads.", "opt.generator.",
                    "opt.critic."):
         assert any(k.startswith(prefix) for k in saved), f"the checkpoint has no {prefix}* tensors"
     assert not any(k.startswith("net.critic.head.features.") for k in saved)     # the fake score is stored once
@@ -65,7 +65,7 @@ def test_dmd2_trains_both_networks_with_the_two_time_scale_rule_and_checkpoints_
         assert (nets[name]["betas"], nets[name]["weight_decay"]) == ([0.9, 0.999], 0.01)
     # the generator moved away from the teacher (the comparison below is with the teacher's own weights)
     teacher = minisd.load_mini_sd().model.unet.state_dict()
-    moved = max(float((saved[f"net.generator.unet.{k}"] - v).abs().max()) for k, v in teacher.items())
+    moved = max(float((saved[f"net.generator.net.unet.{k}"] - v).abs().max()) for k, v in teacher.items())
     assert moved > 1e-4
 
 
@@ -165,7 +165,7 @@ def test_the_mini_sd_generator_trains_saves_and_loads(tmp_path):
     x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         text = sd.text(["a red seven"] * 6)
-    sample = lambda n, g: {"x": x[:n], "y": type(text)(text=text.text[:n], null_text=text.null_text)}
+    sample = lambda n, g: {"x": x[:n], "cond": type(text)(text=text.text[:n], null_text=text.null_text)}
     G, done = dmd2_sd.distill_dmd2_sd(sd, sample, dmd2_sd.recipe(), run=dmd2_sd.train_config(4, 2, checkpoints=True),
                                       progress=False, ckpt_dir=tmp_path / "ckpt")
     assert done.updates == {"generator": 1, "critic": 4} and not G.training

@@ -169,8 +169,8 @@ def test_triplets_are_the_guided_teachers_dpm_solver_solution_from_per_index_noi
     teacher = sd.load_sd(work / "tiny")
     c = data.Embeddings(work / "emb").cond(torch.tensor([1]))
     with torch.no_grad():
-        x0 = samplers.dpm_solver_pp_2m(lambda x, t: guidance.cfg(teacher.model, 1.0)(x, t, c), got["eps"][7:8],
-                                       grids.default_grid(3, teacher.model.process), teacher.model.process)
+        x0 = samplers.dpm_solver_pp_2m(guidance.cfg(teacher.model, 1.0), got["eps"][7:8],
+                                       grids.default_grid(3, teacher.model.process), teacher.model.process, cond=c)
     torch.testing.assert_close(got["x0"][7:8], x0, rtol=1e-4, atol=1e-4)     # batch of 2 there, 1 here
 
 

@@ -54,13 +54,13 @@ def test_reflow_killed_and_resumed_equals_uninterrupted_and_exports_a_diffusers_
     assert any(k.startswith("ema.student.") for k in a)
     # the reflow moved the weights away from SD's, and the export is the EMA student, loadable without the course
     init = sd.load_sd(work / "tiny").model.unet.state_dict()
-    trained = {k[len("net.student.unet."):]: v for k, v in a.items() if k.startswith("net.student.unet.")}
-    assert any(not torch.equal(init[k], v) for k, v in trained.items())
+    trained = {k[len("net.student.net.unet."):]: v for k, v in a.items() if k.startswith("net.student.net.unet.")}
+    assert trained.keys() == init.keys() and any(not torch.equal(init[k], v) for k, v in trained.items())
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "full" / "pipeline")
     pipe.set_progress_bar_config(disable=True)
-    ema = {k[len("ema.student.unet."):]: v for k, v in a.items() if k.startswith("ema.student.unet.")}
+    ema = {k[len("ema.student.net.unet."):]: v for k, v in a.items() if k.startswith("ema.student.net.unet.")}
     exported = pipe.unet.state_dict()
-    assert all(torch.equal(exported[k], v) for k, v in ema.items())
+    assert ema.keys() == exported.keys() and all(torch.equal(exported[k], v) for k, v in ema.items())
     image = pipe("a thick three", num_inference_steps=1, guidance_scale=1.0, output_type="pt").images
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
     stage = json.loads((tmp_path / "full" / "stage.json").read_text())

@@ -96,7 +96,7 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
 
     def loss(ctx, batch):
         eps, x0, c = batch
-        return rf.rf_loss(ctx.nets["unet"], x0, ctx.generator, eps=eps, cond={"cond": c})
+        return rf.rf_loss(ctx.nets["unet"], x0, ctx.generator, eps=eps, cond=c)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
