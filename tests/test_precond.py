@@ -228,7 +228,7 @@ def test_gdd_boundary_saves_and_loads_through_build_model(tmp_path):
     models.save_model(tmp_path, G)
     loaded, config = models.load_model(tmp_path)
     assert config["model"] == {"kind": "gdd", "eps": 0.002, "sigma_data": 0.5, "model": G.model.config()}
-    x, t, y = torch.randn(5, 2), torch.linspace(0.9, 0.1, 5), torch.tensor([0, 1, 2, 0, 1])
+    x, t, y = torch.randn(5, 2), torch.linspace(0.9, 0.1, 5), labels(torch.tensor([0, 1, 2, 0, 1]), G.model.net.num_classes)
     with torch.no_grad():
         a, b = G(x, t, y), loaded(x, t, y)
     assert torch.equal(a.x0, b.x0) and torch.equal(a.eps, b.eps)
