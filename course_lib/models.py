@@ -338,6 +338,21 @@ def build_model(config: dict) -> nn.Module:
     raise ValueError(f"unknown model kind {kind!r} in the config; valid: denoiser, {', '.join(PRECOND_KINDS)}")
 
 
+def null_label(model: nn.Module) -> int:
+    """The null condition of a class-conditional course model: its backbone's num_classes K (labels 0..K-1 are the
+    classes, K is "no label", the unconditional input of classifier-free guidance and of label dropout; the null_y
+    of conditioning.labels(y, K)). Found through wrappers that hold the model as .model (a consistency Boundary, a
+    guided wrapper). ValueError for a model that is not class-conditional."""
+    inner = model
+    while not hasattr(inner, "net") and hasattr(inner, "model"):
+        inner = inner.model
+    n = getattr(getattr(inner, "net", None), "num_classes", None)
+    if not n:
+        raise ValueError(f"{type(model).__name__} is not class-conditional (its backbone has no num_classes): "
+                         "classifier-free guidance and label dropout need a model trained with a null label")
+    return int(n)
+
+
 def guidance_range(model: Denoiser) -> tuple[float, float] | None:
     """(w_min, w_max) a guided student was distilled for; None for a model without a guidance input."""
     r = model.config()["net"].get("guidance_range")

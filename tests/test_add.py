@@ -169,20 +169,24 @@ def test_discriminator_checker_rejects_planted_mistakes(mistake, says, capsys):
 
 
 def test_sampler_checker_accepts_the_loop_and_rejects_a_grid_to_zero(capsys):
-    def right(model, z, k, process, noises):
-        return add.sample(model, z, k, process, noises=noises)
+    def right(model, z, k, process, noises, cond=None):
+        return add.sample(model, z, k, process, noises=noises, cond=cond)
 
-    def to_zero(model, z, k, process, noises):   # the leading grid 1 - (i + 1) / k ... ends at 0: not the trailing one
+    def to_zero(model, z, k, process, noises, cond=None):   # the leading grid 1 - (i + 1) / k ... ends at 0: not the trailing one
         x = z
         ts = [1.0 - (i + 1) / (k + 1) for i in range(k)]
         ts[0] = 1.0
         for i, t in enumerate(ts):
-            x0 = model(x, torch.full((len(z),), t, dtype=z.dtype)).x0
+            x0 = model(x, torch.full((len(z),), t, dtype=z.dtype), cond).x0
             if i < k - 1:
                 x = process.marginal(x0, torch.full((len(z),), ts[i + 1], dtype=z.dtype), noises[i])
         return x0
 
+    def no_cond(model, z, k, process, noises, cond=None):     # the right grid, but the labels never reach the model
+        return right(model, z, k, process, noises)
+
     assert checks.check_trailing_sample(right, seed=0) is right
+    assert checks.is_library(checks.check_trailing_sample(no_cond, seed=0))
     assert checks.is_library(checks.check_trailing_sample(to_zero, seed=0))
     unsolved = lambda *a: (_ for _ in ()).throw(NotImplementedError("Exercise 8.3"))
     assert checks.is_library(checks.check_trailing_sample(unsolved, seed=0))

@@ -523,7 +523,7 @@ def _library_solutions():
         "7.3": lambda m, x, ts, p, gamma, noises: samplers.tcd(m, x, ts, p, gamma=gamma, noises=noises),
         "8.1": lambda x_hat, T, t, eps, p, cond: add.distillation_loss(x_hat, T, t, eps, p, cond),
         "8.2": lambda D, x_real, x_fake, gamma: add.discriminator_loss(D, x_real, x_fake, gamma),
-        "8.3": lambda m, z, k, p, noises: add.sample(m, z, k, p, noises=noises),
+        "8.3": lambda m, z, k, p, noises, cond=None: add.sample(m, z, k, p, noises=noises, cond=cond),
         "9.1": lambda x, real, fake, p, t, eps, normalize: dmd.dm_loss(x, real, fake, p, t, eps, normalize=normalize),
         "9.2": lambda fake, x, t, eps: dmd.fake_score_loss(fake, x, t, eps),
         "9.3": dmd.two_time_scale,

@@ -105,7 +105,7 @@ def test_denoiser_features_read_the_teachers_layers_on_renoised_inputs():
         eps = torch.randn(x.shape, generator=g)
         T(T.process.marginal(x, t, eps), t, y)
     torch.testing.assert_close(feats[2], out["net.unet.mid_block"])
-    D = gan.discriminator(f, x, num_classes=10, cond_example=y)
+    D = gan.discriminator(f, x, cond_example=y)                               # 10 classes: y.null_y
     assert set(n.split(".")[0] for n, p in D.named_parameters() if p.requires_grad) == {"heads"}
     shared = gan.DenoiserFeatures(T, shared=True)                               # another module owns the model
     assert shared.model is T and not list(shared.parameters()) and not shared.state_dict()

@@ -10,9 +10,10 @@ from ..conditioning import labels
 from ..config import default_device, pick
 from ..data2d import sample_2d
 from ..distill import instaflow, reflow
-from ..distill.instaflow import null_label, one_step, regression_error
+from ..distill.instaflow import one_step, regression_error
 from ..grids import uniform
 from ..metrics import flow_map_error
+from ..models import null_label
 from ..plotting import table
 from ..recipes.instaflow import (DIGITS_DIR, DIGITS_MODELS, DIGITS_RECIPE, instaflow_2d_budget, instaflow_2d_models,
                                  instaflow_sweep, instaflow_unconditional, load_digits_model)
@@ -68,7 +69,7 @@ def bench_instaflow(mode: str, seed: int = 0, device: str | torch.device | None 
     gt = instaflow.guided(teacher, b["w"])
     ev = Evaluation(seed, device)
     samples, x1s, targets, swds = [], [], [], []
-    y = labels((torch.arange(n) % null_classes(teacher)).to(device), null_classes(teacher))   # balanced, as every seed's
+    y = labels((torch.arange(n) % null_label(teacher)).to(device), null_label(teacher))   # balanced, as every seed's
     for s in ev.seeds:
         mix, y_cpu, swd_data, acc = conditional_reference(ev, ds, n, s)
         x1 = prior(teacher.process, (n, 2), s + 3, device)
@@ -129,11 +130,6 @@ def bench_instaflow(mode: str, seed: int = 0, device: str | torch.device | None 
     rows = ev.rows()
     print(instaflow_summary(rows))
     return rows, {**b, "n": n, "swd_projections": 256, "eval_seeds": ev.seeds}
-
-
-def null_classes(model) -> int:
-    """The number of classes of a conditional course model (its null label)."""
-    return null_label(model)
 
 
 def instaflow_summary(rows: list[dict]) -> str:

@@ -175,15 +175,16 @@ def check_discriminator_loss(student: Callable, seed: int | None = None) -> Call
                                   "weight gamma / 2, differentiable in D's parameters.")
 
 
-def trailing_sample(model, z, k, process, noises):
+def trailing_sample(model, z, k, process, noises, cond=None):
     """The reference of exercise 8.3: add.sample with the given fresh noises."""
-    return sample(model, z, k, process, noises=noises)
+    return sample(model, z, k, process, noises=noises, cond=cond)
 
 
 @checker("8.3")
 def check_trailing_sample(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 8.3: student(model, z, k, process, noises) -> samples (B, D): k steps at t = 1, (k-1)/k, ..., 1/k,
-    each x0 = model(x, t).x0 re-noised to the next time with noises[i] (k - 1 of them), the last x0 returned."""
+    """Exercise 8.3: student(model, z, k, process, noises, cond=None) -> samples (B, D): k steps at t = 1,
+    (k-1)/k, ..., 1/k, each x0 = model(x, t, cond).x0 re-noised to the next time with noises[i] (k - 1 of them),
+    the last x0 returned. The last case is class-conditional: a sampler that drops cond fails it."""
     g = fresh_generator(seed)
     ref = trailing_sample
 
@@ -194,8 +195,13 @@ def check_trailing_sample(student: Callable, seed: int | None = None) -> Callabl
                 z = proc.prior((6, 2), generator=g, dtype=torch.float64)
                 noises = torch.randn(max(k - 1, 1), 6, 2, generator=g, dtype=torch.float64)[: k - 1]
                 yield (model, z, k, proc, noises), f"for the {proc.name} process with {k} steps"
+        model = tiny_model(VPCosine(), g, num_classes=3)                        # labels reach every model call
+        z = VPCosine().prior((6, 2), generator=g, dtype=torch.float64)
+        noises = torch.randn(1, 6, 2, generator=g, dtype=torch.float64)
+        cond = labels(torch.randint(3, (6,), generator=g), 3)
+        yield (model, z, 2, VPCosine(), noises, cond), "for a class-conditional model with 2 steps (labels in cond)"
 
     return run_check("8.3", student, ref, cases(), atol=1e-8, rtol=1e-6,
                      hint="the grid is t_i = 1 - i / k (i = 0..k-1: the trailing grid, never t = 0); at each t_i take "
-                          "x0 = model(x, t).x0 with t a (B,) tensor; before the next step x = alpha_{t_{i+1}} x0 + "
+                          "x0 = model(x, t, cond).x0 with t a (B,) tensor; before the next step x = alpha_{t_{i+1}} x0 + "
                           "sigma_{t_{i+1}} noises[i] (process.marginal); return the last x0.")

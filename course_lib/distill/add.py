@@ -274,10 +274,8 @@ def distill_add(teacher: nn.Module, data: Callable[[int, torch.Generator], Mappi
                 if m is not student and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
     x_example, cond_example = example["x"], example.get("cond")
-    labelled = cond_example is not None and cond_example.y is not None
-    num_classes = getattr(getattr(teacher, "net", None), "num_classes", None) if labelled else None
     with seeded(init_seed + 1):
-        D = discriminator(features, x_example, hidden, num_classes, cond_example)
+        D = discriminator(features, x_example, hidden, cond_example)
     nets = {"discriminator": Network(D, lr=cfg.lr_d, betas=cfg.betas, grad_clip=cfg.grad_clip, every=cfg.d_every)}
     if not cfg.adversarial:          # distillation only: no discriminator to train
         nets = {}

@@ -155,10 +155,7 @@ def make_critic(teacher: nn.Module, x_example: Tensor, gan: bool, cond_example: 
     head = None
     if gan:
         names = taps if taps is not None else DenoiserFeatures(fake).taps[-1:]
-        labelled = cond_example is not None and cond_example.y is not None
-        num_classes = getattr(getattr(fake, "net", None), "num_classes", None) if labelled else None
-        head = discriminator(DenoiserFeatures(fake, names, t_range, shared=True), x_example, hidden, num_classes,
-                             cond_example)
+        head = discriminator(DenoiserFeatures(fake, names, t_range, shared=True), x_example, hidden, cond_example)
     return Critic(fake, head)
 
 

@@ -259,9 +259,13 @@ class Discriminator(nn.Module):
         return sum(head(f, labels) for head, f in zip(self.heads, feats))
 
 
-def discriminator(features: nn.Module, x_example: Tensor, hidden: int = 64, num_classes: int | None = None,
-                  cond_example: Cond | None = None) -> Discriminator:
-    """A Discriminator whose heads fit the features of `features` on x_example (B, ...) (one dry run, no grad)."""
+def discriminator(features: nn.Module, x_example: Tensor, hidden: int = 64, cond_example: Cond | None = None
+                  ) -> Discriminator:
+    """A Discriminator whose heads fit the features of `features` on x_example (B, ...) (one dry run, no grad).
+    Class-conditional heads (a projection term) when cond_example holds labels: one embedding per class, their
+    number the labels' null value cond_example.null_y (the model's num_classes, conditioning.labels)."""
+    labelled = cond_example is not None and cond_example.y is not None
+    num_classes = cond_example.null_y if labelled else None
     with torch.no_grad():
         feats = (features(x_example, cond_example) if isinstance(features, DenoiserFeatures)
                  else features(x_example))

@@ -297,6 +297,4 @@ def make_discriminator(teacher: nn.Module, x_example: Tensor, cond_example: Cond
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
     image = x_example.ndim == 4
     rng = t_range if t_range is not None else (T_RANGE_DIGITS if image else T_RANGE_2D)
-    labelled = cond_example is not None and cond_example.y is not None
-    num_classes = getattr(getattr(teacher, "net", None), "num_classes", None) if labelled else None
-    return discriminator(DenoiserFeatures(frozen, t_range=rng), x_example, hidden, num_classes, cond_example)
+    return discriminator(DenoiserFeatures(frozen, t_range=rng), x_example, hidden, cond_example)

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..conditioning import Cond
 from ..guidance import cfg
-from ..models import Denoiser, guidance_range, with_guidance_input
+from ..models import Denoiser, guidance_range, null_label, with_guidance_input
 from ..processes import AffineProcess
 from ..train import Trained, TrainConfig, train
 from . import pd
@@ -114,9 +114,7 @@ def distill_guidance(teacher: Denoiser, data: Callable[[int, torch.Generator], t
     `conditioning.labelled` wraps an (x0, y) sampler). The teacher must be class-conditional with null label
     num_classes (trained with label dropout). Returns (the student: its EMA when run.ema_decay > 0, eval, no grad;
     the engine's Trained). Resumes from ckpt_dir like every course training run."""
-    if not getattr(teacher.net, "num_classes", None):
-        raise ValueError("guided distillation needs a class-conditional teacher (its net's num_classes is the null "
-                         "label of classifier-free guidance)")
+    null_label(teacher)                           # guided distillation needs a class-conditional teacher
     w_range = tuple(cfg.w_range)
     frozen = copy.deepcopy(teacher).eval().requires_grad_(False)
     student = with_guidance_input(teacher, w_range)

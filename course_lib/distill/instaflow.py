@@ -43,19 +43,9 @@ from torch import Tensor, nn
 from .. import distances
 from ..conditioning import Cond
 from ..guidance import cfg
-from ..models import Denoiser
+from ..models import Denoiser, null_label
 from ..train import Trained, TrainConfig, train
 from . import reflow as rf
-
-
-def null_label(model: nn.Module) -> int:
-    """The null label of a class-conditional course model (its net's num_classes); ValueError otherwise."""
-    inner = getattr(model, "model", model)                    # a Guided wrapper or a Denoiser
-    n = getattr(getattr(inner, "net", None), "num_classes", None)
-    if not n:
-        raise ValueError("InstaFlow needs a class-conditional model (its net's num_classes is the null label of "
-                         "classifier-free guidance); this one has none")
-    return int(n)
 
 
 class Guided(nn.Module):

@@ -27,9 +27,9 @@ from ..classifier import balanced_labels
 from ..conditioning import Cond, labels
 from ..config import pick, seeded
 from ..distill import reflow as rf
-from ..distill.instaflow import (OneStepConfig, distill_conditional_reflow, distill_direct, distill_onestep,
-                                 null_label, one_step, regression_error, triplets)
-from ..models import Denoiser, build_denoiser, load_denoiser
+from ..distill.instaflow import (OneStepConfig, distill_conditional_reflow, distill_direct, distill_onestep, one_step,
+                                 regression_error, triplets)
+from ..models import Denoiser, build_denoiser, load_denoiser, null_label
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from .reflow import save_half
