@@ -45,8 +45,9 @@ from ..config import announce_once, seeded
 from ..predictions import Pred
 from ..processes import AffineProcess
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
+from . import gan
 from .dmd import generator_times
-from .gan import DenoiserFeatures, RandomFeatures2D, adversarial, discriminator, guard, r1_penalty
+from .gan import DenoiserFeatures, RandomFeatures2D, adversarial, discriminator, guard
 
 LAMBDA = 2.5          # ADD's experiments: the weight of the distillation loss
 WEIGHTINGS = ("exponential", "sds", "none")
@@ -93,22 +94,7 @@ def discriminator_loss(D: Callable[[Tensor], Tensor], x_real: Tensor, x_fake: Te
                        loss: str = "hinge") -> Tensor:
     """L_adv^D (ADD Sec. 3.2) per sample (B,): the hinge loss relu(1 - D(x_real)) + relu(1 + D(sg x_fake)) plus
     gamma / 2 R1 at the REAL samples (Mescheder et al. 2018; gan.r1_penalty). D: x (B, ...) -> logits (B,)."""
-    d_loss, _ = adversarial(loss)
-    out = d_loss(D(x_real), D(x_fake.detach()))
-    if r1_gamma > 0:
-        with _double_backward_attention():
-            out = out + 0.5 * r1_gamma * r1_penalty(D, x_real)
-    return out
-
-
-def _double_backward_attention():
-    """R1 differentiates a gradient: through a feature network with attention (the digits UNet) that needs
-    PyTorch's "math" attention kernel, the only one with a double backward on every device."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch: the default kernels
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
+    return gan.discriminator_loss(D, x_real, x_fake, 0.5 * r1_gamma, loss)
 
 
 def generator_adv_loss(D: Callable[[Tensor], Tensor], x_fake: Tensor, loss: str = "hinge") -> Tensor:
@@ -235,7 +221,7 @@ def add_step(cfg: ADDConfig, process: AffineProcess, distill_fn: Callable | None
                 x_hat = student_sample(ctx, x0, cond)
             lazy = ctx.step % (cfg.r1_every * cfg.d_every) == 0
             gamma = cfg.r1_gamma * cfg.r1_every if lazy else 0.0
-            with _double_backward_attention() if gamma > 0 else contextlib.nullcontext():
+            with gan.math_attention() if gamma > 0 else contextlib.nullcontext():
                 loss = disc_fn(D, x0, x_hat, gamma)
             return guard(loss, "discriminator", ctx.step, cfg.max_loss)
         x_hat = student_sample(ctx, x0, cond)

@@ -74,6 +74,29 @@ def r1_penalty(D: Callable[[Tensor], Tensor], x_real: Tensor) -> Tensor:
     return grad.pow(2).flatten(1).sum(1)
 
 
+def math_attention() -> contextlib.AbstractContextManager:
+    """A context in which scaled_dot_product_attention uses its plain ("math") kernel, the only one with a double
+    backward on every device: R1 differentiates a gradient, through attention in a feature network (digits UNet)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: the default kernels
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def discriminator_loss(D: Callable[[Tensor], Tensor], x_real: Tensor, x_fake: Tensor, r1_weight: float = 0.0,
+                       kind: str = "hinge") -> Tensor:
+    """The discriminator's loss per sample (B,): `kind`'s loss (`adversarial`) on D(x_real) and D(sg x_fake), plus
+    r1_weight R1 at the REAL samples (r1_penalty; skipped when r1_weight == 0). ADD writes the weight as gamma / 2
+    (add.discriminator_loss), GDD as r1_weight (gdd.discriminator_loss). D: x (B, ...) -> logits (B,)."""
+    d_loss, _ = adversarial(kind)
+    out = d_loss(D(x_real), D(x_fake.detach()))
+    if r1_weight > 0:
+        with math_attention():
+            out = out + r1_weight * r1_penalty(D, x_real)
+    return out
+
+
 # --- divergence ----------------------------------------------------------------------------------------------------
 
 class GANDiverged(RuntimeError):

@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from .. import precond
 from ..conditioning import Cond, check
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
-from .gan import (DenoiserFeatures, discriminator, generate_one_step, guard, ns_d, ns_g, r1_penalty, tapped,
-                  trainable_fraction)
+from . import gan
+from .gan import DenoiserFeatures, discriminator, generate_one_step, guard, ns_g, tapped, trainable_fraction
 
 SIGMA_MIN = 0.002     # GDDPrecond's eps: the boundary condition D(x; eps) = x (EDM's sigma_min)
 SIGMA_DATA = 0.5      # EDM's sigma_data
@@ -151,19 +151,9 @@ def generator_loss(d_fake: Tensor) -> Tensor:
 
 def discriminator_loss(D: Callable[[Tensor], Tensor], x_real: Tensor, x_fake: Tensor, r1_weight: float) -> Tensor:
     """L_D per sample (B,): softplus(D(sg x_fake)) + softplus(-D(x_real)) + r1_weight ||grad_x D(x_real)||^2,
-    the R1 term on REAL samples only (skipped when r1_weight == 0). D: x (B, ...) -> logits (B,)."""
-    loss = ns_d(D(x_real), D(x_fake.detach()))
-    if r1_weight > 0:
-        with math_attention():  # R1's double backward through attention: fused CPU kernels have none
-            loss = loss + r1_weight * r1_penalty(D, x_real)
-    return loss
-
-
-def math_attention():
-    """A context in which scaled_dot_product_attention uses its plain (twice differentiable) implementation."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
+    the R1 term on REAL samples only (skipped when r1_weight == 0): gan.discriminator_loss with the
+    non-saturating loss. D: x (B, ...) -> logits (B,)."""
+    return gan.discriminator_loss(D, x_real, x_fake, r1_weight, "ns")
 
 
 # --- the method step -----------------------------------------------------------------------------------------------
