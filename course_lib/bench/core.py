@@ -291,11 +291,6 @@ def digit_labels(n: int, device: str | torch.device, num_classes: int = 10) -> C
     return labels(balanced_labels(n).to(device), num_classes)
 
 
-def digits_acc(x: Tensor, y: Tensor) -> float:
-    """The digits classifier's accuracy on samples x for the requested labels y (computed on CPU copies)."""
-    return class_accuracy(cpu(x), cpu(y), _classifier())
-
-
 def train_fields(seconds: float, updates: int) -> dict:
     """The fields of a row whose model was trained in the benchmark."""
     return {"train_seconds": round(seconds, 1), "train_updates": int(updates)}
