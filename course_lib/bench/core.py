@@ -308,6 +308,22 @@ def side_by_side(rows: Iterable[dict], key: tuple[str, ...]) -> list[dict]:
     return list(lines.values())
 
 
+def teacher_best(rows: Iterable[dict], teacher: Callable[[str], bool] = lambda m: m == "teacher") -> dict | None:
+    """Among one dataset's rows: the teacher's "swd" row of lowest mean (None without one), the reference of
+    "swd / teacher best"."""
+    return min((r for r in rows if teacher(r["model"]) and r["metric"] == "swd"), key=lambda r: r["value"],
+               default=None)
+
+
+def over_best(lines: list[dict], best: dict | None, skip: tuple[str, ...] = ("data",)) -> list[dict]:
+    """side_by_side `lines`, each one with an SWD (but the models in `skip`) given "swd / teacher best": its SWD over
+    best's, seed by seed (per_seed), as mean ± std."""
+    for d in lines:
+        if "swd" in d["rows"] and best and d["model"] not in skip:
+            d["swd / teacher best"] = pm(*per_seed(d["rows"]["swd"], best))
+    return lines
+
+
 class RoundClock:
     """A per-round `cfg` for progressive distillation (distill.pd.distill_pd calls run(N) as round N
     starts) that notes the time: seconds(N) is the training time up to the end of the N-step student's round."""
