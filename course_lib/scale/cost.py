@@ -473,13 +473,22 @@ def main(argv: list[str] | None = None) -> dict:
         print_table(rows)
         return {"device": _device_name(dev), "rows": rows}
     if a.method == "dmd2":
-        return _print_dmd2(measure_dmd2(a.batch_size or 4, a.precision, a.grad_checkpointing, a.lora, tiny=a.tiny,
-                                        device=a.device), a)
-    a.batch_size = a.batch_size or 8
-    res = measure(a.batch_size, a.precision, a.grad_checkpointing, a.lora, 0.9999 if a.ema else 0.0, a.steps,
-                  a.warmup, a.tiny, a.device)
+        res = measure_dmd2(a.batch_size or 4, a.precision, a.grad_checkpointing, a.lora, tiny=a.tiny, device=a.device)
+    else:
+        a.batch_size = a.batch_size or 8
+        res = measure(a.batch_size, a.precision, a.grad_checkpointing, a.lora, 0.9999 if a.ema else 0.0, a.steps,
+                      a.warmup, a.tiny, a.device)
     if a.out:
         write_json_atomic(Path(a.out), res)
+    (_print_dmd2 if a.method == "dmd2" else _print_reflow)(res, a)
+    if a.tiny:
+        print(f"note: measured on a tiny UNet on the CPU: these numbers only test the measurement. A GPU is needed "
+              f"for the real table (python -m course_lib.scale.cost{' --method dmd2' * (a.method == 'dmd2')} on an "
+              "A100/H100).")
+    return res
+
+
+def _print_reflow(res: dict, a) -> None:
     b = res["instaflow_budget"]
     mem = _memory(res)
     print(f"| device | UNet | batch/GPU | precision | checkpointing | LoRA | s/step | peak memory |\n|---|---|---|---|---|---|---|---|\n"
@@ -488,15 +497,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"InstaFlow's schedule ({b['samples']:,} training samples): {b['gpu_hours']:.0f} GPU-hours here; wall "
           f"{b['wall_hours']['1'] / 24:.1f} days on 1 GPU, {b['wall_hours']['8'] / 24:.1f} days on 8 "
           f"(paper: {b['paper_a100_days']} A100-days incl. data generation = {b['paper_wall_days_on_8_a100']:.1f} days on 8 A100s)")
-    if a.tiny or dev.type != "cuda":
-        print("note: measured on a tiny UNet on the CPU: these numbers only test the measurement. A GPU is needed "
-              "for the real table (python -m course_lib.scale.cost on an A100/H100).")
-    return res
 
 
-def _print_dmd2(res: dict, a) -> dict:
-    if a.out:
-        write_json_atomic(Path(a.out), res)
+def _print_dmd2(res: dict, a) -> None:
     b = res["dmd2_budget"]
     mem = _memory(res)
     print(f"| device | method | UNets | batch/GPU | precision | checkpointing | generator LoRA | s/iteration | peak memory |"
@@ -506,10 +509,6 @@ def _print_dmd2(res: dict, a) -> dict:
     print(f"DMD2's SD 1.5 schedule ({b['iterations']:,} iterations at a global batch of {b['global_batch']}): "
           f"{b['gpu_hours']:.0f} GPU-hours here; wall {b['wall_hours']['8']:.0f} h on 8 GPUs, {b['wall_hours']['64']:.0f} h "
           f"on 64 (paper: {b['paper']} = {b['paper_gpu_hours']:.0f} GPU-hours)")
-    if a.tiny:
-        print("note: measured on tiny UNets on the CPU: these numbers only test the measurement. A GPU is needed "
-              "for the real table (python -m course_lib.scale.cost --method dmd2 on an A100/H100).")
-    return res
 
 
 if __name__ == "__main__":
