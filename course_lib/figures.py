@@ -32,6 +32,13 @@ from .samplers import dpm_solver_pp_2m, euler, generate, heun
 from .teachers import load_teacher
 
 
+def save(fig, path: Path, tight: bool = False) -> Path:
+    """Write a figure (110 dpi; tight: cropped to its content) to `path`, close it, return the path."""
+    fig.savefig(path, dpi=110, **({"bbox_inches": "tight"} if tight else {}))
+    plt.close(fig)
+    return path
+
+
 def teacher_quality(result: dict, out: Path) -> Path:
     """SWD against NFE for each teacher and solver, one panel per 2D dataset, with the data floor."""
     datasets = [d for d in ("checkerboard", "gmm") if any(r["dataset"] == d for r in result["rows"])]
@@ -47,10 +54,7 @@ def teacher_quality(result: dict, out: Path) -> Path:
         n = rows[0].get("n", "")
         nfe_curves(curves, floor=floor, ax=ax, title=f"{ds}: teacher quality vs NFE ({n} samples)")
     fig.tight_layout()
-    path = out / "teacher_quality_vs_nfe.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / "teacher_quality_vs_nfe.png")
 
 
 def digits_grid(out: Path, nfes=(1, 2, 4, 8, 16, 32)) -> Path:
@@ -64,10 +68,7 @@ def digits_grid(out: Path, nfes=(1, 2, 4, 8, 16, 32)) -> Path:
         image_grid(x, nrow=len(y), ax=ax)
         ax.set_ylabel(f"{k} NFE", rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle("digits teacher, DPM-Solver++(2M)", fontsize=10)
-    path = out / "digits_teacher_nfe.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(fig, out / "digits_teacher_nfe.png", tight=True)
 
 
 def instaflow_sweep(result: dict, out: Path, n_pairs: int = 10_000, steps: int = 2000) -> Path:
@@ -92,10 +93,7 @@ def instaflow_sweep(result: dict, out: Path, n_pairs: int = 10_000, steps: int =
     fig.suptitle(f"fresh one-step students, {n_pairs} pairs, {steps} updates (bench instaflow, {result['mode']})",
                  fontsize=9)
     fig.tight_layout()
-    path = out / "instaflow_capacity_sweep.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / "instaflow_capacity_sweep.png")
 
 
 def instaflow_digits(out: Path) -> Path:
@@ -115,10 +113,7 @@ def instaflow_digits(out: Path) -> Path:
         image_grid(x, nrow=len(y), ax=ax)
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle("digits: InstaFlow against direct distillation (same noise and labels)", fontsize=10)
-    path = out / "instaflow_digits.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(fig, out / "instaflow_digits.png", tight=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,10 +320,7 @@ def consistency_quality(results: list[dict], out: Path) -> Path:
                 curves[r["model"]][0].append(r["nfe"]), curves[r["model"]][1].append((r["value"], r.get("std", 0.0)))
         nfe_curves(curves, floor=floor, ax=ax, title=f"{ds}: consistency students vs the teacher")
     fig.tight_layout()
-    path = out / "consistency_vs_nfe.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / "consistency_vs_nfe.png")
 
 
 def main(argv: list[str] | None = None) -> None:

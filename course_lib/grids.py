@@ -130,6 +130,3 @@ def default_grid(n: int, process: AffineProcess) -> Tensor:
     if isinstance(process, SDDiscrete):
         return sd_grid(n, process, "trailing")
     return uniform(n)
-
-
-GRIDS = {"uniform": uniform, "log-snr": log_snr_uniform, "karras": karras, "sd": sd_grid, "flow-match": flow_match_grid}

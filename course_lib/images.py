@@ -54,11 +54,6 @@ def batch_sampler(x: Tensor, y: Tensor | None = None) -> Callable[[int, torch.Ge
     return sample
 
 
-def to_unit(x: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1] for display."""
-    return ((x + 1) / 2).clamp(0, 1)
-
-
 def _cifar10_class():
     """torchvision's CIFAR10 with the per-file md5 entries set to None (the file must exist, content unchecked).
 

@@ -128,7 +128,7 @@ def test_guided_benchmark_rows(tmp_path):
     for model, steps, metrics in (("teacher", {8}, ("swd_data", "class_acc", "swd_teacher")),
                                   ("guided-student", {4, 1}, ("swd_data", "class_acc", "swd_teacher",
                                                               "flow_map_err_teacher"))):
-        for w in bench.GUIDANCE_WEIGHTS:
+        for w in bench.guided.GUIDANCE_WEIGHTS:
             got = {(r["steps"], r["metric"]) for r in rows if r["model"] == model and r.get("w") == w}
             assert got == {(k, m) for k in steps for m in metrics}, (model, w, got)
     for r in res["rows"]:                         # classifier-free guidance: two network evaluations a step
@@ -140,7 +140,7 @@ def test_guided_benchmark_rows(tmp_path):
     data_acc = next(r["value"] for r in rows if r["model"] == "data" and r["metric"] == "class_acc")
     assert 0.8 < data_acc < 0.95  # overlapping classes: the Bayes classifier is often wrong on exact samples
     digits = {(r["w"], r["metric"]) for r in res["rows"] if r["dataset"] == "digits" and r["model"] == "teacher"}
-    assert digits == {(w, m) for w in bench.GUIDANCE_WEIGHTS
+    assert digits == {(w, m) for w in bench.guided.GUIDANCE_WEIGHTS
                       for m in ("class_acc", "kid_heldout", "kid_train", "fd_heldout")}
     floor = {r["metric"]: r for r in res["rows"] if r["dataset"] == "digits" and r["model"] == "data"}
     assert floor["kid_heldout"]["std"] > 0 and floor["kid_heldout"]["se"] > 0 and floor["kid_train"]["n_seeds"] >= 3

@@ -489,7 +489,7 @@ def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
 def _library_solutions():
     """The library's own implementation of every exercise: a correct student."""
     from course_lib import samplers
-    from course_lib import distances
+    from course_lib import distances, precond
     from course_lib.distill import add, consistency, dmd, guided, instaflow, lcm, pd, reflow, tcd
     from course_lib.metrics import straightness
     from course_lib.processes import RectifiedFlow
@@ -517,7 +517,7 @@ def _library_solutions():
         "5.1": consistency.consistency_fn,
         "5.2": lambda s, tgt, te, x0, eps, tn, tc, p: consistency.cd_loss_at(s, tgt, te, x0, eps, tn, tc, p),
         "5.3": lambda m, x, ts, p, t_min, noises: consistency.multistep_sample(m, x, ts, p, t_min, noises=noises),
-        "6.1": lcm.lcm_target, "6.2": lcm.boundary_scalings, "6.3": lcm.multistep,
+        "6.1": lcm.lcm_target, "6.2": precond.lcm, "6.3": lcm.multistep,
         "7.1": tcd.tcf,
         "7.2": lambda s, tgt, te, x0, eps, tn, tc, u, p: tcd.tcd_loss_at(s, tgt, te, x0, eps, tn, tc, u * tc, p),
         "7.3": lambda m, x, ts, p, gamma, noises: samplers.tcd(m, x, ts, p, gamma=gamma, noises=noises),

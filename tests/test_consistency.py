@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from course_lib import data2d, distances, grids, samplers, steps
+from course_lib import data2d, distances, grids, precond, samplers, steps
 from course_lib.data2d import GaussianMixture, exact_denoiser, sample_2d
 from course_lib.distill import consistency as cm
 from course_lib.models import ConsistencyModel, Denoiser, MLP2D
@@ -27,7 +27,7 @@ def test_boundary_condition_holds_exactly_and_scalings_match_the_model(proc):
     assert torch.equal(model(x, t).x0, x)
     assert torch.equal(cm.consistency_fn(model.model, x, t, t_min), x)
     tt = torch.rand(5, dtype=torch.float64)
-    for a, b in zip(cm.consistency_scalings(tt, proc, t_min), model.scalings(tt)):
+    for a, b in zip(precond.coefficients("consistency", tt, proc, tt, t_min=t_min), model.scalings(tt)):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(cm.consistency_fn(model.model, x, tt, t_min), model(x, tt).x0)
 
@@ -35,7 +35,7 @@ def test_boundary_condition_holds_exactly_and_scalings_match_the_model(proc):
 def test_edm_scalings_are_the_papers():
     proc = EDM()
     sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
-    c_skip, c_out = cm.consistency_scalings(sigma / 80, proc, 0.002 / 80)
+    c_skip, c_out = precond.coefficients("consistency", sigma / 80, proc, sigma, t_min=0.002 / 80)
     torch.testing.assert_close(c_skip, 0.25 / ((sigma - 0.002) ** 2 + 0.25))
     torch.testing.assert_close(c_out, (sigma - 0.002) * 0.5 / torch.sqrt(sigma**2 + 0.25))
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib import checks
+from course_lib import checks, precond
 from course_lib.checks import nb10
 from course_lib.config import seeded
 from course_lib.distill import gan, gdd
@@ -53,18 +53,18 @@ def test_edm_model_gets_the_papers_gddprecond():
     x = 5 * torch.randn(8, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     t = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.9 + 0.05
     sigma = proc.sigma(t)
-    c_skip, c_out = gdd.gdd_scalings(sigma)
+    c_skip, c_out = precond.gdd(sigma)
     want = bcast(c_skip, x) * x + bcast(c_out, x) * model.raw(x, t)
     assert torch.allclose(gdd.GDDPrecond(model)(x, t).x0, want, atol=1e-9)
 
 
 def test_gdd_scalings_at_sigma_80_are_edms():
     s = torch.tensor([80.0], dtype=torch.float64)
-    c_skip, c_out = gdd.gdd_scalings(s)
-    e_skip, e_out = gdd.edm_scalings_ve(s)
+    c_skip, c_out = precond.gdd(s)
+    e_skip, e_out = precond.edm(s, gdd.SIGMA_DATA)[:2]
     assert math.isclose(float(c_skip), 0.25 / (79.998**2 + 0.25), rel_tol=1e-12) and float(c_skip) < 4e-5
     assert math.isclose(float(c_out), float(e_out), rel_tol=1e-4)
-    c_skip0, c_out0 = gdd.gdd_scalings(torch.tensor([gdd.SIGMA_MIN], dtype=torch.float64))
+    c_skip0, c_out0 = precond.gdd(torch.tensor([gdd.SIGMA_MIN], dtype=torch.float64))
     assert float(c_skip0) == 1.0 and float(c_out0) == 0.0
 
 

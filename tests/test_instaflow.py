@@ -186,7 +186,7 @@ def test_exercise_checkers_accept_the_reference_and_reject_a_wrong_answer(capsys
 
 
 def test_bench_instaflow_smoke_rows():
-    rows, meta = bench.bench_instaflow("smoke")
+    rows, meta = bench.instaflow.bench_instaflow("smoke")
     models = {(r["dataset"], r["model"], r["metric"]) for r in rows}
     for m in ("teacher", "2-rf", "instaflow", "direct-distill"):   # fidelity to the guided teacher, data as context
         for metric in ("swd_teacher", "swd_data", "class_acc"):

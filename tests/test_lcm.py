@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_lib import guidance, minisd, samplers, sd
+from course_lib import guidance, minisd, precond, samplers, sd
 from course_lib.distill import lcm
 from course_lib.recipes import lcm as lcm_recipes
 
@@ -28,7 +28,7 @@ def test_grid_and_scalings_are_lcms():
     assert lcm.skipping_step() == 20
     assert lcm.ddim_timesteps()[:3].tolist() == [19, 39, 59] and int(lcm.ddim_timesteps()[-1]) == 999
     assert lcm.lcm_timesteps(4).tolist() == [999, 759, 499, 259]
-    c_skip, c_out = lcm.boundary_scalings(torch.tensor([0, 1, 999]))
+    c_skip, c_out = precond.lcm(torch.tensor([0, 1, 999]))
     assert float(c_skip[0]) == 1.0 and float(c_out[0]) == 0.0                       # the boundary condition
     assert abs(float(c_skip[1]) - 2.4938e-3) < 1e-6 and abs(float(c_out[1]) - 0.99875) < 1e-5  # reference card
     from diffusers import LCMScheduler
@@ -36,7 +36,7 @@ def test_grid_and_scalings_are_lcms():
     sch = LCMScheduler()
     for tau in (0, 1, 19, 259, 999):
         want = sch.get_scalings_for_boundary_condition_discrete(torch.tensor(tau))
-        got = lcm.boundary_scalings(torch.tensor([tau]))
+        got = precond.lcm(torch.tensor([tau]))
         assert abs(float(got[0]) - float(want[0])) < 1e-7 and abs(float(got[1]) - float(want[1])) < 1e-7  # fp32
 
 
@@ -98,7 +98,7 @@ def test_lcm_target_is_one_guided_ddim_step_of_k_timesteps(tiny_sd):
     # the zero-initialised w-projection: the student starts as the teacher (f = c_skip z + c_out x0_teacher)
     with torch.no_grad():
         f = student(z, t_next, cond.with_w(w)).x0
-        c_skip, c_out = lcm.boundary_scalings(taus)
+        c_skip, c_out = precond.lcm(taus)
         ref = c_skip.float()[:, None, None, None] * z + c_out.float()[:, None, None, None] * teacher(z, t_next, cond).x0
     _close(f, ref, 1e-5)
 

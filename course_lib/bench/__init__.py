@@ -77,13 +77,3 @@ from . import tcd  # noqa: E402
 from . import add  # noqa: E402
 from . import dmd  # noqa: E402  (registers dmd and dmd2)
 from . import gdd  # noqa: E402
-from .cd import bench_cd, bench_ct, cm_summary  # noqa: E402
-from .core import NFES, SCHEMA, Evaluation, row, spread_row, timed  # noqa: E402
-from .guided import GUIDANCE_WEIGHTS, bench_guided, guided_summary  # noqa: E402
-from .instaflow import bench_instaflow, instaflow_summary  # noqa: E402
-from .lcm import bench_lcm, tc_summary  # noqa: E402
-from .pd import bench_pd  # noqa: E402
-from .reflow import REFLOW_NFES, bench_reflow, reflow_summary  # noqa: E402
-from .tcd import bench_tcd  # noqa: E402
-from .add import bench_add  # noqa: E402
-from .teacher import bench_teacher  # noqa: E402

@@ -17,8 +17,8 @@ from ..plotting import table
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
-                   score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
+from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, over_best, prior, reference_2d,
+                   score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -137,12 +137,9 @@ def add_summary(rows: list[dict]) -> str:
     out = []
     for ds in ("gmm", "checkerboard"):
         mine = [r for r in rows if r["dataset"] == ds]
-        best = min((r for r in mine if r["model"] == "teacher" and r["metric"] == "swd"), key=lambda r: r["value"],
-                   default=None)
+        best = teacher_best(mine)
         keep = [r for r in mine if r["model"] != "teacher" or r is best or (best and r["nfe"] == best["nfe"])]
-        for d in side_by_side(keep, ("dataset", "model", "nfe")):
-            if "swd" in d["rows"] and best and d["model"] not in ("data",):
-                d["swd / teacher best"] = pm(*per_seed(d["rows"]["swd"], best))
+        for d in over_best(side_by_side(keep, ("dataset", "model", "nfe")), best):
             d["train s"] = next(iter(d["rows"].values())).get("train_seconds")
             out.append(d)
     digits = side_by_side([r for r in rows if r["dataset"] == "digits"], ("dataset", "model", "nfe"))

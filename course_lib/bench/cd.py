@@ -19,8 +19,8 @@ from ..samplers import ddim
 from ..teachers import get_recipe, load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, exact_map, nfe, per_seed, pm, prior,
-                   reference_2d, score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
+from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, exact_map, nfe, over_best, prior,
+                   reference_2d, score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -170,13 +170,8 @@ def cm_summary(rows: list[dict], method: str) -> str:
     out = []
     for ds in ("checkerboard", "gmm"):
         mine = [r for r in rows if r["dataset"] == ds]
-        best = min((r for r in mine if r["model"] == "teacher" and r["metric"] == "swd"), key=lambda r: r["value"],
-                   default=None)
-        for d in side_by_side([r for r in mine if r["model"] in (method, f"{method}-long", "pd", "data")],
-                              ("dataset", "model", "nfe")):
-            if "swd" in d["rows"] and best and d["model"] != "data":
-                d["swd / teacher best"] = pm(*per_seed(d["rows"]["swd"], best))
-            out.append(d)
+        out += over_best(side_by_side([r for r in mine if r["model"] in (method, f"{method}-long", "pd", "data")],
+                                      ("dataset", "model", "nfe")), teacher_best(mine))
     digits = side_by_side([r for r in rows if r["dataset"] == "digits"], ("dataset", "model", "nfe"))
     return (table(out, ["dataset", "model", "nfe", "swd", "swd / teacher best", "in_squares", "precision", "recall",
                         "flow_map_err_exact"])

@@ -291,11 +291,6 @@ def digit_labels(n: int, device: str | torch.device, num_classes: int = 10) -> C
     return labels(balanced_labels(n).to(device), num_classes)
 
 
-def digits_acc(x: Tensor, y: Tensor) -> float:
-    """The digits classifier's accuracy on samples x for the requested labels y (computed on CPU copies)."""
-    return class_accuracy(cpu(x), cpu(y), _classifier())
-
-
 def train_fields(seconds: float, updates: int) -> dict:
     """The fields of a row whose model was trained in the benchmark."""
     return {"train_seconds": round(seconds, 1), "train_updates": int(updates)}
@@ -311,6 +306,22 @@ def side_by_side(rows: Iterable[dict], key: tuple[str, ...]) -> list[dict]:
         line[r["metric"]] = pm(r["value"], r.get("std"))
         line["rows"][r["metric"]] = r
     return list(lines.values())
+
+
+def teacher_best(rows: Iterable[dict], teacher: Callable[[str], bool] = lambda m: m == "teacher") -> dict | None:
+    """Among one dataset's rows: the teacher's "swd" row of lowest mean (None without one), the reference of
+    "swd / teacher best"."""
+    return min((r for r in rows if teacher(r["model"]) and r["metric"] == "swd"), key=lambda r: r["value"],
+               default=None)
+
+
+def over_best(lines: list[dict], best: dict | None, skip: tuple[str, ...] = ("data",)) -> list[dict]:
+    """side_by_side `lines`, each one with an SWD (but the models in `skip`) given "swd / teacher best": its SWD over
+    best's, seed by seed (per_seed), as mean ± std."""
+    for d in lines:
+        if "swd" in d["rows"] and best and d["model"] not in skip:
+            d["swd / teacher best"] = pm(*per_seed(d["rows"]["swd"], best))
+    return lines
 
 
 class RoundClock:

@@ -26,8 +26,8 @@ from ..plotting import table
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (Evaluation, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
-                   score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
+from .core import (Evaluation, digits_floor, digits_n, digits_teacher, over_best, prior, reference_2d,
+                   score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
 
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
 DIGITS_TEACHER_STEPS = 16
@@ -156,12 +156,9 @@ def dmd_summary(rows: list[dict], method: str) -> str:
     out = []
     for ds in ("checkerboard", "gmm"):
         mine = [r for r in rows if r["dataset"] == ds]
-        best = min((r for r in mine if r["model"] == "teacher" and r["metric"] == "swd"), key=lambda r: r["value"],
-                   default=None)
+        best = teacher_best(mine)
         keep = [r for r in mine if r["model"] != "teacher" or (best is not None and r["nfe"] == best["nfe"])]
-        for d in side_by_side(keep, ("dataset", "model", "nfe")):
-            if "swd" in d["rows"] and best and d["model"] not in ("data", "teacher"):
-                d["swd / teacher best"] = pm(*per_seed(d["rows"]["swd"], best))
+        for d in over_best(side_by_side(keep, ("dataset", "model", "nfe")), best, skip=("data", "teacher")):
             d["train s"] = next(iter(d["rows"].values())).get("train_seconds", "")
             out.append(d)
     digits = side_by_side([r for r in rows if r["dataset"] == "digits"], ("dataset", "model", "nfe"))

@@ -19,8 +19,8 @@ from ..plotting import table
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (Evaluation, digits_floor, digits_n, digits_teacher, per_seed, pm, prior, reference_2d,
-                   score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
+from .core import (Evaluation, digits_floor, digits_n, digits_teacher, over_best, prior, reference_2d,
+                   score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
 
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
 SWEEP = ("embeddings-only",)          # 2D: wider freezing rules beside "none" (gdd) and "gdd-i"
@@ -131,12 +131,9 @@ def gdd_summary(rows: list[dict]) -> str:
     out = []
     for ds in ("gmm", "checkerboard"):
         mine = [r for r in rows if r["dataset"] == ds]
-        best = min((r for r in mine if r["model"] == "teacher" and r["metric"] == "swd"), key=lambda r: r["value"],
-                   default=None)
+        best = teacher_best(mine)
         keep = [r for r in mine if r["model"] != "teacher" or (best and r["nfe"] in (1, best["nfe"]))]
-        for d in side_by_side(keep, ("dataset", "model", "nfe")):
-            if "swd" in d["rows"] and best and d["model"] != "data":
-                d["swd / teacher best"] = pm(*per_seed(d["rows"]["swd"], best))
+        for d in over_best(side_by_side(keep, ("dataset", "model", "nfe")), best):
             d["trained"] = d["rows"].get("swd", {}).get("trained_fraction", "")
             d["train s"] = d["rows"].get("swd", {}).get("train_seconds", "")
             out.append(d)

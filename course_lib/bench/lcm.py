@@ -25,8 +25,8 @@ from ..samplers import tcd as sss
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (PR_N, Evaluation, exact_map, per_seed, pm, prior, reference_2d, score_2d, side_by_side, sweep_2d,
-                   timed, train_fields)
+from .core import (PR_N, Evaluation, exact_map, over_best, prior, reference_2d, score_2d, side_by_side, sweep_2d,
+                   teacher_best, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4, 8)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -156,13 +156,8 @@ def tc_summary(rows: list[dict], method: str) -> str:
     out = []
     for ds in ("checkerboard", "gmm"):
         mine = [r for r in rows if r["dataset"] == ds]
-        best = min((r for r in mine if r["model"] == "teacher" and r["metric"] == "swd"), key=lambda r: r["value"],
-                   default=None)
-        for d in side_by_side([r for r in mine if r["model"] in (method, "data")], ("dataset", "model", "nfe",
-                                                                                    "gamma")):
-            if "swd" in d["rows"] and best and d["model"] != "data":
-                d["swd / teacher best"] = pm(*per_seed(d["rows"]["swd"], best))
-            out.append(d)
+        out += over_best(side_by_side([r for r in mine if r["model"] in (method, "data")],
+                                      ("dataset", "model", "nfe", "gamma")), teacher_best(mine))
     sd_rows = side_by_side([r for r in rows if r["dataset"] == SD], ("dataset", "model", "nfe", "gamma"))
     return (table(out, ["dataset", "model", "nfe", "gamma", "swd", "swd / teacher best", "in_squares", "precision",
                         "recall", "flow_map_err_exact"])

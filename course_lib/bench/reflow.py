@@ -13,8 +13,8 @@ from ..recipes.reflow import DIGITS_DIR, load_digits_flow, reflow_2d_budget, ref
 from ..samplers import dpm_solver_pp_2m, euler
 from ..teachers import load_teacher
 from . import register
-from .core import (NFES, PR_N, Evaluation, digits_floor, digits_n, exact_map, nfe, noise, per_seed, pm, prior,
-                   reference_2d, score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
+from .core import (NFES, PR_N, Evaluation, digits_floor, digits_n, exact_map, nfe, noise, over_best, per_seed, pm, prior,
+                   reference_2d, score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
 
 REFLOW_NFES = (1, 2, 4, 64)
 
@@ -70,13 +70,11 @@ def reflow_summary(rows: list[dict]) -> str:
     out = []
     for ds in dict.fromkeys(r["dataset"] for r in rows if r["metric"] == "swd"):
         mine = [r for r in rows if r["dataset"] == ds]
-        best = min((r for r in mine if r["model"].startswith("fm-teacher") and r["metric"] == "swd"),
-                   key=lambda r: r["value"], default=None)
+        best = teacher_best(mine, lambda m: m.startswith("fm-teacher"))
         s1 = next((r for r in mine if r["model"] == "1-rf" and r["metric"] == "straightness"), None)
-        for d in side_by_side([r for r in mine if r["model"] in ("1-rf", "2-rf", "3-rf", "1-rf-distill",
-                                                                  "2-rf-distill")], ("dataset", "model", "nfe")):
-            if "swd" in d["rows"] and best:
-                d["swd / teacher best"] = pm(*per_seed(d["rows"]["swd"], best))
+        for d in over_best(side_by_side([r for r in mine if r["model"] in ("1-rf", "2-rf", "3-rf", "1-rf-distill",
+                                                                            "2-rf-distill")],
+                                        ("dataset", "model", "nfe")), best, skip=()):
             if "straightness" in d["rows"] and s1:
                 d["straightness / 1-rf"] = pm(*per_seed(d["rows"]["straightness"], s1))
             out.append(d)

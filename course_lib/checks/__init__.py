@@ -26,8 +26,6 @@ from .nb08 import check_discriminator_loss, check_distillation_loss, check_trail
 from .nb09 import check_dm_loss, check_fake_score_loss, check_two_time_scale
 from .nb10 import check_freeze_rule, check_gdd_losses, check_time_share
 
-_fresh_generator = fresh_generator   # the old private name
-
 __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "checker", "draw_seed",
            "explain_exception", "fall_back", "fresh_generator", "is_library", "library_note", "library_version",
            "run_check",

@@ -6,11 +6,11 @@ from typing import Callable
 
 import torch
 
-from .. import sd
+from .. import precond, sd
 from ..conditioning import Cond
 from ..config import seeded
 from ..distill import lcm
-from ..distill.lcm import boundary_scalings, lcm_target, lcm_timesteps, multistep
+from ..distill.lcm import lcm_target, lcm_timesteps, multistep
 from ..predictions import Pred
 from ..processes import SDDiscrete
 from .core import (checker, draw_seed, explain_exception, fall_back, fresh_generator, is_library, library_version,
@@ -81,7 +81,7 @@ def check_lcm_scalings(student: Callable, seed: int | None = None) -> Callable:
             taus = torch.cat([torch.tensor([0, 1, 19]), torch.randint(0, 1000, (5,), generator=g)])
             yield (taus, sd_, s), f"at timesteps {taus.tolist()} with sigma_data {sd_} and timestep_scaling {s}"
 
-    return run_check("6.2", student, boundary_scalings, cases(), atol=1e-7, rtol=1e-5,
+    return run_check("6.2", student, precond.lcm, cases(), atol=1e-7, rtol=1e-5,
                      hint="With s tau the scaled timestep (timestep_scaling times the integer timestep, as float64): "
                           "c_skip = sd^2 / ((s tau)^2 + sd^2) and c_out = s tau / sqrt((s tau)^2 + sd^2) (LCM's c_out "
                           "has no sigma_data factor, unlike Consistency Models'); c_skip(0) = 1, c_out(0) = 0.")

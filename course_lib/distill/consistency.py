@@ -62,14 +62,6 @@ def default_t_min(process: AffineProcess) -> float:
 
 # --- the consistency function ------------------------------------------------------------------------------------
 
-def consistency_scalings(t: Tensor, process: AffineProcess, t_min: float, sigma_data: float = SIGMA_DATA
-                         ) -> tuple[Tensor, Tensor]:
-    """(c_skip(t), c_out(t)), each (B,) for t (B,) (paper Appendix C, with sigma_min = sigma(t_min)): c_skip = 1 and
-    c_out = 0 at t = t_min, so f(x, t_min) = x whatever the network outputs. precond's "consistency" scalings, the
-    values of ConsistencyModel.scalings."""
-    return precond.coefficients("consistency", t, process, t, t_min=t_min, sigma_data=sigma_data)
-
-
 def consistency_fn(model: Callable, x: Tensor, t: Tensor, t_min: float, sigma_data: float = SIGMA_DATA,
                    cond: Cond | None = None) -> Tensor:
     """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t) (B, ...) for a course model (x0_hat = model(x, t, cond).x0)."""

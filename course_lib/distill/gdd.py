@@ -51,17 +51,6 @@ SIGMA_DATA = 0.5      # EDM's sigma_data
 
 # --- the generator: GDD's preconditioning on a course model ---------------------------------------------------------
 
-def gdd_scalings(sigma: Tensor, eps: float = SIGMA_MIN, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor]:
-    """GDDPrecond's (c_skip, c_out) at EDM noise levels sigma (B,): c_skip = 1, c_out = 0 at sigma = eps (precond.gdd)."""
-    return precond.gdd(sigma, eps, sigma_data)
-
-
-def edm_scalings_ve(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor]:
-    """EDM's own (c_skip, c_out) (Karras et al. 2022, Eq. 7): sd^2 / (sigma^2 + sd^2), sigma sd / sqrt(sigma^2 + sd^2)
-    (precond.edm)."""
-    return precond.edm(sigma, sigma_data)[:2]
-
-
 class GDDPrecond(precond.Boundary):
     """A course model (x, t[, y]) -> Pred with GDD's preconditioning (precond.Boundary with the "gdd" scalings): in
     EDM variables x_ve = x / alpha_t, sigma = sigma_t / alpha_t, with F = (x0_hat - c_skip^EDM x_ve) / c_out^EDM the

@@ -76,14 +76,6 @@ def lcm_grid(n: int, process: SDDiscrete, original_steps: int = ORIGINAL_STEPS) 
     return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
 
 
-def boundary_scalings(timesteps: Tensor, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
-                      ) -> tuple[Tensor, Tensor]:
-    """LCM's (c_skip, c_out) at integer timesteps tau (B,) (LCMScheduler.get_scalings_for_boundary_condition_discrete):
-    c_skip = sd^2 / ((s tau)^2 + sd^2), c_out = s tau / sqrt((s tau)^2 + sd^2). c_skip(0) = 1, c_out(0) = 0
-    (precond.lcm)."""
-    return precond.lcm(timesteps, sigma_data, timestep_scaling)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The consistency function around an SD denoiser
 # ----------------------------------------------------------------------------------------------------------------

@@ -74,6 +74,26 @@ def stamped(step, stamps: list[float], dev: torch.device, phase: str | None = No
     return wrapped
 
 
+def step_times(nets: dict, step, sample, cfg: TrainConfig, dev: torch.device, phase: str | None = None,
+               frozen: dict | None = None) -> list[float]:
+    """Seconds between consecutive calls of `step` (of network `phase` only, if given) over cfg.steps engine steps
+    (train_networks, no progress bar), the device's peak-memory counter reset first."""
+    stamps: list[float] = []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    train_networks(nets, stamped(step, stamps, dev, phase), sample, cfg, frozen=frozen, progress=False)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def common_fields(dev: torch.device, tiny: bool, batch_size: int, precision: str, grad_checkpointing: bool,
+                  lora: int) -> dict:
+    """The fields every measurement reports: where, which UNet, the per-GPU batch and the settings, peak memory."""
+    return {"device": _device_name(dev), "unet": "tiny (CPU smoke)" if tiny else "SD 1.5 (configs/sd15_unet.json)",
+            "batch_size_per_gpu": batch_size, "precision": precision, "grad_checkpointing": grad_checkpointing,
+            "lora_rank": lora,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+
+
 def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bool = True, lora: int = 0,
             ema_decay: float = 0.0, steps: int = 6, warmup: int = 2, tiny: bool = False,
             device: str | None = None) -> dict:
@@ -88,7 +108,6 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
     n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     L, D, h = (77, cfg["cross_attention_dim"], cfg["sample_size"])
     null = torch.zeros(1, L, D)
-    stamps: list[float] = []
 
     def sample(n, g):
         x = torch.randn(n, 4, h, h, generator=g)
@@ -98,22 +117,13 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
         eps, x0, c = batch
         return rf.rf_loss(ctx.nets["unet"], x0, ctx.generator, eps=eps, cond=c)
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    train_networks({"unet": Network(model, lr=1e-5, ema_decay=ema_decay, save_frozen=not lora)},
-                   stamped(loss, stamps, dev), sample,
-                   TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
-                               grad_checkpointing=grad_checkpointing), progress=False)
-    times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
-    sec = statistics.median(times)
-    res = {"device": _device_name(dev),
-           "unet": "tiny (CPU smoke)" if tiny else "SD 1.5 (configs/sd15_unet.json)", "params": n_params,
-           "trainable_params": n_train, "batch_size_per_gpu": batch_size, "precision": precision,
-           "grad_checkpointing": grad_checkpointing, "lora_rank": lora, "ema": ema_decay > 0,
-           "latent": [4, h, h], "seconds_per_step": sec,
-           "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
-    res["instaflow_budget"] = budget(sec / batch_size)
-    return res
+    times = step_times({"unet": Network(model, lr=1e-5, ema_decay=ema_decay, save_frozen=not lora)}, loss, sample,
+                       TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
+                                   grad_checkpointing=grad_checkpointing), dev)
+    sec = statistics.median(times[warmup:])
+    return {**common_fields(dev, tiny, batch_size, precision, grad_checkpointing, lora), "params": n_params,
+            "trainable_params": n_train, "ema": ema_decay > 0, "latent": [4, h, h], "seconds_per_step": sec,
+            "instaflow_budget": budget(sec / batch_size)}
 
 
 # DMD2 (SD 1.5, tianweiy/DMD2 experiments/laion6.25): 39k iterations (20k-40k iteration runs) then a GAN stage of
@@ -137,7 +147,6 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
     L, D, h = (77, cfg["cross_attention_dim"], cfg["sample_size"])
     null = torch.zeros(1, L, D, device=dev)
     G, real, critic = networks(G, lora, None, gan, seed=1)
-    stamps: list[float] = []
 
     def sample(n, g):
         return {"x": torch.randn(n, 4, h, h, generator=g), "cond": Cond(text=torch.randn(n, L, D, generator=g),
@@ -145,24 +154,16 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
 
     step = dmd.dmd_step(dmd.DMDConfig(ttur=ttur, gan=gan, real_w=0.75), G.process)
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     nets = {"generator": Network(G, lr=1e-5, every=ttur, save_frozen=not lora), "critic": Network(critic, lr=1e-5)}
-    train_networks(nets, stamped(step, stamps, dev, phase="generator"), sample, TrainConfig(steps=ttur * (iterations + 1) + 1, batch_size=batch_size,
-                                                    precision=precision, grad_checkpointing=grad_checkpointing),
-                   frozen={"teacher": real}, progress=False)
-    rounds = [b - a for a, b in zip(stamps[1:], stamps[2:])]
-    sec = statistics.median(rounds) / ttur
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    rounds = step_times(nets, step, sample, TrainConfig(steps=ttur * (iterations + 1) + 1, batch_size=batch_size,
+                                                        precision=precision, grad_checkpointing=grad_checkpointing),
+                        dev, phase="generator", frozen={"teacher": real})
+    sec = statistics.median(rounds[1:]) / ttur
     trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
-    res = {"method": "dmd2", "device": _device_name(dev),
-           "unet": "tiny (CPU smoke)" if tiny else "SD 1.5 (configs/sd15_unet.json)", "params_unet": count(unet),
-           "trainable_generator": trainable(G), "trainable_critic": trainable(critic), "gan": gan, "ttur": ttur,
-           "batch_size_per_gpu": batch_size, "precision": precision, "grad_checkpointing": grad_checkpointing,
-           "lora_rank": lora, "latent": [4, h, h], "seconds_per_iteration": sec,
-           "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
-    res["dmd2_budget"] = dmd2_budget(sec, batch_size)
-    return res
+    return {"method": "dmd2", **common_fields(dev, tiny, batch_size, precision, grad_checkpointing, lora),
+            "params_unet": sum(p.numel() for p in unet.parameters()), "trainable_generator": trainable(G),
+            "trainable_critic": trainable(critic), "gan": gan, "ttur": ttur, "latent": [4, h, h],
+            "seconds_per_iteration": sec, "dmd2_budget": dmd2_budget(sec, batch_size)}
 
 
 def dmd2_budget(seconds_per_iteration: float, batch_size: int, gpus: tuple[int, ...] = (8, 64)) -> dict:
@@ -290,27 +291,20 @@ def measure_lcm_lora(batch_size: int = 12, rank: int = 64, precision: str = "bf1
     student = lcm.LCMModel(model, w_fixed=LCM_LORA_W)
     L, D, h = 77, cfg["cross_attention_dim"], cfg["sample_size"]
     null = torch.zeros(1, L, D)
-    stamps: list[float] = []
     inner = lcm_lora_step(SimpleNamespace(model=model), lcm.LCMConfig(w_min=LCM_LORA_W, w_max=LCM_LORA_W),
                           {"w": LCM_LORA_W, "steps": online_steps} if online_steps else None)
 
     def sample(n, g):
         return torch.randn(n, 4, h, h, generator=g), Cond(text=torch.randn(n, L, D, generator=g), null_text=null)
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     rss0 = _rss_gib()
-    train_networks({"student": Network(student, lr=1e-4, save_frozen=False)}, stamped(inner, stamps, dev), sample,
-                   TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
-                               grad_checkpointing=grad_checkpointing), progress=False)
-    times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
-    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "unet": "tiny (CPU smoke)" if tiny else "SD 1.5 (configs/sd15_unet.json)",
+    times = step_times({"student": Network(student, lr=1e-4, save_frozen=False)}, inner, sample,
+                       TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
+                                   grad_checkpointing=grad_checkpointing), dev)[warmup:]
+    return {**common_fields(dev, tiny, batch_size, precision, grad_checkpointing, rank),
             "params": sum(p.numel() for p in unet.parameters()),
             "trainable_params": sum(p.numel() for p in unet.parameters() if p.requires_grad),
-            "batch_size_per_gpu": batch_size, "precision": precision, "grad_checkpointing": grad_checkpointing,
-            "lora_rank": rank, "online_steps": online_steps, "seconds_per_step": sorted(times)[len(times) // 2],
-            "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            "online_steps": online_steps, "seconds_per_step": sorted(times)[len(times) // 2],
             # on a CPU: the process's peak resident memory above what it held before the first step (the model
             # built), a rough stand-in for the training step's own memory (activations, optimizer, autocast copies)
             "cpu_step_rss_gib": None if dev.type == "cuda" or rss0 is None else _peak_rss_gib() - rss0}
@@ -479,13 +473,22 @@ def main(argv: list[str] | None = None) -> dict:
         print_table(rows)
         return {"device": _device_name(dev), "rows": rows}
     if a.method == "dmd2":
-        return _print_dmd2(measure_dmd2(a.batch_size or 4, a.precision, a.grad_checkpointing, a.lora, tiny=a.tiny,
-                                        device=a.device), a)
-    a.batch_size = a.batch_size or 8
-    res = measure(a.batch_size, a.precision, a.grad_checkpointing, a.lora, 0.9999 if a.ema else 0.0, a.steps,
-                  a.warmup, a.tiny, a.device)
+        res = measure_dmd2(a.batch_size or 4, a.precision, a.grad_checkpointing, a.lora, tiny=a.tiny, device=a.device)
+    else:
+        a.batch_size = a.batch_size or 8
+        res = measure(a.batch_size, a.precision, a.grad_checkpointing, a.lora, 0.9999 if a.ema else 0.0, a.steps,
+                      a.warmup, a.tiny, a.device)
     if a.out:
         write_json_atomic(Path(a.out), res)
+    (_print_dmd2 if a.method == "dmd2" else _print_reflow)(res, a)
+    if a.tiny:
+        print(f"note: measured on a tiny UNet on the CPU: these numbers only test the measurement. A GPU is needed "
+              f"for the real table (python -m course_lib.scale.cost{' --method dmd2' * (a.method == 'dmd2')} on an "
+              "A100/H100).")
+    return res
+
+
+def _print_reflow(res: dict, a) -> None:
     b = res["instaflow_budget"]
     mem = _memory(res)
     print(f"| device | UNet | batch/GPU | precision | checkpointing | LoRA | s/step | peak memory |\n|---|---|---|---|---|---|---|---|\n"
@@ -494,15 +497,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"InstaFlow's schedule ({b['samples']:,} training samples): {b['gpu_hours']:.0f} GPU-hours here; wall "
           f"{b['wall_hours']['1'] / 24:.1f} days on 1 GPU, {b['wall_hours']['8'] / 24:.1f} days on 8 "
           f"(paper: {b['paper_a100_days']} A100-days incl. data generation = {b['paper_wall_days_on_8_a100']:.1f} days on 8 A100s)")
-    if a.tiny or dev.type != "cuda":
-        print("note: measured on a tiny UNet on the CPU: these numbers only test the measurement. A GPU is needed "
-              "for the real table (python -m course_lib.scale.cost on an A100/H100).")
-    return res
 
 
-def _print_dmd2(res: dict, a) -> dict:
-    if a.out:
-        write_json_atomic(Path(a.out), res)
+def _print_dmd2(res: dict, a) -> None:
     b = res["dmd2_budget"]
     mem = _memory(res)
     print(f"| device | method | UNets | batch/GPU | precision | checkpointing | generator LoRA | s/iteration | peak memory |"
@@ -512,10 +509,6 @@ def _print_dmd2(res: dict, a) -> dict:
     print(f"DMD2's SD 1.5 schedule ({b['iterations']:,} iterations at a global batch of {b['global_batch']}): "
           f"{b['gpu_hours']:.0f} GPU-hours here; wall {b['wall_hours']['8']:.0f} h on 8 GPUs, {b['wall_hours']['64']:.0f} h "
           f"on 64 (paper: {b['paper']} = {b['paper_gpu_hours']:.0f} GPU-hours)")
-    if a.tiny:
-        print("note: measured on tiny UNets on the CPU: these numbers only test the measurement. A GPU is needed "
-              "for the real table (python -m course_lib.scale.cost --method dmd2 on an A100/H100).")
-    return res
 
 
 if __name__ == "__main__":

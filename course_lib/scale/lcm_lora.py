@@ -85,7 +85,6 @@ from .triplets import Triplets, teacher_key
 
 STAGE = "lcm-lora"
 LORA_DIR = "lora"
-DATA_MODES = ("images", "triplets", "online")
 
 
 # ----------------------------------------------------------------------------------------------------------------
