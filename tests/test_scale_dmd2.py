@@ -156,9 +156,9 @@ def test_clear_errors(work, tmp_path):
 
 
 def test_the_mini_sd_generator_trains_saves_and_loads(tmp_path):
-    """distill.dmd2_sd (the shipped mini-SD student's recipe) on a tiny random pipeline: a few iterations of the
+    """recipes.dmd (the shipped mini-SD student's recipe) on a tiny random pipeline: a few iterations of the
     same method step, then the saved UNet loads back as the same generator."""
-    from course_lib.distill import dmd2_sd
+    from course_lib.recipes import dmd as dmd_recipes
 
     sd = sdlib.from_pipeline(sdlib.tiny_sd_pipeline(seed=0))
     before = {k: v.clone() for k, v in sd.model.unet.state_dict().items()}
@@ -166,34 +166,35 @@ def test_the_mini_sd_generator_trains_saves_and_loads(tmp_path):
     with torch.no_grad():
         text = sd.text(["a red seven"] * 6)
     sample = lambda n, g: {"x": x[:n], "cond": type(text)(text=text.text[:n], null_text=text.null_text)}
-    G, done = dmd2_sd.distill_dmd2_sd(sd, sample, dmd2_sd.recipe(), run=dmd2_sd.train_config(4, 2, checkpoints=True),
-                                      progress=False, ckpt_dir=tmp_path / "ckpt")
+    G, done = dmd_recipes.distill_dmd2_sd(sd, sample, dmd_recipes.recipe(),
+                                          run=dmd_recipes.train_config(4, 2, checkpoints=True),
+                                          progress=False, ckpt_dir=tmp_path / "ckpt")
     assert done.updates == {"generator": 1, "critic": 4} and not G.training
-    # the shipped generator's optimizer (dmd2_sd.RECIPE: the course's betas (0, 0.999), no weight decay)
+    # the shipped generator's optimizer (dmd_recipes.RECIPE: the course's betas (0, 0.999), no weight decay)
     nets = json.loads((tmp_path / "ckpt" / "config.json").read_text())["networks"]
     for name in ("generator", "critic"):
         assert (nets[name]["betas"], nets[name]["weight_decay"]) == ([0.0, 0.999], 0.0)
     assert all(torch.equal(v, sd.model.unet.state_dict()[k]) for k, v in before.items())   # the teacher untouched
-    folder = dmd2_sd.save(G, tmp_path / "g", {"kind": "dmd2"})
-    again = dmd2_sd.load(sd, folder)
+    folder = dmd_recipes.save(G, tmp_path / "g", {"kind": "dmd2"})
+    again = dmd_recipes.load(sd, folder)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         c = sd.text(["a red seven", "a blue two"])
         t = torch.ones(2)
         torch.testing.assert_close(again(z, t, c).x0, G(z, t, c).x0)
     with pytest.raises(FileNotFoundError, match="recreate it with"):
-        dmd2_sd.load(sd, tmp_path)
+        dmd_recipes.load(sd, tmp_path)
 
 
 def test_recipe_settings_from_the_command_line_are_typed_and_checked():
-    from course_lib.distill import dmd2_sd
+    from course_lib.recipes import dmd as dmd_recipes
 
-    cfg = dmd2_sd.override(dmd2_sd.RECIPE, ["lr_g=2e-5", "ttur=10", "gan=false", "t_range=0.1,0.9"])
+    cfg = dmd_recipes.override(dmd_recipes.RECIPE, ["lr_g=2e-5", "ttur=10", "gan=false", "t_range=0.1,0.9"])
     assert (cfg.lr_g, cfg.ttur, cfg.gan, cfg.t_range) == (2e-5, 10, False, (0.1, 0.9))
-    assert cfg.lr_critic == dmd2_sd.RECIPE.lr_critic                          # the rest is the recipe's
+    assert cfg.lr_critic == dmd_recipes.RECIPE.lr_critic                          # the rest is the recipe's
     for bad in ("lr=1e-4", "ttur", "gan=maybe", "ttur=1.5"):
         with pytest.raises(ValueError):
-            dmd2_sd.override(dmd2_sd.RECIPE, [bad])
+            dmd_recipes.override(dmd_recipes.RECIPE, [bad])
 
 
 def _launch(tmp_path: Path, name: str, args: list[str]) -> dict:

@@ -194,7 +194,7 @@ def backward_simulate(G: Callable[..., Pred], z: Tensor, i: int, times: list[flo
 # and DMD2_WEIGHT_DECAY, which the Stable Diffusion stage (scale.dmd2, DMD2's SD 1.5 recipe) uses. The course's short
 # runs use beta1 = 0 and no weight decay (DMDConfig's defaults, COURSE_BETAS), as GAN training does (GDD: Adam (0,
 # 0.99); SiD: (0, 0.999)): without momentum each generator update follows the fake score of that moment, which moves
-# at every critic update. Benches dmd and dmd2 and the shipped mini-SD generator (distill.dmd2_sd.RECIPE) were
+# at every critic update. Benches dmd and dmd2 and the shipped mini-SD generator (recipes.dmd.RECIPE) were
 # trained with it; the two settings were not compared at the course's budgets.
 DMD2_BETAS, DMD2_WEIGHT_DECAY = (0.9, 0.999), 0.01
 COURSE_BETAS = (0.0, 0.999)

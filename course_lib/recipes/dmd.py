@@ -1,8 +1,8 @@
-"""DMD2 of a Stable Diffusion model in course pieces (sd.SD): the mini Stable Diffusion's one-step student, trained
+"""The course's DMD2 run on a Stable Diffusion model in course pieces (sd.SD; the method is distill/dmd.py): the mini Stable Diffusion's one-step student, trained
 with notebook 09's method step (dmd.dmd_step) on the mini SD's own training digits, which serve as the GAN's real
 latents (through the teacher's VAE) and whose captions condition the generator.
 
-    python -m course_lib.distill.dmd2_sd train --out data/dmd2 --threads 2      recreate the shipped student
+    python -m course_lib.recipes.dmd train --out data/dmd2 --threads 2      recreate the shipped student
 
 The real score is the teacher with classifier-free guidance at the mini SD's default w (minisd.DEFAULT_W, the
 course's convention): the guidance is distilled into the generator, which is sampled without it. The student is a
@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Cond
+from ..distill import dmd
 from ..train import Observer, Trained, TrainConfig
-from . import dmd
 
 SHIPPED = "mini-sd-dmd2"
 META = "dmd2.json"
-RECREATE = "python -m course_lib.distill.dmd2_sd train --out data/dmd2 --threads 2"
+RECREATE = "python -m course_lib.recipes.dmd train --out data/dmd2 --threads 2"
 # DMD2's SD recipe (TTUR, lambda_G, lambda_D, clip 10) at the mini SD's size: larger learning rates for a run of
 # minutes, the generator's 5x below the critic's (at the critic's rate the generator outran its fake score and drew
 # textured digits: held-out KID 0.40 against 0.20, data/dmd2/README.md); real score guided at the mini SD's default w
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .. import minisd
 
-    parser = argparse.ArgumentParser(prog="python -m course_lib.distill.dmd2_sd",
+    parser = argparse.ArgumentParser(prog="python -m course_lib.recipes.dmd",
                                      description="Distil the mini Stable Diffusion into a one-step DMD2 generator.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="DMD2 of the mini SD with the shipped recipe")
