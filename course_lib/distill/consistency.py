@@ -31,7 +31,7 @@ CT schedules (`ct_schedule`): the 2023 paper's progressive N(k) with adaptive ta
 `create_ema_and_scales_fn`), or iCT's doubling N(k) with mu = 0.
 
 The method step (`cd_step`, `ct_step`) is a function for `train.train_networks`: it sees the networks by name
-("student", its target "target", the frozen "teacher") and returns per-sample losses; `distill_cd` and `train_ct`
+("student", its target "target", the frozen "teacher") and returns per-sample losses; `distill_cd` and `distill_ct`
 wire it up with the engine (EMA of the student for sampling, the target network as a `train.Target`).
 """
 from __future__ import annotations

@@ -261,13 +261,14 @@ def sss(f: Callable[..., Pred], z: Tensor, timesteps: Tensor, process: SDDiscret
 
     and the last step returns z_s (at timestep 0, abar_0 = 0.99915, as diffusers): samplers.multistep (TCD's jump)
     on the integer grid ending at timestep 0. noise = torch.randn(z.shape, generator, dtype=z.dtype) in order. The
-    signature of lcm.multistep (pass functools.partial(sss, gamma=...) as lcm.sample's or lcm.evaluate's sampler)."""
+    signature of lcm.multistep (pass functools.partial(sss, gamma=...) as lcm.sample's or recipes.lcm.evaluate's
+    sampler)."""
     grid = torch.cat([timesteps.to(torch.int64), torch.tensor([0])])
     return samplers.multistep(f, z, grid, process, gamma=check_gamma(gamma), generator=generator, cond=cond)
 
 
 def sampler(gamma: float = GAMMA) -> Callable[..., Tensor]:
-    """sss with gamma fixed, in lcm.multistep's signature (for lcm.sample / lcm.evaluate)."""
+    """sss with gamma fixed, in lcm.multistep's signature (for lcm.sample / recipes.lcm.evaluate)."""
     gamma = check_gamma(gamma)
     return lambda f, z, timesteps, process, generator=None, cond=None: sss(f, z, timesteps, process, generator, gamma,
                                                                           cond)

@@ -27,7 +27,8 @@ TCD_JSON = "tcd.json"
 
 def evaluate(sd: Any, student: nn.Module, n: int = 500, steps: int = 4, w: float | None = None,
              seeds: Sequence[int] = (0, 1, 2), gamma: float = GAMMA) -> dict[str, Any]:
-    """lcm.evaluate (adherence, KID/FD against held-out and training digits, mean and spread over seeds) of SSS."""
+    """recipes.lcm.evaluate (adherence, KID/FD against held-out and training digits, mean and spread over seeds) of
+    SSS."""
     return {**lcm_recipes.evaluate(sd, student, n, steps, w, seeds, sampler=sampler(gamma)), "gamma": gamma}
 
 
