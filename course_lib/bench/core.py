@@ -286,8 +286,6 @@ def digits_teacher(ev: Evaluation, teacher, seed: int, n: int, steps: int, devic
 
 def digit_labels(n: int, device: str | torch.device, num_classes: int = 10) -> Cond:
     """n class-balanced digit labels (classifier.balanced_labels) as a model's conditioning, on `device`."""
-    from ..classifier import balanced_labels
-
     return labels(balanced_labels(n).to(device), num_classes)
 
 

@@ -10,17 +10,21 @@ plain UNet (same architecture), saved in diffusers' format with dmd2.json beside
 grid (dmd.sample: 999, or 999/749/499/249 with fresh noise in between, as diffusers' LCMScheduler does)."""
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .. import minisd, paths
 from ..conditioning import Cond
 from ..distill import dmd
+from ..sd import SDDenoiser
 from ..train import Observer, Trained, TrainConfig
 
 SHIPPED = "mini-sd-dmd2"
@@ -38,15 +42,11 @@ STEPS, BATCH = 1500, 32
 
 
 def recipe() -> dmd.DMDConfig:
-    from .. import minisd
-
     return replace(RECIPE, real_w=float(minisd.DEFAULT_W))
 
 
 def override(cfg: dmd.DMDConfig, settings: Sequence[str]) -> dmd.DMDConfig:
     """cfg with KEY=VALUE settings applied (each VALUE read as the field's type: lr_g=2e-5, ttur=10, gan=false)."""
-    from dataclasses import fields
-
     types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
     changes: dict[str, Any] = {}
     for item in settings:
@@ -66,17 +66,13 @@ def override(cfg: dmd.DMDConfig, settings: Sequence[str]) -> dmd.DMDConfig:
 
 
 def shipped_dir() -> Path:
-    from .. import paths
-
     return paths.data_dir() / "dmd2"
 
 
 def digit_batches(sd: Any, n_images: int | None = None) -> Callable[[int, torch.Generator], dict]:
     """sample_batch(n, g) -> {"x": real latents of the mini SD's training digits (n, 4, h, w), "cond": Cond of their
     captions} (the latents and caption embeddings of minisd.digit_batches)."""
-    from ..minisd import digit_batches as pairs
-
-    draw = pairs(sd, n_images)
+    draw = minisd.digit_batches(sd, n_images)
 
     def sample(n: int, g: torch.Generator) -> dict:
         z0, c = draw(n, g)
@@ -100,8 +96,6 @@ def distill_dmd2_sd(sd: Any, data: Callable, cfg: dmd.DMDConfig, *, run: TrainCo
     on the CPU; the engine's Trained). sd.model itself is left untouched (the
     generator, critic and real score are copies of it, trained on `device`; the batches are drawn on the CPU and moved
     there by the engine). The critic's examples: latents (2, C, h, h) and a Cond of zero text embeddings."""
-    import copy
-
     teacher = copy.deepcopy(sd.model).requires_grad_(False).eval().to(device)
     unet = teacher.unet
     h = unet.config.sample_size
@@ -133,8 +127,6 @@ def sample(sd: Any, G: nn.Module, prompts: Sequence[str], steps: int = 1, seed: 
 def evaluate(sd: Any, G: nn.Module, n: int = 500, steps: int = 1, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
     """minisd.evaluate for a DMD2 generator: the same prompts per seed (minisd.evaluate_images), prompt adherence and
     KID/FD against held-out and training digits, mean and spread over the seeds."""
-    from .. import minisd
-
     return minisd.evaluate_images(lambda prompts, s: sample(sd, G, prompts, steps, seed=s), n, seeds, steps=steps)
 
 
@@ -150,26 +142,18 @@ def load(sd: Any, folder: str | Path) -> nn.Module:
     """The generator saved by `save`, as a course model on sd's process (sd.model's weights are not touched)."""
     from diffusers import UNet2DConditionModel
 
-    from .. import sd as sdlib
-
     folder = Path(folder)
     if not (folder / META).is_file():
         raise FileNotFoundError(f"{folder} holds no DMD2 generator ({META} is missing): recreate it with `{RECREATE}`")
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    return sdlib.SDDenoiser(unet, sd.model.process, sd.model.parameterization).eval().requires_grad_(False)
+    return SDDenoiser(unet, sd.model.process, sd.model.parameterization).eval().requires_grad_(False)
 
 
 def load_shipped(sd: Any) -> nn.Module:
-    from .. import paths
-
     return load(sd, paths.shipped(shipped_dir() / SHIPPED, RECREATE))
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from .. import minisd
-
     parser = argparse.ArgumentParser(prog="python -m course_lib.recipes.dmd",
                                      description="Distil the mini Stable Diffusion into a one-step DMD2 generator.")
     sub = parser.add_subparsers(dest="command", required=True)
