@@ -101,7 +101,7 @@ class Boundary(nn.Module):
 
         f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)           returned as Pred(f, eps consistent with x_t)
 
-    forward(x, t, cond=None) calls the wrapped model(x, t[, cond]) (further arguments pass through unchanged).
+    forward(x, t, cond=None) calls the wrapped model(x, t, cond), the one model call.
     The config is {"kind": kind, **params, "model": the wrapped model's config}; models.build_model rebuilds it."""
 
     def __init__(self, model: nn.Module, kind: str, **params: Any):

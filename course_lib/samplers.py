@@ -156,7 +156,7 @@ def _discrete_kernel(process: AffineProcess, tau_from: int | None, tau_to: int) 
 
 
 @torch.no_grad()
-def multistep(model: Model, x: Tensor, ts: Tensor | list, process: AffineProcess, *, cond: object = None,
+def multistep(model: Model, x: Tensor, ts: Tensor | list, process: AffineProcess, *, cond: Cond | None = None,
               gamma: float = 1.0, denoised: str | float = "jump", noises: Tensor | None = None,
               generator: torch.Generator | None = None, return_path: bool = False) -> Tensor:
     """The "denoise, then re-noise" family of few-step samplers (consistency models, LCM, TCD, ADD, DMD) on the
@@ -178,7 +178,7 @@ def multistep(model: Model, x: Tensor, ts: Tensor | list, process: AffineProcess
     ts: course times (float), or diffusers' integer timesteps (int64; grids.lcm_timesteps) of an SDDiscrete process:
     then the model sees t = (tau + 1) / T, the jump goes to tau_s = floor((1 - gamma) tau') (diffusers'
     TCDScheduler arithmetic, float32) and every coefficient is read from the abar table, as diffusers computes it
-    (timestep -1 is the clean sample). cond is passed as model(x, t, cond) when given. noises (n - 1, B, ...) fixes
+    (timestep -1 is the clean sample). The model is called model(x, t, cond). noises (n - 1, B, ...) fixes
     the fresh z (noises[i] at step i); otherwise they are drawn from `generator` (on its device, then moved).
     With return_path the states at ts[0..n-1] and the result, (n + 1, B, ...)."""
     if not 0.0 <= gamma <= 1.0:
@@ -188,11 +188,10 @@ def multistep(model: Model, x: Tensor, ts: Tensor | list, process: AffineProcess
         raise ValueError(f"denoised is 'jump', 'clean' or a time t_min (float); got {denoised!r}")
     ts = _grid(ts)
     discrete = not ts.is_floating_point()
-    call = model if cond is None else (lambda x_, t_: model(x_, t_, cond))
     path, n = [x], len(ts) - 1
     for i in range(n):
         t = as_times(process.t_of_timestep(ts[i]) if discrete else ts[i], x)
-        pred = call(x, t)
+        pred = model(x, t, cond)
         if denoised != "jump":                                   # x' = x0_hat, at t_min or clean
             x, s_mid = pred.x0, (None if denoised == "clean" else as_times(denoised, x))
         elif discrete:                                           # TCD on diffusers' timesteps
@@ -236,7 +235,8 @@ def tcd(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path
     noises (len(ts) - 2, B, ...) fixes the fresh z of the re-noising steps (noises[i] at step i); otherwise they are
     drawn from `generator`.
     """
-    return multistep(model, x, ts, process, cond=cond, gamma=gamma, noises=noises, generator=generator, return_path=return_path)
+    return multistep(model, x, ts, process, cond=cond, gamma=gamma, noises=noises, generator=generator,
+                     return_path=return_path)
 
 
 def consistency(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,

@@ -10,7 +10,8 @@ from .. import precond, sd
 from ..conditioning import Cond
 from ..config import seeded
 from ..distill import lcm
-from ..distill.lcm import lcm_target, lcm_timesteps, multistep
+from ..distill.lcm import lcm_target, multistep
+from ..grids import lcm_timesteps
 from ..predictions import Pred
 from ..processes import SDDiscrete
 from .core import (checker, draw_seed, explain_exception, fall_back, fresh_generator, is_library, library_version,

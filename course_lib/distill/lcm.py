@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from .. import distances, precond, samplers, steps
 from ..conditioning import Cond
 from ..config import seeded
-from ..grids import ddim_timesteps, lcm_timesteps, skipping_step  # noqa: F401  (LCM's grids, in grids.py)
+from ..grids import ddim_timesteps, lcm_timesteps, skipping_step
 from ..guidance import cfg as guided
 from ..predictions import Pred
 from ..processes import SDDiscrete, time_dtype
@@ -82,7 +82,6 @@ def lcm_grid(n: int, process: SDDiscrete, original_steps: int = ORIGINAL_STEPS) 
 
 def w_embedding(w: Tensor | float, dim: int, batch: int) -> Tensor:
     """Emb(w): LCM's sinusoidal embedding of 1000 w, (B, dim) (sd.lcm_timestep_cond), for a float or (B,) w."""
-
     w = torch.as_tensor(w, dtype=torch.float32)
     return lcm_timestep_cond(w.expand(batch) if w.ndim == 0 else w, dim)
 
@@ -173,7 +172,6 @@ def lcm_student(teacher: nn.Module, w_dim: int = W_EMBED_DIM, w_range: tuple[flo
     """A student UNet built from the teacher's config with time_cond_proj_dim = w_dim, initialised with the teacher's
     weights (all but the new w-projection, which starts at zero: the student starts as the teacher). Trainable."""
     from diffusers import UNet2DConditionModel
-
 
     config = {k: v for k, v in dict(teacher.unet.config).items() if not k.startswith("_")}
     if config.get("time_cond_proj_dim") is not None:

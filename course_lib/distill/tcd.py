@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .. import distances, samplers, steps
 from ..conditioning import Cond, check
+from ..grids import ddim_timesteps, lcm_timesteps, skipping_step
 from ..guidance import cfg as guided
 from ..predictions import Pred
 from ..processes import AffineProcess, SDDiscrete, bcast
@@ -204,8 +205,8 @@ def tcd_sd_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscret
     and w per sample; nets "student", "target" (its EMA) and "teacher"."""
     z0, cond = batch
     g, B = ctx.generator, len(z0)
-    k = lcm.skipping_step(cfg.original_steps, process.T)
-    grid = lcm.ddim_timesteps(cfg.original_steps, process.T)
+    k = skipping_step(cfg.original_steps, process.T)
+    grid = ddim_timesteps(cfg.original_steps, process.T)
     timesteps = grid[torch.randint(len(grid), (B,), generator=g, device=g.device).cpu()]
     s_timesteps = draw_end_timesteps(timesteps, k, g)
     eps = torch.randn(z0.shape, generator=g, device=g.device).to(z0)
@@ -244,8 +245,8 @@ def check_gamma(gamma: float) -> float:
 
 
 def tcd_timesteps(n: int, original_steps: int = lcm.ORIGINAL_STEPS, T: int = 1000) -> Tensor:
-    """The n timesteps TCDScheduler.set_timesteps(n) visits: LCM's (lcm.lcm_timesteps), e.g. 999, 759, 499, 259."""
-    return lcm.lcm_timesteps(n, original_steps, T)
+    """The n timesteps TCDScheduler.set_timesteps(n) visits: LCM's (grids.lcm_timesteps), e.g. 999, 759, 499, 259."""
+    return lcm_timesteps(n, original_steps, T)
 
 
 @torch.no_grad()

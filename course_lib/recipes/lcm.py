@@ -115,7 +115,6 @@ def train_style_lora(sd: Any, colour: str = "red", steps: int = 200, batch: int 
     Returns the UNet, with the style adapter active alone."""
     from peft import LoraConfig
 
-
     require_codec(sd)
     if colour not in minisd.COLOURS:
         raise ValueError(f"colour is one of {tuple(minisd.COLOURS)}; got {colour!r}")
