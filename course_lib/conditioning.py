@@ -22,7 +22,7 @@ training (`Cond.drop`, used by `losses.denoising_loss`) are written once for lab
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -174,12 +174,22 @@ def labels(y: Tensor, num_classes: int) -> Cond:
 
 
 def labelled(sample: Callable[[int, torch.Generator], tuple[Tensor, Tensor]], num_classes: int
-             ) -> Callable[[int, torch.Generator], tuple[Tensor, Cond]]:
-    """A labelled data sampler (n, g) -> (x0, y) as one that gives (x0, labels(y, num_classes))."""
-    def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Cond]:
+             ) -> Callable[[int, torch.Generator], dict]:
+    """A labelled data sampler (n, g) -> (x0, y) as a course data source: (n, g) -> {"x": x0, "cond": labels(y, K)}."""
+    def sample_batch(n: int, g: torch.Generator) -> dict:
         x0, y = sample(n, g)
-        return x0, labels(y, num_classes)
+        return {"x": x0, "cond": labels(y, num_classes)}
     return sample_batch
+
+
+def unpack(batch: Mapping[str, Any]) -> tuple[Tensor, Cond | None]:
+    """A course batch {"x": x0 (B, ...), "cond": Cond (optional)} as (x0, cond): what every method's step reads.
+    Data sources are (n, generator) -> such a dict (`labelled`, data2d.batches, minisd.digit_batches)."""
+    if not isinstance(batch, Mapping) or "x" not in batch:
+        raise TypeError("a course batch is a dict {'x': x0, 'cond': Cond or None}; got "
+                        f"{type(batch).__name__} (wrap an x0 sampler as lambda n, g: {{'x': sample(n, g)}}, "
+                        "a labelled one with conditioning.labelled)")
+    return batch["x"], check(batch.get("cond"))
 
 
 def check(cond: Cond | None) -> Cond | None:

@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .conditioning import Cond, check
+from .conditioning import Cond, check, labelled
 from .predictions import Pred
 from .processes import AffineProcess, as_times
 
@@ -436,6 +436,14 @@ def sample_2d(name: Data2D, n: int, generator: torch.Generator | None = None) ->
         return name.sample(n, generator)
     x, y = _get(name).sample(n, generator)
     return x.float(), y.long()
+
+
+def batches(name: Data2D, labels: bool = False) -> Callable[[int, torch.Generator], dict]:
+    """The toy dataset as a course data source: (n, g) -> {"x": x0 (n, 2)}, with labels {"x": x0, "cond":
+    conditioning.labels(y, num_classes(name))}. The engine moves each batch to the model's device."""
+    if labels:
+        return labelled(lambda n, g: sample_2d(name, n, g), num_classes(name))
+    return lambda n, g: {"x": sample_2d(name, n, g)[0]}
 
 
 def num_classes(name: Data2D) -> int:

@@ -406,9 +406,9 @@ def encode_all(vae: nn.Module, data: Digits, batch: int = 500) -> tuple[Tensor, 
 
 
 @torch.no_grad()
-def digit_batches(sd: Any, n_images: int | None = None, batch: int = 250) -> Callable[[int, torch.Generator], tuple]:
-    """sample_batch(n, generator) -> (z0 (n, 4, h, w) posterior samples of the teacher's VAE latents, Cond of the
-    captions) over the mini SD's training digits in every ink colour and caption template (training_digits; the
+def digit_batches(sd: Any, n_images: int | None = None, batch: int = 250) -> Callable[[int, torch.Generator], dict]:
+    """sample_batch(n, generator) -> {"x": z0 (n, 4, h, w) posterior samples of the teacher's VAE latents, "cond": Cond
+    of the captions} over the mini SD's training digits in every ink colour and caption template (training_digits; the
     first n_images digits when given). Latents and caption embeddings are computed once."""
     require_codec(sd)
     data = training_digits()
@@ -425,13 +425,13 @@ def digit_batches(sd: Any, n_images: int | None = None, batch: int = 250) -> Cal
     null = sd.text.embed([""])
     N = len(data.x)
 
-    def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Cond]:
+    def sample_batch(n: int, g: torch.Generator) -> dict:
         idx = torch.randint(0, N, (n,), generator=g, device=g.device).cpu()
         col = torch.randint(0, n_c, (n,), generator=g, device=g.device).cpu()
         tpl = torch.randint(0, n_k, (n,), generator=g, device=g.device).cpu()
         e = torch.randn((n, *mean.shape[2:]), generator=g, device=g.device).cpu()
         z0 = (mean[idx, col] + std[idx, col] * e - shift) * scale
-        return z0, Cond(text=emb[data.y[idx], data.thick[idx], col, tpl], null_text=null)
+        return {"x": z0, "cond": Cond(text=emb[data.y[idx], data.thick[idx], col, tpl], null_text=null)}
 
     return sample_batch
 

@@ -40,7 +40,7 @@ def main(out: Path) -> None:
     def batch(n, g):
         x = sample_2d("gmm", n, g)[0]
         drawn.append(digest(x))
-        return x
+        return {"x": x}
 
     def run(name: str, steps: int) -> dict[str, str]:
         cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, ema_decay=0.9, ckpt_every=5, seed=3)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from course_lib import checks
+from course_lib.conditioning import unpack
 from course_lib.metrics import sliced_wasserstein
 from course_lib.predictions import Pred, to_pred
 
@@ -88,7 +89,8 @@ def pd_round_with(targets_from_student=False, continuous_times=False, unfreeze=T
     def pd_round(teacher, N, sample_data, cfg):
         frozen = copy.deepcopy(teacher).eval().requires_grad_(False)
 
-        def loss(student, x0, g):
+        def loss(student, batch, g):
+            x0 = batch["x"]
             if continuous_times:                                  # any t in (0, 1], not the student's grid
                 t = 1 - torch.rand(len(x0), generator=g).to(x0.dtype)
             else:
@@ -240,35 +242,41 @@ def test_guided_batches_checker(capsys):
 
     def one_w_per_batch(sample_data, w_range):  # one w for the whole batch: not what stage 2 needs
         def sample_batch(n, g):
-            x0, cond = sample_data(n, g)
+            x0, cond = unpack(sample_data(n, g))
             w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand((), generator=g)
-            return x0, cond.with_w(w.expand(n))
+            return {"x": x0, "cond": cond.with_w(w.expand(n))}
         return sample_batch
 
     def global_rng_w(sample_data, w_range):  # w from torch's global generator: training runs not reproducible
         def sample_batch(n, g):
-            x0, cond = sample_data(n, g)
-            return x0, cond.with_w(w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n))
+            x0, cond = unpack(sample_data(n, g))
+            return {"x": x0, "cond": cond.with_w(w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n))}
         return sample_batch
 
     def fixed_generator_w(sample_data, w_range):  # w from a generator of its own: the same w for every batch
         def sample_batch(n, g):
-            x0, cond = sample_data(n, g)
+            x0, cond = unpack(sample_data(n, g))
             mine = torch.Generator().manual_seed(0)
-            return x0, cond.with_w(w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=mine))
+            return {"x": x0, "cond": cond.with_w(w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=mine))}
         return sample_batch
 
-    def label_dict(sample_data, w_range):  # the old dict batches {"y": y, "w": w}: the model takes one Cond
+    def label_dict(sample_data, w_range):  # the old dict conditioning {"y": y, "w": w}: the model takes one Cond
         def sample_batch(n, g):
-            x0, cond = sample_data(n, g)
-            return x0, {"y": cond.y, "w": w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=g)}
+            x0, cond = unpack(sample_data(n, g))
+            return {"x": x0, "cond": {"y": cond.y, "w": w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=g)}}
+        return sample_batch
+
+    def pair(sample_data, w_range):  # a tuple (x0, cond): the course's batches are dicts
+        def sample_batch(n, g):
+            x0, cond = unpack(sample_data(n, g))
+            return x0, cond.with_w(w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=g))
         return sample_batch
 
     assert checks.check_guided_batches(guided_batches, seed=0) is guided_batches
     assert "correct" in capsys.readouterr().out
     for wrong, says in ((one_w_per_batch, "uniform"), (global_rng_w, "seeded alike gave different w"),
                         (fixed_generator_w, "seeded differently gave the same w"), (unsolved, "not solved yet"),
-                        (label_dict, "cond.with_w(w)")):
+                        (label_dict, "cond.with_w(w)"), (pair, "{'x': x0, 'cond'")):
         torch.manual_seed(0)
         before = torch.get_rng_state()
         used = checks.check_guided_batches(wrong, seed=0)
@@ -290,7 +298,7 @@ def stage1_with(mistake=None):
         student = models.with_guidance_input(teacher, w_range)
 
         def loss(model, batch, g):
-            x0, cond = batch
+            x0, cond = batch["x"], batch["cond"]
             w = draw_w(len(x0), w_range, g, p_w_min)
             t = 1e-3 + (1 - 1e-3) * torch.rand(len(x0), generator=g)
             z = model.process.marginal(x0, t, torch.randn(x0.shape, generator=g))

@@ -202,7 +202,7 @@ def test_short_cd_run_moves_the_one_step_map_towards_the_teachers():
     rms = lambda x: float((x - target).pow(2).sum(1).mean().sqrt())
     before = rms(cm.multistep_sample(cm.consistency_model(teacher), x1, [1.0], proc, cm.T_MIN))
     cfg = cm.CMConfig(N=10, solver="ddim", mu=0.0, lr=5e-4, ema_decay=0.0)
-    student, done = cm.distill_cd(teacher, lambda n, g: sample_2d("gmm", n, g)[0], cfg,
+    student, done = cm.distill_cd(teacher, data2d.batches("gmm"), cfg,
                                   run=TrainConfig(steps=60, batch_size=256, seed=0), progress=False)
     assert isinstance(student, ConsistencyModel) and done.updates["student"] == 60
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -216,7 +216,7 @@ def test_short_ct_run_trains_and_follows_its_schedule():
     with seeded(0):
         base = Denoiser(MLP2D(hidden=32, depth=2), proc, "v")
     sched = cm.ct_schedule("doubling", 40, s0=2, s1=8)
-    trained, done = cm.distill_ct(base, lambda n, g: sample_2d("gmm", n, g)[0], cm.CMConfig(schedule=sched, lr=1e-3),
+    trained, done = cm.distill_ct(base, data2d.batches("gmm"), cm.CMConfig(schedule=sched, lr=1e-3),
                                   run=TrainConfig(steps=40, batch_size=64, seed=0, log_every=10), progress=False)
     assert len(done.losses["student"]) == 40 and all(math.isfinite(v) for v in done.losses["student"])
     assert done.logs["N"] == [3.0] if len(done.logs["N"]) == 1 else done.logs["N"][0] == 3.0
@@ -273,7 +273,7 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(metho
 
     teacher = load_teacher("gmm-vp")
     steps_total = 24
-    data = lambda n, g: sample_2d("gmm", n, g)[0]
+    data = data2d.batches("gmm")
 
     def run(folder):
         tc = TrainConfig(steps=steps_total, batch_size=64, seed=0, ckpt_every=8)

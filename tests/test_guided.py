@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from course_lib import data2d
-from course_lib.conditioning import labelled, labels
+from course_lib.conditioning import labelled, labels, unpack
 from course_lib.distill import guided, pd
 from course_lib.models import Denoiser, MLP2D, UNet, load_denoiser, save_denoiser, with_guidance_input
 from course_lib.processes import VPCosine
@@ -125,7 +125,7 @@ def test_stage2_runs_a_pd_round_with_w_inputs():
     student = with_guidance_input(_teacher(), (1.0, 3.0))
     sample = SAMPLE
     batch = guided.guided_batches(sample, (1.0, 3.0))(500, torch.Generator().manual_seed(0))
-    x0, cond = pd.split_batch(batch)
+    x0, cond = unpack(batch)
     assert cond.y.shape == (500,) and cond.null_y == NULL
     assert cond.w.shape == (500,) and 1 <= cond.w.min() <= cond.w.max() <= 3
     students: dict = {}

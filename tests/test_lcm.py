@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from course_lib import guidance, minisd, precond, samplers, sd
+from course_lib.conditioning import unpack
 from course_lib.distill import lcm
 from course_lib.recipes import lcm as lcm_recipes
 
@@ -106,7 +107,7 @@ def test_lcm_target_is_one_guided_ddim_step_of_k_timesteps(tiny_sd):
 def test_lcd_trains_the_student_and_its_target(tiny_sd):
     torch.manual_seed(0)
     batches = minisd.digit_batches(tiny_sd, n_images=20)
-    z0, cond = batches(4, torch.Generator().manual_seed(0))
+    z0, cond = unpack(batches(4, torch.Generator().manual_seed(0)))
     assert z0.shape == (4, 4, 8, 8) and cond.text.shape[0] == 4 and cond.null_text.shape[0] == 1
     cfg = lcm.LCMConfig(steps=3, batch=4, lr=1e-3, w_dim=32)
     before = [p.clone() for p in tiny_sd.model.unet.parameters()]

@@ -152,12 +152,12 @@ def test_cd_step_trains_the_student_not_the_target_or_the_teacher(setup):
     step = consistency.cd_step(cfg, consistency.cm_grid(cfg.N, teacher.process, t_min))
     ctx = StepContext("student", 0, torch.Generator().manual_seed(8),
                       {"student": student, "target": target, "teacher": teacher})
-    loss = step(ctx, (x0, cond))
+    loss = step(ctx, {"x": x0, "cond": cond})
     assert loss.shape == (B,) and torch.isfinite(loss).all()
     loss.mean().backward()
     assert _reached(student) and _untouched(target) and _untouched(teacher)
     with pytest.raises(TypeError, match="conditioning.labels"):              # a batch of bare labels is refused
-        step(ctx, (x0, torch.zeros(B, dtype=torch.long)))
+        step(ctx, {"x": x0, "cond": torch.zeros(B, dtype=torch.long)})
 
 
 def test_cd_loss_is_zero_for_a_zero_length_step_and_reads_the_cond(setup):

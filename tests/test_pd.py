@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from course_lib import samplers
-from course_lib.data2d import GaussianMixture, exact_denoiser, sample_2d
+from course_lib.data2d import GaussianMixture, batches, exact_denoiser, sample_2d
 from course_lib.distill.pd import PDConfig, check_halving, distill_pd, pd_loss, pd_target
 from course_lib.models import MLP2D, Denoiser
 from course_lib.predictions import Pred
@@ -70,7 +70,7 @@ def test_rounds_return_students_for_each_halving():
     torch.manual_seed(0)
     teacher = Denoiser(MLP2D(hidden=32, depth=2), VPCosine(), "v").eval().requires_grad_(False)
     students: dict = {}
-    last, _ = distill_pd(teacher, lambda n, g: sample_2d("gmm", n, g)[0], PDConfig(8, 2),
+    last, _ = distill_pd(teacher, batches("gmm"), PDConfig(8, 2),
                          run=TrainConfig(steps=3, batch_size=16), progress=False, rounds=students)
     assert last is students[2]
     assert sorted(students) == [2, 4]

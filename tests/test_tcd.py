@@ -152,7 +152,7 @@ def test_distill_tcd_2d_trains_and_beats_one_ddim_step():
 
     teacher = teachers.load_teacher("gmm-vp")
     proc = teacher.process
-    student, done = tcd.distill_tcd(teacher, lambda n, g: data2d.sample_2d("gmm", n, g)[0],
+    student, done = tcd.distill_tcd(teacher, data2d.batches("gmm"),
                                     tcd.TCDConfig(N=8, lr=1e-3, ema_decay=0.9),
                                     run=TrainConfig(steps=150, batch_size=512, seed=0), progress=False)
     x1 = proc.prior((2000, 2), torch.Generator().manual_seed(4))

@@ -106,8 +106,7 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
     and with DPM-Solver++ at 32 steps (a few hundred), beside the data floor; kid_heldout, kid_train, fd_heldout."""
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")
-    draw = labelled(batch_sampler(x_train, y_train), teacher.net.num_classes)
-    data = lambda n, g: dict(zip(("x", "cond"), (v.to(device) for v in draw(n, g))))
+    data = labelled(batch_sampler(x_train, y_train), teacher.net.num_classes)
     t0 = time.perf_counter()
     student, _ = distill_add(teacher, data, _cfg(b, {}, digits=True),
                              run=TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"], seed=seed,

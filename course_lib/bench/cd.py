@@ -9,7 +9,7 @@ import torch
 
 from ..conditioning import labelled
 from ..config import default_device, pick, seeded
-from ..data2d import sample_2d
+from ..data2d import batches
 from ..distill.consistency import CMConfig, ct_schedule, distill_cd, distill_ct, multistep_sample, step_times
 from ..distill.pd import PDConfig, distill_pd
 from ..grids import uniform
@@ -61,7 +61,7 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     architecture."""
     steps = b["steps"] * (b["ct_long_x"] if method == "ct-long" else 1)
     cfg = TrainConfig(steps=steps, batch_size=b["batch"], seed=seed, desc=f"{method.upper()} {ds}")
-    data = lambda n, g: sample_2d(ds, n, g)[0].to(device)
+    data = batches(ds)
     t0 = time.perf_counter()
     if method == "cd":
         student, _ = distill_cd(load_teacher(f"{ds}-vp", device=device), data, _cd_cfg(b), run=cfg, progress=progress)
@@ -127,7 +127,7 @@ def _pd_same_teacher_evals(teacher, ds: str, b: dict, seed: int, device, mode: s
     cfg = TrainConfig(steps=per_round, batch_size=b["batch"], lr=pick(mode, smoke=1e-4, laptop=2e-4, full=1e-4),
                       lr_schedule="linear", ema_decay=0.0, seed=seed)
     t0 = time.perf_counter()
-    student, _ = distill_pd(teacher, lambda n, g: sample_2d(ds, n, g)[0].to(device), PDConfig(n_start, 1), run=cfg,
+    student, _ = distill_pd(teacher, batches(ds), PDConfig(n_start, 1), run=cfg,
                             progress=mode != "smoke")
     return student, time.perf_counter() - t0, {"pd_n_start": n_start, "pd_rounds": rounds,
                                                     "pd_updates": per_round * rounds,
@@ -140,8 +140,7 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     few hundred, beside the data floor; kid_heldout, kid_train, fd_heldout (classifier.digits_scores)."""
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")
-    draw = labelled(batch_sampler(x_train, y_train), teacher.net.num_classes)
-    data = lambda n, g: tuple(v.to(device) for v in draw(n, g))
+    data = labelled(batch_sampler(x_train, y_train), teacher.net.num_classes)
     cfg = TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"], seed=seed, desc=f"{method.upper()} digits")
     t0 = time.perf_counter()
     if method == "cd":

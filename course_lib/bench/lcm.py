@@ -15,7 +15,7 @@ import torch
 
 from .. import minisd, sd as sdlib
 from ..config import default_device, pick
-from ..data2d import sample_2d
+from ..data2d import batches
 from ..distill import consistency as cm, lcm, tcd
 from ..grids import uniform
 from ..minisd import digit_batches
@@ -47,7 +47,7 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     """(student, seconds): TCD or LCM-recipe CD of the shipped {ds}-vp teacher."""
     teacher = load_teacher(f"{ds}-vp", device=device)
     cfg = TrainConfig(steps=b["steps"], batch_size=b["batch"], seed=seed, desc=f"{method.upper()} {ds}")
-    data = lambda n, g: sample_2d(ds, n, g)[0].to(device)
+    data = batches(ds)
     t0 = time.perf_counter()
     if method == "tcd":
         student, _ = tcd.distill_tcd(teacher, data, tcd.TCDConfig(N=b["N"], mu=b["mu"], lr=b["lr"],

@@ -6,7 +6,7 @@ import torch
 from ..classifier import balanced_labels
 from ..conditioning import labelled, labels
 from ..config import default_device, pick
-from ..data2d import sample_2d
+from ..data2d import batches
 from ..distill.pd import PDConfig, distill_pd
 from ..grids import uniform
 from ..images import batch_sampler, load_digits
@@ -38,7 +38,7 @@ def bench_pd(mode: str, seed: int = 0, device: str | torch.device | None = None)
         teacher = load_teacher(f"{ds}-vp", device=device)
         clock = RoundClock(cfg)         # the data is sampled on the CPU; training moves each batch to the students
         students: dict = {}
-        distill_pd(teacher, lambda b, g: sample_2d(ds, b, g)[0], PDConfig(n_start, 1), run=clock,
+        distill_pd(teacher, batches(ds), PDConfig(n_start, 1), run=clock,
                    progress=mode != "smoke", rounds=students)
         clock.stop()
         for s in ev.seeds:

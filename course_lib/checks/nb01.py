@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from ..data2d import exact_denoiser, sample_2d
+from ..data2d import batches, exact_denoiser, sample_2d
 from ..distill.pd import distill_round, pd_loss_at, pd_target
 from ..grids import uniform
 from ..metrics import flow_map_error
@@ -81,7 +81,7 @@ def check_pd_round(student: Callable, seed: int | None = None) -> Callable:
     N, cfg = 2, TrainConfig(steps=150, batch_size=256, lr=2e-4, lr_schedule="linear", ema_decay=0.0,
                             seed=draw_seed(g), desc="check 1.3")
     try:
-        out = student(teacher, N, lambda n, gen: sample_2d("gmm", n, gen)[0], cfg)
+        out = student(teacher, N, batches("gmm"), cfg)
     except Exception as e:
         return fall_back("1.3", reference, explain_exception(e))
     changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, before[k])]

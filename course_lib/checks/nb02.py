@@ -147,9 +147,10 @@ def check_stage1(student: Callable, seed: int | None = None) -> Callable:
 def _batch_problem(sample_batch: Callable, n: int, w_range: tuple[float, float], seed: int) -> str | None:
     """What is wrong with one batch sample_batch(n, Generator(seed)) (None when nothing is)."""
     out = sample_batch(n, torch.Generator().manual_seed(seed))
-    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Cond)):
-        return "sample_batch must return a pair (x0, cond.with_w(w)): the labels' Cond with the guidance weights"
-    x0, cond = out
+    if not (isinstance(out, dict) and "x" in out and isinstance(out.get("cond"), Cond)):
+        return ("sample_batch must return a course batch {'x': x0, 'cond': cond.with_w(w)}: the labels' Cond with the "
+                "guidance weights")
+    x0, cond = out["x"], out["cond"]
     if cond.y is None or cond.w is None:
         return f"the conditioning must hold the labels y and the weights w (the model's inputs); got {cond!r}"
     w = cond.w
@@ -170,7 +171,8 @@ def _generator_problem(sample_batch: Callable, seed: int) -> str | None:
     """Batches must come from the generator g that sample_batch(n, g) receives (the training engine's, seeded for
     reproducible runs): the same seed twice gives the same batch, another seed another batch."""
     gen = lambda s: torch.Generator().manual_seed(s)
-    (x_a, c_a), (x_b, c_b), (x_c, c_c) = (sample_batch(64, gen(s)) for s in (seed, seed, seed + 1))
+    (x_a, c_a), (x_b, c_b), (x_c, c_c) = ((o["x"], o["cond"]) for o in (sample_batch(64, gen(s))
+                                                                        for s in (seed, seed, seed + 1)))
     same = lambda a, b: torch.equal(torch.as_tensor(a), torch.as_tensor(b))
     for name, a, b, c in (("w", c_a.w, c_b.w, c_c.w), ("x0", x_a, x_b, x_c), ("y", c_a.y, c_b.y, c_c.y)):
         if not same(a, b):
@@ -186,7 +188,7 @@ def _generator_problem(sample_batch: Callable, seed: int) -> str | None:
 @checker("2.4")
 def check_guided_batches(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 2.4: (an optional extra) student(sample_data, w_range) -> sample_batch(n, g) returning
-    (x0, cond.with_w(w)), with (x0, cond) = sample_data(n, g) and one w ~ U[w_min, w_max] per sample drawn with g.
+    {"x": x0, "cond": cond.with_w(w)}, with x0, cond from sample_data(n, g) and one w ~ U[w_min, w_max] per sample drawn with g.
     Checked by its properties (any order of random draws is fine)."""
     g = fresh_generator(seed)
     sample_data = labelled(lambda n, gen: sample_2d("gmm-overlap", n, gen), get_mixture("gmm-overlap").num_classes)

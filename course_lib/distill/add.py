@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import grids, samplers
-from ..conditioning import Cond, check
+from ..conditioning import Cond, unpack
 from ..config import announce_once, seeded
 from ..predictions import Pred
 from ..processes import AffineProcess
@@ -213,7 +213,7 @@ def add_step(cfg: ADDConfig, process: AffineProcess, distill_fn: Callable | None
         return G(x_s, s, cond).x0
 
     def step(ctx: StepContext, batch: Mapping[str, Tensor]) -> Tensor:
-        x0, cond = batch["x"], check(batch.get("cond"))
+        x0, cond = unpack(batch)
         g = ctx.generator
         D = lambda x: ctx.nets["discriminator"](x, cond, g)
         if ctx.phase == "discriminator":

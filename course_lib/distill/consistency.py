@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distances, precond, samplers, steps
-from ..conditioning import Cond, check
+from ..conditioning import Cond, unpack
 from ..models import ConsistencyModel
 from ..processes import AffineProcess, EDM
 from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
@@ -230,18 +230,11 @@ class CMConfig:
     schedule: CTSchedule | None = field(default=None)   # CT only: N(k), mu(k)
 
 
-def _split(batch: Any) -> tuple[Tensor, Cond | None]:
-    if isinstance(batch, tuple):
-        x0, cond = batch
-        return x0, check(cond)
-    return batch, None
-
-
 def cd_step(cfg: CMConfig, grid: Tensor, probs: Tensor | None = None) -> Callable[[StepContext, Any], Tensor]:
     """The CD method step: nets "student" (trained), "target" (train.Target of the student) and "teacher" (frozen).
-    Batches are x0 or (x0, cond), cond a Cond (conditioning.labels(y, num_classes) for labels)."""
+    Batches are {"x": x0, "cond": Cond or None} (conditioning.unpack)."""
     def step(ctx: StepContext, batch: Any) -> Tensor:
-        x0, cond = _split(batch)
+        x0, cond = unpack(batch)
         student, target, teacher = ctx.nets["student"], ctx.nets["target"], ctx.nets["teacher"]
         t_cur, t_next = draw_times(grid, len(x0), ctx.generator, probs, x0.device, x0.dtype)
         eps = torch.randn(x0.shape, generator=ctx.generator, device=ctx.generator.device).to(x0)
@@ -255,7 +248,7 @@ def ct_step(cfg: CMConfig, process: AffineProcess, t_min: float) -> Callable[[St
     sched = cfg.schedule
 
     def step(ctx: StepContext, batch: Any) -> Tensor:
-        x0, cond = _split(batch)
+        x0, cond = unpack(batch)
         grid = cm_grid(sched.N(ctx.step), process, t_min)
         probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
         t_cur, t_next = draw_times(grid, len(x0), ctx.generator, probs, x0.device, x0.dtype)

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distances, grids, samplers
-from ..conditioning import Cond, check
+from ..conditioning import Cond, check, unpack
 from ..config import seeded
 from ..guidance import cfg as guided
 from ..losses import denoising_loss_at
@@ -252,7 +252,7 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
         return (lo + (hi - lo) * torch.rand(n, generator=g, device=g.device)).to(like.device, torch.float32)
 
     def step(ctx: StepContext, batch: Mapping[str, Tensor]) -> Tensor:
-        x_real, cond = batch["x"], check(batch.get("cond"))
+        x_real, cond = unpack(batch)
         n, g = len(x_real), ctx.generator
         critic: Critic = ctx.nets["critic"]
         if ctx.phase == "generator":

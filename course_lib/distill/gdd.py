@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import precond
-from ..conditioning import Cond, check
+from ..conditioning import Cond, unpack
 from ..train import Network, StepContext, Trained, TrainConfig, train_networks
 from . import gan
 from .gan import DenoiserFeatures, discriminator, generate_one_step, guard, ns_g, tapped, trainable_fraction
@@ -169,7 +169,7 @@ def gdd_step(cfg: GDDConfig) -> Callable[[StepContext, Mapping[str, Tensor]], Te
     """
 
     def step(ctx: StepContext, batch: Mapping[str, Tensor]) -> Tensor:
-        x_real, cond = batch["x"], check(batch.get("cond"))
+        x_real, cond = unpack(batch)
         g = ctx.generator
         G, Dnet = ctx.nets["generator"], ctx.nets["discriminator"]
         D = lambda x: Dnet(x, cond, g)                                                     # (B, ...) -> (B,)

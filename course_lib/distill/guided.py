@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..conditioning import Cond
+from ..conditioning import Cond, unpack
 from ..guidance import cfg
 from ..models import Denoiser, guidance_range, null_label, with_guidance_input
 from ..processes import AffineProcess
@@ -104,13 +104,13 @@ class GuidedConfig:
     p_w_min: float = 0.0
 
 
-def distill_guidance(teacher: Denoiser, data: Callable[[int, torch.Generator], tuple[Tensor, Cond]],
+def distill_guidance(teacher: Denoiser, data: Callable[[int, torch.Generator], dict],
                      cfg: GuidedConfig, *, run: TrainConfig, ckpt_dir=None, accelerator=None,
                      progress: bool = True) -> tuple[Denoiser, Trained]:
     """Stage 1: train a w-conditioned student (a copy of `teacher` plus a guidance embedding on cfg.w_range) on the
     guided teacher.
 
-    data(n, g) -> (x0 (n, ...), cond) draws labelled data (cond = conditioning.labels(y, num_classes);
+    data(n, g) -> {"x": x0 (n, ...), "cond": cond} draws labelled data (cond = conditioning.labels(y, K);
     `conditioning.labelled` wraps an (x0, y) sampler). The teacher must be class-conditional with null label
     num_classes (trained with label dropout). Returns (the student: its EMA when run.ema_decay > 0, eval, no grad;
     the engine's Trained). Resumes from ckpt_dir like every course training run."""
@@ -120,7 +120,7 @@ def distill_guidance(teacher: Denoiser, data: Callable[[int, torch.Generator], t
     student = with_guidance_input(teacher, w_range)
 
     def loss(model, batch, g):
-        x0, cond = batch
+        x0, cond = unpack(batch)
         return guided_loss(model, frozen, x0, cond, w_range, g, cfg.t_min, cfg.p_w_min)
 
     done = train(student, loss, data, run, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
@@ -129,15 +129,15 @@ def distill_guidance(teacher: Denoiser, data: Callable[[int, torch.Generator], t
     return done.best().eval().requires_grad_(False), done
 
 
-def guided_batches(sample_data: Callable[[int, torch.Generator], tuple[Tensor, Cond]],
+def guided_batches(sample_data: Callable[[int, torch.Generator], dict],
                    w_range: tuple[float, float], p_w_min: float = 0.0
-                   ) -> Callable[[int, torch.Generator], tuple[Tensor, Cond]]:
-    """Stage 2's sample_batch for pd: (n, g) -> (x0, cond.with_w(w)) with w from draw_w per sample
-    (U[w_min, w_max], w_min with probability p_w_min)."""
+                   ) -> Callable[[int, torch.Generator], dict]:
+    """Stage 2's sample_batch for pd: (n, g) -> {"x": x0, "cond": cond.with_w(w)} with w from draw_w per
+    sample (U[w_min, w_max], w_min with probability p_w_min)."""
 
-    def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Cond]:
-        x0, cond = sample_data(n, g)
-        return x0, cond.with_w(draw_w(n, w_range, g, p_w_min).to(x0))
+    def sample_batch(n: int, g: torch.Generator) -> dict:
+        x0, cond = unpack(sample_data(n, g))
+        return {"x": x0, "cond": cond.with_w(draw_w(n, w_range, g, p_w_min).to(x0))}
 
     return sample_batch
 
@@ -150,7 +150,7 @@ class StepsConfig:
     p_w_min: float = 0.0
 
 
-def distill_steps(student: Denoiser, data: Callable[[int, torch.Generator], tuple[Tensor, Cond]], cfg: StepsConfig, *,
+def distill_steps(student: Denoiser, data: Callable[[int, torch.Generator], dict], cfg: StepsConfig, *,
                   run: TrainConfig | Callable[[int], TrainConfig], ckpt_dir=None, accelerator=None,
                   progress: bool = True, rounds: dict[int, Denoiser] | None = None) -> tuple[Denoiser, Trained]:
     """Stage 2: progressive distillation (pd.distill_pd) of a stage-1 student from cfg.n_start DDIM steps to

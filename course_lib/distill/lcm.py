@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import distances, precond, samplers, steps
-from ..conditioning import Cond
+from ..conditioning import Cond, unpack
 from ..config import seeded
 from ..grids import ddim_timesteps, lcm_timesteps, skipping_step
 from ..guidance import cfg as guided
@@ -241,12 +241,12 @@ class LCMConfig:
     ckpt_every: int = 0
 
 
-def lcm_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscrete, cfg: LCMConfig,
+def lcm_step(ctx: StepContext, batch: Mapping[str, Any], process: SDDiscrete, cfg: LCMConfig,
              lora: bool = False, target_fn: Callable[..., Tensor] | None = None) -> Tensor:
     """The method step for train.train_networks: draws tau_{n+k} on the DDIM grid, eps and w per sample, returns the
     per-sample LCD loss of nets["student"] against nets["target"] (the online student without grad for a LoRA) and
     nets["teacher"] (the student's own UNet with its adapter disabled for a LoRA)."""
-    z0, cond = batch
+    z0, cond = unpack(batch)
     g, B = ctx.generator, len(z0)
     student = ctx.nets["student"]
     k = skipping_step(cfg.original_steps, process.T)
@@ -278,7 +278,7 @@ def distill_lcm(sd: Any, data: Callable, cfg: LCMConfig, *, run: TrainConfig,
                 ckpt_dir: str | os.PathLike | None = None, accelerator=None, progress: bool = True,
                 target_fn: Callable[..., Tensor] | None = None) -> tuple[LCMModel, Trained]:
     """Latent consistency distillation (LCD) of sd (sd.SD: model, text, vae; the teacher is sd.model) into a student
-    with a w-embedding trained on [cfg.w_min, cfg.w_max], on data(n, generator) -> (z0 latents, Cond) (e.g.
+    with a w-embedding trained on [cfg.w_min, cfg.w_max], on data(n, generator) -> {"x": z0 latents, "cond": Cond} (e.g.
     minisd.digit_batches(sd)); run: e.g. train_config(cfg, "LCD: LCM student"). Resumes from ckpt_dir. Returns
     (the trained student, eval, no grad; the engine's Trained)."""
     require_codec(sd)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..conditioning import Cond, check
+from ..conditioning import Cond, unpack
 from ..models import Denoiser
 from ..processes import AffineProcess, bcast
 from ..samplers import ddim_step
@@ -86,14 +86,6 @@ def pd_loss(student: Denoiser, teacher: Callable, x0: Tensor, N: int, generator:
     return pd_loss_at(student, teacher, x0, t, eps, N, student.process, cond)
 
 
-def split_batch(batch: Any) -> tuple[Tensor, Cond | None]:
-    """A batch is x0, or (x0, cond) with cond a Cond (labels: conditioning.labels(y, num_classes)) or None."""
-    if not isinstance(batch, tuple):
-        return batch, None
-    x0, c = batch
-    return x0, check(c)
-
-
 @dataclasses.dataclass(frozen=True)
 class PDConfig:
     """Progressive distillation's rounds: the teacher samples with n_start DDIM steps; rounds halve the student's
@@ -106,13 +98,13 @@ def distill_round(teacher: Denoiser, N: int, data: Callable[[int, torch.Generato
                   ckpt_dir=None, accelerator=None, progress: bool = True) -> tuple[Denoiser, Trained]:
     """One round: a student initialised from the teacher learns N steps from the teacher's 2N.
 
-    data(n, g) returns x0 or (x0, cond); see `split_batch`. Returns (the student: its EMA when run.ema_decay > 0,
+    data(n, g) returns a course batch {"x": x0, "cond": Cond or None} (conditioning.unpack). Returns (the student: its EMA when run.ema_decay > 0,
     eval, no grad; the engine's Trained)."""
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
 
     def loss(model, batch, g):
-        x0, cond = split_batch(batch)
+        x0, cond = unpack(batch)
         return pd_loss(model, frozen, x0, N, g, cond)
 
     done = train(student, loss, data, run, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,

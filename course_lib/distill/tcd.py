@@ -38,13 +38,13 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import distances, samplers, steps
-from ..conditioning import Cond, check
+from ..conditioning import Cond, unpack
 from ..grids import ddim_timesteps, lcm_timesteps, skipping_step
 from ..guidance import cfg as guided
 from ..predictions import Pred
@@ -122,9 +122,9 @@ class TCDConfig:
 
 def tcd_step(cfg: TCDConfig, grid: Tensor) -> Callable[[StepContext, Any], Tensor]:
     """The TCD method step for train.train_networks: nets "student" (trained), "target" (its train.Target) and
-    "teacher" (frozen); batches are x0 or (x0, labels)."""
+    "teacher" (frozen); batches are {"x": x0, "cond": Cond or None}."""
     def step(ctx: StepContext, batch: Any) -> Tensor:
-        x0, cond = (batch[0], check(batch[1])) if isinstance(batch, tuple) else (batch, None)
+        x0, cond = unpack(batch)
         t_cur, t_next, s = draw_times(grid, len(x0), ctx.generator, x0.device, x0.dtype)
         eps = torch.randn(x0.shape, generator=ctx.generator, device=ctx.generator.device).to(x0)
         return tcd_loss_at(ctx.nets["student"], ctx.nets["target"], ctx.nets["teacher"], x0, eps, t_next, t_cur, s,
@@ -200,10 +200,10 @@ def draw_end_timesteps(timesteps: Tensor, k: int, generator: torch.Generator) ->
     return torch.floor(u * (tau_n + 1).to(torch.float64)).to(torch.int64).clamp(max=tau_n)
 
 
-def tcd_sd_step(ctx: StepContext, batch: tuple[Tensor, Cond], process: SDDiscrete, cfg: lcm.LCMConfig) -> Tensor:
+def tcd_sd_step(ctx: StepContext, batch: Mapping[str, Any], process: SDDiscrete, cfg: lcm.LCMConfig) -> Tensor:
     """The method step for train.train_networks on the mini SD: tau_{n+k} on LCM's DDIM grid, the end timestep, eps
     and w per sample; nets "student", "target" (its EMA) and "teacher"."""
-    z0, cond = batch
+    z0, cond = unpack(batch)
     g, B = ctx.generator, len(z0)
     k = skipping_step(cfg.original_steps, process.T)
     grid = ddim_timesteps(cfg.original_steps, process.T)

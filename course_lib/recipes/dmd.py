@@ -69,18 +69,6 @@ def shipped_dir() -> Path:
     return paths.data_dir() / "dmd2"
 
 
-def digit_batches(sd: Any, n_images: int | None = None) -> Callable[[int, torch.Generator], dict]:
-    """sample_batch(n, g) -> {"x": real latents of the mini SD's training digits (n, 4, h, w), "cond": Cond of their
-    captions} (the latents and caption embeddings of minisd.digit_batches)."""
-    draw = minisd.digit_batches(sd, n_images)
-
-    def sample(n: int, g: torch.Generator) -> dict:
-        z0, c = draw(n, g)
-        return {"x": z0, "cond": c}
-
-    return sample
-
-
 def train_config(steps: int = STEPS, batch: int = BATCH, seed: int = 0, checkpoints: bool = False) -> TrainConfig:
     """The recipe's run: `steps` updates of `batch`, a checkpoint every 100 updates when checkpointing."""
     return TrainConfig(steps=steps, batch_size=batch, seed=seed, desc="DMD2 mini SD",
@@ -91,7 +79,7 @@ def distill_dmd2_sd(sd: Any, data: Callable, cfg: dmd.DMDConfig, *, run: TrainCo
                     progress: bool = True, device: str | torch.device = "cpu", observer: Observer | None = None,
                     observe_every: int = 1) -> tuple[nn.Module, Trained]:
     """A DMD2 generator of sd.model (the teacher; one step unless cfg.gen_steps > 1; cfg: e.g. recipe()) by the
-    method's driver, dmd.distill_dmd, on data(n, g) -> {"x": latents, "cond": Cond} (e.g. digit_batches(sd)); run:
+    method's driver, dmd.distill_dmd, on data(n, g) -> {"x": latents, "cond": Cond} (e.g. minisd.digit_batches(sd)); run:
     e.g. train_config(steps, batch, seed, checkpoints=ckpt_dir is not None). Returns (the generator, eval, no grad,
     on the CPU; the engine's Trained). sd.model itself is left untouched (the
     generator, critic and real score are copies of it, trained on `device`; the batches are drawn on the CPU and moved
@@ -176,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = override(recipe(), args.set)
     except ValueError as e:
         parser.error(str(e))
-    G, done = distill_dmd2_sd(sd, digit_batches(sd), cfg, run=train_config(args.steps, args.batch, checkpoints=True),
+    G, done = distill_dmd2_sd(sd, minisd.digit_batches(sd), cfg, run=train_config(args.steps, args.batch, checkpoints=True),
                               ckpt_dir=Path(args.out) / "checkpoint", device=args.device)
     secs = time.perf_counter() - t0
     ev = evaluate(sd, G, args.n_eval, 1)

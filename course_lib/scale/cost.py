@@ -295,7 +295,8 @@ def measure_lcm_lora(batch_size: int = 12, rank: int = 64, precision: str = "bf1
                           {"w": LCM_LORA_W, "steps": online_steps} if online_steps else None)
 
     def sample(n, g):
-        return torch.randn(n, 4, h, h, generator=g), Cond(text=torch.randn(n, L, D, generator=g), null_text=null)
+        return {"x": torch.randn(n, 4, h, h, generator=g), "cond": Cond(text=torch.randn(n, L, D, generator=g),
+                                                                   null_text=null)}
 
     rss0 = _rss_gib()
     times = step_times({"student": Network(student, lr=1e-4, save_frozen=False)}, inner, sample,

@@ -132,18 +132,18 @@ def read_meta(lora: str | os.PathLike) -> dict:
 # Data
 # ----------------------------------------------------------------------------------------------------------------
 
-def batches(mode: str, emb, tri, shape: tuple[int, ...]) -> Callable[[int, torch.Generator], tuple]:
-    """sample_batch(n, g): "images" / "triplets" -> (z_0 (n, 4, h, w), Cond); "online" -> (noise, Cond): the step
-    turns the noise into the teacher's sample."""
+def batches(mode: str, emb, tri, shape: tuple[int, ...]) -> Callable[[int, torch.Generator], dict]:
+    """sample_batch(n, g) -> {"x": z_0 (n, 4, h, w), "cond": Cond} for "images" / "triplets"; "online": "x" is noise,
+    which the step turns into the teacher's sample."""
     def sample(n: int, g: torch.Generator):
         if mode == "triplets":
             idx = torch.randint(tri.n, (n,), generator=g, device=g.device).cpu()
             _, x0, prompt = tri.rows(idx)
-            return x0, emb.cond(prompt)
+            return {"x": x0, "cond": emb.cond(prompt)}
         idx = torch.randint(emb.n, (n,), generator=g, device=g.device).cpu()
         if mode == "images":
-            return emb.latents(idx), emb.cond(idx)
-        return torch.randn((n, *shape), generator=g, device=g.device).cpu(), emb.cond(idx)
+            return {"x": emb.latents(idx), "cond": emb.cond(idx)}
+        return {"x": torch.randn((n, *shape), generator=g, device=g.device).cpu(), "cond": emb.cond(idx)}
 
     return sample
 

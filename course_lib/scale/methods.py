@@ -32,10 +32,10 @@ def lcm_lora_step(sd, lcfg, online: dict | None = None) -> Callable:
 
     def step(ctx, batch):
         if online:
-            eps, c = batch
+            eps, c = batch["x"], batch["cond"]
             with torch.no_grad(), sdlib.adapter_disabled(teacher):
                 z0 = samplers.dpm_solver_pp_2m(cfg(teacher, online["w"]), eps, grid, process, cond=c)
-            batch = (z0.to(eps.dtype), c)
+            batch = {"x": z0.to(eps.dtype), "cond": c}
         return lcm.lcm_step(ctx, batch, process, lcfg, lora=True)
 
     return step
