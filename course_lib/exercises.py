@@ -106,9 +106,8 @@ def _where(notebook: str, cell_index: int, line_no: int | None = None) -> str:
     return loc if line_no is None else f"{loc}, line {line_no}"
 
 
-def replace_solution_regions(
-    source: str, *, notebook: str = "<notebook>", cell_index: int = 0
-) -> tuple[str, list[Exercise]]:
+def replace_solution_regions(source: str, *, notebook: str = "<notebook>", cell_index: int = 0
+                             ) -> tuple[str, list[Exercise]]:
     """Replace each marked region of one code cell's source by a `raise NotImplementedError(...)`.
 
     Returns the new source and the exercises found, in order. Raises NotebookBuildError (naming
@@ -121,17 +120,14 @@ def replace_solution_regions(
     for line_no, line in enumerate(lines, start=1):
         begin, end = BEGIN_RE.match(line), END_RE.match(line)
         if begin is None and end is None and LOOSE_MARKER_RE.search(line):
-            raise NotebookBuildError(
-                f"{_where(notebook, cell_index, line_no)}: malformed solution marker {line.strip()!r}; "
-                "write '# BEGIN SOLUTION 3.2: title' and '# END SOLUTION' exactly"
-            )
+            raise NotebookBuildError(f"{_where(notebook, cell_index, line_no)}: malformed solution marker "
+                                     f"{line.strip()!r}; write '# BEGIN SOLUTION 3.2: title' and '# END SOLUTION' "
+                                     "exactly")
         if begin is not None:
             if open_begin is not None:
-                raise NotebookBuildError(
-                    f"{_where(notebook, cell_index, line_no)}: nested '# BEGIN SOLUTION' inside the region "
-                    f"opened on line {open_begin[0]} ({open_begin[1].strip()!r}); close it with "
-                    "'# END SOLUTION' first"
-                )
+                raise NotebookBuildError(f"{_where(notebook, cell_index, line_no)}: nested '# BEGIN SOLUTION' inside "
+                                         f"the region opened on line {open_begin[0]} ({open_begin[1].strip()!r}); "
+                                         "close it with '# END SOLUTION' first")
             open_begin = (line_no, line)
             exercise = Exercise(begin["number"], begin["title"] or "", cell_index)
             exercises.append(exercise)
@@ -139,18 +135,14 @@ def replace_solution_regions(
             out.append(begin["indent"] + stub)
         elif end is not None:
             if open_begin is None:
-                raise NotebookBuildError(
-                    f"{_where(notebook, cell_index, line_no)}: '# END SOLUTION' without a matching "
-                    "'# BEGIN SOLUTION <number>: <title>'"
-                )
+                raise NotebookBuildError(f"{_where(notebook, cell_index, line_no)}: '# END SOLUTION' without a "
+                                         "matching '# BEGIN SOLUTION <number>: <title>'")
             open_begin = None
         elif open_begin is None:
             out.append(line)
     if open_begin is not None:
-        raise NotebookBuildError(
-            f"{_where(notebook, cell_index, open_begin[0])}: {open_begin[1].strip()!r} is never closed; "
-            "add '# END SOLUTION' at the end of the region"
-        )
+        raise NotebookBuildError(f"{_where(notebook, cell_index, open_begin[0])}: {open_begin[1].strip()!r} is "
+                                 "never closed; add '# END SOLUTION' at the end of the region")
     return "\n".join(out), exercises
 
 
@@ -160,8 +152,7 @@ def _python_string(text: str) -> str:
 
 
 def _tags(cell: NotebookNode) -> list[str]:
-    tags = cell.get("metadata", {}).get("tags", [])
-    return [str(t) for t in tags]
+    return [str(t) for t in cell.get("metadata", {}).get("tags", [])]
 
 
 def _stable_id(notebook: str, index: int, used: set[str]) -> str:
@@ -222,17 +213,14 @@ def student_version(nb: NotebookNode, notebook: str) -> tuple[NotebookNode, list
     for index, cell in enumerate(clean.cells):
         tags = _tags(cell)
         if SOLUTION_ONLY in tags and STUDENT_ONLY in tags:
-            raise NotebookBuildError(
-                f"{_where(notebook, index)}: tagged both {SOLUTION_ONLY!r} and {STUDENT_ONLY!r}; keep one"
-            )
+            raise NotebookBuildError(f"{_where(notebook, index)}: tagged both {SOLUTION_ONLY!r} and "
+                                     f"{STUDENT_ONLY!r}; keep one")
         if cell.cell_type == "code":
             cell.source, found = replace_solution_regions(cell.source, notebook=notebook, cell_index=index)
             exercises.extend(found)
         elif LOOSE_MARKER_RE.search(cell.source):
-            raise NotebookBuildError(
-                f"{_where(notebook, index)}: solution markers only work in code cells; to hide a "
-                f"{cell.cell_type} cell from students, tag it {SOLUTION_ONLY!r}"
-            )
+            raise NotebookBuildError(f"{_where(notebook, index)}: solution markers only work in code cells; to "
+                                     f"hide a {cell.cell_type} cell from students, tag it {SOLUTION_ONLY!r}")
         if SOLUTION_ONLY not in tags:
             kept.append(cell)
     clean.cells = kept
@@ -269,11 +257,8 @@ def student_text(solution_path: Path) -> str:
 
 def output_cells(nb: NotebookNode) -> list[int]:
     """Indices of code cells that hold outputs or an execution count."""
-    return [
-        i
-        for i, cell in enumerate(nb.cells)
-        if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)
-    ]
+    return [i for i, cell in enumerate(nb.cells)
+            if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,13 +302,17 @@ def build(solutions_dir: Path, notebooks_dir: Path, names: Sequence[str] = ()) -
             notebooks_dir.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8", newline="\n")
             changed.append(target)
-    if not names and notebooks_dir.is_dir():
-        wanted = {s.name for s in sources}
-        for orphan in sorted(notebooks_dir.glob("*.ipynb")):
-            if orphan.name not in wanted:
-                orphan.unlink()
-                changed.append(orphan)
+    if not names:
+        for orphan in _orphans(notebooks_dir, sources):
+            orphan.unlink()
+            changed.append(orphan)
     return changed
+
+
+def _orphans(notebooks_dir: Path, sources: Sequence[Path]) -> list[Path]:
+    """The student notebooks in `notebooks_dir` that none of `sources` builds."""
+    wanted = {s.name for s in sources}
+    return [p for p in sorted(notebooks_dir.glob("*.ipynb")) if p.name not in wanted] if notebooks_dir.is_dir() else []
 
 
 def stale(solutions_dir: Path, notebooks_dir: Path) -> list[str]:
@@ -340,13 +329,8 @@ def stale(solutions_dir: Path, notebooks_dir: Path) -> list[str]:
             problems.append(f"{_shown(target)}: missing; run `{BUILD_HINT}`")
         elif target.read_text(encoding="utf-8") != student_text(source):
             problems.append(f"{_shown(target)}: differs from what {_shown(source)} builds; run `{BUILD_HINT}`")
-    wanted = {s.name for s in sources}
-    if notebooks_dir.is_dir():
-        for orphan in sorted(notebooks_dir.glob("*.ipynb")):
-            if orphan.name not in wanted:
-                problems.append(
-                    f"{_shown(orphan)}: has no source in {_shown(solutions_dir)}; run `{BUILD_HINT}` to delete it"
-                )
+    problems += [f"{_shown(orphan)}: has no source in {_shown(solutions_dir)}; run `{BUILD_HINT}` to delete it"
+                 for orphan in _orphans(notebooks_dir, sources)]
     return problems
 
 
@@ -368,14 +352,11 @@ def strip_outputs(path: Path) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m course_lib.exercises",
-        description="Build student notebooks (notebooks/) from solution notebooks (solutions/).",
-    )
-    parser.add_argument(
-        "--root", type=Path, default=DEFAULT_ROOT,
-        help="course repository holding solutions/ and notebooks/ (default: %(default)s)",
-    )
+    parser = argparse.ArgumentParser(prog="python -m course_lib.exercises",
+                                     description="Build student notebooks (notebooks/) from solution notebooks "
+                                                 "(solutions/).")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT,
+                        help="course repository holding solutions/ and notebooks/ (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="write notebooks/ from solutions/")
     p.add_argument("names", nargs="*", help="solution notebooks to build (default: all)")
