@@ -42,7 +42,6 @@ from PIL import Image
 from torch import Tensor
 
 from .. import minisd
-from ..classifier import digits_scores, load_digits_classifier
 from .common import SourceError, device_of, write_json_atomic
 from .export import load_lora_checked
 
@@ -59,23 +58,17 @@ def coco_captions(captions: str | os.PathLike, split: str = "2017-5k", seed: int
     for a in sorted(obj["annotations"], key=lambda a: a["id"]):
         by_image.setdefault(a["image_id"], []).append(a)
     g = torch.Generator().manual_seed(seed)
-    if split == "2017-5k":
-        out = []
-        for image_id in sorted(by_image):
-            anns = by_image[image_id]
-            a = anns[int(torch.randint(len(anns), (1,), generator=g))]
-            out.append({"image_id": image_id, "file_name": files[image_id], "caption": a["caption"].strip()})
-        return out
+    ids = sorted(by_image)
     if split == "2014-30k":
-        ids = sorted(by_image)
-        pick = torch.randperm(len(ids), generator=g)[:30000].tolist()
-        out = []
-        for i in pick:
-            anns = by_image[ids[i]]
-            a = anns[int(torch.randint(len(anns), (1,), generator=g))]
-            out.append({"image_id": ids[i], "file_name": files[ids[i]], "caption": a["caption"].strip()})
-        return out
-    raise ValueError(f"unknown split {split!r}; valid: 2017-5k, 2014-30k")
+        ids = [ids[i] for i in torch.randperm(len(ids), generator=g)[:30000].tolist()]
+    elif split != "2017-5k":
+        raise ValueError(f"unknown split {split!r}; valid: 2017-5k, 2014-30k")
+    out = []
+    for image_id in ids:
+        anns = by_image[image_id]
+        a = anns[int(torch.randint(len(anns), (1,), generator=g))]
+        out.append({"image_id": image_id, "file_name": files[image_id], "caption": a["caption"].strip()})
+    return out
 
 
 def load_pipeline(folder: str | os.PathLike, device: torch.device, dtype: torch.dtype, lora: str | None = None):
@@ -220,23 +213,15 @@ def evaluate_coco(pipe, a, out: Path, device: torch.device) -> tuple[dict, list[
 
 
 def evaluate_digits(pipe, a, out: Path) -> dict:
-    """Adherence and held-out KID of a mini-SD-type pipeline on the course's prompt list, mean and std over seeds."""
-    records = minisd.load_prompts()
-    clf = load_digits_classifier()
-    runs = []
-    for s in a.seeds:
-        pick = torch.randint(0, len(records), (a.n_digits,), generator=torch.Generator().manual_seed(1000 + s)).tolist()
-        recs = [records[i] for i in pick]
-        imgs = generate(pipe, [r["prompt"] for r in recs], a.steps, a.guidance_scale, 10_000 * s, a.batch) * 2 - 1
-        row = minisd.attribute_scores(imgs, recs, classifier=clf)
-        row.update(digits_scores(minisd.to_grayscale(imgs), clf))
-        runs.append(row)
+    """Adherence and held-out KID of a mini-SD-type pipeline on the course's prompt list, mean and std over seeds
+    (minisd.evaluate_images); the grid shows the first seed's samples."""
+    def images(prompts: list[str], s: int) -> Tensor:
+        imgs = generate(pipe, prompts, a.steps, a.guidance_scale, 10_000 * s, a.batch) * 2 - 1
         if s == a.seeds[0]:
             save_grid((imgs + 1) / 2, out / "grid.png", nrow=8)
-    keys = runs[0].keys()
-    mean = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
-    std = {k: (sum((r[k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in keys}
-    return {"digits": {"n": a.n_digits, "seeds": list(a.seeds), "mean": mean, "std": std, "runs": runs}}
+        return imgs
+
+    return {"digits": minisd.evaluate_images(images, a.n_digits, a.seeds)}
 
 
 def table(results: dict) -> str:
