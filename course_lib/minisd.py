@@ -317,12 +317,15 @@ def training_digits() -> Digits:
     return Digits(x, y, thickness_of(x, y, edges), edges)
 
 
+def all_captions() -> list[str]:
+    """Every caption, in the order (label, thickness, colour, template): 10 x 3 x C x K strings."""
+    return [caption(d, th, c, k) for d in range(10) for th in THICKNESS for c in COLOURS for k in range(len(TEMPLATES))]
+
+
 def caption_table(tokenizer: Any) -> Tensor:
-    """Token ids of every caption, (10, 3, C, K, L): label, thickness, colour, template; then the empty prompt."""
+    """Token ids of every caption, (10, 3, C, K, L): label, thickness, colour, template."""
     L = tokenizer.model_max_length
-    texts = [caption(d, th, c, k) for d in range(10) for th in THICKNESS for c in COLOURS
-             for k in range(len(TEMPLATES))]
-    ids = tokenizer(texts, padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(all_captions(), padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids
     return ids.view(10, len(THICKNESS), len(COLOURS), len(TEMPLATES), L)
 
 
@@ -395,13 +398,9 @@ def encode_all(vae: nn.Module, data: Digits, batch: int = 500) -> tuple[Tensor, 
     means, stds = [], []
     for c in range(len(COLOURS)):
         rgb = colourize(data.x, COLOUR_TABLE[c].expand(len(data.x), 3))
-        ms, ss = [], []
-        for k in range(0, len(rgb), batch):
-            d = vae.encode(rgb[k:k + batch]).latent_dist
-            ms.append(d.mean)
-            ss.append(d.std)
-        means.append(torch.cat(ms))
-        stds.append(torch.cat(ss))
+        dists = [vae.encode(rgb[k:k + batch]).latent_dist for k in range(0, len(rgb), batch)]
+        means.append(torch.cat([d.mean for d in dists]))
+        stds.append(torch.cat([d.std for d in dists]))
     return torch.stack(means, 1), torch.stack(stds, 1)
 
 
@@ -417,8 +416,7 @@ def digit_batches(sd: Any, n_images: int | None = None, batch: int = 250) -> Cal
     vae = sd.vae.vae
     mean, std = encode_all(vae, data, batch)                     # (N, C, 4, h, w) unscaled
     scale, shift = sd.vae.scale, sd.vae.shift
-    texts = [caption(d, th, c, k) for d in range(10) for th in THICKNESS for c in COLOURS
-             for k in range(len(TEMPLATES))]
+    texts = all_captions()
     emb = torch.cat([sd.text.embed(texts[i:i + 500]) for i in range(0, len(texts), 500)])
     n_t, n_c, n_k = len(THICKNESS), len(COLOURS), len(TEMPLATES)
     emb = emb.view(10, n_t, n_c, n_k, *emb.shape[1:])
