@@ -61,6 +61,23 @@ def random_unet(tiny: bool = False):
         return UNet2DConditionModel(**unet_config(tiny))
 
 
+def _n_params(module: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+def _random_sd15(tiny: bool, device: str | None) -> tuple[torch.device, torch.nn.Module, int, int, int]:
+    """(device, random_unet(tiny), text length L = 77, text width D, latent size h): what every measurement builds."""
+    cfg = unet_config(tiny)
+    return device_of(device), random_unet(tiny), 77, cfg["cross_attention_dim"], cfg["sample_size"]
+
+
+def _text_batches(h: int, L: int, D: int):
+    """sample_batch(n, g) -> {"x": random latents (n, 4, h, h), "cond": random text (n, L, D), null text zeros}."""
+    null = torch.zeros(1, L, D)
+    return lambda n, g: {"x": torch.randn(n, 4, h, h, generator=g),
+                         "cond": Cond(text=torch.randn(n, L, D, generator=g), null_text=null)}
+
+
 def stamped(step, stamps: list[float], dev: torch.device, phase: str | None = None):
     """The step function with a timestamp (after the device's pending work) appended to `stamps` before each call,
     or before each call of network `phase` only: the differences of consecutive stamps are step times."""
@@ -98,15 +115,10 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
             ema_decay: float = 0.0, steps: int = 6, warmup: int = 2, tiny: bool = False,
             device: str | None = None) -> dict:
     """Peak memory and step time of stage 1's training step (see the module docstring)."""
-    dev = device_of(device)
-    cfg = unet_config(tiny)
-    unet = random_unet(tiny)
+    dev, unet, L, D, h = _random_sd15(tiny, device)
     model = sdlib.SDDenoiser(unet, RectifiedFlow(), "velocity").to(dev)
     if lora:
         sdlib.add_lora(model, r=lora)
-    n_params = sum(p.numel() for p in unet.parameters())
-    n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    L, D, h = (77, cfg["cross_attention_dim"], cfg["sample_size"])
     null = torch.zeros(1, L, D)
 
     def sample(n, g):
@@ -121,9 +133,9 @@ def measure(batch_size: int = 8, precision: str = "bf16", grad_checkpointing: bo
                        TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
                                    grad_checkpointing=grad_checkpointing), dev)
     sec = statistics.median(times[warmup:])
-    return {**common_fields(dev, tiny, batch_size, precision, grad_checkpointing, lora), "params": n_params,
-            "trainable_params": n_train, "ema": ema_decay > 0, "latent": [4, h, h], "seconds_per_step": sec,
-            "instaflow_budget": budget(sec / batch_size)}
+    return {**common_fields(dev, tiny, batch_size, precision, grad_checkpointing, lora), "params": _n_params(unet),
+            "trainable_params": _n_params(unet, trainable=True), "ema": ema_decay > 0, "latent": [4, h, h],
+            "seconds_per_step": sec, "instaflow_budget": budget(sec / batch_size)}
 
 
 # DMD2 (SD 1.5, tianweiy/DMD2 experiments/laion6.25): 39k iterations (20k-40k iteration runs) then a GAN stage of
@@ -140,29 +152,17 @@ def measure_dmd2(batch_size: int = 4, precision: str = "bf16", grad_checkpointin
     frozen real score; with lora the generator is a LoRA and the real score its UNet without the adapter). Timed
     over whole rounds of `ttur` iterations (one generator update and ttur critic updates each), after one warm-up
     round; reported per iteration (a round's time / ttur)."""
-    dev = device_of(device)
-    cfg = unet_config(tiny)
-    unet = random_unet(tiny)
-    G = sdlib.SDDenoiser(unet, SDDiscrete(), "eps").to(dev)
-    L, D, h = (77, cfg["cross_attention_dim"], cfg["sample_size"])
-    null = torch.zeros(1, L, D, device=dev)
-    G, real, critic = networks(G, lora, None, gan, seed=1)
-
-    def sample(n, g):
-        return {"x": torch.randn(n, 4, h, h, generator=g), "cond": Cond(text=torch.randn(n, L, D, generator=g),
-                                                                      null_text=null.cpu())}
-
+    dev, unet, L, D, h = _random_sd15(tiny, device)
+    G, real, critic = networks(sdlib.SDDenoiser(unet, SDDiscrete(), "eps").to(dev), lora, None, gan, seed=1)
     step = dmd.dmd_step(dmd.DMDConfig(ttur=ttur, gan=gan, real_w=0.75), G.process)
-
     nets = {"generator": Network(G, lr=1e-5, every=ttur, save_frozen=not lora), "critic": Network(critic, lr=1e-5)}
-    rounds = step_times(nets, step, sample, TrainConfig(steps=ttur * (iterations + 1) + 1, batch_size=batch_size,
-                                                        precision=precision, grad_checkpointing=grad_checkpointing),
-                        dev, phase="generator", frozen={"teacher": real})
+    cfg = TrainConfig(steps=ttur * (iterations + 1) + 1, batch_size=batch_size, precision=precision,
+                      grad_checkpointing=grad_checkpointing)
+    rounds = step_times(nets, step, _text_batches(h, L, D), cfg, dev, phase="generator", frozen={"teacher": real})
     sec = statistics.median(rounds[1:]) / ttur
-    trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
     return {"method": "dmd2", **common_fields(dev, tiny, batch_size, precision, grad_checkpointing, lora),
-            "params_unet": sum(p.numel() for p in unet.parameters()), "trainable_generator": trainable(G),
-            "trainable_critic": trainable(critic), "gan": gan, "ttur": ttur, "latent": [4, h, h],
+            "params_unet": _n_params(unet), "trainable_generator": _n_params(G, trainable=True),
+            "trainable_critic": _n_params(critic, trainable=True), "gan": gan, "ttur": ttur, "latent": [4, h, h],
             "seconds_per_iteration": sec, "dmd2_budget": dmd2_budget(sec, batch_size)}
 
 
@@ -211,15 +211,13 @@ def table(tiny: bool = False, device: str | None = None, rows=TABLE_ROWS, out: P
         try:
             if method == "reflow":
                 r = measure(bs, "bf16", ckpt, lora, tiny=tiny, device=device)
-                r["seconds_per_sample"] = r["seconds_per_step"] / bs
             elif method == "dmd2":
                 r = measure_dmd2(bs, "bf16", ckpt, lora, tiny=tiny, device=device)
-                r["seconds_per_sample"] = r["seconds_per_iteration"] / bs
             elif method == "lcm-lora":
                 r = measure_lcm_lora(bs, lora, "bf16", ckpt, online_steps=extra, tiny=tiny, device=device)
-                r["seconds_per_sample"] = r["seconds_per_step"] / bs
             else:
                 raise ValueError(f"unknown method {method!r} in the cost table")
+            r["seconds_per_sample"] = r.get("seconds_per_step", r.get("seconds_per_iteration")) / bs
             r = {**key, **r, "status": "ok"}
         except torch.cuda.OutOfMemoryError as e:
             r = {**key, "status": "out of memory", "error": str(e).splitlines()[0]}
@@ -273,8 +271,7 @@ def sd15_sizes(rank: int = 64) -> dict:
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config())
-    return {"unet": sum(p.numel() for p in unet.parameters()),
-            "lora": lora_param_count(unet, rank, lcm.present_targets(unet))}
+    return {"unet": _n_params(unet), "lora": lora_param_count(unet, rank, lcm.present_targets(unet))}
 
 
 def measure_lcm_lora(batch_size: int = 12, rank: int = 64, precision: str = "bf16", grad_checkpointing: bool = True,
@@ -283,28 +280,18 @@ def measure_lcm_lora(batch_size: int = 12, rank: int = 64, precision: str = "bf1
     """Peak memory and median seconds per step of the LCM-LoRA stage's training step (lcm_lora_step through the engine) on the
     SD 1.5 UNet architecture with random weights (tiny=True: a tiny UNet, the CPU smoke test), 77 x 768 text, 64 x 64
     latents; online_steps > 0 adds the prompts-only teacher sampling."""
-    dev = device_of(device)
-    cfg = unet_config(tiny)
-    unet = random_unet(tiny)
+    dev, unet, L, D, h = _random_sd15(tiny, device)
     model = sdlib.SDDenoiser(unet, SDDiscrete(), "eps").to(dev)
     sdlib.add_lora(model, r=rank, target_modules=lcm.present_targets(unet))
     student = lcm.LCMModel(model, w_fixed=LCM_LORA_W)
-    L, D, h = 77, cfg["cross_attention_dim"], cfg["sample_size"]
-    null = torch.zeros(1, L, D)
     inner = lcm_lora_step(SimpleNamespace(model=model), lcm.LCMConfig(w_min=LCM_LORA_W, w_max=LCM_LORA_W),
                           {"w": LCM_LORA_W, "steps": online_steps} if online_steps else None)
-
-    def sample(n, g):
-        return {"x": torch.randn(n, 4, h, h, generator=g), "cond": Cond(text=torch.randn(n, L, D, generator=g),
-                                                                   null_text=null)}
-
     rss0 = _rss_gib()
-    times = step_times({"student": Network(student, lr=1e-4, save_frozen=False)}, inner, sample,
+    times = step_times({"student": Network(student, lr=1e-4, save_frozen=False)}, inner, _text_batches(h, L, D),
                        TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
                                    grad_checkpointing=grad_checkpointing), dev)[warmup:]
     return {**common_fields(dev, tiny, batch_size, precision, grad_checkpointing, rank),
-            "params": sum(p.numel() for p in unet.parameters()),
-            "trainable_params": sum(p.numel() for p in unet.parameters() if p.requires_grad),
+            "params": _n_params(unet), "trainable_params": _n_params(unet, trainable=True),
             "online_steps": online_steps, "seconds_per_step": sorted(times)[len(times) // 2],
             # on a CPU: the process's peak resident memory above what it held before the first step (the model
             # built), a rough stand-in for the training step's own memory (activations, optimizer, autocast copies)
@@ -435,7 +422,6 @@ def print_table(results: list[dict]) -> None:
             print(head + f"{r['status']} | | | |")
             continue
         sec = r.get("seconds_per_step", r.get("seconds_per_iteration"))
-        mem = _memory(r)
         if r["method"] == "reflow":
             b = r["instaflow_budget"]
             sched = f"InstaFlow: {b['gpu_hours']:,.0f} GPU-h"
@@ -444,7 +430,7 @@ def print_table(results: list[dict]) -> None:
             sched = f"DMD2: {b['gpu_hours']:,.0f} GPU-h"
         else:       # scale.lcm_lora's plan: 4000 steps at a global batch of 8 x 12
             sched = f"LCM-LoRA plan: {4000 * 96 * sec / r['batch_size_per_gpu'] / 3600:,.1f} GPU-h"
-        print(head + f"{sec:.3f} | {r['batch_size_per_gpu'] / sec:.1f} | {mem} | {sched} |")
+        print(head + f"{sec:.3f} | {r['batch_size_per_gpu'] / sec:.1f} | {_memory(r)} | {sched} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -491,10 +477,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _print_reflow(res: dict, a) -> None:
     b = res["instaflow_budget"]
-    mem = _memory(res)
     print(f"| device | UNet | batch/GPU | precision | checkpointing | LoRA | s/step | peak memory |\n|---|---|---|---|---|---|---|---|\n"
           f"| {res['device']} | {res['unet']} | {a.batch_size} | {a.precision} | {a.grad_checkpointing} | {a.lora or '-'} "
-          f"| {res['seconds_per_step']:.3f} | {mem} |")
+          f"| {res['seconds_per_step']:.3f} | {_memory(res)} |")
     print(f"InstaFlow's schedule ({b['samples']:,} training samples): {b['gpu_hours']:.0f} GPU-hours here; wall "
           f"{b['wall_hours']['1'] / 24:.1f} days on 1 GPU, {b['wall_hours']['8'] / 24:.1f} days on 8 "
           f"(paper: {b['paper_a100_days']} A100-days incl. data generation = {b['paper_wall_days_on_8_a100']:.1f} days on 8 A100s)")
@@ -502,11 +487,10 @@ def _print_reflow(res: dict, a) -> None:
 
 def _print_dmd2(res: dict, a) -> None:
     b = res["dmd2_budget"]
-    mem = _memory(res)
     print(f"| device | method | UNets | batch/GPU | precision | checkpointing | generator LoRA | s/iteration | peak memory |"
           f"\n|---|---|---|---|---|---|---|---|---|\n| {res['device']} | DMD2 (TTUR {res['ttur']}, GAN {res['gan']}) | "
           f"{res['unet']} x 3 | {res['batch_size_per_gpu']} | {res['precision']} | {res['grad_checkpointing']} | "
-          f"{res['lora_rank'] or '-'} | {res['seconds_per_iteration']:.3f} | {mem} |")
+          f"{res['lora_rank'] or '-'} | {res['seconds_per_iteration']:.3f} | {_memory(res)} |")
     print(f"DMD2's SD 1.5 schedule ({b['iterations']:,} iterations at a global batch of {b['global_batch']}): "
           f"{b['gpu_hours']:.0f} GPU-hours here; wall {b['wall_hours']['8']:.0f} h on 8 GPUs, {b['wall_hours']['64']:.0f} h "
           f"on 64 (paper: {b['paper']} = {b['paper_gpu_hours']:.0f} GPU-hours)")
