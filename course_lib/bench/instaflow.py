@@ -5,7 +5,6 @@ import time
 
 import torch
 
-from ..classifier import balanced_labels
 from ..conditioning import labels
 from ..config import default_device, pick
 from ..data2d import sample_2d
@@ -20,8 +19,8 @@ from ..recipes.instaflow import (DIGITS_DIR, DIGITS_MODELS, DIGITS_RECIPE, insta
 from ..samplers import dpm_solver_pp_2m, euler
 from ..teachers import load_teacher
 from . import register
-from .core import (Evaluation, conditional_reference, digits_floor, digits_n, fresh, nfe, noise, per_seed, pm, prior,
-                   score_digits, score_fidelity, side_by_side, swd, timed, train_fields)
+from .core import (Evaluation, conditional_reference, digit_labels, digits_floor, digits_n, fresh, nfe, noise, per_seed,
+                   pm, prior, score_digits, score_fidelity, side_by_side, swd, timed, train_fields)
 
 
 def sweep_rows(ev: Evaluation, records: list[dict], dataset: str, x1s: list, y, targets: list[dict],
@@ -175,7 +174,7 @@ def instaflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device)
     for s in ev.seeds:
         digits_floor(ev, s)
         x1 = noise((max(big, small), 1, 16, 16), s + 6, device)
-        y = labels(balanced_labels(len(x1)).to(device), 10)
+        y = digit_labels(len(x1), device)
 
         def score(name, k, sampler, x, sec, guided=False, **extra):
             common = dict(nfe=nfe(sampler, k, guided), steps=k, w=w, sampler=sampler, **extra)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..classifier import balanced_labels
-from ..conditioning import labelled, labels
+from ..conditioning import labelled
 from ..config import default_device, pick
 from ..data2d import batches
 from ..distill.pd import PDConfig, distill_pd
@@ -14,8 +13,8 @@ from ..samplers import ddim, dpm_solver_pp_2m
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (NFES, PR_N, Evaluation, RoundClock, digits_floor, digits_n, exact_map, nfe, prior, reference_2d,
-                   score_2d, score_digits, sweep_2d, timed, train_fields)
+from .core import (NFES, PR_N, Evaluation, RoundClock, digit_labels, digits_floor, digits_n, exact_map, nfe, prior,
+                   reference_2d, score_2d, score_digits, sweep_2d, timed, train_fields)
 
 
 @register("pd", "progressive distillation of the 2D and digits teachers, a row per halving round")
@@ -77,7 +76,7 @@ def digits_pd_rows(ev: Evaluation, mode: str, seed: int, device: str | torch.dev
         digits_floor(ev, s)
         x1 = prior(teacher.process, (max(big, small), 1, 16, 16), s + 6, device)
         run = lambda m, k, sampler, steps: timed(lambda: sampler(m, x1[:k], uniform(steps), teacher.process,
-                                                                 cond=labels(balanced_labels(k).to(device), 10)),
+                                                                 cond=digit_labels(k, device)),
                                                  device)
         x, sec = run(teacher, small, dpm_solver_pp_2m, 64)
         score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", 64), steps=64, sampler="dpmpp2m")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from ..classifier import balanced_labels
-from ..conditioning import labels
 from ..config import default_device, pick
 from ..distill import reflow
 from ..grids import uniform
@@ -13,8 +11,9 @@ from ..recipes.reflow import DIGITS_DIR, load_digits_flow, reflow_2d_budget, ref
 from ..samplers import dpm_solver_pp_2m, euler
 from ..teachers import load_teacher
 from . import register
-from .core import (NFES, PR_N, Evaluation, digits_floor, digits_n, exact_map, nfe, noise, over_best, per_seed, pm, prior,
-                   reference_2d, score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
+from .core import (NFES, PR_N, Evaluation, digit_labels, digits_floor, digits_n, exact_map, nfe, noise, over_best,
+                   per_seed, pm, prior, reference_2d, score_2d, score_digits, side_by_side, sweep_2d, teacher_best,
+                   timed, train_fields)
 
 REFLOW_NFES = (1, 2, 4, 64)
 
@@ -98,7 +97,7 @@ def reflow_digits_rows(ev: Evaluation, mode: str, device: str | torch.device) ->
     for s in ev.seeds:
         digits_floor(ev, s)
         x1 = noise((max(big, small), 1, 16, 16), s + 6, device)
-        y = lambda k: labels(balanced_labels(k).to(device), teacher.net.num_classes)
+        y = lambda k: digit_labels(k, device, teacher.net.num_classes)
         x, sec = timed(lambda: dpm_solver_pp_2m(teacher, x1[:small], uniform(16), teacher.process, cond=y(small)),
                        device)
         score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", 16), steps=16, sampler="dpmpp2m")

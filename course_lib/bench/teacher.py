@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from ..classifier import balanced_labels
-from ..conditioning import labels
 from ..config import default_device, pick
 from ..data2d import exact_denoiser
 from ..processes import VPCosine
 from ..samplers import generate
 from ..teachers import load_teacher
 from . import register
-from .core import NFES, PR_N, Evaluation, digits_floor, digits_n, exact_map, nfe, prior, reference_2d, score_digits, \
-    sweep_2d, timed
+from .core import (NFES, PR_N, Evaluation, digit_labels, digits_floor, digits_n, exact_map, nfe, prior, reference_2d,
+                   score_digits, sweep_2d, timed)
 
 
 @register("teacher", "the shipped teachers (2D and digits) with every training-free solver, NFE 1 to 128")
@@ -54,7 +52,7 @@ def digits_teacher_rows(ev: Evaluation, mode: str, device: str | torch.device) -
     n = digits_n(mode, cheap=False)
     nfes = pick(mode, smoke=(1, 2), laptop=(1, 2, 4, 8, 16, 32), full=(1, 2, 4, 8, 16, 32, 64, 128))
     teacher = load_teacher("digits", device=device)
-    y = labels(balanced_labels(n).to(device), teacher.net.num_classes)
+    y = digit_labels(n, device, teacher.net.num_classes)
     for s in ev.seeds:
         digits_floor(ev, s)
         for sampler, name in (("dpmpp2m", "teacher"), ("ddim", "teacher-ddim")):
