@@ -41,34 +41,47 @@ def save(fig, path: Path, tight: bool = False) -> Path:
 
 def teacher_quality(result: dict, out: Path) -> Path:
     """SWD against NFE for each teacher and solver, one panel per 2D dataset, with the data floor."""
-    datasets = [d for d in ("checkerboard", "gmm") if any(r["dataset"] == d for r in result["rows"])]
+    return _swd_panels(result["rows"], lambda m: m != "data", "{ds}: teacher quality vs NFE ({n} samples)",
+                       out / "teacher_quality_vs_nfe.png")
+
+
+def _swd_panels(rows: list[dict], keep: Callable[[str], bool], title: str, path: Path, with_std: bool = False
+                ) -> Path:
+    """SWD against NFE of the models `keep` accepts (the first row of each (model, nfe)), one panel per 2D dataset
+    (title formatted with {ds} and the rows' sample count {n}), with the data floor; with_std: (mean, std) points and
+    floor, drawn with error bars over the evaluation seeds."""
+    value = (lambda r: (r["value"], r.get("std", 0.0))) if with_std else (lambda r: r["value"])
+    datasets = [d for d in ("checkerboard", "gmm") if any(r["dataset"] == d for r in rows)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
-        rows = [r for r in result["rows"] if r["dataset"] == ds and r["metric"] == "swd"]
-        floor = next(r["value"] for r in rows if r["model"] == "data")
-        curves: dict[str, tuple[list[int], list[float]]] = {}
-        for r in rows:
-            if r["model"] != "data":
-                curves.setdefault(r["model"], ([], []))
-                curves[r["model"]][0].append(r["nfe"]), curves[r["model"]][1].append(r["value"])
-        n = rows[0].get("n", "")
-        nfe_curves(curves, floor=floor, ax=ax, title=f"{ds}: teacher quality vs NFE ({n} samples)")
+        mine = [r for r in rows if r["dataset"] == ds and r["metric"] == "swd"]
+        curves: dict[str, tuple[list[int], list]] = {}
+        for r in mine:
+            if keep(r["model"]) and r["nfe"] not in curves.setdefault(r["model"], ([], []))[0]:
+                curves[r["model"]][0].append(r["nfe"]), curves[r["model"]][1].append(value(r))
+        floor = next(value(r) for r in mine if r["model"] == "data")
+        nfe_curves(curves, floor=floor, ax=ax, title=title.format(ds=ds, n=mine[0].get("n", "")))
     fig.tight_layout()
-    return save(fig, out / "teacher_quality_vs_nfe.png")
+    return save(fig, path)
 
 
 def digits_grid(out: Path, nfes=(1, 2, 4, 8, 16, 32)) -> Path:
     """The digits teacher's samples at increasing NFE, same noise in every row."""
     teacher = load_teacher("digits")
     y = labels(torch.arange(10).repeat(2), teacher.net.num_classes)
-    fig, axes = plt.subplots(len(nfes), 1, figsize=(8, 0.55 * len(nfes) + 0.4))
-    for ax, k in zip(axes, nfes):
-        x = generate(teacher, teacher.process, (len(y), 1, 16, 16), "dpmpp2m", k,
-                     generator=torch.Generator().manual_seed(4), cond=y)
-        image_grid(x, nrow=len(y), ax=ax)
-        ax.set_ylabel(f"{k} NFE", rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle("digits teacher, DPM-Solver++(2M)", fontsize=10)
-    return save(fig, out / "digits_teacher_nfe.png", tight=True)
+    rows = [(f"{k} NFE", generate(teacher, teacher.process, (len(y), 1, 16, 16), "dpmpp2m", k,
+                                  generator=torch.Generator().manual_seed(4), cond=y)) for k in nfes]
+    return _image_rows(rows, "digits teacher, DPM-Solver++(2M)", out / "digits_teacher_nfe.png")
+
+
+def _image_rows(rows: list[tuple[str, Tensor]], title: str, path: Path) -> Path:
+    """One row of images (B, C, H, W) per (label, images), the label on its left; saved cropped to its content."""
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.55 * len(rows) + 0.4))
+    for ax, (label, x) in zip(axes, rows):
+        image_grid(x, nrow=len(x), ax=ax)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, path, tight=True)
 
 
 def instaflow_sweep(result: dict, out: Path, n_pairs: int = 10_000, steps: int = 2000) -> Path:
@@ -108,12 +121,8 @@ def instaflow_digits(out: Path) -> Path:
             ("2-RF, 1 Euler step", euler(flow2, x1, uniform(1), flow2.process, cond=y)),
             ("InstaFlow, 1 step", instaflow.one_step(load_digits_model("digits-instaflow"), x1, y)),
             ("direct distillation, 1 step", instaflow.one_step(load_digits_model("digits-direct"), x1, y))]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.55 * len(rows) + 0.4))
-    for ax, (label, x) in zip(axes, rows):
-        image_grid(x, nrow=len(y), ax=ax)
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle("digits: InstaFlow against direct distillation (same noise and labels)", fontsize=10)
-    return save(fig, out / "instaflow_digits.png", tight=True)
+    return _image_rows(rows, "digits: InstaFlow against direct distillation (same noise and labels)",
+                       out / "instaflow_digits.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,25 +311,15 @@ class ReflowExplorer:
         html = anim.to_jshtml(default_mode="loop")
         plt.close(fig)
         return html
+
+
 def consistency_quality(results: list[dict], out: Path) -> Path:
     """SWD against steps of the consistency students (bench cd / bench ct results, each a saved JSON; CT on CD's budget
     and ct-long) beside the teacher's DPM-Solver++ sweep and the data floor, one panel per 2D dataset, mean ± std over
     evaluation seeds."""
-    rows = [r for res in results for r in res["rows"]]
-    datasets = [d for d in ("checkerboard", "gmm") if any(r["dataset"] == d for r in rows)]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        mine = [r for r in rows if r["dataset"] == ds and r["metric"] == "swd"]
-        floor = next((r["value"], r.get("std", 0.0)) for r in mine if r["model"] == "data")
-        curves: dict[str, tuple[list[int], list]] = {}
-        for r in mine:
-            if r["model"] in ("teacher", "cd", "ct", "ct-long", "pd") and (r["model"], r["nfe"]) not in \
-                    {(m, k) for m, (ks, _) in curves.items() for k in ks}:
-                curves.setdefault(r["model"], ([], []))
-                curves[r["model"]][0].append(r["nfe"]), curves[r["model"]][1].append((r["value"], r.get("std", 0.0)))
-        nfe_curves(curves, floor=floor, ax=ax, title=f"{ds}: consistency students vs the teacher")
-    fig.tight_layout()
-    return save(fig, out / "consistency_vs_nfe.png")
+    models = ("teacher", "cd", "ct", "ct-long", "pd")
+    return _swd_panels([r for res in results for r in res["rows"]], lambda m: m in models,
+                       "{ds}: consistency students vs the teacher", out / "consistency_vs_nfe.png", with_std=True)
 
 
 def main(argv: list[str] | None = None) -> None:
