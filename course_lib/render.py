@@ -24,37 +24,26 @@ from jupyter_client.manager import KernelManager
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import CellExecutionError, ExecutePreprocessor
 
-from course_lib.exercises import (
-    DEFAULT_ROOT,
-    NotebookBuildError,
-    read_notebook,
-    solution_paths,
-    without_student_only,
-)
+from course_lib.exercises import DEFAULT_ROOT, NotebookBuildError, read_notebook, solution_paths, without_student_only
 
 MODES = ("smoke", "laptop", "full")  # the same three as course_lib.config.MODES (which imports torch)
 CURRENT_ENV_KERNEL = "course-current-env"
 
 
 class _CurrentEnvSpecs(KernelSpecManager):
-    """Resolves the kernel name CURRENT_ENV_KERNEL to ipykernel running in this very interpreter.
-
-    So the notebooks run with the course's venv whatever kernels are registered on the machine.
-    """
+    """Resolves the kernel name CURRENT_ENV_KERNEL to ipykernel running in this very interpreter, so the notebooks
+    run with the course's venv whatever kernels are registered on the machine."""
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         if kernel_name == CURRENT_ENV_KERNEL:
-            return self.kernel_spec_class(
-                resource_dir=ipykernel.kernelspec.RESOURCES, **ipykernel.kernelspec.get_kernel_dict()
-            )
+            return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES,
+                                          **ipykernel.kernelspec.get_kernel_dict())
         return super().get_kernel_spec(kernel_name)
 
 
 def render_notebook(source: Path, out_dir: Path, *, timeout: int) -> Path:
-    """Execute the solution notebook `source` (cwd = its folder) and write `out_dir/<name>.html`.
-
-    Raises CellExecutionError if a cell fails (cells tagged 'raises-exception' may fail).
-    """
+    """Execute the solution notebook `source` (cwd = its folder) and write `out_dir/<name>.html`. Raises
+    CellExecutionError if a cell fails (cells tagged 'raises-exception' may fail)."""
     source = Path(source).resolve()
     nb = without_student_only(read_notebook(source))
     executor = ExecutePreprocessor(timeout=timeout, kernel_name=CURRENT_ENV_KERNEL)
@@ -82,18 +71,15 @@ def _resolve_mode(mode: str | None) -> str:
 
 def main(argv: Iterable[str] | None = None) -> int:
     """Entry point; returns the exit status (0 all rendered, 1 a notebook failed, 2 bad arguments)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m course_lib.render",
-        description="Execute solution notebooks and write HTML for readers (never touches solutions/).",
-    )
+    parser = argparse.ArgumentParser(prog="python -m course_lib.render", description="Execute solution notebooks "
+                                     "and write HTML for readers (never touches solutions/).")
     parser.add_argument("names", nargs="*", help="solution notebooks to render (default: all)")
     parser.add_argument("--mode", choices=MODES, default=None,
                         help="COURSE_MODE for the kernels (default: $COURSE_MODE, else laptop/full by GPU)")
     parser.add_argument("--out", type=Path, default=None, help="HTML folder (default: <root>/html)")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT,
                         help="course repository holding solutions/ (default: %(default)s)")
-    parser.add_argument("--timeout", type=int, default=3600,
-                        help="seconds allowed per cell (default: %(default)s)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per cell (default: %(default)s)")
     args = parser.parse_args(None if argv is None else list(argv))
 
     solutions_dir = (args.root / "solutions").resolve()
