@@ -401,8 +401,11 @@ def load_model(folder: str | os.PathLike, how_to_recreate: str = "", device: str
     return model.to(device).eval(), config
 
 
-def save_denoiser(folder: str | os.PathLike, model: Denoiser, extra: dict | None = None) -> None:
-    save_tensors(folder, model.state_dict(), {"denoiser": model.config(), **(extra or {})})
+def save_denoiser(folder: str | os.PathLike, model: Denoiser, extra: dict | None = None, half: bool = False) -> None:
+    """Weights as safetensors (half: floating-point tensors in fp16, the shipped models' form), the config under
+    "denoiser" in config.json (plus `extra`); `load_denoiser` rebuilds it."""
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_tensors(folder, state, {"denoiser": model.config(), **(extra or {})})
 
 
 def load_denoiser(folder: str | os.PathLike, how_to_recreate: str = "", device: str | torch.device = "cpu"

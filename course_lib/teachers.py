@@ -19,13 +19,12 @@ from typing import Any, Callable
 import torch
 
 from . import paths
-from .checkpoint import save_tensors
 from .conditioning import labels
 from .config import announce_once, default_device, offline, seeded
 from .data2d import sample_2d
 from .images import batch_sampler, load_digits
 from .losses import denoising_loss
-from .models import Denoiser, DiffusersUNet, MLP2D, UNet, load_denoiser
+from .models import Denoiser, DiffusersUNet, MLP2D, UNet, load_denoiser, save_denoiser
 from .processes import make_process
 from .train import Trained, TrainConfig, train
 
@@ -153,11 +152,9 @@ def load_hub_teacher(repo_id: str = "google/ddpm-cifar10-32", device: str | torc
 
 
 def export(state: Trained, recipe: Recipe, folder: Path, steps_done: int) -> None:
-    model, last = state.best(), state.losses["model"][-100:]
-    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    save_tensors(folder, half, {"denoiser": model.config(), "recipe": recipe.name, "steps": steps_done,
-                                "train_config": {k: v for k, v in vars(recipe.cfg).items()},
-                                "final_loss_mean_last_100": sum(last) / max(1, len(last))})
+    last = state.losses["model"][-100:]
+    save_denoiser(folder, state.best(), {"recipe": recipe.name, "steps": steps_done, "train_config": vars(recipe.cfg),
+                                         "final_loss_mean_last_100": sum(last) / max(1, len(last))}, half=True)
 
 
 def main(argv: list[str] | None = None) -> None:

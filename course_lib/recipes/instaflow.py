@@ -29,10 +29,9 @@ from ..config import pick, seeded
 from ..distill import reflow as rf
 from ..distill.instaflow import (OneStepConfig, distill_conditional_reflow, distill_direct, distill_onestep, one_step,
                                  regression_error, triplets)
-from ..models import Denoiser, build_denoiser, load_denoiser, null_label
+from ..models import Denoiser, build_denoiser, load_denoiser, null_label, save_denoiser
 from ..teachers import load_teacher
 from ..train import TrainConfig
-from .reflow import save_half
 
 # ----------------------------------------------------------------------------------------------------------------
 # The shipped digits models (data/instaflow): the recipe end to end on the digits teacher, and its ablation
@@ -77,7 +76,8 @@ def train_digits(runs: str | os.PathLike = "runs/instaflow-digits", out: Path = 
     def timed_export(name: str, fn, meta: dict) -> Denoiser:
         t0 = time.perf_counter()
         model = fn()
-        save_half(model, out / name, {**base, **meta, "train_seconds": round(time.perf_counter() - t0, 1)})
+        save_denoiser(out / name, model, {**base, **meta, "train_seconds": round(time.perf_counter() - t0, 1)},
+                      half=True)
         return load_denoiser(out / name, device=device)[0].requires_grad_(False)      # the shipped fp16 weights
 
     l2_cfg, lap_cfg = scale(r["distill_l2"]), scale(r["distill_lap1"])

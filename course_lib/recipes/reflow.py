@@ -3,7 +3,6 @@
 
     reflow_2d_budget(mode), reflow_2d_models(dataset, budget)   1-RF -> 2-RF -> 3-RF and the 1-step distillations
     DIGITS_RECIPE, train_digits, load_digits_flow              the digits teacher reflowed, and distilled to 1 step
-    save_half(model, folder, extra)                            a Denoiser saved with fp16 weights (the shipped form)
 
     python -m course_lib.recipes.reflow train-digits     # the shipped digits 2-RF and its 1-step distillation
 """
@@ -18,12 +17,11 @@ from pathlib import Path
 import torch
 
 from .. import paths
-from ..checkpoint import save_tensors
 from ..classifier import balanced_labels
 from ..conditioning import labels
 from ..config import pick
 from ..distill.reflow import CACHE_DIR, KStepConfig, ReflowConfig, cached_pairs, distill_kstep, distill_reflow
-from ..models import Denoiser, load_denoiser
+from ..models import Denoiser, load_denoiser, save_denoiser
 from ..teachers import load_teacher
 from ..train import TrainConfig
 
@@ -44,11 +42,6 @@ DIGITS_RECIPE = dict(  # budgets of the shipped models (data/reflow); on a share
 )
 
 
-def save_half(model: Denoiser, folder: Path, extra: dict) -> None:
-    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    save_tensors(folder, half, {"denoiser": model.config(), **extra})
-
-
 def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIGITS_DIR, steps_scale: float = 1.0,
                  device: str | torch.device = "cpu") -> None:
     """Reflow of the shipped digits diffusion teacher (InstaFlow's recipe at toy scale) and its 1-step distillation:
@@ -67,16 +60,15 @@ def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIG
                       f"{r['pair_steps']} steps; init: teacher weights as velocity)", "n_pairs": n,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "train_seconds": round(time.perf_counter() - t0, 1),
             "command": "python -m course_lib.recipes.reflow train-digits"}
-    save_half(flow2, out / "digits-2rf", meta)
+    save_denoiser(out / "digits-2rf", flow2, meta, half=True)
     flow2, _ = load_denoiser(out / "digits-2rf")              # the shipped (fp16-rounded) weights
     eps2, x02 = cached_pairs(flow2, "digits-2rf", n, r["distill_pairs_steps"], "euler", seed=1,
                              cache_dir=Path(runs) / "pairs", cond=y, noise_shape=(1, 16, 16))
     cfg = scale(r["distill"])
     t0 = time.perf_counter()
     student, _ = distill_kstep(flow2, (eps2, x02, y), KStepConfig(1), run=cfg, ckpt_dir=Path(runs) / "2rf-distill1")
-    save_half(student, out / "digits-2rf-distill1",
-            {**meta, "method": "2-RF distilled to 1 Euler step (L2)", "steps": cfg.steps,
-             "train_seconds": round(time.perf_counter() - t0, 1)})
+    save_denoiser(out / "digits-2rf-distill1", student, {**meta, "method": "2-RF distilled to 1 Euler step (L2)",
+                  "steps": cfg.steps, "train_seconds": round(time.perf_counter() - t0, 1)}, half=True)
     print(f"wrote {out / 'digits-2rf'} and {out / 'digits-2rf-distill1'}")
 
 
