@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import minisd, paths
 from ..conditioning import Cond
 from ..distill import dmd
-from ..sd import SDDenoiser
+from ..sd import load_unet_student
 from ..train import Observer, Trained, TrainConfig
 
 SHIPPED = "mini-sd-dmd2"
@@ -128,13 +128,7 @@ def save(G: nn.Module, folder: str | Path, info: dict) -> Path:
 
 def load(sd: Any, folder: str | Path) -> nn.Module:
     """The generator saved by `save`, as a course model on sd's process (sd.model's weights are not touched)."""
-    from diffusers import UNet2DConditionModel
-
-    folder = Path(folder)
-    if not (folder / META).is_file():
-        raise FileNotFoundError(f"{folder} holds no DMD2 generator ({META} is missing): recreate it with `{RECREATE}`")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    return SDDenoiser(unet, sd.model.process, sd.model.parameterization).eval().requires_grad_(False)
+    return load_unet_student(folder, META, sd.model, f"DMD2 generator: recreate it with `{RECREATE}`")[0].eval()
 
 
 def load_shipped(sd: Any) -> nn.Module:
