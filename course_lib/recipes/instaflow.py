@@ -38,6 +38,7 @@ from ..train import TrainConfig
 # ----------------------------------------------------------------------------------------------------------------
 
 DIGITS_DIR = paths.data_dir() / "instaflow"   # see course_lib.paths
+RECREATE = "python -m course_lib.recipes.instaflow train-digits"
 DIGITS_MODELS = ("digits-if-2rf", "digits-instaflow-l2", "digits-instaflow", "digits-direct-l2", "digits-direct")
 DIGITS_RECIPE = dict(  # trained on one GPU (see each model's config.json for the measured seconds)
     w=0.5,                   # guidance of the teacher's triplets (diffusers' guidance_scale 1.5)
@@ -71,7 +72,7 @@ def train_digits(runs: str | os.PathLike = "runs/instaflow-digits", out: Path = 
     data = triplets(teacher, r["w"], y, "digits-teacher-guided", r["pair_steps"], r["pair_sampler"], seed=0,
                     noise_shape=(1, 16, 16), cache_dir=runs / "pairs")
     base = {"w_pairs": r["w"], "n_pairs": n_pairs, "pairs": f"{r['pair_sampler']} {r['pair_steps']} steps",
-            "command": "python -m course_lib.recipes.instaflow train-digits", "device": str(device)}
+            "command": RECREATE, "device": str(device)}
 
     def timed_export(name: str, fn, meta: dict) -> Denoiser:
         t0 = time.perf_counter()
@@ -111,9 +112,7 @@ def load_digits_model(name: str, device: str | torch.device = "cpu") -> Denoiser
     """A shipped digits InstaFlow model (eval, gradients off): one of DIGITS_MODELS."""
     if name not in DIGITS_MODELS:
         raise ValueError(f"unknown digits InstaFlow model {name!r}; valid: {', '.join(DIGITS_MODELS)}")
-    recreate = "python -m course_lib.recipes.instaflow train-digits"
-    model, _ = load_denoiser(paths.shipped(DIGITS_DIR / name, recreate), recreate, device=device)
-    return model.requires_grad_(False)
+    return load_denoiser(paths.shipped(DIGITS_DIR / name, RECREATE), RECREATE, device=device)[0].requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

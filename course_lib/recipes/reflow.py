@@ -30,6 +30,7 @@ from ..train import TrainConfig
 # ----------------------------------------------------------------------------------------------------------------
 
 DIGITS_DIR = paths.data_dir() / "reflow"   # see course_lib.paths
+RECREATE = "python -m course_lib.recipes.reflow train-digits"
 DIGITS_RECIPE = dict(  # budgets of the shipped models (data/reflow); on a shared 2-core CPU, 1 thread: ~12 + ~8 min
     n_pairs=4000,            # noise -> image pairs of the diffusion teacher (balanced labels)
     pair_sampler="dpmpp2m",  # the teacher's ODE solved with DPM-Solver++(2M)...
@@ -59,7 +60,7 @@ def train_digits(runs: str | os.PathLike = "runs/reflow-digits", out: Path = DIG
     meta = {"method": "2-rectified flow of the digits teacher (pairs: teacher ODE, DPM-Solver++ "
                       f"{r['pair_steps']} steps; init: teacher weights as velocity)", "n_pairs": n,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "train_seconds": round(time.perf_counter() - t0, 1),
-            "command": "python -m course_lib.recipes.reflow train-digits"}
+            "command": RECREATE}
     save_denoiser(out / "digits-2rf", flow2, meta, half=True)
     flow2, _ = load_denoiser(out / "digits-2rf")              # the shipped (fp16-rounded) weights
     eps2, x02 = cached_pairs(flow2, "digits-2rf", n, r["distill_pairs_steps"], "euler", seed=1,
@@ -76,9 +77,7 @@ def load_digits_flow(name: str = "digits-2rf", device: str | torch.device = "cpu
     """A shipped digits flow: "digits-2rf" or "digits-2rf-distill1" (eval mode, gradients off)."""
     if name not in ("digits-2rf", "digits-2rf-distill1"):
         raise ValueError(f"unknown digits flow {name!r}; valid: digits-2rf, digits-2rf-distill1")
-    recreate = "python -m course_lib.recipes.reflow train-digits"
-    model, _ = load_denoiser(paths.shipped(DIGITS_DIR / name, recreate), recreate, device=device)
-    return model.requires_grad_(False)
+    return load_denoiser(paths.shipped(DIGITS_DIR / name, RECREATE), RECREATE, device=device)[0].requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
