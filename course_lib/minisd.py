@@ -295,10 +295,6 @@ def build_parts(cfg: MiniSDConfig) -> dict[str, Any]:
     return {"vae": vae, "text_encoder": text, "unet": unet, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Data: training digits, thickness, colours, captions
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,11 +323,6 @@ def caption_table(tokenizer: Any) -> Tensor:
     L = tokenizer.model_max_length
     ids = tokenizer(all_captions(), padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids
     return ids.view(10, len(THICKNESS), len(COLOURS), len(TEMPLATES), L)
-
-
-def empty_ids(tokenizer: Any) -> Tensor:
-    L = tokenizer.model_max_length
-    return tokenizer([""], padding="max_length", max_length=L, return_tensors="pt").input_ids[0]
 
 
 COLOUR_TABLE = torch.tensor(list(COLOURS.values()))                     # (C, 3)
@@ -475,7 +466,9 @@ def train_mini_sd(out: str | os.PathLike, cfg: MiniSDConfig, ckpt_dir: str | os.
     summary["scaling_factor"] = scale
 
     # 3. text encoder + UNet with SD's loss; captions drawn per sample (template, colour), 10% dropped to ""
-    table, empty = caption_table(parts["tokenizer"]), empty_ids(parts["tokenizer"])
+    tok = parts["tokenizer"]
+    table = caption_table(tok)
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
     process = SDDiscrete()
 
     def sample_batch(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -506,7 +499,8 @@ def train_mini_sd(out: str | os.PathLike, cfg: MiniSDConfig, ckpt_dir: str | os.
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     save_vocab_files(Path(out) / "tokenizer")
-    summary["params"] = {k: n_params(getattr(pipe, k)) for k in ("vae", "text_encoder", "unet")}
+    summary["params"] = {k: sum(p.numel() for p in getattr(pipe, k).parameters())
+                         for k in ("vae", "text_encoder", "unet")}
     summary["vocab"] = len(parts["tokenizer"])
     return summary
 
