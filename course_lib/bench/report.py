@@ -43,12 +43,8 @@ def tables(rows: Iterable[dict], datasets: Sequence[str] = (), models: Sequence[
     for r in rows:
         if _keep(r, datasets, models, steps, metrics):
             by_dataset.setdefault(r["dataset"], []).append(r)
-    out = {}
-    for ds, rs in by_dataset.items():
-        lines = side_by_side(rs, KEY)
-        lines.sort(key=lambda l: l["model"] != "data")          # floors first, otherwise the run's order
-        out[ds] = lines
-    return out
+    # floors first, otherwise the run's order
+    return {ds: sorted(side_by_side(rs, KEY), key=lambda l: l["model"] != "data") for ds, rs in by_dataset.items()}
 
 
 def columns(lines: list[dict]) -> list[str]:
