@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -98,8 +99,7 @@ def _coco(path: Path) -> Iterator[Example]:
 
 def _tar_shards(paths_: list[Path], want_images: bool) -> Iterator[Example]:
     for shard in paths_:
-        groups: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
+        groups: dict[str, dict[str, bytes]] = {}        # members by key, in the shard's order
         with tarfile.open(shard) as tar:
             for m in tar:
                 if not m.isfile():
@@ -107,12 +107,8 @@ def _tar_shards(paths_: list[Path], want_images: bool) -> Iterator[Example]:
                 base = os.path.basename(m.name)
                 key, _, ext = base.partition(".")
                 key = os.path.join(os.path.dirname(m.name), key)
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key]["." + ext.lower()] = tar.extractfile(m).read()
-        for key in order:
-            g = groups[key]
+                groups.setdefault(key, {})["." + ext.lower()] = tar.extractfile(m).read()
+        for key, g in groups.items():
             cap = next((g[e].decode("utf-8").strip() for e in CAPTION_EXT if e in g), None)
             if cap is None and ".json" in g:
                 cap = _caption_of(json.loads(g[".json"]), f"{shard}:{key}.json")
@@ -170,11 +166,7 @@ def read_source(source: str | os.PathLike, images: bool = False, limit: int | No
         it, expected = _jsonl(path), 'lines {"prompt": ...}'
     else:
         it, expected = _text_lines(path), "one prompt per line"
-    out = []
-    for ex in it:
-        out.append(ex)
-        if limit and len(out) >= limit:
-            break
+    out = list(itertools.islice(it, limit or None))
     if not out:
         raise SourceError(f"prompt source {path} yielded nothing: expected {expected}")
     return out
