@@ -226,15 +226,24 @@ class DMDConfig:
     normalize: str = "sample"        # dm_gradient's normaliser: per "sample" (images) or over the "batch" (2D)
 
 
-def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, Mapping[str, Tensor]], Tensor]:
+def dmd_step(cfg: DMDConfig, process: AffineProcess, dm_loss_fn: Callable | None = None,
+             fake_fn: Callable | None = None,
+             simulate_fn: Callable | None = None) -> Callable[[StepContext, Mapping[str, Tensor]], Tensor]:
     """The DMD / DMD2 method step for train_networks (nets "generator", "critic", frozen "teacher"):
 
     generator phase: x = G(x_in, t_k) (x_in by backward simulation), L_G = L_DM + lambda_reg L_reg
                      + lambda_g softplus(-D(x))        (D: the critic's head; regression only with pairs)
     critic phase:    L = fake_score_loss(sg x)  + lambda_d [softplus(D(sg x)) + softplus(-D(x_real))]
+
+    dm_loss_fn(x, real, fake, process, t, eps, cond, normalize) -> (B,), fake_fn(fake, x, t, eps, cond) -> (B,) and
+    simulate_fn(G, z, i, times, process, generator, cond) -> (B, ...) replace the library's dm_loss, fake_score_loss
+    and backward_simulate (a notebook's exercises); None uses the library's (the same run, number for number).
     """
     d_loss, g_loss = adversarial("ns")
     times = generator_times(cfg.gen_steps, cfg.t_gen)
+    dm_loss_fn = dm_loss_fn or dm_loss
+    fake_fn = fake_fn or fake_score_loss
+    simulate_fn = simulate_fn or backward_simulate
 
     def sample(ctx: StepContext, n: int, like: Tensor, cond: Cond | None) -> Tensor:
         G = ctx.nets["generator"]
@@ -243,7 +252,7 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
         # the backward-simulation depth; under FSDP the same on every process (each generator call gathers weights)
         gi = getattr(ctx, "shared", None) or g
         i = int(torch.randint(len(times), (1,), generator=gi, device=gi.device)) if len(times) > 1 else 0
-        x_in = backward_simulate(G, z, i, times, process, g, cond)
+        x_in = simulate_fn(G, z, i, times, process, g, cond)
         t = torch.full((n,), times[i], device=like.device)
         return G(x_in, t, cond).x0
 
@@ -261,7 +270,7 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
             eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
             teacher = ctx.nets["teacher"]
             real = guided(teacher, cfg.real_w) if (cfg.real_w and cond is not None) else teacher
-            loss = dm_loss(x, real, critic.fake, process, t, eps, cond, cfg.normalize)
+            loss = dm_loss_fn(x, real, critic.fake, process, t, eps, cond, cfg.normalize)
             if cfg.lambda_reg > 0 and "z_ref" in batch:
                 z_ref = batch["z_ref"]
                 x_hat = ctx.nets["generator"](z_ref, torch.full((len(z_ref),), times[0], device=z_ref.device),
@@ -277,7 +286,7 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
         t = draw_t(n, 0.0, 1.0, ctx, x)
         eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
         # through the critic's own methods (raw, logits), so that under DDP the gradients are averaged over processes
-        loss = fake_score_loss(critic, x, t, eps, cond)
+        loss = fake_fn(critic, x, t, eps, cond)
         if cfg.gan and critic.head is not None:
             loss = loss + cfg.lambda_d * d_loss(critic.logits(x_real, cond, g), critic.logits(x, cond, g))
         return guard(loss, "critic", ctx.step, cfg.max_loss)
@@ -289,7 +298,8 @@ def distill_dmd(teacher: nn.Module, data: Callable[[int, torch.Generator], Mappi
                 run: TrainConfig, example: Mapping[str, Any] | None = None, ckpt_dir=None, accelerator=None,
                 progress: bool = True, networks: tuple[nn.Module, nn.Module, nn.Module] | None = None,
                 save_frozen: bool = True, extra_config: dict | None = None, observer: Observer | None = None,
-                observe_every: int = 1) -> tuple[nn.Module, Trained]:
+                observe_every: int = 1, dm_loss_fn: Callable | None = None, fake_fn: Callable | None = None,
+                simulate_fn: Callable | None = None) -> tuple[nn.Module, Trained]:
     """The DMD / DMD2 driver: train a generator initialised from the teacher's weights (the teacher's network used as
     x0_hat(z, t) on its grid) against the frozen teacher's score and a critic (`make_critic`, its GAN head initialised
     under seeded(run.seed) from `example`, a batch {"x": (B, ...), "cond": Cond or absent}), with dmd_step through train_networks: the
@@ -297,7 +307,8 @@ def distill_dmd(teacher: nn.Module, data: Callable[[int, torch.Generator], Mappi
     grad_clip). networks=(generator, real score, critic) trains networks built elsewhere instead (the SD stage's
     generator is the teacher's own UNet or a LoRA on it, whose real score is the UNet with the adapter off:
     scale.methods.networks); save_frozen=False checkpoints only the generator's trainable tensors (a LoRA).
-    observer, observe_every: the engine's (train.Observer). Returns (the generator: its EMA when ema_decay > 0,
+    observer, observe_every: the engine's (train.Observer). dm_loss_fn, fake_fn, simulate_fn: dmd_step's hooks (a
+    notebook's exercises in place of the library's losses and backward simulation). Returns (the generator: its EMA when ema_decay > 0,
     eval, no grad; Trained)."""
     if networks is None:
         G = copy.deepcopy(teacher).requires_grad_(True).train()
@@ -313,7 +324,7 @@ def distill_dmd(teacher: nn.Module, data: Callable[[int, torch.Generator], Mappi
             "critic": Network(critic, lr=cfg.lr_critic, **common)}
     if extra_config is None:
         extra_config = {"method": "dmd2" if cfg.gan or cfg.ttur > 1 else "dmd", **asdict(cfg)}
-    done = train_networks(nets, dmd_step(cfg, teacher.process), data, run,
+    done = train_networks(nets, dmd_step(cfg, teacher.process, dm_loss_fn, fake_fn, simulate_fn), data, run,
                           frozen={"teacher": real}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config=extra_config, observer=observer, observe_every=observe_every)
     return done.best("generator").eval().requires_grad_(False), done
