@@ -220,6 +220,9 @@ class DMDConfig:
     betas: tuple[float, float] = COURSE_BETAS    # both networks' AdamW betas (DMD2's code: DMD2_BETAS)
     weight_decay: float = 0.0        # both networks' AdamW weight decay (DMD2's code: DMD2_WEIGHT_DECAY)
     warmup: int = 0                  # linear learning-rate warm-up over each network's first updates (DMD2: 500)
+    lr_schedule: str = "constant"    # both networks' rates over their updates (train.Network): constant (DMD2's),
+                                     # linear or cosine (the course's 2D recipe: a constant rate leaves the one-step
+                                     # generator jittering around its fixed point, bench.dmd)
     grad_clip: float = 10.0          # DMD2 clips both networks at 10
     ema_decay: float = 0.0           # generator EMA (DMD2's released loop: none)
     max_loss: float = 1e4            # guard: a loss above this (or NaN) stops the run
@@ -304,12 +307,12 @@ def distill_dmd(teacher: nn.Module, data: Callable[[int, torch.Generator], Mappi
     x0_hat(z, t) on its grid) against the frozen teacher's score and a critic (`make_critic`, its GAN head initialised
     under seeded(run.seed) from `example`, a batch {"x": (B, ...), "cond": Cond or absent}), with dmd_step through train_networks: the
     generator updated every cfg.ttur-th iteration, both networks with AdamW (cfg.betas, weight_decay, warmup,
-    grad_clip). networks=(generator, real score, critic) trains networks built elsewhere instead (the SD stage's
-    generator is the teacher's own UNet or a LoRA on it, whose real score is the UNet with the adapter off:
+    lr_schedule, grad_clip). networks=(generator, real score, critic) trains networks built elsewhere instead (the SD
+    stage's generator is the teacher's own UNet or a LoRA on it, whose real score is the UNet with the adapter off:
     scale.methods.networks); save_frozen=False checkpoints only the generator's trainable tensors (a LoRA).
     observer, observe_every: the engine's (train.Observer). dm_loss_fn, fake_fn, simulate_fn: dmd_step's hooks (a
-    notebook's exercises in place of the library's losses and backward simulation). Returns (the generator: its EMA when ema_decay > 0,
-    eval, no grad; Trained)."""
+    notebook's exercises in place of the library's losses and backward simulation). Returns (the generator: its EMA
+    when ema_decay > 0, eval, no grad; Trained)."""
     if networks is None:
         G = copy.deepcopy(teacher).requires_grad_(True).train()
         example = example or {}                 # needed with cfg.gan only
@@ -318,7 +321,8 @@ def distill_dmd(teacher: nn.Module, data: Callable[[int, torch.Generator], Mappi
         real = copy.deepcopy(teacher).requires_grad_(False).eval()
     else:
         G, real, critic = networks
-    common = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, warmup=cfg.warmup, grad_clip=cfg.grad_clip)
+    common = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
+                  lr_schedule=cfg.lr_schedule)
     nets = {"generator": Network(G, lr=cfg.lr_g, ema_decay=cfg.ema_decay, every=cfg.ttur, save_frozen=save_frozen,
                                  **common),
             "critic": Network(critic, lr=cfg.lr_critic, **common)}
