@@ -227,6 +227,10 @@ class DMDConfig:
     ema_decay: float = 0.0           # generator EMA (DMD2's released loop: none)
     max_loss: float = 1e4            # guard: a loss above this (or NaN) stops the run
     normalize: str = "sample"        # dm_gradient's normaliser: per "sample" (images) or over the "batch" (2D)
+    t_shared: bool = False           # one t of the distribution-matching gradient per generator batch (the 2D
+                                     # recipe: the "batch" normaliser is then that noise level's own mean, as the
+                                     # per-sample one is for an image; with t per sample, the high-noise samples'
+                                     # large |x - mu_real| shrink the low-noise samples' steps)
 
 
 def dmd_step(cfg: DMDConfig, process: AffineProcess, dm_loss_fn: Callable | None = None,
@@ -270,6 +274,8 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess, dm_loss_fn: Callable | None
         if ctx.phase == "generator":
             x = sample(ctx, n, x_real, cond)
             t = draw_t(n, *cfg.t_range, ctx, x)
+            if cfg.t_shared:
+                t = t[:1].expand(n)
             eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
             teacher = ctx.nets["teacher"]
             real = guided(teacher, cfg.real_w) if (cfg.real_w and cond is not None) else teacher
