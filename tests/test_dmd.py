@@ -339,3 +339,22 @@ def test_dmd_step_hooks_replace_the_library_functions_and_default_to_them():
         runs.append(torch.cat([p.flatten() for p in G.parameters()]))
     assert called == {"dm", "fake", "sim"}
     assert torch.equal(runs[0], runs[1])
+
+
+def test_t_shared_draws_one_time_per_generator_batch():
+    """DMDConfig(t_shared=True): every sample of a generator batch gets the same t of the distribution-matching
+    gradient (the 2D recipe), drawn from cfg.t_range; without it the times differ."""
+    teacher = mlp_denoiser(VPCosine(), 0, torch.float32, hidden=32).requires_grad_(False).eval()
+    data = lambda n, g: {"x": sample_2d("gmm", n, g)[0]}
+    for shared in (True, False):
+        seen = []
+
+        def spy(x, real, fake, process, t, eps, cond, normalize):
+            seen.append(t.clone())
+            return dmd.dm_loss(x, real, fake, process, t, eps, cond, normalize)
+
+        cfg = dmd.DMDConfig(ttur=1, gan=False, normalize="batch", t_shared=shared, t_range=(0.3, 0.6))
+        dmd.distill_dmd(teacher, data, cfg, run=TrainConfig(steps=3, batch_size=16, seed=0), progress=False,
+                        dm_loss_fn=spy)
+        assert len(seen) == 3 and all(((0.3 <= t) & (t <= 0.6)).all() for t in seen)
+        assert all((t == t[0]).all() for t in seen) == shared
