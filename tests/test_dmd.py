@@ -86,18 +86,7 @@ def test_fake_score_loss_trains_the_fake_score_only():
     torch.testing.assert_close(loss.detach(), (fake.raw(x_t, t, None) - v).pow(2).mean(1))
 
 
-# --- the loop, the grid, backward simulation ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("iterations,ttur", [(10, 5), (7, 1), (11, 3)])
-def test_two_time_scale_updates_the_critic_ttur_times_per_generator_update(iterations, ttur):
-    calls = []
-    dmd.two_time_scale(iterations, ttur, lambda i: calls.append(("G", i)), lambda i: calls.append(("C", i)))
-    assert [c for c in calls if c[0] == "C"] == [("C", i) for i in range(iterations)]
-    assert [c for c in calls if c[0] == "G"] == [("G", i) for i in range(0, iterations, ttur)]
-    assert calls.index(("G", 0)) < calls.index(("C", 0))
-    with pytest.raises(ValueError, match="ttur"):
-        dmd.two_time_scale(3, 0, print, print)
-
+# --- the grid, backward simulation ---------------------------------------------------------------------------------
 
 def test_generator_times_and_backward_simulation():
     assert dmd.generator_times(4) == [1.0, 0.75, 0.5, 0.25]

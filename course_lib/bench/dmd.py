@@ -217,7 +217,8 @@ def ship_2d(dataset: str, iters: int, out_dir, gan: bool = False, seed: int = 0,
     G, secs, updates = _train_2d(teacher, dataset, cfg, None, b, seed, device, progress=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}, str(out / f"{dataset}.safetensors"))
+    weights = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
+    save_file(weights, str(out / f"{dataset}.safetensors"))
     info = {"dataset": dataset, "teacher": f"{dataset}-vp", "model": "dmd2" if gan else "dmd2-nogan",
             "iterations": iters, "batch": batch, "seed": seed, "generator_updates": updates,
             "train_seconds": round(secs), "device": str(device), "recipe": repr(cfg),

@@ -28,10 +28,9 @@ DMD2 drops it and instead (Sec. 4):
     - trains multi-step generators with "backward simulation": the generator's input at step k of its grid is
       produced by the generator itself (k steps from noise, no grad), as at inference.
 
-`two_time_scale` is the TTUR loop written out (the notebook's exercise); train_networks does the same with
-`Network(every=ttur)`. Networks seen by the method step (`dmd_step`, for `train.train_networks`): "generator" (trained every `ttur`-th
-iteration), "critic" (a `Critic`: the fake score and its GAN head, trained every iteration) and the frozen
-"teacher". Batches are dicts: "x" real samples (B, ...), optional "cond" (a Cond of labels), optional "z_ref", "x_ref"
+TTUR is the engine's `Network(every=ttur)`. Networks seen by the method step (`dmd_step`, for
+`train.train_networks`): "generator" (trained every `ttur`-th iteration), "critic" (a `Critic`: the fake score and
+its GAN head, trained every iteration) and the frozen "teacher". Batches are dicts: "x" real samples (B, ...), optional "cond" (a Cond of labels), optional "z_ref", "x_ref"
 (the regression pairs).
 """
 from __future__ import annotations
@@ -89,20 +88,6 @@ def fake_score_loss(fake: nn.Module, x: Tensor, t: Tensor, eps: Tensor, cond: Co
     loss in the fake model's own parameterization (losses.denoising_loss_at), on stopgrad(x) (the generator is not
     trained by it)."""
     return denoising_loss_at(fake, x.detach(), t, eps, cond)
-
-
-def two_time_scale(iterations: int, ttur: int, update_generator: Callable[[int], Any],
-                   update_critic: Callable[[int], Any]) -> None:
-    """DMD2's two time-scale update rule (Sec. 4.2; `dfake_gen_update_ratio` in tianweiy/DMD2): iteration i updates
-    the generator when i % ttur == 0 (first), then the critic (the fake score and its GAN head) on EVERY iteration,
-    so the critic takes ttur updates per generator update and tracks the moving generator. ttur = 1 is DMD's 1:1
-    alternation. train_networks does the same with Network(every=ttur) for the generator."""
-    if ttur < 1 or iterations < 0:
-        raise ValueError(f"ttur must be >= 1 and iterations >= 0; got ttur={ttur}, iterations={iterations}")
-    for i in range(iterations):
-        if i % ttur == 0:
-            update_generator(i)
-        update_critic(i)
 
 
 # --- the critic: fake score + GAN head -----------------------------------------------------------------------------
