@@ -534,7 +534,7 @@ def _library_solutions():
         "8.3": lambda m, z, k, p, noises, cond=None: add.sample(m, z, k, p, noises=noises, cond=cond),
         "9.1": lambda x, real, fake, p, t, eps, normalize: dmd.dm_loss(x, real, fake, p, t, eps, normalize=normalize),
         "9.2": lambda fake, x, t, eps: dmd.fake_score_loss(fake, x, t, eps),
-        "9.3": dmd.two_time_scale,
+        "9.3": lambda G, z, i, times, p, generator: dmd.backward_simulate(G, z, i, times, p, generator),
         **_nb10_solutions(),
     }
 

@@ -5,13 +5,16 @@ NeurIPS 2024) of the shipped 2D and digits teachers, students measured against t
 bench dmd:  "dmd" (1:1 updates, regression on the teacher's DPM-Solver++ noise -> sample pairs, no GAN) and the
             ablation "dmd-noreg" (the same without the regression loss), one step.
 bench dmd2: "dmd2" (TTUR, GAN head on the fake score) at one step, and at 2 and 4 steps (generators trained with
-            backward simulation on the grid 1, (k-1)/k, ..., 1/k); the ablation "dmd2-nogan", one step.
+            backward simulation on the grid 1, (k-1)/k, ..., 1/k); the ablation "dmd2-nogan", one step. In 2D both
+            learning rates decay on a cosine and the gradient's t is shared by the batch (`variants`).
 Every model is trained once (seed `seed`) and evaluated over the evaluation seeds; rows carry train_seconds and
 train_updates (generator updates)."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -22,6 +25,7 @@ from ..data2d import sample_2d
 from ..distill.dmd import DMDConfig, distill_dmd, sample
 from ..distill.reflow import cached_pairs
 from ..images import batch_sampler, load_digits
+from ..paths import data_dir, shipped
 from ..plotting import table
 from ..teachers import load_teacher
 from ..train import TrainConfig
@@ -50,7 +54,11 @@ def variants(method: str, b: dict) -> dict[str, tuple]:
     if method == "dmd":
         dmd1 = replace(base, ttur=1, gan=False, lambda_reg=b["lambda_reg"])
         return {"dmd": (dmd1, 1, True), "dmd-noreg": (replace(dmd1, lambda_reg=0.0), 1, False)}
-    dmd2 = replace(base, ttur=b["ttur"], gan=True)
+    # the 2D recipe of DMD2 (measured by the course's diagnosis runs): both rates decay on a cosine, and one t of the
+    # distribution-matching gradient per batch, so that the batch normaliser is that noise level's own (with a
+    # constant rate the generator jitters around its fixed point; with t per sample the low-noise samples' steps
+    # shrink under the high-noise samples' normaliser, and some seeds drop modes)
+    dmd2 = replace(base, ttur=b["ttur"], gan=True, lr_schedule="cosine", t_shared=True)
     return {"dmd2": (dmd2, 1, False), "dmd2@2": (replace(dmd2, gen_steps=2), 2, False),
             "dmd2@4": (replace(dmd2, gen_steps=4), 4, False), "dmd2-nogan": (replace(dmd2, gan=False), 1, False)}
 
@@ -114,7 +122,8 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     x_train, y_train = load_digits(16, "train")
     draw = batch_sampler(x_train, y_train)
     cfg, _, uses_pairs = variants(method, b)[method]
-    cfg = replace(cfg, lr_g=b["digits_lr"], lr_critic=b["digits_lr"], normalize="sample")
+    cfg = replace(cfg, lr_g=b["digits_lr"], lr_critic=b["digits_lr"], normalize="sample", lr_schedule="constant",
+                  t_shared=False)                  # digits: the image recipe (constant rates, per-sample normaliser)
     pairs = None
     if uses_pairs:
         y_ref = labels(balanced_labels(b["digits_pairs"]).to(device), teacher.net.num_classes)
@@ -187,3 +196,43 @@ def bench_dmd2(mode: str, seed: int = 0, device: str | torch.device | None = Non
     ImageNet recipe). Model "dmd2" at one step and at 2 and 4 steps (separate generators trained with backward
     simulation), "dmd2-nogan" at one step. 2D and digits measured as in bench dmd."""
     return _bench("dmd2", mode, seed, device)
+
+
+# --- the shipped longer-trained 2D students (notebook 09 loads them beside its short runs) --------------------------
+
+SHIPPED_2D = "dmd2_2d"     # data/dmd2_2d/<dataset>.safetensors (the generator's weights) + <dataset>.json
+RECREATE_2D = "python -m course_lib.bench.dmd_ship {dataset} --iters {iters} --gan {gan}"
+
+
+def ship_2d(dataset: str, iters: int, out_dir, gan: bool = False, seed: int = 0, batch: int = 256,
+            device: str | torch.device = "cpu") -> dict:
+    """Train bench dmd2's 2D recipe ("dmd2", or its ablation "dmd2-nogan" when gan is False) of the shipped
+    {dataset}-vp teacher for `iters` iterations (the benchmark's laptop budget is 1000) and write the one-step
+    generator's weights (safetensors) and what made them (JSON) to out_dir/<dataset>.*. Returns the JSON's dict."""
+    from safetensors.torch import save_file
+
+    b = {**dmd_budget("laptop"), "iters": iters, "batch": batch}
+    cfg = variants("dmd2", b)["dmd2" if gan else "dmd2-nogan"][0]
+    teacher = load_teacher(f"{dataset}-vp", device=device)
+    G, secs, updates = _train_2d(teacher, dataset, cfg, None, b, seed, device, progress=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
+    save_file(weights, str(out / f"{dataset}.safetensors"))
+    info = {"dataset": dataset, "teacher": f"{dataset}-vp", "model": "dmd2" if gan else "dmd2-nogan",
+            "iterations": iters, "batch": batch, "seed": seed, "generator_updates": updates,
+            "train_seconds": round(secs), "device": str(device), "recipe": repr(cfg),
+            "command": RECREATE_2D.format(dataset=dataset, iters=iters, gan=int(gan))}
+    (out / f"{dataset}.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def load_shipped_2d(dataset: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The shipped longer-trained one-step generator of {dataset}-vp (`ship_2d`), eval, no grad, and its JSON."""
+    from safetensors.torch import load_file
+
+    folder = shipped(data_dir() / SHIPPED_2D, "python -m course_lib.bench.dmd_ship <dataset> --iters <n>")
+    G = load_teacher(f"{dataset}-vp", device=device)
+    G.load_state_dict(load_file(str(folder / f"{dataset}.safetensors"), device=str(device)))
+    return G.eval().requires_grad_(False), json.loads((folder / f"{dataset}.json").read_text())
+

@@ -23,7 +23,7 @@ from .nb05 import check_cd_loss, check_consistency_fn, check_multistep
 from .nb06 import check_lcm_multistep, check_lcm_scalings, check_lcm_target
 from .nb07 import check_gamma_sampler, check_tcd_loss, check_tcf
 from .nb08 import check_discriminator_loss, check_distillation_loss, check_trailing_sample
-from .nb09 import check_dm_loss, check_fake_score_loss, check_two_time_scale
+from .nb09 import check_backward_simulate, check_dm_loss, check_fake_score_loss
 from .nb10 import check_freeze_rule, check_gdd_losses, check_time_share
 
 __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "checker", "draw_seed",
@@ -38,5 +38,5 @@ __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "chec
            "check_lcm_target", "check_lcm_scalings", "check_lcm_multistep",
            "check_tcf", "check_tcd_loss", "check_gamma_sampler",
            "check_distillation_loss", "check_discriminator_loss", "check_trailing_sample",
-           "check_dm_loss", "check_fake_score_loss", "check_two_time_scale",
+           "check_dm_loss", "check_fake_score_loss", "check_backward_simulate",
            "check_gdd_losses", "check_freeze_rule", "check_time_share"]

@@ -1,6 +1,8 @@
 """Checkers of notebook 09 (distribution matching: DMD and DMD2): the distribution-matching loss (its gradient, the
 score difference's sign, the normalisation, the stop-gradient target), the fake score's denoising loss (on a
-detached generator sample), and DMD2's two time-scale loop (the update ratio). Cases run on tiny random 2D models.
+detached generator sample), and DMD2's backward simulation (the input of a multi-step generator's step i, made by
+the generator itself). Cases run on tiny random 2D models. Each checker runs its cases to the first difference and
+prints one verdict; answers in float32 are cast to the reference's float64 and compared with float32 tolerances.
 
 The distribution-matching loss 1/2 ||x - sg(x - g)||^2 has the same VALUE whatever the sign of g and whether or not
 the target is detached: only its gradient with respect to the generator sample x tells them apart, so the checker
@@ -11,10 +13,27 @@ from typing import Callable
 
 import torch
 
-from ..distill.dmd import dm_loss, fake_score_loss, two_time_scale
+from torch import Tensor
+
+from ..distill.dmd import backward_simulate, dm_loss, fake_score_loss, generator_times
 from ..processes import VPCosine
 from .core import (accept, call_per_sample, checker, explain_exception, fall_back, fresh_generator, param_grads,
                    tiny_model)
+
+
+def _tol(got: Tensor) -> dict:
+    """allclose tolerances fitting the dtype of a student's answer (float32: ~1e-7 relative rounding per operation)."""
+    return dict(atol=1e-6, rtol=1e-4) if got.dtype in (torch.float32, torch.float16, torch.bfloat16) else \
+        dict(atol=1e-8, rtol=1e-6)
+
+
+def _close(got: Tensor, want: Tensor) -> bool:
+    """got (any float dtype) against the float64 reference want, within got's dtype's tolerances."""
+    return torch.allclose(got.detach().to(want.dtype), want.detach(), **_tol(got))
+
+
+def _all_zero(got: Tensor) -> bool:
+    return bool((got.detach() == 0).all())
 
 
 def _dm_cases(g: torch.Generator):
@@ -45,6 +64,11 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
         got, problem = call_per_sample(student, args, want, where)
         if problem:
             return fall_back("9.1", reference, problem)
+        if _all_zero(got):
+            return fall_back("9.1", reference,
+                             f"your loss is 0 for every sample {where}, and so is its gradient: the generator would "
+                             "never move. Here the real and fake denoisers disagree, so the loss (half the squared "
+                             "step it asks for) is positive.")
         if not got.requires_grad:
             return fall_back("9.1", reference,
                              f"the loss has no gradient with respect to x {where}: only the denoisers and the target "
@@ -52,7 +76,8 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
                              "sample itself.")
         (got_dx,) = torch.autograd.grad(got.sum(), x, allow_unused=True)
         got_dx = torch.zeros_like(x) if got_dx is None else got_dx
-        close = lambda a, b: torch.allclose(a, b, atol=1e-8, rtol=1e-6)
+        tol = _tol(got)
+        close = lambda a, b: torch.allclose(a.to(b.dtype), b, **tol)
         if close(got_dx, -want_dx) and not close(want_dx, torch.zeros_like(want_dx)):
             return fall_back("9.1", reference,
                              f"the gradient with respect to x has the wrong sign {where}: the score difference is "
@@ -62,16 +87,24 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
         with torch.no_grad():
             x_t = proc.marginal(x.detach(), t, eps)
             raw = fake(x_t, t).x0 - real(x_t, t).x0                                 # g without its normaliser
+            per_sample = (x.detach() - real(x_t, t).x0).abs().mean(1, keepdim=True)
         D = x[0].numel()
         if close(got_dx, raw / D) or close(got_dx, -raw / D):
             return fall_back("9.1", reference,
                              f"the gradient is the raw denoiser difference x0_fake - x0_real {where}: the "
-                             "normalisation is missing. Divide by mean|x - x0_real| (per sample over its data "
-                             "dimensions for normalize='sample', over the whole batch for 'batch'; DMD Eq. 8), which "
-                             "makes the step size independent of the noise level.")
+                             "normalisation is missing. Divide by mean|x - x0_real| (DMD Eq. 8), which makes the "
+                             "step size independent of the noise level.")
+        other = raw / (per_sample.mean() if normalize == "sample" else per_sample) / D
+        if close(got_dx, other):
+            which = ("one number for the whole batch" if normalize == "sample" else "a separate number per sample")
+            return fall_back("9.1", reference,
+                             f"the normaliser is {which} {where}: normalize='sample' divides each sample's g by the "
+                             "mean of |x - x0_real| over that sample's own D coordinates, (B, 1); normalize='batch' "
+                             "by ONE number, the mean of |x - x0_real| over all B x D entries, the same for every "
+                             "sample.")
         if not close(got_dx, want_dx):
-            err = (got_dx - want_dx).abs().max().item()
-            if close(got.detach(), want.detach()):
+            err = (got_dx.to(want_dx.dtype) - want_dx).abs().max().item()
+            if _close(got, want):
                 return fall_back("9.1", reference,
                                  f"the loss values are right but the gradient with respect to x is not {where} (off "
                                  f"by up to {err:.3g}): the target x - g must be a constant. Compute x_t from "
@@ -81,8 +114,8 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
                              f"the gradient with respect to x differs from the reference by up to {err:.3g} {where}. "
                              "x_t = process.marginal(x, t, eps); g = (x0_fake - x0_real) / mean|x - x0_real| "
                              "(nan_to_num); loss = 1/2 (x - sg(x - g))^2 averaged over the data dimensions.")
-        if not close(got.detach(), want.detach()):
-            err = (got.detach() - want.detach()).abs().max().item()
+        if not _close(got, want):
+            err = (got.detach().to(want.dtype) - want.detach()).abs().max().item()
             return fall_back("9.1", reference,
                              f"the gradient is right but the loss values differ by up to {err:.3g} {where}: return "
                              "1/2 ||x - sg(x - g)||^2 averaged (not summed) over the data dimensions, one per sample.")
@@ -113,8 +146,12 @@ def check_fake_score_loss(student: Callable, seed: int | None = None) -> Callabl
         got, problem = call_per_sample(student, (fake, z @ W, t, eps), want, where)
         if problem:
             return fall_back("9.2", reference, problem)
-        if not torch.allclose(got.detach(), want.detach(), atol=1e-8, rtol=1e-6):
-            err = (got.detach() - want.detach()).abs().max().item()
+        if _all_zero(got):
+            return fall_back("9.2", reference,
+                             f"your loss is 0 for every sample {where}: a denoiser's squared error on noised "
+                             "generator samples is positive, and its gradient is what trains the fake score.")
+        if not _close(got, want):
+            err = (got.detach().to(want.dtype) - want.detach()).abs().max().item()
             return fall_back("9.2", reference,
                              f"the loss differs from the reference by up to {err:.3g} {where}. Noise sg(x) to x_t = "
                              "fake.process.marginal(x, t, eps), and compare fake.raw(x_t, t) with the target in the "
@@ -127,7 +164,8 @@ def check_fake_score_loss(student: Callable, seed: int | None = None) -> Callabl
                              "stopgrad(x) (x.detach()). Without it, minimising the fake score's loss would also move "
                              "the generator, towards samples that are easy to denoise.")
         got_g = param_grads(got, params) if got.requires_grad else [torch.zeros_like(p) for p in params]
-        if not all(torch.allclose(a, b, atol=1e-8, rtol=1e-5) for a, b in zip(got_g, want_g)):
+        tol = dict(_tol(got), rtol=max(_tol(got)["rtol"], 1e-5))
+        if not all(torch.allclose(a.to(b.dtype), b, **tol) for a, b in zip(got_g, want_g)):
             return fall_back("9.2", reference, f"the values are right but the gradient with respect to the fake "
                                                f"score's parameters is not {where}: compute fake.raw(x_t, t) with "
                                                "gradients on (not under torch.no_grad()).")
@@ -135,41 +173,91 @@ def check_fake_score_loss(student: Callable, seed: int | None = None) -> Callabl
                                   "the generator.")
 
 
+def _simulate_variant(G, z, i, times, proc, generator, *, rounds=None, renoise_at=1, call_at=0, fresh=True,
+                      last_x0=False, draw_dtype=None):
+    """backward_simulate with one thing changed (the checker's catalogue of plausible mistakes)."""
+    x, x0 = z, None
+    with torch.no_grad():
+        for j in range(i if rounds is None else rounds):
+            t = torch.full((len(z),), times[min(j + call_at, len(times) - 1)], dtype=z.dtype)
+            x0 = G(x, t).x0
+            eps = (torch.randn(z.shape, generator=generator, dtype=draw_dtype or torch.float32).to(z) if fresh
+                   else z)
+            x = proc.marginal(x0, torch.full_like(t, times[min(j + renoise_at, len(times) - 1)]), eps)
+    return x0 if (last_x0 and x0 is not None) else x
+
+
 @checker("9.3")
-def check_two_time_scale(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 9.3: student(iterations, ttur, update_generator, update_critic) calls update_generator(i) when
-    i % ttur == 0 (first) and update_critic(i) on every iteration i (DMD2's two time-scale update rule)."""
-    g = fresh_generator(seed)
-
-    def run(fn, iterations, ttur):
-        calls = []
-        fn(iterations, ttur, lambda i: calls.append(("generator", i)), lambda i: calls.append(("critic", i)))
-        return calls
-
-    settings = [(10, 5), (7, 1), (12, 3)]
-    settings.append((int(torch.randint(6, 20, (1,), generator=g)), int(torch.randint(2, 8, (1,), generator=g))))
-    for iterations, ttur in settings:
-        where = f"for iterations={iterations}, ttur={ttur}"
-        want = run(two_time_scale, iterations, ttur)
-        try:
-            got = run(student, iterations, ttur)
-        except Exception as e:  # noqa: BLE001
-            return fall_back("9.3", two_time_scale, explain_exception(e, where))
-        if got == want:
-            continue
-        count = lambda calls, who: sum(1 for c in calls if c[0] == who)
-        ng, nc = count(got, "generator"), count(got, "critic")
-        wg, wc = count(want, "generator"), count(want, "critic")
-        if (ng, nc) != (wg, wc):
-            ratio = f"{nc / ng:.3g}" if ng else "no generator update"
-            return fall_back("9.3", two_time_scale,
-                             f"{where} your loop updates the generator {ng} times and the critic {nc} times "
-                             f"(critic updates per generator update: {ratio}); the rule is {wg} and {wc}: the critic "
-                             "on EVERY iteration, the generator only when i % ttur == 0, so the fake score takes "
-                             "ttur updates per generator update and keeps up with the moving generator.")
-        return fall_back("9.3", two_time_scale,
-                         f"{where} the counts are right but the order or the iteration numbers are not: your calls "
-                         f"begin {got[:4]}, the reference's {want[:4]}. At iteration i: the generator first (when "
-                         "i % ttur == 0), then the critic; pass i to both.")
-    return accept("9.3", student, "correct: the critic on every iteration, the generator on every ttur-th, in the "
-                                  "reference's order.")
+def check_backward_simulate(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 9.3: student(G, z, i, times, process, generator) -> the input of generator step i (B, D) (DMD2's
+    backward simulation, Sec. 4.4): from x = z at times[0], i rounds of x0 = G(x, times[j]).x0 and
+    x = alpha(times[j+1]) x0 + sigma(times[j+1]) eps' (fresh eps' = torch.randn(z.shape, generator=generator)),
+    without gradients; i = 0 returns z. Fresh noise drawn in float32 (then cast) or directly in z's dtype both pass."""
+    gen = fresh_generator(seed)
+    proc = VPCosine()
+    mistakes = [
+        (dict(renoise_at=0), "re-noises x0 to times[j], the time it was just denoised from, instead of the NEXT "
+                             "time times[j+1]: the next generator call would see a noise level it is not told"),
+        (dict(call_at=1), "calls the generator at times[j+1] instead of times[j]: G must be told the noise level "
+                          "its input x actually has"),
+        (dict(fresh=False), "re-noises with the initial noise z instead of fresh noise: backward simulation draws a "
+                            "new eps' = torch.randn(z.shape, generator=generator) at every round, as the sampler "
+                            "does (notebook 05's multistep sampler)"),
+        (dict(last_x0=True), "returns the last denoised x0 instead of its re-noised version: step i's input is a "
+                             "NOISY sample at times[i], alpha x0 + sigma eps'"),
+    ]
+    for dtype in (torch.float64, torch.float32):
+        G = tiny_model(proc, gen)
+        if dtype == torch.float32:
+            G = G.float()
+        G.requires_grad_(True)                                   # a generator in training: its params have grad
+        times = generator_times(4)
+        z = torch.randn(8, 2, generator=gen, dtype=torch.float64).to(dtype)
+        s = int(torch.randint(2**31, (1,), generator=gen))
+        for i in (2, 0, 3, 1):
+            where = f"for step i={i} of the 4-step grid {[round(t, 3) for t in times]} (z in {dtype})"
+            run = lambda fn, **kw: fn(G, z.clone(), i, times, proc, torch.Generator().manual_seed(s), **kw)
+            want = run(backward_simulate)
+            also = run(_simulate_variant, draw_dtype=dtype)        # fresh noise drawn directly in z's dtype
+            try:
+                got = run(student)
+            except Exception as e:  # noqa: BLE001
+                return fall_back("9.3", backward_simulate, explain_exception(e, where))
+            if not isinstance(got, Tensor) or got.shape != want.shape:
+                shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+                return fall_back("9.3", backward_simulate, f"expected the generator's input of shape "
+                                                           f"{tuple(want.shape)}, got {shape} {where}.")
+            if _all_zero(got):
+                return fall_back("9.3", backward_simulate,
+                                 f"your function returns zeros {where}: the input of generator step i is the noise z "
+                                 "itself (i = 0) or a noisy sample at time times[i], never zero.")
+            if got.requires_grad:
+                return fall_back("9.3", backward_simulate,
+                                 f"the result carries gradients {where}: backward simulation runs the generator "
+                                 "under torch.no_grad() (DMD2 trains only the last step; backpropagating through "
+                                 "the earlier calls would cost memory the paper does not spend).")
+            if _close(got, want) or _close(got, also):
+                continue
+            tol = _tol(got)
+            near = lambda a: torch.allclose(got.detach().to(a.dtype), a, **tol)
+            if i == 0:
+                return fall_back("9.3", backward_simulate, f"{where} the first step's input is the noise z itself, "
+                                                           "unchanged (zero rounds).")
+            if near(z):
+                return fall_back("9.3", backward_simulate,
+                                 f"{where} your function returns z unchanged: that is step 0's input only; step i's "
+                                 "is made by i rounds of the generator (denoise, re-noise to the next time).")
+            for kw, says in [(dict(rounds=i - 1), "runs one round too few (i - 1): step i's input needs i rounds, "
+                                                  "one per earlier generator step"),
+                             (dict(rounds=i + 1), "runs one round too many (i + 1): step i's input needs i rounds, "
+                                                  "one per earlier generator step")] + mistakes:
+                if near(run(_simulate_variant, **kw)) or near(run(_simulate_variant, draw_dtype=dtype, **kw)):
+                    return fall_back("9.3", backward_simulate, f"{where} your function {says}.")
+            err = (got.detach().to(want.dtype) - want).abs().max().item()
+            return fall_back("9.3", backward_simulate,
+                             f"the result differs from the reference by up to {err:.3g} {where}. From x = z: for "
+                             "j = 0, ..., i-1, x0 = G(x, t = times[j]).x0 and x = process.marginal(x0, times[j+1], "
+                             "eps') with eps' = torch.randn(z.shape, generator=generator), all under torch.no_grad(); "
+                             "use the generator passed in for every draw, in this order.")
+    return accept("9.3", student, "correct: the generator's own samples, re-noised with fresh noise to each next time "
+                                  "of the grid, without gradients, as at inference.")

@@ -28,10 +28,9 @@ DMD2 drops it and instead (Sec. 4):
     - trains multi-step generators with "backward simulation": the generator's input at step k of its grid is
       produced by the generator itself (k steps from noise, no grad), as at inference.
 
-`two_time_scale` is the TTUR loop written out (the notebook's exercise); train_networks does the same with
-`Network(every=ttur)`. Networks seen by the method step (`dmd_step`, for `train.train_networks`): "generator" (trained every `ttur`-th
-iteration), "critic" (a `Critic`: the fake score and its GAN head, trained every iteration) and the frozen
-"teacher". Batches are dicts: "x" real samples (B, ...), optional "cond" (a Cond of labels), optional "z_ref", "x_ref"
+TTUR is the engine's `Network(every=ttur)`. Networks seen by the method step (`dmd_step`, for
+`train.train_networks`): "generator" (trained every `ttur`-th iteration), "critic" (a `Critic`: the fake score and
+its GAN head, trained every iteration) and the frozen "teacher". Batches are dicts: "x" real samples (B, ...), optional "cond" (a Cond of labels), optional "z_ref", "x_ref"
 (the regression pairs).
 """
 from __future__ import annotations
@@ -89,20 +88,6 @@ def fake_score_loss(fake: nn.Module, x: Tensor, t: Tensor, eps: Tensor, cond: Co
     loss in the fake model's own parameterization (losses.denoising_loss_at), on stopgrad(x) (the generator is not
     trained by it)."""
     return denoising_loss_at(fake, x.detach(), t, eps, cond)
-
-
-def two_time_scale(iterations: int, ttur: int, update_generator: Callable[[int], Any],
-                   update_critic: Callable[[int], Any]) -> None:
-    """DMD2's two time-scale update rule (Sec. 4.2; `dfake_gen_update_ratio` in tianweiy/DMD2): iteration i updates
-    the generator when i % ttur == 0 (first), then the critic (the fake score and its GAN head) on EVERY iteration,
-    so the critic takes ttur updates per generator update and tracks the moving generator. ttur = 1 is DMD's 1:1
-    alternation. train_networks does the same with Network(every=ttur) for the generator."""
-    if ttur < 1 or iterations < 0:
-        raise ValueError(f"ttur must be >= 1 and iterations >= 0; got ttur={ttur}, iterations={iterations}")
-    for i in range(iterations):
-        if i % ttur == 0:
-            update_generator(i)
-        update_critic(i)
 
 
 # --- the critic: fake score + GAN head -----------------------------------------------------------------------------
@@ -220,21 +205,37 @@ class DMDConfig:
     betas: tuple[float, float] = COURSE_BETAS    # both networks' AdamW betas (DMD2's code: DMD2_BETAS)
     weight_decay: float = 0.0        # both networks' AdamW weight decay (DMD2's code: DMD2_WEIGHT_DECAY)
     warmup: int = 0                  # linear learning-rate warm-up over each network's first updates (DMD2: 500)
+    lr_schedule: str = "constant"    # both networks' rates over their updates (train.Network): constant (DMD2's),
+                                     # linear or cosine (the course's 2D recipe: a constant rate leaves the one-step
+                                     # generator jittering around its fixed point, bench.dmd)
     grad_clip: float = 10.0          # DMD2 clips both networks at 10
     ema_decay: float = 0.0           # generator EMA (DMD2's released loop: none)
     max_loss: float = 1e4            # guard: a loss above this (or NaN) stops the run
     normalize: str = "sample"        # dm_gradient's normaliser: per "sample" (images) or over the "batch" (2D)
+    t_shared: bool = False           # one t of the distribution-matching gradient per generator batch (the 2D
+                                     # recipe: the "batch" normaliser is then that noise level's own mean, as the
+                                     # per-sample one is for an image; with t per sample, the high-noise samples'
+                                     # large |x - mu_real| shrink the low-noise samples' steps)
 
 
-def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, Mapping[str, Tensor]], Tensor]:
+def dmd_step(cfg: DMDConfig, process: AffineProcess, dm_loss_fn: Callable | None = None,
+             fake_fn: Callable | None = None,
+             simulate_fn: Callable | None = None) -> Callable[[StepContext, Mapping[str, Tensor]], Tensor]:
     """The DMD / DMD2 method step for train_networks (nets "generator", "critic", frozen "teacher"):
 
     generator phase: x = G(x_in, t_k) (x_in by backward simulation), L_G = L_DM + lambda_reg L_reg
                      + lambda_g softplus(-D(x))        (D: the critic's head; regression only with pairs)
     critic phase:    L = fake_score_loss(sg x)  + lambda_d [softplus(D(sg x)) + softplus(-D(x_real))]
+
+    dm_loss_fn(x, real, fake, process, t, eps, cond, normalize) -> (B,), fake_fn(fake, x, t, eps, cond) -> (B,) and
+    simulate_fn(G, z, i, times, process, generator, cond) -> (B, ...) replace the library's dm_loss, fake_score_loss
+    and backward_simulate (a notebook's exercises); None uses the library's (the same run, number for number).
     """
     d_loss, g_loss = adversarial("ns")
     times = generator_times(cfg.gen_steps, cfg.t_gen)
+    dm_loss_fn = dm_loss_fn or dm_loss
+    fake_fn = fake_fn or fake_score_loss
+    simulate_fn = simulate_fn or backward_simulate
 
     def sample(ctx: StepContext, n: int, like: Tensor, cond: Cond | None) -> Tensor:
         G = ctx.nets["generator"]
@@ -243,7 +244,7 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
         # the backward-simulation depth; under FSDP the same on every process (each generator call gathers weights)
         gi = getattr(ctx, "shared", None) or g
         i = int(torch.randint(len(times), (1,), generator=gi, device=gi.device)) if len(times) > 1 else 0
-        x_in = backward_simulate(G, z, i, times, process, g, cond)
+        x_in = simulate_fn(G, z, i, times, process, g, cond)
         t = torch.full((n,), times[i], device=like.device)
         return G(x_in, t, cond).x0
 
@@ -258,10 +259,12 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
         if ctx.phase == "generator":
             x = sample(ctx, n, x_real, cond)
             t = draw_t(n, *cfg.t_range, ctx, x)
+            if cfg.t_shared:
+                t = t[:1].expand(n)
             eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
             teacher = ctx.nets["teacher"]
             real = guided(teacher, cfg.real_w) if (cfg.real_w and cond is not None) else teacher
-            loss = dm_loss(x, real, critic.fake, process, t, eps, cond, cfg.normalize)
+            loss = dm_loss_fn(x, real, critic.fake, process, t, eps, cond, cfg.normalize)
             if cfg.lambda_reg > 0 and "z_ref" in batch:
                 z_ref = batch["z_ref"]
                 x_hat = ctx.nets["generator"](z_ref, torch.full((len(z_ref),), times[0], device=z_ref.device),
@@ -277,7 +280,7 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess) -> Callable[[StepContext, M
         t = draw_t(n, 0.0, 1.0, ctx, x)
         eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
         # through the critic's own methods (raw, logits), so that under DDP the gradients are averaged over processes
-        loss = fake_score_loss(critic, x, t, eps, cond)
+        loss = fake_fn(critic, x, t, eps, cond)
         if cfg.gan and critic.head is not None:
             loss = loss + cfg.lambda_d * d_loss(critic.logits(x_real, cond, g), critic.logits(x, cond, g))
         return guard(loss, "critic", ctx.step, cfg.max_loss)
@@ -289,16 +292,18 @@ def distill_dmd(teacher: nn.Module, data: Callable[[int, torch.Generator], Mappi
                 run: TrainConfig, example: Mapping[str, Any] | None = None, ckpt_dir=None, accelerator=None,
                 progress: bool = True, networks: tuple[nn.Module, nn.Module, nn.Module] | None = None,
                 save_frozen: bool = True, extra_config: dict | None = None, observer: Observer | None = None,
-                observe_every: int = 1) -> tuple[nn.Module, Trained]:
+                observe_every: int = 1, dm_loss_fn: Callable | None = None, fake_fn: Callable | None = None,
+                simulate_fn: Callable | None = None) -> tuple[nn.Module, Trained]:
     """The DMD / DMD2 driver: train a generator initialised from the teacher's weights (the teacher's network used as
     x0_hat(z, t) on its grid) against the frozen teacher's score and a critic (`make_critic`, its GAN head initialised
     under seeded(run.seed) from `example`, a batch {"x": (B, ...), "cond": Cond or absent}), with dmd_step through train_networks: the
     generator updated every cfg.ttur-th iteration, both networks with AdamW (cfg.betas, weight_decay, warmup,
-    grad_clip). networks=(generator, real score, critic) trains networks built elsewhere instead (the SD stage's
-    generator is the teacher's own UNet or a LoRA on it, whose real score is the UNet with the adapter off:
+    lr_schedule, grad_clip). networks=(generator, real score, critic) trains networks built elsewhere instead (the SD
+    stage's generator is the teacher's own UNet or a LoRA on it, whose real score is the UNet with the adapter off:
     scale.methods.networks); save_frozen=False checkpoints only the generator's trainable tensors (a LoRA).
-    observer, observe_every: the engine's (train.Observer). Returns (the generator: its EMA when ema_decay > 0,
-    eval, no grad; Trained)."""
+    observer, observe_every: the engine's (train.Observer). dm_loss_fn, fake_fn, simulate_fn: dmd_step's hooks (a
+    notebook's exercises in place of the library's losses and backward simulation). Returns (the generator: its EMA
+    when ema_decay > 0, eval, no grad; Trained)."""
     if networks is None:
         G = copy.deepcopy(teacher).requires_grad_(True).train()
         example = example or {}                 # needed with cfg.gan only
@@ -307,13 +312,14 @@ def distill_dmd(teacher: nn.Module, data: Callable[[int, torch.Generator], Mappi
         real = copy.deepcopy(teacher).requires_grad_(False).eval()
     else:
         G, real, critic = networks
-    common = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, warmup=cfg.warmup, grad_clip=cfg.grad_clip)
+    common = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
+                  lr_schedule=cfg.lr_schedule)
     nets = {"generator": Network(G, lr=cfg.lr_g, ema_decay=cfg.ema_decay, every=cfg.ttur, save_frozen=save_frozen,
                                  **common),
             "critic": Network(critic, lr=cfg.lr_critic, **common)}
     if extra_config is None:
         extra_config = {"method": "dmd2" if cfg.gan or cfg.ttur > 1 else "dmd", **asdict(cfg)}
-    done = train_networks(nets, dmd_step(cfg, teacher.process), data, run,
+    done = train_networks(nets, dmd_step(cfg, teacher.process, dm_loss_fn, fake_fn, simulate_fn), data, run,
                           frozen={"teacher": real}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
                           extra_config=extra_config, observer=observer, observe_every=observe_every)
     return done.best("generator").eval().requires_grad_(False), done
