@@ -270,6 +270,26 @@ def test_distill_add_trains_every_ablation(kw, init):
                         example={"x": torch.randn(4, 2)}, progress=False)
 
 
+def test_time_conditioned_discriminator_sees_the_index_of_each_students_time():
+    teacher = mlp_denoiser(VPCosine(), 3, torch.float32, keep_rng=True).requires_grad_(False)
+    cfg = add.ADDConfig(d_time_cond=True, lr_g=1e-3, lr_d=1e-3)
+    run = TrainConfig(steps=2, batch_size=16)
+    _, done = add.distill_add(teacher, _data, cfg, run=run, features=add.feature_network("random2d"),
+                              example={"x": torch.randn(4, 2)}, progress=False)
+    D = done.nets["discriminator"]
+    assert all(h.embed.num_embeddings == cfg.student_steps + 1 for h in D.heads)   # one per student time (+ null)
+    x = torch.randn(5, 2)
+    with torch.no_grad():                                                           # the time's label moves the logit
+        a, b = (D(x, add.d_time_labels(torch.full((5,), k), cfg.student_steps)) for k in (0, 3))
+    assert not torch.allclose(a, b)
+    labelled = lambda n, g: {"x": data2d.sample_2d("gmm", n, g)[0],
+                             "cond": add.d_time_labels(torch.zeros(n, dtype=torch.long), 8)}
+    conditional = mlp_denoiser(VPCosine(), 3, torch.float32, num_classes=8, keep_rng=True).requires_grad_(False)
+    with pytest.raises(ValueError, match="d_time_cond"):
+        add.distill_add(conditional, labelled, cfg, run=run, features=add.feature_network("random2d"),
+                        example={"x": torch.randn(4, 2)}, progress=False)
+
+
 def test_a_diverging_run_stops_loudly_and_keeps_the_last_good_checkpoint(tmp_path):
     teacher = mlp_denoiser(VPCosine(), 3, torch.float32, keep_rng=True).requires_grad_(False)
     calls = {"n": 0}
