@@ -193,6 +193,56 @@ def test_sampler_checker_accepts_the_loop_and_rejects_a_grid_to_zero(capsys):
     assert "not solved yet" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("check, placeholder, recipe", [
+    (checks.check_distillation_loss, lambda x_hat, T, t, eps, p, cond=None: torch.zeros(len(x_hat)), "marginal"),
+    (checks.check_discriminator_loss, lambda D, x_real, x_fake, gamma: torch.zeros(len(x_real)), "relu(1 -"),
+    (checks.check_trailing_sample, lambda m, z, k, p, noises, cond=None: torch.zeros_like(z), "alpha_{t_{i+1}}")])
+def test_a_placeholder_of_zeros_hears_what_is_wrong_not_the_recipe(check, placeholder, recipe, capsys):
+    used = check(placeholder, seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and "zero" in out and recipe not in out
+    assert out.count("Exercise 8.") == 1                          # one verdict
+
+
+def test_checkers_accept_float32_answers_and_a_sampler_with_float32_times(capsys):
+    def disc32(D, x_real, x_fake, gamma):
+        return add.discriminator_loss(D, x_real, x_fake, gamma).float()
+
+    def sampler32(model, z, k, process, noises, cond=None):   # t built without a dtype: float32 times
+        x = z
+        for i in range(k):
+            t = torch.full((len(z),), 1.0 - i / k)
+            x0 = model(x, t, cond).x0
+            if i < k - 1:
+                x = process.marginal(x0, torch.full_like(t, 1.0 - (i + 1) / k), noises[i])
+        return x0.float()
+
+    assert checks.check_discriminator_loss(disc32, seed=0) is disc32
+    assert checks.check_trailing_sample(sampler32, seed=0) is sampler32
+    assert "correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mistake", ["ddim", "renoise-x", "no-last-x0"])
+def test_sampler_checker_rejects_plausible_mistakes(mistake, capsys):
+    def wrong(model, z, k, process, noises, cond=None):
+        x = z
+        for i in range(k):
+            t = torch.full((len(z),), 1.0 - i / k, dtype=z.dtype)
+            p = model(x, t, cond)
+            if i < k - 1:
+                s = torch.full_like(t, 1.0 - (i + 1) / k)
+                if mistake == "ddim":           # deterministic: the model's own eps instead of fresh noise
+                    x = process.marginal(p.x0, s, p.eps)
+                elif mistake == "renoise-x":    # re-noises the noisy state instead of the clean prediction
+                    x = process.marginal(x, s, noises[i])
+                else:
+                    x = process.marginal(p.x0, s, noises[i])
+        return x if mistake == "no-last-x0" else p.x0
+
+    assert checks.is_library(checks.check_trailing_sample(wrong, seed=0))
+    assert capsys.readouterr().out.count("Exercise 8.3") == 1
+
+
 # --- training: ablations run, divergence stops with the last good checkpoint, offline features --------------------
 
 def _data(n, g):
@@ -217,6 +267,26 @@ def test_distill_add_trains_every_ablation(kw, init):
     with pytest.raises(ValueError, match="at least one"):
         add.distill_add(teacher, _data, add.ADDConfig(adversarial=False, distill=False),
                         run=TrainConfig(steps=1, batch_size=8), features=add.feature_network("random2d"),
+                        example={"x": torch.randn(4, 2)}, progress=False)
+
+
+def test_time_conditioned_discriminator_sees_the_index_of_each_students_time():
+    teacher = mlp_denoiser(VPCosine(), 3, torch.float32, keep_rng=True).requires_grad_(False)
+    cfg = add.ADDConfig(d_time_cond=True, lr_g=1e-3, lr_d=1e-3)
+    run = TrainConfig(steps=2, batch_size=16)
+    _, done = add.distill_add(teacher, _data, cfg, run=run, features=add.feature_network("random2d"),
+                              example={"x": torch.randn(4, 2)}, progress=False)
+    D = done.nets["discriminator"]
+    assert all(h.embed.num_embeddings == cfg.student_steps + 1 for h in D.heads)   # one per student time (+ null)
+    x = torch.randn(5, 2)
+    with torch.no_grad():                                                           # the time's label moves the logit
+        a, b = (D(x, add.d_time_labels(torch.full((5,), k), cfg.student_steps)) for k in (0, 3))
+    assert not torch.allclose(a, b)
+    labelled = lambda n, g: {"x": data2d.sample_2d("gmm", n, g)[0],
+                             "cond": add.d_time_labels(torch.zeros(n, dtype=torch.long), 8)}
+    conditional = mlp_denoiser(VPCosine(), 3, torch.float32, num_classes=8, keep_rng=True).requires_grad_(False)
+    with pytest.raises(ValueError, match="d_time_cond"):
+        add.distill_add(conditional, labelled, cfg, run=run, features=add.feature_network("random2d"),
                         example={"x": torch.randn(4, 2)}, progress=False)
 
 

@@ -1,9 +1,12 @@
 """Checkers of notebook 08 (adversarial diffusion distillation): the score-distillation loss (re-noise the student's
 sample, the teacher's x0 under stop-gradient, the weighting c(t) = alpha_t), the discriminator's loss (hinge on
 real vs a detached fake, R1 on the REAL samples) and the k-step sampler on the trailing grid. Cases run on tiny
-random 2D models under several processes, in float64."""
+random 2D models under several processes, in float64 and (the notebook's dtype) float32, each compared with a
+tolerance that fits its dtype. Each checker runs every case before its one verdict; a placeholder that returns zeros
+is told what is wrong with its value, not the recipe, which comes only with a wrong non-zero value."""
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -13,8 +16,8 @@ from ..distill import add
 from ..distill.add import distill_weight, sample
 from ..distill.gan import hinge_d, r1_penalty
 from ..processes import RectifiedFlow, VPCosine
-from .core import (accept, call_per_sample, checker, fall_back, fresh_generator, run_check, tiny_discriminator,
-                   tiny_model)
+from .core import (accept, call_per_sample, checker, clone_tensors, fall_back, fresh_generator, run_check,
+                   tiny_discriminator, tiny_model)
 
 
 def _tiny_d(g: torch.Generator):
@@ -23,9 +26,26 @@ def _tiny_d(g: torch.Generator):
     return lambda x: net(x).squeeze(1), net
 
 
+def _tol(*tensors: torch.Tensor) -> dict:
+    """atol/rtol fitting the least precise dtype among `tensors`: float64 1e-8/1e-6, float32 (or lower) 1e-5/1e-4."""
+    wide = all(x.dtype == torch.float64 for x in tensors)
+    return dict(atol=1e-8, rtol=1e-6) if wide else dict(atol=1e-5, rtol=1e-4)
+
+
 def _close(a, b) -> bool:
-    return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a.detach().to(b.dtype), b.detach(),
-                                                                                  atol=1e-8, rtol=1e-6)
+    """a (the student's, any float dtype) equals b within the tolerance of the less precise of the two."""
+    return (isinstance(a, torch.Tensor) and a.shape == b.shape and a.is_floating_point()
+            and torch.allclose(a.detach().to(b.dtype), b.detach(), **_tol(a, b)))
+
+
+def _all_zero(x) -> bool:
+    """A placeholder's answer: a tensor of zeros."""
+    return isinstance(x, torch.Tensor) and x.numel() > 0 and not bool(x.detach().ne(0).any())
+
+
+def _float32(model):
+    """A float32 case's model (the notebook's dtype): a float32 copy of a checker's float64 tiny model."""
+    return copy.deepcopy(model).float()
 
 
 def distillation_loss(x_hat, teacher, t, eps, process, cond=None):
@@ -57,6 +77,11 @@ def check_distillation_loss(student: Callable, seed: int | None = None) -> Calla
         eps = torch.randn(8, 2, generator=g, dtype=torch.float64)
         cond = labels(torch.randint(3, (8,), generator=g), 3)
         yield (x_hat, teacher, t, eps, proc, cond), f"for the {proc.name} process and a class-conditional teacher"
+        teacher = _float32(tiny_model(proc, g))         # the notebook's dtype: float32 samples, times and teacher
+        x_hat, t, eps = (v.float() for v in (1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64),
+                                             0.05 + 0.9 * torch.rand(8, generator=g, dtype=torch.float64),
+                                             torch.randn(8, 2, generator=g, dtype=torch.float64)))
+        yield (x_hat, teacher, t, eps, proc, None), f"in float32 for the {proc.name} process"
 
     def weighted(kind):
         def loss(x_hat, teacher, t, eps, process, cond=None):
@@ -77,35 +102,43 @@ def check_distillation_loss(student: Callable, seed: int | None = None) -> Calla
         (reversed_c, "your weighting is reversed (1 - alpha_t): c(t) = alpha_t is large at low noise and small at high "
                      "noise."),
     ]
+    problem = None                                      # every case runs before the one verdict
     for args, where in cases():
         x_hat = args[0].clone().requires_grad_(True)
         want = ref(x_hat, *args[1:])
         got, problem = call_per_sample(student, (x_hat, *args[1:]), want, where)
         if problem:
-            return fall_back("8.1", ref, problem)
+            break
+        if _all_zero(got):
+            problem = (f"your loss is zero for every sample {where}: it is a weighted squared distance between "
+                       "x_hat and the teacher's denoised version of it, positive wherever the two differ.")
+            break
         if not _close(got, want):
-            for wrong, why in diagnoses:
-                if _close(got, wrong(*args)):
-                    return fall_back("8.1", ref, f"{why} ({where})")
-            err = (got.detach() - want.detach()).abs().max().item()
-            return fall_back("8.1", ref,
-                             f"the loss differs from the reference by up to {err:.3g} {where}. Re-noise x_hat to t "
-                             "(process.marginal(x_hat, t, eps)), take the teacher's .x0 of it, teacher(x_hat_t, t, "
-                             "cond).x0 with the labels cond it is given, as the target, and return "
-                             "alpha_t * ||x_hat - target||^2 averaged over the data dimensions (bcast or [:, None]).")
+            problem = next((f"{why} ({where})" for wrong, why in diagnoses if _close(got, wrong(*args))), None)
+            if problem is None:
+                err = (got.detach().to(want.dtype) - want.detach()).abs().max().item()
+                problem = (f"the loss differs from the reference by up to {err:.3g} {where}. Re-noise x_hat to t "
+                           "(process.marginal(x_hat, t, eps)), take the teacher's .x0 of it, teacher(x_hat_t, t, "
+                           "cond).x0 with the labels cond it is given, as the target, and return "
+                           "alpha_t * ||x_hat - target||^2 averaged over the data dimensions (bcast or [:, None]).")
+            break
         if not got.requires_grad:
-            return fall_back("8.1", ref, f"the loss has no gradient {where}: only the teacher's target is a constant; "
-                                         "x_hat itself must keep its graph (compute the target alone under no_grad).")
+            problem = (f"the loss has no gradient {where}: only the teacher's target is a constant; x_hat itself must "
+                       "keep its graph (compute the target alone under no_grad).")
+            break
         (want_g,) = torch.autograd.grad(want.sum(), x_hat)
         (got_g,) = torch.autograd.grad(got.sum(), x_hat)
-        if not torch.allclose(got_g, want_g, atol=1e-8, rtol=1e-6):
-            return fall_back("8.1", ref,
-                             f"the values are right but the gradient with respect to x_hat is not {where}: it flows "
-                             "through the teacher's target (x_hat_t depends on x_hat). The target is a constant "
-                             "(stop-gradient, ADD Sec. 3.3): compute x_hat_t from x_hat.detach() and the teacher's x0 "
-                             "under torch.no_grad().")
+        if not torch.allclose(got_g.to(want_g.dtype), want_g, **_tol(got, want)):
+            problem = (f"the values are right but the gradient with respect to x_hat is not {where}: it flows "
+                       "through the teacher's target (x_hat_t depends on x_hat). The target is a constant "
+                       "(stop-gradient, ADD Sec. 3.3): compute x_hat_t from x_hat.detach() and the teacher's x0 "
+                       "under torch.no_grad().")
+            break
+    if problem:
+        return fall_back("8.1", ref, problem)
     return accept("8.1", student, "correct: the values (re-noised student sample, teacher's x0, c(t) = alpha_t) and "
-                                  "the gradient (a stop-gradient target) match the reference.")
+                                  "the gradient (a stop-gradient target) match the reference, in float64 and "
+                                  "float32.")
 
 
 def discriminator_loss(D, x_real, x_fake, r1_gamma):
@@ -127,6 +160,10 @@ def check_discriminator_loss(student: Callable, seed: int | None = None) -> Call
             x_real = 2 * torch.randn(8, 2, generator=g, dtype=torch.float64)
             x_fake = 2 * torch.randn(8, 2, generator=g, dtype=torch.float64)
             yield (D, x_real, x_fake, gamma), net, f"with r1_gamma = {gamma}"
+        D, net = _tiny_d(g)                             # the notebook's dtype: float32 discriminator and samples
+        net.float()
+        x_real, x_fake = (2 * torch.randn(8, 2, generator=g, dtype=torch.float64).float() for _ in range(2))
+        yield (D, x_real, x_fake, 0.5), net, "in float32 with r1_gamma = 0.5"
 
     diagnoses = [
         (lambda D, r, f, gm: hinge_d(D(r), D(f)) + 0.5 * gm * r1_penalty(D, f),
@@ -141,38 +178,48 @@ def check_discriminator_loss(student: Callable, seed: int | None = None) -> Call
          "your loss has no R1 penalty: add r1_gamma / 2 ||grad_x D(x_real)||^2 (gan.r1_penalty gives the squared "
          "norm per sample)."),
     ]
+    problem = None                                      # every case runs before the one verdict
     for args, net, where in cases():
         D, x_real, x_fake, gamma = args
         fake = x_fake.clone().requires_grad_(True)
         want = ref(D, x_real, x_fake, gamma)
         got, problem = call_per_sample(student, (D, x_real.clone(), fake, gamma), want, where)
         if problem:
-            return fall_back("8.2", ref, problem)
+            break
+        if _all_zero(got):
+            problem = (f"your loss is zero for every sample {where}: the hinge terms are at least 0 and, for a "
+                       "discriminator that cannot yet tell real from fake (logits near 0), about 2 per sample.")
+            break
         if not _close(got, want):
-            for wrong, why in diagnoses:
-                if gamma == 0 and "R1" in why:
-                    continue
-                if _close(got, wrong(D, x_real, x_fake, gamma)):
-                    return fall_back("8.2", ref, f"{why} ({where})")
-            err = (got.detach() - want.detach()).abs().max().item()
-            return fall_back("8.2", ref, f"the loss differs from the reference by up to {err:.3g} {where}. "
-                                         "relu(1 - D(x_real)) + relu(1 + D(x_fake)) + r1_gamma / 2 * R1(x_real).")
+            problem = next((f"{why} ({where})" for wrong, why in diagnoses
+                            if not (gamma == 0 and "R1" in why) and _close(got, wrong(D, x_real, x_fake, gamma))),
+                           None)
+            if problem is None:
+                err = (got.detach().to(want.dtype) - want.detach()).abs().max().item()
+                problem = (f"the loss differs from the reference by up to {err:.3g} {where}. "
+                           "relu(1 - D(x_real)) + relu(1 + D(x_fake)) + r1_gamma / 2 * R1(x_real).")
+            break
         params = list(net.parameters())
         want_g = torch.autograd.grad(want.sum(), params)
         try:
             got_g = torch.autograd.grad(got.sum(), params + [fake], allow_unused=True)
         except RuntimeError as e:
-            return fall_back("8.2", ref, f"the loss cannot be differentiated in the discriminator's parameters {where} "
-                                         f"({e}). Keep the R1 gradient's graph (create_graph=True).")
+            problem = (f"the loss cannot be differentiated in the discriminator's parameters {where} ({e}). Keep the "
+                       "R1 gradient's graph (create_graph=True).")
+            break
         if got_g[-1] is not None and got_g[-1].abs().max() > 0:
-            return fall_back("8.2", ref, f"gradients reach the fake samples {where}: the discriminator's loss must not "
-                                         "train the student. Use x_fake.detach().")
-        if not all(b is not None and torch.allclose(a, b, atol=1e-8, rtol=1e-6) for a, b in zip(want_g, got_g[:-1])):
-            return fall_back("8.2", ref, f"the values are right but the gradient in D's parameters is not {where}: "
-                                         "the R1 term must stay differentiable (torch.autograd.grad(..., "
-                                         "create_graph=True)), as gan.r1_penalty does.")
+            problem = (f"gradients reach the fake samples {where}: the discriminator's loss must not train the "
+                       "student. Use x_fake.detach().")
+            break
+        if not all(b is not None and torch.allclose(b.to(a.dtype), a, **_tol(got, want))
+                   for a, b in zip(want_g, got_g[:-1])):
+            problem = (f"the values are right but the gradient in D's parameters is not {where}: the R1 term must "
+                       "stay differentiable (torch.autograd.grad(..., create_graph=True)), as gan.r1_penalty does.")
+            break
+    if problem:
+        return fall_back("8.2", ref, problem)
     return accept("8.2", student, "correct: hinge on real and (detached) fake samples, R1 at the real samples with "
-                                  "weight gamma / 2, differentiable in D's parameters.")
+                                  "weight gamma / 2, differentiable in D's parameters, in float64 and float32.")
 
 
 def trailing_sample(model, z, k, process, noises, cond=None):
@@ -200,8 +247,22 @@ def check_trailing_sample(student: Callable, seed: int | None = None) -> Callabl
         noises = torch.randn(1, 6, 2, generator=g, dtype=torch.float64)
         cond = labels(torch.randint(3, (6,), generator=g), 3)
         yield (model, z, 2, VPCosine(), noises, cond), "for a class-conditional model with 2 steps (labels in cond)"
+        model = _float32(tiny_model(VPCosine(), g))                             # the notebook's dtype
+        z = VPCosine().prior((6, 2), generator=g, dtype=torch.float64).float()
+        noises = torch.randn(3, 6, 2, generator=g, dtype=torch.float64).float()
+        yield (model, z, 4, VPCosine(), noises), "in float32 for the vp-cosine process with 4 steps"
 
-    return run_check("8.3", student, ref, cases(), atol=1e-8, rtol=1e-6,
+    cases = list(cases())
+    try:                                # a placeholder returning zeros hears what is wrong with its value first
+        first = student(*clone_tensors(cases[0][0]))
+    except Exception:  # noqa: BLE001 (run_check reports the error itself)
+        first = None
+    if _all_zero(first):
+        return fall_back("8.3", ref, f"your sampler returns zeros ({cases[0][1]}): a sample is the model's last x0 "
+                                     "prediction, spread like the data, not the origin.")
+    # atol 1e-6 fits float32 answers (float64 cases agree to ~1e-15; the mistakes below differ by ~0.1)
+    return run_check("8.3", student, ref, cases, atol=1e-6, rtol=1e-5,
                      hint="the grid is t_i = 1 - i / k (i = 0..k-1: the trailing grid, never t = 0); at each t_i take "
-                          "x0 = model(x, t, cond).x0 with t a (B,) tensor; before the next step x = alpha_{t_{i+1}} x0 + "
-                          "sigma_{t_{i+1}} noises[i] (process.marginal); return the last x0.")
+                          "x0 = model(x, t, cond).x0 with t a (B,) tensor; before the next step re-noise the CLEAN "
+                          "x0 to the next time, x = alpha_{t_{i+1}} x0 + sigma_{t_{i+1}} noises[i] "
+                          "(process.marginal); return the last x0.")

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import grids, samplers
-from ..conditioning import Cond, unpack
+from ..conditioning import Cond, labels, unpack
 from ..config import announce_once, seeded
 from ..predictions import Pred
 from ..processes import AffineProcess
@@ -101,6 +101,15 @@ def generator_adv_loss(D: Callable[[Tensor], Tensor], x_fake: Tensor, loss: str 
     """L_adv^G (ADD Sec. 3.2) per sample (B,): -D(x_hat) for the hinge loss (gradients flow through D to x_hat)."""
     _, g_loss = adversarial(loss)
     return g_loss(D(x_fake))
+
+
+def d_time_labels(i: Tensor, student_steps: int) -> Cond:
+    """The discriminator's conditioning of the course's variant (ADDConfig.d_time_cond): the index i (B,) of each
+    sample's student time in T_student as a label, so the heads judge the student's outputs time by time. ADD
+    conditions its discriminator on an embedding of the real image behind the student's input (c_img, Sec. 3.2);
+    on 2D data with one unconditional discriminator, the outputs from pure noise (too wide) and those from low noise
+    (too narrow) otherwise receive the same correction."""
+    return labels(i, student_steps)
 
 
 # --- the discriminator's feature network ---------------------------------------------------------------------------
@@ -185,6 +194,8 @@ class ADDConfig:
     d_every: int = 1                # discriminator updates on iterations with step % d_every == 0
     ema_decay: float = 0.0          # student EMA for sampling (0: none)
     max_loss: float = 1e4           # guard: a loss above this (or NaN) stops the run
+    d_time_cond: bool = False       # the course's variant: heads conditioned on the index of the student's time s
+                                    # (a projection term, `d_time_labels`); real x0 get the index of their own x_s
 
 
 def add_step(cfg: ADDConfig, process: AffineProcess, distill_fn: Callable | None = None,
@@ -203,28 +214,36 @@ def add_step(cfg: ADDConfig, process: AffineProcess, distill_fn: Callable | None
     if disc_fn is None:
         disc_fn = lambda D, x_real, x_fake, gamma: discriminator_loss(D, x_real, x_fake, gamma, cfg.loss)
 
-    def student_sample(ctx: StepContext, x0: Tensor, cond: Cond | None) -> Tensor:
+    def student_sample(ctx: StepContext, x0: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor]:
         g = ctx.generator
         i = torch.randint(len(times), (len(x0),), generator=g, device=g.device).cpu()
         s = times[i].to(x0.device)                                                        # (B,) s ~ U(T_student)
         eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0)
         x_s = student_input(x0, s, eps, process)
         G = ctx.nets["student"]
-        return G(x_s, s, cond).x0
+        return G(x_s, s, cond).x0, i
+
+    def disc(ctx: StepContext, cond: Cond | None, i: Tensor, device: torch.device) -> Callable[[Tensor], Tensor]:
+        d_cond = d_time_labels(i.to(device), cfg.student_steps) if cfg.d_time_cond else cond
+        return lambda x: ctx.nets["discriminator"](x, d_cond, ctx.generator)
 
     def step(ctx: StepContext, batch: Mapping[str, Tensor]) -> Tensor:
         x0, cond = unpack(batch)
         g = ctx.generator
-        D = lambda x: ctx.nets["discriminator"](x, cond, g)
+        if cfg.d_time_cond and cond is not None:
+            raise ValueError("d_time_cond conditions the discriminator on the student's time; it cannot also take "
+                             "the batch's labels (use it on unconditional data)")
         if ctx.phase == "discriminator":
             with torch.no_grad():
-                x_hat = student_sample(ctx, x0, cond)
+                x_hat, i = student_sample(ctx, x0, cond)
+            D = disc(ctx, cond, i, x0.device)
             lazy = ctx.step % (cfg.r1_every * cfg.d_every) == 0
             gamma = cfg.r1_gamma * cfg.r1_every if lazy else 0.0
             with gan.math_attention() if gamma > 0 else contextlib.nullcontext():
                 loss = disc_fn(D, x0, x_hat, gamma)
             return guard(loss, "discriminator", ctx.step, cfg.max_loss)
-        x_hat = student_sample(ctx, x0, cond)
+        x_hat, i = student_sample(ctx, x0, cond)
+        D = disc(ctx, cond, i, x0.device)
         loss = torch.zeros(len(x0), device=x0.device)
         if cfg.adversarial:
             loss = loss + generator_adv_loss(D, x_hat, cfg.loss)
@@ -260,6 +279,8 @@ def distill_add(teacher: nn.Module, data: Callable[[int, torch.Generator], Mappi
                 if m is not student and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
     x_example, cond_example = example["x"], example.get("cond")
+    if cfg.d_time_cond:                 # heads with one embedding per student time
+        cond_example = d_time_labels(torch.zeros(len(x_example), dtype=torch.long), cfg.student_steps)
     with seeded(init_seed + 1):
         D = discriminator(features, x_example, hidden, cond_example)
     nets = {"discriminator": Network(D, lr=cfg.lr_d, betas=cfg.betas, grad_clip=cfg.grad_clip, every=cfg.d_every)}
@@ -283,6 +304,6 @@ def sample(G: Callable[..., Pred], z: Tensor, k: int, process: AffineProcess, ge
                               generator=generator)
 
 
-__all__ = ["LAMBDA", "ADDConfig", "DinoFeatures", "add_step", "discriminator_loss", "distill_add", "distill_weight",
-           "distillation_loss", "feature_network", "generator_adv_loss", "load_dinov2", "sample", "student_input",
-           "student_times"]
+__all__ = ["LAMBDA", "ADDConfig", "DinoFeatures", "add_step", "d_time_labels", "discriminator_loss", "distill_add",
+           "distill_weight", "distillation_loss", "feature_network", "generator_adv_loss", "load_dinov2", "sample",
+           "student_input", "student_times"]
