@@ -24,7 +24,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or unreadable; the message names the file and how to recreate it."""
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) to path's .tmp sibling, then rename it to path: a killed run never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.chmod(tmp, 0o644)  # safetensors creates files readable by their owner only
@@ -38,8 +39,8 @@ def save_tensors(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], co
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     text = json.dumps(config, indent=2, sort_keys=True)
     meta = {"config": text} if embed_config else None
-    _atomic_write(folder / weights_name, lambda p: save_file(flat, str(p), metadata=meta))
-    _atomic_write(folder / CONFIG, lambda p: p.write_text(text))
+    atomic_write(folder / weights_name, lambda p: save_file(flat, str(p), metadata=meta))
+    atomic_write(folder / CONFIG, lambda p: p.write_text(text))
     return folder
 
 

@@ -166,7 +166,7 @@ def digits_frechet_distance(samples: Tensor, reference: Tensor | None = None,
     of reference images, d^2 = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2}) (see metrics.frechet_distance).
 
     The default reference is the fixed reference half of the real digits (`digits_halves`), and the course scores
-    DIGITS_FD_N = 899 samples against it; `digits_fd_floor()` scores the other real half the same way. Fréchet
+    DIGITS_FD_N = 899 samples against it (its floor: the other real half, digits_halves()[0]). Fréchet
     distances are biased upward for small N, so only values at the same N are comparable.
 
     This is NOT FID. It lives in the feature space of a small classifier trained on scikit-learn's digits, so
@@ -217,12 +217,6 @@ def digits_scores(samples: Tensor, classifier: nn.Module | None = None, blocks: 
     k_t, se_t = kid(f, train, blocks)
     return {"kid_heldout": k_h, "kid_heldout_se": se_h, "kid_train": k_t, "kid_train_se": se_t,
             "fd_heldout": frechet_distance(f, held)}
-
-
-def digits_fd_floor(classifier: nn.Module | None = None) -> float:
-    """The data floor of the digits FD: the held-out real half (898 images) against the reference half."""
-    held, ref = digits_halves()
-    return digits_frechet_distance(held, ref, classifier)
 
 
 def main(argv: list[str] | None = None) -> None:

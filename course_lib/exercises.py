@@ -131,7 +131,8 @@ def replace_solution_regions(source: str, *, notebook: str = "<notebook>", cell_
             open_begin = (line_no, line)
             exercise = Exercise(begin["number"], begin["title"] or "", cell_index)
             exercises.append(exercise)
-            stub = "raise NotImplementedError(" + _python_string(exercise.message) + ")"
+            # a double-quoted Python string literal of the message (JSON's escapes are valid Python)
+            stub = "raise NotImplementedError(" + json.dumps(exercise.message, ensure_ascii=False) + ")"
             out.append(begin["indent"] + stub)
         elif end is not None:
             if open_begin is None:
@@ -144,11 +145,6 @@ def replace_solution_regions(source: str, *, notebook: str = "<notebook>", cell_
         raise NotebookBuildError(f"{_where(notebook, cell_index, open_begin[0])}: {open_begin[1].strip()!r} is "
                                  "never closed; add '# END SOLUTION' at the end of the region")
     return "\n".join(out), exercises
-
-
-def _python_string(text: str) -> str:
-    """A double-quoted Python string literal for `text` (JSON's escapes are valid Python)."""
-    return json.dumps(text, ensure_ascii=False)
 
 
 def _tags(cell: NotebookNode) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
 from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt

@@ -6,6 +6,7 @@ Devices: models run on the benchmark's device; every noise tensor is drawn on th
 and then moved (the same numbers on every device); metrics are computed on CPU copies of the samples."""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -235,14 +236,10 @@ def digits_n(mode: str, cheap: bool) -> int:
     return pick(mode, smoke=40, laptop=2000 if cheap else 300, full=5000 if cheap else 1000)
 
 
+@functools.cache
 def _classifier():
-    global _CLF
-    if _CLF is None:
-        _CLF = load_digits_classifier()
-    return _CLF
-
-
-_CLF = None
+    """The shipped digits classifier, loaded once per process."""
+    return load_digits_classifier()
 
 
 def score_digits(ev: Evaluation, model: str, x: Tensor, seconds: float, *, nfe: int | None, steps: int | None,

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import paths
-from ..checkpoint import CheckpointError, load_tensors
+from ..checkpoint import CheckpointError, atomic_write, load_tensors
 from ..conditioning import BATCHED, Cond
 from ..grids import uniform
 from ..metrics import straightness as s_of_path
@@ -174,9 +174,7 @@ def cached_pairs(flow: nn.Module, name: str, n: int, steps: int = 64, sampler: s
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"eps": eps.cpu().contiguous(), "x0": x0.cpu().contiguous(),
                **{f"cond.{k}": v.detach().cpu().contiguous() for k, v in _fields(cond).items()}}
-    tmp = wpath.with_name(wpath.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, wpath)                                    # a killed run never leaves half a cache
+    atomic_write(wpath, lambda tmp: save_file(tensors, str(tmp)))      # a killed run never leaves half a cache
     jpath.write_text(json.dumps({**meta, "seconds": round(time.perf_counter() - t0, 2)}, indent=1))
     if verbose:
         print(f"reflow pairs: generated {n} pairs in {time.perf_counter() - t0:.1f} s, cached in {wpath}")

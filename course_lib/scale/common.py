@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import sd as sdlib
+from ..checkpoint import atomic_write
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SAMPLED_HASH_BYTES = 1 << 24       # larger weight files are fingerprinted by size + 16 MiB from start, middle, end
@@ -292,18 +293,14 @@ def unet_record(base: Path) -> dict:
 
 def save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"config": json.dumps(metadata, sort_keys=True)} if metadata else None)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    meta = {"config": json.dumps(metadata, sort_keys=True)} if metadata else None
+    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                                             metadata=meta))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
 def dtype_of(name: str) -> torch.dtype:
