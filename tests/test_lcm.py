@@ -256,3 +256,45 @@ def test_shipped_lcm_lora_loads_onto_the_mini_sd():
     assert model.w_fixed == lcm.LORA_W and mini.model.lora is not None
     student = lcm_recipes.load_shipped(minisd.load_mini_sd(), "student")
     assert student.w_range == (lcm_recipes.RECIPE.w_min, lcm_recipes.RECIPE.w_max)
+
+
+def test_merged_lora_weights_are_the_composed_adapters_and_peft_merge():
+    """LCM-LoRA's theta' = theta_pre + lambda_1 tau_1 + lambda_2 tau_2 merged into plain weights (lcm.merged_copy with
+    lcm.merge_lora, exercise 6.3's reference) runs like the two adapters composed by peft (lcm.compose), and
+    merge_lora on one layer equals peft's own merge of that layer; the original model is not changed."""
+    from peft import LoraConfig
+
+    tiny_sd = sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))         # its own copy: adapters are added in place
+    model = tiny_sd.model
+    sd.add_lora(model, r=4, target_modules=lcm.present_targets(model.unet), seed=0)
+    model.unet.add_adapter(LoraConfig(r=2, lora_alpha=5, target_modules=["to_q", "to_v", "conv1"]),
+                           adapter_name="style")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    student = lcm.LCMModel(model, w_fixed=2.0)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    adapters = {"default": 1.0, "style": 0.8}
+    merged = lcm.merged_copy(student, adapters)
+    assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in before.items())
+    cond = tiny_sd.text(PROMPTS)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        lcm.compose(model.unet, adapters)
+        composed = student(z, t, cond).x0
+        lcm.compose(model.unet, {})
+        plain = student(z, t, cond).x0
+        lcm.compose(model.unet, {"default": 1.0})
+        out = merged(z, t, cond).x0
+    _close(out, composed, 1e-4)
+    assert (out - plain).abs().max() > 1e-2                       # the adapters matter
+    # one layer against peft's own merge (get_delta_weight), both adapters at weight 1
+    name, layer = next((n, m) for n, m in lcm.lora_layers(model.unet) if "style" in m.lora_A and "to_q" in n)
+    W = layer.base_layer.weight
+    want = W + layer.get_delta_weight("default") + layer.get_delta_weight("style")
+    got = lcm.merge_lora(W, [(1.0, layer.scaling[a], layer.lora_A[a].weight, layer.lora_B[a].weight)
+                             for a in ("default", "style")])
+    _close(got, want, 1e-6)

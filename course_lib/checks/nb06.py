@@ -1,21 +1,24 @@
-"""Checkers of notebook 06 (latent consistency models): the skipping-step target with guidance, LCM's boundary
-scalings, the multistep LCM sampler. Cases run on tiny random Stable Diffusion UNets (sd.tiny_sd_pipeline)."""
+"""Checkers of notebook 06 (latent consistency models): the skipping-step target with guidance, the multistep LCM
+sampler, LCM-LoRA's composition of LoRA adapters. Cases run on tiny random Stable Diffusion UNets
+(sd.tiny_sd_pipeline) and random low-rank factors."""
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Callable
 
 import torch
 
-from .. import precond, sd
+from .. import sd
 from ..conditioning import Cond
 from ..config import seeded
 from ..distill import lcm
-from ..distill.lcm import lcm_target, multistep
+from ..distill.lcm import lcm_target, merge_lora, multistep
 from ..grids import lcm_timesteps
 from ..predictions import Pred
 from ..processes import SDDiscrete
-from .core import (checker, draw_seed, explain_exception, fall_back, fresh_generator, is_library, library_version,
-                   run_check)
+from .core import (accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, is_library,
+                   library_version, run_check)
 
 
 def _tiny_teacher_and_target(g: torch.Generator):
@@ -34,9 +37,35 @@ def _text(B: int, g: torch.Generator):
     return Cond(text=torch.randn(B, 16, 32, generator=g), null_text=torch.randn(1, 16, 32, generator=g))
 
 
+def first_look(student: Callable, args: tuple, want: torch.Tensor, where: str) -> str | None:
+    """What is plainly wrong with the student's first answer, before any value is compared (None: nothing): it
+    raised, its shape, an unfilled placeholder (all zeros). The recipe comes only with a wrong value."""
+    try:
+        got = student(*args)
+    except Exception as e:  # noqa: BLE001
+        return explain_exception(e, where)
+    if not isinstance(got, torch.Tensor):
+        return f"expected a tensor, got {type(got).__name__} {where}."
+    if tuple(got.shape) != tuple(want.shape):
+        return f"the output has shape {tuple(got.shape)}, expected {tuple(want.shape)} {where}."
+    if not bool(got.detach().abs().gt(0).any()):
+        return (f"your function returns all zeros {where}: is it still the placeholder? The answer has the shape "
+                f"above and values of order {float(want.detach().abs().mean()):.2g}.")
+    return None
+
+
+def quiet(fn: Callable, *args, **kwargs):
+    """fn's result and what it printed, without printing it: a checker runs every test before its one verdict."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        out = fn(*args, **kwargs)
+    return out, buf.getvalue()
+
+
 @checker("6.1")
 def check_lcm_target(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 6.1: student(teacher, target, z, timesteps, k, cond, w, process) -> (B, 4, h, w) the LCD target."""
+    """Exercise 6.1: student(teacher, target, z, timesteps, k, cond, w, process) -> (B, 4, h, w) the LCD target,
+    without gradients. One verdict: the constant-target test runs (silently) before the value comparison."""
     g = fresh_generator(seed)
     teacher, target = _tiny_teacher_and_target(g)
     process = teacher.process
@@ -54,9 +83,11 @@ def check_lcm_target(student: Callable, seed: int | None = None) -> Callable:
             "guidance.cfg(teacher, w)(z, t_{n+k}, cond), i.e. (1 + w) cond - w uncond, on both x0 and eps (w is NOT "
             "diffusers' guidance_scale); take the DDIM step steps.ddim_step(pred, t_{n+k}, t_n, process); return "
             "target(z_n, t_n, cond.with_w(w)).x0 (the target network reads w from cond.w), all under torch.no_grad().")
-    fn = run_check("6.1", student, lcm_target, cases(), atol=1e-5, rtol=1e-4, hint=hint)
-    if is_library(fn):
-        return fn
+    all_cases = list(cases())
+    args0, where0 = all_cases[0]
+    problem = first_look(student, args0, lcm_target(*args0), where0)
+    if problem:
+        return fall_back("6.1", lcm_target, problem)
     # the target must be a constant: no gradient may flow into the teacher or the target network
     live = _tiny_teacher_and_target(g)
     for m in live:
@@ -66,39 +97,25 @@ def check_lcm_target(student: Callable, seed: int | None = None) -> Callable:
         out = student(live[0], live[1], z, torch.tensor([99, 499]), 20, _text(2, g), torch.tensor([2.0, 3.0]), process)
     except Exception as e:  # noqa: BLE001
         return fall_back("6.1", lcm_target, explain_exception(e, "with networks that require gradients"))
-    if out.requires_grad:
+    if isinstance(out, torch.Tensor) and out.requires_grad:
         return fall_back("6.1", lcm_target, "your target carries gradients (it was computed with autograd on): LCD's "
                          "target is stop-grad f_theta^-(...). Compute it under torch.no_grad().")
-    return fn
+    return run_check("6.1", student, lcm_target, all_cases, atol=1e-5, rtol=1e-4, hint=hint)
 
 
 @checker("6.2")
-def check_lcm_scalings(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 6.2: student(timesteps, sigma_data, timestep_scaling) -> (c_skip, c_out), each (B,)."""
-    g = fresh_generator(seed)
-
-    def cases():
-        for sd_, s in ((0.5, 10.0), (0.5, 10.0), (0.8, 3.0)):
-            taus = torch.cat([torch.tensor([0, 1, 19]), torch.randint(0, 1000, (5,), generator=g)])
-            yield (taus, sd_, s), f"at timesteps {taus.tolist()} with sigma_data {sd_} and timestep_scaling {s}"
-
-    return run_check("6.2", student, precond.lcm, cases(), atol=1e-7, rtol=1e-5,
-                     hint="With s tau the scaled timestep (timestep_scaling times the integer timestep, as float64): "
-                          "c_skip = sd^2 / ((s tau)^2 + sd^2) and c_out = s tau / sqrt((s tau)^2 + sd^2) (LCM's c_out "
-                          "has no sigma_data factor, unlike Consistency Models'); c_skip(0) = 1, c_out(0) = 0.")
-
-
-@checker("6.3")
 def check_lcm_multistep(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 6.3: student(f, z, timesteps, process, generator, cond) -> the final sample (B, ...), every call
-    f(z, t, cond) with the conditioning it is given (the cases' cond carries a guidance weight w that f reads)."""
+    """Exercise 6.2: student(f, z, timesteps, process, generator, cond) -> the final sample (B, ...), every call
+    f(z, t, cond) with the conditioning it is given (the cases' cond carries a guidance weight w that f reads).
+    The stand-in f accepts float32 or float64 times (it computes in z's dtype)."""
     g = fresh_generator(seed)
     process = SDDiscrete()
     A = torch.randn(4, 4, generator=g) / 2
 
     def f(z, t, cond=None):   # a smooth stand-in for a consistency function: its x0 depends on z, t and cond.w
-        x0 = torch.tanh(torch.einsum("ij,bj...->bi...", A, z)) * (1 + t.reshape(-1, 1, 1, 1))
-        return Pred(x0 if cond is None else x0 + cond.w.reshape(-1, 1, 1, 1), z)
+        t = torch.as_tensor(t).to(z.dtype).reshape(-1, 1, 1, 1)
+        x0 = torch.tanh(torch.einsum("ij,bj...->bi...", A.to(z.dtype), z)) * (1 + t)
+        return Pred(x0 if cond is None else x0 + cond.w.to(z.dtype).reshape(-1, 1, 1, 1), z)
 
     with_seed = lambda fn: (lambda f_, z, taus, proc, s, cond: fn(f_, z, taus, proc, torch.Generator().manual_seed(s),
                                                                   cond=cond))
@@ -109,10 +126,77 @@ def check_lcm_multistep(student: Callable, seed: int | None = None) -> Callable:
             z = torch.randn(3, 4, 8, 8, generator=g)
             yield (f, z, lcm_timesteps(n), process, draw_seed(g), cond), f"for {n} step{'s' * (n > 1)}"
 
-    out = run_check("6.3", with_seed(student), with_seed(multistep), cases(), atol=1e-5, rtol=1e-4,
+    all_cases = list(cases())
+    args0, where0 = all_cases[-1]
+    problem = first_look(with_seed(student), args0, with_seed(multistep)(*args0), where0)
+    if problem:
+        return fall_back("6.2", multistep, problem)
+    out = run_check("6.2", with_seed(student), with_seed(multistep), all_cases, atol=1e-5, rtol=1e-4,
                     hint="At each timestep: z0 = f(z, t, cond).x0 with t = process.t_of_timestep(tau) as a (B,) "
                          "tensor and the cond given; if "
                          "it is the last one, return z0; otherwise re-noise to the NEXT timestep s: z = alpha(s) z0 + "
                          "sigma(s) eps with eps = torch.randn(z.shape, generator=generator, dtype=z.dtype) (no noise "
                          "after the last step, and the next time, not the current one).")
     return library_version(multistep) if is_library(out) else student
+
+
+@checker("6.3")
+def check_lora_merge(student: Callable, seed: int | None = None) -> Callable:
+    """Exercise 6.3: student(weight, loras) -> the merged weight (out, in): W + sum_i lambda_i s_i B_i A_i for
+    loras [(lambda_i, s_i, A_i (r_i, in), B_i (out, r_i))], W unchanged. Cases in float32 and float64, ranks and
+    scalings that differ between adapters, a negative weight; the mistakes it names: all zeros, the base weight left
+    out, peft's scaling s = alpha / r left out, one adapter's weight applied to all, W changed in place."""
+    g = fresh_generator(seed)
+
+    def cases():
+        for dtype, (out_f, in_f), ranks, lams in (
+                (torch.float64, (12, 20), (4, 2), (1.0, 0.8)),
+                (torch.float32, (16, 9), (3, 5), (1.0, 0.5)),
+                (torch.float64, (8, 8), (2, 4, 1), (0.7, 1.0, -0.3))):
+            W = torch.randn(out_f, in_f, generator=g, dtype=dtype) / in_f ** 0.5
+            loras = []
+            for r, lam in zip(ranks, lams):
+                alpha = float(torch.randint(1, 3 * r, (1,), generator=g))
+                loras.append((lam, alpha / r, torch.randn(r, in_f, generator=g, dtype=dtype) / in_f ** 0.5,
+                              torch.randn(out_f, r, generator=g, dtype=dtype) / r))
+            yield (W, loras), (f"for a {tuple(W.shape)} {str(dtype).replace('torch.', '')} weight and {len(loras)} "
+                               f"adapters of ranks {list(ranks)}, weights {list(lams)}")
+
+    def close(a, b):   # at the precision of the coarser of the two dtypes: a float32 answer is not a mistake
+        single = torch.float32 in (a.dtype, b.dtype)
+        return torch.allclose(a.detach().to(b.dtype), b, atol=1e-5 if single else 1e-10, rtol=1e-5 if single else 1e-8)
+
+    variants = [
+        (lambda W, L: merge_lora(torch.zeros_like(W), L),
+         "your result is missing the base weight W: the composition is the base model's weight PLUS the adapters' "
+         "changes (theta' = theta_pre + lambda_1 tau_1 + ...), not the changes alone."),
+        (lambda W, L: merge_lora(W, [(lam, 1.0, A, B) for lam, _, A, B in L]),
+         "you left out each adapter's scaling s = alpha / r (peft's layer.scaling): its change is s B A, not B A."),
+        (lambda W, L: merge_lora(W, [(L[0][0], s, A, B) for _, s, A, B in L]),
+         "every adapter gets the first adapter's weight lambda: each adapter has its own lambda_i."),
+        (lambda W, L: merge_lora(W, [(lam, s, A, B) for lam, s, A, B in L]) - W + W / len(L),
+         "the base weight is divided among the adapters: W appears once, whatever the number of adapters."),
+    ]
+    n = 0
+    for args, where in cases():
+        n += 1
+        W, L = args
+        before = W.clone()
+        want = merge_lora(*args)
+        problem = first_look(student, (W, L), want, where)
+        if problem:
+            return fall_back("6.3", merge_lora, problem)
+        if not torch.equal(W, before):
+            return fall_back("6.3", merge_lora, f"your function changed the base weight W in place {where}: merging "
+                             "into the base weights destroys the teacher (and the adapters' base). Work out of place "
+                             "(W + ..., or W.clone()).")
+        got = student(W, L)
+        if not close(got, want):
+            for wrong, why in variants:
+                if close(got, wrong(W, L)):
+                    return fall_back("6.3", merge_lora, f"{why} ({where})")
+            err = float((got.detach().to(want.dtype) - want).abs().max())
+            return fall_back("6.3", merge_lora,
+                             f"the merged weight differs from the reference by up to {err:.3g} {where}. Each adapter "
+                             "adds lambda_i * s_i * (B_i @ A_i), an (out, in) matrix of rank r_i, to W.")
+    return accept("6.3", student, f"correct on {n} random cases (float32 and float64, two and three adapters).")

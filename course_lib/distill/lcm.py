@@ -30,7 +30,11 @@ diffusers#8547), and c_skip(tau) is 1 only at tau = 0, so f is x0-prediction eve
 LCM-LoRA: the same loss training only a LoRA adapter (sd.add_lora, with LCM-LoRA's target modules) on the frozen
 teacher, at one fixed w and without a w-embedding (the released LCM-LoRA: w fixed, no embedding); the teacher is the
 same UNet with its adapter switched off (`sd.adapter_disabled`), and the target is the online student without gradients,
-as in diffusers' LoRA scripts (no EMA copy: one UNet in memory).
+as in diffusers' LoRA scripts (no EMA copy: one UNet in memory). The fixed w is the course's simplification: the
+LCM-LoRA report's authors used a fixed guidance of 7.5, while diffusers' reference LoRA script draws
+w ~ U[w_min, w_max] per sample without giving it to the student. Adapters compose by adding weighted deltas (`compose`, peft's adapter
+weights) and merge into plain weights, W' = W + sum_i lambda_i (alpha_i / r_i) B_i A_i (`merge_lora`,
+`merged_copy`: what `pipe.fuse_lora()` does).
 
 Course choices (named): the student's new w-projection (TimestepEmbedding.cond_proj) starts at zero, so the student
 starts exactly as the teacher (LCM's scripts leave it randomly initialised); the default w range for the mini SD is
@@ -38,6 +42,7 @@ starts exactly as the teacher (LCM's scripts leave it randomly initialised); the
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
@@ -311,6 +316,43 @@ def distill_lcm_lora(sd: Any, data: Callable, cfg: LCMConfig, *, run: TrainConfi
     done = train_networks({"student": net}, step, data, run, ckpt_dir=ckpt_dir, accelerator=accelerator,
                           extra_config={"lcm_lora": {**asdict(lcfg), "w": w}}, progress=progress)
     return student.eval(), done
+
+
+def merge_lora(weight: Tensor, loras: Sequence[tuple[float, float, Tensor, Tensor]]) -> Tensor:
+    """LoRA arithmetic on one layer (LCM-LoRA report, Sec. 3.2; peft's merge): W' = W + sum_i lambda_i s_i B_i A_i.
+    weight (out, in) the base weight W (a convolution's flattened to (out, in k k)); loras: (lambda_i the adapter's
+    weight in the composition, s_i = alpha_i / r_i peft's scaling, A_i (r_i, in), B_i (out, r_i)). Returns a new
+    (out, in) tensor in weight's dtype; W itself is not changed."""
+    merged = weight.clone()
+    for lam, scaling, A, B in loras:
+        merged = merged + (lam * scaling) * (B.to(weight) @ A.to(weight))
+    return merged
+
+
+def lora_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, peft LoRA layer) pairs of a UNet: modules with a base_layer and lora_A/lora_B dicts."""
+    return [(n, m) for n, m in unet.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+
+
+@torch.no_grad()
+def merged_copy(model: nn.Module, adapters: dict[str, float],
+                merge: Callable[[Tensor, Sequence[tuple[float, float, Tensor, Tensor]]], Tensor] = merge_lora
+                ) -> nn.Module:
+    """A copy of model (an LCMModel or SDDenoiser whose UNet carries LoRA adapters) whose base weights are the
+    composition theta' = theta_pre + sum_name lambda_name tau_name computed layer by layer with `merge` (merge_lora's
+    signature), and whose adapters are switched off: one plain UNet, as `pipe.fuse_lora()` gives. The original is
+    not changed."""
+    out = copy.deepcopy(model)
+    unet = getattr(out, "denoiser", out)
+    unet = getattr(unet, "unet", unet)
+    for _, layer in lora_layers(unet):
+        W = layer.base_layer.weight
+        loras = [(lam, layer.scaling[a], layer.lora_A[a].weight.flatten(1), layer.lora_B[a].weight.flatten(1))
+                 for a, lam in adapters.items() if a in layer.lora_A]
+        if loras:
+            W.copy_(merge(W.flatten(1), loras).reshape(W.shape))
+    unet.disable_adapters()
+    return out
 
 
 def present_targets(unet: nn.Module, targets: Sequence[str] = LCM_LORA_TARGETS) -> list[str]:
