@@ -528,6 +528,7 @@ def _library_solutions():
         "9.2": lambda fake, x, t, eps: dmd.fake_score_loss(fake, x, t, eps),
         "9.3": dmd.two_time_scale,
         **_nb10_solutions(),
+        **_nb13_solutions(),
     }
 
 
@@ -535,7 +536,13 @@ def _nb10_solutions():
     from course_lib.checks.nb10 import gdd_losses_ref
     from course_lib.distill import gdd
 
-    return {"10.1": gdd_losses_ref, "10.2": gdd.frozen_name, "10.3": gdd.time_share}
+    return {"10.1": gdd_losses_ref, "10.2": lambda G: gdd.apply_freeze(G, "gdd-i"), "10.3": gdd.time_share}
+
+
+def _nb13_solutions():
+    from course_lib.checks.nb13 import to_latents_ref
+
+    return {"13.1": to_latents_ref}
 
 
 def test_every_checker_is_registered_under_its_exercise():
@@ -928,3 +935,35 @@ def test_gamma_sampler_checker_rejects_planted_mistakes(mistake, says, capsys):
     used = checks.check_gamma_sampler(_gamma_sampler(mistake), seed=0)
     out = capsys.readouterr().out
     assert checks.is_library(used) and says in out, out
+
+
+# --- notebook 13: images to SD latents (exercise 13.1) -------------------------------------------------------------
+
+def test_to_latents_checker_accepts_the_reference_and_float64_answers(capsys):
+    from course_lib.checks.nb13 import check_to_latents, to_latents_ref
+
+    assert check_to_latents(to_latents_ref, seed=0) is to_latents_ref
+    as64 = lambda vae, x: to_latents_ref(vae, x).double()
+    assert check_to_latents(as64, seed=0) is as64
+    assert capsys.readouterr().out.count("Later cells use your function") == 2
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda vae, x: vae.encode(x).latent_dist.mean * vae.config.scaling_factor, ["[-1, 1]"]),
+    (lambda vae, x: vae.encode(2 * x - 1).latent_dist.mean, ["unscaled", "scaling_factor"]),
+    (lambda vae, x: vae.encode(2 * x - 1).latent_dist.mean / vae.config.scaling_factor, ["MULTIPLIES"]),
+    (lambda vae, x: vae.encode(2 * x - 1).latent_dist.sample() * vae.config.scaling_factor, ["latent_dist.mean"]),
+    (lambda vae, x: torch.zeros(len(x), 4, 4, 4), ["all zero"]),
+    (lambda vae, x: vae.encode(2 * x - 1).latent_dist.mean[:, :2], ["shape"]),
+    (lambda vae, x: 2 * x - 1, ["shape"]),
+])
+def test_to_latents_checker_names_each_slip(wrong, words, capsys):
+    from course_lib.checks.nb13 import check_to_latents
+
+    used = check_to_latents(wrong, seed=0)
+    text = capsys.readouterr().out
+    assert checks.is_library(used) and text.count("Exercise 13.1:") == 1, text
+    assert all(w in text for w in words), text
+    # a zeros placeholder is told what is wrong, not the recipe
+    if "all zero" in words:
+        assert "scaling_factor" not in text and "2 x - 1" not in text
