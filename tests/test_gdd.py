@@ -332,3 +332,35 @@ def test_check_time_share(capsys):
     text = capsys.readouterr().out
     assert checks.is_library(out) and "share is 0" in text and "unbiased" not in text, text
     _rejected(capsys, nb10.check_time_share, lambda acts: 1 + gdd.time_share(acts), ["[0, 1]"])
+
+
+# --- the shipped students (recipes.gdd, data/gdd) ------------------------------------------------------------------
+
+def test_train_shipped_writes_loadable_generators(tmp_path, monkeypatch):
+    from course_lib.recipes import gdd as recipe
+
+    recipe.train_shipped(tmp_path, ("gmm",), steps_scale=2 / (recipe.SHIP_SCALE * recipe.gdd_budget("laptop")["steps"]))
+    monkeypatch.setattr(recipe, "SHIP_DIR", tmp_path)
+    G, config = recipe.load_shipped("gmm")
+    assert isinstance(G, gdd.GDDPrecond) and not any(p.requires_grad for p in G.parameters())
+    assert config["recipe"]["steps"] == 2 and config["recipe"]["freeze"] == "gdd-i" and config["train_seconds"] > 0
+    assert 0 < config["trained_fraction"] < 1
+
+
+def test_shipped_students_beat_the_teachers_one_step_prediction():
+    # the shipped GDD-I students (data/gdd) against the data: their one-step SWD is far below the untrained
+    # generator's (the teacher's one-step prediction), on fresh data and noise
+    from course_lib import data2d
+    from course_lib.bench.core import swd
+    from course_lib.recipes.gdd import SHIP_DATASETS, load_shipped
+    from course_lib.teachers import load_teacher
+
+    for ds in SHIP_DATASETS:
+        G, config = load_shipped(ds)
+        teacher = load_teacher(f"{ds}-vp")
+        z = teacher.process.prior((2000, 2), torch.Generator().manual_seed(11))
+        ref = data2d.sample_2d(ds, 2000, torch.Generator().manual_seed(12))[0]
+        with torch.no_grad():
+            start = swd(gan.generate_one_step(gdd.GDDPrecond(teacher), z), ref)
+            got = swd(gan.generate_one_step(G, z), ref)
+        assert got < 0.25 * start, (ds, got, start)
