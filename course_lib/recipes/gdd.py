@@ -83,8 +83,9 @@ def train_digits(freeze: str, b: dict, seed: int, device, progress: bool):
 def load_shipped(ds: str, device: str | torch.device = "cpu") -> tuple[gdd.GDDPrecond, dict]:
     """The shipped GDD-I student of the {ds}-vp teacher (data/gdd/<ds>-gdd-i): (generator in eval mode, no grad;
     its config, with "recipe" and "train_seconds")."""
-    model, config = load_model(SHIP_DIR / f"{ds}-gdd-i", RECREATE, device)
-    return model.requires_grad_(False), config
+    model, config = load_model(SHIP_DIR / f"{ds}-gdd-i", RECREATE, device)      # a precond.Boundary of kind "gdd"
+    G = gdd.GDDPrecond(model.model, **model.params)
+    return G.eval().requires_grad_(False), config
 
 
 def ship_budget() -> dict:
