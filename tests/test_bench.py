@@ -339,7 +339,7 @@ def test_gdd_benchmark_rows(tmp_path):
     sweep = {f"gdd-freeze-{r}" for r in SWEEP}
     for ds, extra in (("gmm", sweep), ("checkerboard", set())):
         mine = [r for r in rows if r["dataset"] == ds]
-        assert {r["model"] for r in mine} == {"teacher", "data", "gdd", "gdd-i"} | extra
+        assert {r["model"] for r in mine} == {"teacher", "data", "gdd", "gdd-i", "gdd-i-shipped"} | extra
         students = [r for r in mine if r["model"] not in ("teacher", "data")]
         assert all(r["nfe"] == 1 and "train_seconds" in r and 0 < r["trained_fraction"] <= 1 for r in students)
         frac = {r["model"]: r["trained_fraction"] for r in students}

@@ -497,7 +497,7 @@ def test_cond_reflow_loss_checker_explains_a_negative_null_label(capsys):
 def _library_solutions():
     """The library's own implementation of every exercise: a correct student."""
     from course_lib import samplers
-    from course_lib import distances, precond
+    from course_lib import distances
     from course_lib.distill import add, consistency, dmd, guided, instaflow, lcm, pd, reflow, tcd
     from course_lib.metrics import straightness
     from course_lib.processes import RectifiedFlow
@@ -536,6 +536,7 @@ def _library_solutions():
         "9.2": lambda fake, x, t, eps: dmd.fake_score_loss(fake, x, t, eps),
         "9.3": lambda G, z, i, times, p, generator: dmd.backward_simulate(G, z, i, times, p, generator),
         **_nb10_solutions(),
+        **_nb13_solutions(),
     }
 
 
@@ -543,7 +544,13 @@ def _nb10_solutions():
     from course_lib.checks.nb10 import gdd_losses_ref
     from course_lib.distill import gdd
 
-    return {"10.1": gdd_losses_ref, "10.2": gdd.frozen_name, "10.3": gdd.time_share}
+    return {"10.1": gdd_losses_ref, "10.2": lambda G: gdd.apply_freeze(G, "gdd-i"), "10.3": gdd.time_share}
+
+
+def _nb13_solutions():
+    from course_lib.checks.nb13 import to_latents_ref
+
+    return {"13.1": to_latents_ref}
 
 
 def test_every_checker_is_registered_under_its_exercise():
@@ -1000,3 +1007,35 @@ def test_nb07_checkers_name_a_zeros_placeholder_without_the_recipe(capsys):
     assert checks.is_library(checks.check_gamma_sampler(zeros_sampler, seed=0))
     out = capsys.readouterr().out
     assert "all zeros" in out and "renoise" not in out, out
+
+
+# --- notebook 13: images to SD latents (exercise 13.1) -------------------------------------------------------------
+
+def test_to_latents_checker_accepts_the_reference_and_float64_answers(capsys):
+    from course_lib.checks.nb13 import check_to_latents, to_latents_ref
+
+    assert check_to_latents(to_latents_ref, seed=0) is to_latents_ref
+    as64 = lambda vae, x: to_latents_ref(vae, x).double()
+    assert check_to_latents(as64, seed=0) is as64
+    assert capsys.readouterr().out.count("Later cells use your function") == 2
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda vae, x: vae.encode(x).latent_dist.mean * vae.config.scaling_factor, ["[-1, 1]"]),
+    (lambda vae, x: vae.encode(2 * x - 1).latent_dist.mean, ["unscaled", "scaling_factor"]),
+    (lambda vae, x: vae.encode(2 * x - 1).latent_dist.mean / vae.config.scaling_factor, ["MULTIPLIES"]),
+    (lambda vae, x: vae.encode(2 * x - 1).latent_dist.sample() * vae.config.scaling_factor, ["latent_dist.mean"]),
+    (lambda vae, x: torch.zeros(len(x), 4, 4, 4), ["all zero"]),
+    (lambda vae, x: vae.encode(2 * x - 1).latent_dist.mean[:, :2], ["shape"]),
+    (lambda vae, x: 2 * x - 1, ["shape"]),
+])
+def test_to_latents_checker_names_each_slip(wrong, words, capsys):
+    from course_lib.checks.nb13 import check_to_latents
+
+    used = check_to_latents(wrong, seed=0)
+    text = capsys.readouterr().out
+    assert checks.is_library(used) and text.count("Exercise 13.1:") == 1, text
+    assert all(w in text for w in words), text
+    # a zeros placeholder is told what is wrong, not the recipe
+    if "all zero" in words:
+        assert "scaling_factor" not in text and "2 x - 1" not in text

@@ -249,13 +249,65 @@ def test_check_gdd_losses(capsys):
               ["create_graph=True"])
 
 
+def _freeze_by(rule):
+    """A student of exercise 10.2 that applies `rule` (name -> frozen) to every parameter and returns the trained
+    fraction by count."""
+    def student(G):
+        for n, p in G.named_parameters():
+            p.requires_grad_(not rule(n))
+        return gan.trainable_fraction(G)
+    return student
+
+
 def test_check_freeze_rule(capsys):
-    _passes(capsys, nb10.check_freeze_rule, gdd.frozen_name)
-    _rejected(capsys, nb10.check_freeze_rule, gdd.paper_frozen, ["read literally"])
-    _rejected(capsys, nb10.check_freeze_rule, lambda n: gdd.frozen_name(n) or "norm" in n, ["norms"])
-    _rejected(capsys, nb10.check_freeze_rule, lambda n: gdd.frozen_name(n) or "time_embedding" in n, ["embeddings"])
-    _rejected(capsys, nb10.check_freeze_rule, lambda n: gdd.frozen_name(n) and "to_out" not in n,
+    _passes(capsys, nb10.check_freeze_rule, lambda G: gdd.apply_freeze(G, "gdd-i"))
+    _passes(capsys, nb10.check_freeze_rule, lambda G: torch.tensor(gdd.apply_freeze(G, "gdd-i")))
+    _rejected(capsys, nb10.check_freeze_rule, _freeze_by(gdd.paper_frozen), ["read literally"])
+    _rejected(capsys, nb10.check_freeze_rule, _freeze_by(lambda n: gdd.frozen_name(n) or "norm" in n), ["norms"])
+    _rejected(capsys, nb10.check_freeze_rule, _freeze_by(lambda n: gdd.frozen_name(n) or "time_embedding" in n),
+              ["embeddings"])
+    _rejected(capsys, nb10.check_freeze_rule, _freeze_by(lambda n: gdd.frozen_name(n) or "emb_proj" in n),
+              ["affine"])
+    _rejected(capsys, nb10.check_freeze_rule, _freeze_by(lambda n: gdd.frozen_name(n) or "conv_shortcut" in n),
+              ["skip"])
+    _rejected(capsys, nb10.check_freeze_rule, _freeze_by(lambda n: gdd.frozen_name(n) and "to_out" not in n),
               ["attention output projection"])
+    # the issue's slip: weights frozen, biases left trainable, is named as such (not as a missed attention layer)
+    _rejected(capsys, nb10.check_freeze_rule, _freeze_by(lambda n: gdd.frozen_name(n) and n.endswith(".weight")),
+              ["biases trainable", "whole layers"])
+    # every layer of a type (Conv2d / Linear) frozen: the roles, not the types
+    _rejected(capsys, nb10.check_freeze_rule, _freeze_by(lambda n: "norm" not in n), ["stay trainable"])
+
+    def only_freezes(G):                       # sets requires_grad False where frozen, never True: nothing trains
+        for n, p in G.named_parameters():
+            if gdd.frozen_name(n):
+                p.requires_grad_(False)
+        return 0.5
+    _rejected(capsys, nb10.check_freeze_rule, only_freezes, ["still frozen", "requires_grad_(True)"])
+    _rejected(capsys, nb10.check_freeze_rule, lambda G: 1 - gdd.apply_freeze(G, "gdd-i"), ["FROZEN fraction"])
+
+    def by_tensors(G):
+        gdd.apply_freeze(G, "gdd-i")
+        ps = list(G.parameters())
+        return sum(p.requires_grad for p in ps) / len(ps)
+    _rejected(capsys, nb10.check_freeze_rule, by_tensors, ["TENSORS"])
+    _rejected(capsys, nb10.check_freeze_rule, lambda G: (gdd.apply_freeze(G, "gdd-i"), None), ["float"])
+
+    def stub(G):
+        raise NotImplementedError("Exercise 10.2")
+    _rejected(capsys, nb10.check_freeze_rule, stub, ["not solved yet"])
+
+
+def test_check_gdd_losses_float32_zeros_and_shapes(capsys):
+    ref = nb10.gdd_losses_ref
+    # a float32 answer (the student casts) is accepted with a float32 tolerance, never crashes
+    _passes(capsys, nb10.check_gdd_losses, lambda D, xr, xf, w: tuple(v.float() for v in ref(D, xr, xf, w)))
+    # a zeros placeholder is told what is wrong, without the recipe
+    out = nb10.check_gdd_losses(lambda D, xr, xf, w: (torch.zeros(len(xr)), torch.zeros(len(xr))), seed=0)
+    text = capsys.readouterr().out
+    assert checks.is_library(out) and "all zero" in text and "softplus(-D" not in text, text
+    _rejected(capsys, nb10.check_gdd_losses, lambda D, xr, xf, w: tuple(v.mean() for v in ref(D, xr, xf, w)),
+              ["one value per sample"])
 
 
 def test_check_time_share(capsys):
@@ -274,3 +326,41 @@ def test_check_time_share(capsys):
         return b / (b + w)
 
     _rejected(capsys, nb10.check_time_share, pooled_channels, ["per channel"])
+    # float32 work passes; a zeros placeholder and a value outside [0, 1] are told what is wrong, not the recipe
+    _passes(capsys, nb10.check_time_share, lambda acts: gdd.time_share(acts.float()).float())
+    out = nb10.check_time_share(lambda acts: torch.zeros(()), seed=0)
+    text = capsys.readouterr().out
+    assert checks.is_library(out) and "share is 0" in text and "unbiased" not in text, text
+    _rejected(capsys, nb10.check_time_share, lambda acts: 1 + gdd.time_share(acts), ["[0, 1]"])
+
+
+# --- the shipped students (recipes.gdd, data/gdd) ------------------------------------------------------------------
+
+def test_train_shipped_writes_loadable_generators(tmp_path, monkeypatch):
+    from course_lib.recipes import gdd as recipe
+
+    recipe.train_shipped(tmp_path, ("gmm",), steps_scale=2 / (recipe.SHIP_SCALE * recipe.gdd_budget("laptop")["steps"]))
+    monkeypatch.setattr(recipe, "SHIP_DIR", tmp_path)
+    G, config = recipe.load_shipped("gmm")
+    assert isinstance(G, gdd.GDDPrecond) and not any(p.requires_grad for p in G.parameters())
+    assert config["recipe"]["steps"] == 2 and config["recipe"]["freeze"] == "gdd-i" and config["train_seconds"] > 0
+    assert 0 < config["trained_fraction"] < 1
+
+
+def test_shipped_students_beat_the_teachers_one_step_prediction():
+    # the shipped GDD-I students (data/gdd) against the data: their one-step SWD is far below the untrained
+    # generator's (the teacher's one-step prediction), on fresh data and noise
+    from course_lib import data2d
+    from course_lib.bench.core import swd
+    from course_lib.recipes.gdd import SHIP_DATASETS, load_shipped
+    from course_lib.teachers import load_teacher
+
+    for ds in SHIP_DATASETS:
+        G, config = load_shipped(ds)
+        teacher = load_teacher(f"{ds}-vp")
+        z = teacher.process.prior((2000, 2), torch.Generator().manual_seed(11))
+        ref = data2d.sample_2d(ds, 2000, torch.Generator().manual_seed(12))[0]
+        with torch.no_grad():
+            start = swd(gan.generate_one_step(gdd.GDDPrecond(teacher), z), ref)
+            got = swd(gan.generate_one_step(G, z), ref)
+        assert got < 0.25 * start, (ds, got, start)

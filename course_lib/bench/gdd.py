@@ -4,20 +4,16 @@ KID / FD on digits), beside the teacher's DPM-Solver++ sweep (its best NFE; digi
 floor; on 2D also the frozen-fraction sweep (models "gdd-freeze-<rule>", field trained_fraction)."""
 from __future__ import annotations
 
-import time
 
 import torch
 
 from ..classifier import balanced_labels
 from ..conditioning import labels
-from ..config import default_device, pick, seeded
-from ..data2d import sample_2d
-from ..distill import gdd
+from ..config import default_device, pick
 from ..distill.gan import generate_one_step as one_step
-from ..images import batch_sampler, load_digits
 from ..plotting import table
+from ..recipes.gdd import SHIP_DATASETS, gdd_budget, load_shipped, train_2d, train_digits
 from ..teachers import load_teacher
-from ..train import TrainConfig
 from . import register
 from .core import (Evaluation, digits_floor, digits_n, digits_teacher, over_best, prior, reference_2d,
                    score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
@@ -27,50 +23,6 @@ SWEEP = ("embeddings-only",)          # 2D: wider freezing rules beside "none" (
 METHODS = {"gdd": "none", "gdd-i": "gdd-i"}
 
 
-def gdd_budget(mode: str) -> dict:
-    """Budgets of bench gdd (and the notebook's laptop budget): updates, batch and learning rates per data set."""
-    return dict(steps=pick(mode, smoke=10, laptop=800, full=5000), batch=pick(mode, smoke=64, laptop=256, full=1024),
-                lr=pick(mode, smoke=1e-3, laptop=1e-3, full=3e-4), gamma=1e-3, lr_d_x=3.0,
-                digits_steps=pick(mode, smoke=2, laptop=150, full=3000),
-                digits_batch=pick(mode, smoke=8, laptop=32, full=128),
-                digits_lr=pick(mode, smoke=5e-4, laptop=5e-4, full=1e-4), digits_gamma=1e-2)
-
-
-def train_2d(ds: str, freeze: str, b: dict, seed: int, device, progress: bool):
-    """(generator, seconds, trained fraction): GDD(-I) of the shipped {ds}-vp teacher, 1:1 updates."""
-    teacher = load_teacher(f"{ds}-vp", device=device)
-    x_ex = sample_2d(ds, 64, torch.Generator().manual_seed(seed))[0].to(device)
-    with seeded(seed):
-        disc = gdd.make_discriminator(teacher, x_ex, hidden=128)
-    cfg = gdd.GDDConfig(freeze=freeze, lr_g=b["lr"], lr_d=b["lr"] * b["lr_d_x"], gamma=b["gamma"])
-    t0 = time.perf_counter()
-    G, done = gdd.distill_gdd(teacher, lambda n, g: {"x": sample_2d(ds, n, g)[0].to(device)}, cfg,
-                              run=TrainConfig(steps=b["steps"], batch_size=b["batch"], seed=seed,
-                                              desc=f"GDD {freeze} {ds}"), disc=disc, progress=progress)
-    return G, time.perf_counter() - t0, done.logs["trained_fraction"][0]
-
-
-def train_digits(freeze: str, b: dict, seed: int, device, progress: bool):
-    """(generator, seconds, trained fraction): GDD(-I) of the digits teacher, class-conditional discriminator."""
-    teacher = load_teacher("digits", device=device)
-    x_train, y_train = load_digits(16, "train")
-    draw = batch_sampler(x_train, y_train)
-
-    def data(n, g):
-        x, y = draw(n, g)
-        return {"x": x.to(device), "cond": labels(y.to(device), teacher.net.num_classes)}
-
-    with seeded(seed):
-        disc = gdd.make_discriminator(teacher, x_train[:8].to(device),
-                                      labels(y_train[:8].to(device), teacher.net.num_classes))
-    cfg = gdd.GDDConfig(freeze=freeze, lr_g=b["digits_lr"], lr_d=b["digits_lr"] * b["lr_d_x"], gamma=b["digits_gamma"])
-    t0 = time.perf_counter()
-    G, done = gdd.distill_gdd(teacher, data, cfg, run=TrainConfig(steps=b["digits_steps"], batch_size=b["digits_batch"],
-                                                                  seed=seed, desc=f"GDD {freeze} digits"),
-                              disc=disc, progress=progress)
-    return G, time.perf_counter() - t0, done.logs["trained_fraction"][0]
-
-
 @register("gdd", "GDD and GDD-I one-step students (GAN only) on 2D and digits, the frozen-fraction sweep")
 def bench_gdd(mode: str, seed: int = 0, device: str | torch.device | None = None) -> tuple[list[dict], dict]:
     """GDD (model "gdd": every parameter trains) and GDD-I ("gdd-i": the blocks' convolutions and attention output
@@ -78,8 +30,9 @@ def bench_gdd(mode: str, seed: int = 0, device: str | torch.device | None = None
     distillation term, the discriminator's features from the frozen teacher on re-noised inputs. One-step students
     (nfe 1) against the data: 2D "swd", "precision", "recall" (gmm), "in_squares" (checkerboard); digits
     "kid_heldout", "kid_train", "fd_heldout", "class_acc"; beside the teacher's DPM-Solver++ sweep and the data floor.
-    2D sweep: "gdd-freeze-<rule>" for the wider rules in SWEEP. Rows carry train_seconds, train_updates and
-    trained_fraction."""
+    2D sweep: "gdd-freeze-<rule>" for the wider rules in SWEEP; "gdd-i-shipped": the shipped longer-trained GDD-I
+    student (data/gdd, recipes.gdd), measured on the same seeds (its train_seconds are those of its making). Rows
+    carry train_seconds, train_updates and trained_fraction."""
     device = torch.device(device) if device is not None else default_device()
     b = gdd_budget(mode)
     n = pick(mode, smoke=250, laptop=5000, full=25_000)
@@ -90,6 +43,11 @@ def bench_gdd(mode: str, seed: int = 0, device: str | torch.device | None = None
         students = {name: train_2d(ds, rule, b, seed, device, progress) for name, rule in METHODS.items()}
         if ds == "gmm":
             students.update({f"gdd-freeze-{r}": train_2d(ds, r, b, seed, device, progress) for r in SWEEP})
+        updates = {name: b["steps"] for name in students}
+        if ds in SHIP_DATASETS:                    # the shipped longer-trained GDD-I student (data/gdd), measured here
+            G, cfg = load_shipped(ds, device)
+            students["gdd-i-shipped"] = (G, cfg["train_seconds"], cfg["trained_fraction"])
+            updates["gdd-i-shipped"] = cfg["recipe"]["steps"]
         for s in ev.seeds:
             ref = reference_2d(ev, ds, n, s)
             sweep_2d(ev, teacher, teacher.process, ds, "teacher", "dpmpp2m", ref,
@@ -98,7 +56,7 @@ def bench_gdd(mode: str, seed: int = 0, device: str | torch.device | None = None
             for name, (G, secs, frac) in students.items():
                 x, sec = timed(lambda: one_step(G, z), device)
                 score_2d(ev, ds, name, x, ref, sec, nfe=1, steps=1, compare=True, sampler="one-step", n=n,
-                         trained_fraction=round(frac, 4), **train_fields(secs, b["steps"]))
+                         trained_fraction=round(frac, 4), **train_fields(secs, updates[name]))
     digits_rows(ev, mode, b, seed, device)
     rows = ev.rows()
     print(gdd_summary(rows))

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import seeded
-from ..distill.gdd import discriminator_loss, frozen_name, generator_loss, paper_frozen, time_share
+from ..distill.gdd import (GDDPrecond, apply_freeze, discriminator_loss, frozen_name, generator_loss, paper_frozen,
+                           time_share)
 from ..models import Denoiser, MLP2D, UNet
 from ..processes import VPCosine
 from .core import (accept, checker, explain_exception, fall_back, fresh_generator, param_grads, run_check,
@@ -21,8 +22,11 @@ def _logits(net):
 
 
 def _close(a, b) -> bool:
-    return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a.detach().double(), b.double(),
-                                                                                  atol=1e-8, rtol=1e-6)
+    """a (the student's, float32 or float64) equals the float64 reference b within a tolerance fitting a's dtype."""
+    if not (isinstance(a, torch.Tensor) and a.shape == b.shape and a.is_floating_point()):
+        return False
+    tol = dict(atol=1e-8, rtol=1e-6) if a.dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
+    return torch.allclose(a.detach().double(), b.double(), **tol)
 
 
 def gdd_losses_ref(D: Callable, x_real: torch.Tensor, x_fake: torch.Tensor, r1_weight: float):
@@ -81,6 +85,14 @@ def check_gdd_losses(student: Callable, seed: int | None = None) -> Callable:
         want = ref(D, xr, xf, w)
         if not (isinstance(got, (tuple, list)) and len(got) == 2 and all(isinstance(v, torch.Tensor) for v in got)):
             return fall_back("10.1", ref, f"return two per-sample tensors (loss_g, loss_d), each of shape (B,) {where}.")
+        shapes = [tuple(v.shape) for v in got]
+        if shapes != [tuple(want[0].shape)] * 2:
+            return fall_back("10.1", ref, f"your losses have shapes {shapes}; each must hold one value per sample, "
+                                          f"shape {tuple(want[0].shape)} {where}.")
+        if all(float(v.detach().abs().max()) == 0 for v in got):
+            return fall_back("10.1", ref, f"your losses are all zero {where}. Both are logistic losses of the "
+                                          "discriminator's logits, positive for every sample, and loss_g must reach "
+                                          "x_fake through D.")
         if not (_close(got[0], want[0]) and _close(got[1], want[1])):
             for fn, why in diagnoses:
                 alt = fn(D, xr, xf, w)
@@ -108,55 +120,108 @@ def check_gdd_losses(student: Callable, seed: int | None = None) -> Callable:
     return accept("10.1", student, f"correct on {len(cases)} random cases (values and where gradients flow).")
 
 
-def _unet_names() -> list[str]:
-    """Parameter names of the course's digits UNet (diffusers UNet2DModel, random weights) as a GDD generator."""
+def _generators() -> list[tuple[str, torch.nn.Module]]:
+    """Two tiny GDD generators as a student meets them: GDDPrecond around a course UNet (diffusers UNet2DModel with
+    attention, a channel change and class labels) and around an MLP2D, every parameter FROZEN (a copy of a loaded
+    teacher is)."""
     with seeded(0):
-        net = UNet(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, num_classes=3,
-                   attention=True)
-    return ["model." + n for n, _ in Denoiser(net, VPCosine(), "v").named_parameters()]
+        unet = UNet(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, num_classes=3,
+                    attention=True)
+        mlp = MLP2D(hidden=8, depth=3)
+    return [(label, GDDPrecond(Denoiser(net, VPCosine(), "v")).requires_grad_(False))
+            for label, net in (("the UNet generator", unet), ("the MLP2D generator", mlp))]
 
 
-def _mlp_names() -> list[str]:
-    with seeded(0):
-        net = MLP2D(hidden=8, depth=3)
-    return ["model." + n for n, _ in Denoiser(net, VPCosine(), "v").named_parameters()]
+def _fraction(model: torch.nn.Module, frozen: Callable[[str], bool]) -> float:
+    total = sum(p.numel() for _, p in model.named_parameters())
+    return sum(p.numel() for n, p in model.named_parameters() if not frozen(n)) / total
+
+
+# GDD-I's roles that a plausible rule gets wrong: (test on a parameter name, what the checker says)
+_ROLE_SLIPS = [
+    (lambda n: "norm" in n or "embedding" in n or "time_mlp" in n or "class_emb" in n,
+     "the norms and the time / label embeddings (the paper's 'norm' and 'map_*' parameters) stay trainable in GDD-I"),
+    (lambda n: "time_emb_proj" in n or "emb_proj" in n,
+     "the per-block projections of the time embedding (diffusers' time_emb_proj, MLP2D's emb_proj; EDM's 'affine') "
+     "stay trainable: they are how a block learns what 'one step' means"),
+    (lambda n: "conv_shortcut" in n, "the skip convolutions (conv_shortcut, EDM's 'skip') stay trainable"),
+    (lambda n: "conv_in" in n or "conv_out" in n or ".net.out." in n,
+     "the network's input and output layers (conv_in, conv_out, MLP2D's out; EDM's enc.*_conv and aux_conv, whose "
+     "names hold none of block/up/down/in) stay trainable"),
+    (lambda n: "to_q" in n or "to_k" in n or "to_v" in n,
+     "the attention's query, key and value maps (EDM's 'qkv') stay trainable; only its output projection is frozen"),
+]
 
 
 @checker("10.2")
 def check_freeze_rule(student: Callable, seed: int | None = None) -> Callable:
-    """Exercise 10.2: student(name) -> True when GDD-I freezes the parameter `name` of a course model (a UNet2DModel
-    or an MLP2D inside the generator). Checked on every parameter name of both backbones."""
-    names = _unet_names() + _mlp_names()
-    try:
-        got = {n: bool(student(n)) for n in names}
-    except Exception as e:  # noqa: BLE001
-        return fall_back("10.2", frozen_name, explain_exception(e))
-    want = {n: frozen_name(n) for n in names}
-    wrong = [n for n in names if got[n] != want[n]]
-    if not wrong:
-        return accept("10.2", student, f"correct on all {len(names)} parameter names of both backbones.")
-    if all(got[n] == paper_frozen(n) for n in names):
-        return fall_back("10.2", frozen_name, "this is the paper's substring rule read literally. On the course's "
-                                              "backbones it also freezes diffusers' time_emb_proj (EDM's 'affine', "
-                                              "trainable in GDD-I), conv_shortcut (EDM's 'skip') and every MLP2D "
-                                              "layer (all of their names contain 'in'). Match the ROLES: see the "
-                                              "table above the exercise.")
-    bad_norm = [n for n in wrong if got[n] and any(k in n for k in ("norm", "embedding", "time_mlp", "emb_proj",
-                                                                     "time_emb_proj"))]
-    if bad_norm:
-        return fall_back("10.2", frozen_name, f"your rule freezes {bad_norm[0]}: GDD-I keeps norms, the time and "
-                                              "label embeddings and their per-block projections trainable (the "
-                                              "paper's 'affine', 'norm' and 'map_*' parameters): only the blocks' "
-                                              "convolutions and the attention output projections are frozen.")
-    missed_attn = [n for n in wrong if not got[n] and "to_out" in n]
-    if missed_attn:
-        return fall_back("10.2", frozen_name, f"your rule misses the attention output projection {missed_attn[0]}: "
-                                              "the paper freezes it ('proj' in EDM's attention, diffusers' "
-                                              "attentions.*.to_out).")
-    n = wrong[0]
-    verb = "freezes" if got[n] else "does not freeze"
-    return fall_back("10.2", frozen_name, f"your rule {verb} {n} ({len(wrong)} names wrong in all); see the table "
-                                          "above the exercise for which roles GDD-I freezes.")
+    """Exercise 10.2: student(G) applies GDD-I's freezing to a generator G (a GDDPrecond around a UNet2DModel or an
+    MLP2D backbone, handed over with every parameter frozen, as a copy of a loaded teacher is): requires_grad False
+    on every parameter (weight AND bias) of the blocks' convolutions, the resamplers' convolutions, the attention
+    output projections and MLP2D's hidden linear maps, True on every other parameter; returns the trained fraction
+    of G's parameters by count (a float). Checked on both backbones against gdd.apply_freeze(G, "gdd-i"), with the
+    plausible slips named."""
+    reference = lambda G: apply_freeze(G, "gdd-i")
+    for where, G in _generators():
+        try:
+            got = student(G)
+        except Exception as e:  # noqa: BLE001
+            return fall_back("10.2", reference, explain_exception(e, f"on {where}"))
+        grad = {n: p.requires_grad for n, p in G.named_parameters()}
+        want = {n: not frozen_name(n) for n in grad}
+        wrong = [n for n in grad if grad[n] != want[n]]
+        if not any(grad.values()):
+            return fall_back("10.2", reference, f"every parameter of {where} is still frozen after your function. The "
+                                                "generator is a copy of a LOADED teacher, and loaded teachers are "
+                                                "frozen: set requires_grad_(True) on the parameters GDD-I trains, not "
+                                                "only requires_grad_(False) on the others.")
+        if wrong:
+            weights_ok = all(n.endswith(".bias") and grad[n] and not want[n] for n in wrong)
+            if weights_ok:
+                return fall_back("10.2", reference, f"your rule freezes the right layers' weights but leaves their "
+                                                    f"biases trainable ({wrong[0]}, {len(wrong)} in all, on {where}). "
+                                                    "GDD-I freezes whole layers: the paper's code removes every "
+                                                    "parameter whose name matches, conv0.weight and conv0.bias alike.")
+            if all(grad[n] == (not paper_frozen(n)) for n in grad):
+                return fall_back("10.2", reference, f"this is the paper's substring rule read literally (on {where}). "
+                                                    "On the course's backbones it also freezes diffusers' "
+                                                    "time_emb_proj (EDM's 'affine', trainable in GDD-I), conv_shortcut "
+                                                    "(EDM's 'skip') and every MLP2D layer (all of their names contain "
+                                                    "'in'). Match the ROLES of the table above the exercise.")
+            for slip, why in _ROLE_SLIPS:
+                bad = [n for n in wrong if not grad[n] and slip(n)]
+                if bad:
+                    return fall_back("10.2", reference, f"your rule freezes {bad[0]} (on {where}): {why}.")
+            missed_attn = [n for n in wrong if grad[n] and "to_out" in n and n.endswith(".weight")]
+            if missed_attn:
+                return fall_back("10.2", reference, f"your rule leaves the attention output projection "
+                                                    f"{missed_attn[0]} trainable (on {where}): the paper freezes it "
+                                                    "('proj' in EDM's attention, diffusers' attentions.*.to_out).")
+            n = wrong[0]
+            verb = "leaves trainable" if grad[n] else "freezes"
+            return fall_back("10.2", reference, f"your rule {verb} {n} ({len(wrong)} parameters wrong in all, on "
+                                                f"{where}); see the table above the exercise for which roles GDD-I "
+                                                "freezes.")
+        fraction = _fraction(G, frozen_name)
+        if not isinstance(got, (float, int, torch.Tensor)) or isinstance(got, bool) or (
+                isinstance(got, torch.Tensor) and got.numel() != 1):
+            return fall_back("10.2", reference, f"the right parameters are frozen on {where}, but your function "
+                                                f"returned {type(got).__name__}: return the trained fraction, a float.")
+        got = float(got)
+        if abs(got - (1 - fraction)) < 1e-6 and abs(fraction - 0.5) > 1e-3:
+            return fall_back("10.2", reference, f"the right parameters are frozen on {where}, but you returned the "
+                                                f"FROZEN fraction {got:.4f}; return the trained one.")
+        by_tensor = sum(grad.values()) / len(grad)
+        if abs(got - by_tensor) < 1e-6 and abs(fraction - by_tensor) > 1e-6:
+            return fall_back("10.2", reference, f"the right parameters are frozen on {where}, but your fraction "
+                                                f"{got:.4f} counts parameter TENSORS; count their elements "
+                                                "(p.numel()).")
+        if abs(got - fraction) > 1e-6:
+            return fall_back("10.2", reference, f"the right parameters are frozen on {where}, but your trained "
+                                                f"fraction {got:.4f} is not {fraction:.4f}: the parameters with "
+                                                "requires_grad, counted by p.numel(), over all of G's parameters.")
+    return accept("10.2", student, "correct: the right parameters of both backbones frozen, the trained fraction "
+                                   "returned.")
 
 
 @checker("10.3")
@@ -171,14 +236,28 @@ def check_time_share(student: Callable, seed: int | None = None) -> Callable:
                + torch.randn(4, 1, 5, generator=g, dtype=torch.float64),), "on (K, B, C) activations"
         yield (torch.randn(3, 6, 4, 5, 5, generator=g, dtype=torch.float64)
                + 2 * torch.randn(3, 1, 4, 1, 1, generator=g, dtype=torch.float64),), \
-            "on (K, B, C, H, W) feature maps (spatial positions pooled with the inputs)"
+            "on (K, B, C, H, W) feature maps (each position of each input one observation of its channel)"
         yield (torch.randn(1, 8, 3, generator=g, dtype=torch.float64).expand(5, 8, 3).clone(),), \
             "on activations identical at every timestep (the share must be 0)"
         yield (torch.randn(5, 1, 3, generator=g, dtype=torch.float64).expand(5, 8, 3).clone(),), \
             "on activations that depend on the timestep alone (the share must be 1)"
 
+    first = (torch.randn(4, 16, 5, generator=g, dtype=torch.float64)
+             + 2 * torch.randn(4, 1, 5, generator=g, dtype=torch.float64),)
+    try:
+        got = student(*first)
+        value = float(torch.as_tensor(got).detach().double().reshape(-1)[0]) if torch.as_tensor(got).numel() else None
+    except Exception:  # noqa: BLE001  (run_check below reports the error where it happens)
+        value = None
+    if value is not None and torch.as_tensor(got).numel() == 1:
+        if value == 0.0:
+            return fall_back("10.3", time_share, "your share is 0 on activations whose per-channel means move with the "
+                                                 "timestep (K = 4 timesteps, B = 16 inputs, C = 5 channels): it must "
+                                                 "grow with how much of the variance the timestep explains.")
+        if not 0.0 <= value <= 1.0 + 1e-9:
+            return fall_back("10.3", time_share, f"your share is {value:.4g}: a share of variance lies in [0, 1].")
     return run_check("10.3", student, time_share, cases(), atol=1e-6, rtol=1e-5,
-                     hint="mu_k = mean over inputs (and spatial positions) per channel; between = variance of mu_k "
-                          "over k; within = mean over k of the variance over inputs (population variances, "
-                          "unbiased=False); share = between / (between + within) per channel, then the mean over "
-                          "channels.")
+                     hint="mu_k = mean over the inputs and their spatial positions, per channel; between = variance "
+                          "of mu_k over k; within = mean over k of the variance over the inputs and positions "
+                          "(population variances, unbiased=False); share = between / (between + within) per "
+                          "channel, then the mean over channels.")

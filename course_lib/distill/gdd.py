@@ -157,6 +157,7 @@ class GDDConfig:
     lr_d: float = 1e-4
     betas: tuple[float, float] = (0.0, 0.99)   # paper: Adam (0, 0.99)
     ema_decay: float = 0.0           # generator EMA (paper: half-life 0.5 Mimg)
+    lr_schedule: str = "constant"    # both networks' learning rates over the run (paper: constant; "cosine" anneals)
     grad_clip: float | None = None   # paper: none (nan_to_num instead)
     max_loss: float = 1e4            # guard: a loss above this (or NaN) stops the run
 
@@ -201,8 +202,10 @@ def distill_gdd(teacher: nn.Module, data: Callable[[int, torch.Generator], Mappi
     for p in [*G.parameters(), *disc.parameters()]:
         if p.requires_grad:
             _nan_to_num_hook(p)
-    nets = {"generator": Network(G, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay),
-            "discriminator": Network(disc, lr=cfg.lr_d, betas=cfg.betas, grad_clip=cfg.grad_clip)}
+    nets = {"generator": Network(G, lr=cfg.lr_g, betas=cfg.betas, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
+                                 lr_schedule=cfg.lr_schedule),
+            "discriminator": Network(disc, lr=cfg.lr_d, betas=cfg.betas, grad_clip=cfg.grad_clip,
+                                     lr_schedule=cfg.lr_schedule)}
     done = train_networks(nets, gdd_step(cfg), data, run, ckpt_dir=ckpt_dir, progress=progress,
                           accelerator=accelerator, extra_config={"method": "gdd-i" if cfg.freeze != "none" else "gdd",
                                                                  **asdict(cfg)})
