@@ -343,3 +343,13 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(metho
         assert torch.equal(p, q), k
     if method == "ct":
         assert done.logs["N"] == ref.logs["N"]
+
+
+def test_on_grid_moves_step_times_to_the_training_grid():
+    proc = VPCosine()
+    grid = cm.cm_grid(10, proc, cm.T_MIN)
+    ts = cm.on_grid(cm.step_times(4), grid)
+    assert ts[0] == 1.0 and all(any(abs(t - float(g)) < 1e-15 for g in grid) for t in ts)
+    assert [round(t, 4) for t in ts] == [1.0, 0.7782, 0.4456, 0.2238]           # nearest points of t_min + 0.998 i / 9
+    with pytest.raises(ValueError, match="distinct"):
+        cm.on_grid([1.0, 0.46, 0.45], grid)

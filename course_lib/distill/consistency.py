@@ -347,3 +347,13 @@ def step_times(n: int, intermediate: list[float] | None = None) -> list[float]:
         return ts
     return [1.0 - k / n for k in range(n)]
 
+
+def on_grid(ts: list[float], grid: Tensor) -> list[float]:
+    """Step times moved to the nearest points of a training grid (increasing, float64), ts[0] = 1 kept: CD and CT
+    train f only at the grid's points, and a short run's f between them can be far worse (bench cd measured a
+    two-step checkerboard student at 2.2x the teacher's best SWD at tau = 0.5, 1.45x at the grid point 0.446)."""
+    out = [float(ts[0])] + [float(grid[int(torch.argmin((grid - float(t)).abs()))]) for t in ts[1:]]
+    if any(b >= a for a, b in zip(out, out[1:])):
+        raise ValueError(f"step times {list(ts)} do not stay distinct on a grid of {len(grid)} points: {out}")
+    return out
+
