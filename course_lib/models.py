@@ -300,13 +300,16 @@ def build_denoiser(config: dict) -> Denoiser:
 
 class ConsistencyModel(Boundary):
     """The consistency parameterisation (Song et al. 2023, Eq. 3 and Appendix C) around any course model: the
-    `precond.Boundary` wrapper with the "consistency" scalings,
+    `precond.Boundary` wrapper with the "consistency" scalings, on the paper's variance-exploding variables
+    (s = sigma_t / alpha_t, x_ve = x / alpha_t, F the EDM network output that the wrapped model's x0_hat carries):
 
-        f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)
-        c_skip  = sd^2 / ((sigma(t) - sigma(t_min))^2 + sd^2),   c_out = sd (sigma(t) - sigma(t_min)) / sqrt(sd^2 + sigma(t)^2)
+        f(x, t) = alpha(t_min) (c_skip(s) x_ve + c_out(s) F)
+        c_skip  = sd^2 / ((s - s_min)^2 + sd^2),   c_out = sd (s - s_min) / sqrt(sd^2 + s^2),   s_min = s(t_min)
 
-    with sigma from the wrapped model's process and x0_hat its prediction. At t = t_min, c_skip = 1 and c_out = 0
-    exactly, so f(x, t_min) = x bitwise: the boundary condition holds by construction, not by training.
+    At t = t_min, c_skip = 1 and c_out = 0 exactly, so f(x, t_min) = x bitwise: the boundary condition holds by
+    construction, not by training. Away from t_min f is the wrapped model's x0_hat up to O(s_min / s): a student
+    initialised from its teacher starts as the teacher's denoiser. (The factor alpha(t_min), 1 - 5e-6 for vp-cosine,
+    puts the paper's end point x_ve(t_min) back at the course's x_{t_min}.)
     Returns Pred(x0 = f, eps = (x - alpha f) / sigma), consistent with x_t = alpha x0 + sigma eps. The conditioning
     (a Cond: labels, a guidance weight w, text) goes to the wrapped model unchanged. With the edm process and sigma_data
     0.5 this is the paper's f; Song et al. use sigma_min = 0.002, i.e. t_min = 0.002 / sigma_max.

@@ -525,6 +525,7 @@ def _library_solutions():
         "5.1": consistency.consistency_fn,
         "5.2": lambda s, tgt, te, x0, eps, tn, tc, p: consistency.cd_loss_at(s, tgt, te, x0, eps, tn, tc, p),
         "5.3": lambda m, x, ts, p, t_min, noises: consistency.multistep_sample(m, x, ts, p, t_min, noises=noises),
+        "5.4": _nb05_ict_pieces(),
         "6.1": lcm.lcm_target, "6.2": lcm.multistep, "6.3": lcm.merge_lora,
         "7.1": tcd.tcf,
         "7.2": lambda s, tgt, te, x0, eps, tn, tc, u, p: tcd.tcd_loss_at(s, tgt, te, x0, eps, tn, tc, u * tc, p),
@@ -538,6 +539,12 @@ def _library_solutions():
         **_nb10_solutions(),
         **_nb13_solutions(),
     }
+
+
+def _nb05_ict_pieces():
+    from course_lib.checks.nb05 import ict_pieces_ref
+
+    return ict_pieces_ref
 
 
 def _nb10_solutions():
@@ -745,9 +752,89 @@ def test_consistency_fn_checker_rejects_a_boundary_condition_that_does_not_hold(
     assert "correct on" in capsys.readouterr().out
     used = checks.check_consistency_fn(edm_boundary_fn, seed=0)
     out = capsys.readouterr().out
-    assert checks.is_library(used) and "boundary condition does not hold" in out and "sigma(t_min)" in out
+    assert checks.is_library(used) and "boundary condition does not hold" in out and "s(t_min)" in out
+    assert out.count("Exercise 5.1") == 1                                   # one verdict
     assert checks.check_consistency_fn(unsolved, seed=0) is not unsolved
     assert "not solved yet" in capsys.readouterr().out
+
+
+def vp_sigma_consistency_fn(model, x, t, t_min, sigma_data):   # the first edition: the VP sigma(t) <= 1 on x0_hat
+    from course_lib.checks.nb05 import _vp_sigma_fn
+
+    return _vp_sigma_fn(model, x, t, t_min, sigma_data)
+
+
+def test_consistency_fn_checker_rejects_the_vp_sigma_and_a_placeholder_without_the_recipe(capsys):
+    used = checks.check_consistency_fn(vp_sigma_consistency_fn, seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and "VP sigma" in out and "s = sigma(t) / alpha(t)" in out
+    used = checks.check_consistency_fn(lambda model, x, t, t_min, sd: torch.zeros_like(x), seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and "all zeros" in out and "c_out^EDM" not in out   # what, not how
+    # float32 answers are cast, not a crash
+    from course_lib.distill.consistency import consistency_fn
+
+    used = checks.check_consistency_fn(lambda *a: consistency_fn(*a).float(), seed=0)
+    assert "Exercise 5.1" in capsys.readouterr().out
+
+
+def test_cd_loss_checker_casts_float32_and_names_a_placeholder(capsys):
+    def float32_loss(*args):
+        return right_cd_loss(*args).float()
+
+    assert checks.check_cd_loss(float32_loss, seed=0) is float32_loss      # float32 within float32's tolerance
+    assert "correct" in capsys.readouterr().out
+    used = checks.check_cd_loss(lambda s, tgt, te, x0, *a: torch.zeros(len(x0)), seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and "all zeros" in out and "gradient" in out and "Heun" not in out
+    assert out.count("Exercise 5.2") == 1
+
+
+def test_multistep_checker_names_a_placeholder_without_the_recipe(capsys):
+    used = checks.check_multistep(lambda m, x, *a: torch.zeros_like(x), seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and "all zeros" in out and "alpha_tau" not in out
+
+
+def _ict_variant(N=None, p=None, c=None):
+    """iCT's pieces with one of them replaced by a plausible mistake."""
+    from course_lib.checks.nb05 import ict_pieces_ref
+
+    def pieces(k, K, process, t_min, d, s0=10, s1=1280):
+        n, q, cc = ict_pieces_ref(k, K, process, t_min, d, s0, s1)
+        return (N(k, K, s0, s1) if N else n), (p(n, q, process, t_min) if p else q), (c(d) if c else cc)
+    return pieces
+
+
+def _n_no_stages_floor(k, K, s0, s1):          # K' = K / log2(s1 / s0): one stage too few
+    import math
+    return min(s0 * 2 ** (k // max(1, K // int(math.log2(s1 // s0)))), s1) + 1
+
+
+def _vp_sigma_probs(N, q, process, t_min):
+    from course_lib.checks.nb05 import _vp_lognormal
+    from course_lib.distill.consistency import cm_grid
+    return _vp_lognormal(cm_grid(N, process, t_min), process)
+
+
+@pytest.mark.parametrize("mistake, words", [
+    (_ict_variant(c=lambda d: 0.00054), "sqrt(d)"),
+    (_ict_variant(c=lambda d: 0.00054 * d), "0.00054 sqrt(d)"),
+    (_ict_variant(p=lambda N, q, proc, tm: torch.full_like(q, 1 / len(q))), "uniform"),
+    (_ict_variant(p=_vp_sigma_probs), "VP sigma"),
+    (_ict_variant(p=lambda N, q, proc, tm: torch.cat([q, q.new_zeros(1)])), "one probability per interval"),
+    (_ict_variant(N=_n_no_stages_floor), "doubles in equal stages"),
+    (_ict_variant(N=lambda k, K, s0, s1: min(s0 * 2 ** (k // max(1, K // 8)), s1)), "points, not intervals"),
+    (lambda *a: (0, torch.zeros(3), 0.0), "at least 2"),
+])
+def test_ict_pieces_checker_rejects_plausible_mistakes(mistake, words, capsys):
+    from course_lib.checks.nb05 import ict_pieces_ref
+
+    assert checks.check_ict_pieces(ict_pieces_ref, seed=0) is ict_pieces_ref
+    assert "correct on" in capsys.readouterr().out
+    used = checks.check_ict_pieces(mistake, seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and words in out and out.count("Exercise 5.4") == 1
 
 
 def test_cd_loss_checker_rejects_a_target_without_stop_gradient_and_the_wrong_step(capsys):

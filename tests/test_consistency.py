@@ -32,12 +32,42 @@ def test_boundary_condition_holds_exactly_and_scalings_match_the_model(proc):
     torch.testing.assert_close(cm.consistency_fn(model.model, x, tt, t_min), model(x, tt).x0)
 
 
-def test_edm_scalings_are_the_papers():
+def test_edm_scalings_are_the_papers_on_the_raw_network():
+    # Song et al. (2023), Eq. 3 and Appendix C: f = c_skip(sigma) x + c_out(sigma) F(x, sigma) on the raw network F
+    # (here the backbone of EDM's preconditioned model), c_skip = sd^2 / ((sigma - 0.002)^2 + sd^2),
+    # c_out = sd (sigma - 0.002) / sqrt(sigma^2 + sd^2)
     proc = EDM()
-    sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
-    c_skip, c_out = precond.coefficients("consistency", sigma / 80, proc, sigma, t_min=0.002 / 80)
-    torch.testing.assert_close(c_skip, 0.25 / ((sigma - 0.002) ** 2 + 0.25))
-    torch.testing.assert_close(c_out, (sigma - 0.002) * 0.5 / torch.sqrt(sigma**2 + 0.25))
+    inner = mlp_denoiser(proc, kind="edm").eval()
+    model = cm.consistency_model(inner, 0.002 / 80)
+    sigma = torch.tensor([0.002, 0.5, 3.0, 80.0], dtype=torch.float64)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigma[:, None]
+    with torch.no_grad():
+        F, f = inner.raw(x, sigma / 80), model(x, sigma / 80).x0
+    c_skip = 0.25 / ((sigma - 0.002) ** 2 + 0.25)
+    c_out = (sigma - 0.002) * 0.5 / torch.sqrt(sigma**2 + 0.25)
+    torch.testing.assert_close(f, c_skip[:, None] * x + c_out[:, None] * F, rtol=1e-12, atol=1e-12)
+    assert torch.equal(f[0], x[0])                                                 # the boundary, exactly
+
+
+@pytest.mark.parametrize("proc", [VPCosine(), RectifiedFlow()], ids=lambda p: p.name)
+def test_vp_scalings_are_the_papers_at_the_ve_level(proc):
+    # on a VP (or rf) process the paper's variables are s = sigma / alpha and x_ve = x / alpha: f / alpha(t_min) =
+    # c_skip(s) x_ve + c_out(s) F with F the EDM network output that x0_hat carries and sigma_min = s(t_min)
+    t_min = cm.default_t_min(proc)
+    inner = mlp_denoiser(proc)
+    model = cm.consistency_model(inner, t_min)
+    t = torch.tensor([t_min, 0.01, 0.3, 0.7, 0.99], dtype=torch.float64)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        x0_hat, f = inner(x, t).x0, model(x, t).x0
+    s, s_min = cm.ve_sigma(t, proc)[:, None], float(cm.ve_sigma(torch.tensor([t_min], dtype=torch.float64), proc))
+    x_ve = x / proc.alpha(t)[:, None]
+    F = (x0_hat - 0.25 / (s**2 + 0.25) * x_ve) / (0.5 * s / torch.sqrt(s**2 + 0.25))
+    c_skip, c_out = 0.25 / ((s - s_min) ** 2 + 0.25), 0.5 * (s - s_min) / torch.sqrt(s**2 + 0.25)
+    alpha_min = float(proc.alpha(torch.tensor([t_min], dtype=torch.float64)))
+    torch.testing.assert_close(f / alpha_min, c_skip * x_ve + c_out * F, rtol=1e-10, atol=1e-10)
+    # not the VP sigma: c_skip(t = 1) would be 0.2 and the student would not start as its teacher
+    assert (f[1:] - x0_hat[1:]).abs().max() < 2e-2 * (1 + x0_hat.abs().max())
 
 
 class ExactFlowMap:
@@ -313,3 +343,13 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(metho
         assert torch.equal(p, q), k
     if method == "ct":
         assert done.logs["N"] == ref.logs["N"]
+
+
+def test_on_grid_moves_step_times_to_the_training_grid():
+    proc = VPCosine()
+    grid = cm.cm_grid(10, proc, cm.T_MIN)
+    ts = cm.on_grid(cm.step_times(4), grid)
+    assert ts[0] == 1.0 and all(any(abs(t - float(g)) < 1e-15 for g in grid) for t in ts)
+    assert [round(t, 4) for t in ts] == [1.0, 0.7782, 0.4456, 0.2238]           # nearest points of t_min + 0.998 i / 9
+    with pytest.raises(ValueError, match="distinct"):
+        cm.on_grid([1.0, 0.46, 0.45], grid)

@@ -115,27 +115,55 @@ def test_consistency_boundary_condition_is_exact(proc, kind, dtype):
 
 
 @pytest.mark.parametrize("proc, kind", CM_CASES, ids=CM_IDS)
-def test_consistency_model_is_eq_3_and_consistent_with_x_t(proc, kind):
+def test_consistency_model_is_eq_3_on_the_ve_level_and_consistent_with_x_t(proc, kind):
+    # Song et al. (2023), Eq. 3 and Appendix C on the paper's variables: s = sigma / alpha, x_ve = x / alpha, F the EDM
+    # output that x0_hat carries (x0_hat = c_skip^EDM x_ve + c_out^EDM F), f = alpha_min (c_skip x_ve + c_out F)
     inner = mlp_denoiser(proc, num_classes=3, kind=kind).eval()
     t_min, sd = 1e-3, 0.5
     cm = ConsistencyModel(inner, t_min=t_min, sigma_data=sd)
     x, t = _x_t(proc, seed=3)
     with torch.no_grad():
         pred, x0_hat = cm(x, t), inner(x, t).x0
-    sig, sig_min = proc.sigma(t)[:, None], float(proc.sigma(torch.tensor([t_min], dtype=F64)))
-    c_skip = sd**2 / ((sig - sig_min) ** 2 + sd**2)
-    c_out = sd * (sig - sig_min) / torch.sqrt(sd**2 + sig**2)
-    torch.testing.assert_close(pred.x0, c_skip * x + c_out * x0_hat, rtol=1e-12, atol=1e-12)
+    alpha, s = proc.alpha(t)[:, None], (proc.sigma(t) / proc.alpha(t))[:, None]
+    tm = torch.tensor([t_min], dtype=F64)
+    alpha_min, s_min = float(proc.alpha(tm)), float(proc.sigma(tm) / proc.alpha(tm))
+    x_ve = x / alpha
+    e_skip, e_out = sd**2 / (s**2 + sd**2), s * sd / torch.sqrt(s**2 + sd**2)
+    F = (x0_hat - e_skip * x_ve) / e_out
+    c_skip = sd**2 / ((s - s_min) ** 2 + sd**2)
+    c_out = sd * (s - s_min) / torch.sqrt(sd**2 + s**2)
+    torch.testing.assert_close(pred.x0, alpha_min * (c_skip * x_ve + c_out * F), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(proc.marginal(pred.x0, t, pred.eps), x, rtol=1e-10, atol=1e-10)
     assert cm.process is inner.process
 
 
+@pytest.mark.parametrize("proc, kind", CM_CASES, ids=CM_IDS)
+def test_a_consistency_model_starts_as_its_teachers_denoiser(proc, kind):
+    # c_skip -> c_skip^EDM and c_out -> c_out^EDM away from sigma_min: the wrapped teacher is the teacher (the VP
+    # sigma <= 1 in the scalings gave c_skip(1) = 0.20 and an RMS gap of 0.3-0.5)
+    inner = mlp_denoiser(proc, num_classes=3, kind=kind).eval()
+    t_min = 0.002 / 80.0 if isinstance(proc, EDM) else 2e-3
+    cm = ConsistencyModel(inner, t_min=t_min)
+    x, t = _x_t(proc, seed=5)
+    keep = proc.sigma(t) / proc.alpha(t) > 1.0                     # where s >> sigma_min
+    with torch.no_grad():
+        gap = (cm(x, t).x0 - inner(x, t).x0)[keep]
+        ref = inner(x, t).x0[keep]
+    assert keep.sum() > 3 and gap.abs().max() < 3e-2 * (1 + ref.abs().max())
+    with torch.no_grad():
+        one = torch.ones_like(t)                                     # at t = 1 the gap is O(s_min / s(1))
+        assert torch.allclose(cm(x, one).x0, inner(x, one).x0, rtol=1e-2, atol=1e-4)
+
+
 def test_consistency_edm_scalings_match_the_reference_at_sigma_max():
-    # Song et al. (2023), Appendix C with sigma_min = 0.002, sigma_data = 0.5, at sigma = 80
+    # Song et al. (2023), Appendix C with sigma_min = 0.002, sigma_data = 0.5, at sigma = 80: for edm (alpha = 1) the
+    # coefficient of x is c_skip - r c_skip^EDM and that of x0_hat r = c_out / c_out^EDM (F = (x0_hat - c_skip^EDM x) / c_out^EDM)
     cm = ConsistencyModel(mlp_denoiser(EDM(), num_classes=3, kind="x0").eval(), t_min=0.002 / 80)
-    c_skip, c_out = cm.scalings(torch.ones(1, dtype=F64))
-    assert math.isclose(float(c_skip), 0.25 / (79.998**2 + 0.25), rel_tol=1e-12)
-    assert math.isclose(float(c_out), 0.5 * 79.998 / math.sqrt(0.25 + 6400), rel_tol=1e-12)
+    a, b = cm.scalings(torch.ones(1, dtype=F64))
+    c_skip, c_out = 0.25 / (79.998**2 + 0.25), 0.5 * 79.998 / math.sqrt(0.25 + 6400)
+    e_skip, e_out = 0.25 / (6400 + 0.25), 80 * 0.5 / math.sqrt(6400 + 0.25)
+    assert math.isclose(float(b), c_out / e_out, rel_tol=1e-12)
+    assert math.isclose(float(a), c_skip - c_out / e_out * e_skip, rel_tol=1e-9, abs_tol=1e-15)
 
 
 # ----------------------------------------------------------------------------------------------------------------

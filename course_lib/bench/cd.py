@@ -1,6 +1,7 @@
 """`bench cd` and `bench ct`: consistency distillation and consistency training (Song et al. 2023; iCT, Song &
 Dhariwal 2024) on the shipped 2D and digits teachers, students sampled at 1, 2 and 4 steps (multistep consistency
-sampling, evenly spaced step times)."""
+sampling, evenly spaced step times moved to the nearest points of the student's training grid: a short run learns f
+at those points only)."""
 from __future__ import annotations
 
 import time
@@ -10,7 +11,8 @@ import torch
 from ..conditioning import labelled
 from ..config import default_device, pick, seeded
 from ..data2d import batches
-from ..distill.consistency import CMConfig, ct_schedule, distill_cd, distill_ct, multistep_sample, step_times
+from ..distill.consistency import (CMConfig, cm_grid, ct_schedule, distill_cd, distill_ct, multistep_sample, on_grid,
+                                   step_times)
 from ..distill.pd import PDConfig, distill_pd
 from ..grids import uniform
 from ..images import batch_sampler, load_digits
@@ -72,10 +74,18 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     return student, time.perf_counter() - t0
 
 
-def _sample_cm(model, x1, steps: int, seed: int, process, t_min: float, cond=None):
-    """Multistep consistency sampling from x1 at evenly spaced step times, fresh noise from `seed` (CPU)."""
-    return multistep_sample(model, x1, step_times(steps), process, t_min, generator=torch.Generator().manual_seed(seed),
-                            cond=cond)
+def _sample_cm(model, x1, steps: int, seed: int, process, t_min: float, cond=None, N: int | None = None):
+    """Multistep consistency sampling from x1 at evenly spaced step times, moved to the nearest points of the
+    student's (final) training grid of N points when N is given (`on_grid`), fresh noise from `seed` (CPU)."""
+    ts = step_times(steps) if N is None else on_grid(step_times(steps), cm_grid(N, process, t_min))
+    return multistep_sample(model, x1, ts, process, t_min, generator=torch.Generator().manual_seed(seed), cond=cond)
+
+
+def grid_points(method: str, b: dict, digits: bool = False) -> int:
+    """The points of a student's (final) training grid: CD's N, CT's s1 + 1 (ct-long's ct_long_s1 + 1)."""
+    if method == "cd":
+        return b["N"]
+    return (b["ct_long_s1"] if method == "ct-long" else b["ct_s1"]) + 1
 
 
 def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]:
@@ -101,7 +111,8 @@ def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]
             for name, (student, secs) in students.items():
                 updates = b["steps"] * (b["ct_long_x"] if name == "ct-long" else 1)
                 for k in STUDENT_STEPS:
-                    x, sec = timed(lambda: _sample_cm(student, x1, k, s + 4, student.process, student.t_min), device)
+                    x, sec = timed(lambda: _sample_cm(student, x1, k, s + 4, student.process, student.t_min,
+                                                      N=grid_points(name, b)), device)
                     score_2d(ev, ds, name, x, ref, sec, nfe=k, steps=k, compare=True, exact=exact,
                              sampler="consistency", n=n, **train_fields(secs, updates))
             if pd_student is not None:
@@ -112,7 +123,8 @@ def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]
     rows = ev.rows()
     print(cm_summary(rows, method))
     return rows, {**b, "n": n, "eval_seeds": ev.seeds, "pr_n": PR_N, "student_steps": list(STUDENT_STEPS),
-                  "step_times": "evenly spaced: 1, (k-1)/k, ..., 1/k", **pd_meta}
+                  "step_times": "evenly spaced: 1, (k-1)/k, ..., 1/k, moved to the student's nearest training grid points",
+                  **pd_meta}
 
 
 def _pd_same_teacher_evals(teacher, ds: str, b: dict, seed: int, device, mode: str):
@@ -158,7 +170,7 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
         x1 = prior(teacher.process, (big, 1, 16, 16), s + 6, device)
         for k in STUDENT_STEPS:
             x, sec = timed(lambda: _sample_cm(student, x1, k, s + 7, student.process, student.t_min,
-                                              digit_labels(big, device)), device)
+                                              digit_labels(big, device), N=grid_points(method, b)), device)
             score_digits(ev, method, x, sec, nfe=k, steps=k, sampler="consistency",
                          **train_fields(secs, b["digits_steps"]))
 

@@ -19,7 +19,7 @@ from .nb01 import check_pd_loss, check_pd_round, check_pd_target
 from .nb02 import check_guided_batches, check_guided_loss, check_guided_target, check_stage1
 from .nb03 import check_make_pairs, check_reflow_round, check_rf_loss, check_straightness
 from .nb04 import check_cond_reflow_loss, check_guided_velocity, check_lap1, check_onestep_loss
-from .nb05 import check_cd_loss, check_consistency_fn, check_multistep
+from .nb05 import check_cd_loss, check_consistency_fn, check_ict_pieces, check_multistep
 from .nb06 import check_lcm_multistep, check_lcm_target, check_lora_merge
 from .nb07 import check_gamma_sampler, check_tcd_loss, check_tcf
 from .nb08 import check_discriminator_loss, check_distillation_loss, check_trailing_sample
@@ -35,7 +35,7 @@ __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "chec
            "check_guided_target", "check_guided_loss", "check_stage1", "check_guided_batches",
            "check_rf_loss", "check_make_pairs", "check_straightness", "check_reflow_round",
            "check_guided_velocity", "check_cond_reflow_loss", "check_onestep_loss", "check_lap1",
-           "check_consistency_fn", "check_cd_loss", "check_multistep",
+           "check_consistency_fn", "check_cd_loss", "check_multistep", "check_ict_pieces",
            "check_lcm_target", "check_lcm_multistep", "check_lora_merge",
            "check_tcf", "check_tcd_loss", "check_gamma_sampler",
            "check_distillation_loss", "check_discriminator_loss", "check_trailing_sample",

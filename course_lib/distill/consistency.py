@@ -4,10 +4,13 @@ multistep consistency sampling.
 
 A consistency function maps every point of one probability-flow ODE trajectory to the trajectory's end at t_min:
 f(x_t, t) = x_{t_min} for all t, and f(x, t_min) = x (the boundary condition). `models.ConsistencyModel` builds f
-from any course model so that the boundary condition holds by construction (paper Eq. 3, Appendix C):
+from any course model so that the boundary condition holds by construction (paper Eq. 3, Appendix C), in the
+paper's variance-exploding variables s = sigma(t) / alpha(t), x_ve = x / alpha(t) (precond.coefficients):
 
-    f_theta(x, t) = c_skip(t) x + c_out(t) x0_hat_theta(x, t)
-    c_skip = sd^2 / ((sigma(t) - sigma(t_min))^2 + sd^2),   c_out = sd (sigma(t) - sigma(t_min)) / sqrt(sd^2 + sigma(t)^2)
+    f_theta(x, t) = alpha(t_min) (c_skip(s) x_ve + c_out(s) F_theta(x, t))     F: the EDM network output in x0_hat
+    c_skip = sd^2 / ((s - s_min)^2 + sd^2),   c_out = sd (s - s_min) / sqrt(sd^2 + s^2),   s_min = s(t_min)
+
+so a student initialised from its teacher starts as the teacher's denoiser (c_skip, c_out -> EDM's as s >> s_min).
 
 Discretisation (course time, t_min = t_1 < t_2 < ... < t_N = 1; `cm_grid`). Both losses draw n ~ U{1..N-1} (or
 iCT's lognormal p(n), `lognormal_index_probs`), one noise z per sample, and compare the online network at the
@@ -64,7 +67,8 @@ def default_t_min(process: AffineProcess) -> float:
 
 def consistency_fn(model: Callable, x: Tensor, t: Tensor, t_min: float, sigma_data: float = SIGMA_DATA,
                    cond: Cond | None = None) -> Tensor:
-    """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t) (B, ...) for a course model (x0_hat = model(x, t, cond).x0)."""
+    """f(x, t) (B, ...) of the "consistency" scalings (precond.coefficients: f = a(t) x + b(t) x0_hat) for a course
+    model (x0_hat = model(x, t, cond).x0)."""
     return precond.boundary("consistency", x, t, model(x, t, cond).x0, model.process, t_min=t_min,
                             sigma_data=sigma_data).x0
 
@@ -342,4 +346,14 @@ def step_times(n: int, intermediate: list[float] | None = None) -> list[float]:
             raise ValueError(f"step times must decrease from 1 and stay above 0; got {ts}")
         return ts
     return [1.0 - k / n for k in range(n)]
+
+
+def on_grid(ts: list[float], grid: Tensor) -> list[float]:
+    """Step times moved to the nearest points of a training grid (increasing, float64), ts[0] = 1 kept: CD and CT
+    train f only at the grid's points, and a short run's f between them can be far worse (bench cd measured a
+    two-step checkerboard student at 2.2x the teacher's best SWD at tau = 0.5, 1.45x at the grid point 0.446)."""
+    out = [float(ts[0])] + [float(grid[int(torch.argmin((grid - float(t)).abs()))]) for t in ts[1:]]
+    if any(b >= a for a, b in zip(out, out[1:])):
+        raise ValueError(f"step times {list(ts)} do not stay distinct on a grid of {len(grid)} points: {out}")
+    return out
 
