@@ -354,7 +354,7 @@ def test_shipped_2d_students_load_and_draw_the_data():
     command that made it, and lands far closer to the data than the teacher's own single call (its starting point;
     measured: gmm ~0.06 and checkerboard ~0.05 against 1.41 and 1.15)."""
     from course_lib.bench.core import swd
-    from course_lib.bench.dmd import load_shipped_2d
+    from course_lib.recipes.dmd import load_shipped_2d
     from course_lib.distill.gan import generate_one_step
     from course_lib.teachers import load_teacher
 

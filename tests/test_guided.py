@@ -98,7 +98,7 @@ def test_stage1_lowers_the_loss_on_the_overlap_mixture():
     exact = MIX.denoiser(PROC)
 
     def loss(model, batch, g):
-        x0, cond = batch
+        x0, cond = unpack(batch)
         return guided.guided_loss(model, exact, x0, cond, (0.0, 4.0), g)
 
     from course_lib.train import train
@@ -168,6 +168,6 @@ def test_draw_w_puts_p_w_min_of_the_mass_at_w_min(w_range):
     assert torch.equal(plain, guided.draw_w(n, w_range, torch.Generator().manual_seed(0), p_w_min=0.0))
     # stage 2's batches carry the same draw
     batch = guided.guided_batches(SAMPLE, w_range, p_w_min=p)(4000, torch.Generator().manual_seed(1))
-    assert abs(float((batch[1].w == lo).float().mean()) - p) < 0.03
+    assert abs(float((batch["cond"].w == lo).float().mean()) - p) < 0.03
     with pytest.raises(ValueError, match="probability"):
         guided.draw_w(4, w_range, torch.Generator(), p_w_min=1.5)

@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Phrases anywhere in the course that contain digits but are names, not numbers.
-COMMON = ["2D", "CIFAR-10", "DPM-Solver++(2M)", "DMD2", "2-Wasserstein", "1-rectified flow", "2-rectified flow",
+COMMON = ["2D", "float32", "float64", "CIFAR-10", "DPM-Solver++(2M)", "DMD2", "2-Wasserstein", "1-rectified flow", "2-rectified flow",
           "3-rectified flow"]
 
 # Per notebook: phrases with digits that are not measurements of the run (each with the reason it may stay).
@@ -110,6 +110,7 @@ ALLOWED: dict[str, list[str]] = {
     ],
     "10_gdd.ipynb": [
         "StyleGAN2", "AFHQv2",             # names of a GAN and of a data set
+        "ImageNet-64",                     # the data set's name (64x64 images)
         "UNet2DModel", "MLP2D",            # class names of the course's backbones
         "R1",                              # the name of a gradient penalty (Mescheder et al. 2018)
     ],

@@ -25,7 +25,6 @@ from ..data2d import sample_2d
 from ..distill.dmd import DMDConfig, distill_dmd, sample
 from ..distill.reflow import cached_pairs
 from ..images import batch_sampler, load_digits
-from ..paths import data_dir, shipped
 from ..plotting import table
 from ..teachers import load_teacher
 from ..train import TrainConfig
@@ -200,7 +199,6 @@ def bench_dmd2(mode: str, seed: int = 0, device: str | torch.device | None = Non
 
 # --- the shipped longer-trained 2D students (notebook 09 loads them beside its short runs) --------------------------
 
-SHIPPED_2D = "dmd2_2d"     # data/dmd2_2d/<dataset>.safetensors (the generator's weights) + <dataset>.json
 RECREATE_2D = "python -m course_lib.bench.dmd_ship {dataset} --iters {iters} --gan {gan}"
 
 
@@ -226,13 +224,4 @@ def ship_2d(dataset: str, iters: int, out_dir, gan: bool = False, seed: int = 0,
     (out / f"{dataset}.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 
-
-def load_shipped_2d(dataset: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The shipped longer-trained one-step generator of {dataset}-vp (`ship_2d`), eval, no grad, and its JSON."""
-    from safetensors.torch import load_file
-
-    folder = shipped(data_dir() / SHIPPED_2D, "python -m course_lib.bench.dmd_ship <dataset> --iters <n>")
-    G = load_teacher(f"{dataset}-vp", device=device)
-    G.load_state_dict(load_file(str(folder / f"{dataset}.safetensors"), device=str(device)))
-    return G.eval().requires_grad_(False), json.loads((folder / f"{dataset}.json").read_text())
 

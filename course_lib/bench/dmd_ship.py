@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 from ..paths import data_dir
-from .dmd import SHIPPED_2D, ship_2d
+from ..recipes.dmd import SHIPPED_2D
+from .dmd import ship_2d
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m course_lib.bench.dmd_ship")

@@ -25,6 +25,7 @@ from .. import minisd, paths
 from ..conditioning import Cond
 from ..distill import dmd
 from ..sd import load_unet_student
+from ..teachers import load_teacher
 from ..train import Observer, Trained, TrainConfig
 
 SHIPPED = "mini-sd-dmd2"
@@ -67,6 +68,20 @@ def override(cfg: dmd.DMDConfig, settings: Sequence[str]) -> dmd.DMDConfig:
 
 def shipped_dir() -> Path:
     return paths.data_dir() / "dmd2"
+
+
+SHIPPED_2D = "dmd2_2d"     # data/dmd2_2d/<dataset>.safetensors (the generator's weights) + <dataset>.json
+
+
+def load_shipped_2d(dataset: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The shipped longer-trained one-step DMD2 generator of {dataset}-vp (bench.dmd.ship_2d, notebook 09), eval, no
+    grad, and its JSON (the recipe, the command that made it)."""
+    from safetensors.torch import load_file
+
+    folder = paths.shipped(paths.data_dir() / SHIPPED_2D, "python -m course_lib.bench.dmd_ship <dataset> --iters <n>")
+    G = load_teacher(f"{dataset}-vp", device=device)
+    G.load_state_dict(load_file(str(folder / f"{dataset}.safetensors"), device=str(device)))
+    return G.eval().requires_grad_(False), json.loads((folder / f"{dataset}.json").read_text())
 
 
 def train_config(steps: int = STEPS, batch: int = BATCH, seed: int = 0, checkpoints: bool = False) -> TrainConfig:
