@@ -277,6 +277,8 @@ def test_merged_lora_weights_are_the_composed_adapters_and_peft_merge():
     student = lcm.LCMModel(model, w_fixed=2.0)
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     adapters = {"default": 1.0, "style": 0.8}
+    lcm.compose(model.unet, {"default": 1.0, "style": 0.3})    # an earlier composition must not leak into the merge
+    lcm.compose(model.unet, {"default": 1.0})
     merged = lcm.merged_copy(student, adapters)
     assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in before.items())
     cond = tiny_sd.text(PROMPTS)

@@ -347,8 +347,9 @@ def merged_copy(model: nn.Module, adapters: dict[str, float],
     unet = getattr(unet, "unet", unet)
     for _, layer in lora_layers(unet):
         W = layer.base_layer.weight
-        loras = [(lam, layer.scaling[a], layer.lora_A[a].weight.flatten(1), layer.lora_B[a].weight.flatten(1))
-                 for a, lam in adapters.items() if a in layer.lora_A]
+        # s = alpha / r from the adapter's config: layer.scaling[a] already holds the weight of the last set_adapters
+        loras = [(lam, layer.lora_alpha[a] / layer.r[a], layer.lora_A[a].weight.flatten(1),
+                  layer.lora_B[a].weight.flatten(1)) for a, lam in adapters.items() if a in layer.lora_A]
         if loras:
             W.copy_(merge(W.flatten(1), loras).reshape(W.shape))
     unet.disable_adapters()
