@@ -12,9 +12,11 @@ from the operating system's entropy unless a test passes one) and networks are i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+import io
 import re
 import secrets
 import traceback
@@ -270,3 +272,28 @@ def run_check(exercise: str, student: Callable, reference: Callable, cases: Iter
                 return fall_back(exercise, reference,
                                  f"{what} differs from the reference by up to {err:.3g} {where}. {hint}")
     return accept(exercise, student, f"correct on {n} random cases.")
+
+
+def first_look(student: Callable, args: tuple, want: torch.Tensor, where: str) -> str | None:
+    """What is plainly wrong with the student's first answer, before any value is compared (None: nothing): it
+    raised, its shape, an unfilled placeholder (all zeros). The recipe comes only with a wrong value."""
+    try:
+        got = student(*args)
+    except Exception as e:  # noqa: BLE001
+        return explain_exception(e, where)
+    if not isinstance(got, torch.Tensor):
+        return f"expected a tensor, got {type(got).__name__} {where}."
+    if tuple(got.shape) != tuple(want.shape):
+        return f"the output has shape {tuple(got.shape)}, expected {tuple(want.shape)} {where}."
+    if not bool(got.detach().abs().gt(0).any()):
+        return (f"your function returns all zeros {where}: is it still the placeholder? The answer has the shape "
+                f"above and values of order {float(want.detach().abs().mean()):.2g}.")
+    return None
+
+
+def quiet(fn: Callable, *args, **kwargs):
+    """fn's result and what it printed, without printing it: a checker runs every test before its one verdict."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        out = fn(*args, **kwargs)
+    return out, buf.getvalue()

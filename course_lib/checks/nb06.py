@@ -3,8 +3,6 @@ sampler, LCM-LoRA's composition of LoRA adapters. Cases run on tiny random Stabl
 (sd.tiny_sd_pipeline) and random low-rank factors."""
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Callable
 
 import torch
@@ -17,8 +15,8 @@ from ..distill.lcm import lcm_target, merge_lora, multistep
 from ..grids import lcm_timesteps
 from ..predictions import Pred
 from ..processes import SDDiscrete
-from .core import (accept, checker, draw_seed, explain_exception, fall_back, fresh_generator, is_library,
-                   library_version, run_check)
+from .core import (accept, checker, draw_seed, explain_exception, fall_back, first_look, fresh_generator,
+                   is_library, library_version, run_check)
 
 
 def _tiny_teacher_and_target(g: torch.Generator):
@@ -35,31 +33,6 @@ def _tiny_teacher_and_target(g: torch.Generator):
 
 def _text(B: int, g: torch.Generator):
     return Cond(text=torch.randn(B, 16, 32, generator=g), null_text=torch.randn(1, 16, 32, generator=g))
-
-
-def first_look(student: Callable, args: tuple, want: torch.Tensor, where: str) -> str | None:
-    """What is plainly wrong with the student's first answer, before any value is compared (None: nothing): it
-    raised, its shape, an unfilled placeholder (all zeros). The recipe comes only with a wrong value."""
-    try:
-        got = student(*args)
-    except Exception as e:  # noqa: BLE001
-        return explain_exception(e, where)
-    if not isinstance(got, torch.Tensor):
-        return f"expected a tensor, got {type(got).__name__} {where}."
-    if tuple(got.shape) != tuple(want.shape):
-        return f"the output has shape {tuple(got.shape)}, expected {tuple(want.shape)} {where}."
-    if not bool(got.detach().abs().gt(0).any()):
-        return (f"your function returns all zeros {where}: is it still the placeholder? The answer has the shape "
-                f"above and values of order {float(want.detach().abs().mean()):.2g}.")
-    return None
-
-
-def quiet(fn: Callable, *args, **kwargs):
-    """fn's result and what it printed, without printing it: a checker runs every test before its one verdict."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        out = fn(*args, **kwargs)
-    return out, buf.getvalue()
 
 
 @checker("6.1")

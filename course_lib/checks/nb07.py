@@ -12,9 +12,8 @@ from ..distill.consistency import cm_grid
 from ..distill.tcd import tcd_loss_at, tcf
 from ..processes import EDM, RectifiedFlow, VPCosine
 from ..samplers import tcd
-from .core import (accept, call_per_sample, checker, explain_exception, fall_back, fresh_generator, is_library,
-                   param_grads, run_check, tiny_model)
-from .nb06 import first_look, quiet
+from .core import (accept, call_per_sample, checker, explain_exception, fall_back, first_look, fresh_generator,
+                   is_library, param_grads, quiet, run_check, tiny_model)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-8, rtol: float = 1e-6) -> bool:
