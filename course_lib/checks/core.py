@@ -198,6 +198,27 @@ def param_grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
 
 
+def dtype_tol(*tensors: Tensor) -> dict:
+    """allclose tolerances fitting the least precise dtype among `tensors`: float64 atol 1e-8, rtol 1e-6; float32 (or
+    lower) atol 1e-5, rtol 1e-4, since float32 rounds at ~6e-8 relative per operation and a correct float32 answer can
+    differ from the float64 reference by ~1e-6, while the mistakes the checkers name differ by 1e-3 or more."""
+    wide = all(x.dtype == torch.float64 for x in tensors)
+    return dict(atol=1e-8, rtol=1e-6) if wide else dict(atol=1e-5, rtol=1e-4)
+
+
+def close(got: Any, want: Tensor, **tol: float) -> bool:
+    """The student's `got` (any float dtype) equals the reference `want`: a floating tensor of want's shape, within
+    `tol` (atol, rtol) or else the tolerances of the less precise of the two dtypes (dtype_tol)."""
+    if not (isinstance(got, Tensor) and got.is_floating_point() and got.shape == want.shape):
+        return False
+    return torch.allclose(got.detach().to(want.dtype), want.detach(), **(tol or dtype_tol(got, want)))
+
+
+def max_diff(got: Tensor, want: Tensor) -> float:
+    """The largest absolute difference between the student's `got` (cast to want's dtype) and the reference."""
+    return float((got.detach().to(want.dtype) - want.detach()).abs().max())
+
+
 def _same_tensors(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor):
         return a.shape == b.shape and torch.equal(a, b)
@@ -274,20 +295,30 @@ def run_check(exercise: str, student: Callable, reference: Callable, cases: Iter
     return accept(exercise, student, f"correct on {n} random cases.")
 
 
-def first_look(student: Callable, args: tuple, want: torch.Tensor, where: str) -> str | None:
+def first_look(student: Callable, args: tuple, want: Tensor | tuple[Tensor, ...], where: str,
+               zeros: str = "") -> str | None:
     """What is plainly wrong with the student's first answer, before any value is compared (None: nothing): it
-    raised, its shape, an unfilled placeholder (all zeros). The recipe comes only with a wrong value."""
+    raised, it is not a tensor (or not the tuple of tensors `want` is), its shape, an unfilled placeholder (all
+    zeros; `zeros` says why zeros cannot be the answer, e.g. "a squared distance is positive here"). The recipe comes
+    only with a wrong value."""
     try:
         got = student(*args)
     except Exception as e:  # noqa: BLE001
         return explain_exception(e, where)
-    if not isinstance(got, torch.Tensor):
-        return f"expected a tensor, got {type(got).__name__} {where}."
-    if tuple(got.shape) != tuple(want.shape):
-        return f"the output has shape {tuple(got.shape)}, expected {tuple(want.shape)} {where}."
-    if not bool(got.detach().abs().gt(0).any()):
-        return (f"your function returns all zeros {where}: is it still the placeholder? The answer has the shape "
-                f"above and values of order {float(want.detach().abs().mean()):.2g}.")
+    wants = want if isinstance(want, tuple) else (want,)
+    gots = tuple(got) if isinstance(want, tuple) and isinstance(got, (tuple, list)) else (got,)
+    if len(gots) != len(wants) or not all(isinstance(g, Tensor) for g in gots):
+        what = "a tensor" if len(wants) == 1 else f"a tuple of {len(wants)} tensors"
+        return f"expected {what}, got {type(got).__name__} {where}."
+    shapes, want_shapes = [tuple(g.shape) for g in gots], [tuple(w.shape) for w in wants]
+    if shapes != want_shapes:
+        if len(wants) == 1:
+            return f"the output has shape {shapes[0]}, expected {want_shapes[0]} {where}."
+        return f"the outputs have shapes {shapes}, expected {want_shapes} {where}."
+    if not any(bool(g.detach().abs().gt(0).any()) for g in gots):
+        scale = float(torch.cat([w.detach().double().abs().flatten() for w in wants]).mean())
+        return (f"your function returns all zeros {where}: is it still the placeholder? "
+                + (zeros.strip() or f"The answer has the shape above and values of order {scale:.2g}."))
     return None
 
 

@@ -16,31 +16,14 @@ from ..distill import add
 from ..distill.add import distill_weight, sample
 from ..distill.gan import hinge_d, r1_penalty
 from ..processes import RectifiedFlow, VPCosine
-from .core import (accept, call_per_sample, checker, clone_tensors, fall_back, fresh_generator, run_check,
-                   tiny_discriminator, tiny_model)
+from .core import (accept, checker, clone_tensors, close, dtype_tol, fall_back, first_look, fresh_generator, max_diff,
+                   run_check, tiny_discriminator, tiny_model)
 
 
 def _tiny_d(g: torch.Generator):
     """A tiny random discriminator x (B, 2) -> logits (B,) (float64), and its network."""
     net = tiny_discriminator(g)
     return lambda x: net(x).squeeze(1), net
-
-
-def _tol(*tensors: torch.Tensor) -> dict:
-    """atol/rtol fitting the least precise dtype among `tensors`: float64 1e-8/1e-6, float32 (or lower) 1e-5/1e-4."""
-    wide = all(x.dtype == torch.float64 for x in tensors)
-    return dict(atol=1e-8, rtol=1e-6) if wide else dict(atol=1e-5, rtol=1e-4)
-
-
-def _close(a, b) -> bool:
-    """a (the student's, any float dtype) equals b within the tolerance of the less precise of the two."""
-    return (isinstance(a, torch.Tensor) and a.shape == b.shape and a.is_floating_point()
-            and torch.allclose(a.detach().to(b.dtype), b.detach(), **_tol(a, b)))
-
-
-def _all_zero(x) -> bool:
-    """A placeholder's answer: a tensor of zeros."""
-    return isinstance(x, torch.Tensor) and x.numel() > 0 and not bool(x.detach().ne(0).any())
 
 
 def _float32(model):
@@ -106,18 +89,17 @@ def check_distillation_loss(student: Callable, seed: int | None = None) -> Calla
     for args, where in cases():
         x_hat = args[0].clone().requires_grad_(True)
         want = ref(x_hat, *args[1:])
-        got, problem = call_per_sample(student, (x_hat, *args[1:]), want, where)
+        problem = first_look(student, (x_hat, *args[1:]), want, where,
+                             zeros="The loss is a weighted squared distance between x_hat and the teacher's denoised "
+                                   "version of it, positive wherever the two differ.")
         if problem:
             break
-        if _all_zero(got):
-            problem = (f"your loss is zero for every sample {where}: it is a weighted squared distance between "
-                       "x_hat and the teacher's denoised version of it, positive wherever the two differ.")
-            break
-        if not _close(got, want):
-            problem = next((f"{why} ({where})" for wrong, why in diagnoses if _close(got, wrong(*args))), None)
+        got = student(x_hat, *args[1:])
+        if not close(got, want):
+            problem = next((f"{why} ({where})" for wrong, why in diagnoses if close(got, wrong(*args))), None)
             if problem is None:
-                err = (got.detach().to(want.dtype) - want.detach()).abs().max().item()
-                problem = (f"the loss differs from the reference by up to {err:.3g} {where}. Re-noise x_hat to t "
+                problem = (f"the loss differs from the reference by up to {max_diff(got, want):.3g} {where}. "
+                           "Re-noise x_hat to t "
                            "(process.marginal(x_hat, t, eps)), take the teacher's .x0 of it, teacher(x_hat_t, t, "
                            "cond).x0 with the labels cond it is given, as the target, and return "
                            "alpha_t * ||x_hat - target||^2 averaged over the data dimensions (bcast or [:, None]).")
@@ -128,7 +110,7 @@ def check_distillation_loss(student: Callable, seed: int | None = None) -> Calla
             break
         (want_g,) = torch.autograd.grad(want.sum(), x_hat)
         (got_g,) = torch.autograd.grad(got.sum(), x_hat)
-        if not torch.allclose(got_g.to(want_g.dtype), want_g, **_tol(got, want)):
+        if not torch.allclose(got_g.to(want_g.dtype), want_g, **dtype_tol(got, want)):
             problem = (f"the values are right but the gradient with respect to x_hat is not {where}: it flows "
                        "through the teacher's target (x_hat_t depends on x_hat). The target is a constant "
                        "(stop-gradient, ADD Sec. 3.3): compute x_hat_t from x_hat.detach() and the teacher's x0 "
@@ -183,20 +165,18 @@ def check_discriminator_loss(student: Callable, seed: int | None = None) -> Call
         D, x_real, x_fake, gamma = args
         fake = x_fake.clone().requires_grad_(True)
         want = ref(D, x_real, x_fake, gamma)
-        got, problem = call_per_sample(student, (D, x_real.clone(), fake, gamma), want, where)
+        problem = first_look(student, (D, x_real.clone(), fake, gamma), want, where,
+                             zeros="The hinge terms are at least 0 and, for a discriminator that cannot yet tell real "
+                                   "from fake (logits near 0), about 2 per sample.")
         if problem:
             break
-        if _all_zero(got):
-            problem = (f"your loss is zero for every sample {where}: the hinge terms are at least 0 and, for a "
-                       "discriminator that cannot yet tell real from fake (logits near 0), about 2 per sample.")
-            break
-        if not _close(got, want):
+        got = student(D, x_real.clone(), fake, gamma)
+        if not close(got, want):
             problem = next((f"{why} ({where})" for wrong, why in diagnoses
-                            if not (gamma == 0 and "R1" in why) and _close(got, wrong(D, x_real, x_fake, gamma))),
+                            if not (gamma == 0 and "R1" in why) and close(got, wrong(D, x_real, x_fake, gamma))),
                            None)
             if problem is None:
-                err = (got.detach().to(want.dtype) - want.detach()).abs().max().item()
-                problem = (f"the loss differs from the reference by up to {err:.3g} {where}. "
+                problem = (f"the loss differs from the reference by up to {max_diff(got, want):.3g} {where}. "
                            "relu(1 - D(x_real)) + relu(1 + D(x_fake)) + r1_gamma / 2 * R1(x_real).")
             break
         params = list(net.parameters())
@@ -211,7 +191,7 @@ def check_discriminator_loss(student: Callable, seed: int | None = None) -> Call
             problem = (f"gradients reach the fake samples {where}: the discriminator's loss must not train the "
                        "student. Use x_fake.detach().")
             break
-        if not all(b is not None and torch.allclose(b.to(a.dtype), a, **_tol(got, want))
+        if not all(b is not None and torch.allclose(b.to(a.dtype), a, **dtype_tol(got, want))
                    for a, b in zip(want_g, got_g[:-1])):
             problem = (f"the values are right but the gradient in D's parameters is not {where}: the R1 term must "
                        "stay differentiable (torch.autograd.grad(..., create_graph=True)), as gan.r1_penalty does.")
@@ -253,13 +233,11 @@ def check_trailing_sample(student: Callable, seed: int | None = None) -> Callabl
         yield (model, z, 4, VPCosine(), noises), "in float32 for the vp-cosine process with 4 steps"
 
     cases = list(cases())
-    try:                                # a placeholder returning zeros hears what is wrong with its value first
-        first = student(*clone_tensors(cases[0][0]))
-    except Exception:  # noqa: BLE001 (run_check reports the error itself)
-        first = None
-    if _all_zero(first):
-        return fall_back("8.3", ref, f"your sampler returns zeros ({cases[0][1]}): a sample is the model's last x0 "
-                                     "prediction, spread like the data, not the origin.")
+    (args0, where0) = cases[0]
+    problem = first_look(student, clone_tensors(args0), ref(*args0), where0,
+                         zeros="A sample is the model's last x0 prediction, spread like the data, not the origin.")
+    if problem:
+        return fall_back("8.3", ref, problem)
     # atol 1e-6 fits float32 answers (float64 cases agree to ~1e-15; the mistakes below differ by ~0.1)
     return run_check("8.3", student, ref, cases, atol=1e-6, rtol=1e-5,
                      hint="the grid is t_i = 1 - i / k (i = 0..k-1: the trailing grid, never t = 0); at each t_i take "
