@@ -13,27 +13,10 @@ from typing import Callable
 
 import torch
 
-from torch import Tensor
-
 from ..distill.dmd import backward_simulate, dm_loss, fake_score_loss, generator_times
 from ..processes import VPCosine
-from .core import (accept, call_per_sample, checker, explain_exception, fall_back, fresh_generator, param_grads,
+from .core import (accept, checker, close, dtype_tol, fall_back, first_look, fresh_generator, max_diff, param_grads,
                    tiny_model)
-
-
-def _tol(got: Tensor) -> dict:
-    """allclose tolerances fitting the dtype of a student's answer (float32: ~1e-7 relative rounding per operation)."""
-    return dict(atol=1e-6, rtol=1e-4) if got.dtype in (torch.float32, torch.float16, torch.bfloat16) else \
-        dict(atol=1e-8, rtol=1e-6)
-
-
-def _close(got: Tensor, want: Tensor) -> bool:
-    """got (any float dtype) against the float64 reference want, within got's dtype's tolerances."""
-    return torch.allclose(got.detach().to(want.dtype), want.detach(), **_tol(got))
-
-
-def _all_zero(got: Tensor) -> bool:
-    return bool((got.detach() == 0).all())
 
 
 def _dm_cases(g: torch.Generator):
@@ -61,14 +44,12 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
         x, real, fake, proc, t, eps, normalize = args
         want = reference(*args)
         (want_dx,) = torch.autograd.grad(want.sum(), x)
-        got, problem = call_per_sample(student, args, want, where)
+        problem = first_look(student, args, want, where,
+                             zeros="Its gradient is then 0 too: the generator would never move. Here the real and fake "
+                                   "denoisers disagree, so the loss (half the squared step it asks for) is positive.")
         if problem:
             return fall_back("9.1", reference, problem)
-        if _all_zero(got):
-            return fall_back("9.1", reference,
-                             f"your loss is 0 for every sample {where}, and so is its gradient: the generator would "
-                             "never move. Here the real and fake denoisers disagree, so the loss (half the squared "
-                             "step it asks for) is positive.")
+        got = student(*args)
         if not got.requires_grad:
             return fall_back("9.1", reference,
                              f"the loss has no gradient with respect to x {where}: only the denoisers and the target "
@@ -76,9 +57,9 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
                              "sample itself.")
         (got_dx,) = torch.autograd.grad(got.sum(), x, allow_unused=True)
         got_dx = torch.zeros_like(x) if got_dx is None else got_dx
-        tol = _tol(got)
-        close = lambda a, b: torch.allclose(a.to(b.dtype), b, **tol)
-        if close(got_dx, -want_dx) and not close(want_dx, torch.zeros_like(want_dx)):
+        tol = dtype_tol(got, want)
+        near = lambda a, b: torch.allclose(a.to(b.dtype), b, **tol)
+        if near(got_dx, -want_dx) and not near(want_dx, torch.zeros_like(want_dx)):
             return fall_back("9.1", reference,
                              f"the gradient with respect to x has the wrong sign {where}: the score difference is "
                              "reversed. g = (x0_fake - x0_real) / norm: gradient DEscent then moves x by -g, towards "
@@ -89,22 +70,22 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
             raw = fake(x_t, t).x0 - real(x_t, t).x0                                 # g without its normaliser
             per_sample = (x.detach() - real(x_t, t).x0).abs().mean(1, keepdim=True)
         D = x[0].numel()
-        if close(got_dx, raw / D) or close(got_dx, -raw / D):
+        if near(got_dx, raw / D) or near(got_dx, -raw / D):
             return fall_back("9.1", reference,
                              f"the gradient is the raw denoiser difference x0_fake - x0_real {where}: the "
                              "normalisation is missing. Divide by mean|x - x0_real| (DMD Eq. 8), which makes the "
                              "step size independent of the noise level.")
         other = raw / (per_sample.mean() if normalize == "sample" else per_sample) / D
-        if close(got_dx, other):
+        if near(got_dx, other):
             which = ("one number for the whole batch" if normalize == "sample" else "a separate number per sample")
             return fall_back("9.1", reference,
                              f"the normaliser is {which} {where}: normalize='sample' divides each sample's g by the "
                              "mean of |x - x0_real| over that sample's own D coordinates, (B, 1); normalize='batch' "
                              "by ONE number, the mean of |x - x0_real| over all B x D entries, the same for every "
                              "sample.")
-        if not close(got_dx, want_dx):
-            err = (got_dx.to(want_dx.dtype) - want_dx).abs().max().item()
-            if _close(got, want):
+        if not near(got_dx, want_dx):
+            err = max_diff(got_dx, want_dx)
+            if close(got, want):
                 return fall_back("9.1", reference,
                                  f"the loss values are right but the gradient with respect to x is not {where} (off "
                                  f"by up to {err:.3g}): the target x - g must be a constant. Compute x_t from "
@@ -114,10 +95,10 @@ def check_dm_loss(student: Callable, seed: int | None = None) -> Callable:
                              f"the gradient with respect to x differs from the reference by up to {err:.3g} {where}. "
                              "x_t = process.marginal(x, t, eps); g = (x0_fake - x0_real) / mean|x - x0_real| "
                              "(nan_to_num); loss = 1/2 (x - sg(x - g))^2 averaged over the data dimensions.")
-        if not _close(got, want):
-            err = (got.detach().to(want.dtype) - want.detach()).abs().max().item()
+        if not close(got, want):
             return fall_back("9.1", reference,
-                             f"the gradient is right but the loss values differ by up to {err:.3g} {where}: return "
+                             f"the gradient is right but the loss values differ by up to {max_diff(got, want):.3g} "
+                             f"{where}: return "
                              "1/2 ||x - sg(x - g)||^2 averaged (not summed) over the data dimensions, one per sample.")
     return accept("9.1", student, "correct: the values and the gradient with respect to x (the sign of the score "
                                   "difference, its normalisation and the stop-gradient target) match the reference.")
@@ -143,17 +124,16 @@ def check_fake_score_loss(student: Callable, seed: int | None = None) -> Callabl
         where = "on samples x = G(z) of a small linear generator"
         want = reference(fake, z @ W, t, eps)
         want_g = param_grads(want, params)
-        got, problem = call_per_sample(student, (fake, z @ W, t, eps), want, where)
+        problem = first_look(student, (fake, z @ W, t, eps), want, where,
+                             zeros="A denoiser's squared error on noised generator samples is positive, and its "
+                                   "gradient is what trains the fake score.")
         if problem:
             return fall_back("9.2", reference, problem)
-        if _all_zero(got):
+        got = student(fake, z @ W, t, eps)
+        if not close(got, want):
             return fall_back("9.2", reference,
-                             f"your loss is 0 for every sample {where}: a denoiser's squared error on noised "
-                             "generator samples is positive, and its gradient is what trains the fake score.")
-        if not _close(got, want):
-            err = (got.detach().to(want.dtype) - want.detach()).abs().max().item()
-            return fall_back("9.2", reference,
-                             f"the loss differs from the reference by up to {err:.3g} {where}. Noise sg(x) to x_t = "
+                             f"the loss differs from the reference by up to {max_diff(got, want):.3g} {where}. Noise "
+                             "sg(x) to x_t = "
                              "fake.process.marginal(x, t, eps), and compare fake.raw(x_t, t) with the target in the "
                              "fake model's parameterisation, predictions.from_pred(Pred(x, eps), t, process, "
                              "fake.parameterization); squared error averaged over the data dimensions.")
@@ -164,7 +144,8 @@ def check_fake_score_loss(student: Callable, seed: int | None = None) -> Callabl
                              "stopgrad(x) (x.detach()). Without it, minimising the fake score's loss would also move "
                              "the generator, towards samples that are easy to denoise.")
         got_g = param_grads(got, params) if got.requires_grad else [torch.zeros_like(p) for p in params]
-        tol = dict(_tol(got), rtol=max(_tol(got)["rtol"], 1e-5))
+        tol = dtype_tol(got, want)
+        tol["rtol"] = max(tol["rtol"], 1e-5)
         if not all(torch.allclose(a.to(b.dtype), b, **tol) for a, b in zip(got_g, want_g)):
             return fall_back("9.2", reference, f"the values are right but the gradient with respect to the fake "
                                                f"score's parameters is not {where}: compute fake.raw(x_t, t) with "
@@ -219,27 +200,20 @@ def check_backward_simulate(student: Callable, seed: int | None = None) -> Calla
             run = lambda fn, **kw: fn(G, z.clone(), i, times, proc, torch.Generator().manual_seed(s), **kw)
             want = run(backward_simulate)
             also = run(_simulate_variant, draw_dtype=dtype)        # fresh noise drawn directly in z's dtype
-            try:
-                got = run(student)
-            except Exception as e:  # noqa: BLE001
-                return fall_back("9.3", backward_simulate, explain_exception(e, where))
-            if not isinstance(got, Tensor) or got.shape != want.shape:
-                shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
-                return fall_back("9.3", backward_simulate, f"expected the generator's input of shape "
-                                                           f"{tuple(want.shape)}, got {shape} {where}.")
-            if _all_zero(got):
-                return fall_back("9.3", backward_simulate,
-                                 f"your function returns zeros {where}: the input of generator step i is the noise z "
-                                 "itself (i = 0) or a noisy sample at time times[i], never zero.")
+            problem = first_look(lambda: run(student), (), want, where,
+                                 zeros="The input of generator step i is the noise z itself (i = 0) or a noisy sample "
+                                       "at time times[i], never zero.")
+            if problem:
+                return fall_back("9.3", backward_simulate, problem)
+            got = run(student)
             if got.requires_grad:
                 return fall_back("9.3", backward_simulate,
                                  f"the result carries gradients {where}: backward simulation runs the generator "
                                  "under torch.no_grad() (DMD2 trains only the last step; backpropagating through "
                                  "the earlier calls would cost memory the paper does not spend).")
-            if _close(got, want) or _close(got, also):
+            if close(got, want) or close(got, also):
                 continue
-            tol = _tol(got)
-            near = lambda a: torch.allclose(got.detach().to(a.dtype), a, **tol)
+            near = lambda a: close(got, a)
             if i == 0:
                 return fall_back("9.3", backward_simulate, f"{where} the first step's input is the noise z itself, "
                                                            "unchanged (zero rounds).")
@@ -253,9 +227,9 @@ def check_backward_simulate(student: Callable, seed: int | None = None) -> Calla
                                                   "one per earlier generator step")] + mistakes:
                 if near(run(_simulate_variant, **kw)) or near(run(_simulate_variant, draw_dtype=dtype, **kw)):
                     return fall_back("9.3", backward_simulate, f"{where} your function {says}.")
-            err = (got.detach().to(want.dtype) - want).abs().max().item()
             return fall_back("9.3", backward_simulate,
-                             f"the result differs from the reference by up to {err:.3g} {where}. From x = z: for "
+                             f"the result differs from the reference by up to {max_diff(got, want):.3g} {where}. "
+                             "From x = z: for "
                              "j = 0, ..., i-1, x0 = G(x, t = times[j]).x0 and x = process.marginal(x0, times[j+1], "
                              "eps') with eps' = torch.randn(z.shape, generator=generator), all under torch.no_grad(); "
                              "use the generator passed in for every draw, in this order.")
