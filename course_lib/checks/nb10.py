@@ -13,20 +13,12 @@ from ..distill.gdd import (GDDPrecond, apply_freeze, discriminator_loss, frozen_
                            time_share)
 from ..models import Denoiser, MLP2D, UNet
 from ..processes import VPCosine
-from .core import (accept, checker, explain_exception, fall_back, fresh_generator, param_grads, run_check,
-                   tiny_discriminator)
+from .core import (accept, checker, close, explain_exception, fall_back, first_look, fresh_generator, param_grads,
+                   run_check, tiny_discriminator)
 
 
 def _logits(net):
     return lambda x: net(x).squeeze(1)
-
-
-def _close(a, b) -> bool:
-    """a (the student's, float32 or float64) equals the float64 reference b within a tolerance fitting a's dtype."""
-    if not (isinstance(a, torch.Tensor) and a.shape == b.shape and a.is_floating_point()):
-        return False
-    tol = dict(atol=1e-8, rtol=1e-6) if a.dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
-    return torch.allclose(a.detach().double(), b.double(), **tol)
 
 
 def gdd_losses_ref(D: Callable, x_real: torch.Tensor, x_fake: torch.Tensor, r1_weight: float):
@@ -78,27 +70,19 @@ def check_gdd_losses(student: Callable, seed: int | None = None) -> Callable:
     for (net, xr, xf, w), where in cases:
         D = _logits(net)
         x_fake = xf.clone().requires_grad_(True)
-        try:
-            got = student(D, xr.clone(), x_fake, w)
-        except Exception as e:  # noqa: BLE001
-            return fall_back("10.1", ref, explain_exception(e, where))
         want = ref(D, xr, xf, w)
-        if not (isinstance(got, (tuple, list)) and len(got) == 2 and all(isinstance(v, torch.Tensor) for v in got)):
-            return fall_back("10.1", ref, f"return two per-sample tensors (loss_g, loss_d), each of shape (B,) {where}.")
-        shapes = [tuple(v.shape) for v in got]
-        if shapes != [tuple(want[0].shape)] * 2:
-            return fall_back("10.1", ref, f"your losses have shapes {shapes}; each must hold one value per sample, "
-                                          f"shape {tuple(want[0].shape)} {where}.")
-        if all(float(v.detach().abs().max()) == 0 for v in got):
-            return fall_back("10.1", ref, f"your losses are all zero {where}. Both are logistic losses of the "
-                                          "discriminator's logits, positive for every sample, and loss_g must reach "
-                                          "x_fake through D.")
-        if not (_close(got[0], want[0]) and _close(got[1], want[1])):
+        problem = first_look(student, (D, xr.clone(), x_fake, w), want, where,
+                             zeros="Both are logistic losses of the discriminator's logits, positive for every "
+                                   "sample, and loss_g must reach x_fake through D.")
+        if problem:
+            return fall_back("10.1", ref, problem)
+        got = student(D, xr.clone(), x_fake, w)
+        if not (close(got[0], want[0]) and close(got[1], want[1])):
             for fn, why in diagnoses:
                 alt = fn(D, xr, xf, w)
-                if w > 0 and _close(got[0], alt[0]) and _close(got[1], alt[1]):
+                if w > 0 and close(got[0], alt[0]) and close(got[1], alt[1]):
                     return fall_back("10.1", ref, f"{why} ({where})")
-            which = "loss_g" if not _close(got[0], want[0]) else "loss_d"
+            which = "loss_g" if not close(got[0], want[0]) else "loss_d"
             return fall_back("10.1", ref, f"{which} differs from the reference {where}: loss_g = softplus(-D(x_fake)), "
                                           "loss_d = softplus(D(x_fake)) + softplus(-D(x_real)) + r1_weight * "
                                           "||grad_x D(x_real)||^2 summed over the data dimensions, all per sample.")
@@ -244,18 +228,15 @@ def check_time_share(student: Callable, seed: int | None = None) -> Callable:
 
     first = (torch.randn(4, 16, 5, generator=g, dtype=torch.float64)
              + 2 * torch.randn(4, 1, 5, generator=g, dtype=torch.float64),)
-    try:
-        got = student(*first)
-        value = float(torch.as_tensor(got).detach().double().reshape(-1)[0]) if torch.as_tensor(got).numel() else None
-    except Exception:  # noqa: BLE001  (run_check below reports the error where it happens)
-        value = None
-    if value is not None and torch.as_tensor(got).numel() == 1:
-        if value == 0.0:
-            return fall_back("10.3", time_share, "your share is 0 on activations whose per-channel means move with the "
-                                                 "timestep (K = 4 timesteps, B = 16 inputs, C = 5 channels): it must "
-                                                 "grow with how much of the variance the timestep explains.")
-        if not 0.0 <= value <= 1.0 + 1e-9:
-            return fall_back("10.3", time_share, f"your share is {value:.4g}: a share of variance lies in [0, 1].")
+    problem = first_look(student, first, time_share(*first), "on activations whose per-channel means move with the "
+                         "timestep (K = 4 timesteps, B = 16 inputs, C = 5 channels)",
+                         zeros="A share of 0 says the timestep explains none of the variance; it must grow with how "
+                               "much of the variance the timestep explains.")
+    if problem:
+        return fall_back("10.3", time_share, problem)
+    value = float(student(*first))
+    if not 0.0 <= value <= 1.0 + 1e-9:
+        return fall_back("10.3", time_share, f"your share is {value:.4g}: a share of variance lies in [0, 1].")
     return run_check("10.3", student, time_share, cases(), atol=1e-6, rtol=1e-5,
                      hint="mu_k = mean over the inputs and their spatial positions, per channel; between = variance "
                           "of mu_k over k; within = mean over k of the variance over the inputs and positions "
