@@ -8,7 +8,7 @@ import torch
 
 from ..config import seeded
 from ..sd import LatentCodec
-from .core import accept, checker, explain_exception, fall_back, fresh_generator
+from .core import accept, checker, fall_back, first_look, fresh_generator, max_diff
 
 SCALE = 0.37   # the tiny VAE's scaling_factor: not 1 (nor SD 1.5's 0.18215), so every use of it shows
 
@@ -51,24 +51,16 @@ def check_to_latents(student: Callable, seed: int | None = None) -> Callable:
             (mean(images) / SCALE, "your latents are those of [0, 1] images divided by the scaling factor: map the "
                                    "images to [-1, 1] and MULTIPLY by vae.config.scaling_factor."),
         ]
-    try:
-        with torch.no_grad():
-            got = student(vae, images.clone())
-            again = student(vae, images.clone())
-    except Exception as e:  # noqa: BLE001
-        return fall_back("13.1", to_latents_ref, explain_exception(e, "on a tiny AutoencoderKL"))
-    if not isinstance(got, torch.Tensor) or not isinstance(again, torch.Tensor):
-        return fall_back("13.1", to_latents_ref, f"return the latents as a tensor; got {type(got).__name__}.")
-    if tuple(got.shape) != tuple(want.shape):
-        return fall_back("13.1", to_latents_ref, f"your latents have shape {tuple(got.shape)}; the VAE's encoder gives "
-                                                 f"{tuple(want.shape)} for images {tuple(images.shape)} (4 latent "
-                                                 "channels, the spatial size divided by the VAE's downsampling).")
-    got, again = got.detach().float(), again.detach().float()
+    with torch.no_grad():
+        problem = first_look(student, (vae, images.clone()), want,
+                             f"for images {tuple(images.shape)} on a tiny AutoencoderKL (4 latent channels, the "
+                             "spatial size divided by its downsampling 2)",
+                             zeros="The UNet would see no image at all: latents come from the VAE's encoder.")
+        if problem:
+            return fall_back("13.1", to_latents_ref, problem)
+        got, again = (student(vae, images.clone()).detach().float() for _ in range(2))
     if not torch.isfinite(got).all():
         return fall_back("13.1", to_latents_ref, "your latents contain inf or nan.")
-    if float(got.abs().max()) == 0:
-        return fall_back("13.1", to_latents_ref, "your latents are all zero: the UNet would see no image at all. "
-                                                 "They come from the VAE's encoder.")
     tol = dict(atol=1e-5, rtol=1e-4)
     if not torch.allclose(got, again, **tol):
         return fall_back("13.1", to_latents_ref, "your latents change from one call to the next: you drew a sample of "
@@ -79,7 +71,7 @@ def check_to_latents(student: Callable, seed: int | None = None) -> Callable:
     for alt, why in slips:
         if torch.allclose(got, alt, **tol):
             return fall_back("13.1", to_latents_ref, why)
-    err = float((got - want).abs().max())
-    return fall_back("13.1", to_latents_ref, f"your latents differ from the reference by up to {err:.3g}: the "
+    return fall_back("13.1", to_latents_ref, f"your latents differ from the reference by up to "
+                                             f"{max_diff(got, want):.3g}: the "
                                              "posterior mean of the images mapped to [-1, 1], times "
                                              "vae.config.scaling_factor.")
