@@ -14,8 +14,8 @@ from ..distill.consistency import (cd_loss_at, cm_grid, consistency_fn, consiste
                                    lognormal_index_probs, multistep_sample, n_doubling)
 from ..distances import ICT_HUBER_C
 from ..processes import EDM, RectifiedFlow, VPCosine
-from .core import (accept, call_per_sample, checker, explain_exception, fall_back, fresh_generator, param_grads,
-                   run_check, tiny_model)
+from .core import (accept, checker, clone_tensors, close, dtype_tol, explain_exception, fall_back, first_look,
+                   fresh_generator, max_diff, param_grads, run_check, tiny_model)
 
 
 def _tiny_cm(proc, g: torch.Generator):
@@ -36,13 +36,6 @@ def _vp_sigma_fn(model, x, t, t_min, sigma_data):
     return sigma_data**2 / (d * d + sigma_data**2) * x + sigma_data * d / torch.sqrt(sigma_data**2 + sig**2) * model(x, t).x0
 
 
-def _zeros_problem(got: torch.Tensor, want: torch.Tensor, what: str) -> str | None:
-    """A placeholder's answer (all zeros where the reference is not): what is wrong, without the recipe."""
-    if bool((got == 0).all()) and not bool((want == 0).all()):
-        return f"{what} is all zeros (a placeholder?)"
-    return None
-
-
 @checker("5.1")
 def check_consistency_fn(student: Callable, seed: int | None = None) -> Callable:
     """Exercise 5.1: student(model, x, t, t_min, sigma_data) -> f(x, t) (B, D), the consistency function on the
@@ -61,26 +54,22 @@ def check_consistency_fn(student: Callable, seed: int | None = None) -> Callable
     for args, where, at_boundary in cases:
         model, x, t, t_min, sd = args
         want = consistency_fn(model, x, t, t_min, sd)
-        try:
-            f = student(model, x.clone(), t, t_min, sd)
-        except Exception as e:  # noqa: BLE001
-            return fall_back("5.1", consistency_fn, explain_exception(e, where))
-        if not isinstance(f, torch.Tensor) or f.shape != x.shape:
-            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-            found.append((0, f"f must have x's shape {tuple(x.shape)}; got {shape} {where}."))
-            continue
-        f = f.detach().to(torch.float64)
+        problem = first_look(student, clone_tensors(args), want, where,
+                             zeros="f(x, t) is the model's estimate of the clean sample, spread like the data; at "
+                                   "t = t_min it is x itself.")
+        if problem:
+            return fall_back("5.1", consistency_fn, problem)
+        f = student(*clone_tensors(args))
         if not torch.isfinite(f).all():
             found.append((1, f"f contains inf or nan {where}."))
-        elif at_boundary and not torch.allclose(f, x, atol=1e-9):
-            zeros = _zeros_problem(f, x, "f(x, t_min)")
+        elif at_boundary and not close(f, x):
             found.append((2, f"the boundary condition does not hold: f(x, t_min) differs from x by up to "
-                             f"{(f - x).abs().max().item():.3g} {where}" + (f" ({zeros})" if zeros else "") + ". "
-                             "c_skip must be exactly 1 and c_out exactly 0 at t = t_min: measure the noise level from "
-                             "the end, s - s_min with s_min = s(t_min), in both (not s alone, as EDM's denoiser does)."))
-        elif not at_boundary and not torch.allclose(f, want, atol=1e-8, rtol=1e-6):
-            err = (f - want).abs().max().item()
-            if torch.allclose(f, _vp_sigma_fn(model, x, t, t_min, sd), atol=1e-8, rtol=1e-6):
+                             f"{max_diff(f, x):.3g} {where}. c_skip must be exactly 1 and c_out exactly 0 at "
+                             "t = t_min: measure the noise level from the end, s - s_min with s_min = s(t_min), in "
+                             "both (not s alone, as EDM's denoiser does)."))
+        elif not at_boundary and not close(f, want):
+            err = max_diff(f, want)
+            if close(f, _vp_sigma_fn(model, x, t, t_min, sd)):
                 found.append((3, f"f differs from the reference by up to {err:.3g} {where}: you used the VP sigma(t) "
                                  "(at most 1) on x0_hat. The paper's noise level is s = sigma(t) / alpha(t) on "
                                  "x_ve = x / alpha(t) and the raw network F: with sigma <= 1 c_skip(1) is 0.2, and a "
@@ -133,25 +122,23 @@ def check_cd_loss(student: Callable, seed: int | None = None) -> Callable:
             p.requires_grad_(True)
         want = reference(*args)
         want_g = param_grads(want, params)
-        got, problem = call_per_sample(student, args, want, where)
+        problem = first_look(student, args, want, where,
+                             zeros="The student's f and the target's are taken at different points, so their squared "
+                                   "distance is positive, and its gradient is what trains the student.")
         if problem:
             return fall_back("5.2", reference, problem)
-        dt = got.dtype if got.dtype.is_floating_point else want.dtype
-        tol = dict(atol=1e-8, rtol=1e-6) if dt == torch.float64 else dict(atol=1e-5, rtol=1e-4)  # fits the dtype
-        value = got.detach().to(want.dtype)
+        got = student(*args)
+        tol = dtype_tol(got, want)                                  # fits the answer's dtype
         if not got.requires_grad:
-            zeros = _zeros_problem(value, want.detach(), "the loss")
-            found.append((0, (f"{zeros} and carries no gradient {where}" if zeros else
-                              f"the loss has no gradient {where}: compute the student's f outside torch.no_grad() "
-                              "(only the teacher step and the target go inside).")
-                          + " The student's parameters must receive a gradient."))
+            found.append((0, f"the loss has no gradient {where}: compute the student's f outside torch.no_grad() "
+                             "(only the teacher step and the target go inside). The student's parameters must "
+                             "receive a gradient."))
             continue
-        if not torch.allclose(value, want.detach(), **tol):
-            err = (value - want.detach()).abs().max().item()
-            found.append((1, f"the loss differs from the reference by up to {err:.3g} {where}. Noise x0 to t_next "
-                             "(process.marginal), take ONE Heun step of the teacher to t_cur (steps.heun), compare "
-                             "student(x_next, t_next).x0 with target(x_teacher, t_cur).x0, squared error averaged "
-                             "over the data dimensions."))
+        if not close(got, want):
+            found.append((1, f"the loss differs from the reference by up to {max_diff(got, want):.3g} {where}. "
+                             "Noise x0 to t_next (process.marginal), take ONE Heun step of the teacher to t_cur "
+                             "(steps.heun), compare student(x_next, t_next).x0 with target(x_teacher, t_cur).x0, "
+                             "squared error averaged over the data dimensions."))
             continue
         got_g = param_grads(got, params)
         if not all(torch.allclose(a.to(b.dtype), b, **tol) for a, b in zip(got_g, want_g)):
@@ -180,14 +167,11 @@ def check_multistep(student: Callable, seed: int | None = None) -> Callable:
                 noises = torch.randn(max(len(ts) - 1, 1), 6, 2, generator=g, dtype=torch.float64)[: len(ts) - 1]
                 yield (cm, x, ts, proc, cm.t_min, noises), f"for the {proc.name} process and step times {ts}"
 
-    first = next(iter(cases()))
-    try:                                                            # a placeholder's zeros: say what, not how
-        got = student(*first[0])
-    except Exception:  # noqa: BLE001   (run_check explains it)
-        got = None
-    if isinstance(got, torch.Tensor) and got.shape == first[0][1].shape and bool((got == 0).all()):
-        return fall_back("5.3", reference, f"the samples are all zeros {first[1]} (a placeholder?): return the last "
-                                           "estimate x0 of the model, one sample per row of x.")
+    args0, where0 = next(iter(cases()))
+    problem = first_look(student, clone_tensors(args0), reference(*args0), where0,
+                         zeros="A sample is the model's last estimate x0, spread like the data, one per row of x.")
+    if problem:
+        return fall_back("5.3", reference, problem)
     return run_check("5.3", student, reference, cases(), atol=1e-8, rtol=1e-6,
                      hint="x0 = model(x, 1).x0; then for each later time tau: re-noise x0 from t_min to tau with "
                           "the process's own scales, x_tau = (alpha_tau / alpha_min) x0 + sqrt(sigma_tau^2 - "
