@@ -124,19 +124,6 @@ def explain_exception(e: BaseException, where: str = "") -> str:
     return f"your function raised {raised}{where}. {advice_for(e)}"
 
 
-def call_per_sample(student: Callable, args: tuple, want: Tensor, where: str) -> tuple[Tensor | None, str | None]:
-    """Call a loss exercise as student(*args): (its per-sample losses, None), or (None, the problem to report) when it
-    raised or returned something other than a tensor of want's shape."""
-    try:
-        got = student(*args)
-    except Exception as e:  # noqa: BLE001
-        return None, explain_exception(e, where)
-    if not isinstance(got, Tensor) or got.shape != want.shape:
-        shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
-        return None, f"expected per-sample losses of shape {tuple(want.shape)}, got {shape} {where}."
-    return got, None
-
-
 # --- random numbers ---------------------------------------------------------------------------------------------
 
 def fresh_generator(seed: int | None) -> torch.Generator:

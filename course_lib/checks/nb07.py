@@ -12,13 +12,8 @@ from ..distill.consistency import cm_grid
 from ..distill.tcd import tcd_loss_at, tcf
 from ..processes import EDM, RectifiedFlow, VPCosine
 from ..samplers import tcd
-from .core import (accept, call_per_sample, checker, explain_exception, fall_back, first_look, fresh_generator,
-                   is_library, param_grads, quiet, run_check, tiny_model)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-8, rtol: float = 1e-6) -> bool:
-    return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a.detach().to(b.dtype), b,
-                                                                                  atol=atol, rtol=rtol)
+from .core import (accept, checker, close, explain_exception, fall_back, first_look, fresh_generator, is_library,
+                   max_diff, param_grads, quiet, run_check, tiny_model)
 
 
 # Exercise 7.3's tolerance: its cases are float64, and a sampler that builds its times in float32 (a correct one)
@@ -49,7 +44,7 @@ def check_tcf(student: Callable, seed: int | None = None) -> Callable:
     try:
         for (model, x, t, s, proc), where in cases():
             got = student(model, x.clone(), t, s, proc)
-            if "random" in where and _close(got, model(x, t).x0) and not _close(got, tcf(model, x, t, s, proc)):
+            if "random" in where and close(got, model(x, t).x0) and not close(got, tcf(model, x, t, s, proc)):
                 return fall_back("7.1", tcf, f"your function returns x0_hat, the jump to t = 0, {where}: the TCF "
                                              "jumps to the given s. Use alpha_s and sigma_s of s, not of 0.")
     except Exception as e:  # noqa: BLE001
@@ -106,19 +101,18 @@ def check_tcd_loss(student: Callable, seed: int | None = None) -> Callable:
         for p in params:
             p.requires_grad_(True)
         want = ref(*args)
-        got, problem = call_per_sample(student, args, want, where)
+        problem = first_look(student, args, want, where, zeros="The student and the target jump from different "
+                                                               "points, so their squared distance is positive.")
         if problem:
             return fall_back("7.2", ref, problem)
-        if not bool(got.detach().abs().gt(0).any()):
-            return fall_back("7.2", ref, f"your losses are all zeros {where}: is it still the placeholder? The student "
-                             "and the target jump from different points, so their squared distance is positive.")
-        if not _close(got, want.detach()):
+        got = student(*args)
+        if not close(got, want):
             for wrong, why in diagnoses:
-                if _close(got, wrong(args).detach()):
+                if close(got, wrong(args)):
                     return fall_back("7.2", ref, f"{why} ({where})")
-            err = (got.detach() - want.detach()).abs().max().item()
             return fall_back("7.2", ref,
-                             f"the loss differs from the reference by up to {err:.3g} {where}. s = u t_cur; noise x0 "
+                             f"the loss differs from the reference by up to {max_diff(got, want):.3g} {where}. s = "
+                             "u t_cur; noise x0 "
                              "to t_next (process.marginal); ONE DDIM step of the teacher to t_cur (steps.ddim); compare "
                              "tcf(student, x_next, t_next, s) with tcf(target, x_teacher, t_cur, s); squared error "
                              "averaged over the data dimensions.")
@@ -154,7 +148,7 @@ def check_gamma_sampler(student: Callable, seed: int | None = None) -> Callable:
     One verdict: every test (values, the gamma range) runs before it is printed."""
     g = fresh_generator(seed)
     ref = gamma_sample
-    close = lambda a, b: _close(a, b, SAMPLER_ATOL, SAMPLER_RTOL)
+    near = lambda a, b: close(a, b, atol=SAMPLER_ATOL, rtol=SAMPLER_RTOL)
 
     def cases():
         for proc in (VPCosine(), RectifiedFlow()):
@@ -175,7 +169,7 @@ def check_gamma_sampler(student: Callable, seed: int | None = None) -> Callable:
             if args[4] not in (0.0, 1.0) and len(args[2]) > 2:
                 got = student(*args)
                 flipped = ref(*args[:4], 1.0 - args[4], args[5])
-                if close(got, flipped) and not close(got, ref(*args)):
+                if near(got, flipped) and not near(got, ref(*args)):
                     return fall_back("7.3", ref, f"your sampler uses gamma the wrong way round {where}: it jumps to "
                                                  "gamma * t'. The end point is s' = (1 - gamma) t': gamma = 0 is "
                                                  "deterministic (s' = t'), gamma = 1 jumps to 0 and re-noises.")
