@@ -958,6 +958,7 @@ def test_lcm_multistep_checker_takes_float64_times(capsys):
 def _lora_merge(mistake):
     def fn(W, loras):
         out = torch.zeros_like(W) if mistake == "no base" else (W if mistake == "in place" else W.clone())
+        out = out / len(loras) if mistake == "split base" else out
         for i, (lam, s, A, B) in enumerate(loras):
             lam = loras[0][0] if mistake == "first lambda" else lam
             s = 1.0 if mistake == "no scaling" else s
@@ -968,18 +969,6 @@ def _lora_merge(mistake):
                 out = out + delta
         return out.float() if mistake == "float32 answer" else out
     return fn
-
-
-@pytest.mark.parametrize("mistake,says", [("no base", "missing the base weight"), ("no scaling", "alpha / r"),
-                                          ("first lambda", "its own lambda_i"), ("in place", "in place")])
-def test_lora_merge_checker_rejects_planted_mistakes(mistake, says, capsys):
-    right = _lora_merge("right")
-    assert checks.check_lora_merge(right, seed=0) is right
-    assert "correct on" in capsys.readouterr().out
-    used = checks.check_lora_merge(_lora_merge(mistake), seed=0)
-    out = capsys.readouterr().out
-    assert checks.is_library(used) and says in out, out
-    assert checks.is_library(checks.check_lora_merge(unsolved, seed=0)) and "not solved yet" in capsys.readouterr().out
 
 
 def test_lora_merge_checker_accepts_a_float32_answer(capsys):
@@ -1019,7 +1008,7 @@ def _tcd_loss(mistake):
     from course_lib.distill.tcd import tcf
 
     def fn(student, target, teacher, x0, eps, t_next, t_cur, u, process):
-        s = u * (t_next if mistake == "s above t_n" else t_cur)
+        s = u * (t_next if mistake == "s above t_n" else t_cur) * (mistake != "jump to 0")
         x_next = process.marginal(x0, t_next, eps)
         ctx = torch.enable_grad() if mistake == "no stopgrad" else torch.no_grad()
         with ctx:
@@ -1030,16 +1019,29 @@ def _tcd_loss(mistake):
     return fn
 
 
-@pytest.mark.parametrize("mistake,says", [("s above t_n", "above t_n"), ("online as target", "online student"),
-                                          ("no stopgrad", "gradient flows through the target")])
-def test_tcd_loss_checker_rejects_planted_mistakes(mistake, says, capsys):
-    right = _tcd_loss("right")
-    assert checks.check_tcd_loss(right, seed=0) is right
+PLANTED_6_3_AND_7_2 = [   # (checker, variant factory, mistake, what the verdict must say)
+    (checks.check_lora_merge, _lora_merge, "no base", "missing the base weight"),
+    (checks.check_lora_merge, _lora_merge, "no scaling", "alpha / r"),
+    (checks.check_lora_merge, _lora_merge, "first lambda", "its own lambda_i"),
+    (checks.check_lora_merge, _lora_merge, "split base", "W appears once"),
+    (checks.check_lora_merge, _lora_merge, "in place", "in place"),
+    (checks.check_tcd_loss, _tcd_loss, "s above t_n", "above t_n"),
+    (checks.check_tcd_loss, _tcd_loss, "online as target", "online student"),
+    (checks.check_tcd_loss, _tcd_loss, "jump to 0", "both sides jump to t = 0"),
+    (checks.check_tcd_loss, _tcd_loss, "no stopgrad", "gradient flows through the target"),
+]
+
+
+@pytest.mark.parametrize("check, variant, mistake, says", PLANTED_6_3_AND_7_2,
+                         ids=[f"{c.exercise}-{m.replace(' ', '-')}" for c, _, m, _ in PLANTED_6_3_AND_7_2])
+def test_lora_merge_and_tcd_loss_checkers_reject_planted_mistakes(check, variant, mistake, says, capsys):
+    right = variant("right")
+    assert check(right, seed=0) is right
     assert "correct" in capsys.readouterr().out
-    used = checks.check_tcd_loss(_tcd_loss(mistake), seed=0)
+    used = check(variant(mistake), seed=0)
     out = capsys.readouterr().out
-    assert checks.is_library(used) and says in out, out
-    assert checks.is_library(checks.check_tcd_loss(unsolved, seed=0)) and "not solved yet" in capsys.readouterr().out
+    assert checks.is_library(used) and says in out and out.count(f"Exercise {check.exercise}:") == 1, out
+    assert checks.is_library(check(unsolved, seed=0)) and "not solved yet" in capsys.readouterr().out
 
 
 def _gamma_sampler(mistake):
@@ -1126,3 +1128,104 @@ def test_to_latents_checker_names_each_slip(wrong, words, capsys):
     # a zeros placeholder is told what is wrong, not the recipe
     if "all zero" in words:
         assert "scaling_factor" not in text and "2 x - 1" not in text
+
+
+# --- every checker of notebooks 05-10 and 13 (issue 24): one verdict on a right answer, float32 and float64 answers
+# taken, a placeholder of zeros told what is wrong (checks.core.first_look) without the recipe, plausible mistakes
+
+LATER_EXERCISES = sorted((e for e in _library_solutions() if int(e.split(".")[0]) >= 5),
+                         key=lambda e: tuple(int(n) for n in e.split(".")))
+
+
+def _answer_map(fn, change):
+    """fn with `change` applied to every tensor it returns (also inside a tuple)."""
+    def apply(out):
+        if isinstance(out, torch.Tensor):
+            return change(out)
+        return tuple(apply(o) for o in out) if isinstance(out, tuple) else out
+    return lambda *a, **k: apply(fn(*a, **k))
+
+
+@pytest.mark.parametrize("exercise", LATER_EXERCISES)
+def test_later_checkers_give_one_verdict_on_right_float32_and_float64_answers(exercise, capsys):
+    check, right = checks.CHECKERS[exercise], _library_solutions()[exercise]
+    for dtype in (None, torch.float32, torch.float64):
+        answer = right if dtype is None else _answer_map(right, lambda v: v.to(dtype) if v.is_floating_point() else v)
+        assert check(answer, seed=0) is answer, capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert out.count(f"Exercise {exercise}:") == 1 and "Later cells use your function" in out, out
+
+
+# words of each checker's recipe (its hint after a wrong value) that a placeholder must not hear
+RECIPE_WORDS = {"5.1": "c_out^EDM", "5.2": "Heun", "5.3": "alpha_tau", "6.1": "guidance.cfg", "6.2": "re-noise",
+                "6.3": "B_i @ A_i", "7.1": "lambda_s", "7.2": "steps.ddim", "7.3": "renoise", "8.1": "marginal",
+                "8.2": "relu(1 -", "8.3": "alpha_{t_{i+1}}", "9.1": "no_grad", "9.2": "from_pred",
+                "9.3": "process.marginal", "10.1": "softplus(-D", "10.3": "unbiased", "13.1": "scaling_factor"}
+
+
+@pytest.mark.parametrize("exercise", sorted(RECIPE_WORDS))
+def test_a_zeros_placeholder_hears_what_is_wrong_not_the_recipe(exercise, capsys):
+    zeros = _answer_map(_library_solutions()[exercise], lambda v: torch.zeros_like(v).detach())
+    used = checks.CHECKERS[exercise](zeros, seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and out.count(f"Exercise {exercise}:") == 1, out
+    assert "returns all zeros" in out and "is it still the placeholder?" in out, out
+    assert RECIPE_WORDS[exercise] not in out, out
+
+
+def test_placeholders_of_the_exercises_without_a_tensor_answer_hear_what_is_wrong(capsys):
+    # 5.4 returns (N, p, c) and 10.2 a fraction after freezing G in place: their zeros are named in their own words
+    assert checks.is_library(checks.check_ict_pieces(lambda *a: (0, torch.zeros(1), 0.0), seed=0))
+    out = capsys.readouterr().out
+    assert "at least 2" in out and "erf" not in out and out.count("Exercise 5.4:") == 1, out
+    assert checks.is_library(checks.check_freeze_rule(lambda G: 0.0, seed=0))
+    out = capsys.readouterr().out
+    assert "still frozen" in out and "time_emb_proj" not in out and out.count("Exercise 10.2:") == 1, out
+
+
+def _planted_later_mistakes():
+    """(exercise, a plausible mistake, words its verdict must say) for the named slips of 8.2, 9.2, 9.3 and 10.1
+    that the tests beside those modules' own (test_add, test_dmd, test_gdd) do not plant."""
+    import torch.nn.functional as F
+
+    from course_lib.checks.nb09 import _simulate_variant
+    from course_lib.checks.nb10 import _r1, gdd_losses_ref
+    from course_lib.distill import dmd, gan
+
+    def hinge(D, x_real, x_fake, gamma, r1_factor):
+        fake = x_fake.detach()
+        r1 = gan.r1_penalty(D, x_real) if r1_factor else 0.0
+        return torch.relu(1 - D(x_real)) + torch.relu(1 + D(fake)) + r1_factor * gamma * r1
+
+    def sim(**kw):
+        return lambda G, z, i, times, p, generator: _simulate_variant(G, z, i, times, p, generator, **kw)
+
+    def rounds(shift):
+        return lambda G, z, i, times, p, gen: _simulate_variant(G, z, i, times, p, gen, rounds=max(i + shift, 0))
+
+    def fake_no_grad(fake, x, t, eps):
+        with torch.no_grad():
+            return dmd.fake_score_loss(fake, x, t, eps)
+
+    return [
+        ("8.2", lambda D, r, f, g: hinge(D, r, f, g, 1.0), "factor 1/2"),
+        ("8.2", lambda D, r, f, g: hinge(D, r, f, g, 0.0), "no R1 penalty"),
+        ("9.2", fake_no_grad, "gradients on"),
+        ("9.3", rounds(-1), "one round too few"),
+        ("9.3", rounds(+1), "one round too many"),
+        ("9.3", sim(renoise_at=0), "NEXT time"),
+        ("10.1", lambda D, xr, xf, w: (-F.softplus(D(xf)), gdd_losses_ref(D, xr, xf, w)[1]), "SATURATING"),
+        ("10.1", lambda D, xr, xf, w: (gdd_losses_ref(D, xr, xf, w)[0],
+                                       F.softplus(-D(xf.detach())) + F.softplus(D(xr)) + w * _r1(D, xr)),
+         "signs swapped"),
+        ("10.1", lambda D, xr, xf, w: (-D(xf), F.relu(1 + D(xf.detach())) + F.relu(1 - D(xr)) + w * _r1(D, xr)),
+         "hinge losses"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_planted_later_mistakes())))
+def test_later_checkers_name_the_plausible_mistakes_planted_nowhere_else(case, capsys):
+    exercise, wrong, says = _planted_later_mistakes()[case]
+    used = checks.CHECKERS[exercise](wrong, seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and says in out and out.count(f"Exercise {exercise}:") == 1, out
