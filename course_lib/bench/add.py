@@ -17,8 +17,8 @@ from ..plotting import table
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, over_best, prior, reference_2d,
-                   score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
+from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, lines_over_best, prior,
+                   reference_2d, score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -133,14 +133,10 @@ def add_summary(rows: list[dict]) -> str:
     """Per 2D dataset: every student (and the teacher with the students' sampler) at 1, 2, 4 steps against the data,
     metrics side by side (mean ± std over seeds), with its SWD over the teacher's best (the teacher row of lowest
     mean SWD), per seed, and its training seconds; then digits."""
-    out = []
-    for ds in ("gmm", "checkerboard"):
-        mine = [r for r in rows if r["dataset"] == ds]
-        best = teacher_best(mine)
-        keep = [r for r in mine if r["model"] != "teacher" or r is best or (best and r["nfe"] == best["nfe"])]
-        for d in over_best(side_by_side(keep, ("dataset", "model", "nfe")), best):
-            d["train s"] = next(iter(d["rows"].values())).get("train_seconds")
-            out.append(d)
+    out = lines_over_best(rows, ("gmm", "checkerboard"),
+                          lambda r, best: r["model"] != "teacher" or r is best or (best and r["nfe"] == best["nfe"]))
+    for d in out:
+        d["train s"] = next(iter(d["rows"].values())).get("train_seconds")
     digits = side_by_side([r for r in rows if r["dataset"] == "digits"], ("dataset", "model", "nfe"))
     return (table(out, ["dataset", "model", "nfe", "swd", "swd / teacher best", "precision", "recall",
                         "modes_covered", "mass_tv", "in_squares", "train s"])

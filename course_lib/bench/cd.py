@@ -21,8 +21,8 @@ from ..samplers import ddim
 from ..teachers import get_recipe, load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, exact_map, nfe, over_best, prior,
-                   reference_2d, score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
+from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, exact_map, lines_over_best,
+                   nfe, prior, reference_2d, score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -178,11 +178,8 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
 def cm_summary(rows: list[dict], method: str) -> str:
     """Per dataset: the student (and, for CD on gmm, the same-cost PD student) at each step count, metrics side by
     side (mean ± std over seeds), with its SWD over the teacher's best (the teacher row of lowest mean SWD), per seed."""
-    out = []
-    for ds in ("checkerboard", "gmm"):
-        mine = [r for r in rows if r["dataset"] == ds]
-        out += over_best(side_by_side([r for r in mine if r["model"] in (method, f"{method}-long", "pd", "data")],
-                                      ("dataset", "model", "nfe")), teacher_best(mine))
+    out = lines_over_best(rows, ("checkerboard", "gmm"),
+                          lambda r, _: r["model"] in (method, f"{method}-long", "pd", "data"))
     digits = side_by_side([r for r in rows if r["dataset"] == "digits"], ("dataset", "model", "nfe"))
     return (table(out, ["dataset", "model", "nfe", "swd", "swd / teacher best", "in_squares", "precision", "recall",
                         "flow_map_err_exact"])

@@ -319,6 +319,31 @@ def over_best(lines: list[dict], best: dict | None, skip: tuple[str, ...] = ("da
     return lines
 
 
+def lines_over_best(rows: Iterable[dict], datasets: Iterable[str], keep: Callable[[dict, dict | None], bool],
+                    key: tuple[str, ...] = ("dataset", "model", "nfe"), skip: tuple[str, ...] = ("data",),
+                    teacher: Callable[[str], bool] = lambda m: m == "teacher") -> list[dict]:
+    """Per dataset of `datasets`: its rows r with keep(r, best) side by side by `key`, each line with its SWD over
+    `best`, the dataset's teacher_best row (over_best; not for the models in `skip`)."""
+    rows, out = list(rows), []
+    for ds in datasets:
+        mine = [r for r in rows if r["dataset"] == ds]
+        best = teacher_best(mine, teacher)
+        out += over_best(side_by_side([r for r in mine if keep(r, best)], key), best, skip)
+    return out
+
+
+def fidelity_to_teacher(line: dict, teacher: dict) -> None:
+    """Add to a guided student's side_by_side `line` its fidelity to the teacher's rows `teacher` (same seeds):
+    "swd_teacher / teacher's" (over the teacher's own swd_teacher, the metric's floor) and "acc - teacher (points)",
+    each per seed (per_seed), as mean ± std, where both sides have the metric."""
+    mine = line["rows"]
+    if "swd_teacher" in mine and "swd_teacher" in teacher:
+        line["swd_teacher / teacher's"] = pm(*per_seed(mine["swd_teacher"], teacher["swd_teacher"]))
+    if "class_acc" in mine and "class_acc" in teacher:
+        line["acc - teacher (points)"] = pm(*per_seed(mine["class_acc"], teacher["class_acc"],
+                                                      lambda u, v: 100 * (u - v)))
+
+
 class RoundClock:
     """A per-round `cfg` for progressive distillation (distill.pd.distill_pd calls run(N) as round N
     starts) that notes the time: seconds(N) is the training time up to the end of the N-step student's round."""

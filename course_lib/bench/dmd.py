@@ -29,8 +29,8 @@ from ..plotting import table
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (Evaluation, digits_floor, digits_n, digits_teacher, over_best, prior, reference_2d,
-                   score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
+from .core import (Evaluation, digits_floor, digits_n, digits_teacher, lines_over_best, prior, reference_2d, score_2d,
+                   score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
 DIGITS_TEACHER_STEPS = 16
@@ -161,16 +161,11 @@ def dmd_summary(rows: list[dict], method: str) -> str:
     """Per 2D dataset: every student row (model, nfe) and the data floor, metrics side by side (mean ± std over
     seeds), each student's SWD over the teacher's best (lowest mean SWD) per seed, and the teacher's best row itself;
     then digits."""
-    out = []
-    for ds in ("checkerboard", "gmm"):
-        mine = [r for r in rows if r["dataset"] == ds]
-        best = teacher_best(mine)
-        keep = [r for r in mine if r["model"] != "teacher" or (best is not None and r["nfe"] == best["nfe"])]
-        for d in over_best(side_by_side(keep, ("dataset", "model", "nfe")), best, skip=("data", "teacher")):
-            d["train s"] = next(iter(d["rows"].values())).get("train_seconds", "")
-            out.append(d)
+    out = lines_over_best(rows, ("checkerboard", "gmm"),
+                          lambda r, best: r["model"] != "teacher" or (best is not None and r["nfe"] == best["nfe"]),
+                          skip=("data", "teacher"))
     digits = side_by_side([r for r in rows if r["dataset"] == "digits"], ("dataset", "model", "nfe"))
-    for d in digits:
+    for d in out + digits:
         d["train s"] = next(iter(d["rows"].values())).get("train_seconds", "")
     return (table(out, ["dataset", "model", "nfe", "swd", "swd / teacher best", "in_squares", "precision", "recall",
                         "train s"])

@@ -15,8 +15,8 @@ from ..plotting import table
 from ..recipes.gdd import SHIP_DATASETS, gdd_budget, load_shipped, train_2d, train_digits
 from ..teachers import load_teacher
 from . import register
-from .core import (Evaluation, digits_floor, digits_n, digits_teacher, over_best, prior, reference_2d,
-                   score_2d, score_digits, side_by_side, sweep_2d, teacher_best, timed, train_fields)
+from .core import (Evaluation, digits_floor, digits_n, digits_teacher, lines_over_best, prior, reference_2d, score_2d,
+                   score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
 SWEEP = ("embeddings-only",)          # 2D: wider freezing rules beside "none" (gdd) and "gdd-i"
@@ -86,15 +86,11 @@ def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
 def gdd_summary(rows: list[dict]) -> str:
     """Per 2D data set: data, the teacher's best NFE (lowest mean SWD) and every one-step student with its SWD over
     the teacher's best per seed; digits: every row side by side."""
-    out = []
-    for ds in ("gmm", "checkerboard"):
-        mine = [r for r in rows if r["dataset"] == ds]
-        best = teacher_best(mine)
-        keep = [r for r in mine if r["model"] != "teacher" or (best and r["nfe"] in (1, best["nfe"]))]
-        for d in over_best(side_by_side(keep, ("dataset", "model", "nfe")), best):
-            d["trained"] = d["rows"].get("swd", {}).get("trained_fraction", "")
-            d["train s"] = d["rows"].get("swd", {}).get("train_seconds", "")
-            out.append(d)
+    out = lines_over_best(rows, ("gmm", "checkerboard"),
+                          lambda r, best: r["model"] != "teacher" or (best and r["nfe"] in (1, best["nfe"])))
+    for d in out:
+        d["trained"] = d["rows"].get("swd", {}).get("trained_fraction", "")
+        d["train s"] = d["rows"].get("swd", {}).get("train_seconds", "")
     digits = side_by_side([r for r in rows if r["dataset"] == "digits"], ("dataset", "model", "nfe"))
     for d in digits:
         d["trained"] = d["rows"]["kid_heldout"].get("trained_fraction", "")

@@ -13,7 +13,7 @@ from ..recipes.guided import guided_2d_budget, guided_2d_students
 from ..samplers import ddim, dpm_solver_pp_2m, generate
 from ..teachers import load_teacher
 from . import register
-from .core import (Evaluation, conditional_reference, digits_floor, digits_n, fresh, nfe, per_seed, pm, prior,
+from .core import (Evaluation, conditional_reference, digits_floor, digits_n, fidelity_to_teacher, fresh, nfe, prior,
                    score_digits, score_fidelity, side_by_side, timed, train_fields)
 
 GUIDANCE_WEIGHTS = (0.0, 1.0, 2.0, 4.0)
@@ -87,13 +87,8 @@ def guided_summary(rows: list[dict]) -> str:
     teach = {(d["dataset"], d["w"]): d["rows"] for d in out if d["model"] == "teacher"}
     for d in out:
         t = teach.get((d["dataset"], d["w"]))
-        if t is None or not d["model"].startswith("guided-student"):
-            continue
-        if "swd_teacher" in d["rows"]:
-            d["swd_teacher / teacher's"] = pm(*per_seed(d["rows"]["swd_teacher"], t["swd_teacher"]))
-        if "class_acc" in d["rows"]:
-            d["acc - teacher (points)"] = pm(*per_seed(d["rows"]["class_acc"], t["class_acc"],
-                                                       lambda u, v: 100 * (u - v)))
+        if t is not None and d["model"].startswith("guided-student"):
+            fidelity_to_teacher(d, t)
     return table(out, ["dataset", "model", "steps", "nfe", "w", "class_acc", "swd_teacher", "flow_map_err_teacher",
                        "swd_data", "kid_heldout", "swd_teacher / teacher's", "acc - teacher (points)"])
 

@@ -19,8 +19,8 @@ from ..recipes.instaflow import (DIGITS_DIR, DIGITS_MODELS, DIGITS_RECIPE, insta
 from ..samplers import dpm_solver_pp_2m, euler
 from ..teachers import load_teacher
 from . import register
-from .core import (Evaluation, conditional_reference, digit_labels, digits_floor, digits_n, fresh, nfe, noise, per_seed,
-                   pm, prior, score_digits, score_fidelity, side_by_side, swd, timed, train_fields)
+from .core import (Evaluation, conditional_reference, digit_labels, digits_floor, digits_n, fidelity_to_teacher, fresh,
+                   nfe, noise, prior, score_digits, score_fidelity, side_by_side, swd, timed, train_fields)
 
 
 def sweep_rows(ev: Evaluation, records: list[dict], dataset: str, x1s: list, y, targets: list[dict],
@@ -140,13 +140,8 @@ def instaflow_summary(rows: list[dict]) -> str:
     teach = {d["dataset"]: d["rows"] for d in head if d["model"] == "teacher" and "class_acc" in d["rows"]}
     for d in head:
         t = teach.get(d["dataset"])
-        if t is None or d["model"] in ("teacher", "data"):
-            continue
-        if "swd_teacher" in d["rows"] and "swd_teacher" in t:
-            d["swd_teacher / teacher's"] = pm(*per_seed(d["rows"]["swd_teacher"], t["swd_teacher"]))
-        if "class_acc" in d["rows"] and "class_acc" in t:
-            d["acc - teacher (points)"] = pm(*per_seed(d["rows"]["class_acc"], t["class_acc"],
-                                                       lambda u, v: 100 * (u - v)))
+        if t is not None and d["model"] not in ("teacher", "data"):
+            fidelity_to_teacher(d, t)
     return (table(head, ["dataset", "model", "steps", "nfe", "class_acc", "swd_teacher", "flow_map_err_teacher",
                          "swd_data", "kid_heldout", "heldout_err", "straightness", "swd_teacher / teacher's",
                          "acc - teacher (points)"])

@@ -25,8 +25,8 @@ from ..samplers import tcd as sss
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (PR_N, Evaluation, exact_map, over_best, prior, reference_2d, score_2d, side_by_side, sweep_2d,
-                   teacher_best, timed, train_fields)
+from .core import (PR_N, Evaluation, exact_map, lines_over_best, prior, reference_2d, score_2d, side_by_side, sweep_2d,
+                   timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4, 8)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -153,11 +153,8 @@ def rows_sd(method: str, ev: Evaluation, mode: str, b: dict, device, gammas: Seq
 def tc_summary(rows: list[dict], method: str) -> str:
     """2D: the student at each step count (and gamma) with SWD, precision/recall and flow-map error (mean ± std),
     its SWD over the teacher's best; mini SD: adherence, held-out KID and FD of teacher, data and student."""
-    out = []
-    for ds in ("checkerboard", "gmm"):
-        mine = [r for r in rows if r["dataset"] == ds]
-        out += over_best(side_by_side([r for r in mine if r["model"] in (method, "data")],
-                                      ("dataset", "model", "nfe", "gamma")), teacher_best(mine))
+    out = lines_over_best(rows, ("checkerboard", "gmm"), lambda r, _: r["model"] in (method, "data"),
+                          key=("dataset", "model", "nfe", "gamma"))
     sd_rows = side_by_side([r for r in rows if r["dataset"] == SD], ("dataset", "model", "nfe", "gamma"))
     return (table(out, ["dataset", "model", "nfe", "gamma", "swd", "swd / teacher best", "in_squares", "precision",
                         "recall", "flow_map_err_exact"])

@@ -11,9 +11,8 @@ from ..recipes.reflow import DIGITS_DIR, load_digits_flow, reflow_2d_budget, ref
 from ..samplers import dpm_solver_pp_2m, euler
 from ..teachers import load_teacher
 from . import register
-from .core import (NFES, PR_N, Evaluation, digit_labels, digits_floor, digits_n, exact_map, nfe, noise, over_best,
-                   per_seed, pm, prior, reference_2d, score_2d, score_digits, side_by_side, sweep_2d, teacher_best,
-                   timed, train_fields)
+from .core import (NFES, PR_N, Evaluation, digit_labels, digits_floor, digits_n, exact_map, lines_over_best, nfe, noise,
+                   per_seed, pm, prior, reference_2d, score_2d, score_digits, sweep_2d, timed, train_fields)
 
 REFLOW_NFES = (1, 2, 4, 64)
 
@@ -66,17 +65,16 @@ def bench_reflow(mode: str, seed: int = 0, device: str | torch.device | None = N
 def reflow_summary(rows: list[dict]) -> str:
     """Per dataset and model: the metrics side by side (mean ± std over seeds), each model's SWD over the teacher's
     best (the fm-teacher row of lowest mean SWD) and its straightness over 1-RF's, both per seed, then mean ± std."""
-    out = []
-    for ds in dict.fromkeys(r["dataset"] for r in rows if r["metric"] == "swd"):
-        mine = [r for r in rows if r["dataset"] == ds]
-        best = teacher_best(mine, lambda m: m.startswith("fm-teacher"))
-        s1 = next((r for r in mine if r["model"] == "1-rf" and r["metric"] == "straightness"), None)
-        for d in over_best(side_by_side([r for r in mine if r["model"] in ("1-rf", "2-rf", "3-rf", "1-rf-distill",
-                                                                            "2-rf-distill")],
-                                        ("dataset", "model", "nfe")), best, skip=()):
-            if "straightness" in d["rows"] and s1:
-                d["straightness / 1-rf"] = pm(*per_seed(d["rows"]["straightness"], s1))
-            out.append(d)
+    out = lines_over_best(rows, dict.fromkeys(r["dataset"] for r in rows if r["metric"] == "swd"),
+                          lambda r, _: r["model"] in ("1-rf", "2-rf", "3-rf", "1-rf-distill", "2-rf-distill"),
+                          skip=(), teacher=lambda m: m.startswith("fm-teacher"))
+    s1 = {}                                                # each dataset's first 1-RF straightness row
+    for r in rows:
+        if r["model"] == "1-rf" and r["metric"] == "straightness":
+            s1.setdefault(r["dataset"], r)
+    for d in out:
+        if "straightness" in d["rows"] and d["dataset"] in s1:
+            d["straightness / 1-rf"] = pm(*per_seed(d["rows"]["straightness"], s1[d["dataset"]]))
     return table(out, ["dataset", "model", "nfe", "swd", "swd / teacher best", "in_squares", "precision", "recall",
                        "flow_map_err_exact", "straightness", "straightness / 1-rf"])
 
