@@ -172,15 +172,19 @@ def read_source(source: str | os.PathLike, images: bool = False, limit: int | No
     return out
 
 
-def load_image(data: bytes, resolution: int) -> Tensor:
-    """An encoded image -> (3, r, r) in [-1, 1]: RGB, shorter side resized to r (bicubic), centre crop."""
-    im = Image.open(io.BytesIO(data)).convert("RGB")
+def centre_crop(im: Image.Image, resolution: int) -> Image.Image:
+    """im with its shorter side resized to `resolution` (bicubic), then its centre resolution x resolution square."""
     w, h = im.size
     s = resolution / min(w, h)
     im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
     w, h = im.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
+def load_image(data: bytes, resolution: int) -> Tensor:
+    """An encoded image -> (3, r, r) in [-1, 1]: RGB, shorter side resized to r (bicubic), centre crop."""
+    im = centre_crop(Image.open(io.BytesIO(data)).convert("RGB"), resolution)
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 

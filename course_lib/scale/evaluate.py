@@ -43,6 +43,7 @@ from torch import Tensor
 
 from .. import minisd
 from .common import SourceError, device_of, write_json_atomic
+from .data import centre_crop
 from .export import load_lora_checked
 
 INCEPTION = Path(tempfile.gettempdir()) / "inception-2015-12-05.pt"
@@ -152,13 +153,7 @@ def _reference_folder(coco_images: Path, records: list[dict], resolution: int, o
         dst = out / f"{k:06d}.png"
         if dst.is_file():
             continue
-        im = Image.open(coco_images / r["file_name"]).convert("RGB")
-        w, h = im.size
-        s = resolution / min(w, h)
-        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        l, t = (w - resolution) // 2, (h - resolution) // 2
-        im.crop((l, t, l + resolution, t + resolution)).save(dst)
+        centre_crop(Image.open(coco_images / r["file_name"]).convert("RGB"), resolution).save(dst)
     return out
 
 
