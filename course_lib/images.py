@@ -14,7 +14,6 @@ from torch import Tensor
 
 from . import paths
 
-IMAGE_DATASETS = ("digits", "cifar10")
 DATA_DIR = paths.data_dir()          # the course's data/ folder ($COURSE_DATA, the checkout's, or the installed copy)
 DATASETS_DIR = paths.datasets_dir()  # where CIFAR-10 is read and downloaded (the data folder, or the user cache)
 CIFAR_FOLDER = "cifar-10-batches-py"
@@ -102,24 +101,3 @@ def load_cifar10(root: str | os.PathLike | None = None, train: bool = True,
     x = x / 127.5 - 1.0
     y = torch.tensor(ds.targets, dtype=torch.long)
     return x, y
-
-
-def load_images(name: str, split: str = "train", size: int | None = None, root: str | os.PathLike | None = None,
-                download: bool = True) -> tuple[Tensor, Tensor]:
-    """One entry point for the image datasets: (x (N, C, H, W) in [-1, 1], y (N,) long).
-
-    name: "digits" (offline, size default 16, splits "all"/"train"/"test") or "cifar10" (size 32 only,
-    splits "train" (50000), "test" (10000) or "all"); root and download apply to CIFAR-10 only.
-    """
-    if name == "digits":
-        return load_digits(16 if size is None else size, split)
-    if name == "cifar10":
-        if size not in (None, 32):
-            raise ValueError(f"CIFAR-10 images are 32x32; got size={size}. Resize the tensors yourself if needed.")
-        if split == "all":
-            (xa, ya), (xb, yb) = (load_cifar10(root, train, download) for train in (True, False))
-            return torch.cat([xa, xb]), torch.cat([ya, yb])
-        if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r}; valid: all, train, test")
-        return load_cifar10(root, train=split == "train", download=download)
-    raise ValueError(f"unknown image dataset {name!r}; valid: {', '.join(IMAGE_DATASETS)}")

@@ -9,7 +9,7 @@ import torch
 from course_lib.checkpoint import CheckpointError
 from course_lib.classifier import (CLASSIFIER_DIR, augment, class_accuracy, digits_frechet_distance,
                                    load_digits_classifier)
-from course_lib.images import DatasetUnavailable, load_cifar10, load_digits, load_images
+from course_lib.images import DatasetUnavailable, load_cifar10, load_digits
 
 torch.set_num_threads(1)
 
@@ -28,13 +28,6 @@ def test_digits_shapes_range_and_disjoint_splits():
     torch.testing.assert_close(torch.cat([x_tr, x_te]), x_all)
     assert torch.cdist(x_te.flatten(1), x_tr.flatten(1)).min() > 0
     assert load_digits(8, "test")[0].shape == (297, 1, 8, 8)
-
-
-def test_load_images_dispatch():
-    x, y = load_images("digits", split="test")
-    assert x.shape == (297, 1, 16, 16)
-    with pytest.raises(ValueError, match="digits, cifar10"):
-        load_images("mnist")
 
 
 # -- CIFAR-10 in its on-disk format ----------------------------------------------------------------------------------
@@ -70,7 +63,7 @@ def test_cifar10_loader_reads_the_on_disk_format(tmp_path):
     assert y.tolist() == labels
     # pixel (channel 1, row 2, col 3) of image 0 is byte 1024 + 2 * 32 + 3 of its row
     assert x[0, 1, 2, 3] == pytest.approx(data[0, 1024 + 67] / 127.5 - 1)
-    x_test, y_test = load_images("cifar10", split="test", root=tmp_path, download=False)
+    x_test, y_test = load_cifar10(tmp_path, train=False, download=False)
     assert x_test.shape == (3, 3, 32, 32) and y_test.tolist() == written["test_batch"][1]
     assert x_test.min() >= -1 and x_test.max() <= 1
 
