@@ -46,24 +46,23 @@ def check_distillation_loss(student: Callable, seed: int | None = None) -> Calla
     g = fresh_generator(seed)
     ref = distillation_loss
 
+    def draw(dtype=torch.float64):                     # x_hat (8, 2), t (8,) in [0.05, 0.95], eps (8, 2)
+        x_hat = 1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64)
+        t = 0.05 + 0.9 * torch.rand(8, generator=g, dtype=torch.float64)
+        return x_hat.to(dtype), t.to(dtype), torch.randn(8, 2, generator=g, dtype=torch.float64).to(dtype)
+
     def cases():
         for proc in (VPCosine(), RectifiedFlow()):
             teacher = tiny_model(proc, g)
-            x_hat = 1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64)
-            t = 0.05 + 0.9 * torch.rand(8, generator=g, dtype=torch.float64)
-            eps = torch.randn(8, 2, generator=g, dtype=torch.float64)
+            x_hat, t, eps = draw()
             yield (x_hat, teacher, t, eps, proc, None), f"for the {proc.name} process"
         proc = VPCosine()                               # a class-conditional teacher: the labels reach it
         teacher = tiny_model(proc, g, num_classes=3)
-        x_hat = 1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64)
-        t = 0.05 + 0.9 * torch.rand(8, generator=g, dtype=torch.float64)
-        eps = torch.randn(8, 2, generator=g, dtype=torch.float64)
+        x_hat, t, eps = draw()
         cond = labels(torch.randint(3, (8,), generator=g), 3)
         yield (x_hat, teacher, t, eps, proc, cond), f"for the {proc.name} process and a class-conditional teacher"
         teacher = _float32(tiny_model(proc, g))         # the notebook's dtype: float32 samples, times and teacher
-        x_hat, t, eps = (v.float() for v in (1.5 * torch.randn(8, 2, generator=g, dtype=torch.float64),
-                                             0.05 + 0.9 * torch.rand(8, generator=g, dtype=torch.float64),
-                                             torch.randn(8, 2, generator=g, dtype=torch.float64)))
+        x_hat, t, eps = draw(torch.float32)
         yield (x_hat, teacher, t, eps, proc, None), f"in float32 for the {proc.name} process"
 
     def weighted(kind):
