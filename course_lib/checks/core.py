@@ -1,6 +1,9 @@
 """What every checker shares: `run_check` (compare a student's function with the reference on random cases and
 explain the first difference), the verdicts (`accept`, `fall_back`), the translation of raw errors into advice
-(`explain_exception`), the registry of checkers by exercise id, and the checkers' own random numbers.
+(`explain_exception`), the registry of checkers by exercise id, and the checkers' own random numbers. Checkers
+with their own tests use `first_look` (what is plainly wrong with a first answer: raised, not a tensor, its shape,
+an all-zeros placeholder; never the recipe), `close` / `dtype_tol` / `max_diff` (compare at the tolerance of the
+answer's dtype) and `quiet` (run a sub-check silently, so that one verdict is printed).
 
 After a fallback a checker returns the library's version marked `.is_library = True`, so later cells can say
 so (`library_note(fn)`); checking that marked version again says to re-run the cell defining your function.
