@@ -1,0 +1,261 @@
+"""Flow maps: models that jump along the probability-flow ODE from any time t to any earlier time s in one call.
+
+The flow map of the ODE dx/dt = v(x, t) is X(x_t, t -> s) = x_s, the ODE's solution at s started from x_t at t; a
+diffusion model's ODE solver approximates it with many small steps, consistency models learn only s = t_min
+(notebook 05), progressive distillation a fixed grid (notebook 01). The methods here learn X for every pair s <= t:
+
+    MeanFlow         Geng, Deng, Bai, Kolter & He 2025, "Mean Flows for One-step Generative Modeling" (2505.13447)
+    shortcut models  Frans, Hafner, Levine & Abbeel 2024, "One Step Diffusion via Shortcut Models" (2410.12557)
+
+A flow-map model is a course model called the one way, model(x, t, cond) -> Pred, with its end time s in the
+conditioning, cond.s (`conditioning.with_end_time`; backbones built with flow_map=True embed the step t - s,
+`models.flow_map_student`). Its Pred is chosen so that ONE DDIM step from t to s is the jump (`steps.flow_map`):
+
+    X(x_t, t -> s) = alpha_s x0_hat + sigma_s eps_hat                  x0_hat, eps_hat = model(x_t, t, cond.s = s)
+
+On the rectified-flow process x_t = (1 - t) x0 + t eps (t = 1 noise, t = 0 data, the papers' own convention for
+MeanFlow) this is MeanFlow's average velocity:
+
+    u(x_t, s, t) = eps_hat - x0_hat = (1 / (t - s)) int_s^t v(x_tau, tau) dtau,     X(x_t, t -> s) = x_t - (t - s) u
+
+and at s = t, u is the instantaneous velocity v (a student copied from its teacher starts there, for every s).
+Sampling: `samplers.flow_map` (1, 2, 4 steps from one network). The exact flow map of a 2D Gaussian mixture,
+`exact_flow_map`, is the ground truth every learned map is measured against.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .. import steps
+from ..conditioning import Cond, check, with_end_time
+from ..data2d import Data2D, get_mixture
+from ..predictions import Pred, velocity
+from ..processes import AffineProcess, RectifiedFlow, as_times, bcast
+
+MF_RATIO = 0.25              # MeanFlow: fraction of samples with r != t (Table 1a, ImageNet)
+MF_TIME_MEAN, MF_TIME_STD = -0.4, 1.0   # logit-normal times lognorm(-0.4, 1.0) (Table 1d)
+MF_P, MF_C = 1.0, 1e-3       # adaptive loss weight 1 / (||err||^2 + c)^p (Sec. 4.3, Table 1e)
+SC_M = 128                   # shortcut models: M = 128 smallest steps of 1/128 (Sec. 3.2)
+SC_FRACTION = 0.25           # shortcut models: batch fraction k of self-consistency targets (paper 1/4; code 1/8)
+
+
+# --- the jump and its prediction -----------------------------------------------------------------------------------
+
+def jump_pred(x: Tensor, X: Tensor, t: Tensor, s: Tensor, process: AffineProcess, at_t: Pred | None = None) -> Pred:
+    """The Pred whose DDIM step t -> s lands on X: the (x0, eps) with alpha_t x0 + sigma_t eps = x (it is a Pred at
+    x_t) and alpha_s x0 + sigma_s eps = X, the 2x2 solve
+
+        x0 = (sigma_s x - sigma_t X) / det,   eps = (alpha_t X - alpha_s x) / det,   det = alpha_t sigma_s - sigma_t alpha_s
+
+    (on rf det = s - t and eps - x0 = (x - X) / (t - s), the average velocity). Where s = t the system is singular
+    and `at_t` (the instantaneous prediction there) is returned. Shapes: x, X (B, ...); t, s (B,)."""
+    a_t, s_t = bcast(process.alpha(t), x), bcast(process.sigma(t), x)
+    a_s, s_s = bcast(process.alpha(s), x), bcast(process.sigma(s), x)
+    det = a_t * s_s - s_t * a_s
+    same = bcast(s == t, x)
+    det = torch.where(same, torch.ones_like(det), det)
+    x0, eps = (s_s * x - s_t * X) / det, (a_t * X - a_s * x) / det
+    if at_t is None:
+        if bool(same.any()):
+            raise ValueError("jump_pred at s = t needs the instantaneous prediction there (at_t)")
+        return Pred(x0, eps)
+    return Pred(torch.where(same, at_t.x0, x0), torch.where(same, at_t.eps, eps))
+
+
+def average_velocity(model: Callable[..., Pred], z: Tensor, t: Tensor, r: Tensor, cond: Cond | None = None) -> Tensor:
+    """MeanFlow's u(z_t, r, t) = eps_hat - x0_hat of a flow-map model on the rectified-flow process (its jump
+    z_r = z_t - (t - r) u). Shapes: z (B, ...); t, r (B,)."""
+    pred = model(z, t, with_end_time(cond, r))
+    return pred.eps - pred.x0
+
+
+def _rf(model) -> RectifiedFlow:
+    process = getattr(model, "process", None)
+    if not isinstance(process, RectifiedFlow):
+        raise ValueError(f"MeanFlow is written on the rectified-flow process (x_t = (1 - t) x0 + t eps, velocity "
+                         f"eps - x0); this model's process is {process!r}")
+    return process
+
+
+# --- MeanFlow ------------------------------------------------------------------------------------------------------
+
+def _logit_normal(n: int, generator: torch.Generator, mean: float, std: float) -> Tensor:
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=generator.device))
+
+
+def meanflow_times(n: int, generator: torch.Generator, ratio: float = MF_RATIO, mean: float = MF_TIME_MEAN,
+                   std: float = MF_TIME_STD) -> tuple[Tensor, Tensor]:
+    """MeanFlow's (t, r) (Sec. 4.3, Table 1a, 1d): two logit-normal times sigmoid(mean + std n), t the larger and r the
+    smaller; then r = t for a fraction 1 - ratio of the samples (there the loss is flow matching). Returns t, r (n,)
+    float32 on the generator's device, r <= t (t = 1 noise)."""
+    a, b = _logit_normal(n, generator, mean, std), _logit_normal(n, generator, mean, std)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    same = torch.rand(n, generator=generator, device=generator.device) >= ratio
+    return t, torch.where(same, t, r)
+
+
+def meanflow_target(model: Callable[..., Pred], z: Tensor, t: Tensor, r: Tensor, v: Tensor,
+                    cond: Cond | None = None) -> tuple[Tensor, Tensor]:
+    """The MeanFlow identity (Eq. 6) as a regression target (Eq. 10): differentiating (t - r) u(z_t, r, t) =
+    int_r^t v(z_tau, tau) dtau in t, along the trajectory through z_t, with r fixed,
+
+        u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t)
+        d/dt u = v . d_z u + 0 . d_r u + d_t u                           (Eq. 8: dz_t/dt = v, dr/dt = 0, dt/dt = 1)
+        u_tgt  = v - (t - r) sg(du/dt)                                   (Eq. 10)
+
+    du/dt is one forward-mode product, torch.func.jvp of u on (z, r, t) with tangent (v, 0, 1) (Eq. 9), computed with
+    the model's u in the same pass (attention through its plain "math" kernel, which has a forward-mode derivative).
+    Signs in the course's convention (t = 1 noise, data at t = 0, as in the paper):
+    z_t = (1 - t) x0 + t eps, v = eps - x0, and time runs from t down to r <= t. Returns (u (B, ...) with its graph,
+    u_tgt (B, ...) without)."""
+    def u_of(z_, r_, t_):
+        return average_velocity(model, z_, t_, r_, cond)
+
+    with sdpa_kernel([SDPBackend.MATH]):         # the fused attention kernels have no forward-mode derivative
+        u, dudt = torch.func.jvp(u_of, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    return u, (v - bcast(t - r, v) * dudt).detach()
+
+
+def meanflow_loss(model: Callable[..., Pred], x0: Tensor, eps: Tensor, t: Tensor, r: Tensor, cond: Cond | None = None,
+                  teacher: Callable[..., Pred] | None = None, p: float = MF_P, c: float = MF_C) -> Tensor:
+    """MeanFlow's loss (Eq. 9 - 10, Algorithm 1) with its adaptive weight (Sec. 4.3): per sample (B,),
+
+        z_t  = (1 - t) x0 + t eps
+        v    = eps - x0                       the conditional velocity (from scratch, Algorithm 1)
+             = v_teacher(z_t, t)              a teacher's velocity (distillation; the teacher gets cond without s)
+        err  = u_theta(z_t, r, t) - sg(u_tgt)                                   `meanflow_target`
+        L    = sg(w) ||err||^2,   w = 1 / (||err||^2 + c)^p                     (p = 0: the plain squared error)
+
+    ||.||^2 sums over the data dimensions, as the paper's (and its c = 1e-3) does. Where r = t the target is v:
+    flow matching. Shapes: x0, eps (B, ...); t, r (B,), r <= t. The model's process must be rf."""
+    process = _rf(model)
+    z = process.marginal(x0, t, eps)
+    if teacher is None:
+        v = eps - x0
+    else:
+        with torch.no_grad():
+            v = velocity(teacher(z, t, with_end_time(cond, None)), t, process).to(z)
+    u, u_tgt = meanflow_target(model, z, t.to(z.dtype), r.to(z.dtype), v, cond)
+    sq = (u - u_tgt).pow(2).flatten(1).sum(1)                                          # (B,)
+    return sq / (sq.detach() + c) ** p
+
+
+# --- shortcut models ---------------------------------------------------------------------------------------------
+
+def shortcut_times(n: int, generator: torch.Generator, M: int = SC_M, fraction: float = SC_FRACTION
+                   ) -> tuple[Tensor, Tensor]:
+    """Shortcut models' (t, d) (Sec. 3.2, Algorithm 1), t = 1 noise: the first round(fraction n) samples get a
+    self-consistency step d > 0, the jump 2d a power of two in {2/M, 4/M, ..., 1} (uniform over the log2(M) levels)
+    and t on that jump's grid, t in {2d, 4d, ..., 1} (so t - 2d >= 0); the rest get d = 0 (flow matching) and
+    t ~ U(0, 1]. Returns t, d (n,) float32 on the generator's device."""
+    levels = M.bit_length() - 1
+    if M < 2 or 2 ** levels != M:
+        raise ValueError(f"M, the number of smallest steps, is a power of two >= 2; got {M}")
+    g, dev = generator, generator.device
+    k = round(fraction * n)
+    jump = 2.0 ** -torch.randint(levels, (k,), generator=g, device=dev).float()      # 2d in {1, 1/2, ..., 2/M}
+    t_sc = (torch.floor(torch.rand(k, generator=g, device=dev) / jump) + 1) * jump     # a multiple of 2d in (0, 1]
+    t_fm = 1.0 - torch.rand(n - k, generator=g, device=dev)                           # (0, 1]
+    return torch.cat([t_sc.clamp(max=1.0), t_fm]), torch.cat([jump / 2, torch.zeros(n - k, device=dev)])
+
+
+def shortcut_target(target: Callable[..., Pred], z: Tensor, t: Tensor, d: Tensor, process: AffineProcess,
+                    cond: Cond | None = None, d_min: float = 1.0 / SC_M) -> Tensor:
+    """The self-consistency target of one jump of 2d (Sec. 3, Algorithm 1): two jumps of d of the stopped-gradient network,
+
+        x'    = X(z_t, t -> t - d)
+        X_tgt = sg X(x', t - d -> t - 2d)
+
+    (on rf, in the paper's velocities: s_tgt = (s(x_t, t, d) + s(x', t - d, d)) / 2). A jump of the smallest step
+    d <= d_min is taken with the instantaneous prediction (the model at s = t, trained by the flow-matching term,
+    d = 0 in the paper; a DDIM step, Euler on rf), so every level rests on flow matching. Shapes: z (B, ...); t, d
+    (B,). Returns X_tgt (B, ...) without a graph."""
+    smallest = d <= d_min * (1 + 1e-6)
+
+    def jump(x, a):                                          # X(x, a -> a - d), or a DDIM step of the model at s = a
+        pred = target(x, a, with_end_time(cond, torch.where(smallest, a, a - d)))
+        return steps.ddim_step(pred, a, a - d, process)
+
+    with torch.no_grad():
+        return jump(jump(z, t), t - d).to(z.dtype)
+
+
+def shortcut_loss(model: Callable[..., Pred], x0: Tensor, eps: Tensor, t: Tensor, d: Tensor, cond: Cond | None = None,
+                  target: Callable[..., Pred] | None = None, d_min: float = 1.0 / SC_M) -> Tensor:
+    """Shortcut models' loss (Sec. 3, Algorithm 1), per sample (B,), the mean over the data dimensions of
+
+        d = 0 (flow matching):       || v_theta(z_t, t) - (alpha'_t x0 + sigma'_t eps) ||^2        (rf: eps - x0)
+        d > 0 (self-consistency):    || X_theta(z_t, t -> t - 2d) - X_tgt ||^2 / (2d)^2           `shortcut_target`
+
+    with z_t = alpha_t x0 + sigma_t eps, v_theta the velocity of the model's prediction at s = t, and X_tgt from
+    `target` (the model itself without gradient, or its EMA). Divided by (2d)^2, the second is the paper's squared
+    error between average velocities on rf. Shapes: x0, eps (B, ...); t, d (B,) (`shortcut_times`)."""
+    process = model.process
+    target = model if target is None else target
+    z = process.marginal(x0, t, eps)
+    t = t.to(z.dtype)
+    d = d.to(z.dtype)
+    fm = d == 0
+    s = torch.where(fm, t, t - 2 * d)
+    pred = model(z, t, with_end_time(cond, s))
+    out = torch.empty(len(z), dtype=z.dtype, device=z.device)
+    if bool(fm.any()):
+        v_tgt = bcast(process.d_alpha(t), x0) * x0 + bcast(process.d_sigma(t), x0) * eps
+        err = velocity(Pred(pred.x0[fm], pred.eps[fm]), t[fm], process) - v_tgt[fm]
+        out = out.index_put((fm.nonzero().squeeze(1),), err.pow(2).flatten(1).mean(1))
+    sc = ~fm
+    if bool(sc.any()):
+        idx = sc.nonzero().squeeze(1)
+        X_tgt = shortcut_target(target, z[idx], t[idx], d[idx], process, None if cond is None else cond[idx], d_min)
+        X = steps.ddim_step(Pred(pred.x0[idx], pred.eps[idx]), t[idx], s[idx], process)
+        out = out.index_put((idx,), (X - X_tgt).pow(2).flatten(1).mean(1) / (2 * d[idx]) ** 2)
+    return out
+
+
+# --- the exact flow map of a Gaussian mixture --------------------------------------------------------------------
+
+EXACT_STEPS = 128            # Heun steps per (t, s) pair (255 evaluations of the exact denoiser)
+
+
+def exact_flow_map(dataset: Data2D, process: AffineProcess, x: Tensor, t: float | Tensor, s: float | Tensor,
+                   cond: Cond | None = None, n: int = EXACT_STEPS) -> Tensor:
+    """X*(x, t -> s), the exact probability-flow ODE dx/dt = v*(x, t) of a Gaussian-mixture dataset (v* the velocity
+    of its exact denoiser, data2d) solved from t to s <= t: n steps of Heun's trapezoidal rule (Karras et al. 2022,
+    Algorithm 1, the corrector on every step: the exact v* is finite at t = 0) on a grid uniform in t from t to s,
+    every sample with its own pair (t_i, s_i). Computed in float64 (the exact denoiser's precision). Shapes: x (B, D);
+    t, s floats or (B,); cond: labels of a class-conditional map. Returns (B, D) in x's dtype."""
+    denoiser = get_mixture(dataset).denoiser(process)
+    xw = x.to(torch.float64)
+    tt, ss = as_times(t, xw).to(torch.float64), as_times(s, xw).to(torch.float64)
+    if bool((ss > tt).any()):
+        raise ValueError("the flow map runs from t down to s <= t")
+    cond = with_end_time(check(cond), None)
+    v = lambda y, a: velocity(denoiser(y, a, cond), a, process)                         # (B, D)
+    h = bcast((ss - tt) / n, xw)
+    for i in range(n):
+        a, b = tt + (ss - tt) * (i / n), tt + (ss - tt) * ((i + 1) / n)
+        d = v(xw, a)
+        xw = xw + 0.5 * h * (d + v(xw + h * d, b))
+    return xw.to(x.dtype)
+
+
+class ExactFlowMap:
+    """The exact flow map of a Gaussian-mixture dataset as a flow-map model: model(x, t, cond) -> the Pred whose DDIM
+    step t -> cond.s is `exact_flow_map` (`jump_pred`; at s = t the exact denoiser's own prediction). A ground truth
+    for the targets of every method (a target computed from it equals its own jump) and for error maps over (t, s)."""
+
+    def __init__(self, dataset: Data2D, process: AffineProcess, n: int = EXACT_STEPS):
+        self.dataset, self.process, self.n = dataset, process, n
+        self.denoiser = get_mixture(dataset).denoiser(process)
+
+    def __call__(self, x: Tensor, t: float | Tensor, cond: Cond | None = None) -> Pred:
+        if check(cond) is None or cond.s is None:
+            raise ValueError("a flow map needs its end time s: call model(x, t, cond) with cond.s set")
+        t, s = as_times(t, x), as_times(cond.s, x)
+        plain = with_end_time(cond, None)
+        X = exact_flow_map(self.dataset, self.process, x, t, s, plain, self.n)
+        return jump_pred(x, X, t, s, self.process, self.denoiser(x, t, plain))
