@@ -348,3 +348,82 @@ def test_exact_flow_map_of_the_8_gaussians_agrees_with_a_finer_solve():
     torch.testing.assert_close(steps.flow_map(exact, x, t, s, RF), coarse)
     at_t = exact(x, t, Cond(s=t))
     torch.testing.assert_close(at_t.x0, gmm8().denoiser(RF)(x, t).x0)
+
+
+# ================================================================================================================
+# sCM
+# ================================================================================================================
+
+VP = VPCosine()
+
+
+class GaussConsistency:
+    """The exact consistency function of one Gaussian on vp-cosine: x0_hat = X(x_t, t -> 0), constant along the ODE."""
+
+    process = VP
+
+    def __call__(self, x, t, cond=None):
+        X = gaussian_flow_map(GAUSS, x, t, torch.zeros_like(t), VP)
+        return Pred(X, (x - VP.alpha(t)[:, None] * X) / VP.sigma(t)[:, None])
+
+
+def test_scm_tangent_is_cos_phi_times_a_finite_difference_of_the_consistency_function():
+    model = _teacher(VP, "v", seed=4)
+    x, t, _ = _points()
+    dxdphi = torch.randn_like(x)
+    F, g = fm.scm_tangent(model, x, t, dxdphi, c=None)
+    phi = VP.a * t + VP.b
+    h = 1e-7                                                                           # a step in phi
+    f = lambda y, tt: model(y, tt).x0
+    with torch.no_grad():
+        dfdphi = (f(x + h * dxdphi, t + h / VP.a) - f(x - h * dxdphi, t - h / VP.a)) / (2 * h)
+        torch.testing.assert_close(F, fm.trigflow_velocity(model, x, t))
+    torch.testing.assert_close(g, torch.cos(phi)[:, None] * dfdphi, rtol=0, atol=1e-6)
+    assert (g - torch.cos(phi)[:, None] * dfdphi).abs().max() < 1e-3 * g.abs().max()
+    # warm-up r = 0 keeps only -cos^2 (F - dx/dphi); normalisation divides by ||g|| + c per sample
+    _, g0 = fm.scm_tangent(model, x, t, dxdphi, warmup=0.0, c=None)
+    torch.testing.assert_close(g0, -torch.cos(phi)[:, None] ** 2 * (F.detach() - dxdphi))
+    _, gn = fm.scm_tangent(model, x, t, dxdphi)
+    torch.testing.assert_close(gn, g / (g.norm(dim=1, keepdim=True) + 0.1))
+    assert (gn.norm(dim=1) < 1).all()
+
+
+def test_the_scm_tangent_of_the_exact_consistency_function_is_zero():
+    model = GaussConsistency()
+    x, t, _ = _points()
+    dxdphi = velocity(GAUSS.denoiser(VP)(x, t), t, VP) / VP.a                          # the exact ODE, in phi
+    _, g = fm.scm_tangent(model, x, t, dxdphi, c=None)
+    assert g.abs().max() < 1e-9
+    _, g_wrong = fm.scm_tangent(model, x, t, -dxdphi, c=None)                          # the other direction
+    assert g_wrong.abs().max() > 1e-2
+
+
+def test_scm_loss_moves_F_along_the_normalised_tangent():
+    model = _teacher(VP, "v", seed=5)
+    g_ = torch.Generator().manual_seed(0)
+    x0, z = torch.randn(8, 2, generator=g_, dtype=F64), torch.randn(8, 2, generator=g_, dtype=F64)
+    t = fm.scm_times(8, g_, VP).to(F64)
+    loss = fm.scm_loss(model, x0, z, t, warmup=0.5)
+    x_t = VP.marginal(x0, t, z)
+    phi = VP.a * t + VP.b
+    dxdphi = torch.cos(phi)[:, None] * z - torch.sin(phi)[:, None] * x0
+    F, g = fm.scm_tangent(model, x_t, t, dxdphi, warmup=0.5)
+    torch.testing.assert_close(loss, g.pow(2).mean(1))                                 # F - F^- = 0 in value
+    params = list(model.parameters())
+    got = torch.autograd.grad(loss.sum(), params)
+    want = torch.autograd.grad((-2 * g * F).mean(1).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    teacher = _teacher(VP, "v", seed=6)
+    distilled = fm.scm_loss(model, x0, z, t, teacher=teacher, logw=torch.zeros(8, dtype=F64))
+    assert distilled.shape == (8,) and torch.isfinite(distilled).all()
+    with pytest.raises(ValueError, match="TrigFlow"):
+        fm.scm_loss(_teacher(), x0, z, t)
+    assert fm.scm_warmup(0) == 0.0 and fm.scm_warmup(5000) == 0.5 and fm.scm_warmup(20000) == 1.0
+
+
+def test_scm_times_are_log_normal_in_tan_phi():
+    t = fm.scm_times(20000, torch.Generator().manual_seed(0), VP, -1.0, 1.4)
+    assert ((t >= 0) & (t <= 1)).all()
+    log_tan = torch.log(torch.tan(VP.a * t.double() + VP.b))
+    assert abs(float(log_tan.mean()) + 1.0) < 0.05 and abs(float(log_tan.std()) - 1.4) < 0.05

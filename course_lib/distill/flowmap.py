@@ -6,6 +6,8 @@ diffusion model's ODE solver approximates it with many small steps, consistency 
 
     MeanFlow         Geng, Deng, Bai, Kolter & He 2025, "Mean Flows for One-step Generative Modeling" (2505.13447)
     shortcut models  Frans, Hafner, Levine & Abbeel 2024, "One Step Diffusion via Shortcut Models" (2410.12557)
+    sCM              Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models"
+                     (2410.11081): the map to s = 0 only (a consistency model), trained in continuous time
 
 A flow-map model is a course model called the one way, model(x, t, cond) -> Pred, with its end time s in the
 conditioning, cond.s (`conditioning.with_end_time`; backbones built with flow_map=True embed the step t - s,
@@ -33,14 +35,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import steps
 from ..conditioning import Cond, check, with_end_time
 from ..data2d import Data2D, get_mixture
-from ..predictions import Pred, velocity
-from ..processes import AffineProcess, RectifiedFlow, as_times, bcast
+from ..predictions import Pred, from_pred, velocity
+from ..processes import AffineProcess, RectifiedFlow, VPCosine, as_times, bcast
 
 MF_RATIO = 0.25              # MeanFlow: fraction of samples with r != t (Table 1a, ImageNet)
 MF_TIME_MEAN, MF_TIME_STD = -0.4, 1.0   # logit-normal times lognorm(-0.4, 1.0) (Table 1d)
 MF_P, MF_C = 1.0, 1e-3       # adaptive loss weight 1 / (||err||^2 + c)^p (Sec. 4.3, Table 1e)
 SC_M = 128                   # shortcut models: M = 128 smallest steps of 1/128 (Sec. 3.2)
 SC_FRACTION = 0.25           # shortcut models: batch fraction k of self-consistency targets (paper 1/4; code 1/8)
+SCT_TIME, SCD_TIME = (-1.0, 1.4), (-0.8, 1.6)   # sCM: log tan(phi) ~ N(mean, std^2) for sCT and sCD
+SCM_C, SCM_WARMUP = 0.1, 10_000                # sCM: tangent normalisation constant c, warm-up updates
 
 
 # --- the jump and its prediction -----------------------------------------------------------------------------------
@@ -214,6 +218,93 @@ def shortcut_loss(model: Callable[..., Pred], x0: Tensor, eps: Tensor, t: Tensor
         X = steps.ddim_step(Pred(pred.x0[idx], pred.eps[idx]), t[idx], s[idx], process)
         out = out.index_put((idx,), (X - X_tgt).pow(2).flatten(1).mean(1) / (2 * d[idx]) ** 2)
     return out
+
+
+# --- sCM: continuous-time consistency in TrigFlow ------------------------------------------------------------------
+
+def _trigflow(model) -> VPCosine:
+    process = getattr(model, "process", None)
+    if not isinstance(process, VPCosine):
+        raise ValueError(f"sCM is written in TrigFlow, the course's vp-cosine process (alpha = cos phi, sigma = sin "
+                         f"phi, phi = a t + b); this model's process is {process!r}")
+    return process
+
+
+def scm_times(n: int, generator: torch.Generator, process: VPCosine, mean: float = SCT_TIME[0],
+              std: float = SCT_TIME[1]) -> Tensor:
+    """sCM's proposal of times (Sec. 4.2 / 5): tan(phi) = exp(tau) / sigma_d, tau ~ N(mean, std^2) (sCT: (-1.0, 1.4),
+    sCD: (-0.8, 1.6), `SCD_TIME`), sigma_d = 1; returned as course times t = (phi - b) / a in [0, 1], (n,) float32 on
+    the generator's device."""
+    tau = mean + std * torch.randn(n, generator=generator, device=generator.device)
+    return ((torch.atan(torch.exp(tau)) - process.b) / process.a).clamp(0.0, 1.0)
+
+
+def trigflow_velocity(model: Callable[..., Pred], x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+    """F(x_t, t) = dx_t/dphi of a model's prediction: its v = cos(phi) eps_hat - sin(phi) x0_hat (the "v" target,
+    `predictions.from_pred`). For a vp-cosine model x0_hat = cos(phi) x_t - sin(phi) F exactly: TrigFlow's
+    consistency function with sigma_d = 1 (Lu & Song 2024, Sec. 3)."""
+    return from_pred(model(x, t, cond), t, model.process, "v")
+
+
+def scm_tangent(model: Callable[..., Pred], x: Tensor, t: Tensor, dxdphi: Tensor, cond: Cond | None = None,
+                warmup: float = 1.0, c: float | None = SCM_C) -> tuple[Tensor, Tensor]:
+    """sCM's tangent g (Lu & Song 2024, Sec. 4, the simplified objective), in TrigFlow with sigma_d = 1 (phi = a t + b):
+
+        f   = cos(phi) x_t - sin(phi) F                     the consistency function (x0_hat), F = `trigflow_velocity`
+        df/dphi = -cos(phi) (F - dx_t/dphi) - sin(phi) (x_t + dF/dphi)        along the ODE, F at theta^- = sg(theta)
+        g   = -cos^2(phi) (F - dx_t/dphi) - r cos(phi) sin(phi) (x_t + dF/dphi)      (= cos(phi) df/dphi at r = 1)
+        g  <- g / (||g|| + c)                                tangent normalisation, c = 0.1 (per sample, all dims)
+
+    r in [0, 1] is the warm-up factor (`scm_warmup`). cos(phi) sin(phi) dF/dphi is one forward-mode product,
+    torch.func.jvp of F on (x_t, t) with tangent (cos sin dx_t/dphi, cos sin / a) (the paper scales the tangent so, for
+    stability; 1 / a because dphi/dt = a), in the same pass as F. c None: no normalisation. Shapes: x, dxdphi (B, ...);
+    t (B,). Returns (F with its graph, g without)."""
+    process = _trigflow(model)
+    phi = process.a * t + process.b
+    cos, sin = bcast(torch.cos(phi), x), bcast(torch.sin(phi), x)
+    cs = torch.cos(phi) * torch.sin(phi)                                                 # (B,)
+
+    def F_of(x_, t_):
+        return trigflow_velocity(model, x_, t_, cond)
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        F, cs_dF = torch.func.jvp(F_of, (x, t), (bcast(cs, x) * dxdphi, cs / process.a))
+    g = -cos ** 2 * (F.detach() - dxdphi) - warmup * (cos * sin * x + cs_dF.detach())
+    if c is not None:
+        g = g / (bcast(g.flatten(1).norm(dim=1), g) + c)
+    return F, g.detach()
+
+
+def scm_warmup(step: int, steps: int = SCM_WARMUP) -> float:
+    """The warm-up factor r of sCM's tangent: linear from 0 to 1 over the first `steps` updates (10k in the paper)."""
+    return min(1.0, step / steps) if steps > 0 else 1.0
+
+
+def scm_loss(model: Callable[..., Pred], x0: Tensor, noise: Tensor, t: Tensor, cond: Cond | None = None,
+             teacher: Callable[..., Pred] | None = None, warmup: float = 1.0, c: float | None = SCM_C,
+             logw: Tensor | None = None) -> Tensor:
+    """sCM's continuous-time consistency loss (Lu & Song 2024, Sec. 4), per sample (B,):
+
+        x_t     = cos(phi) x0 + sin(phi) z
+        dx/dphi = cos(phi) z - sin(phi) x0                  sCT: the conditional velocity
+                = F_teacher(x_t, t)                        sCD: the teacher's (a plain model, cond without s)
+        L       = mean_dims || F_theta - F_theta^- - g ||^2                     g = `scm_tangent`, F^- = sg(F_theta)
+        with logw (B,), the adaptive weighting exp(logw) L - logw (logw = w_phi(t), a learned function of t)
+
+    whose gradient is -2 g . grad F_theta: F moves along the normalised tangent. The model's process must be
+    vp-cosine (sigma_d = 1); x0_hat of its Pred is the consistency function, sampled with samplers.consistency."""
+    process = _trigflow(model)
+    x_t = process.marginal(x0, t, noise)
+    t = t.to(x_t.dtype)
+    phi = process.a * t + process.b
+    if teacher is None:
+        dxdphi = bcast(torch.cos(phi), x0) * noise - bcast(torch.sin(phi), x0) * x0
+    else:
+        with torch.no_grad():
+            dxdphi = trigflow_velocity(teacher, x_t, t, with_end_time(cond, None)).to(x_t)
+    F, g = scm_tangent(model, x_t, t, dxdphi, cond, warmup, c)
+    mse = (F - F.detach() - g).pow(2).flatten(1).mean(1)
+    return mse if logw is None else torch.exp(logw) * mse - logw
 
 
 # --- the exact flow map of a Gaussian mixture --------------------------------------------------------------------
