@@ -142,14 +142,17 @@ class MLP2D(nn.Module):
     The time embedding (plus a class embedding when num_classes is set, with index num_classes reserved for
     the null label of classifier-free guidance, plus a `GuidanceEmbedding` of w when guidance_range is set, plus a
     `StepEmbedding` of timestep - end_time when flow_map is set) is added to every hidden layer's pre-activation.
+    time_scale multiplies the time inputs before their embedding: 1 embeds the course's timestep 1000 t; a JVP in t
+    (sCM, MeanFlow) is better behaved at a small scale (0.01: 10 t; Lu & Song 2024, Sec. 4.1, c_noise(t) = t).
     """
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, num_classes: int | None = None,
-                 emb_dim: int = 128, guidance_range: tuple[float, float] | None = None, flow_map: bool = False):
+                 emb_dim: int = 128, guidance_range: tuple[float, float] | None = None, flow_map: bool = False,
+                 time_scale: float = 1.0):
         super().__init__()
         self.dim, self.hidden, self.depth, self.num_classes, self.emb_dim = dim, hidden, depth, num_classes, emb_dim
         self.guidance_range = None if guidance_range is None else tuple(float(v) for v in guidance_range)
-        self.flow_map = bool(flow_map)
+        self.flow_map, self.time_scale = bool(flow_map), float(time_scale)
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_emb = nn.Embedding(num_classes + 1, hidden) if num_classes else None
         self.guidance_emb = GuidanceEmbedding(hidden, guidance_range, emb_dim) if guidance_range else None
@@ -166,10 +169,15 @@ class MLP2D(nn.Module):
             cfg["guidance_range"] = list(self.guidance_range)
         if self.flow_map:
             cfg["flow_map"] = True
+        if self.time_scale != 1.0:
+            cfg["time_scale"] = self.time_scale
         return cfg
 
     def embed(self, timestep: Tensor, class_labels: Tensor | None, guidance: Tensor | None = None,
               end_time: Tensor | None = None) -> Tensor:
+        if self.time_scale != 1.0:
+            timestep = self.time_scale * timestep
+            end_time = None if end_time is None else self.time_scale * end_time
         e = self.time_mlp(timestep_embedding(timestep, self.emb_dim).to(self.inp.weight.dtype))
         if self.class_emb is not None:
             if class_labels is None:  # unconditional call of a conditional net: use the null label
@@ -231,12 +239,13 @@ class UNet(nn.Module):
     Class-conditional when num_classes is set; index num_classes is the null label for guidance. With
     guidance_range (needs num_classes) the net takes `guidance=w` (B,): a guided student (Meng et al. 2023). With
     flow_map it takes `end_time` (B,) and embeds the step timestep - end_time: a flow map. Both ride a
-    `PackedEmbedding` in place of the class embedding.
+    `PackedEmbedding` in place of the class embedding. time_scale multiplies the time inputs (see MLP2D).
     """
 
     def __init__(self, sample_size: int = 16, in_channels: int = 1, block_out_channels: tuple[int, ...] = (32, 64, 64),
                  layers_per_block: int = 1, num_classes: int | None = None, attention: bool = False,
-                 norm_num_groups: int = 8, guidance_range: tuple[float, float] | None = None, flow_map: bool = False):
+                 norm_num_groups: int = 8, guidance_range: tuple[float, float] | None = None, flow_map: bool = False,
+                 time_scale: float = 1.0):
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -249,6 +258,9 @@ class UNet(nn.Module):
             self.kwargs["guidance_range"] = [float(v) for v in guidance_range]
         if flow_map:
             self.kwargs["flow_map"] = True
+        if float(time_scale) != 1.0:
+            self.kwargs["time_scale"] = float(time_scale)
+        self.time_scale = float(time_scale)
         n = len(block_out_channels)
         down = ["DownBlock2D"] * n
         up = ["UpBlock2D"] * n
@@ -274,6 +286,9 @@ class UNet(nn.Module):
                 guidance: Tensor | None = None, end_time: Tensor | None = None) -> Tensor:
         if self.num_classes and class_labels is None:
             class_labels = torch.full((len(x),), self.num_classes, device=x.device, dtype=torch.long)
+        if self.time_scale != 1.0:
+            timestep = self.time_scale * timestep
+            end_time = None if end_time is None else self.time_scale * end_time
         d = _step_size(timestep.reshape(-1).expand(len(x)), end_time, self.flow_map, "UNet")
         if self.guided:
             w = _need_guidance(guidance, self.unet.class_embedding.guidance, len(x), x.device)
