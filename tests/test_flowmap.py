@@ -141,6 +141,19 @@ def test_a_guided_flow_map_unet_packs_label_weight_and_step():
     assert out.shape == x.shape
 
 
+def test_time_scale_multiplies_the_time_inputs_and_is_saved_only_when_set():
+    torch.manual_seed(0)
+    small = MLP2D(hidden=16, depth=2, flow_map=True, time_scale=0.01)
+    plain = MLP2D(hidden=16, depth=2, flow_map=True)
+    plain.load_state_dict(small.state_dict())
+    x, ts, te = torch.randn(3, 2), torch.tensor([900.0, 500.0, 20.0]), torch.tensor([100.0, 500.0, 0.0])
+    torch.testing.assert_close(small(x, ts, end_time=te), plain(x, 0.01 * ts, end_time=0.01 * te))
+    assert small.config()["time_scale"] == 0.01 and "time_scale" not in plain.config()
+    assert MLP2D(**small.config()).time_scale == 0.01
+    unet = tiny_unet(time_scale=0.01)
+    assert unet.config()["time_scale"] == 0.01 and "time_scale" not in tiny_unet().config()
+
+
 @pytest.mark.parametrize("arch", ["mlp2d", "unet"])
 def test_a_flow_map_saves_and_loads(tmp_path, arch):
     if arch == "mlp2d":
@@ -427,3 +440,111 @@ def test_scm_times_are_log_normal_in_tan_phi():
     assert ((t >= 0) & (t <= 1)).all()
     log_tan = torch.log(torch.tan(VP.a * t.double() + VP.b))
     assert abs(float(log_tan.mean()) + 1.0) < 0.05 and abs(float(log_tan.std()) - 1.4) < 0.05
+
+
+# ================================================================================================================
+# drivers
+# ================================================================================================================
+
+def test_an_interrupted_shortcut_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a shortcut run (student, its EMA and the EMA target of the self-consistency targets)
+    saves a checkpoint; rerunning the same call finishes with exactly the weights of an uninterrupted run."""
+    from course_lib import data2d
+    from course_lib.config import seeded
+    from course_lib.train import TrainConfig
+
+    steps_total = 16
+
+    def run(folder):
+        with seeded(0):
+            model = Denoiser(MLP2D(hidden=16, depth=2, flow_map=True), RF, "velocity")
+        tc = TrainConfig(steps=steps_total, batch_size=32, seed=0, ckpt_every=4)
+        cfg = fm.ShortcutConfig(lr=1e-3, ema_decay=0.9, target_decay=0.5, M=8, fraction=0.5)
+        return fm.train_shortcut(model, data2d.batches("gmm"), cfg, run=tc, ckpt_dir=folder, progress=False)
+
+    ref_student, ref = run(tmp_path / "ref")
+    real, calls = fm.shortcut_loss, {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "shortcut_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "int")
+    monkeypatch.setattr(fm, "shortcut_loss", real)
+    student, done = run(tmp_path / "int")
+    assert done.updates["student"] == steps_total and is_flow_map(student)
+    for (k, p), q in zip(ref_student.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(p, q), k
+    for (k, p), q in zip(ref.targets["target"].state_dict().items(), done.targets["target"].state_dict().values()):
+        assert torch.equal(p, q), k
+
+
+def test_meanflow_distillation_lowers_its_loss_on_a_fixed_batch():
+    """A few updates on one repeated batch of the 8 Gaussians lower MeanFlow's loss on that batch, and the driver
+    returns a frozen flow-map student."""
+    from course_lib import data2d
+    from course_lib.train import TrainConfig
+
+    x0 = data2d.sample_2d("gmm", 64, torch.Generator().manual_seed(0))[0]
+    g = torch.Generator().manual_seed(1)
+    eps = torch.randn(64, 2, generator=g)
+    teacher = _teacher(dtype=torch.float32)
+    t, r = fm.meanflow_times(64, g, ratio=1.0)
+    loss = lambda m: float(fm.meanflow_loss(m, x0, eps, t, r, teacher=teacher, p=0.0).mean())
+    start = flow_map_student(teacher)
+    before = loss(start)
+    student, _ = fm.train_meanflow(start, lambda n, g: {"x": x0[:n]}, fm.MeanFlowConfig(lr=3e-3, ema_decay=0.0),
+                                   run=TrainConfig(steps=30, batch_size=64, seed=0), teacher=teacher, progress=False)
+    assert is_flow_map(student) and not any(p.requires_grad for p in student.parameters())
+    assert loss(student) < 0.7 * before
+
+
+@pytest.mark.parametrize("method", ["sct", "scd"])
+def test_scm_makes_the_model_more_consistent_along_the_ode(method):
+    """sCT (the 8 Gaussians' exact ODE) and sCD (a teacher's ODE, the student initialised as the teacher): 150 updates
+    shrink the consistency violation ||cos(phi) df/dphi||^2 along that ODE (the un-normalised tangent). The models
+    embed 10 t (time_scale 0.01): with the course's 1000 t both violations grow a hundredfold (sCM's Sec. 4.1)."""
+    from course_lib import data2d
+    from course_lib.train import TrainConfig
+
+    torch.manual_seed(7)
+    teacher = Denoiser(MLP2D(hidden=32, depth=2, time_scale=0.01), VP, "v") if method == "scd" else None
+    g = torch.Generator().manual_seed(0)
+    x0 = data2d.sample_2d("gmm", 512, g)[0]
+    t = fm.scm_times(512, g, VP)
+    x_t = VP.marginal(x0, t, torch.randn(512, 2, generator=g))
+    if teacher is None:
+        ode = velocity(data2d.exact_denoiser("gmm", VP)(x_t.double(), t.double()), t.double(), VP).float() / VP.a
+    else:
+        ode = fm.trigflow_velocity(teacher, x_t, t).detach()
+    violation = lambda m: float(fm.scm_tangent(m, x_t, t, ode, c=None)[1].pow(2).mean())
+    torch.manual_seed(8)
+    start = Denoiser(MLP2D(hidden=32, depth=2, time_scale=0.01), VP, "v") if teacher is None else teacher
+    import copy
+    start = copy.deepcopy(start).requires_grad_(True)
+    before = violation(start)
+    cfg = fm.SCMConfig(lr=3e-3, ema_decay=0.0, tangent_warmup=0)
+    student, _ = fm.train_scm(start, data2d.batches("gmm"), cfg, run=TrainConfig(steps=150, batch_size=128, seed=0),
+                              teacher=teacher, progress=False)
+    assert not is_flow_map(student) and student.net.time_scale == 0.01
+    assert violation(student.requires_grad_(True)) < 0.7 * before
+
+
+def test_flow_map_error_is_zero_for_the_exact_map_and_grows_with_the_jump_of_a_ddim_step():
+    ts = torch.tensor([1.0, 0.5, 0.25, 0.0], dtype=F64)
+    g = lambda: torch.Generator().manual_seed(0)
+    exact = fm.flow_map_error(fm.ExactFlowMap("gmm", RF, n=32), "gmm", RF, ts, 64, g(), exact_steps=32)
+    assert exact.shape == (4, 4)
+    later = torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)                       # [i, j]: ts[i] -> ts[j] < ts[i]
+    assert torch.isnan(exact[~later]).all() and (exact[later] < 1e-9).all()
+    ddim = fm.flow_map_error(gmm8().denoiser(RF), "gmm", RF, ts, 64, g(), exact_steps=32)
+    assert (ddim[later] > 1e-3).all()
+    assert ddim[1, 2] < ddim[1, 3] < ddim[0, 3] and ddim[2, 3] < ddim[0, 3]      # longer jumps, larger errors
+    student = flow_map_student(_teacher(dtype=torch.float32))                       # a copy: DDIM steps of its teacher
+    torch.testing.assert_close(fm.flow_map_error(student, "gmm", RF, ts, 64, g(), exact_steps=32),
+                               fm.flow_map_error(_teacher(dtype=torch.float32), "gmm", RF, ts, 64, g(), exact_steps=32),
+                               equal_nan=True)

@@ -22,21 +22,32 @@ MeanFlow) this is MeanFlow's average velocity:
 
 and at s = t, u is the instantaneous velocity v (a student copied from its teacher starts there, for every s).
 Sampling: `samplers.flow_map` (1, 2, 4 steps from one network). The exact flow map of a 2D Gaussian mixture,
-`exact_flow_map`, is the ground truth every learned map is measured against.
+`exact_flow_map`, is the ground truth every learned map is measured against (`flow_map_error` over a grid of
+(t, s) pairs, for flow maps and for any other model's one-step jump).
+
+MeanFlow and sCM differentiate the network in t with a forward-mode JVP. The course's backbones embed the timestep
+1000 t; sCM diverges there (its Sec. 4.1) and learns with time_scale=0.01 (models.MLP2D, models.UNet: 10 t).
+Each method: targets, losses (per sample, (B,)), a method step for train.train_networks and a driver
+(`train_meanflow`, `train_shortcut`, `train_scm`).
 """
 from __future__ import annotations
 
-from typing import Callable
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import steps
-from ..conditioning import Cond, check, with_end_time
-from ..data2d import Data2D, get_mixture
+from ..conditioning import Cond, check, unpack, with_end_time
+from ..data2d import Data2D, get_mixture, sample_2d
+from ..models import is_flow_map
 from ..predictions import Pred, from_pred, velocity
 from ..processes import AffineProcess, RectifiedFlow, VPCosine, as_times, bcast
+from ..samplers import model_device
+from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
 
 MF_RATIO = 0.25              # MeanFlow: fraction of samples with r != t (Table 1a, ImageNet)
 MF_TIME_MEAN, MF_TIME_STD = -0.4, 1.0   # logit-normal times lognorm(-0.4, 1.0) (Table 1d)
@@ -307,6 +318,120 @@ def scm_loss(model: Callable[..., Pred], x0: Tensor, noise: Tensor, t: Tensor, c
     return mse if logw is None else torch.exp(logw) * mse - logw
 
 
+# --- method steps and drivers for train.train_networks --------------------------------------------------------------
+
+@dataclass
+class FlowMapConfig:
+    """The optimizer settings every flow-map run shares (the engine's TrainConfig holds steps, batch, seed)."""
+    lr: float = 1e-4                # the papers' (MeanFlow, sCM: 1e-4 with Adam; shortcut models: 1e-4 AdamW)
+    lr_schedule: str = "constant"
+    warmup: int = 0                 # linear learning-rate warm-up updates
+    ema_decay: float = 0.999        # the sampling EMA (the papers: 0.9999 at far more updates)
+
+    def network(self, module: nn.Module) -> Network:
+        return Network(module, lr=self.lr, lr_schedule=self.lr_schedule, warmup=self.warmup, ema_decay=self.ema_decay)
+
+
+@dataclass
+class MeanFlowConfig(FlowMapConfig):
+    ratio: float = MF_RATIO         # fraction of samples with r != t
+    time_mean: float = MF_TIME_MEAN
+    time_std: float = MF_TIME_STD
+    p: float = MF_P                 # adaptive weight power (0: plain squared error)
+    c: float = MF_C
+
+
+@dataclass
+class ShortcutConfig(FlowMapConfig):
+    M: int = SC_M                   # smallest step 1 / M
+    fraction: float = SC_FRACTION   # batch fraction with self-consistency targets
+    target_decay: float = 0.999     # the targets' network: an EMA of the student (0: the student itself, a copy)
+
+
+@dataclass
+class SCMConfig(FlowMapConfig):
+    time_mean: float = SCT_TIME[0]  # sCD: SCD_TIME
+    time_std: float = SCT_TIME[1]
+    c: float = SCM_C                # tangent normalisation
+    tangent_warmup: int = SCM_WARMUP   # updates over which the warm-up factor r goes from 0 to 1
+
+
+def _noise(x0: Tensor, generator: torch.Generator) -> Tensor:
+    return torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+
+
+def meanflow_step(cfg: MeanFlowConfig) -> Callable[[StepContext, Any], Tensor]:
+    """MeanFlow's method step: net "student" (a flow-map model on rf); with a frozen "teacher", its velocity is v.
+    Draws (t, r) (`meanflow_times`), then the noise, from ctx.generator."""
+    def step(ctx: StepContext, batch: Any) -> Tensor:
+        x0, cond = unpack(batch)
+        t, r = (v.to(x0.device) for v in meanflow_times(len(x0), ctx.generator, cfg.ratio, cfg.time_mean,
+                                                         cfg.time_std))
+        return meanflow_loss(ctx.nets["student"], x0, _noise(x0, ctx.generator), t, r, cond, ctx.nets.get("teacher"),
+                             cfg.p, cfg.c)
+    return step
+
+
+def shortcut_step(cfg: ShortcutConfig) -> Callable[[StepContext, Any], Tensor]:
+    """The shortcut models' method step: nets "student" and "target" (its EMA, for the self-consistency targets).
+    Draws (t, d) (`shortcut_times`), then the noise."""
+    def step(ctx: StepContext, batch: Any) -> Tensor:
+        x0, cond = unpack(batch)
+        t, d = (v.to(x0.device) for v in shortcut_times(len(x0), ctx.generator, cfg.M, cfg.fraction))
+        return shortcut_loss(ctx.nets["student"], x0, _noise(x0, ctx.generator), t, d, cond, ctx.nets["target"],
+                             1.0 / cfg.M)
+    return step
+
+
+def scm_step(cfg: SCMConfig) -> Callable[[StepContext, Any], Tensor]:
+    """sCM's method step: net "student" (a vp-cosine model); with a frozen "teacher", sCD. Draws t (`scm_times`),
+    then the noise; the warm-up factor follows ctx.step."""
+    def step(ctx: StepContext, batch: Any) -> Tensor:
+        x0, cond = unpack(batch)
+        student = ctx.nets["student"]
+        t = scm_times(len(x0), ctx.generator, student.process, cfg.time_mean, cfg.time_std).to(x0.device)
+        return scm_loss(student, x0, _noise(x0, ctx.generator), t, cond, ctx.nets.get("teacher"),
+                        scm_warmup(ctx.step, cfg.tangent_warmup), cfg.c)
+    return step
+
+
+def _train(name: str, model: nn.Module, step, data, cfg: FlowMapConfig, run: TrainConfig, teacher, targets,
+           ckpt_dir, accelerator, progress) -> tuple[nn.Module, Trained]:
+    frozen = None if teacher is None else {"teacher": copy.deepcopy(teacher).requires_grad_(False).eval()}
+    done = train_networks({"student": cfg.network(model.requires_grad_(True).train())}, step, data, run,
+                          targets=targets, frozen=frozen, ckpt_dir=ckpt_dir, progress=progress,
+                          accelerator=accelerator,
+                          extra_config={"method": name, "distilled": teacher is not None, **cfg.__dict__})
+    return done.best("student").eval().requires_grad_(False), done
+
+
+def train_meanflow(model: nn.Module, data: Callable[[int, torch.Generator], Any], cfg: MeanFlowConfig, *,
+                   run: TrainConfig, teacher: nn.Module | None = None, ckpt_dir=None, accelerator=None,
+                   progress: bool = True) -> tuple[nn.Module, Trained]:
+    """MeanFlow: `model` (a flow-map model on rf: fresh, or models.flow_map_student(teacher)) learns the average
+    velocity; from scratch with the conditional velocity, or distilling `teacher`'s velocity. Returns (the student to
+    sample with samplers.flow_map: its EMA when ema_decay > 0, eval mode, no grad; the engine's Trained)."""
+    return _train("meanflow", model, meanflow_step(cfg), data, cfg, run, teacher, None, ckpt_dir, accelerator,
+                  progress)
+
+
+def train_shortcut(model: nn.Module, data: Callable[[int, torch.Generator], Any], cfg: ShortcutConfig, *,
+                   run: TrainConfig, ckpt_dir=None, accelerator=None, progress: bool = True
+                   ) -> tuple[nn.Module, Trained]:
+    """A shortcut model from scratch: `model` (a flow-map model, any process) learns flow matching at d = 0 and
+    self-consistency of its jumps, the targets from an EMA of itself (train.Target, cfg.target_decay)."""
+    return _train("shortcut", model, shortcut_step(cfg), data, cfg, run, None,
+                  {"target": Target("student", decay=cfg.target_decay)}, ckpt_dir, accelerator, progress)
+
+
+def train_scm(model: nn.Module, data: Callable[[int, torch.Generator], Any], cfg: SCMConfig, *, run: TrainConfig,
+              teacher: nn.Module | None = None, ckpt_dir=None, accelerator=None, progress: bool = True
+              ) -> tuple[nn.Module, Trained]:
+    """sCT (no teacher) or sCD (`teacher`'s velocity; initialise `model` as a copy of it, as the paper does) of a
+    vp-cosine model whose x0_hat becomes the consistency function (sample with samplers.consistency)."""
+    return _train("scm", model, scm_step(cfg), data, cfg, run, teacher, None, ckpt_dir, accelerator, progress)
+
+
 # --- the exact flow map of a Gaussian mixture --------------------------------------------------------------------
 
 EXACT_STEPS = 128            # Heun steps per (t, s) pair (255 evaluations of the exact denoiser)
@@ -350,3 +475,37 @@ class ExactFlowMap:
         plain = with_end_time(cond, None)
         X = exact_flow_map(self.dataset, self.process, x, t, s, plain, self.n)
         return jump_pred(x, X, t, s, self.process, self.denoiser(x, t, plain))
+
+
+def jump(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: AffineProcess,
+         cond: Cond | None = None) -> Tensor:
+    """Any course model's one-call jump t -> s: a flow map's X(x, t -> s) (`steps.flow_map`), a plain model's DDIM
+    step (a consistency model's: alpha_s f + sigma_s eps_hat; a diffusion model's first-order step). What an error
+    map over (t, s) compares with the exact flow map."""
+    flow = is_flow_map(model) or isinstance(model, ExactFlowMap)
+    return (steps.flow_map if flow else steps.ddim)(model, x, t, s, process, cond)
+
+
+def flow_map_error(model: Callable[..., Pred], dataset: Data2D, process: AffineProcess, ts: Tensor, n: int,
+                   generator: torch.Generator, exact_steps: int = EXACT_STEPS) -> Tensor:
+    """The mean error of a model's jumps over a grid of time pairs: E[||jump(x_t, t -> s) - X*(x_t, t -> s)||] (the
+    Euclidean norm per sample) for every t = ts[i] > s = ts[j], x_t = alpha_t x0 + sigma_t eps from n exact samples x0
+    of the dataset (the same x0 and eps for every pair). ts: (K,) times; returns (K, K) float64 with entry [i, j] the
+    error from ts[i] to ts[j], NaN where ts[j] >= ts[i]. Every pair in one batch (K (K - 1) / 2 n samples)."""
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    pairs = [(i, j) for i in range(len(ts)) for j in range(len(ts)) if ts[j] < ts[i]]
+    x0 = sample_2d(dataset, n, generator)[0].to(torch.float64)
+    eps = torch.randn(n, x0.shape[1], generator=generator, dtype=torch.float64)
+    t = torch.cat([ts[i].expand(n) for i, _ in pairs])
+    s = torch.cat([ts[j].expand(n) for _, j in pairs])
+    x_t = process.marginal(x0.repeat(len(pairs), 1), t, eps.repeat(len(pairs), 1))
+    exact = exact_flow_map(dataset, process, x_t, t, s, n=exact_steps)
+    device = model_device(model)
+    dtype = next(iter(model.parameters())).dtype if isinstance(model, nn.Module) else torch.float64
+    with torch.no_grad():
+        got = jump(model, x_t.to(device, dtype), t.to(device), s.to(device), process).to("cpu", torch.float64)
+    err = (got - exact).norm(dim=1).reshape(len(pairs), n).mean(1)
+    out = torch.full((len(ts), len(ts)), float("nan"), dtype=torch.float64)
+    for (i, j), e in zip(pairs, err):
+        out[i, j] = e
+    return out
