@@ -12,12 +12,13 @@ label tensor at the model boundary is a TypeError (`check`).
     Cond(text=emb, null_text=empty_prompt_emb)               Stable Diffusion (encoder_hidden_states, sd.py)
     Cond(..., w=w)                                           a guided student's guidance weight input (Meng et al. 2023)
     Cond(..., timestep_cond=emb)                             LCM's w-embedding (UNet2DConditionModel.time_cond_proj_dim)
+    Cond(..., s=s)                                           a flow map's end time: X(x_t, t -> s) (`with_end_time`)
 
 Every batched field is batch-first with one batch size B. A Cond knows its null value (what classifier-free
 guidance compares against, Ho & Salimans 2022), so guidance (`guidance.cfg`) and label/prompt dropout during
 training (`Cond.drop`, used by `losses.denoising_loss`) are written once for labels and text alike:
 
-    null():  y -> null_y,  text -> null_text,  pooled -> null_pooled  (broadcast to B);  w, timestep_cond unchanged
+    null():  y -> null_y,  text -> null_text,  pooled -> null_pooled  (broadcast to B);  w, timestep_cond, s unchanged
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-BATCHED = ("y", "text", "pooled", "w", "timestep_cond")      # batch-first fields, sliced and concatenated
+BATCHED = ("y", "text", "pooled", "w", "timestep_cond", "s")  # batch-first fields, sliced and concatenated
 NULLS = {"y": "null_y", "text": "null_text", "pooled": "null_pooled"}   # field -> its null value
 
 
@@ -40,6 +41,7 @@ class Cond:
     pooled: Tensor | None = None         # (B, D) pooled text embedding
     w: Tensor | None = None              # (B,) guidance weight as a model input (guided students, LCM)
     timestep_cond: Tensor | None = None  # (B, D) LCM's w-embedding for UNet2DConditionModel(time_cond_proj_dim)
+    s: Tensor | None = None              # (B,) the end time of a flow map X(x_t, t -> s) (a flow-map model reads it)
     null_y: int | None = None            # the null label (the model's num_classes)
     null_text: Tensor | None = None      # (1, L, D) empty-prompt embedding
     null_pooled: Tensor | None = None    # (1, D) pooled embedding of the empty prompt
@@ -47,11 +49,13 @@ class Cond:
     def __post_init__(self) -> None:
         sizes = {name: getattr(self, name).shape[0] for name in BATCHED
                  if getattr(self, name) is not None and getattr(self, name).ndim > 0}
-        if isinstance(self.w, Tensor) and self.w.ndim == 0:
-            raise ValueError("Cond.w is per sample, shape (B,): pass w.expand(B) (or torch.full((B,), w))")
+        for name in ("w", "s"):
+            if isinstance(getattr(self, name), Tensor) and getattr(self, name).ndim == 0:
+                raise ValueError(f"Cond.{name} is per sample, shape (B,): pass {name}.expand(B) (or "
+                                 f"torch.full((B,), {name}))")
         if len(set(sizes.values())) > 1:
             raise ValueError(f"the fields of a Cond must share one batch size; got {sizes}")
-        for name in ("y", "w"):
+        for name in ("y", "w", "s"):
             v = getattr(self, name)
             if v is not None and v.ndim != 1:
                 raise ValueError(f"Cond.{name} has shape (B,); got {tuple(v.shape)}")
@@ -66,8 +70,8 @@ class Cond:
             v = getattr(self, name)
             if v is not None:
                 return int(v.shape[0])
-        raise ValueError("this Cond holds no batched field (y, text, pooled, w or timestep_cond), so it has no "
-                         "batch size")
+        raise ValueError("this Cond holds no batched field (y, text, pooled, w, timestep_cond or s), so it has "
+                         "no batch size")
 
     def __getitem__(self, index: int | slice | Tensor) -> "Cond":
         """The samples `index` selects (a slice, an index tensor or a boolean mask); an int keeps a batch of 1."""
@@ -77,7 +81,7 @@ class Cond:
 
     def null(self) -> "Cond":
         """The same batch with every label and prompt replaced by its null value (the unconditional input of
-        classifier-free guidance); w and timestep_cond are unchanged."""
+        classifier-free guidance); w, timestep_cond and s are unchanged."""
         out = {}
         for name, null_name in NULLS.items():
             v, null = getattr(self, name), getattr(self, null_name)
@@ -137,12 +141,15 @@ class Cond:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Cond":
         """Move every tensor to `device`; cast the floating ones (text, pooled, w, timestep_cond, nulls) to
-        `dtype`. Labels stay integers."""
+        `dtype`. Labels stay integers; the end time s stays float32 or wider (a time, like t)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
-                out[f.name] = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+                cast = dtype if (dtype is not None and v.is_floating_point()) else None
+                if cast is not None and f.name == "s":
+                    cast = torch.promote_types(cast, torch.float32)
+                out[f.name] = v.to(device=device, dtype=cast)
         return replace(self, **out)
 
     def with_w(self, w: float | Tensor | None) -> "Cond":
@@ -192,6 +199,14 @@ def unpack(batch: Mapping[str, Any]) -> tuple[Tensor, Cond | None]:
     return batch["x"], check(batch.get("cond"))
 
 
+def with_end_time(cond: Cond | None, s: Tensor | None) -> Cond | None:
+    """cond (or no conditioning) with the end time s (B,) of a flow map X(x_t, t -> s) as a model input: what a
+    flow-map model (models.flow_map_student) reads besides (x, t). s None removes it (a teacher's call)."""
+    if check(cond) is None:
+        return None if s is None else Cond(s=s)
+    return replace(cond, s=s)
+
+
 def check(cond: Cond | None) -> Cond | None:
     """The one model call's third argument: a Cond or None. A bare label tensor is refused with the fix."""
     if cond is None or isinstance(cond, Cond):
@@ -204,9 +219,11 @@ def check(cond: Cond | None) -> Cond | None:
 
 def backbone_inputs(c: Cond) -> dict:
     """The keyword arguments of a backbone `net(x, timestep, **kwargs)` for a Cond: y -> class_labels, w ->
-    guidance (a guided student), text -> encoder_hidden_states, timestep_cond -> timestep_cond; fields that are None
-    are left out, so a backbone without them is called as before. Used by models.Denoiser."""
+    guidance (a guided student), text -> encoder_hidden_states, timestep_cond -> timestep_cond, s -> end_time (a
+    flow map; models.Denoiser maps it to the backbone's time units like t); fields that are None are left out, so a
+    backbone without them is called as before. Used by models.Denoiser."""
     if c.pooled is not None:
         raise ValueError("this backbone takes no pooled text embedding (Cond.pooled is for SDXL-type models)")
-    names = {"y": "class_labels", "w": "guidance", "text": "encoder_hidden_states", "timestep_cond": "timestep_cond"}
+    names = {"y": "class_labels", "w": "guidance", "text": "encoder_hidden_states", "timestep_cond": "timestep_cond",
+             "s": "end_time"}
     return {arg: getattr(c, name) for name, arg in names.items() if getattr(c, name) is not None}

@@ -287,6 +287,9 @@ class ExactDenoiser:
         self.mixture, self.process, self.label = mixture, process, label
 
     def __call__(self, x: Tensor, t: float | Tensor, cond: Cond | None = None) -> Pred:
+        if check(cond) is not None and cond.s is not None:
+            raise ValueError("the exact denoiser is no flow map: it takes no end time s (Cond.s); the exact flow map "
+                             "is distill.flowmap.exact_flow_map (or ExactFlowMap, a model whose jump is it)")
         y = None if check(cond) is None else cond.y
         if y is None and self.label is not None:
             y = torch.full((len(x),), int(self.label), dtype=torch.long, device=x.device)

@@ -35,32 +35,48 @@ from .processes import AffineProcess, EDM, bcast, make_process, time_dtype
 
 
 def timestep_embedding(timestep: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding (Vaswani et al. 2017; DDPM) of timesteps in [0, 1000]: (B,) -> (B, dim)."""
+    """Sinusoidal embedding (Vaswani et al. 2017; DDPM) of timesteps in [0, 1000]: (B,) -> (B, dim), computed in
+    float32 (float64 for float64 timesteps: a float64 model's finite differences in t stay accurate)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timestep.device, dtype=torch.float32) / half)
-    args = timestep.float()[:, None] * freqs[None]
+    dtype = torch.float64 if timestep.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timestep.device, dtype=dtype) / half)
+    args = timestep.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class GuidanceEmbedding(nn.Module):
-    """Embedding of the guidance weight w (Meng et al. 2023, Sec. 3.1: a Fourier embedding of w added to the
-    time embedding): sinusoidal features -> MLP -> (B, hidden).
+class ZeroEmbedding(nn.Module):
+    """The embedding of one more scalar input, added to a backbone's time embedding: sinusoidal features of a value
+    u in the time embedding's range [0, 1000] -> MLP -> (B, hidden). The last layer starts at zero, so a model
+    copied from one without this input starts out as that model, whatever the input, and learns what it changes
+    (a guided student's w, a flow map's step size)."""
 
-    w in [w_min, w_max] is mapped linearly to [0, 1000], the range the time embedding sees, before the
-    sinusoidal features. The last layer starts at zero, so a student copied from a teacher starts as the
-    conditional teacher (its output ignores w) and learns what w changes. A student is only trained on its
-    range: calling it with w outside [w_min, w_max] is an error, never a silent extrapolation.
-    """
-
-    def __init__(self, hidden: int, w_range: tuple[float, float], emb_dim: int = 128):
+    def __init__(self, hidden: int, emb_dim: int = 128):
         super().__init__()
-        w_min, w_max = (float(v) for v in w_range)
-        if not w_max > w_min:
-            raise ValueError(f"guidance range must be (w_min, w_max) with w_min < w_max; got {tuple(w_range)}")
-        self.w_min, self.w_max, self.emb_dim = w_min, w_max, emb_dim
+        self.emb_dim = emb_dim
         self.mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, u: Tensor) -> Tensor:
+        """u (B,) in [0, 1000] -> (B, hidden)."""
+        return self.mlp(timestep_embedding(u, self.emb_dim).to(self.mlp[0].weight.dtype))
+
+
+class GuidanceEmbedding(ZeroEmbedding):
+    """Embedding of the guidance weight w (Meng et al. 2023, Sec. 3.1: a Fourier embedding of w added to the
+    time embedding): a `ZeroEmbedding` of w mapped linearly from [w_min, w_max] to [0, 1000].
+
+    The last layer starts at zero, so a student copied from a teacher starts as the conditional teacher (its output
+    ignores w) and learns what w changes. A student is only trained on its range: calling it with w outside
+    [w_min, w_max] is an error, never a silent extrapolation.
+    """
+
+    def __init__(self, hidden: int, w_range: tuple[float, float], emb_dim: int = 128):
+        w_min, w_max = (float(v) for v in w_range)
+        if not w_max > w_min:
+            raise ValueError(f"guidance range must be (w_min, w_max) with w_min < w_max; got {tuple(w_range)}")
+        super().__init__(hidden, emb_dim)
+        self.w_min, self.w_max = w_min, w_max
 
     def check(self, w: Tensor) -> None:
         tol = 1e-6 * max(1.0, self.w_max - self.w_min)
@@ -72,8 +88,22 @@ class GuidanceEmbedding(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         """w (B,) -> (B, hidden)."""
         self.check(w)
-        u = 1000.0 * (w.float() - self.w_min) / (self.w_max - self.w_min)          # (B,) in [0, 1000]
-        return self.mlp(timestep_embedding(u, self.emb_dim).to(self.mlp[0].weight.dtype))
+        return super().forward(1000.0 * (w.float() - self.w_min) / (self.w_max - self.w_min))   # (B,) in [0, 1000]
+
+
+class StepEmbedding(ZeroEmbedding):
+    """A flow map's step-size embedding: the `ZeroEmbedding` of d = timestep(t) - timestep(s) >= 0, the step of
+    X(x_t, t -> s) in the backbone's time units (1000 (t - s) for the course's processes): MeanFlow's (t, t - r)
+    conditioning (Geng et al. 2025, Table 1c) and the shortcut models' step size d (Frans et al. 2024). A flow-map
+    student copied from its teacher is, for every s, the teacher's instantaneous prediction (exact at s = t)."""
+
+    def forward(self, d: Tensor) -> Tensor:
+        """d (B,) -> (B, hidden). A flow map runs back in time (s <= t): d < 0 is an error."""
+        bad = d[d < -1e-3]
+        if bad.numel():
+            raise ValueError(f"a flow map X(x_t, t -> s) steps from t to an earlier time s <= t; got a step of "
+                             f"{float(bad[0]):g} (in the backbone's time units, timestep(t) - timestep(s))")
+        return super().forward(d)
 
 
 def _no_guidance(guidance: Tensor | None, name: str) -> None:
@@ -89,22 +119,44 @@ def _need_guidance(guidance: Tensor | None, emb: GuidanceEmbedding, n: int, devi
     return torch.as_tensor(guidance, device=device).float().reshape(-1).expand(n)
 
 
+NOT_A_FLOW_MAP = ("this model is not a flow map (its backbone was built without flow_map=True), so it takes no end "
+                  "time s (Cond.s): sample it with a sampler of samplers, or build a flow-map student with "
+                  "models.flow_map_student(teacher) (remove s from a teacher's cond with with_end_time(cond, None))")
+
+
+def _step_size(timestep: Tensor, end_time: Tensor | None, flow_map: bool, name: str) -> Tensor | None:
+    """d = timestep - end_time (B,) for a flow-map backbone; None for a plain one. Either mismatch is an error."""
+    if not flow_map:
+        if end_time is not None:
+            raise ValueError(f"{name}: {NOT_A_FLOW_MAP}")
+        return None
+    if end_time is None:
+        raise ValueError(f"this flow-map {name} needs the end time s of X(x_t, t -> s): call model(x, t, cond) with "
+                         "cond.s set (conditioning.with_end_time(cond, s)), or sample it with samplers.flow_map")
+    return timestep - end_time.reshape(-1).expand(len(timestep))
+
+
 class MLP2D(nn.Module):
     """Time-conditioned MLP for low-dimensional data: `depth` hidden layers of width `hidden`, SiLU.
 
     The time embedding (plus a class embedding when num_classes is set, with index num_classes reserved for
-    the null label of classifier-free guidance, plus a `GuidanceEmbedding` of w when guidance_range is set) is
-    added to every hidden layer's pre-activation.
+    the null label of classifier-free guidance, plus a `GuidanceEmbedding` of w when guidance_range is set, plus a
+    `StepEmbedding` of timestep - end_time when flow_map is set) is added to every hidden layer's pre-activation.
+    time_scale multiplies the time inputs before their embedding: 1 embeds the course's timestep 1000 t; a JVP in t
+    (sCM, MeanFlow) is better behaved at a small scale (0.01: 10 t; Lu & Song 2024, Sec. 4.1, c_noise(t) = t).
     """
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, num_classes: int | None = None,
-                 emb_dim: int = 128, guidance_range: tuple[float, float] | None = None):
+                 emb_dim: int = 128, guidance_range: tuple[float, float] | None = None, flow_map: bool = False,
+                 time_scale: float = 1.0):
         super().__init__()
         self.dim, self.hidden, self.depth, self.num_classes, self.emb_dim = dim, hidden, depth, num_classes, emb_dim
         self.guidance_range = None if guidance_range is None else tuple(float(v) for v in guidance_range)
+        self.flow_map, self.time_scale = bool(flow_map), float(time_scale)
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_emb = nn.Embedding(num_classes + 1, hidden) if num_classes else None
         self.guidance_emb = GuidanceEmbedding(hidden, guidance_range, emb_dim) if guidance_range else None
+        self.step_emb = StepEmbedding(hidden, emb_dim) if flow_map else None
         self.inp = nn.Linear(dim, hidden)
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.emb_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
@@ -115,9 +167,17 @@ class MLP2D(nn.Module):
                "emb_dim": self.emb_dim}
         if self.guidance_range is not None:
             cfg["guidance_range"] = list(self.guidance_range)
+        if self.flow_map:
+            cfg["flow_map"] = True
+        if self.time_scale != 1.0:
+            cfg["time_scale"] = self.time_scale
         return cfg
 
-    def embed(self, timestep: Tensor, class_labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
+    def embed(self, timestep: Tensor, class_labels: Tensor | None, guidance: Tensor | None = None,
+              end_time: Tensor | None = None) -> Tensor:
+        if self.time_scale != 1.0:
+            timestep = self.time_scale * timestep
+            end_time = None if end_time is None else self.time_scale * end_time
         e = self.time_mlp(timestep_embedding(timestep, self.emb_dim).to(self.inp.weight.dtype))
         if self.class_emb is not None:
             if class_labels is None:  # unconditional call of a conditional net: use the null label
@@ -127,46 +187,65 @@ class MLP2D(nn.Module):
             _no_guidance(guidance, "MLP2D")
         else:
             e = e + self.guidance_emb(_need_guidance(guidance, self.guidance_emb, len(timestep), timestep.device))
+        d = _step_size(timestep, end_time, self.flow_map, "MLP2D")
+        if d is not None:
+            e = e + self.step_emb(d)
         return torch.nn.functional.silu(e)
 
     def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None,
-                guidance: Tensor | None = None) -> Tensor:
-        e = self.embed(timestep, class_labels, guidance)                           # (B, hidden)
+                guidance: Tensor | None = None, end_time: Tensor | None = None) -> Tensor:
+        """end_time: a flow map's end time s in the same units as timestep (Denoiser maps both)."""
+        e = self.embed(timestep, class_labels, guidance, end_time)                # (B, hidden)
         h = torch.nn.functional.silu(self.inp(x) + self.emb_proj[0](e))          # (B, hidden)
         for layer, proj in zip(self.layers, self.emb_proj[1:]):
             h = torch.nn.functional.silu(layer(h) + proj(e))
         return self.out(h)                                                         # (B, dim)
 
 
-class GuidedClassEmbedding(nn.Embedding):
-    """diffusers' class embedding (an nn.Embedding, same `weight` key, so teacher weights load) that also owns a
-    `GuidanceEmbedding`. UNet2DModel computes emb = time_embedding(t) + class_embedding(class_labels) and hands
-    class_labels over untouched, so the course's UNet packs labels and w into one float tensor (B, 2) =
-    [y, w]; this module unpacks it and returns class_emb(y) + guidance_emb(w)."""
+class PackedEmbedding(nn.Module):
+    """The UNet's embeddings beyond time, in diffusers' class-embedding slot. UNet2DModel computes emb =
+    time_embedding(t) + class_embedding(class_labels) and hands class_labels over untouched, so the course's UNet
+    packs its extra inputs into one float tensor (B, k), in this order: [y] a label (num_classes set), [w] a guided
+    student's weight (a `GuidanceEmbedding`), [d] a flow map's step timestep(t) - timestep(s) (a `StepEmbedding`);
+    this module returns the sum of their embeddings. Its keys are nn.Embedding's `weight` (so a teacher's class
+    embedding loads into it) and `guidance.*`, `step.*`."""
 
-    def __init__(self, num_embeddings: int, dim: int, w_range: tuple[float, float]):
-        super().__init__(num_embeddings, dim)
-        self.guidance = GuidanceEmbedding(dim, w_range)
+    def __init__(self, num_embeddings: int | None, dim: int, w_range: tuple[float, float] | None = None,
+                 flow_map: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(nn.init.normal_(torch.empty(num_embeddings, dim))) if num_embeddings else None
+        self.guidance = GuidanceEmbedding(dim, w_range) if w_range is not None else None
+        self.step = StepEmbedding(dim) if flow_map else None
 
     def forward(self, packed: Tensor) -> Tensor:
-        if packed.ndim != 2 or packed.shape[1] != 2:
-            raise ValueError("a guided UNet's class embedding takes packed (B, 2) [label, w]; call the course's "
-                             "UNet with class_labels and guidance=w")
-        y, w = packed[:, 0].round().long(), packed[:, 1]
-        return super().forward(y) + self.guidance(w)
+        k = sum(m is not None for m in (self.weight, self.guidance, self.step))
+        if packed.ndim != 2 or packed.shape[1] != k:
+            raise ValueError(f"this UNet's class embedding takes packed (B, {k}) [label, w, step] (those it has); "
+                             "call the course's UNet with class_labels, guidance=w, end_time=s")
+        cols = list(packed.unbind(1))
+        e = 0
+        if self.weight is not None:
+            e = e + torch.nn.functional.embedding(cols.pop(0).round().long(), self.weight)
+        if self.guidance is not None:
+            e = e + self.guidance(cols.pop(0))
+        if self.step is not None:
+            e = e + self.step(cols.pop(0))
+        return e
 
 
 class UNet(nn.Module):
     """diffusers' UNet2DModel behind the course's backbone signature (it returns a tensor, not an output object).
 
     Class-conditional when num_classes is set; index num_classes is the null label for guidance. With
-    guidance_range (needs num_classes) the class embedding becomes a `GuidedClassEmbedding` and the net takes
-    `guidance=w` (B,): a guided student (Meng et al. 2023).
+    guidance_range (needs num_classes) the net takes `guidance=w` (B,): a guided student (Meng et al. 2023). With
+    flow_map it takes `end_time` (B,) and embeds the step timestep - end_time: a flow map. Both ride a
+    `PackedEmbedding` in place of the class embedding. time_scale multiplies the time inputs (see MLP2D).
     """
 
     def __init__(self, sample_size: int = 16, in_channels: int = 1, block_out_channels: tuple[int, ...] = (32, 64, 64),
                  layers_per_block: int = 1, num_classes: int | None = None, attention: bool = False,
-                 norm_num_groups: int = 8, guidance_range: tuple[float, float] | None = None):
+                 norm_num_groups: int = 8, guidance_range: tuple[float, float] | None = None, flow_map: bool = False,
+                 time_scale: float = 1.0):
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -177,6 +256,11 @@ class UNet(nn.Module):
             if not num_classes:
                 raise ValueError("a guided UNet needs num_classes (guidance mixes conditional and unconditional)")
             self.kwargs["guidance_range"] = [float(v) for v in guidance_range]
+        if flow_map:
+            self.kwargs["flow_map"] = True
+        if float(time_scale) != 1.0:
+            self.kwargs["time_scale"] = float(time_scale)
+        self.time_scale = float(time_scale)
         n = len(block_out_channels)
         down = ["DownBlock2D"] * n
         up = ["UpBlock2D"] * n
@@ -189,23 +273,31 @@ class UNet(nn.Module):
             down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=norm_num_groups,
             num_class_embeds=(num_classes + 1) if num_classes else None,
         )
-        self.guided = guidance_range is not None
-        if self.guided:
-            emb = self.unet.class_embedding
-            self.unet.class_embedding = GuidedClassEmbedding(emb.num_embeddings, emb.embedding_dim, guidance_range)
+        self.guided, self.flow_map = guidance_range is not None, bool(flow_map)
+        if self.guided or self.flow_map:
+            dim = self.unet.time_embedding.linear_2.out_features
+            self.unet.class_embedding = PackedEmbedding((num_classes + 1) if num_classes else None, dim,
+                                                        guidance_range, self.flow_map)
 
     def config(self) -> dict:
         return dict(self.kwargs)
 
     def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None,
-                guidance: Tensor | None = None) -> Tensor:
+                guidance: Tensor | None = None, end_time: Tensor | None = None) -> Tensor:
         if self.num_classes and class_labels is None:
             class_labels = torch.full((len(x),), self.num_classes, device=x.device, dtype=torch.long)
+        if self.time_scale != 1.0:
+            timestep = self.time_scale * timestep
+            end_time = None if end_time is None else self.time_scale * end_time
+        d = _step_size(timestep.reshape(-1).expand(len(x)), end_time, self.flow_map, "UNet")
         if self.guided:
             w = _need_guidance(guidance, self.unet.class_embedding.guidance, len(x), x.device)
-            class_labels = torch.stack([class_labels.float(), w], dim=1)            # (B, 2): [y, w]
         else:
             _no_guidance(guidance, "UNet")
+        if self.guided or self.flow_map:                                           # (B, k): [y][, w][, d]
+            cols = ([class_labels.float()] if self.num_classes else []) + ([w] if self.guided else []) + \
+                   ([d.float()] if self.flow_map else [])
+            class_labels = torch.stack(cols, dim=1)
         return self.unet(x, timestep, class_labels=class_labels).sample
 
 
@@ -232,8 +324,9 @@ def build_net(arch: str, **kwargs: Any) -> nn.Module:
 class Denoiser(nn.Module):
     """The course's model interface around a backbone: model(x, t, cond=None) -> Pred(x0, eps).
 
-    cond is a conditioning.Cond or None: its labels, guidance weight w (a guided student), text and timestep_cond
-    reach the backbone (`backbone_inputs`); a bare label tensor is a TypeError (wrap it: conditioning.labels)."""
+    cond is a conditioning.Cond or None: its labels, guidance weight w (a guided student), text, timestep_cond and
+    end time s (a flow map, `flow_map_student`) reach the backbone (`backbone_inputs`); a bare label tensor is a
+    TypeError (wrap it: conditioning.labels)."""
 
     synced_methods = ("raw",)  # training losses call raw, not forward: the engine runs it through DDP / FSDP
 
@@ -246,11 +339,17 @@ class Denoiser(nn.Module):
     def raw(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """The backbone's native output (what a training loss in this parameterization compares): the backbone is
         called net(x, process.timestep(t), **backbone_inputs(cond)) (class_labels, guidance = cond.w,
-        encoder_hidden_states = cond.text, timestep_cond), only with the fields cond holds."""
+        encoder_hidden_states = cond.text, timestep_cond, end_time = process.timestep(cond.s) for a flow map), only
+        with the fields cond holds."""
         kwargs = {} if check(cond) is None else backbone_inputs(cond)
         if "guidance" in kwargs:                                                   # (B,) float32
             kwargs["guidance"] = kwargs["guidance"].to(dtype=torch.float32, device=x.device).reshape(-1).expand(len(x))
         timestep = self.process.timestep(t.to(time_dtype(t.dtype))).to(time_dtype(x.dtype))   # float32+, as x may be bf16
+        if "end_time" in kwargs:                                                   # a flow map's s, in t's units
+            if not getattr(self.net, "flow_map", False):
+                raise ValueError(NOT_A_FLOW_MAP)
+            s = kwargs["end_time"].to(device=x.device).reshape(-1).expand(len(x))
+            kwargs["end_time"] = self.process.timestep(s.to(time_dtype(s.dtype))).to(time_dtype(x.dtype))
         return self.net(x, timestep, **kwargs)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Pred:
@@ -378,6 +477,34 @@ def with_guidance_input(teacher: Denoiser, w_range: tuple[float, float]) -> Deno
     new = [k for k in missing if "guidance" not in k]
     if new or unexpected:
         raise RuntimeError(f"copying the teacher into the guided student left keys unmatched: missing {new}, "
+                           f"unexpected {unexpected}")
+    device = next(teacher.parameters()).device
+    return student.to(device).train().requires_grad_(True)
+
+
+def is_flow_map(model: nn.Module) -> bool:
+    """Whether a course model is a flow map (its backbone built with flow_map=True: it reads the end time cond.s);
+    found through wrappers that hold the model as .model."""
+    inner = model
+    while not hasattr(inner, "net") and hasattr(inner, "model"):
+        inner = inner.model
+    return bool(getattr(getattr(inner, "net", None), "flow_map", False))
+
+
+def flow_map_student(teacher: Denoiser) -> Denoiser:
+    """A flow-map student X(x_t, t -> s) (MeanFlow, shortcut models): the teacher's architecture with flow_map=True
+    (a `StepEmbedding` of the step t - s, read from cond.s) and every teacher weight copied. The embedding's last
+    layer is zero, so at first the student returns the teacher's prediction for every s: its DDIM jump t -> s is
+    the teacher's DDIM step, exact as s -> t. Same device as the teacher, float32, train mode."""
+    config = teacher.config()
+    if config["net"].get("flow_map"):
+        raise ValueError("this model is already a flow map (flow_map is set)")
+    config["net"] = {**config["net"], "flow_map": True}
+    student = build_denoiser(config)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    new = [k for k in missing if "step" not in k]
+    if new or unexpected:
+        raise RuntimeError(f"copying the teacher into the flow-map student left keys unmatched: missing {new}, "
                            f"unexpected {unexpected}")
     device = next(teacher.parameters()).device
     return student.to(device).train().requires_grad_(True)

@@ -14,6 +14,7 @@ fresh noise of the stochastic samplers (deterministic ones ignore it); noise is 
     dpmpp2m      2       n                 Lu et al. 2022b, DPM-Solver++(2M), Algorithm 2
     tcd          -       n                 Zheng et al. 2024, strategic stochastic sampling (gamma = 0.3)
     consistency  -       n                 Song et al. 2023, Algorithm 1 (multistep consistency sampling)
+    flow_map     -       n                 a flow map's jumps X(x, t -> s) along the grid (`steps.flow_map`)
 
 tcd and consistency are members of `multistep`, the one "denoise, then re-noise" sampler of the few-step methods
 (consistency models, LCM, TCD, ADD, DMD), whose named options (gamma, where the denoised point sits) cover each.
@@ -62,6 +63,16 @@ def ddim(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_pat
          generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
     """Deterministic DDIM (Song et al. 2021, Eq. 12, eta = 0) on the grid ts: `steps.ddim` at every step."""
     return _run(steps.ddim, model, x, ts, process, return_path, cond)
+
+
+@torch.no_grad()
+def flow_map(model: Model, x: Tensor, ts: Tensor, process: AffineProcess, return_path: bool = False,
+             generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
+    """A flow-map model (MeanFlow, shortcut models, sCM; models.flow_map_student) along the grid ts: at each step the
+    model is told the next grid time as its end time (cond.s = ts[i + 1]) and its DDIM step is the jump,
+    x_{ts[i+1]} = X(x, ts[i] -> ts[i + 1]) (`steps.flow_map`). 1, 2, 4, ... steps from one network; n NFE.
+    Not in SAMPLERS: it needs a flow-map model (a plain model refuses cond.s)."""
+    return _run(steps.flow_map, model, x, ts, process, return_path, cond)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ the samples that need it, receives the same rows of it (cond[idx]).
     ddim    x_s = alpha_s x0_hat + sigma_s eps_hat   (Song et al. 2021, Eq. 12, eta = 0)          1
     euler   x_s = x_t + (s - t) u(x_t, t)            (probability-flow ODE dx/dt = u)             1
     heun    Euler predictor, trapezoidal corrector   (Karras et al. 2022, Algorithm 1)            2 (1 where s = 0)
+    flow_map  x_s = alpha_s x0_hat + sigma_s eps_hat, the model told its end time s (cond.s)       1
 
 Times are kept in float32 or wider (see `processes.as_times`); the result has x's dtype.
 """
@@ -21,7 +22,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from .conditioning import Cond
+from .conditioning import Cond, with_end_time
 from .predictions import Pred, velocity
 from .processes import AffineProcess, as_times, bcast, time_dtype
 
@@ -47,6 +48,16 @@ def ddim(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: A
     """DDIM from t to s: x_s = alpha_s x0_hat(x, t) + sigma_s eps_hat(x, t). One model call."""
     t, s = _times(t, x), _times(s, x)
     return ddim_step(model(x, t, cond), t, s, process).to(x.dtype)
+
+
+def flow_map(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: AffineProcess,
+             cond: Cond | None = None) -> Tensor:
+    """A flow-map model's jump X(x, t -> s) (models.flow_map_student): the model is called with its end time,
+    cond.s = s, and its (x0_hat, eps_hat) are chosen so that one DDIM step is the jump:
+    x_s = alpha_s x0_hat(x, t, s) + sigma_s eps_hat(x, t, s) (on rf: x - (t - s) u, u = eps_hat - x0_hat the average
+    velocity of MeanFlow). One model call."""
+    t, s = _times(t, x), _times(s, x)
+    return ddim_step(model(x, t, with_end_time(cond, s)), t, s, process).to(x.dtype)
 
 
 def euler(model: Callable[..., Pred], x: Tensor, t: Tensor, s: Tensor, process: AffineProcess,
