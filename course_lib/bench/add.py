@@ -28,9 +28,13 @@ VARIANTS = {"add": ({}, "teacher"), "add-adv": ({"distill": False}, "teacher"),
 
 
 def add_budget(mode: str) -> dict:
-    """The 2D and digits budgets and the course's recipe at this scale (ADD's lambda = 2.5, c(t) = alpha_t, hinge)."""
+    """The 2D and digits budgets and the course's recipe at this scale (c(t) = alpha_t, hinge). On 2D the
+    discriminator is conditioned on the student's time (ADDConfig.d_time_cond) and lambda is 0.25, not ADD's 2.5:
+    in the course's diagnosis an unconditioned discriminator and lambda = 2.5 narrow the modes at low noise, and 4
+    steps came out worse than 2 (docs/results/add_2d_diagnosis.json). Digits keep ADD's lambda = 2.5."""
     return dict(steps=pick(mode, smoke=10, laptop=500, full=3000), batch=pick(mode, smoke=64, laptop=256, full=512),
-                lr=3e-4, r1_gamma=0.1, ema=pick(mode, smoke=0.9, laptop=0.99, full=0.999),
+                lr=3e-4, r1_gamma=0.1, ema=pick(mode, smoke=0.9, laptop=0.99, full=0.999), lambda_2d=0.25,
+                d_time_cond=True,
                 digits_steps=pick(mode, smoke=2, laptop=30, full=1500),
                 digits_batch=pick(mode, smoke=8, laptop=32, full=64), digits_lr_g=1e-4, digits_lr_d=2e-4,
                 digits_r1_every=4)
@@ -40,7 +44,8 @@ def _cfg(b: dict, changes: dict, digits: bool = False):
     if digits:
         return ADDConfig(lr_g=b["digits_lr_g"], lr_d=b["digits_lr_d"], r1_gamma=b["r1_gamma"],
                          r1_every=b["digits_r1_every"], **changes)
-    return ADDConfig(lr_g=b["lr"], lr_d=b["lr"], r1_gamma=b["r1_gamma"], ema_decay=b["ema"], **changes)
+    return ADDConfig(lr_g=b["lr"], lr_d=b["lr"], r1_gamma=b["r1_gamma"], ema_decay=b["ema"],
+                     lambda_distill=b["lambda_2d"], d_time_cond=b["d_time_cond"], **changes)
 
 
 def _train_2d(name: str, ds: str, b: dict, seed: int, device, progress: bool):
@@ -95,8 +100,9 @@ def _bench(mode: str, seed: int, device) -> tuple[list[dict], dict]:
     print(add_summary(rows))
     return rows, {**b, "n": n, "eval_seeds": ev.seeds, "pr_n": PR_N, "student_steps": list(STUDENT_STEPS),
                   "variants": {k: {"changes": v[0], "init": v[1]} for k, v in VARIANTS.items()},
-                  "student_times": "trailing grid: 1, (k-1)/k, ..., 1/k", "lambda": 2.5, "weighting": "alpha_t",
-                  "features_2d": "RandomFeatures2D (frozen)", "features_digits": "the teacher's own layers (LADD)"}
+                  "student_times": "trailing grid: 1, (k-1)/k, ..., 1/k", "lambda_digits": 2.5,
+                  "weighting": "alpha_t", "features_2d": "RandomFeatures2D (frozen)",
+                  "features_digits": "the teacher's own layers (LADD)"}
 
 
 def digits_rows(ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
@@ -146,12 +152,13 @@ def add_summary(rows: list[dict]) -> str:
 @register("add", "adversarial diffusion distillation of the 2D and digits teachers, 1/2/4 steps, the three-way ablation")
 def bench_add(mode: str, seed: int = 0, device: str | torch.device | None = None) -> tuple[list[dict], dict]:
     """ADD (Sauer et al. 2023) of the shipped 2D teachers: the student initialised from the teacher, a discriminator of
-    trainable heads on a frozen random feature network (hinge, R1 on real data), the score-distillation term with
-    c(t) = alpha_t and lambda = 2.5; students sampled on the trailing grid at 1, 2, 4 steps, measured against exact
-    DATA samples (every score_2d metric; on gmm also "modes_covered" and "mass_tv" of metrics.mode_coverage): model
-    "add", the ablation "add-adv" (adversarial only), "add-distill" (distillation only), "add-scratch" (both losses,
-    random initialisation), and "teacher-trailing" (the teacher with the students' sampler: their starting point),
-    beside the teacher's DPM-Solver++ sweep ("teacher", its best SWD the reference) and the data floor ("data").
+    trainable heads on a frozen random feature network (hinge, R1 on real data) conditioned on the student's time,
+    the score-distillation term with c(t) = alpha_t and lambda = 0.25 (add_budget); students sampled on the trailing
+    grid at 1, 2, 4 steps, measured against exact DATA samples (every score_2d metric; on gmm also "modes_covered"
+    and "mass_tv" of metrics.mode_coverage): model "add", the ablation "add-adv" (adversarial only), "add-distill"
+    (distillation only), "add-scratch" (both losses, random initialisation), and "teacher-trailing" (the teacher
+    with the students' sampler: their starting point), beside the teacher's DPM-Solver++ sweep ("teacher", its best
+    SWD the reference) and the data floor ("data").
     Digits: "add" with the teacher's own features (LADD) against the held-out digits. Every student row carries its
     training seconds and updates."""
     return _bench(mode, seed, device)
