@@ -109,28 +109,40 @@ def distill_dmd2_sd(sd: Any, data: Callable, cfg: dmd.DMDConfig, *, run: TrainCo
                               accelerator=accelerator, progress=progress,
                               extra_config={"method": "dmd2-sd", **asdict(cfg)}, observer=observer,
                               observe_every=observe_every)
+    G.t_first = cfg.t_gen                         # the time it is told at its first step (sample's default)
     return G.cpu(), done
 
 
+def first_time(G: nn.Module) -> float:
+    """The time a generator is told at its first step: its `t_first` (set by distill_dmd2_sd and load from the
+    recipe's t_gen), 1 for a model without one (the teacher itself)."""
+    return float(getattr(G, "t_first", 1.0))
+
+
 @torch.no_grad()
-def sample(sd: Any, G: nn.Module, prompts: Sequence[str], steps: int = 1, seed: int = 0, batch: int = 256) -> Tensor:
-    """Images (B, 3, H, W) in [-1, 1] of the generator at `steps` steps (no classifier-free guidance: it is in the
-    weights). Initial noise from a generator seeded `seed` (as minisd.sample draws it), then the re-noising noise."""
+def sample(sd: Any, G: nn.Module, prompts: Sequence[str], steps: int = 1, seed: int = 0, batch: int = 256,
+           t_first: float | None = None) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] of the generator at `steps` steps on its grid grids.trailing(steps, t_first)
+    (no classifier-free guidance: it is in the weights; t_first: first_time(G) unless given). Initial noise from a
+    generator seeded `seed` (as minisd.sample draws it), then the re-noising noise."""
     g = torch.Generator().manual_seed(seed)
     unet = G.unet
     h = unet.config.sample_size
     z1 = torch.randn(len(prompts), unet.config.in_channels, h, h, generator=g)
+    t_first = first_time(G) if t_first is None else t_first
     out = []
     for k in range(0, len(prompts), batch):
-        z = dmd.sample(G, z1[k:k + batch], steps, G.process, g, sd.text(list(prompts[k:k + batch])))
+        z = dmd.sample(G, z1[k:k + batch], steps, G.process, g, sd.text(list(prompts[k:k + batch])), t_first)
         out.append(sd.vae.decode(z).clamp(-1, 1))
     return torch.cat(out)
 
 
-def evaluate(sd: Any, G: nn.Module, n: int = 500, steps: int = 1, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
+def evaluate(sd: Any, G: nn.Module, n: int = 500, steps: int = 1, seeds: Sequence[int] = (0, 1, 2),
+             t_first: float | None = None) -> dict[str, Any]:
     """minisd.evaluate for a DMD2 generator: the same prompts per seed (minisd.evaluate_images), prompt adherence and
-    KID/FD against held-out and training digits, mean and spread over the seeds."""
-    return minisd.evaluate_images(lambda prompts, s: sample(sd, G, prompts, steps, seed=s), n, seeds, steps=steps)
+    KID/FD against held-out and training digits, mean and spread over the seeds (sampled as `sample`)."""
+    return minisd.evaluate_images(lambda prompts, s: sample(sd, G, prompts, steps, seed=s, t_first=t_first), n,
+                                  seeds, steps=steps)
 
 
 def save(G: nn.Module, folder: str | Path, info: dict) -> Path:
@@ -142,8 +154,11 @@ def save(G: nn.Module, folder: str | Path, info: dict) -> Path:
 
 
 def load(sd: Any, folder: str | Path) -> nn.Module:
-    """The generator saved by `save`, as a course model on sd's process (sd.model's weights are not touched)."""
-    return load_unet_student(folder, META, sd.model, f"DMD2 generator: recreate it with `{RECREATE}`")[0].eval()
+    """The generator saved by `save`, as a course model on sd's process (sd.model's weights are not touched), with
+    its t_first from the JSON's recipe (t_gen; 1 when absent)."""
+    G, meta = load_unet_student(folder, META, sd.model, f"DMD2 generator: recreate it with `{RECREATE}`")
+    G.t_first = float(meta.get("recipe", {}).get("t_gen", 1.0))
+    return G.eval()
 
 
 def load_shipped(sd: Any) -> nn.Module:
@@ -177,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                               ckpt_dir=Path(args.out) / "checkpoint", device=args.device)
     secs = time.perf_counter() - t0
     ev = evaluate(sd, G, args.n_eval, 1)
-    info = {"kind": "dmd2", "gen_steps": 1, "timesteps": [999], "w_distilled": float(minisd.DEFAULT_W),
+    info = {"kind": "dmd2", "gen_steps": 1, "timesteps": [round(1000 * cfg.t_gen) - 1], "w_distilled": cfg.real_w,
             "command": f"{RECREATE} (steps {args.steps}, batch {args.batch}{''.join(' --set ' + x for x in args.set)})",
             "recipe": asdict(cfg),
             "steps": args.steps, "batch": args.batch, "updates": done.updates, "train_seconds": round(secs),
