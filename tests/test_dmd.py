@@ -365,3 +365,24 @@ def test_shipped_2d_students_load_and_draw_the_data():
         ref = sample_2d(ds, 4000, torch.Generator().manual_seed(4))[0]
         start = swd(generate_one_step(load_teacher(f"{ds}-vp"), z), ref)
         assert swd(generate_one_step(G, z), ref) < 0.1 * start
+
+
+def test_real_score_guided_only_in_its_interval():
+    """DMDConfig(real_w_interval=(lo, hi)): the real score of the DM loss is the guided teacher at real_w for t in
+    (lo, hi] and the plain conditional teacher outside (guidance interval); the default interval keeps one float w."""
+    from course_lib import guidance
+    from course_lib.conditioning import labels
+
+    def model(x, t, cond):                      # a conditional "teacher" whose x0 is the label (null label: 10)
+        x0 = cond.y.to(x.dtype)[:, None].expand_as(x) + 0 * x
+        return Pred(x0, x - x0)
+
+    assert dmd.real_weight(dmd.DMDConfig(real_w=4.0), torch.rand(5)) == 4.0
+    t = torch.tensor([0.1, 0.5, 0.50001, 0.9])
+    cfg = dmd.DMDConfig(real_w=4.0, real_w_interval=(0.0, 0.5))
+    w = dmd.real_weight(cfg, t)
+    assert torch.equal(w, torch.tensor([4.0, 4.0, 0.0, 0.0]))
+    cond = labels(torch.tensor([3, 3, 3, 3]), 10)
+    x0 = guidance.cfg(model, w)(torch.zeros(4, 2), t, cond).x0[:, 0]
+    # guided: (1 + 4) 3 - 4 10 = -25; plain: 3
+    assert torch.equal(x0, torch.tensor([-25.0, -25.0, 3.0, 3.0]))

@@ -175,13 +175,20 @@ def test_the_mini_sd_generator_trains_saves_and_loads(tmp_path):
     for name in ("generator", "critic"):
         assert (nets[name]["betas"], nets[name]["weight_decay"]) == ([0.0, 0.999], 0.0)
     assert all(torch.equal(v, sd.model.unet.state_dict()[k]) for k, v in before.items())   # the teacher untouched
-    folder = dmd_recipes.save(G, tmp_path / "g", {"kind": "dmd2"})
+    assert dmd_recipes.first_time(G) == dmd_recipes.recipe().t_gen
+    folder = dmd_recipes.save(G, tmp_path / "g", {"kind": "dmd2", "recipe": {"t_gen": 0.8}})
     again = dmd_recipes.load(sd, folder)
+    assert dmd_recipes.first_time(again) == 0.8                   # the time told at the first step, from the JSON
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         c = sd.text(["a red seven", "a blue two"])
-        t = torch.ones(2)
+        t = torch.full((2,), 0.8)
         torch.testing.assert_close(again(z, t, c).x0, G(z, t, c).x0)
+        # one-step sampling calls the generator once at its first time, on the seed's noise
+        z1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(dmd_recipes.sample(sd, again, ["a red seven", "a blue two"], 1, seed=5),
+                                   sd.vae.decode(again(z1, t, c).x0).clamp(-1, 1))
+    assert dmd_recipes.first_time(dmd_recipes.load(sd, dmd_recipes.save(G, tmp_path / "old", {"kind": "dmd2"}))) == 1.0
     with pytest.raises(FileNotFoundError, match="recreate it with"):
         dmd_recipes.load(sd, tmp_path)
 

@@ -193,6 +193,11 @@ class DMDConfig:
     ttur: int = 5                    # critic updates per generator update (DMD: 1; DMD2: 5 ImageNet/SDXL, 10 SD 1.5)
     t_range: tuple[float, float] = (0.02, 0.98)   # t of the distribution-matching gradient (min/max_step_percent)
     real_w: float = 0.0              # classifier-free guidance of the real score (course convention, w = s - 1)
+    real_w_interval: tuple[float, float] = (0.0, 1.0)   # the t (lo, hi] where the real score is guided at real_w;
+                                     # outside it, the conditional teacher (w = 0): Kynkaanniemi et al. 2024's
+                                     # guidance interval. A guided x0 at high noise extrapolates the MEAN, and a
+                                     # one-step generator matched to it there inherits the shift (the mini SD's
+                                     # green prompts came out blue at w = 4 everywhere; recipes.dmd)
     lambda_reg: float = 0.0          # DMD's regression weight (paper 0.25 with LPIPS); 0: none (DMD2)
     regression: str = "l2"           # distance of the regression loss: "l2" or "pseudo-huber"
     gan: bool = True                 # DMD2's GAN term (head on the fake score's bottleneck)
@@ -216,6 +221,16 @@ class DMDConfig:
                                      # recipe: the "batch" normaliser is then that noise level's own mean, as the
                                      # per-sample one is for an image; with t per sample, the high-noise samples'
                                      # large |x - mu_real| shrink the low-noise samples' steps)
+
+
+def real_weight(cfg: DMDConfig, t: Tensor) -> float | Tensor:
+    """The real score's guidance weight at times t (B,): cfg.real_w (a float) when cfg.real_w_interval covers every
+    t, else a (B,) tensor, real_w for t in (lo, hi] and 0 outside (guidance.cfg takes per-sample weights)."""
+    lo, hi = cfg.real_w_interval
+    if lo <= 0.0 and hi >= 1.0:
+        return cfg.real_w
+    inside = (t > lo) & (t <= hi)
+    return torch.where(inside, torch.full_like(t, cfg.real_w), torch.zeros_like(t))
 
 
 def dmd_step(cfg: DMDConfig, process: AffineProcess, dm_loss_fn: Callable | None = None,
@@ -263,7 +278,7 @@ def dmd_step(cfg: DMDConfig, process: AffineProcess, dm_loss_fn: Callable | None
                 t = t[:1].expand(n)
             eps = torch.randn(x.shape, generator=g, device=g.device).to(x)
             teacher = ctx.nets["teacher"]
-            real = guided(teacher, cfg.real_w) if (cfg.real_w and cond is not None) else teacher
+            real = guided(teacher, real_weight(cfg, t)) if (cfg.real_w and cond is not None) else teacher
             loss = dm_loss_fn(x, real, critic.fake, process, t, eps, cond, cfg.normalize)
             if cfg.lambda_reg > 0 and "z_ref" in batch:
                 z_ref = batch["z_ref"]

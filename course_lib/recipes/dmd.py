@@ -4,10 +4,12 @@ latents (through the teacher's VAE) and whose captions condition the generator.
 
     python -m course_lib.recipes.dmd train --out data/dmd2 --threads 2      recreate the shipped student
 
-The real score is the teacher with classifier-free guidance at the mini SD's default w (minisd.DEFAULT_W, the
-course's convention): the guidance is distilled into the generator, which is sampled without it. The student is a
-plain UNet (same architecture), saved in diffusers' format with dmd2.json beside it, and sampled with the generator's
-grid (dmd.sample: 999, or 999/749/499/249 with fresh noise in between, as diffusers' LCMScheduler does)."""
+The real score is the teacher with classifier-free guidance at w = 1 (RECIPE.real_w; DMD2's SD 1.5 run: 0.75): the
+guidance is distilled into the generator, which is sampled without it. The generator is told t = 0.8 (timestep 799)
+at its step from pure noise (RECIPE.t_gen; DMD2's one-step SDXL is told 399). The student is a plain UNet (same
+architecture), saved in diffusers' format with dmd2.json beside it, and sampled with the generator's grid
+(dmd.sample on grids.trailing(k, t_gen): 799, or 799/599/399/199 with fresh noise in between, as diffusers'
+LCMScheduler does)."""
 from __future__ import annotations
 
 import argparse
@@ -33,17 +35,23 @@ META = "dmd2.json"
 RECREATE = "python -m course_lib.recipes.dmd train --out data/dmd2 --threads 2"
 # DMD2's SD recipe (TTUR, lambda_G, lambda_D, clip 10) at the mini SD's size: larger learning rates for a run of
 # minutes, the generator's 5x below the critic's (at the critic's rate the generator outran its fake score and drew
-# textured digits: held-out KID 0.40 against 0.20, data/dmd2/README.md); real score guided at the mini SD's default w
-# (set in `recipe`). The optimizer is the course's, AdamW betas (0, 0.999) without weight decay (dmd.COURSE_BETAS),
-# not DMD2's released (0.9, 0.999) with weight decay 0.01 (dmd.DMD2_BETAS, the SD stage's): the shipped generator
-# was trained with it, so this recipe recreates it
+# textured digits: held-out KID 0.40 against 0.20 with the earlier recipe, data/dmd2/README.md). Two settings make
+# the one-step generator follow colour prompts (data/dmd2/README.md has the measurements):
+#   real_w = 1, not the mini SD's DDIM default 4: the guided x0 at high noise extrapolates the MEAN, and at w = 4 its
+#     ink colours are shifted (green prompts read blue-cyan, yellow pale); a one-step generator matched to it there
+#     drew exactly those colours (colour adherence 0.57);
+#   t_gen = 0.8: the generator's first (only) call is told timestep 799, not 999. Its input is pure noise either
+#     way, but the epsilon-parameterised UNet's x0 = (z - sigma eps)/alpha divides by alpha = 0.068 at 999 and by
+#     0.19 at 799: the teacher's own single call starts at adherence 0.92 / colour 0.69 there (0.81 / 0.56 at 999).
+# The optimizer is the course's, AdamW betas (0, 0.999) without weight decay (dmd.COURSE_BETAS), not DMD2's
+# released (0.9, 0.999) with weight decay 0.01 (dmd.DMD2_BETAS, the SD stage's)
 RECIPE = dmd.DMDConfig(ttur=5, gan=True, lambda_g=1e-2, lambda_d=1e-1, lr_g=2e-5, lr_critic=1e-4,
-                       betas=dmd.COURSE_BETAS, weight_decay=0.0, grad_clip=10.0)
+                       betas=dmd.COURSE_BETAS, weight_decay=0.0, grad_clip=10.0, real_w=1.0, t_gen=0.8)
 STEPS, BATCH = 1500, 32
 
 
 def recipe() -> dmd.DMDConfig:
-    return replace(RECIPE, real_w=float(minisd.DEFAULT_W))
+    return replace(RECIPE)
 
 
 def override(cfg: dmd.DMDConfig, settings: Sequence[str]) -> dmd.DMDConfig:
@@ -109,28 +117,40 @@ def distill_dmd2_sd(sd: Any, data: Callable, cfg: dmd.DMDConfig, *, run: TrainCo
                               accelerator=accelerator, progress=progress,
                               extra_config={"method": "dmd2-sd", **asdict(cfg)}, observer=observer,
                               observe_every=observe_every)
+    G.t_first = cfg.t_gen                         # the time it is told at its first step (sample's default)
     return G.cpu(), done
 
 
+def first_time(G: nn.Module) -> float:
+    """The time a generator is told at its first step: its `t_first` (set by distill_dmd2_sd and load from the
+    recipe's t_gen), 1 for a model without one (the teacher itself)."""
+    return float(getattr(G, "t_first", 1.0))
+
+
 @torch.no_grad()
-def sample(sd: Any, G: nn.Module, prompts: Sequence[str], steps: int = 1, seed: int = 0, batch: int = 256) -> Tensor:
-    """Images (B, 3, H, W) in [-1, 1] of the generator at `steps` steps (no classifier-free guidance: it is in the
-    weights). Initial noise from a generator seeded `seed` (as minisd.sample draws it), then the re-noising noise."""
+def sample(sd: Any, G: nn.Module, prompts: Sequence[str], steps: int = 1, seed: int = 0, batch: int = 256,
+           t_first: float | None = None) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] of the generator at `steps` steps on its grid grids.trailing(steps, t_first)
+    (no classifier-free guidance: it is in the weights; t_first: first_time(G) unless given). Initial noise from a
+    generator seeded `seed` (as minisd.sample draws it), then the re-noising noise."""
     g = torch.Generator().manual_seed(seed)
     unet = G.unet
     h = unet.config.sample_size
     z1 = torch.randn(len(prompts), unet.config.in_channels, h, h, generator=g)
+    t_first = first_time(G) if t_first is None else t_first
     out = []
     for k in range(0, len(prompts), batch):
-        z = dmd.sample(G, z1[k:k + batch], steps, G.process, g, sd.text(list(prompts[k:k + batch])))
+        z = dmd.sample(G, z1[k:k + batch], steps, G.process, g, sd.text(list(prompts[k:k + batch])), t_first)
         out.append(sd.vae.decode(z).clamp(-1, 1))
     return torch.cat(out)
 
 
-def evaluate(sd: Any, G: nn.Module, n: int = 500, steps: int = 1, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
+def evaluate(sd: Any, G: nn.Module, n: int = 500, steps: int = 1, seeds: Sequence[int] = (0, 1, 2),
+             t_first: float | None = None) -> dict[str, Any]:
     """minisd.evaluate for a DMD2 generator: the same prompts per seed (minisd.evaluate_images), prompt adherence and
-    KID/FD against held-out and training digits, mean and spread over the seeds."""
-    return minisd.evaluate_images(lambda prompts, s: sample(sd, G, prompts, steps, seed=s), n, seeds, steps=steps)
+    KID/FD against held-out and training digits, mean and spread over the seeds (sampled as `sample`)."""
+    return minisd.evaluate_images(lambda prompts, s: sample(sd, G, prompts, steps, seed=s, t_first=t_first), n,
+                                  seeds, steps=steps)
 
 
 def save(G: nn.Module, folder: str | Path, info: dict) -> Path:
@@ -142,8 +162,11 @@ def save(G: nn.Module, folder: str | Path, info: dict) -> Path:
 
 
 def load(sd: Any, folder: str | Path) -> nn.Module:
-    """The generator saved by `save`, as a course model on sd's process (sd.model's weights are not touched)."""
-    return load_unet_student(folder, META, sd.model, f"DMD2 generator: recreate it with `{RECREATE}`")[0].eval()
+    """The generator saved by `save`, as a course model on sd's process (sd.model's weights are not touched), with
+    its t_first from the JSON's recipe (t_gen; 1 when absent)."""
+    G, meta = load_unet_student(folder, META, sd.model, f"DMD2 generator: recreate it with `{RECREATE}`")
+    G.t_first = float(meta.get("recipe", {}).get("t_gen", 1.0))
+    return G.eval()
 
 
 def load_shipped(sd: Any) -> nn.Module:
@@ -177,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                               ckpt_dir=Path(args.out) / "checkpoint", device=args.device)
     secs = time.perf_counter() - t0
     ev = evaluate(sd, G, args.n_eval, 1)
-    info = {"kind": "dmd2", "gen_steps": 1, "timesteps": [999], "w_distilled": float(minisd.DEFAULT_W),
+    info = {"kind": "dmd2", "gen_steps": 1, "timesteps": [round(1000 * cfg.t_gen) - 1], "w_distilled": cfg.real_w,
             "command": f"{RECREATE} (steps {args.steps}, batch {args.batch}{''.join(' --set ' + x for x in args.set)})",
             "recipe": asdict(cfg),
             "steps": args.steps, "batch": args.batch, "updates": done.updates, "train_seconds": round(secs),
