@@ -30,7 +30,8 @@ diffusers#8547), and c_skip(tau) is 1 only at tau = 0, so f is x0-prediction eve
 LCM-LoRA: the same loss training only a LoRA adapter (sd.add_lora, with LCM-LoRA's target modules) on the frozen
 teacher, at one fixed w and without a w-embedding (the released LCM-LoRA: w fixed, no embedding); the teacher is the
 same UNet with its adapter switched off (`sd.adapter_disabled`), and the target is the online student without gradients,
-as in diffusers' LoRA scripts (no EMA copy: one UNet in memory). The fixed w is the course's simplification: the
+as in diffusers' LoRA scripts (one UNet in memory; LCMConfig.lora_target_decay > 0 follows an EMA copy instead).
+The fixed w is the course's simplification: the
 LCM-LoRA report's authors used a fixed guidance of 7.5, while diffusers' reference LoRA script draws
 w ~ U[w_min, w_max] per sample without giving it to the student. Adapters compose by adding weighted deltas (`compose`, peft's adapter
 weights) and merge into plain weights, W' = W + sum_i lambda_i (alpha_i / r_i) B_i A_i (`merge_lora`,
