@@ -155,6 +155,28 @@ def test_lcm_lora_trains_only_the_adapter_and_round_trips(tmp_path):
         student(z, t, cond.with_w(3.0))
 
 
+def test_lcm_lora_target_is_the_online_student_or_an_ema_of_its_adapter():
+    pieces = sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))
+    batches = minisd.digit_batches(pieces, n_images=20)
+    cfg = lcm.LCMConfig(steps=1, batch=4, lr=1e-2, lora_rank=4)
+    _, done = lcm.distill_lcm_lora(pieces, batches, cfg, run=lcm.train_config(cfg, "LCM-LoRA"), w=2.0,
+                                   progress=False)
+    assert not done.targets                                       # decay 0: the online student is its own target
+    pieces = sd.from_pipeline(sd.tiny_sd_pipeline(seed=0))
+    ema = lcm.LCMConfig(steps=1, batch=4, lr=1e-2, lora_rank=4, lora_target_decay=0.5)
+    student, done = lcm.distill_lcm_lora(pieces, batches, ema, run=lcm.train_config(ema, "LCM-LoRA"), w=2.0,
+                                         progress=False)
+    online = {k: p.detach() for k, p in student.denoiser.unet.named_parameters()}
+    target = dict(done.targets["target"].denoiser.unet.named_parameters())
+    ups = [k for k in online if "lora_B" in k]
+    assert ups and any(float(online[k].abs().sum()) > 0 for k in ups)
+    for k in ups:                                                 # one update from B = 0: theta^- = 0.5 theta
+        torch.testing.assert_close(target[k], 0.5 * online[k])
+    for k, v in online.items():                                   # the base weights are the same in both
+        if "lora_" not in k:
+            assert torch.equal(target[k], v), k
+
+
 def test_full_student_round_trips(tiny_sd, tmp_path):
     student = lcm.lcm_student(tiny_sd.model, 32, (1.0, 5.0))
     with torch.no_grad():

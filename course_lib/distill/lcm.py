@@ -30,7 +30,8 @@ diffusers#8547), and c_skip(tau) is 1 only at tau = 0, so f is x0-prediction eve
 LCM-LoRA: the same loss training only a LoRA adapter (sd.add_lora, with LCM-LoRA's target modules) on the frozen
 teacher, at one fixed w and without a w-embedding (the released LCM-LoRA: w fixed, no embedding); the teacher is the
 same UNet with its adapter switched off (`sd.adapter_disabled`), and the target is the online student without gradients,
-as in diffusers' LoRA scripts (no EMA copy: one UNet in memory). The fixed w is the course's simplification: the
+as in diffusers' LoRA scripts (one UNet in memory; LCMConfig.lora_target_decay > 0 follows an EMA copy instead).
+The fixed w is the course's simplification: the
 LCM-LoRA report's authors used a fixed guidance of 7.5, while diffusers' reference LoRA script draws
 w ~ U[w_min, w_max] per sample without giving it to the student. Adapters compose by adding weighted deltas (`compose`, peft's adapter
 weights) and merge into plain weights, W' = W + sum_i lambda_i (alpha_i / r_i) B_i A_i (`merge_lora`,
@@ -237,7 +238,8 @@ class LCMConfig:
     w_min: float = W_RANGE[0]
     w_max: float = W_RANGE[1]         # LoRA: w_min = w_max = the fixed w
     w_dim: int = W_EMBED_DIM
-    target_decay: float = 0.95        # theta^- EMA (--ema_decay); the LoRA student uses its online weights (0)
+    target_decay: float = 0.95        # theta^- EMA of the full student (--ema_decay)
+    lora_target_decay: float = 0.0    # the LoRA's theta^-: 0 its online weights (diffusers' LoRA scripts), else an EMA
     distance: str = "huber"
     grad_clip: float = 1.0
     warmup: int = 0
@@ -261,11 +263,11 @@ def lcm_step(ctx: StepContext, batch: Mapping[str, Any], process: SDDiscrete, cf
     eps = torch.randn(z0.shape, generator=g, device=g.device).to(z0)
     w = (cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(B, generator=g, device=g.device)).to(z0.device)
     if lora:
-        inner = student.denoiser
-
-        teacher = AdapterOff(inner)                                # the same UNet, adapter off
-        # w = w_min = w_max, the LoRA's fixed w (no w input); the target is the online student, no grad
-        return lcm_loss(student, student, teacher, z0, eps, timesteps, k, cond, w, process, cfg.distance, target_fn)
+        teacher = AdapterOff(student.denoiser)                     # the same UNet, adapter off
+        # w = w_min = w_max, the LoRA's fixed w (no w input); the target is the online student without grad, or
+        # an EMA copy of it (cfg.lora_target_decay > 0)
+        return lcm_loss(student, ctx.nets.get("target", student), teacher, z0, eps, timesteps, k, cond, w, process,
+                        cfg.distance, target_fn)
     return lcm_loss(student, ctx.nets["target"], ctx.nets["teacher"], z0, eps, timesteps, k, cond, w, process,
                     cfg.distance, target_fn)
 
@@ -313,8 +315,10 @@ def distill_lcm_lora(sd: Any, data: Callable, cfg: LCMConfig, *, run: TrainConfi
     lcfg = LCMConfig(**{**asdict(cfg), "w_min": w, "w_max": w})
     net = Network(student, lr=cfg.lr, grad_clip=cfg.grad_clip, warmup=cfg.warmup, save_frozen=False)
     step = lambda ctx, b: lcm_step(ctx, b, model.process, lcfg, lora=True, target_fn=target_fn)
-    done = train_networks({"student": net}, step, data, run, ckpt_dir=ckpt_dir, accelerator=accelerator,
-                          extra_config={"lcm_lora": {**asdict(lcfg), "w": w}}, progress=progress)
+    targets = {"target": Target("student", cfg.lora_target_decay)} if cfg.lora_target_decay > 0 else None
+    done = train_networks({"student": net}, step, data, run, targets=targets, ckpt_dir=ckpt_dir,
+                          accelerator=accelerator, extra_config={"lcm_lora": {**asdict(lcfg), "w": w}},
+                          progress=progress)
     return student.eval(), done
 
 
