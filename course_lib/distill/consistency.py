@@ -12,7 +12,8 @@ paper's variance-exploding variables s = sigma(t) / alpha(t), x_ve = x / alpha(t
 
 so a student initialised from its teacher starts as the teacher's denoiser (c_skip, c_out -> EDM's as s >> s_min).
 
-Discretisation (course time, t_min = t_1 < t_2 < ... < t_N = 1; `cm_grid`). Both losses draw n ~ U{1..N-1} (or
+Discretisation (course time, t_min = t_1 < t_2 < ... < t_N = 1; `cm_grid`: uniform in t, or the paper's Karras grid
+in s, CMConfig.grid). Both losses draw n ~ U{1..N-1} (or
 iCT's lognormal p(n), `lognormal_index_probs`), one noise z per sample, and compare the online network at the
 noisier point with the target network theta^- at the cleaner point (paper Eq. 7 and 10; Algorithms 2 and 3):
 
@@ -82,18 +83,52 @@ def consistency_model(model: nn.Module, t_min: float | None = None, sigma_data: 
 
 # --- discretisation, weighting, distances ------------------------------------------------------------------------
 
-def cm_grid(N: int, process: AffineProcess, t_min: float, rho: float = 7.0) -> Tensor:
-    """N increasing times t_1 = t_min < ... < t_N = 1 (float64). For edm the paper's Karras grid in sigma
-    (sigma_min = sigma(t_min), rho = 7; paper Sec. 5); otherwise uniform in t (the course's grid for the
-    vp-cosine and rf processes)."""
+GRID_SPACINGS = ("uniform", "karras")
+
+
+def cm_grid(N: int, process: AffineProcess, t_min: float, rho: float = 7.0, spacing: str | None = None) -> Tensor:
+    """N increasing times t_1 = t_min < ... < t_N = 1 (float64). spacing "karras": the paper's Karras grid in the
+    variance-exploding noise level s = sigma / alpha (paper Sec. 5; iCT Sec. 3.4),
+
+        s_i = (s_min^(1/rho) + (i - 1) / (N - 1) (s_max^(1/rho) - s_min^(1/rho)))^rho,   s_min = s(t_min), s_max = s(1)
+
+    mapped back to course time through the process (`t_of_ve_sigma`; for edm s = sigma_max t); "uniform": uniform in
+    t. None: the process's default, "karras" for edm and "uniform" for the vp-cosine and rf processes (the course's
+    grid for CD, TCD and the notebooks). iCT's lambda = 1 / (s_{n+1} - s_n) is meant for the Karras grid: on the
+    uniform-in-t vp-cosine grid s(1) / s(t_{N-1}) is about 1000 and the top interval's weight is ~1e-5 of the median."""
     if N < 2:
         raise ValueError(f"a consistency discretisation needs N >= 2 points (one interval); got {N}")
+    if spacing is None:
+        spacing = "karras" if isinstance(process, EDM) else "uniform"
+    if spacing not in GRID_SPACINGS:
+        raise ValueError(f"unknown grid spacing {spacing!r}; valid: {', '.join(GRID_SPACINGS)}")
     i = torch.arange(N, dtype=torch.float64) / (N - 1)
+    if spacing == "uniform":
+        return t_min + (1.0 - t_min) * i
     if isinstance(process, EDM):
         s_min, s_max = process.sigma_max * t_min, process.sigma_max
         sig = (s_min ** (1 / rho) + i * (s_max ** (1 / rho) - s_min ** (1 / rho))) ** rho
         return sig / s_max
-    return t_min + (1.0 - t_min) * i
+    ends = ve_sigma(torch.tensor([t_min, 1.0], dtype=torch.float64), process)
+    if not bool(torch.isfinite(ends).all()):
+        raise ValueError(f"a Karras grid in s = sigma / alpha needs a finite s(1); the {process.name} process has "
+                         f"s(1) = {float(ends[1])}")
+    lo, hi = (float(v) ** (1 / rho) for v in ends)
+    t = t_of_ve_sigma((lo + i * (hi - lo)) ** rho, process)
+    t[0], t[-1] = t_min, 1.0
+    return t
+
+
+def t_of_ve_sigma(s: Tensor, process: AffineProcess, iters: int = 80) -> Tensor:
+    """The course time t in [0, 1] with sigma(t) / alpha(t) = s (float64, any shape), by bisection: s(t) increases
+    with t for every course process (80 halvings of [0, 1] reach float64's resolution)."""
+    s = s.to(torch.float64)
+    lo, hi = torch.zeros_like(s), torch.ones_like(s)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = ve_sigma(mid, process) < s
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
 
 
 def ve_sigma(t: Tensor, process: AffineProcess) -> Tensor:
@@ -225,6 +260,7 @@ class CMConfig:
     distance: str = "l2"            # "l2" or "pseudo-huber"
     weighting: str = "uniform"      # "uniform" or "ict" (lambda = 1 / (s_{n+1} - s_n))
     index: str = "uniform"          # n ~ "uniform" or iCT's "lognormal"
+    grid: str | None = None         # cm_grid's spacing: "uniform" in t, "karras" in s; None: the process's default
     t_min: float | None = None      # None: default_t_min(process)
     sigma_data: float = SIGMA_DATA
     lr: float = 1e-4
@@ -253,7 +289,7 @@ def ct_step(cfg: CMConfig, process: AffineProcess, t_min: float) -> Callable[[St
 
     def step(ctx: StepContext, batch: Any) -> Tensor:
         x0, cond = unpack(batch)
-        grid = cm_grid(sched.N(ctx.step), process, t_min)
+        grid = cm_grid(sched.N(ctx.step), process, t_min, spacing=cfg.grid)
         probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
         t_cur, t_next = draw_times(grid, len(x0), ctx.generator, probs, x0.device, x0.dtype)
         if len(grid) > 1 and ctx.step % 50 == 0:
@@ -273,7 +309,7 @@ def distill_cd(teacher: nn.Module, data: Callable[[int, torch.Generator], Any], 
     t_min = default_t_min(process) if cfg.t_min is None else cfg.t_min
     student = consistency_model(copy.deepcopy(teacher), t_min, cfg.sigma_data).requires_grad_(True).train()
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
-    grid = cm_grid(cfg.N, process, t_min)
+    grid = cm_grid(cfg.N, process, t_min, spacing=cfg.grid)
     probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
     done = train_networks({"student": _network(student, cfg)}, cd_step(cfg, grid, probs),
                           data, run, targets={"target": Target("student", decay=cfg.mu)},
