@@ -172,6 +172,14 @@ def test_karras_grid_in_s_for_the_vp_process(N):
     root = s ** (1 / rho)                                       # equally spaced in s^(1/rho)
     torch.testing.assert_close(root.diff(), torch.full((N - 1,), float(root[-1] - root[0]) / (N - 1),
                                                        dtype=torch.float64), rtol=1e-9, atol=0)
+    if N > 2:  # below s(1): N - 1 Karras levels from s(t_min) to s_max, then t = 1 (pure noise)
+        c = cm.cm_grid(N, vp, 0.002, spacing="karras", s_max=80.0)
+        assert len(c) == N and c[0] == 0.002 and c[-1] == 1 and (c.diff() > 0).all()
+        sc = cm.ve_sigma(c[:-1], vp)
+        torch.testing.assert_close(sc[-1], torch.tensor(80.0, dtype=torch.float64), rtol=1e-12, atol=0)
+        rc = sc ** (1 / rho)
+        torch.testing.assert_close(rc.diff(), torch.full((N - 2,), float(rc[-1] - rc[0]) / (N - 2),
+                                                         dtype=torch.float64), rtol=1e-9, atol=0)
     # its top interval is not starved by iCT's weighting the way the uniform-in-t grid's is
     w = lambda grid: cm.ict_weight(grid[:-1], grid[1:], vp)
     if N == 33:
@@ -186,7 +194,7 @@ def test_grid_spacing_defaults_and_errors():
     assert torch.equal(cm.cm_grid(10, edm, 0.002 / 80), cm.cm_grid(10, edm, 0.002 / 80, spacing="karras"))
     s = torch.tensor([1e-3, 0.5, 3.0, 1e3], dtype=torch.float64)
     torch.testing.assert_close(cm.ve_sigma(cm.t_of_ve_sigma(s, vp), vp), s, rtol=1e-12, atol=0)
-    with pytest.raises(ValueError, match="finite s"):
+    with pytest.raises(ValueError, match="finite top level"):
         cm.cm_grid(10, RectifiedFlow(), 0.002, spacing="karras")
     with pytest.raises(ValueError, match="spacing"):
         cm.cm_grid(10, vp, 0.002, spacing="log")

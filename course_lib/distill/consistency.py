@@ -86,16 +86,20 @@ def consistency_model(model: nn.Module, t_min: float | None = None, sigma_data: 
 GRID_SPACINGS = ("uniform", "karras")
 
 
-def cm_grid(N: int, process: AffineProcess, t_min: float, rho: float = 7.0, spacing: str | None = None) -> Tensor:
+def cm_grid(N: int, process: AffineProcess, t_min: float, rho: float = 7.0, spacing: str | None = None,
+            s_max: float | None = None) -> Tensor:
     """N increasing times t_1 = t_min < ... < t_N = 1 (float64). spacing "karras": the paper's Karras grid in the
     variance-exploding noise level s = sigma / alpha (paper Sec. 5; iCT Sec. 3.4),
 
-        s_i = (s_min^(1/rho) + (i - 1) / (N - 1) (s_max^(1/rho) - s_min^(1/rho)))^rho,   s_min = s(t_min), s_max = s(1)
+        s_i = (s_min^(1/rho) + (i - 1) / (M - 1) (s_max^(1/rho) - s_min^(1/rho)))^rho,   i = 1..M,  s_min = s(t_min)
 
-    mapped back to course time through the process (`t_of_ve_sigma`; for edm s = sigma_max t); "uniform": uniform in
-    t. None: the process's default, "karras" for edm and "uniform" for the vp-cosine and rf processes (the course's
-    grid for CD, TCD and the notebooks). iCT's lambda = 1 / (s_{n+1} - s_n) is meant for the Karras grid: on the
-    uniform-in-t vp-cosine grid s(1) / s(t_{N-1}) is about 1000 and the top interval's weight is ~1e-5 of the median."""
+    mapped back to course time through the process (`t_of_ve_sigma`; for edm s = sigma_max t). With s_max = s(1)
+    (the default) M = N; with s_max below s(1) (the paper's 80: the vp-cosine process reaches s(1) = e^10) M = N - 1
+    and t_N = 1 follows, an interval from s_max to pure noise, so sampling from t = 1 stays on the grid.
+    "uniform": uniform in t. None: the process's default, "karras" for edm and "uniform" for the vp-cosine and rf
+    processes (the course's grid for CD, TCD and the notebooks). iCT's lambda = 1 / (s_{n+1} - s_n) is meant for a
+    Karras grid: on the uniform-in-t vp-cosine grid s(1) / s(t_{N-1}) is about 1000 and the top interval's weight is
+    ~1e-5 of the median."""
     if N < 2:
         raise ValueError(f"a consistency discretisation needs N >= 2 points (one interval); got {N}")
     if spacing is None:
@@ -105,18 +109,27 @@ def cm_grid(N: int, process: AffineProcess, t_min: float, rho: float = 7.0, spac
     i = torch.arange(N, dtype=torch.float64) / (N - 1)
     if spacing == "uniform":
         return t_min + (1.0 - t_min) * i
-    if isinstance(process, EDM):
+    if isinstance(process, EDM) and s_max is None:
         s_min, s_max = process.sigma_max * t_min, process.sigma_max
         sig = (s_min ** (1 / rho) + i * (s_max ** (1 / rho) - s_min ** (1 / rho))) ** rho
         return sig / s_max
-    ends = ve_sigma(torch.tensor([t_min, 1.0], dtype=torch.float64), process)
-    if not bool(torch.isfinite(ends).all()):
-        raise ValueError(f"a Karras grid in s = sigma / alpha needs a finite s(1); the {process.name} process has "
-                         f"s(1) = {float(ends[1])}")
-    lo, hi = (float(v) ** (1 / rho) for v in ends)
-    t = t_of_ve_sigma((lo + i * (hi - lo)) ** rho, process)
-    t[0], t[-1] = t_min, 1.0
-    return t
+    lo, s1 = (float(v) for v in ve_sigma(torch.tensor([t_min, 1.0], dtype=torch.float64), process))
+    hi = s1 if s_max is None or s_max >= s1 else float(s_max)
+    if not math.isfinite(hi):
+        raise ValueError(f"a Karras grid in s = sigma / alpha needs a finite top level; the {process.name} process "
+                         f"has s(1) = {s1}: pass s_max")
+    if hi <= lo:
+        raise ValueError(f"s_max = {hi} must be above s(t_min) = {lo}")
+    M = N if hi == s1 else N - 1
+    if M < 2:
+        raise ValueError(f"a Karras grid below s(1) needs N >= 3 points (two levels and t = 1); got {N}")
+    j = torch.arange(M, dtype=torch.float64) / (M - 1)
+    t = t_of_ve_sigma((lo ** (1 / rho) + j * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho, process)
+    t[0] = t_min
+    if M == N:
+        t[-1] = 1.0
+        return t
+    return torch.cat([t, torch.ones(1, dtype=torch.float64)])
 
 
 def t_of_ve_sigma(s: Tensor, process: AffineProcess, iters: int = 80) -> Tensor:
@@ -261,6 +274,7 @@ class CMConfig:
     weighting: str = "uniform"      # "uniform" or "ict" (lambda = 1 / (s_{n+1} - s_n))
     index: str = "uniform"          # n ~ "uniform" or iCT's "lognormal"
     grid: str | None = None         # cm_grid's spacing: "uniform" in t, "karras" in s; None: the process's default
+    s_max: float | None = None      # the Karras grid's top level (None: s(1)); below s(1), t = 1 follows it
     t_min: float | None = None      # None: default_t_min(process)
     sigma_data: float = SIGMA_DATA
     lr: float = 1e-4
@@ -289,7 +303,7 @@ def ct_step(cfg: CMConfig, process: AffineProcess, t_min: float) -> Callable[[St
 
     def step(ctx: StepContext, batch: Any) -> Tensor:
         x0, cond = unpack(batch)
-        grid = cm_grid(sched.N(ctx.step), process, t_min, spacing=cfg.grid)
+        grid = cm_grid(sched.N(ctx.step), process, t_min, spacing=cfg.grid, s_max=cfg.s_max)
         probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
         t_cur, t_next = draw_times(grid, len(x0), ctx.generator, probs, x0.device, x0.dtype)
         if len(grid) > 1 and ctx.step % 50 == 0:
@@ -309,7 +323,7 @@ def distill_cd(teacher: nn.Module, data: Callable[[int, torch.Generator], Any], 
     t_min = default_t_min(process) if cfg.t_min is None else cfg.t_min
     student = consistency_model(copy.deepcopy(teacher), t_min, cfg.sigma_data).requires_grad_(True).train()
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
-    grid = cm_grid(cfg.N, process, t_min, spacing=cfg.grid)
+    grid = cm_grid(cfg.N, process, t_min, spacing=cfg.grid, s_max=cfg.s_max)
     probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
     done = train_networks({"student": _network(student, cfg)}, cd_step(cfg, grid, probs),
                           data, run, targets={"target": Target("student", decay=cfg.mu)},
