@@ -172,14 +172,17 @@ def test_karras_grid_in_s_for_the_vp_process(N):
     root = s ** (1 / rho)                                       # equally spaced in s^(1/rho)
     torch.testing.assert_close(root.diff(), torch.full((N - 1,), float(root[-1] - root[0]) / (N - 1),
                                                        dtype=torch.float64), rtol=1e-9, atol=0)
-    if N > 2:  # below s(1): N - 1 Karras levels from s(t_min) to s_max, then t = 1 (pure noise)
-        c = cm.cm_grid(N, vp, 0.002, spacing="karras", s_max=80.0)
-        assert len(c) == N and c[0] == 0.002 and c[-1] == 1 and (c.diff() > 0).all()
-        sc = cm.ve_sigma(c[:-1], vp)
-        torch.testing.assert_close(sc[-1], torch.tensor(80.0, dtype=torch.float64), rtol=1e-12, atol=0)
-        rc = sc ** (1 / rho)
-        torch.testing.assert_close(rc.diff(), torch.full((N - 2,), float(rc[-1] - rc[0]) / (N - 2),
-                                                         dtype=torch.float64), rtol=1e-9, atol=0)
+    # below s(1): N Karras levels from s(t_min) to s_max = 80 (the paper's grid), ending below t = 1; sampling
+    # starts at its top (on_grid lowers the first step time to it)
+    c = cm.cm_grid(N, vp, 0.002, spacing="karras", s_max=80.0)
+    sc = cm.ve_sigma(c, vp)
+    assert len(c) == N and c[0] == 0.002 and c[-1] < 1 and (c.diff() > 0).all()
+    torch.testing.assert_close(sc[[0, -1]], torch.tensor([float(ends[0]), 80.0], dtype=torch.float64), rtol=1e-12,
+                               atol=0)
+    rc = sc ** (1 / rho)
+    torch.testing.assert_close(rc.diff(), torch.full((N - 1,), float(rc[-1] - rc[0]) / (N - 1), dtype=torch.float64),
+                               rtol=1e-9, atol=0)
+    assert cm.on_grid([1.0], c) == [float(c[-1])] and cm.on_grid([1.0], g) == [1.0]
     # its top interval is not starved by iCT's weighting the way the uniform-in-t grid's is
     w = lambda grid: cm.ict_weight(grid[:-1], grid[1:], vp)
     if N == 33:

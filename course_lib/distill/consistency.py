@@ -88,14 +88,15 @@ GRID_SPACINGS = ("uniform", "karras")
 
 def cm_grid(N: int, process: AffineProcess, t_min: float, rho: float = 7.0, spacing: str | None = None,
             s_max: float | None = None) -> Tensor:
-    """N increasing times t_1 = t_min < ... < t_N = 1 (float64). spacing "karras": the paper's Karras grid in the
+    """N increasing times t_1 = t_min < ... < t_N <= 1 (float64). spacing "karras": the paper's Karras grid in the
     variance-exploding noise level s = sigma / alpha (paper Sec. 5; iCT Sec. 3.4),
 
-        s_i = (s_min^(1/rho) + (i - 1) / (M - 1) (s_max^(1/rho) - s_min^(1/rho)))^rho,   i = 1..M,  s_min = s(t_min)
+        s_i = (s_min^(1/rho) + (i - 1) / (N - 1) (s_max^(1/rho) - s_min^(1/rho)))^rho,   i = 1..N,  s_min = s(t_min)
 
-    mapped back to course time through the process (`t_of_ve_sigma`; for edm s = sigma_max t). With s_max = s(1)
-    (the default) M = N; with s_max below s(1) (the paper's 80: the vp-cosine process reaches s(1) = e^10) M = N - 1
-    and t_N = 1 follows, an interval from s_max to pure noise, so sampling from t = 1 stays on the grid.
+    mapped back to course time through the process (`t_of_ve_sigma`; for edm s = sigma_max t). With s_max
+    = s(1) (the default) t_N = 1; with s_max below s(1) (the paper's 80: the vp-cosine process reaches s(1) = e^10)
+    the grid ends at t_N = t(s_max) < 1, where the paper's sampler starts (x ~ N(0, s_max^2) in its variables: the
+    course's prior x_1 used as x_{t_N}, neglecting alpha(t_N) x0 as the prior neglects alpha(1) x0; `on_grid`).
     "uniform": uniform in t. None: the process's default, "karras" for edm and "uniform" for the vp-cosine and rf
     processes (the course's grid for CD, TCD and the notebooks). iCT's lambda = 1 / (s_{n+1} - s_n) is meant for a
     Karras grid: on the uniform-in-t vp-cosine grid s(1) / s(t_{N-1}) is about 1000 and the top interval's weight is
@@ -120,16 +121,11 @@ def cm_grid(N: int, process: AffineProcess, t_min: float, rho: float = 7.0, spac
                          f"has s(1) = {s1}: pass s_max")
     if hi <= lo:
         raise ValueError(f"s_max = {hi} must be above s(t_min) = {lo}")
-    M = N if hi == s1 else N - 1
-    if M < 2:
-        raise ValueError(f"a Karras grid below s(1) needs N >= 3 points (two levels and t = 1); got {N}")
-    j = torch.arange(M, dtype=torch.float64) / (M - 1)
-    t = t_of_ve_sigma((lo ** (1 / rho) + j * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho, process)
+    t = t_of_ve_sigma((lo ** (1 / rho) + i * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho, process)
     t[0] = t_min
-    if M == N:
+    if hi == s1:
         t[-1] = 1.0
-        return t
-    return torch.cat([t, torch.ones(1, dtype=torch.float64)])
+    return t
 
 
 def t_of_ve_sigma(s: Tensor, process: AffineProcess, iters: int = 80) -> Tensor:
@@ -274,7 +270,7 @@ class CMConfig:
     weighting: str = "uniform"      # "uniform" or "ict" (lambda = 1 / (s_{n+1} - s_n))
     index: str = "uniform"          # n ~ "uniform" or iCT's "lognormal"
     grid: str | None = None         # cm_grid's spacing: "uniform" in t, "karras" in s; None: the process's default
-    s_max: float | None = None      # the Karras grid's top level (None: s(1)); below s(1), t = 1 follows it
+    s_max: float | None = None      # the Karras grid's top level (None: s(1)); below s(1) sampling starts there
     t_min: float | None = None      # None: default_t_min(process)
     sigma_data: float = SIGMA_DATA
     lr: float = 1e-4
@@ -399,10 +395,11 @@ def step_times(n: int, intermediate: list[float] | None = None) -> list[float]:
 
 
 def on_grid(ts: list[float], grid: Tensor) -> list[float]:
-    """Step times moved to the nearest points of a training grid (increasing, float64), ts[0] = 1 kept: CD and CT
+    """Step times moved to the nearest points of a training grid (increasing, float64), ts[0] = 1 kept (or lowered
+    to the grid's top t_N where a Karras grid stops below s(1): sampling starts there, `cm_grid`): CD and CT
     train f only at the grid's points, and a short run's f between them can be far worse (bench cd measured a
     two-step checkerboard student at 2.2x the teacher's best SWD at tau = 0.5, 1.45x at the grid point 0.446)."""
-    out = [float(ts[0])] + [float(grid[int(torch.argmin((grid - float(t)).abs()))]) for t in ts[1:]]
+    out = [min(float(ts[0]), float(grid[-1]))] + [float(grid[int(torch.argmin((grid - float(t)).abs()))]) for t in ts[1:]]
     if any(b >= a for a, b in zip(out, out[1:])):
         raise ValueError(f"step times {list(ts)} do not stay distinct on a grid of {len(grid)} points: {out}")
     return out
