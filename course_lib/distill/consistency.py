@@ -269,6 +269,8 @@ class CMConfig:
     distance: str = "l2"            # "l2" or "pseudo-huber"
     weighting: str = "uniform"      # "uniform" or "ict" (lambda = 1 / (s_{n+1} - s_n))
     index: str = "uniform"          # n ~ "uniform" or iCT's "lognormal"
+    p_mean: float = P_MEAN          # the lognormal's mean and std in ln s (iCT: -1.1, 2.0 for data of std 0.5)
+    p_std: float = P_STD
     grid: str | None = None         # cm_grid's spacing: "uniform" in t, "karras" in s; None: the process's default
     s_max: float | None = None      # the Karras grid's top level (None: s(1)); below s(1) sampling starts there
     t_min: float | None = None      # None: default_t_min(process)
@@ -300,7 +302,8 @@ def ct_step(cfg: CMConfig, process: AffineProcess, t_min: float) -> Callable[[St
     def step(ctx: StepContext, batch: Any) -> Tensor:
         x0, cond = unpack(batch)
         grid = cm_grid(sched.N(ctx.step), process, t_min, spacing=cfg.grid, s_max=cfg.s_max)
-        probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
+        probs = (lognormal_index_probs(grid, process, cfg.p_mean, cfg.p_std) if cfg.index == "lognormal"
+                 else None)
         t_cur, t_next = draw_times(grid, len(x0), ctx.generator, probs, x0.device, x0.dtype)
         if len(grid) > 1 and ctx.step % 50 == 0:
             ctx.log("N", float(len(grid)))
@@ -320,7 +323,8 @@ def distill_cd(teacher: nn.Module, data: Callable[[int, torch.Generator], Any], 
     student = consistency_model(copy.deepcopy(teacher), t_min, cfg.sigma_data).requires_grad_(True).train()
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
     grid = cm_grid(cfg.N, process, t_min, spacing=cfg.grid, s_max=cfg.s_max)
-    probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
+    probs = (lognormal_index_probs(grid, process, cfg.p_mean, cfg.p_std) if cfg.index == "lognormal"
+             else None)
     done = train_networks({"student": _network(student, cfg)}, cd_step(cfg, grid, probs),
                           data, run, targets={"target": Target("student", decay=cfg.mu)},
                           frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
