@@ -29,7 +29,8 @@ STUDENT_STEPS = (1, 2, 4)
 # s = sigma / alpha up to s_max = 80, where sampling starts (cm_grid); on the course's uniform-in-t grid iCT's lambda
 # leaves the top interval ~1e-5 of the median weight. p_mean: iCT's -1.1 shifted by ln(1.43 / 0.5) ~ 1 for gmm's
 # per-axis data std 1.43 against the paper's 0.5. One step on gmm over 3 training seeds: 2.97 +- 0.22x the teacher's
-# best SWD, against 9.3 +- 8.7x (3.4, 19, 5.1) for squared L2 on the uniform grid (docs/results/ct_2d_diagnosis.json)
+# best SWD, against 9.3 +- 8.7x (3.4, 19, 5.1) for squared L2 on the uniform grid; checkerboard 9.5 +- 1.4x against
+# 18.9 +- 7.3x (docs/results/ct_2d_diagnosis.json)
 CT_2D = dict(grid="karras", s_max=80.0, distance="pseudo-huber", weighting="ict", index="lognormal", p_mean=0.0)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
 
