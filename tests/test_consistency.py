@@ -160,6 +160,49 @@ def test_grids_and_lognormal_index_probabilities():
         cm.cm_grid(1, vp, 0.002)
 
 
+@pytest.mark.parametrize("N", [2, 9, 33])
+def test_karras_grid_in_s_for_the_vp_process(N):
+    # spacing="karras" on vp-cosine: the paper's rho = 7 grid in s = sigma / alpha, mapped back to t
+    vp, rho = VPCosine(), 7.0
+    g = cm.cm_grid(N, vp, 0.002, spacing="karras")
+    assert len(g) == N and g[0] == 0.002 and g[-1] == 1 and (g.diff() > 0).all()
+    s = cm.ve_sigma(g, vp)
+    ends = cm.ve_sigma(torch.tensor([0.002, 1.0], dtype=torch.float64), vp)
+    torch.testing.assert_close(s[[0, -1]], ends, rtol=1e-12, atol=0)
+    root = s ** (1 / rho)                                       # equally spaced in s^(1/rho)
+    torch.testing.assert_close(root.diff(), torch.full((N - 1,), float(root[-1] - root[0]) / (N - 1),
+                                                       dtype=torch.float64), rtol=1e-9, atol=0)
+    # below s(1): N Karras levels from s(t_min) to s_max = 80 (the paper's grid), ending below t = 1; sampling
+    # starts at its top (on_grid lowers the first step time to it)
+    c = cm.cm_grid(N, vp, 0.002, spacing="karras", s_max=80.0)
+    sc = cm.ve_sigma(c, vp)
+    assert len(c) == N and c[0] == 0.002 and c[-1] < 1 and (c.diff() > 0).all()
+    torch.testing.assert_close(sc[[0, -1]], torch.tensor([float(ends[0]), 80.0], dtype=torch.float64), rtol=1e-12,
+                               atol=0)
+    rc = sc ** (1 / rho)
+    torch.testing.assert_close(rc.diff(), torch.full((N - 1,), float(rc[-1] - rc[0]) / (N - 1), dtype=torch.float64),
+                               rtol=1e-9, atol=0)
+    assert cm.on_grid([1.0], c) == [float(c[-1])] and cm.on_grid([1.0], g) == [1.0]
+    # its top interval is not starved by iCT's weighting the way the uniform-in-t grid's is
+    w = lambda grid: cm.ict_weight(grid[:-1], grid[1:], vp)
+    if N == 33:
+        u = w(cm.cm_grid(N, vp, 0.002, spacing="uniform"))
+        k = w(g)
+        assert float(u[-1] / u.median()) < 1e-4 < float(k[-1] / k.median())
+
+
+def test_grid_spacing_defaults_and_errors():
+    vp, edm = VPCosine(), EDM()
+    assert torch.equal(cm.cm_grid(10, vp, 0.002), cm.cm_grid(10, vp, 0.002, spacing="uniform"))
+    assert torch.equal(cm.cm_grid(10, edm, 0.002 / 80), cm.cm_grid(10, edm, 0.002 / 80, spacing="karras"))
+    s = torch.tensor([1e-3, 0.5, 3.0, 1e3], dtype=torch.float64)
+    torch.testing.assert_close(cm.ve_sigma(cm.t_of_ve_sigma(s, vp), vp), s, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="finite top level"):
+        cm.cm_grid(10, RectifiedFlow(), 0.002, spacing="karras")
+    with pytest.raises(ValueError, match="spacing"):
+        cm.cm_grid(10, vp, 0.002, spacing="log")
+
+
 def test_ct_schedules_match_the_papers_formulas():
     # 2023 paper (CIFAR-10: s0 = 2, s1 = 150, mu0 = 0.9): N goes 2 -> 151, mu from mu0^(s0/(N-1)) towards 1
     K = 800_000

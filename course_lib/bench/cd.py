@@ -25,6 +25,13 @@ from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digit
                    nfe, prior, reference_2d, score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4)
+# CT's 2D recipe: iCT's pieces (pseudo-Huber, lambda = 1 / (s_{n+1} - s_n), lognormal n) on the paper's Karras grid in
+# s = sigma / alpha up to s_max = 80, where sampling starts (cm_grid); on the course's uniform-in-t grid iCT's lambda
+# leaves the top interval ~1e-5 of the median weight. p_mean: iCT's -1.1 shifted by ln(1.43 / 0.5) ~ 1 for gmm's
+# per-axis data std 1.43 against the paper's 0.5. One step on gmm over 3 training seeds: 2.97 +- 0.22x the teacher's
+# best SWD, against 9.3 +- 8.7x (3.4, 19, 5.1) for squared L2 on the uniform grid; checkerboard 9.5 +- 1.4x against
+# 18.9 +- 7.3x (docs/results/ct_2d_diagnosis.json)
+CT_2D = dict(grid="karras", s_max=80.0, distance="pseudo-huber", weighting="ict", index="lognormal", p_mean=0.0)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -50,12 +57,24 @@ def _cd_cfg(b: dict, digits: bool = False):
 
 
 def _ct_cfg(b: dict, steps: int, digits: bool = False, long: bool = False):
-    if long:  # iCT's recipe on a longer run (2D)
+    if long:  # iCT's recipe on a longer run (2D), on the course's uniform-in-t grid
         return CMConfig(schedule=ct_schedule("doubling", steps, s0=b["ct_s0"], s1=b["ct_long_s1"]),
                         distance="pseudo-huber", weighting="ict", index="lognormal", lr=b["lr"], ema_decay=b["ema"])
-    return CMConfig(schedule=ct_schedule("doubling", steps, s0=b["ct_s0"], s1=b["ct_s1"]),
-                    distance="pseudo-huber" if digits else "l2",
-                    lr=b["digits_lr"] if digits else b["lr"], ema_decay=b["digits_ema"] if digits else b["ema"])
+    if not digits:  # 2D: iCT's pieces on its own grid (CT_2D)
+        return CMConfig(schedule=ct_schedule("doubling", steps, s0=b["ct_s0"], s1=b["ct_s1"]), lr=b["lr"],
+                        ema_decay=b["ema"], **CT_2D)
+    return CMConfig(schedule=ct_schedule("doubling", steps, s0=b["ct_s0"], s1=b["ct_s1"]), distance="pseudo-huber",
+                    lr=b["digits_lr"], ema_decay=b["digits_ema"])
+
+
+def student_grid(method: str, b: dict, process, t_min: float, digits: bool = False):
+    """A student's (final) training grid (cm_grid): CD's N points; CT's s1 + 1 (ct-long's ct_long_s1 + 1), on
+    CT_2D's Karras grid for "ct" in 2D."""
+    if method == "cd":
+        return cm_grid(b["N"], process, t_min)
+    if method == "ct" and not digits:
+        return cm_grid(b["ct_s1"] + 1, process, t_min, spacing=CT_2D["grid"], s_max=CT_2D["s_max"])
+    return cm_grid((b["ct_long_s1"] if method == "ct-long" else b["ct_s1"]) + 1, process, t_min)
 
 
 def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
@@ -74,18 +93,12 @@ def _train_2d(method: str, ds: str, b: dict, seed: int, device, progress: bool):
     return student, time.perf_counter() - t0
 
 
-def _sample_cm(model, x1, steps: int, seed: int, process, t_min: float, cond=None, N: int | None = None):
+def _sample_cm(model, x1, steps: int, seed: int, process, t_min: float, cond=None, grid=None):
     """Multistep consistency sampling from x1 at evenly spaced step times, moved to the nearest points of the
-    student's (final) training grid of N points when N is given (`on_grid`), fresh noise from `seed` (CPU)."""
-    ts = step_times(steps) if N is None else on_grid(step_times(steps), cm_grid(N, process, t_min))
+    student's (final) training grid when given (`on_grid`; a grid ending below t = 1 starts at its top), fresh
+    noise from `seed` (CPU)."""
+    ts = step_times(steps) if grid is None else on_grid(step_times(steps), grid)
     return multistep_sample(model, x1, ts, process, t_min, generator=torch.Generator().manual_seed(seed), cond=cond)
-
-
-def grid_points(method: str, b: dict, digits: bool = False) -> int:
-    """The points of a student's (final) training grid: CD's N, CT's s1 + 1 (ct-long's ct_long_s1 + 1)."""
-    if method == "cd":
-        return b["N"]
-    return (b["ct_long_s1"] if method == "ct-long" else b["ct_s1"]) + 1
 
 
 def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]:
@@ -112,7 +125,8 @@ def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]
                 updates = b["steps"] * (b["ct_long_x"] if name == "ct-long" else 1)
                 for k in STUDENT_STEPS:
                     x, sec = timed(lambda: _sample_cm(student, x1, k, s + 4, student.process, student.t_min,
-                                                      N=grid_points(name, b)), device)
+                                                      grid=student_grid(name, b, student.process, student.t_min)),
+                                   device)
                     score_2d(ev, ds, name, x, ref, sec, nfe=k, steps=k, compare=True, exact=exact,
                              sampler="consistency", n=n, **train_fields(secs, updates))
             if pd_student is not None:
@@ -170,7 +184,9 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
         x1 = prior(teacher.process, (big, 1, 16, 16), s + 6, device)
         for k in STUDENT_STEPS:
             x, sec = timed(lambda: _sample_cm(student, x1, k, s + 7, student.process, student.t_min,
-                                              digit_labels(big, device), N=grid_points(method, b)), device)
+                                              digit_labels(big, device),
+                                              student_grid(method, b, student.process, student.t_min, digits=True)),
+                           device)
             score_digits(ev, method, x, sec, nfe=k, steps=k, sampler="consistency",
                          **train_fields(secs, b["digits_steps"]))
 
@@ -200,10 +216,10 @@ def bench_cd(mode: str, seed: int = 0, device: str | torch.device | None = None)
 
 @register("ct", "consistency training (no teacher) on 2D and digits, iCT's doubling schedule, 1/2/4-step students")
 def bench_ct(mode: str, seed: int = 0, device: str | torch.device | None = None) -> tuple[list[dict], dict]:
-    """Consistency training (Song et al. 2023; iCT's doubling N(k) scaled to the budget, mu = 0; squared L2 in 2D,
-    pseudo-Huber on digits) of a fresh network of the
-    shipped teacher's architecture on CD's budget (same updates and batch), students (model "ct") at 1, 2, 4 steps,
-    beside the 2D teacher's DPM-Solver++ sweep (its best SWD is the target) and the data floor; digits as in
-    bench cd. In 2D also "ct-long": iCT's full recipe (pseudo-Huber, iCT's weighting, lognormal index sampling) on
-    ct_long_x times the updates, to show what CT needs to catch up. The teacher is never used in training."""
+    """Consistency training (Song et al. 2023; iCT's doubling N(k) scaled to the budget, mu = 0) of a fresh network
+    of the shipped teacher's architecture on CD's budget (same updates and batch), students (model "ct") at 1, 2, 4
+    steps, beside the 2D teacher's DPM-Solver++ sweep (its best SWD is the target) and the data floor. In 2D iCT's
+    pieces on its Karras grid in s up to 80 (CT_2D); digits with pseudo-Huber on the uniform grid, as in bench cd.
+    In 2D also "ct-long": iCT's pieces on the course's uniform-in-t grid on ct_long_x times the updates. The teacher
+    is never used in training."""
     return _bench("ct", mode, seed, device)

@@ -12,7 +12,8 @@ paper's variance-exploding variables s = sigma(t) / alpha(t), x_ve = x / alpha(t
 
 so a student initialised from its teacher starts as the teacher's denoiser (c_skip, c_out -> EDM's as s >> s_min).
 
-Discretisation (course time, t_min = t_1 < t_2 < ... < t_N = 1; `cm_grid`). Both losses draw n ~ U{1..N-1} (or
+Discretisation (course time, t_min = t_1 < t_2 < ... < t_N = 1; `cm_grid`: uniform in t, or the paper's Karras grid
+in s, CMConfig.grid). Both losses draw n ~ U{1..N-1} (or
 iCT's lognormal p(n), `lognormal_index_probs`), one noise z per sample, and compare the online network at the
 noisier point with the target network theta^- at the cleaner point (paper Eq. 7 and 10; Algorithms 2 and 3):
 
@@ -82,18 +83,61 @@ def consistency_model(model: nn.Module, t_min: float | None = None, sigma_data: 
 
 # --- discretisation, weighting, distances ------------------------------------------------------------------------
 
-def cm_grid(N: int, process: AffineProcess, t_min: float, rho: float = 7.0) -> Tensor:
-    """N increasing times t_1 = t_min < ... < t_N = 1 (float64). For edm the paper's Karras grid in sigma
-    (sigma_min = sigma(t_min), rho = 7; paper Sec. 5); otherwise uniform in t (the course's grid for the
-    vp-cosine and rf processes)."""
+GRID_SPACINGS = ("uniform", "karras")
+
+
+def cm_grid(N: int, process: AffineProcess, t_min: float, rho: float = 7.0, spacing: str | None = None,
+            s_max: float | None = None) -> Tensor:
+    """N increasing times t_1 = t_min < ... < t_N <= 1 (float64). spacing "karras": the paper's Karras grid in the
+    variance-exploding noise level s = sigma / alpha (paper Sec. 5; iCT Sec. 3.4),
+
+        s_i = (s_min^(1/rho) + (i - 1) / (N - 1) (s_max^(1/rho) - s_min^(1/rho)))^rho,   i = 1..N,  s_min = s(t_min)
+
+    mapped back to course time through the process (`t_of_ve_sigma`; for edm s = sigma_max t). With s_max
+    = s(1) (the default) t_N = 1; with s_max below s(1) (the paper's 80: the vp-cosine process reaches s(1) = e^10)
+    the grid ends at t_N = t(s_max) < 1, where the paper's sampler starts (x ~ N(0, s_max^2) in its variables: the
+    course's prior x_1 used as x_{t_N}, neglecting alpha(t_N) x0 as the prior neglects alpha(1) x0; `on_grid`).
+    "uniform": uniform in t. None: the process's default, "karras" for edm and "uniform" for the vp-cosine and rf
+    processes (the course's grid for CD, TCD and the notebooks). iCT's lambda = 1 / (s_{n+1} - s_n) is meant for a
+    Karras grid: on the uniform-in-t vp-cosine grid s(1) / s(t_{N-1}) is about 1000 and the top interval's weight is
+    ~1e-5 of the median."""
     if N < 2:
         raise ValueError(f"a consistency discretisation needs N >= 2 points (one interval); got {N}")
+    if spacing is None:
+        spacing = "karras" if isinstance(process, EDM) else "uniform"
+    if spacing not in GRID_SPACINGS:
+        raise ValueError(f"unknown grid spacing {spacing!r}; valid: {', '.join(GRID_SPACINGS)}")
     i = torch.arange(N, dtype=torch.float64) / (N - 1)
-    if isinstance(process, EDM):
+    if spacing == "uniform":
+        return t_min + (1.0 - t_min) * i
+    if isinstance(process, EDM) and s_max is None:
         s_min, s_max = process.sigma_max * t_min, process.sigma_max
         sig = (s_min ** (1 / rho) + i * (s_max ** (1 / rho) - s_min ** (1 / rho))) ** rho
         return sig / s_max
-    return t_min + (1.0 - t_min) * i
+    lo, s1 = (float(v) for v in ve_sigma(torch.tensor([t_min, 1.0], dtype=torch.float64), process))
+    hi = s1 if s_max is None or s_max >= s1 else float(s_max)
+    if not math.isfinite(hi):
+        raise ValueError(f"a Karras grid in s = sigma / alpha needs a finite top level; the {process.name} process "
+                         f"has s(1) = {s1}: pass s_max")
+    if hi <= lo:
+        raise ValueError(f"s_max = {hi} must be above s(t_min) = {lo}")
+    t = t_of_ve_sigma((lo ** (1 / rho) + i * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho, process)
+    t[0] = t_min
+    if hi == s1:
+        t[-1] = 1.0
+    return t
+
+
+def t_of_ve_sigma(s: Tensor, process: AffineProcess, iters: int = 80) -> Tensor:
+    """The course time t in [0, 1] with sigma(t) / alpha(t) = s (float64, any shape), by bisection: s(t) increases
+    with t for every course process (80 halvings of [0, 1] reach float64's resolution)."""
+    s = s.to(torch.float64)
+    lo, hi = torch.zeros_like(s), torch.ones_like(s)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = ve_sigma(mid, process) < s
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
 
 
 def ve_sigma(t: Tensor, process: AffineProcess) -> Tensor:
@@ -225,6 +269,10 @@ class CMConfig:
     distance: str = "l2"            # "l2" or "pseudo-huber"
     weighting: str = "uniform"      # "uniform" or "ict" (lambda = 1 / (s_{n+1} - s_n))
     index: str = "uniform"          # n ~ "uniform" or iCT's "lognormal"
+    p_mean: float = P_MEAN          # the lognormal's mean and std in ln s (iCT: -1.1, 2.0 for data of std 0.5)
+    p_std: float = P_STD
+    grid: str | None = None         # cm_grid's spacing: "uniform" in t, "karras" in s; None: the process's default
+    s_max: float | None = None      # the Karras grid's top level (None: s(1)); below s(1) sampling starts there
     t_min: float | None = None      # None: default_t_min(process)
     sigma_data: float = SIGMA_DATA
     lr: float = 1e-4
@@ -253,8 +301,9 @@ def ct_step(cfg: CMConfig, process: AffineProcess, t_min: float) -> Callable[[St
 
     def step(ctx: StepContext, batch: Any) -> Tensor:
         x0, cond = unpack(batch)
-        grid = cm_grid(sched.N(ctx.step), process, t_min)
-        probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
+        grid = cm_grid(sched.N(ctx.step), process, t_min, spacing=cfg.grid, s_max=cfg.s_max)
+        probs = (lognormal_index_probs(grid, process, cfg.p_mean, cfg.p_std) if cfg.index == "lognormal"
+                 else None)
         t_cur, t_next = draw_times(grid, len(x0), ctx.generator, probs, x0.device, x0.dtype)
         if len(grid) > 1 and ctx.step % 50 == 0:
             ctx.log("N", float(len(grid)))
@@ -273,8 +322,9 @@ def distill_cd(teacher: nn.Module, data: Callable[[int, torch.Generator], Any], 
     t_min = default_t_min(process) if cfg.t_min is None else cfg.t_min
     student = consistency_model(copy.deepcopy(teacher), t_min, cfg.sigma_data).requires_grad_(True).train()
     frozen = copy.deepcopy(teacher).requires_grad_(False).eval()
-    grid = cm_grid(cfg.N, process, t_min)
-    probs = lognormal_index_probs(grid, process) if cfg.index == "lognormal" else None
+    grid = cm_grid(cfg.N, process, t_min, spacing=cfg.grid, s_max=cfg.s_max)
+    probs = (lognormal_index_probs(grid, process, cfg.p_mean, cfg.p_std) if cfg.index == "lognormal"
+             else None)
     done = train_networks({"student": _network(student, cfg)}, cd_step(cfg, grid, probs),
                           data, run, targets={"target": Target("student", decay=cfg.mu)},
                           frozen={"teacher": frozen}, ckpt_dir=ckpt_dir, progress=progress, accelerator=accelerator,
@@ -349,10 +399,11 @@ def step_times(n: int, intermediate: list[float] | None = None) -> list[float]:
 
 
 def on_grid(ts: list[float], grid: Tensor) -> list[float]:
-    """Step times moved to the nearest points of a training grid (increasing, float64), ts[0] = 1 kept: CD and CT
+    """Step times moved to the nearest points of a training grid (increasing, float64), ts[0] = 1 kept (or lowered
+    to the grid's top t_N where a Karras grid stops below s(1): sampling starts there, `cm_grid`): CD and CT
     train f only at the grid's points, and a short run's f between them can be far worse (bench cd measured a
     two-step checkerboard student at 2.2x the teacher's best SWD at tau = 0.5, 1.45x at the grid point 0.446)."""
-    out = [float(ts[0])] + [float(grid[int(torch.argmin((grid - float(t)).abs()))]) for t in ts[1:]]
+    out = [min(float(ts[0]), float(grid[-1]))] + [float(grid[int(torch.argmin((grid - float(t)).abs()))]) for t in ts[1:]]
     if any(b >= a for a, b in zip(out, out[1:])):
         raise ValueError(f"step times {list(ts)} do not stay distinct on a grid of {len(grid)} points: {out}")
     return out
