@@ -471,12 +471,20 @@ def with_guidance_input(teacher: Denoiser, w_range: tuple[float, float]) -> Deno
     if not config["net"].get("num_classes"):
         raise ValueError("guided distillation needs a class-conditional teacher (num_classes set, trained with "
                          "label dropout) so that classifier-free guidance exists")
-    config["net"] = {**config["net"], "guidance_range": [float(v) for v in w_range]}
+    return _copy_with(teacher, {"guidance_range": [float(v) for v in w_range]}, "guidance", "guided")
+
+
+def _copy_with(teacher: Denoiser, option: dict, new_keys: str, what: str) -> Denoiser:
+    """The teacher's architecture with `option` added to its backbone's config and every teacher weight copied:
+    only the new embedding's parameters (keys containing `new_keys`) keep their initialisation. Same device as
+    the teacher, float32, train mode."""
+    config = teacher.config()
+    config["net"] = {**config["net"], **option}
     student = build_denoiser(config)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    new = [k for k in missing if "guidance" not in k]
+    new = [k for k in missing if new_keys not in k]
     if new or unexpected:
-        raise RuntimeError(f"copying the teacher into the guided student left keys unmatched: missing {new}, "
+        raise RuntimeError(f"copying the teacher into the {what} student left keys unmatched: missing {new}, "
                            f"unexpected {unexpected}")
     device = next(teacher.parameters()).device
     return student.to(device).train().requires_grad_(True)
@@ -499,15 +507,7 @@ def flow_map_student(teacher: Denoiser) -> Denoiser:
     config = teacher.config()
     if config["net"].get("flow_map"):
         raise ValueError("this model is already a flow map (flow_map is set)")
-    config["net"] = {**config["net"], "flow_map": True}
-    student = build_denoiser(config)
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    new = [k for k in missing if "step" not in k]
-    if new or unexpected:
-        raise RuntimeError(f"copying the teacher into the flow-map student left keys unmatched: missing {new}, "
-                           f"unexpected {unexpected}")
-    device = next(teacher.parameters()).device
-    return student.to(device).train().requires_grad_(True)
+    return _copy_with(teacher, {"flow_map": True}, "step", "flow-map")
 
 
 def save_model(folder: str | os.PathLike, model: nn.Module, extra: dict | None = None) -> None:

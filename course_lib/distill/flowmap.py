@@ -88,12 +88,17 @@ def average_velocity(model: Callable[..., Pred], z: Tensor, t: Tensor, r: Tensor
     return pred.eps - pred.x0
 
 
-def _rf(model) -> RectifiedFlow:
+def _process_of(model, kind: type, needs: str):
+    """model.process, refused unless it is a `kind` (`needs`: the method and the process it is written on)."""
     process = getattr(model, "process", None)
-    if not isinstance(process, RectifiedFlow):
-        raise ValueError(f"MeanFlow is written on the rectified-flow process (x_t = (1 - t) x0 + t eps, velocity "
-                         f"eps - x0); this model's process is {process!r}")
+    if not isinstance(process, kind):
+        raise ValueError(f"{needs}; this model's process is {process!r}")
     return process
+
+
+def _rf(model) -> RectifiedFlow:
+    return _process_of(model, RectifiedFlow, "MeanFlow is written on the rectified-flow process (x_t = (1 - t) x0 "
+                                             "+ t eps, velocity eps - x0)")
 
 
 # --- MeanFlow ------------------------------------------------------------------------------------------------------
@@ -234,11 +239,8 @@ def shortcut_loss(model: Callable[..., Pred], x0: Tensor, eps: Tensor, t: Tensor
 # --- sCM: continuous-time consistency in TrigFlow ------------------------------------------------------------------
 
 def _trigflow(model) -> VPCosine:
-    process = getattr(model, "process", None)
-    if not isinstance(process, VPCosine):
-        raise ValueError(f"sCM is written in TrigFlow, the course's vp-cosine process (alpha = cos phi, sigma = sin "
-                         f"phi, phi = a t + b); this model's process is {process!r}")
-    return process
+    return _process_of(model, VPCosine, "sCM is written in TrigFlow, the course's vp-cosine process (alpha = cos "
+                                        "phi, sigma = sin phi, phi = a t + b)")
 
 
 def scm_times(n: int, generator: torch.Generator, process: VPCosine, mean: float = SCT_TIME[0],
