@@ -55,6 +55,21 @@ def mlp_denoiser(proc=None, seed: int = 0, dtype: torch.dtype = torch.float64, *
     return model.to(dtype)
 
 
+def interrupt_on_call(monkeypatch, owner, name: str, n: int):
+    """Replace owner.<name> by a wrapper that raises KeyboardInterrupt (a user's Ctrl-C) on its n-th call and calls
+    the real function otherwise; returns the real function (restore it with monkeypatch.setattr(owner, name, real))."""
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupting)
+    return real
+
+
 def tiny_unet(seed: int = 0, channels: tuple[int, ...] = (16, 32), *, keep_rng: bool = False, **kw):
     """An 8 x 8 course UNet (models.UNet) with the given block channels; kw: in_channels, num_classes, attention,
     norm_num_groups."""

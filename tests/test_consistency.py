@@ -13,7 +13,7 @@ from course_lib.predictions import Pred
 from course_lib.processes import EDM, RectifiedFlow, VPCosine
 from course_lib.train import TrainConfig
 from bench_scores import beats, swd, untrained_swd
-from conftest import mlp_denoiser
+from conftest import interrupt_on_call, mlp_denoiser
 
 PROCESSES = [VPCosine(), EDM(), RectifiedFlow()]
 
@@ -361,15 +361,7 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(metho
 
     ref_student, ref = run(tmp_path / "ref")
     name = "cd_loss_at" if method == "cd" else "ct_loss_at"
-    real, calls = getattr(cm, name), {"n": 0}
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cm, name, interrupting)
+    real = interrupt_on_call(monkeypatch, cm, name, 13)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "int")
     counted = {"n": 0}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_unet
+from conftest import interrupt_on_call, tiny_unet
 from course_lib import samplers, steps
 from course_lib.conditioning import Cond, backbone_inputs, labels, with_end_time
 from course_lib.data2d import GaussianMixture, gaussian_flow_map, gmm8
@@ -463,15 +463,7 @@ def test_an_interrupted_shortcut_run_resumes_to_the_weights_of_an_uninterrupted_
         return fm.train_shortcut(model, data2d.batches("gmm"), cfg, run=tc, ckpt_dir=folder, progress=False)
 
     ref_student, ref = run(tmp_path / "ref")
-    real, calls = fm.shortcut_loss, {"n": 0}
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fm, "shortcut_loss", interrupting)
+    real = interrupt_on_call(monkeypatch, fm, "shortcut_loss", 7)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "int")
     monkeypatch.setattr(fm, "shortcut_loss", real)

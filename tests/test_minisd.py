@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from course_lib import grids, guidance, minisd, samplers
 from course_lib.images import load_digits
+from conftest import interrupt_on_call
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 REL_TOL = 1e-4
@@ -159,15 +160,7 @@ def test_tiny_config_trains_and_resumes_exactly_after_an_interrupt(tmp_path, mon
     cfg = minisd.MODES["tiny"]
     minisd.train_mini_sd(tmp_path / "a", cfg, ckpt_dir=tmp_path / "ckpt_a", progress=False)
 
-    calls, real = [], minisd.ldm_loss
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:                                               # during the third update (ckpt at 2)
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(minisd, "ldm_loss", interrupted)
+    real = interrupt_on_call(monkeypatch, minisd, "ldm_loss", 3)      # during the third update (ckpt at 2)
     with pytest.raises(KeyboardInterrupt):
         minisd.train_mini_sd(tmp_path / "b", cfg, ckpt_dir=tmp_path / "ckpt_b", progress=False)
     assert not (tmp_path / "b").exists()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from course_lib.checkpoint import CheckpointError
 from course_lib.train import TRAINER_WEIGHTS, TrainConfig
+from conftest import interrupt_on_call
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_run import run  # noqa: E402
@@ -62,16 +63,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, monkeypatch):
     reference = run(str(tmp_path / "ref"), STEPS)
     import train_run
 
-    calls = {"n": 0}
-    real = train_run.denoising_loss
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_run, "denoising_loss", interrupting)
+    real = interrupt_on_call(monkeypatch, train_run, "denoising_loss", 13)
     with pytest.raises(KeyboardInterrupt):
         run(str(tmp_path / "int"), STEPS)
     assert _step(tmp_path / "int") == 12  # saved on the way out, not only at the step-10 checkpoint
