@@ -12,6 +12,10 @@
         latest checkpoint (e.g. an intermediate one) with the settings in its stage.json
     python -m course_lib.scale.export --kohya runs/sd15/2rf-lora/lora --out lora_kohya.safetensors
 
+One LoRA for every step count (Hyper-SD, TCD): `tcd_pipeline(base, lora)` is load_lora_checked with diffusers'
+TCDScheduler; pipe(prompt, num_inference_steps=n, guidance_scale=1, eta=gamma) samples it at any n (eta is TCD's
+gamma; tests/test_hypersd_serving.py holds it to the course's distill.tcd.sss at 1, 2, 4 and 8 steps).
+
 Key names follow diffusers' own kohya reader (diffusers.loaders.lora_conversion_utils._convert_unet_lora_key):
 kohya names SD 1.x modules by their diffusers path with dots as underscores; tests/test_scale_export.py loads the
 kohya file back through diffusers and compares the UNet's output with the adapter's.
@@ -150,6 +154,19 @@ def load_lora_checked(pipe_folder: str | os.PathLike, lora_folder: str | os.Path
                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]}): another base model?") from e
     if info.get("parameterization") == "velocity":
         pipe.scheduler = sdlib.flow_scheduler(pipe.scheduler.config)
+    return pipe
+
+
+def tcd_pipeline(pipe_folder: str | os.PathLike, lora_folder: str | os.PathLike):
+    """The serving path of a LoRA distilled for every step count (Hyper-SD, TCD): load_lora_checked (another base
+    model is refused) with diffusers' TCDScheduler, whose eta is TCD's gamma (distill.tcd.sss step for step)."""
+    from diffusers import TCDScheduler
+
+    pipe = load_lora_checked(pipe_folder, lora_folder)
+    if sdlib.is_flow_scheduler(pipe.scheduler.config):
+        raise SourceError(f"the LoRA in {lora_folder} reads the UNet as a rectified flow; TCDScheduler samples "
+                          "epsilon / v-prediction models: use the flow scheduler it ships with")
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
     return pipe
 
 
