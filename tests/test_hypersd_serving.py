@@ -1,9 +1,11 @@
-"""One LoRA for every step count (Hyper-SD's serving path): a LoRA student of the tiny SD pipeline, exported by the
-course (scale.export.export_student: diffusers and kohya keys, base.json), loads with a plain
+"""Hyper-SD at Stable Diffusion scale: the serving path and the cost rows. One LoRA for every step count: a LoRA
+student of the tiny SD pipeline, exported by the course (scale.export.export_student: diffusers and kohya keys,
+base.json), loads with a plain
 `pipe.load_lora_weights` into a StableDiffusionPipeline and samples with diffusers' TCDScheduler (eta = TCD's
 gamma) at 1, 2, 4 and 8 steps equal to the course's TCD sampler (distill.tcd.sss) on the same noise to 1e-4
 relative; the course reloads the same export (sd.load_sd_model); the kohya file gives the same samples; a LoRA for
-another base model is refused with a clear error. tests/test_tcd.py proves sss == TCDScheduler for the UNet
+another base model is refused with a clear error. The cost rows of its stages are estimates from the
+measured UNet call times, labelled as such. tests/test_tcd.py proves sss == TCDScheduler for the UNet
 itself; this file adds the LoRA, the export and the pipeline around it."""
 from __future__ import annotations
 
@@ -112,3 +114,35 @@ def test_a_lora_for_another_base_model_is_refused(served, tmp_path):
     from course_lib import minisd                               # another architecture (64-d text, other blocks)
     with pytest.raises(SourceError, match="another base model"):
         export.tcd_pipeline(minisd.MINI_SD, served["lora"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cost rows of Hyper-SD's stages on SD 1.5: estimates from the measured UNet call times, labelled as such
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_hypersd_cost_rows_are_estimates_from_the_measured_lcm_lora_rows(capsys):
+    import json
+    from pathlib import Path
+
+    from course_lib.scale import cost
+
+    table = Path(__file__).resolve().parents[1] / "docs" / "results" / "cost_table_h200.json"
+    rows = json.loads(table.read_text())["rows"]
+    u = cost.unet_call_times(rows)
+    assert 0 < u["forward_no_grad"] < u["student_forward_backward"]
+    est = cost.hypersd_estimates(rows)
+    assert [r["stage"] for r in est][:4] == list(cost.HYPERSD_STAGES) and est[-1]["stage"] == "reward (ReFL)"
+    assert all(r["estimate"] and r["status"] == "estimate" for r in est)
+    # without the adversarial term TSCD's calls are LCD's: the estimate gives back the measured LCM-LoRA row
+    lcd = next(r for r in rows if r["method"] == "lcm-lora" and r["online_steps"] == 0)
+    plain = next(r for r in est if "no adversarial" in r["stage"])
+    assert plain["seconds_per_sample"] == pytest.approx(lcd["seconds_per_step"] / lcd["batch_size_per_gpu"])
+    tscd = est[0]
+    assert tscd["seconds_per_sample"] > plain["seconds_per_sample"]
+    assert tscd["wall_hours_per_1000_iterations"]["8"] == pytest.approx(tscd["gpu_hours_per_1000_iterations"] / 8)
+    assert est[-1]["lower_bound"]
+    cost.main(["--hypersd-estimates", str(table)])                  # no GPU needed
+    out = capsys.readouterr().out
+    assert "ESTIMATES, not measured" in out and sum(l.split("|")[1].endswith("(estimate) ") for l in out.splitlines() if l.startswith("| ")) == len(est) and ">= " in out
+    with pytest.raises(ValueError, match="both measured LCM-LoRA rows"):
+        cost.hypersd_estimates([r for r in rows if r["method"] != "lcm-lora"])

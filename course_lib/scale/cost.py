@@ -4,6 +4,8 @@ SD 1.5 UNet architecture (configs/sd15_unet.json, random weights: no download), 
     python -m course_lib.scale.cost --batch-size 8 --precision bf16 --grad-checkpointing      (on a GPU)
     python -m course_lib.scale.cost --tiny                                                   (CPU smoke: tiny UNet)
     python -m course_lib.scale.cost --table --out cost.json          (on a GPU: every row of the README's cost table)
+    python -m course_lib.scale.cost --hypersd-estimates docs/results/cost_table_h200.json   (Hyper-SD's stages,
+                                                     ESTIMATED from a saved table's UNet call times; no GPU needed)
 
 The step is stage 1's (the reflow loss distill.reflow.rf_loss on the UNet read as a velocity, 77 x 768 text
 embeddings, 64 x 64 x 4 latents) through course_lib.train.train_networks (AdamW, grad clipping, EMA if asked), so it
@@ -402,6 +404,82 @@ def print_lcm_lora_plan(p: dict) -> None:
         print(f"This is an estimate pending a GPU measurement: {LCM_LORA_MEASURE_COMMAND}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Hyper-SD on SD 1.5: ESTIMATES of its stages from the measured LCM-LoRA steps (no Hyper-SD step is timed here)
+# ----------------------------------------------------------------------------------------------------------------
+
+HYPERSD_STAGES = ("TSCD k=8", "TSCD k=4", "TSCD k=2", "TSCD k=1")
+HYPERSD_PLAN = {"batch_per_gpu": 12, "global_batch": 96, "iterations": 1000}    # per 1000 iterations, LCM-LoRA's batch
+
+
+def unet_call_times(rows: Sequence[dict]) -> dict:
+    """Seconds per sample of one SD 1.5 UNet call, from the two measured LCM-LoRA rows of a cost table (r = 64, the
+    same batch, real latents and the online teacher with k solver steps):
+
+        f = (s_online - s_images) / (2 k)     a no-grad forward (the online teacher's CFG pairs: 2 k more of them)
+        G = s_images - 3 f                    the LoRA student's forward + backward (with checkpointing): LCD's step
+                                              is the teacher's CFG pair (2 f), the target (f) and the student (G)."""
+    lcm_rows = {r["online_steps"]: r for r in rows if r.get("method") == "lcm-lora" and r.get("status") == "ok"}
+    k = max(lcm_rows, default=0)
+    if 0 not in lcm_rows or not k or lcm_rows[0]["batch_size_per_gpu"] != lcm_rows[k]["batch_size_per_gpu"]:
+        raise ValueError("the Hyper-SD estimates need both measured LCM-LoRA rows of the cost table (real latents "
+                         "and the online teacher, the same batch): run python -m course_lib.scale.cost --table on a GPU")
+    per = {n: r["seconds_per_step"] / r["batch_size_per_gpu"] for n, r in lcm_rows.items()}
+    f = (per[k] - per[0]) / (2 * k)
+    return {"forward_no_grad": f, "student_forward_backward": per[0] - 3 * f, "device": lcm_rows[0]["device"],
+            "batch_size_per_gpu": lcm_rows[0]["batch_size_per_gpu"],
+            "peak_memory_gib_lcm_lora": lcm_rows[0].get("peak_memory_gib")}
+
+
+def hypersd_estimates(rows: Sequence[dict], gpus: Sequence[int] = (1, 8)) -> list[dict]:
+    """ESTIMATED seconds per sample and GPU-hours per 1000 iterations (global batch 96: 12 per GPU x 8 GPUs, or
+    gradient accumulation) of Hyper-SD's stages on SD 1.5 with a LoRA, from the UNet call times measured in the
+    cost table (unet_call_times: f a no-grad forward, G a LoRA student's forward + backward). UNet calls per sample:
+
+        TSCD (every k: the segment count changes the targets, not the calls)
+            teacher's guided ODE step 2f (the previous stage's LoRA, adapter switched: the same UNet), target f,
+            student G, adversarial term on the re-noised student sample through the teacher's own features
+            (LADD/PCM): G for the generator's gradient, 2f for the discriminator (fake detached, real)  = 5f + 2G
+        TSCD without the adversarial term = 3f + G (LCD's step: the measured LCM-LoRA row itself)
+        reward (ReFL): the student's one-step x0 from a late timestep, G; the VAE decoder and the reward model
+            (ImageReward: BLIP ViT-L) forward + backward come on top and are NOT measured: a lower bound
+
+    No Hyper-SD step is timed here, and the paper publishes no schedule: scale these per-1000-iteration rows by the
+    iterations a run takes."""
+    u = unet_call_times(rows)
+    f, G = u["forward_no_grad"], u["student_forward_backward"]
+    plan = HYPERSD_PLAN
+    calls = {"TSCD": (5 * f + 2 * G, "5 f + 2 G"), "TSCD (no adversarial term)": (3 * f + G, "3 f + G"),
+             "reward (ReFL), UNet part only": (G, "G + VAE decoder + reward model (not measured: lower bound)")}
+    out = []
+    names = [(s, "TSCD") for s in HYPERSD_STAGES] + [("TSCD, no adversarial term (any k)", "TSCD (no adversarial "
+                                                      "term)"), ("reward (ReFL)", "reward (ReFL), UNet part only")]
+    for stage, kind in names:
+        sec, formula = calls[kind]
+        gpu_hours = plan["iterations"] * plan["global_batch"] * sec / 3600
+        out.append({"method": "hypersd", "stage": stage, "status": "estimate", "estimate": True,
+                    "unet_calls_per_sample": formula, "seconds_per_sample": sec,
+                    "batch_size_per_gpu": plan["batch_per_gpu"], "global_batch": plan["global_batch"],
+                    "iterations": plan["iterations"], "gpu_hours_per_1000_iterations": gpu_hours,
+                    "wall_hours_per_1000_iterations": {str(n): gpu_hours / n for n in gpus},
+                    "lower_bound": kind.startswith("reward"),
+                    "basis": f"UNet call times from the measured LCM-LoRA rows on {u['device']} (f = "
+                             f"{f * 1000:.1f} ms, G = {G * 1000:.1f} ms per sample)"})
+    return out
+
+
+def print_hypersd_estimates(est: list[dict]) -> None:
+    print(f"Hyper-SD on SD 1.5 (LoRA), ESTIMATES, not measured: {est[0]['basis']}; per 1000 iterations at a global "
+          f"batch of {est[0]['global_batch']}\n"
+          "| stage | UNet calls per sample | s/sample (estimate) | GPU-h per 1000 it. | wall h, 1 GPU | wall h, 8 GPUs |\n"
+          "|---|---|---|---|---|---|")
+    for r in est:
+        lb = ">= " if r["lower_bound"] else ""
+        w = r["wall_hours_per_1000_iterations"]
+        print(f"| {r['stage']} (estimate) | {r['unet_calls_per_sample']} | {lb}{r['seconds_per_sample']:.3f} | "
+              f"{lb}{r['gpu_hours_per_1000_iterations']:.2f} | {lb}{w['1']:.2f} | {lb}{w['8']:.2f} |")
+
+
 def _device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
@@ -450,7 +528,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     ap.add_argument("--table", action="store_true", help="measure every row of the README's cost table (TABLE_ROWS: "
                     "reflow, DMD2 and LCM-LoRA at several batch sizes, checkpointing on and off); --out keeps them")
+    ap.add_argument("--hypersd-estimates", metavar="TABLE_JSON", default=None, help="print the ESTIMATED Hyper-SD "
+                    "stage rows from a saved cost table (e.g. docs/results/cost_table_h200.json); no GPU needed")
     a = ap.parse_args(argv)
+    if a.hypersd_estimates:
+        est = hypersd_estimates(json.loads(Path(a.hypersd_estimates).read_text())["rows"])
+        print_hypersd_estimates(est)
+        return {"hypersd_estimates": est}
     dev = device_of(a.device)
     if dev.type != "cuda" and not a.tiny:
         raise SystemExit("no GPU here: the real SD 1.5 table needs one (an A100/H100 80GB). Run with --tiny for "
@@ -458,7 +542,14 @@ def main(argv: list[str] | None = None) -> dict:
     if a.table:
         rows = table(a.tiny, a.device, out=Path(a.out) if a.out else None)
         print_table(rows)
-        return {"device": _device_name(dev), "rows": rows}
+        try:
+            est = hypersd_estimates(rows)
+        except ValueError as e:                     # a table without both LCM-LoRA rows
+            print(f"no Hyper-SD estimates: {e}")
+            est = []
+        if est:
+            print_hypersd_estimates(est)
+        return {"device": _device_name(dev), "rows": rows, "hypersd_estimates": est}
     if a.method == "dmd2":
         res = measure_dmd2(a.batch_size or 4, a.precision, a.grad_checkpointing, a.lora, tiny=a.tiny, device=a.device)
     else:
