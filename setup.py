@@ -11,7 +11,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-SHIPPED = ("teachers", "reflow", "instaflow", "digits_classifier", "mini_sd", "prompts", "lcm", "tcd")   # = course_lib.paths.SHIPPED
+SHIPPED = ("teachers", "reflow", "instaflow", "digits_classifier", "mini_sd", "prompts", "lcm", "tcd", "reward")   # = course_lib.paths.SHIPPED
 HERE = Path(__file__).resolve().parent
 # data/teachers/gmm-vp -> package course_lib._data.teachers.gmm-vp (files only, never imported)
 DATA = [".".join(("course_lib._data", *folder.relative_to(HERE / "data").parts))

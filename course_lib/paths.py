@@ -19,7 +19,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 
 DATA_ENV, CACHE_ENV = "COURSE_DATA", "COURSE_CACHE"
-SHIPPED = ("teachers", "reflow", "instaflow", "digits_classifier", "mini_sd", "prompts", "lcm", "tcd")   # the folders of data/ that the wheel ships
+SHIPPED = ("teachers", "reflow", "instaflow", "digits_classifier", "mini_sd", "prompts", "lcm", "tcd", "reward")   # the folders of data/ that the wheel ships
 PACKAGE_DIR = Path(__file__).resolve().parent
 CHECKOUT = PACKAGE_DIR.parent                                          # the repository root, in a checkout
 INSTALLED_DATA = PACKAGE_DIR / "_data"                                 # where a wheel puts data/ (setup.py)

@@ -22,7 +22,7 @@ The reward (a number in [0, 1]; 1: certainly the prompted digit in the prompted 
                                                                              names no colour, c = -1)
 
 with p_theta the softmaxes of the two heads. The digit head has an 11th class, "no digit", trained on negatives
-(pixel noise, the mini SD's VAE decoding random latents, two digits overlaid, blank images), so that an image that
+(pixel noise, the mini SD's VAE decoding random latents, blank images), so that an image that
 shows no digit scores near 0 instead of spreading its probability over the ten digits.
 
 How it differs from the judge (classifier.DigitsCNN), on purpose: another architecture (RGB input, GroupNorm/SiLU
@@ -172,7 +172,8 @@ def sd_reward_fn(sd: Any, reward_model: nn.Module, clamp: bool = True) -> Callab
 
     def reward_fn(x0_hat: Tensor, cond: Cond) -> Tensor:
         if not isinstance(cond, Cond) or cond.text is None:
-            raise ValueError("the mini SD's reward needs the prompts' Cond (text embeddings): pass cond=sd.text(prompts)")
+            raise ValueError("the mini SD's reward needs the prompts' Cond (text embeddings): pass "
+                             "cond=sd.text(prompts)")
         labels, colours = reader(cond.text)
         images = sd.vae.decode(x0_hat)                                           # (B, 3, 16, 16), with gradients
         images = images.clamp(-1, 1) if clamp else images
@@ -195,7 +196,7 @@ class RewardConfig:
     lr: float = 2e-3
     ema_decay: float = 0.995
     weight_decay: float = 1e-4
-    p_negative: float = 0.2          # fraction of a batch that shows no digit (class NONE)
+    p_negative: float = 0.15         # fraction of a batch that shows no digit (class NONE)
     p_vae: float = 0.5               # fraction of the digits passed through the mini SD's VAE
     shift: int = 2                   # random shifts of up to this many pixels per axis
     noise_max: float = 0.1           # Gaussian noise of std ~ U[0, noise_max]
@@ -253,17 +254,14 @@ def training_sampler(cfg: RewardConfig, vae: Any | None) -> Callable[[int, torch
             x = torch.where(use[:, None, None, None], rec[idx, col], x)
         x = _shift(x, cfg.shift, g)
         y, c = data.y[idx].clone(), col.clone()
-        # negatives: pixel noise, random decodes, two different digits overlaid, blank
+        # negatives: pixel noise, the VAE's decoding of random latents, blank (no overlays of two digits: a
+        # first model trained with them read 4.7% of the held-out digits, most of them eights, as no digit)
         neg = torch.rand(n, generator=g) < cfg.p_negative
-        kind = torch.randint(0, 4, (n,), generator=g)
+        kind = torch.randint(0, 3, (n,), generator=g)
         noise_img = (torch.rand(n, 3, 16, 16, generator=g) * 2 - 1) * torch.rand(n, 1, 1, 1, generator=g)
-        other = torch.randint(0, N, (n,), generator=g)
-        overlay = torch.maximum(x, minisd.colourize(gray[other], ink))
         blank = -torch.ones_like(x)
         decoded = pool[torch.randint(0, len(pool), (n,), generator=g)] if pool is not None else noise_img
-        negs = torch.stack([noise_img, decoded, overlay, blank])[kind, torch.arange(n)]
-        # an overlay of the same digit class is still that digit: keep those as positives
-        neg = neg & ~((kind == 2) & (data.y[other] == y))
+        negs = torch.stack([noise_img, decoded, blank])[kind, torch.arange(n)]
         x = torch.where(neg[:, None, None, None], negs, x)
         y[neg], c[neg] = NONE, -100
         x = x + torch.rand(n, 1, 1, 1, generator=g) * cfg.noise_max * torch.randn(x.shape, generator=g)
@@ -430,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--folder", default=str(REWARD_DIR))
     e.add_argument("--n", type=int, default=300)
     e.add_argument("--seeds", default="0,1,2")
+    e.add_argument("--steps", default="25", help="comma-separated DDIM step counts of the teacher (guidance w = 4)")
     e.add_argument("--json", default=None)
     e.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -442,12 +441,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trained in {summary['train_seconds']:.0f} s; wrote {args.out} ({size / 1e3:.0f} kB)")
     else:
         model = load_reward_model(args.folder)
-        runs = [evaluate_reward(model, sd, args.n, seed=int(s)) for s in args.seeds.split(",")]
-        keys = [k for k in runs[0] if isinstance(runs[0][k], float) and k not in ("w",)]
-        mean = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
-        std = {k: (sum((r[k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in keys}
-        out = {"mean": mean, "std": std, "runs": runs}
-        print(json.dumps({k: f"{mean[k]:.4f} ± {std[k]:.4f}" for k in keys}, indent=1, ensure_ascii=False))
+        out = []
+        for steps in (int(v) for v in args.steps.split(",")):
+            runs = [evaluate_reward(model, sd, args.n, steps, seed=int(s)) for s in args.seeds.split(",")]
+            keys = [k for k in runs[0] if isinstance(runs[0][k], float) and k not in ("w",)]
+            mean = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
+            std = {k: (sum((r[k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in keys}
+            out.append({"steps": steps, "n": args.n, "mean": mean, "std": std, "runs": runs})
+            print(json.dumps({"steps": steps, **{k: f"{mean[k]:.4f} ± {std[k]:.4f}" for k in keys}}, indent=1,
+                             ensure_ascii=False))
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -423,7 +423,8 @@ def unet_call_times(rows: Sequence[dict]) -> dict:
     k = max(lcm_rows, default=0)
     if 0 not in lcm_rows or not k or lcm_rows[0]["batch_size_per_gpu"] != lcm_rows[k]["batch_size_per_gpu"]:
         raise ValueError("the Hyper-SD estimates need both measured LCM-LoRA rows of the cost table (real latents "
-                         "and the online teacher, the same batch): run python -m course_lib.scale.cost --table on a GPU")
+                         "and the online teacher, the same batch): run python -m course_lib.scale.cost --table on a "
+                         "GPU")
     per = {n: r["seconds_per_step"] / r["batch_size_per_gpu"] for n, r in lcm_rows.items()}
     f = (per[k] - per[0]) / (2 * k)
     return {"forward_no_grad": f, "student_forward_backward": per[0] - 3 * f, "device": lcm_rows[0]["device"],
@@ -471,7 +472,8 @@ def hypersd_estimates(rows: Sequence[dict], gpus: Sequence[int] = (1, 8)) -> lis
 def print_hypersd_estimates(est: list[dict]) -> None:
     print(f"Hyper-SD on SD 1.5 (LoRA), ESTIMATES, not measured: {est[0]['basis']}; per 1000 iterations at a global "
           f"batch of {est[0]['global_batch']}\n"
-          "| stage | UNet calls per sample | s/sample (estimate) | GPU-h per 1000 it. | wall h, 1 GPU | wall h, 8 GPUs |\n"
+          "| stage | UNet calls per sample | s/sample (estimate) | GPU-h per 1000 it. | wall h, 1 GPU "
+          "| wall h, 8 GPUs |\n"
           "|---|---|---|---|---|---|")
     for r in est:
         lb = ">= " if r["lower_bound"] else ""

@@ -199,9 +199,9 @@ def load_aesthetic(root: str | os.PathLike | None = None, device: str | torch.de
     folder = check_available("aesthetic", root)
     clip = CLIPModel.from_pretrained(folder / "clip-vit-large-patch14", local_files_only=True)
     if clip.config.projection_dim != 768:
-        raise RewardModelUnavailable(f"{folder / 'clip-vit-large-patch14'} holds a CLIP with {clip.config.projection_dim}"
-                                     "-d embeddings; the aesthetic predictor reads CLIP ViT-L/14's 768-d ones "
-                                     "(openai/clip-vit-large-patch14)")
+        raise RewardModelUnavailable(f"{folder / 'clip-vit-large-patch14'} holds a CLIP with "
+                                     f"{clip.config.projection_dim}-d embeddings; the aesthetic predictor reads "
+                                     "CLIP ViT-L/14's 768-d ones (openai/clip-vit-large-patch14)")
     mlp = AestheticMLP(768)
     state = torch.load(folder / AESTHETIC_FILE, map_location="cpu", weights_only=True)
     mlp.load_state_dict(state)
