@@ -90,22 +90,26 @@ class RewardNet(nn.Module):
 
 
 def reward(model: nn.Module, images: Tensor, labels: Tensor | Sequence[int],
-           colours: Tensor | Sequence[int] | None = None) -> Tensor:
+           colours: Tensor | Sequence[int] | None = None, log: bool = False) -> Tensor:
     """r = p(digit = labels | images) * p(colour = colours | images), (B,) in [0, 1], differentiable w.r.t. images
     (B, 3, 16, 16) in [-1, 1] (not clamped here: clamp outside if wanted, as the decoded images are). labels (B,)
-    digits 0..9; colours (B,) indices into minisd.COLOURS, -1 (or None for all) where the prompt names none."""
+    digits 0..9; colours (B,) indices into minisd.COLOURS, -1 (or None for all) where the prompt names none.
+
+    log=True returns log r in (-inf, 0] (from the log-softmaxes): the same ordering, but its gradient does not vanish
+    where r does. A blurry one-step image that the model reads as "no digit" with probability 0.99 has r near 1e-5
+    and a gradient of r near zero; the gradient of log r still points toward the prompted digit."""
     labels = torch.as_tensor(labels, dtype=torch.long, device=images.device)
     if labels.shape != (len(images),) or bool(((labels < 0) | (labels > 9)).any()):
         raise ValueError(f"labels must be (B,) = ({len(images)},) digits 0..9; got {tuple(labels.shape)}")
     digit, colour = model(images)
-    r = digit.softmax(1).gather(1, labels[:, None])[:, 0]                     # (B,)
+    log_r = digit.log_softmax(1).gather(1, labels[:, None])[:, 0]             # (B,)
     if colours is not None:
         colours = torch.as_tensor(colours, dtype=torch.long, device=images.device)
         if colours.shape != labels.shape or bool(((colours < -1) | (colours >= N_COLOURS)).any()):
             raise ValueError(f"colours must be (B,) indices into minisd.COLOURS or -1; got {colours.tolist()[:8]}")
-        pc = colour.softmax(1).gather(1, colours.clamp_min(0)[:, None])[:, 0]
-        r = r * torch.where(colours >= 0, pc, torch.ones_like(pc))
-    return r
+        lc = colour.log_softmax(1).gather(1, colours.clamp_min(0)[:, None])[:, 0]
+        log_r = log_r + torch.where(colours >= 0, lc, torch.zeros_like(lc))
+    return log_r if log else log_r.exp()
 
 
 def targets(records: Sequence[dict]) -> tuple[Tensor, Tensor]:
@@ -161,11 +165,13 @@ class PromptReader:
         return self.labels[idx.cpu()].to(text.device), self.colours[idx.cpu()].to(text.device)
 
 
-def sd_reward_fn(sd: Any, reward_model: nn.Module, clamp: bool = True) -> Callable[[Tensor, Cond], Tensor]:
-    """reward_fn(x0_hat, cond) -> (B,) rewards in [0, 1] with gradients w.r.t. x0_hat: the predicted latents x0_hat
-    (B, 4, h, w) (scaled, as the UNet sees them) go through the mini SD's VAE decoder (sd.vae.decode, gradients on),
-    clamped to [-1, 1] as the samplers' images are, then `reward` with the prompt's digit and colour read from
-    cond.text (PromptReader). The reward model and the VAE stay frozen; only the student gets gradients."""
+def sd_reward_fn(sd: Any, reward_model: nn.Module, clamp: bool = True, log: bool = False
+                 ) -> Callable[[Tensor, Cond], Tensor]:
+    """reward_fn(x0_hat, cond) -> (B,) rewards in [0, 1] (log=True: log r in (-inf, 0], see `reward`) with
+    gradients w.r.t. x0_hat: the predicted latents x0_hat (B, 4, h, w) (scaled, as the UNet sees them) go through
+    the mini SD's VAE decoder (sd.vae.decode, gradients on), clamped to [-1, 1] as the samplers' images are, then
+    `reward` with the prompt's digit and colour read from cond.text (PromptReader). The reward model and the VAE
+    stay frozen; only the student gets gradients."""
     require_codec(sd)
     reader = PromptReader(sd.text)
     reward_model.eval().requires_grad_(False)
@@ -177,7 +183,7 @@ def sd_reward_fn(sd: Any, reward_model: nn.Module, clamp: bool = True) -> Callab
         labels, colours = reader(cond.text)
         images = sd.vae.decode(x0_hat)                                           # (B, 3, 16, 16), with gradients
         images = images.clamp(-1, 1) if clamp else images
-        return reward(reward_model, images.float(), labels, colours)
+        return reward(reward_model, images.float(), labels, colours, log=log)
 
     reward_fn.reader = reader
     return reward_fn
