@@ -127,9 +127,11 @@ class PromptReader:
     """Reads (label, colour) back from the text embeddings of the course's captions (minisd.all_captions): the
     reward needs the prompted digit and colour, the student's Cond carries only the embedding. Each embedding (B, L,
     D) is matched with the nearest of the captions' own embeddings; one that is not a caption's (the empty prompt,
-    a caption of another text encoder) is refused rather than guessed."""
+    a caption of another text encoder) is refused rather than guessed. The tolerance, 1% of the embedding's norm, is
+    above bfloat16's rounding (0.2% measured) and below half the distance between any two captions of the mini SD
+    (4% at the closest; the empty prompt is 38% away)."""
 
-    def __init__(self, text: Any, rel_tol: float = 1e-3):
+    def __init__(self, text: Any, rel_tol: float = 1e-2):
         captions, labels, colours, seen = [], [], [], set()
         names = list(minisd.COLOURS)
         for d in range(10):

@@ -85,6 +85,8 @@ def test_sd_reward_fn_reads_the_prompt_and_passes_gradients_through_the_decoder(
     cond = mini.text(prompts)
     labels, colours = fn.reader(cond.text)
     assert labels.tolist() == [7, 2, 4] and colours.tolist() == [1, -1, 3]
+    bf16 = fn.reader(cond.text.bfloat16())                            # a bf16 embedding reads the same
+    assert bf16[0].tolist() == [7, 2, 4] and bf16[1].tolist() == [1, -1, 3]
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     r = fn(z, cond)
     assert r.shape == (3,)
