@@ -562,11 +562,9 @@ def _nb13_solutions():
 
 
 def _nb14_solutions():
-    from course_lib.distill import flowmap as fm
+    from course_lib.checks.nb14 import meanflow_target_ref, scm_tangent_ref, shortcut_target_ref
 
-    return {"14.1": lambda m, z, t, r, v: fm.meanflow_target(m, z, t, r, v),
-            "14.2": lambda tgt, z, t, d, p, d_min: fm.shortcut_target(tgt, z, t, d, p, None, d_min),
-            "14.3": lambda m, x, t, dxdphi, warmup, c: fm.scm_tangent(m, x, t, dxdphi, None, warmup, c)}
+    return {"14.1": meanflow_target_ref, "14.2": shortcut_target_ref, "14.3": scm_tangent_ref}
 
 
 def test_every_checker_is_registered_under_its_exercise():
@@ -1307,6 +1305,30 @@ def test_nb14_checkers_name_each_planted_mistake(case, capsys):
         used = checks.CHECKERS[exercise](wrong, seed=seed)
         out = capsys.readouterr().out
         assert checks.is_library(used) and says in out and out.count(f"Exercise {exercise}:") == 1, out
+
+
+def test_nb14_fallbacks_take_the_exercises_arguments(capsys):
+    """A fallback is called as the student's function was: the exercise's signature, not the library's."""
+    from course_lib.checks import nb14
+    from course_lib.distill import flowmap as fm
+
+    def unsolved(*args):
+        raise NotImplementedError("Exercise")
+
+    g = torch.Generator().manual_seed(0)
+    model = nb14._tiny_flow_map(nb14.RF, g)
+    z, t = torch.randn(4, 2, dtype=torch.float64), torch.full((4,), 0.75, dtype=torch.float64)
+    d = torch.full((4,), 0.25, dtype=torch.float64)
+    used = checks.check_shortcut_target(unsolved, seed=0)
+    torch.testing.assert_close(used(model, z, t, d, nb14.RF, 1 / 128), fm.shortcut_target(model, z, t, d, nb14.RF))
+    used = checks.check_meanflow_target(unsolved, seed=0)
+    torch.testing.assert_close(used(model, z, t, 0.5 * t, z)[1], fm.meanflow_target(model, z, t, 0.5 * t, z)[1])
+    from course_lib.checks.core import tiny_model
+    from course_lib.processes import VPCosine
+    m = tiny_model(VPCosine(), g, "v")
+    used = checks.check_scm_tangent(unsolved, seed=0)
+    torch.testing.assert_close(used(m, z, t, z, 0.5, 0.3)[1], fm.scm_tangent(m, z, t, z, None, 0.5, 0.3)[1])
+    assert "not solved yet" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("exercise", ["14.1", "14.2", "14.3"])

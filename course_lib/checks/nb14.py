@@ -23,6 +23,21 @@ RF = RectifiedFlow()
 FD_STEP = 1e-6          # central finite differences in float64 (the course's backbones embed 1000 t)
 
 
+def meanflow_target_ref(model, z: Tensor, t: Tensor, r: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference of Exercise 14.1 in the exercise's signature (`meanflow_target` without conditioning)."""
+    return meanflow_target(model, z, t, r, v)
+
+
+def shortcut_target_ref(target, z: Tensor, t: Tensor, d: Tensor, process, d_min: float) -> Tensor:
+    """The reference of Exercise 14.2 in the exercise's signature (`shortcut_target` without conditioning)."""
+    return shortcut_target(target, z, t, d, process, None, d_min)
+
+
+def scm_tangent_ref(model, x: Tensor, t: Tensor, dxdphi: Tensor, warmup: float, c: float) -> tuple[Tensor, Tensor]:
+    """The reference of Exercise 14.3 in the exercise's signature (`scm_tangent` without conditioning)."""
+    return scm_tangent(model, x, t, dxdphi, None, warmup, c)
+
+
 def _tiny_flow_map(process, g: torch.Generator, kind: str = "velocity") -> nn.Module:
     """A tiny float64 flow-map model whose output depends on its end time s (a random step embedding)."""
     teacher = tiny_model(process, g, kind)
@@ -103,32 +118,32 @@ def check_meanflow_target(student: Callable, seed: int | None = None) -> Callabl
         problem = first_look(student, clone_tensors(args), (u_ref.detach(), tgt_ref), where,
                              zeros="u and v are velocities of order one here, and u_tgt = v where r = t.")
         if problem:
-            return fall_back("14.1", meanflow_target, problem)
+            return fall_back("14.1", meanflow_target_ref, problem)
         u, tgt = student(*clone_tensors(args))
         params = [p for p in model.parameters()]
         if not close(u, u_ref):
-            return fall_back("14.1", meanflow_target, f"u differs from the model's average velocity {where} "
+            return fall_back("14.1", meanflow_target_ref, f"u differs from the model's average velocity {where} "
                                                       f"(max difference {max_diff(u, u_ref):.2g}): u(z, r, t) = "
                                                       "eps_hat - x0_hat of model(z, t, cond with s = r) "
                                                       "(`fm.average_velocity(model, z, t, r)`).")
         if not close(tgt, tgt_ref):
             for kw, why in _MF_SLIPS:
                 if close(tgt, _meanflow_variant(*args, **kw)):
-                    return fall_back("14.1", meanflow_target, f"{why} ({where})")
+                    return fall_back("14.1", meanflow_target_ref, f"{why} ({where})")
             dudt = (v - tgt.detach().to(v.dtype)) / bcast((t - r).clamp_min(1e-12), v)
             fd_dudt = meanflow_dudt_fd(*args)
-            return fall_back("14.1", meanflow_target,
+            return fall_back("14.1", meanflow_target_ref,
                              f"u_tgt differs from the reference {where} (max difference {max_diff(tgt, tgt_ref):.2g}). "
                              f"The du/dt your target implies, (v - u_tgt) / (t - r), differs from a central finite "
                              f"difference of u along the trajectory, (u(z + h v, r, t + h) - u(z - h v, r, t - h)) "
                              f"/ 2h, by {max_diff(dudt[t > r], fd_dudt[t > r]):.2g}.")
         if tgt.requires_grad:
-            return fall_back("14.1", meanflow_target, f"u_tgt carries a graph {where}: the target must be a "
+            return fall_back("14.1", meanflow_target_ref, f"u_tgt carries a graph {where}: the target must be a "
                                                       "constant, u_tgt = v - (t - r) sg(du/dt) (detach it), or the "
                                                       "loss would also differentiate through the JVP (the paper's "
                                                       "stop-gradient, Eq. 10).")
         if not _grads_reach(u, params):
-            return fall_back("14.1", meanflow_target, f"u has no gradient to the model's parameters {where}: return "
+            return fall_back("14.1", meanflow_target_ref, f"u has no gradient to the model's parameters {where}: return "
                                                       "the u of the JVP's primal output (with its graph), not a "
                                                       "detached copy; the loss trains the model through it.")
     return accept("14.1", student, f"correct on {len(cases)} random cases (u with its graph; the target, checked "
@@ -173,7 +188,7 @@ def check_shortcut_target(student: Callable, seed: int | None = None) -> Callabl
         problem = first_look(student, clone_tensors(args), want, where,
                              zeros="X_tgt is a point on the way from z towards the data, of the size of z.")
         if problem:
-            return fall_back("14.2", shortcut_target, problem)
+            return fall_back("14.2", shortcut_target_ref, problem)
         got = student(*clone_tensors(args))
         if not close(got, want):
             slips = [("one jump", "your target is one jump of 2d of the target network: that is the very thing the "
@@ -187,13 +202,13 @@ def check_shortcut_target(student: Callable, seed: int | None = None) -> Callabl
                                           "is where the flow-matching term anchors every level.")]
             for mode, why in slips:
                 if close(got, _shortcut_variant(*args, mode)):
-                    return fall_back("14.2", shortcut_target, f"{why} ({where})")
-            return fall_back("14.2", shortcut_target,
+                    return fall_back("14.2", shortcut_target_ref, f"{why} ({where})")
+            return fall_back("14.2", shortcut_target_ref,
                              f"X_tgt differs from the reference {where} (max difference {max_diff(got, want):.2g}): "
                              "x' = one DDIM step t -> t - d of target(z, t, cond.s = t - d) (cond.s = t at the "
                              "smallest step), then the same from x' at t - d to t - 2d (`steps.ddim_step`).")
         if got.requires_grad:
-            return fall_back("14.2", shortcut_target, f"X_tgt carries a graph {where}: the self-consistency target "
+            return fall_back("14.2", shortcut_target_ref, f"X_tgt carries a graph {where}: the self-consistency target "
                                                       "is a constant (compute it under torch.no_grad()); with a "
                                                       "graph the loss would also move the two jumps towards the one.")
     return accept("14.2", student, f"correct on {len(cases)} random cases (two jumps of d, the smallest step on the "
@@ -265,10 +280,10 @@ def check_scm_tangent(student: Callable, seed: int | None = None) -> Callable:
                              zeros="F is the model's TrigFlow velocity, of order one, and g a normalised tangent "
                                    "(each row's norm just below one).")
         if problem:
-            return fall_back("14.3", scm_tangent, problem)
+            return fall_back("14.3", scm_tangent_ref, problem)
         F, gt = student(*clone_tensors(args))
         if not close(F, F_ref):
-            return fall_back("14.3", scm_tangent, f"F differs from the model's TrigFlow velocity {where} (max "
+            return fall_back("14.3", scm_tangent_ref, f"F differs from the model's TrigFlow velocity {where} (max "
                                                   f"difference {max_diff(F, F_ref):.2g}): F = "
                                                   "`fm.trigflow_velocity(model, x, t)`, the v-prediction.")
         if not close(gt, g_ref):
@@ -288,16 +303,16 @@ def check_scm_tangent(student: Callable, seed: int | None = None) -> Callable:
                                        "(F - dx/dphi), is always on.")]
             for mode, why in slips:
                 if close(gt, _scm_variant(model, x, t, dxdphi, warmup, c, mode)):
-                    return fall_back("14.3", scm_tangent, f"{why} ({where})")
-            return fall_back("14.3", scm_tangent,
+                    return fall_back("14.3", scm_tangent_ref, f"{why} ({where})")
+            return fall_back("14.3", scm_tangent_ref,
                              f"g differs from the reference {where} (max difference {max_diff(gt, g_ref):.2g}). "
                              "The reference's cos(phi) sin(phi) dF/dphi agrees with a central finite difference "
                              "(F(x + h dx/dphi, t + h / a) - F(x - h dx/dphi, t - h / a)) / 2h; compare yours.")
         if gt.requires_grad:
-            return fall_back("14.3", scm_tangent, f"g carries a graph {where}: the tangent is a constant direction "
+            return fall_back("14.3", scm_tangent_ref, f"g carries a graph {where}: the tangent is a constant direction "
                                                   "(sg F, sg dF/dphi: detach it); the loss moves F along it.")
         if not _grads_reach(F, list(model.parameters())):
-            return fall_back("14.3", scm_tangent, f"F has no gradient to the model's parameters {where}: return the "
+            return fall_back("14.3", scm_tangent_ref, f"F has no gradient to the model's parameters {where}: return the "
                                                   "JVP's primal output with its graph.")
     return accept("14.3", student, f"correct on {len(cases)} random cases (the tangent checked against a finite "
                                    "difference, normalised per sample, without a graph).")
