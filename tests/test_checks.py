@@ -538,6 +538,7 @@ def _library_solutions():
         "9.3": lambda G, z, i, times, p, generator: dmd.backward_simulate(G, z, i, times, p, generator),
         **_nb10_solutions(),
         **_nb13_solutions(),
+        **_nb14_solutions(),
     }
 
 
@@ -558,6 +559,12 @@ def _nb13_solutions():
     from course_lib.checks.nb13 import to_latents_ref
 
     return {"13.1": to_latents_ref}
+
+
+def _nb14_solutions():
+    from course_lib.checks.nb14 import meanflow_target_ref, scm_tangent_ref, shortcut_target_ref
+
+    return {"14.1": meanflow_target_ref, "14.2": shortcut_target_ref, "14.3": scm_tangent_ref}
 
 
 def test_every_checker_is_registered_under_its_exercise():
@@ -1229,3 +1236,129 @@ def test_later_checkers_name_the_plausible_mistakes_planted_nowhere_else(case, c
     used = checks.CHECKERS[exercise](wrong, seed=0)
     out = capsys.readouterr().out
     assert checks.is_library(used) and says in out and out.count(f"Exercise {exercise}:") == 1, out
+
+
+# --- notebook 14 (flow maps): MeanFlow's target, the shortcut target, sCM's tangent (issue 26) -------------------
+
+def _nb14_mistakes():
+    """(exercise, a plausible mistake, words its verdict must say)."""
+    from course_lib import steps
+    from course_lib.checks import nb14
+    from course_lib.conditioning import Cond
+    from course_lib.distill import flowmap as fm
+
+    def mf(**kw):
+        return lambda m, z, t, r, v: (fm.average_velocity(m, z, t, r), nb14._meanflow_variant(m, z, t, r, v, **kw))
+
+    def mf_no_stop_gradient(m, z, t, r, v):
+        u, dudt = torch.func.jvp(lambda z_, r_, t_: fm.average_velocity(m, z_, t_, r_), (z, r, t),
+                                 (v, torch.zeros_like(r), torch.ones_like(t)))
+        return u, v - (t - r)[:, None] * dudt
+
+    def mf_detached_u(m, z, t, r, v):
+        u, tgt = fm.meanflow_target(m, z, t, r, v)
+        return u.detach(), tgt
+
+    def sc(mode):
+        return lambda tgt, z, t, d, p, d_min: nb14._shortcut_variant(tgt, z, t, d, p, d_min, mode)
+
+    def sc_no_stop_gradient(tgt, z, t, d, p, d_min):
+        small = d <= d_min * (1 + 1e-6)
+        jump = lambda x, a: steps.ddim_step(tgt(x, a, Cond(s=torch.where(small, a, a - d))), a, a - d, p)
+        return jump(jump(z, t), t - d)
+
+    def scm(mode):
+        return lambda m, x, t, dxdphi, w, c: (fm.trigflow_velocity(m, x, t),
+                                              nb14._scm_variant(m, x, t, dxdphi, w, c, mode))
+
+    def scm_with_graph(m, x, t, dxdphi, w, c):
+        F, g = fm.scm_tangent(m, x, t, dxdphi, None, w, c)
+        return F, g + 0 * F
+
+    return [
+        ("14.1", mf(sign=+1.0), "sign of the (t - r) term is flipped"),
+        ("14.1", mf(factor=False), "(t - r) factor is missing"),
+        ("14.1", mf(tangent=(0.0, 0.0, 1.0)), "tangent is (0, 0, 1)"),
+        ("14.1", mf(tangent=(1.0, 0.0, 0.0)), "tangent is (v, 0, 0)"),
+        ("14.1", mf(tangent=(1.0, 1.0, 1.0)), "moves r with t"),
+        ("14.1", mf(tangent=(1.0, 1.0, 0.0)), "the 1 is on r"),
+        ("14.1", mf(tangent=(0.5, 0.0, 1.0)), "finite difference"),          # no named slip: the check by FD
+        ("14.1", mf_no_stop_gradient, "sg(du/dt)"),
+        ("14.1", mf_detached_u, "u has no gradient"),
+        ("14.2", sc("one jump"), "TWO jumps of d"),
+        ("14.2", sc("one d"), "one jump of d, to t - d"),
+        ("14.2", sc("no smallest rule"), "instantaneous prediction"),
+        ("14.2", sc_no_stop_gradient, "torch.no_grad()"),
+        ("14.3", scm("no normalisation"), "not normalised"),
+        ("14.3", scm("batch norm"), "per sample"),
+        ("14.3", scm("squared norm"), "squared norm"),
+        ("14.3", scm("dt without 1/a"), "dphi / a"),
+        ("14.3", scm("warmup on all"), "multiplies only the"),
+        ("14.3", scm_with_graph, "carries a graph"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_nb14_mistakes())))
+def test_nb14_checkers_name_each_planted_mistake(case, capsys):
+    exercise, wrong, says = _nb14_mistakes()[case]
+    for seed in (0, 1):
+        used = checks.CHECKERS[exercise](wrong, seed=seed)
+        out = capsys.readouterr().out
+        assert checks.is_library(used) and says in out and out.count(f"Exercise {exercise}:") == 1, out
+
+
+def test_nb14_fallbacks_take_the_exercises_arguments(capsys):
+    """A fallback is called as the student's function was: the exercise's signature, not the library's."""
+    from course_lib.checks import nb14
+    from course_lib.distill import flowmap as fm
+
+    def unsolved(*args):
+        raise NotImplementedError("Exercise")
+
+    g = torch.Generator().manual_seed(0)
+    model = nb14._tiny_flow_map(nb14.RF, g)
+    z, t = torch.randn(4, 2, dtype=torch.float64), torch.full((4,), 0.75, dtype=torch.float64)
+    d = torch.full((4,), 0.25, dtype=torch.float64)
+    used = checks.check_shortcut_target(unsolved, seed=0)
+    torch.testing.assert_close(used(model, z, t, d, nb14.RF, 1 / 128), fm.shortcut_target(model, z, t, d, nb14.RF))
+    used = checks.check_meanflow_target(unsolved, seed=0)
+    torch.testing.assert_close(used(model, z, t, 0.5 * t, z)[1], fm.meanflow_target(model, z, t, 0.5 * t, z)[1])
+    from course_lib.checks.core import tiny_model
+    from course_lib.processes import VPCosine
+    m = tiny_model(VPCosine(), g, "v")
+    used = checks.check_scm_tangent(unsolved, seed=0)
+    torch.testing.assert_close(used(m, z, t, z, 0.5, 0.3)[1], fm.scm_tangent(m, z, t, z, None, 0.5, 0.3)[1])
+    assert "not solved yet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exercise", ["14.1", "14.2", "14.3"])
+def test_nb14_zeros_placeholder_hears_what_is_wrong_not_the_recipe(exercise, capsys):
+    zeros = _answer_map(_library_solutions()[exercise], lambda v: torch.zeros_like(v).detach())
+    used = checks.CHECKERS[exercise](zeros, seed=0)
+    out = capsys.readouterr().out
+    assert checks.is_library(used) and "returns all zeros" in out and out.count(f"Exercise {exercise}:") == 1, out
+    assert "jvp" not in out.lower() and "no_grad" not in out, out
+
+
+def test_nb14_references_agree_with_finite_differences():
+    """The checkers' finite differences (the arbiters of a wrong tangent) match the library's JVPs."""
+    from course_lib.checks import nb14
+    from course_lib.distill import flowmap as fm
+    from course_lib.processes import VPCosine
+
+    g = torch.Generator().manual_seed(0)
+    model = nb14._tiny_flow_map(nb14.RF, g)
+    t = 0.3 + 0.6 * torch.rand(6, generator=g, dtype=torch.float64)
+    r = 0.5 * t
+    z, v = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    u, tgt = fm.meanflow_target(model, z, t, r, v)
+    torch.testing.assert_close(tgt, v - (t - r)[:, None] * nb14.meanflow_dudt_fd(model, z, t, r, v), rtol=0, atol=1e-6)
+    vp = VPCosine()
+    from course_lib.checks.core import tiny_model
+    m = tiny_model(vp, g, "v", time_scale=0.01)
+    dx = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    F, G = fm.scm_tangent(m, z, t, dx, c=None)
+    phi = vp.a * t + vp.b
+    want = -(torch.cos(phi) ** 2)[:, None] * (F.detach() - dx) - ((torch.cos(phi) * torch.sin(phi))[:, None] * z
+                                                                  + nb14.scm_dFdt_fd(m, z, t, dx))
+    torch.testing.assert_close(G, want, rtol=0, atol=1e-6)

@@ -108,6 +108,9 @@ ALLOWED: dict[str, list[str]] = {
         "published: 41k", "a batch of 2048", "both learning rates 1e-5",  # published: DMD2's SD 1.5 recipe,
         "experiments/laion6.25",                                            # its script's folder (tianweiy/DMD2)
     ],
+    "14_flow_maps.ipynb": [
+        "Modeling\", 2025",                 # the MeanFlow paper's title and year (Geng et al. 2025, arXiv)
+    ],
     "10_gdd.ipynb": [
         "StyleGAN2", "AFHQv2",             # names of a GAN and of a data set
         "ImageNet-64",                     # the data set's name (64x64 images)
