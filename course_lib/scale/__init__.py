@@ -18,7 +18,8 @@ One module per role, each a command line (`python -m course_lib.scale.<module> -
     cost               peak memory and step time of a training step of the real SD 1.5 UNet (reflow, DMD2, LCM-LoRA);
                        the papers' budgets in GPU-hours
 
-and three modules they share (no command): common (config files + flags, fingerprints of pretrained parts, atomic
+and the SD-scale reward models (rewards: ImageReward, the LAION aesthetic predictor; local weights only, refused with
+what to download where they are missing). Three modules they share (no command): common (config files + flags, fingerprints of pretrained parts, atomic
 files, stage.json, the InstaFlow student), stage (what the training stages share: the engine's settings, the process
 group, their data, the train-then-export run) and methods (a stage's step or networks that cost.py times too).
 
