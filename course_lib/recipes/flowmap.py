@@ -70,7 +70,8 @@ def recipes() -> dict[str, Recipe]:
 def budget(mode: str) -> dict:
     """The budgets bench flowmap and notebook 14 share: updates per student, evaluation sizes, the (t, s) grid."""
     return dict(
-        steps=pick(mode, smoke=20, laptop=1000, full=8000),
+        steps=pick(mode, smoke=40, laptop=1000, full=8000),
+        ema=pick(mode, smoke=0.0, laptop=None, full=None),          # None: the recipe's sampling EMA
         n=pick(mode, smoke=250, laptop=5000, full=25_000),          # samples per evaluation seed
         grid_k=pick(mode, smoke=3, laptop=6, full=9),               # times of the (t, s) error grid, 1 ... 0
         grid_n=pick(mode, smoke=100, laptop=1000, full=4000),       # points per grid cell
@@ -120,7 +121,7 @@ def train(method: str, dataset: str, b: dict, seed: int = 0, device="cpu", progr
     sCM's tangent warm-up over the first fifth of the run."""
     r = recipe or recipes()[method]
     updates = max(1, round(b["steps"] * r.steps_x))
-    cfg = r.cfg
+    cfg = r.cfg if b.get("ema") is None else replace(r.cfg, ema_decay=b["ema"])
     if isinstance(cfg, fm.SCMConfig):
         cfg = replace(cfg, tangent_warmup=updates // 5)
     run = TrainConfig(steps=updates, batch_size=r.batch, seed=seed, desc=f"{method} {dataset}")
