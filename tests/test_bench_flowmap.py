@@ -149,3 +149,21 @@ def test_an_interrupted_scd_run_resumes_to_the_weights_of_an_uninterrupted_one(t
     assert done.updates["student"] == 12
     for (k, p), q in zip(ref.state_dict().items(), student.state_dict().values()):
         assert torch.equal(p, q), k
+
+
+@pytest.mark.parametrize("dataset", recipes.DATASETS)
+@pytest.mark.parametrize("method", recipes.METHODS)
+def test_the_shipped_students_load_sample_and_score_what_their_json_says(dataset, method):
+    """data/flowmap/<dataset>-<method>: the student loads (eval, no grad, its process and flow-map flag), samples at
+    1, 2 and 4 steps, and re-measured with the benchmark's seeds scores exactly the quality its JSON records."""
+    from course_lib.models import is_flow_map
+
+    student, info = recipes.load_shipped(dataset, method)
+    assert info["dataset"] == dataset and info["method"] == method and info["updates"] > 0
+    assert not any(p.requires_grad for p in student.parameters()) and not student.training
+    assert is_flow_map(student) == (method not in ("scd", "sct"))
+    assert isinstance(student.process, VPCosine if method in ("scd", "sct") else RectifiedFlow)
+    got = recipes.evaluate(student, method, dataset, n=info.get("eval_n", 5000))
+    for k, metrics in info["quality"].items():
+        for m, (mean, std) in metrics.items():
+            assert got[k][m][0] == pytest.approx(mean, abs=2e-4), (k, m)

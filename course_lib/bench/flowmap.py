@@ -14,13 +14,12 @@ rf times; a vp-cosine model (sCM, CD, PD) is measured at the vp times of the sam
 its error in rf units (divided by the vp state's scale 1 / sqrt((1 - s)^2 + s^2)), so every cell compares the
 same noise levels and the same units.
 
-A hook for digits rows: a module course_lib.bench.flowmap_digits with digits_rows(ev, mode, seed, device) -> dict
-(meta), when present, adds its rows to this benchmark.
+A hook for digits rows: a module course_lib.bench.flowmap_digits with digits_rows(mode, seed, device) -> (rows, meta),
+when present, adds its rows (and its meta under "digits") to this benchmark.
 """
 from __future__ import annotations
 
 import importlib
-import time
 
 import torch
 
@@ -34,7 +33,7 @@ from ..samplers import ddim
 from ..teachers import load_teacher
 from . import register
 from .cd import _pd_same_teacher_evals, _sample_cm, _train_2d, cm_budget, student_grid
-from .core import (PR_N, Evaluation, exact_map, lines_over_best, nfe, pm, prior, reference_2d, score_2d, spread_row,
+from .core import (PR_N, Evaluation, exact_map, lines_over_best, pm, prior, reference_2d, score_2d, spread_row,
                    sweep_2d, timed, train_fields)
 
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -140,9 +139,8 @@ def bench_flowmap(mode: str, seed: int = 0, device: str | torch.device | None = 
     rows = ev.rows() + _grid_rows(grids, ts_rf, device, grid_extra)
     digits = _digits_hook()
     if digits is not None:
-        ev_d = Evaluation(seed, device)
-        meta["digits"] = digits(ev_d, mode, seed, device)
-        rows += ev_d.rows()
+        digit_rows, meta["digits"] = digits(mode, seed, device)
+        rows += digit_rows
     print(summary(rows))
     return rows, {**b, "eval_seeds": ev.seeds, "pr_n": PR_N, "student_steps": list(recipes.STEPS),
                   "recipes": {m: repr(r) for m, r in recipes.recipes().items()}, **meta}
@@ -185,8 +183,8 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                      f"{pm(r['value'], r.get('std'))} / {best['value']:.4f} = {ratio:.2f}x"))
         rec = _find(mine, model, "recall", steps)
         if rec is not None and t_recall is not None:
-            out.append((f"gmm {model} {steps} step recall within 10% of the teacher's", rec["value"] >= 0.9 * t_recall["value"],
-                        f"{pm(rec['value'], rec.get('std'))} vs teacher {t_recall['value']:.3f}"))
+            out.append((f"gmm {model} {steps} step recall within 10% of the teacher's",
+                        rec["value"] >= 0.9 * t_recall["value"], f"{pm(rec['value'], rec.get('std'))} vs teacher {t_recall['value']:.3f}"))
     cd = _find(mine, "cd", GRID_METRIC)
     if cd is not None:
         cd_cells = torch.tensor([[float("nan") if v is None else v for v in line] for line in cd["grid"]])
