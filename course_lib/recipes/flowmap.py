@@ -32,7 +32,7 @@ from ..data2d import batches
 from ..distill import flowmap as fm
 from ..distill.reflow import RFView
 from ..grids import uniform
-from ..models import Denoiser, MLP2D, load_model, save_model
+from ..models import Denoiser, MLP2D, load_denoiser, save_denoiser
 from ..processes import RectifiedFlow, VPCosine
 from ..samplers import consistency, flow_map
 from ..teachers import MLP_2D, load_teacher
@@ -55,17 +55,26 @@ class Recipe:
     notes: str = ""
 
 
+EMA = 0.99   # the sampling EMA: the engine's EMA starts at the initial weights, and 0.999 (the library's default)
+             # still holds 0.999^1000 = 37% of them after the laptop's 1000 updates (shortcut models on gmm, 1000
+             # updates at 0.999: 1-, 2- and 4-step SWD all 0.51, near the untrained start)
+
+
 def recipes() -> dict[str, Recipe]:
-    """The laptop-tuned recipes (the same in every mode; the budget sets the updates and the sCM warm-up)."""
+    """The laptop recipes (the same in every mode; the budget sets the updates and the sCM warm-up)."""
     return {
         # p = 0, the plain squared error: on gmm at 1000 / 2000 updates (seed 0) 1-step SWD 0.21 / 0.13 against
-        # 0.32 / 0.23 with the paper's adaptive weight p = 1 (4 steps: 0.23 / 0.094 against 0.29 / 0.22)
-        "meanflow": Recipe("meanflow", fm.MeanFlowConfig(lr=1e-3, p=0.0)),
-        "meanflow-distill": Recipe("meanflow-distill", fm.MeanFlowConfig(lr=1e-3, p=0.0), teacher_evals=1),
-        "shortcut": Recipe("shortcut", fm.ShortcutConfig(lr=1e-3)),
-        "scd": Recipe("scd", fm.SCMConfig(lr=1e-4, time_mean=fm.SCD_TIME[0], time_std=fm.SCD_TIME[1]),
+        # 0.32 / 0.23 with the paper's adaptive weight p = 1 (4 steps: 0.23 / 0.094 against 0.29 / 0.22), both with
+        # the sampling EMA at 0.999
+        "meanflow": Recipe("meanflow", fm.MeanFlowConfig(lr=1e-3, p=0.0, ema_decay=EMA)),
+        "meanflow-distill": Recipe("meanflow-distill", fm.MeanFlowConfig(lr=1e-3, p=0.0, ema_decay=EMA),
+                                   teacher_evals=1),
+        # the self-consistency targets' network is an EMA of the student too: the same decay, for the same reason
+        "shortcut": Recipe("shortcut", fm.ShortcutConfig(lr=1e-3, ema_decay=EMA, target_decay=EMA)),
+        "scd": Recipe("scd", fm.SCMConfig(lr=1e-4, time_mean=fm.SCD_TIME[0], time_std=fm.SCD_TIME[1],
+                                          ema_decay=EMA),
                       teacher_evals=1),
-        "sct": Recipe("sct", fm.SCMConfig(lr=1e-3)),
+        "sct": Recipe("sct", fm.SCMConfig(lr=1e-3, ema_decay=EMA)),
     }
 
 
@@ -115,6 +124,7 @@ class Result:
     updates: int
     teacher_evals: int                          # teacher evaluations in all (per sample, summed over the batches)
     recipe: Recipe = field(repr=False)
+    cfg: fm.FlowMapConfig = field(repr=False)   # the method's config as run (the budget's EMA, sCM's warm-up)
 
 
 def train(method: str, dataset: str, b: dict, seed: int = 0, device="cpu", progress: bool = False, ckpt_dir=None,
@@ -135,7 +145,7 @@ def train(method: str, dataset: str, b: dict, seed: int = 0, device="cpu", progr
         student, _ = fm.train_shortcut(model, data, cfg, run=run, ckpt_dir=ckpt_dir, progress=progress)
     else:
         student, _ = fm.train_scm(model, data, cfg, run=run, teacher=teacher, ckpt_dir=ckpt_dir, progress=progress)
-    return Result(student, time.perf_counter() - t0, updates, updates * r.batch * r.teacher_evals, r)
+    return Result(student, time.perf_counter() - t0, updates, updates * r.batch * r.teacher_evals, r, cfg)
 
 
 def sample(student: nn.Module, method: str, x1: Tensor, steps: int, seed: int) -> Tensor:
@@ -148,7 +158,7 @@ def sample(student: nn.Module, method: str, x1: Tensor, steps: int, seed: int) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The shipped students: data/flowmap/<dataset>-<method>/ (model.safetensors + config.json, models.save_model)
+# The shipped students: data/flowmap/<dataset>-<method>/ (model.safetensors in fp16 + config.json, save_denoiser)
 # ----------------------------------------------------------------------------------------------------------------
 
 RECREATE = "python -m course_lib.recipes.flowmap train --dataset {dataset} --method {method} --steps {steps}"
@@ -158,16 +168,22 @@ def shipped_dir() -> Path:
     return paths.data_dir() / "flowmap"
 
 
-def save_student(folder, student: nn.Module, info: dict) -> Path:
-    save_model(folder, student, {"flowmap": info})
-    return Path(folder)
+def ship(student: Denoiser, folder, info: dict) -> dict:
+    """Save a trained student as shipped: its weights rounded to fp16 (the shipped models' form, models.save_denoiser),
+    measured after the rounding (`evaluate`, the benchmark's seeds), the measurement in config.json under
+    "flowmap" with `info` (what made it). Returns the saved info."""
+    student.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                             for k, v in student.state_dict().items()})
+    info = {**info, "weights": "fp16", "quality": evaluate(student, info["method"], info["dataset"])}
+    save_denoiser(folder, student, {"flowmap": info}, half=True)
+    return info
 
 
 def load_shipped(dataset: str, method: str, device="cpu") -> tuple[nn.Module, dict]:
     """The shipped 2D student of `method` on `dataset` (eval, no grad) and what made it (recipe, command, quality)."""
     folder = paths.shipped(shipped_dir() / f"{dataset}-{method}",
                            RECREATE.format(dataset=dataset, method=method, steps="<n>"))
-    model, config = load_model(folder, device=device)
+    model, config = load_denoiser(folder, device=device)
     return model.requires_grad_(False), config["flowmap"]
 
 
@@ -211,13 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     for ds in DATASETS if args.dataset == "all" else (args.dataset,):
         for method in METHODS if args.method == "all" else (args.method,):
             res = train(method, ds, {**budget("laptop"), "steps": args.steps}, args.seed, progress=True)
-            quality = evaluate(res.student, method, ds)
             info = {"dataset": ds, "method": method, "updates": res.updates, "batch": res.recipe.batch,
                     "seed": args.seed, "teacher_evals": res.teacher_evals, "train_seconds": round(res.seconds),
-                    "threads": torch.get_num_threads(), "recipe": {"method": method, **asdict(res.recipe.cfg)},
-                    "command": RECREATE.format(dataset=ds, method=method, steps=args.steps),
-                    "quality": quality}
-            folder = save_student(Path(args.out) / f"{ds}-{method}", res.student, info)
+                    "threads": torch.get_num_threads(), "recipe": {"method": method, **asdict(res.cfg)},
+                    "command": RECREATE.format(dataset=ds, method=method, steps=args.steps)}
+            folder = Path(args.out) / f"{ds}-{method}"
+            info = ship(res.student, folder, info)
             print(json.dumps({k: info[k] for k in ("dataset", "method", "updates", "train_seconds", "quality")}),
                   "->", folder, flush=True)
 
