@@ -64,9 +64,9 @@ def test_flowmap_benchmark_rows(result, capsys):
         assert abs(r["value"] - float(cells.nan_to_num(0).sum() / (k * (k - 1) / 2))) < 1e-3 + 2 * r["std"]
         assert r["err_s_min"] == pytest.approx(float(cells[:-1, -1].mean()), abs=1e-4)
     # trained students beat their untrained starts (the same noise, the benchmark's scoring). Smoke (40 updates, no
-    # EMA), measured at most: meanflow gmm 1 step 0.81, meanflow-distill gmm 2 steps 0.83, scd gmm 2 steps 0.47,
+    # EMA), measured at most: meanflow gmm 1 step 0.69, meanflow-distill gmm 2 steps 0.56, scd gmm 2 steps 0.47,
     # sct gmm 1 step 0.74, sct checkerboard 1 step 0.54 of the start (shortcut models need more than 40 updates)
-    for ds, m, k_, ratio in (("gmm", "meanflow", 1, 0.9), ("gmm", "meanflow-distill", 2, 0.9), ("gmm", "scd", 2, 0.6),
+    for ds, m, k_, ratio in (("gmm", "meanflow", 1, 0.8), ("gmm", "meanflow-distill", 2, 0.7), ("gmm", "scd", 2, 0.6),
                              ("gmm", "sct", 1, 0.85), ("checkerboard", "sct", 1, 0.7)):
         st = recipes.start(m, ds, 0)
         n = next(r["n"] for r in rows if r["dataset"] == ds and r["model"] == m)
