@@ -170,11 +170,9 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     best = min((r for r in mine if r["model"] == "teacher" and r["metric"] == "swd"), key=lambda r: r["value"],
                default=None)
     out = []
-    if best is None:
-        return out
-    t_recall = _find(mine, "teacher", "recall", best["steps"]) or max(
+    t_recall = None if best is None else _find(mine, "teacher", "recall", best["steps"]) or max(
         (r for r in mine if r["model"] == "teacher" and r["metric"] == "recall"), key=lambda r: r["nfe"], default=None)
-    for model, steps, limit in (("meanflow", 1, 1.3), ("shortcut", 1, 1.3), ("scd", 2, 1.1)):
+    for model, steps, limit in () if best is None else (("meanflow", 1, 1.3), ("shortcut", 1, 1.3), ("scd", 2, 1.1)):
         r = _find(mine, model, "swd", steps)
         if r is None:
             continue
@@ -184,7 +182,8 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
         rec = _find(mine, model, "recall", steps)
         if rec is not None and t_recall is not None:
             out.append((f"gmm {model} {steps} step recall within 10% of the teacher's",
-                        rec["value"] >= 0.9 * t_recall["value"], f"{pm(rec['value'], rec.get('std'))} vs teacher {t_recall['value']:.3f}"))
+                        rec["value"] >= 0.9 * t_recall["value"],
+                        f"{pm(rec['value'], rec.get('std'))} vs teacher {t_recall['value']:.3f}"))
     cd = _find(mine, "cd", GRID_METRIC)
     if cd is not None:
         cd_cells = torch.tensor([[float("nan") if v is None else v for v in line] for line in cd["grid"]])
