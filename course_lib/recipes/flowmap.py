@@ -187,7 +187,8 @@ def load_shipped(dataset: str, method: str, device="cpu") -> tuple[nn.Module, di
     return model.requires_grad_(False), config["flowmap"]
 
 
-def evaluate(student: nn.Module, method: str, dataset: str, n: int = 5000, seed: int = 0) -> dict:
+def evaluate(student: nn.Module, method: str, dataset: str, n: int = 5000, seed: int = 0,
+             steps: tuple[int, ...] = STEPS) -> dict:
     """SWD (and recall on gmm, in_squares on the checkerboard) at 1, 2, 4 steps, mean and std over the evaluation
     seeds of `seed`, drawn exactly as bench flowmap draws them (its reference, noise and sampling seeds): a student
     trained here with the benchmark's recipe and seed scores what the benchmark's rows say."""
@@ -196,7 +197,7 @@ def evaluate(student: nn.Module, method: str, dataset: str, n: int = 5000, seed:
     from ..metrics import in_squares, precision_recall, spread
 
     out = {}
-    for k in STEPS:
+    for k in steps:
         vals: dict[str, list] = {"swd": [], "recall" if dataset == "gmm" else "in_squares": []}
         for s in eval_seeds(seed):
             ref = sample_2d(dataset, n, torch.Generator().manual_seed(s + 1))[0]
