@@ -29,6 +29,15 @@ MeanFlow and sCM differentiate the network in t with a forward-mode JVP. The cou
 1000 t; sCM diverges there (its Sec. 4.1) and learns with time_scale=0.01 (models.MLP2D, models.UNet: 10 t).
 Each method: targets, losses (per sample, (B,)), a method step for train.train_networks and a driver
 (`train_meanflow`, `train_shortcut`, `train_scm`).
+
+JVPs through diffusers' attention (`directional_derivative`). torch.func.jvp runs through the course UNet and
+diffusers' UNet2DConditionModel (the mini SD's, the tiny test pipeline's) only with attention on PyTorch's "math"
+SDPA kernel or diffusers' classic AttnProcessor: the fused kernels (flash attention, on CPU too) have no forward-mode
+derivative (NotImplementedError). The SD path therefore takes the exact JVP under the math kernel, which
+`directional_derivative` selects: at the mini SD's 8 x 8 latents (64 tokens) the math kernel's attention matrix is
+small, and the JVP is exact, where the finite-difference tangent at FD_H is off by 1e-3 relative (float32) and
+by 0.1 to 1 at h >= 1e-3. fd_h (TiM's finite difference) is the option for networks that must keep a fused kernel
+(large latents, FlashAttention): two extra forward calls, no forward-mode support needed.
 """
 from __future__ import annotations
 
