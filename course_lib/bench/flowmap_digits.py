@@ -27,18 +27,19 @@ def _keep_students(rows: list[dict], model: str) -> list[dict]:
 
 
 def digits_rows(mode: str, seed: int, device, models: Sequence[str] = recipe.MODELS, baselines: bool = True,
-                budget: dict | None = None) -> tuple[list[dict], dict]:
+                budget: dict | None = None, n_students: int | None = None) -> tuple[list[dict], dict]:
     """Schema-3 digits rows: every flow-map student of `models` at 1 and 2 steps (kid_heldout with its se,
     kid_train, fd_heldout, class_acc of the requested labels; train_updates, train_seconds, teacher_evals), the
     16-step teacher (DPM-Solver++; its class_acc too) and the data floor, over the evaluation seeds; with
     `baselines`, bench cd's CD and bench pd's PD digits students at 1 and 2 steps (their own code, their own
-    budgets). `budget`: digits_budget(mode) overridden (a budget sweep). Returns (rows, meta)."""
+    budgets). `budget`: digits_budget(mode) overridden (a budget sweep); n_students: generated digits per seed and
+    student in place of core.digits_n's. Returns (rows, meta)."""
     device = torch.device(device) if device is not None else default_device()
     b = {**recipe.digits_budget(mode), **(budget or {})}
     teacher = load_teacher("digits", device=device)
     ev = Evaluation(seed, device)
     students = {name: recipe.train_student(name, teacher, b, seed, progress=mode != "smoke") for name in models}
-    big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
+    big, small = n_students or digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     for s in ev.seeds:
         digits_floor(ev, s)
         digits_teacher(ev, teacher, s, small, TEACHER_STEPS, device, with_labels=True)
