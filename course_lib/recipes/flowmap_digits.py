@@ -17,6 +17,13 @@ notebook 14.
 Every student is class-conditional (the teacher's labels). The budget is bench cd's digits budget (cm_budget:
 updates, batch, learning rate), so the flow-map students sit beside CD's at the same cost in updates; teacher
 evaluations per sample and update: MeanFlow-distill and sCD 1 (CD's Heun step 2), the rest 0.
+
+Measured (laptop budget, 3 evaluation seeds, docs/results/flowmap_digits_diagnosis.json): no one-step student
+reaches the 16-step teacher's held-out KID spread. From scratch sCT and MeanFlow come closest at one step, and
+MeanFlow at two steps is within it; four times the updates made both worse on held-out KID while their training
+KID and class accuracy improved (fitting the 1500 training digits). The teacher-initialised students (sCD,
+MeanFlow-distill) barely move from the teacher's one-step DDIM in this budget, and diverge at CD's learning rate
+(sCD in the teacher's 1000 t time embedding: sCM's Sec. 4.1).
 """
 from __future__ import annotations
 
