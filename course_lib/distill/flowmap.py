@@ -29,6 +29,17 @@ MeanFlow and sCM differentiate the network in t with a forward-mode JVP. The cou
 1000 t; sCM diverges there (its Sec. 4.1) and learns with time_scale=0.01 (models.MLP2D, models.UNet: 10 t).
 Each method: targets, losses (per sample, (B,)), a method step for train.train_networks and a driver
 (`train_meanflow`, `train_shortcut`, `train_scm`).
+
+JVPs through diffusers' attention (`directional_derivative`). torch.func.jvp runs through the course UNet and
+diffusers' UNet2DConditionModel (the mini SD's, with or without its peft LoRA; the tiny test pipeline's) only with
+attention on PyTorch's "math" SDPA kernel or diffusers' classic AttnProcessor: the fused kernels (flash attention,
+on CPU too) have no forward-mode derivative (NotImplementedError). The exact path (fd_h None) therefore runs under
+the math kernel. The SD path takes the finite-difference tangent, `SD_FD_H` (TiM's choice): it runs with whatever
+attention kernel diffusers picks (fused ones at scale), and on the mini SD it is cheaper and accurate enough; with
+its LoRA at batch 32 on a loaded 2-core CPU one update took 3.0 s with the JVP, 1.8 s with the finite difference
+(two forward calls without a graph) and 0.8 s for a plain forward and backward, and the float32 FD tangent at
+FD_H was 1.2e-3 from the float64 JVP (relative), far below the spread of a stochastic regression target
+(docs/results/flowmap_fd_tangent.json; at h >= 1e-3 it is off by 0.1 to 1: the backbones embed 1000 t).
 """
 from __future__ import annotations
 
@@ -48,6 +59,7 @@ from ..predictions import Pred, from_pred, velocity
 from ..processes import AffineProcess, RectifiedFlow, VPCosine, as_times, bcast
 from ..samplers import model_device
 from ..train import Network, StepContext, Target, Trained, TrainConfig, train_networks
+from .reflow import RFView
 
 MF_RATIO = 0.25              # MeanFlow: fraction of samples with r != t (Table 1a, ImageNet)
 MF_TIME_MEAN, MF_TIME_STD = -0.4, 1.0   # logit-normal times lognorm(-0.4, 1.0) (Table 1d)
@@ -56,6 +68,11 @@ SC_M = 128                   # shortcut models: M = 128 smallest steps of 1/128 
 SC_FRACTION = 0.25           # shortcut models: batch fraction k of self-consistency targets (paper 1/4; code 1/8)
 SCT_TIME, SCD_TIME = (-1.0, 1.4), (-0.8, 1.6)   # sCM: log tan(phi) ~ N(mean, std^2) for sCT and sCD
 SCM_C, SCM_WARMUP = 0.1, 10_000                # sCM: tangent normalisation constant c, warm-up updates
+FD_H = 1e-4                  # the finite-difference tangent's step h in course time (`directional_derivative`):
+                             # float32 against the float64 JVP, 1e-3 to 7e-3 relative error on the course's small
+                             # models (docs/results/flowmap_fd_tangent.json); at 1e-3 and above 0.1 to 1, because
+                             # the backbones embed 1000 t, whose fastest sinusoid turns in dt ~ 1e-3
+SD_FD_H = FD_H               # the tangent of the mini SD path: a finite difference (module docstring: why)
 
 
 # --- the jump and its prediction -----------------------------------------------------------------------------------
@@ -101,6 +118,59 @@ def _rf(model) -> RectifiedFlow:
                                              "+ t eps, velocity eps - x0)")
 
 
+def directional_derivative(f: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...],
+                           fd_h: float | None = None, fd_back: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(f(*primals), the derivative of f along `tangents`): the product J_f v that MeanFlow's and sCM's targets need.
+
+        fd_h None:  torch.func.jvp, exact, in one forward-mode pass (attention through the plain "math" kernel: the
+                    fused attention kernels have no forward-mode derivative)
+        fd_h = h:   the central finite difference (f(p + h v) - f(p - h v)) / 2h, as TiM does (Wang et al. 2025,
+                    "Transition Models"), for networks that forward-mode AD does not run through; error O(h^2) from
+                    the difference, O(eps_float / h) from rounding (float32: `FD_H` = 1e-4). Two extra forward
+                    calls without a graph; f(*primals) keeps its graph.
+
+    fd_back (B,), each in [0, h]: a per-sample backward step h' in place of h, (f(p + h v) - f(p - h' v)) / (h + h')
+    (one-sided at h' = 0), for a map undefined past a boundary (MeanFlow's u(z, r, t) at t < r). Every primal and
+    tangent is batch-first (B, ...). Returns (f(*primals), J_f v), the second without a graph for fd_h."""
+    if fd_h is None:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return torch.func.jvp(f, primals, tangents)
+    out = f(*primals)
+    with torch.no_grad():
+        plus = f(*(p + fd_h * v for p, v in zip(primals, tangents)))
+        if fd_back is None:
+            return out, (plus - f(*(p - fd_h * v for p, v in zip(primals, tangents)))) / (2 * fd_h)
+        minus = f(*(p - bcast(fd_back, v) * v for p, v in zip(primals, tangents)))
+        return out, (plus - minus) / bcast(fd_h + fd_back, plus)
+
+
+def fd_tangent_error(f: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...],
+                     hs: tuple[float, ...], exact: Tensor | None = None) -> dict[float, float]:
+    """The relative error ||FD_h - J v|| / ||J v|| of the finite-difference tangent (`directional_derivative` with
+    fd_h = h) for every h in hs, against `exact` (J v computed elsewhere, e.g. the float64 JVP of a float64 copy of
+    the model) or, without it, f's own torch.func.jvp. What picks `FD_H`."""
+    if exact is None:
+        exact = directional_derivative(f, primals, tangents)[1]
+    exact = exact.detach().to(torch.float64)
+    with torch.no_grad():
+        return {h: float((directional_derivative(f, primals, tangents, h)[1].to(torch.float64) - exact).norm()
+                         / exact.norm()) for h in hs}
+
+
+class RFFlowMap(RFView):
+    """A vp-cosine flow-map model (models.flow_map_student of a vp teacher) read in rectified-flow time, so that
+    MeanFlow (written on rf) can train it: reflow.RFView maps the start time t and x, and here the end time cond.s
+    too, each to the vp time of the same SNR. (x0_hat, eps_hat) do not depend on the process, so the rf jump
+    (1 - s) x0_hat + s eps_hat is the vp jump divided by sqrt(alpha_s^2 + sigma_s^2) in rf's alpha, sigma: the
+    same flow map, and u = eps_hat - x0_hat its average velocity. A copied student therefore starts as the
+    teacher's DDIM step for every (t, s), in rf time. Its weights are the inner model's (state-dict keys "model.")."""
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None):
+        if cond is not None and cond.s is not None:
+            cond = with_end_time(cond, self.vp_time(as_times(cond.s, x)).to(x.dtype))
+        return super().forward(x, t, cond)
+
+
 # --- MeanFlow ------------------------------------------------------------------------------------------------------
 
 def _logit_normal(n: int, generator: torch.Generator, mean: float, std: float) -> Tensor:
@@ -119,7 +189,7 @@ def meanflow_times(n: int, generator: torch.Generator, ratio: float = MF_RATIO, 
 
 
 def meanflow_target(model: Callable[..., Pred], z: Tensor, t: Tensor, r: Tensor, v: Tensor,
-                    cond: Cond | None = None) -> tuple[Tensor, Tensor]:
+                    cond: Cond | None = None, fd_h: float | None = None) -> tuple[Tensor, Tensor]:
     """The MeanFlow identity (Eq. 6) as a regression target (Eq. 10): differentiating (t - r) u(z_t, r, t) =
     int_r^t v(z_tau, tau) dtau in t, along the trajectory through z_t, with r fixed,
 
@@ -128,20 +198,24 @@ def meanflow_target(model: Callable[..., Pred], z: Tensor, t: Tensor, r: Tensor,
         u_tgt  = v - (t - r) sg(du/dt)                                   (Eq. 10)
 
     du/dt is one forward-mode product, torch.func.jvp of u on (z, r, t) with tangent (v, 0, 1) (Eq. 9), computed with
-    the model's u in the same pass (attention through its plain "math" kernel, which has a forward-mode derivative).
+    the model's u in the same pass (attention through its plain "math" kernel, which has a forward-mode derivative);
+    with fd_h, a central finite difference of step fd_h instead (`directional_derivative`; its backward step
+    min(fd_h, t - r), never to t < r where the map is undefined: one-sided on the flow-matching samples r = t, whose
+    du/dt the factor t - r = 0 drops).
     Signs in the course's convention (t = 1 noise, data at t = 0, as in the paper):
     z_t = (1 - t) x0 + t eps, v = eps - x0, and time runs from t down to r <= t. Returns (u (B, ...) with its graph,
     u_tgt (B, ...) without)."""
     def u_of(z_, r_, t_):
         return average_velocity(model, z_, t_, r_, cond)
 
-    with sdpa_kernel([SDPBackend.MATH]):         # the fused attention kernels have no forward-mode derivative
-        u, dudt = torch.func.jvp(u_of, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    back = None if fd_h is None else (t - r).clamp(0.0, fd_h)        # never past the diagonal t = r (one-sided)
+    u, dudt = directional_derivative(u_of, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), fd_h, back)
     return u, (v - bcast(t - r, v) * dudt).detach()
 
 
 def meanflow_loss(model: Callable[..., Pred], x0: Tensor, eps: Tensor, t: Tensor, r: Tensor, cond: Cond | None = None,
-                  teacher: Callable[..., Pred] | None = None, p: float = MF_P, c: float = MF_C) -> Tensor:
+                  teacher: Callable[..., Pred] | None = None, p: float = MF_P, c: float = MF_C,
+                  fd_h: float | None = None) -> Tensor:
     """MeanFlow's loss (Eq. 9 - 10, Algorithm 1) with its adaptive weight (Sec. 4.3): per sample (B,),
 
         z_t  = (1 - t) x0 + t eps
@@ -151,7 +225,7 @@ def meanflow_loss(model: Callable[..., Pred], x0: Tensor, eps: Tensor, t: Tensor
         L    = sg(w) ||err||^2,   w = 1 / (||err||^2 + c)^p                     (p = 0: the plain squared error)
 
     ||.||^2 sums over the data dimensions, as the paper's (and its c = 1e-3) does. Where r = t the target is v:
-    flow matching. Shapes: x0, eps (B, ...); t, r (B,), r <= t. The model's process must be rf."""
+    flow matching. fd_h: du/dt by a finite difference (`directional_derivative`). Shapes: x0, eps (B, ...); t, r (B,), r <= t. The model's process must be rf."""
     process = _rf(model)
     z = process.marginal(x0, t, eps)
     if teacher is None:
@@ -159,7 +233,7 @@ def meanflow_loss(model: Callable[..., Pred], x0: Tensor, eps: Tensor, t: Tensor
     else:
         with torch.no_grad():
             v = velocity(teacher(z, t, with_end_time(cond, None)), t, process).to(z)
-    u, u_tgt = meanflow_target(model, z, t.to(z.dtype), r.to(z.dtype), v, cond)
+    u, u_tgt = meanflow_target(model, z, t.to(z.dtype), r.to(z.dtype), v, cond, fd_h)
     sq = (u - u_tgt).pow(2).flatten(1).sum(1)                                          # (B,)
     return sq / (sq.detach() + c) ** p
 
@@ -260,7 +334,7 @@ def trigflow_velocity(model: Callable[..., Pred], x: Tensor, t: Tensor, cond: Co
 
 
 def scm_tangent(model: Callable[..., Pred], x: Tensor, t: Tensor, dxdphi: Tensor, cond: Cond | None = None,
-                warmup: float = 1.0, c: float | None = SCM_C) -> tuple[Tensor, Tensor]:
+                warmup: float = 1.0, c: float | None = SCM_C, fd_h: float | None = None) -> tuple[Tensor, Tensor]:
     """sCM's tangent g (Lu & Song 2024, Sec. 4, the simplified objective), in TrigFlow with sigma_d = 1 (phi = a t + b):
 
         f   = cos(phi) x_t - sin(phi) F                     the consistency function (x0_hat), F = `trigflow_velocity`
@@ -270,7 +344,8 @@ def scm_tangent(model: Callable[..., Pred], x: Tensor, t: Tensor, dxdphi: Tensor
 
     r in [0, 1] is the warm-up factor (`scm_warmup`). cos(phi) sin(phi) dF/dphi is one forward-mode product,
     torch.func.jvp of F on (x_t, t) with tangent (cos sin dx_t/dphi, cos sin / a) (the paper scales the tangent so, for
-    stability; 1 / a because dphi/dt = a), in the same pass as F. c None: no normalisation. Shapes: x, dxdphi (B, ...);
+    stability; 1 / a because dphi/dt = a), in the same pass as F (fd_h: a finite difference,
+    `directional_derivative`). c None: no normalisation. Shapes: x, dxdphi (B, ...);
     t (B,). Returns (F with its graph, g without)."""
     process = _trigflow(model)
     phi = process.a * t + process.b
@@ -280,8 +355,7 @@ def scm_tangent(model: Callable[..., Pred], x: Tensor, t: Tensor, dxdphi: Tensor
     def F_of(x_, t_):
         return trigflow_velocity(model, x_, t_, cond)
 
-    with sdpa_kernel([SDPBackend.MATH]):
-        F, cs_dF = torch.func.jvp(F_of, (x, t), (bcast(cs, x) * dxdphi, cs / process.a))
+    F, cs_dF = directional_derivative(F_of, (x, t), (bcast(cs, x) * dxdphi, cs / process.a), fd_h)
     g = -cos ** 2 * (F.detach() - dxdphi) - warmup * (cos * sin * x + cs_dF.detach())
     if c is not None:
         g = g / (bcast(g.flatten(1).norm(dim=1), g) + c)
@@ -295,7 +369,7 @@ def scm_warmup(step: int, steps: int = SCM_WARMUP) -> float:
 
 def scm_loss(model: Callable[..., Pred], x0: Tensor, noise: Tensor, t: Tensor, cond: Cond | None = None,
              teacher: Callable[..., Pred] | None = None, warmup: float = 1.0, c: float | None = SCM_C,
-             logw: Tensor | None = None) -> Tensor:
+             logw: Tensor | None = None, fd_h: float | None = None) -> Tensor:
     """sCM's continuous-time consistency loss (Lu & Song 2024, Sec. 4), per sample (B,):
 
         x_t     = cos(phi) x0 + sin(phi) z
@@ -315,7 +389,7 @@ def scm_loss(model: Callable[..., Pred], x0: Tensor, noise: Tensor, t: Tensor, c
     else:
         with torch.no_grad():
             dxdphi = trigflow_velocity(teacher, x_t, t, with_end_time(cond, None)).to(x_t)
-    F, g = scm_tangent(model, x_t, t, dxdphi, cond, warmup, c)
+    F, g = scm_tangent(model, x_t, t, dxdphi, cond, warmup, c, fd_h)
     mse = (F - F.detach() - g).pow(2).flatten(1).mean(1)
     return mse if logw is None else torch.exp(logw) * mse - logw
 
@@ -329,6 +403,7 @@ class FlowMapConfig:
     lr_schedule: str = "constant"
     warmup: int = 0                 # linear learning-rate warm-up updates
     ema_decay: float = 0.999        # the sampling EMA (the papers: 0.9999 at far more updates)
+    fd_h: float | None = None       # MeanFlow, sCM: None the exact JVP; h a finite-difference tangent of step h
 
     def network(self, module: nn.Module) -> Network:
         return Network(module, lr=self.lr, lr_schedule=self.lr_schedule, warmup=self.warmup, ema_decay=self.ema_decay)
@@ -370,7 +445,7 @@ def meanflow_step(cfg: MeanFlowConfig) -> Callable[[StepContext, Any], Tensor]:
         t, r = (v.to(x0.device) for v in meanflow_times(len(x0), ctx.generator, cfg.ratio, cfg.time_mean,
                                                          cfg.time_std))
         return meanflow_loss(ctx.nets["student"], x0, _noise(x0, ctx.generator), t, r, cond, ctx.nets.get("teacher"),
-                             cfg.p, cfg.c)
+                             cfg.p, cfg.c, cfg.fd_h)
     return step
 
 
@@ -393,7 +468,7 @@ def scm_step(cfg: SCMConfig) -> Callable[[StepContext, Any], Tensor]:
         student = ctx.nets["student"]
         t = scm_times(len(x0), ctx.generator, student.process, cfg.time_mean, cfg.time_std).to(x0.device)
         return scm_loss(student, x0, _noise(x0, ctx.generator), t, cond, ctx.nets.get("teacher"),
-                        scm_warmup(ctx.step, cfg.tangent_warmup), cfg.c)
+                        scm_warmup(ctx.step, cfg.tangent_warmup), cfg.c, fd_h=cfg.fd_h)
     return step
 
 

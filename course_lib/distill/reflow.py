@@ -357,9 +357,12 @@ class RFView(nn.Module):
             raise ValueError(f"RFView needs a vp-cosine diffusion model; got process {model.process.name!r}")
         self.model, self.process = model, RectifiedFlow()
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None):
-        vp = self.model.process
+    def vp_time(self, t: Tensor) -> Tensor:
+        """tau (float64) with the SNR of rf time t: sigma(tau) / alpha(tau) = t / (1 - t)."""
         tt = t.to(torch.float64).clamp(1e-6, 1 - 1e-6)
-        tau = vp.t_from_log_snr(2.0 * torch.log((1 - tt) / tt)).clamp(0.0, 1.0)          # same SNR
+        return self.model.process.t_from_log_snr(2.0 * torch.log((1 - tt) / tt)).clamp(0.0, 1.0)   # same SNR
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None):
+        tt = t.to(torch.float64).clamp(1e-6, 1 - 1e-6)
         scale = ((1 - tt) ** 2 + tt**2).rsqrt().to(x.dtype)
-        return self.model(x * bcast(scale, x), tau.to(x.dtype), cond)
+        return self.model(x * bcast(scale, x), self.vp_time(t).to(x.dtype), cond)

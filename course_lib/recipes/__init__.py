@@ -8,4 +8,6 @@ files, and notebook-only experiments. The methods themselves (the paper's code) 
     lcm.py         LCM students' files and evaluation on the mini SD, the style LoRA (notebook 06); data/lcm
     tcd.py         the TCD student's files and evaluation with SSS; data/tcd
     flowmap.py     the 2D flow-map recipes (MeanFlow, shortcut, sCM; notebook 14, bench flowmap); data/flowmap
+    flowmap_digits.py  the flow-map students on digits (MeanFlow, shortcut, sCD, sCT; bench flowmap's digits rows);
+                   the finite-difference tangent against the JVP      python -m course_lib.recipes.flowmap_digits fd-table
 """
