@@ -167,3 +167,26 @@ def test_the_shipped_students_load_sample_and_score_what_their_json_says(dataset
     got = recipes.evaluate(student, method, dataset, steps=(1,))
     for m, (mean, std) in info["quality"]["1 steps"].items():
         assert got["1 steps"][m] == pytest.approx([mean, std], abs=2e-4), m
+
+
+def test_flowmap_benchmark_digits_rows(result):
+    """bench flowmap's digits rows (bench.flowmap_digits.digits_rows) in smoke mode: schema-3 rows of every flow-map student at 1 and 2 steps
+    (kid_heldout with se, class_acc, training cost), the 16-step teacher's, and CD's and PD's students beside them
+    (PD's smoke run distils 2 -> 1 step only)."""
+    from course_lib.bench.flowmap_digits import verdict
+    from course_lib.recipes.flowmap_digits import MODELS
+
+    rows, meta = [r for r in result["rows"] if r["dataset"] == "digits"], result["meta"]["digits"]
+    kid = {(r["model"], r["steps"]): r for r in rows if r["metric"] == "kid_heldout"}
+    for name in MODELS:
+        for k in (1, 2):
+            r = kid[(name, k)]
+            assert r["schema"] == 3 and r["n_seeds"] == 3 and r["se"] > 0 and r["nfe"] == k
+            assert r["train_updates"] == meta["flowmap_digits_budget"]["steps"] and "train_seconds" in r
+            assert r["teacher_evals"] == (r["train_updates"] * meta["flowmap_digits_budget"]["batch"]
+                                          if name in ("meanflow-distill", "scd") else 0)
+        assert any(r["model"] == name and r["metric"] == "class_acc" for r in rows)
+    for key in (("teacher", 16), ("cd", 1), ("cd", 2), ("pd", 1), ("data", None)):    # smoke PD: 2 -> 1 step
+        assert key in kid, key
+    assert not any(r["model"] in ("cd", "pd") and r["steps"] not in (1, 2) for r in rows)
+    assert "spread" in verdict(rows)

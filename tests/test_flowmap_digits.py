@@ -1,6 +1,6 @@
 """Flow maps on images: the finite-difference tangent against torch.func.jvp (MLP2D, the course UNet with attention,
-diffusers' UNet2DConditionModel), the vp flow map read in rf time (flowmap.RFFlowMap), and the digits rows of
-`bench flowmap` (bench.flowmap_digits) in smoke mode.
+diffusers' UNet2DConditionModel) and the vp flow map read in rf time (flowmap.RFFlowMap). The digits rows of
+`bench flowmap` (bench.flowmap_digits) are tested with the benchmark's rows in test_bench_flowmap.py.
 
 Truth: the float64 JVP of a float64 copy of each model; the teacher's DDIM step (a copied flow-map student's jump).
 """
@@ -16,7 +16,6 @@ from conftest import tiny_unet
 from course_lib import samplers
 from course_lib.conditioning import Cond, labels
 from course_lib.distill import flowmap as fm
-from course_lib.grids import uniform
 from course_lib.models import MLP2D, Denoiser, flow_map_student
 from course_lib.processes import RectifiedFlow, VPCosine
 
@@ -127,26 +126,3 @@ def test_a_vp_flow_map_read_in_rf_time_jumps_like_the_teachers_ddim_step():
         want = samplers.ddim(teacher, x1, student.vp_time(ts), VP, cond=cond)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert fm.is_flow_map(student) and isinstance(student.process, RectifiedFlow)
-
-
-def test_digits_rows_smoke():
-    """bench.flowmap_digits.digits_rows in smoke mode: schema-3 rows of every flow-map student at 1 and 2 steps
-    (kid_heldout with se, class_acc, training cost), the 16-step teacher's, and CD's and PD's students beside them
-    (PD's smoke run distils 2 -> 1 step only)."""
-    from course_lib.bench.flowmap_digits import digits_rows, verdict
-    from course_lib.recipes.flowmap_digits import MODELS
-
-    rows, meta = digits_rows("smoke", 0, "cpu")
-    kid = {(r["model"], r["steps"]): r for r in rows if r["metric"] == "kid_heldout"}
-    for name in MODELS:
-        for k in (1, 2):
-            r = kid[(name, k)]
-            assert r["schema"] == 3 and r["n_seeds"] == 3 and r["se"] > 0 and r["nfe"] == k
-            assert r["train_updates"] == meta["flowmap_digits_budget"]["steps"] and "train_seconds" in r
-            assert r["teacher_evals"] == (r["train_updates"] * meta["flowmap_digits_budget"]["batch"]
-                                          if name in ("meanflow-distill", "scd") else 0)
-        assert any(r["model"] == name and r["metric"] == "class_acc" for r in rows)
-    for key in (("teacher", 16), ("cd", 1), ("cd", 2), ("pd", 1), ("data", None)):    # smoke PD: 2 -> 1 step
-        assert key in kid, key
-    assert not any(r["model"] in ("cd", "pd") and r["steps"] not in (1, 2) for r in rows)
-    assert "spread" in verdict(rows)

@@ -14,12 +14,10 @@ rf times; a vp-cosine model (sCM, CD, PD) is measured at the vp times of the sam
 its error in rf units (divided by the vp state's scale 1 / sqrt((1 - s)^2 + s^2)), so every cell compares the
 same noise levels and the same units.
 
-A hook for digits rows: a module course_lib.bench.flowmap_digits with digits_rows(mode, seed, device) -> (rows, meta),
-when present, adds its rows (and its meta under "digits") to this benchmark.
+Digits rows (bench.flowmap_digits.digits_rows, its meta under "digits"): every student at 1 and 2 steps against the
+held-out digits, beside bench cd's CD and bench pd's PD students and the 16-step teacher.
 """
 from __future__ import annotations
-
-import importlib
 
 import torch
 
@@ -33,6 +31,7 @@ from ..samplers import ddim
 from ..teachers import load_teacher
 from . import register
 from .cd import _pd_same_teacher_evals, _sample_cm, _train_2d, cm_budget, student_grid
+from .flowmap_digits import digits_rows, verdict as digits_verdict
 from .core import (PR_N, Evaluation, exact_map, lines_over_best, pm, prior, reference_2d, score_2d, spread_row,
                    sweep_2d, timed, train_fields)
 
@@ -137,24 +136,12 @@ def bench_flowmap(mode: str, seed: int = 0, device: str | torch.device | None = 
                                                              b["grid_exact_steps"]))
                 grid_extra[name] = {**fields, "teacher_evals": evals}
     rows = ev.rows() + _grid_rows(grids, ts_rf, device, grid_extra)
-    digits = _digits_hook()
-    if digits is not None:
-        digit_rows, meta["digits"] = digits(mode, seed, device)
-        rows += digit_rows
+    digit_rows, meta["digits"] = digits_rows(mode, seed, device)
+    rows += digit_rows
     print(summary(rows))
+    print(digits_verdict(rows))
     return rows, {**b, "eval_seeds": ev.seeds, "pr_n": PR_N, "student_steps": list(recipes.STEPS),
                   "recipes": {m: repr(r) for m, r in recipes.recipes().items()}, **meta}
-
-
-def _digits_hook():
-    """course_lib.bench.flowmap_digits.digits_rows when that module exists (the digits half of this benchmark)."""
-    try:
-        mod = importlib.import_module(f"{__package__}.flowmap_digits")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.flowmap_digits":
-            raise
-        return None
-    return mod.digits_rows
 
 
 def _find(rows, model, metric, steps=None):
