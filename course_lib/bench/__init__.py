@@ -77,3 +77,4 @@ from . import tcd  # noqa: E402
 from . import add  # noqa: E402
 from . import dmd  # noqa: E402  (registers dmd and dmd2)
 from . import gdd  # noqa: E402
+from . import hypersd  # noqa: E402
