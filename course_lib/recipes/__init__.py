@@ -7,4 +7,5 @@ files, and notebook-only experiments. The methods themselves (the paper's code) 
     guided.py      the 2D guided distillation recipe (notebook 02, bench guided)
     lcm.py         LCM students' files and evaluation on the mini SD, the style LoRA (notebook 06); data/lcm
     tcd.py         the TCD student's files and evaluation with SSS; data/tcd
+    hypersd.py     the 2D Hyper-SD budgets, known rewards and ablations (notebook 11, bench hypersd)
 """

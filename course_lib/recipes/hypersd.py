@@ -29,10 +29,10 @@ def budget(mode: str) -> dict:
     """The 2D budgets of bench hypersd (and notebook 11): updates per TSCD stage, batch, grid, rates, the reward and
     score stages."""
     return dict(
-        stage_steps=pick(mode, smoke=5, laptop=150, full=1500), batch=pick(mode, smoke=128, laptop=1024, full=2048),
+        stage_steps=pick(mode, smoke=5, laptop=150, full=1500), batch=pick(mode, smoke=128, laptop=512, full=2048),
         N=17, lr=1e-3, mu=0.9, ema=0.95, solver="ddim",
         reward_steps=pick(mode, smoke=5, laptop=150, full=1000), reward_lr=1e-4, lambda_reward=0.1,
-        score_iters=pick(mode, smoke=10, laptop=500, full=4000), score_batch=pick(mode, smoke=64, laptop=256, full=1024),
+        score_iters=pick(mode, smoke=10, laptop=400, full=4000), score_batch=pick(mode, smoke=64, laptop=256, full=1024),
         score_lr=1e-4)
 
 
