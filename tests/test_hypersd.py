@@ -180,6 +180,9 @@ def test_each_stage_is_taught_and_initialised_by_the_previous_one():
         assert not _same(nxt.student, prev.student)
     assert final is stages[-1].student
     assert stages[1].trained.updates["student"] == 6
+    _, unchained = h.distill_tscd(teacher, batches("gmm"), h.TSCDConfig(segments=(4, 2), N=9, chain_teacher=False),
+                                  run=_run(2), progress=False)
+    assert all(_same(st.teacher, teacher) for st in unchained)
 
 
 def test_an_interrupted_stage_resumes_bit_for_bit(tmp_path, monkeypatch):
