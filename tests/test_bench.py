@@ -73,7 +73,12 @@ def test_list_names_every_benchmark(capsys):
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == list(bench.BENCHMARKS) == ["teacher", "pd", "guided", "reflow",
                                                                              "instaflow", "cd", "ct", "lcm", "tcd",
+<<<<<<< HEAD
                                                                              "add", "dmd", "dmd2", "gdd", "flowmap"]
+=======
+                                                                             "add", "dmd", "dmd2", "gdd",
+                                                                             "hypersd"]
+>>>>>>> h-hyp2d
     assert all(len(line.split()) > 3 for line in out)          # each with a description
 
 
@@ -401,3 +406,24 @@ def test_distribution_matching_benchmark_rows(name, tmp_path):
                                                            torch.Generator().manual_seed(s + 4)))
             for model in models:
                 beats(swd(rows, ds, model, 1), start, 0.6, f"{model} {ds}")
+
+
+def test_hypersd_benchmark_rows(tmp_path):
+    """bench hypersd in smoke mode: every ablation at 1, 2, 4, 8 steps and every gamma of the sweep (one row at one
+    step), with recall on gmm, in_squares on the checkerboard, the reward and the training cost."""
+    from course_lib.bench.hypersd import GAMMAS, MODELS
+
+    res = bench.main(["hypersd", "--mode", "smoke", "--device", "cpu", "--out", str(tmp_path / "h.json")])
+    rows = res["rows"]
+    assert all(r["schema"] == 3 and r["n_seeds"] == 3 for r in rows)
+    for ds, metric in (("gmm", "recall"), ("checkerboard", "in_squares")):
+        mine = [r for r in rows if r["dataset"] == ds and r["model"] in MODELS]
+        assert {r["model"] for r in mine} == set(MODELS)
+        for model in MODELS:
+            got = {(r["steps"], r["gamma"]) for r in mine if r["model"] == model and r["metric"] == metric}
+            assert got == {(1, GAMMAS[0])} | {(k, g) for k in (2, 4, 8) for g in GAMMAS}
+            assert {"swd", "reward"} <= {r["metric"] for r in mine if r["model"] == model}
+            assert all(r["train_updates"] > 0 and r["train_seconds"] >= 0 for r in mine if r["model"] == model)
+    upd = {r["model"]: r["train_updates"] for r in rows if r["dataset"] == "gmm" and r["model"] in MODELS}
+    assert upd["cd-same-budget"] == upd["tscd"]            # the same teacher evaluations
+    assert {"teacher", "data"} <= {r["model"] for r in rows}
