@@ -73,12 +73,8 @@ def test_list_names_every_benchmark(capsys):
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == list(bench.BENCHMARKS) == ["teacher", "pd", "guided", "reflow",
                                                                              "instaflow", "cd", "ct", "lcm", "tcd",
-<<<<<<< HEAD
-                                                                             "add", "dmd", "dmd2", "gdd", "flowmap"]
-=======
-                                                                             "add", "dmd", "dmd2", "gdd",
+                                                                             "add", "dmd", "dmd2", "gdd", "flowmap",
                                                                              "hypersd"]
->>>>>>> h-hyp2d
     assert all(len(line.split()) > 3 for line in out)          # each with a description
 
 

@@ -10,13 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from ..config import seeded
-from ..conditioning import with_end_time
 from ..distill.flowmap import (SC_M, SCM_C, average_velocity, meanflow_target, scm_tangent, shortcut_target,
                                trigflow_velocity)
 from ..models import flow_map_student
 from ..processes import RectifiedFlow, VPCosine, bcast
 from .. import steps
-from .core import (accept, checker, clone_tensors, close, draw_seed, explain_exception, fall_back, first_look,
+from .core import (accept, checker, clone_tensors, close, draw_seed, fall_back, first_look,
                    fresh_generator, max_diff, param_grads, tiny_model)
 
 RF = RectifiedFlow()

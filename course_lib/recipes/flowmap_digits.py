@@ -43,7 +43,6 @@ from ..grids import uniform
 from ..images import batch_sampler, load_digits
 from ..models import Denoiser, build_denoiser, flow_map_student
 from ..samplers import consistency, flow_map
-from ..teachers import get_recipe
 from ..train import TrainConfig
 
 MODELS = ("meanflow", "meanflow-distill", "shortcut", "scd", "sct")
