@@ -66,6 +66,9 @@ ALLOWED: dict[str, list[str]] = {
         "16-step", "1, 4 and 16 Euler steps", "DPM-Solver++ 16 steps",  # settings of the code, not measurements
         "round 0", "Theorem\n3.5",  # the reflow round's index (notebook 03); Liu et al. 2022's theorem
     ],
+    "11_hyper_sd.ipynb": [
+        "SD 1.5",                 # the model's name (the paper's LoRAs are for SD 1.5 and SDXL)
+    ],
     "13_scaling_up.ipynb": [
         "2-RF",                   # the 2-rectified flow's name (InstaFlow's notation)
         "SD 1.5", "Stable Diffusion 1.5",   # the model's name
