@@ -174,9 +174,9 @@ def _tangent_cases(n: int = 8) -> dict[str, tuple]:
             return f, (x.to(dtype), t.to(dtype)), (v_x.to(dtype), v_t.to(dtype))
         return make
 
-    torch.manual_seed(0)
-    mlp = flow_map_student(Denoiser(MLP2D(hidden=64, depth=2), rf, "velocity"))
-    torch.nn.init.normal_(mlp.net.step_emb.mlp[2].weight, std=0.3)
+    with seeded(0):
+        mlp = flow_map_student(Denoiser(MLP2D(hidden=64, depth=2), rf, "velocity"))
+        torch.nn.init.normal_(mlp.net.step_emb.mlp[2].weight, std=0.3)
     teacher = load_teacher("digits")
     x0, y = load_digits(16, "train")
     x0, y = x0[:n], labels(y[:n], 10)
