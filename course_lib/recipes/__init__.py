@@ -7,6 +7,7 @@ files, and notebook-only experiments. The methods themselves (the paper's code) 
     guided.py      the 2D guided distillation recipe (notebook 02, bench guided)
     lcm.py         LCM students' files and evaluation on the mini SD, the style LoRA (notebook 06); data/lcm
     tcd.py         the TCD student's files and evaluation with SSS; data/tcd
+    consistency.py the consistency students' 2D and digits budgets (bench cd and ct; the flow maps on digits)
     flowmap.py     the 2D flow-map recipes (MeanFlow, shortcut, sCM; notebook 14, bench flowmap); data/flowmap
     flowmap_digits.py  the flow-map students on digits (MeanFlow, shortcut, sCD, sCT; bench flowmap's digits rows);
                    the finite-difference tangent against the JVP      python -m course_lib.recipes.flowmap_digits fd-table

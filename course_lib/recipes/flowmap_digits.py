@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bench.cd import cm_budget
 from ..conditioning import Cond, labelled
 from ..config import pick, seeded
 from ..distill import flowmap as fm
@@ -44,6 +43,7 @@ from ..images import batch_sampler, load_digits
 from ..models import Denoiser, build_denoiser, flow_map_student
 from ..samplers import consistency, flow_map
 from ..train import TrainConfig
+from .consistency import cm_budget
 
 MODELS = ("meanflow", "meanflow-distill", "shortcut", "scd", "sct")
 DISTILLED = ("meanflow-distill", "scd")          # trained with the teacher's velocity (1 evaluation per sample)
