@@ -188,6 +188,10 @@ def param_grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
 
 
+def same_grads(got: list[Tensor], want: list[Tensor]) -> bool:
+    """Two lists of parameter gradients (param_grads) agree, parameter by parameter (atol 1e-8, rtol 1e-5)."""
+    return all(torch.allclose(a, b, atol=1e-8, rtol=1e-5) for a, b in zip(got, want))
+
 def dtype_tol(*tensors: Tensor) -> dict:
     """allclose tolerances fitting the least precise dtype among `tensors`: float64 atol 1e-8, rtol 1e-6; float32 (or
     lower) atol 1e-5, rtol 1e-4, since float32 rounds at ~6e-8 relative per operation and a correct float32 answer can

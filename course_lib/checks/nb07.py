@@ -13,7 +13,7 @@ from ..distill.tcd import tcd_loss_at, tcf
 from ..processes import EDM, RectifiedFlow, VPCosine
 from ..samplers import tcd
 from .core import (accept, checker, close, explain_exception, fall_back, first_look, fresh_generator, is_library,
-                   max_diff, param_grads, quiet, run_check, tiny_model)
+                   max_diff, param_grads, quiet, run_check, same_grads, tiny_model)
 
 
 # Exercise 7.3's tolerance: its cases are float64, and a sampler that builds its times in float32 (a correct one)
@@ -125,7 +125,7 @@ def check_tcd_loss(student: Callable, seed: int | None = None) -> Callable:
             got_g = param_grads(student(*own), params)
         except Exception as e:  # noqa: BLE001
             return fall_back("7.2", ref, explain_exception(e, where + " with the student as its own target"))
-        if not all(torch.allclose(a, b, atol=1e-8, rtol=1e-5) for a, b in zip(got_g, want_g)):
+        if not same_grads(got_g, want_g):
             return fall_back("7.2", ref,
                              f"the values are right but the gradient is not {where} when the target is the student "
                              "itself (mu = 0): the gradient flows through the target side. It is a constant "

@@ -12,7 +12,7 @@ from ..distill.consistency import cm_grid
 from ..distill.hypersd import refl_loss, sample, segment_start, tscd_loss_at
 from ..processes import RectifiedFlow, VPCosine
 from .core import (accept, checker, close, explain_exception, fall_back, first_look, fresh_generator, max_diff,
-                   param_grads, quiet, run_check, tiny_model)
+                   param_grads, quiet, run_check, same_grads, tiny_model)
 
 T_MIN = 0.002
 SAMPLER_ATOL, SAMPLER_RTOL = 1e-6, 1e-5    # float64 cases; a sampler building its times in float32 differs by ~1e-7
@@ -174,7 +174,7 @@ def check_tscd_loss(student: Callable, seed: int | None = None) -> Callable:
             got_g = param_grads(student(*own), params)
         except Exception as e:  # noqa: BLE001
             return fall_back("11.2", ref, explain_exception(e, where + " with the student as its own target"))
-        if not all(torch.allclose(a, b, atol=1e-8, rtol=1e-5) for a, b in zip(got_g, param_grads(ref(*own), params))):
+        if not same_grads(got_g, param_grads(ref(*own), params)):
             return fall_back("11.2", ref, f"the values are right but the gradient is not {where} when the target is "
                                           "the student itself (mu = 0): the gradient flows through the target side. "
                                           "Compute the teacher step and the target's jump under torch.no_grad().")
@@ -241,7 +241,7 @@ def check_refl_loss(student: Callable, seed: int | None = None) -> Callable:
                                           "gradient flows back through the decoder and the prediction into the "
                                           "student.")
         got_g, want_g = param_grads(got, params), param_grads(want, params)
-        if not all(torch.allclose(a, b, atol=1e-8, rtol=1e-5) for a, b in zip(got_g, want_g)):
+        if not same_grads(got_g, want_g):
             return fall_back("11.3", ref, f"the values are right but the gradient is not {where}: part of the path "
                                           "(the decoder inside reward_fn, or the prediction) is detached.")
     return accept("11.3", student, "correct: minus the reward of the one-step prediction, its gradient through the "
