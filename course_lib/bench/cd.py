@@ -22,8 +22,8 @@ from ..samplers import ddim
 from ..teachers import get_recipe, load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, exact_map, lines_over_best,
-                   nfe, prior, reference_2d, score_2d, score_digits, side_by_side, sweep_2d, timed, train_fields)
+from .core import (Evaluation, PR_N, digit_labels, digits_floor, digits_n, digits_teacher, lines_over_best, nfe, prior,
+                   score_2d, score_digits, seed_inputs, side_by_side, sweep_2d, timed, train_fields)
 
 STUDENT_STEPS = (1, 2, 4)
 # CT's 2D recipe: iCT's pieces (pseudo-Huber, lambda = 1 / (s_{n+1} - s_n), lognormal n) on the paper's Karras grid in
@@ -102,9 +102,7 @@ def _bench(method: str, mode: str, seed: int, device) -> tuple[list[dict], dict]
         if method == "cd" and ds == "gmm":
             pd_student, pd_secs, pd_meta = _pd_same_teacher_evals(teacher, ds, b, seed, device, mode)
         for s in ev.seeds:
-            ref = reference_2d(ev, ds, n, s)
-            x1 = prior(teacher.process, (n, 2), s + 3, device)
-            exact = exact_map(ds, teacher.process, x1[:PR_N]) if ds == "gmm" else None
+            ref, x1, exact = seed_inputs(ev, ds, teacher.process, n, s, device)
             sweep_2d(ev, teacher, teacher.process, ds, "teacher", "dpmpp2m", ref, pick(mode, smoke=(1, 2, 4),
                      laptop=TEACHER_NFES, full=TEACHER_NFES), s + 3, device, exact)
             for name, (student, secs) in students.items():

@@ -195,6 +195,15 @@ def reference_2d(ev: Evaluation, dataset: str, n: int, seed: int) -> Tensor:
     return ref
 
 
+def seed_inputs(ev: Evaluation, dataset: str, process, n: int, seed: int,
+                device: str | torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One evaluation seed's inputs of a 2D benchmark: the reference samples (with the "data" rows, reference_2d),
+    the noise x1 (n, 2) of `process` (seed + 3) and, on gmm, the exact mixture's ODE solution from its first PR_N
+    points (exact_map; None on other datasets)."""
+    ref = reference_2d(ev, dataset, n, seed)
+    x1 = prior(process, (n, 2), seed + 3, device)
+    return ref, x1, (exact_map(dataset, process, x1[:PR_N]) if dataset == "gmm" else None)
+
 def conditional_reference(ev: Evaluation, dataset: str, n: int, seed: int):
     """For a class-conditional 2D mixture and evaluation seed `seed`: balanced labels y (n,) (CPU), the SWD against
     exact samples of those classes and the Bayes class accuracy (both take samples on any device and score a CPU

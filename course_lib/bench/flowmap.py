@@ -32,8 +32,8 @@ from ..teachers import load_teacher
 from . import register
 from .cd import _pd_same_teacher_evals, _sample_cm, _train_2d, cm_budget, student_grid
 from .flowmap_digits import digits_rows, verdict as digits_verdict
-from .core import (PR_N, Evaluation, exact_map, lines_over_best, pm, prior, reference_2d, score_2d, spread_row,
-                   sweep_2d, timed, train_fields)
+from .core import (Evaluation, PR_N, lines_over_best, pm, prior, score_2d, seed_inputs, spread_row, sweep_2d, timed,
+                   train_fields)
 
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
 GRID_METRIC = "flow_map_err_grid"
@@ -105,9 +105,7 @@ def bench_flowmap(mode: str, seed: int = 0, device: str | torch.device | None = 
                       "pd": (pd_student, train_fields(pd_secs, pd_meta["pd_updates"]))}
             meta.update({"cd_budget": cb, **pd_meta})
         for s in ev.seeds:
-            ref = reference_2d(ev, ds, n, s)
-            x1 = prior(teacher.process, (n, 2), s + 3, device)
-            exact = exact_map(ds, teacher.process, x1[:PR_N]) if ds == "gmm" else None
+            ref, x1, exact = seed_inputs(ev, ds, teacher.process, n, s, device)
             sweep_2d(ev, teacher, teacher.process, ds, "teacher", "dpmpp2m", ref,
                      pick(mode, smoke=(1, 2, 4), laptop=TEACHER_NFES, full=TEACHER_NFES), s + 3, device, exact)
             for name, res in students.items():

@@ -12,8 +12,7 @@ from ..plotting import table
 from ..recipes import hypersd as recipe
 from ..teachers import load_teacher
 from . import register
-from .core import (PR_N, Evaluation, exact_map, lines_over_best, prior, reference_2d, score_2d, sweep_2d, timed,
-                   train_fields)
+from .core import (Evaluation, PR_N, lines_over_best, score_2d, seed_inputs, sweep_2d, timed, train_fields)
 
 STEPS = (1, 2, 4, 8)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -39,9 +38,7 @@ def bench_hypersd(mode: str, seed: int = 0, device: str | torch.device | None = 
         students = recipe.train_2d(teacher, ds, b, seed, progress=mode != "smoke")
         reward = recipe.reward_fn(ds)
         for s in ev.seeds:
-            ref = reference_2d(ev, ds, n, s)
-            x1 = prior(teacher.process, (n, 2), s + 3, device)
-            exact = exact_map(ds, teacher.process, x1[:PR_N]) if ds == "gmm" else None
+            ref, x1, exact = seed_inputs(ev, ds, teacher.process, n, s, device)
             sweep_2d(ev, teacher, teacher.process, ds, "teacher", "dpmpp2m", ref,
                      pick(mode, smoke=(1, 2, 4), laptop=TEACHER_NFES, full=TEACHER_NFES), s + 3, device, exact)
             ev.add(ds, "data", "reward", float(reward(ref.float()).mean()), nfe=None, steps=None, n=n)

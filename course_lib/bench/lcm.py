@@ -25,8 +25,8 @@ from ..samplers import tcd as sss
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (PR_N, Evaluation, exact_map, lines_over_best, prior, reference_2d, score_2d, side_by_side, sweep_2d,
-                   timed, train_fields)
+from .core import (Evaluation, PR_N, lines_over_best, score_2d, seed_inputs, side_by_side, sweep_2d, timed,
+                   train_fields)
 
 STUDENT_STEPS = (1, 2, 4, 8)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -74,9 +74,7 @@ def rows_2d(method: str, ev: Evaluation, mode: str, b: dict, seed: int, device, 
         teacher = load_teacher(f"{ds}-vp", device=device)
         student, secs = _train_2d(method, ds, b, seed, device, mode != "smoke")
         for s in ev.seeds:
-            ref = reference_2d(ev, ds, b["n"], s)
-            x1 = prior(teacher.process, (b["n"], 2), s + 3, device)
-            exact = exact_map(ds, teacher.process, x1[:PR_N]) if ds == "gmm" else None
+            ref, x1, exact = seed_inputs(ev, ds, teacher.process, b["n"], s, device)
             sweep_2d(ev, teacher, teacher.process, ds, "teacher", "dpmpp2m", ref,
                      pick(mode, smoke=(1, 2, 4), laptop=TEACHER_NFES, full=TEACHER_NFES), s + 3, device, exact)
             for k in STUDENT_STEPS:

@@ -13,8 +13,8 @@ from ..samplers import ddim, dpm_solver_pp_2m
 from ..teachers import load_teacher
 from ..train import TrainConfig
 from . import register
-from .core import (NFES, PR_N, Evaluation, RoundClock, digit_labels, digits_floor, digits_n, exact_map, nfe, prior,
-                   reference_2d, score_2d, score_digits, sweep_2d, timed, train_fields)
+from .core import (Evaluation, NFES, PR_N, RoundClock, digit_labels, digits_floor, digits_n, nfe, prior, score_2d,
+                   score_digits, seed_inputs, sweep_2d, timed, train_fields)
 
 
 @register("pd", "progressive distillation of the 2D and digits teachers, a row per halving round")
@@ -41,9 +41,7 @@ def bench_pd(mode: str, seed: int = 0, device: str | torch.device | None = None)
                    progress=mode != "smoke", rounds=students)
         clock.stop()
         for s in ev.seeds:
-            ref = reference_2d(ev, ds, n, s)
-            x1 = prior(teacher.process, (n, 2), s + 3, device)
-            exact = exact_map(ds, teacher.process, x1[:PR_N]) if ds == "gmm" else None
+            ref, x1, exact = seed_inputs(ev, ds, teacher.process, n, s, device)
             sweep_2d(ev, teacher, teacher.process, ds, "teacher", "dpmpp2m", ref, NFES, s + 3, device, exact)
             sweep_2d(ev, teacher, teacher.process, ds, "teacher-ddim", "ddim", ref, nfes, s + 3, device, exact)
             for N, student in sorted(students.items(), reverse=True):

@@ -11,8 +11,8 @@ from ..recipes.reflow import DIGITS_DIR, load_digits_flow, reflow_2d_budget, ref
 from ..samplers import dpm_solver_pp_2m, euler
 from ..teachers import load_teacher
 from . import register
-from .core import (NFES, PR_N, Evaluation, digit_labels, digits_floor, digits_n, exact_map, lines_over_best, nfe, noise,
-                   per_seed, pm, prior, reference_2d, score_2d, score_digits, sweep_2d, timed, train_fields)
+from .core import (Evaluation, NFES, PR_N, digit_labels, digits_floor, digits_n, lines_over_best, nfe, noise, per_seed,
+                   pm, score_2d, score_digits, seed_inputs, sweep_2d, timed, train_fields)
 
 REFLOW_NFES = (1, 2, 4, 64)
 
@@ -35,9 +35,7 @@ def bench_reflow(mode: str, seed: int = 0, device: str | torch.device | None = N
         models, secs = reflow_2d_models(ds, b, seed, progress=mode != "smoke", device=device)
         teacher = models["1-rf"]
         for s in ev.seeds:
-            ref = reference_2d(ev, ds, n, s)
-            x1 = prior(teacher.process, (n, 2), s + 3, device)
-            exact = exact_map(ds, teacher.process, x1[:PR_N]) if ds == "gmm" else None
+            ref, x1, exact = seed_inputs(ev, ds, teacher.process, n, s, device)
             for sampler in ("euler", "heun"):
                 sweep_2d(ev, teacher, teacher.process, ds, f"fm-teacher-{sampler}", sampler, ref,
                          pick(mode, smoke=(1, 2, 4), laptop=NFES, full=NFES), s + 3, device, exact)
