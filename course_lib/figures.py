@@ -1,4 +1,4 @@
-"""Figures: the ones the README shows, regenerated from benchmark results and the shipped teachers, and the
+"""Figures: the ones the README and docs/ show, regenerated from benchmark results and the shipped teachers, and the
 interactive ones of the notebooks (notebook 03's reflow explorer, the coupling figures of notebooks 03 and 04).
 
     python -m course_lib.figures [--bench runs/bench_teacher.json] [--instaflow runs/bench_instaflow.json]
@@ -27,6 +27,7 @@ from .metrics import straightness
 from .plotting import LIM_2D, image_grid, nfe_curves
 from .processes import RectifiedFlow
 from .recipes.instaflow import DIGITS_RECIPE, load_digits_model
+from .recipes.reflow import reflow_2d_budget, reflow_2d_models
 from .samplers import dpm_solver_pp_2m, euler, generate, heun
 from .teachers import load_teacher
 
@@ -122,6 +123,39 @@ def instaflow_digits(out: Path) -> Path:
             ("direct distillation, 1 step", instaflow.one_step(load_digits_model("digits-direct"), x1, y))]
     return _image_rows(rows, "digits: InstaFlow against direct distillation (same noise and labels)",
                        out / "instaflow_digits.png")
+
+
+def straightening(out: Path, dataset: str = "checkerboard", mode: str = "laptop", n_paths: int = 150,
+                  n_samples: int = 4000, ode_steps: int = 32) -> Path:
+    """The README's first picture: trajectories straighten and steps collapse (notebook 03's arc on one page).
+    Top: the ODE paths of the flow-matching teacher (1-RF) and of its reflows (2-RF, 3-RF) from the same noise,
+    solved accurately (Heun), with their straightness S(Z); bottom: samples from one Euler step of the teacher, of
+    the 2-RF, and of the 2-RF distilled to one step, beside the teacher's many-step samples. Models: the shipped
+    teacher and recipes.reflow's 2D reflows at `mode`'s budget (pairs cached)."""
+    from matplotlib.collections import LineCollection
+
+    models, _ = reflow_2d_models(dataset, reflow_2d_budget(mode), progress=False)
+    rf, g = RectifiedFlow(), torch.Generator().manual_seed(7)
+    x_paths, x_many = torch.randn(n_paths, 2, generator=g), torch.randn(n_samples, 2, generator=g)
+    fig, axes = plt.subplots(2, 3, figsize=(9.6, 6.6))
+    with torch.no_grad():
+        for ax, name in zip(axes[0], ("1-rf", "2-rf", "3-rf")):
+            path = heun(models[name], x_paths, uniform(ode_steps), rf, return_path=True)
+            s = straightness(euler(models[name], x_paths, uniform(64), rf, return_path=True), uniform(64))
+            coupling_lines(ax, path[0], path[-1], color="0.85", n_show=n_paths, lw=0.3, alpha=0.6)
+            ax.add_collection(LineCollection(path.transpose(0, 1).numpy(), colors="C1", linewidths=0.6, alpha=0.8))
+            label = "teacher (1-RF)" if name == "1-rf" else name.upper()
+            ax.set_title(f"{label}: ODE paths, S(Z) = {s:.3g}", fontsize=9)
+        panels = (("teacher, 64 Heun steps", heun(models["1-rf"], x_many, uniform(64), rf)),
+                  ("teacher, 1 Euler step", euler(models["1-rf"], x_many, uniform(1), rf)),
+                  ("2-RF distilled, 1 step", euler(models["2-rf-distill"], x_many, uniform(1), rf)))
+        for ax, (title, x) in zip(axes[1], panels):
+            ax.scatter(*x.numpy().T, s=1.2, c="C0", alpha=0.5, linewidths=0)
+            _frame_2d(ax).set_title(title, fontsize=9)
+    fig.suptitle(f"{dataset}: reflow straightens the teacher's paths (grey: where each path starts and ends), "
+                 f"so one step lands where many did", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out / "straightening.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{bench} not found: run `python -m course_lib.bench teacher --mode laptop --out {bench}` first")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in (teacher_quality(json.loads(bench.read_text()), out), digits_grid(out), instaflow_digits(out)):
+    for path in (teacher_quality(json.loads(bench.read_text()), out), digits_grid(out), instaflow_digits(out),
+                 straightening(out)):
         print(f"wrote {path}")
     insta = Path(args.instaflow)
     if insta.is_file():

@@ -1,4 +1,4 @@
-"""Tables from saved benchmark results: the README's benchmark tables are this command's output, not retyped.
+"""Tables from saved benchmark results: the tables of docs/results.md and docs/benchmarks.md are this command's output, not retyped.
 
     python -m course_lib.bench report runs/bench_pd.json                        every row, one table per dataset
     python -m course_lib.bench report runs/bench_pd.json --steps 1,4 --markdown  a selection, as markdown
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m course_lib.bench report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", help="JSON files written by python -m course_lib.bench NAME --out FILE")
-    ap.add_argument("--markdown", action="store_true", help="markdown tables (for the README)")
+    ap.add_argument("--markdown", action="store_true", help="markdown tables (for docs/)")
     ap.add_argument("--dataset", default="", help="comma-separated datasets to keep")
     ap.add_argument("--model", default="", help="comma-separated models to keep (data rows are kept with --steps)")
     ap.add_argument("--steps", default="", help="comma-separated solver step counts to keep")

@@ -3,7 +3,7 @@ SD 1.5 UNet architecture (configs/sd15_unet.json, random weights: no download), 
 
     python -m course_lib.scale.cost --batch-size 8 --precision bf16 --grad-checkpointing      (on a GPU)
     python -m course_lib.scale.cost --tiny                                                   (CPU smoke: tiny UNet)
-    python -m course_lib.scale.cost --table --out cost.json          (on a GPU: every row of the README's cost table)
+    python -m course_lib.scale.cost --table --out cost.json          (on a GPU: every row of the cost table in docs/scale.md)
     python -m course_lib.scale.cost --hypersd-estimates docs/results/cost_table_h200.json   (Hyper-SD's stages,
                                                      ESTIMATED from a saved table's UNet call times; no GPU needed)
 
@@ -189,7 +189,7 @@ def budget(seconds_per_sample: float, gpus: tuple[int, ...] = (1, 8)) -> dict:
             "paper_wall_days_on_8_a100": INSTAFLOW_A100_DAYS / 8}
 
 
-# The README's cost table: (method, batch/GPU, gradient checkpointing, LoRA rank, extra) per row. "reflow" is
+# The cost table of docs/scale.md: (method, batch/GPU, gradient checkpointing, LoRA rank, extra) per row. "reflow" is
 # InstaFlow's stage 1 step, "dmd2" one DMD2 iteration (three UNets), "lcm-lora" scale.lcm_lora's step (extra: the
 # online teacher's solver steps, 0 for real latents). All bf16 autocast with fp32 master weights.
 TABLE_ROWS: tuple[tuple[str, int, bool, int, int], ...] = (
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="a tiny UNet (CPU smoke test)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
-    ap.add_argument("--table", action="store_true", help="measure every row of the README's cost table (TABLE_ROWS: "
+    ap.add_argument("--table", action="store_true", help="measure every row of the cost table in docs/scale.md (TABLE_ROWS: "
                     "reflow, DMD2 and LCM-LoRA at several batch sizes, checkpointing on and off); --out keeps them")
     ap.add_argument("--hypersd-estimates", metavar="TABLE_JSON", default=None, help="print the ESTIMATED Hyper-SD "
                     "stage rows from a saved cost table (e.g. docs/results/cost_table_h200.json); no GPU needed")

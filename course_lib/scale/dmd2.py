@@ -27,7 +27,7 @@ DDP over every process accelerate / torchrun starts (the critic's methods run th
 averaged); with --fsdp the engine shards the generator and the critic instead (PyTorch FSDP2: gradients and AdamW
 states sharded, weights gathered for each phase; the same checkpoint format, so a run may switch between the two;
 a multistep generator's backward-simulation depth is then drawn alike on every process). SD 1.5 fits one 80 GB GPU
-without it (the README's cost table).
+without it (the cost table in docs/scale.md).
 
 Data (one source):
     --data SOURCE       image-caption pairs (webdataset .tar / .parquet shards): latents through the teacher's own VAE
