@@ -74,7 +74,7 @@ def test_list_names_every_benchmark(capsys):
     assert [line.split()[0] for line in out] == list(bench.BENCHMARKS) == ["teacher", "pd", "guided", "reflow",
                                                                              "instaflow", "cd", "ct", "lcm", "tcd",
                                                                              "add", "dmd", "dmd2", "gdd", "flowmap",
-                                                                             "hypersd"]
+                                                                             "hypersd", "leaderboard"]
     assert all(len(line.split()) > 3 for line in out)          # each with a description
 
 

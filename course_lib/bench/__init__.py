@@ -79,3 +79,4 @@ from . import dmd  # noqa: E402  (registers dmd and dmd2)
 from . import gdd  # noqa: E402
 from . import flowmap  # noqa: E402  (flow maps: MeanFlow, shortcut models, sCM; digits rows in flowmap_digits)
 from . import hypersd  # noqa: E402
+from . import leaderboard  # noqa: E402  (reads the others' saved results: registered last)

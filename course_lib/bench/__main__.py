@@ -3,6 +3,7 @@
     python -m course_lib.bench list                                   every benchmark, one line each
     python -m course_lib.bench NAME --mode M --device D --out F.json  run one (device: default_device())
     python -m course_lib.bench report F.json [--markdown] [...]       tables from saved results (bench.report)
+    python -m course_lib.bench tables [LEADERBOARD.json]              the README's leaderboard table and figure
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..config import MODES, course_mode, default_device
 from ..plotting import table
 from . import BENCHMARKS, DESCRIPTIONS, __doc__ as BENCH_DOC
 from .core import SCHEMA, pm
+from .leaderboard import main as leaderboard_main
 from .report import main as report_main
 
 
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         report_main(argv[1:])
+        return None
+    if argv[:1] == ["tables"]:
+        leaderboard_main(argv[1:])
         return None
     ap = argparse.ArgumentParser(prog="python -m course_lib.bench", description=BENCH_DOC,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
