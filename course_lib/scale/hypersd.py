@@ -16,8 +16,9 @@ The stages (Hyper-SD Sec. 3.1-3.2; distill/hypersd.py has the equations):
     tscd-8, tscd-4,    TSCD with k segments: the student maps x_t to its segment's start s(t) by the DDIM jump
     tscd-2, tscd-1     f_theta(x_t, t, s); target f_theta-(x_hat_{t_n}, t_n, s) after one DDIM step of the guided
                        teacher; s = segment_start(t_{n+1}, k, grid). The grid is SD's integer timesteps 0, 24, 49,
-                       ..., 999 (methods.tscd_grid, --intervals 40): every segment edge is a timestep of TCD's k-step
-                       trailing grid (999, 749, 499, 249 at k = 4). Each stage starts from the previous stage's LoRA.
+                       ..., 999 (methods.tscd_grid, --intervals 40): every segment edge is a timestep TCDScheduler
+                       visits at k steps with original_inference_steps = 40 (999, 749, 499, 249 at k = 4). Each
+                       stage starts from the previous stage's LoRA.
     reward             ReFL (refl_loss): the student's one-step x0 from a late time, decoded by the VAE WITH its
                        gradient and scored by ImageReward or the LAION aesthetic predictor (scale.rewards, local
                        weights only: refused with what to download where they are missing, never replaced by the
@@ -39,10 +40,12 @@ safetensors (kohya / ComfyUI / A1111 keys), base.json (the base UNet's fingerpri
 refused) and hypersd.json (written last: the stage is finished). Sampling with plain diffusers, no CFG:
 
     pipe = StableDiffusionPipeline.from_pretrained(base); pipe.load_lora_weights("runs/sd15/hypersd/tscd-1/lora")
-    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps=40)   # = --intervals
     pipe(prompt, num_inference_steps=4, guidance_scale=1.0, eta=1.0)           # eta = TCD's gamma
 
-`pipeline(base, run)` does the same after checking the base model (export.tcd_pipeline).
+(original_inference_steps = --intervals puts the sampler's timesteps on the segment edges; diffusers' default 50
+visits 999, 759, 499, 259, a few timesteps off them.) `pipeline(base, lora)` does the same after checking the base
+model (export.tcd_pipeline).
 
 The SD 1.5 plan (ESTIMATES, not measured: the stage's UNet calls per sample, 2 f for the guided teacher's step, f
 for the target, G for the LoRA student's forward and backward, priced with the per-call times derived from the
@@ -199,11 +202,17 @@ def export_lora(sd, student, folder: Path, meta: dict) -> Path:
 
 
 def pipeline(base: str | os.PathLike, lora: str | os.PathLike) -> Any:
-    """A diffusers StableDiffusionPipeline of `base` with a Hyper-SD LoRA (a stage's lora/ folder) and TCDScheduler,
-    after checking that the LoRA was trained on this base (export.tcd_pipeline)."""
+    """A diffusers StableDiffusionPipeline of `base` with a Hyper-SD LoRA (a stage's lora/ folder) and TCDScheduler
+    on the training grid (original_inference_steps = the stage's --intervals: its timesteps at k steps are the
+    segment edges), after checking that the LoRA was trained on this base (export.tcd_pipeline)."""
+    from diffusers import TCDScheduler
+
     if not (Path(lora) / META).is_file():
         raise SourceError(f"{Path(lora) / META} is missing: {lora} holds no finished Hyper-SD stage")
-    return tcd_pipeline(resolve_pipeline(base), lora)
+    meta = json.loads((Path(lora) / META).read_text())
+    pipe = tcd_pipeline(resolve_pipeline(base), lora)
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps=meta["intervals"])
+    return pipe
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,14 +285,11 @@ def main(argv: list[str] | None = None):
                             margin=a.margin, distance=a.distance)
         reward = (rcfg, rewards.sd_reward_fn(sd, reward_model, lambda cond: keep["prompts"]))
     step = hypersd_step(sd.model, k, grid, w, a.distance, reward)
-    extra = {"method": "hyper-sd", "stage": a.stage, "k": k, "w": w, "distance": a.distance,
+    extra = {"method": "hyper-sd", "stage": a.stage, "k": k, "w": w, "distance": a.distance, "intervals": a.intervals,
              "grid_timesteps": [round(float(t) * sd.model.process.T) - 1 for t in grid], "base_fingerprint": fp,
              "init": None if init is None else file_digest(init / LORA_WEIGHTS),
              "reward": None if rcfg is None else {"model": a.reward, **asdict(rcfg)},
              "data": {"mode": mode, "embeddings": emb.index["key"]}}
-    if rank == 0:
-        write_json_atomic(folder / STAGE_FILE, {"stage": a.stage, "settings": vars(a), "world_size": world,
-                                                "init": None if init is None else str(init)})
     net = Network(sd.model, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay, grad_clip=a.grad_clip,
                   save_frozen=False)
     t0 = time.perf_counter()
@@ -296,7 +302,9 @@ def main(argv: list[str] | None = None):
         raise SystemExit(f"error: {folder / 'checkpoint'} was written by another run of this stage: {e}. Use another "
                          "--out for other settings, another teacher or a retrained previous stage") from None
     seconds = time.perf_counter() - t0
-    if rank == 0:
+    if rank == 0:                  # stage.json after the checkpoint's check: a refused rerun overwrites nothing
+        write_json_atomic(folder / STAGE_FILE, {"stage": a.stage, "settings": vars(a), "world_size": world,
+                                                "init": None if init is None else str(init)})
         out = export_lora(sd, done.best("student"), folder, {**extra, "steps": done.step, "world_size": world,
                                                             "train_seconds": round(seconds, 1)})
         print(f"{a.stage}: {done.step} steps in {seconds:.1f} s; LoRA in {out}")
