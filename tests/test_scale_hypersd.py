@@ -273,3 +273,16 @@ def test_two_processes_draw_different_batches_and_keep_identical_loras(work, tmp
     config = json.loads((tmp_path / "ddp" / "tscd-8" / "checkpoint" / "config.json").read_text())
     assert config["step"] == 3
     assert (tmp_path / "ddp" / "tscd-8" / "lora" / hypersd.META).is_file()
+
+
+def test_the_shipped_config_parses_and_the_help_lists_the_stages(capsys):
+    from course_lib.scale.common import parse
+
+    a = parse("hypersd", hypersd.__doc__, hypersd.add_args, ["--stage", "tscd-8"])
+    assert (a.teacher, a.lora, a.lora_alpha, a.intervals, a.w) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", 64,
+                                                                   64, 40, 3 * 2.5)
+    assert all(a.intervals % hypersd.segments_of(s) == 0 for s in hypersd.STAGES)
+    with pytest.raises(SystemExit):
+        hypersd.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(s in out for s in hypersd.STAGES) and "ESTIMATES" in out

@@ -408,7 +408,7 @@ def print_lcm_lora_plan(p: dict) -> None:
 # Hyper-SD on SD 1.5: ESTIMATES of its stages from the measured LCM-LoRA steps (no Hyper-SD step is timed here)
 # ----------------------------------------------------------------------------------------------------------------
 
-HYPERSD_STAGES = ("TSCD k=8", "TSCD k=4", "TSCD k=2", "TSCD k=1")
+HYPERSD_STAGES = ("tscd-8", "tscd-4", "tscd-2", "tscd-1")       # python -m course_lib.scale.hypersd --stage ...
 HYPERSD_PLAN = {"batch_per_gpu": 12, "global_batch": 96, "iterations": 1000}    # per 1000 iterations, LCM-LoRA's batch
 
 
@@ -437,24 +437,30 @@ def hypersd_estimates(rows: Sequence[dict], gpus: Sequence[int] = (1, 8)) -> lis
     gradient accumulation) of Hyper-SD's stages on SD 1.5 with a LoRA, from the UNet call times measured in the
     cost table (unet_call_times: f a no-grad forward, G a LoRA student's forward + backward). UNet calls per sample:
 
-        TSCD (every k: the segment count changes the targets, not the calls)
-            teacher's guided ODE step 2f (the previous stage's LoRA, adapter switched: the same UNet), target f,
-            student G, adversarial term on the re-noised student sample through the teacher's own features
-            (LADD/PCM): G for the generator's gradient, 2f for the discriminator (fake detached, real)  = 5f + 2G
-        TSCD without the adversarial term = 3f + G (LCD's step: the measured LCM-LoRA row itself)
-        reward (ReFL): the student's one-step x0 from a late timestep, G; the VAE decoder and the reward model
-            (ImageReward: BLIP ViT-L) forward + backward come on top and are NOT measured: a lower bound
+        tscd-8 ... tscd-1 (scale.hypersd's stages; every k: the segment count changes the targets, not the calls)
+            the guided teacher's DDIM step 2f (the UNet with its adapter disabled), the target f (the online
+            student without grad), the student G                                                   = 3f + G
+            (LCD's step: the measured LCM-LoRA row itself)
+        TSCD with the adversarial term (notebook 11's lambda_adv > 0; not in scale.hypersd): the re-noised student
+            sample through the teacher's own features (LADD/PCM), G for the generator's gradient, 2f for the
+            discriminator (fake detached, real)                                                    = 5f + 2G
+        reward (ReFL, scale.hypersd --stage reward): the student's no-grad rollout to x0 f, its one-step x0 from
+            a late timestep G, the k = 1 TSCD term 3f + G                                           = 4f + 2G
+            the VAE decoder and the reward model (ImageReward: BLIP ViT-L) forward + backward come on top and are
+            NOT measured: a lower bound
 
     No Hyper-SD step is timed here, and the paper publishes no schedule: scale these per-1000-iteration rows by the
     iterations a run takes."""
     u = unet_call_times(rows)
     f, G = u["forward_no_grad"], u["student_forward_backward"]
     plan = HYPERSD_PLAN
-    calls = {"TSCD": (5 * f + 2 * G, "5 f + 2 G"), "TSCD (no adversarial term)": (3 * f + G, "3 f + G"),
-             "reward (ReFL), UNet part only": (G, "G + VAE decoder + reward model (not measured: lower bound)")}
+    calls = {"TSCD": (3 * f + G, "3 f + G"), "TSCD + adversarial": (5 * f + 2 * G, "5 f + 2 G"),
+             "reward (ReFL), UNet part only": (4 * f + 2 * G, "4 f + 2 G + VAE decoder + reward model (not "
+                                                              "measured: lower bound)")}
     out = []
-    names = [(s, "TSCD") for s in HYPERSD_STAGES] + [("TSCD, no adversarial term (any k)", "TSCD (no adversarial "
-                                                      "term)"), ("reward (ReFL)", "reward (ReFL), UNet part only")]
+    names = [(s, "TSCD") for s in HYPERSD_STAGES] + [("TSCD + adversarial term (any k; not in scale.hypersd)",
+                                                      "TSCD + adversarial"), ("reward (ReFL)",
+                                                                              "reward (ReFL), UNet part only")]
     for stage, kind in names:
         sec, formula = calls[kind]
         gpu_hours = plan["iterations"] * plan["global_batch"] * sec / 3600

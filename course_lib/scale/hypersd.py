@@ -47,21 +47,31 @@ refused) and hypersd.json (written last: the stage is finished). Sampling with p
 visits 999, 759, 499, 259, a few timesteps off them.) `pipeline(base, lora)` does the same after checking the base
 model (export.tcd_pipeline).
 
-The SD 1.5 plan (ESTIMATES, not measured: the stage's UNet calls per sample, 2 f for the guided teacher's step, f
-for the target, G for the LoRA student's forward and backward, priced with the per-call times derived from the
-LCM-LoRA rows measured on an H200 in docs/results/cost_table_h200.json, f = 3.9 ms, G = 44.7 ms per sample; see
-`python -m course_lib.scale.cost --hypersd-estimates docs/results/cost_table_h200.json`). At LCM-LoRA's global batch
-of 96 (12 per GPU; --grad-accum 8 on one GPU) and 1000 iterations per stage (a planning figure: the paper publishes
-no schedule), each TSCD stage is 3 f + G = 0.057 s per sample, about 1.5 GPU-hours; the four TSCD stages about
-6 GPU-hours: about 6 hours on 1 GPU, 45 minutes on 8 (DDP assumed linear). The reward stage is at least 1.2
-GPU-hours per 1000 iterations (its UNet part only; ImageReward's BLIP ViT-L and the VAE decoder's backward come on
-top and are not estimated). Commands (configs/hypersd.json holds these settings):
+The SD 1.5 plan (ESTIMATES, not measured: each stage's UNet calls per sample priced with the per-call times derived
+from the LCM-LoRA rows measured on an H200, docs/results/cost_table_h200.json: f = 3.9 ms for a no-grad forward,
+G = 44.7 ms for the LoRA student's forward + backward, per sample; the rows are printed by
+`python -m course_lib.scale.cost --hypersd-estimates docs/results/cost_table_h200.json` and by `cost --table` on a
+GPU). At LCM-LoRA's global batch of 96 (12 per GPU; --grad-accum 8 on one GPU) and 1000 iterations per stage (a
+planning figure: the paper publishes no schedule):
 
-    1 GPU:   for s in tscd-8 tscd-4 tscd-2 tscd-1; do accelerate launch -m course_lib.scale.hypersd --stage $s \\
-                 --data laion-aesthetics-6.5plus/ --grad-accum 8; done
-             accelerate launch -m course_lib.scale.hypersd --stage reward --reward image-reward \\
+    stage                 UNet calls per sample      GPU-hours     wall, 1 GPU     wall, 8 GPUs (DDP, linear)
+    tscd-8/4/2/1, each    3 f + G = 0.057 s          1.5           1.5 h           11 min
+    reward                >= 4 f + 2 G = 0.105 s     >= 2.8        >= 2.8 h        >= 21 min
+    all five              ~ 0.33 s                   >= 8.8        >= 8.8 h        >= 66 min
+
+(the reward row counts the UNet only: the VAE decoder's and ImageReward's forward + backward come on top; the
+one-off embedding cache of the data is not counted either). Memory:
+one SD 1.5 UNet with a rank-64 LoRA in bf16 with gradient checkpointing, as LCM-LoRA (its row of the cost table); the
+reward stage adds the VAE decoder's activations and the reward model. Commands (configs/hypersd.json holds the
+settings, so only --stage, the data and the reward model are given):
+
+    1 GPU:   for s in tscd-8 tscd-4 tscd-2 tscd-1; do
+                 accelerate launch -m course_lib.scale.hypersd --stage $s --data laion-aesthetics-6.5plus/ --grad-accum 8
+             done
+             accelerate launch -m course_lib.scale.hypersd --stage reward --reward image-reward \
                  --data laion-aesthetics-6.5plus/ --grad-accum 8
-    8 GPUs:  the same with `accelerate launch --multi_gpu --num_processes 8` and without --grad-accum
+    8 GPUs:  the same with `accelerate launch --multi_gpu --num_processes 8` and without --grad-accum 8
+             (a stage must be resumed with the number of processes it started with)
 """
 from __future__ import annotations
 
