@@ -286,3 +286,26 @@ def test_the_shipped_config_parses_and_the_help_lists_the_stages(capsys):
         hypersd.main(["--help"])
     out = capsys.readouterr().out
     assert all(s in out for s in hypersd.STAGES) and "ESTIMATES" in out
+
+
+def test_the_cost_table_times_the_stage_step_and_its_rows_then_say_measured(capsys):
+    """`cost --table` on a GPU times scale.hypersd's own step (methods.hypersd_step); with that row the tscd-k rows
+    are measured, the others stay estimates (here on the CPU with a tiny UNet: the plumbing only)."""
+    from course_lib.scale import cost
+
+    rows = cost.table(tiny=True, device="cpu", rows=(("lcm-lora", 2, True, 4, 0), ("lcm-lora", 2, True, 4, 2),
+                                                     ("hypersd", 2, True, 4, 0)), progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 3 and rows[2]["k"] == 8 and rows[2]["seconds_per_step"] > 0
+    est = cost.hypersd_estimates(rows)
+    by = {r["stage"]: r for r in est}
+    for stage in cost.HYPERSD_STAGES:
+        assert by[stage]["status"] == "measured" and not by[stage]["estimate"]
+        assert by[stage]["seconds_per_sample"] == pytest.approx(rows[2]["seconds_per_step"] / 2)
+    assert by["reward (ReFL)"]["estimate"] and by["reward (ReFL)"]["lower_bound"]
+    cost.print_hypersd_estimates(est)
+    cost.print_table(rows)
+    out = capsys.readouterr().out
+    assert "tscd-8 (measured)" in out and "reward (ReFL) (estimate)" in out and "Hyper-SD plan" in out
+    # a measured row from another device is not mixed with these call times
+    other = [*rows[:2], {**rows[2], "device": "another GPU"}]
+    assert all(r["estimate"] for r in cost.hypersd_estimates(other))
