@@ -280,7 +280,7 @@ def test_the_shipped_config_parses_and_the_help_lists_the_stages(capsys):
 
     a = parse("hypersd", hypersd.__doc__, hypersd.add_args, ["--stage", "tscd-8"])
     assert (a.teacher, a.lora, a.lora_alpha, a.intervals, a.w) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", 64,
-                                                                   64, 40, 3 * 2.5)
+                                                                   64, 40, 7.5)
     assert all(a.intervals % hypersd.segments_of(s) == 0 for s in hypersd.STAGES)
     with pytest.raises(SystemExit):
         hypersd.main(["--help"])
