@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 tests/scale_ddp_run.py OUT_JSON_PREFIX <stage> <args...>
 
-stage: instaflow_reflow (the student) or dmd2 (generator and critic).
+stage: instaflow_reflow (the student), dmd2 (generator and critic) or hypersd (the LoRA student of a stage).
 
 Each rank records digests of the batches it drew and of its student's weights after training: OUT_JSON_PREFIX<r>.json.
 """
@@ -73,6 +73,24 @@ def main() -> None:
         dmd2.batches = dmd2_recording
         done = dmd2.main(argv)
         nets = {"generator": done.nets["generator"], "critic": done.nets["critic"]}
+    elif stage == "hypersd":                  # Hyper-SD: batches are dicts {"x": real latents, "cond": Cond}
+        import course_lib.scale.hypersd as hypersd
+
+        inner_h = hypersd.batches
+
+        def hypersd_recording(emb, keep=None):
+            sample = inner_h(emb, keep)
+
+            def wrapped(n, g):
+                batch = sample(n, g)
+                drawn.append(digest(batch["x"]))
+                return batch
+
+            return wrapped
+
+        hypersd.batches = hypersd_recording
+        done = hypersd.main(argv)
+        nets = {"": done.nets["student"]}
     else:
         done = instaflow_reflow.main(argv) if stage == "instaflow_reflow" else None
         nets = {"": done.nets["student"]}

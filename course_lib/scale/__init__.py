@@ -15,8 +15,11 @@ One module per role, each a command line (`python -m course_lib.scale.<module> -
     lcm_lora           LCM-LoRA: notebook 06's LCD loss training a LoRA (the teacher is the same UNet with its adapter
                        disabled), diffusers + kohya export, the SD 1.5 memory/time plan (--plan)
     dmd2               DMD2: notebook 09's method step training a one- or four-step generator and its critic
+    hypersd            Hyper-SD: notebook 11's TSCD (stages tscd-8, tscd-4, tscd-2, tscd-1) and reward feedback
+                       (--stage reward, ImageReward / LAION aesthetic from local weights) training one LoRA for 1 to
+                       8 steps with TCDScheduler; diffusers + kohya export; the SD 1.5 plan in its docstring
     cost               peak memory and step time of a training step of the real SD 1.5 UNet (reflow, DMD2, LCM-LoRA);
-                       the papers' budgets in GPU-hours
+                       the papers' budgets in GPU-hours; Hyper-SD's stages as estimates from the measured UNet calls
 
 and the SD-scale reward models (rewards: ImageReward, the LAION aesthetic predictor; local weights only, refused with
 what to download where they are missing). Three modules they share (no command): common (config files + flags, fingerprints of pretrained parts, atomic

@@ -38,7 +38,7 @@ from ..distill import reflow as rf
 from ..processes import RectifiedFlow, SDDiscrete
 from ..train import Network, TrainConfig, train_networks
 from .common import CONFIG_DIR, device_of, write_json_atomic
-from .methods import LCM_LORA_W, lcm_lora_step, networks
+from .methods import LCM_LORA_W, hypersd_step, lcm_lora_step, networks, tscd_grid
 
 # InstaFlow (SD 1.5): iterations x global batch per stage (model cards of XCLiu/2_rectified_flow_from_sd_1_5 and
 # XCLiu/instaflow_0_9B_from_sd_1_5), and the paper's total in A100-days (data generation included)
@@ -191,12 +191,13 @@ def budget(seconds_per_sample: float, gpus: tuple[int, ...] = (1, 8)) -> dict:
 
 # The cost table of docs/scale.md: (method, batch/GPU, gradient checkpointing, LoRA rank, extra) per row. "reflow" is
 # InstaFlow's stage 1 step, "dmd2" one DMD2 iteration (three UNets), "lcm-lora" scale.lcm_lora's step (extra: the
-# online teacher's solver steps, 0 for real latents). All bf16 autocast with fp32 master weights.
+# online teacher's solver steps, 0 for real latents), "hypersd" scale.hypersd's TSCD step (k = 8; every k makes the
+# same calls). All bf16 autocast with fp32 master weights.
 TABLE_ROWS: tuple[tuple[str, int, bool, int, int], ...] = (
     ("reflow", 8, True, 0, 0), ("reflow", 8, False, 0, 0), ("reflow", 32, True, 0, 0), ("reflow", 32, False, 0, 0),
     ("reflow", 8, True, 64, 0),
     ("dmd2", 4, True, 0, 0), ("dmd2", 4, False, 0, 0), ("dmd2", 8, True, 0, 0), ("dmd2", 4, True, 64, 0),
-    ("lcm-lora", 12, True, 64, 0), ("lcm-lora", 12, True, 64, 8))
+    ("lcm-lora", 12, True, 64, 0), ("lcm-lora", 12, True, 64, 8), ("hypersd", 12, True, 64, 0))
 
 
 def table(tiny: bool = False, device: str | None = None, rows=TABLE_ROWS, out: Path | None = None,
@@ -217,6 +218,8 @@ def table(tiny: bool = False, device: str | None = None, rows=TABLE_ROWS, out: P
                 r = measure_dmd2(bs, "bf16", ckpt, lora, tiny=tiny, device=device)
             elif method == "lcm-lora":
                 r = measure_lcm_lora(bs, lora, "bf16", ckpt, online_steps=extra, tiny=tiny, device=device)
+            elif method == "hypersd":
+                r = measure_hypersd(bs, lora, "bf16", ckpt, tiny=tiny, device=device)
             else:
                 raise ValueError(f"unknown method {method!r} in the cost table")
             r["seconds_per_sample"] = r.get("seconds_per_step", r.get("seconds_per_iteration")) / bs
@@ -298,6 +301,23 @@ def measure_lcm_lora(batch_size: int = 12, rank: int = 64, precision: str = "bf1
             # on a CPU: the process's peak resident memory above what it held before the first step (the model
             # built), a rough stand-in for the training step's own memory (activations, optimizer, autocast copies)
             "cpu_step_rss_gib": None if dev.type == "cuda" or rss0 is None else _peak_rss_gib() - rss0}
+
+
+def measure_hypersd(batch_size: int = 12, rank: int = 64, precision: str = "bf16", grad_checkpointing: bool = True,
+                    k: int = 8, steps: int = 5, warmup: int = 2, tiny: bool = False, device: str | None = None) -> dict:
+    """Peak memory and median seconds per step of scale.hypersd's TSCD stage step (methods.hypersd_step: the guided
+    teacher with the adapter disabled, the online target, the LoRA student; k segments on methods.tscd_grid) through
+    the engine, on the SD 1.5 UNet architecture with random weights (tiny=True: the CPU smoke test)."""
+    dev, unet, L, D, h = _random_sd15(tiny, device)
+    model = sdlib.SDDenoiser(unet, SDDiscrete(), "eps").to(dev)
+    sdlib.add_lora(model, r=rank, target_modules=lcm.present_targets(unet))
+    step = hypersd_step(model, k, tscd_grid(model.process), LCM_LORA_W)
+    times = step_times({"student": Network(model, lr=1e-4, save_frozen=False)}, step, _text_batches(h, L, D),
+                       TrainConfig(steps=steps + warmup + 1, batch_size=batch_size, precision=precision,
+                                   grad_checkpointing=grad_checkpointing), dev)[warmup:]
+    return {**common_fields(dev, tiny, batch_size, precision, grad_checkpointing, rank),
+            "params": _n_params(unet), "trainable_params": _n_params(unet, trainable=True), "k": k,
+            "seconds_per_step": sorted(times)[len(times) // 2]}
 
 
 def _rss_gib() -> float | None:
@@ -408,7 +428,7 @@ def print_lcm_lora_plan(p: dict) -> None:
 # Hyper-SD on SD 1.5: ESTIMATES of its stages from the measured LCM-LoRA steps (no Hyper-SD step is timed here)
 # ----------------------------------------------------------------------------------------------------------------
 
-HYPERSD_STAGES = ("TSCD k=8", "TSCD k=4", "TSCD k=2", "TSCD k=1")
+HYPERSD_STAGES = ("tscd-8", "tscd-4", "tscd-2", "tscd-1")       # python -m course_lib.scale.hypersd --stage ...
 HYPERSD_PLAN = {"batch_per_gpu": 12, "global_batch": 96, "iterations": 1000}    # per 1000 iterations, LCM-LoRA's batch
 
 
@@ -437,48 +457,64 @@ def hypersd_estimates(rows: Sequence[dict], gpus: Sequence[int] = (1, 8)) -> lis
     gradient accumulation) of Hyper-SD's stages on SD 1.5 with a LoRA, from the UNet call times measured in the
     cost table (unet_call_times: f a no-grad forward, G a LoRA student's forward + backward). UNet calls per sample:
 
-        TSCD (every k: the segment count changes the targets, not the calls)
-            teacher's guided ODE step 2f (the previous stage's LoRA, adapter switched: the same UNet), target f,
-            student G, adversarial term on the re-noised student sample through the teacher's own features
-            (LADD/PCM): G for the generator's gradient, 2f for the discriminator (fake detached, real)  = 5f + 2G
-        TSCD without the adversarial term = 3f + G (LCD's step: the measured LCM-LoRA row itself)
-        reward (ReFL): the student's one-step x0 from a late timestep, G; the VAE decoder and the reward model
-            (ImageReward: BLIP ViT-L) forward + backward come on top and are NOT measured: a lower bound
+        tscd-8 ... tscd-1 (scale.hypersd's stages; every k: the segment count changes the targets, not the calls)
+            the guided teacher's DDIM step 2f (the UNet with its adapter disabled), the target f (the online
+            student without grad), the student G                                                   = 3f + G
+            (LCD's step: the measured LCM-LoRA row itself)
+        TSCD with the adversarial term (notebook 11's lambda_adv > 0; not in scale.hypersd): the re-noised student
+            sample through the teacher's own features (LADD/PCM), G for the generator's gradient, 2f for the
+            discriminator (fake detached, real)                                                    = 5f + 2G
+        reward (ReFL, scale.hypersd --stage reward): the student's no-grad rollout to x0 f, its one-step x0 from
+            a late timestep G, the k = 1 TSCD term 3f + G                                           = 4f + 2G
+            the VAE decoder and the reward model (ImageReward: BLIP ViT-L) forward + backward come on top and are
+            NOT measured: a lower bound
 
-    No Hyper-SD step is timed here, and the paper publishes no schedule: scale these per-1000-iteration rows by the
-    iterations a run takes."""
+    A table with a measured "hypersd" row (measure_hypersd, on the device of the LCM-LoRA rows: `cost --table` on a
+    GPU) gives the tscd-k rows its measured time instead (status "measured"); the other rows stay estimates. The
+    paper publishes no schedule: scale these per-1000-iteration rows by the iterations a run takes."""
     u = unet_call_times(rows)
+    timed = next((r for r in rows if r.get("method") == "hypersd" and r.get("status") == "ok"
+                  and r.get("device") == u["device"]), None)
     f, G = u["forward_no_grad"], u["student_forward_backward"]
     plan = HYPERSD_PLAN
-    calls = {"TSCD": (5 * f + 2 * G, "5 f + 2 G"), "TSCD (no adversarial term)": (3 * f + G, "3 f + G"),
-             "reward (ReFL), UNet part only": (G, "G + VAE decoder + reward model (not measured: lower bound)")}
+    calls = {"TSCD": (3 * f + G, "3 f + G"), "TSCD + adversarial": (5 * f + 2 * G, "5 f + 2 G"),
+             "reward (ReFL), UNet part only": (4 * f + 2 * G, "4 f + 2 G + VAE decoder + reward model (not "
+                                                              "measured: lower bound)")}
     out = []
-    names = [(s, "TSCD") for s in HYPERSD_STAGES] + [("TSCD, no adversarial term (any k)", "TSCD (no adversarial "
-                                                      "term)"), ("reward (ReFL)", "reward (ReFL), UNet part only")]
+    names = [(s, "TSCD") for s in HYPERSD_STAGES] + [("TSCD + adversarial term (any k; not in scale.hypersd)",
+                                                      "TSCD + adversarial"), ("reward (ReFL)",
+                                                                              "reward (ReFL), UNet part only")]
     for stage, kind in names:
         sec, formula = calls[kind]
+        measured = timed is not None and kind == "TSCD"
+        if measured:
+            sec = timed["seconds_per_step"] / timed["batch_size_per_gpu"]
         gpu_hours = plan["iterations"] * plan["global_batch"] * sec / 3600
-        out.append({"method": "hypersd", "stage": stage, "status": "estimate", "estimate": True,
+        out.append({"method": "hypersd", "stage": stage, "status": "measured" if measured else "estimate",
+                    "estimate": not measured,
                     "unet_calls_per_sample": formula, "seconds_per_sample": sec,
                     "batch_size_per_gpu": plan["batch_per_gpu"], "global_batch": plan["global_batch"],
                     "iterations": plan["iterations"], "gpu_hours_per_1000_iterations": gpu_hours,
                     "wall_hours_per_1000_iterations": {str(n): gpu_hours / n for n in gpus},
                     "lower_bound": kind.startswith("reward"),
-                    "basis": f"UNet call times from the measured LCM-LoRA rows on {u['device']} (f = "
-                             f"{f * 1000:.1f} ms, G = {G * 1000:.1f} ms per sample)"})
+                    "basis": f"scale.hypersd's step measured on {u['device']} (batch {timed['batch_size_per_gpu']})"
+                    if measured else f"UNet call times from the measured LCM-LoRA rows on {u['device']} (f = "
+                                     f"{f * 1000:.1f} ms, G = {G * 1000:.1f} ms per sample)"})
     return out
 
 
 def print_hypersd_estimates(est: list[dict]) -> None:
-    print(f"Hyper-SD on SD 1.5 (LoRA), ESTIMATES, not measured: {est[0]['basis']}; per 1000 iterations at a global "
-          f"batch of {est[0]['global_batch']}\n"
-          "| stage | UNet calls per sample | s/sample (estimate) | GPU-h per 1000 it. | wall h, 1 GPU "
-          "| wall h, 8 GPUs |\n"
+    rest = next(r for r in est if r["estimate"])
+    timed = [r for r in est if not r["estimate"]]
+    head = (f"the tscd-k rows MEASURED ({timed[0]['basis']}), the others ESTIMATES: {rest['basis']}" if timed else
+            f"ESTIMATES, not measured: {rest['basis']}")
+    print(f"Hyper-SD on SD 1.5 (LoRA), {head}; per 1000 iterations at a global batch of {est[0]['global_batch']}\n"
+          "| stage | UNet calls per sample | s/sample | GPU-h per 1000 it. | wall h, 1 GPU | wall h, 8 GPUs |\n"
           "|---|---|---|---|---|---|")
     for r in est:
         lb = ">= " if r["lower_bound"] else ""
         w = r["wall_hours_per_1000_iterations"]
-        print(f"| {r['stage']} (estimate) | {r['unet_calls_per_sample']} | {lb}{r['seconds_per_sample']:.3f} | "
+        print(f"| {r['stage']} ({r['status']}) | {r['unet_calls_per_sample']} | {lb}{r['seconds_per_sample']:.3f} | "
               f"{lb}{r['gpu_hours_per_1000_iterations']:.2f} | {lb}{w['1']:.2f} | {lb}{w['8']:.2f} |")
 
 
@@ -508,6 +544,8 @@ def print_table(results: list[dict]) -> None:
         elif r["method"] == "dmd2":
             b = r["dmd2_budget"]
             sched = f"DMD2: {b['gpu_hours']:,.0f} GPU-h"
+        elif r["method"] == "hypersd":      # scale.hypersd's four TSCD stages, 1000 iterations each at 96
+            sched = f"Hyper-SD plan, 4 TSCD stages: {4 * 1000 * 96 * sec / r['batch_size_per_gpu'] / 3600:,.1f} GPU-h"
         else:       # scale.lcm_lora's plan: 4000 steps at a global batch of 8 x 12
             sched = f"LCM-LoRA plan: {4000 * 96 * sec / r['batch_size_per_gpu'] / 3600:,.1f} GPU-h"
         print(head + f"{sec:.3f} | {r['batch_size_per_gpu'] / sec:.1f} | {_memory(r)} | {sched} |")
@@ -529,7 +567,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     ap.add_argument("--table", action="store_true", help="measure every row of the cost table in docs/scale.md (TABLE_ROWS: "
-                    "reflow, DMD2 and LCM-LoRA at several batch sizes, checkpointing on and off); --out keeps them")
+                    "reflow, DMD2, LCM-LoRA and Hyper-SD's TSCD step at several batch sizes, checkpointing on and off); "
+                    "--out keeps them")
     ap.add_argument("--hypersd-estimates", metavar="TABLE_JSON", default=None, help="print the ESTIMATED Hyper-SD "
                     "stage rows from a saved cost table (e.g. docs/results/cost_table_h200.json); no GPU needed")
     a = ap.parse_args(argv)

@@ -73,12 +73,13 @@ def timesteps(gen_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     return [int(round(num_train_timesteps * t)) - 1 for t in dmd.generator_times(gen_steps)]
 
 
-def check_teacher(teacher: str | os.PathLike) -> Path:
-    """The teacher's pipeline folder, after checking that it has its autoencoder and text encoder."""
+def check_teacher(teacher: str | os.PathLike, method: str = "DMD2") -> Path:
+    """The teacher's pipeline folder, after checking that it has its autoencoder and text encoder (`method` names the
+    stage in the message: DMD2, Hyper-SD)."""
     folder = resolve_pipeline(teacher)
     missing = [p for p in ("vae", "text_encoder", "tokenizer", "scheduler") if not (folder / p).is_dir()]
     if missing:
-        raise SourceError(f"the teacher {folder} has no {', '.join(m + '/' for m in missing)}: DMD2 trains in the "
+        raise SourceError(f"the teacher {folder} has no {', '.join(m + '/' for m in missing)}: {method} trains in the "
                           "teacher's own latent space (real images through ITS VAE, prompts through ITS text encoder). "
                           "Pass the whole diffusers pipeline folder (or hub id), not the UNet alone")
     return folder

@@ -130,22 +130,29 @@ def export_student(sd, student, out: str | os.PathLike, meta: dict | None = None
     return folder
 
 
-def load_lora_checked(pipe_folder: str | os.PathLike, lora_folder: str | os.PathLike):
-    """A StableDiffusionPipeline from `pipe_folder` with the LoRA in `lora_folder`, after checking that the LoRA
-    was trained on this base (base.json's UNet fingerprint): another base model is a clear error, not a silent
-    mismatch. A rectified-flow LoRA gets the flow scheduler."""
-    from diffusers import StableDiffusionPipeline
-
+def check_lora_base(pipe_folder: str | os.PathLike, lora_folder: str | os.PathLike) -> dict:
+    """SourceError when the LoRA in `lora_folder` was trained on another base than `pipe_folder`'s UNet (base.json's
+    UNet fingerprint; what differs in words); returns base.json's record ({} without one)."""
     lora_folder = Path(lora_folder)
     info = json.loads((lora_folder / "base.json").read_text()) if (lora_folder / "base.json").is_file() else {}
-    unet = Path(pipe_folder) / "unet"
-    have, detail = scan_folder(unet)
+    have, detail = scan_folder(Path(pipe_folder) / "unet")
     if info.get("unet_fingerprint") and info["unet_fingerprint"] != have:
         why = explain_difference(info["unet_detail"], detail, "its base", "this UNet") \
             if info.get("unet_detail") else [f"fingerprint {info['unet_fingerprint']} against {have}"]
         raise SourceError(f"the LoRA in {lora_folder} was trained on another base model: {pipe_folder}'s UNet is not "
                           f"the one it was trained on ({info['base']['source']}): {'; '.join(why)}. "
                           "Load it onto the base it was trained on.")
+    return info
+
+
+def load_lora_checked(pipe_folder: str | os.PathLike, lora_folder: str | os.PathLike):
+    """A StableDiffusionPipeline from `pipe_folder` with the LoRA in `lora_folder`, after checking that the LoRA
+    was trained on this base (check_lora_base): another base model is a clear error, not a silent mismatch. A
+    rectified-flow LoRA gets the flow scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    lora_folder = Path(lora_folder)
+    info = check_lora_base(pipe_folder, lora_folder)
     pipe = StableDiffusionPipeline.from_pretrained(pipe_folder, safety_checker=None, requires_safety_checker=False)
     try:
         pipe.load_lora_weights(str(lora_folder))

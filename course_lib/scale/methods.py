@@ -4,10 +4,15 @@ trains with them (lcm_lora.py, dmd2.py) and cost.py, which times the same step o
     lcm_lora_step(sd, lcfg, online)        LCM-LoRA's method step: notebook 06's lcm.lcm_step (teacher = the UNet with
                                            its adapter disabled), after the online teacher's sample in prompts-only runs
     networks(model, lora, alpha, gan, seed)  DMD2's generator, real score and critic around one SD UNet
+    tscd_grid(process, intervals)          Hyper-SD's training grid on SD's integer timesteps (segment edges on it)
+    hypersd_step(model, k, grid, w, ...)   Hyper-SD's method step (distill.hypersd.tscd_step, or reward_step for the
+                                           reward stage) with the SD LoRA nets: the guided teacher is the UNet with
+                                           its adapter disabled, the target the online student without grad
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -17,7 +22,7 @@ from .. import grids, samplers
 from .. import sd as sdlib
 from ..conditioning import Cond
 from ..config import seeded
-from ..distill import dmd, lcm
+from ..distill import dmd, hypersd, lcm
 from ..guidance import cfg
 
 LCM_LORA_W = 7.5                        # the released LCM-LoRA's fixed omega (= course w; guidance_scale 8.5)
@@ -61,3 +66,39 @@ def networks(model: nn.Module, lora: int, alpha: float | None, gan: bool, seed: 
         real = copy.deepcopy(model).requires_grad_(False).eval()
         model.requires_grad_(True)
     return model, real, critic
+
+
+HYPERSD_INTERVALS = 40                  # grid intervals: 25 timesteps each; every k of (8, 4, 2, 1) divides 40
+
+
+def tscd_grid(process, intervals: int = HYPERSD_INTERVALS) -> torch.Tensor:
+    """Hyper-SD's training grid at SD scale, in course times (float64, increasing, intervals + 1 points): the integer
+    timesteps 0, T/I - 1, 2T/I - 1, ..., T - 1 (I = intervals; T/I = 25 for the default 40, close to LCM's 20). With
+    I divisible by k the k segments' edges (hypersd.segment_edges(k, grid=grid)) are timesteps 0 and jT/k - 1: the
+    trailing grid of TCD's k-step sampler (999, 749, 499, 249 for k = 4), so every sampler step at k steps starts on
+    a segment edge."""
+    T = int(process.T)
+    if intervals < 1 or T % intervals:
+        raise ValueError(f"--intervals {intervals} must divide the {T} training timesteps")
+    timesteps = torch.cat([torch.zeros(1, dtype=torch.int64),
+                           torch.arange(1, intervals + 1, dtype=torch.int64) * (T // intervals) - 1])
+    return process.t_of_timestep(timesteps)
+
+
+def hypersd_step(model, k: int, grid: torch.Tensor, w: float, distance: str = "l2",
+                 reward: tuple[hypersd.RewardConfig, Callable] | None = None) -> Callable:
+    """Hyper-SD's method step for an SD LoRA stage: notebook 11's hypersd.tscd_step with k segments on `grid` (or,
+    with reward = (RewardConfig, reward_fn), hypersd.reward_step), given the nets a LoRA stage has, one UNet in
+    memory: "teacher" the UNet `model` with its adapter disabled and guided with the fixed w (guidance.cfg; no
+    gradient: tscd_target runs it under no_grad), "target" theta^- the online student without gradients (as
+    LCM-LoRA and diffusers' LoRA scripts: no EMA copy of the UNet)."""
+    teacher = cfg(sdlib.AdapterOff(model), w)
+    if reward is None:
+        inner = hypersd.tscd_step(hypersd.TSCDConfig(segments=(k,), N=len(grid), distance=distance), grid, k)
+    else:
+        inner = hypersd.reward_step(reward[0], grid, reward[1])
+
+    def step(ctx, batch):
+        return inner(replace(ctx, nets={**ctx.nets, "target": ctx.nets["student"], "teacher": teacher}), batch)
+
+    return step
