@@ -394,3 +394,11 @@ def cifar10_fid(samples: Tensor, device: str | torch.device = "cpu", batch_size:
             f"CIFAR-10 FID needs clean-fid's Inception weights and CIFAR-10 statistics, which could not be "
             f"downloaded (offline? {e}). Offline, use course_lib.classifier.digits_frechet_distance on the digits "
             f"dataset (a Frechet distance in a small digits classifier's feature space, not FID).") from e
+
+
+def pareto_front(cost: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """The Pareto front of N methods, lower better on both axes: a boolean mask (N,), True where no other method is
+    at least as good on both axes and strictly better on one (cost (N,), quality (N,); equal points are all kept)."""
+    c, q = cost[:, None], quality[:, None]                                    # (N, 1) against (1, N): row i, column j
+    dominated = ((cost[None] <= c) & (quality[None] <= q) & ((cost[None] < c) | (quality[None] < q))).any(dim=1)
+    return ~dominated

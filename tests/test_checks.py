@@ -540,6 +540,7 @@ def _library_solutions():
         **_nb13_solutions(),
         **_nb14_solutions(),
         **_nb11_solutions(),
+        "12.1": _nb12_solution(),
     }
 
 
@@ -565,6 +566,12 @@ def _nb11_solutions():
 
 # checkers whose notebook comes in a later round (none now: solutions/11_hyper_sd.ipynb holds 11.1-11.4)
 NOTEBOOK_PENDING: set[str] = set()
+
+
+def _nb12_solution():
+    from course_lib.metrics import pareto_front
+
+    return pareto_front
 
 
 def _nb13_solutions():
@@ -1478,3 +1485,30 @@ def test_hypersd_placeholders_hear_what_is_wrong_not_the_recipe(exercise, capsys
     out = capsys.readouterr().out
     assert checks.is_library(used) and out.count(f"Exercise {exercise}:") == 1, out
     assert "returns all zeros" in out and recipe not in out, out
+
+
+# --- notebook 12: the Pareto front ---------------------------------------------------------------------------------
+
+def test_pareto_front_is_the_set_no_method_beats_on_both_axes():
+    from course_lib.metrics import pareto_front
+
+    cost, quality = torch.tensor([1.0, 2.0, 3.0, 1.0, 4.0, 2.0]), torch.tensor([5.0, 3.0, 1.0, 5.0, 0.5, 4.0])
+    # (2, 4) is beaten by (2, 3); the repeated (1, 5) stays twice
+    assert pareto_front(cost, quality).tolist() == [True, True, True, True, True, False]
+
+
+@pytest.mark.parametrize("mistake, says", [
+    (lambda c, q: __import__("course_lib.metrics", fromlist=["x"]).pareto_front(c, -q), "lower is better"),
+    (lambda c, q: __import__("course_lib.checks.nb12", fromlist=["x"])._drops_ties(c, q), "repeated point"),
+    (lambda c, q: __import__("course_lib.checks.nb12", fromlist=["x"])._extremes(c, q), "cheapest method and the best"),
+    (lambda c, q: torch.nonzero(__import__("course_lib.metrics", fromlist=["x"]).pareto_front(c, q)).flatten(),
+     "not the indices"),
+    (lambda c, q: torch.zeros(len(c), dtype=torch.bool), "placeholder"),
+])
+def test_pareto_checker_rejects_planted_mistakes(mistake, says, capsys):
+    from course_lib.checks.nb12 import check_pareto_front
+    from course_lib.metrics import pareto_front
+
+    assert check_pareto_front(pareto_front, seed=0) is pareto_front
+    assert check_pareto_front(mistake, seed=0) is not mistake
+    assert says in capsys.readouterr().out

@@ -69,6 +69,9 @@ ALLOWED: dict[str, list[str]] = {
     "11_hyper_sd.ipynb": [
         "SD 1.5",                 # the model's name (the paper's LoRAs are for SD 1.5 and SDXL)
     ],
+    "12_leaderboard.ipynb": [
+        "2-RF",                   # the 2-rectified flow's name (notebook 03)
+    ],
     "13_scaling_up.ipynb": [
         "2-RF",                   # the 2-rectified flow's name (InstaFlow's notation)
         "SD 1.5", "Stable Diffusion 1.5",   # the model's name

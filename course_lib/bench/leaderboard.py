@@ -17,8 +17,9 @@ benchmark row (schema 3: value = mean over the evaluation seeds, std, values) an
     ms_per_sample      the wall time of producing the row's samples over their number (`seconds` / `n`), on the
                        machine and device the row was measured on (`device`; the benchmarks run on one CPU thread)
     train_updates, train_seconds
-                       the training cost as the benchmark measured it (loaded and shipped rows alike);
-                       teacher_evals where the benchmark counted them
+                       the training cost as the benchmark measured it (loaded and shipped rows alike; a student
+                       trained from another model of its benchmark adds that model's seconds, `train_chain`; the
+                       time to generate training pairs is not counted); teacher_evals where the benchmark counted them
 
 The quality metrics: 2D "swd" beside "recall" (gmm) or "in_squares" (checkerboard); digits "kid_heldout" beside
 "class_acc"; the mini SD "kid_heldout" beside "adherence" and "colour_adherence". `python -m course_lib.bench report
@@ -41,6 +42,7 @@ from ..distill import hypersd, tcd
 from ..distill.gan import generate_one_step
 from ..recipes import dmd as dmd_recipes
 from ..recipes import flowmap as fm_recipes
+from ..recipes import gdd as gdd_recipes
 from . import register
 from .core import Evaluation, per_seed, prior, reference_2d, score_2d, timed
 
@@ -55,12 +57,14 @@ RESULTS = paths.CHECKOUT / "docs" / "results"   # the saved laptop results of a 
 @dataclass(frozen=True)
 class Entry:
     """A method's student in one benchmark's saved result: the rows of `model` in docs/results/bench_<bench>_laptop.json
-    whose fields match `where` (the method's default sampler setting where its benchmark sweeps one)."""
+    whose fields match `where` (the method's default sampler setting where its benchmark sweeps one). `after`: the
+    models of the same file this student is trained from (its train_seconds are added: the cost of the chain)."""
     family: str
     method: str
     bench: str
     model: str
     where: tuple[tuple[str, float], ...] = ()
+    after: tuple[str, ...] = ()
 
 
 # The board, in the course's order. The teacher rows are the reference every ratio is taken to.
@@ -68,7 +72,7 @@ BOARD = (
     Entry("teacher", "teacher (DPM-Solver++)", "teacher", "teacher"),
     Entry("trajectory", "progressive distillation", "pd", "pd"),
     Entry("trajectory", "2-rectified flow", "reflow", "2-rf"),
-    Entry("trajectory", "2-RF distilled", "reflow", "2-rf-distill"),
+    Entry("trajectory", "2-RF distilled", "reflow", "2-rf-distill", after=("2-rf",)),
     Entry("trajectory", "InstaFlow", "instaflow", "instaflow"),
     Entry("consistency", "consistency distillation", "cd", "cd"),
     Entry("consistency", "consistency training", "ct", "ct"),
@@ -81,7 +85,6 @@ BOARD = (
     Entry("distribution", "DMD2", "dmd2", "dmd2"),
     Entry("distribution", "GDD", "gdd", "gdd"),
     Entry("distribution", "GDD-I", "gdd", "gdd-i"),
-    Entry("distribution", "GDD-I (shipped)", "gdd", "gdd-i-shipped"),
 )
 FLOWMAP_NAMES = {"meanflow": "MeanFlow", "meanflow-distill": "MeanFlow (distilled)", "shortcut": "shortcut model",
                  "scd": "sCD", "sct": "sCT"}
@@ -131,7 +134,12 @@ def loaded_rows(entries: Iterable[Entry] = BOARD, datasets: Iterable[str] = DATA
                     continue
                 best = _teacher_best(saved, r["dataset"], r["metric"]) or _teacher_best(teacher, r["dataset"],
                                                                                         r["metric"])
-                rows.append(_board_row(r, e.family, e.method, "loaded", f"docs/results/{path.name}", best))
+                row = _board_row(r, e.family, e.method, "loaded", f"docs/results/{path.name}", best)
+                if e.after and "train_seconds" in r:
+                    before = [next(x["train_seconds"] for x in saved if x["model"] == m and x["dataset"] == r["dataset"]
+                                   and "train_seconds" in x) for m in e.after]
+                    row.update(train_seconds=round(r["train_seconds"] + sum(before), 1), train_chain=list(e.after))
+                rows.append(row)
     seen: dict[tuple, int] = {}
     for r in rows:
         key = (r["method"], r["dataset"], r["nfe"], r["metric"])
@@ -141,10 +149,10 @@ def loaded_rows(entries: Iterable[Entry] = BOARD, datasets: Iterable[str] = DATA
     return rows, missing
 
 
-def _shipped_students(device) -> dict[str, dict[str, tuple]]:
+def shipped_students(device) -> dict[str, dict[str, tuple]]:
     """{dataset: {method: (family, sampler(x1, steps, seed) -> x, steps served, updates, seconds, process,
     teacher evaluations or None)}} of the 2D students that ship in data/ (the flow-map students and the
-    longer-trained DMD2 generators)."""
+    longer-trained DMD2 and GDD-I generators)."""
     out: dict[str, dict[str, tuple]] = {}
     for ds in fm_recipes.DATASETS:
         mine = out.setdefault(ds, {})
@@ -156,6 +164,9 @@ def _shipped_students(device) -> dict[str, dict[str, tuple]]:
         G, info = dmd_recipes.load_shipped_2d(ds, device)
         mine["DMD2 (shipped)"] = ("distribution", lambda x1, k, s, G=G: _one_step(G, x1), (1,),
                                   info["generator_updates"], info["train_seconds"], G.process, None)
+        G, info = gdd_recipes.load_shipped(ds, device)
+        mine["GDD-I (shipped)"] = ("distribution", lambda x1, k, s, G=G: _one_step(G, x1), (1,),
+                                   info["recipe"]["steps"], info["train_seconds"], G.process, None)
     return out
 
 
@@ -170,7 +181,7 @@ def shipped_rows(mode: str, seed: int, device) -> list[dict]:
     n = pick(mode, smoke=500, laptop=5000, full=5000)
     teacher_rows = _saved("teacher")
     ev, info = Evaluation(seed, device), {}
-    for ds, students in _shipped_students(device).items():
+    for ds, students in shipped_students(device).items():
         for s in ev.seeds:
             ref = reference_2d(ev, ds, n, s)
             for method, (family, sample, steps, updates, seconds, process, evals) in students.items():

@@ -26,6 +26,7 @@ from .nb08 import check_discriminator_loss, check_distillation_loss, check_trail
 from .nb09 import check_backward_simulate, check_dm_loss, check_fake_score_loss
 from .nb10 import check_freeze_rule, check_gdd_losses, check_time_share
 from .nb11 import check_refl_loss, check_segment_start, check_tscd_loss, check_unified_sampler
+from .nb12 import check_pareto_front
 from .nb13 import check_to_latents
 from .nb14 import check_meanflow_target, check_scm_tangent, check_shortcut_target
 
@@ -44,5 +45,6 @@ __all__ = ["CHECKERS", "FALLBACK", "LIBRARY_NOTE", "accept", "advice_for", "chec
            "check_dm_loss", "check_fake_score_loss", "check_backward_simulate",
            "check_gdd_losses", "check_freeze_rule", "check_time_share",
            "check_segment_start", "check_tscd_loss", "check_refl_loss", "check_unified_sampler",
+           "check_pareto_front",
            "check_to_latents",
            "check_meanflow_target", "check_shortcut_target", "check_scm_tangent"]
