@@ -243,6 +243,17 @@ class SDDiscrete(AffineProcess):
         """Discrete diffusers timestep i -> course time t = (i + 1) / T."""
         return (timesteps.to(torch.float64) + 1.0) / self.T
 
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        """Inverse of log_snr on the interpolated schedule: log abar = log sigmoid(lambda) (abar = alpha^2, the SNR
+        abar / (1 - abar)), then t from the piecewise-linear log abar table (exact between grid points). float64;
+        clamped to [0, 1] (lambda above the first grid point's lands between t = 0 and 1 / T, below the last at 1)."""
+        log_abar = torch.nn.functional.logsigmoid(lam.to(torch.float64))
+        table = self._log_abar.to(lam.device)                                 # decreasing, T + 1 entries
+        j = torch.searchsorted(-table, -log_abar).clamp(1, self.T)            # table[j - 1] >= log_abar > table[j]
+        lo, hi = table[j - 1], table[j]
+        frac = ((lo - log_abar) / (lo - hi)).clamp(0.0, 1.0)
+        return ((j - 1).to(torch.float64) + frac) / self.T
+
     def config(self) -> dict:
         return {"name": self.name, "beta_start": self.beta_start, "beta_end": self.beta_end,
                 "num_train_timesteps": self.T, "beta_schedule": self.beta_schedule}

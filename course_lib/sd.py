@@ -207,6 +207,48 @@ def lcm_timestep_cond(w: Tensor, dim: int) -> Tensor:
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def step_cond(d: Tensor, dim: int) -> Tensor:
+    """A flow map's step d = timestep(t) - timestep(s) (B,), in diffusers' timestep units (1000 (t - s)), as the
+    UNet's timestep_cond (B, dim): lcm_timestep_cond of w = d / 1000. It is exactly what a plain
+    StableDiffusionPipeline makes for a UNet with time_cond_proj_dim from guidance_scale = 1 + d / 1000
+    (get_guidance_scale_embedding of guidance_scale - 1), so on the uniform trailing grid of n steps (d = 1000 / n)
+    the plain pipeline at guidance_scale = 1 + 1 / n feeds the step (and, with that embedding, runs no CFG pair)."""
+    return lcm_timestep_cond(d.float() / 1000.0, dim)
+
+
+class SDFlowMapUNet(SDUNet):
+    """SDUNet of a flow map X(x_t, t -> s): a UNet with time_cond_proj_dim reads the step d = timestep - end_time
+    through timestep_cond (`step_cond`); its cond_proj starts at zero, so at first it is the base UNet for every s.
+    Without end_time (s None) it is called without timestep_cond: the base UNet's own prediction (with the LoRA
+    switched off, the teacher)."""
+
+    flow_map = True
+
+    def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None,
+                encoder_hidden_states: Tensor | None = None, timestep_cond: Tensor | None = None,
+                guidance: Tensor | None = None, end_time: Tensor | None = None) -> Tensor:
+        if end_time is not None:
+            if timestep_cond is not None:
+                raise ValueError("a flow-map UNet makes its timestep_cond from the end time s; pass one of them")
+            d = timestep.reshape(-1).expand(len(x)) - end_time.reshape(-1).expand(len(x))
+            timestep_cond = step_cond(d, self.unet.config.time_cond_proj_dim).to(x.device)
+        return super().forward(x, timestep, class_labels, encoder_hidden_states, timestep_cond, guidance)
+
+
+class SDFlowMap(SDDenoiser):
+    """A Stable Diffusion flow-map student as a course model (models.is_flow_map): an SDDenoiser whose backbone is
+    `SDFlowMapUNet` (its UNet has time_cond_proj_dim), called model(x, t, cond) with the end time in cond.s;
+    one DDIM step t -> s of its Pred is the jump (steps.flow_map, samplers.flow_map)."""
+
+    def __init__(self, unet: nn.Module, process: AffineProcess, parameterization: str = "eps",
+                 reference: dict | None = None):
+        if unet.config.get("time_cond_proj_dim") is None:
+            raise ValueError("a flow-map SD UNet reads its step through timestep_cond: build it with "
+                             "time_cond_proj_dim (e.g. distill.lcm.lcm_student's zero-initialised cond_proj)")
+        super().__init__(unet, process, parameterization, reference)
+        self.net = SDFlowMapUNet(unet)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Text encoder and VAE
 # ----------------------------------------------------------------------------------------------------------------

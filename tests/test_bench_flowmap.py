@@ -190,3 +190,17 @@ def test_flowmap_benchmark_digits_rows(result):
         assert key in kid, key
     assert not any(r["model"] in ("cd", "pd") and r["steps"] not in (1, 2) for r in rows)
     assert "spread" in verdict(rows)
+
+
+def test_flowmap_benchmark_mini_sd_rows(result):
+    """The mini-SD rows (bench.flowmap_minisd; smoke: a few recipe updates on the tiny SD): the guided teacher, the
+    data floor and the MeanFlow flow-map LoRA at 1, 2, 4 steps with one UNet call per step, on the mini SD's metrics."""
+    from course_lib.bench import flowmap_minisd as bsd
+
+    rows = [r for r in result["rows"] if r["dataset"] == "mini-sd"]
+    assert {r["model"] for r in rows} == {"teacher", "data", bsd.MODEL}
+    mine = [r for r in rows if r["model"] == bsd.MODEL]
+    assert {r["steps"] for r in mine} == set(bsd.STEPS) and all(r["nfe"] == r["steps"] for r in mine)
+    assert {"adherence", "colour_adherence", "kid_heldout"} <= {r["metric"] for r in mine}
+    assert all(r["nfe"] == 50 for r in rows if r["model"] == "teacher")
+    assert result["meta"]["minisd"]["sd_student"].startswith("tiny random SD")

@@ -16,6 +16,9 @@ same noise levels and the same units.
 
 Digits rows (bench.flowmap_digits.digits_rows, its meta under "digits"): every student at 1 and 2 steps against the
 held-out digits, beside bench cd's CD and bench pd's PD students and the 16-step teacher.
+
+Mini-SD rows (bench.flowmap_minisd.minisd_rows, its meta under "minisd"): the MeanFlow flow-map LoRA of the guided
+mini SD at 1, 2, 4 steps beside the guided teacher's 25-step DDIM (smoke: a few recipe updates on the tiny SD).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from ..teachers import load_teacher
 from . import register
 from .cd import _pd_same_teacher_evals, _sample_cm, _train_2d, cm_budget, student_grid
 from .flowmap_digits import digits_rows, verdict as digits_verdict
+from .flowmap_minisd import minisd_rows
 from .core import (Evaluation, PR_N, lines_over_best, pm, prior, score_2d, seed_inputs, spread_row, sweep_2d, timed,
                    train_fields)
 
@@ -136,6 +140,8 @@ def bench_flowmap(mode: str, seed: int = 0, device: str | torch.device | None = 
     rows = ev.rows() + _grid_rows(grids, ts_rf, device, grid_extra)
     digit_rows, meta["digits"] = digits_rows(mode, seed, device)
     rows += digit_rows
+    sd_rows, meta["minisd"] = minisd_rows(mode, seed, device)
+    rows += sd_rows
     print(summary(rows))
     print(digits_verdict(rows))
     return rows, {**b, "eval_seeds": ev.seeds, "pr_n": PR_N, "student_steps": list(recipes.STEPS),

@@ -416,6 +416,8 @@ class MeanFlowConfig(FlowMapConfig):
     time_std: float = MF_TIME_STD
     p: float = MF_P                 # adaptive weight power (0: plain squared error)
     c: float = MF_C
+    t_max: float = 1.0              # times scaled into (0, t_max]: a process read in rf time whose noise end is
+                                    # below 1 (Stable Diffusion's, reflow.RFView.rf_time of its t = 1)
 
 
 @dataclass
@@ -444,6 +446,8 @@ def meanflow_step(cfg: MeanFlowConfig) -> Callable[[StepContext, Any], Tensor]:
         x0, cond = unpack(batch)
         t, r = (v.to(x0.device) for v in meanflow_times(len(x0), ctx.generator, cfg.ratio, cfg.time_mean,
                                                          cfg.time_std))
+        if cfg.t_max != 1.0:
+            t, r = t * cfg.t_max, r * cfg.t_max
         return meanflow_loss(ctx.nets["student"], x0, _noise(x0, ctx.generator), t, r, cond, ctx.nets.get("teacher"),
                              cfg.p, cfg.c, cfg.fd_h)
     return step

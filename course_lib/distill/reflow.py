@@ -40,7 +40,7 @@ from ..grids import uniform
 from ..metrics import straightness as s_of_path
 from ..models import Denoiser, build_denoiser
 from ..predictions import velocity
-from ..processes import AffineProcess, RectifiedFlow, VPCosine, bcast
+from ..processes import AffineProcess, RectifiedFlow, SDDiscrete, VPCosine, bcast
 from ..samplers import euler, get_sampler
 from ..train import Trained, TrainConfig, train
 
@@ -349,13 +349,21 @@ class RFView(nn.Module):
     x_tau = x_t^rf / sqrt((1 - t)^2 + t^2). So
         rf_model(x, t) = model(x / sqrt((1 - t)^2 + t^2), tau)
     returns exactly the model's Pred(x0, eps): its probability-flow ODE in rf time. Euler on this view is DDIM
-    of the diffusion model on the matching grid. Only for VPCosine (closed-form inverse of the log-SNR)."""
+    of the diffusion model on the matching grid. For the variance-preserving processes with an inverse of the
+    log-SNR: VPCosine (closed form) and SDDiscrete (Stable Diffusion's schedule, interpolated; its rf times end at
+    t = sigma / (alpha + sigma) of its t = 1, below 1: `rf_time`)."""
 
     def __init__(self, model: Denoiser):
         super().__init__()
-        if not isinstance(model.process, VPCosine):
-            raise ValueError(f"RFView needs a vp-cosine diffusion model; got process {model.process.name!r}")
+        if not isinstance(model.process, (VPCosine, SDDiscrete)):
+            raise ValueError(f"RFView needs a vp-cosine or SD diffusion model; got process {model.process.name!r}")
         self.model, self.process = model, RectifiedFlow()
+
+    def rf_time(self, tau: Tensor) -> Tensor:
+        """The rf time t (float64) of the model's time tau: t / (1 - t) = sigma(tau) / alpha(tau) (vp_time's inverse)."""
+        tau = torch.as_tensor(tau, dtype=torch.float64)
+        a, s = self.model.process.alpha(tau), self.model.process.sigma(tau)
+        return s / (a + s)
 
     def vp_time(self, t: Tensor) -> Tensor:
         """tau (float64) with the SNR of rf time t: sigma(tau) / alpha(tau) = t / (1 - t)."""

@@ -11,5 +11,7 @@ files, and notebook-only experiments. The methods themselves (the paper's code) 
     flowmap.py     the 2D flow-map recipes (MeanFlow, shortcut, sCM; notebook 14, bench flowmap); data/flowmap
     flowmap_digits.py  the flow-map students on digits (MeanFlow, shortcut, sCD, sCT; bench flowmap's digits rows);
                    the finite-difference tangent against the JVP      python -m course_lib.recipes.flowmap_digits fd-table
+    flowmap_minisd.py  MeanFlow on the mini SD: the flow-map LoRA of the guided teacher, its plain diffusers pipeline
+                   (notebook 14, bench flowmap's mini-sd rows); data/flowmap/mini-sd-meanflow
     hypersd.py     the 2D Hyper-SD budgets, known rewards and ablations (notebook 11, bench hypersd)
 """
