@@ -13,7 +13,7 @@ LOCK ?= constraints.txt
 NB_DIRS := $(wildcard solutions notebooks)
 TEST_ENV := HF_HUB_OFFLINE=1 COURSE_MODE=smoke OMP_NUM_THREADS=1 MPLBACKEND=Agg
 
-.PHONY: install lab test test-fast notebooks check render bench tables clean distclean lock versions
+.PHONY: install lab test test-fast browser notebooks check render bench tables clean distclean lock versions
 
 install: $(STAMP)
 
@@ -43,8 +43,16 @@ lab: $(STAMP)
 # --dist loadfile keeps each notebook's cells on one worker; --nbval-current-env runs the
 # kernels with .venv's Python whatever kernels are registered on the machine.
 TEST_CMD = $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile tests --nbval-lax --nbval-current-env $(NB_DIRS)
-test: $(STAMP)
+test: $(STAMP) browser
 	$(TEST_CMD)
+
+# The widget test drives Debian's chromium (tests/test_widgets_browser.py): installed here where apt-get can
+# (root, Debian or Ubuntu); elsewhere that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	 { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	   apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	 echo "no chromium (apt-get install chromium, or set CHROMIUM=/path/to/chrome): the browser test will skip"
 
 # The same without the tests marked slow (multi-process, kill-and-resume, wheel build; pyproject.toml's markers).
 test-fast: $(STAMP)
