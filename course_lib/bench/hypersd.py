@@ -1,13 +1,16 @@
 """`bench hypersd`: Hyper-SD (Ren et al. 2024) on the shipped 2D teachers: TSCD's stages 8 -> 4 -> 2 -> 1 ("tscd"),
 + reward feedback ("tscd-reward"), + score distillation ("hypersd"), and consistency distillation with the same
 teacher evaluations ("cd-same-budget"), each sampled by the unified sampler (TCD's gamma sampler) at 1, 2, 4, 8
-steps, beside the teacher's DPM-Solver++ sweep and the data floor (recipes.hypersd)."""
+steps, beside the teacher's DPM-Solver++ sweep and the data floor (recipes.hypersd); on the mini Stable Diffusion
+(dataset "minisd") the unified LoRA ("tscd", "tscd-reward": data/hypersd) at 1, 2, 4, 8 steps beside the guided
+teacher's 25-step DDIM (`rows_minisd`)."""
 from __future__ import annotations
 
 from dataclasses import replace
 
 import torch
 
+from .. import minisd
 from ..config import default_device, pick
 from ..distill import hypersd as h
 from ..plotting import table
@@ -77,11 +80,10 @@ def rows_minisd(ev: Evaluation, mode: str) -> dict:
     """The mini SD rows (dataset "minisd"): the guided teacher's 25-step DDIM ("teacher", nfe 50) and the unified
     LoRA ("tscd", "tscd-reward") at 1, 2, 4, 8 steps of TCD's sampler (recipes.hypersd.evaluate_minisd). Laptop and
     full: the SHIPPED LoRAs of data/hypersd; smoke: the recipe (recipes.hypersd.train_minisd) for one update per
-    stage at batch 4 on 20 training digits, so the training path runs. CPU (the evaluation pipeline's device)."""
-    from .. import minisd
-
+    stage at batch 4 on 20 training digits, so the training path runs, evaluated on the first evaluation seed only
+    (seconds). CPU (the evaluation pipeline's device)."""
     n = pick(mode, smoke=16, laptop=300, full=1000)
-    seeds, w = ev.seeds, recipe.SD_RECIPE.w
+    seeds, w = (ev.seeds[:1] if mode == "smoke" else ev.seeds), recipe.SD_RECIPE.w     # smoke: one seed, seconds
     per = lambda t: t / len(seeds)              # wall seconds of one seed's samples AND scores
     sd = minisd.load_mini_sd()
     r, sec = timed(lambda: minisd.evaluate(sd, n, 25, w, seeds))
