@@ -93,22 +93,23 @@ def rows_minisd(ev: Evaluation, mode: str) -> dict:
         small = replace(recipe.SD_RECIPE, stage_steps=1, reward_steps=1, batch=4)
         parts = recipe.train_minisd(sd, small, minisd.digit_batches(sd, n_images=20), progress=False,
                                     log=lambda *a: None)
-        students = {name: (weights, secs, small.stage_steps * len(h.SEGMENTS) + (name == "tscd-reward"))
+        student = recipe.TCDModel(sd.model, w_fixed=w)
+        students = {name: (sd, student, weights, secs, small.stage_steps * len(h.SEGMENTS) + (name == "tscd-reward"))
                     for name, (weights, secs) in parts.items()}
         meta["sd_student"] = "the mini SD, recipe for 1 update per stage at batch 4"
     else:
         students = {}
-        for name in SD_MODELS:
-            sd_name = minisd.load_mini_sd()
-            recipe.load_shipped_minisd(sd_name, name)
+        for name in SD_MODELS:                  # each shipped LoRA on its own copy of the base
+            base = minisd.load_mini_sd()
             info = recipe.shipped_info(name)
-            students[name] = (recipe.adapter_weights(sd_name.model), info["train_seconds"], info["updates"])
+            students[name] = (base, recipe.load_shipped_minisd(base, name), None, info["train_seconds"],
+                              info["updates"])
         meta["sd_student"] = recipe.SD_RECREATE
-    student = recipe.TCDModel(sd.model, w_fixed=w)
-    for name, (weights, secs, updates) in students.items():
-        recipe.set_adapter_weights(sd.model, weights)
+    for name, (base, student, weights, secs, updates) in students.items():
+        if weights is not None:
+            recipe.set_adapter_weights(base.model, weights)
         for k in STEPS:
-            res, sec = timed(lambda: recipe.evaluate_minisd(sd, student, n, k, seeds))
+            res, sec = timed(lambda: recipe.evaluate_minisd(base, student, n, k, seeds))
             _add_sd(ev, name, res, per(sec), nfe=k, steps=k, w=w, sampler="tcd", gamma=res["gamma"], n=n,
                     **train_fields(secs, updates))
     return meta
