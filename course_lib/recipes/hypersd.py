@@ -428,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
         sd = minisd.load_mini_sd()
         data = digit_batches(sd)
         ckpt = Path(args.ckpt) if args.ckpt else paths.cache_dir() / f"hypersd_minisd_{r.seed}"
+        stages = [f"k{k}" for k in h.SEGMENTS] + ["reward"]
+        resumed = [n for n in stages if (ckpt / n / TRAINER_WEIGHTS).is_file()]    # checkpoints before this call
         parts = train_minisd(sd, r, data, ckpt_dir=ckpt)
         updates = {"tscd": r.stage_steps * len(h.SEGMENTS), "tscd-reward": r.stage_steps * len(h.SEGMENTS)
                    + r.reward_steps}
@@ -436,8 +438,11 @@ def main(argv: list[str] | None = None) -> None:
             folder = save_minisd(sd.model, out / SD_SHIPPED[name], r.w, {
                 "command": f"{SD_RECREATE} (stage steps {r.stage_steps}, reward steps {r.reward_steps})",
                 "recipe": asdict(r), "updates": updates[name], "train_seconds": round(secs),
-                "threads": torch.get_num_threads(), "seconds_per_update": round(secs / updates[name], 3)})
-            print(f"saved {folder}: {updates[name]} updates, {secs:.0f} s of training", flush=True)
+                "threads": torch.get_num_threads(), "seconds_per_update": round(secs / updates[name], 3),
+                # train_seconds counts this call only: a stage resumed from its checkpoint counts its rest
+                **({"resumed_stages": resumed} if resumed else {})})
+            print(f"saved {folder}: {updates[name]} updates, {secs:.0f} s of training in this call"
+                  + (f" (resumed: {', '.join(resumed)})" if resumed else ""), flush=True)
         return
     seeds = (0, 1, 2)
     teacher = teacher_rows()
