@@ -415,9 +415,9 @@ def test_hypersd_benchmark_rows(tmp_path):
 
     res = bench.main(["hypersd", "--mode", "smoke", "--device", "cpu", "--out", str(tmp_path / "h.json")])
     rows = res["rows"]
-    assert all(r["schema"] == 3 and r["n_seeds"] == (1 if r["dataset"] == "minisd" else 3) for r in rows)
+    assert all(r["schema"] == 3 and r["n_seeds"] == (1 if r["dataset"] == "mini-sd" else 3) for r in rows)
     # the mini SD (smoke: the recipe for one update per stage, one evaluation seed): teacher and both LoRAs
-    sd = [r for r in rows if r["dataset"] == "minisd"]
+    sd = [r for r in rows if r["dataset"] == "mini-sd"]
     for model in ("tscd", "tscd-reward"):
         got = {(r["steps"], r["metric"]) for r in sd if r["model"] == model}
         assert got == {(k, m) for k in (1, 2, 4, 8) for m in ("kid_heldout", "adherence", "colour_adherence",

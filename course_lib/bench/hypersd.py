@@ -2,8 +2,8 @@
 + reward feedback ("tscd-reward"), + score distillation ("hypersd"), and consistency distillation with the same
 teacher evaluations ("cd-same-budget"), each sampled by the unified sampler (TCD's gamma sampler) at 1, 2, 4, 8
 steps, beside the teacher's DPM-Solver++ sweep and the data floor (recipes.hypersd); on the mini Stable Diffusion
-(dataset "minisd") the unified LoRA ("tscd", "tscd-reward": data/hypersd) at 1, 2, 4, 8 steps beside the guided
-teacher's 25-step DDIM (`rows_minisd`)."""
+(dataset "mini-sd", as bench lcm and tcd) the unified LoRA ("tscd", "tscd-reward": data/hypersd) at 1, 2, 4, 8
+steps beside the guided teacher's 25-step DDIM (`rows_minisd`)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -65,7 +65,7 @@ def bench_hypersd(mode: str, seed: int = 0, device: str | torch.device | None = 
                   **sd_meta}
 
 
-SD = "minisd"                   # the dataset name of the mini Stable Diffusion rows
+SD = "mini-sd"                  # the dataset name of the mini Stable Diffusion rows (bench lcm, tcd, flowmap alike)
 SD_MODELS = ("tscd", "tscd-reward")
 SD_METRICS = ("adherence", "colour_adherence", "kid_heldout", "fd_heldout")
 
@@ -77,9 +77,9 @@ def _add_sd(ev: Evaluation, model: str, result: dict, seconds: float, **fields) 
 
 
 def rows_minisd(ev: Evaluation, mode: str) -> dict:
-    """The mini SD rows (dataset "minisd"): the guided teacher's 25-step DDIM ("teacher", nfe 50) and the unified
-    LoRA ("tscd", "tscd-reward") at 1, 2, 4, 8 steps of TCD's sampler (recipes.hypersd.evaluate_minisd). Laptop and
-    full: the SHIPPED LoRAs of data/hypersd; smoke: the recipe (recipes.hypersd.train_minisd) for one update per
+    """The mini SD rows (dataset "mini-sd", as bench lcm and tcd): the guided teacher's 25-step DDIM ("teacher",
+    nfe 50) and the unified LoRA ("tscd", "tscd-reward") at 1, 2, 4, 8 steps of TCD's sampler
+    (recipes.hypersd.evaluate_minisd). Laptop and full: the SHIPPED LoRAs of data/hypersd; smoke: the recipe (recipes.hypersd.train_minisd) for one update per
     stage at batch 4 on 20 training digits, so the training path runs, evaluated on the first evaluation seed only
     (seconds). CPU (the evaluation pipeline's device)."""
     n = pick(mode, smoke=16, laptop=300, full=1000)

@@ -10,7 +10,9 @@ benchmark row (schema 3: value = mean over the evaluation seeds, std, values) an
     origin             "loaded": the saved laptop run of the method's own benchmark (`source`, a file of
                        docs/results), whose students were trained in that run (hours of CPU for them all; each
                        file's meta has its total_seconds), or "shipped, evaluated here": a student of data/ loaded
-                       and scored in this run with the benchmarks' evaluation seeds and references
+                       and scored in this run with the benchmarks' evaluation seeds and references (the 2D flow-map,
+                       DMD2 and GDD-I students; in laptop and full mode also the mini SD's Hyper-SD and MeanFlow
+                       LoRAs, scored by their benchmarks' own mini-SD evaluation: minutes)
     x_teacher, x_teacher_std
                        for SWD and KID rows: the value over the teacher's best on the same seeds (per-seed ratios,
                        core.per_seed), the teacher's best taken from the same file (its rows share the references)
@@ -43,7 +45,8 @@ from ..distill.gan import generate_one_step
 from ..recipes import dmd as dmd_recipes
 from ..recipes import flowmap as fm_recipes
 from ..recipes import gdd as gdd_recipes
-from . import register
+from . import flowmap_minisd, register
+from . import hypersd as hypersd_bench
 from .core import Evaluation, per_seed, prior, reference_2d, score_2d, timed
 
 NFES = (1, 2, 4, 8)
@@ -203,12 +206,39 @@ def shipped_rows(mode: str, seed: int, device) -> list[dict]:
     return rows
 
 
+# The mini SD's shipped LoRAs scored here (laptop and full mode): (family, method) of each benchmark model name
+MINISD_SHIPPED = {"tscd": ("consistency", "TSCD (Hyper-SD's stages)"), "tscd-reward": ("consistency", "TSCD + reward"),
+                  "meanflow-distill": ("flow map", "MeanFlow (distilled)")}
+
+
+def minisd_rows(mode: str, seed: int, device) -> list[dict]:
+    """The mini SD's shipped Hyper-SD and MeanFlow LoRAs (data/hypersd, data/flowmap/mini-sd-meanflow), scored by their
+    benchmarks' own mini-SD evaluation (bench hypersd's rows_minisd, bench flowmap's minisd_rows: held-out KID,
+    adherence, colour adherence over the evaluation seeds, each beside the guided teacher on the same seeds and
+    prompts, its ratio's reference). Minutes on a CPU: not in smoke mode (there those benchmarks train a tiny
+    stand-in instead)."""
+    if mode == "smoke":
+        return []
+    ev = Evaluation(seed, device)
+    hypersd_bench.rows_minisd(ev, mode)
+    out = []
+    for rows in (ev.rows(), flowmap_minisd.minisd_rows(mode, seed, device)[0]):
+        for r in rows:
+            if r["model"] not in MINISD_SHIPPED or r["metric"] not in QUALITY["mini-sd"] or r.get("nfe") not in NFES:
+                continue
+            best = _teacher_best(rows, "mini-sd", r["metric"])
+            family, method = MINISD_SHIPPED[r["model"]]
+            out.append(_board_row(r, family, method, "shipped, evaluated here", "data/", best))
+    return out
+
+
 @register("leaderboard", "every method's student side by side (saved benchmark results + shipped students scored here)")
 def bench_leaderboard(mode: str, seed: int = 0, device: str | torch.device | None = None) -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
     device = torch.device(device or "cpu")
     rows, missing = loaded_rows()
     rows += shipped_rows(mode, seed, device)
+    rows += minisd_rows(mode, seed, device)
     meta = {"nfes": list(NFES), "datasets": list(DATASETS), "quality": QUALITY, "missing": missing,
             "sources": sorted({r["source"] for r in rows}), "shipped_seconds": round(time.perf_counter() - t0, 1)}
     if missing:
