@@ -569,6 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--table", action="store_true", help="measure every row of the cost table in docs/scale.md (TABLE_ROWS: "
                     "reflow, DMD2, LCM-LoRA and Hyper-SD's TSCD step at several batch sizes, checkpointing on and off); "
                     "--out keeps them")
+    ap.add_argument("--only", default=None, metavar="METHODS", help="with --table: measure only these methods' rows "
+                    "(comma-separated, e.g. lcm-lora,hypersd)")
     ap.add_argument("--hypersd-estimates", metavar="TABLE_JSON", default=None, help="print the ESTIMATED Hyper-SD "
                     "stage rows from a saved cost table (e.g. docs/results/cost_table_h200.json); no GPU needed")
     a = ap.parse_args(argv)
@@ -581,7 +583,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("no GPU here: the real SD 1.5 table needs one (an A100/H100 80GB). Run with --tiny for "
                          "the CPU smoke test of the measurement itself.")
     if a.table:
-        rows = table(a.tiny, a.device, out=Path(a.out) if a.out else None)
+        keep = TABLE_ROWS if a.only is None else tuple(r for r in TABLE_ROWS if r[0] in a.only.split(","))
+        if not keep:
+            raise SystemExit(f"--only {a.only!r} names no row of the table; its methods: "
+                             f"{', '.join(dict.fromkeys(r[0] for r in TABLE_ROWS))}")
+        rows = table(a.tiny, a.device, rows=keep, out=Path(a.out) if a.out else None)
         print_table(rows)
         try:
             est = hypersd_estimates(rows)
