@@ -40,9 +40,9 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 # Unit tests and nbval over every notebook, solutions and student versions, in smoke mode.
-# --dist loadfile keeps each notebook's cells on one worker; --nbval-current-env runs the
-# kernels with .venv's Python whatever kernels are registered on the machine.
-TEST_CMD = $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile tests --nbval-lax --nbval-current-env $(NB_DIRS)
+# --dist loadfile keeps each notebook's cells on one worker; --nbval-current-env runs the kernels with .venv's Python
+# whatever kernels are registered on the machine; --durations lists the slowest 25 (to keep the suite short).
+TEST_CMD = $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=25 tests --nbval-lax --nbval-current-env $(NB_DIRS)
 test: $(STAMP) browser
 	$(TEST_CMD)
 
