@@ -18,7 +18,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-runs/gpu_check/$(date +%Y%m%d-%H%M%S)}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-.venv/bin/python}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 [ -x "$PY" ] || { echo "no $PY: run make install first"; exit 2; }
 
@@ -47,7 +47,7 @@ step cuda-tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_samplers.p
 step leaderboard 240 "$PY" -m course_lib.bench leaderboard --mode "$LB_MODE" --device "$DEVICE" --out "$OUT/leaderboard.json"
 for nb in 05_consistency_models 09_distribution_matching 11_hyper_sd 13_scaling_up; do
     step "nb_$nb" 150 env COURSE_MODE=smoke "$PY" -m jupyter nbconvert --to notebook --execute \
-        --ExecutePreprocessor.timeout=140 --output "$PWD/$OUT/nb_$nb.ipynb" "solutions/$nb.ipynb"
+        --ExecutePreprocessor.timeout=140 --output "$OUT/nb_$nb.ipynb" "solutions/$nb.ipynb"
 done
 step cost-table 240 "$PY" -m course_lib.scale.cost --table --only lcm-lora,hypersd $TINY --device "$DEVICE" \
     --out "$OUT/cost_table.json"

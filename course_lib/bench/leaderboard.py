@@ -83,6 +83,7 @@ BOARD = (
     Entry("consistency", "TCD", "tcd", "tcd", (("gamma", tcd.GAMMA),)),
     Entry("consistency", "Hyper-SD", "hypersd", "hypersd", (("gamma", hypersd.GAMMAS[4]),)),
     Entry("consistency", "TSCD (Hyper-SD's stages)", "hypersd", "tscd", (("gamma", hypersd.GAMMAS[4]),)),
+    Entry("consistency", "TSCD + reward", "hypersd", "tscd-reward", (("gamma", hypersd.GAMMAS[4]),)),
     Entry("distribution", "ADD", "add", "add"),
     Entry("distribution", "DMD", "dmd", "dmd"),
     Entry("distribution", "DMD2", "dmd2", "dmd2"),
