@@ -26,7 +26,8 @@ benchmark row (schema 3: value = mean over the evaluation seeds, std, values) an
 The quality metrics: 2D "swd" beside "recall" (gmm) or "in_squares" (checkerboard); digits "kid_heldout" beside
 "class_acc"; the mini SD "kid_heldout" beside "adherence" and "colour_adherence". `python -m course_lib.bench report
 runs/leaderboard.json` prints every row; `short_table` is the README's table. Stable Diffusion 1.5 training costs
-are not rows here: docs/scale.md has the measured cost table (GPU-hours are estimates from it).
+are not rows (no SD 1.5 student is trained here): meta["sd15_gpu_hours"] prices each method's SD 1.5 run from the
+cost table measured on a GPU (`sd15_costs`; Hyper-SD's labelled as an estimate).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from ..distill.gan import generate_one_step
 from ..recipes import dmd as dmd_recipes
 from ..recipes import flowmap as fm_recipes
 from ..recipes import gdd as gdd_recipes
+from ..scale.cost import hypersd_estimates
 from . import flowmap_minisd, register
 from . import hypersd as hypersd_bench
 from .core import Evaluation, per_seed, prior, reference_2d, score_2d, timed
@@ -233,6 +235,38 @@ def minisd_rows(mode: str, seed: int, device) -> list[dict]:
     return out
 
 
+COST_TABLE = "cost_table_h200.json"    # the SD 1.5 cost table measured on a GPU (scale.cost --table)
+
+
+def sd15_costs(path: Path | None = None) -> list[dict]:
+    """GPU-hours of each method's SD 1.5 run, from the cost table measured on a GPU (docs/results): InstaFlow's and
+    DMD2's published schedules and the course's LCM-LoRA plan priced with their measured steps, Hyper-SD's stages
+    estimated from the measured UNet call times (scale.cost.hypersd_estimates: four TSCD stages and the reward stage,
+    1000 iterations each). [] where the table is missing."""
+    path = path or RESULTS / COST_TABLE
+    if not path.is_file():
+        return []
+    table = json.loads(path.read_text())
+    rows, device = table["rows"], table.get("device", "?")
+    pick_row = lambda method, bs: next(r for r in rows if r["method"] == method and r["batch_size_per_gpu"] == bs
+                                       and r["grad_checkpointing"] and r.get("online_steps", 0) == 0
+                                       and r["status"] == "ok")
+    lcm = pick_row("lcm-lora", 12)
+    hyper = hypersd_estimates(rows)
+    return [
+        {"method": "InstaFlow", "gpu_hours": round(pick_row("reflow", 8)["instaflow_budget"]["gpu_hours"], 1),
+         "what": "the paper's schedule (reflow and distillation stages), steps measured", "device": device},
+        {"method": "DMD2", "gpu_hours": round(pick_row("dmd2", 4)["dmd2_budget"]["gpu_hours"], 1),
+         "what": "the paper's SD 1.5 schedule, iterations measured", "device": device},
+        {"method": "LCM", "gpu_hours": round(4000 * 96 * lcm["seconds_per_sample"] / 3600, 1),
+         "what": "LCM-LoRA, the course's plan (4000 steps at a global batch of 96), steps measured", "device": device},
+        {"method": "Hyper-SD", "gpu_hours": round(sum(r["gpu_hours_per_1000_iterations"] for r in hyper
+                                                      if "adversarial" not in r["stage"]), 1),
+         "what": "ESTIMATE: four TSCD stages and the reward stage, 1000 iterations each, from measured UNet call "
+                 "times (the reward stage's VAE and reward model not counted)", "device": device},
+    ]
+
+
 @register("leaderboard", "every method's student side by side (saved benchmark results + shipped students scored here)")
 def bench_leaderboard(mode: str, seed: int = 0, device: str | torch.device | None = None) -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
@@ -245,6 +279,7 @@ def bench_leaderboard(mode: str, seed: int = 0, device: str | torch.device | Non
         print("leaderboard: the mini SD's shipped LoRAs are scored only with --device cpu (their evaluation runs on "
               "the CPU)")
     meta = {"nfes": list(NFES), "datasets": list(DATASETS), "quality": QUALITY, "missing": missing,
+            "sd15_gpu_hours": sd15_costs(),
             "sources": sorted({r["source"] for r in rows}), "shipped_seconds": round(time.perf_counter() - t0, 1)}
     if missing:
         print(f"leaderboard: no saved result for {', '.join(missing)} (run those benchmarks with --mode laptop)")
