@@ -30,7 +30,7 @@ def chromium() -> str | None:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A JupyterLab server on a free local port, serving copies of the notebooks (smoke mode, offline)."""
-    pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install playwright)")
+    pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (make install does)")
     if chromium() is None:
         pytest.skip("no Chromium found: install Debian's chromium (apt-get install chromium) or set $CHROMIUM")
     root = tmp_path_factory.mktemp("lab")
@@ -85,7 +85,8 @@ def run_all(page, url: str) -> None:
     while page.locator(".jp-InputPrompt:has-text('[*]')").count():
         assert time.time() - t0 < RUN_TIMEOUT_S, "the notebook did not finish running"
         page.wait_for_timeout(1000)
-    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']:has-text('Traceback')")
+    stderr = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+    errors = page.locator(f"{stderr}:has-text('Traceback')")
     assert errors.count() == 0, errors.first.inner_text()[-2000:]
 
 
@@ -147,7 +148,8 @@ def test_every_control_redraws_its_figure(browser, lab, name):
             if group.count() < 2:
                 continue
             before = settled(page)
-            target = next(j for j in range(group.count()) if "mod-active" not in (group.nth(j).get_attribute("class") or ""))
+            active = lambda j: "mod-active" in (group.nth(j).get_attribute("class") or "")
+            target = next(j for j in range(group.count()) if not active(j))
             group.nth(target).click()
             wait_for_change(page, before, f"toggle buttons {i}")
             moved += 1

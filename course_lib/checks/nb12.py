@@ -38,7 +38,8 @@ def check_pareto_front(student: Callable, seed: int | None = None) -> Callable:
     on both axes: True where no other method is at least as good on both and strictly better on one. Checked on
     random boards with ties against metrics.pareto_front, with the plausible slips named."""
     g = fresh_generator(seed)
-    first = (torch.tensor([1.0, 2.0, 4.0, 3.0, 5.0, 2.0]).double(), torch.tensor([5.0, 3.0, 1.0, 4.0, 2.0, 4.0]).double())
+    first = (torch.tensor([1.0, 2.0, 4.0, 3.0, 5.0, 2.0], dtype=torch.float64),       # a front of three, no ties
+             torch.tensor([5.0, 3.0, 1.0, 4.0, 2.0, 4.0], dtype=torch.float64))
     boards = [first] + [_board(g) for _ in range(6)] + [(torch.ones(4).double(), torch.ones(4).double())]
     slips = [
         (lambda c, q: pareto_front(c, -q), "your front keeps the methods of HIGHEST quality value: here quality is an "
