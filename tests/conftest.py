@@ -13,6 +13,16 @@ os.environ["OMP_NUM_THREADS"] = "1"  # two xdist workers on two cores: more thre
 collect_ignore_glob = ["fixtures/*"]
 
 
+# The longest test files first: pytest-xdist (--dist loadfile) hands files to its workers in collection order, so a
+# long file collected late runs alone at the end of the suite while the other worker idles.
+LONGEST_FIRST = ("test_widgets_browser.py", "test_scale_dmd2.py", "test_bench_flowmap.py", "test_scale_hypersd.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))     # stable: the rest keep their order
+
+
 def pytest_report_header(config):
     """The versions this run tests, against constraints.txt (the versions the course was last tested with)."""
     from course_lib.versions import summary

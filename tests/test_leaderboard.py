@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from course_lib.bench import leaderboard as lb
+from course_lib.recipes import leaderboard as board_def
 from course_lib.bench.core import per_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,4 +78,4 @@ def test_the_short_table_has_a_cell_per_dataset_and_step_count():
     row = _find(board["rows"], "progressive distillation", "gmm", 1, "swd")
     assert pd["gmm @1"] == f"{row['x_teacher']:.2f} ± {row['x_teacher_std']:.2f}"
     families = [l["family"] for l in lines]
-    assert families == sorted(families, key=lb.FAMILIES.index)
+    assert families == sorted(families, key=board_def.FAMILIES.index)

@@ -45,7 +45,8 @@ def lab(tmp_path_factory):
     server = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
                                f"--port={port}", "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=",
                                "--ServerApp.password=", f"--ServerApp.root_dir={root}",
-                               f"--LabApp.workspaces_dir={root / 'workspaces'}"],
+                               f"--LabApp.workspaces_dir={root / 'workspaces'}",
+                               "--ServerApp.disable_check_xsrf=True"],         # a local server without auth
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(120):
@@ -156,3 +157,13 @@ def test_every_control_redraws_its_figure(browser, lab, name):
         assert moved >= 1
     finally:
         page.close()
+        shut_down_kernels(lab)
+
+
+def shut_down_kernels(lab: str) -> None:
+    """End the notebook's kernel (JupyterLab keeps it after the page closes; it would share the CPU with the next)."""
+    import json
+
+    for session in json.load(urllib.request.urlopen(f"{lab}/api/sessions", timeout=10)):
+        urllib.request.urlopen(urllib.request.Request(f"{lab}/api/sessions/{session['id']}", method="DELETE"),
+                               timeout=30)

@@ -14,4 +14,6 @@ files, and notebook-only experiments. The methods themselves (the paper's code) 
     flowmap_minisd.py  MeanFlow on the mini SD: the flow-map LoRA of the guided teacher, its plain diffusers pipeline
                    (notebook 14, bench flowmap's mini-sd rows); data/flowmap/mini-sd-meanflow
     hypersd.py     the 2D Hyper-SD budgets, known rewards and ablations (notebook 11, bench hypersd)
+    leaderboard.py the board's datasets, metrics and families, the shipped 2D students, the README's short table and
+                   the SD 1.5 bills (notebook 12, bench leaderboard)
 """
