@@ -399,10 +399,6 @@ def teacher_rows() -> dict:
     return {"n": ev["n"], "seeds": ev["seeds"], "w": ev["w"], "mean_std": ev["mean_std"]["teacher DDIM 25 steps"]}
 
 
-def _summary(r: dict) -> dict:
-    return {k: [round(r["mean"][k], 4), round(r["std"][k], 4)] for k in r["mean"]}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m course_lib.recipes.hypersd",
                                      description="Hyper-SD on the mini Stable Diffusion: one unified LoRA.")
@@ -468,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = {}
         for k in SD_STEPS:
             t0 = time.time()
-            rows[str(k)] = _summary(evaluate_minisd(sd, student, args.n_eval, k, seeds, reward_model=rm))
+            rows[str(k)] = lcm_recipes.summary(evaluate_minisd(sd, student, args.n_eval, k, seeds, reward_model=rm))
             print(name, k, rows[str(k)], f"{time.time() - t0:.0f} s", flush=True)
         results["models"][name] = {"steps": rows, "train_seconds": info.get("train_seconds"),
                                    "updates": info.get("updates"), "command": info.get("command")}
