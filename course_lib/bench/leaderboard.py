@@ -31,6 +31,7 @@ cost table measured on a GPU (`sd15_costs`; Hyper-SD's labelled as an estimate).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from ..recipes.leaderboard import (DATASETS, NFES, QUALITY, RATIO, RESULTS, SAVE
 from . import flowmap_minisd, register
 from . import hypersd as hypersd_bench
 from .core import Evaluation, per_seed, prior, reference_2d, score_2d, timed
+from .report import markdown
 
 @dataclass(frozen=True)
 class Entry:
@@ -223,8 +225,6 @@ FAMILY_COLOURS = {"teacher": "0.3", "trajectory": "C0", "consistency": "C1", "fl
 
 def readme_block(result: dict) -> str:
     """The README's leaderboard block: the short table (markdown) and where its numbers come from."""
-    from .report import markdown
-
     lines = short_table(result["rows"])
     cols = list(lines[0]) if lines else ["method"]
     return "\n".join([START, markdown(lines, cols), "",
@@ -281,8 +281,6 @@ def figure(result: dict, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     import matplotlib
 
     ap = argparse.ArgumentParser(prog="python -m course_lib.bench tables",
