@@ -49,7 +49,7 @@ def test_a_missing_result_is_named(tmp_path, monkeypatch):
     assert rows == [] and "docs/results/bench_cd_laptop.json" in missing
 
 
-def test_the_shipped_students_are_scored_here(monkeypatch):
+def test_the_shipped_students_are_scored_here():
     rows = lb.shipped_rows("smoke", 0, "cpu")
     methods = {r["method"] for r in rows}
     assert {"MeanFlow", "sCT", "DMD2 (shipped)"} <= methods

@@ -118,7 +118,7 @@ def loaded_rows(entries: Iterable[Entry] = BOARD, datasets: Iterable[str] = DATA
         if not path.is_file():
             missing.append(f"docs/results/{path.name}")
             continue
-        saved = json.loads(path.read_text())["rows"]
+        saved = _saved(bench)
         for e in (e for e in entries if e.bench == bench):
             for r in saved:
                 if r["model"] != e.model or r["dataset"] not in datasets or r.get("nfe") not in NFES \
