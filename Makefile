@@ -9,8 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODE ?= laptop
 LOCK ?= constraints.txt
-# Notebook folders that exist (git keeps no empty folders; pytest errors on a missing path).
-NB_DIRS := $(wildcard solutions notebooks)
+# The notebooks the tests run: each solution notebook paired with its student version (course_lib.exercises).
+PAIRED := build/paired
 TEST_ENV := HF_HUB_OFFLINE=1 COURSE_MODE=smoke OMP_NUM_THREADS=1 MPLBACKEND=Agg
 
 .PHONY: install lab test test-fast browser notebooks check render bench tables clean distclean lock versions
@@ -39,10 +39,13 @@ lock:
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
-# Unit tests and nbval over every notebook, solutions and student versions, in smoke mode.
+# Unit tests and nbval over every notebook in smoke mode, each run once as its paired notebook: the student version
+# with each exercise's solution cell before its stub, so one kernel checks that the solution is accepted, that the
+# stub falls back, and that the rest runs as in a student's notebook (tests/conftest.py checks the verdicts).
 # --dist loadfile keeps each notebook's cells on one worker; --nbval-current-env runs the kernels with .venv's Python
 # whatever kernels are registered on the machine; --durations lists the slowest 25 (to keep the suite short).
-TEST_CMD = $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=25 tests --nbval-lax --nbval-current-env $(NB_DIRS)
+TEST_CMD = $(PY) -m course_lib.exercises pair --out $(PAIRED) && \
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=25 tests --nbval-lax --nbval-current-env $(PAIRED)
 test: $(STAMP) browser
 	$(TEST_CMD)
 

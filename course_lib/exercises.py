@@ -24,8 +24,8 @@ BEGIN/END SOLUTION is an error, so that a typo can never leak a solution to stud
 Cell tags:
     solution-only   the cell is dropped from the student notebook (answers, instructor notes)
     student-only    the cell exists only for students: it is kept in the student notebook and
-                    left out of rendered HTML (`course_lib.render`); nbval still runs it in
-                    solutions/, so it must work there too
+                    left out of rendered HTML (`course_lib.render`); it must also work after the
+                    solution's cells, which the test suite's paired notebooks run before it
 
 Both versions are normalised so builds are byte-identical and diffs stay small: outputs and
 execution counts stripped, notebook metadata reduced to `kernelspec` and `language_info`
@@ -36,6 +36,12 @@ Commands (run from anywhere; paths default to the repository holding course_lib)
     python -m course_lib.exercises build [NAMES...]   write notebooks/ from solutions/
     python -m course_lib.exercises check              exit 1 if notebooks/ is stale or solutions/ has outputs
     python -m course_lib.exercises strip [NAMES...]   strip outputs from solutions/ in place
+    python -m course_lib.exercises pair --out DIR     write the test suite's paired notebooks (below)
+
+The test suite runs each notebook once, as a paired notebook (`paired_version`): the student notebook with every
+exercise cell preceded by its solution cell, tagged 'solution-copy'. In one kernel the solution must be accepted by
+the exercise's checker, the student's stub must fall back to the library's version, and the cells after it run on
+that fallback, as a student's notebook does.
 """
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ from nbformat import NotebookNode
 
 SOLUTION_ONLY = "solution-only"
 STUDENT_ONLY = "student-only"
+SOLUTION_COPY = "solution-copy"   # paired notebooks: the solution's side of an exercise cell
 
 BEGIN_RE = re.compile(
     r"^(?P<indent>[ \t]*)# BEGIN SOLUTION (?P<number>[0-9]+(?:\.[0-9]+)*[a-z]?)"
@@ -223,6 +230,27 @@ def student_version(nb: NotebookNode, notebook: str) -> tuple[NotebookNode, list
     return clean, exercises
 
 
+def paired_version(nb: NotebookNode, notebook: str) -> NotebookNode:
+    """The student notebook of `nb` with each exercise cell preceded by the solution's cell (tagged 'solution-copy',
+    its id the student cell's with "-sol"), and the solution-only cells in their places: what the test suite runs so
+    that one kernel checks both sides of every exercise (module docstring)."""
+    student, _ = student_version(nb, notebook)                         # marker errors first
+    by_id = {cell.id: cell for cell in student.cells}
+    cells = []
+    for cell in normalise(nb, notebook).cells:
+        mine = by_id.get(cell.id)
+        if mine is not None and mine.source != cell.source:
+            cell["id"] = f"{cell.id[:60]}-sol"
+            cell.metadata["tags"] = _tags(cell) + [SOLUTION_COPY]
+        if mine is None or mine.source != cell.source:                 # solution-only, or an exercise's solution
+            cells.append(cell)
+        if mine is not None:
+            cells.append(mine)
+    student.cells = cells
+    nbformat.validate(student)
+    return student
+
+
 def without_student_only(nb: NotebookNode) -> NotebookNode:
     """A copy of `nb` without cells tagged 'student-only' (what readers of the solutions see)."""
     new = copy.deepcopy(nb)
@@ -359,6 +387,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="exit 1 if notebooks/ is stale or solutions/ holds outputs")
     p = sub.add_parser("strip", help="strip outputs from solutions/ in place")
     p.add_argument("names", nargs="*", help="solution notebooks to strip (default: all)")
+    p = sub.add_parser("pair", help="write the test suite's paired notebooks (solution and student side of every "
+                                    "exercise in one notebook) to --out")
+    p.add_argument("--out", type=Path, required=True, help="folder to write them to (emptied of *.ipynb first)")
     return parser
 
 
@@ -387,6 +418,15 @@ def main(argv: Iterable[str] | None = None) -> int:
                 if strip_outputs(source):
                     print(f"stripped {_shown(source)}")
             print(f"{len(sources)} solution notebook(s) checked")
+        elif args.command == "pair":
+            args.out.mkdir(parents=True, exist_ok=True)
+            for old in args.out.glob("*.ipynb"):
+                old.unlink()
+            sources = solution_paths(solutions_dir)
+            for source in sources:
+                text = notebook_text(paired_version(read_notebook(source), source.name))
+                (args.out / source.name).write_text(text, encoding="utf-8", newline="\n")
+            print(f"{len(sources)} paired notebook(s) in {_shown(args.out)}")
     except NotebookBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,7 +36,8 @@ def pytest_report_header(config):
 # afterwards (config.seeded), keep_rng=False leaves it seeded as torch.manual_seed does, for the tests whose later
 # draws from the global generator come after the model's.
 
-import contextlib  # noqa: E402  (below the environment: torch must not be imported before it is set)
+import contextlib  # noqa: E402
+import re  # noqa: E402  (below the environment: torch must not be imported before it is set)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -127,3 +128,54 @@ def tiny_sd_w_pipe():
 def tiny_sd_folder(tmp_path_factory):
     """The tiny SD pipeline, seed 0, saved as a diffusers folder (every loader reads it offline)."""
     return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+# --- the exercises' two sides, in the paired notebooks (course_lib.exercises.paired_version) ------------------------
+# `make test` runs each notebook once, paired: every exercise cell preceded by its solution's cell (tagged
+# 'solution-copy'). After nbval runs a cell, its printed verdicts are checked: the solution's cell must be ACCEPTED by
+# the exercise's checker and the student's stub must fall back to the library's version (its verdict line names the
+# exercise; the first verdict ending after it decides).
+
+STUB_RE = re.compile(r'raise NotImplementedError\("Exercise ([^:"]+)')
+
+
+def _verdict_problem(item) -> str | None:
+    """Why nbval cell `item` printed the wrong verdict for its exercises (None when right, or not an exercise)."""
+    from course_lib.checks.core import ACCEPTED, FALLBACK
+    from course_lib.exercises import SOLUTION_COPY, replace_solution_regions
+
+    cell = getattr(item, "cell", None)
+    if cell is None or item.path.suffix != ".ipynb":
+        return None
+    if SOLUTION_COPY in cell.get("metadata", {}).get("tags", []):
+        wanted, side = [e.number for e in replace_solution_regions(cell.source)[1]], "solution"
+    else:
+        wanted, side = STUB_RE.findall(cell.source), "student's stub"
+    if not wanted:
+        return None
+    text = "".join(o.get("text", "") for o in item.test_outputs or [] if o.get("output_type") == "stream")
+    expect, other = (ACCEPTED, FALLBACK) if side == "solution" else (FALLBACK, ACCEPTED)
+    for number in wanted:
+        said = text.find(f"Exercise {number}:")
+        verdict = re.search(re.escape(expect) + "|" + re.escape(other), text[said:]) if said >= 0 else None
+        if verdict is None or verdict.group(0) != expect:
+            return (f"exercise {number}: the {side} should end with {expect!r}, but the cell printed:\n"
+                    f"{text[-3000:] or '(nothing)'}")
+    return None
+
+
+class ExerciseVerdicts:
+    """A plugin registered for the whole session: a conftest's own hooks reach only the items below its folder, and
+    the paired notebooks lie outside tests/."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item):
+        result = yield
+        problem = _verdict_problem(item)
+        if problem:
+            raise AssertionError(problem)
+        return result
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(ExerciseVerdicts(), "exercise-verdicts")

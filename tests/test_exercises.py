@@ -96,6 +96,30 @@ def test_solution_only_dropped_student_only_kept(source, student):
     assert "student-hint" not in [c.id for c in exercises.without_student_only(source).cells]
 
 
+def test_paired_notebook_puts_each_solution_cell_before_its_stub(source, student):
+    paired = exercises.paired_version(source, NAME)
+    assert [c.id for c in paired.cells] == [
+        "intro-md", "imports", "add-noise-sol", "add-noise", "sampler-sol", "sampler", "answer", "student-hint",
+        "checker"]
+    for cell_id in ("add-noise", "sampler"):
+        sol, stub = _cell(paired, f"{cell_id}-sol"), _cell(paired, cell_id)
+        assert sol.source == _cell(source, cell_id).source and "# BEGIN SOLUTION" in sol.source
+        assert exercises.SOLUTION_COPY in sol.metadata["tags"] and stub.source == _cell(student, cell_id).source
+        assert exercises.SOLUTION_COPY not in stub.metadata.get("tags", [])
+    nbformat.validate(paired)
+
+
+def test_pair_command_writes_one_paired_notebook_per_solution(tmp_path: Path, capsys):
+    (tmp_path / "solutions").mkdir()
+    shutil.copy(FIXTURE, tmp_path / "solutions" / NAME)
+    out = tmp_path / "paired"
+    out.mkdir()
+    (out / "gone.ipynb").write_text("{}")                     # a notebook whose source is gone: removed
+    assert exercises.main(["--root", str(tmp_path), "pair", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [NAME]
+    assert exercises.read_notebook(out / NAME) == exercises.paired_version(exercises.read_notebook(FIXTURE), NAME)
+
+
 # --- normalisation and determinism ---------------------------------------------------------------
 
 

@@ -132,15 +132,25 @@ def test_a_lora_run_checkpoints_only_the_adapter_and_uses_the_unet_without_it_as
         assert float((G(x, t, c).x0 - teacher(x, t, c).x0).abs().max()) > 1e-3
 
 
+def _fp32(out: Path, emb: str, steps: int) -> list[str]:
+    return [("fp32" if a == "bf16" else a) for a in _args(out, "--embeddings", emb, steps=steps)]
+
+
+@pytest.fixture(scope="module")
+def ddp(work):
+    """A two-process DDP run of 4 steps in fp32: its records per rank and its folder (the FSDP test compares to it)."""
+    out = work["root"] / "ddp"
+    return launch(work["root"] / "ddp-rank", "dmd2", _fp32(out, str(work["root"] / "one" / "embeddings"), 4)), out
+
+
 @pytest.mark.slow
-def test_two_processes_keep_identical_generator_and_critic(work, tmp_path):
-    args = _args(tmp_path / "ddp", "--embeddings", str(work["root"] / "one" / "embeddings"), steps=4)
-    r0, r1 = launch(tmp_path / "rank", "dmd2", args).values()
+def test_two_processes_keep_identical_generator_and_critic(ddp):
+    (r0, r1), out = ddp[0].values(), ddp[1]
     assert r0["world"] == r1["world"] == 2
     assert len(r0["batches"]) == len(r1["batches"]) > 0 and not set(r0["batches"]) & set(r1["batches"])
     assert r0["weights"] == r1["weights"]                    # generator AND critic: gradients averaged over both
     assert any(k.startswith("critic.head.") for k in r0["weights"])
-    assert (tmp_path / "ddp" / "generator" / "model_index.json").is_file()
+    assert (out / "generator" / "model_index.json").is_file()
 
 
 def test_clear_errors(work, tmp_path):
@@ -209,29 +219,29 @@ def _launch(tmp_path: Path, name: str, args: list[str]) -> dict:
 
 
 @pytest.mark.slow
-def test_fsdp_trains_what_ddp_trains_and_resumes_bit_for_bit(work, tmp_path):
+def test_fsdp_trains_what_ddp_trains_and_resumes_bit_for_bit(work, ddp, tmp_path):
     """--fsdp (the engine's FSDP2 path) against DDP on the same batches, in fp32: the same losses and, after AdamW
     (whose first steps move each weight by about lr whatever the gradient's size), the same weights up to the
     elements whose gradient is rounding noise. Then a run stopped at step 2 and resumed ends bit for bit where the
     uninterrupted FSDP run does (checkpoints hold whole tensors, each process reloads its shards)."""
     emb = str(work["root"] / "one" / "embeddings")
-    fp32 = lambda out, steps: [("fp32" if a == "bf16" else a) for a in _args(out, "--embeddings", emb, steps=steps)]
-    fsdp = _launch(tmp_path, "fsdp", fp32(tmp_path / "fsdp", 4) + ["--fsdp"])
-    ddp = _launch(tmp_path, "ddp", fp32(tmp_path / "ddp", 4))
-    assert fsdp[0]["weights"] == fsdp[1]["weights"] and fsdp[0]["batches"] == ddp[0]["batches"]
-    assert (tmp_path / "fsdp" / "generator" / "model_index.json").is_file()
-    a, b = (load_file(str(tmp_path / d / "checkpoint" / TRAINER_WEIGHTS)) for d in ("fsdp", "ddp"))
+    fp32 = lambda out, steps: _fp32(out, emb, steps)
+    (ddp_rank0, _), ddp_out, fsdp_out = ddp[0].values(), ddp[1], tmp_path / "fsdp"
+    fsdp = _launch(tmp_path, "fsdp", fp32(fsdp_out, 4) + ["--fsdp"])
+    assert fsdp[0]["weights"] == fsdp[1]["weights"] and fsdp[0]["batches"] == ddp_rank0["batches"]
+    assert (fsdp_out / "generator" / "model_index.json").is_file()
+    a, b = (load_file(str(d / "checkpoint" / TRAINER_WEIGHTS)) for d in (fsdp_out, ddp_out))
     assert a.keys() == b.keys()                                   # one checkpoint format for both
-    config = lambda d: json.loads((tmp_path / d / "checkpoint" / "config.json").read_text())
-    assert config("fsdp")["train_config"]["fsdp"] is True and config("ddp")["train_config"]["fsdp"] is False
-    la, lb = (config(d)["losses"] for d in ("fsdp", "ddp"))
+    config = lambda d: json.loads((d / "checkpoint" / "config.json").read_text())
+    assert config(fsdp_out)["train_config"]["fsdp"] is True and config(ddp_out)["train_config"]["fsdp"] is False
+    la, lb = (config(d)["losses"] for d in (fsdp_out, ddp_out))
     for net in ("generator", "critic"):
         assert la[net] == pytest.approx(lb[net], rel=1e-5)
         d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a if k.startswith(f"net.{net}.")])
         assert float(d.max()) < 4e-3 and float((d > 1e-5).float().mean()) < 0.02, (net, float(d.max()))
     _launch(tmp_path, "part", fp32(tmp_path / "part", 2) + ["--fsdp"])
     _launch(tmp_path, "part", fp32(tmp_path / "part", 4) + ["--fsdp"])          # resumes at step 2
-    assert_same_checkpoint(tmp_path / "fsdp", tmp_path / "part", "an FSDP run resumed at step 2")
+    assert_same_checkpoint(fsdp_out, tmp_path / "part", "an FSDP run resumed at step 2")
     # a four-step LoRA generator: each process draws the same backward-simulation depth (ctx.shared), so the
     # processes gather the weights the same number of times
     four = _launch(tmp_path, "four", _args(tmp_path / "four", "--embeddings", emb, steps=2) +
