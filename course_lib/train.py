@@ -529,10 +529,12 @@ def _train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepCont
         step, logs = _restore(folder, description, runs, copies, targets, gen, rank, world, allow_config_change)
 
     pending: list = []
+    saved_at = [step if folder is not None and (folder / TRAINER_WEIGHTS).exists() else None]
 
     def checkpoint() -> None:
         if folder is None:
             return
+        saved_at[0] = step
         _fetch(pending, by_name, logs)
         rng = gen.get_state()[None]                                   # (1, n) bytes
         if accelerator is not None:
@@ -605,7 +607,8 @@ def _train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepCont
             for p in r.trainable.values():
                 p.requires_grad_(True)
     bar.close()
-    checkpoint()
+    if saved_at[0] != step:                     # not saved at this step already (ckpt_every divides steps)
+        checkpoint()
     _fetch(pending, by_name, logs)
     for r in runs:
         r.spec.module.eval()

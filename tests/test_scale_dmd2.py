@@ -132,8 +132,10 @@ def test_a_lora_run_checkpoints_only_the_adapter_and_uses_the_unet_without_it_as
         assert float((G(x, t, c).x0 - teacher(x, t, c).x0).abs().max()) > 1e-3
 
 
-def _fp32(out: Path, emb: str, steps: int) -> list[str]:
-    return [("fp32" if a == "bf16" else a) for a in _args(out, "--embeddings", emb, steps=steps)]
+def _fp32(out: Path, emb: str, steps: int, ckpt_every: int = 1) -> list[str]:
+    args = [("fp32" if a == "bf16" else a) for a in _args(out, "--embeddings", emb, steps=steps)]
+    args[args.index("--ckpt-every") + 1] = str(ckpt_every)
+    return args
 
 
 @pytest.fixture(scope="module")
@@ -223,9 +225,10 @@ def test_fsdp_trains_what_ddp_trains_and_resumes_bit_for_bit(work, ddp, tmp_path
     """--fsdp (the engine's FSDP2 path) against DDP on the same batches, in fp32: the same losses and, after AdamW
     (whose first steps move each weight by about lr whatever the gradient's size), the same weights up to the
     elements whose gradient is rounding noise. Then a run stopped at step 2 and resumed ends bit for bit where the
-    uninterrupted FSDP run does (checkpoints hold whole tensors, each process reloads its shards)."""
+    uninterrupted FSDP run does (checkpoints hold whole tensors, each process reloads its shards). A checkpoint every
+    2 steps: each gathers every shard, the FSDP runs' largest cost on a CPU."""
     emb = str(work["root"] / "one" / "embeddings")
-    fp32 = lambda out, steps: _fp32(out, emb, steps)
+    fp32 = lambda out, steps: _fp32(out, emb, steps, ckpt_every=2)
     (ddp_rank0, _), ddp_out, fsdp_out = ddp[0].values(), ddp[1], tmp_path / "fsdp"
     fsdp = _launch(tmp_path, "fsdp", fp32(fsdp_out, 4) + ["--fsdp"])
     assert fsdp[0]["weights"] == fsdp[1]["weights"] and fsdp[0]["batches"] == ddp_rank0["batches"]
@@ -244,8 +247,9 @@ def test_fsdp_trains_what_ddp_trains_and_resumes_bit_for_bit(work, ddp, tmp_path
     assert_same_checkpoint(fsdp_out, tmp_path / "part", "an FSDP run resumed at step 2")
     # a four-step LoRA generator: each process draws the same backward-simulation depth (ctx.shared), so the
     # processes gather the weights the same number of times
-    four = _launch(tmp_path, "four", _args(tmp_path / "four", "--embeddings", emb, steps=2) +
-                     ["--fsdp", "--gen-steps", "4", "--lora", "4", "--lora-alpha", "4"])
+    four = _launch(tmp_path, "four", _args(tmp_path / "four", "--embeddings", emb, steps=2,
+                                           extra=("--ckpt-every", "2")) +
+                   ["--fsdp", "--gen-steps", "4", "--lora", "4", "--lora-alpha", "4"])
     assert four[0]["weights"] == four[1]["weights"] and (tmp_path / "four" / "generator" / "lora").is_dir()
 
 
