@@ -208,6 +208,16 @@ def close(got: Any, want: Tensor, **tol: float) -> bool:
     return torch.allclose(got.detach().to(want.dtype), want.detach(), **(tol or dtype_tol(got, want)))
 
 
+def named_slip(got: Any, slips: Iterable[tuple[Any, str]], same: Callable[[Any, Any], bool] = close) -> str | None:
+    """The explanation of the first plausible mistake that `got` reproduces (same(got, alternative)), else None.
+    slips: (alternative, why) pairs; an alternative is a value or a function of no argument computing it (only
+    called when reached)."""
+    for alt, why in slips:
+        if same(got, alt() if callable(alt) else alt):
+            return why
+    return None
+
+
 def max_diff(got: Tensor, want: Tensor) -> float:
     """The largest absolute difference between the student's `got` (cast to want's dtype) and the reference."""
     return float((got.detach().to(want.dtype) - want.detach()).abs().max())

@@ -3,6 +3,7 @@ sampler, LCM-LoRA's composition of LoRA adapters. Cases run on tiny random Stabl
 (sd.tiny_sd_pipeline) and random low-rank factors."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -16,7 +17,7 @@ from ..grids import lcm_timesteps
 from ..predictions import Pred
 from ..processes import SDDiscrete
 from .core import (accept, checker, draw_seed, explain_exception, fall_back, first_look, fresh_generator,
-                   is_library, library_version, run_check)
+                   is_library, library_version, named_slip, run_check)
 
 
 def _tiny_teacher_and_target(g: torch.Generator):
@@ -165,9 +166,9 @@ def check_lora_merge(student: Callable, seed: int | None = None) -> Callable:
                              "(W + ..., or W.clone()).")
         got = student(W, L)
         if not close(got, want):
-            for wrong, why in variants:
-                if close(got, wrong(W, L)):
-                    return fall_back("6.3", merge_lora, f"{why} ({where})")
+            why = named_slip(got, [(partial(wrong, W, L), why) for wrong, why in variants], close)
+            if why:
+                return fall_back("6.3", merge_lora, f"{why} ({where})")
             err = float((got.detach().to(want.dtype) - want).abs().max())
             return fall_back("6.3", merge_lora,
                              f"the merged weight differs from the reference by up to {err:.3g} {where}. Each adapter "

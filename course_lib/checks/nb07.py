@@ -3,6 +3,7 @@
 sampling). Cases run on tiny random 2D models under several processes."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -13,7 +14,7 @@ from ..distill.tcd import tcd_loss_at, tcf
 from ..processes import EDM, RectifiedFlow, VPCosine
 from ..samplers import tcd
 from .core import (accept, checker, close, explain_exception, fall_back, first_look, fresh_generator, is_library,
-                   max_diff, param_grads, quiet, run_check, same_grads, tiny_model)
+                   max_diff, named_slip, param_grads, quiet, run_check, same_grads, tiny_model)
 
 
 # Exercise 7.3's tolerance: its cases are float64, and a sampler that builds its times in float32 (a correct one)
@@ -107,9 +108,9 @@ def check_tcd_loss(student: Callable, seed: int | None = None) -> Callable:
             return fall_back("7.2", ref, problem)
         got = student(*args)
         if not close(got, want):
-            for wrong, why in diagnoses:
-                if close(got, wrong(args)):
-                    return fall_back("7.2", ref, f"{why} ({where})")
+            why = named_slip(got, [(partial(wrong, args), why) for wrong, why in diagnoses])
+            if why:
+                return fall_back("7.2", ref, f"{why} ({where})")
             return fall_back("7.2", ref,
                              f"the loss differs from the reference by up to {max_diff(got, want):.3g} {where}. s = "
                              "u t_cur; noise x0 "

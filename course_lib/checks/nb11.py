@@ -12,7 +12,7 @@ from ..distill.consistency import cm_grid
 from ..distill.hypersd import refl_loss, sample, segment_start, tscd_loss_at
 from ..processes import RectifiedFlow, VPCosine
 from .core import (accept, checker, close, explain_exception, fall_back, first_look, fresh_generator, max_diff,
-                   param_grads, quiet, run_check, same_grads, tiny_model)
+                   named_slip, param_grads, quiet, run_check, same_grads, tiny_model)
 
 T_MIN = 0.002
 SAMPLER_ATOL, SAMPLER_RTOL = 1e-6, 1e-5    # float64 cases; a sampler building its times in float32 differs by ~1e-7
@@ -64,9 +64,9 @@ def check_segment_start(student: Callable, seed: int | None = None) -> Callable:
                 (ref(t, k, 0.0), "your segments split [0, 1], not [t_min, 1]: the width is (1 - t_min) / k and "
                                  "the edges start at t_min."),
             ]
-            for alt, why in slips:
-                if close(got, alt):
-                    return fall_back("11.1", ref, f"{why} ({where})")
+            why = named_slip(got, slips)
+            if why:
+                return fall_back("11.1", ref, f"{why} ({where})")
             return fall_back("11.1", ref, f"your segment starts differ from the reference by up to "
                                           f"{max_diff(got, want):.3g} {where}: w = (1 - t_min) / k, "
                                           "s = t_min + w (ceil((t - t_min) / w) - 1) clamped to the first segment.")
@@ -157,9 +157,9 @@ def check_tscd_loss(student: Callable, seed: int | None = None) -> Callable:
                      "your target skips the teacher's ODE step: jump from the teacher's point at t_cur, not from "
                      "x_next."),
                 ]
-            for alt, why in slips:
-                if close(got, alt):
-                    return fall_back("11.2", ref, f"{why} ({where})")
+            why = named_slip(got, slips)
+            if why:
+                return fall_back("11.2", ref, f"{why} ({where})")
             return fall_back("11.2", ref, f"your loss differs from the reference by up to {max_diff(got, want):.3g} "
                                           f"{where}: s = segment start of t_next; x_hat = steps.ddim(teacher, x_next, "
                                           "t_next, t_cur, process); compare tcf(student, x_next, t_next, s) with "
@@ -229,9 +229,9 @@ def check_refl_loss(student: Callable, seed: int | None = None) -> Callable:
                                             "inputs, and x_t does not depend on the student)."),
                          (-want, "your loss is the reward itself: minimising it would LOWER the reward. The loss is "
                                  "minus the reward.")]
-            for alt, why in slips:
-                if close(got, alt):
-                    return fall_back("11.3", ref, f"{why} ({where})")
+            why = named_slip(got, slips)
+            if why:
+                return fall_back("11.3", ref, f"{why} ({where})")
             return fall_back("11.3", ref, f"your loss differs from the reference by up to {max_diff(got, want):.3g} "
                                           f"{where}: -reward_fn(student_model(x_t, t).x0, None).")
         params = list(model.parameters())
@@ -294,9 +294,9 @@ def check_unified_sampler(student: Callable, seed: int | None = None) -> Callabl
                  "your grid has n points including 0, so the sampler takes n - 1 steps: the grid of n steps has "
                  "n + 1 points, 1, (n-1)/n, ..., 1/n, 0."),
             ]
-            for alt, why in slips:
-                if alt.shape == got.shape and near(got, alt):
-                    return fall_back("11.4", ref, f"{why} ({where})")
+            why = named_slip(got, slips, lambda a, b: a.shape == b.shape and near(a, b))
+            if why:
+                return fall_back("11.4", ref, f"{why} ({where})")
     except Exception as e:  # noqa: BLE001
         return fall_back("11.4", ref, explain_exception(e))
     fn, verdict = quiet(run_check, "11.4", student, ref, all_cases, atol=SAMPLER_ATOL, rtol=SAMPLER_RTOL,

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..metrics import pareto_front
-from .core import accept, checker, fall_back, first_look, fresh_generator
+from .core import accept, checker, fall_back, first_look, fresh_generator, named_slip
 
 
 def _board(g: torch.Generator, n: int = 14) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +66,9 @@ def check_pareto_front(student: Callable, seed: int | None = None) -> Callable:
         got, want = got.bool(), pareto_front(cost, quality)
         if torch.equal(got, want):
             continue
-        for slip, why in slips:
-            if torch.equal(got, slip(cost, quality)):
-                return fall_back("12.1", pareto_front, why)
+        why = named_slip(got, [(slip(cost, quality), why) for slip, why in slips], torch.equal)
+        if why:
+            return fall_back("12.1", pareto_front, why)
         wrong = [(float(cost[i]), float(quality[i]), bool(want[i])) for i in torch.nonzero(got != want).flatten()]
         return fall_back("12.1", pareto_front, f"your mask is wrong for {len(wrong)} of {len(cost)} methods, e.g. "
                                                f"(cost, quality) = {wrong[0][:2]} should be "

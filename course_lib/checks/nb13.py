@@ -8,7 +8,7 @@ import torch
 
 from ..config import seeded
 from ..sd import LatentCodec
-from .core import accept, checker, fall_back, first_look, fresh_generator, max_diff
+from .core import accept, checker, fall_back, first_look, fresh_generator, max_diff, named_slip
 
 SCALE = 0.37   # the tiny VAE's scaling_factor: not 1 (nor SD 1.5's 0.18215), so every use of it shows
 
@@ -68,9 +68,9 @@ def check_to_latents(student: Callable, seed: int | None = None) -> Callable:
                                                  "latent_dist.mean, so that an image has one latent.")
     if torch.allclose(got, want, **tol):
         return accept("13.1", student, "correct (equal to sd.LatentCodec on a tiny AutoencoderKL).")
-    for alt, why in slips:
-        if torch.allclose(got, alt, **tol):
-            return fall_back("13.1", to_latents_ref, why)
+    why = named_slip(got, slips, lambda a, b: torch.allclose(a, b, **tol))
+    if why:
+        return fall_back("13.1", to_latents_ref, why)
     return fall_back("13.1", to_latents_ref, f"your latents differ from the reference by up to "
                                              f"{max_diff(got, want):.3g}: the "
                                              "posterior mean of the images mapped to [-1, 1], times "

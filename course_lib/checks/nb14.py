@@ -4,6 +4,7 @@ TrigFlow (with its normalisation). Each checker runs all its cases before it pri
 dF/dt) that matches none of the named slips is compared with a central finite difference along the trajectory."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -16,7 +17,7 @@ from ..models import flow_map_student
 from ..processes import RectifiedFlow, VPCosine, bcast
 from .. import steps
 from .core import (accept, checker, clone_tensors, close, draw_seed, fall_back, first_look,
-                   fresh_generator, max_diff, param_grads, tiny_model)
+                   fresh_generator, max_diff, named_slip, param_grads, tiny_model)
 
 RF = RectifiedFlow()
 FD_STEP = 1e-6          # central finite differences in float64 (the course's backbones embed 1000 t)
@@ -199,9 +200,9 @@ def check_shortcut_target(student: Callable, seed: int | None = None) -> Callabl
                                           "at the smallest step the paper queries the model at d = 0, its "
                                           "instantaneous prediction (cond.s = t), with one DDIM step to t - d; that "
                                           "is where the flow-matching term anchors every level.")]
-            for mode, why in slips:
-                if close(got, _shortcut_variant(*args, mode)):
-                    return fall_back("14.2", shortcut_target_ref, f"{why} ({where})")
+            why = named_slip(got, [(partial(_shortcut_variant, *args, mode), why) for mode, why in slips])
+            if why:
+                return fall_back("14.2", shortcut_target_ref, f"{why} ({where})")
             return fall_back("14.2", shortcut_target_ref,
                              f"X_tgt differs from the reference {where} (max difference {max_diff(got, want):.2g}): "
                              "x' = one DDIM step t -> t - d of target(z, t, cond.s = t - d) (cond.s = t at the "
@@ -300,9 +301,10 @@ def check_scm_tangent(student: Callable, seed: int | None = None) -> Callable:
                      ("warmup on all", "your warm-up factor r multiplies the whole tangent: it multiplies only the "
                                        "second term, r cos(phi) sin(phi) (x + dF/dphi); the first, -cos^2(phi) "
                                        "(F - dx/dphi), is always on.")]
-            for mode, why in slips:
-                if close(gt, _scm_variant(model, x, t, dxdphi, warmup, c, mode)):
-                    return fall_back("14.3", scm_tangent_ref, f"{why} ({where})")
+            why = named_slip(gt, [(partial(_scm_variant, model, x, t, dxdphi, warmup, c, mode), why)
+                                  for mode, why in slips])
+            if why:
+                return fall_back("14.3", scm_tangent_ref, f"{why} ({where})")
             return fall_back("14.3", scm_tangent_ref,
                              f"g differs from the reference {where} (max difference {max_diff(gt, g_ref):.2g}). "
                              "The reference's cos(phi) sin(phi) dF/dphi agrees with a central finite difference "
