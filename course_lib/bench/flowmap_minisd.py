@@ -15,7 +15,7 @@ from ..config import pick
 from ..plotting import table
 from ..recipes import flowmap_minisd as recipe
 from .core import Evaluation, side_by_side, timed
-from .lcm import SD, _add_sd
+from .lcm import SD, add_sd_rows, add_sd_references
 
 MODEL = "meanflow-distill"
 STEPS = (1, 2, 4)
@@ -49,14 +49,11 @@ def minisd_rows(mode: str, seed: int, device=None) -> tuple[list[dict], dict]:
     student, meta = _student(sd, b, mode)
     w, n, seeds = minisd.DEFAULT_W, b["sd_n"], ev.seeds
     per = lambda t: t / len(seeds)              # wall seconds of one seed's samples AND scores
-    r, sec = timed(lambda: minisd.evaluate(sd, n, 25, w, seeds))
-    _add_sd(ev, "teacher", r, per(sec), nfe=50, steps=25, w=w, sampler="ddim", n=n)
-    floor = [minisd.reference_scores(min(n, 500), seed=s) for s in seeds]
-    _add_sd(ev, "data", {"runs": floor}, 0.0, nfe=None, steps=None, n=min(n, 500))
+    add_sd_references(ev, sd, n, w, seeds, shipped=mode != "smoke")
     cost = {k: meta[f"sd_{k}"] for k in ("train_updates", "train_seconds") if f"sd_{k}" in meta}
     for k in STEPS:
         r, sec = timed(lambda: recipe.evaluate(sd, student, n, k, seeds))
-        _add_sd(ev, MODEL, r, per(sec), nfe=k, steps=k, w=w, sampler="flow_map", n=n, **cost)
+        add_sd_rows(ev, MODEL, r, per(sec), nfe=k, steps=k, w=w, sampler="flow_map", n=n, **cost)
     rows = ev.rows()
     print(summary(rows))
     return rows, {**b, **meta, "sd_w": w, "sd_seconds": "per seed, sampling and scoring together"}

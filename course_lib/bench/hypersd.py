@@ -19,6 +19,7 @@ from ..teachers import load_teacher
 from . import register
 from .core import (Evaluation, PR_N, lines_over_best, score_2d, seed_inputs, side_by_side, sweep_2d, timed,
                    train_fields)
+from .lcm import add_sd_rows, add_sd_references
 
 STEPS = (1, 2, 4, 8)
 TEACHER_NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -70,12 +71,6 @@ SD_MODELS = ("tscd", "tscd-reward")
 SD_METRICS = ("adherence", "colour_adherence", "kid_heldout", "fd_heldout")
 
 
-def _add_sd(ev: Evaluation, model: str, result: dict, seconds: float, **fields) -> None:
-    for run in result["runs"]:
-        for metric in SD_METRICS:
-            ev.add(SD, model, metric, run[metric], seconds, se=run.get(f"{metric}_se"), **fields)
-
-
 def rows_minisd(ev: Evaluation, mode: str) -> dict:
     """The mini SD rows (dataset "mini-sd", as bench lcm and tcd): the guided teacher's 25-step DDIM ("teacher",
     nfe 50) and the unified LoRA ("tscd", "tscd-reward") at 1, 2, 4, 8 steps of TCD's sampler
@@ -86,8 +81,7 @@ def rows_minisd(ev: Evaluation, mode: str) -> dict:
     seeds, w = (ev.seeds[:1] if mode == "smoke" else ev.seeds), recipe.SD_RECIPE.w     # smoke: one seed, seconds
     per = lambda t: t / len(seeds)              # wall seconds of one seed's samples AND scores
     sd = minisd.load_mini_sd()
-    r, sec = timed(lambda: minisd.evaluate(sd, n, 25, w, seeds))
-    _add_sd(ev, "teacher", r, per(sec), nfe=50, steps=25, w=w, sampler="ddim", n=n)
+    add_sd_references(ev, sd, n, w, seeds, shipped=True, data=False, metrics=SD_METRICS)
     meta: dict = {"sd_n": n, "sd_w": w, "sd_seconds": "per seed, sampling and scoring together"}
     if mode == "smoke":
         small = replace(recipe.SD_RECIPE, stage_steps=1, reward_steps=1, batch=4)
@@ -110,8 +104,8 @@ def rows_minisd(ev: Evaluation, mode: str) -> dict:
             recipe.set_adapter_weights(base.model, weights)
         for k in STEPS:
             res, sec = timed(lambda: recipe.evaluate_minisd(base, student, n, k, seeds))
-            _add_sd(ev, name, res, per(sec), nfe=k, steps=k, w=w, sampler="tcd", gamma=res["gamma"], n=n,
-                    **train_fields(secs, updates))
+            add_sd_rows(ev, name, res, per(sec), nfe=k, steps=k, w=w, sampler="tcd", gamma=res["gamma"], n=n,
+                    metrics=SD_METRICS, **train_fields(secs, updates))
     return meta
 
 
