@@ -347,6 +347,20 @@ def kid(feat_a: Tensor, feat_b: Tensor, blocks: int = 10) -> tuple[float, float]
     return float(mmd2(a, b)), float(parts.std() / blocks ** 0.5)
 
 
+EVAL_SEEDS = 3   # every compared number: mean and spread over this many evaluation seeds (DESIGN.md, Measurements)
+
+
+def eval_seeds(seed: int, n: int = EVAL_SEEDS) -> list[int]:
+    """The evaluation seeds of a benchmark run with base `seed`: each gives fresh noise and fresh reference samples
+    (derive both from it). The first is `seed` itself, so seed 0's draws are those of a single-seed run."""
+    return [seed + 1000 * k for k in range(n)]
+
+
+def swd(x: Tensor, ref: Tensor) -> float:
+    """The 2D benchmarks' SWD: 256 fixed directions (seed 0), on CPU copies."""
+    return sliced_wasserstein(x.detach().cpu(), ref.detach().cpu(), n_proj=256, seed=0)
+
+
 def spread(values: Sequence[float]) -> tuple[float, float]:
     """(mean, sample standard deviation) of one measurement repeated over evaluation seeds; the course calls two
     numbers different only when their gap exceeds the spread. A single value has spread 0."""

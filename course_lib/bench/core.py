@@ -19,7 +19,8 @@ from ..config import pick
 from ..data2d import exact_denoiser, get_mixture, sample_2d, sample_conditional
 from ..grids import default_grid
 from ..images import load_digits
-from ..metrics import flow_map_error, gmm_class_accuracy, in_squares, precision_recall, sliced_wasserstein, spread
+from ..metrics import (EVAL_SEEDS, eval_seeds, flow_map_error, gmm_class_accuracy, in_squares, precision_recall, spread,
+                       swd)
 from ..plotting import pm as plus_minus
 from ..samplers import dpm_solver_pp_2m, generate, nfe as count, steps_for_nfe
 
@@ -35,15 +36,6 @@ def row(dataset: str, model: str, metric: str, value: float, seconds: float, *, 
     train_updates, ...) follow."""
     return {"schema": SCHEMA, "dataset": dataset, "model": model, "nfe": nfe, "steps": steps, "metric": metric,
             "value": float(value), "seconds": round(float(seconds), 4), "device": str(device), **extra}
-
-
-EVAL_SEEDS = 3   # every compared number: mean and spread over this many evaluation seeds (DESIGN.md, Measurements)
-
-
-def eval_seeds(seed: int, n: int = EVAL_SEEDS) -> list[int]:
-    """The evaluation seeds of a benchmark run with base `seed`: each gives fresh noise and fresh reference samples
-    (derive both from it). The first is `seed` itself, so seed 0's draws are those of a single-seed run."""
-    return [seed + 1000 * k for k in range(n)]
 
 
 def spread_row(dataset: str, model: str, metric: str, values: Sequence[float], seconds: float, *, nfe: int | None,
@@ -136,11 +128,6 @@ def per_seed(a: dict, b: dict, op: Callable[[float, float], float] = lambda u, v
     if len(a["values"]) != len(b["values"]):
         raise ValueError(f"rows measured on different seeds: {len(a['values'])} and {len(b['values'])} values")
     return spread([op(u, v) for u, v in zip(a["values"], b["values"])])
-
-
-def swd(x: Tensor, ref: Tensor) -> float:
-    """The 2D benchmarks' SWD: 256 fixed directions (seed 0), on CPU copies."""
-    return sliced_wasserstein(cpu(x), cpu(ref), n_proj=256, seed=0)
 
 
 def score_2d(ev: Evaluation, dataset: str, model: str, x: Tensor, ref: Tensor, seconds: float, *, nfe: int | None,

@@ -8,9 +8,12 @@ from typing import Callable
 
 import torch
 
+from .. import steps
 from ..distill.consistency import cm_grid
 from ..distill.hypersd import refl_loss, sample, segment_start, tscd_loss_at
+from ..distill.tcd import tcf
 from ..processes import RectifiedFlow, VPCosine
+from ..samplers import tcd
 from .core import (accept, checker, close, explain_exception, fall_back, first_look, fresh_generator, max_diff,
                    named_slip, param_grads, quiet, run_check, same_grads, tiny_model)
 
@@ -83,8 +86,6 @@ def tscd_loss_ref(student, target, teacher, x0, eps, t_next, t_cur, k, process):
 
 
 def _loss_with_target(student, x0, eps, t_next, s, process, tgt):
-    from ..distill.tcd import tcf
-
     x_next = process.marginal(x0, t_next, eps)
     return (tcf(student, x_next, t_next, s, process) - tgt).pow(2).mean(1)
 
@@ -97,9 +98,6 @@ def check_tscd_loss(student: Callable, seed: int | None = None) -> Callable:
     under stop-gradient; the student's jump from (x_next, t_next) to s; squared L2 averaged over the data dimensions.
     Checked on adjacent points of a 17-point grid whose every edge is a grid point, with a target network distinct
     from the student (values) and with the student as its own target (gradient)."""
-    from .. import steps
-    from ..distill.tcd import tcf
-
     g = fresh_generator(seed)
     ref = tscd_loss_ref
 
@@ -258,8 +256,6 @@ def check_unified_sampler(student: Callable, seed: int | None = None) -> Callabl
     """Exercise 11.4: student(model, x, n, process, gamma, noises) -> samples (B, D): n steps of TCD's gamma sampler
     on the trailing grid 1, (n-1)/n, ..., 1/n, 0 (each step: jump to (1 - gamma) t', re-noise to t' with the
     process's kernel but on the last step), noises (n - 1, B, D) the fresh z."""
-    from ..samplers import tcd
-
     g = fresh_generator(seed)
     ref = unified_sample_ref
     near = lambda a, b: close(a, b, atol=SAMPLER_ATOL, rtol=SAMPLER_RTOL)

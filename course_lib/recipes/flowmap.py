@@ -28,10 +28,11 @@ from torch import Tensor, nn
 
 from .. import paths
 from ..config import pick, seeded
-from ..data2d import batches
+from ..data2d import batches, sample_2d
 from ..distill import flowmap as fm
 from ..distill.reflow import RFView
 from ..grids import uniform
+from ..metrics import eval_seeds, in_squares, precision_recall, spread, swd
 from ..models import Denoiser, MLP2D, load_denoiser, save_denoiser
 from ..processes import RectifiedFlow, VPCosine
 from ..samplers import consistency, flow_map
@@ -192,10 +193,6 @@ def evaluate(student: nn.Module, method: str, dataset: str, n: int = 5000, seed:
     """SWD (and recall on gmm, in_squares on the checkerboard) at 1, 2, 4 steps, mean and std over the evaluation
     seeds of `seed`, drawn exactly as bench flowmap draws them (its reference, noise and sampling seeds): a student
     trained here with the benchmark's recipe and seed scores what the benchmark's rows say."""
-    from ..bench.core import eval_seeds, swd
-    from ..data2d import sample_2d
-    from ..metrics import in_squares, precision_recall, spread
-
     out = {}
     for k in steps:
         vals: dict[str, list] = {"swd": [], "recall" if dataset == "gmm" else "in_squares": []}

@@ -34,14 +34,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..conditioning import Cond, labelled
+from ..conditioning import Cond, labelled, labels, with_end_time
 from ..config import pick, seeded
 from ..distill import flowmap as fm
 from ..distill.reflow import RFView
 from ..grids import uniform
 from ..images import batch_sampler, load_digits
-from ..models import Denoiser, build_denoiser, flow_map_student
+from ..minisd import load_mini_sd
+from ..models import MLP2D, Denoiser, build_denoiser, flow_map_student
+from ..processes import RectifiedFlow
 from ..samplers import consistency, flow_map
+from ..sd import from_pipeline, tiny_sd_pipeline
+from ..teachers import load_teacher
 from ..train import TrainConfig
 from .consistency import cm_budget
 
@@ -145,13 +149,6 @@ def _tangent_cases(n: int = 8) -> dict[str, tuple]:
     teacher's flow-map student read in rf time; sCD's cos sin dF/dphi (tangent (cs dx/dphi, cs / a)) on the digits
     teacher; the eps-prediction's derivative along (v, 1) through diffusers' UNet2DConditionModel with its
     attention (the tiny test pipeline's and the shipped mini SD's), in course time."""
-    from ..conditioning import labels, with_end_time
-    from ..minisd import load_mini_sd
-    from ..models import MLP2D
-    from ..processes import RectifiedFlow
-    from ..sd import from_pipeline, tiny_sd_pipeline
-    from ..teachers import load_teacher
-
     g = torch.Generator().manual_seed(0)
     rf = RectifiedFlow()
 
