@@ -52,14 +52,21 @@ def test_a_missing_result_is_named(tmp_path, monkeypatch):
 def test_the_shipped_students_are_scored_here():
     rows = lb.shipped_rows("smoke", 0, "cpu")
     methods = {r["method"] for r in rows}
-    assert {"MeanFlow", "sCT", "DMD2 (shipped)"} <= methods
+    assert methods == {"DMD2 (shipped)", "GDD-I (shipped)"}     # the 2D flow maps are bench flowmap's: loaded
     assert all(r["origin"] == "shipped, evaluated here" and math.isfinite(r["value"]) for r in rows)
-    assert {r["nfe"] for r in rows if r["method"] == "MeanFlow"} == {1, 2, 4}
-    assert {r["nfe"] for r in rows if r["method"] == "DMD2 (shipped)"} == {1}
+    assert {r["nfe"] for r in rows} == {1}
+    assert all(r["train_updates"] > 0 for r in rows)
+
+
+def test_the_flow_maps_are_loaded_from_their_benchmark_on_every_dataset():
+    rows, _ = lb.loaded_rows()
+    mine = [r for r in rows if r["family"] == "flow map"]
+    assert {r["dataset"] for r in mine} == {"gmm", "checkerboard", "digits", "mini-sd"}
+    assert {r["method"] for r in mine} == set(board_def.FLOWMAP_NAMES.values())
+    assert {r["nfe"] for r in mine if r["method"] == "MeanFlow" and r["dataset"] == "gmm"} == {1, 2, 4}
     # a flow map's jumps: four steps land closer to the data than one, on every evaluation seed
     one, four = (_find(rows, "MeanFlow", "gmm", k, "swd") for k in (1, 4))
     assert all(b < a for a, b in zip(one["values"], four["values"]))
-    assert all(r["train_updates"] > 0 for r in rows)
 
 
 def test_the_readme_table_is_generated_from_the_saved_board():

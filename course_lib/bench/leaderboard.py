@@ -10,9 +10,9 @@ benchmark row (schema 3: value = mean over the evaluation seeds, std, values) an
     origin             "loaded": the saved laptop run of the method's own benchmark (`source`, a file of
                        docs/results), whose students were trained in that run (hours of CPU for them all; each
                        file's meta has its total_seconds), or "shipped, evaluated here": a student of data/ loaded
-                       and scored in this run with the benchmarks' evaluation seeds and references (the 2D flow-map,
-                       DMD2 and GDD-I students; in laptop and full mode also the mini SD's Hyper-SD and MeanFlow
-                       LoRAs, scored by their benchmarks' own mini-SD evaluation: minutes)
+                       and scored in this run with the benchmarks' evaluation seeds and references (the longer-trained
+                       2D DMD2 and GDD-I students; in laptop and full mode also the mini SD's Hyper-SD LoRAs, scored
+                       by their benchmark's own mini-SD evaluation: minutes)
     x_teacher, x_teacher_std
                        for SWD and KID rows: the value over the teacher's best on the same seeds (per-seed ratios,
                        core.per_seed), the teacher's best taken from the same file (its rows share the references)
@@ -42,9 +42,9 @@ import torch
 
 from ..config import pick
 from ..distill import hypersd, tcd
-from ..recipes.leaderboard import (DATASETS, NFES, QUALITY, RATIO, RESULTS, SAVED, by_family, sd15_costs,
-                                   shipped_students, short_table)
-from . import flowmap_minisd, register
+from ..recipes.leaderboard import (DATASETS, FLOWMAP_NAMES, NFES, QUALITY, RATIO, RESULTS, SAVED, by_family,
+                                   sd15_costs, shipped_students, short_table)
+from . import register
 from . import hypersd as hypersd_bench
 from .core import Evaluation, per_seed, prior, reference_2d, score_2d, timed
 from .report import markdown
@@ -76,6 +76,7 @@ BOARD = (
     Entry("consistency", "Hyper-SD", "hypersd", "hypersd", (("gamma", hypersd.GAMMAS[4]),)),
     Entry("consistency", "TSCD (Hyper-SD's stages)", "hypersd", "tscd", (("gamma", hypersd.GAMMAS[4]),)),
     Entry("consistency", "TSCD + reward", "hypersd", "tscd-reward", (("gamma", hypersd.GAMMAS[4]),)),
+    *(Entry("flow map", name, "flowmap", model) for model, name in FLOWMAP_NAMES.items()),
     Entry("distribution", "ADD", "add", "add"),
     Entry("distribution", "DMD", "dmd", "dmd"),
     Entry("distribution", "DMD2", "dmd2", "dmd2"),
@@ -142,12 +143,15 @@ def loaded_rows(entries: Iterable[Entry] = BOARD, datasets: Iterable[str] = DATA
 
 
 def shipped_rows(mode: str, seed: int, device) -> list[dict]:
-    """The shipped 2D students scored here: the benchmarks' references (reference_2d: seed + 1) and their own noise,
-    over the evaluation seeds of `seed`; ratios against bench teacher's saved rows (same references, same n)."""
+    """The shipped, longer-trained 2D students scored here (DMD2, GDD-I): the benchmarks' references (reference_2d:
+    seed + 1) and their own noise, over the evaluation seeds of `seed`; ratios against bench teacher's saved rows
+    (same references, same n). The 2D flow maps of data/flowmap are bench flowmap's own seed-0 students: their rows
+    are loaded from its saved result."""
     n = pick(mode, smoke=500, laptop=5000, full=5000)
     teacher_rows = _saved("teacher")
     ev, info = Evaluation(seed, device), {}
-    for ds, students in shipped_students(device).items():
+    for ds, everyone in shipped_students(device).items():
+        students = {m: s for m, s in everyone.items() if s[0] != "flow map"}
         for s in ev.seeds:
             ref = reference_2d(ev, ds, n, s)
             for method, (family, sample, steps, updates, seconds, process, evals) in students.items():
@@ -169,9 +173,10 @@ def shipped_rows(mode: str, seed: int, device) -> list[dict]:
     return rows
 
 
-# The mini SD's shipped LoRAs scored here (laptop and full mode): (family, method) of each benchmark model name
-MINISD_SHIPPED = {"tscd": ("consistency", "TSCD (Hyper-SD's stages)"), "tscd-reward": ("consistency", "TSCD + reward"),
-                  "meanflow-distill": ("flow map", "MeanFlow (distilled)")}
+# The mini SD's shipped Hyper-SD LoRAs scored here (laptop and full mode; bench hypersd's saved laptop result predates
+# its mini-SD rows): (family, method) of each benchmark model name. The shipped MeanFlow LoRA's rows are bench
+# flowmap's, loaded.
+MINISD_SHIPPED = {"tscd": ("consistency", "TSCD (Hyper-SD's stages)"), "tscd-reward": ("consistency", "TSCD + reward")}
 
 
 def minisd_rows(mode: str, seed: int, device) -> list[dict]:
@@ -184,14 +189,13 @@ def minisd_rows(mode: str, seed: int, device) -> list[dict]:
         return []
     ev = Evaluation(seed, device)
     hypersd_bench.rows_minisd(ev, mode)
-    out = []
-    for rows in (ev.rows(), flowmap_minisd.minisd_rows(mode, seed, device)[0]):
-        for r in rows:
-            if r["model"] not in MINISD_SHIPPED or r["metric"] not in QUALITY["mini-sd"] or r.get("nfe") not in NFES:
-                continue
-            best = _teacher_best(rows, "mini-sd", r["metric"])
-            family, method = MINISD_SHIPPED[r["model"]]
-            out.append(_board_row(r, family, method, "shipped, evaluated here", "data/", best))
+    rows, out = ev.rows(), []
+    for r in rows:
+        if r["model"] not in MINISD_SHIPPED or r["metric"] not in QUALITY["mini-sd"] or r.get("nfe") not in NFES:
+            continue
+        best = _teacher_best(rows, "mini-sd", r["metric"])
+        family, method = MINISD_SHIPPED[r["model"]]
+        out.append(_board_row(r, family, method, "shipped, evaluated here", "data/", best))
     return out
 
 

@@ -24,7 +24,7 @@ RESULTS = paths.CHECKOUT / "docs" / "results"   # the saved laptop results of a 
 SAVED = RESULTS / "leaderboard_laptop.json"       # the board the README and notebook 12 read
 
 FLOWMAP_NAMES = {"meanflow": "MeanFlow", "meanflow-distill": "MeanFlow (distilled)", "shortcut": "shortcut model",
-                 "scd": "sCD", "sct": "sCT"}
+                 "scd": "sCD", "sct": "sCT"}   # bench flowmap's model names -> the board's
 
 
 def shipped_students(device) -> dict[str, dict[str, tuple]]:
