@@ -36,8 +36,8 @@ def pytest_report_header(config):
 # afterwards (config.seeded), keep_rng=False leaves it seeded as torch.manual_seed does, for the tests whose later
 # draws from the global generator come after the model's.
 
-import contextlib  # noqa: E402
-import re  # noqa: E402  (below the environment: torch must not be imported before it is set)
+import contextlib  # noqa: E402  (below the environment: torch must not be imported before it is set)
+import re  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -120,6 +120,32 @@ def test_pair_command_writes_one_paired_notebook_per_solution(tmp_path: Path, ca
     assert exercises.read_notebook(out / NAME) == exercises.paired_version(exercises.read_notebook(FIXTURE), NAME)
 
 
+def _ran(source: str, printed: str, tags: tuple[str, ...] = ()):
+    """A stand-in for an nbval cell item after its run: its cell, its path and the stream it printed."""
+    from types import SimpleNamespace
+
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": list(tags)} if tags else {})
+    return SimpleNamespace(cell=cell, path=Path("build/paired/x.ipynb"),
+                           test_outputs=[{"output_type": "stream", "name": "stdout", "text": printed}])
+
+
+def test_the_paired_run_fails_a_rejected_solution_and_an_accepted_stub():
+    from course_lib.checks.core import ACCEPTED, FALLBACK
+    from conftest import _verdict_problem
+
+    solution = "def f(x):\n    # BEGIN SOLUTION 3.2: f\n    return x\n    # END SOLUTION\nf = checks.check_f(f)"
+    stub = replace_solution_regions(solution)[0]
+    tag = (exercises.SOLUTION_COPY,)
+    assert _verdict_problem(_ran(solution, f"Exercise 3.2: correct. {ACCEPTED}\n", tag)) is None
+    assert "should end with" in _verdict_problem(_ran(solution, f"Exercise 3.2: wrong sign. {FALLBACK}\n", tag))
+    assert "should end with" in _verdict_problem(_ran(solution, "no verdict at all\n", tag))
+    assert _verdict_problem(_ran(stub, f"Exercise 3.2: not solved yet. {FALLBACK}\n")) is None
+    assert "stub" in _verdict_problem(_ran(stub, f"Exercise 3.2: correct. {ACCEPTED}\n"))
+    # another exercise's verdict does not count for this one; a cell without an exercise is not checked
+    assert _verdict_problem(_ran(solution, f"Exercise 3.1: correct. {ACCEPTED}\n", tag)) is not None
+    assert _verdict_problem(_ran("x = 1", f"{FALLBACK}\n")) is None
+
+
 # --- normalisation and determinism ---------------------------------------------------------------
 
 

@@ -105,7 +105,7 @@ def rows_minisd(ev: Evaluation, mode: str) -> dict:
         for k in STEPS:
             res, sec = timed(lambda: recipe.evaluate_minisd(base, student, n, k, seeds))
             add_sd_rows(ev, name, res, per(sec), nfe=k, steps=k, w=w, sampler="tcd", gamma=res["gamma"], n=n,
-                    metrics=SD_METRICS, **train_fields(secs, updates))
+                        metrics=SD_METRICS, **train_fields(secs, updates))
     return meta
 
 

@@ -112,7 +112,7 @@ def _sd_student(method: str, sd, b: dict, mode: str):
 
 
 def add_sd_rows(ev: Evaluation, model: str, result: dict, seconds: float, *, nfe: int | None, steps: int | None,
-            metrics: Sequence[str] = SD_METRICS, **extra) -> None:
+                metrics: Sequence[str] = SD_METRICS, **extra) -> None:
     """The per-seed runs of recipes.lcm.evaluate / minisd.evaluate / reference scores as rows of `ev` (KID with its
     se), for the `metrics` a run holds."""
     for run in result["runs"]:
@@ -163,7 +163,7 @@ def rows_sd(method: str, ev: Evaluation, mode: str, b: dict, device, gammas: Seq
             r, sec = timed(lambda: lcm_recipes.evaluate(sd, student, n, k, w, seeds))
         extra = {"gamma": gamma} if gamma is not None else {}
         add_sd_rows(ev, method, r, per(sec), nfe=k, steps=k, w=w, sampler="sss" if method == "tcd" else "lcm", n=n,
-                **extra)
+                    **extra)
     return {**meta, "sd_n": n, "sd_w": w, "sd_seconds": "per seed, sampling and scoring together"}
 
 
