@@ -98,6 +98,21 @@ def save_tiny_sd(folder, seed: int = 0):
     return folder
 
 
+def save_nudged_mini_sd(folder):
+    """Another base model for the adapters' base-model checks: the shipped mini SD with every UNet weight nudged by
+    1e-3 N(0, 1) (seed 0), saved as a diffusers folder; returns the folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from course_lib import minisd
+
+    pipe = StableDiffusionPipeline.from_pretrained(minisd.MINI_SD, safety_checker=None, requires_safety_checker=False)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def class_model():
     """A 3-class 2D eps model (hidden 32), seed 0, in eval mode."""

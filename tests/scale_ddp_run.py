@@ -36,59 +36,41 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def record_batches(owner, name: str, pick, drawn: list[str]) -> None:
+    """Replace owner.<name>, a factory of samplers sample(n, g) -> batch, by one whose samplers also append the digest
+    of pick(batch) (the batch's latents) to `drawn`."""
+    factory = getattr(owner, name)
+
+    def recording(*args, **kwargs):
+        sample = factory(*args, **kwargs)
+
+        def wrapped(n, g):
+            batch = sample(n, g)
+            drawn.append(digest(pick(batch)))
+            return batch
+
+        return wrapped
+
+    setattr(owner, name, recording)
+
+
 def main() -> None:
     prefix, stage, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
     import course_lib.scale.instaflow_reflow as instaflow_reflow
 
-    drawn = []
-    original = instaflow_reflow.triplet_batches
-
-    def recording(tri, emb):
-        sample = original(tri, emb)
-
-        def wrapped(n, g):
-            batch = sample(n, g)
-            drawn.append(digest(batch[0]))
-            return batch
-
-        return wrapped
-
-    instaflow_reflow.triplet_batches = recording
+    drawn: list[str] = []
+    record_batches(instaflow_reflow, "triplet_batches", lambda batch: batch[0], drawn)
     if stage == "dmd2":                       # DMD2: batches are dicts {"x": real latents, "y": Cond}
         import course_lib.scale.dmd2 as dmd2
 
-        inner = dmd2.batches
-
-        def dmd2_recording(emb, images, shape):
-            sample = inner(emb, images, shape)
-
-            def wrapped(n, g):
-                batch = sample(n, g)
-                drawn.append(digest(batch["x"]))
-                return batch
-
-            return wrapped
-
-        dmd2.batches = dmd2_recording
+        record_batches(dmd2, "batches", lambda batch: batch["x"], drawn)
         done = dmd2.main(argv)
         nets = {"generator": done.nets["generator"], "critic": done.nets["critic"]}
     elif stage == "hypersd":                  # Hyper-SD: batches are dicts {"x": real latents, "cond": Cond}
         import course_lib.scale.hypersd as hypersd
 
-        inner_h = hypersd.batches
-
-        def hypersd_recording(emb, keep=None):
-            sample = inner_h(emb, keep)
-
-            def wrapped(n, g):
-                batch = sample(n, g)
-                drawn.append(digest(batch["x"]))
-                return batch
-
-            return wrapped
-
-        hypersd.batches = hypersd_recording
+        record_batches(hypersd, "batches", lambda batch: batch["x"], drawn)
         done = hypersd.main(argv)
         nets = {"": done.nets["student"]}
     else:

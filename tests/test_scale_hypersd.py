@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from course_lib.guidance import cfg as guided
 from course_lib.scale import export, hypersd, methods, rewards
 from course_lib.scale.common import SourceError
 from course_lib.train import TRAINER_WEIGHTS, StepContext
+from conftest import save_nudged_mini_sd
 from killed_stage import assert_same_checkpoint, kill_midway
 from pair_shards import shards
 from scale_ddp_run import launch
@@ -52,16 +52,10 @@ def _snapshot(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """The four TSCD stages on image-caption pairs, and another base model (the mini SD with its UNet nudged)."""
-    from diffusers import StableDiffusionPipeline
-
     root = tmp_path_factory.mktemp("scale-hypersd")
     tar = shards(root / "pairs.tar")
     done = {s: hypersd.main(_args(s, root / "run", "--data", str(tar))) for s in TSCD}
-    pipe = StableDiffusionPipeline.from_pretrained(minisd.MINI_SD, safety_checker=None, requires_safety_checker=False)
-    with torch.no_grad():
-        for p in pipe.unet.parameters():
-            p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-    pipe.save_pretrained(root / "other", safe_serialization=True)
+    save_nudged_mini_sd(root / "other")
     return {"root": root, "tar": tar, "done": done, "run": root / "run"}
 
 

@@ -21,6 +21,7 @@ from course_lib.recipes import lcm as lcm_recipes
 from course_lib.scale import cost, export, lcm_lora
 from course_lib.scale.common import SourceError
 from course_lib.train import TRAINER_WEIGHTS
+from conftest import save_nudged_mini_sd
 from killed_stage import assert_same_checkpoint, kill_midway
 from pair_shards import shards
 
@@ -45,16 +46,10 @@ def _args(out: Path, *source: str, steps: int = STEPS, extra: tuple[str, ...] = 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """An uninterrupted run on image-caption pairs, and another base model (the mini SD with its UNet nudged)."""
-    from diffusers import StableDiffusionPipeline
-
     root = tmp_path_factory.mktemp("scale-lcm")
     tar = shards(root / "pairs.tar")
     done = lcm_lora.main(_args(root / "full", "--data", str(tar)))
-    pipe = StableDiffusionPipeline.from_pretrained(minisd.MINI_SD, safety_checker=None, requires_safety_checker=False)
-    with torch.no_grad():
-        for p in pipe.unet.parameters():
-            p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-    pipe.save_pretrained(root / "other", safe_serialization=True)
+    save_nudged_mini_sd(root / "other")
     return {"root": root, "tar": tar, "done": done, "run": root / "full"}
 
 
