@@ -43,7 +43,7 @@ import torch
 from ..config import pick
 from ..distill import hypersd, tcd
 from ..recipes.leaderboard import (DATASETS, FLOWMAP_NAMES, NFES, QUALITY, RATIO, RESULTS, SAVED, by_family,
-                                   sd15_costs, shipped_students, short_table)
+                                   sd15_costs, shipped_generators, short_table)
 from . import register
 from . import hypersd as hypersd_bench
 from .core import Evaluation, per_seed, prior, reference_2d, score_2d, timed
@@ -150,8 +150,7 @@ def shipped_rows(mode: str, seed: int, device) -> list[dict]:
     n = pick(mode, smoke=500, laptop=5000, full=5000)
     teacher_rows = _saved("teacher")
     ev, info = Evaluation(seed, device), {}
-    for ds, everyone in shipped_students(device).items():
-        students = {m: s for m, s in everyone.items() if s[0] != "flow map"}
+    for ds, students in shipped_generators(device).items():
         for s in ev.seeds:
             ref = reference_2d(ev, ds, n, s)
             for method, (family, sample, steps, updates, seconds, process, evals) in students.items():

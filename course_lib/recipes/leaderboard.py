@@ -29,16 +29,25 @@ FLOWMAP_NAMES = {"meanflow": "MeanFlow", "meanflow-distill": "MeanFlow (distille
 
 def shipped_students(device) -> dict[str, dict[str, tuple]]:
     """{dataset: {method: (family, sampler(x1, steps, seed) -> x, steps served, updates, seconds, process,
-    teacher evaluations or None)}} of the 2D students that ship in data/ (the flow-map students and the
-    longer-trained DMD2 and GDD-I generators)."""
+    teacher evaluations or None)}} of the 2D students that ship in data/: the flow-map students (bench flowmap's
+    own seed-0 students) and the longer-trained DMD2 and GDD-I generators (`shipped_generators`)."""
     out: dict[str, dict[str, tuple]] = {}
-    for ds in fm_recipes.DATASETS:
+    for ds, generators in shipped_generators(device).items():
         mine = out.setdefault(ds, {})
         for m in fm_recipes.METHODS:
             model, info = fm_recipes.load_shipped(ds, m, device)
             sample = lambda x1, k, s, model=model, m=m: fm_recipes.sample(model, m, x1, k, s)
             mine[FLOWMAP_NAMES[m]] = ("flow map", sample, fm_recipes.STEPS, info["updates"], info["train_seconds"],
                                       model.process, info.get("teacher_evals"))
+        mine.update(generators)
+    return out
+
+
+def shipped_generators(device) -> dict[str, dict[str, tuple]]:
+    """The longer-trained one-step DMD2 and GDD-I generators of data/, per 2D dataset, as in `shipped_students`."""
+    out: dict[str, dict[str, tuple]] = {}
+    for ds in fm_recipes.DATASETS:
+        mine = out.setdefault(ds, {})
         G, info = dmd_recipes.load_shipped_2d(ds, device)
         mine["DMD2 (shipped)"] = ("distribution", lambda x1, k, s, G=G: _one_step(G, x1), (1,),
                                   info["generator_updates"], info["train_seconds"], G.process, None)
