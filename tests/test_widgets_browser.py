@@ -6,6 +6,7 @@ that executable (no browser download); `make test` installs both where it can. S
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("02_guided_distillation.ipynb", "03_rectified_flow.ipynb", "12_leaderboard.ipynb")
-RUN_TIMEOUT_S = 600
+RUN_TIMEOUT_S = int(os.environ.get("RUN_TIMEOUT_S", 600))
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,12 @@ def lab(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "COURSE_MODE": "smoke", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # every cell in the page, not only those in view (JupyterLab's windowing): the test reads every cell's prompt
+    settings = root / "settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)
+    (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
+    env = {**os.environ, "COURSE_MODE": "smoke", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "JUPYTERLAB_SETTINGS_DIR": str(root / "settings")}
     env.pop("MPLBACKEND", None)                       # the kernel draws inline, as for a student
     log = open(root / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
@@ -74,20 +80,26 @@ def browser(lab):
         b.close()
 
 
+def prompts(page) -> list[str]:
+    """Every code cell's input prompt: "[ ]:" not run, "[*]:" queued or running, "[12]:" done."""
+    return page.locator(".jp-CodeCell .jp-InputPrompt").evaluate_all("els => els.map(e => e.textContent.trim())")
+
+
 def run_all(page, url: str) -> None:
-    """Open the notebook, run all cells from JupyterLab's Run menu, wait until no cell is running; fail on an error."""
+    """Open the notebook, wait for its kernel, run all cells from JupyterLab's Run menu and wait until every code cell
+    has its execution count (on a loaded machine the kernel can take many seconds to start, and cells go idle
+    between each other); fail on an error."""
     page.goto(url)
-    page.wait_for_selector(".jp-Notebook .jp-Cell", state="attached", timeout=120_000)
-    page.wait_for_timeout(3000)                                         # the kernel starts
+    page.wait_for_selector(".jp-Notebook .jp-CodeCell", state="attached", timeout=120_000)
+    page.wait_for_selector(".jp-StatusBar-Widget:has-text('| Idle')", timeout=180_000)  # the kernel is up
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_text("Run All Cells", exact=True).click()
-    page.wait_for_timeout(2000)
-    t0 = time.time()
-    while page.locator(".jp-InputPrompt:has-text('[*]')").count():
-        assert time.time() - t0 < RUN_TIMEOUT_S, "the notebook did not finish running"
-        page.wait_for_timeout(1000)
     stderr = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
-    errors = page.locator(f"{stderr}:has-text('Traceback')")
+    errors = page.locator(f"{stderr}:has-text('Traceback')")          # Run All stops at a cell that fails
+    t0 = time.time()
+    while not all(re.fullmatch(r"\[\d+\]:", p) for p in prompts(page)) and not errors.count():
+        assert time.time() - t0 < RUN_TIMEOUT_S, f"the notebook did not finish running: prompts {prompts(page)}"
+        page.wait_for_timeout(1000)
     assert errors.count() == 0, errors.first.inner_text()[-2000:]
 
 
@@ -123,7 +135,9 @@ def wait_for_change(page, before: list[str], what: str) -> None:
 def test_every_control_redraws_its_figure(browser, lab, name):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        run_all(page, f"{lab}/lab/tree/{name}")
+        # a workspace of its own, reset: JupyterLab would otherwise reopen the previous notebook's tab beside it, and
+        # on a loaded machine that tab can take the focus that Run All acts on
+        run_all(page, f"{lab}/lab/workspaces/{Path(name).stem}/tree/{name}?reset")
         assert widget_images(page), "no widget drew a figure"
         moved = 0
         for i in range(page.locator(".noUi-handle").count()):          # sliders (FloatSlider, SelectionSlider)
