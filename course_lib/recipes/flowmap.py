@@ -9,7 +9,8 @@ The models (bench flowmap's names):
     meanflow-distill  MeanFlow distilling the shipped {dataset}-vp teacher, read in rf time (reflow.RFView: the same
                       x0 and eps at the same log-SNR, so its velocity eps_hat - x0_hat is the rf velocity)
     shortcut          a shortcut model from scratch on rf
-    scd               sCM distillation (TrigFlow = the course's vp-cosine) of the {dataset}-vp teacher
+    scd               sCM distillation (TrigFlow = the course's vp-cosine) of the {dataset}-vp teacher, from the
+                      teacher re-embedded in 10 t (`reembed`)
     sct               sCM training from scratch
 Every fresh student is the teachers' MLP (teachers.MLP_2D) with time_scale 0.01 (the time input 10 t: sCM and
 MeanFlow differentiate the network in t, and at 1000 t the JVP is too large to learn from; distill/flowmap.py).
@@ -17,7 +18,6 @@ MeanFlow differentiate the network in t, and at 1000 t the JVP is too large to l
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,7 +37,7 @@ from ..models import Denoiser, MLP2D, load_denoiser, save_denoiser
 from ..processes import RectifiedFlow, VPCosine
 from ..samplers import consistency, flow_map
 from ..teachers import MLP_2D, load_teacher
-from ..train import TrainConfig
+from ..train import Network, TrainConfig, train_networks
 
 METHODS = ("meanflow", "meanflow-distill", "shortcut", "scd", "sct")
 DATASETS = ("gmm", "checkerboard")
@@ -83,6 +83,7 @@ def budget(mode: str) -> dict:
     """The budgets bench flowmap and notebook 14 share: updates per student, evaluation sizes, the (t, s) grid."""
     return dict(
         steps=pick(mode, smoke=40, laptop=1000, full=8000),
+        reembed=pick(mode, smoke=20, laptop=1500, full=3000),       # sCD's re-embedding updates (`reembed`)
         ema=pick(mode, smoke=0.0, laptop=None, full=None),          # None: the recipe's sampling EMA
         n=pick(mode, smoke=250, laptop=5000, full=25_000),          # samples per evaluation seed
         grid_k=pick(mode, smoke=3, laptop=6, full=9),               # times of the (t, s) error grid, 1 ... 0
@@ -107,15 +108,33 @@ def teacher_of(method: str, dataset: str, device="cpu") -> nn.Module | None:
 
 
 def start(method: str, dataset: str, seed: int, device="cpu") -> nn.Module:
-    """The student before training: a fresh flow-map MLP on rf (MeanFlow, shortcut), a fresh vp-cosine MLP (sCT), a
-    copy of the {dataset}-vp teacher (sCD, as the paper initialises it)."""
+    """The student before training: a fresh flow-map MLP on rf (MeanFlow, shortcut), a fresh vp-cosine MLP (sCT, and
+    sCD's before `reembed`)."""
     if method in ("meanflow", "meanflow-distill", "shortcut"):
         return fresh(RectifiedFlow(), "velocity", True, seed).to(device)
-    if method == "sct":
+    if method in ("sct", "scd"):
         return fresh(VPCosine(), "v", False, seed).to(device)
-    if method == "scd":
-        return copy.deepcopy(load_teacher(f"{dataset}-vp", device=device))
     raise ValueError(f"unknown flow-map model {method!r}; valid: {', '.join(METHODS)}")
+
+
+def reembed(student: Denoiser, teacher: nn.Module, data, steps: int, seed: int, progress: bool = False) -> Denoiser:
+    """sCD's initialisation. The paper starts the student as the teacher; the shipped teachers embed 1000 t, where
+    sCM's tangent dF/dt is too large to learn from (Lu & Song 2024, Sec. 4.1), and sCD from a copy of them ends far
+    from the teacher (docs/results/scd_2d_diagnosis.json). So `student`, a fresh network that embeds 10 t, is first
+    regressed onto the teacher's TrigFlow velocity F (x_t of the data, t uniform in [1e-3, 1]): the teacher,
+    re-embedded; sCD then starts from it. `steps` updates of batch 256 (one teacher evaluation per sample)."""
+    def step(ctx, batch):
+        x0 = batch["x"]
+        t = torch.rand(len(x0), generator=ctx.generator, device=ctx.generator.device).clamp_min(1e-3).to(x0)
+        x_t = teacher.process.marginal(x0, t, torch.randn(x0.shape, generator=ctx.generator, device=ctx.generator.device).to(x0))
+        with torch.no_grad():
+            target = fm.trigflow_velocity(ctx.nets["teacher"], x_t, t)
+        return (fm.trigflow_velocity(ctx.nets["student"], x_t, t) - target).pow(2).flatten(1).mean(1)
+
+    done = train_networks({"student": Network(student.requires_grad_(True).train(), lr=1e-3, grad_clip=None)}, step,
+                          data, TrainConfig(steps=steps, batch_size=256, seed=seed + 7, desc="sCD: re-embed"),
+                          frozen={"teacher": teacher}, progress=progress)
+    return done.best("student")
 
 
 @dataclass
@@ -126,6 +145,7 @@ class Result:
     teacher_evals: int                          # teacher evaluations in all (per sample, summed over the batches)
     recipe: Recipe = field(repr=False)
     cfg: fm.FlowMapConfig = field(repr=False)   # the method's config as run (the budget's EMA, sCM's warm-up)
+    reembed: int = 0                            # of the updates, sCD's re-embedding (`reembed`)
 
 
 def train(method: str, dataset: str, b: dict, seed: int = 0, device="cpu", progress: bool = False, ckpt_dir=None,
@@ -140,13 +160,17 @@ def train(method: str, dataset: str, b: dict, seed: int = 0, device="cpu", progr
     run = TrainConfig(steps=updates, batch_size=r.batch, seed=seed, desc=f"{method} {dataset}")
     model, teacher, data = start(method, dataset, seed, device), teacher_of(method, dataset, device), batches(dataset)
     t0 = time.perf_counter()
+    pre = b["reembed"] if method == "scd" else 0
+    if pre:
+        model = reembed(model, teacher, data, pre, seed, progress)
     if method.startswith("meanflow"):
         student, _ = fm.train_meanflow(model, data, cfg, run=run, teacher=teacher, ckpt_dir=ckpt_dir, progress=progress)
     elif method == "shortcut":
         student, _ = fm.train_shortcut(model, data, cfg, run=run, ckpt_dir=ckpt_dir, progress=progress)
     else:
         student, _ = fm.train_scm(model, data, cfg, run=run, teacher=teacher, ckpt_dir=ckpt_dir, progress=progress)
-    return Result(student, time.perf_counter() - t0, updates, updates * r.batch * r.teacher_evals, r, cfg)
+    return Result(student, time.perf_counter() - t0, pre + updates, (pre + updates) * r.batch * r.teacher_evals, r,
+                  cfg, pre)
 
 
 def sample(student: nn.Module, method: str, x1: Tensor, steps: int, seed: int) -> Tensor:
@@ -227,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
             res = train(method, ds, {**budget("laptop"), "steps": args.steps}, args.seed, progress=True)
             info = {"dataset": ds, "method": method, "updates": res.updates, "batch": res.recipe.batch,
                     "seed": args.seed, "teacher_evals": res.teacher_evals, "train_seconds": round(res.seconds),
-                    "threads": torch.get_num_threads(), "recipe": {"method": method, **asdict(res.cfg)},
+                    "threads": torch.get_num_threads(),
+                    "recipe": {"method": method, **asdict(res.cfg), **({"reembed": res.reembed} if res.reembed else {})},
                     "command": RECREATE.format(dataset=ds, method=method, steps=args.steps)}
             folder = Path(args.out) / f"{ds}-{method}"
             info = ship(res.student, folder, info)
