@@ -125,8 +125,9 @@ def reembed(student: Denoiser, teacher: nn.Module, data, steps: int, seed: int, 
     re-embedded; sCD then starts from it. `steps` updates of batch 256 (one teacher evaluation per sample)."""
     def step(ctx, batch):
         x0 = batch["x"]
-        t = torch.rand(len(x0), generator=ctx.generator, device=ctx.generator.device).clamp_min(1e-3).to(x0)
-        x_t = teacher.process.marginal(x0, t, torch.randn(x0.shape, generator=ctx.generator, device=ctx.generator.device).to(x0))
+        g = ctx.generator
+        t = torch.rand(len(x0), generator=g, device=g.device).clamp_min(1e-3).to(x0)
+        x_t = teacher.process.marginal(x0, t, torch.randn(x0.shape, generator=g, device=g.device).to(x0))
         with torch.no_grad():
             target = fm.trigflow_velocity(ctx.nets["teacher"], x_t, t)
         return (fm.trigflow_velocity(ctx.nets["student"], x_t, t) - target).pow(2).flatten(1).mean(1)
@@ -251,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
             res = train(method, ds, {**budget("laptop"), "steps": args.steps}, args.seed, progress=True)
             info = {"dataset": ds, "method": method, "updates": res.updates, "batch": res.recipe.batch,
                     "seed": args.seed, "teacher_evals": res.teacher_evals, "train_seconds": round(res.seconds),
-                    "threads": torch.get_num_threads(),
-                    "recipe": {"method": method, **asdict(res.cfg), **({"reembed": res.reembed} if res.reembed else {})},
+                    "threads": torch.get_num_threads(), "recipe": {"method": method, **asdict(res.cfg),
+                                                                   **({"reembed": res.reembed} if res.reembed else {})},
                     "command": RECREATE.format(dataset=ds, method=method, steps=args.steps)}
             folder = Path(args.out) / f"{ds}-{method}"
             info = ship(res.student, folder, info)
