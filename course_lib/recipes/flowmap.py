@@ -124,12 +124,11 @@ def reembed(student: Denoiser, teacher: nn.Module, data, steps: int, seed: int, 
     regressed onto the teacher's TrigFlow velocity F (x_t of the data, t uniform in [1e-3, 1]): the teacher,
     re-embedded; sCD then starts from it. `steps` updates of batch 256 (one teacher evaluation per sample)."""
     def step(ctx, batch):
-        x0 = batch["x"]
-        g = ctx.generator
+        x0, g, T = batch["x"], ctx.generator, ctx.nets["teacher"]
         t = torch.rand(len(x0), generator=g, device=g.device).clamp_min(1e-3).to(x0)
-        x_t = teacher.process.marginal(x0, t, torch.randn(x0.shape, generator=g, device=g.device).to(x0))
+        x_t = T.process.marginal(x0, t, torch.randn(x0.shape, generator=g, device=g.device).to(x0))
         with torch.no_grad():
-            target = fm.trigflow_velocity(ctx.nets["teacher"], x_t, t)
+            target = fm.trigflow_velocity(T, x_t, t)
         return (fm.trigflow_velocity(ctx.nets["student"], x_t, t) - target).pow(2).flatten(1).mean(1)
 
     done = train_networks({"student": Network(student.requires_grad_(True).train(), lr=1e-3, grad_clip=None)}, step,
