@@ -321,6 +321,67 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
+def _row_sharded(t: Any) -> bool:
+    """A DTensor split by rows over a one-dimensional mesh (FSDP2's layout of every parameter)."""
+    from torch.distributed.tensor import Shard
+
+    return _is_dtensor(t) and t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
+
+
+def _full_all(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """{k: _full(v)} with one all-gather per dtype instead of one collective per tensor (a checkpoint of a UNet
+    holds a thousand: on a CPU the per-tensor DTensor dispatch cost more than the training steps). Every process
+    calls it with the same keys in the same order; tensors not row-sharded go through _full."""
+    import torch.distributed as dist
+
+    rows = [k for k, v in tensors.items() if _row_sharded(v)]
+    out = {k: v if k in rows else _full(v) for k, v in tensors.items()}
+    if not rows:
+        return out
+    group, world = tensors[rows[0]].device_mesh.get_group(), tensors[rows[0]].device_mesh.size()
+    local = {k: tensors[k].to_local() for k in rows}
+    device = local[rows[0]].device
+    counts = torch.tensor([local[k].shape[0] if local[k].dim() else 0 for k in rows], device=device)
+    all_counts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts, group=group)                        # each process's rows of each tensor
+    all_counts = torch.stack(all_counts).tolist()                           # (world, len(rows))
+    for dtype in dict.fromkeys(local[k].dtype for k in rows):
+        keys = [k for k in rows if local[k].dtype == dtype]
+        flat = torch.cat([local[k].reshape(-1) for k in keys])
+        per_row = {k: tensors[k].shape[1:].numel() for k in keys}
+        sizes = [sum(all_counts[r][rows.index(k)] * per_row[k] for k in keys) for r in range(world)]
+        padded = flat.new_zeros(max(sizes))
+        padded[:flat.numel()] = flat
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded, group=group)
+        pieces: dict[str, list[Tensor]] = {k: [] for k in keys}
+        for r, buf in enumerate(gathered):
+            offset = 0
+            for k in keys:
+                n = all_counts[r][rows.index(k)] * per_row[k]
+                pieces[k].append(buf[offset:offset + n].view(-1, *tensors[k].shape[1:]))
+                offset += n
+        out.update({k: torch.cat(pieces[k]).view(tensors[k].shape) for k in keys})
+    return out
+
+
+def _clip_grad_norm_(params: list[Tensor], max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_ (scale every gradient by max_norm / (||g|| + 1e-6) when that is below 1, with
+    ||g|| the L2 norm of all gradients together). Row-sharded gradients (FSDP) take one all-reduce of the shards'
+    sums of squares instead of torch's per-tensor DTensor dispatch; the norm is the same up to rounding."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not all(_row_sharded(g) for g in grads):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    local = [g.to_local() for g in grads]
+    sq = torch.stack([v.float().pow(2).sum() for v in local]).sum()
+    dist.all_reduce(sq, group=grads[0].device_mesh.get_group())
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(local, coef.to(local[0].dtype))
+
+
 def _like(value: Tensor, ref: Tensor | None) -> Tensor:
     """A whole tensor laid out as ref: this process's shard when ref is sharded."""
     if ref is None or not _is_dtensor(ref):
@@ -414,7 +475,7 @@ def _reshard(module: nn.Module) -> None:
 
 def _unsharded(r: _Run) -> nn.Module:
     """The trained network as a plain module on this process's device: the skeleton with the whole weights."""
-    state = {k: _full(v) for k, v in r.spec.module.state_dict().items()}
+    state = _full_all(r.spec.module.state_dict())
     device = next(iter(r.trainable.values())).device
     plain = r.skeleton.to_empty(device=device)
     plain.load_state_dict(state)
@@ -613,7 +674,7 @@ def _train_networks(networks: Mapping[str, Network], step_fn: Callable[[StepCont
     for r in runs:
         r.spec.module.eval()
         if r.skeleton is not None:               # FSDP: every process gets the whole trained network back
-            r.spec.module, r.ema = _unsharded(r), None if r.ema is None else {k: _full(v) for k, v in r.ema.items()}
+            r.spec.module, r.ema = _unsharded(r), None if r.ema is None else _full_all(r.ema)
     return Trained(nets={r.name: r.spec.module for r in runs}, ema={r.name: r.ema for r in runs if r.ema is not None},
                    targets=copies, step=step, updates={r.name: r.updates for r in runs},
                    losses={r.name: r.losses for r in runs}, logs=logs)
@@ -641,7 +702,7 @@ def _phase(r: _Run, ctx: StepContext, step_fn: Callable, sample_batch: Callable,
             loss.backward()
         total = loss.detach() if micro == 0 else total + loss.detach()
     if r.spec.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(r.trainable.values(), r.spec.grad_clip)
+        _clip_grad_norm_(list(r.trainable.values()), r.spec.grad_clip)
     r.opt.step()
     r.updates += 1
     if r.ema is not None:
@@ -668,10 +729,11 @@ def _checkpoint_tensors(runs: list[_Run], copies: dict[str, nn.Module], targets:
     tensors: dict[str, Tensor] = {}
     for r in runs:
         kept = _kept(r.spec.module, r.trainable, r.spec.save_frozen)
-        tensors.update({f"net.{r.name}.{k}": _full(v) for k, v in kept.items()})
-        tensors.update({f"ema.{r.name}.{k}": _full(v) for k, v in (r.ema or {}).items()})
+        tensors.update({f"net.{r.name}.{k}": v for k, v in kept.items()})
+        tensors.update({f"ema.{r.name}.{k}": v for k, v in (r.ema or {}).items()})
         for idx, st in r.opt.state_dict()["state"].items():
-            tensors.update({f"opt.{r.name}.{idx}.{key}": _full(torch.as_tensor(val)) for key, val in st.items()})
+            tensors.update({f"opt.{r.name}.{idx}.{key}": torch.as_tensor(val) for key, val in st.items()})
+    tensors = _full_all(tensors)                         # FSDP: whole tensors (a collective), one gather per dtype
     for k, t in targets.items():
         source = next(r for r in runs if r.name == t.source)
         tensors.update({f"target.{k}.{n}": v for n, v in _kept(copies[k], source.trainable, False).items()})
