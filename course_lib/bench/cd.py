@@ -144,10 +144,11 @@ def _pd_same_teacher_evals(teacher, ds: str, b: dict, seed: int, device, mode: s
                                                     "teacher_evals_per_sample_update": 2}
 
 
-def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, device) -> None:
+def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, device, references: bool = True) -> None:
     """Digits: CD of the shipped digits teacher (or CT of a fresh UNet of its architecture), pseudo-Huber, balanced
     labels; students at 1, 2, 4 steps on thousands of samples per seed, the teacher (DPM-Solver++, 32 steps) on a
-    few hundred, beside the data floor; kid_heldout, kid_train, fd_heldout (classifier.digits_scores)."""
+    few hundred, beside the data floor; kid_heldout, kid_train, fd_heldout (classifier.digits_scores).
+    references=False: the students' rows only (a benchmark that shows them beside its own teacher)."""
     teacher = load_teacher("digits", device=device)
     x_train, y_train = load_digits(16, "train")
     data = labelled(batch_sampler(x_train, y_train), teacher.net.num_classes)
@@ -163,8 +164,9 @@ def digits_rows(method: str, ev: Evaluation, mode: str, b: dict, seed: int, devi
     secs = time.perf_counter() - t0
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     for s in ev.seeds:
-        digits_floor(ev, s)
-        digits_teacher(ev, teacher, s, small, 32, device)
+        if references:
+            digits_floor(ev, s)
+            digits_teacher(ev, teacher, s, small, 32, device)
         x1 = prior(teacher.process, (big, 1, 16, 16), s + 6, device)
         for k in STUDENT_STEPS:
             x, sec = timed(lambda: _sample_cm(student, x1, k, s + 7, student.process, student.t_min,

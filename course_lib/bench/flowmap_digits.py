@@ -54,8 +54,8 @@ def digits_rows(mode: str, seed: int, device, models: Sequence[str] = recipe.MOD
             "digits_n_teacher": small, "teacher_steps": TEACHER_STEPS}
     if baselines:
         cd_ev, pd_ev = Evaluation(seed, device), Evaluation(seed, device)
-        cd_digits_rows("cd", cd_ev, mode, cm_budget(mode), seed, device)
-        meta.update(digits_pd_rows(pd_ev, mode, seed, device))
+        cd_digits_rows("cd", cd_ev, mode, cm_budget(mode), seed, device, references=False)
+        meta.update(digits_pd_rows(pd_ev, mode, seed, device, references=False))
         rows += _keep_students(cd_ev.rows(), "cd") + _keep_students(pd_ev.rows(), "pd")
     print(summary(rows))
     return rows, meta

@@ -53,11 +53,12 @@ def bench_pd(mode: str, seed: int = 0, device: str | torch.device | None = None)
                        "eval_seeds": ev.seeds, "pr_n": PR_N, **digits_meta}
 
 
-def digits_pd_rows(ev: Evaluation, mode: str, seed: int, device: str | torch.device) -> dict:
+def digits_pd_rows(ev: Evaluation, mode: str, seed: int, device: str | torch.device, references: bool = True) -> dict:
     """PD of the shipped digits teacher from its n_start-step DDIM sampler down to 1 step (labels balanced, no
     guidance), scored with classifier.digits_scores (kid_heldout, kid_train, fd_heldout); teacher rows:
     DPM-Solver++ at 64 NFE, DDIM at every student's step count and at n_start. Students of 1-4 steps are scored on
-    thousands of samples per seed, the many-step rows on a few hundred (the first of the same noise)."""
+    thousands of samples per seed, the many-step rows on a few hundred (the first of the same noise).
+    references=False: the students' rows only, without the teacher's and the data floor's."""
     n_start = pick(mode, smoke=2, laptop=16, full=64)
     cfg = TrainConfig(steps=pick(mode, smoke=2, laptop=300, full=5000), batch_size=pick(mode, smoke=8, laptop=32,
                       full=128), lr=pick(mode, smoke=5e-5, laptop=1e-4, full=5e-5), lr_schedule="linear",
@@ -71,16 +72,17 @@ def digits_pd_rows(ev: Evaluation, mode: str, seed: int, device: str | torch.dev
     clock.stop()
     big, small = digits_n(mode, cheap=True), digits_n(mode, cheap=False)
     for s in ev.seeds:
-        digits_floor(ev, s)
         x1 = prior(teacher.process, (max(big, small), 1, 16, 16), s + 6, device)
         run = lambda m, k, sampler, steps: timed(lambda: sampler(m, x1[:k], uniform(steps), teacher.process,
                                                                  cond=digit_labels(k, device)),
                                                  device)
-        x, sec = run(teacher, small, dpm_solver_pp_2m, 64)
-        score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", 64), steps=64, sampler="dpmpp2m")
-        for steps in sorted({n_start, *[2**j for j in range(n_start.bit_length()) if 2**j < n_start]}):
-            x, sec = run(teacher, small, ddim, steps)
-            score_digits(ev, "teacher-ddim", x, sec, nfe=nfe("ddim", steps), steps=steps, sampler="ddim")
+        if references:
+            digits_floor(ev, s)
+            x, sec = run(teacher, small, dpm_solver_pp_2m, 64)
+            score_digits(ev, "teacher", x, sec, nfe=nfe("dpmpp2m", 64), steps=64, sampler="dpmpp2m")
+            for steps in sorted({n_start, *[2**j for j in range(n_start.bit_length()) if 2**j < n_start]}):
+                x, sec = run(teacher, small, ddim, steps)
+                score_digits(ev, "teacher-ddim", x, sec, nfe=nfe("ddim", steps), steps=steps, sampler="ddim")
         for steps, student in sorted(students.items(), reverse=True):
             x, sec = run(student, big if steps <= 4 else small, ddim, steps)
             score_digits(ev, "pd", x, sec, nfe=nfe("ddim", steps), steps=steps, sampler="ddim",
