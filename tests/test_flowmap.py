@@ -262,6 +262,21 @@ def test_meanflow_times_are_sorted_logit_normal_pairs():
     assert float(t.median()) > float(torch.sigmoid(torch.tensor(-0.4)))
 
 
+@pytest.mark.parametrize("mean, std", [(fm.MF_TIME_MEAN, fm.MF_TIME_STD), (0.0, 1.6)], ids=["paper", "course-2d"])
+def test_meanflow_times_reach_t_near_one_as_the_logit_normal_says(mean, std):
+    """t is the larger of two draws sigmoid(mean + std n): P(t > 0.9) = 1 - Phi((logit 0.9 - mean) / std)^2, about
+    0.9% for the paper's lognorm(-0.4, 1) and 16% for the course's 2D proposal (recipes.flowmap.MF_TIME_2D), where
+    every one-step sample starts at t = 1."""
+    from course_lib.recipes.flowmap import MF_TIME_2D
+
+    assert MF_TIME_2D == (0.0, 1.6)
+    n = 200_000
+    t, _ = fm.meanflow_times(n, torch.Generator().manual_seed(1), mean=mean, std=std)
+    z = (torch.log(torch.tensor(9.0, dtype=torch.float64)) - mean) / std
+    p = float(1 - (0.5 * (1 + torch.erf(z / 2 ** 0.5))) ** 2)
+    assert float((t > 0.9).double().mean()) == pytest.approx(p, abs=5 * (p * (1 - p) / n) ** 0.5)    # 5 std errors
+
+
 def test_meanflow_runs_through_the_unet_with_forward_mode():
     model = flow_map_student(Denoiser(tiny_unet(num_classes=3), RF, "velocity"))
     g = torch.Generator().manual_seed(0)
