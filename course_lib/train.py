@@ -335,33 +335,26 @@ def _full_all(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     import torch.distributed as dist
 
     rows = [k for k, v in tensors.items() if _row_sharded(v)]
-    out = {k: v if k in rows else _full(v) for k, v in tensors.items()}
+    sharded = set(rows)
+    out = {k: v if k in sharded else _full(v) for k, v in tensors.items()}
     if not rows:
         return out
     group, world = tensors[rows[0]].device_mesh.get_group(), tensors[rows[0]].device_mesh.size()
     local = {k: tensors[k].to_local() for k in rows}
-    device = local[rows[0]].device
-    counts = torch.tensor([local[k].shape[0] if local[k].dim() else 0 for k in rows], device=device)
-    all_counts = [torch.empty_like(counts) for _ in range(world)]
-    dist.all_gather(all_counts, counts, group=group)                        # each process's rows of each tensor
-    all_counts = torch.stack(all_counts).tolist()                           # (world, len(rows))
+    counts = torch.tensor([local[k].shape[0] for k in rows], device=local[rows[0]].device)
+    gathered_counts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(gathered_counts, counts, group=group)                   # each process's rows of each tensor
+    held = dict(zip(rows, torch.stack(gathered_counts, 1).tolist()))        # key -> rows held by each process
     for dtype in dict.fromkeys(local[k].dtype for k in rows):
         keys = [k for k in rows if local[k].dtype == dtype]
+        numel = [[held[k][r] * tensors[k].shape[1:].numel() for k in keys] for r in range(world)]  # (world, keys)
         flat = torch.cat([local[k].reshape(-1) for k in keys])
-        per_row = {k: tensors[k].shape[1:].numel() for k in keys}
-        sizes = [sum(all_counts[r][rows.index(k)] * per_row[k] for k in keys) for r in range(world)]
-        padded = flat.new_zeros(max(sizes))
+        padded = flat.new_zeros(max(sum(n) for n in numel))
         padded[:flat.numel()] = flat
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded, group=group)
-        pieces: dict[str, list[Tensor]] = {k: [] for k in keys}
-        for r, buf in enumerate(gathered):
-            offset = 0
-            for k in keys:
-                n = all_counts[r][rows.index(k)] * per_row[k]
-                pieces[k].append(buf[offset:offset + n].view(-1, *tensors[k].shape[1:]))
-                offset += n
-        out.update({k: torch.cat(pieces[k]).view(tensors[k].shape) for k in keys})
+        pieces = [buf[:sum(n)].split(n) for buf, n in zip(gathered, numel)]   # (world, keys) flat pieces
+        out.update({k: torch.cat([p[i] for p in pieces]).view(tensors[k].shape) for i, k in enumerate(keys)})
     return out
 
 
